@@ -1,0 +1,26 @@
+// swift-tools-version:6.0
+// Topiary: global, coordinated pruning of large language models.
+// No package dependencies: system C libraries come in through system-library targets.
+import PackageDescription
+
+let package = Package(
+    name: "Topiary",
+    products: [
+        .executable(name: "topiary", targets: ["topiary"]),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CBLAS",
+            path: "Sources/CBLAS",
+            providers: [.apt(["libopenblas-dev", "liblapacke-dev"])]
+        ),
+        .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
+        .target(name: "TopiaryTokenizers"),
+        .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers"]),
+        .executableTarget(name: "topiary", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),
+        .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers"]),
+        .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .testTarget(name: "CLITests", dependencies: []),
+    ]
+)

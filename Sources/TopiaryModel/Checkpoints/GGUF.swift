@@ -1,0 +1,193 @@
+import TopiaryTensor
+
+/// A metadata value of a GGUF file.
+public enum GGUFValue: Sendable, Equatable {
+    case uint(UInt64)
+    case int(Int64)
+    case float(Double)
+    case bool(Bool)
+    case string(String)
+    case array([GGUFValue])
+
+    public var int: Int? {
+        switch self {
+        case .uint(let v): return v <= UInt64(Int.max) ? Int(v) : nil
+        case .int(let v): return Int(v)
+        default: return nil
+        }
+    }
+    public var double: Double? {
+        switch self {
+        case .float(let v): return v
+        case .uint, .int: return int.map(Double.init)
+        default: return nil
+        }
+    }
+    public var string: String? { if case .string(let s) = self { return s } else { return nil } }
+    public var bool: Bool? { if case .bool(let b) = self { return b } else { return nil } }
+    public var array: [GGUFValue]? { if case .array(let a) = self { return a } else { return nil } }
+    public var stringArray: [String]? { array?.compactMap(\.string) }
+}
+
+/// A GGUF (v2/v3) file: metadata and lazily decoded tensors.
+///
+/// Tensor shapes are reported outermost first: GGUF's `ne = (ne0, ne1)` with ne0 contiguous
+/// becomes `[ne1, ne0]`, i.e. PyTorch's `[out, in]`.
+public final class GGUFFile: TensorSource, @unchecked Sendable {
+    public let path: String
+    public let version: UInt32
+    public let metadata: [String: GGUFValue]
+    public private(set) var tensorNames: [String] = []
+    private var entries: [String: TensorEntry] = [:]
+    private let file: MappedFile
+
+    /// GGML type ids this reader decodes.
+    static let supportedTypes: [UInt32: TensorDType] = [0: .f32, 1: .f16, 2: .q4_0, 3: .q4_1, 8: .q8_0, 30: .bf16]
+    static let typeNames: [UInt32: String] = [
+        0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+        10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+        18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
+        26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    ]
+
+    // Bounds on header counts so that a corrupt header gives an error, not a huge allocation.
+    private static let maxCount: UInt64 = 1 << 24
+
+    public init(path: String) throws {
+        self.path = path
+        file = try MappedFile(path: path)
+        var r = file.reader()
+        let magic = try r.readBytes(count: 4, "magic")
+        guard magic == Array("GGUF".utf8) else {
+            throw CheckpointError.badMagic(path: path, expected: "\"GGUF\"", found: Self.describeMagic(magic))
+        }
+        version = try r.read(UInt32.self, "version")
+        guard version == 2 || version == 3 else {
+            throw CheckpointError.invalidHeader(path: path, detail: "GGUF version \(version) is not supported (expected 2 or 3)")
+        }
+        let tensorCount = try r.read(UInt64.self, "tensor count")
+        let kvCount = try r.read(UInt64.self, "metadata count")
+        guard tensorCount < Self.maxCount, kvCount < Self.maxCount else {
+            throw CheckpointError.invalidHeader(path: path, detail: "implausible counts: \(tensorCount) tensors, \(kvCount) metadata entries")
+        }
+        var meta: [String: GGUFValue] = [:]
+        for i in 0..<Int(kvCount) {
+            let key = try Self.readString(&r, "metadata key \(i)")
+            let type = try r.read(UInt32.self, "type of metadata '\(key)'")
+            meta[key] = try Self.readValue(&r, type: type, key: key, depth: 0)
+        }
+        metadata = meta
+        let alignment = meta["general.alignment"]?.int ?? 32
+        guard alignment > 0, alignment <= 1 << 20 else {
+            throw CheckpointError.invalidField(path: path, field: "general.alignment", detail: "is \(alignment), expected a positive power of two")
+        }
+        var pending: [(String, [Int], UInt32, UInt64)] = []
+        for i in 0..<Int(tensorCount) {
+            let name = try Self.readString(&r, "name of tensor \(i)")
+            let nDims = try r.read(UInt32.self, "dimension count of tensor '\(name)'")
+            guard nDims >= 1 && nDims <= 4 else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(nDims) dimensions, expected 1 to 4")
+            }
+            var ne: [Int] = []
+            for d in 0..<Int(nDims) {
+                let v = try r.read(UInt64.self, "dimension \(d) of tensor '\(name)'")
+                guard v <= 1 << 40 else {
+                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' dimension \(d) is \(v)")
+                }
+                ne.append(Int(v))
+            }
+            let type = try r.read(UInt32.self, "type of tensor '\(name)'")
+            let offset = try r.read(UInt64.self, "offset of tensor '\(name)'")
+            pending.append((name, ne.reversed(), type, offset))
+        }
+        let dataStart = (r.offset + alignment - 1) / alignment * alignment
+        for (name, shape, type, relOffset) in pending {
+            guard let dtype = Self.supportedTypes[type] else {
+                // Recorded, and refused only when the tensor is used.
+                tensorNames.append(name)
+                unsupported[name] = Self.typeNames[type] ?? "ggml type \(type)"
+                continue
+            }
+            let count = shape.reduce(1, *)
+            guard let bytes = dtype.byteCount(elements: count) else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks")
+            }
+            let (start, overflow) = dataStart.addingReportingOverflow(Int(clamping: relOffset))
+            let end = start &+ bytes
+            if overflow || end > file.size || relOffset > UInt64(Int.max) {
+                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: overflow ? Int.max : end, fileSize: file.size)
+            }
+            entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start, byteCount: bytes)
+            tensorNames.append(name)
+        }
+    }
+
+    private var unsupported: [String: String] = [:]
+
+    public func entry(_ name: String) -> TensorEntry? { entries[name] }
+
+    public func load(_ name: String) throws -> Matrix {
+        if let type = unsupported[name] {
+            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
+        }
+        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
+        let bytes = try file.bytes(at: e.offset, count: e.byteCount, what: name)
+        return try TensorDecoder.decode(bytes, entry: e, path: path)
+    }
+
+    /// Names of tensors whose type this reader cannot decode, with the type's name.
+    public var unsupportedTensors: [String: String] { unsupported }
+
+    private static func readString(_ r: inout ByteReader, _ what: String) throws -> String {
+        let n = try r.read(UInt64.self, "length of \(what)")
+        guard n <= UInt64(r.remaining) else {
+            throw CheckpointError.truncated(path: r.file.path, detail: "\(what) claims \(n) bytes at offset \(r.offset), \(r.remaining) left")
+        }
+        return try r.readString(count: Int(n), what)
+    }
+
+    private static func readValue(_ r: inout ByteReader, type: UInt32, key: String, depth: Int) throws -> GGUFValue {
+        let what = "value of '\(key)'"
+        switch type {
+        case 0: return .uint(UInt64(try r.read(UInt8.self, what)))
+        case 1: return .int(Int64(try r.read(Int8.self, what)))
+        case 2: return .uint(UInt64(try r.read(UInt16.self, what)))
+        case 3: return .int(Int64(try r.read(Int16.self, what)))
+        case 4: return .uint(UInt64(try r.read(UInt32.self, what)))
+        case 5: return .int(Int64(try r.read(Int32.self, what)))
+        case 6: return .float(Double(try r.readFloat(what)))
+        case 7: return .bool(try r.read(UInt8.self, what) != 0)
+        case 8: return .string(try readString(&r, what))
+        case 9:
+            guard depth < 4 else { throw CheckpointError.invalidHeader(path: r.file.path, detail: "'\(key)': arrays nested too deeply") }
+            let elementType = try r.read(UInt32.self, "array type of '\(key)'")
+            let count = try r.read(UInt64.self, "array length of '\(key)'")
+            // Every element takes at least one byte, so a count beyond the bytes left is corrupt.
+            guard count <= UInt64(r.remaining) else {
+                throw CheckpointError.truncated(path: r.file.path, detail: "array '\(key)' claims \(count) elements, \(r.remaining) bytes left")
+            }
+            var out: [GGUFValue] = []
+            out.reserveCapacity(Int(count))
+            for _ in 0..<Int(count) { out.append(try readValue(&r, type: elementType, key: key, depth: depth + 1)) }
+            return .array(out)
+        case 10: return .uint(try r.read(UInt64.self, what))
+        case 11: return .int(try r.read(Int64.self, what))
+        case 12: return .float(try r.readDouble(what))
+        default:
+            throw CheckpointError.invalidHeader(path: r.file.path, detail: "metadata '\(key)' has unknown value type \(type)")
+        }
+    }
+
+    static func describeMagic(_ bytes: [UInt8]) -> String {
+        let printable = bytes.allSatisfy { $0 >= 0x20 && $0 < 0x7F }
+        if printable { return "\"" + String(decoding: bytes, as: UTF8.self) + "\"" }
+        return bytes.map { String(format2: $0) }.joined(separator: " ")
+    }
+}
+
+extension String {
+    init(format2 byte: UInt8) {
+        let hex = String(byte, radix: 16)
+        self = "0x" + (hex.count == 1 ? "0" + hex : hex)
+    }
+}

@@ -1,0 +1,110 @@
+import TopiaryTensor
+
+/// How a tensor's elements are stored in a file.
+public enum TensorDType: String, Sendable, Codable, CaseIterable {
+    case f32 = "F32", f16 = "F16", bf16 = "BF16"
+    /// GGML block formats: 32 weights per block.
+    case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1"
+
+    /// Bytes taken by `count` elements, or nil when `count` does not fill whole blocks.
+    public func byteCount(elements count: Int) -> Int? {
+        switch self {
+        case .f32: return count * 4
+        case .f16, .bf16: return count * 2
+        case .q8_0, .q4_0, .q4_1:
+            guard count % 32 == 0 else { return nil }
+            let blockBytes = self == .q8_0 ? 34 : (self == .q4_0 ? 18 : 20)
+            return count / 32 * blockBytes
+        }
+    }
+}
+
+/// Where one tensor lives: name, shape (outermost first, as PyTorch prints it), type and bytes.
+public struct TensorEntry: Sendable, Equatable {
+    public var name: String
+    public var shape: [Int]
+    public var dtype: TensorDType
+    /// Absolute byte offset of the data in the file.
+    public var offset: Int
+    public var byteCount: Int
+
+    public init(name: String, shape: [Int], dtype: TensorDType, offset: Int, byteCount: Int) {
+        self.name = name
+        self.shape = shape
+        self.dtype = dtype
+        self.offset = offset
+        self.byteCount = byteCount
+    }
+
+    public var elementCount: Int { shape.reduce(1, *) }
+}
+
+/// A collection of named tensors read lazily, one at a time, from memory-mapped files.
+public protocol TensorSource: AnyObject, Sendable {
+    /// The file or directory this source reads.
+    var path: String { get }
+    /// Tensor names in file order.
+    var tensorNames: [String] { get }
+    func entry(_ name: String) -> TensorEntry?
+    /// The tensor as Float32: a 2-D tensor is [shape[0] x shape[1]]; a 1-D tensor is [1 x n];
+    /// higher ranks are [shape[0] x product(rest)].
+    func load(_ name: String) throws -> Matrix
+}
+
+/// Decodes a stored tensor into Float32.
+public enum TensorDecoder {
+    /// Decodes `entry` whose bytes are `bytes` (exactly `entry.byteCount` long).
+    public static func decode(_ bytes: UnsafeRawBufferPointer, entry: TensorEntry, path: String) throws -> Matrix {
+        let n = entry.elementCount
+        guard let expected = entry.dtype.byteCount(elements: n) else {
+            throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(entry.name)' has \(n) elements, not a whole number of \(entry.dtype.rawValue) blocks of 32")
+        }
+        guard bytes.count == expected else {
+            throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(entry.name)' of shape \(entry.shape) and type \(entry.dtype.rawValue) needs \(expected) bytes, has \(bytes.count)")
+        }
+        let rows = entry.shape.count >= 2 ? entry.shape[0] : 1
+        let cols = entry.shape.count >= 2 ? n / max(entry.shape[0], 1) : n
+        return Matrix(rows: rows, cols: cols) { out in
+            decode(bytes, dtype: entry.dtype, count: n, into: out.baseAddress!)
+        }
+    }
+
+    /// Decodes `count` elements of `dtype` from `src` into `dst`.
+    public static func decode(_ src: UnsafeRawBufferPointer, dtype: TensorDType, count: Int, into dst: UnsafeMutablePointer<Float>) {
+        switch dtype {
+        case .f32:
+            for i in 0..<count { dst[i] = Float(bitPattern: UInt32(littleEndian: src.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self))) }
+        case .f16:
+            for i in 0..<count { dst[i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
+        case .bf16:
+            for i in 0..<count { dst[i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
+        case .q8_0:
+            for b in 0..<(count / 32) {
+                let o = b * 34
+                let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
+                for j in 0..<32 { dst[b * 32 + j] = Float(Int8(bitPattern: src[o + 2 + j])) * d }
+            }
+        case .q4_0:
+            for b in 0..<(count / 32) {
+                let o = b * 18
+                let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
+                for j in 0..<16 {
+                    let q = src[o + 2 + j]
+                    dst[b * 32 + j] = Float(Int(q & 0x0F) - 8) * d
+                    dst[b * 32 + j + 16] = Float(Int(q >> 4) - 8) * d
+                }
+            }
+        case .q4_1:
+            for b in 0..<(count / 32) {
+                let o = b * 20
+                let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
+                let m = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o + 2, as: UInt16.self)))
+                for j in 0..<16 {
+                    let q = src[o + 4 + j]
+                    dst[b * 32 + j] = Float(q & 0x0F) * d + m
+                    dst[b * 32 + j + 16] = Float(q >> 4) * d + m
+                }
+            }
+        }
+    }
+}

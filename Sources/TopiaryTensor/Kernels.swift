@@ -1,0 +1,197 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// How rotary position embeddings pair the dimensions of a head.
+public enum RopeLayout: String, Sendable, Codable {
+    /// Pairs (2i, 2i+1): llama2.c and GGUF (the converter permutes Q/K rows for it).
+    case adjacentPairs = "adjacent"
+    /// Pairs (i, i + d/2): Hugging Face "rotate_half".
+    case rotateHalf = "rotate-half"
+}
+
+/// Element-wise and row-wise kernels over unsafe buffers, vectorised with SIMD where it pays.
+/// All row kernels take a row-major matrix of `rows` x `cols` in place unless said otherwise.
+public enum Kernels {
+    public typealias Vec = SIMD16<Float>
+
+    /// Sum of squares of `n` floats at `p`, reduced in a fixed order.
+    @inlinable
+    public static func sumOfSquares(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = Vec()
+        var i = 0
+        let raw = UnsafeRawPointer(p)
+        while i + 16 <= n {
+            let v = raw.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
+            acc += v * v
+            i += 16
+        }
+        var s = acc.sum()
+        while i < n { s += p[i] * p[i]; i += 1 }
+        return s
+    }
+
+    @inlinable
+    public static func sum(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = Vec()
+        var i = 0
+        let raw = UnsafeRawPointer(p)
+        while i + 16 <= n {
+            acc += raw.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
+            i += 16
+        }
+        var s = acc.sum()
+        while i < n { s += p[i]; i += 1 }
+        return s
+    }
+
+    /// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, row by row. `out` may alias `x`.
+    public static func rmsNorm(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, eps: Float,
+                               rows: Int, cols: Int, out: UnsafeMutablePointer<Float>) {
+        for r in 0..<rows {
+            let xr = x + r * cols
+            let orow = out + r * cols
+            let ms = sumOfSquares(xr, cols) / Float(cols)
+            let scale = 1 / sqrtf(ms + eps)
+            for c in 0..<cols { orow[c] = xr[c] * scale * weight[c] }
+        }
+    }
+
+    /// out[r] = (x[r] - mean) / sqrt(var + eps) * weight + bias (biased variance, as PyTorch). `out` may alias `x`.
+    public static func layerNorm(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>?,
+                                 eps: Float, rows: Int, cols: Int, out: UnsafeMutablePointer<Float>) {
+        for r in 0..<rows {
+            let xr = x + r * cols
+            let orow = out + r * cols
+            let mean = sum(xr, cols) / Float(cols)
+            var v: Float = 0
+            for c in 0..<cols { let d = xr[c] - mean; v += d * d }
+            let inv = 1 / sqrtf(v / Float(cols) + eps)
+            if let bias {
+                for c in 0..<cols { orow[c] = (xr[c] - mean) * inv * weight[c] + bias[c] }
+            } else {
+                for c in 0..<cols { orow[c] = (xr[c] - mean) * inv * weight[c] }
+            }
+        }
+    }
+
+    /// Numerically stable softmax over the first `n` entries of a row, in place.
+    @inlinable
+    public static func softmax(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
+        if n == 0 { return }
+        var m = -Float.infinity
+        for i in 0..<n where p[i] > m { m = p[i] }
+        var s: Float = 0
+        for i in 0..<n { let e = expf(p[i] - m); p[i] = e; s += e }
+        let inv = 1 / s
+        for i in 0..<n { p[i] *= inv }
+    }
+
+    /// log(sum(exp(p[0..<n]))) computed stably.
+    @inlinable
+    public static func logSumExp(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+        var m = -Float.infinity
+        for i in 0..<n where p[i] > m { m = p[i] }
+        var s: Float = 0
+        for i in 0..<n { s += expf(p[i] - m) }
+        return m + logf(s)
+    }
+
+    @inlinable
+    public static func silu(_ x: Float) -> Float { x / (1 + expf(-x)) }
+
+    /// p[i] = silu(p[i]).
+    public static func siluInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
+        for i in 0..<n { p[i] = silu(p[i]) }
+    }
+
+    /// gate[i] = silu(gate[i]) * up[i]: the SwiGLU product.
+    public static func swiglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, _ n: Int) {
+        for i in 0..<n { gate[i] = silu(gate[i]) * up[i] }
+    }
+
+    /// p[i] = max(p[i], 0).
+    public static func reluInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
+        for i in 0..<n { p[i] = max(p[i], 0) }
+    }
+
+    /// y[i] += x[i].
+    public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        var i = 0
+        let rx = UnsafeRawPointer(x)
+        let ry = UnsafeMutableRawPointer(y)
+        while i + 16 <= n {
+            let v = rx.loadUnaligned(fromByteOffset: i * 4, as: Vec.self) + ry.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
+            ry.storeBytes(of: v, toByteOffset: i * 4, as: Vec.self)
+            i += 16
+        }
+        while i < n { y[i] += x[i]; i += 1 }
+    }
+
+    /// Adds `bias` (length cols) to every row.
+    public static func addBias(_ bias: UnsafePointer<Float>, to p: UnsafeMutablePointer<Float>, rows: Int, cols: Int) {
+        for r in 0..<rows { add(bias, into: p + r * cols, cols) }
+    }
+
+    /// Rotary tables for positions 0..<maxPositions: cos and sin of pos * theta^(-2i/rotaryDim), i < rotaryDim/2.
+    public struct RopeTable: Sendable {
+        public let halfDim: Int
+        public let cos: [Float]
+        public let sin: [Float]
+        public let positions: Int
+
+        public init(rotaryDim: Int, theta: Float, positions: Int) {
+            halfDim = rotaryDim / 2
+            self.positions = positions
+            var c = [Float](repeating: 0, count: positions * halfDim)
+            var s = c
+            for i in 0..<halfDim {
+                // Computed in Double like the references' float64 frequency tables, then rounded once.
+                let freq = 1.0 / pow(Double(theta), Double(2 * i) / Double(rotaryDim))
+                for pos in 0..<positions {
+                    let angle = Float(Double(pos) * freq)
+                    c[pos * halfDim + i] = cosf(angle)
+                    s[pos * halfDim + i] = sinf(angle)
+                }
+            }
+            cos = c
+            sin = s
+        }
+    }
+
+    /// Applies RoPE in place to `x` [tokens x (heads*headDim)] where token t has position `firstPosition + t`.
+    public static func rope(_ x: UnsafeMutablePointer<Float>, tokens: Int, heads: Int, headDim: Int,
+                            firstPosition: Int, table: RopeTable, layout: RopeLayout) {
+        let half = table.halfDim
+        precondition(firstPosition + tokens <= table.positions, "RoPE table has \(table.positions) positions, need \(firstPosition + tokens)")
+        table.cos.withUnsafeBufferPointer { cosT in
+            table.sin.withUnsafeBufferPointer { sinT in
+                for t in 0..<tokens {
+                    let pos = firstPosition + t
+                    let c = cosT.baseAddress! + pos * half
+                    let s = sinT.baseAddress! + pos * half
+                    for h in 0..<heads {
+                        let v = x + t * heads * headDim + h * headDim
+                        switch layout {
+                        case .adjacentPairs:
+                            for i in 0..<half {
+                                let a = v[2 * i], b = v[2 * i + 1]
+                                v[2 * i] = a * c[i] - b * s[i]
+                                v[2 * i + 1] = a * s[i] + b * c[i]
+                            }
+                        case .rotateHalf:
+                            let rd = 2 * half
+                            for i in 0..<half {
+                                let a = v[i], b = v[i + rd / 2]
+                                v[i] = a * c[i] - b * s[i]
+                                v[i + rd / 2] = b * c[i] + a * s[i]
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

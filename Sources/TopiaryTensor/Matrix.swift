@@ -1,0 +1,248 @@
+/// A dense Float32 matrix in row-major order with owned, contiguous storage.
+///
+/// `Matrix` has value semantics (copy on write). Hot loops reach the storage through
+/// `withUnsafeBufferPointer` / `withUnsafeMutableBufferPointer`; element subscripts are
+/// for tests and cold code.
+public struct Matrix: Sendable {
+    public let rows: Int
+    public let cols: Int
+    @usableFromInline var storage: Storage
+
+    public var count: Int { rows * cols }
+    public var shape: (rows: Int, cols: Int) { (rows, cols) }
+
+    /// A zero-filled matrix.
+    public init(rows: Int, cols: Int) {
+        precondition(rows >= 0 && cols >= 0, "Matrix: negative shape \(rows)x\(cols)")
+        self.rows = rows
+        self.cols = cols
+        self.storage = Storage(count: rows * cols)
+    }
+
+    /// A matrix filled with `value`.
+    public init(rows: Int, cols: Int, repeating value: Float) {
+        self.init(rows: rows, cols: cols)
+        storage.pointer.update(repeating: value, count: rows * cols)
+    }
+
+    /// A matrix whose elements are taken from `values` (row-major).
+    public init(rows: Int, cols: Int, values: [Float]) {
+        precondition(values.count == rows * cols, "Matrix: \(values.count) values for shape \(rows)x\(cols)")
+        self.init(rows: rows, cols: cols)
+        values.withUnsafeBufferPointer { src in
+            if let base = src.baseAddress { storage.pointer.update(from: base, count: values.count) }
+        }
+    }
+
+    /// A matrix filled by `body`, which receives the uninitialised-but-zeroed storage.
+    public init(rows: Int, cols: Int, fill body: (UnsafeMutableBufferPointer<Float>) throws -> Void) rethrows {
+        self.init(rows: rows, cols: cols)
+        try body(UnsafeMutableBufferPointer(start: storage.pointer, count: rows * cols))
+    }
+
+    /// A column vector-like 1 x n matrix.
+    public init(vector values: [Float]) {
+        self.init(rows: 1, cols: values.count, values: values)
+    }
+
+    public static func identity(_ n: Int) -> Matrix {
+        var m = Matrix(rows: n, cols: n)
+        m.withUnsafeMutableBufferPointer { p in for i in 0..<n { p[i * n + i] = 1 } }
+        return m
+    }
+
+    @inlinable
+    public subscript(row: Int, col: Int) -> Float {
+        get {
+            precondition(row >= 0 && row < rows && col >= 0 && col < cols, "Matrix index (\(row), \(col)) out of \(rows)x\(cols)")
+            return storage.pointer[row * cols + col]
+        }
+        set {
+            precondition(row >= 0 && row < rows && col >= 0 && col < cols, "Matrix index (\(row), \(col)) out of \(rows)x\(cols)")
+            makeUnique()
+            storage.pointer[row * cols + col] = newValue
+        }
+    }
+
+    @inlinable
+    public func withUnsafeBufferPointer<R>(_ body: (UnsafeBufferPointer<Float>) throws -> R) rethrows -> R {
+        try body(UnsafeBufferPointer(start: storage.pointer, count: count))
+    }
+
+    @inlinable
+    public mutating func withUnsafeMutableBufferPointer<R>(_ body: (UnsafeMutableBufferPointer<Float>) throws -> R) rethrows -> R {
+        makeUnique()
+        return try body(UnsafeMutableBufferPointer(start: storage.pointer, count: count))
+    }
+
+    @inlinable
+    mutating func makeUnique() {
+        if !isKnownUniquelyReferenced(&storage) {
+            let copy = Storage(count: count)
+            copy.pointer.update(from: storage.pointer, count: count)
+            storage = copy
+        }
+    }
+
+    /// Elements as an array (tests, serialisation of small things).
+    public var values: [Float] { withUnsafeBufferPointer { Array($0) } }
+
+    /// One row as an array.
+    public func row(_ r: Int) -> [Float] {
+        precondition(r >= 0 && r < rows)
+        return withUnsafeBufferPointer { Array($0[(r * cols)..<((r + 1) * cols)]) }
+    }
+
+    /// The same elements seen with another shape of equal element count.
+    public func reshaped(rows newRows: Int, cols newCols: Int) -> Matrix {
+        precondition(newRows * newCols == count, "reshape \(rows)x\(cols) -> \(newRows)x\(newCols)")
+        return Matrix(rows: newRows, cols: newCols, sharing: storage)
+    }
+
+    init(rows: Int, cols: Int, sharing storage: Storage) {
+        self.rows = rows
+        self.cols = cols
+        self.storage = storage
+    }
+
+    /// Rows `range` as a new matrix (copied).
+    public func rows(_ range: Range<Int>) -> Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= rows)
+        var out = Matrix(rows: range.count, cols: cols)
+        out.withUnsafeMutableBufferPointer { dst in
+            withUnsafeBufferPointer { src in
+                if let d = dst.baseAddress, let s = src.baseAddress {
+                    d.update(from: s + range.lowerBound * cols, count: range.count * cols)
+                }
+            }
+        }
+        return out
+    }
+
+    /// Columns `range` as a new matrix (copied).
+    public func columns(_ range: Range<Int>) -> Matrix {
+        precondition(range.lowerBound >= 0 && range.upperBound <= cols)
+        var out = Matrix(rows: rows, cols: range.count)
+        let n = range.count
+        out.withUnsafeMutableBufferPointer { dst in
+            withUnsafeBufferPointer { src in
+                for r in 0..<rows {
+                    for c in 0..<n { dst[r * n + c] = src[r * cols + range.lowerBound + c] }
+                }
+            }
+        }
+        return out
+    }
+
+    /// Stack matrices with the same column count on top of each other.
+    public static func vstack(_ parts: [Matrix]) -> Matrix {
+        guard let first = parts.first else { return Matrix(rows: 0, cols: 0) }
+        let cols = first.cols
+        let total = parts.reduce(0) { $0 + $1.rows }
+        var out = Matrix(rows: total, cols: cols)
+        var offset = 0
+        out.withUnsafeMutableBufferPointer { dst in
+            for p in parts {
+                precondition(p.cols == cols, "vstack: \(p.cols) columns, expected \(cols)")
+                p.withUnsafeBufferPointer { src in
+                    if let d = dst.baseAddress, let s = src.baseAddress { (d + offset).update(from: s, count: src.count) }
+                }
+                offset += p.count
+            }
+        }
+        return out
+    }
+
+    public func transposed() -> Matrix {
+        var out = Matrix(rows: cols, cols: rows)
+        let (r, c) = (rows, cols)
+        out.withUnsafeMutableBufferPointer { dst in
+            withUnsafeBufferPointer { src in
+                // Blocked to stay cache friendly on large matrices.
+                let tile = 32
+                var i0 = 0
+                while i0 < r {
+                    var j0 = 0
+                    while j0 < c {
+                        for i in i0..<min(i0 + tile, r) {
+                            for j in j0..<min(j0 + tile, c) { dst[j * r + i] = src[i * c + j] }
+                        }
+                        j0 += tile
+                    }
+                    i0 += tile
+                }
+            }
+        }
+        return out
+    }
+
+    /// Number of exactly-zero elements.
+    public var zeroCount: Int {
+        withUnsafeBufferPointer { p in
+            var n = 0
+            for v in p where v == 0 { n += 1 }
+            return n
+        }
+    }
+
+    /// Whether every element is finite.
+    public var allFinite: Bool {
+        withUnsafeBufferPointer { p in p.allSatisfy { $0.isFinite } }
+    }
+
+    /// Largest absolute elementwise difference (shapes must match).
+    public func maxAbsDifference(_ other: Matrix) -> Float {
+        precondition(rows == other.rows && cols == other.cols, "shape mismatch \(rows)x\(cols) vs \(other.rows)x\(other.cols)")
+        return withUnsafeBufferPointer { a in
+            other.withUnsafeBufferPointer { b in
+                var m: Float = 0
+                for i in 0..<a.count { m = max(m, abs(a[i] - b[i])) }
+                return m
+            }
+        }
+    }
+
+    /// Sum of squared elements, accumulated in Double.
+    public var squaredNorm: Double {
+        withUnsafeBufferPointer { p in
+            var s = 0.0
+            for v in p { s += Double(v) * Double(v) }
+            return s
+        }
+    }
+}
+
+extension Matrix: Equatable {
+    public static func == (a: Matrix, b: Matrix) -> Bool {
+        guard a.rows == b.rows && a.cols == b.cols else { return false }
+        return a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { y in
+            x.count == 0 || memcmp(x.baseAddress!, y.baseAddress!, x.count * 4) == 0
+        } }
+    }
+}
+
+extension Matrix: CustomStringConvertible {
+    public var description: String { "Matrix(\(rows)x\(cols))" }
+}
+
+/// Owned storage of a matrix: 64-byte aligned for SIMD and BLAS.
+@usableFromInline
+final class Storage: @unchecked Sendable {
+    @usableFromInline let pointer: UnsafeMutablePointer<Float>
+    @usableFromInline let count: Int
+
+    @usableFromInline init(count: Int) {
+        self.count = count
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * MemoryLayout<Float>.stride, alignment: 64)
+        raw.initializeMemory(as: UInt8.self, repeating: 0, count: max(count, 1) * MemoryLayout<Float>.stride)
+        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+    }
+
+    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
