@@ -17,10 +17,14 @@ let package = Package(
         .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
         .target(name: "TopiaryTokenizers"),
         .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers"]),
-        .executableTarget(name: "topiary", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .executableTarget(name: "topiary", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
+        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryModel", "TopiaryTensor"]),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers"]),
         .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor"]),
-        .testTarget(name: "CLITests", dependencies: []),
+        .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        .testTarget(name: "CLITests", dependencies: ["topiary"]),
     ]
 )

@@ -67,6 +67,14 @@ public enum Linalg {
         }
     }
 
+    /// A * B as a new matrix.
+    public static func matmul(_ a: Matrix, _ b: Matrix) -> Matrix { matmul(a, .none, b, .none) }
+
+    /// C = alpha * A * B + beta * C.
+    public static func gemm(_ a: Matrix, _ b: Matrix, alpha: Float = 1, beta: Float = 0, into c: inout Matrix) {
+        gemm(a, .none, b, .none, alpha: alpha, beta: beta, into: &c)
+    }
+
     /// op(A) * op(B) as a new matrix.
     public static func matmul(_ a: Matrix, _ transA: Transpose = .none, _ b: Matrix, _ transB: Transpose = .none) -> Matrix {
         let m = transA == .none ? a.rows : a.cols

@@ -1,1 +1,104 @@
-print("topiary")
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// A command as data: what `help` prints and what runs it.
+struct CommandEntry: Sendable {
+    let name: String
+    let summary: String
+    let usage: String
+    let details: String
+    let options: [OptionSpec]
+    let run: @Sendable (ParsedArguments) throws -> Void
+
+    init<C: Command>(_ c: C.Type) {
+        name = C.name
+        summary = C.summary
+        usage = C.usage
+        details = C.details
+        options = C.options
+        run = { try C.run($0) }
+    }
+}
+
+let commands: [CommandEntry] = [CommandEntry(EvalCommand.self), CommandEntry(GenerateCommand.self), CommandEntry(ConvertCommand.self)]
+
+enum ExitCode {
+    static let success: Int32 = 0
+    static let failure: Int32 = 1
+    static let usage: Int32 = 2
+}
+
+func helpText(for command: CommandEntry?) -> String {
+    guard let c = command else {
+        var s = """
+        topiary: prune large language models (magnitude, Wanda, SparseGPT, SparseLLM, BESA)
+
+        usage: topiary COMMAND [OPTIONS]
+
+        commands:
+
+        """
+        for c in commands { s += "  " + c.name.padding(toLength: 10, withPad: " ", startingAt: 0) + c.summary + "\n" }
+        s += "  help      show this text, or 'topiary help COMMAND' for one command\n"
+        s += "\nModels: GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1), llama2.c .bin, Hugging Face directories (safetensors).\n"
+        s += "Exit codes: 0 success, 1 error (message on stderr), 2 usage error.\n"
+        return s
+    }
+    var s = "topiary \(c.name): \(c.summary)\n\nusage: \(c.usage)\n\n\(c.details)\n\noptions:\n"
+    for o in c.options {
+        let left = "--" + o.name + (o.value.map { " " + $0 } ?? "")
+        s += "  " + left.padding(toLength: 22, withPad: " ", startingAt: 0) + " " + o.help + "\n"
+    }
+    return s
+}
+
+func runMain() -> Int32 {
+    var argv = Array(CommandLine.arguments.dropFirst())
+    guard let first = argv.first else {
+        print(helpText(for: nil), terminator: "")
+        return ExitCode.usage
+    }
+    argv.removeFirst()
+    if first == "help" || first == "--help" || first == "-h" {
+        if let name = argv.first {
+            guard let c = commands.first(where: { $0.name == name }) else {
+                Console.error("topiary help: unknown command '\(name)' (commands: \(commands.map(\.name).joined(separator: ", ")))")
+                return ExitCode.usage
+            }
+            print(helpText(for: c), terminator: "")
+        } else {
+            print(helpText(for: nil), terminator: "")
+        }
+        return ExitCode.success
+    }
+    if first == "--version" || first == "version" {
+        print("topiary \(ToolVersion.string)")
+        return ExitCode.success
+    }
+    guard let command = commands.first(where: { $0.name == first }) else {
+        Console.error("topiary: unknown command '\(first)' (commands: \(commands.map(\.name).joined(separator: ", ")); see 'topiary help')")
+        return ExitCode.usage
+    }
+    if argv.contains("--help") || argv.contains("-h") {
+        print(helpText(for: command), terminator: "")
+        return ExitCode.success
+    }
+    do {
+        let args = try ParsedArguments(command: command.name, arguments: argv, specs: command.options)
+        try command.run(args)
+        return ExitCode.success
+    } catch let e as UsageError {
+        Console.error(e.description)
+        return ExitCode.usage
+    } catch {
+        Console.error("topiary \(command.name): error: \(error)")
+        return ExitCode.failure
+    }
+}
+
+enum ToolVersion {
+    static let string = "0.1.0"
+}
+
+exit(runMain())

@@ -1,0 +1,130 @@
+import Foundation
+import TopiaryTensor
+
+/// Errors in evaluation and generation requests.
+public enum EvaluationError: Error, CustomStringConvertible, Equatable {
+    case windowTooLong(sequenceLength: Int, context: Int, path: String)
+    case tooFewTokens(tokens: Int, sequenceLength: Int)
+    case noTokenizer(path: String)
+    case tokenOutOfRange(id: Int, vocabulary: Int)
+
+    public var description: String {
+        switch self {
+        case .windowTooLong(let t, let c, let p):
+            return "\(p): a window of \(t) tokens is longer than the model's context of \(c) positions"
+        case .tooFewTokens(let n, let t):
+            return "the text has \(n) tokens, fewer than one window of \(t)"
+        case .noTokenizer(let p):
+            return "\(p): the model has no tokenizer; pass --tokenizer PATH"
+        case .tokenOutOfRange(let id, let v):
+            return "token id \(id) is outside the vocabulary (\(v) tokens)"
+        }
+    }
+}
+
+/// Result of the standard perplexity protocol.
+public struct PerplexityResult: Sendable {
+    public var perplexity: Double
+    /// Mean cross-entropy of each window over its seqlen-1 predictions.
+    public var windowLosses: [Double]
+    public var sequenceLength: Int
+    public var windows: Int { windowLosses.count }
+    public var meanLoss: Double { windowLosses.reduce(0, +) / Double(max(windowLosses.count, 1)) }
+}
+
+/// The standard perplexity protocol (SparseGPT/Wanda `eval_ppl`): the token stream cut into
+/// non-overlapping windows, each evaluated alone; perplexity = exp(mean window loss).
+///
+/// Evaluation streams block by block: every window's hidden state goes through block 0, then
+/// block 1, and so on, so only one block's weights are in memory at a time.
+public enum Perplexity {
+    public static func evaluate(
+        model: LanguageModel, tokens: [Int], sequenceLength: Int, windows requested: Int? = nil,
+        block: ((Int) throws -> DecoderBlock)? = nil, progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+    ) throws -> PerplexityResult {
+        let c = model.config
+        guard sequenceLength <= c.maxPositions else {
+            throw EvaluationError.windowTooLong(sequenceLength: sequenceLength, context: c.maxPositions, path: model.path)
+        }
+        guard sequenceLength >= 2 else { throw EvaluationError.tooFewTokens(tokens: tokens.count, sequenceLength: sequenceLength) }
+        let available = tokens.count / sequenceLength
+        guard available >= 1 else { throw EvaluationError.tooFewTokens(tokens: tokens.count, sequenceLength: sequenceLength) }
+        let count = min(requested ?? available, available)
+        if let bad = tokens.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+            throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
+        }
+        let embedding = try model.loadEmbedding()
+        var states = (0..<count).map { w in
+            embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength)
+        }
+        let rope = c.ropeTable(positions: sequenceLength)
+        let loadBlock = block ?? { try model.loadBlock($0) }
+        for i in 0..<c.layerCount {
+            let b = try loadBlock(i)
+            for w in 0..<count { states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope) }
+            progress?(i + 1, c.layerCount)
+        }
+        let head = try model.loadHead(embedding: embedding)
+        var losses: [Double] = []
+        for w in 0..<count {
+            let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
+            losses.append(meanCrossEntropy(head: head, hidden: states[w], targets: targets))
+        }
+        let mean = losses.reduce(0, +) / Double(losses.count)
+        return PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
+    }
+
+    /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row chunks.
+    public static func meanCrossEntropy(head: Head, hidden: Matrix, targets: [Int]) -> Double {
+        let chunk = 128
+        var total = 0.0
+        var r0 = 0
+        while r0 < targets.count {
+            let r1 = min(r0 + chunk, targets.count)
+            let logits = head.logits(hidden.rows(r0..<r1))
+            let v = logits.cols
+            logits.withUnsafeBufferPointer { p in
+                for r in 0..<(r1 - r0) {
+                    let row = p.baseAddress! + r * v
+                    total += Double(Kernels.logSumExp(row, v) - row[targets[r0 + r]])
+                }
+            }
+            r0 = r1
+        }
+        return total / Double(targets.count)
+    }
+}
+
+/// Greedy text generation.
+public enum Generation {
+    /// Continues `prompt` greedily for up to `maxTokens` tokens, stopping after the end-of-sequence
+    /// token. Returns the generated ids (prompt excluded).
+    public static func greedy(model: LanguageModel, prompt: [Int], maxTokens: Int, stopAtEOS: Bool = true) throws -> [Int] {
+        let c = model.config
+        precondition(!prompt.isEmpty, "generation needs at least one prompt token")
+        if let bad = prompt.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+            throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
+        }
+        let embedding = try model.loadEmbedding()
+        let blocks = try (0..<c.layerCount).map { try model.loadBlock($0) }
+        let head = try model.loadHead(embedding: embedding)
+        var ids = prompt
+        var generated: [Int] = []
+        while generated.count < maxTokens && ids.count < c.maxPositions {
+            // Recomputes the whole sequence each step; fine for the short looks this command is for.
+            var x = embedding.embed(ids, sequenceLength: ids.count)
+            let rope = c.ropeTable(positions: ids.count)
+            for b in blocks { x = b.forward(x, sequenceLength: ids.count, rope: rope) }
+            let logits = head.logits(x.rows((ids.count - 1)..<ids.count))
+            let next = logits.withUnsafeBufferPointer { p -> Int in
+                var best = 0
+                for i in 1..<p.count where p[i] > p[best] { best = i }
+                return best
+            }
+            generated.append(next)
+            ids.append(next)
+            if stopAtEOS, let eos = c.eosTokenID, next == eos { break }
+        }
+        return generated
+    }
+}

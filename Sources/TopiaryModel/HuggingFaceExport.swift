@@ -1,0 +1,121 @@
+import Foundation
+import TopiaryTensor
+
+/// Row permutations between the two RoPE layouts of Q and K projections.
+public enum RopePermutation {
+    /// Reorders the rows of a Q or K weight [heads*headDim x in] (or a bias [1 x heads*headDim])
+    /// from adjacent-pair layout (GGUF, llama2.c) to Hugging Face's rotate-half layout:
+    /// within each head, row j*half + i of the result is row 2i + j of the input.
+    public static func adjacentToRotateHalf(_ w: Matrix, heads: Int, headDim: Int) -> Matrix {
+        permute(w, heads: heads, headDim: headDim, inverse: false)
+    }
+
+    /// The inverse of `adjacentToRotateHalf`.
+    public static func rotateHalfToAdjacent(_ w: Matrix, heads: Int, headDim: Int) -> Matrix {
+        permute(w, heads: heads, headDim: headDim, inverse: true)
+    }
+
+    static func permute(_ w: Matrix, heads: Int, headDim: Int, inverse: Bool) -> Matrix {
+        let half = headDim / 2
+        let isVector = w.rows == 1 && w.cols == heads * headDim
+        let rows = isVector ? w.cols : w.rows
+        precondition(rows == heads * headDim, "RoPE permutation: \(rows) rows for \(heads) heads of \(headDim)")
+        let width = isVector ? 1 : w.cols
+        var out = Matrix(rows: w.rows, cols: w.cols)
+        out.withUnsafeMutableBufferPointer { dst in
+            w.withUnsafeBufferPointer { src in
+                for h in 0..<heads {
+                    for i in 0..<half {
+                        for j in 0..<2 {
+                            let hf = h * headDim + j * half + i
+                            let adj = h * headDim + 2 * i + j
+                            let (to, from) = inverse ? (adj, hf) : (hf, adj)
+                            (dst.baseAddress! + to * width).update(from: src.baseAddress! + from * width, count: width)
+                        }
+                    }
+                }
+            }
+        }
+        return out
+    }
+}
+
+/// Writes a model as a Hugging Face directory: config.json, safetensors weights (sharded when
+/// large), tokenizer.json when there is a tokenizer, generation_config.json.
+public enum HuggingFaceExport {
+    /// Writes `model` (with blocks from `block`, default: the model's own) to `directory`.
+    /// Q/K rows are put in rotate-half layout. Returns the weight files written.
+    @discardableResult
+    public static func write(
+        model: LanguageModel, to directory: String, dtype: TensorDType = .f32,
+        block: ((Int) throws -> DecoderBlock)? = nil, maxShardBytes: Int = 5 << 30
+    ) throws -> [String] {
+        let c = model.config
+        var out = c
+        out.ropeLayout = .rotateHalf
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let dtypeName = dtype == .f32 ? "float32" : (dtype == .f16 ? "float16" : "bfloat16")
+        let configData = try JSONSerialization.data(withJSONObject: out.huggingFaceConfig(dtype: dtypeName), options: [.prettyPrinted, .sortedKeys])
+        try AtomicFile.write(configData + Data("\n".utf8), to: (directory as NSString).appendingPathComponent("config.json"))
+        var generation: [String: Any] = [:]
+        if let b = c.bosTokenID { generation["bos_token_id"] = b }
+        if let e = c.eosTokenID { generation["eos_token_id"] = e }
+        let genData = try JSONSerialization.data(withJSONObject: generation, options: [.prettyPrinted, .sortedKeys])
+        try AtomicFile.write(genData + Data("\n".utf8), to: (directory as NSString).appendingPathComponent("generation_config.json"))
+        if let tokenizer = model.tokenizer {
+            try AtomicFile.write(try tokenizer.huggingFaceJSON(), to: (directory as NSString).appendingPathComponent("tokenizer.json"))
+        }
+
+        var writer = SafeTensorsWriter(directory: directory, maxShardBytes: maxShardBytes, metadata: [:])
+        let loadBlock = block ?? { try model.loadBlock($0) }
+        let permute = c.architecture == .llama && c.ropeLayout == .adjacentPairs
+        // Non-block tensors.
+        for name in model.weights.tensorNames where !name.contains(".layers.") {
+            if name == WeightNames.lmHead && c.tieWordEmbeddings { continue }
+            guard let e = model.weights.entry(name) else { continue }
+            try writer.add(name: name, shape: e.shape, dtype: dtype) { try model.weights.load(name) }
+        }
+        // Blocks, one at a time when written.
+        for i in 0..<c.layerCount {
+            let names = WeightNames.blockTensors(c.architecture, block: i)
+            let cache = BlockCache(uses: names.count, load: { try loadBlock(i) })
+            for name in names {
+                let isQ = name.hasSuffix("q_proj.weight") || name.hasSuffix("q_proj.bias")
+                let isK = name.hasSuffix("k_proj.weight") || name.hasSuffix("k_proj.bias")
+                let shape = Self.shape(of: name, config: c)
+                try writer.add(name: name, shape: shape, dtype: dtype) {
+                    var m = try cache.take(name)
+                    if permute && isQ { m = RopePermutation.adjacentToRotateHalf(m, heads: c.headCount, headDim: c.headDim) }
+                    if permute && isK { m = RopePermutation.adjacentToRotateHalf(m, heads: c.kvHeadCount, headDim: c.headDim) }
+                    return m
+                }
+            }
+        }
+        return try writer.finish()
+    }
+
+    static func shape(of name: String, config: ModelConfig) -> [Int] {
+        let s = DecoderBlock.expectedShape(config, name)
+        return s.rows == 1 && (name.hasSuffix(".bias") || name.hasSuffix("norm.weight")) ? [s.cols] : [s.rows, s.cols]
+    }
+}
+
+/// Holds a block while its tensors are written (the writer orders tensors by name, so a block's
+/// tensors are written together but not in forward order); released after its last tensor.
+final class BlockCache: @unchecked Sendable {
+    private let load: () throws -> DecoderBlock
+    private var block: DecoderBlock?
+    private var remaining: Int
+
+    init(uses: Int, load: @escaping () throws -> DecoderBlock) {
+        self.remaining = uses
+        self.load = load
+    }
+
+    func take(_ name: String) throws -> Matrix {
+        let b = try block ?? load()
+        remaining -= 1
+        block = remaining > 0 ? b : nil
+        return b.tensors[name]!
+    }
+}

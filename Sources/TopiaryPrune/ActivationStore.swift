@@ -1,0 +1,96 @@
+import Foundation
+import TopiaryTensor
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The hidden states of every calibration sequence at one point of the model, each a
+/// [sequenceLength x hidden] matrix. Kept in memory up to a byte budget; beyond it, kept in a
+/// file in the run's working directory and read back one sequence at a time.
+///
+/// The spill file is read and written with pread/pwrite rather than mapped: pages of a mapping
+/// count towards the process's resident memory once touched, page-cache pages do not, and the
+/// point of spilling is to keep the resident set within the budget.
+public final class ActivationStore: @unchecked Sendable {
+    public let count: Int
+    public let rows: Int
+    public let cols: Int
+    public let budgetBytes: Int
+    public let spillDirectory: String
+    private var memory: [Matrix?]
+    private var fd: Int32 = -1
+    private var spillPath: String?
+
+    public var bytesPerSequence: Int { rows * cols * 4 }
+    public var isSpilled: Bool { fd >= 0 }
+
+    public init(count: Int, rows: Int, cols: Int, budgetBytes: Int, spillDirectory: String) {
+        self.count = count
+        self.rows = rows
+        self.cols = cols
+        self.budgetBytes = budgetBytes
+        self.spillDirectory = spillDirectory
+        memory = Array(repeating: nil, count: count)
+    }
+
+    deinit {
+        if fd >= 0 { close(fd) }
+        if let spillPath { unlink(spillPath) }
+    }
+
+    /// An empty store of the same shape, budget and spill directory.
+    public func makeSibling() -> ActivationStore {
+        ActivationStore(count: count, rows: rows, cols: cols, budgetBytes: budgetBytes, spillDirectory: spillDirectory)
+    }
+
+    private func openSpill() throws {
+        try FileManager.default.createDirectory(atPath: spillDirectory, withIntermediateDirectories: true)
+        let path = (spillDirectory as NSString).appendingPathComponent("activations-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).bin")
+        let f = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
+        guard f >= 0 else { throw PruneError.calibration("\(path): cannot create activation spill file: \(String(cString: strerror(errno)))") }
+        fd = f
+        spillPath = path
+    }
+
+    public func set(_ i: Int, _ m: Matrix) throws {
+        precondition(m.rows == rows && m.cols == cols, "activation \(i) is \(m.rows)x\(m.cols), expected \(rows)x\(cols)")
+        if count * bytesPerSequence <= budgetBytes {
+            memory[i] = m
+            return
+        }
+        if fd < 0 { try openSpill() }
+        let offset = off_t(i) * off_t(bytesPerSequence)
+        try m.withUnsafeBufferPointer { p in
+            var done = 0
+            let raw = UnsafeRawPointer(p.baseAddress!)
+            while done < bytesPerSequence {
+                let n = pwrite(fd, raw + done, bytesPerSequence - done, offset + off_t(done))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw PruneError.calibration("\(spillPath ?? spillDirectory): cannot write activations: \(String(cString: strerror(errno)))")
+                }
+                done += n
+            }
+        }
+    }
+
+    public func get(_ i: Int) throws -> Matrix {
+        if let m = memory[i] { return m }
+        guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written") }
+        let offset = off_t(i) * off_t(bytesPerSequence)
+        var m = Matrix(rows: rows, cols: cols)
+        let total = bytesPerSequence
+        let path = spillPath ?? spillDirectory
+        try m.withUnsafeMutableBufferPointer { p in
+            var done = 0
+            let raw = UnsafeMutableRawPointer(p.baseAddress!)
+            while done < total {
+                let n = pread(fd, raw + done, total - done, offset + off_t(done))
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { throw PruneError.calibration("\(path): cannot read activations back") }
+                done += n
+            }
+        }
+        return m
+    }
+}

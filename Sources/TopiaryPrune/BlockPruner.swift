@@ -1,0 +1,138 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// The pruning methods of the engine.
+public enum PruneMethod: String, Sendable, Codable, CaseIterable {
+    case magnitude, wanda, sparsegpt
+}
+
+/// What to do to each block.
+public struct PrunePlan: Sendable, Equatable, Codable {
+    public var method: PruneMethod
+    public var pattern: SparsityPattern
+    public var sparseGPT: SparseGPTPruner.Options
+
+    public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init()) {
+        self.method = method
+        self.pattern = pattern
+        self.sparseGPT = sparseGPT
+    }
+}
+
+/// What happened to one linear layer.
+public struct LinearReport: Sendable, Codable {
+    public var name: String
+    public var rows: Int
+    public var columns: Int
+    /// Fraction of zero weights after pruning.
+    public var sparsity: Double
+    /// ‖(W − W⊙M)X‖² / ‖WX‖²: the error of the mask alone, before any weight update.
+    public var errorBefore: Double
+    /// ‖(W − Ŵ)X‖² / ‖WX‖² of the final weights.
+    public var errorAfter: Double
+    public var seconds: Double
+}
+
+/// What happened to one block.
+public struct BlockReport: Sendable, Codable {
+    public var block: Int
+    public var linears: [LinearReport]
+    /// ‖Y_dense − Y_pruned‖² / ‖Y_dense‖² of the block output on its (pruned-so-far) inputs.
+    public var outputError: Double
+    public var seconds: Double
+}
+
+/// Prunes one decoder block given its inputs: the unit of work of every driver, local or
+/// distributed (ARCHITECTURE.md). It never touches files or sockets.
+public struct BlockPruner: Sendable {
+    public let plan: PrunePlan
+    public init(plan: PrunePlan) { self.plan = plan }
+
+    /// Linear layers that read the same input share statistics (q/k/v; gate/up).
+    static func statisticsKey(_ linear: String) -> String {
+        if linear.hasSuffix("self_attn.k_proj") || linear.hasSuffix("self_attn.v_proj") {
+            return String(linear.dropLast("k_proj".count)) + "q_proj"
+        }
+        if linear.hasSuffix("mlp.up_proj") { return String(linear.dropLast("up_proj".count)) + "gate_proj" }
+        return linear
+    }
+
+    /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] matrix per
+    /// calibration sequence; returns the pruned block, its outputs on the same inputs, and a report.
+    public func prune(block: DecoderBlock, inputs: ActivationStore, sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
+        let start = Date()
+        let rope = block.config.ropeTable(positions: sequenceLength)
+        // 1. Dense pass over all samples, collecting each linear's input statistics.
+        var stats: [String: LayerStatistics] = [:]
+        let denseOutputs = inputs.makeSibling()
+        for s in 0..<inputs.count {
+            let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope) { name, x in
+                let key = Self.statisticsKey(name)
+                guard key == name else { return }
+                let st = stats[key] ?? LayerStatistics(columns: x.cols)
+                stats[key] = st
+                st.add(x)
+            }
+            try denseOutputs.set(s, y)
+        }
+        // 2. Prune every linear.
+        var pruned = block
+        var linears: [LinearReport] = []
+        for name in block.linearNames {
+            let t0 = Date()
+            let w = block.weight(name)
+            guard let st = stats[Self.statisticsKey(name)] else {
+                throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
+            }
+            let newWeight: Matrix
+            switch plan.method {
+            case .magnitude: newWeight = MagnitudePruner.prune(w, pattern: plan.pattern)
+            case .wanda: newWeight = WandaPruner.prune(w, inputSquaredNorms: st.squaredNorms, pattern: plan.pattern)
+            case .sparsegpt:
+                newWeight = try SparseGPTPruner.prune(w, hessian: st.hessian, pattern: plan.pattern, options: plan.sparseGPT, what: name).weight
+            }
+            pruned.tensors[name + ".weight"] = newWeight
+            linears.append(Self.report(name: name, dense: w, pruned: newWeight, stats: st, seconds: Date().timeIntervalSince(t0)))
+        }
+        // 3. The pruned block on the same inputs gives the next block's inputs.
+        let outputs = inputs.makeSibling()
+        var num = 0.0, den = 0.0
+        for s in 0..<inputs.count {
+            let y = pruned.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope)
+            guard y.allFinite else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
+            let dense = try denseOutputs.get(s)
+            var diff = y
+            diff.withUnsafeMutableBufferPointer { pd in
+                dense.withUnsafeBufferPointer { px in for i in pd.indices { pd[i] -= px[i] } }
+            }
+            num += diff.squaredNorm
+            den += dense.squaredNorm
+            try outputs.set(s, y)
+        }
+        let report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
+                                 seconds: Date().timeIntervalSince(start))
+        return (pruned, outputs, report)
+    }
+
+    static func report(name: String, dense w: Matrix, pruned: Matrix, stats: LayerStatistics, seconds: Double) -> LinearReport {
+        let reference = stats.quadraticForm(w)
+        var maskOnly = w
+        var delta = w
+        maskOnly.withUnsafeMutableBufferPointer { pm in
+            delta.withUnsafeMutableBufferPointer { pd in
+                pruned.withUnsafeBufferPointer { pp in
+                    for i in pm.indices {
+                        pm[i] = pp[i] == 0 ? pm[i] : 0   // W − W⊙M: the removed weights
+                        pd[i] -= pp[i]                   // W − Ŵ
+                    }
+                }
+            }
+        }
+        let denom = reference > 0 ? reference : 1
+        return LinearReport(name: name, rows: w.rows, columns: w.cols,
+                            sparsity: Double(pruned.zeroCount) / Double(pruned.count),
+                            errorBefore: stats.quadraticForm(maskOnly) / denom,
+                            errorAfter: stats.quadraticForm(delta) / denom, seconds: seconds)
+    }
+}

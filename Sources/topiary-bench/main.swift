@@ -1,0 +1,117 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// Benchmarks that print ratios measured in one run: achieved rates over the machine's own
+/// measured sgemm rate, so figures compare across machines.
+func now() -> Double { Date().timeIntervalSince1970 }
+
+/// Best-of-`repeats` seconds of `body`.
+func best(_ repeats: Int, _ body: () -> Void) -> Double {
+    var t = Double.infinity
+    for _ in 0..<repeats {
+        let s = now()
+        body()
+        t = min(t, now() - s)
+    }
+    return t
+}
+
+func randomMatrix(_ r: Int, _ c: Int, seed: UInt64) -> Matrix {
+    var state = seed
+    return Matrix(rows: r, cols: c) { p in
+        for i in p.indices {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            p[i] = Float(Int64(bitPattern: state >> 11) % 2000) / 1000 - 1
+        }
+    }
+}
+
+/// sgemm GFLOP/s for C[m x n] = A[m x k] Bᵀ (the linear-layer shape).
+func sgemmRate(m: Int, n: Int, k: Int) -> Double {
+    let a = randomMatrix(m, k, seed: 1), b = randomMatrix(n, k, seed: 2)
+    _ = Linalg.linear(a, b)
+    let t = best(3) { _ = Linalg.linear(a, b) }
+    return 2.0 * Double(m * n * k) / t / 1e9
+}
+
+func argument(_ name: String, _ args: [String]) -> String? {
+    guard let i = args.firstIndex(of: "--" + name), i + 1 < args.count else { return nil }
+    return args[i + 1]
+}
+
+func benchForward(_ args: [String]) throws {
+    guard let path = argument("model", args) else { throw ToolFailure("bench forward: --model PATH is required") }
+    let seqlen = Int(argument("seqlen", args) ?? "2048")!
+    let blocks = Int(argument("blocks", args) ?? "2")!
+    let model = try LanguageModel.open(path: path)
+    let c = model.config
+    print("model \(path)")
+    print("  hidden \(c.hiddenSize), ffn \(c.intermediateSize), heads \(c.headCount)/\(c.kvHeadCount), seqlen \(seqlen), BLAS threads \(Linalg.threadCount)")
+
+    // The machine's sgemm rate on the block's own GEMM shapes, and on a large square product.
+    let shapes = [(seqlen, c.queryDim, c.hiddenSize), (seqlen, c.kvDim, c.hiddenSize), (seqlen, c.intermediateSize, c.hiddenSize),
+                  (seqlen, c.hiddenSize, c.intermediateSize)]
+    var peak = sgemmRate(m: 2048, n: 2048, k: 2048)
+    for (m, n, k) in shapes { peak = max(peak, sgemmRate(m: m, n: n, k: k)) }
+    print(String(format: "  measured sgemm rate (best over shapes): %.1f GFLOP/s", peak))
+
+    let x = randomMatrix(seqlen, c.hiddenSize, seed: 3)
+    let rope = c.ropeTable(positions: seqlen)
+    var linearFlops = 0.0
+    for b in 0..<blocks {
+        let block = try model.loadBlock(b)
+        for name in block.linearNames {
+            let w = block.weight(name)
+            linearFlops += 2.0 * Double(seqlen) * Double(w.rows * w.cols)
+        }
+    }
+    linearFlops /= Double(blocks)
+    // Causal attention: QKᵀ and PV over the lower triangle (as computed, in 256-row query blocks).
+    var attnFlops = 0.0
+    var i0 = 0
+    while i0 < seqlen {
+        let i1 = min(i0 + 256, seqlen)
+        attnFlops += 2.0 * 2.0 * Double((i1 - i0) * i1 * c.headDim * c.headCount)
+        i0 = i1
+    }
+    var forwardSeconds = 0.0, projectionSeconds = 0.0
+    for b in 0..<blocks {
+        let block = try model.loadBlock(b)
+        _ = block.forward(x, sequenceLength: seqlen, rope: rope)
+        forwardSeconds += best(3) { _ = block.forward(x, sequenceLength: seqlen, rope: rope) }
+        // The projections alone (the GEMM-heavy part), on inputs of their real shapes.
+        let inputs = block.linearNames.map { randomMatrix(seqlen, block.weight($0).cols, seed: 4) }
+        projectionSeconds += best(3) {
+            for (name, input) in zip(block.linearNames, inputs) { _ = Linalg.linear(input, block.weight(name)) }
+        }
+    }
+    forwardSeconds /= Double(blocks)
+    projectionSeconds /= Double(blocks)
+    let blockRate = (linearFlops + attnFlops) / forwardSeconds / 1e9
+    let projectionRate = linearFlops / projectionSeconds / 1e9
+    print(String(format: "  block forward: %.3f s per block, %.0f tokens/s, %.1f GFLOP/s (%.2f GFLOP linear + %.2f GFLOP attention)",
+                 forwardSeconds, Double(seqlen) / forwardSeconds, blockRate, linearFlops / 1e9, attnFlops / 1e9))
+    print(String(format: "  projections alone: %.3f s, %.1f GFLOP/s", projectionSeconds, projectionRate))
+    print(String(format: "  ratio projections / sgemm: %.2f", projectionRate / peak))
+    print(String(format: "  ratio block forward / sgemm: %.2f", blockRate / peak))
+    print(String(format: "  whole model (%d blocks) at this rate: %.0f tokens/s", c.layerCount, Double(seqlen) / forwardSeconds / Double(c.layerCount)))
+}
+
+struct ToolFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
+let args = Array(CommandLine.arguments.dropFirst())
+do {
+    switch args.first {
+    case "forward": try benchForward(Array(args.dropFirst()))
+    default:
+        FileHandle.standardError.write(Data("usage: topiary-bench forward --model PATH [--seqlen N] [--blocks K]\n".utf8))
+        exit(2)
+    }
+} catch {
+    FileHandle.standardError.write(Data("topiary-bench: \(error)\n".utf8))
+    exit(1)
+}

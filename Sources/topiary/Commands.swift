@@ -1,0 +1,209 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+import TopiaryTokenizers
+
+/// A `topiary` subcommand.
+protocol Command {
+    static var name: String { get }
+    static var summary: String { get }
+    static var usage: String { get }
+    static var details: String { get }
+    static var options: [OptionSpec] { get }
+    static func run(_ args: ParsedArguments) throws
+}
+
+enum CommonOptions {
+    static let json = OptionSpec(name: "json", value: nil, help: "print one JSON object as the last line of stdout")
+    static let threads = OptionSpec(name: "threads", value: "N", help: "BLAS threads (default: all cores)")
+    static let model = OptionSpec(name: "model", value: "PATH", help: "GGUF file, llama2.c .bin, or Hugging Face directory")
+    static let tokenizer = OptionSpec(name: "tokenizer", value: "PATH", help: "tokenizer.bin (llama2.c) or tokenizer.json, when the model has none")
+
+    static func apply(_ args: ParsedArguments) throws {
+        if let n = try args.int("threads", min: 1) { Linalg.setThreadCount(n) }
+    }
+
+    static func openModel(_ args: ParsedArguments) throws -> LanguageModel {
+        try LanguageModel.open(path: try args.required("model"), tokenizerPath: args.string("tokenizer"))
+    }
+
+    static func requireTokenizer(_ model: LanguageModel) throws -> any Tokenizer {
+        guard let t = model.tokenizer else { throw EvaluationError.noTokenizer(path: model.path) }
+        return t
+    }
+}
+
+func elapsed(since start: Date) -> Double { Date().timeIntervalSince(start) }
+
+func formatSeconds(_ s: Double) -> String {
+    if s < 60 { return String(format: "%.1fs", s) }
+    let m = Int(s) / 60
+    return String(format: "%dm%02ds", m, Int(s) % 60)
+}
+
+// MARK: eval
+
+enum EvalCommand: Command {
+    static let name = "eval"
+    static let summary = "measure perplexity with the standard protocol"
+    static let usage = "topiary eval --model PATH [--tokenizer PATH] --text FILE [--seqlen N] [--windows K] [--json]"
+    static let details = """
+    The text file is read as is (UTF-8) and tokenized whole; a BOS token is added only when the
+    tokenizer's own settings add one. The tokens are cut into non-overlapping windows of --seqlen
+    (the remainder is dropped); each window is evaluated alone and perplexity = exp(mean over
+    windows of the mean next-token cross-entropy). This is the SparseGPT/Wanda protocol.
+    Weights are streamed block by block, so memory holds one block plus the windows' activations.
+    """
+    static let options = [
+        CommonOptions.model, CommonOptions.tokenizer,
+        OptionSpec(name: "text", value: "FILE", help: "UTF-8 text to evaluate (e.g. wiki.test.joined.txt)"),
+        OptionSpec(name: "seqlen", value: "N", help: "window length in tokens (default: 2048, or the model's context if shorter)"),
+        OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
+        CommonOptions.threads, CommonOptions.json,
+    ]
+
+    static func run(_ args: ParsedArguments) throws {
+        try CommonOptions.apply(args)
+        let textPath = try args.required("text")
+        let seqlenOption = try args.int("seqlen", min: 2)
+        let windows = try args.int("windows", min: 1)
+        let model = try CommonOptions.openModel(args)
+        let tokenizer = try CommonOptions.requireTokenizer(model)
+        let text = try readUTF8Text(textPath)
+        let start = Date()
+        let tokens = tokenizer.encode(text, addBOS: nil)
+        let seqlen = seqlenOption ?? min(2048, model.config.maxPositions)
+        let json = args.flag("json")
+        let result = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: seqlen, windows: windows, progress: { done, total in
+            if !json && Console.stderrIsTerminal {
+                FileHandle.standardError.write(Data("\reval: block \(done)/\(total)".utf8))
+                if done == total { FileHandle.standardError.write(Data("\n".utf8)) }
+            }
+        })
+        let seconds = elapsed(since: start)
+        print(String(format: "perplexity %.4f  (%d windows of %d tokens; %d tokens in text; %@)",
+                     result.perplexity, result.windows, seqlen, tokens.count, formatSeconds(seconds)))
+        if json {
+            JSONLine.print([
+                "command": "eval", "model": model.path, "text": textPath, "perplexity": result.perplexity,
+                "tokens": tokens.count, "windows": result.windows, "seqlen": seqlen, "seconds": seconds,
+                "window_losses": result.windowLosses,
+            ])
+        }
+    }
+}
+
+// MARK: generate
+
+enum GenerateCommand: Command {
+    static let name = "generate"
+    static let summary = "continue a prompt greedily, for a quick look at what a model says"
+    static let usage = "topiary generate --model PATH [--tokenizer PATH] [--prompt TEXT] [--chat] [--max-tokens N] [--json]"
+    static let details = """
+    Greedy decoding (the most likely token each step). Without --prompt it starts from the BOS
+    token. The prompt is encoded with the tokenizer's own settings (special tokens such as
+    <|im_start|> are recognised); --chat wraps it in the ChatML template of SmolLM-style models.
+    Generation stops after the end-of-sequence token or --max-tokens tokens.
+    """
+    static let options = [
+        CommonOptions.model, CommonOptions.tokenizer,
+        OptionSpec(name: "prompt", value: "TEXT", help: "text to continue (default: start from BOS)"),
+        OptionSpec(name: "chat", value: nil, help: "wrap the prompt as a ChatML user turn and open the assistant turn"),
+        OptionSpec(name: "max-tokens", value: "N", help: "most tokens to generate (default: 64)"),
+        CommonOptions.threads, CommonOptions.json,
+    ]
+
+    static func run(_ args: ParsedArguments) throws {
+        try CommonOptions.apply(args)
+        let maxTokens = try args.int("max-tokens", min: 0) ?? 64
+        let model = try CommonOptions.openModel(args)
+        let tokenizer = try CommonOptions.requireTokenizer(model)
+        var prompt: [Int]
+        if var text = args.string("prompt") {
+            if args.flag("chat") { text = "<|im_start|>user\n\(text)<|im_end|>\n<|im_start|>assistant\n" }
+            prompt = tokenizer.encode(text, addBOS: nil)
+        } else {
+            guard let bos = tokenizer.bosID ?? model.config.bosTokenID else {
+                throw ToolError("\(model.path): the tokenizer has no BOS token; pass --prompt")
+            }
+            prompt = [bos]
+        }
+        if prompt.isEmpty, let bos = tokenizer.bosID { prompt = [bos] }
+        guard !prompt.isEmpty else { throw ToolError("the prompt encodes to no tokens") }
+        let start = Date()
+        let generated = try Generation.greedy(model: model, prompt: prompt, maxTokens: maxTokens)
+        let seconds = elapsed(since: start)
+        let promptText = tokenizer.decode(prompt)
+        let full = tokenizer.decode(prompt + generated)
+        let text = full.hasPrefix(promptText) ? String(full.dropFirst(promptText.count)) : tokenizer.decode(generated)
+        print(text)
+        if args.flag("json") {
+            JSONLine.print([
+                "command": "generate", "model": model.path, "text": text, "tokens": generated,
+                "prompt_tokens": prompt, "seconds": seconds,
+            ])
+        }
+    }
+}
+
+// MARK: convert
+
+enum ConvertCommand: Command {
+    static let name = "convert"
+    static let summary = "write any readable checkpoint as a Hugging Face directory"
+    static let usage = "topiary convert --model PATH [--tokenizer PATH] --output DIR [--dtype f32|f16|bf16] [--overwrite] [--json]"
+    static let details = """
+    Writes config.json, model.safetensors (sharded above 5 GiB, with model.safetensors.index.json),
+    generation_config.json and, when the source has a tokenizer, tokenizer.json. Q and K rows are
+    written in Hugging Face's rotate-half RoPE layout, so transformers and other tools load the
+    result directly. Quantised GGUF weights are written dequantised. Every file is written to a
+    temporary name, synced and renamed, so an interrupted run leaves no half-written file.
+    """
+    static let options = [
+        CommonOptions.model, CommonOptions.tokenizer,
+        OptionSpec(name: "output", value: "DIR", help: "directory to write (must be empty or absent)"),
+        OptionSpec(name: "dtype", value: "TYPE", help: "f32 (default), f16 or bf16"),
+        OptionSpec(name: "overwrite", value: nil, help: "allow writing into a non-empty directory"),
+        CommonOptions.threads, CommonOptions.json,
+    ]
+
+    static func run(_ args: ParsedArguments) throws {
+        try CommonOptions.apply(args)
+        let output = try args.required("output")
+        let dtype: TensorDType
+        switch args.string("dtype") ?? "f32" {
+        case "f32", "float32": dtype = .f32
+        case "f16", "float16": dtype = .f16
+        case "bf16", "bfloat16": dtype = .bf16
+        case let other: throw UsageError(message: "topiary convert: --dtype must be f32, f16 or bf16, got '\(other)'")
+        }
+        try OutputDirectory.prepare(output, overwrite: args.flag("overwrite"))
+        let model = try CommonOptions.openModel(args)
+        let start = Date()
+        let files = try HuggingFaceExport.write(model: model, to: output, dtype: dtype)
+        let seconds = elapsed(since: start)
+        print("wrote \(output) (\(files.count) weight file\(files.count == 1 ? "" : "s"), \(dtype.rawValue), \(formatSeconds(seconds)))")
+        if args.flag("json") {
+            JSONLine.print(["command": "convert", "model": model.path, "output": output, "files": files,
+                            "dtype": dtype.rawValue, "seconds": seconds])
+        }
+    }
+}
+
+/// Output directories are created when absent and refused when they hold files, unless overwriting.
+enum OutputDirectory {
+    static func prepare(_ path: String, overwrite: Bool) throws {
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
+            guard isDir.boolValue else { throw ToolError("\(path): exists and is not a directory") }
+            let contents = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+            if !contents.isEmpty && !overwrite {
+                throw ToolError("\(path): output directory exists and is not empty (pass --overwrite to write into it)")
+            }
+        } else {
+            do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) } catch {
+                throw ToolError("\(path): cannot create output directory: \(error.localizedDescription)")
+            }
+        }
+    }
+}

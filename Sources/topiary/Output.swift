@@ -1,0 +1,53 @@
+import Foundation
+
+/// Writes the one JSON object that `--json` promises as the last line of stdout.
+enum JSONLine {
+    static func print(_ object: [String: Any]) {
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
+        Swift.print(String(decoding: data, as: UTF8.self))
+    }
+}
+
+/// Human-facing messages go to stderr so that stdout stays parseable.
+enum Console {
+    static func error(_ message: String) {
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+    }
+    static func info(_ message: String) {
+        FileHandle.standardError.write(Data((message + "\n").utf8))
+    }
+    static var stderrIsTerminal: Bool { isatty(2) == 1 }
+}
+
+/// Reads a text file that must be UTF-8, with an error naming the file otherwise.
+func readUTF8Text(_ path: String) throws -> String {
+    guard let data = FileManager.default.contents(atPath: path) else {
+        var isDir: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue {
+            throw ToolError("\(path): is a directory, expected a text file")
+        }
+        throw ToolError("\(path): cannot read file (missing or not readable)")
+    }
+    guard let text = String(data: data, encoding: .utf8) else {
+        // Find the first bad byte for the message.
+        var offset = 0
+        var it = data.makeIterator()
+        var decoder = UTF8()
+        var consumed = 0
+        loop: while true {
+            switch decoder.decode(&it) {
+            case .scalarValue(let s): consumed += String(s).utf8.count
+            case .emptyInput: break loop
+            case .error: offset = consumed; break loop
+            }
+        }
+        throw ToolError("\(path): not valid UTF-8 text (first invalid byte at offset \(offset))")
+    }
+    return text
+}
+
+/// A runtime error with a complete one-line message (exit code 1).
+struct ToolError: Error, CustomStringConvertible {
+    let description: String
+    init(_ message: String) { description = message }
+}

@@ -1,0 +1,118 @@
+import Foundation
+import XCTest
+
+/// Bad input gives one line on stderr naming the file and what was wrong, and a non-zero exit;
+/// never a crash or a hang.
+final class BadInputTests: XCTestCase {
+    func expectError(_ args: [String], exitCode: Int32 = 1, mentions: [String],
+                     file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try CLI.run(args, timeout: 120)
+        XCTAssertEqual(r.status, exitCode, "stderr: \(r.stderr)", file: file, line: line)
+        XCTAssertEqual(r.stderrLines.count, 1, "expected one line, got: \(r.stderr)", file: file, line: line)
+        for m in mentions {
+            XCTAssertTrue(r.stderr.contains(m), "'\(m)' not in: \(r.stderr)", file: file, line: line)
+        }
+    }
+
+    func testTruncatedLlama2CCheckpoint() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("stories-truncated.bin").path
+        let data = try Data(contentsOf: URL(fileURLWithPath: CLI.asset("stories260K/stories260K.bin")))
+        try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: path))
+        try expectError(["eval", "--model", path, "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+                         "--text", CLI.asset("public-domain-text/wizard_of_oz.txt")],
+                        mentions: [path, "truncated"])
+    }
+
+    func testTruncatedGGUF() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("tiny.gguf").path
+        let bytes = GGUFBuilder.tinyLlama().bytes()
+        try Data(bytes.prefix(200)).write(to: URL(fileURLWithPath: path))
+        try expectError(["convert", "--model", path, "--output", dir.appendingPathComponent("out").path],
+                        mentions: [path, "truncated"])
+    }
+
+    func testWrongMagic() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("model.gguf").path
+        var b = GGUFBuilder.tinyLlama()
+        b.magic = Array("GGUX".utf8)
+        try Data(b.bytes()).write(to: URL(fileURLWithPath: path))
+        try expectError(["convert", "--model", path, "--output", dir.appendingPathComponent("out").path],
+                        mentions: [path, "magic", "GGUX"])
+    }
+
+    func testTensorPastTheEndOfTheFile() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("tiny.gguf").path
+        var b = GGUFBuilder.tinyLlama()
+        b.tensors[2].offsetOverride = 1 << 20
+        try Data(b.bytes()).write(to: URL(fileURLWithPath: path))
+        try expectError(["convert", "--model", path, "--output", dir.appendingPathComponent("out").path],
+                        mentions: [path, "blk.0.attn_q.weight", "past the end"])
+    }
+
+    func testUnsupportedQuantisationType() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("tiny.gguf").path
+        var b = GGUFBuilder.tinyLlama()
+        b.tensors[3].type = 12  // Q4_K
+        b.tensors[3].data = [UInt8](repeating: 0, count: 144 * 4)
+        try Data(b.bytes()).write(to: URL(fileURLWithPath: path))
+        try expectError(["convert", "--model", path, "--output", dir.appendingPathComponent("out").path],
+                        mentions: [path, "blk.0.attn_k.weight", "Q4_K"])
+    }
+
+    func testConfigMissingARequiredField() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let model = dir.appendingPathComponent("tiny-llama")
+        try FileManager.default.createDirectory(at: model, withIntermediateDirectories: true)
+        let source = URL(fileURLWithPath: CLI.fixture("tiny-llama"))
+        try FileManager.default.copyItem(at: source.appendingPathComponent("model.safetensors"), to: model.appendingPathComponent("model.safetensors"))
+        var config = try JSONSerialization.jsonObject(with: Data(contentsOf: source.appendingPathComponent("config.json"))) as! [String: Any]
+        config.removeValue(forKey: "hidden_size")
+        try JSONSerialization.data(withJSONObject: config).write(to: model.appendingPathComponent("config.json"))
+        try expectError(["convert", "--model", model.path, "--output", dir.appendingPathComponent("out").path],
+                        mentions: [model.appendingPathComponent("config.json").path, "hidden_size", "missing"])
+    }
+
+    func testTextThatIsNotUTF8() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let text = dir.appendingPathComponent("latin1.txt").path
+        try Data([0x48, 0x69, 0x20, 0xE9, 0x74, 0xE9, 0xFF, 0x0A]).write(to: URL(fileURLWithPath: text))
+        try expectError(["eval", "--model", CLI.asset("stories260K/stories260K.bin"), "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+                         "--text", text], mentions: [text, "UTF-8", "offset 3"])
+    }
+
+    func testWindowLongerThanTheContext() throws {
+        let model = CLI.asset("stories260K/stories260K.bin")
+        try expectError(["eval", "--model", model, "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+                         "--text", CLI.asset("public-domain-text/wizard_of_oz.txt"), "--seqlen", "1024"],
+                        mentions: [model, "1024", "512"])
+    }
+
+    func testUnknownOptionAndCommand() throws {
+        try expectError(["eval", "--modle", "x"], exitCode: 2, mentions: ["--modle", "topiary help eval"])
+        try expectError(["frobnicate"], exitCode: 2, mentions: ["frobnicate"])
+        try expectError(["eval", "--text", "x"], exitCode: 2, mentions: ["--model"])
+    }
+
+    func testMissingModelFile() throws {
+        try expectError(["eval", "--model", "/nonexistent/model.gguf", "--text", "/dev/null"],
+                        mentions: ["/nonexistent/model.gguf", "no such file"])
+    }
+}
+
+final class HelpTests: XCTestCase {
+    func testHelpListsEveryCommandAndOption() throws {
+        let r = try CLI.run(["help"])
+        XCTAssertEqual(r.status, 0)
+        for c in ["eval", "generate", "convert"] { XCTAssertTrue(r.stdout.contains(c)) }
+        let e = try CLI.run(["help", "eval"])
+        XCTAssertEqual(e.status, 0)
+        for o in ["--model", "--tokenizer", "--text", "--seqlen", "--windows", "--json"] { XCTAssertTrue(e.stdout.contains(o), o) }
+        let bad = try CLI.run(["help", "nosuch"])
+        XCTAssertEqual(bad.status, 2)
+    }
+}

@@ -1,0 +1,116 @@
+import XCTest
+@testable import TopiaryTensor
+
+final class HalfPrecisionTests: XCTestCase {
+    func testFP16KnownValues() {
+        XCTAssertEqual(HalfPrecision.fp16ToFloat(0x3C00), 1)
+        XCTAssertEqual(HalfPrecision.fp16ToFloat(0xC000), -2)
+        XCTAssertEqual(HalfPrecision.fp16ToFloat(0x7BFF), 65504)
+        XCTAssertEqual(HalfPrecision.fp16ToFloat(0x0001), 5.9604645e-08)
+        XCTAssertEqual(HalfPrecision.fp16ToFloat(0x7C00), .infinity)
+        XCTAssertTrue(HalfPrecision.fp16ToFloat(0x7E00).isNaN)
+        XCTAssertEqual(HalfPrecision.floatToFP16(1), 0x3C00)
+        XCTAssertEqual(HalfPrecision.floatToFP16(65504), 0x7BFF)
+        XCTAssertEqual(HalfPrecision.floatToFP16(1e6), 0x7C00)
+        XCTAssertEqual(HalfPrecision.floatToFP16(5.9604645e-08), 0x0001)
+    }
+
+    func testFP16RoundTripsEveryFiniteHalf() {
+        for bits in UInt16.min...UInt16.max {
+            let f = HalfPrecision.fp16ToFloat(bits)
+            if f.isNaN { continue }
+            let back = HalfPrecision.floatToFP16(f)
+            // +0 and -0 keep their sign bits.
+            XCTAssertEqual(back, bits, "half bits \(bits)")
+            if back != bits { return }
+        }
+    }
+
+    func testFP16RoundsToNearestEven() {
+        // 1 + 2^-11 is halfway between 1 and the next half (1 + 2^-10): ties to even (1).
+        XCTAssertEqual(HalfPrecision.floatToFP16(1 + 0.00048828125), 0x3C00)
+        // 1 + 3*2^-11 is halfway between 1+2^-10 (odd) and 1+2^-9 (even).
+        XCTAssertEqual(HalfPrecision.floatToFP16(1 + 3 * 0.00048828125), 0x3C02)
+        // Agrees with the platform's conversion on random values.
+        var rng = TestRandom(seed: 9)
+        for _ in 0..<10000 {
+            let f = rng.uniform() * 1000
+            XCTAssertEqual(HalfPrecision.floatToFP16(f), Float16(f).bitPattern)
+        }
+    }
+
+    func testBF16() {
+        XCTAssertEqual(HalfPrecision.bf16ToFloat(0x3F80), 1)
+        XCTAssertEqual(HalfPrecision.floatToBF16(1), 0x3F80)
+        // 1 + 2^-8 is halfway between two bf16 values; ties to even.
+        XCTAssertEqual(HalfPrecision.floatToBF16(1 + 1.0 / 256), 0x3F80)
+        XCTAssertEqual(HalfPrecision.floatToBF16(1 + 3.0 / 256), 0x3F82)
+        XCTAssertTrue(HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(.nan)).isNaN)
+        for bits in stride(from: 0, to: 0x7F80, by: 7) {
+            XCTAssertEqual(HalfPrecision.floatToBF16(HalfPrecision.bf16ToFloat(UInt16(bits))), UInt16(bits))
+        }
+    }
+}
+
+final class KernelTests: XCTestCase {
+    func testRMSNormAndLayerNorm() {
+        let x: [Float] = [1, 2, 3, 4, -1, 0, 1, 2]
+        let w: [Float] = [1, 0.5, 2, 1]
+        var out = [Float](repeating: 0, count: 8)
+        Kernels.rmsNorm(x, weight: w, eps: 1e-5, rows: 2, cols: 4, out: &out)
+        let ms: Double = (1.0 + 4 + 9 + 16) / 4
+        let expected1: Double = 2 / (ms + 1e-5).squareRoot() * 0.5
+        XCTAssertEqual(out[1], Float(expected1), accuracy: 1e-6)
+        Kernels.layerNorm(x, weight: w, bias: [0, 0, 1, 0], eps: 1e-5, rows: 2, cols: 4, out: &out)
+        // Row 2: mean 0.5, biased variance 1.25.
+        let expected6: Double = (1 - 0.5) / (1.25 + 1e-5).squareRoot() * 2 + 1
+        XCTAssertEqual(out[6], Float(expected6), accuracy: 1e-5)
+    }
+
+    func testSoftmaxAndLogSumExp() {
+        var p: [Float] = [1000, 1001, 1002]
+        let lse = Kernels.logSumExp(p, 3)
+        Kernels.softmax(&p, 3)
+        XCTAssertEqual(p.reduce(0, +), 1, accuracy: 1e-6)
+        let e2: Double = exp(2.0) / (1 + exp(1.0) + exp(2.0))
+        XCTAssertEqual(p[2], Float(e2), accuracy: 1e-6)
+        let expected: Float = 1002 + Float(log(1 + exp(-1.0) + exp(-2.0)))
+        XCTAssertEqual(lse, expected, accuracy: 1e-3)
+    }
+
+    func testActivations() {
+        XCTAssertEqual(Kernels.silu(0), 0)
+        XCTAssertEqual(Kernels.silu(2), 2 / (1 + Float(exp(-2.0))), accuracy: 1e-6)
+        var r: [Float] = [-1, 0, 2]
+        Kernels.reluInPlace(&r, 3)
+        XCTAssertEqual(r, [0, 0, 2])
+        var g: [Float] = [1, -1]
+        Kernels.swiglu(gate: &g, up: [2, 3], 2)
+        XCTAssertEqual(g[0], Kernels.silu(1) * 2, accuracy: 1e-6)
+    }
+
+    /// Both RoPE layouts rotate the same pairs by the same angles once the dimensions are permuted.
+    func testRopeLayoutsAgreeUnderPermutation() {
+        let headDim = 8, heads = 2, tokens = 5
+        let table = Kernels.RopeTable(rotaryDim: headDim, theta: 10000, positions: 16)
+        var rng = TestRandom(seed: 11)
+        let adjacent = (0..<(tokens * heads * headDim)).map { _ in rng.uniform() }
+        // rotate-half index j*half + i holds adjacent index 2i + j.
+        var half = adjacent
+        for t in 0..<tokens { for h in 0..<heads { for i in 0..<4 { for j in 0..<2 {
+            half[(t * heads + h) * headDim + j * 4 + i] = adjacent[(t * heads + h) * headDim + 2 * i + j]
+        } } } }
+        var a = adjacent, b = half
+        Kernels.rope(&a, tokens: tokens, heads: heads, headDim: headDim, firstPosition: 3, table: table, layout: .adjacentPairs)
+        Kernels.rope(&b, tokens: tokens, heads: heads, headDim: headDim, firstPosition: 3, table: table, layout: .rotateHalf)
+        for t in 0..<tokens { for h in 0..<heads { for i in 0..<4 { for j in 0..<2 {
+            XCTAssertEqual(b[(t * heads + h) * headDim + j * 4 + i], a[(t * heads + h) * headDim + 2 * i + j], accuracy: 1e-6)
+        } } } }
+        // Position 0 is the identity; norms are preserved.
+        var c = Array(adjacent[0..<headDim])
+        Kernels.rope(&c, tokens: 1, heads: 1, headDim: headDim, firstPosition: 0, table: table, layout: .adjacentPairs)
+        XCTAssertEqual(c, Array(adjacent[0..<headDim]))
+        let before = adjacent.map { $0 * $0 }.reduce(0, +), after = a.map { $0 * $0 }.reduce(0, +)
+        XCTAssertEqual(before, after, accuracy: 1e-4)
+    }
+}

@@ -1,0 +1,117 @@
+import XCTest
+@testable import TopiaryTensor
+
+/// Small deterministic generator for test data (SplitMix64).
+struct TestRandom {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func uniform() -> Float { Float(next() >> 40) / Float(1 << 24) * 2 - 1 }
+    mutating func matrix(_ r: Int, _ c: Int) -> Matrix {
+        Matrix(rows: r, cols: c, values: (0..<(r * c)).map { _ in uniform() })
+    }
+}
+
+/// Naive reference product in Double.
+func referenceProduct(_ a: Matrix, _ b: Matrix) -> Matrix {
+    var c = Matrix(rows: a.rows, cols: b.cols)
+    for i in 0..<a.rows {
+        for j in 0..<b.cols {
+            var s = 0.0
+            for k in 0..<a.cols { s += Double(a[i, k]) * Double(b[k, j]) }
+            c[i, j] = Float(s)
+        }
+    }
+    return c
+}
+
+final class LinalgTests: XCTestCase {
+    func testGemmMatchesReferenceForAllTransposes() {
+        var rng = TestRandom(seed: 1)
+        let a = rng.matrix(7, 5), b = rng.matrix(5, 9)
+        let expected = referenceProduct(a, b)
+        XCTAssertLessThan(Linalg.matmul(a, .none, b, .none).maxAbsDifference(expected), 1e-5)
+        XCTAssertLessThan(Linalg.matmul(a.transposed(), .transposed, b, .none).maxAbsDifference(expected), 1e-5)
+        XCTAssertLessThan(Linalg.matmul(a, .none, b.transposed(), .transposed).maxAbsDifference(expected), 1e-5)
+        XCTAssertLessThan(Linalg.linear(a, b.transposed()).maxAbsDifference(expected), 1e-5)
+    }
+
+    func testGemmAccumulatesWithBeta() {
+        var rng = TestRandom(seed: 2)
+        let a = rng.matrix(4, 3), b = rng.matrix(3, 4)
+        var c = Matrix(rows: 4, cols: 4, repeating: 1)
+        Linalg.gemm(a, b, alpha: 2, beta: 1, into: &c)
+        let ref = referenceProduct(a, b)
+        for i in 0..<4 { for j in 0..<4 { XCTAssertEqual(c[i, j], 1 + 2 * ref[i, j], accuracy: 1e-5) } }
+    }
+
+    func testSyrkAccumulatesXTransposeXInBothTriangles() {
+        var rng = TestRandom(seed: 3)
+        let x = rng.matrix(20, 6)
+        var h = Matrix(rows: 6, cols: 6)
+        Linalg.syrkAccumulate(x, alpha: 0.5, into: &h)
+        Linalg.syrkAccumulate(x, alpha: 0.5, into: &h)
+        let ref = referenceProduct(x.transposed(), x)
+        XCTAssertLessThan(h.maxAbsDifference(ref), 1e-4)
+        for i in 0..<6 { for j in 0..<6 { XCTAssertEqual(h[i, j], h[j, i]) } }
+    }
+
+    func spd(_ n: Int, seed: UInt64) -> Matrix {
+        var rng = TestRandom(seed: seed)
+        let x = rng.matrix(3 * n, n)
+        var h = Linalg.matmul(x, .transposed, x, .none)
+        for i in 0..<n { h[i, i] += 0.1 }
+        return h
+    }
+
+    func testCholeskyFactorsReproduceTheMatrix() throws {
+        let h = spd(12, seed: 4)
+        let u = try Linalg.cholesky(h, upper: true)
+        XCTAssertLessThan(Linalg.matmul(u, .transposed, u, .none).maxAbsDifference(h), 1e-3)
+        for i in 0..<12 { for j in 0..<i { XCTAssertEqual(u[i, j], 0) } }
+        let l = try Linalg.cholesky(h, upper: false)
+        XCTAssertLessThan(Linalg.matmul(l, .none, l, .transposed).maxAbsDifference(h), 1e-3)
+    }
+
+    func testInverseAndSolves() throws {
+        let h = spd(10, seed: 5)
+        let inv = try Linalg.inverseSPD(h)
+        XCTAssertLessThan(Linalg.matmul(h, inv).maxAbsDifference(.identity(10)), 1e-3)
+        let inv64 = try Linalg.inverseSPDDouble(h)
+        XCTAssertLessThan(Linalg.matmul(h, inv64).maxAbsDifference(.identity(10)), 1e-4)
+        var rng = TestRandom(seed: 6)
+        let b = rng.matrix(10, 3)
+        let x = try Linalg.solveSPD(h, b)
+        XCTAssertLessThan(Linalg.matmul(h, x).maxAbsDifference(b), 1e-3)
+        let u = try Linalg.cholesky(h, upper: true)
+        let y = Linalg.solveTriangular(u, b, upper: true)
+        XCTAssertLessThan(Linalg.matmul(u, y).maxAbsDifference(b), 1e-3)
+        let z = Linalg.solveTriangular(u, b, upper: true, transpose: true)
+        XCTAssertLessThan(Linalg.matmul(u, .transposed, z, .none).maxAbsDifference(b), 1e-3)
+    }
+
+    func testCholeskyOfIndefiniteMatrixThrows() {
+        var m = Matrix.identity(3)
+        m[1, 1] = -1
+        XCTAssertThrowsError(try Linalg.cholesky(m, upper: true, what: "test")) { error in
+            XCTAssertEqual(error as? LinalgError, .notPositiveDefinite(what: "test", minor: 2))
+        }
+    }
+
+    func testMatrixValueSemantics() {
+        var a = Matrix(rows: 2, cols: 2, values: [1, 2, 3, 4])
+        let b = a
+        a[0, 0] = 9
+        XCTAssertEqual(b[0, 0], 1)
+        XCTAssertEqual(a.transposed().values, [9, 3, 2, 4])
+        XCTAssertEqual(Matrix.vstack([a.rows(0..<1), b.rows(1..<2)]).values, [9, 2, 3, 4])
+        XCTAssertEqual(a.columns(1..<2).values, [2, 4])
+        XCTAssertEqual(Matrix(rows: 2, cols: 3).zeroCount, 6)
+    }
+}
