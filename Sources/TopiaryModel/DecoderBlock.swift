@@ -200,7 +200,7 @@ enum ModelMath {
 extension ModelConfig {
     /// Rotary tables for positions 0..<positions.
     public func ropeTable(positions: Int) -> Kernels.RopeTable {
-        Kernels.RopeTable(rotaryDim: headDim, theta: ropeTheta, positions: positions)
+        Kernels.RopeTable(rotaryDim: headDim, theta: ropeTheta, positions: positions, frequencyRounding: ropeFrequencyRounding)
     }
 }
 

@@ -28,6 +28,8 @@ public struct ModelConfig: Sendable, Equatable, Codable {
     // LLaMA
     public var ropeTheta: Float
     public var ropeLayout: RopeLayout
+    /// transformers rounds RoPE frequencies to the model's dtype (bf16/fp16 checkpoints).
+    public var ropeFrequencyRounding: Kernels.FrequencyRounding = .none
     // OPT
     /// Pre-LN (OPT-125m and larger except 350m) when true; post-LN (OPT-350m) when false.
     public var layerNormBefore: Bool
@@ -101,7 +103,7 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         }
         let fields = JSONFields(path: path, json: json)
         let modelType = try fields.string("model_type")
-        let config: ModelConfig
+        var config: ModelConfig
         switch modelType {
         case "llama", "mistral", "qwen2":
             if let scaling = json["rope_scaling"] as? [String: Any] {
@@ -135,6 +137,11 @@ public struct ModelConfig: Sendable, Equatable, Codable {
                 tieWordEmbeddings: (json["tie_word_embeddings"] as? Bool) ?? false,
                 bosTokenID: try fields.optionalInt("bos_token_id"), eosTokenID: try fields.optionalInt("eos_token_id"),
                 ropeTheta: Float(theta ?? 10000), ropeLayout: .rotateHalf)
+            switch (json["torch_dtype"] ?? json["dtype"]) as? String {
+            case "bfloat16": config.ropeFrequencyRounding = .bfloat16
+            case "float16": config.ropeFrequencyRounding = .float16
+            default: break
+            }
         case "opt":
             if let act = json["activation_function"] as? String, act != "relu" {
                 throw CheckpointError.invalidField(path: path, field: "activation_function", detail: "is '\(act)', expected 'relu'")

@@ -142,16 +142,24 @@ public enum Kernels {
         public let sin: [Float]
         public let positions: Int
 
-        public init(rotaryDim: Int, theta: Float, positions: Int) {
+        /// Frequencies theta^(-2i/d) and angles pos * freq are computed in Float32, as both
+        /// llama2.c and transformers do. `frequencyRounding` rounds the frequencies through a
+        /// 16-bit type first, as transformers does for a model loaded in bf16 or fp16 (its
+        /// inv_freq buffer is cast with the model).
+        public init(rotaryDim: Int, theta: Float, positions: Int, frequencyRounding: FrequencyRounding = .none) {
             halfDim = rotaryDim / 2
             self.positions = positions
             var c = [Float](repeating: 0, count: positions * halfDim)
             var s = c
             for i in 0..<halfDim {
-                // Computed in Double like the references' float64 frequency tables, then rounded once.
-                let freq = 1.0 / pow(Double(theta), Double(2 * i) / Double(rotaryDim))
+                var freq = 1 / powf(theta, Float(2 * i) / Float(rotaryDim))
+                switch frequencyRounding {
+                case .none: break
+                case .bfloat16: freq = HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(freq))
+                case .float16: freq = HalfPrecision.fp16ToFloat(HalfPrecision.floatToFP16(freq))
+                }
                 for pos in 0..<positions {
-                    let angle = Float(Double(pos) * freq)
+                    let angle = Float(pos) * freq
                     c[pos * halfDim + i] = cosf(angle)
                     s[pos * halfDim + i] = sinf(angle)
                 }
@@ -159,6 +167,10 @@ public enum Kernels {
             cos = c
             sin = s
         }
+    }
+
+    public enum FrequencyRounding: String, Sendable, Codable {
+        case none, bfloat16, float16
     }
 
     /// Applies RoPE in place to `x` [tokens x (heads*headDim)] where token t has position `firstPosition + t`.

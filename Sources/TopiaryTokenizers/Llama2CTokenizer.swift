@@ -129,7 +129,7 @@ public final class Llama2CTokenizer: Tokenizer {
         return symbols.map(Int.init)
     }
 
-    /// BOS and EOS produce nothing; the first piece (at the start or after BOS) loses one leading space, the
+    /// BOS, EOS and <unk> produce nothing; the first piece (at the start or after BOS) loses one leading space, the
     /// dummy prefix; `<0xXX>` pieces are raw bytes; ids out of range are skipped.
     public func decode(_ ids: [Int]) -> String {
         var out: [UInt8] = []
@@ -140,7 +140,7 @@ public final class Llama2CTokenizer: Tokenizer {
                 atStart = true
                 continue
             }
-            if id == eosID { continue }
+            if id == eosID || id == Self.unknownID { continue }
             var piece = pieces[id][...]
             if atStart, piece.first == 0x20 { piece = piece.dropFirst() }
             atStart = false

@@ -42,15 +42,6 @@ enum SplitPattern: Sendable {
     static let gpt2Source = #"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"#
     static let llama3Source =
         #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
-
-    /// A regex source as a pattern, using the hand-written matchers for the two patterns they implement.
-    static func fromRegex(_ source: String) throws -> SplitPattern {
-        switch source {
-        case gpt2Source: return .gpt2
-        case llama3Source: return .llama3
-        default: return .regex(try RegexBox(source))
-        }
-    }
 }
 
 /// NSRegularExpression is immutable and documented as safe to share between threads.

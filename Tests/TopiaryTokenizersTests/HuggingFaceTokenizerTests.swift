@@ -92,6 +92,62 @@ final class HuggingFaceTokenizerTests: XCTestCase {
         XCTAssertEqual(withList.encode("<|endoftext|>", addBOS: nil), [0])
     }
 
+    func testPreTokenizerVariantsExportAndReload() throws {
+        let path = try Assets.path("fixtures/tokenizer-bytelevel/tokenizer.json")
+        let root = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        let model = root["model"] as! [String: Any]
+        let vocab = model["vocab"] as! [String: Int]
+        var tokens = [String](repeating: "", count: vocab.count)
+        for (t, id) in vocab { tokens[id] = t }
+        let merges = (model["merges"] as! [[String]]).map { $0.joined(separator: " ") }
+        let texts = PreTokenizerTests.samples + ["Once upon a time 12345, Dorothy's dog.\n\n  Toto!", "<|endoftext|>x 1"]
+        for variant in [ByteLevelBPETokenizer.PreTokenizer.gpt2, .smollm, .llama3] {
+            let tok = try ByteLevelBPETokenizer(tokens: tokens, merges: merges, tokenTypes: nil, preTokenizer: variant,
+                                                bosID: 0, eosID: 0, unknownID: nil, addsBOS: true,
+                                                specialTokens: ["<|endoftext|>"])
+            let reloaded = try HuggingFaceTokenizer.load(json: try tok.huggingFaceJSON(), source: "\(variant)")
+            XCTAssertTrue(reloaded.addsBOS)
+            for text in texts {
+                let ids = tok.encode(text, addBOS: nil)
+                XCTAssertEqual(ids.first, 0)
+                XCTAssertEqual(reloaded.encode(text, addBOS: nil), ids, "\(variant): \(text.debugDescription)")
+                XCTAssertEqual(tok.decode(ids), text.replacingOccurrences(of: "<|endoftext|>", with: ""))
+            }
+        }
+        // smollm: each digit on its own, also away from its leading space; gpt2 keeps " 123" together.
+        let smollm = try ByteLevelBPETokenizer(tokens: tokens, merges: merges, tokenTypes: nil, preTokenizer: .smollm,
+                                               bosID: nil, eosID: nil, unknownID: nil, addsBOS: false)
+        XCTAssertEqual(smollm.encode("x 123", addBOS: nil), [vocab["x"]!, vocab["Ġ"]!, vocab["1"]!, vocab["2"]!, vocab["3"]!])
+    }
+
+    func testIgnoreMergesEmitsWholeTokens() throws {
+        let tokens = ["a", "b", "c", "ab", "abc"]
+        for (variant, expected) in [(ByteLevelBPETokenizer.PreTokenizer.gpt2, [3, 2]), (.llama3, [4])] {
+            let tok = try ByteLevelBPETokenizer(tokens: tokens, merges: ["a b"], tokenTypes: nil, preTokenizer: variant,
+                                                bosID: nil, eosID: nil, unknownID: nil, addsBOS: false)
+            XCTAssertEqual(tok.encode("abc", addBOS: nil), expected, "\(variant)")
+        }
+    }
+
+    func testMetaspaceTokenizer() throws {
+        let json = #"""
+        {"added_tokens": [{"id": 4, "content": "<unk>", "special": true}],
+         "normalizer": null,
+         "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+         "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+         "model": {"type": "BPE", "unk_token": "<unk>", "fuse_unk": true,
+                   "vocab": {"▁": 0, "a": 1, "b": 2, "▁a": 3, "<unk>": 4}, "merges": [["▁", "a"]]}}
+        """#
+        let tok = try HuggingFaceTokenizer.load(json: Data(json.utf8), source: "metaspace.json")
+        XCTAssertEqual(tok.encode("a b", addBOS: nil), [3, 0, 2])
+        XCTAssertEqual(tok.encode("a  b", addBOS: nil), [3, 0, 0, 2])
+        XCTAssertEqual(tok.encode("axyb", addBOS: nil), [3, 4, 2], "unknown characters fused into one <unk>")
+        XCTAssertEqual(tok.decode([3, 0, 2]), "a b")
+        let reloaded = try HuggingFaceTokenizer.load(json: try tok.huggingFaceJSON(), source: "re-exported metaspace.json")
+        XCTAssertEqual(reloaded.encode("a  b", addBOS: nil), [3, 0, 0, 2])
+        XCTAssertEqual(reloaded.decode([3, 0, 2]), "a b")
+    }
+
     func testDecodeSkipsIdsOutOfRange() throws {
         let tok = try HuggingFaceTokenizer.load(path: try Assets.path("fixtures/tokenizer-sentencepiece/tokenizer.json"))
         XCTAssertEqual(tok.decode([-5, 343, 296, 700, 1 << 40, 323]), "On")
