@@ -14,9 +14,14 @@ let package = Package(
             path: "Sources/CBLAS",
             providers: [.apt(["libopenblas-dev", "liblapacke-dev"])]
         ),
+        .systemLibrary(
+            name: "CCrypto",
+            path: "Sources/CCrypto",
+            providers: [.apt(["libssl-dev"])]
+        ),
         .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
         .target(name: "TopiaryTokenizers"),
-        .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers"]),
+        .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor"]),
         .executableTarget(name: "topiary", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.

@@ -67,11 +67,14 @@ enum EvalCommand: Command {
         let textPath = try args.required("text")
         let seqlenOption = try args.int("seqlen", min: 2)
         let windows = try args.int("windows", min: 1)
+        ResourceUsage.trace("start")
         let model = try CommonOptions.openModel(args)
+        ResourceUsage.trace("model opened")
         let tokenizer = try CommonOptions.requireTokenizer(model)
         let text = try readUTF8Text(textPath)
         let start = Date()
         let tokens = tokenizer.encode(text, addBOS: nil)
+        ResourceUsage.trace("text tokenized")
         let seqlen = seqlenOption ?? min(2048, model.config.maxPositions)
         let json = args.flag("json")
         let result = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: seqlen, windows: windows, progress: { done, total in
@@ -81,6 +84,7 @@ enum EvalCommand: Command {
             }
         })
         let seconds = elapsed(since: start)
+        ResourceUsage.trace("evaluated")
         print(String(format: "perplexity %.4f  (%d windows of %d tokens; %d tokens in text; %@)",
                      result.perplexity, result.windows, seqlen, tokens.count, formatSeconds(seconds)))
         if json {
@@ -170,13 +174,7 @@ enum ConvertCommand: Command {
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
         let output = try args.required("output")
-        let dtype: TensorDType
-        switch args.string("dtype") ?? "f32" {
-        case "f32", "float32": dtype = .f32
-        case "f16", "float16": dtype = .f16
-        case "bf16", "bfloat16": dtype = .bf16
-        case let other: throw UsageError(message: "topiary convert: --dtype must be f32, f16 or bf16, got '\(other)'")
-        }
+        let dtype = try parseDType(args.string("dtype"))
         try OutputDirectory.prepare(output, overwrite: args.flag("overwrite"))
         let model = try CommonOptions.openModel(args)
         let start = Date()
@@ -192,6 +190,31 @@ enum ConvertCommand: Command {
 
 /// Output directories are created when absent and refused when they hold files, unless overwriting.
 enum OutputDirectory {
+    /// Refuses an existing non-empty directory (or a file) at `path` unless overwriting.
+    static func check(_ path: String, overwrite: Bool) throws {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return }
+        guard isDir.boolValue else { throw ToolError("\(path): exists and is not a directory") }
+        let contents = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        if !contents.isEmpty && !overwrite {
+            throw ToolError("\(path): output directory exists and is not empty (pass --overwrite to replace it)")
+        }
+    }
+
+    /// Moves a finished staging directory to `output`, replacing an old one when overwriting.
+    static func install(staging: String, output: String, overwrite: Bool) throws {
+        let fm = FileManager.default
+        if fm.fileExists(atPath: output) {
+            try check(output, overwrite: overwrite)
+            do { try fm.removeItem(atPath: output) } catch {
+                throw ToolError("\(output): cannot replace the old output directory: \(error.localizedDescription)")
+            }
+        }
+        if rename(staging, output) != 0 {
+            throw ToolError("\(output): cannot move the finished model into place from \(staging): \(String(cString: strerror(errno)))")
+        }
+    }
+
     static func prepare(_ path: String, overwrite: Bool) throws {
         var isDir: ObjCBool = false
         if FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {

@@ -51,3 +51,23 @@ struct ToolError: Error, CustomStringConvertible {
     let description: String
     init(_ message: String) { description = message }
 }
+
+/// The process's resident memory now and at its peak, from /proc/self/status (Linux).
+enum ResourceUsage {
+    static func status(_ key: String) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix(key + ":") {
+            let digits = line.split(separator: " ").compactMap { Int($0) }
+            if let kb = digits.first { return kb * 1024 }
+        }
+        return nil
+    }
+    static var peakResidentBytes: Int? { status("VmHWM") }
+    static var residentBytes: Int? { status("VmRSS") }
+
+    /// With TOPIARY_TRACE_MEMORY set, prints the resident set at a named point to stderr.
+    static func trace(_ point: String) {
+        guard ProcessInfo.processInfo.environment["TOPIARY_TRACE_MEMORY"] != nil else { return }
+        Console.info("memory at \(point): rss \((residentBytes ?? 0) >> 20) MiB, peak \((peakResidentBytes ?? 0) >> 20) MiB")
+    }
+}

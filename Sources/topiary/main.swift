@@ -21,7 +21,10 @@ struct CommandEntry: Sendable {
     }
 }
 
-let commands: [CommandEntry] = [CommandEntry(EvalCommand.self), CommandEntry(GenerateCommand.self), CommandEntry(ConvertCommand.self)]
+let commands: [CommandEntry] = [
+    CommandEntry(PruneCommand.self), CommandEntry(EvalCommand.self), CommandEntry(GenerateCommand.self),
+    CommandEntry(InspectCommand.self), CommandEntry(ConvertCommand.self),
+]
 
 enum ExitCode {
     static let success: Int32 = 0
@@ -101,4 +104,10 @@ enum ToolVersion {
     static let string = "0.1.0"
 }
 
+// Large buffers (activations, weights) come and go block by block: keep them in their own
+// mappings so freeing one returns its memory at once (glibc otherwise raises the threshold
+// after the first free and serves them from a heap that does not shrink).
+@_silgen_name("mallopt") func mallopt(_ parameter: Int32, _ value: Int32) -> Int32
+let M_MMAP_THRESHOLD: Int32 = -3  // <malloc.h>
+_ = mallopt(M_MMAP_THRESHOLD, 1 << 20)
 exit(runMain())

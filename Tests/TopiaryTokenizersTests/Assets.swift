@@ -13,11 +13,14 @@ enum Assets {
         guard FileManager.default.fileExists(atPath: p) else { throw XCTSkip("missing test asset \(p)") }
         return p
     }
+}
 
-    /// A fresh file in the temporary directory holding `data`.
-    static func temporaryFile(_ name: String, _ data: Data) throws -> String {
+extension XCTestCase {
+    /// A fresh file in its own temporary folder holding `data`; the folder goes when the test ends.
+    func temporaryFile(_ name: String, _ data: Data) throws -> String {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-tok-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(at: dir) }
         let url = dir.appendingPathComponent(name)
         try data.write(to: url)
         return url.path

@@ -51,7 +51,7 @@ final class HuggingFaceTokenizerTests: XCTestCase {
 
     func testTokenizerConfigBesideTheFileSuppliesBOS() throws {
         let json = try Data(contentsOf: URL(fileURLWithPath: try Assets.path("fixtures/tokenizer-sentencepiece/tokenizer.json")))
-        let file = try Assets.temporaryFile("tokenizer.json", json)
+        let file = try temporaryFile("tokenizer.json", json)
         let config = #"{"bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": true}"#
         try Data(config.utf8).write(to: URL(fileURLWithPath: file).deletingLastPathComponent().appendingPathComponent("tokenizer_config.json"))
         let tok = try HuggingFaceTokenizer.load(path: URL(fileURLWithPath: file).deletingLastPathComponent().path)

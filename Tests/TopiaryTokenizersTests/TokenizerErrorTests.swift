@@ -18,11 +18,11 @@ final class TokenizerErrorTests: XCTestCase {
 
     func testTruncatedLlama2CTokenizer() throws {
         let full = try Data(contentsOf: URL(fileURLWithPath: try Assets.path("assets/stories260K/tok512.bin")))
-        let path = try Assets.temporaryFile("tok512-cut.bin", full.prefix(3000))
+        let path = try temporaryFile("tok512-cut.bin", full.prefix(3000))
         assertError({ try Llama2CTokenizer(path: path, vocabularySize: 512) }, mentions: [path, "truncated", "token"]) {
             if case .truncated(let p, _, _, _, _) = $0 { return p == path } else { return false }
         }
-        let empty = try Assets.temporaryFile("empty.bin", Data())
+        let empty = try temporaryFile("empty.bin", Data())
         assertError({ try Llama2CTokenizer(path: empty, vocabularySize: 512) }, mentions: [empty, "max_token_length"]) {
             if case .truncated = $0 { return true } else { return false }
         }
@@ -36,7 +36,7 @@ final class TokenizerErrorTests: XCTestCase {
     func testBadLlama2CFields() throws {
         var bytes = Data([7, 0, 0, 0])
         bytes.append(contentsOf: [0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0x7F])  // score 0, length 2^31-1
-        let path = try Assets.temporaryFile("bad-length.bin", bytes)
+        let path = try temporaryFile("bad-length.bin", bytes)
         assertError({ try Llama2CTokenizer(path: path, vocabularySize: 512) }, mentions: [path, "length of token 0"]) {
             if case .invalidValue = $0 { return true } else { return false }
         }
@@ -47,7 +47,7 @@ final class TokenizerErrorTests: XCTestCase {
     }
 
     func testInvalidJSON() throws {
-        let path = try Assets.temporaryFile("tokenizer.json", Data(#"{"model": {"type": "BPE", "vocab": {"#.utf8))
+        let path = try temporaryFile("tokenizer.json", Data(#"{"model": {"type": "BPE", "vocab": {"#.utf8))
         assertError({ try HuggingFaceTokenizer.load(path: path) }, mentions: [path, "JSON"]) {
             if case .invalidJSON(let p, _) = $0 { return p == path } else { return false }
         }
@@ -55,7 +55,7 @@ final class TokenizerErrorTests: XCTestCase {
 
     func testUnsupportedModelType() throws {
         let json = #"{"model": {"type": "WordPiece", "vocab": {"a": 0}}}"#
-        let path = try Assets.temporaryFile("tokenizer.json", Data(json.utf8))
+        let path = try temporaryFile("tokenizer.json", Data(json.utf8))
         assertError({ try HuggingFaceTokenizer.load(path: path) }, mentions: [path, "model.type", "WordPiece", "BPE"]) {
             if case .unsupported(let p, "model.type", _, _) = $0 { return p == path } else { return false }
         }

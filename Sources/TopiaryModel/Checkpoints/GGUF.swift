@@ -131,8 +131,7 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
         }
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        let bytes = try file.bytes(at: e.offset, count: e.byteCount, what: name)
-        return try TensorDecoder.decode(bytes, entry: e, path: path)
+        return try file.decodeTensor(e)
     }
 
     /// Names of tensors whose type this reader cannot decode, with the type's name.

@@ -162,7 +162,6 @@ public final class Llama2CCheckpoint: TensorSource {
 
     public func load(_ name: String) throws -> Matrix {
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        let bytes = try file.bytes(at: e.offset, count: e.byteCount, what: name)
-        return try TensorDecoder.decode(bytes, entry: e, path: path)
+        return try file.decodeTensor(e)
     }
 }

@@ -1,3 +1,4 @@
+import TopiaryTensor
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -42,6 +43,25 @@ public final class MappedFile: @unchecked Sendable {
         }
         guard let base else { return UnsafeRawBufferPointer(start: nil, count: 0) }
         return UnsafeRawBufferPointer(start: base + offset, count: count)
+    }
+
+    /// Decodes the tensor `entry` (its bytes checked against the file) and then drops the file
+    /// pages it touched from this process's resident set: a tensor read once is not kept twice,
+    /// as decoded floats and as mapped pages. The kernel reads them again if they are touched again.
+    public func decodeTensor(_ entry: TensorEntry) throws -> Matrix {
+        let bytes = try self.bytes(at: entry.offset, count: entry.byteCount, what: entry.name)
+        defer { release(offset: entry.offset, count: entry.byteCount) }
+        return try TensorDecoder.decode(bytes, entry: entry, path: path)
+    }
+
+    /// Advises the kernel that [offset, offset+count) is not needed now (whole pages inside it).
+    public func release(offset: Int, count: Int) {
+        guard let base, count > 0 else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = (offset + page - 1) / page * page
+        let end = (offset + count) / page * page
+        guard end > start else { return }
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, Int32(MADV_DONTNEED))
     }
 
     /// A cursor for parsing headers.

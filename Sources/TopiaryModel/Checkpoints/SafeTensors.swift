@@ -126,8 +126,7 @@ public final class SafeTensorsFile: TensorSource {
             throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
         }
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        let bytes = try file.bytes(at: e.offset, count: e.byteCount, what: name)
-        return try TensorDecoder.decode(bytes, entry: e, path: path)
+        return try file.decodeTensor(e)
     }
 }
 

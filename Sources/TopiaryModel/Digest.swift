@@ -1,0 +1,52 @@
+import CCrypto
+import Foundation
+
+/// SHA-256 through libcrypto, over bytes or whole files (streamed).
+public struct SHA256Digest {
+    private var context: OpaquePointer
+
+    public init() {
+        context = EVP_MD_CTX_new()
+        EVP_DigestInit_ex(context, EVP_sha256(), nil)
+    }
+
+    public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        if bytes.count > 0 { EVP_DigestUpdate(context, bytes.baseAddress, bytes.count) }
+    }
+
+    public mutating func update(_ data: Data) {
+        data.withUnsafeBytes { update($0) }
+    }
+
+    /// The digest as lowercase hex; the context is freed.
+    public mutating func finish() -> String {
+        var out = [UInt8](repeating: 0, count: 32)
+        var length: UInt32 = 0
+        EVP_DigestFinal_ex(context, &out, &length)
+        EVP_MD_CTX_free(context)
+        return out.map { String(format: "%02x", $0) }.joined()
+    }
+
+    public static func hex(_ data: Data) -> String {
+        var d = SHA256Digest()
+        d.update(data)
+        return d.finish()
+    }
+
+    /// SHA-256 of the concatenated contents of `paths`, read in 4 MiB pieces.
+    public static func files(_ paths: [String]) throws -> String {
+        var d = SHA256Digest()
+        for path in paths {
+            guard let handle = FileHandle(forReadingAtPath: path) else {
+                throw CheckpointError.io(path: path, detail: "cannot open for hashing")
+            }
+            defer { try? handle.close() }
+            while true {
+                let chunk = handle.readData(ofLength: 4 << 20)
+                if chunk.isEmpty { break }
+                d.update(chunk)
+            }
+        }
+        return d.finish()
+    }
+}

@@ -1,0 +1,283 @@
+import Foundation
+import TopiaryModel
+import TopiaryPrune
+import TopiaryTensor
+import TopiaryTokenizers
+
+enum PruneCommand: Command {
+    static let name = "prune"
+    static let summary = "prune a model (magnitude, wanda, sparsegpt) and write it as a Hugging Face directory"
+    static let usage = """
+    topiary prune --model PATH --method magnitude|wanda|sparsegpt (--sparsity S | --pattern N:M)
+                  --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
+                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
+    """
+    static let details = """
+    Calibration: --calib-samples windows of --calib-seqlen tokens drawn from --calib, a UTF-8
+    text tokenized whole (or a file of token ids: a JSON array, or integers separated by spaces,
+    commas or newlines). Window starts are drawn as the reference scripts draw them: Python's
+    random.seed(S), then random.randint(0, ntokens - seqlen - 1) per sample.
+
+    The model is pruned block by block (streaming): each block is loaded alone, run dense over the
+    calibration windows to collect its linear layers' statistics (Hessian (2/n)·Σxxᵀ, input
+    norms), pruned, and run again to give the next block its inputs. Embeddings and the head are
+    not pruned. Memory holds one block plus the calibration activations; activations beyond
+    --memory-budget are kept in a file in the run directory.
+
+    Output: DIR holds the pruned model (config.json, model.safetensors, tokenizer.json, ...) and
+    report.json (per linear: sparsity, reconstruction error before/after the weight update,
+    seconds). The model is written into a temporary directory beside DIR and renamed at the end,
+    so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
+    model are evaluated with the protocol of 'topiary eval'.
+
+    Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
+    """
+    static let options = [
+        CommonOptions.model, CommonOptions.tokenizer,
+        OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda or sparsegpt"),
+        OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1)"),
+        OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4)"),
+        OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8) or file of token ids"),
+        OptionSpec(name: "calib-samples", value: "N", help: "calibration windows (default 128)"),
+        OptionSpec(name: "calib-seqlen", value: "L", help: "tokens per calibration window (default 2048, or the model's context)"),
+        OptionSpec(name: "seed", value: "S", help: "seed of the window sampler (default 0)"),
+        OptionSpec(name: "output", value: "DIR", help: "directory to write the pruned model to (must be empty or absent)"),
+        OptionSpec(name: "overwrite", value: nil, help: "replace an existing, non-empty output directory"),
+        OptionSpec(name: "layers", value: "A-B", help: "prune only blocks A..B (0-based, inclusive); the others stay dense"),
+        OptionSpec(name: "memory-budget", value: "SIZE", help: "activation bytes kept in memory, e.g. 512M, 8G (default: a quarter of RAM)"),
+        OptionSpec(name: "run-dir", value: "DIR", help: "working directory for pruned blocks and spilled activations (default: OUTPUT.run)"),
+        OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),
+        OptionSpec(name: "percdamp", value: "F", help: "SparseGPT dampening, fraction of the mean Hessian diagonal (default 0.01)"),
+        OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
+        OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
+        OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
+        OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
+        CommonOptions.threads, CommonOptions.json,
+    ]
+
+    static func run(_ args: ParsedArguments) throws {
+        try CommonOptions.apply(args)
+        let started = Date()
+        // Options first, so that a mistake is reported before any work.
+        guard let methodName = args.string("method") else { throw UsageError(message: "topiary prune: missing required option '--method' (magnitude, wanda or sparsegpt)") }
+        guard let method = PruneMethod(rawValue: methodName) else {
+            throw UsageError(message: "topiary prune: unknown --method '\(methodName)' (known: \(PruneMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
+        }
+        let pattern: SparsityPattern
+        do { pattern = try SparsityPattern.parse(sparsity: args.string("sparsity"), pattern: args.string("pattern")) } catch {
+            throw UsageError(message: "topiary prune: \(error)")
+        }
+        let calibPath = try args.required("calib")
+        let output = try args.required("output")
+        let samples = try args.int("calib-samples", min: 1) ?? 128
+        let seed = try args.int("seed") ?? 0
+        let layers = try args.string("layers").map(parseLayers)
+        let budget = try args.string("memory-budget").map(parseSize) ?? defaultMemoryBudget()
+        var sparseGPT = SparseGPTPruner.Options()
+        if let b = try args.int("blocksize", min: 1) { sparseGPT.blockSize = b }
+        if let d = try args.double("percdamp") {
+            guard d >= 0 else { throw UsageError(message: "topiary prune: --percdamp must be non-negative") }
+            sparseGPT.percentDamp = d
+        }
+        let dtype = try parseDType(args.string("dtype"))
+        let evalText = args.string("eval-text")
+        let evalWindows = try args.int("eval-windows", min: 1)
+        let json = args.flag("json")
+        let overwrite = args.flag("overwrite")
+        try OutputDirectory.check(output, overwrite: overwrite)
+
+        let model = try CommonOptions.openModel(args)
+        let c = model.config
+        let seqlen = try args.int("calib-seqlen", min: 1) ?? min(2048, c.maxPositions)
+        let evalSeqlen = try args.int("eval-seqlen", min: 2) ?? min(2048, c.maxPositions)
+
+        // Calibration windows.
+        guard let calibData = FileManager.default.contents(atPath: calibPath) else {
+            throw ToolError("\(calibPath): cannot read calibration file (missing or not readable)")
+        }
+        let calibTokens: [Int]
+        if let ids = try Calibration.tokenIDs(fromFile: calibData, path: calibPath) {
+            calibTokens = ids
+        } else {
+            guard let tokenizer = model.tokenizer else {
+                throw ToolError("\(calibPath): text calibration needs a tokenizer, and \(model.path) has none (pass --tokenizer, or give token ids)")
+            }
+            calibTokens = tokenizer.encode(try readUTF8Text(calibPath), addBOS: nil)
+        }
+        let windows: [[Int]]
+        do { windows = try Calibration.windows(tokens: calibTokens, samples: samples, sequenceLength: seqlen, seed: seed) } catch {
+            throw ToolError("\(calibPath): \(error)")
+        }
+        var evalTokens: [Int]?
+        if let evalText {
+            guard let tokenizer = model.tokenizer else { throw EvaluationError.noTokenizer(path: model.path) }
+            evalTokens = tokenizer.encode(try readUTF8Text(evalText), addBOS: nil)
+            guard evalSeqlen <= c.maxPositions else {
+                throw EvaluationError.windowTooLong(sequenceLength: evalSeqlen, context: c.maxPositions, path: model.path)
+            }
+        }
+
+        let runDir = args.string("run-dir") ?? (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".run"
+        let store = try BlockFileStore(directory: (runDir as NSString).appendingPathComponent("blocks"))
+        let job = PruneJob(plan: PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT), calibration: windows,
+                           sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
+        let pipeline = PrunePipeline(model: model, job: job, store: store)
+
+        var perplexityDense: Double?
+        if let tokens = evalTokens {
+            Console.info("evaluating the dense model ...")
+            perplexityDense = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
+        }
+
+        Console.info("pruning \(model.path): \(method.rawValue) \(pattern), \(windows.count) calibration windows of \(seqlen) tokens, seed \(seed)")
+        let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal)
+        let pruneStart = Date()
+        let reports = try pipeline.run { block, report in progress.blockDone(block, report: report) }
+        let pruneSeconds = elapsed(since: pruneStart)
+        progress.finish()
+
+        let pruned = try pipeline.prunedModel()
+        var perplexity: Double?
+        if let tokens = evalTokens {
+            Console.info("evaluating the pruned model ...")
+            perplexity = try Perplexity.evaluate(model: pruned, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
+        }
+
+        // Write into a staging directory, then rename: nothing half-written appears under DIR.
+        let staging = (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".partial-\(getpid())"
+        try? FileManager.default.removeItem(atPath: staging)
+        let files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: dtype)
+        let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
+
+        var zeros = 0, total = 0
+        for r in reports { for l in r.linears { zeros += Int((l.sparsity * Double(l.rows * l.columns)).rounded()); total += l.rows * l.columns } }
+        let sparsity = total > 0 ? Double(zeros) / Double(total) : 0
+        var summary: [String: Any] = [
+            "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
+            "pattern": pattern.description, "target_sparsity": pattern.fraction, "sparsity": sparsity,
+            "calibration": ["file": calibPath, "samples": windows.count, "seqlen": seqlen, "seed": seed, "tokens": calibTokens.count],
+            "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
+            "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
+            "perplexity_dense": perplexityDense.map { $0 as Any } ?? NSNull(),
+            "perplexity": perplexity.map { $0 as Any } ?? NSNull(),
+        ]
+        if let evalText {
+            summary["evaluation"] = ["file": evalText, "seqlen": evalSeqlen, "windows": evalWindows.map { $0 as Any } ?? "all"]
+        }
+        summary["peak_rss_bytes"] = ResourceUsage.peakResidentBytes ?? 0
+        var report = summary
+        report["blocks"] = reports.map(blockJSON)
+        report["seconds"] = elapsed(since: started)
+        let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+        try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
+        try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
+        try? FileManager.default.removeItem(atPath: store.directory)
+        try? FileManager.default.removeItem(atPath: runDir)
+
+        printSummaryTable(reports)
+        var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", sparsity, formatSeconds(pruneSeconds))
+        if let d = perplexityDense, let p = perplexity { line += String(format: "; perplexity dense %.3f -> pruned %.3f", d, p) }
+        print(line)
+        print("wrote \(output) (weights sha256 \(sha))")
+        if json {
+            summary["seconds"] = elapsed(since: started)
+            summary["peak_rss_bytes"] = ResourceUsage.peakResidentBytes ?? 0
+            JSONLine.print(summary)
+        }
+    }
+
+    static func blockJSON(_ r: BlockReport) -> [String: Any] {
+        [
+            "block": r.block, "seconds": r.seconds, "output_error": r.outputError,
+            "linears": r.linears.map { l in
+                ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
+                 "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds] as [String: Any]
+            },
+        ]
+    }
+
+    static func printSummaryTable(_ reports: [BlockReport]) {
+        print("block  sparsity  mask-only err  final err  block out err  seconds")
+        for r in reports {
+            let n = Double(max(r.linears.count, 1))
+            let sp = r.linears.reduce(0) { $0 + $1.sparsity } / n
+            let before = r.linears.reduce(0) { $0 + $1.errorBefore } / n
+            let after = r.linears.reduce(0) { $0 + $1.errorAfter } / n
+            print(String(format: "%5d  %8.4f  %13.5f  %9.5f  %13.5f  %7.2f", r.block, sp, before, after, r.outputError, r.seconds))
+        }
+    }
+
+    static func parseLayers(_ s: String) throws -> ClosedRange<Int> {
+        let parts = s.split(separator: "-", omittingEmptySubsequences: false)
+        if parts.count == 1, let a = Int(parts[0]), a >= 0 { return a...a }
+        guard parts.count == 2, let a = Int(parts[0]), let b = Int(parts[1]), a >= 0, b >= a else {
+            throw UsageError(message: "topiary prune: --layers expects A-B with 0 <= A <= B (e.g. 0-14), got '\(s)'")
+        }
+        return a...b
+    }
+
+    static func parseSize(_ s: String) throws -> Int {
+        let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
+        var text = s.uppercased()
+        if text.hasSuffix("B") { text.removeLast() }
+        var scale = 1
+        if let last = text.last, let u = units[last] { scale = u; text.removeLast() }
+        guard let v = Double(text), v >= 0, v.isFinite else {
+            throw UsageError(message: "topiary prune: --memory-budget expects a size such as 512M or 8G, got '\(s)'")
+        }
+        return Int(v * Double(scale))
+    }
+
+    static func defaultMemoryBudget() -> Int {
+        let physical = Int(ProcessInfo.processInfo.physicalMemory)
+        return physical > 0 ? physical / 4 : 4 << 30
+    }
+}
+
+func parseDType(_ s: String?) throws -> TensorDType {
+    switch s ?? "f32" {
+    case "f32", "float32": return .f32
+    case "f16", "float16": return .f16
+    case "bf16", "bfloat16": return .bf16
+    case let other: throw UsageError(message: "--dtype must be f32, f16 or bf16, got '\(other)'")
+    }
+}
+
+/// Block-by-block progress: a bar with elapsed time and ETA on a terminal, JSON lines otherwise.
+final class Progress {
+    let total: Int
+    let json: Bool
+    let start = Date()
+    var done = 0
+
+    init(total: Int, json: Bool) {
+        self.total = total
+        self.json = json
+    }
+
+    func blockDone(_ block: Int, report: BlockReport?) {
+        done += 1
+        let elapsedSeconds = elapsed(since: start)
+        let eta = elapsedSeconds / Double(done) * Double(total - done)
+        if json {
+            var event: [String: Any] = ["event": "block", "block": block, "done": done, "of": total,
+                                        "elapsed": elapsedSeconds, "eta": eta, "pruned": report != nil]
+            if let r = report {
+                event["output_error"] = r.outputError
+                event["seconds"] = r.seconds
+            }
+            if let data = try? JSONSerialization.data(withJSONObject: event, options: [.sortedKeys]) {
+                FileHandle.standardError.write(data + Data("\n".utf8))
+            }
+        } else {
+            let width = 30
+            let filled = width * done / max(total, 1)
+            let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+            FileHandle.standardError.write(Data("\r[\(bar)] block \(done)/\(total)  elapsed \(formatSeconds(elapsedSeconds))  eta \(formatSeconds(eta))   ".utf8))
+        }
+    }
+
+    func finish() {
+        if !json { FileHandle.standardError.write(Data("\n".utf8)) }
+    }
+}
