@@ -1,0 +1,99 @@
+import Foundation
+import XCTest
+import TopiaryModel
+import TopiaryTensor
+@testable import TopiaryPrune
+
+/// The streaming driver on stories260K (llama2.c) and the OPT fixture.
+final class PipelineTests: XCTestCase {
+    static let root: URL = {
+        var url = URL(fileURLWithPath: #filePath)
+        while url.path != "/" {
+            url.deleteLastPathComponent()
+            if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url }
+        }
+        fatalError("no Package.swift above \(#filePath)")
+    }()
+    static func shared(_ p: String) -> String { root.deletingLastPathComponent().appendingPathComponent("shared/" + p).path }
+
+    func temporaryDirectory() throws -> String {
+        let url = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-prune-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(at: url) }
+        return url.path
+    }
+
+    func stories() throws -> (LanguageModel, [Int]) {
+        let model = try LanguageModel.open(path: Self.shared("assets/stories260K/stories260K.bin"),
+                                           tokenizerPath: Self.shared("assets/stories260K/tok512.bin"))
+        let text = try String(contentsOfFile: Self.shared("assets/public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+        return (model, model.tokenizer!.encode(text, addBOS: nil))
+    }
+
+    func run(_ model: LanguageModel, tokens: [Int], plan: PrunePlan, layers: ClosedRange<Int>? = nil, budget: Int = 1 << 30) throws -> (PrunePipeline, [BlockReport]) {
+        let dir = try temporaryDirectory()
+        let windows = try Calibration.windows(tokens: tokens, samples: 8, sequenceLength: 128, seed: 0)
+        let job = PruneJob(plan: plan, calibration: windows, sequenceLength: 128, layers: layers, memoryBudget: budget, workDirectory: dir)
+        let pipeline = PrunePipeline(model: model, job: job, store: try BlockFileStore(directory: dir + "/blocks"))
+        let reports = try pipeline.run { _, _ in }
+        return (pipeline, reports)
+    }
+
+    func testEveryMethodReachesItsSparsityAndSparseGPTReconstructsBest() throws {
+        let (model, tokens) = try stories()
+        var outputErrors: [PruneMethod: Double] = [:]
+        for method in PruneMethod.allCases {
+            let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: method, pattern: .unstructured(0.5)))
+            XCTAssertEqual(reports.count, 5)
+            for r in reports { for l in r.linears { XCTAssertEqual(l.sparsity, 0.5, accuracy: 0.01, "\(method) \(l.name)") } }
+            let pruned = try pipeline.prunedModel()
+            let block = try pruned.loadBlock(2)
+            for name in block.linearNames { XCTAssertEqual(Double(block.weight(name).zeroCount) / Double(block.weight(name).count), 0.5, accuracy: 0.01) }
+            XCTAssertEqual(try pruned.loadBlock(2).tensors["model.layers.2.input_layernorm.weight"], try model.loadBlock(2).tensors["model.layers.2.input_layernorm.weight"])
+            outputErrors[method] = reports[0].outputError
+        }
+        XCTAssertLessThan(outputErrors[.sparsegpt]!, outputErrors[.wanda]!)
+        XCTAssertLessThan(outputErrors[.wanda]!, outputErrors[.magnitude]!)
+    }
+
+    func testLayerRangeLeavesOtherBlocksDense() throws {
+        let (model, tokens) = try stories()
+        let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: .wanda, pattern: .nOfM(n: 2, m: 4)), layers: 1...2)
+        XCTAssertEqual(reports.map(\.block), [1, 2])
+        let pruned = try pipeline.prunedModel()
+        XCTAssertEqual(try pruned.loadBlock(0).tensors, try model.loadBlock(0).tensors)
+        XCTAssertEqual(try pruned.loadBlock(4).tensors, try model.loadBlock(4).tensors)
+        XCTAssertNotEqual(try pruned.loadBlock(1).tensors, try model.loadBlock(1).tensors)
+    }
+
+    /// Spilling activations to disk changes nothing, and runs are deterministic.
+    func testSpilledActivationsGiveIdenticalResults() throws {
+        let (model, tokens) = try stories()
+        let plan = PrunePlan(method: .sparsegpt, pattern: .unstructured(0.6))
+        let (a, _) = try run(model, tokens: tokens, plan: plan)
+        let (b, _) = try run(model, tokens: tokens, plan: plan, budget: 0)
+        let (c, _) = try run(model, tokens: tokens, plan: plan)
+        for i in 0..<5 {
+            XCTAssertEqual(try a.prunedModel().loadBlock(i).tensors, try b.prunedModel().loadBlock(i).tensors, "block \(i)")
+            XCTAssertEqual(try a.prunedModel().loadBlock(i).tensors, try c.prunedModel().loadBlock(i).tensors, "block \(i)")
+        }
+    }
+
+    func testOPTFixtureIsPrunedWithBiasesKept() throws {
+        let model = try LanguageModel.open(path: Self.shared("fixtures/tiny-opt"))
+        let tokens = (0..<2000).map { ($0 * 7919) % 512 }
+        let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)))
+        XCTAssertEqual(reports.count, 2)
+        XCTAssertEqual(reports[0].linears.map(\.name).last, "model.decoder.layers.0.fc2")
+        let block = try pipeline.prunedModel().loadBlock(0)
+        XCTAssertEqual(block.tensors["model.decoder.layers.0.fc1.bias"], try model.loadBlock(0).tensors["model.decoder.layers.0.fc1.bias"])
+    }
+
+    func testCalibrationErrors() {
+        XCTAssertThrowsError(try Calibration.windows(tokens: Array(0..<100), samples: 4, sequenceLength: 100, seed: 0))
+        XCTAssertNoThrow(try Calibration.windows(tokens: Array(0..<101), samples: 4, sequenceLength: 100, seed: 0))
+        XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data("[1, 2, 3]".utf8), path: "x"), [1, 2, 3])
+        XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data("1 2\n3,4".utf8), path: "x"), [1, 2, 3, 4])
+        XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("Once upon a time".utf8), path: "x"))
+    }
+}
