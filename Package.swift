@@ -25,7 +25,7 @@ let package = Package(
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor"]),
         .executableTarget(name: "topiary", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
-        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers"]),
         .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor"]),

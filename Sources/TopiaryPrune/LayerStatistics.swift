@@ -2,7 +2,7 @@ import TopiaryTensor
 
 /// Statistics of one linear layer's inputs over the calibration set, accumulated one sequence at
 /// a time exactly as the reference scripts do (a running average, so the scale is 2/n Σ x xᵀ):
-/// H ← H·n/(n+1); n ← n+1; H ← H + (2/n)·XᵀX, and for Wanda ‖x_j‖² ← ‖x_j‖²·n/(n+1) + Σ_t x_tj²/(n+1)... per sequence.
+/// H ← H·n/(n+1); n ← n+1; H ← H + (2/n)·XᵀX, and for Wanda s_j ← s_j·(n−1)/n + Σ_t x_tj²/n.
 public final class LayerStatistics: @unchecked Sendable {
     public let columns: Int
     public private(set) var hessian: Matrix
@@ -25,13 +25,16 @@ public final class LayerStatistics: @unchecked Sendable {
         hessian.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] *= decay } }
         Linalg.syrkAccumulate(x, alpha: 2 / Float(sequences), into: &hessian)
         let inv = 1 / Float(sequences)
+        var sums = [Float](repeating: 0, count: columns)
         x.withUnsafeBufferPointer { px in
-            for j in 0..<columns {
-                var s: Float = 0
-                for t in 0..<x.rows { let v = px[t * columns + j]; s += v * v }
-                squaredNorms[j] = squaredNorms[j] * decay + s * inv
+            sums.withUnsafeMutableBufferPointer { ps in
+                for t in 0..<x.rows {
+                    let row = px.baseAddress! + t * columns
+                    for j in 0..<columns { ps[j] += row[j] * row[j] }
+                }
             }
         }
+        for j in 0..<columns { squaredNorms[j] = squaredNorms[j] * decay + sums[j] * inv }
     }
 
     /// ‖A Xᵀ‖² up to the common factor n/2: tr(A H Aᵀ) for A [rows x columns].

@@ -1,5 +1,6 @@
 import Foundation
 import TopiaryModel
+import TopiaryPrune
 import TopiaryTensor
 
 /// Benchmarks that print ratios measured in one run: achieved rates over the machine's own
@@ -98,6 +99,51 @@ func benchForward(_ args: [String]) throws {
     print(String(format: "  whole model (%d blocks) at this rate: %.0f tokens/s", c.layerCount, Double(seqlen) / forwardSeconds / Double(c.layerCount)))
 }
 
+/// SparseGPT on every linear shape of the model's first block, with the Hessian of real
+/// calibration-like inputs: seconds per layer, and FLOPs at the measured sgemm rate over seconds.
+func benchSparseGPT(_ args: [String]) throws {
+    guard let path = argument("model", args) else { throw ToolFailure("bench sparsegpt: --model PATH is required") }
+    let tokens = Int(argument("tokens", args) ?? "4096")!
+    let model = try LanguageModel.open(path: path)
+    let block = try model.loadBlock(0)
+    let c = model.config
+    print("model \(path), block 0, Hessians from \(tokens) tokens, BLAS threads \(Linalg.threadCount)")
+    var peak = sgemmRate(m: 2048, n: 2048, k: 2048)
+    for n in Set([c.hiddenSize, c.intermediateSize]) { peak = max(peak, sgemmRate(m: c.intermediateSize, n: n, k: n)) }
+    print(String(format: "  measured sgemm rate: %.1f GFLOP/s", peak))
+    print("  linear                          shape        seconds   solver GFLOP   ratio (FLOPs at sgemm rate / seconds)")
+    var totalSeconds = 0.0, totalIdeal = 0.0
+    var hessians: [Int: Matrix] = [:]
+    for name in block.linearNames {
+        let w = block.weight(name)
+        let n = w.cols
+        if hessians[n] == nil {
+            // Correlated inputs with uneven feature scales, accumulated as the pruner does.
+            let stats = LayerStatistics(columns: n)
+            let x = Linalg.matmul(randomMatrix(tokens, n / 4, seed: 5), randomMatrix(n / 4, n, seed: 6))
+            var noisy = x
+            let noise = randomMatrix(tokens, n, seed: 7)
+            noisy.withUnsafeMutableBufferPointer { p in noise.withUnsafeBufferPointer { q in for i in p.indices { p[i] += 0.1 * q[i] } } }
+            stats.add(noisy)
+            hessians[n] = stats.hessian
+        }
+        let h = hessians[n]!
+        _ = try SparseGPTPruner.prune(w, hessian: h, pattern: .unstructured(0.5))
+        let seconds = best(3) { _ = try? SparseGPTPruner.prune(w, hessian: h, pattern: .unstructured(0.5)) }
+        let rows = Double(w.rows), cols = Double(n)
+        // Cholesky (n³/3), inverse from it (2n³/3), Cholesky of the inverse (n³/3), lazy block
+        // updates (≈ rows·n²), in-block column updates (≈ rows·n·128).
+        let flops = 4.0 / 3.0 * cols * cols * cols + rows * cols * cols + rows * cols * 128
+        let ideal = flops / (peak * 1e9)
+        totalSeconds += seconds
+        totalIdeal += ideal
+        print("  " + name.padding(toLength: 30, withPad: " ", startingAt: 0) + "  " + "\(w.rows)x\(n)".padding(toLength: 11, withPad: " ", startingAt: 0)
+              + String(format: "  %7.4f   %12.3f   %.2f", seconds, flops / 1e9, ideal / seconds))
+    }
+    print(String(format: "  block total: %.3f s; ratio %.2f; whole model (%d blocks) ≈ %.1f s of solver time",
+                 totalSeconds, totalIdeal / totalSeconds, c.layerCount, totalSeconds * Double(c.layerCount)))
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -107,8 +153,9 @@ let args = Array(CommandLine.arguments.dropFirst())
 do {
     switch args.first {
     case "forward": try benchForward(Array(args.dropFirst()))
+    case "sparsegpt": try benchSparseGPT(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward --model PATH [--seqlen N] [--blocks K]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
         exit(2)
     }
 } catch {

@@ -74,3 +74,20 @@ final class SmolLM2EndToEndTests: XCTestCase {
         XCTAssertEqual(result.perplexity, 18.62, accuracy: 18.62 * 0.005)
     }
 }
+
+final class SmolLM2ConvertEndToEndTests: XCTestCase {
+    /// GGUF (adjacent-pair RoPE, Q4_1/Q8_0) to a Hugging Face directory (rotate-half, fp32) and back.
+    func testConvertedDirectoryGivesTheSamePerplexity() throws {
+        let model = try LanguageModel.open(path: TestAssets.smolLM2)
+        let dir = try TestAssets.temporaryDirectory(self).appendingPathComponent("smollm2-hf").path
+        try HuggingFaceExport.write(model: model, to: dir)
+        let back = try LanguageModel.open(path: dir)
+        XCTAssertEqual(back.config.ropeLayout, .rotateHalf)
+        let text = String(try String(contentsOfFile: TestAssets.wikitext, encoding: .utf8).prefix(30_000))
+        let tokens = model.tokenizer!.encode(text, addBOS: nil)
+        XCTAssertEqual(back.tokenizer!.encode(text, addBOS: nil), tokens)
+        let a = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: 512, windows: 2)
+        let b = try Perplexity.evaluate(model: back, tokens: tokens, sequenceLength: 512, windows: 2)
+        XCTAssertEqual(a.perplexity, b.perplexity, accuracy: a.perplexity * 1e-4)
+    }
+}
