@@ -4,7 +4,15 @@ import TopiaryTensor
 
 /// The pruning methods of the engine.
 public enum PruneMethod: String, Sendable, Codable, CaseIterable {
-    case magnitude, wanda, sparsegpt
+    case magnitude, wanda, sparsegpt, sparsellm
+}
+
+/// Where SparseLLM's feed-forward inputs and targets come from.
+public enum TargetMode: String, Sendable, Codable, CaseIterable {
+    /// The dense block on the pruned-so-far model's activations (the reference code).
+    case sequential
+    /// The dense model's own activations (the paper's formulation).
+    case dense
 }
 
 /// What to do to each block.
@@ -12,12 +20,20 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var method: PruneMethod
     public var pattern: SparsityPattern
     public var sparseGPT: SparseGPTPruner.Options
+    public var sparseLLM: SparseLLM.Options?
+    public var targets: TargetMode
 
-    public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init()) {
+    public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
+                sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential) {
         self.method = method
         self.pattern = pattern
         self.sparseGPT = sparseGPT
+        self.sparseLLM = sparseLLM
+        self.targets = targets
     }
+
+    /// Whether the driver must carry the dense model's activations beside the pruned ones.
+    public var needsDenseStream: Bool { method == .sparsellm && targets == .dense }
 }
 
 /// What happened to one linear layer.
@@ -41,6 +57,10 @@ public struct BlockReport: Sendable, Codable {
     /// ‖Y_dense − Y_pruned‖² / ‖Y_dense‖² of the block output on its (pruned-so-far) inputs.
     public var outputError: Double
     public var seconds: Double
+    /// SparseLLM: the objective and FFN output error after each outer iteration.
+    public var sparseLLM: [SparseLLM.IterationReport]? = nil
+    /// SparseLLM: the iteration whose weights were kept.
+    public var sparseLLMChosen: Int? = nil
 }
 
 /// Prunes one decoder block given its inputs: the unit of work of every driver, local or
@@ -60,14 +80,25 @@ public struct BlockPruner: Sendable {
 
     /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] matrix per
     /// calibration sequence; returns the pruned block, its outputs on the same inputs, and a report.
-    public func prune(block: DecoderBlock, inputs: ActivationStore, sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
+    /// The first linear of the feed-forward network, whose input SparseLLM works from.
+    static func ffnInputLinear(_ block: DecoderBlock) -> String {
+        block.linearNames[4]   // LLaMA: mlp.gate_proj (shared with up_proj); OPT: fc1
+    }
+
+    /// `targets`, for SparseLLM with dense targets: the dense model's inputs to this block.
+    public func prune(block: DecoderBlock, inputs: ActivationStore, targets: ActivationStore? = nil,
+                      sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
         let start = Date()
         let rope = block.config.ropeTable(positions: sequenceLength)
+        let ffnLinear = Self.ffnInputLinear(block)
+        let collectsFFNInputs = plan.method == .sparsellm
+        var ffnInputs: [Matrix] = []
         // 1. Dense pass over all samples, collecting each linear's input statistics.
         var stats: [String: LayerStatistics] = [:]
         let denseOutputs = inputs.makeSibling()
         for s in 0..<inputs.count {
             let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope) { name, x in
+                if collectsFFNInputs && name == ffnLinear && plan.targets == .sequential { ffnInputs.append(x) }
                 let key = Self.statisticsKey(name)
                 guard key == name else { return }
                 let st = stats[key] ?? LayerStatistics(columns: x.cols)
@@ -76,9 +107,44 @@ public struct BlockPruner: Sendable {
             }
             try denseOutputs.set(s, y)
         }
-        // 2. Prune every linear.
+        if collectsFFNInputs && plan.targets == .dense {
+            guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
+            for s in 0..<targets.count {
+                _ = block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope) { name, x in
+                    if name == ffnLinear { ffnInputs.append(x) }
+                }
+            }
+        }
+        // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
         var pruned = block
         var linears: [LinearReport] = []
+        var joint: [String: Matrix] = [:]
+        var jointSeconds = 0.0
+        var jointReports: [SparseLLM.IterationReport]?
+        var jointChosen: Int?
+        if plan.method == .sparsellm {
+            let t0 = Date()
+            let x = Matrix.vstack(ffnInputs)
+            ffnInputs = []
+            let names = Array(block.linearNames.suffix(block.config.architecture == .llama ? 3 : 2))
+            let options = plan.sparseLLM ?? (block.config.architecture == .llama ? .llama : .opt)
+            let what = "block \(block.index)"
+            if block.config.architecture == .llama {
+                let r = try SparseLLM.pruneLlama(x: x, gate: block.weight(names[0]), up: block.weight(names[1]), down: block.weight(names[2]),
+                                                 pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: options, what: what)
+                joint = [names[0]: r.gate, names[1]: r.up, names[2]: r.down]
+                jointReports = r.iterations
+                jointChosen = r.chosen
+            } else {
+                let r = try SparseLLM.pruneOPT(x: x, fc1: block.weight(names[0]), bias1: block.bias(names[0])!,
+                                               fc2: block.weight(names[1]), bias2: block.bias(names[1])!,
+                                               pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: options, what: what)
+                joint = [names[0]: r.fc1, names[1]: r.fc2]
+                jointReports = r.iterations
+                jointChosen = r.chosen
+            }
+            jointSeconds = Date().timeIntervalSince(t0) / Double(names.count)
+        }
         for name in block.linearNames {
             let t0 = Date()
             let w = block.weight(name)
@@ -86,14 +152,21 @@ public struct BlockPruner: Sendable {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
             let newWeight: Matrix
-            switch plan.method {
-            case .magnitude: newWeight = MagnitudePruner.prune(w, pattern: plan.pattern)
-            case .wanda: newWeight = WandaPruner.prune(w, inputSquaredNorms: st.squaredNorms, pattern: plan.pattern)
-            case .sparsegpt:
-                newWeight = try SparseGPTPruner.prune(w, hessian: st.hessian, pattern: plan.pattern, options: plan.sparseGPT, what: name).weight
+            if let j = joint[name] {
+                newWeight = j
+            } else {
+                switch plan.method {
+                case .magnitude: newWeight = MagnitudePruner.prune(w, pattern: plan.pattern)
+                case .wanda: newWeight = WandaPruner.prune(w, inputSquaredNorms: st.squaredNorms, pattern: plan.pattern)
+                case .sparsegpt, .sparsellm:
+                    newWeight = try SparseGPTPruner.prune(w, hessian: st.hessian, pattern: plan.pattern, options: plan.sparseGPT, what: name).weight
+                }
             }
             pruned.tensors[name + ".weight"] = newWeight
-            linears.append(Self.report(name: name, dense: w, pruned: newWeight, stats: st, seconds: Date().timeIntervalSince(t0)))
+            let seconds = joint[name] != nil ? jointSeconds : Date().timeIntervalSince(t0)
+            // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
+            // the dense FFN activation), so methods compare on the same footing.
+            linears.append(Self.report(name: name, dense: w, pruned: newWeight, stats: st, seconds: seconds))
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.
         let outputs = inputs.makeSibling()
@@ -111,7 +184,7 @@ public struct BlockPruner: Sendable {
             try outputs.set(s, y)
         }
         let report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
-                                 seconds: Date().timeIntervalSince(start))
+                                 seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen)
         return (pruned, outputs, report)
     }
 

@@ -59,10 +59,14 @@ public struct PrunePipeline: Sendable {
         // Three stores live at once (inputs, dense outputs, pruned outputs): split the budget.
         var inputs = ActivationStore(count: job.calibration.count, rows: job.sequenceLength, cols: c.hiddenSize,
                                      budgetBytes: job.memoryBudget / 3, spillDirectory: job.workDirectory)
+        // SparseLLM with dense targets also carries the dense model's activations.
+        var denseInputs: ActivationStore? = job.plan.needsDenseStream ? inputs.makeSibling() : nil
         do {
             let embedding = try model.loadEmbedding()
             for (s, window) in job.calibration.enumerated() {
-                try inputs.set(s, embedding.embed(window, sequenceLength: job.sequenceLength))
+                let x = embedding.embed(window, sequenceLength: job.sequenceLength)
+                try inputs.set(s, x)
+                try denseInputs?.set(s, x)
             }
         }
         let pruner = BlockPruner(plan: job.plan)
@@ -71,7 +75,8 @@ public struct PrunePipeline: Sendable {
         for i in 0..<c.layerCount {
             let block = try model.loadBlock(i)
             if job.prunes(i) {
-                let (pruned, outputs, report) = try pruner.prune(block: block, inputs: inputs, sequenceLength: job.sequenceLength)
+                let (pruned, outputs, report) = try pruner.prune(block: block, inputs: inputs, targets: denseInputs,
+                                                                 sequenceLength: job.sequenceLength)
                 try store.write(pruned)
                 inputs = outputs
                 reports.append(report)
@@ -83,6 +88,13 @@ public struct PrunePipeline: Sendable {
                 }
                 inputs = outputs
                 progress(i, nil)
+            }
+            if let dense = denseInputs {
+                let next = dense.makeSibling()
+                for s in 0..<dense.count {
+                    try next.set(s, block.forward(try dense.get(s), sequenceLength: job.sequenceLength, rope: rope))
+                }
+                denseInputs = next
             }
         }
         return reports

@@ -206,6 +206,23 @@ public enum Linalg {
         }
     }
 
+    /// Solves A X = B for symmetric positive definite A [n x n], B [n x k], in Float64
+    /// (for normal equations whose conditioning fp32 cannot carry). Returns X in Float32.
+    public static func solveSPDDouble(_ a: Matrix, _ b: Matrix, what: String = "solve") throws -> Matrix {
+        precondition(a.rows == a.cols && a.rows == b.rows, "solveSPDDouble: \(a.rows)x\(a.cols) with \(b.rows)x\(b.cols)")
+        let n = a.rows, k = b.cols
+        var ad = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
+        var bd = b.withUnsafeBufferPointer { p in p.map { Double($0) } }
+        let info = ad.withUnsafeMutableBufferPointer { pa in
+            bd.withUnsafeMutableBufferPointer { pb in
+                LAPACKE_dposv(LAPACK_ROW_MAJOR, 85, Int32(n), Int32(k), pa.baseAddress, Int32(n), pb.baseAddress, Int32(k))
+            }
+        }
+        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
+        precondition(info == 0, "dposv: illegal argument \(-info)")
+        return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
+    }
+
     /// Number of threads OpenBLAS uses.
     public static var threadCount: Int { Int(openblas_get_num_threads()) }
     public static func setThreadCount(_ n: Int) { openblas_set_num_threads(Int32(n)) }

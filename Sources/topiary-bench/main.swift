@@ -144,6 +144,27 @@ func benchSparseGPT(_ args: [String]) throws {
                  totalSeconds, totalIdeal / totalSeconds, c.layerCount, totalSeconds * Double(c.layerCount)))
 }
 
+/// Runs SparseGPT on raw little-endian float32 files (W [rows x cols], H [cols x cols]) and writes
+/// the pruned weights: for comparing against an independent port of the reference algorithm.
+func sparseGPTRaw(_ args: [String]) throws {
+    guard let w = argument("weight", args), let h = argument("hessian", args), let out = argument("out", args),
+          let rows = argument("rows", args).flatMap(Int.init), let cols = argument("cols", args).flatMap(Int.init) else {
+        throw ToolFailure("sparsegpt-raw --weight F --hessian F --rows R --cols C --out F (--sparsity S | --pattern N:M)")
+    }
+    func read(_ path: String, _ count: Int) throws -> Matrix {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        guard data.count == count * 4 else { throw ToolFailure("\(path): \(data.count) bytes, expected \(count * 4)") }
+        return Matrix(rows: 1, cols: count) { p in data.withUnsafeBytes { raw in for i in 0..<count { p[i] = raw.loadUnaligned(fromByteOffset: i * 4, as: Float.self) } } }
+    }
+    let weight = try read(w, rows * cols).reshaped(rows: rows, cols: cols)
+    let hessian = try read(h, cols * cols).reshaped(rows: cols, cols: cols)
+    let pattern = try SparsityPattern.parse(sparsity: argument("sparsity", args), pattern: argument("pattern", args))
+    let result = try SparseGPTPruner.prune(weight, hessian: hessian, pattern: pattern)
+    let bytes = result.weight.withUnsafeBufferPointer { Data(buffer: $0) }
+    try bytes.write(to: URL(fileURLWithPath: out))
+    print(String(format: "loss %.6f", result.loss))
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -154,6 +175,7 @@ do {
     switch args.first {
     case "forward": try benchForward(Array(args.dropFirst()))
     case "sparsegpt": try benchSparseGPT(Array(args.dropFirst()))
+    case "sparsegpt-raw": try sparseGPTRaw(Array(args.dropFirst()))
     default:
         FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
         exit(2)

@@ -6,9 +6,9 @@ import TopiaryTokenizers
 
 enum PruneCommand: Command {
     static let name = "prune"
-    static let summary = "prune a model (magnitude, wanda, sparsegpt) and write it as a Hugging Face directory"
+    static let summary = "prune a model (magnitude, wanda, sparsegpt, sparsellm) and write it as a Hugging Face directory"
     static let usage = """
-    topiary prune --model PATH --method magnitude|wanda|sparsegpt (--sparsity S | --pattern N:M)
+    topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm (--sparsity S | --pattern N:M)
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
     """
@@ -30,11 +30,18 @@ enum PruneCommand: Command {
     so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
     model are evaluated with the protocol of 'topiary eval'.
 
+    SparseLLM (--method sparsellm) prunes attention with SparseGPT and each feed-forward network
+    jointly through auxiliary variables (docs/methods.md): --alpha, --beta, --gamma weigh the
+    penalty terms (defaults 5 for LLaMA, 0.1 for OPT, as the reference), --iterations the outer
+    loop (default 4), --targets sequential (the dense block on the pruned-so-far activations, as
+    the reference code) or dense (the dense model's activations, as the paper's formula).
+    report.json records the objective and the FFN output error per block and iteration.
+
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
-        OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda or sparsegpt"),
+        OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt or sparsellm"),
         OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1)"),
         OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4)"),
         OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8) or file of token ids"),
@@ -48,6 +55,11 @@ enum PruneCommand: Command {
         OptionSpec(name: "run-dir", value: "DIR", help: "working directory for pruned blocks and spilled activations (default: OUTPUT.run)"),
         OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),
         OptionSpec(name: "percdamp", value: "F", help: "SparseGPT dampening, fraction of the mean Hessian diagonal (default 0.01)"),
+        OptionSpec(name: "alpha", value: "A", help: "SparseLLM: weight of the pre-activation fit terms (default 5 LLaMA, 0.1 OPT)"),
+        OptionSpec(name: "beta", value: "B", help: "SparseLLM: weight of the output fit term (default as --alpha)"),
+        OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
+        OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
+        OptionSpec(name: "targets", value: "MODE", help: "SparseLLM: sequential (default) or dense"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
@@ -80,6 +92,20 @@ enum PruneCommand: Command {
             sparseGPT.percentDamp = d
         }
         let dtype = try parseDType(args.string("dtype"))
+        var targets = TargetMode.sequential
+        if let t = args.string("targets") {
+            guard let mode = TargetMode(rawValue: t) else {
+                throw UsageError(message: "topiary prune: --targets must be sequential or dense, got '\(t)'")
+            }
+            targets = mode
+        }
+        let sparseLLMValues = (try args.double("alpha"), try args.double("beta"), try args.double("gamma"), try args.int("iterations", min: 1))
+        if method != .sparsellm && (sparseLLMValues.0 != nil || sparseLLMValues.1 != nil || sparseLLMValues.2 != nil || sparseLLMValues.3 != nil || args.string("targets") != nil) {
+            throw UsageError(message: "topiary prune: --alpha, --beta, --gamma, --iterations and --targets apply to --method sparsellm only")
+        }
+        for (name, v) in [("alpha", sparseLLMValues.0), ("beta", sparseLLMValues.1), ("gamma", sparseLLMValues.2)] {
+            if let v, !(v > 0) { throw UsageError(message: "topiary prune: --\(name) must be positive, got \(v)") }
+        }
         let evalText = args.string("eval-text")
         let evalWindows = try args.int("eval-windows", min: 1)
         let json = args.flag("json")
@@ -119,7 +145,17 @@ enum PruneCommand: Command {
 
         let runDir = args.string("run-dir") ?? (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".run"
         let store = try BlockFileStore(directory: (runDir as NSString).appendingPathComponent("blocks"))
-        let job = PruneJob(plan: PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT), calibration: windows,
+        var sparseLLM: SparseLLM.Options?
+        if method == .sparsellm {
+            var o = c.architecture == .llama ? SparseLLM.Options.llama : SparseLLM.Options.opt
+            if let a = sparseLLMValues.0 { o.alpha = a }
+            if let b = sparseLLMValues.1 { o.beta = b }
+            if let g = sparseLLMValues.2 { o.gamma = g }
+            if let t = sparseLLMValues.3 { o.iterations = t }
+            sparseLLM = o
+        }
+        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets)
+        let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
 
@@ -157,10 +193,15 @@ enum PruneCommand: Command {
             "pattern": pattern.description, "target_sparsity": pattern.fraction, "sparsity": sparsity,
             "calibration": ["file": calibPath, "samples": windows.count, "seqlen": seqlen, "seed": seed, "tokens": calibTokens.count],
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
+            "sparsegpt": ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp],
             "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
             "perplexity_dense": perplexityDense.map { $0 as Any } ?? NSNull(),
             "perplexity": perplexity.map { $0 as Any } ?? NSNull(),
         ]
+        if let o = sparseLLM {
+            summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
+                                    "targets": targets.rawValue, "ridge": o.ridge]
+        }
         if let evalText {
             summary["evaluation"] = ["file": evalText, "seqlen": evalSeqlen, "windows": evalWindows.map { $0 as Any } ?? "all"]
         }
@@ -187,13 +228,21 @@ enum PruneCommand: Command {
     }
 
     static func blockJSON(_ r: BlockReport) -> [String: Any] {
-        [
+        var json: [String: Any] = [
             "block": r.block, "seconds": r.seconds, "output_error": r.outputError,
             "linears": r.linears.map { l in
                 ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
                  "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds] as [String: Any]
             },
         ]
+        if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }
+        if let iterations = r.sparseLLM {
+            json["sparsellm"] = iterations.map { i in
+                ["iteration": i.iteration, "objective": i.objective, "terms": i.terms, "ffn_output_error": i.outputError,
+                 "accepted": i.accepted] as [String: Any]
+            }
+        }
+        return json
     }
 
     static func printSummaryTable(_ reports: [BlockReport]) {

@@ -191,3 +191,79 @@ final class SolverTests: XCTestCase {
         }
     }
 }
+
+/// Our SparseGPT against a literal, unoptimised transcription of the reference `fasterprune`
+/// (research A1) in Double: whole-block outer-product updates, full sort for the threshold.
+final class SparseGPTReferenceTests: XCTestCase {
+    func referenceFasterPrune(_ w0: Matrix, _ h0: Matrix, sparsity: Double, n: Int = 0, m: Int = 0, blocksize: Int = 128) throws -> [[Double]] {
+        let rows = w0.rows, cols = w0.cols
+        var w = (0..<rows).map { r in (0..<cols).map { Double(w0[r, $0]) } }
+        var h = (0..<cols).map { i in (0..<cols).map { Double(h0[i, $0]) } }
+        for j in 0..<cols where h[j][j] == 0 { h[j][j] = 1; for r in 0..<rows { w[r][j] = 0 } }
+        let damp = 0.01 * (0..<cols).reduce(0.0) { $0 + h[$1][$1] } / Double(cols)
+        for j in 0..<cols { h[j][j] += damp }
+        // U = upper Cholesky factor of H⁻¹ (through LAPACK in Double, via Float matrices of the same values).
+        let hm = Matrix(rows: cols, cols: cols, values: h.flatMap { $0.map(Float.init) })
+        let inv = try Linalg.inverseSPDDouble(hm)
+        let uf = try Linalg.cholesky(inv, upper: true)
+        let u = (0..<cols).map { i in (0..<cols).map { Double(uf[i, $0]) } }
+        var i1 = 0
+        while i1 < cols {
+            let i2 = min(i1 + blocksize, cols), count = i2 - i1
+            var w1 = w.map { Array($0[i1..<i2]) }
+            var err1 = [[Double]](repeating: [Double](repeating: 0, count: count), count: rows)
+            var mask = [[Bool]](repeating: [Bool](repeating: false, count: count), count: rows)
+            if n == 0 {
+                var scores: [Double] = []
+                for r in 0..<rows { for c in 0..<count { scores.append(w1[r][c] * w1[r][c] / (u[i1 + c][i1 + c] * u[i1 + c][i1 + c])) } }
+                let threshold = scores.sorted()[Int(Double(scores.count) * sparsity)]
+                for r in 0..<rows { for c in 0..<count { mask[r][c] = scores[r * count + c] <= threshold } }
+            }
+            for i in 0..<count {
+                let d = u[i1 + i][i1 + i]
+                if n > 0 && i % m == 0 {
+                    for r in 0..<rows {
+                        let group = (i..<min(i + m, count)).sorted { a, b in
+                            let sa = w1[r][a] * w1[r][a] / pow(u[i1 + a][i1 + a], 2), sb = w1[r][b] * w1[r][b] / pow(u[i1 + b][i1 + b], 2)
+                            return sa < sb || (sa == sb && a < b)
+                        }
+                        for c in group.prefix(n) { mask[r][c] = true }
+                    }
+                }
+                for r in 0..<rows {
+                    let q = mask[r][i] ? 0 : w1[r][i]
+                    let e = (w1[r][i] - q) / d
+                    for j in i..<count { w1[r][j] -= e * u[i1 + i][i1 + j] }
+                    w1[r][i] = q
+                    err1[r][i] = e
+                }
+            }
+            for r in 0..<rows {
+                for c in 0..<count { w[r][i1 + c] = w1[r][c] }
+                for j in i2..<cols { for c in 0..<count { w[r][j] -= err1[r][c] * u[i1 + c][j] } }
+            }
+            i1 = i2
+        }
+        return w
+    }
+
+    func testAgreesWithTheReferenceAlgorithm() throws {
+        let problem = Problem(rows: 24, cols: 300, tokens: 1200, seed: 31)
+        for (pattern, n, m) in [(SparsityPattern.unstructured(0.7), 0, 0), (.unstructured(0.5), 0, 0), (.nOfM(n: 2, m: 4), 2, 4)] {
+            let ours = try SparseGPTPruner.prune(problem.weight, hessian: problem.stats.hessian, pattern: pattern).weight
+            let reference = try referenceFasterPrune(problem.weight, problem.stats.hessian, sparsity: pattern.fraction, n: n, m: m)
+            var agree = 0
+            var largest = 0.0, scale = 0.0
+            for r in 0..<24 {
+                for c in 0..<300 {
+                    if (ours[r, c] == 0) == (reference[r][c] == 0) { agree += 1 }
+                    largest = max(largest, abs(Double(ours[r, c]) - reference[r][c]))
+                    scale = max(scale, abs(reference[r][c]))
+                }
+            }
+            // Masks may differ only where two scores tie to within fp32 rounding.
+            XCTAssertGreaterThanOrEqual(Double(agree) / Double(24 * 300), 0.999, "\(pattern)")
+            XCTAssertLessThan(largest, 1e-3 * scale, "\(pattern)")
+        }
+    }
+}
