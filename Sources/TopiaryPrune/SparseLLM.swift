@@ -274,6 +274,8 @@ public enum SparseLLM {
                                 var curvature = gaussNewton - 2 * c * zi * d2 * r
                                 if !(curvature > 0) { curvature = gaussNewton }
                                 var delta = -grad / curvature
+                                // Converged: a further step would not move s measurably.
+                                if abs(delta) <= 1e-6 * max(1, abs(si)) { break }
                                 var accepted = false
                                 for _ in 0..<20 {
                                     let trial = si + delta

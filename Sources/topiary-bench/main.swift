@@ -165,6 +165,42 @@ func sparseGPTRaw(_ args: [String]) throws {
     print(String(format: "loss %.6f", result.loss))
 }
 
+/// Seconds per block of SparseLLM and of SparseGPT on the same blocks and calibration windows.
+func benchSparseLLM(_ args: [String]) throws {
+    guard let path = argument("model", args), let calib = argument("calib", args) else {
+        throw ToolFailure("bench sparsellm: --model PATH --calib TEXT are required")
+    }
+    let samples = Int(argument("samples", args) ?? "32")!
+    let seqlen = Int(argument("seqlen", args) ?? "512")!
+    let blocks = Int(argument("blocks", args) ?? "2")!
+    let sparsity = Double(argument("sparsity", args) ?? "0.7")!
+    let model = try LanguageModel.open(path: path)
+    let text = try String(contentsOfFile: calib, encoding: .utf8)
+    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
+    defer { try? FileManager.default.removeItem(atPath: work) }
+    let c = model.config
+    var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
+    let embedding = try model.loadEmbedding()
+    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, blocks 0..<\(blocks), BLAS threads \(Linalg.threadCount)")
+    print("  block   sparsegpt s   sparsellm s   ratio   block output error sparsegpt / sparsellm")
+    var totals = (0.0, 0.0)
+    for b in 0..<blocks {
+        let block = try model.loadBlock(b)
+        let t0 = now()
+        let g = try BlockPruner(plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(sparsity))).prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t1 = now()
+        let l = try BlockPruner(plan: PrunePlan(method: .sparsellm, pattern: .unstructured(sparsity))).prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t2 = now()
+        totals.0 += t1 - t0
+        totals.1 += t2 - t1
+        print(String(format: "  %5d   %11.2f   %11.2f   %5.2f   %.5f / %.5f", b, t1 - t0, t2 - t1, (t2 - t1) / (t1 - t0), g.report.outputError, l.report.outputError))
+        inputs = l.outputs
+    }
+    print(String(format: "  per block: sparsegpt %.2f s, sparsellm %.2f s, ratio sparsellm / sparsegpt %.2f", totals.0 / Double(blocks), totals.1 / Double(blocks), totals.1 / totals.0))
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -176,8 +212,9 @@ do {
     case "forward": try benchForward(Array(args.dropFirst()))
     case "sparsegpt": try benchSparseGPT(Array(args.dropFirst()))
     case "sparsegpt-raw": try sparseGPTRaw(Array(args.dropFirst()))
+    case "sparsellm": try benchSparseLLM(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
         exit(2)
     }
 } catch {

@@ -118,3 +118,48 @@ final class PruneCLITests: XCTestCase {
         XCTAssertFalse(staged.contains { $0.hasPrefix("killed.partial") && FileManager.default.fileExists(atPath: dir.appendingPathComponent($0).path + "/model.safetensors") })
     }
 }
+
+final class SparseLLMCLITests: XCTestCase {
+    /// OPT (pre-LN, and post-LN with project_in/out) pruned end to end with SparseLLM, calibrated
+    /// from a file of token ids (the fixtures have no tokenizer).
+    func testOPTFixturesRunEndToEnd() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let ids = dir.appendingPathComponent("ids.json").path
+        let tokens = (0..<4000).map { ($0 * 7919 + 11) % 512 }
+        try JSONSerialization.data(withJSONObject: tokens).write(to: URL(fileURLWithPath: ids))
+        for fixture in ["tiny-opt", "tiny-opt-postln"] {
+            let out = dir.appendingPathComponent(fixture).path
+            let r = try CLI.run(["prune", "--model", CLI.fixture(fixture), "--method", "sparsellm", "--sparsity", "0.7",
+                                 "--calib", ids, "--calib-samples", "8", "--calib-seqlen", "64", "--output", out, "--json"])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            XCTAssertEqual(r.json?["sparsity"] as? Double ?? 0, 0.7, accuracy: 0.01)
+            let settings = r.json?["sparsellm"] as? [String: Any]
+            XCTAssertEqual(settings?["alpha"] as? Double, 0.1)
+            let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/report.json"))) as! [String: Any]
+            for block in report["blocks"] as! [[String: Any]] {
+                let iterations = block["sparsellm"] as! [[String: Any]]
+                XCTAssertEqual(iterations.count, 4)
+                let objectives = iterations.map { $0["objective"] as! Double }
+                for (a, b) in zip(objectives, objectives.dropFirst()) { XCTAssertLessThanOrEqual(b, a * (1 + 1e-5)) }
+            }
+            let inspect = try CLI.run(["inspect", "--model", out, "--json"])
+            XCTAssertEqual(inspect.json?["sparsity"] as? Double ?? 0, 0.7, accuracy: 0.01)
+        }
+    }
+
+    func testSparseLLMOptionsAreChecked() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let base = ["prune", "--model", CLI.asset("stories260K/stories260K.bin"), "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+                    "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"), "--sparsity", "0.7",
+                    "--output", dir.appendingPathComponent("o").path]
+        let wrongMethod = try CLI.run(base + ["--method", "sparsegpt", "--alpha", "1"])
+        XCTAssertEqual(wrongMethod.status, 2)
+        XCTAssertTrue(wrongMethod.stderr.contains("--method sparsellm"))
+        let badTargets = try CLI.run(base + ["--method", "sparsellm", "--targets", "global"])
+        XCTAssertEqual(badTargets.status, 2)
+        XCTAssertTrue(badTargets.stderr.contains("--targets"))
+        let badGamma = try CLI.run(base + ["--method", "sparsellm", "--gamma", "-1"])
+        XCTAssertEqual(badGamma.status, 2)
+        XCTAssertTrue(badGamma.stderr.contains("--gamma"))
+    }
+}
