@@ -26,10 +26,12 @@ let package = Package(
         .executableTarget(name: "topiary", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
         .executableTarget(name: "topiary-bench", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        // Paths to ../shared and temporary directories, shared by the test targets.
+        .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),
-        .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers"]),
-        .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor"]),
-        .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
-        .testTarget(name: "CLITests", dependencies: ["topiary"]),
+        .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"]),
+        .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
+        .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["topiary", "TopiaryTestSupport"]),
     ]
 )

@@ -1,20 +1,12 @@
 import Foundation
 import XCTest
+import TopiaryTestSupport
 
 /// Runs the built `topiary` binary as a user would.
 enum CLI {
-    static let repositoryRoot: URL = {
-        var url = URL(fileURLWithPath: #filePath)
-        while url.path != "/" {
-            url.deleteLastPathComponent()
-            if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url }
-        }
-        fatalError("Package.swift not found above \(#filePath)")
-    }()
-
-    static let shared = repositoryRoot.deletingLastPathComponent().appendingPathComponent("shared")
-    static func asset(_ relative: String) -> String { shared.appendingPathComponent("assets/" + relative).path }
-    static func fixture(_ relative: String) -> String { shared.appendingPathComponent("fixtures/" + relative).path }
+    static var repositoryRoot: URL { TestPaths.repositoryRoot }
+    static func asset(_ relative: String) -> String { TestPaths.asset(relative) }
+    static func fixture(_ relative: String) -> String { TestPaths.fixture(relative) }
 
     /// The topiary executable built beside the test bundle.
     static let binary: String = {
@@ -73,12 +65,7 @@ enum CLI {
                       stderr: String(decoding: errData, as: UTF8.self))
     }
 
-    static func temporaryDirectory(_ test: XCTestCase) throws -> URL {
-        let url = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-cli-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-        test.addTeardownBlock { try? FileManager.default.removeItem(at: url) }
-        return url
-    }
+    static func temporaryDirectory(_ test: XCTestCase) throws -> URL { try test.makeTemporaryDirectory("topiary-cli") }
 }
 
 /// Builds small GGUF files for tests, with control over every header field.

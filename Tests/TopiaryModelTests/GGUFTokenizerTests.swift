@@ -2,16 +2,15 @@ import Foundation
 import TopiaryModel
 import TopiaryTokenizers
 import XCTest
+import TopiaryTestSupport
 
 /// SmolLM2's tokenizer, built from the GGUF file's metadata, against the vectors in baselines-and-assets.md B3.
 final class GGUFTokenizerTests: XCTestCase {
-    /// shared/ sits beside the repository root; this file is Tests/TopiaryModelTests/GGUFTokenizerTests.swift.
-    static let shared = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("shared")
+    static var shared: URL { TestPaths.shared }
 
     static func asset(_ relative: String) throws -> String {
         let path = shared.appendingPathComponent("assets").appendingPathComponent(relative).path
-        guard FileManager.default.fileExists(atPath: path) else { throw XCTSkip("missing test asset \(path)") }
+        guard FileManager.default.fileExists(atPath: path) else { throw MissingAsset(path) }
         return path
     }
 

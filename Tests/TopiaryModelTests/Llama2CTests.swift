@@ -1,15 +1,15 @@
 import Foundation
 import XCTest
+import TopiaryTestSupport
 @testable import TopiaryModel
 import TopiaryTensor
 
 /// stories260K.bin in `../shared/assets` beside the repository root.
 private func stories260KPath() throws -> String {
-    let root = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let root = TestPaths.repositoryRoot
     let url = root.appendingPathComponent("../shared/assets/stories260K/stories260K.bin").standardizedFileURL
     guard FileManager.default.fileExists(atPath: url.path) else {
-        throw XCTSkip("asset \(url.path) is not available")
+        throw MissingAsset(url.path)
     }
     return url.path
 }
@@ -18,24 +18,7 @@ final class Llama2CTests: XCTestCase {
     private var dir = ""
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("llama2c-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws {
-        try? FileManager.default.removeItem(atPath: dir)
-    }
-
-    private func assertCheckpointError(_ body: @autoclosure () throws -> Any, file: StaticString = #filePath, line: UInt = #line,
-                                       _ check: (CheckpointError) -> Bool) {
-        do {
-            _ = try body()
-            XCTFail("expected an error", file: file, line: line)
-        } catch let e as CheckpointError {
-            XCTAssertTrue(check(e), "unexpected error: \(e)", file: file, line: line)
-        } catch {
-            XCTFail("unexpected error type: \(error)", file: file, line: line)
-        }
+        dir = try makeTemporaryDirectory("llama2c").path
     }
 
     private func write(_ bytes: [UInt8], _ name: String) throws -> String {

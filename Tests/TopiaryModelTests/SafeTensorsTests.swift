@@ -1,15 +1,15 @@
 import Foundation
 import XCTest
+import TopiaryTestSupport
 @testable import TopiaryModel
 import TopiaryTensor
 
 /// The shared fixtures folder: `../shared/fixtures` beside the repository root.
 private func safeTensorsFixture(_ relative: String) throws -> String {
-    let root = URL(fileURLWithPath: #filePath)
-        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let root = TestPaths.repositoryRoot
     let url = root.appendingPathComponent("../shared/fixtures").appendingPathComponent(relative).standardizedFileURL
     guard FileManager.default.fileExists(atPath: url.path) else {
-        throw XCTSkip("fixture \(url.path) is not available")
+        throw MissingAsset(url.path)
     }
     return url.path
 }
@@ -29,25 +29,7 @@ final class SafeTensorsTests: XCTestCase {
     private var dir = ""
 
     override func setUpWithError() throws {
-        dir = FileManager.default.temporaryDirectory.appendingPathComponent("safetensors-\(UUID().uuidString)").path
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDownWithError() throws {
-        try? FileManager.default.removeItem(atPath: dir)
-    }
-
-    /// Asserts that `body` throws a `CheckpointError` accepted by `check`.
-    private func assertCheckpointError(_ body: @autoclosure () throws -> Any, file: StaticString = #filePath, line: UInt = #line,
-                                       _ check: (CheckpointError) -> Bool) {
-        do {
-            _ = try body()
-            XCTFail("expected an error", file: file, line: line)
-        } catch let e as CheckpointError {
-            XCTAssertTrue(check(e), "unexpected error: \(e)", file: file, line: line)
-        } catch {
-            XCTFail("unexpected error type: \(error)", file: file, line: line)
-        }
+        dir = try makeTemporaryDirectory("safetensors").path
     }
 
     /// A safetensors file made of `header` (padded with spaces) and `data`.

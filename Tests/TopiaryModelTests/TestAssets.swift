@@ -1,21 +1,12 @@
 import Foundation
 import XCTest
+import TopiaryTestSupport
+@testable import TopiaryModel
 
-/// Locates the workplace's shared assets and fixtures beside the repository (../shared).
+/// The assets these tests read, in ../shared beside the repository.
 enum TestAssets {
-    static let repositoryRoot: URL = {
-        var url = URL(fileURLWithPath: #filePath)
-        while url.path != "/" {
-            url.deleteLastPathComponent()
-            if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url }
-        }
-        fatalError("Package.swift not found above \(#filePath)")
-    }()
-
-    static let shared = repositoryRoot.deletingLastPathComponent().appendingPathComponent("shared")
-
-    static func asset(_ relative: String) -> String { shared.appendingPathComponent("assets/" + relative).path }
-    static func fixture(_ relative: String) -> String { shared.appendingPathComponent("fixtures/" + relative).path }
+    static func asset(_ relative: String) -> String { TestPaths.asset(relative) }
+    static func fixture(_ relative: String) -> String { TestPaths.fixture(relative) }
 
     static var stories260K: String { asset("stories260K/stories260K.bin") }
     static var stories260KTokenizer: String { asset("stories260K/tok512.bin") }
@@ -23,11 +14,20 @@ enum TestAssets {
     static var wikitext: String { asset("wikitext-2-raw/wiki.test.joined.txt") }
     static var wizardOfOz: String { asset("public-domain-text/wizard_of_oz.txt") }
 
-    /// A fresh temporary directory, removed when the test ends.
-    static func temporaryDirectory(_ test: XCTestCase) throws -> URL {
-        let url = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-test-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-        test.addTeardownBlock { try? FileManager.default.removeItem(at: url) }
-        return url
+    static func temporaryDirectory(_ test: XCTestCase) throws -> URL { try test.makeTemporaryDirectory() }
+}
+
+extension XCTestCase {
+    /// Asserts that `body` throws a `CheckpointError` accepted by `check`.
+    func assertCheckpointError(_ body: @autoclosure () throws -> Any, file: StaticString = #filePath, line: UInt = #line,
+                               _ check: (CheckpointError) -> Bool) {
+        do {
+            _ = try body()
+            XCTFail("expected an error", file: file, line: line)
+        } catch let e as CheckpointError {
+            XCTAssertTrue(check(e), "unexpected error: \(e)", file: file, line: line)
+        } catch {
+            XCTFail("unexpected error type: \(error)", file: file, line: line)
+        }
     }
 }

@@ -2,26 +2,14 @@ import Foundation
 import XCTest
 import TopiaryModel
 import TopiaryTensor
+import TopiaryTestSupport
 @testable import TopiaryPrune
 
 /// The streaming driver on stories260K (llama2.c) and the OPT fixture.
 final class PipelineTests: XCTestCase {
-    static let root: URL = {
-        var url = URL(fileURLWithPath: #filePath)
-        while url.path != "/" {
-            url.deleteLastPathComponent()
-            if FileManager.default.fileExists(atPath: url.appendingPathComponent("Package.swift").path) { return url }
-        }
-        fatalError("no Package.swift above \(#filePath)")
-    }()
-    static func shared(_ p: String) -> String { root.deletingLastPathComponent().appendingPathComponent("shared/" + p).path }
+    static func shared(_ p: String) -> String { TestPaths.shared.appendingPathComponent(p).path }
 
-    func temporaryDirectory() throws -> String {
-        let url = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-prune-\(UUID().uuidString)")
-        try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true)
-        addTeardownBlock { try? FileManager.default.removeItem(at: url) }
-        return url.path
-    }
+    func temporaryDirectory() throws -> String { try makeTemporaryDirectory("topiary-prune").path }
 
     func stories() throws -> (LanguageModel, [Int]) {
         let model = try LanguageModel.open(path: Self.shared("assets/stories260K/stories260K.bin"),
