@@ -19,11 +19,14 @@ let package = Package(
             path: "Sources/CCrypto",
             providers: [.apt(["libssl-dev"])]
         ),
+        // Our own small C kernels (no third-party code): CRC-32C for wire frames.
+        .target(name: "CTopiarySupport"),
         .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
         .target(name: "TopiaryTokenizers"),
         .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor"]),
-        .executableTarget(name: "topiary", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        .target(name: "TopiaryCluster", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport", "CCrypto"]),
+        .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
         .executableTarget(name: "topiary-bench", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
@@ -32,6 +35,7 @@ let package = Package(
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
+        .testTarget(name: "TopiaryClusterTests", dependencies: ["TopiaryCluster", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["topiary", "TopiaryTestSupport"]),
     ]
 )

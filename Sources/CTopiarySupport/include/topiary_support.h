@@ -1,0 +1,14 @@
+#ifndef TOPIARY_SUPPORT_H
+#define TOPIARY_SUPPORT_H
+#include <stddef.h>
+#include <stdint.h>
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) of `length` bytes, continuing from
+/// `crc` (0 to start). Uses the SSE4.2 crc32 instruction when the CPU has it, a table otherwise;
+/// both give the same value.
+uint32_t topiary_crc32c(uint32_t crc, const void *data, size_t length);
+
+/// Whether the hardware path is in use (for benchmarks and docs).
+int topiary_crc32c_hardware(void);
+
+#endif

@@ -1,0 +1,242 @@
+import TopiaryTensor
+
+/// Message types on the wire. Unknown values are refused at the frame header.
+public enum MessageType: UInt16, Sendable, CaseIterable, CustomStringConvertible {
+    case hello = 1, challenge = 2, proof = 3, welcome = 4, error = 5, heartbeat = 6
+    case tensorHeader = 20, tensorChunk = 21
+
+    public var description: String {
+        switch self {
+        case .hello: return "hello"
+        case .challenge: return "challenge"
+        case .proof: return "proof"
+        case .welcome: return "welcome"
+        case .error: return "error"
+        case .heartbeat: return "heartbeat"
+        case .tensorHeader: return "tensor-header"
+        case .tensorChunk: return "tensor-chunk"
+        }
+    }
+}
+
+/// Element types of tensors on the wire.
+public enum WireDType: UInt8, Sendable, CaseIterable {
+    case f32 = 0, f16 = 1, bf16 = 2
+    public var size: Int { self == .f32 ? 4 : 2 }
+}
+
+/// The messages, decoded. `encode` and `decode` are exact inverses (tested for every case).
+public enum Message: Equatable, Sendable {
+    public static let nonceBytes = 32
+    public static let macBytes = 32
+
+    /// Opens a connection: the versions the sender speaks and its nonce.
+    case hello(minVersion: UInt16, maxVersion: UInt16, role: UInt8, nonce: [UInt8], name: String)
+    /// The listener's answer: chosen version, its nonce, and its proof of the secret.
+    case challenge(version: UInt16, nonce: [UInt8], mac: [UInt8])
+    /// The connecting side's proof of the secret.
+    case proof(mac: [UInt8])
+    case welcome(name: String)
+    case error(code: UInt16, message: String)
+    case heartbeat(sequence: UInt64)
+    /// Announces a tensor of `byteCount` bytes that follows in chunks on `stream`.
+    case tensorHeader(stream: UInt32, name: String, dtype: WireDType, shape: [Int], byteCount: UInt64)
+    case tensorChunk(stream: UInt32, offset: UInt64, bytes: [UInt8])
+
+    public var type: MessageType {
+        switch self {
+        case .hello: return .hello
+        case .challenge: return .challenge
+        case .proof: return .proof
+        case .welcome: return .welcome
+        case .error: return .error
+        case .heartbeat: return .heartbeat
+        case .tensorHeader: return .tensorHeader
+        case .tensorChunk: return .tensorChunk
+        }
+    }
+
+    public func frame() -> Frame { Frame(type: type, payload: encodedPayload()) }
+
+    public func encodedPayload() -> [UInt8] {
+        var w = ByteWriter()
+        switch self {
+        case .hello(let lo, let hi, let role, let nonce, let name):
+            w.u16(lo); w.u16(hi); w.u8(role); w.bytes(nonce); w.string(name)
+        case .challenge(let version, let nonce, let mac):
+            w.u16(version); w.bytes(nonce); w.bytes(mac)
+        case .proof(let mac):
+            w.bytes(mac)
+        case .welcome(let name):
+            w.string(name)
+        case .error(let code, let message):
+            w.u16(code); w.string(message)
+        case .heartbeat(let sequence):
+            w.u64(sequence)
+        case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount):
+            w.u32(stream); w.string(name); w.u8(dtype.rawValue); w.u8(UInt8(shape.count))
+            for d in shape { w.u64(UInt64(d)) }
+            w.u64(byteCount)
+        case .tensorChunk(let stream, let offset, let bytes):
+            w.u32(stream); w.u64(offset); w.bytes(bytes)
+        }
+        return w.data
+    }
+
+    /// Decodes a frame's payload, checking every field.
+    public static func decode(_ frame: Frame) throws -> Message {
+        try frame.payload.withUnsafeBytes { raw in
+            var r = ByteCursor(raw, message: frame.type.description)
+            let m: Message
+            switch frame.type {
+            case .hello:
+                let lo = try r.u16("min_version"), hi = try r.u16("max_version")
+                guard lo <= hi else { throw WireError.malformed(message: "hello", field: "min_version", detail: "is \(lo), above max_version \(hi)") }
+                let role = try r.u8("role")
+                guard role <= 1 else { throw WireError.malformed(message: "hello", field: "role", detail: "is \(role), expected 0 (coordinator) or 1 (worker)") }
+                m = .hello(minVersion: lo, maxVersion: hi, role: role, nonce: try r.bytes(nonceBytes, "nonce"), name: try r.string("name", maxBytes: 256))
+            case .challenge:
+                m = .challenge(version: try r.u16("version"), nonce: try r.bytes(nonceBytes, "nonce"), mac: try r.bytes(macBytes, "mac"))
+            case .proof:
+                m = .proof(mac: try r.bytes(macBytes, "mac"))
+            case .welcome:
+                m = .welcome(name: try r.string("name", maxBytes: 256))
+            case .error:
+                m = .error(code: try r.u16("code"), message: try r.string("message", maxBytes: 64 << 10))
+            case .heartbeat:
+                m = .heartbeat(sequence: try r.u64("sequence"))
+            case .tensorHeader:
+                let stream = try r.u32("stream")
+                let name = try r.string("name", maxBytes: 1024)
+                let code = try r.u8("dtype")
+                guard let dtype = WireDType(rawValue: code) else {
+                    throw WireError.malformed(message: "tensor-header", field: "dtype", detail: "is \(code), expected 0 (f32), 1 (f16) or 2 (bf16)")
+                }
+                let rank = Int(try r.u8("rank"))
+                guard rank >= 1 && rank <= 4 else { throw WireError.malformed(message: "tensor-header", field: "rank", detail: "is \(rank), expected 1 to 4") }
+                var shape: [Int] = []
+                var elements: UInt64 = 1
+                for i in 0..<rank {
+                    let d = try r.u64("shape[\(i)]")
+                    let (product, overflow) = elements.multipliedReportingOverflow(by: d)
+                    guard !overflow, product <= 1 << 40 else {
+                        throw WireError.malformed(message: "tensor-header", field: "shape", detail: "has more than 2^40 elements")
+                    }
+                    elements = product
+                    shape.append(Int(d))
+                }
+                let byteCount = try r.u64("byte_count")
+                guard byteCount == elements * UInt64(dtype.size) else {
+                    throw WireError.malformed(message: "tensor-header", field: "byte_count",
+                                              detail: "is \(byteCount), expected \(elements * UInt64(dtype.size)) for shape \(shape) of \(dtype)")
+                }
+                m = .tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount)
+            case .tensorChunk:
+                let stream = try r.u32("stream"), offset = try r.u64("offset")
+                m = .tensorChunk(stream: stream, offset: offset, bytes: try r.bytes(r.remaining, "bytes"))
+            }
+            try r.finish()
+            return m
+        }
+    }
+}
+
+/// Splits a matrix into a header and chunk messages no larger than `chunkBytes`.
+public enum TensorStream {
+    public static func messages(_ m: Matrix, name: String, shape: [Int]? = nil, dtype: WireDType = .f32, stream: UInt32,
+                                chunkBytes: Int = 16 << 20) -> [Message] {
+        let shape = shape ?? [m.rows, m.cols]
+        let bytes = encode(m, dtype: dtype)
+        var out: [Message] = [.tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: UInt64(bytes.count))]
+        var offset = 0
+        repeat {
+            let end = min(offset + chunkBytes, bytes.count)
+            out.append(.tensorChunk(stream: stream, offset: UInt64(offset), bytes: Array(bytes[offset..<end])))
+            offset = end
+        } while offset < bytes.count
+        return out
+    }
+
+    static func encode(_ m: Matrix, dtype: WireDType) -> [UInt8] {
+        m.withUnsafeBufferPointer { p in
+            switch dtype {
+            case .f32:
+                return Array(UnsafeRawBufferPointer(p))
+            case .f16, .bf16:
+                var out = [UInt8](repeating: 0, count: p.count * 2)
+                out.withUnsafeMutableBytes { raw in
+                    for i in 0..<p.count {
+                        let bits = dtype == .f16 ? HalfPrecision.floatToFP16(p[i]) : HalfPrecision.floatToBF16(p[i])
+                        raw.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
+                    }
+                }
+                return out
+            }
+        }
+    }
+}
+
+/// Reassembles a tensor from its header and chunks, checking that chunks arrive in order,
+/// belong to the stream and add up to exactly the announced size.
+public struct TensorAssembler {
+    public let stream: UInt32
+    public let name: String
+    public let dtype: WireDType
+    public let shape: [Int]
+    public let byteCount: Int
+    private var received = 0
+    private var values: Matrix
+
+    public init(header: Message) throws {
+        guard case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount) = header else {
+            throw WireError.unexpectedMessage(expected: "tensor-header", found: header.type.description)
+        }
+        self.stream = stream
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = Int(byteCount)
+        let count = shape.reduce(1, *)
+        let rows = shape.count >= 2 ? shape[0] : 1
+        values = Matrix(rows: rows, cols: rows > 0 ? count / rows : 0)
+    }
+
+    public var isComplete: Bool { received == byteCount }
+
+    public mutating func add(_ chunk: Message) throws {
+        guard case .tensorChunk(let stream, let offset, let bytes) = chunk else {
+            throw WireError.unexpectedMessage(expected: "tensor-chunk", found: chunk.type.description)
+        }
+        guard stream == self.stream else {
+            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
+        }
+        guard offset == UInt64(received) else {
+            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
+        }
+        guard bytes.count <= byteCount - received, bytes.count % dtype.size == 0 else {
+            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
+                                      detail: "has \(bytes.count) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
+        }
+        let first = received / dtype.size
+        let dtype = self.dtype
+        values.withUnsafeMutableBufferPointer { dst in
+            bytes.withUnsafeBytes { src in
+                let n = bytes.count / dtype.size
+                for i in 0..<n {
+                    switch dtype {
+                    case .f32: dst[first + i] = Float(bitPattern: UInt32(littleEndian: src.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))
+                    case .f16: dst[first + i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)))
+                    case .bf16: dst[first + i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)))
+                    }
+                }
+            }
+        }
+        received += bytes.count
+    }
+
+    /// The tensor, once every byte has arrived.
+    public func matrix() throws -> Matrix {
+        guard isComplete else { throw WireError.truncated(what: "tensor '\(name)'", needed: byteCount, available: received) }
+        return values
+    }
+}
