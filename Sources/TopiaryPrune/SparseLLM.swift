@@ -46,8 +46,8 @@ public enum SparseLLM {
         public static let opt = Options(alpha: 0.1, beta: 0.1, gamma: 0.1)
     }
 
-    /// One outer iteration: the objective after it (and its terms), per token, and the FFN's
-    /// output error ‖Y − FFN_pruned(X)‖² / ‖Y‖².
+    /// One outer iteration: the objective (and its terms, per token) right after its weight step,
+    /// and the FFN's output error ‖Y − FFN_Ŵ(X)‖² / ‖Y‖² with those weights.
     public struct IterationReport: Sendable, Codable, Equatable {
         public var iteration: Int
         public var objective: Double
@@ -97,27 +97,28 @@ public enum SparseLLM {
             let kd = try weightStep(current: wd, dense: down, first: t == 0, input: p, gram: gram(p), target: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj")
             wd = kd.weight
-            // p step: the activation that down_proj reads.
-            let sigma = silu(s)
-            p = try activationStep(y: y, bias: nil, w: wd, act: product(sigma, z), beta: b, gamma: c, what: "\(step): p update")
-            // z step (up_proj output), exact for any α, γ.
+            // J right after the weight step, and the error that decides which weights are kept.
             let m = Linalg.linear(x, wu)
-            llamaZStep(&z, m: m, sigma: sigma, p: p, alpha: a, gamma: c)
-            try checkFinite(z, "\(step): z update")
-            // s step (gate_proj output): safeguarded Newton per element.
             let g = Linalg.linear(x, wg)
-            newtonGateStep(&s, g: g, z: z, p: p, alpha: a, gamma: c, steps: options.newtonSteps)
-            try checkFinite(s, "\(step): s update")
-            // Objective and the FFN's output error with the current pruned weights.
+            let sigma = silu(s)
             let terms = [
                 Double(a) * distance(s, g), Double(a) * distance(z, m),
-                Double(b) * distance(y, Linalg.linear(p, wd)), Double(c) * distance(p, siluProduct(s, z)),
+                Double(b) * distance(y, Linalg.linear(p, wd)), Double(c) * distance(p, product(sigma, z)),
             ].map { $0 / Double(x.rows) }
-            let out = Linalg.linear(siluProduct(g, m), wd)
-            let error = distance(y, out) / max(y.squaredNorm, .leastNormalMagnitude)
+            let error = distance(y, Linalg.linear(siluProduct(g, m), wd)) / max(y.squaredNorm, .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
                                            outputError: error, accepted: [ku.accepted, kg.accepted, kd.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, wg, wu, wd) }
+            // After the last weight step the auxiliaries would never be used again.
+            if t == options.iterations - 1 { break }
+            // p step: the activation that down_proj reads.
+            p = try activationStep(y: y, bias: nil, w: wd, act: product(sigma, z), beta: b, gamma: c, what: "\(step): p update")
+            // z step (up_proj output), exact for any α, γ.
+            llamaZStep(&z, m: m, sigma: sigma, p: p, alpha: a, gamma: c)
+            try checkFinite(z, "\(step): z update")
+            // s step (gate_proj output): safeguarded Newton per element.
+            newtonGateStep(&s, g: g, z: z, p: p, alpha: a, gamma: c, steps: options.newtonSteps)
+            try checkFinite(s, "\(step): s update")
         }
         let chosen = best!
         return LlamaResult(gate: chosen.gate, up: chosen.up, down: chosen.down, iterations: reports, chosen: chosen.iteration)
@@ -145,20 +146,20 @@ public enum SparseLLM {
             let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, input: p, gram: gram(p), target: y, bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2")
             w2 = k2.weight
-            p = try activationStep(y: y, bias: bias2, w: w2, act: relu(z), beta: b, gamma: c, what: "\(step): p update")
-            // z step: the better of the two ReLU branches, element by element.
             let m = addBias(Linalg.linear(x, w1), bias1)
-            optZStep(&z, m: m, p: p, alpha: a, gamma: c)
-            try checkFinite(z, "\(step): z update")
             let terms = [
                 Double(a) * distance(z, m), Double(b) * distance(y, addBias(Linalg.linear(p, w2), bias2)),
                 Double(c) * distance(p, relu(z)),
             ].map { $0 / Double(x.rows) }
-            let out = addBias(Linalg.linear(relu(m), w2), bias2)
-            let error = distance(y, out) / max(y.squaredNorm, .leastNormalMagnitude)
+            let error = distance(y, addBias(Linalg.linear(relu(m), w2), bias2)) / max(y.squaredNorm, .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
                                            outputError: error, accepted: [k1.accepted, k2.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, w1, w2) }
+            if t == options.iterations - 1 { break }
+            p = try activationStep(y: y, bias: bias2, w: w2, act: relu(z), beta: b, gamma: c, what: "\(step): p update")
+            // z step: the better of the two ReLU branches, element by element.
+            optZStep(&z, m: m, p: p, alpha: a, gamma: c)
+            try checkFinite(z, "\(step): z update")
         }
         let chosen = best!
         return OPTResult(fc1: chosen.fc1, fc2: chosen.fc2, iterations: reports, chosen: chosen.iteration)
