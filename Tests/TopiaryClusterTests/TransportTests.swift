@@ -1,0 +1,91 @@
+import Foundation
+import XCTest
+import TopiaryTensor
+@testable import TopiaryCluster
+
+/// Frames over real TCP sockets on loopback.
+final class TransportTests: XCTestCase {
+    let secret = try! SharedSecret(bytes: Array("loopback test secret, long enough".utf8))
+
+    func testEndpointParsing() throws {
+        XCTAssertEqual(try Endpoint(parsing: "node01:7000"), Endpoint(host: "node01", port: 7000))
+        XCTAssertEqual(try Endpoint(parsing: "[::1]:9"), Endpoint(host: "::1", port: 9))
+        XCTAssertEqual(try Endpoint(parsing: "127.0.0.2:0").isLoopback, true)
+        for bad in ["node01", "node01:", ":80", "host:70000", "host:x"] {
+            XCTAssertThrowsError(try Endpoint(parsing: bad), bad)
+        }
+    }
+
+    /// A worker-like echo server: authenticate, then return every tensor it receives.
+    func startEchoServer(_ listener: Listener, connections: Int) -> DispatchGroup {
+        let group = DispatchGroup()
+        let secret = self.secret
+        DispatchQueue.global().async(group: group) {
+            for _ in 0..<connections {
+                guard let c = try? listener.accept(timeout: 20) else { return }
+                do {
+                    _ = try c.acceptHandshake(secret: secret, name: "echo")
+                    while true {
+                        let (name, m) = try c.receiveTensor()
+                        try c.sendTensor(m, name: name, stream: 2, chunkBytes: 1 << 20)
+                    }
+                } catch {
+                    c.close()
+                }
+            }
+        }
+        return group
+    }
+
+    func testAuthenticatedTensorRoundTripOverLoopback() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        XCTAssertGreaterThan(listener.endpoint.port, 0)
+        let server = startEchoServer(listener, connections: 1)
+        let c = try Connection.connect(to: listener.endpoint)
+        XCTAssertEqual(try c.authenticate(secret: secret, name: "coordinator", role: 0), "echo")
+        // 12 MB of activations in 1 MiB chunks.
+        let m = Matrix(rows: 2048, cols: 1536) { p in for i in p.indices { p[i] = Float(i % 977) * 0.25 } }
+        try c.sendTensor(m, name: "activations/0", stream: 1, chunkBytes: 1 << 20)
+        let (name, back) = try c.receiveTensor()
+        XCTAssertEqual(name, "activations/0")
+        XCTAssertEqual(back, m)
+        c.close()
+        XCTAssertEqual(server.wait(timeout: .now() + 20), .success)
+    }
+
+    func testWrongSecretIsRefusedAndTheServerKeepsServing() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let server = startEchoServer(listener, connections: 3)
+        // 1. A wrong secret.
+        let wrong = try Connection.connect(to: listener.endpoint)
+        XCTAssertThrowsError(try wrong.authenticate(secret: SharedSecret(bytes: Array("not the right secret at all!!".utf8)), name: "x", role: 0)) { e in
+            XCTAssertTrue("\(e)".contains("did not prove"), "\(e)")
+        }
+        wrong.close()
+        // 2. Garbage bytes instead of a hello.
+        let garbage = try Connection.connect(to: listener.endpoint)
+        try garbage.sendBytes(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        // The server answers with an error naming the bad field and closes.
+        guard case .error(401, let text) = try garbage.receive() else { return XCTFail("expected an error message") }
+        XCTAssertTrue(text.contains("magic"), text)
+        XCTAssertThrowsError(try garbage.receive())
+        garbage.close()
+        // 3. The server still serves a good client.
+        let good = try Connection.connect(to: listener.endpoint)
+        _ = try good.authenticate(secret: secret, name: "c", role: 0)
+        let m = Matrix(rows: 3, cols: 4, values: Array(0..<12).map(Float.init))
+        try good.sendTensor(m, name: "t", stream: 7)
+        XCTAssertEqual(try good.receiveTensor().matrix, m)
+        good.close()
+        XCTAssertEqual(server.wait(timeout: .now() + 20), .success)
+    }
+
+    func testConnectingToAClosedPortFailsClearly() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let endpoint = listener.endpoint
+        _ = listener  // keep the port ours, but connect to the next one, which nothing serves
+        XCTAssertThrowsError(try Connection.connect(to: Endpoint(host: "127.0.0.1", port: endpoint.port &+ 1 == 0 ? 1 : endpoint.port &+ 1), timeout: 2)) { e in
+            XCTAssertTrue("\(e)".contains("cannot connect"), "\(e)")
+        }
+    }
+}
