@@ -25,6 +25,9 @@ public struct PruneJob: Sendable {
     }
 
     public func prunes(_ block: Int) -> Bool { layers?.contains(block) ?? true }
+
+    /// Calibration windows (a worker that receives activations knows only their number).
+    public var samples: Int { calibration.count }
 }
 
 /// The sequential, streaming driver: embeddings, then for each block: load only that block, prune
@@ -41,9 +44,8 @@ public struct PrunePipeline: Sendable {
         self.store = store
     }
 
-    /// Runs the job; `progress` is called after each block with its report (nil when the block
-    /// was only run, not pruned). Returns the reports of the pruned blocks.
-    public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
+    /// Checks the job against the model before any work.
+    public func validate() throws {
         let c = model.config
         if let layers = job.layers, layers.upperBound >= c.layerCount {
             throw PruneError.invalidOption("--layers \(layers.lowerBound)-\(layers.upperBound) runs past the model's \(c.layerCount) blocks (0-\(c.layerCount - 1))")
@@ -56,46 +58,32 @@ public struct PrunePipeline: Sendable {
                 throw PruneError.calibration("token id \(bad) is outside the model's vocabulary of \(c.vocabularySize)")
             }
         }
-        // Three stores live at once (inputs, dense outputs, pruned outputs): split the budget.
-        var inputs = ActivationStore(count: job.calibration.count, rows: job.sequenceLength, cols: c.hiddenSize,
-                                     budgetBytes: job.memoryBudget / 3, spillDirectory: job.workDirectory)
+    }
+
+    /// The calibration windows embedded: the boundary in front of block 0.
+    public func embed() throws -> Boundary {
+        let c = model.config
+        let inputs = RangePruner.store(job: job, config: c)
         // SparseLLM with dense targets also carries the dense model's activations.
-        var denseInputs: ActivationStore? = job.plan.needsDenseStream ? inputs.makeSibling() : nil
-        do {
-            let embedding = try model.loadEmbedding()
-            for (s, window) in job.calibration.enumerated() {
-                let x = embedding.embed(window, sequenceLength: job.sequenceLength)
-                try inputs.set(s, x)
-                try denseInputs?.set(s, x)
-            }
+        let targets: ActivationStore? = job.plan.needsDenseStream ? inputs.makeSibling() : nil
+        let embedding = try model.loadEmbedding()
+        for (s, window) in job.calibration.enumerated() {
+            let x = embedding.embed(window, sequenceLength: job.sequenceLength)
+            try inputs.set(s, x)
+            try targets?.set(s, x)
         }
-        let pruner = BlockPruner(plan: job.plan)
-        let rope = c.ropeTable(positions: job.sequenceLength)
+        return Boundary(inputs: inputs, targets: targets)
+    }
+
+    /// Runs the whole job in this process; `progress` is called after each block with its report
+    /// (nil when the block was only run, not pruned). Returns the reports of the pruned blocks.
+    public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
+        try validate()
         var reports: [BlockReport] = []
-        for i in 0..<c.layerCount {
-            let block = try model.loadBlock(i)
-            if job.prunes(i) {
-                let (pruned, outputs, report) = try pruner.prune(block: block, inputs: inputs, targets: denseInputs,
-                                                                 sequenceLength: job.sequenceLength)
-                try store.write(pruned)
-                inputs = outputs
-                reports.append(report)
-                progress(i, report)
-            } else {
-                let outputs = inputs.makeSibling()
-                for s in 0..<inputs.count {
-                    try outputs.set(s, block.forward(try inputs.get(s), sequenceLength: job.sequenceLength, rope: rope))
-                }
-                inputs = outputs
-                progress(i, nil)
-            }
-            if let dense = denseInputs {
-                let next = dense.makeSibling()
-                for s in 0..<dense.count {
-                    try next.set(s, block.forward(try dense.get(s), sequenceLength: job.sequenceLength, rope: rope))
-                }
-                denseInputs = next
-            }
+        _ = try RangePruner(model: model, job: job).run(0..<model.config.layerCount, from: try embed()) { index, pruned, report in
+            if let pruned { try store.write(pruned) }
+            if let report { reports.append(report) }
+            progress(index, report)
         }
         return reports
     }
@@ -104,5 +92,68 @@ public struct PrunePipeline: Sendable {
     public func prunedModel() throws -> LanguageModel {
         let pruned = (0..<model.config.layerCount).filter { job.prunes($0) }
         return model.overlaid(with: try store.sources(pruned))
+    }
+}
+
+/// The activations at a boundary between blocks: the calibration windows' hidden states entering
+/// a block, and for SparseLLM with dense targets the dense model's hidden states there too.
+public struct Boundary: Sendable {
+    public var inputs: ActivationStore
+    public var targets: ActivationStore?
+
+    public init(inputs: ActivationStore, targets: ActivationStore?) {
+        self.inputs = inputs
+        self.targets = targets
+    }
+}
+
+/// Runs a contiguous range of blocks from the activations at its start: the work of one worker,
+/// and of the whole single-process run (one range covering every block).
+public struct RangePruner: Sendable {
+    public let model: LanguageModel
+    public let job: PruneJob
+
+    public init(model: LanguageModel, job: PruneJob) {
+        self.model = model
+        self.job = job
+    }
+
+    /// An empty activation store for this job. Three stores live at once (inputs, dense outputs,
+    /// pruned outputs), so each gets a third of the memory budget.
+    public static func store(job: PruneJob, config: ModelConfig) -> ActivationStore {
+        ActivationStore(count: job.samples, rows: job.sequenceLength, cols: config.hiddenSize,
+                        budgetBytes: job.memoryBudget / 3, spillDirectory: job.workDirectory)
+    }
+
+    /// Prunes (or, outside --layers, runs) blocks `range` in order. `onBlock` receives each block's
+    /// index, its pruned weights (nil when it was not pruned) and report as soon as it is done.
+    /// Returns the boundary after the range.
+    public func run(_ range: Range<Int>, from start: Boundary,
+                    onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
+        let pruner = BlockPruner(plan: job.plan)
+        let rope = model.config.ropeTable(positions: job.sequenceLength)
+        var boundary = start
+        for i in range {
+            let block = try model.loadBlock(i)
+            if job.prunes(i) {
+                let (pruned, outputs, report) = try pruner.prune(block: block, inputs: boundary.inputs, targets: boundary.targets,
+                                                                 sequenceLength: job.sequenceLength)
+                boundary.inputs = outputs
+                try onBlock(i, pruned, report)
+            } else {
+                boundary.inputs = try forward(block, boundary.inputs, rope: rope)
+                try onBlock(i, nil, nil)
+            }
+            if let dense = boundary.targets { boundary.targets = try forward(block, dense, rope: rope) }
+        }
+        return boundary
+    }
+
+    func forward(_ block: DecoderBlock, _ inputs: ActivationStore, rope: Kernels.RopeTable) throws -> ActivationStore {
+        let outputs = inputs.makeSibling()
+        for s in 0..<inputs.count {
+            try outputs.set(s, block.forward(try inputs.get(s), sequenceLength: job.sequenceLength, rope: rope))
+        }
+        return outputs
     }
 }

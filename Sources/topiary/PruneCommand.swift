@@ -1,4 +1,5 @@
 import Foundation
+import TopiaryCluster
 import TopiaryModel
 import TopiaryPrune
 import TopiaryTensor
@@ -37,6 +38,14 @@ enum PruneCommand: Command {
     the reference code) or dense (the dense model's activations, as the paper's formula).
     report.json records the objective and the FFN output error per block and iteration.
 
+    Distribution: --workers N starts N worker processes on loopback, --hosts uses running
+    'topiary worker' processes; the chain of blocks is split into contiguous ranges balanced by
+    cost, one per worker, printed before the run and recorded in report.json. With
+    --coordination sequential each worker starts from the previous worker's pruned boundary
+    activations, so the result equals the single-process run byte for byte. Without either
+    option the same coordinator runs one in-process worker. Workers read the model from its path
+    (a shared filesystem, as on HPC clusters).
+
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
     """
     static let options = [
@@ -61,6 +70,10 @@ enum PruneCommand: Command {
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM: sequential (default) or dense"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
+        OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
+        OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
+        OptionSpec(name: "coordination", value: "MODE", help: "sequential (default): each worker starts from the previous one's pruned activations"),
+        OptionSpec(name: "secret-file", value: "F", help: "shared secret for workers (or TOPIARY_SECRET); --workers makes its own"),
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
@@ -158,6 +171,14 @@ enum PruneCommand: Command {
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
+        if let mode = args.string("coordination"), Coordination(rawValue: mode) == nil {
+            throw UsageError(message: "topiary prune: --coordination must be one of \(Coordination.allCases.map(\.rawValue).joined(separator: ", ")), got '\(mode)'")
+        }
+        let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
+        defer { cluster.shutdown() }
+        let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links)
+        let partitions = coordinator.plan()
+        Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
 
         var perplexityDense: Double?
         if let tokens = evalTokens {
@@ -168,7 +189,7 @@ enum PruneCommand: Command {
         Console.info("pruning \(model.path): \(method.rawValue) \(pattern), \(windows.count) calibration windows of \(seqlen) tokens, seed \(seed)")
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal)
         let pruneStart = Date()
-        let reports = try pipeline.run { block, report in progress.blockDone(block, report: report) }
+        let reports = try coordinator.run { block, report in progress.blockDone(block, report: report) }
         let pruneSeconds = elapsed(since: pruneStart)
         progress.finish()
 
@@ -194,6 +215,8 @@ enum PruneCommand: Command {
             "calibration": ["file": calibPath, "samples": windows.count, "seqlen": seqlen, "seed": seed, "tokens": calibTokens.count],
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
             "sparsegpt": ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp],
+            "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
+            "coordination": args.string("coordination") ?? "sequential",
             "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
             "perplexity_dense": perplexityDense.map { $0 as Any } ?? NSNull(),
             "perplexity": perplexity.map { $0 as Any } ?? NSNull(),

@@ -13,6 +13,10 @@ final class WireCodecTests: XCTestCase {
         .tensorHeader(stream: 9, name: "model.layers.0.mlp.up_proj.weight", dtype: .bf16, shape: [3, 5], byteCount: 30),
         .tensorChunk(stream: 9, offset: 16, bytes: Array(0..<14)),
         .tensorChunk(stream: 1, offset: 0, bytes: []),
+        .assign(job: Array("{\"first\":0}".utf8), tensors: 64),
+        .blockResult(block: 3, tensors: 9, report: Array("{}".utf8)),
+        .rangeDone(tensors: 32),
+        .shutdown,
     ]
 
     func testCRC32CKnownVectors() {
@@ -113,7 +117,7 @@ final class WireCodecTests: XCTestCase {
             var bytes = (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) }
             // Half of them start with a valid magic and version so later checks are reached too.
             if i % 2 == 0 && n >= 8 { bytes.replaceSubrange(0..<6, with: FrameHeader.magic + [1, 0]) }
-            if i % 4 == 0 && n >= 8 { bytes[6] = UInt8(next() % 22); bytes[7] = 0 }
+            if i % 4 == 0 && n >= 8 { bytes[6] = UInt8(next() % 34); bytes[7] = 0 }
             var decoder = FrameDecoder(maxFrameBytes: 1 << 16)
             decoder.append(bytes)
             do {

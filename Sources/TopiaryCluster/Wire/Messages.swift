@@ -4,6 +4,7 @@ import TopiaryTensor
 public enum MessageType: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case hello = 1, challenge = 2, proof = 3, welcome = 4, error = 5, heartbeat = 6
     case tensorHeader = 20, tensorChunk = 21
+    case assign = 30, blockResult = 31, rangeDone = 32, shutdown = 33
 
     public var description: String {
         switch self {
@@ -15,6 +16,10 @@ public enum MessageType: UInt16, Sendable, CaseIterable, CustomStringConvertible
         case .heartbeat: return "heartbeat"
         case .tensorHeader: return "tensor-header"
         case .tensorChunk: return "tensor-chunk"
+        case .assign: return "assign"
+        case .blockResult: return "block-result"
+        case .rangeDone: return "range-done"
+        case .shutdown: return "shutdown"
         }
     }
 }
@@ -42,6 +47,14 @@ public enum Message: Equatable, Sendable {
     /// Announces a tensor of `byteCount` bytes that follows in chunks on `stream`.
     case tensorHeader(stream: UInt32, name: String, dtype: WireDType, shape: [Int], byteCount: UInt64)
     case tensorChunk(stream: UInt32, offset: UInt64, bytes: [UInt8])
+    /// A range of blocks to prune: the job as JSON (small; the bulk, activations, travels as
+    /// tensors), then `tensors` boundary tensors follow.
+    case assign(job: [UInt8], tensors: UInt32)
+    /// Block `block` is done; `tensors` tensors of its pruned weights follow; report as JSON.
+    case blockResult(block: UInt32, tensors: UInt32, report: [UInt8])
+    /// The range is done; `tensors` boundary tensors (the activations after it) follow.
+    case rangeDone(tensors: UInt32)
+    case shutdown
 
     public var type: MessageType {
         switch self {
@@ -53,6 +66,10 @@ public enum Message: Equatable, Sendable {
         case .heartbeat: return .heartbeat
         case .tensorHeader: return .tensorHeader
         case .tensorChunk: return .tensorChunk
+        case .assign: return .assign
+        case .blockResult: return .blockResult
+        case .rangeDone: return .rangeDone
+        case .shutdown: return .shutdown
         }
     }
 
@@ -79,6 +96,14 @@ public enum Message: Equatable, Sendable {
             w.u64(byteCount)
         case .tensorChunk(let stream, let offset, let bytes):
             w.u32(stream); w.u64(offset); w.bytes(bytes)
+        case .assign(let job, let tensors):
+            w.u32(tensors); w.blob(job)
+        case .blockResult(let block, let tensors, let report):
+            w.u32(block); w.u32(tensors); w.blob(report)
+        case .rangeDone(let tensors):
+            w.u32(tensors)
+        case .shutdown:
+            break
         }
         return w.data
     }
@@ -134,6 +159,16 @@ public enum Message: Equatable, Sendable {
             case .tensorChunk:
                 let stream = try r.u32("stream"), offset = try r.u64("offset")
                 m = .tensorChunk(stream: stream, offset: offset, bytes: try r.bytes(r.remaining, "bytes"))
+            case .assign:
+                let tensors = try r.u32("tensors")
+                m = .assign(job: try r.blob("job", maxBytes: 1 << 20), tensors: tensors)
+            case .blockResult:
+                let block = try r.u32("block"), tensors = try r.u32("tensors")
+                m = .blockResult(block: block, tensors: tensors, report: try r.blob("report", maxBytes: 16 << 20))
+            case .rangeDone:
+                m = .rangeDone(tensors: try r.u32("tensors"))
+            case .shutdown:
+                m = .shutdown
             }
             try r.finish()
             return m

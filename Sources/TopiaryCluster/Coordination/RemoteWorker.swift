@@ -1,0 +1,194 @@
+import Foundation
+import TopiaryModel
+import TopiaryPrune
+import TopiaryTensor
+
+/// What a worker needs to run a range: the job without its calibration tokens (the worker gets
+/// activations instead), and where the model is (shared filesystem).
+struct Assignment: Codable {
+    var modelPath: String
+    var tokenizerPath: String?
+    var plan: PrunePlan
+    var sequenceLength: Int
+    var samples: Int
+    var layers: [Int]?
+    var memoryBudget: Int
+    var first: Int
+    var end: Int
+    var hasTargets: Bool
+
+    func job(workDirectory: String) -> PruneJob {
+        // The worker never tokenizes; RangePruner needs only the number of windows.
+        PruneJob(plan: plan, calibration: Array(repeating: [], count: samples), sequenceLength: sequenceLength,
+                 layers: layers.map { $0[0]...$0[1] }, memoryBudget: memoryBudget, workDirectory: workDirectory)
+    }
+}
+
+enum BoundaryTransfer {
+    /// Sends a boundary: inputs/i for every window, then targets/i when present.
+    static func send(_ b: Boundary, over c: Connection) throws {
+        for s in 0..<b.inputs.count { try c.sendTensor(try b.inputs.get(s), name: "inputs/\(s)", stream: UInt32(s)) }
+        if let t = b.targets {
+            for s in 0..<t.count { try c.sendTensor(try t.get(s), name: "targets/\(s)", stream: UInt32(t.count + s)) }
+        }
+    }
+
+    static func tensorCount(_ b: Boundary) -> UInt32 { UInt32(b.inputs.count + (b.targets?.count ?? 0)) }
+
+    /// Receives `count` boundary tensors into stores shaped like `like`.
+    static func receive(_ count: Int, over c: Connection, samples: Int, make: () -> ActivationStore) throws -> Boundary {
+        let inputs = make()
+        var targets: ActivationStore?
+        for _ in 0..<count {
+            let (name, m) = try c.receiveTensor()
+            let parts = name.split(separator: "/")
+            guard parts.count == 2, let s = Int(parts[1]), s >= 0, s < samples, parts[0] == "inputs" || parts[0] == "targets" else {
+                throw WireError.malformed(message: "tensor-header", field: "name", detail: "is '\(name)', expected inputs/N or targets/N with N < \(samples)")
+            }
+            guard m.rows == inputs.rows, m.cols == inputs.cols else {
+                throw WireError.malformed(message: "tensor-header", field: "shape", detail: "of '\(name)' is \(m.rows)x\(m.cols), expected \(inputs.rows)x\(inputs.cols)")
+            }
+            if parts[0] == "inputs" {
+                try inputs.set(s, m)
+            } else {
+                if targets == nil { targets = make() }
+                try targets!.set(s, m)
+            }
+        }
+        return Boundary(inputs: inputs, targets: targets)
+    }
+}
+
+/// A worker process reached over TCP.
+public final class RemoteWorker: WorkerLink {
+    public let connection: Connection
+    public let name: String
+    let modelPath: String
+    let tokenizerPath: String?
+    let config: ModelConfig
+
+    public init(connection: Connection, name: String, model: LanguageModel, tokenizerPath: String?) {
+        self.connection = connection
+        self.name = name
+        self.modelPath = model.path
+        self.tokenizerPath = tokenizerPath
+        self.config = model.config
+    }
+
+    public func run(_ range: Range<Int>, job: PruneJob, from boundary: Boundary,
+                    onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
+        let assignment = Assignment(
+            modelPath: modelPath, tokenizerPath: tokenizerPath, plan: job.plan, sequenceLength: job.sequenceLength,
+            samples: job.samples, layers: job.layers.map { [$0.lowerBound, $0.upperBound] }, memoryBudget: job.memoryBudget,
+            first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        try connection.send(.assign(job: Array(try encoder.encode(assignment)), tensors: BoundaryTransfer.tensorCount(boundary)))
+        try BoundaryTransfer.send(boundary, over: connection)
+        while true {
+            switch try connection.receive() {
+            case .blockResult(let index, let tensors, let reportJSON):
+                let report = reportJSON.isEmpty ? nil : try JSONDecoder().decode(BlockReport.self, from: Data(reportJSON))
+                var weights: [String: Matrix] = [:]
+                for _ in 0..<tensors {
+                    let (name, m) = try connection.receiveTensor()
+                    weights[name] = m
+                }
+                let block = tensors > 0 ? DecoderBlock(config: config, index: Int(index), tensors: weights) : nil
+                try onBlock(Int(index), block, report)
+            case .rangeDone(let tensors):
+                return try BoundaryTransfer.receive(Int(tensors), over: connection, samples: job.samples) {
+                    RangePruner.store(job: job, config: config)
+                }
+            case .error(_, let text):
+                throw WireError.connection("worker \(name): \(text)")
+            case let other:
+                throw WireError.unexpectedMessage(expected: "block-result or range-done", found: other.type.description)
+            }
+        }
+    }
+
+    public func shutdown() {
+        try? connection.send(.shutdown)
+        connection.close()
+    }
+}
+
+/// The worker side: serves assignments on an authenticated connection until shutdown.
+public final class WorkerService: @unchecked Sendable {
+    public let name: String
+    public let workDirectory: String
+    private var models: [String: LanguageModel] = [:]
+    private let lock = NSLock()
+
+    public init(name: String, workDirectory: String) {
+        self.name = name
+        self.workDirectory = workDirectory
+    }
+
+    func model(_ path: String, tokenizer: String?) throws -> LanguageModel {
+        lock.lock()
+        defer { lock.unlock() }
+        if let m = models[path] { return m }
+        let m = try LanguageModel.open(path: path, tokenizerPath: tokenizer)
+        models[path] = m
+        return m
+    }
+
+    /// Handles messages until the coordinator says shutdown or the connection ends.
+    public func serve(_ c: Connection) throws {
+        while true {
+            let message: Message
+            do { message = try c.receive() } catch WireError.connection { return }
+            switch message {
+            case .assign(let jobJSON, let tensors):
+                // A job the worker cannot run (bad JSON, unreadable model, a range outside it) is
+                // answered with an error after the announced tensors are drained, and the worker
+                // goes on serving; a protocol error closes the connection.
+                var prepared: (Assignment, LanguageModel)?
+                var jobError: Error?
+                do {
+                    let a = try JSONDecoder().decode(Assignment.self, from: Data(jobJSON))
+                    let model = try model(a.modelPath, tokenizer: a.tokenizerPath)
+                    guard a.first >= 0, a.end <= model.config.layerCount, a.first < a.end else {
+                        throw WireError.malformed(message: "assign", field: "range", detail: "\(a.first)..<\(a.end) is outside the model's \(model.config.layerCount) blocks")
+                    }
+                    prepared = (a, model)
+                } catch {
+                    jobError = error
+                }
+                guard let (a, model) = prepared else {
+                    for _ in 0..<tensors { _ = try c.receiveTensor() }
+                    try c.send(.error(code: 400, message: "\(jobError!)"))
+                    continue
+                }
+                let job = a.job(workDirectory: workDirectory)
+                let start = try BoundaryTransfer.receive(Int(tensors), over: c, samples: a.samples) {
+                    RangePruner.store(job: job, config: model.config)
+                }
+                do {
+                    let end = try RangePruner(model: model, job: job).run(a.first..<a.end, from: start) { index, pruned, report in
+                        let encoder = JSONEncoder()
+                        encoder.outputFormatting = .sortedKeys
+                        let reportJSON = try report.map { Array(try encoder.encode($0)) } ?? []
+                        let names = pruned.map { $0.tensors.keys.sorted() } ?? []
+                        try c.send(.blockResult(block: UInt32(index), tensors: UInt32(names.count), report: reportJSON))
+                        for (k, n) in names.enumerated() { try c.sendTensor(pruned!.tensors[n]!, name: n, stream: UInt32(k)) }
+                    }
+                    try c.send(.rangeDone(tensors: BoundaryTransfer.tensorCount(end)))
+                    try BoundaryTransfer.send(end, over: c)
+                } catch let e as WireError {
+                    throw e
+                } catch {
+                    try c.send(.error(code: 500, message: "\(error)"))
+                }
+            case .heartbeat(let n):
+                try c.send(.heartbeat(sequence: n))
+            case .shutdown:
+                return
+            case let other:
+                throw WireError.unexpectedMessage(expected: "assign, heartbeat or shutdown", found: other.type.description)
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+import Foundation
+import XCTest
+import TopiaryTestSupport
+
+/// Multi-process runs over loopback: the weights equal the single-process run's, byte for byte.
+final class DistributedCLITests: XCTestCase {
+    func args(_ out: String) -> [String] {
+        ["prune", "--model", CLI.asset("stories260K/stories260K.bin"), "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+         "--method", "sparsegpt", "--sparsity", "0.6", "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
+         "--calib-samples", "8", "--calib-seqlen", "128", "--output", out, "--json"]
+    }
+
+    func testLocalWorkersGiveTheSingleProcessWeights() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let single = try CLI.run(args(dir.appendingPathComponent("single").path))
+        XCTAssertEqual(single.status, 0, single.stderr)
+        let three = try CLI.run(args(dir.appendingPathComponent("three").path) + ["--workers", "3", "--coordination", "sequential"])
+        XCTAssertEqual(three.status, 0, three.stderr)
+        XCTAssertEqual(three.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
+        let plan = three.json?["plan"] as? [[String: Any]] ?? []
+        XCTAssertEqual(plan.count, 3)
+        XCTAssertEqual(plan.map { $0["first"] as? Int ?? -1 }, [0, 2, 4])
+        XCTAssertTrue(three.stderr.contains("plan: blocks 0-1 on worker@127.0.0.1:"))
+    }
+
+    /// Workers started by hand on distinct loopback addresses, authenticated with a secret file.
+    func testWorkersOnDistinctAddressesWithASecretFile() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let secretFile = dir.appendingPathComponent("secret").path
+        try "0123456789abcdef0123456789abcdef".write(toFile: secretFile, atomically: true, encoding: .utf8)
+        var workers: [Process] = []
+        var endpoints: [String] = []
+        defer { for w in workers where w.isRunning { w.terminate(); w.waitUntilExit() } }
+        for host in ["127.0.0.2", "127.0.0.3"] {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: CLI.binary)
+            p.arguments = ["worker", "--listen", "\(host):0", "--secret-file", secretFile]
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = FileHandle.nullDevice
+            try p.run()
+            workers.append(p)
+            var line = Data()
+            while !line.contains(UInt8(ascii: "\n")) {
+                let chunk = out.fileHandleForReading.availableData
+                if chunk.isEmpty { break }
+                line.append(chunk)
+            }
+            let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            XCTAssertTrue(text.hasPrefix("listening on \(host):"), text)
+            endpoints.append(String(text.dropFirst("listening on ".count)))
+        }
+        let single = try CLI.run(args(dir.appendingPathComponent("single").path))
+        let remote = try CLI.run(args(dir.appendingPathComponent("remote").path) + ["--hosts", endpoints.joined(separator: ","), "--secret-file", secretFile])
+        XCTAssertEqual(remote.status, 0, remote.stderr)
+        XCTAssertEqual(remote.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
+        // A coordinator with the wrong secret is refused.
+        let wrong = dir.appendingPathComponent("wrong").path
+        try "not-the-cluster-secret-at-all-00".write(toFile: wrong, atomically: true, encoding: .utf8)
+        let refused = try CLI.run(args(dir.appendingPathComponent("refused").path) + ["--hosts", endpoints[0], "--secret-file", wrong])
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.stderr.contains("did not prove knowledge of the shared secret"), refused.stderr)
+    }
+
+    func testWorkerWithoutSecretRefusesNonLoopbackAddresses() throws {
+        let r = try CLI.run(["worker", "--listen", "0.0.0.0:0"], timeout: 30)
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("loopback only"), r.stderr)
+    }
+}
