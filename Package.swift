@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "TopiaryCluster", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport", "CCrypto"]),
         .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
-        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
         .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),

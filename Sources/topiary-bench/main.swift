@@ -1,4 +1,5 @@
 import Foundation
+import TopiaryCluster
 import TopiaryModel
 import TopiaryPrune
 import TopiaryTensor
@@ -201,6 +202,58 @@ func benchSparseLLM(_ args: [String]) throws {
     print(String(format: "  per block: sparsegpt %.2f s, sparsellm %.2f s, ratio sparsellm / sparsegpt %.2f", totals.0 / Double(blocks), totals.1 / Double(blocks), totals.1 / totals.0))
 }
 
+/// Activation transfer over loopback through the wire protocol (frames, CRC32C, chunking,
+/// decoding into matrices) against a raw socket copy of the same bytes, in the same run.
+func benchTransfer(_ args: [String]) throws {
+    let megabytes = Int(argument("megabytes", args) ?? "512")!
+    let rows = 2048, cols = 576   // one SmolLM2 window of 2048 tokens: 4.5 MiB
+    let perTensor = rows * cols * 4
+    let count = max(1, megabytes * (1 << 20) / perTensor)
+    let tensor = randomMatrix(rows, cols, seed: 9)
+    let secret = try SharedSecret(bytes: Array("bench transfer secret 0123456789".utf8))
+    print("transfer: \(count) tensors of \(rows)x\(cols) f32 (\(count * perTensor >> 20) MiB) over 127.0.0.1; CRC32C in hardware: \(CRC32C.usesHardware)")
+
+    // Raw: the same number of bytes with plain send/recv.
+    let raw = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+    let bytes = tensor.withUnsafeBufferPointer { Array(UnsafeRawBufferPointer($0)) }
+    let rawDone = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async {
+        if let c = try? raw.accept(timeout: 30) {
+            for _ in 0..<count { try? c.sendRawForBenchmark(bytes) }
+            c.close()
+        }
+        rawDone.signal()
+    }
+    let rc = try Connection.connect(to: raw.endpoint)
+    var received = [UInt8](repeating: 0, count: perTensor)
+    let t0 = now()
+    for _ in 0..<count { try rc.receiveRawForBenchmark(into: &received) }
+    let rawSeconds = now() - t0
+    rawDone.wait()
+
+    // Protocol: tensors as header + chunks, checksummed, decoded into matrices.
+    let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+    let done = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async {
+        if let c = try? listener.accept(timeout: 30) {
+            _ = try? c.acceptHandshake(secret: secret, name: "sender")
+            for i in 0..<count { try? c.sendTensor(tensor, name: "inputs/\(i)", stream: UInt32(i)) }
+            c.close()
+        }
+        done.signal()
+    }
+    let c = try Connection.connect(to: listener.endpoint)
+    _ = try c.authenticate(secret: secret, name: "receiver", role: 0)
+    let t1 = now()
+    for _ in 0..<count { _ = try c.receiveTensor() }
+    let wireSeconds = now() - t1
+    done.wait()
+    let total = Double(count * perTensor) / Double(1 << 30)
+    print(String(format: "  raw socket copy: %.2f GiB/s", total / rawSeconds))
+    print(String(format: "  wire protocol:   %.2f GiB/s", total / wireSeconds))
+    print(String(format: "  ratio wire / raw: %.2f", rawSeconds / wireSeconds))
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -213,8 +266,9 @@ do {
     case "sparsegpt": try benchSparseGPT(Array(args.dropFirst()))
     case "sparsegpt-raw": try sparseGPTRaw(Array(args.dropFirst()))
     case "sparsellm": try benchSparseLLM(Array(args.dropFirst()))
+    case "transfer": try benchTransfer(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
         exit(2)
     }
 } catch {

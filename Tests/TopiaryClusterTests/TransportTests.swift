@@ -80,6 +80,23 @@ final class TransportTests: XCTestCase {
         XCTAssertEqual(server.wait(timeout: .now() + 20), .success)
     }
 
+    /// A corrupted byte inside a tensor chunk is caught by the CRC on the in-place receive path.
+    func testCorruptedTensorChunkIsRefused() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let m = Matrix(rows: 16, cols: 16, values: (0..<256).map(Float.init))
+        var bytes = TensorStream.messages(m, name: "t", stream: 1, chunkBytes: 512).flatMap { $0.frame().encoded() }
+        bytes[bytes.count - 100] ^= 0x40
+        let sender = DispatchGroup()
+        DispatchQueue.global().async(group: sender) {
+            if let c = try? listener.accept(timeout: 20) { try? c.sendRawForBenchmark(bytes); usleep(200_000); c.close() }
+        }
+        let c = try Connection.connect(to: listener.endpoint)
+        XCTAssertThrowsError(try c.receiveTensor()) { e in
+            guard case .badChecksum(21, _, _) = e as? WireError else { return XCTFail("\(e)") }
+        }
+        XCTAssertEqual(sender.wait(timeout: .now() + 20), .success)
+    }
+
     func testConnectingToAClosedPortFailsClearly() throws {
         let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
         let endpoint = listener.endpoint

@@ -71,8 +71,12 @@ func errnoText() -> String { String(cString: strerror(errno)) }
 public final class Connection: @unchecked Sendable {
     public let peer: String
     private let fd: Int32
-    private var decoder: FrameDecoder
     private var closed = false
+    /// Frames larger than this are refused from their header.
+    public var maxFrameBytes: Int
+    /// When set, frames of other types are refused from their header (during the handshake).
+    public var allowedTypes: Set<MessageType>?
+    private var payloadBuffer: [UInt8] = []
     /// Seconds a receive may wait for bytes before failing.
     public var timeout: Double
 
@@ -80,7 +84,7 @@ public final class Connection: @unchecked Sendable {
         self.fd = fd
         self.peer = peer
         self.timeout = timeout
-        decoder = FrameDecoder(maxFrameBytes: maxFrameBytes)
+        self.maxFrameBytes = maxFrameBytes
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         var size: Int32 = 4 << 20
@@ -126,8 +130,8 @@ public final class Connection: @unchecked Sendable {
 
     /// Limits what the next frames may be (handshake) and how big.
     public func restrict(to types: Set<MessageType>?, maxFrameBytes: Int) {
-        decoder.allowedTypes = types
-        decoder.maxFrameBytes = maxFrameBytes
+        allowedTypes = types
+        self.maxFrameBytes = maxFrameBytes
     }
 
     public func send(_ message: Message) throws {
@@ -135,48 +139,63 @@ public final class Connection: @unchecked Sendable {
     }
 
     func sendBytes(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { raw in
-            var done = 0
-            while done < raw.count {
-                let n = Glibc.send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw WireError.connection("\(peer): send failed: \(errnoText())")
-                }
-                done += n
-            }
-        }
+        try bytes.withUnsafeBytes { try sendBytes($0) }
     }
 
-    /// The next message; waits at most `timeout` seconds for each piece of it.
-    public func receive() throws -> Message {
-        var buffer = [UInt8](repeating: 0, count: 1 << 20)
-        while true {
-            if let frame = try decoder.next() { return try Message.decode(frame) }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&p, 1, Int32(timeout * 1000))
+    /// Reads exactly `count` bytes into `p`, waiting at most `timeout` seconds for each piece.
+    func readExact(_ p: UnsafeMutableRawPointer, _ count: Int, what: String) throws {
+        var done = 0
+        while done < count {
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&pfd, 1, Int32(timeout * 1000))
             if ready < 0 && errno == EINTR { continue }
-            if ready == 0 { throw WireError.connection("\(peer): no data for \(timeout) s") }
-            let want = min(buffer.count, max(decoder.bytesWanted, 1 << 16))
-            let n = buffer.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress!, want, 0) }
+            if ready == 0 { throw WireError.connection("\(peer): no data for \(timeout) s (waiting for \(what))") }
+            let n = Glibc.recv(fd, p + done, count - done, 0)
             if n < 0 {
                 if errno == EINTR { continue }
                 throw WireError.connection("\(peer): receive failed: \(errnoText())")
             }
             if n == 0 {
-                if decoder.bufferedBytes > 0 {
-                    throw WireError.truncated(what: "frame from \(peer) (connection closed mid-frame)", needed: decoder.bytesWanted + decoder.bufferedBytes, available: decoder.bufferedBytes)
-                }
-                throw WireError.connection("\(peer): connection closed")
+                if done == 0 && what == "frame header" { throw WireError.connection("\(peer): connection closed") }
+                throw WireError.truncated(what: "\(what) from \(peer) (connection closed)", needed: count, available: done)
             }
-            buffer.withUnsafeBytes { decoder.append(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            done += n
         }
+    }
+
+    /// The next frame's header, checked (magic, version, type, size) before any payload is read.
+    func receiveHeader() throws -> FrameHeader {
+        var raw = [UInt8](repeating: 0, count: FrameHeader.size)
+        try raw.withUnsafeMutableBytes { try readExact($0.baseAddress!, FrameHeader.size, what: "frame header") }
+        let h = try raw.withUnsafeBytes { try FrameHeader.decode($0, supported: Protocol.supportedVersions, limit: maxFrameBytes) }
+        if let allowed = allowedTypes, let type = MessageType(rawValue: h.type), !allowed.contains(type) {
+            throw WireError.unexpectedMessage(expected: allowed.map(\.description).sorted().joined(separator: " or "), found: type.description)
+        }
+        return h
+    }
+
+    /// Reads a frame's payload into the connection's buffer and checks its CRC.
+    func receivePayload(_ h: FrameHeader) throws -> UnsafeRawBufferPointer {
+        let n = Int(h.length)
+        if payloadBuffer.count < n { payloadBuffer = [UInt8](repeating: 0, count: n) }
+        try payloadBuffer.withUnsafeMutableBytes { try readExact($0.baseAddress!, n, what: "payload of a \(MessageType(rawValue: h.type)!) message") }
+        let bytes = payloadBuffer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }
+        let computed = CRC32C.checksum(bytes)
+        guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
+        return bytes
+    }
+
+    /// The next message.
+    public func receive() throws -> Message {
+        let h = try receiveHeader()
+        let payload = try receivePayload(h)
+        return try Message.decode(Frame(type: MessageType(rawValue: h.type)!, flags: h.flags, payload: Array(payload)))
     }
 
     /// Authenticates as the connecting side.
     public func authenticate(secret: SharedSecret, name: String, role: UInt8) throws -> String {
         var h = ConnectorHandshake(secret: secret, name: name, role: role)
-        let saved = decoder.maxFrameBytes
+        let saved = maxFrameBytes
         try send(h.start())
         while h.state != .authenticated {
             restrict(to: h.expected, maxFrameBytes: Protocol.maxHandshakeFrameBytes)
@@ -189,7 +208,7 @@ public final class Connection: @unchecked Sendable {
     /// Authenticates as the listening side; a failure sends an error message and closes.
     public func acceptHandshake(secret: SharedSecret, name: String) throws -> String {
         var h = ListenerHandshake(secret: secret, name: name)
-        let saved = decoder.maxFrameBytes
+        let saved = maxFrameBytes
         do {
             while h.state != .authenticated {
                 restrict(to: h.expected, maxFrameBytes: Protocol.maxHandshakeFrameBytes)
@@ -204,15 +223,93 @@ public final class Connection: @unchecked Sendable {
         return h.peerName
     }
 
-    /// Sends a matrix as a tensor header and chunks.
+    /// Sends a matrix as a tensor header and chunks, straight from its storage (f32) or through
+    /// one reusable conversion buffer (f16, bf16).
     public func sendTensor(_ m: Matrix, name: String, stream: UInt32, dtype: WireDType = .f32, chunkBytes: Int = 16 << 20) throws {
-        for message in TensorStream.messages(m, name: name, dtype: dtype, stream: stream, chunkBytes: chunkBytes) { try send(message) }
+        let total = m.count * dtype.size
+        try send(.tensorHeader(stream: stream, name: name, dtype: dtype, shape: [m.rows, m.cols], byteCount: UInt64(total)))
+        let chunk = max(dtype.size, chunkBytes / dtype.size * dtype.size)
+        var converted = dtype == .f32 ? [] : [UInt8](repeating: 0, count: min(chunk, total))
+        try m.withUnsafeBufferPointer { values in
+            var offset = 0
+            repeat {
+                let n = min(chunk, total - offset)
+                let data: UnsafeRawBufferPointer
+                if dtype == .f32 {
+                    data = UnsafeRawBufferPointer(start: UnsafeRawPointer(values.baseAddress!) + offset, count: n)
+                } else {
+                    converted.withUnsafeMutableBytes { out in
+                        let first = offset / 2
+                        for i in 0..<(n / 2) {
+                            let bits = dtype == .f16 ? HalfPrecision.floatToFP16(values[first + i]) : HalfPrecision.floatToBF16(values[first + i])
+                            out.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
+                        }
+                    }
+                    data = converted.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }
+                }
+                var prefix = ByteWriter()
+                prefix.u32(stream)
+                prefix.u64(UInt64(offset))
+                let crc = prefix.data.withUnsafeBytes { p in CRC32C.checksum(data, continuing: CRC32C.checksum(p)) }
+                let header = FrameHeader(version: Protocol.version, type: MessageType.tensorChunk.rawValue, flags: 0,
+                                         length: UInt64(prefix.data.count + n), checksum: crc)
+                try sendBytes(header.encoded() + prefix.data)
+                try sendBytes(data)
+                offset += n
+            } while offset < total
+        }
     }
 
-    /// Receives one tensor (header, then chunks).
+    func sendBytes(_ data: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < data.count {
+            let n = Glibc.send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw WireError.connection("\(peer): send failed: \(errnoText())")
+            }
+            done += n
+        }
+    }
+
+    /// Plain bytes without framing, for the transfer benchmark's baseline.
+    public func sendRawForBenchmark(_ bytes: [UInt8]) throws { try sendBytes(bytes) }
+
+    /// Reads exactly `buffer.count` plain bytes, for the transfer benchmark's baseline.
+    public func receiveRawForBenchmark(into buffer: inout [UInt8]) throws {
+        let n = buffer.count
+        try buffer.withUnsafeMutableBytes { try readExact($0.baseAddress!, n, what: "raw bytes") }
+    }
+
+    /// Receives one tensor (header, then chunks). f32 chunks are read straight into the
+    /// tensor's storage and checksummed there; f16/bf16 chunks are decoded from the receive buffer.
     public func receiveTensor() throws -> (name: String, matrix: Matrix) {
         var assembler = try TensorAssembler(header: try receive())
-        while !assembler.isComplete { try assembler.add(try receive()) }
+        while !assembler.isComplete {
+            let h = try receiveHeader()
+            guard h.type == MessageType.tensorChunk.rawValue else {
+                throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
+            }
+            guard h.length >= 12 else { throw WireError.truncated(what: "tensor-chunk message, field 'offset'", needed: 12, available: Int(h.length)) }
+            if assembler.dtype == .f32 {
+                var prefix = [UInt8](repeating: 0, count: 12)
+                try prefix.withUnsafeMutableBytes { try readExact($0.baseAddress!, 12, what: "tensor-chunk prefix") }
+                let (stream, offset) = try prefix.withUnsafeBytes { raw -> (UInt32, UInt64) in
+                    var c = ByteCursor(raw, message: "tensor-chunk")
+                    return (try c.u32("stream"), try c.u64("offset"))
+                }
+                let computed = try assembler.receiveInPlace(stream: stream, offset: offset, byteCount: Int(h.length) - 12,
+                                                            prefixChecksum: CRC32C.checksum(prefix)) { region in
+                    if region.count > 0 { try readExact(region.baseAddress!, region.count, what: "tensor-chunk payload") }
+                }
+                guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
+            } else {
+                let payload = try receivePayload(h)
+                var r = ByteCursor(payload, message: "tensor-chunk")
+                let stream = try r.u32("stream"), offset = try r.u64("offset")
+                try assembler.add(stream: stream, offset: offset, bytes: try r.raw(r.remaining, "bytes"))
+            }
+        }
         return (assembler.name, try assembler.matrix())
     }
 }

@@ -242,6 +242,11 @@ public struct TensorAssembler {
         guard case .tensorChunk(let stream, let offset, let bytes) = chunk else {
             throw WireError.unexpectedMessage(expected: "tensor-chunk", found: chunk.type.description)
         }
+        try bytes.withUnsafeBytes { try add(stream: stream, offset: offset, bytes: $0) }
+    }
+
+    /// Adds a chunk's bytes straight from a receive buffer (no intermediate message).
+    public mutating func add(stream: UInt32, offset: UInt64, bytes: UnsafeRawBufferPointer) throws {
         guard stream == self.stream else {
             throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
         }
@@ -253,20 +258,47 @@ public struct TensorAssembler {
                                       detail: "has \(bytes.count) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
         }
         let first = received / dtype.size
+        let n = bytes.count / dtype.size
         let dtype = self.dtype
         values.withUnsafeMutableBufferPointer { dst in
-            bytes.withUnsafeBytes { src in
-                let n = bytes.count / dtype.size
-                for i in 0..<n {
-                    switch dtype {
-                    case .f32: dst[first + i] = Float(bitPattern: UInt32(littleEndian: src.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)))
-                    case .f16: dst[first + i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)))
-                    case .bf16: dst[first + i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self)))
-                    }
-                }
+            switch dtype {
+            case .f32:
+                // Little-endian host: the wire bytes are the floats.
+                if n > 0 { UnsafeMutableRawPointer(dst.baseAddress! + first).copyMemory(from: bytes.baseAddress!, byteCount: n * 4) }
+            case .f16:
+                for i in 0..<n { dst[first + i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
+            case .bf16:
+                for i in 0..<n { dst[first + i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
             }
         }
         received += bytes.count
+    }
+
+    /// For f32 tensors: checks a chunk's stream, offset and size, then lets `fill` write its
+    /// `byteCount` bytes straight into the tensor's storage (no staging copy). Returns the CRC32C
+    /// of the frame payload, continuing from `prefixChecksum` (the CRC of the bytes before the
+    /// data). A chunk whose checksum then fails is an error and the tensor is discarded.
+    public mutating func receiveInPlace(stream: UInt32, offset: UInt64, byteCount n: Int, prefixChecksum: UInt32,
+                                        fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> UInt32 {
+        precondition(dtype == .f32)
+        guard stream == self.stream else {
+            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
+        }
+        guard offset == UInt64(received) else {
+            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
+        }
+        guard n <= byteCount - received, n % 4 == 0 else {
+            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
+                                      detail: "has \(n) bytes; \(byteCount - received) of tensor '\(name)' remain, in 4-byte elements")
+        }
+        let start = received
+        let crc = try values.withUnsafeMutableBufferPointer { dst -> UInt32 in
+            let region = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(dst.baseAddress!) + start, count: n)
+            try fill(region)
+            return CRC32C.checksum(UnsafeRawBufferPointer(region), continuing: prefixChecksum)
+        }
+        received += n
+        return crc
     }
 
     /// The tensor, once every byte has arrived.
