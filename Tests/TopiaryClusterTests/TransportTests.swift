@@ -86,9 +86,10 @@ final class TransportTests: XCTestCase {
         let m = Matrix(rows: 16, cols: 16, values: (0..<256).map(Float.init))
         var bytes = TensorStream.messages(m, name: "t", stream: 1, chunkBytes: 512).flatMap { $0.frame().encoded() }
         bytes[bytes.count - 100] ^= 0x40
+        let corrupted = bytes
         let sender = DispatchGroup()
         DispatchQueue.global().async(group: sender) {
-            if let c = try? listener.accept(timeout: 20) { try? c.sendRawForBenchmark(bytes); usleep(200_000); c.close() }
+            if let c = try? listener.accept(timeout: 20) { try? c.sendRawForBenchmark(corrupted); usleep(200_000); c.close() }
         }
         let c = try Connection.connect(to: listener.endpoint)
         XCTAssertThrowsError(try c.receiveTensor()) { e in
