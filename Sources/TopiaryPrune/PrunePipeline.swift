@@ -24,7 +24,10 @@ public struct PruneJob: Sendable {
         self.workDirectory = workDirectory
     }
 
-    public func prunes(_ block: Int) -> Bool { layers?.contains(block) ?? true }
+    /// Runs every block dense (the dense pass that gives ADMM its boundary targets).
+    public var denseOnly = false
+
+    public func prunes(_ block: Int) -> Bool { !denseOnly && (layers?.contains(block) ?? true) }
 
     /// Calibration windows (a worker that receives activations knows only their number).
     public var samples: Int { calibration.count }

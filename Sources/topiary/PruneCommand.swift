@@ -72,7 +72,10 @@ enum PruneCommand: Command {
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
-        OptionSpec(name: "coordination", value: "MODE", help: "sequential (default): each worker starts from the previous one's pruned activations"),
+        OptionSpec(name: "coordination", value: "MODE", help: "sequential (default; bit-identical to one process) or admm"),
+        OptionSpec(name: "rounds", value: "R", help: "ADMM: most rounds (default: the number of workers)"),
+        OptionSpec(name: "rho", value: "X", help: "ADMM: weight of the neighbour's output against the dense target (default: infinite)"),
+        OptionSpec(name: "tolerance", value: "E", help: "ADMM: stop when every boundary residual is at most E (default 0)"),
         OptionSpec(name: "secret-file", value: "F", help: "shared secret for workers (or TOPIARY_SECRET); --workers makes its own"),
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
@@ -171,9 +174,18 @@ enum PruneCommand: Command {
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
-        if let mode = args.string("coordination"), Coordination(rawValue: mode) == nil {
-            throw UsageError(message: "topiary prune: --coordination must be one of \(Coordination.allCases.map(\.rawValue).joined(separator: ", ")), got '\(mode)'")
+        let coordinationName = args.string("coordination") ?? "sequential"
+        guard let coordination = Coordination(rawValue: coordinationName) else {
+            throw UsageError(message: "topiary prune: --coordination must be one of \(Coordination.allCases.map(\.rawValue).joined(separator: ", ")), got '\(coordinationName)'")
         }
+        let rounds = try args.int("rounds", min: 1)
+        let rho = try args.double("rho")
+        let tolerance = try args.double("tolerance")
+        if coordination != .admm && (rounds != nil || rho != nil || tolerance != nil) {
+            throw UsageError(message: "topiary prune: --rounds, --rho and --tolerance apply to --coordination admm only")
+        }
+        if let rho, !(rho > 0) { throw UsageError(message: "topiary prune: --rho must be positive, got \(rho)") }
+        if let tolerance, tolerance < 0 { throw UsageError(message: "topiary prune: --tolerance must not be negative") }
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
         defer { cluster.shutdown() }
         let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links)
@@ -189,7 +201,22 @@ enum PruneCommand: Command {
         Console.info("pruning \(model.path): \(method.rawValue) \(pattern), \(windows.count) calibration windows of \(seqlen) tokens, seed \(seed)")
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal)
         let pruneStart = Date()
-        let reports = try coordinator.run { block, report in progress.blockDone(block, report: report) }
+        var admmRounds: [ADMMRound] = []
+        let reports: [BlockReport]
+        if coordination == .admm {
+            let options = ADMMOptions(rounds: rounds ?? partitions.count, rho: rho ?? .infinity, tolerance: tolerance ?? 0)
+            Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
+            (reports, admmRounds) = try coordinator.runADMM(options: options, progress: { block, report in
+                progress.blockDone(block, report: report)
+            }, round: { r in
+                progress.finish()
+                progress.reset()
+                Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f", r.round,
+                                    r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError))
+            })
+        } else {
+            reports = try coordinator.run { block, report in progress.blockDone(block, report: report) }
+        }
         let pruneSeconds = elapsed(since: pruneStart)
         progress.finish()
 
@@ -216,11 +243,16 @@ enum PruneCommand: Command {
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
             "sparsegpt": ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp],
             "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
-            "coordination": args.string("coordination") ?? "sequential",
+            "coordination": coordination.rawValue,
             "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
             "perplexity_dense": perplexityDense.map { $0 as Any } ?? NSNull(),
             "perplexity": perplexity.map { $0 as Any } ?? NSNull(),
         ]
+        if coordination == .admm {
+            summary["admm"] = ["rho": (rho ?? .infinity).isInfinite ? "inf" as Any : rho! as Any, "tolerance": tolerance ?? 0,
+                               "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
+                                                           "objective": $0.objective] as [String: Any] }]
+        }
         if let o = sparseLLM {
             summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
                                     "targets": targets.rawValue, "ridge": o.ridge]
@@ -352,4 +384,7 @@ final class Progress {
     func finish() {
         if !json { FileHandle.standardError.write(Data("\n".utf8)) }
     }
+
+    /// Starts counting again (a new ADMM round).
+    func reset() { done = 0 }
 }

@@ -62,6 +62,28 @@ final class DistributedCLITests: XCTestCase {
         XCTAssertTrue(refused.stderr.contains("did not prove knowledge of the shared secret"), refused.stderr)
     }
 
+    /// ADMM with as many rounds as partitions (and the default ρ = ∞) ends on the sequential
+    /// result: residuals fall to zero and the weights are identical; fewer rounds differ.
+    func testADMMWithRoundsEqualToPartitionsEqualsSequential() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let single = try CLI.run(args(dir.appendingPathComponent("single").path))
+        let admm = try CLI.run(args(dir.appendingPathComponent("admm").path) + ["--workers", "3", "--coordination", "admm"])
+        XCTAssertEqual(admm.status, 0, admm.stderr)
+        XCTAssertEqual(admm.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
+        let rounds = (admm.json?["admm"] as? [String: Any])?["rounds"] as? [[String: Any]] ?? []
+        XCTAssertEqual(rounds.count, 3)
+        XCTAssertEqual(rounds.last?["residuals"] as? [Double], [0, 0])
+        XCTAssertGreaterThan((rounds.first?["residuals"] as? [Double])?.first ?? 0, 0)
+        let short = try CLI.run(args(dir.appendingPathComponent("short").path) + ["--workers", "3", "--coordination", "admm", "--rounds", "2"])
+        XCTAssertEqual(short.status, 0, short.stderr)
+        XCTAssertNotEqual(short.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
+        // A finite rho blends in the dense target and runs too.
+        let blended = try CLI.run(args(dir.appendingPathComponent("rho").path) + ["--workers", "2", "--coordination", "admm", "--rho", "4", "--rounds", "3"])
+        XCTAssertEqual(blended.status, 0, blended.stderr)
+        let bad = try CLI.run(args(dir.appendingPathComponent("bad").path) + ["--rounds", "2"])
+        XCTAssertEqual(bad.status, 2)
+    }
+
     func testWorkerWithoutSecretRefusesNonLoopbackAddresses() throws {
         let r = try CLI.run(["worker", "--listen", "0.0.0.0:0"], timeout: 30)
         XCTAssertEqual(r.status, 1)

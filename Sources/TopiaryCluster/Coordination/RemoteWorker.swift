@@ -16,11 +16,14 @@ struct Assignment: Codable {
     var first: Int
     var end: Int
     var hasTargets: Bool
+    var denseOnly: Bool
 
     func job(workDirectory: String) -> PruneJob {
         // The worker never tokenizes; RangePruner needs only the number of windows.
-        PruneJob(plan: plan, calibration: Array(repeating: [], count: samples), sequenceLength: sequenceLength,
-                 layers: layers.map { $0[0]...$0[1] }, memoryBudget: memoryBudget, workDirectory: workDirectory)
+        var job = PruneJob(plan: plan, calibration: Array(repeating: [], count: samples), sequenceLength: sequenceLength,
+                           layers: layers.map { $0[0]...$0[1] }, memoryBudget: memoryBudget, workDirectory: workDirectory)
+        job.denseOnly = denseOnly
+        return job
     }
 }
 
@@ -75,16 +78,23 @@ public final class RemoteWorker: WorkerLink {
         self.config = model.config
     }
 
-    public func run(_ range: Range<Int>, job: PruneJob, from boundary: Boundary,
-                    onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
+    private var pending: PruneJob?
+
+    public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
         let assignment = Assignment(
             modelPath: modelPath, tokenizerPath: tokenizerPath, plan: job.plan, sequenceLength: job.sequenceLength,
             samples: job.samples, layers: job.layers.map { [$0.lowerBound, $0.upperBound] }, memoryBudget: job.memoryBudget,
-            first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil)
+            first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil, denseOnly: job.denseOnly)
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         try connection.send(.assign(job: Array(try encoder.encode(assignment)), tensors: BoundaryTransfer.tensorCount(boundary)))
         try BoundaryTransfer.send(boundary, over: connection)
+        pending = job
+    }
+
+    public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
+        guard let job = pending else { preconditionFailure("finish without start") }
+        pending = nil
         while true {
             switch try connection.receive() {
             case .blockResult(let index, let tensors, let reportJSON):
