@@ -66,6 +66,26 @@ enum CLI {
     }
 
     static func temporaryDirectory(_ test: XCTestCase) throws -> URL { try test.makeTemporaryDirectory("topiary-cli") }
+
+    /// Starts a `topiary worker` (through `launcher`, e.g. `ip netns exec NS`, when given) and
+    /// returns it with the address from its first line, "listening on HOST:PORT".
+    static func startWorker(_ arguments: [String], launcher: [String] = []) throws -> (Process, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: launcher.first ?? binary)
+        p.arguments = launcher.isEmpty ? ["worker"] + arguments : Array(launcher.dropFirst()) + [binary, "worker"] + arguments
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        var line = Data()
+        while !line.contains(UInt8(ascii: "\n")) {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            line.append(chunk)
+        }
+        let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return (p, text.hasPrefix("listening on ") ? String(text.dropFirst("listening on ".count)) : "")
+    }
 }
 
 /// Builds small GGUF files for tests, with control over every header field.

@@ -32,23 +32,10 @@ final class DistributedCLITests: XCTestCase {
         var endpoints: [String] = []
         defer { for w in workers where w.isRunning { w.terminate(); w.waitUntilExit() } }
         for host in ["127.0.0.2", "127.0.0.3"] {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: CLI.binary)
-            p.arguments = ["worker", "--listen", "\(host):0", "--secret-file", secretFile]
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let (p, endpoint) = try CLI.startWorker(["--listen", "\(host):0", "--secret-file", secretFile])
             workers.append(p)
-            var line = Data()
-            while !line.contains(UInt8(ascii: "\n")) {
-                let chunk = out.fileHandleForReading.availableData
-                if chunk.isEmpty { break }
-                line.append(chunk)
-            }
-            let text = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            XCTAssertTrue(text.hasPrefix("listening on \(host):"), text)
-            endpoints.append(String(text.dropFirst("listening on ".count)))
+            XCTAssertTrue(endpoint.hasPrefix("\(host):"), endpoint)
+            endpoints.append(endpoint)
         }
         let single = try CLI.run(args(dir.appendingPathComponent("single").path))
         let remote = try CLI.run(args(dir.appendingPathComponent("remote").path) + ["--hosts", endpoints.joined(separator: ","), "--secret-file", secretFile])

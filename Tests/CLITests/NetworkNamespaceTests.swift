@@ -54,22 +54,11 @@ final class NetworkNamespaceTests: XCTestCase {
         defer { for w in workers where w.isRunning { w.terminate() } }
         var endpoints: [String] = []
         for (ns, host) in zip(namespaces, hosts) {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-            p.arguments = ["netns", "exec", ns, CLI.binary, "worker", "--listen", "\(host):7100", "--secret-file", secretFile]
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = FileHandle.nullDevice
-            try p.run()
+            let (p, endpoint) = try CLI.startWorker(["--listen", "\(host):7100", "--secret-file", secretFile],
+                                                    launcher: ["/usr/sbin/ip", "netns", "exec", ns])
             workers.append(p)
-            var line = Data()
-            while !line.contains(UInt8(ascii: "\n")) {
-                let chunk = out.fileHandleForReading.availableData
-                if chunk.isEmpty { break }
-                line.append(chunk)
-            }
-            XCTAssertEqual(String(decoding: line, as: UTF8.self), "listening on \(host):7100\n")
-            endpoints.append("\(host):7100")
+            XCTAssertEqual(endpoint, "\(host):7100")
+            endpoints.append(endpoint)
         }
         let base = ["prune", "--model", CLI.asset("stories260K/stories260K.bin"), "--tokenizer", CLI.asset("stories260K/tok512.bin"),
                     "--method", "wanda", "--sparsity", "0.5", "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
