@@ -12,6 +12,7 @@ enum PruneCommand: Command {
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm (--sparsity S | --pattern N:M)
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
+                  [--workers N | --hosts H:P,...] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
     """
     static let details = """
     Calibration: --calib-samples windows of --calib-seqlen tokens drawn from --calib, a UTF-8
@@ -43,8 +44,13 @@ enum PruneCommand: Command {
     cost, one per worker, printed before the run and recorded in report.json. With
     --coordination sequential each worker starts from the previous worker's pruned boundary
     activations, so the result equals the single-process run byte for byte. Without either
-    option the same coordinator runs one in-process worker. Workers read the model from its path
-    (a shared filesystem, as on HPC clusters).
+    option the same coordinator runs one in-process worker. With --coordination admm a dense pass
+    through the workers gives every boundary its dense activations; then each round all workers
+    prune in parallel from their boundary inputs, and the coordinator moves each boundary to the
+    left neighbour's pruned output (--rho infinite, the default) or a blend with the dense target
+    and a scaled dual (finite --rho), until every residual is at most --tolerance or --rounds
+    (default: the number of workers) are done; residuals per round go to report.json. Workers
+    read the model from its path (a shared filesystem, as on HPC clusters).
 
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
     """
