@@ -225,20 +225,34 @@ extension Matrix: CustomStringConvertible {
     public var description: String { "Matrix(\(rows)x\(cols))" }
 }
 
-/// Owned storage of a matrix: 64-byte aligned for SIMD and BLAS.
+/// Owned storage of a matrix: 64-byte aligned for SIMD and BLAS, zero-filled.
+/// Large buffers are fresh anonymous mappings, which the kernel hands out already zeroed, so
+/// they cost no zero-filling pass and go back to the system as soon as they are freed.
 @usableFromInline
 final class Storage: @unchecked Sendable {
     @usableFromInline let pointer: UnsafeMutablePointer<Float>
     @usableFromInline let count: Int
+    private let mappedBytes: Int
+
+    static let mapThreshold = 1 << 20
 
     @usableFromInline init(count: Int) {
         self.count = count
-        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * MemoryLayout<Float>.stride, alignment: 64)
-        raw.initializeMemory(as: UInt8.self, repeating: 0, count: max(count, 1) * MemoryLayout<Float>.stride)
-        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        let bytes = max(count, 1) * MemoryLayout<Float>.stride
+        if bytes >= Self.mapThreshold, let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
+            mappedBytes = bytes
+            pointer = p.bindMemory(to: Float.self, capacity: max(count, 1))
+        } else {
+            mappedBytes = 0
+            let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
+            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+            pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        }
     }
 
-    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
+    deinit {
+        if mappedBytes > 0 { munmap(UnsafeMutableRawPointer(pointer), mappedBytes) } else { UnsafeMutableRawPointer(pointer).deallocate() }
+    }
 }
 
 #if canImport(Glibc)
