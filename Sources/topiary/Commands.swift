@@ -160,8 +160,9 @@ enum ConvertCommand: Command {
     Writes config.json, model.safetensors (sharded above 5 GiB, with model.safetensors.index.json),
     generation_config.json and, when the source has a tokenizer, tokenizer.json. Q and K rows are
     written in Hugging Face's rotate-half RoPE layout, so transformers and other tools load the
-    result directly. Quantised GGUF weights are written dequantised. Every file is written to a
-    temporary name, synced and renamed, so an interrupted run leaves no half-written file.
+    result directly. Quantised GGUF weights are written dequantised. The directory is written
+    beside DIR under a temporary name and renamed at the end, so an interrupted run leaves
+    nothing under DIR.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -175,10 +176,16 @@ enum ConvertCommand: Command {
         try CommonOptions.apply(args)
         let output = try args.required("output")
         let dtype = try parseDType(args.string("dtype"))
-        try OutputDirectory.prepare(output, overwrite: args.flag("overwrite"))
+        let overwrite = args.flag("overwrite")
+        try OutputDirectory.check(output, overwrite: overwrite)
         let model = try CommonOptions.openModel(args)
         let start = Date()
-        let files = try HuggingFaceExport.write(model: model, to: output, dtype: dtype)
+        // Staged beside the output and renamed at the end: an interrupted run leaves nothing under DIR.
+        let staging = OutputDirectory.stagingPath(for: output)
+        try? FileManager.default.removeItem(atPath: staging)
+        let written = try HuggingFaceExport.write(model: model, to: staging, dtype: dtype)
+        try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
+        let files = written.map { (output as NSString).appendingPathComponent(($0 as NSString).lastPathComponent) }
         let seconds = elapsed(since: start)
         print("wrote \(output) (\(files.count) weight file\(files.count == 1 ? "" : "s"), \(dtype.rawValue), \(formatSeconds(seconds)))")
         if args.flag("json") {
@@ -215,18 +222,8 @@ enum OutputDirectory {
         }
     }
 
-    static func prepare(_ path: String, overwrite: Bool) throws {
-        var isDir: ObjCBool = false
-        if FileManager.default.fileExists(atPath: path, isDirectory: &isDir) {
-            guard isDir.boolValue else { throw ToolError("\(path): exists and is not a directory") }
-            let contents = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-            if !contents.isEmpty && !overwrite {
-                throw ToolError("\(path): output directory exists and is not empty (pass --overwrite to write into it)")
-            }
-        } else {
-            do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) } catch {
-                throw ToolError("\(path): cannot create output directory: \(error.localizedDescription)")
-            }
-        }
+    /// Where a run stages its output before renaming it into place.
+    static func stagingPath(for output: String) -> String {
+        (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".partial-\(getpid())"
     }
 }

@@ -234,7 +234,7 @@ enum PruneCommand: Command {
         }
 
         // Write into a staging directory, then rename: nothing half-written appears under DIR.
-        let staging = (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".partial-\(getpid())"
+        let staging = OutputDirectory.stagingPath(for: output)
         try? FileManager.default.removeItem(atPath: staging)
         let files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: dtype)
         let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })

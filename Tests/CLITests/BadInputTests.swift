@@ -116,3 +116,27 @@ final class HelpTests: XCTestCase {
         XCTAssertEqual(bad.status, 2)
     }
 }
+
+final class ConvertCLITests: XCTestCase {
+    func testConvertThenEvalGivesTheSamePerplexity() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("hf").path
+        let model = CLI.asset("stories260K/stories260K.bin"), tok = CLI.asset("stories260K/tok512.bin")
+        let text = CLI.asset("public-domain-text/wizard_of_oz.txt")
+        let c = try CLI.run(["convert", "--model", model, "--tokenizer", tok, "--output", out, "--json"])
+        XCTAssertEqual(c.status, 0, c.stderr)
+        XCTAssertEqual(c.json?["files"] as? [String], [out + "/model.safetensors"])
+        for f in ["config.json", "generation_config.json", "tokenizer.json", "model.safetensors"] {
+            XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/" + f), f)
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path), ["hf"])
+        let a = try CLI.run(["eval", "--model", model, "--tokenizer", tok, "--text", text, "--seqlen", "256", "--windows", "4", "--json"])
+        let b = try CLI.run(["eval", "--model", out, "--text", text, "--seqlen", "256", "--windows", "4", "--json"])
+        let pa = try XCTUnwrap(a.json?["perplexity"] as? Double), pb = try XCTUnwrap(b.json?["perplexity"] as? Double)
+        XCTAssertEqual(pa, pb, accuracy: pa * 1e-5)
+        // A second convert into the same, now non-empty directory needs --overwrite.
+        let again = try CLI.run(["convert", "--model", model, "--tokenizer", tok, "--output", out])
+        XCTAssertEqual(again.status, 1)
+        XCTAssertTrue(again.stderr.contains("--overwrite"))
+    }
+}
