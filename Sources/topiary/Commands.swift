@@ -4,7 +4,7 @@ import TopiaryTensor
 import TopiaryTokenizers
 
 /// A `topiary` subcommand.
-protocol Command {
+protocol Command: Sendable {
     static var name: String { get }
     static var summary: String { get }
     static var usage: String { get }
