@@ -338,7 +338,7 @@ public final class Listener: @unchecked Sendable {
             var storage = sockaddr_storage()
             var len = socklen_t(MemoryLayout<sockaddr_storage>.size)
             let port: UInt16 = withUnsafeMutablePointer(to: &storage) { p in
-                p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+                _ = p.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
                 if Int32(p.pointee.ss_family) == AF_INET6 {
                     return p.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { UInt16(bigEndian: $0.pointee.sin6_port) }
                 }
@@ -373,6 +373,7 @@ public final class Listener: @unchecked Sendable {
                 getnameinfo($0, len, &host, socklen_t(host.count), &serv, socklen_t(serv.count), NI_NUMERICHOST | NI_NUMERICSERV)
             }
         }
-        return Connection(fd: client, peer: "\(String(cString: host)):\(String(cString: serv))", timeout: connectionTimeout, maxFrameBytes: maxFrameBytes)
+        func text(_ chars: [CChar]) -> String { String(decoding: chars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+        return Connection(fd: client, peer: "\(text(host)):\(text(serv))", timeout: connectionTimeout, maxFrameBytes: maxFrameBytes)
     }
 }
