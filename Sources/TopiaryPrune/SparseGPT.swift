@@ -136,9 +136,8 @@ public enum SparseGPTPruner {
                                 rowLoss += (v - q) * (v - q) / (d * d)
                                 e[i] = e_i
                                 row[i] = q
-                                if e_i != 0 {
-                                    let hrow = ph.baseAddress! + i * count
-                                    for j in (i + 1)..<count { row[j] -= e_i * hrow[j] }
+                                if e_i != 0 && i + 1 < count {
+                                    Kernels.axpy(-e_i, ph.baseAddress! + i * count + i + 1, row + i + 1, count - i - 1)
                                 }
                             }
                             loss += Double(rowLoss) / 2

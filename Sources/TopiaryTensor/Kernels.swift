@@ -130,6 +130,21 @@ public enum Kernels {
         while i < n { y[i] += x[i]; i += 1 }
     }
 
+    /// y[i] += alpha * x[i] (SIMD; `x` and `y` must not overlap).
+    @inlinable
+    public static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
+        var i = 0
+        let rx = UnsafeRawPointer(x)
+        let ry = UnsafeMutableRawPointer(y)
+        let a = Vec(repeating: alpha)
+        while i + 16 <= n {
+            let v = ry.loadUnaligned(fromByteOffset: i * 4, as: Vec.self) + a * rx.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
+            ry.storeBytes(of: v, toByteOffset: i * 4, as: Vec.self)
+            i += 16
+        }
+        while i < n { y[i] += alpha * x[i]; i += 1 }
+    }
+
     /// Adds `bias` (length cols) to every row.
     public static func addBias(_ bias: UnsafePointer<Float>, to p: UnsafeMutablePointer<Float>, rows: Int, cols: Int) {
         for r in 0..<rows { add(bias, into: p + r * cols, cols) }

@@ -119,12 +119,15 @@ public enum Linalg {
 
     /// Cholesky factor of a symmetric positive definite matrix: `upper` gives U with A = UᵀU,
     /// otherwise L with A = LLᵀ. The other triangle of the result is zero.
+    /// (Symmetric inputs read the same in either storage order, so LAPACK is called in its native
+    /// column-major order with the triangle flipped: row-major U is column-major L. That spares
+    /// LAPACKE's transposed copies in and out.)
     public static func cholesky(_ a: Matrix, upper: Bool, what: String = "cholesky") throws -> Matrix {
         precondition(a.rows == a.cols, "cholesky of a non-square \(a.rows)x\(a.cols) matrix")
         var f = a
         let n = a.rows
         let info = f.withUnsafeMutableBufferPointer { p -> Int32 in
-            LAPACKE_spotrf(LAPACK_ROW_MAJOR, upper ? 85 : 76, Int32(n), p.baseAddress, Int32(n))
+            LAPACKE_spotrf(LAPACK_COL_MAJOR, upper ? 76 : 85, Int32(n), p.baseAddress, Int32(n))
         }
         if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
         precondition(info == 0, "spotrf: illegal argument \(-info)")
@@ -140,7 +143,7 @@ public enum Linalg {
         var f = try cholesky(a, upper: false, what: what)
         let n = a.rows
         let info = f.withUnsafeMutableBufferPointer { p -> Int32 in
-            LAPACKE_spotri(LAPACK_ROW_MAJOR, 76, Int32(n), p.baseAddress, Int32(n))
+            LAPACKE_spotri(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
         }
         if info > 0 { throw LinalgError.singular(what: what, info: Int(info)) }
         f.withUnsafeMutableBufferPointer { p in
@@ -188,11 +191,11 @@ public enum Linalg {
         precondition(a.rows == a.cols)
         var d = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
         var info = d.withUnsafeMutableBufferPointer { p in
-            LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 76, Int32(n), p.baseAddress, Int32(n))
+            LAPACKE_dpotrf(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
         }
         if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
         info = d.withUnsafeMutableBufferPointer { p in
-            LAPACKE_dpotri(LAPACK_ROW_MAJOR, 76, Int32(n), p.baseAddress, Int32(n))
+            LAPACKE_dpotri(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
         }
         if info > 0 { throw LinalgError.singular(what: what, info: Int(info)) }
         return Matrix(rows: n, cols: n) { out in
