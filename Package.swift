@@ -31,7 +31,7 @@ let package = Package(
         .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
         .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
-        .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor"]),
+        .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),

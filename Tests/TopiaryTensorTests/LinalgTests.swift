@@ -1,18 +1,12 @@
 import XCTest
+import TopiaryTestSupport
 @testable import TopiaryTensor
 
-/// Small deterministic generator for test data (SplitMix64).
+/// Deterministic test data.
 struct TestRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func uniform() -> Float { Float(next() >> 40) / Float(1 << 24) * 2 - 1 }
+    var generator: SplitMix
+    init(seed: UInt64) { generator = SplitMix(seed: seed) }
+    mutating func uniform() -> Float { generator.uniform() }
     mutating func matrix(_ r: Int, _ c: Int) -> Matrix {
         Matrix(rows: r, cols: c, values: (0..<(r * c)).map { _ in uniform() })
     }

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TopiaryTestSupport
 @testable import TopiaryTokenizers
 
 /// The hand-written pattern matchers against ICU's regular expressions on the same patterns.
