@@ -80,6 +80,27 @@ final class TransportTests: XCTestCase {
         XCTAssertEqual(server.wait(timeout: .now() + 20), .success)
     }
 
+    /// f16 and bf16 tensors over a socket, in several chunks, decode to the rounded values.
+    func testHalfPrecisionTensorsOverLoopback() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let m = Matrix(rows: 40, cols: 30, values: (0..<1200).map { Float($0) * 0.37 - 200 })
+        let sender = DispatchGroup()
+        DispatchQueue.global().async(group: sender) {
+            if let c = try? listener.accept(timeout: 20) {
+                try? c.sendTensor(m, name: "h", stream: 1, dtype: .f16, chunkBytes: 256)
+                try? c.sendTensor(m, name: "b", stream: 2, dtype: .bf16, chunkBytes: 256)
+                usleep(200_000)
+                c.close()
+            }
+        }
+        let c = try Connection.connect(to: listener.endpoint)
+        let h = try c.receiveTensor(), b = try c.receiveTensor()
+        XCTAssertEqual(h.matrix, try { var a = try TensorAssembler(header: TensorStream.messages(m, name: "h", dtype: .f16, stream: 1)[0]); for msg in TensorStream.messages(m, name: "h", dtype: .f16, stream: 1).dropFirst() { try a.add(msg) }; return try a.matrix() }())
+        XCTAssertLessThan(h.matrix.maxAbsDifference(m), 0.1)
+        XCTAssertLessThan(b.matrix.maxAbsDifference(m), 1.0)
+        XCTAssertEqual(sender.wait(timeout: .now() + 20), .success)
+    }
+
     /// A corrupted byte inside a tensor chunk is caught by the CRC on the in-place receive path.
     func testCorruptedTensorChunkIsRefused() throws {
         let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))

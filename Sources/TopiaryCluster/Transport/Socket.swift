@@ -239,11 +239,7 @@ public final class Connection: @unchecked Sendable {
                     data = UnsafeRawBufferPointer(start: UnsafeRawPointer(values.baseAddress!) + offset, count: n)
                 } else {
                     converted.withUnsafeMutableBytes { out in
-                        let first = offset / 2
-                        for i in 0..<(n / 2) {
-                            let bits = dtype == .f16 ? HalfPrecision.floatToFP16(values[first + i]) : HalfPrecision.floatToBF16(values[first + i])
-                            out.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
-                        }
+                        TensorStream.writeHalf(UnsafeBufferPointer(rebasing: values[(offset / 2)..<(offset / 2 + n / 2)]), dtype: dtype, into: out)
                     }
                     data = converted.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }
                 }

@@ -194,19 +194,19 @@ public enum TensorStream {
 
     static func encode(_ m: Matrix, dtype: WireDType) -> [UInt8] {
         m.withUnsafeBufferPointer { p in
-            switch dtype {
-            case .f32:
-                return Array(UnsafeRawBufferPointer(p))
-            case .f16, .bf16:
-                var out = [UInt8](repeating: 0, count: p.count * 2)
-                out.withUnsafeMutableBytes { raw in
-                    for i in 0..<p.count {
-                        let bits = dtype == .f16 ? HalfPrecision.floatToFP16(p[i]) : HalfPrecision.floatToBF16(p[i])
-                        raw.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
-                    }
-                }
-                return out
-            }
+            if dtype == .f32 { return Array(UnsafeRawBufferPointer(p)) }
+            var out = [UInt8](repeating: 0, count: p.count * 2)
+            out.withUnsafeMutableBytes { writeHalf(UnsafeBufferPointer(rebasing: p[...]), dtype: dtype, into: $0) }
+            return out
+        }
+    }
+
+    /// Writes `values` as little-endian f16 or bf16 bits into `out` (2 bytes each).
+    static func writeHalf(_ values: UnsafeBufferPointer<Float>, dtype: WireDType, into out: UnsafeMutableRawBufferPointer) {
+        precondition(dtype != .f32 && out.count >= values.count * 2)
+        for i in 0..<values.count {
+            let bits = dtype == .f16 ? HalfPrecision.floatToFP16(values[i]) : HalfPrecision.floatToBF16(values[i])
+            out.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
         }
     }
 }
