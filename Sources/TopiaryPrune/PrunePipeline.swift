@@ -152,6 +152,22 @@ public struct RangePruner: Sendable {
         return boundary
     }
 
+    /// Runs blocks `range` forward without pruning them: the inputs through each block as it was
+    /// pruned before (`pruned(i)`, asked only for blocks the job prunes; the others run dense), the
+    /// dense targets through the dense block. Gives bit for bit the activations that pruning
+    /// the range produced, so a resumed or reassigned run continues exactly where it stopped.
+    public func replay(_ range: Range<Int>, from start: Boundary, pruned: (Int) throws -> DecoderBlock) throws -> Boundary {
+        let rope = model.config.ropeTable(positions: job.sequenceLength)
+        var boundary = start
+        for i in range {
+            let dense = try model.loadBlock(i)
+            let block = job.prunes(i) ? try pruned(i) : dense
+            boundary.inputs = try forward(block, boundary.inputs, rope: rope)
+            if let t = boundary.targets { boundary.targets = try forward(dense, t, rope: rope) }
+        }
+        return boundary
+    }
+
     func forward(_ block: DecoderBlock, _ inputs: ActivationStore, rope: Kernels.RopeTable) throws -> ActivationStore {
         let outputs = inputs.makeSibling()
         for s in 0..<inputs.count {

@@ -57,7 +57,16 @@ struct ParsedArguments {
         }
     }
 
+    /// Options as data (a resumed run's, read back from run.json).
+    init(command: String, values: [String: String], flags: Set<String>) {
+        self.command = command
+        self.values = values
+        self.flags = flags
+    }
+
     func flag(_ name: String) -> Bool { flags.contains(name) }
+    var allValues: [String: String] { values }
+    var allFlags: Set<String> { flags }
     func string(_ name: String) -> String? { values[name] }
 
     func required(_ name: String) throws -> String {

@@ -67,7 +67,10 @@ enum PruneCommand: Command {
         OptionSpec(name: "overwrite", value: nil, help: "replace an existing, non-empty output directory"),
         OptionSpec(name: "layers", value: "A-B", help: "prune only blocks A..B (0-based, inclusive); the others stay dense"),
         OptionSpec(name: "memory-budget", value: "SIZE", help: "activation bytes kept in memory, e.g. 512M, 8G (default: a quarter of RAM)"),
-        OptionSpec(name: "run-dir", value: "DIR", help: "working directory for pruned blocks and spilled activations (default: OUTPUT.run)"),
+        OptionSpec(name: "run-dir", value: "DIR", help: "run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
+        OptionSpec(name: "resume", value: "DIR", help: "continue the run in DIR with its options (exit code 75 means: resume me)"),
+        OptionSpec(name: "heartbeat-interval", value: "S", help: "seconds between a busy worker's heartbeats (default 5)"),
+        OptionSpec(name: "heartbeat-timeout", value: "S", help: "silence after which a worker counts as lost (default 60)"),
         OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),
         OptionSpec(name: "percdamp", value: "F", help: "SparseGPT dampening, fraction of the mean Hessian diagonal (default 0.01)"),
         OptionSpec(name: "alpha", value: "A", help: "SparseLLM: weight of the pre-activation fit terms (default 5 LLaMA, 0.1 OPT)"),
@@ -89,7 +92,20 @@ enum PruneCommand: Command {
         CommonOptions.threads, CommonOptions.json,
     ]
 
-    static func run(_ args: ParsedArguments) throws {
+    static func run(_ given: ParsedArguments) throws {
+        // A resumed run takes its options from run.json; those given now may only change how it
+        // runs (workers, threads, ...), not what it computes.
+        var args = given
+        var resumed: (run: RunDirectory, manifest: [String: Any])?
+        if let directory = given.string("resume") {
+            let (merged, run, manifest) = try RunSupport.resumedArguments(given, directory: directory)
+            args = merged
+            resumed = (run, manifest)
+            if try run.events.read().contains(where: { $0["event"] as? String == "complete" }) {
+                print("the run in \(directory) is already complete; its output is \(args.string("output") ?? "?")")
+                return
+            }
+        }
         try CommonOptions.apply(args)
         let started = Date()
         // Options first, so that a mistake is reported before any work.
@@ -166,7 +182,22 @@ enum PruneCommand: Command {
         }
 
         let runDir = args.string("run-dir") ?? (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".run"
-        let store = try BlockFileStore(directory: (runDir as NSString).appendingPathComponent("blocks"))
+        let run: RunDirectory
+        if let resumed {
+            run = resumed.run
+            try RunSupport.checkInputs(resumed.manifest, modelPath: model.path, calibPath: calibPath, directory: runDir)
+        } else {
+            run = try RunDirectory(path: runDir)
+            if run.hasManifest {
+                if try run.events.read().contains(where: { $0["event"] as? String == "complete" }) {
+                    // A finished run has nothing to resume: start a new one in its place.
+                    for name in ["run.json", "events.jsonl", "report.json"] { try? FileManager.default.removeItem(atPath: (runDir as NSString).appendingPathComponent(name)) }
+                } else {
+                    throw ToolError("\(runDir): holds an unfinished run; continue it with 'topiary prune --resume \(runDir)', or remove the directory to start again")
+                }
+            }
+        }
+        let store = run.store
         var sparseLLM: SparseLLM.Options?
         if method == .sparsellm {
             var o = c.architecture == .llama ? SparseLLM.Options.llama : SparseLLM.Options.opt
@@ -192,11 +223,42 @@ enum PruneCommand: Command {
         }
         if let rho, !(rho > 0) { throw UsageError(message: "topiary prune: --rho must be positive, got \(rho)") }
         if let tolerance, tolerance < 0 { throw UsageError(message: "topiary prune: --tolerance must not be negative") }
+        let heartbeatInterval = try args.double("heartbeat-interval") ?? 5
+        let heartbeatTimeout = try args.double("heartbeat-timeout") ?? 60
+        guard heartbeatInterval > 0, heartbeatTimeout > heartbeatInterval else {
+            throw UsageError(message: "topiary prune: --heartbeat-timeout (\(heartbeatTimeout)) must be longer than --heartbeat-interval (\(heartbeatInterval)), both positive")
+        }
+        if resumed != nil && coordination == .admm {
+            throw UsageError(message: "topiary prune --resume: resuming --coordination admm runs is not supported yet (only sequential); start the run again")
+        }
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
         defer { cluster.shutdown() }
-        let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links)
+        for r in cluster.remotes {
+            r.heartbeatInterval = heartbeatInterval
+            r.connection.timeout = heartbeatTimeout
+        }
+        let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links, runDirectory: run)
+        coordinator.log = { Console.info($0) }
         let partitions = coordinator.plan()
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
+        let planJSON: [[String: Any]] = zip(partitions, cluster.links).enumerated().map { k, e in
+            var p: [String: Any] = ["first": e.0.lowerBound, "last": e.0.upperBound - 1, "worker": e.1.name]
+            if k < cluster.processes.count { p["pid"] = Int(cluster.processes[k].processIdentifier) }
+            return p
+        }
+        if resumed == nil {
+            try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planJSON))
+            try run.events.append("start", ["plan": planJSON, "blocks": c.layerCount])
+        } else {
+            let finished = try run.verifiedBlocks()
+            coordinator.finished = finished
+            try run.events.append("resume", ["plan": planJSON, "finished_blocks": finished.keys.sorted()])
+            Console.info("resuming \(runDir): \(finished.count) of \(c.layerCount) blocks already done")
+        }
+        let workerPIDs = cluster.processes.map(\.processIdentifier)
+        RunSupport.installSignalHandlers(events: run.events, directory: runDir) {
+            for pid in workerPIDs { kill(pid, SIGTERM) }
+        }
 
         var perplexityDense: Double?
         if let tokens = evalTokens {
@@ -272,9 +334,10 @@ enum PruneCommand: Command {
         report["seconds"] = elapsed(since: started)
         let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
         try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
+        try AtomicFile.write(reportData + Data("\n".utf8), to: run.reportPath)
         try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
-        try? FileManager.default.removeItem(atPath: store.directory)
-        try? FileManager.default.removeItem(atPath: runDir)
+        try run.events.append("complete", ["output": output, "output_sha256": sha])
+        run.removeCheckpoints()
 
         printSummaryTable(reports)
         var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", sparsity, formatSeconds(pruneSeconds))

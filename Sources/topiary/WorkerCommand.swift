@@ -143,6 +143,10 @@ final class WorkerPool {
         for r in remotes { r.shutdown() }
         for p in processes where p.isRunning {
             p.terminate()
+            // A worker that does not stop (hung, or stopped by a signal) is killed.
+            let deadline = Date().addingTimeInterval(2)
+            while p.isRunning && Date() < deadline { usleep(10_000) }
+            if p.isRunning { kill(p.processIdentifier, SIGKILL) }
             p.waitUntilExit()
         }
     }

@@ -181,3 +181,51 @@ struct GGUFBuilder {
         return b
     }
 }
+
+extension CLI {
+    /// Starts `topiary args...` in the background (output to files in `directory`), for tests that
+    /// signal it mid-run.
+    static func start(_ args: [String], environment: [String: String] = [:], directory: URL) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        p.environment = env
+        _ = FileManager.default.createFile(atPath: directory.appendingPathComponent("stdout.txt").path, contents: nil)
+        _ = FileManager.default.createFile(atPath: directory.appendingPathComponent("stderr.txt").path, contents: nil)
+        p.standardOutput = try FileHandle(forWritingTo: directory.appendingPathComponent("stdout.txt"))
+        p.standardError = try FileHandle(forWritingTo: directory.appendingPathComponent("stderr.txt"))
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        return p
+    }
+
+    /// Waits (at most `timeout` s) for the process to exit; fails the test and kills it otherwise.
+    static func wait(_ p: Process, timeout: TimeInterval = 300) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while p.isRunning && Date() < deadline { usleep(20_000) }
+        if p.isRunning {
+            kill(p.processIdentifier, SIGKILL)
+            XCTFail("process did not finish within \(timeout) s")
+        }
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+
+    /// The events of a run directory's events.jsonl.
+    static func events(_ runDirectory: String) -> [[String: Any]] {
+        guard let data = FileManager.default.contents(atPath: runDirectory + "/events.jsonl") else { return [] }
+        return data.split(separator: UInt8(ascii: "\n")).compactMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] }
+    }
+
+    /// Waits until an event satisfies `predicate` (false after `timeout` s).
+    static func waitForEvent(_ runDirectory: String, timeout: TimeInterval = 120, _ predicate: ([String: Any]) -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if events(runDirectory).contains(where: predicate) { return true }
+            usleep(50_000)
+        }
+        return false
+    }
+}

@@ -29,7 +29,9 @@ final class PruneCLITests: XCTestCase {
         for f in ["config.json", "model.safetensors", "tokenizer.json", "report.json"] {
             XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/" + f), f)
         }
-        XCTAssertFalse(FileManager.default.fileExists(atPath: out + ".run"))
+        // The run directory keeps its record (run.json, events.jsonl, report.json), not its checkpoints.
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out + ".run/blocks"))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out + ".run/events.jsonl"))
         let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/report.json"))) as! [String: Any]
         let blocks = report["blocks"] as! [[String: Any]]
         XCTAssertEqual(blocks.count, 5)

@@ -12,9 +12,16 @@ public protocol WorkerLink: AnyObject {
     func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws
     /// Collects the started range's blocks (each reported as it arrives) and the boundary after it.
     func finish(onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary
+    /// Whether the link can be lost (a process elsewhere); an in-process worker cannot.
+    var isRemote: Bool { get }
+    /// Gives the link up after it failed: closes its connection; it is never used again.
+    func abandon()
 }
 
 extension WorkerLink {
+    public var isRemote: Bool { false }
+    public func abandon() {}
+
     /// Runs `range` from `boundary`, reporting each block as it finishes; returns the boundary after it.
     public func run(_ range: Range<Int>, job: PruneJob, from boundary: Boundary,
                     onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
@@ -41,8 +48,19 @@ public final class InProcessWorker: WorkerLink {
     public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
         guard let (range, job, boundary) = pending else { preconditionFailure("finish without start") }
         pending = nil
-        return try RangePruner(model: model, job: job).run(range, from: boundary, onBlock: onBlock)
+        let delay = DebugHooks.blockDelay
+        return try RangePruner(model: model, job: job).run(range, from: boundary) { index, pruned, report in
+            try onBlock(index, pruned, report)
+            if delay > 0 { Thread.sleep(forTimeInterval: delay) }
+        }
     }
+}
+
+/// Testing aids, read from the environment once.
+public enum DebugHooks {
+    /// TOPIARY_DEBUG_BLOCK_DELAY: seconds every worker (in-process or remote) waits after each
+    /// block, so that tests can kill a process in the middle of a run on a small model.
+    public static let blockDelay: Double = ProcessInfo.processInfo.environment["TOPIARY_DEBUG_BLOCK_DELAY"].flatMap(Double.init) ?? 0
 }
 
 /// How partitions are coordinated.
@@ -82,17 +100,34 @@ public struct ADMMRound: Sendable, Codable {
 
 /// The coordinator: plans contiguous block ranges over the workers and runs them. The local run is
 /// this with one in-process worker.
-public struct Coordinator {
+///
+/// Faults: a remote worker that fails (its connection drops, or it sends nothing, not even a
+/// heartbeat, for the connection's timeout) is abandoned; the blocks it finished stay, the
+/// activations after them are recomputed here by replaying those blocks, and the rest of its range
+/// goes to another live, idle worker, or to this process when none is left. With a run directory
+/// every block is checkpointed as it arrives, and a resumed run replays finished blocks instead of
+/// pruning them again; the result is the same bytes either way.
+public final class Coordinator {
     public let model: LanguageModel
     public let job: PruneJob
     public let store: BlockFileStore
     public let workers: [WorkerLink]
+    /// Checkpoints and events; nil runs without (blocks still go to `store`).
+    public let runDirectory: RunDirectory?
+    /// Blocks finished by an earlier run of the same job (resume), with their reports.
+    public var finished: [Int: BlockReport?] = [:]
+    /// Progress messages (worker lost, reassignment, replay).
+    public var log: (String) -> Void = { _ in }
 
-    public init(model: LanguageModel, job: PruneJob, store: BlockFileStore, workers: [WorkerLink]) {
+    private var dead = Set<ObjectIdentifier>()
+    private lazy var fallback: WorkerLink = InProcessWorker(model: model, name: "coordinator (in-process)")
+
+    public init(model: LanguageModel, job: PruneJob, store: BlockFileStore, workers: [WorkerLink], runDirectory: RunDirectory? = nil) {
         self.model = model
         self.job = job
         self.store = store
         self.workers = workers
+        self.runDirectory = runDirectory
     }
 
     /// Block costs for planning: parameters × calibration tokens.
@@ -104,6 +139,129 @@ public struct Coordinator {
     }
 
     public func plan() -> [Range<Int>] { PartitionPlanner.plan(costs: blockCosts(), workers: workers.count) }
+
+    func event(_ name: String, _ fields: [String: Any]) throws { try runDirectory?.events.append(name, fields) }
+
+    /// Writes a block the moment it arrives: to the run directory (checksummed, with an event) or the store.
+    func record(_ block: DecoderBlock, report: BlockReport?, worker: String, round: Int? = nil) throws {
+        if let runDirectory {
+            try runDirectory.recordBlock(block, report: report, worker: worker, round: round)
+        } else {
+            try store.write(block)
+        }
+    }
+
+    /// Recomputes the activations after `range` from those before it, through the blocks as they
+    /// were pruned (read back from the store).
+    func replay(_ range: Range<Int>, from boundary: Boundary) throws -> Boundary {
+        guard !range.isEmpty else { return boundary }
+        return try RangePruner(model: model, job: job).replay(range, from: boundary) { i in
+            try model.overlaid(with: try store.sources([i])).loadBlock(i)
+        }
+    }
+
+    func isLive(_ link: WorkerLink) -> Bool { !dead.contains(ObjectIdentifier(link)) }
+
+    /// A live link with no work in progress other than `excluding`, or this process.
+    func replacement(for lost: WorkerLink, busy: Set<ObjectIdentifier>) -> WorkerLink {
+        workers.first { $0 !== lost && isLive($0) && !busy.contains(ObjectIdentifier($0)) } ?? fallback
+    }
+
+    /// Runs `range` from `start` on `link`; when the link is lost, continues the rest of the range
+    /// on a replacement from the last block it finished. `started`: the range was already handed
+    /// to `link` (ADMM starts every partition before collecting any).
+    func runWithFailover(_ preferred: WorkerLink, _ range: Range<Int>, from start: Boundary, started: Bool = false,
+                         busy: Set<ObjectIdentifier> = [], round: Int? = nil,
+                         onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
+        var link = preferred
+        if !isLive(link) {
+            let to = replacement(for: link, busy: busy)
+            try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name])
+            log("blocks \(range.lowerBound)-\(range.upperBound - 1): \(link.name) was lost earlier; running them on \(to.name)")
+            link = to
+        }
+        var from = range.lowerBound
+        var boundary = start
+        var isStarted = started
+        while true {
+            var next = from
+            do {
+                if !isStarted { try link.start(from..<range.upperBound, job: job, from: boundary) }
+                isStarted = false
+                let name = link.name
+                return try link.finish { index, pruned, report in
+                    if let pruned { try record(pruned, report: report, worker: name, round: round) }
+                    try onBlock(index, pruned, report)
+                    next = index + 1
+                }
+            } catch let error as WireError where link.isRemote {
+                isStarted = false
+                dead.insert(ObjectIdentifier(link))
+                link.abandon()
+                try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": from, "last": range.upperBound - 1,
+                                          "finished_through": next - 1])
+                log("worker \(link.name) lost (\(error)); it finished blocks \(from)..<\(next) of \(from)..<\(range.upperBound)")
+                boundary = try replay(from..<next, from: boundary)
+                from = next
+                if from == range.upperBound { return boundary }
+                let to = replacement(for: link, busy: busy)
+                try event("reassigned", ["first": from, "last": range.upperBound - 1, "from": link.name, "to": to.name])
+                log("blocks \(from)-\(range.upperBound - 1) reassigned to \(to.name)")
+                link = to
+            }
+        }
+    }
+
+    /// Whether block `i` still has to be pruned (not finished by an earlier run).
+    func needsWork(_ i: Int) -> Bool { job.prunes(i) && finished[i] == nil }
+
+    /// Runs the job over the workers in sequence; pruned blocks go to the store as they arrive.
+    /// Blocks finished by an earlier run (`finished`) are replayed, not pruned again.
+    public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
+        let pipeline = PrunePipeline(model: model, job: job, store: store)
+        try pipeline.validate()
+        let layerCount = model.config.layerCount
+        var reports: [Int: BlockReport] = [:]
+        for (i, r) in finished { if let r { reports[i] = r } }
+        let firstTodo = (0..<layerCount).first(where: needsWork) ?? layerCount
+        var position = 0
+        var boundary: Boundary
+        if firstTodo > 0, let (b, saved) = try runDirectory?.loadBoundary(atOrBefore: firstTodo, make: { RangePruner.store(job: job, config: model.config) }) {
+            position = b
+            boundary = saved
+            log("resuming from the boundary checkpoint before block \(b)")
+        } else {
+            boundary = try pipeline.embed()
+        }
+        for i in 0..<position { progress(i, reports[i]) }
+        let partitions = plan()
+        for (k, part) in partitions.enumerated() where part.upperBound > position {
+            var i = max(part.lowerBound, position)
+            while i < part.upperBound {
+                var j = i
+                if !needsWork(i) {
+                    while j < part.upperBound && !needsWork(j) { j += 1 }
+                    boundary = try replay(i..<j, from: boundary)
+                    if (i..<j).contains(where: { job.prunes($0) }) {
+                        try event("replayed", ["first": i, "last": j - 1])
+                    }
+                    for b in i..<j { progress(b, reports[b]) }
+                    i = j
+                    continue
+                }
+                while j < part.upperBound && needsWork(j) { j += 1 }
+                // A worker's range starts here: keep the activations, so that a resumed run
+                // need not replay everything before it.
+                if i > 0 && i == part.lowerBound, let runDirectory { try runDirectory.saveBoundary(boundary, at: i) }
+                boundary = try runWithFailover(workers[k], i..<j, from: boundary) { index, pruned, report in
+                    if let report { reports[index] = report }
+                    progress(index, report)
+                }
+                i = j
+            }
+        }
+        return reports.keys.sorted().map { reports[$0]! }
+    }
 
     /// ADMM coordination. A dense pass through the workers gives every boundary its dense
     /// activations d_k. Each round, every worker prunes its range in parallel from its boundary
@@ -124,21 +282,52 @@ public struct Coordinator {
         var denseJob = job
         denseJob.denseOnly = true
         for (range, worker) in zip(partitions, links) {
-            dense.append(try worker.run(range, job: denseJob, from: Boundary(inputs: dense.last!.inputs, targets: nil)) { _, _, _ in })
+            let link = isLive(worker) ? worker : replacement(for: worker, busy: [])
+            do {
+                dense.append(try link.run(range, job: denseJob, from: Boundary(inputs: dense.last!.inputs, targets: nil)) { _, _, _ in })
+            } catch let error as WireError where link.isRemote {
+                dead.insert(ObjectIdentifier(link))
+                link.abandon()
+                try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "phase": "dense pass"])
+                let to = replacement(for: link, busy: [])
+                try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name, "phase": "dense pass"])
+                dense.append(try to.run(range, job: denseJob, from: Boundary(inputs: dense.last!.inputs, targets: nil)) { _, _, _ in })
+            }
         }
         var inputs = dense.map(\.inputs)          // h_k; h_0 stays the embeddings
         var duals: [ActivationStore?] = Array(repeating: nil, count: partitions.count)
         var rounds: [ADMMRound] = []
         var reports: [Int: BlockReport] = [:]
         for r in 1...max(1, options.rounds) {
+            var started: [Bool] = []
+            var assigned: [WorkerLink] = []
+            var busy = Set<ObjectIdentifier>()
             for (k, (range, worker)) in zip(partitions, links).enumerated() {
                 let targets = job.plan.needsDenseStream ? dense[k].inputs : nil
-                try worker.start(range, job: job, from: Boundary(inputs: inputs[k], targets: targets))
+                var link = worker
+                if !isLive(link) { link = replacement(for: link, busy: busy) }
+                var ok = false
+                // The in-process fallback computes in finish, so starting it never blocks the others.
+                if !busy.contains(ObjectIdentifier(link)) {
+                    do {
+                        try link.start(range, job: job, from: Boundary(inputs: inputs[k], targets: targets))
+                        ok = true
+                        busy.insert(ObjectIdentifier(link))
+                    } catch let error as WireError where link.isRemote {
+                        dead.insert(ObjectIdentifier(link))
+                        link.abandon()
+                        try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "round": r])
+                    }
+                }
+                started.append(ok)
+                assigned.append(link)
             }
             var outputs: [ActivationStore] = []
-            for worker in links {
-                outputs.append(try worker.finish { index, pruned, report in
-                    if let pruned { try store.write(pruned) }
+            for k in partitions.indices {
+                let targets = job.plan.needsDenseStream ? dense[k].inputs : nil
+                busy.remove(ObjectIdentifier(assigned[k]))
+                outputs.append(try runWithFailover(assigned[k], partitions[k], from: Boundary(inputs: inputs[k], targets: targets),
+                                                   started: started[k], busy: busy, round: r) { index, pruned, report in
                     if let report { reports[index] = report }
                     progress(index, report)
                 }.inputs)
@@ -157,6 +346,7 @@ public struct Coordinator {
             }
             let round = ADMMRound(round: r, residuals: residuals, outputError: try relativeDistance(outputs.last!, dense.last!.inputs))
             rounds.append(round)
+            try event("admm_round", ["round": r, "residuals": residuals, "output_error": round.outputError])
             roundDone(round)
             if residuals.allSatisfy({ $0 <= options.tolerance }) { break }
         }
@@ -198,21 +388,5 @@ public struct Coordinator {
             try u.set(s, us)
         }
         return (h, u)
-    }
-
-    /// Runs the job over the workers in sequence; pruned blocks go to the store as they arrive.
-    public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
-        let pipeline = PrunePipeline(model: model, job: job, store: store)
-        try pipeline.validate()
-        var boundary = try pipeline.embed()
-        var reports: [BlockReport] = []
-        for (range, worker) in zip(plan(), workers) {
-            boundary = try worker.run(range, job: job, from: boundary) { index, pruned, report in
-                if let pruned { try store.write(pruned) }
-                if let report { reports.append(report) }
-                progress(index, report)
-            }
-        }
-        return reports
     }
 }

@@ -17,6 +17,8 @@ struct Assignment: Codable {
     var end: Int
     var hasTargets: Bool
     var denseOnly: Bool
+    /// Seconds between the worker's heartbeats while it computes (absent: 5).
+    var heartbeatInterval: Double?
 
     func job(workDirectory: String) -> PruneJob {
         // The worker never tokenizes; RangePruner needs only the number of windows.
@@ -62,6 +64,13 @@ enum BoundaryTransfer {
     }
 }
 
+/// A job that failed on a worker (the worker is alive and said why): not a lost worker.
+public struct WorkerJobError: Error, CustomStringConvertible {
+    public let worker: String
+    public let message: String
+    public var description: String { "worker \(worker): \(message)" }
+}
+
 /// A worker process reached over TCP.
 public final class RemoteWorker: WorkerLink {
     public let connection: Connection
@@ -79,12 +88,18 @@ public final class RemoteWorker: WorkerLink {
     }
 
     private var pending: PruneJob?
+    public var isRemote: Bool { true }
+    /// Seconds between the worker's heartbeats; the connection's timeout decides when silence means lost.
+    public var heartbeatInterval: Double = 5
+
+    public func abandon() { connection.close() }
 
     public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
         let assignment = Assignment(
             modelPath: modelPath, tokenizerPath: tokenizerPath, plan: job.plan, sequenceLength: job.sequenceLength,
             samples: job.samples, layers: job.layers.map { [$0.lowerBound, $0.upperBound] }, memoryBudget: job.memoryBudget,
-            first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil, denseOnly: job.denseOnly)
+            first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil, denseOnly: job.denseOnly,
+            heartbeatInterval: heartbeatInterval)
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         try connection.send(.assign(job: Array(try encoder.encode(assignment)), tensors: BoundaryTransfer.tensorCount(boundary)))
@@ -110,8 +125,10 @@ public final class RemoteWorker: WorkerLink {
                 return try BoundaryTransfer.receive(Int(tensors), over: connection, samples: job.samples) {
                     RangePruner.store(job: job, config: config)
                 }
+            case .heartbeat:
+                continue
             case .error(_, let text):
-                throw WireError.connection("worker \(name): \(text)")
+                throw WorkerJobError(worker: name, message: text)
             case let other:
                 throw WireError.unexpectedMessage(expected: "block-result or range-done", found: other.type.description)
             }
@@ -130,6 +147,9 @@ public final class WorkerService: @unchecked Sendable {
     public let workDirectory: String
     private var models: [String: LanguageModel] = [:]
     private let lock = NSLock()
+    /// Seconds to wait after each block (a testing aid), so that tests can kill a process in the
+    /// middle of a run.
+    public var blockDelay: Double = DebugHooks.blockDelay
 
     public init(name: String, workDirectory: String) {
         self.name = name
@@ -176,20 +196,32 @@ public final class WorkerService: @unchecked Sendable {
                 let start = try BoundaryTransfer.receive(Int(tensors), over: c, samples: a.samples) {
                     RangePruner.store(job: job, config: model.config)
                 }
+                // While it computes, the worker says it is alive every interval; the coordinator
+                // takes silence beyond its timeout as a lost worker. Sends are serialized.
+                let sendLock = NSLock()
+                let heart = Heartbeat(connection: c, interval: a.heartbeatInterval ?? 5, lock: sendLock)
+                defer { heart.stop() }
                 do {
                     let end = try RangePruner(model: model, job: job).run(a.first..<a.end, from: start) { index, pruned, report in
                         let encoder = JSONEncoder()
                         encoder.outputFormatting = .sortedKeys
                         let reportJSON = try report.map { Array(try encoder.encode($0)) } ?? []
                         let names = pruned.map { $0.tensors.keys.sorted() } ?? []
-                        try c.send(.blockResult(block: UInt32(index), tensors: UInt32(names.count), report: reportJSON))
-                        for (k, n) in names.enumerated() { try c.sendTensor(pruned!.tensors[n]!, name: n, stream: UInt32(k)) }
+                        sendLock.lock()
+                        do {
+                            defer { sendLock.unlock() }
+                            try c.send(.blockResult(block: UInt32(index), tensors: UInt32(names.count), report: reportJSON))
+                            for (k, n) in names.enumerated() { try c.sendTensor(pruned!.tensors[n]!, name: n, stream: UInt32(k)) }
+                        }
+                        if blockDelay > 0 { Thread.sleep(forTimeInterval: blockDelay) }
                     }
+                    heart.stop()
                     try c.send(.rangeDone(tensors: BoundaryTransfer.tensorCount(end)))
                     try BoundaryTransfer.send(end, over: c)
                 } catch let e as WireError {
                     throw e
                 } catch {
+                    heart.stop()
                     try c.send(.error(code: 500, message: "\(error)"))
                 }
             case .heartbeat(let n):
@@ -200,5 +232,36 @@ public final class WorkerService: @unchecked Sendable {
                 throw WireError.unexpectedMessage(expected: "assign, heartbeat or shutdown", found: other.type.description)
             }
         }
+    }
+}
+
+/// Sends heartbeats on a connection from a thread of its own until stopped.
+final class Heartbeat: @unchecked Sendable {
+    private let stopped = DispatchSemaphore(value: 0)
+    private let exited = DispatchSemaphore(value: 0)
+    private var isStopped = false
+
+    init(connection: Connection, interval: Double, lock: NSLock) {
+        let stopped = stopped, exited = exited
+        let thread = Thread {
+            var sequence: UInt64 = 0
+            while stopped.wait(timeout: .now() + interval) == .timedOut {
+                lock.lock()
+                let ok = (try? connection.send(.heartbeat(sequence: sequence))) != nil
+                lock.unlock()
+                if !ok { break }
+                sequence += 1
+            }
+            exited.signal()
+        }
+        thread.start()
+    }
+
+    /// Stops the thread and waits for it (idempotent).
+    func stop() {
+        guard !isStopped else { return }
+        isStopped = true
+        stopped.signal()
+        exited.wait()
     }
 }

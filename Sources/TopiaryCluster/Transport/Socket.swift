@@ -144,6 +144,7 @@ public final class Connection: @unchecked Sendable {
 
     /// Reads exactly `count` bytes into `p`, waiting at most `timeout` seconds for each piece.
     func readExact(_ p: UnsafeMutableRawPointer, _ count: Int, what: String) throws {
+        guard !closed else { throw WireError.connection("\(peer): connection closed") }
         var done = 0
         while done < count {
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
@@ -257,6 +258,7 @@ public final class Connection: @unchecked Sendable {
     }
 
     func sendBytes(_ data: UnsafeRawBufferPointer) throws {
+        guard !closed else { throw WireError.connection("\(peer): connection closed") }
         var done = 0
         while done < data.count {
             let n = Glibc.send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL))

@@ -1,0 +1,105 @@
+import Foundation
+import TopiaryCluster
+import TopiaryModel
+
+/// Exit code of a run stopped by SIGTERM or SIGINT: its run directory can be resumed
+/// (`topiary prune --resume DIR`). EX_TEMPFAIL of sysexits.h.
+let resumeExitCode: Int32 = 75
+
+/// What the run directory needs from the prune command: creating run.json, merging a resumed
+/// run's options, and stopping cleanly on a signal.
+enum RunSupport {
+    /// Options that do not change the result: they may differ when a run is resumed.
+    static let resultNeutral: Set<String> = [
+        "resume", "run-dir", "workers", "hosts", "secret-file", "threads", "memory-budget", "eval-text", "eval-windows",
+        "eval-seqlen", "json", "overwrite", "heartbeat-interval", "heartbeat-timeout",
+    ]
+
+    /// Options naming files: kept absolute in run.json, so a run resumes from any directory.
+    static let pathOptions: Set<String> = ["model", "tokenizer", "calib", "output", "eval-text", "secret-file", "run-dir"]
+
+    static func absolute(_ name: String, _ value: String) -> String {
+        guard pathOptions.contains(name), !value.hasPrefix("/") else { return value }
+        return URL(fileURLWithPath: value).standardizedFileURL.path
+    }
+
+    /// The options of the run in `directory` (run.json), with those given now merged in. An option
+    /// that would change the result and differs from the run's is refused, naming it.
+    static func resumedArguments(_ given: ParsedArguments, directory: String) throws -> (ParsedArguments, RunDirectory, [String: Any]) {
+        let run = try RunDirectory(path: directory)
+        let manifest = try run.readManifest()
+        guard let stored = manifest["options"] as? [String: String], let storedFlags = manifest["flags"] as? [String] else {
+            throw RunDirectoryError("\(run.manifestPath): fields 'options' and 'flags' missing or not what Topiary writes")
+        }
+        var values = stored
+        var flags = Set(storedFlags)
+        var changed: [String] = []
+        for (name, raw) in given.allValues where name != "resume" {
+            let value = absolute(name, raw)
+            if !resultNeutral.contains(name), let old = stored[name], old != value { changed.append("--\(name) \(value) (the run has \(old))") }
+            if !resultNeutral.contains(name), stored[name] == nil { changed.append("--\(name) \(value) (the run has none)") }
+        }
+        for name in given.allFlags where !resultNeutral.contains(name) && !storedFlags.contains(name) {
+            changed.append("--\(name) (the run has none)")
+        }
+        guard changed.isEmpty else {
+            throw UsageError(message: "topiary prune --resume: these options would change the result of the run in \(directory), so they cannot change on resume: \(changed.sorted().joined(separator: "; "))")
+        }
+        if given.string("workers") != nil || given.string("hosts") != nil {
+            values["workers"] = nil
+            values["hosts"] = nil
+        }
+        for (name, value) in given.allValues where name != "resume" { values[name] = value }
+        flags.formUnion(given.allFlags)
+        values["run-dir"] = directory
+        return (ParsedArguments(command: given.command, values: values, flags: flags), run, manifest)
+    }
+
+    /// Checks that the model and calibration file are those the run started with.
+    static func checkInputs(_ manifest: [String: Any], modelPath: String, calibPath: String, directory: String) throws {
+        if let model = manifest["model"] as? [String: Any], let expected = model["fingerprint"] as? String {
+            let found = try ModelFingerprint.compute(path: modelPath)
+            guard found == expected else {
+                throw ToolError("\(modelPath): the model differs from the one the run in \(directory) started with (fingerprint \(found.prefix(12)), expected \(expected.prefix(12)))")
+            }
+        }
+        if let calib = manifest["calibration"] as? [String: Any], let expected = calib["sha256"] as? String {
+            let found = try SHA256Digest.files([calibPath])
+            guard found == expected else {
+                throw ToolError("\(calibPath): the calibration file differs from the one the run in \(directory) started with (sha256 \(found.prefix(12)), expected \(expected.prefix(12)))")
+            }
+        }
+    }
+
+    static func manifest(args: ParsedArguments, modelPath: String, calibPath: String, plan: [[String: Any]]) throws -> [String: Any] {
+        [
+            "format": "topiary-run", "version": 1, "tool_version": ToolVersion.string,
+            "created": ISO8601DateFormatter().string(from: Date()),
+            "model": ["path": modelPath, "fingerprint": try ModelFingerprint.compute(path: modelPath)],
+            "calibration": ["path": calibPath, "sha256": try SHA256Digest.files([calibPath])],
+            "options": Dictionary(uniqueKeysWithValues: args.allValues.filter { $0.key != "resume" }.map { ($0.key, absolute($0.key, $0.value)) }),
+            "flags": args.allFlags.sorted(),
+            "plan": plan,
+        ]
+    }
+
+    nonisolated(unsafe) static var signalSources: [DispatchSourceSignal] = []
+
+    /// On SIGTERM or SIGINT: record the interruption, stop local workers, exit with `resumeExitCode`.
+    /// Finished blocks are already checkpointed and every file is written atomically, so stopping at
+    /// any instant loses only the blocks in progress.
+    static func installSignalHandlers(events: EventLog, directory: String, cleanup: @escaping @Sendable () -> Void) {
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
+            source.setEventHandler {
+                try? events.append("interrupted", ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT", "exit_code": Int(resumeExitCode)])
+                Console.error("topiary prune: \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): finished blocks are checkpointed in \(directory); continue with 'topiary prune --resume \(directory)' (exit code \(resumeExitCode))")
+                cleanup()
+                _exit(resumeExitCode)
+            }
+            source.resume()
+            signalSources.append(source)
+        }
+    }
+}
