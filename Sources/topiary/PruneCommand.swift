@@ -69,6 +69,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "memory-budget", value: "SIZE", help: "activation bytes kept in memory, e.g. 512M, 8G (default: a quarter of RAM)"),
         OptionSpec(name: "run-dir", value: "DIR", help: "run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
         OptionSpec(name: "resume", value: "DIR", help: "continue the run in DIR with its options (exit code 75 means: resume me)"),
+        OptionSpec(name: "connect-timeout", value: "S", help: "keep trying to reach --hosts workers for S seconds (default 60)"),
         OptionSpec(name: "heartbeat-interval", value: "S", help: "seconds between a busy worker's heartbeats (default 5)"),
         OptionSpec(name: "heartbeat-timeout", value: "S", help: "silence after which a worker counts as lost (default 60)"),
         OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),

@@ -99,7 +99,8 @@ final class WorkerPool {
                 }
                 useSecret = loopbackSecret
             }
-            let c = try Connection.connect(to: e, timeout: 30)
+            // Workers started by the same job script may still be starting: retry for a while.
+            let c = try connectWithRetry(to: e, within: try args.double("connect-timeout") ?? 60)
             c.timeout = 24 * 3600
             let name = try c.authenticate(secret: useSecret, name: "coordinator", role: 0)
             let remote = RemoteWorker(connection: c, name: name, model: model, tokenizerPath: tokenizerPath)
@@ -107,6 +108,20 @@ final class WorkerPool {
             pool.links.append(remote)
         }
         return pool
+    }
+
+    static func connectWithRetry(to e: Endpoint, within seconds: Double) throws -> Connection {
+        let deadline = Date().addingTimeInterval(seconds)
+        var pause = 0.1
+        while true {
+            do { return try Connection.connect(to: e, timeout: 10) } catch {
+                guard Date() < deadline else {
+                    throw ToolError("topiary prune: cannot reach worker \(e) within \(Int(seconds)) s: \(error)")
+                }
+                Thread.sleep(forTimeInterval: pause)
+                pause = min(pause * 2, 2)
+            }
+        }
     }
 
     static func startLocalWorker(secret: SharedSecret) throws -> (Process, Endpoint) {

@@ -24,6 +24,7 @@ struct CommandEntry: Sendable {
 let commands: [CommandEntry] = [
     CommandEntry(PruneCommand.self), CommandEntry(EvalCommand.self), CommandEntry(GenerateCommand.self),
     CommandEntry(InspectCommand.self), CommandEntry(ConvertCommand.self), CommandEntry(WorkerCommand.self),
+    CommandEntry(HostlistCommand.self),
 ]
 
 enum ExitCode {

@@ -229,3 +229,18 @@ extension CLI {
         return false
     }
 }
+
+extension CLI {
+    /// Runs a system tool, output discarded; returns its exit status.
+    @discardableResult
+    static func runTool(_ path: String, _ args: [String]) throws -> Int32 {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        return p.terminationStatus
+    }
+}

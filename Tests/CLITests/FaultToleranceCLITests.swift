@@ -155,4 +155,32 @@ final class FaultToleranceCLITests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(r.json?["output_sha256"] as? String, expected)
     }
+
+    func testAFullRunDirectoryFailsClearlyAndTheRunResumesOnceThereIsSpace() throws {
+        let expected = try reference()
+        let dir = try CLI.temporaryDirectory(self)
+        let mountPoint = dir.appendingPathComponent("small").path
+        try FileManager.default.createDirectory(atPath: mountPoint, withIntermediateDirectories: true)
+        // A 600 KiB filesystem: room for run.json, the events and about two blocks.
+        let mounted = try CLI.runTool("/bin/mount", ["-t", "tmpfs", "-o", "size=600k", "tmpfs", mountPoint])
+        guard mounted == 0 else { throw XCTSkip("cannot mount a small tmpfs here (mount needs root): the full-disk test did not run") }
+        defer { _ = try? CLI.runTool("/bin/umount", ["-l", mountPoint]) }
+        let run = mountPoint + "/run"
+        let out = dir.appendingPathComponent("out").path
+        let r = try CLI.run(pruneArgs(output: out, ["--run-dir", run]))
+        XCTAssertEqual(r.status, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("No space left on device"), r.stderr)
+        XCTAssertTrue(r.stderr.contains(run), "the error names the file: \(r.stderr)")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+        // What was written is intact: every recorded checkpoint still matches its checksum.
+        let recorded = doneCounts(run)
+        XCTAssertFalse(recorded.isEmpty)
+        XCTAssertLessThan(recorded.count, 5)
+        XCTAssertEqual(try CLI.runTool("/bin/mount", ["-o", "remount,size=64m", mountPoint]), 0)
+        let resumed = try CLI.run(["prune", "--resume", run, "--json"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertEqual(resumed.json?["output_sha256"] as? String, expected)
+        XCTAssertFalse(CLI.events(run).contains { $0["event"] as? String == "checkpoint_corrupt" })
+        for (block, count) in doneCounts(run) where recorded[block] != nil { XCTAssertEqual(count, 1, "block \(block) redone") }
+    }
 }

@@ -214,6 +214,7 @@ public final class EventLog: @unchecked Sendable {
         data.append(UInt8(ascii: "\n"))
         lock.lock()
         defer { lock.unlock() }
+        let before = lseek(fd, 0, SEEK_END)
         let ok = data.withUnsafeBytes { p -> Bool in
             var done = 0
             while done < p.count {
@@ -224,7 +225,10 @@ public final class EventLog: @unchecked Sendable {
             return true
         }
         guard ok, fsync(fd) == 0 else {
-            throw RunDirectoryError("\(path): cannot append event '\(event)': \(String(cString: strerror(errno)))")
+            let reason = String(cString: strerror(errno))
+            // No torn line is left behind (a full disk can take half an event).
+            if before >= 0 { _ = ftruncate(fd, before) }
+            throw RunDirectoryError("\(path): cannot append event '\(event)': \(reason)")
         }
     }
 

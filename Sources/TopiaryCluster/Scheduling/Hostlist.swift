@@ -1,0 +1,64 @@
+/// Slurm's compact host lists (SLURM_JOB_NODELIST): `node[01-04,07],gpu-a[1-2]` is node01,
+/// node02, node03, node04, node07, gpu-a1, gpu-a2. Ranges keep their zero padding; several
+/// bracket groups in one name expand to every combination (`r[1-2]n[1-2]`: r1n1, r1n2, r2n1, r2n2).
+public enum Hostlist {
+    public struct ParseError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// The host names of `list`, in order.
+    public static func expand(_ list: String) throws -> [String] {
+        var hosts: [String] = []
+        for item in try splitTopLevel(list) where !item.isEmpty {
+            hosts += try expandName(Substring(item), whole: list)
+        }
+        guard !hosts.isEmpty else { throw ParseError(description: "host list '\(list)' names no hosts") }
+        return hosts
+    }
+
+    /// Splits on commas outside brackets.
+    static func splitTopLevel(_ s: String) throws -> [String] {
+        var items: [String] = []
+        var current = ""
+        var depth = 0
+        for ch in s {
+            switch ch {
+            case "[": depth += 1; current.append(ch)
+            case "]":
+                depth -= 1
+                guard depth >= 0 else { throw ParseError(description: "host list '\(s)': ']' without '['") }
+                current.append(ch)
+            case "," where depth == 0: items.append(current); current = ""
+            case " ", "\n", "\t" where depth == 0: continue
+            default: current.append(ch)
+            }
+        }
+        guard depth == 0 else { throw ParseError(description: "host list '\(s)': '[' without ']'") }
+        items.append(current)
+        return items
+    }
+
+    static func expandName(_ name: Substring, whole: String) throws -> [String] {
+        guard let open = name.firstIndex(of: "[") else { return [String(name)] }
+        guard let close = name[open...].firstIndex(of: "]") else {
+            throw ParseError(description: "host list '\(whole)': '[' without ']'")
+        }
+        let prefix = String(name[..<open])
+        let rest = try expandName(name[name.index(after: close)...], whole: whole)
+        var out: [String] = []
+        for piece in name[name.index(after: open)..<close].split(separator: ",", omittingEmptySubsequences: false) {
+            let bounds = piece.split(separator: "-", omittingEmptySubsequences: false)
+            guard (1...2).contains(bounds.count), bounds.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isNumber) }),
+                  let lo = Int(bounds[0]), let hi = Int(bounds.last!), lo <= hi, hi - lo < 100_000 else {
+                throw ParseError(description: "host list '\(whole)': '\(piece)' is not a number or a range N-M with N <= M")
+            }
+            let width = bounds[0].count
+            for n in lo...hi {
+                var digits = String(n)
+                if digits.count < width { digits = String(repeating: "0", count: width - digits.count) + digits }
+                for suffix in rest { out.append(prefix + digits + suffix) }
+            }
+        }
+        return out
+    }
+}
