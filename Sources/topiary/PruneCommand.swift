@@ -13,6 +13,8 @@ enum PruneCommand: Command {
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
                   [--workers N | --hosts H:P,...] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
+                  [--run-dir D] [--heartbeat-interval S --heartbeat-timeout S]
+    topiary prune --resume D [--workers N | --hosts H:P,...]
     """
     static let details = """
     Calibration: --calib-samples windows of --calib-seqlen tokens drawn from --calib, a UTF-8
@@ -51,6 +53,14 @@ enum PruneCommand: Command {
     and a scaled dual (finite --rho), until every residual is at most --tolerance or --rounds
     (default: the number of workers) are done; residuals per round go to report.json. Workers
     read the model from its path (a shared filesystem, as on HPC clusters).
+
+    Run directory (--run-dir, default OUTPUT.run; docs/run-directory.md): run.json (model
+    fingerprint, options, plan), events.jsonl, each pruned block as it finishes with its
+    checksum, boundary activations at worker handoffs. --resume DIR continues an interrupted run
+    with its options and writes the same bytes as an undisturbed run, pruning no finished block
+    again; options that would change the result cannot change. SIGTERM or SIGINT stops the run
+    with exit code 75 (resume me). A worker whose connection fails or that sends no heartbeat
+    for --heartbeat-timeout seconds is lost; the rest of its range goes to another worker.
 
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
     """
