@@ -62,3 +62,26 @@ extension LanguageModel {
                       weights: OverlayTensorSource(base: weights, layers: layers), tokenizer: tokenizer)
     }
 }
+
+/// Tensors held in memory under checkpoint names (a worker's blocks received over the wire).
+public final class MemoryTensorSource: TensorSource, @unchecked Sendable {
+    public let path: String
+    private let tensors: [String: Matrix]
+    public var tensorNames: [String] { tensors.keys.sorted() }
+
+    public init(path: String, tensors: [String: Matrix]) {
+        self.path = path
+        self.tensors = tensors
+    }
+
+    public func entry(_ name: String) -> TensorEntry? {
+        tensors[name].map { TensorEntry(name: name, shape: [$0.rows, $0.cols], dtype: .f32, offset: 0, byteCount: $0.count * 4) }
+    }
+
+    public func load(_ name: String) throws -> Matrix {
+        guard let m = tensors[name] else {
+            throw CheckpointError.missingTensor(path: path, tensor: name)
+        }
+        return m
+    }
+}

@@ -52,7 +52,8 @@ enum PruneCommand: Command {
     left neighbour's pruned output (--rho infinite, the default) or a blend with the dense target
     and a scaled dual (finite --rho), until every residual is at most --tolerance or --rounds
     (default: the number of workers) are done; residuals per round go to report.json. Workers
-    read the model from its path (a shared filesystem, as on HPC clusters).
+    read the model from its path (a shared filesystem, as on HPC clusters), or with --weights send
+    receive their range's weights with each assignment (they then hold them in memory).
 
     Run directory (--run-dir, default OUTPUT.run; docs/run-directory.md): run.json (model
     fingerprint, options, plan), events.jsonl, each pruned block as it finishes with its
@@ -79,6 +80,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "memory-budget", value: "SIZE", help: "activation bytes kept in memory, e.g. 512M, 8G (default: a quarter of RAM)"),
         OptionSpec(name: "run-dir", value: "DIR", help: "run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
         OptionSpec(name: "resume", value: "DIR", help: "continue the run in DIR with its options (exit code 75 means: resume me)"),
+        OptionSpec(name: "weights", value: "HOW", help: "path (default: workers read the model themselves) or send (the coordinator sends each range's weights)"),
         OptionSpec(name: "connect-timeout", value: "S", help: "keep trying to reach --hosts workers for S seconds (default 60)"),
         OptionSpec(name: "heartbeat-interval", value: "S", help: "seconds between a busy worker's heartbeats (default 5)"),
         OptionSpec(name: "heartbeat-timeout", value: "S", help: "silence after which a worker counts as lost (default 60)"),
@@ -244,7 +246,12 @@ enum PruneCommand: Command {
         }
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
         defer { cluster.shutdown() }
+        let weightsMode = args.string("weights") ?? "path"
+        guard weightsMode == "path" || weightsMode == "send" else {
+            throw UsageError(message: "topiary prune: --weights must be path or send, got '\(weightsMode)'")
+        }
         for r in cluster.remotes {
+            r.sendsWeights = weightsMode == "send"
             r.heartbeatInterval = heartbeatInterval
             r.connection.timeout = heartbeatTimeout
         }

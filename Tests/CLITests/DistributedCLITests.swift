@@ -21,6 +21,13 @@ final class DistributedCLITests: XCTestCase {
         XCTAssertEqual(plan.count, 3)
         XCTAssertEqual(plan.map { $0["first"] as? Int ?? -1 }, [0, 2, 4])
         XCTAssertTrue(three.stderr.contains("plan: blocks 0-1 on worker@127.0.0.1:"))
+        // The same with the weights sent by the coordinator (the assignment names no model path).
+        let sent = try CLI.run(args(dir.appendingPathComponent("sent").path) + ["--workers", "2", "--weights", "send"])
+        XCTAssertEqual(sent.status, 0, sent.stderr)
+        XCTAssertEqual(sent.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
+        let bad = try CLI.run(args(dir.appendingPathComponent("bad").path) + ["--weights", "mail"])
+        XCTAssertEqual(bad.status, 2)
+        XCTAssertTrue(bad.stderr.contains("--weights must be path or send"), bad.stderr)
     }
 
     /// Workers started by hand on distinct loopback addresses, authenticated with a secret file.

@@ -19,6 +19,10 @@ struct Assignment: Codable {
     var denseOnly: Bool
     /// Seconds between the worker's heartbeats while it computes (absent: 5).
     var heartbeatInterval: Double?
+    /// With `--weights send`: the model's configuration, and how many of the announced tensors
+    /// are the range's block weights (sent after the boundary); the worker opens no file.
+    var config: ModelConfig?
+    var weightTensors: Int?
 
     func job(workDirectory: String) -> PruneJob {
         // The worker never tokenizes; RangePruner needs only the number of windows.
@@ -85,25 +89,42 @@ public final class RemoteWorker: WorkerLink {
         self.modelPath = model.path
         self.tokenizerPath = tokenizerPath
         self.config = model.config
+        self.model = model
     }
 
     private var pending: PruneJob?
     public var isRemote: Bool { true }
     /// Seconds between the worker's heartbeats; the connection's timeout decides when silence means lost.
     public var heartbeatInterval: Double = 5
+    /// Send the range's weights with each assignment instead of letting the worker read the model.
+    public var sendsWeights = false
+    private let model: LanguageModel
 
     public func abandon() { connection.close() }
 
     public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
-        let assignment = Assignment(
-            modelPath: modelPath, tokenizerPath: tokenizerPath, plan: job.plan, sequenceLength: job.sequenceLength,
+        // Weights to send: every block of the range (dense, as in the checkpoint), in name order.
+        var weights: [(String, Matrix)] = []
+        if sendsWeights {
+            for i in range {
+                let block = try model.loadBlock(i)
+                for name in block.tensors.keys.sorted() { weights.append((name, block.tensors[name]!)) }
+            }
+        }
+        var assignment = Assignment(
+            modelPath: sendsWeights ? "" : modelPath, tokenizerPath: sendsWeights ? nil : tokenizerPath, plan: job.plan, sequenceLength: job.sequenceLength,
             samples: job.samples, layers: job.layers.map { [$0.lowerBound, $0.upperBound] }, memoryBudget: job.memoryBudget,
             first: range.lowerBound, end: range.upperBound, hasTargets: boundary.targets != nil, denseOnly: job.denseOnly,
             heartbeatInterval: heartbeatInterval)
+        if sendsWeights {
+            assignment.config = config
+            assignment.weightTensors = weights.count
+        }
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
-        try connection.send(.assign(job: Array(try encoder.encode(assignment)), tensors: BoundaryTransfer.tensorCount(boundary)))
+        try connection.send(.assign(job: Array(try encoder.encode(assignment)), tensors: BoundaryTransfer.tensorCount(boundary) + UInt32(weights.count)))
         try BoundaryTransfer.send(boundary, over: connection)
+        for (k, (name, m)) in weights.enumerated() { try connection.sendTensor(m, name: name, stream: UInt32(k)) }
         pending = job
     }
 
@@ -179,7 +200,18 @@ public final class WorkerService: @unchecked Sendable {
                 var jobError: Error?
                 do {
                     let a = try JSONDecoder().decode(Assignment.self, from: Data(jobJSON))
-                    let model = try model(a.modelPath, tokenizer: a.tokenizerPath)
+                    let weightCount = a.weightTensors ?? 0
+                    guard weightCount >= 0, weightCount <= Int(tensors) else {
+                        throw WireError.malformed(message: "assign", field: "weightTensors", detail: "is \(weightCount), more than the \(tensors) tensors announced")
+                    }
+                    let model: LanguageModel
+                    if let config = a.config, a.weightTensors != nil {
+                        // Weights arrive after the boundary; the model is filled in below.
+                        model = LanguageModel(path: "(weights from the coordinator)", format: .huggingFace, config: config,
+                                              weights: MemoryTensorSource(path: "(weights from the coordinator)", tensors: [:]), tokenizer: nil)
+                    } else {
+                        model = try self.model(a.modelPath, tokenizer: a.tokenizerPath)
+                    }
                     guard a.first >= 0, a.end <= model.config.layerCount, a.first < a.end else {
                         throw WireError.malformed(message: "assign", field: "range", detail: "\(a.first)..<\(a.end) is outside the model's \(model.config.layerCount) blocks")
                     }
@@ -187,14 +219,25 @@ public final class WorkerService: @unchecked Sendable {
                 } catch {
                     jobError = error
                 }
-                guard let (a, model) = prepared else {
+                guard let (a, openedModel) = prepared else {
                     for _ in 0..<tensors { _ = try c.receiveTensor() }
                     try c.send(.error(code: 400, message: "\(jobError!)"))
                     continue
                 }
                 let job = a.job(workDirectory: workDirectory)
-                let start = try BoundaryTransfer.receive(Int(tensors), over: c, samples: a.samples) {
-                    RangePruner.store(job: job, config: model.config)
+                let weightCount = a.weightTensors ?? 0
+                let start = try BoundaryTransfer.receive(Int(tensors) - weightCount, over: c, samples: a.samples) {
+                    RangePruner.store(job: job, config: openedModel.config)
+                }
+                var model = openedModel
+                if weightCount > 0 {
+                    var received: [String: Matrix] = [:]
+                    for _ in 0..<weightCount {
+                        let (name, m) = try c.receiveTensor()
+                        received[name] = m
+                    }
+                    model = LanguageModel(path: model.path, format: .huggingFace, config: model.config,
+                                          weights: MemoryTensorSource(path: model.path, tensors: received), tokenizer: nil)
                 }
                 // While it computes, the worker says it is alive every interval; the coordinator
                 // takes silence beyond its timeout as a lost worker. Sends are serialized.
