@@ -241,9 +241,6 @@ enum PruneCommand: Command {
         guard heartbeatInterval > 0, heartbeatTimeout > heartbeatInterval else {
             throw UsageError(message: "topiary prune: --heartbeat-timeout (\(heartbeatTimeout)) must be longer than --heartbeat-interval (\(heartbeatInterval)), both positive")
         }
-        if resumed != nil && coordination == .admm {
-            throw UsageError(message: "topiary prune --resume: resuming --coordination admm runs is not supported yet (only sequential); start the run again")
-        }
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
         defer { cluster.shutdown() }
         let weightsMode = args.string("weights") ?? "path"
@@ -257,6 +254,17 @@ enum PruneCommand: Command {
         }
         let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links, runDirectory: run)
         coordinator.log = { Console.info($0) }
+        if let resumed, coordination == .admm {
+            // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
+            guard let plan = resumed.manifest["plan"] as? [[String: Any]],
+                  let ranges = Optional(plan.compactMap { p -> Range<Int>? in
+                      guard let a = p["first"] as? Int, let b = p["last"] as? Int, a <= b else { return nil }
+                      return a..<(b + 1) }), ranges.count == plan.count, !ranges.isEmpty else {
+                throw RunDirectoryError("\(resumed.run.manifestPath): field 'plan' is missing or malformed")
+            }
+            coordinator.fixedPlan = ranges
+            coordinator.resumesADMM = true
+        }
         let partitions = coordinator.plan()
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
         let planJSON: [[String: Any]] = zip(partitions, cluster.links).enumerated().map { k, e in

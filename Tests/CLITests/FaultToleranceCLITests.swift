@@ -183,4 +183,32 @@ final class FaultToleranceCLITests: XCTestCase {
         XCTAssertFalse(CLI.events(run).contains { $0["event"] as? String == "checkpoint_corrupt" })
         for (block, count) in doneCounts(run) where recorded[block] != nil { XCTAssertEqual(count, 1, "block \(block) redone") }
     }
+
+    func testAnADMMRunKilledMidRoundResumesFromItsLastRound() throws {
+        // With rho = infinity and rounds = partitions, ADMM gives the sequential weights.
+        let expected = try reference()
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("out").path
+        let run = out + ".run"
+        let p = try CLI.start(pruneArgs(output: out, ["--workers", "3", "--coordination", "admm", "--rounds", "3"]),
+                              environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.3"], directory: dir)
+        // Kill the coordinator in round 2, once a block of that round is done.
+        XCTAssertTrue(CLI.waitForEvent(run) { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 })
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        let before = CLI.events(run)
+        let doneInRound2 = Set(before.filter { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 }.map { $0["block"] as! Int })
+        XCTAssertFalse(doneInRound2.isEmpty)
+        // Resume with fewer workers: the recorded partitions are kept.
+        let r = try CLI.run(["prune", "--resume", run, "--workers", "2", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.json?["output_sha256"] as? String, expected)
+        let events = CLI.events(run)
+        XCTAssertEqual(events.filter { $0["event"] as? String == "admm_dense" }.count, 1, "the dense pass is not redone")
+        XCTAssertEqual(events.filter { $0["event"] as? String == "admm_round" }.map { $0["round"] as! Int }, [1, 2, 3])
+        for b in doneInRound2 {
+            XCTAssertEqual(events.filter { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 && $0["block"] as? Int == b }.count, 1,
+                           "block \(b) of round 2 was done again")
+        }
+    }
 }

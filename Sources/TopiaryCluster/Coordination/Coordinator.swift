@@ -114,8 +114,12 @@ public final class Coordinator {
     public let workers: [WorkerLink]
     /// Checkpoints and events; nil runs without (blocks still go to `store`).
     public let runDirectory: RunDirectory?
-    /// Blocks finished by an earlier run of the same job (resume), with their reports.
-    public var finished: [Int: BlockReport?] = [:]
+    /// Blocks finished by an earlier attempt of the same run (resume), with their reports.
+    public var finished: [Int: FinishedBlock] = [:]
+    /// The partitions to use instead of planning them (a resumed ADMM run keeps its plan).
+    public var fixedPlan: [Range<Int>]?
+    /// Continue an ADMM run from its last checkpointed round (in `runDirectory`).
+    public var resumesADMM = false
     /// Progress messages (worker lost, reassignment, replay).
     public var log: (String) -> Void = { _ in }
 
@@ -138,7 +142,7 @@ public final class Coordinator {
         return Array(repeating: perBlock * Double(job.samples * job.sequenceLength), count: c.layerCount)
     }
 
-    public func plan() -> [Range<Int>] { PartitionPlanner.plan(costs: blockCosts(), workers: workers.count) }
+    public func plan() -> [Range<Int>] { fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), workers: workers.count) }
 
     func event(_ name: String, _ fields: [String: Any]) throws { try runDirectory?.events.append(name, fields) }
 
@@ -212,6 +216,37 @@ public final class Coordinator {
         }
     }
 
+    /// Runs `range` from `start`: blocks that need no work are replayed here, the others go to
+    /// `link` (with failover) in maximal runs.
+    func runSegments(_ link: WorkerLink, _ range: Range<Int>, from start: Boundary, needsWork: (Int) -> Bool,
+                     started: Bool = false, busy: Set<ObjectIdentifier> = [], round: Int? = nil, reports: [Int: BlockReport],
+                     onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
+        if started || range.allSatisfy(needsWork) {
+            return try runWithFailover(link, range, from: start, started: started, busy: busy, round: round, onBlock: onBlock)
+        }
+        var boundary = start
+        var i = range.lowerBound
+        while i < range.upperBound {
+            var j = i
+            if !needsWork(i) {
+                while j < range.upperBound && !needsWork(j) { j += 1 }
+                boundary = try replay(i..<j, from: boundary)
+                if (i..<j).contains(where: { job.prunes($0) }) {
+                    var fields: [String: Any] = ["first": i, "last": j - 1]
+                    if let round { fields["round"] = round }
+                    try event("replayed", fields)
+                }
+                for b in i..<j { try onBlock(b, nil, reports[b]) }
+                i = j
+                continue
+            }
+            while j < range.upperBound && needsWork(j) { j += 1 }
+            boundary = try runWithFailover(link, i..<j, from: boundary, busy: busy, round: round, onBlock: onBlock)
+            i = j
+        }
+        return boundary
+    }
+
     /// Whether block `i` still has to be pruned (not finished by an earlier run).
     func needsWork(_ i: Int) -> Bool { job.prunes(i) && finished[i] == nil }
 
@@ -222,7 +257,7 @@ public final class Coordinator {
         try pipeline.validate()
         let layerCount = model.config.layerCount
         var reports: [Int: BlockReport] = [:]
-        for (i, r) in finished { if let r { reports[i] = r } }
+        for (i, f) in finished { if let r = f.report { reports[i] = r } }
         let firstTodo = (0..<layerCount).first(where: needsWork) ?? layerCount
         var position = 0
         var boundary: Boundary
@@ -236,28 +271,14 @@ public final class Coordinator {
         for i in 0..<position { progress(i, reports[i]) }
         let partitions = plan()
         for (k, part) in partitions.enumerated() where part.upperBound > position {
-            var i = max(part.lowerBound, position)
-            while i < part.upperBound {
-                var j = i
-                if !needsWork(i) {
-                    while j < part.upperBound && !needsWork(j) { j += 1 }
-                    boundary = try replay(i..<j, from: boundary)
-                    if (i..<j).contains(where: { job.prunes($0) }) {
-                        try event("replayed", ["first": i, "last": j - 1])
-                    }
-                    for b in i..<j { progress(b, reports[b]) }
-                    i = j
-                    continue
-                }
-                while j < part.upperBound && needsWork(j) { j += 1 }
-                // A worker's range starts here: keep the activations, so that a resumed run
-                // need not replay everything before it.
-                if i > 0 && i == part.lowerBound, let runDirectory { try runDirectory.saveBoundary(boundary, at: i) }
-                boundary = try runWithFailover(workers[k], i..<j, from: boundary) { index, pruned, report in
-                    if let report { reports[index] = report }
-                    progress(index, report)
-                }
-                i = j
+            let first = max(part.lowerBound, position)
+            // A worker's range starts here: keep the activations, so that a resumed run need not
+            // replay everything before it.
+            if first > 0 && first == part.lowerBound && needsWork(first), let runDirectory { try runDirectory.saveBoundary(boundary, at: first) }
+            boundary = try runSegments(workers[k], first..<part.upperBound, from: boundary, needsWork: needsWork,
+                                       reports: reports) { index, pruned, report in
+                if let report { reports[index] = report }
+                progress(index, report)
             }
         }
         return reports.keys.sorted().map { reports[$0]! }
@@ -275,40 +296,83 @@ public final class Coordinator {
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         try pipeline.validate()
         let partitions = plan()
-        let links = Array(workers.prefix(partitions.count))
+        let K = partitions.count
+        let make = { RangePruner.store(job: self.job, config: self.model.config) }
         let start = try pipeline.embed()
-        // Dense boundaries d_0 ... d_K, pipelined through the workers.
-        var dense = [start]
-        var denseJob = job
-        denseJob.denseOnly = true
-        for (range, worker) in zip(partitions, links) {
-            let link = isLive(worker) ? worker : replacement(for: worker, busy: [])
-            do {
-                dense.append(try link.run(range, job: denseJob, from: Boundary(inputs: dense.last!.inputs, targets: nil)) { _, _, _ in })
-            } catch let error as WireError where link.isRemote {
-                dead.insert(ObjectIdentifier(link))
-                link.abandon()
-                try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "phase": "dense pass"])
-                let to = replacement(for: link, busy: [])
-                try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name, "phase": "dense pass"])
-                dense.append(try to.run(range, job: denseJob, from: Boundary(inputs: dense.last!.inputs, targets: nil)) { _, _, _ in })
+        let events = resumesADMM ? (try runDirectory?.events.read() ?? []) : []
+
+        // Dense boundaries d_0 ... d_K, pipelined through the workers (or read back on resume).
+        var dense: [ActivationStore] = [start.inputs]
+        if let saved = events.last(where: { $0["event"] as? String == "admm_dense" })?["sha256"] as? [String],
+           saved.count == K, let runDirectory {
+            for (k, sha) in saved.enumerated() {
+                guard let d = try runDirectory.loadActivations(name: "dense-\(k + 1)", sha256: sha, make: make) else { break }
+                dense.append(d)
+            }
+            if dense.count != K + 1 { dense = [start.inputs] } else { log("ADMM: dense boundaries read back from the run directory") }
+        }
+        if dense.count != K + 1 {
+            var denseJob = job
+            denseJob.denseOnly = true
+            for (k, range) in partitions.enumerated() {
+                let link = k < workers.count ? workers[k] : fallback
+                dense.append(try runDenseRange(link, range, job: denseJob, from: dense.last!))
+            }
+            if let runDirectory {
+                let shas = try (1...K).map { try runDirectory.saveActivations(dense[$0], name: "dense-\($0)") }
+                try event("admm_dense", ["sha256": shas])
             }
         }
-        var inputs = dense.map(\.inputs)          // h_k; h_0 stays the embeddings
-        var duals: [ActivationStore?] = Array(repeating: nil, count: partitions.count)
+
+        var inputs = dense                        // h_k; h_0 stays the embeddings
+        var duals: [ActivationStore?] = Array(repeating: nil, count: K)
         var rounds: [ADMMRound] = []
         var reports: [Int: BlockReport] = [:]
-        for r in 1...max(1, options.rounds) {
+        for (i, f) in finished { if let r = f.report { reports[i] = r } }
+        var firstRound = 1
+        // Resume after the last round whose boundaries were checkpointed.
+        for e in events where e["event"] as? String == "admm_round" {
+            guard let r = e["round"] as? Int, let residuals = e["residuals"] as? [Double], let outputError = e["output_error"] as? Double else { continue }
+            rounds.append(ADMMRound(round: r, residuals: residuals, outputError: outputError))
+        }
+        if let last = events.last(where: { $0["event"] as? String == "admm_round" }), let r = last["round"] as? Int,
+           let hs = last["inputs_sha256"] as? [String], let runDirectory {
+            let us = last["duals_sha256"] as? [String]
+            var ok = hs.count == K - 1
+            for k in 1..<max(1, K) where ok {
+                if let h = try runDirectory.loadActivations(name: "round-\(r)-h-\(k)", sha256: hs[k - 1], make: make) { inputs[k] = h } else { ok = false }
+                if ok, let us, us.count == K - 1, !us[k - 1].isEmpty {
+                    if let u = try runDirectory.loadActivations(name: "round-\(r)-u-\(k)", sha256: us[k - 1], make: make) { duals[k] = u } else { ok = false }
+                }
+            }
+            if ok {
+                rounds = rounds.filter { $0.round <= r }
+                firstRound = r + 1
+                log("ADMM: resuming after round \(r)")
+            } else {
+                // The round's checkpoint is damaged: start the rounds again.
+                inputs = dense
+                duals = Array(repeating: nil, count: K)
+                rounds = []
+            }
+        }
+        if let last = rounds.last, last.residuals.allSatisfy({ $0 <= options.tolerance }) || last.round >= options.rounds {
+            return (reports.keys.sorted().map { reports[$0]! }, rounds)
+        }
+        for r in firstRound...max(firstRound, options.rounds) {
+            // Blocks this round already finished before an interruption are replayed, not redone.
+            let done: (Int) -> Bool = { i in self.resumesADMM && self.finished[i]?.round == r }
+            let needsWork: (Int) -> Bool = { i in self.job.prunes(i) && !done(i) }
             var started: [Bool] = []
             var assigned: [WorkerLink] = []
             var busy = Set<ObjectIdentifier>()
-            for (k, (range, worker)) in zip(partitions, links).enumerated() {
-                let targets = job.plan.needsDenseStream ? dense[k].inputs : nil
-                var link = worker
+            for (k, range) in partitions.enumerated() {
+                let targets = job.plan.needsDenseStream ? dense[k] : nil
+                var link = k < workers.count ? workers[k] : fallback
                 if !isLive(link) { link = replacement(for: link, busy: busy) }
                 var ok = false
                 // The in-process fallback computes in finish, so starting it never blocks the others.
-                if !busy.contains(ObjectIdentifier(link)) {
+                if !busy.contains(ObjectIdentifier(link)) && range.allSatisfy(needsWork) {
                     do {
                         try link.start(range, job: job, from: Boundary(inputs: inputs[k], targets: targets))
                         ok = true
@@ -324,33 +388,56 @@ public final class Coordinator {
             }
             var outputs: [ActivationStore] = []
             for k in partitions.indices {
-                let targets = job.plan.needsDenseStream ? dense[k].inputs : nil
+                let targets = job.plan.needsDenseStream ? dense[k] : nil
                 busy.remove(ObjectIdentifier(assigned[k]))
-                outputs.append(try runWithFailover(assigned[k], partitions[k], from: Boundary(inputs: inputs[k], targets: targets),
-                                                   started: started[k], busy: busy, round: r) { index, pruned, report in
+                outputs.append(try runSegments(assigned[k], partitions[k], from: Boundary(inputs: inputs[k], targets: targets),
+                                               needsWork: needsWork, started: started[k], busy: busy, round: r,
+                                               reports: reports) { index, pruned, report in
                     if let report { reports[index] = report }
                     progress(index, report)
                 }.inputs)
             }
             var residuals: [Double] = []
-            for k in 1..<max(1, partitions.count) {
+            for k in 1..<max(1, K) {
                 let o = outputs[k - 1]
                 residuals.append(try relativeDistance(inputs[k], o))
                 if options.rho.isInfinite {
                     inputs[k] = o
                 } else {
-                    let (h, u) = try boundaryUpdate(dense: dense[k].inputs, neighbour: o, dual: duals[k], rho: options.rho)
+                    let (h, u) = try boundaryUpdate(dense: dense[k], neighbour: o, dual: duals[k], rho: options.rho)
                     inputs[k] = h
                     duals[k] = u
                 }
             }
-            let round = ADMMRound(round: r, residuals: residuals, outputError: try relativeDistance(outputs.last!, dense.last!.inputs))
+            let round = ADMMRound(round: r, residuals: residuals, outputError: try relativeDistance(outputs.last!, dense.last!))
             rounds.append(round)
-            try event("admm_round", ["round": r, "residuals": residuals, "output_error": round.outputError])
+            var fields: [String: Any] = ["round": r, "residuals": residuals, "output_error": round.outputError]
+            if let runDirectory {
+                // The boundaries after this round, so that a resumed run starts the next one.
+                fields["inputs_sha256"] = try (1..<max(1, K)).map { try runDirectory.saveActivations(inputs[$0], name: "round-\(r)-h-\($0)") }
+                fields["duals_sha256"] = try (1..<max(1, K)).map { k in try duals[k].map { try runDirectory.saveActivations($0, name: "round-\(r)-u-\(k)") } ?? "" }
+            }
+            try event("admm_round", fields)
+            runDirectory?.removeActivations { $0.hasPrefix("round-") && !$0.hasPrefix("round-\(r)-") }
             roundDone(round)
             if residuals.allSatisfy({ $0 <= options.tolerance }) { break }
         }
         return (reports.keys.sorted().map { reports[$0]! }, rounds)
+    }
+
+    /// The dense pass over one partition, with failover to another worker or this process.
+    func runDenseRange(_ worker: WorkerLink, _ range: Range<Int>, job denseJob: PruneJob, from inputs: ActivationStore) throws -> ActivationStore {
+        let link = isLive(worker) ? worker : replacement(for: worker, busy: [])
+        do {
+            return try link.run(range, job: denseJob, from: Boundary(inputs: inputs, targets: nil)) { _, _, _ in }.inputs
+        } catch let error as WireError where link.isRemote {
+            dead.insert(ObjectIdentifier(link))
+            link.abandon()
+            try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "phase": "dense pass"])
+            let to = replacement(for: link, busy: [])
+            try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name, "phase": "dense pass"])
+            return try to.run(range, job: denseJob, from: Boundary(inputs: inputs, targets: nil)) { _, _, _ in }.inputs
+        }
     }
 
     /// ‖a − b‖² / ‖b‖² over all windows.

@@ -96,17 +96,17 @@ public final class RunDirectory: @unchecked Sendable {
         try events.append("block_done", fields)
     }
 
-    /// The blocks recorded as done whose files still match their checksums, with their reports.
-    /// A block whose file is missing or differs from its recorded SHA-256 is reported (event
-    /// `checkpoint_corrupt`), its file removed, and left out, so that it is redone.
-    public func verifiedBlocks(round: Int? = nil) throws -> [Int: BlockReport?] {
+    /// The blocks recorded as done whose files still match their checksums, with their reports
+    /// and (ADMM) the round that wrote them. A block whose file is missing or differs from its
+    /// recorded SHA-256 is reported (event `checkpoint_corrupt`), its file removed, and left out,
+    /// so that it is redone.
+    public func verifiedBlocks() throws -> [Int: FinishedBlock] {
         var latest: [Int: [String: Any]] = [:]
         for e in try events.read() where e["event"] as? String == "block_done" {
             guard let b = e["block"] as? Int else { continue }
-            if let round, e["round"] as? Int != round { continue }
             latest[b] = e
         }
-        var result: [Int: BlockReport?] = [:]
+        var result: [Int: FinishedBlock] = [:]
         for (b, e) in latest.sorted(by: { $0.key < $1.key }) {
             let file = store.path(b)
             let expected = e["sha256"] as? String ?? ""
@@ -121,9 +121,50 @@ public final class RunDirectory: @unchecked Sendable {
             if let r = e["report"] {
                 report = try? JSONDecoder().decode(BlockReport.self, from: JSONSerialization.data(withJSONObject: r))
             }
-            result[b] = report
+            result[b] = FinishedBlock(report: report, round: e["round"] as? Int)
         }
         return result
+    }
+
+    func activationsPath(_ name: String) -> String { Self.join(Self.join(path, "activations"), name + ".safetensors") }
+
+    /// Saves activations under `name` (atomically) and returns the file's SHA-256, which the caller
+    /// records in the event that makes the checkpoint count.
+    public func saveActivations(_ store: ActivationStore, name: String) throws -> String {
+        let directory = Self.join(path, "activations")
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        var writer = SafeTensorsWriter(directory: directory, metadata: ["name": name])
+        for s in 0..<store.count {
+            try writer.add(name: String(format: "%06d", s), shape: [store.rows, store.cols]) { try store.get(s) }
+        }
+        let file = activationsPath(name)
+        try writer.writeSingleFile(to: file)
+        return try SHA256Digest.files([file])
+    }
+
+    /// Activations saved under `name`, if the file is there and matches `sha256`; a mismatch is
+    /// reported (`checkpoint_corrupt`) and gives nil.
+    public func loadActivations(name: String, sha256 expected: String, make: () -> ActivationStore) throws -> ActivationStore? {
+        let file = activationsPath(name)
+        guard FileManager.default.fileExists(atPath: file) else { return nil }
+        let found = try? SHA256Digest.files([file])
+        guard found == expected else {
+            try events.append("checkpoint_corrupt", ["activations": name, "file": file, "expected_sha256": expected,
+                                                     "found_sha256": found ?? "unreadable"])
+            return nil
+        }
+        let f = try SafeTensorsFile(path: file)
+        let store = make()
+        for s in 0..<store.count { try store.set(s, try f.load(String(format: "%06d", s))) }
+        return store
+    }
+
+    /// Removes saved activations whose names satisfy `predicate`.
+    public func removeActivations(where predicate: (String) -> Bool) {
+        let directory = Self.join(path, "activations")
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where name.hasSuffix(".safetensors") {
+            if predicate(String(name.dropLast(".safetensors".count))) { try? FileManager.default.removeItem(atPath: Self.join(directory, name)) }
+        }
     }
 
     func boundaryPath(_ block: Int) -> String { Self.join(boundariesPath, String(format: "boundary-%05d.safetensors", block)) }
@@ -187,7 +228,14 @@ public final class RunDirectory: @unchecked Sendable {
     public func removeCheckpoints() {
         try? FileManager.default.removeItem(atPath: store.directory)
         try? FileManager.default.removeItem(atPath: boundariesPath)
+        try? FileManager.default.removeItem(atPath: Self.join(path, "activations"))
     }
+}
+
+/// A block finished by an earlier attempt of a run: its report, and the ADMM round that wrote it.
+public struct FinishedBlock: Sendable {
+    public var report: BlockReport?
+    public var round: Int?
 }
 
 /// events.jsonl: one JSON object per line ({"event": ..., "time": ..., ...}), each appended with
