@@ -241,6 +241,9 @@ final class Storage: @unchecked Sendable {
         let bytes = max(count, 1) * MemoryLayout<Float>.stride
         if bytes >= Self.mapThreshold, let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
             mappedBytes = bytes
+            // Huge pages where the kernel allows them on request: a 2 MiB page takes one fault
+            // instead of 512 when the buffer is first written.
+            if bytes >= 4 << 20 { _ = madvise(p, bytes, 14 /* MADV_HUGEPAGE */) }
             pointer = p.bindMemory(to: Float.self, capacity: max(count, 1))
         } else {
             mappedBytes = 0

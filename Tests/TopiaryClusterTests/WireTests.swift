@@ -1,4 +1,5 @@
 import XCTest
+import CTopiarySupport
 import TopiaryTensor
 @testable import TopiaryCluster
 
@@ -29,6 +30,21 @@ final class WireCodecTests: XCTestCase {
         let first = data[0..<333].withUnsafeBytes { CRC32C.checksum($0) }
         let both = data[333...].withUnsafeBytes { CRC32C.checksum($0, continuing: first) }
         XCTAssertEqual(both, whole)
+    }
+
+    /// The three-lane hardware path (lanes of 8 KiB joined by a shift operator) against the
+    /// one-byte-at-a-time table, on lengths around the lane boundaries and odd offsets.
+    func testCRC32CHardwareLanesMatchTheTable() {
+        var rng = SystemRandomNumberGenerator()
+        let data = (0..<(3 * 8192 * 3 + 77)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        data.withUnsafeBytes { raw in
+            for length in [0, 1, 7, 8, 8191, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 1, 3 * 8192 + 9, 6 * 8192 + 5, raw.count - 3] {
+                for offset in [0, 3] where offset + length <= raw.count {
+                    let p = raw.baseAddress! + offset
+                    XCTAssertEqual(topiary_crc32c(0x1234_5678, p, length), topiary_crc32c_portable(0x1234_5678, p, length), "length \(length) offset \(offset)")
+                }
+            }
+        }
     }
 
     func testEveryMessageRoundTrips() throws {

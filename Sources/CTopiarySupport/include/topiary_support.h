@@ -8,6 +8,9 @@
 /// both give the same value.
 uint32_t topiary_crc32c(uint32_t crc, const void *data, size_t length);
 
+/// The table implementation alone (tests compare it with the hardware path).
+uint32_t topiary_crc32c_portable(uint32_t crc, const void *data, size_t length);
+
 /// Whether the hardware path is in use (for benchmarks and docs).
 int topiary_crc32c_hardware(void);
 
