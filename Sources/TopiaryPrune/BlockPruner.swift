@@ -4,7 +4,7 @@ import TopiaryTensor
 
 /// The pruning methods of the engine.
 public enum PruneMethod: String, Sendable, Codable, CaseIterable {
-    case magnitude, wanda, sparsegpt, sparsellm
+    case magnitude, wanda, sparsegpt, sparsellm, besa
 }
 
 /// Where SparseLLM's feed-forward inputs and targets come from.
@@ -22,18 +22,20 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var sparseGPT: SparseGPTPruner.Options
     public var sparseLLM: SparseLLM.Options?
     public var targets: TargetMode
+    public var besa: BESA.Options?
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
-                sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential) {
+                sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential, besa: BESA.Options? = nil) {
         self.method = method
         self.pattern = pattern
         self.sparseGPT = sparseGPT
         self.sparseLLM = sparseLLM
         self.targets = targets
+        self.besa = besa
     }
 
     /// Whether the driver must carry the dense model's activations beside the pruned ones.
-    public var needsDenseStream: Bool { method == .sparsellm && targets == .dense }
+    public var needsDenseStream: Bool { (method == .sparsellm || method == .besa) && targets == .dense }
 }
 
 /// What happened to one linear layer.
@@ -61,6 +63,8 @@ public struct BlockReport: Sendable, Codable {
     public var sparseLLM: [SparseLLM.IterationReport]? = nil
     /// SparseLLM: the iteration whose weights were kept.
     public var sparseLLMChosen: Int? = nil
+    /// BESA: the learned allocation of this block.
+    public var besa: BESA.Summary? = nil
 }
 
 /// Prunes one decoder block given its inputs: the unit of work of every driver, local or
@@ -122,6 +126,14 @@ public struct BlockPruner: Sendable {
         var jointSeconds = 0.0
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
+        var besaSummary: BESA.Summary?
+        if plan.method == .besa {
+            let t0 = Date()
+            let r = try pruneBESA(block: block, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
+            joint = r.weights
+            besaSummary = r.summary
+            jointSeconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
+        }
         if plan.method == .sparsellm {
             let t0 = Date()
             let x = Matrix.vstack(ffnInputs)
@@ -158,6 +170,7 @@ public struct BlockPruner: Sendable {
                 switch plan.method {
                 case .magnitude: newWeight = MagnitudePruner.prune(w, pattern: plan.pattern)
                 case .wanda: newWeight = WandaPruner.prune(w, inputSquaredNorms: st.squaredNorms, pattern: plan.pattern)
+                case .besa: preconditionFailure("BESA's weights come from its joint step")
                 case .sparsegpt, .sparsellm:
                     newWeight = try SparseGPTPruner.prune(w, hessian: st.hessian, pattern: plan.pattern, options: plan.sparseGPT, what: name).weight
                 }
@@ -184,7 +197,8 @@ public struct BlockPruner: Sendable {
             try outputs.set(s, y)
         }
         let report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
-                                 seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen)
+                                 seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen,
+                                 besa: besaSummary)
         return (pruned, outputs, report)
     }
 

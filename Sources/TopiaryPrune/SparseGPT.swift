@@ -22,9 +22,12 @@ public enum SparseGPTPruner {
 
     /// Prunes `weight` [rows x cols] given the Hessian H = (2/n) Σ x xᵀ [cols x cols].
     /// `what` names the layer in errors. H is not modified (damping goes on a copy).
+    /// `fixedMask` (row-major, true = prune) replaces the mask selection: the OBS updates of the
+    /// kept weights under a mask chosen elsewhere (BESA's learned rows); `pattern` is then unused.
     public static func prune(_ weight: Matrix, hessian: Matrix, pattern: SparsityPattern,
-                             options: Options = Options(), what: String = "layer") throws -> Result {
+                             options: Options = Options(), what: String = "layer", fixedMask: [Bool]? = nil) throws -> Result {
         let rows = weight.rows, cols = weight.cols
+        precondition(fixedMask.map { $0.count == rows * cols } ?? true, "\(what): fixed mask does not match the weight's shape")
         guard hessian.rows == cols && hessian.cols == cols else {
             throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(hessian.cols), expected \(cols)x\(cols)")
         }
@@ -67,7 +70,9 @@ public enum SparseGPTPruner {
                     // Copies of this block of W (rows x count) and of U (count x count).
                     for r in 0..<rows { for c in 0..<count { wBlock[r * count + c] = pw[r * cols + i1 + c] } }
                     for a in 0..<count { for b in 0..<count { hBlock[a * count + b] = pu[(i1 + a) * cols + i1 + b] } }
-                    if case .unstructured(let s) = pattern {
+                    if let fixedMask {
+                        for r in 0..<rows { for c in 0..<count { pruneMask[r * count + c] = fixedMask[r * cols + i1 + c] } }
+                    } else if case .unstructured(let s) = pattern {
                         // Adaptive mask: the block's smallest w²/d², chosen once at block start.
                         var scores = [Float](repeating: 0, count: rows * count)
                         for r in 0..<rows {

@@ -202,6 +202,85 @@ func benchSparseLLM(_ args: [String]) throws {
     print(String(format: "  per block: sparsegpt %.2f s, sparsellm %.2f s, ratio sparsellm / sparsegpt %.2f", totals.0 / Double(blocks), totals.1 / Double(blocks), totals.1 / totals.0))
 }
 
+/// BESA on SmolLM2 blocks: seconds per block (and the block output error beside Wanda's), and the
+/// block's forward+backward pass (one calibration window) at its GEMM FLOP count over the sgemm
+/// rate measured in the same run.
+func benchBESA(_ args: [String]) throws {
+    guard let path = argument("model", args), let calib = argument("calib", args) else {
+        throw ToolFailure("bench besa: --model PATH --calib TEXT are required")
+    }
+    let samples = Int(argument("samples", args) ?? "32")!
+    let seqlen = Int(argument("seqlen", args) ?? "512")!
+    let blocks = Int(argument("blocks", args) ?? "2")!
+    let sparsity = Double(argument("sparsity", args) ?? "0.5")!
+    let epochs = Int(argument("epochs", args) ?? "1")!
+    let model = try LanguageModel.open(path: path)
+    let c = model.config
+    let text = try String(contentsOfFile: calib, encoding: .utf8)
+    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
+    defer { try? FileManager.default.removeItem(atPath: work) }
+    var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
+    let embedding = try model.loadEmbedding()
+    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, \(epochs) epoch(s), blocks 0..<\(blocks), BLAS threads \(Linalg.threadCount)")
+
+    // The machine's sgemm rate on the block's own GEMM shapes (as bench forward).
+    let shapes = [(seqlen, c.queryDim, c.hiddenSize), (seqlen, c.kvDim, c.hiddenSize), (seqlen, c.intermediateSize, c.hiddenSize),
+                  (seqlen, c.hiddenSize, c.intermediateSize)]
+    var peak = sgemmRate(m: 2048, n: 2048, k: 2048)
+    for (m, n, k) in shapes { peak = max(peak, sgemmRate(m: m, n: n, k: k)) }
+    print(String(format: "  measured sgemm rate (best over shapes): %.1f GFLOP/s", peak))
+
+    // GEMM FLOPs of one window's forward+backward as computed: forward linears 2TP; backward dW
+    // for all linears (2TP) and dX for o/gate/up/down (LLaMA) or out/fc1/fc2 (OPT); attention
+    // forward 2 GEMMs, backward 5 (P recomputed, dV, dP, dQ, dK), over the causal query blocks.
+    let block0 = try model.loadBlock(0)
+    var forwardFlops = 0.0, backwardFlops = 0.0
+    for (i, name) in block0.linearNames.enumerated() {
+        let n = Double(block0.weight(name).count)
+        forwardFlops += 2 * Double(seqlen) * n
+        backwardFlops += 2 * Double(seqlen) * n * (i >= 3 ? 2 : 1)
+    }
+    var attentionGEMM = 0.0
+    var i0 = 0
+    while i0 < seqlen {
+        let i1 = min(i0 + 256, seqlen)
+        attentionGEMM += 2.0 * Double((i1 - i0) * i1 * c.headDim * c.headCount)
+        i0 = i1
+    }
+    forwardFlops += 2 * attentionGEMM
+    backwardFlops += 5 * attentionGEMM
+    let x = try inputs.get(0)
+    let rope = c.ropeTable(positions: seqlen)
+    let dy = randomMatrix(seqlen, c.hiddenSize, seed: 11)
+    _ = block0.weightGradients(outputGradient: dy, tape: block0.forwardRecording(x, sequenceLength: seqlen, rope: rope).tape)
+    let forwardSeconds = best(3) { _ = block0.forwardRecording(x, sequenceLength: seqlen, rope: rope) }
+    let tape = block0.forwardRecording(x, sequenceLength: seqlen, rope: rope).tape
+    let backwardSeconds = best(3) { _ = block0.weightGradients(outputGradient: dy, tape: tape) }
+    let both = forwardSeconds + backwardSeconds
+    print(String(format: "  forward (recording): %.4f s, %.2f GFLOP, %.1f GFLOP/s", forwardSeconds, forwardFlops / 1e9, forwardFlops / forwardSeconds / 1e9))
+    print(String(format: "  backward (weight gradients): %.4f s, %.2f GFLOP, %.1f GFLOP/s", backwardSeconds, backwardFlops / 1e9, backwardFlops / backwardSeconds / 1e9))
+    print(String(format: "  ratio forward+backward / sgemm: %.2f", (forwardFlops + backwardFlops) / both / 1e9 / peak))
+
+    print("  block   wanda s   besa s   besa step s   output error wanda / besa")
+    var total = 0.0
+    for b in 0..<blocks {
+        let block = try model.loadBlock(b)
+        let t0 = now()
+        let w = try BlockPruner(plan: PrunePlan(method: .wanda, pattern: .unstructured(sparsity))).prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t1 = now()
+        let plan = PrunePlan(method: .besa, pattern: .unstructured(sparsity), besa: BESA.Options(epochs: epochs))
+        let r = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t2 = now()
+        total += t2 - t1
+        let steps = Double(r.report.besa?.steps ?? 1)
+        print(String(format: "  %5d   %7.2f   %6.2f   %11.3f   %.5f / %.5f", b, t1 - t0, t2 - t1, (t2 - t1) / steps, w.report.outputError, r.report.outputError))
+        inputs = r.outputs
+    }
+    print(String(format: "  per block: besa %.2f s; whole model (%d blocks) ≈ %.0f s", total / Double(blocks), c.layerCount, total / Double(blocks) * Double(c.layerCount)))
+}
+
 /// Activation transfer over loopback through the wire protocol (frames, CRC32C, chunking,
 /// decoding into matrices) against a raw socket copy of the same bytes, in the same run.
 func benchTransfer(_ args: [String]) throws {
@@ -267,8 +346,9 @@ do {
     case "sparsegpt-raw": try sparseGPTRaw(Array(args.dropFirst()))
     case "sparsellm": try benchSparseLLM(Array(args.dropFirst()))
     case "transfer": try benchTransfer(Array(args.dropFirst()))
+    case "besa": try benchBESA(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
         exit(2)
     }
 } catch {

@@ -7,12 +7,13 @@ import TopiaryTokenizers
 
 enum PruneCommand: Command {
     static let name = "prune"
-    static let summary = "prune a model (magnitude, wanda, sparsegpt, sparsellm) and write it as a Hugging Face directory"
+    static let summary = "prune a model (magnitude, wanda, sparsegpt, sparsellm, besa) and write it as a Hugging Face directory"
     static let usage = """
-    topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm (--sparsity S | --pattern N:M)
+    topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
                   [--workers N | --hosts H:P,...] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
+                  [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--heartbeat-interval S --heartbeat-timeout S]
     topiary prune --resume D [--workers N | --hosts H:P,...]
     """
@@ -40,6 +41,18 @@ enum PruneCommand: Command {
     loop (default 4), --targets sequential (the dense block on the pruned-so-far activations, as
     the reference code) or dense (the dense model's activations, as the paper's formula).
     report.json records the objective and the FFN output error per block and iteration.
+
+    BESA (--method besa, --sparsity only) learns how sparse each output row (--besa-granularity
+    row, default) or each linear (layer) of a block should be so that the block's output changes
+    least: a softmax over sparsities 0, 0.01, ..., 1 per row, rows ranked once by Wanda's score,
+    the hard mask in the forward pass and the gradient of the expected mask through a
+    hand-written backward pass of the block; loss = per-channel normalised output error plus
+    --besa-penalty * ((S - target)/target)^2; Adam (--besa-lr, default 0.05), one step per
+    calibration window, --besa-epochs passes (default 1). --targets sequential (default) or dense
+    as for SparseLLM. A final common shift of all rows makes each block's sparsity the target.
+    --besa-reconstruct then updates the kept weights with SparseGPT under the learned masks.
+    report.json records each linear's learned sparsity; besa-sparsity.svg beside it draws them
+    (blocks x projections).
 
     Distribution: --workers N starts N worker processes on loopback, --hosts uses running
     'topiary worker' processes; the chain of blocks is split into contiguous ranges balanced by
@@ -90,7 +103,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "beta", value: "B", help: "SparseLLM: weight of the output fit term (default as --alpha)"),
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
-        OptionSpec(name: "targets", value: "MODE", help: "SparseLLM: sequential (default) or dense"),
+        OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
@@ -103,7 +116,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
         CommonOptions.threads, CommonOptions.json,
-    ]
+    ] + BESAOptions.specs
 
     static func run(_ given: ParsedArguments) throws {
         // A resumed run takes its options from run.json; those given now may only change how it
@@ -122,7 +135,7 @@ enum PruneCommand: Command {
         try CommonOptions.apply(args)
         let started = Date()
         // Options first, so that a mistake is reported before any work.
-        guard let methodName = args.string("method") else { throw UsageError(message: "topiary prune: missing required option '--method' (magnitude, wanda or sparsegpt)") }
+        guard let methodName = args.string("method") else { throw UsageError(message: "topiary prune: missing required option '--method' (magnitude, wanda, sparsegpt, sparsellm or besa)") }
         guard let method = PruneMethod(rawValue: methodName) else {
             throw UsageError(message: "topiary prune: unknown --method '\(methodName)' (known: \(PruneMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
@@ -151,8 +164,15 @@ enum PruneCommand: Command {
             targets = mode
         }
         let sparseLLMValues = (try args.double("alpha"), try args.double("beta"), try args.double("gamma"), try args.int("iterations", min: 1))
-        if method != .sparsellm && (sparseLLMValues.0 != nil || sparseLLMValues.1 != nil || sparseLLMValues.2 != nil || sparseLLMValues.3 != nil || args.string("targets") != nil) {
-            throw UsageError(message: "topiary prune: --alpha, --beta, --gamma, --iterations and --targets apply to --method sparsellm only")
+        if method != .sparsellm && (sparseLLMValues.0 != nil || sparseLLMValues.1 != nil || sparseLLMValues.2 != nil || sparseLLMValues.3 != nil) {
+            throw UsageError(message: "topiary prune: --alpha, --beta, --gamma and --iterations apply to --method sparsellm only")
+        }
+        if method != .sparsellm && method != .besa && args.string("targets") != nil {
+            throw UsageError(message: "topiary prune: --targets applies to --method sparsellm or besa only")
+        }
+        let besa = try BESAOptions.parse(args, method: method)
+        if method == .besa, case .nOfM = pattern {
+            throw UsageError(message: "topiary prune: --method besa learns unstructured sparsity; give --sparsity, not --pattern")
         }
         for (name, v) in [("alpha", sparseLLMValues.0), ("beta", sparseLLMValues.1), ("gamma", sparseLLMValues.2)] {
             if let v, !(v > 0) { throw UsageError(message: "topiary prune: --\(name) must be positive, got \(v)") }
@@ -220,7 +240,7 @@ enum PruneCommand: Command {
             if let t = sparseLLMValues.3 { o.iterations = t }
             sparseLLM = o
         }
-        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets)
+        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa)
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
@@ -351,6 +371,7 @@ enum PruneCommand: Command {
             summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
                                     "targets": targets.rawValue, "ridge": o.ridge]
         }
+        if let besa { summary["besa"] = BESAOptions.settingsJSON(besa, targets: targets) }
         if let evalText {
             summary["evaluation"] = ["file": evalText, "seqlen": evalSeqlen, "windows": evalWindows.map { $0 as Any } ?? "all"]
         }
@@ -361,6 +382,10 @@ enum PruneCommand: Command {
         let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
         try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
         try AtomicFile.write(reportData + Data("\n".utf8), to: run.reportPath)
+        if method == .besa {
+            try AtomicFile.write(Data(BESAOptions.heatmap(reports, target: pattern.fraction).utf8),
+                                 to: (staging as NSString).appendingPathComponent("besa-sparsity.svg"))
+        }
         try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
         try run.events.append("complete", ["output": output, "output_sha256": sha])
         run.removeCheckpoints()
@@ -386,6 +411,7 @@ enum PruneCommand: Command {
             },
         ]
         if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }
+        if let b = r.besa { json["besa"] = BESAOptions.blockJSON(b) }
         if let iterations = r.sparseLLM {
             json["sparsellm"] = iterations.map { i in
                 ["iteration": i.iteration, "objective": i.objective, "terms": i.terms, "ffn_output_error": i.outputError,

@@ -30,7 +30,8 @@ final class PipelineTests: XCTestCase {
     func testEveryMethodReachesItsSparsityAndSparseGPTReconstructsBest() throws {
         let (model, tokens) = try stories()
         var outputErrors: [PruneMethod: Double] = [:]
-        for method in PruneMethod.allCases {
+        // BESA allocates sparsity unevenly over linears by design; BESATests checks its total.
+        for method in PruneMethod.allCases where method != .besa {
             let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: method, pattern: .unstructured(0.5)))
             XCTAssertEqual(reports.count, 5)
             for r in reports { for l in r.linears { XCTAssertEqual(l.sparsity, 0.5, accuracy: 0.01, "\(method) \(l.name)") } }

@@ -1,0 +1,374 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// BESA (Xu et al., ICLR 2024, arXiv 2402.16880; ../shared/research/besa.md §1-3): learns how
+/// sparse each output row of each linear of a block should be, so that the block's output
+/// changes least, with the weights frozen.
+///
+/// For each row r (or each linear, `.layer`): a distribution p_r = softmax(θ_r) over candidate
+/// sparsities s_k = k/100, k = 0…100, and its mean s̄_r. The row's weights are ranked once per
+/// block by Wanda's score |W_rj|·‖x_j‖ (ascending, stable); the forward pass prunes the first
+/// ⌊s̄_r·C⌋ of them (hard mask). The gradient reaches θ through the expected keep-mask
+/// q_rj = 1 − Σ_k p_rk [j < N_k], N_k = ⌊s_k·C⌋ (straight-through): ∂L/∂p_rk = −Σ_{j<N_k} G̃_rj
+/// with G = ∂L/∂W_eff ⊙ W in ranked order, a prefix sum read at the 101 counts.
+///
+/// Loss per calibration sequence: (1/C) Σ_{t,c} ((Y − Ŷ)_tc / σ_c)² with σ_c = ‖Y[:, c]‖, plus
+/// β((S − s*)/s*)², S the parameter-weighted mean of s̄ over the block. Adam on θ, one sequence
+/// per step. Unlike the reference there is no sigmoid inside the softmax (it confines every
+/// row to about [0.38, 0.62]), so any target is reachable; θ starts at the maximum-entropy
+/// distribution whose mean is the target (uniform at 50%, the reference's start).
+///
+/// The soft penalty and the floor of the counts leave the block's realised sparsity near, not
+/// at, the target; a final shift of every row's learned sparsity by one common δ (bisection)
+/// makes the count exact, keeping the learned allocation's shape.
+public enum BESA {
+    public enum Granularity: String, Sendable, Codable, CaseIterable {
+        /// One distribution per output row (the paper's main results).
+        case row
+        /// One distribution per linear layer.
+        case layer
+    }
+
+    public struct Options: Sendable, Equatable, Codable {
+        /// Passes over the calibration sequences (one Adam step per sequence).
+        public var epochs: Int
+        /// Adam's step size on the logits.
+        public var learningRate: Double
+        /// β, the weight of the sparsity penalty.
+        public var penalty: Double
+        public var granularity: Granularity
+        /// After the masks are chosen, update the kept weights with SparseGPT under those masks.
+        public var reconstruct: Bool
+
+        public init(epochs: Int = 1, learningRate: Double = 0.05, penalty: Double = 5, granularity: Granularity = .row,
+                    reconstruct: Bool = false) {
+            self.epochs = epochs
+            self.learningRate = learningRate
+            self.penalty = penalty
+            self.granularity = granularity
+            self.reconstruct = reconstruct
+        }
+    }
+
+    /// The candidate sparsities are k / steps, k = 0…steps.
+    public static let steps = 100
+
+    /// What was learned for one linear layer.
+    public struct LinearAllocation: Sendable, Codable, Equatable {
+        public var name: String
+        /// Mean over rows of the learned expected sparsity s̄_r, before the final shift.
+        public var learnedSparsity: Double
+        /// Fraction of the layer's weights the final mask removes.
+        public var sparsity: Double
+        /// Smallest and largest row sparsity of the final mask.
+        public var rowSparsityMin: Double
+        public var rowSparsityMax: Double
+    }
+
+    /// The learning run of one block.
+    public struct Summary: Sendable, Codable, Equatable {
+        public var linears: [LinearAllocation]
+        /// Mean reconstruction loss of each epoch (the first is the Wanda-like start's neighbourhood).
+        public var epochLosses: [Double]
+        /// The block's expected sparsity S at the end of training.
+        public var expectedSparsity: Double
+        /// The common shift δ added to every row's sparsity to hit the target count.
+        public var shift: Double
+        public var steps: Int
+    }
+
+    public struct Result: Sendable {
+        /// New weights of every linear, by name (without ".weight").
+        public var weights: [String: Matrix]
+        public var summary: Summary
+    }
+
+    /// Learns the allocation of `block` at overall sparsity `target` and returns the pruned
+    /// weights. `sample(i)` gives calibration sequence i's input to the block and the output
+    /// to reconstruct; `inputSquaredNorms(name)` Wanda's ‖x_j‖² for a linear's inputs;
+    /// `hessian(name)` its inputs' Hessian (used only with `reconstruct`).
+    public static func prune(block: DecoderBlock, samples: Int, sequenceLength: Int,
+                             sample: (Int) throws -> (input: Matrix, target: Matrix),
+                             inputSquaredNorms: (String) throws -> [Float], hessian: (String) throws -> Matrix,
+                             target: Double, options: Options, sparseGPT: SparseGPTPruner.Options = .init()) throws -> Result {
+        precondition(target > 0 && target < 1, "BESA: target sparsity \(target) outside (0, 1)")
+        precondition(samples > 0 && options.epochs > 0)
+        let names = block.linearNames
+        var learners: [RowLearner] = []
+        for name in names {
+            learners.append(RowLearner(name: name, weight: block.weight(name), inputSquaredNorms: try inputSquaredNorms(name),
+                                       granularity: options.granularity, target: target))
+        }
+        let blockParameters = Double(learners.reduce(0) { $0 + $1.rows * $1.cols })
+        let rope = block.config.ropeTable(positions: sequenceLength)
+        var adamStep = 0
+        var epochLosses: [Double] = []
+        var masked = block
+        for _ in 0..<options.epochs {
+            var lossSum = 0.0
+            for s in 0..<samples {
+                let (x, y) = try sample(s)
+                for l in learners { masked.tensors[l.name + ".weight"] = l.maskedWeight() }
+                let (prediction, tape) = masked.forwardRecording(x, sequenceLength: sequenceLength, rope: rope)
+                let (loss, dy) = reconstructionLoss(target: y, prediction: prediction)
+                guard loss.isFinite else { throw PruneError.numerical("block \(block.index): BESA loss is not finite (sample \(s))") }
+                lossSum += loss
+                let grads = masked.weightGradients(outputGradient: dy, tape: tape)
+                // The penalty's slope dL/dS; S's slope in a row's s̄ is (n_ℓ/n_block)/R_ℓ.
+                let expected = learners.reduce(0.0) { $0 + Double($1.rows * $1.cols) / blockParameters * $1.meanSparsity() }
+                let slope = 2 * options.penalty * (expected - target) / (target * target)
+                adamStep += 1
+                for l in learners {
+                    let share = Double(l.rows * l.cols) / blockParameters / Double(l.rows)
+                    l.step(weightGradient: grads[l.name]!, penaltySlope: slope * share, learningRate: options.learningRate, step: adamStep)
+                }
+            }
+            epochLosses.append(lossSum / Double(samples))
+        }
+        let expected = learners.reduce(0.0) { $0 + Double($1.rows * $1.cols) / blockParameters * $1.meanSparsity() }
+        // One common shift of every row's sparsity so the block removes round(target·n) weights.
+        let wanted = Int((target * blockParameters).rounded())
+        func count(_ delta: Double) -> Int { learners.reduce(0) { $0 + $1.prunedCount(shift: delta) } }
+        var (lo, hi) = (-1.0, 1.0)
+        for _ in 0..<60 {
+            let mid = (lo + hi) / 2
+            if count(mid) < wanted { lo = mid } else { hi = mid }
+        }
+        let shift = abs(count(lo) - wanted) < abs(count(hi) - wanted) ? lo : hi
+
+        var weights: [String: Matrix] = [:]
+        var allocations: [LinearAllocation] = []
+        for l in learners {
+            let counts = l.rowCounts(shift: shift)
+            var w = l.weight
+            let mask = l.pruneMask(counts)
+            if options.reconstruct {
+                w = try SparseGPTPruner.prune(w, hessian: try hessian(l.name), pattern: .unstructured(0), options: sparseGPT,
+                                              what: l.name, fixedMask: mask).weight
+            } else {
+                w.withUnsafeMutableBufferPointer { p in for i in p.indices where mask[i] { p[i] = 0 } }
+            }
+            weights[l.name] = w
+            let rowFractions = counts.map { Double($0) / Double(l.cols) }
+            allocations.append(LinearAllocation(name: l.name, learnedSparsity: l.meanSparsity(),
+                                                sparsity: Double(counts.reduce(0, +)) / Double(l.rows * l.cols),
+                                                rowSparsityMin: rowFractions.min() ?? 0, rowSparsityMax: rowFractions.max() ?? 0))
+        }
+        let summary = Summary(linears: allocations, epochLosses: epochLosses, expectedSparsity: expected, shift: shift, steps: adamStep)
+        return Result(weights: weights, summary: summary)
+    }
+
+    /// L = (1/C) Σ_{t,c} ((Y − Ŷ)_tc / σ_c)², σ_c = ‖Y[:, c]‖ over this sequence's tokens, and
+    /// ∂L/∂Ŷ = −2 (Y − Ŷ) / (σ_c² C).
+    static func reconstructionLoss(target y: Matrix, prediction: Matrix) -> (loss: Double, gradient: Matrix) {
+        let (tokens, channels) = (y.rows, y.cols)
+        var energy = [Double](repeating: 0, count: channels)
+        var gradient = prediction
+        var loss = 0.0
+        y.withUnsafeBufferPointer { py in
+            for t in 0..<tokens { for c in 0..<channels { let v = Double(py[t * channels + c]); energy[c] += v * v } }
+            let inverse = energy.map { $0 > 0 ? 1 / $0 : 1 }
+            gradient.withUnsafeMutableBufferPointer { pg in
+                for t in 0..<tokens {
+                    for c in 0..<channels {
+                        let i = t * channels + c
+                        let d = Double(py[i]) - Double(pg[i])
+                        loss += d * d * inverse[c]
+                        pg[i] = Float(-2 * d * inverse[c] / Double(channels))
+                    }
+                }
+            }
+        }
+        return (loss / Double(channels), gradient)
+    }
+
+    /// θ_k = λ·s_k with λ such that the mean is `target`: the distribution of largest entropy
+    /// over the candidates with that mean.
+    static func maximumEntropyLogits(mean target: Double) -> [Double] {
+        func mean(_ lambda: Double) -> Double {
+            let logits = (0...steps).map { lambda * Double($0) / Double(steps) }
+            let p = softmax(logits)
+            return zip(p, 0...steps).reduce(0) { $0 + $1.0 * Double($1.1) / Double(steps) }
+        }
+        var (lo, hi) = (-500.0, 500.0)
+        for _ in 0..<100 {
+            let mid = (lo + hi) / 2
+            if mean(mid) < target { lo = mid } else { hi = mid }
+        }
+        let lambda = (lo + hi) / 2
+        return (0...steps).map { lambda * Double($0) / Double(steps) }
+    }
+
+    static func softmax(_ x: [Double]) -> [Double] {
+        let m = x.max() ?? 0
+        let e = x.map { Foundation.exp($0 - m) }
+        let s = e.reduce(0, +)
+        return e.map { $0 / s }
+    }
+}
+
+/// The learnable allocation of one linear layer: logits per group of rows (one group per row,
+/// or one for the layer), Adam's moments, and the rows' fixed Wanda order.
+final class RowLearner {
+    let name: String
+    let weight: Matrix
+    let rows: Int
+    let cols: Int
+    let groups: Int
+    /// order[r·cols + j]: the column of row r's j-th least important weight.
+    let order: [Int32]
+    /// N_k = ⌊k·cols/100⌋: the weights a row loses at candidate k.
+    let candidateCounts: [Int]
+    var logits: [Double]
+    var firstMoment: [Double]
+    var secondMoment: [Double]
+    /// p and s̄ per group, for the current logits.
+    var probabilities: [Double]
+    var groupSparsity: [Double]
+
+    static let (beta1, beta2, epsilon) = (0.9, 0.999, 1e-8)
+
+    init(name: String, weight: Matrix, inputSquaredNorms: [Float], granularity: BESA.Granularity, target: Double) {
+        precondition(inputSquaredNorms.count == weight.cols, "BESA \(name): \(inputSquaredNorms.count) input norms for \(weight.cols) columns")
+        self.name = name
+        self.weight = weight
+        rows = weight.rows
+        cols = weight.cols
+        groups = granularity == .row ? rows : 1
+        let k = BESA.steps + 1
+        candidateCounts = (0...BESA.steps).map { $0 * weight.cols / BESA.steps }
+        let norms = inputSquaredNorms.map { $0.squareRoot() }
+        let (rows, cols) = (weight.rows, weight.cols)
+        var order = [Int32](repeating: 0, count: rows * cols)
+        weight.withUnsafeBufferPointer { w in
+            var scores = [Float](repeating: 0, count: cols)
+            var index = [Int32](repeating: 0, count: cols)
+            for r in 0..<rows {
+                for c in 0..<cols { scores[c] = abs(w[r * cols + c]) * norms[c]; index[c] = Int32(c) }
+                index.sort { a, b in scores[Int(a)] < scores[Int(b)] || (scores[Int(a)] == scores[Int(b)] && a < b) }
+                for c in 0..<cols { order[r * cols + c] = index[c] }
+            }
+        }
+        self.order = order
+        let start = BESA.maximumEntropyLogits(mean: target)
+        logits = Array((0..<groups).map { _ in start }.joined())
+        firstMoment = [Double](repeating: 0, count: groups * k)
+        secondMoment = firstMoment
+        probabilities = firstMoment
+        groupSparsity = [Double](repeating: 0, count: groups)
+        refresh()
+    }
+
+    func group(_ row: Int) -> Int { groups == rows ? row : 0 }
+
+    /// p = softmax(θ) and s̄ = Σ p_k s_k for every group.
+    func refresh() {
+        let k = BESA.steps + 1
+        logits.withUnsafeBufferPointer { th in
+            probabilities.withUnsafeMutableBufferPointer { p in
+                for g in 0..<groups {
+                    let t = th.baseAddress! + g * k, q = p.baseAddress! + g * k
+                    var m = -Double.infinity
+                    for i in 0..<k { m = max(m, t[i]) }
+                    var sum = 0.0
+                    for i in 0..<k { q[i] = exp(t[i] - m); sum += q[i] }
+                    var mean = 0.0
+                    for i in 0..<k { q[i] /= sum; mean += q[i] * Double(i) / Double(BESA.steps) }
+                    groupSparsity[g] = mean
+                }
+            }
+        }
+    }
+
+    func meanSparsity() -> Double { groups == 1 ? groupSparsity[0] : groupSparsity.reduce(0, +) / Double(groups) }
+
+    /// Weights each row loses: ⌊clamp(s̄_r + shift)·cols⌋ (a hair of slack against rounding in s̄).
+    func rowCounts(shift: Double) -> [Int] {
+        (0..<rows).map { r in
+            let s = min(max(groupSparsity[group(r)] + shift, 0), 1)
+            return min(cols, Int(s * Double(cols) + 1e-9))
+        }
+    }
+
+    func prunedCount(shift: Double) -> Int { rowCounts(shift: shift).reduce(0, +) }
+
+    /// true where the mask removes a weight.
+    func pruneMask(_ counts: [Int]) -> [Bool] {
+        var mask = [Bool](repeating: false, count: rows * cols)
+        for r in 0..<rows { for j in 0..<counts[r] { mask[r * cols + Int(order[r * cols + j])] = true } }
+        return mask
+    }
+
+    /// W ⊙ M_hard for the current logits.
+    func maskedWeight() -> Matrix {
+        var w = weight
+        let counts = rowCounts(shift: 0)
+        let cols = self.cols
+        w.withUnsafeMutableBufferPointer { p in
+            order.withUnsafeBufferPointer { o in
+                for r in 0..<rows {
+                    let row = p.baseAddress! + r * cols, ranked = o.baseAddress! + r * cols
+                    for j in 0..<counts[r] { row[Int(ranked[j])] = 0 }
+                }
+            }
+        }
+        return w
+    }
+
+    /// ∂L/∂θ from ∂L/∂W_eff: through the straight-through mask to p, plus the penalty's
+    /// `penaltySlope`·s_k per row, through the softmax to θ.
+    func logitGradient(weightGradient dW: Matrix, penaltySlope: Double) -> [Double] {
+        let k = BESA.steps + 1
+        var dp = [Double](repeating: 0, count: groups * k)
+        let cols = self.cols
+        dW.withUnsafeBufferPointer { g in
+            weight.withUnsafeBufferPointer { w in
+                order.withUnsafeBufferPointer { o in
+                    candidateCounts.withUnsafeBufferPointer { counts in
+                        dp.withUnsafeMutableBufferPointer { d in
+                            for r in 0..<rows {
+                                let gr = g.baseAddress! + r * cols, wr = w.baseAddress! + r * cols, ranked = o.baseAddress! + r * cols
+                                let dr = d.baseAddress! + group(r) * k
+                                // ∂L/∂p_rk = −Σ_{j<N_k} (G⊙W)[r, order_j] + slope·s_k.
+                                var prefix = 0.0
+                                var next = 0
+                                for j in 0...cols {
+                                    while next < k && counts[next] == j {
+                                        dr[next] += -prefix + penaltySlope * Double(next) / Double(BESA.steps)
+                                        next += 1
+                                    }
+                                    if j == cols { break }
+                                    let c = Int(ranked[j])
+                                    prefix += Double(gr[c]) * Double(wr[c])
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for g in 0..<groups {
+            let base = g * k
+            var dot = 0.0
+            for i in 0..<k { dot += probabilities[base + i] * dp[base + i] }
+            for i in 0..<k { dp[base + i] = probabilities[base + i] * (dp[base + i] - dot) }   // softmax backward
+        }
+        return dp
+    }
+
+    /// One Adam step on θ.
+    func step(weightGradient dW: Matrix, penaltySlope: Double, learningRate: Double, step t: Int) {
+        let gradient = logitGradient(weightGradient: dW, penaltySlope: penaltySlope)
+        let (b1, b2, eps) = (Self.beta1, Self.beta2, Self.epsilon)
+        let correction1 = 1 - pow(b1, Double(t)), correction2 = 1 - pow(b2, Double(t))
+        for (i, grad) in gradient.enumerated() {
+            let m = b1 * firstMoment[i] + (1 - b1) * grad
+            let v = b2 * secondMoment[i] + (1 - b2) * grad * grad
+            firstMoment[i] = m
+            secondMoment[i] = v
+            logits[i] -= learningRate * (m / correction1) / ((v / correction2).squareRoot() + eps)
+        }
+        refresh()
+    }
+}
