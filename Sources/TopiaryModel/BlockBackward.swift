@@ -324,14 +324,8 @@ extension Attention {
                         let i1 = min(i0 + block, t)
                         let rows = i1 - i0
                         // P, exactly as the forward computed it.
-                        Linalg.sgemm(.none, .transposed, m: rows, n: i1, k: headDim, alpha: scale,
-                                     a: qh + i0 * qDim, lda: qDim, b: kh, ldb: kvDim, beta: 0, c: prob, ldc: i1)
-                        for r in 0..<rows {
-                            let row = prob + r * i1
-                            let visible = i0 + r + 1
-                            Kernels.softmax(row, visible)
-                            for j in visible..<i1 { row[j] = 0 }
-                        }
+                        Attention.probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
+                                                scale: scale, rows: i0..<i1, into: prob)
                         // dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)).
                         Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: 1,
                                      a: prob, lda: i1, b: doh + i0 * qDim, ldb: qDim, beta: 1, c: dvh, ldc: kvDim)

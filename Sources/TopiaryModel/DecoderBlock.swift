@@ -210,6 +210,24 @@ public enum Attention {
     static let queryBlock = 256
 
     /// q [N x heads*headDim], k and v [N x kvHeads*headDim], N = sequences * sequenceLength.
+    /// Causal attention probabilities of query rows `rows` of one head against keys 0..<rows.upperBound
+    /// (later keys are masked anyway), into `p` ([rows.count x rows.upperBound]; masked entries 0).
+    /// The forward pass and the backward pass (which recomputes them) share this, so both see
+    /// the same values bit for bit.
+    @inlinable
+    public static func probabilities(q: UnsafePointer<Float>, qStride: Int, k: UnsafePointer<Float>, kStride: Int, headDim: Int,
+                                     scale: Float, rows: Range<Int>, into p: UnsafeMutablePointer<Float>) {
+        let (i0, i1) = (rows.lowerBound, rows.upperBound)
+        Linalg.sgemm(.none, .transposed, m: rows.count, n: i1, k: headDim, alpha: scale,
+                     a: q + i0 * qStride, lda: qStride, b: k, ldb: kStride, beta: 0, c: p, ldc: i1)
+        for r in 0..<rows.count {
+            let row = p + r * i1
+            let visible = i0 + r + 1
+            Kernels.softmax(row, visible)
+            for j in visible..<i1 { row[j] = 0 }
+        }
+    }
+
     public static func causal(q: Matrix, k: Matrix, v: Matrix, sequenceLength t: Int, heads: Int, kvHeads: Int, headDim: Int) -> Matrix {
         let qDim = heads * headDim
         let kvDim = kvHeads * headDim
@@ -237,15 +255,8 @@ public enum Attention {
                                     while i0 < t {
                                         let i1 = min(i0 + block, t)
                                         let rows = i1 - i0
-                                        // Scores against keys 0..<i1 only: later keys are masked anyway.
-                                        Linalg.sgemm(.none, .transposed, m: rows, n: i1, k: headDim, alpha: scale,
-                                                     a: qh + i0 * qDim, lda: qDim, b: kh, ldb: kvDim, beta: 0, c: s, ldc: i1)
-                                        for r in 0..<rows {
-                                            let row = s + r * i1
-                                            let visible = i0 + r + 1
-                                            Kernels.softmax(row, visible)
-                                            for j in visible..<i1 { row[j] = 0 }
-                                        }
+                                        probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
+                                                      scale: scale, rows: i0..<i1, into: s)
                                         Linalg.sgemm(.none, .none, m: rows, n: headDim, k: i1, alpha: 1,
                                                      a: s, lda: i1, b: vh, ldb: kvDim, beta: 0, c: oh + i0 * qDim, ldc: qDim)
                                         i0 = i1
