@@ -293,44 +293,61 @@ func benchTransfer(_ args: [String]) throws {
     print("transfer: \(count) tensors of \(rows)x\(cols) f32 (\(count * perTensor >> 20) MiB) over 127.0.0.1; CRC32C in hardware: \(CRC32C.usesHardware)")
 
     // Raw: the same number of bytes with plain send/recv.
-    let raw = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
-    let bytes = tensor.withUnsafeBufferPointer { Array(UnsafeRawBufferPointer($0)) }
-    let rawDone = DispatchSemaphore(value: 0)
-    DispatchQueue.global().async {
-        if let c = try? raw.accept(timeout: 30) {
-            for _ in 0..<count { try? c.sendRawForBenchmark(bytes) }
-            c.close()
+    func rawTrial() throws -> Double {
+        let raw = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let bytes = tensor.withUnsafeBufferPointer { Array(UnsafeRawBufferPointer($0)) }
+        let rawDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            if let c = try? raw.accept(timeout: 30) {
+                for _ in 0..<count { try? c.sendRawForBenchmark(bytes) }
+                c.close()
+            }
+            rawDone.signal()
         }
-        rawDone.signal()
+        let rc = try Connection.connect(to: raw.endpoint)
+        var received = [UInt8](repeating: 0, count: perTensor)
+        let t0 = now()
+        for _ in 0..<count { try rc.receiveRawForBenchmark(into: &received) }
+        let seconds = now() - t0
+        rawDone.wait()
+        return seconds
     }
-    let rc = try Connection.connect(to: raw.endpoint)
-    var received = [UInt8](repeating: 0, count: perTensor)
-    let t0 = now()
-    for _ in 0..<count { try rc.receiveRawForBenchmark(into: &received) }
-    let rawSeconds = now() - t0
-    rawDone.wait()
 
     // Protocol: tensors as header + chunks, checksummed, decoded into matrices.
-    let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
-    let done = DispatchSemaphore(value: 0)
-    DispatchQueue.global().async {
-        if let c = try? listener.accept(timeout: 30) {
-            _ = try? c.acceptHandshake(secret: secret, name: "sender")
-            for i in 0..<count { try? c.sendTensor(tensor, name: "inputs/\(i)", stream: UInt32(i)) }
-            c.close()
+    func wireTrial() throws -> Double {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let done = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            if let c = try? listener.accept(timeout: 30) {
+                _ = try? c.acceptHandshake(secret: secret, name: "sender")
+                for i in 0..<count { try? c.sendTensor(tensor, name: "inputs/\(i)", stream: UInt32(i)) }
+                c.close()
+            }
+            done.signal()
         }
-        done.signal()
+        let c = try Connection.connect(to: listener.endpoint)
+        _ = try c.authenticate(secret: secret, name: "receiver", role: 0)
+        let t1 = now()
+        for _ in 0..<count { _ = try c.receiveTensor() }
+        let seconds = now() - t1
+        done.wait()
+        return seconds
     }
-    let c = try Connection.connect(to: listener.endpoint)
-    _ = try c.authenticate(secret: secret, name: "receiver", role: 0)
-    let t1 = now()
-    for _ in 0..<count { _ = try c.receiveTensor() }
-    let wireSeconds = now() - t1
-    done.wait()
+
+    // Loopback throughput swings with scheduling on a small machine: alternate the two, several
+    // times, and compare medians.
+    let trials = Int(argument("trials", args) ?? "7")!
+    var raws: [Double] = [], wires: [Double] = []
+    for _ in 0..<trials {
+        raws.append(try rawTrial())
+        wires.append(try wireTrial())
+    }
+    func median(_ v: [Double]) -> Double { let s = v.sorted(); return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2 }
     let total = Double(count * perTensor) / Double(1 << 30)
-    print(String(format: "  raw socket copy: %.2f GiB/s", total / rawSeconds))
-    print(String(format: "  wire protocol:   %.2f GiB/s", total / wireSeconds))
-    print(String(format: "  ratio wire / raw: %.2f", rawSeconds / wireSeconds))
+    let rawSeconds = median(raws), wireSeconds = median(wires)
+    print(String(format: "  raw socket copy: %.2f GiB/s (median of %d; %.2f-%.2f)", total / rawSeconds, trials, total / raws.max()!, total / raws.min()!))
+    print(String(format: "  wire protocol:   %.2f GiB/s (median of %d; %.2f-%.2f)", total / wireSeconds, trials, total / wires.max()!, total / wires.min()!))
+    print(String(format: "  ratio wire / raw (medians): %.2f", rawSeconds / wireSeconds))
 }
 
 struct ToolFailure: Error, CustomStringConvertible {
