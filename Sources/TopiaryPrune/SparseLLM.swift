@@ -82,6 +82,7 @@ public enum SparseLLM {
         var z = Linalg.linear(x, up)
         var p = siluProduct(s, z)
         let y = Linalg.linear(p, down)
+        let yNorm = y.squaredNorm
         var (wg, wu, wd) = (gate, up, down)
         var reports: [IterationReport] = []
         var best: (error: Double, iteration: Int, gate: Matrix, up: Matrix, down: Matrix)?
@@ -97,13 +98,15 @@ public enum SparseLLM {
             let kd = try weightStep(current: wd, dense: down, first: t == 0, input: p, gram: gram(p), target: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj")
             wd = kd.weight
+            // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them.
+            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? distance(y, Linalg.linear(p, wd))
             // J right after the weight step, and the error that decides which weights are kept.
             let m = Linalg.linear(x, wu)
             let g = Linalg.linear(x, wg)
             let sigma = silu(s)
             let terms = [
                 Double(a) * distance(s, g), Double(a) * distance(z, m),
-                Double(b) * distance(y, Linalg.linear(p, wd)), Double(c) * distance(p, product(sigma, z)),
+                Double(b) * outputFit, Double(c) * distanceToProduct(p, sigma, z),
             ].map { $0 / Double(x.rows) }
             let error = distance(y, Linalg.linear(siluProduct(g, m), wd)) / max(y.squaredNorm, .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
@@ -172,11 +175,11 @@ public enum SparseLLM {
     /// only if ‖target − input·Wᵀ − bias‖² does not rise.
     static func weightStep(current: Matrix, dense: Matrix, first: Bool, input: Matrix, gram g: Matrix, target: Matrix,
                            bias: Matrix?, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
-                           what: String) throws -> (weight: Matrix, accepted: Bool) {
+                           what: String) throws -> (weight: Matrix, accepted: Bool, residual: Double?) {
         let shifted = bias.map { subtractBias(target, $0) } ?? target
         if first {
             let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what).weight
-            return (w, true)
+            return (w, true, nil)
         }
         // Normal equations: W (XᵀX + λI) = targetᵀX.
         let cross = Linalg.matmul(shifted, .transposed, input, .none)          // [out x in]
@@ -190,9 +193,11 @@ public enum SparseLLM {
         try checkFinite(refit, "\(what): refit")
         let candidate = try SparseGPTPruner.prune(refit, hessian: g, pattern: pattern, options: sparseGPT, what: what).weight
         // ‖T − XWᵀ‖² = ‖T‖² − 2⟨W, TᵀX⟩ + tr(W G Wᵀ): compare without forming XWᵀ.
+        // (‖T − XWᵀ‖² − ‖T‖², returned for the caller's objective.)
         func residual(_ w: Matrix) -> Double { quadratic(w, g) - 2 * inner(w, cross) }
-        if residual(candidate) <= residual(current) { return (candidate, true) }
-        return (current, false)
+        let (new, old) = (residual(candidate), residual(current))
+        if new <= old { return (candidate, true, new) }
+        return (current, false, old)
     }
 
     /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹, where act_target = (Y − b)·W.
@@ -205,7 +210,10 @@ public enum SparseLLM {
         var rhs = act
         let yw = Linalg.matmul(bias.map { subtractBias(y, $0) } ?? y, .none, w, .none)    // [N x f]
         rhs.withUnsafeMutableBufferPointer { pr in
-            yw.withUnsafeBufferPointer { py in for i in pr.indices { pr[i] = gamma * pr[i] + beta * py[i] } }
+            yw.withUnsafeBufferPointer { py in
+                let (r, y) = (pr.baseAddress!, py.baseAddress!)
+                Parallel.forEach(pr.count) { range in for i in range { r[i] = gamma * r[i] + beta * y[i] } }
+            }
         }
         let inverse: Matrix
         do { inverse = try Linalg.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
@@ -220,9 +228,12 @@ public enum SparseLLM {
             m.withUnsafeBufferPointer { pm in
                 sigma.withUnsafeBufferPointer { ps in
                     p.withUnsafeBufferPointer { pp in
-                        for i in pz.indices {
-                            let sg = ps[i]
-                            pz[i] = (a * pm[i] + c * sg * pp[i]) / (a + c * sg * sg)
+                        let (zb, mb, sb, pb) = (pz.baseAddress!, pm.baseAddress!, ps.baseAddress!, pp.baseAddress!)
+                        Parallel.forEach(pz.count) { range in
+                            for i in range {
+                                let sg = sb[i]
+                                zb[i] = (a * mb[i] + c * sg * pb[i]) / (a + c * sg * sg)
+                            }
                         }
                     }
                 }
@@ -236,14 +247,15 @@ public enum SparseLLM {
         z.withUnsafeMutableBufferPointer { pz in
             m.withUnsafeBufferPointer { pm in
                 p.withUnsafeBufferPointer { pp in
-                    for i in pz.indices {
-                        let (mi, pi) = (pm[i], pp[i])
+                    let (zb, mb, pb) = (pz.baseAddress!, pm.baseAddress!, pp.baseAddress!)
+                    Parallel.forEach(pz.count) { range in for i in range {
+                        let (mi, pi) = (mb[i], pb[i])
                         let positive = max((c * pi + a * mi) / (c + a), 0)
                         let negative = min(mi, 0)
                         let costPositive = c * (pi - positive) * (pi - positive) + a * (positive - mi) * (positive - mi)
                         let costNegative = c * pi * pi + a * (negative - mi) * (negative - mi)
-                        pz[i] = costPositive <= costNegative ? positive : negative
-                    }
+                        zb[i] = costPositive <= costNegative ? positive : negative
+                    } }
                 }
             }
         }
@@ -257,9 +269,10 @@ public enum SparseLLM {
             g.withUnsafeBufferPointer { pg in
                 z.withUnsafeBufferPointer { pz in
                     p.withUnsafeBufferPointer { pp in
-                        for i in ps.indices {
-                            let (gi, zi, pi) = (pg[i], pz[i], pp[i])
-                            var si = ps[i]
+                        let (sb, gb, zb, pb) = (ps.baseAddress!, pg.baseAddress!, pz.baseAddress!, pp.baseAddress!)
+                        Parallel.forEach(ps.count) { range in for i in range {
+                            let (gi, zi, pi) = (gb[i], zb[i], pb[i])
+                            var si = sb[i]
                             func cost(_ v: Float) -> Float {
                                 let r = pi - Kernels.silu(v) * zi
                                 return a * (v - gi) * (v - gi) + c * r * r
@@ -286,8 +299,8 @@ public enum SparseLLM {
                                 }
                                 if !accepted { break }
                             }
-                            ps[i] = si
-                        }
+                            sb[i] = si
+                        } }
                     }
                 }
             }
@@ -311,36 +324,63 @@ public enum SparseLLM {
 
     static func inner(_ a: Matrix, _ b: Matrix) -> Double {
         a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
-            var s = 0.0
-            for i in pa.indices { s += Double(pa[i]) * Double(pb[i]) }
-            return s
+            let (x, y) = (pa.baseAddress!, pb.baseAddress!)
+            return Parallel.sum(pa.count) { range in
+                var s = 0.0
+                for i in range { s += Double(x[i]) * Double(y[i]) }
+                return s
+            }
         } }
     }
 
+    /// ‖a − b‖².
     static func distance(_ a: Matrix, _ b: Matrix) -> Double {
         a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
-            var s = 0.0
-            for i in pa.indices { let d = Double(pa[i] - pb[i]); s += d * d }
-            return s
+            let (x, y) = (pa.baseAddress!, pb.baseAddress!)
+            return Parallel.sum(pa.count) { range in
+                var s = 0.0
+                for i in range { let d = Double(x[i] - y[i]); s += d * d }
+                return s
+            }
         } }
     }
 
+    /// ‖p − u⊙v‖², without forming u⊙v.
+    static func distanceToProduct(_ p: Matrix, _ u: Matrix, _ v: Matrix) -> Double {
+        p.withUnsafeBufferPointer { pp in u.withUnsafeBufferPointer { pu in v.withUnsafeBufferPointer { pv in
+            let (x, a, b) = (pp.baseAddress!, pu.baseAddress!, pv.baseAddress!)
+            return Parallel.sum(pp.count) { range in
+                var s = 0.0
+                for i in range { let d = Double(x[i] - a[i] * b[i]); s += d * d }
+                return s
+            }
+        } } }
+    }
+
+    /// f applied element-wise into a new matrix (one pass, no copy of the input first).
     static func map(_ m: Matrix, _ f: (Float) -> Float) -> Matrix {
-        var out = m
-        out.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = f(p[i]) } }
+        var out = Matrix(rows: m.rows, cols: m.cols)
+        out.withUnsafeMutableBufferPointer { po in m.withUnsafeBufferPointer { pm in
+            let (o, x) = (po.baseAddress!, pm.baseAddress!)
+            Parallel.forEach(po.count) { range in for i in range { o[i] = f(x[i]) } }
+        } }
+        return out
+    }
+
+    /// f applied element-wise to pairs into a new matrix.
+    static func zipMap(_ a: Matrix, _ b: Matrix, _ f: (Float, Float) -> Float) -> Matrix {
+        var out = Matrix(rows: a.rows, cols: a.cols)
+        out.withUnsafeMutableBufferPointer { po in a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
+            let (o, x, y) = (po.baseAddress!, pa.baseAddress!, pb.baseAddress!)
+            Parallel.forEach(po.count) { range in for i in range { o[i] = f(x[i], y[i]) } }
+        } } }
         return out
     }
 
     static func silu(_ m: Matrix) -> Matrix { map(m, Kernels.silu) }
     static func relu(_ m: Matrix) -> Matrix { map(m) { max($0, 0) } }
-
-    static func product(_ a: Matrix, _ b: Matrix) -> Matrix {
-        var out = a
-        out.withUnsafeMutableBufferPointer { po in b.withUnsafeBufferPointer { pb in for i in po.indices { po[i] *= pb[i] } } }
-        return out
-    }
-
-    static func siluProduct(_ s: Matrix, _ z: Matrix) -> Matrix { product(silu(s), z) }
+    static func product(_ a: Matrix, _ b: Matrix) -> Matrix { zipMap(a, b) { $0 * $1 } }
+    static func siluProduct(_ s: Matrix, _ z: Matrix) -> Matrix { zipMap(s, z) { Kernels.silu($0) * $1 } }
 
     static func addBias(_ m: Matrix, _ bias: Matrix) -> Matrix {
         var out = m

@@ -1,0 +1,46 @@
+import Dispatch
+
+/// Element-wise work split over the BLAS thread count, in fixed chunks: which thread does a chunk
+/// varies, what a chunk computes and the order in which partial sums are added do not, so results
+/// are the same bit for bit whatever the thread count.
+public enum Parallel {
+    /// Elements per chunk.
+    public static let chunk = 1 << 16
+
+    /// Calls `body` on consecutive ranges covering 0..<count, concurrently over `Linalg.threadCount` threads.
+    public static func forEach(_ count: Int, _ body: (Range<Int>) -> Void) {
+        let chunks = (count + chunk - 1) / chunk
+        if chunks <= 1 || Linalg.threadCount <= 1 {
+            for c in 0..<chunks { body((c * chunk)..<min(count, (c + 1) * chunk)) }
+            return
+        }
+        withoutActuallyEscaping(body) { body in
+            let box = UnsafeSendable(body)
+            DispatchQueue.concurrentPerform(iterations: min(Linalg.threadCount, chunks)) { worker in
+                var c = worker
+                while c < chunks {
+                    box.value((c * chunk)..<min(count, (c + 1) * chunk))
+                    c += Linalg.threadCount
+                }
+            }
+        }
+    }
+
+    /// Σ of `body` over chunks of 0..<count, each chunk's value computed once and added in chunk order.
+    public static func sum(_ count: Int, _ body: (Range<Int>) -> Double) -> Double {
+        let chunks = (count + chunk - 1) / chunk
+        var partial = [Double](repeating: 0, count: chunks)
+        partial.withUnsafeMutableBufferPointer { out in
+            let sink = UnsafeSendable(out)
+            forEach(count) { range in sink.value[range.lowerBound / chunk] = body(range) }
+        }
+        return partial.reduce(0, +)
+    }
+}
+
+/// Carries a value into concurrently run closures that use it safely (disjoint ranges).
+@usableFromInline
+struct UnsafeSendable<T>: @unchecked Sendable {
+    @usableFromInline let value: T
+    @usableFromInline init(_ value: T) { self.value = value }
+}
