@@ -29,12 +29,22 @@ enum WorkerCommand: Command {
         OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (e.g. 0.0.0.0:7100, 127.0.0.1:0)"),
         OptionSpec(name: "secret-file", value: "F", help: "file holding the cluster's shared secret (mode 0600)"),
         OptionSpec(name: "work-dir", value: "D", help: "directory for spilled activations (default: the system's temporary directory)"),
+        OptionSpec(name: "parent-pid", value: "P", help: "exit when process P, the parent, ends (set by 'prune --workers')"),
         CommonOptions.threads,
     ]
 
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
         let endpoint = try Endpoint(parsing: try args.required("listen"))
+        if let parent = try args.int("parent-pid", min: 1) {
+            // A local worker of a coordinator that was killed (SIGKILL cannot be cleaned up
+            // after) must not stay behind: it goes when its parent goes.
+            guard getppid() == pid_t(parent) else { throw ToolError("topiary worker: parent process \(parent) is gone") }
+            Thread.detachNewThread {
+                while getppid() == pid_t(parent) { sleep(1) }
+                exit(0)
+            }
+        }
         var secret = try loadSecret(args)
         if secret == nil {
             guard endpoint.isLoopback else {
@@ -130,7 +140,7 @@ final class WorkerPool {
         if !FileManager.default.isExecutableFile(atPath: p.executableURL!.path) {
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         }
-        p.arguments = ["worker", "--listen", "127.0.0.1:0"] + (threads.map { ["--threads", $0] } ?? [])
+        p.arguments = ["worker", "--listen", "127.0.0.1:0", "--parent-pid", "\(getpid())"] + (threads.map { ["--threads", $0] } ?? [])
         var env = ProcessInfo.processInfo.environment
         env["TOPIARY_SECRET"] = String(decoding: secret.bytes, as: UTF8.self)
         p.environment = env

@@ -197,6 +197,12 @@ final class FaultToleranceCLITests: XCTestCase {
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         let before = CLI.events(run)
+        // The coordinator's local workers do not outlive it.
+        let workerPIDs = (before.first { $0["event"] as? String == "start" }?["plan"] as? [[String: Any]] ?? []).compactMap { $0["pid"] as? Int }
+        XCTAssertEqual(workerPIDs.count, 3)
+        let deadline = Date().addingTimeInterval(10)
+        while Date() < deadline && workerPIDs.contains(where: { kill(pid_t($0), 0) == 0 }) { usleep(100_000) }
+        XCTAssertFalse(workerPIDs.contains(where: { kill(pid_t($0), 0) == 0 }), "local workers outlived their killed coordinator")
         let doneInRound2 = Set(before.filter { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 }.map { $0["block"] as! Int })
         XCTAssertFalse(doneInRound2.isEmpty)
         // Resume with fewer workers: the recorded partitions are kept.
