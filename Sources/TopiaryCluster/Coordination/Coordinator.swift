@@ -157,9 +157,9 @@ public final class Coordinator {
 
     /// Recomputes the activations after `range` from those before it, through the blocks as they
     /// were pruned (read back from the store).
-    func replay(_ range: Range<Int>, from boundary: Boundary) throws -> Boundary {
+    func replay(_ range: Range<Int>, from boundary: Boundary, job: PruneJob? = nil) throws -> Boundary {
         guard !range.isEmpty else { return boundary }
-        return try RangePruner(model: model, job: job).replay(range, from: boundary) { i in
+        return try RangePruner(model: model, job: job ?? self.job).replay(range, from: boundary) { i in
             try model.overlaid(with: try store.sources([i])).loadBlock(i)
         }
     }
@@ -171,16 +171,29 @@ public final class Coordinator {
         workers.first { $0 !== lost && isLive($0) && !busy.contains(ObjectIdentifier($0)) } ?? fallback
     }
 
-    /// Runs `range` from `start` on `link`; when the link is lost, continues the rest of the range
-    /// on a replacement from the last block it finished. `started`: the range was already handed
-    /// to `link` (ADMM starts every partition before collecting any).
-    func runWithFailover(_ preferred: WorkerLink, _ range: Range<Int>, from start: Boundary, started: Bool = false,
-                         busy: Set<ObjectIdentifier> = [], round: Int? = nil,
+    /// Gives up on a link that failed: it is never used again, and the loss is recorded.
+    func markLost(_ link: WorkerLink, _ error: Error, _ fields: [String: Any]) throws {
+        dead.insert(ObjectIdentifier(link))
+        link.abandon()
+        try event("worker_lost", fields.merging(["worker": link.name, "error": "\(error)"]) { $1 })
+    }
+
+    /// Runs `range` from `start` on `link` (with `job`, by default the run's); when the link is
+    /// lost, continues the rest of the range on a replacement from the last block it finished.
+    /// `started`: the range was already handed to `link` (ADMM starts every partition before
+    /// collecting any). `context` goes into the events (an ADMM round, the dense pass).
+    func runWithFailover(_ preferred: WorkerLink, _ range: Range<Int>, job: PruneJob? = nil, from start: Boundary,
+                         started: Bool = false, busy: Set<ObjectIdentifier> = [], round: Int? = nil,
+                         context: [String: Any] = [:],
                          onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
+        let job = job ?? self.job
+        var context = context
+        if let round { context["round"] = round }
+        func fields(_ f: [String: Any]) -> [String: Any] { f.merging(context) { a, _ in a } }
         var link = preferred
         if !isLive(link) {
             let to = replacement(for: link, busy: busy)
-            try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name])
+            try event("reassigned", fields(["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name]))
             log("blocks \(range.lowerBound)-\(range.upperBound - 1): \(link.name) was lost earlier; running them on \(to.name)")
             link = to
         }
@@ -200,16 +213,13 @@ public final class Coordinator {
                 }
             } catch let error as WireError where link.isRemote {
                 isStarted = false
-                dead.insert(ObjectIdentifier(link))
-                link.abandon()
-                try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": from, "last": range.upperBound - 1,
-                                          "finished_through": next - 1])
+                try markLost(link, error, fields(["first": from, "last": range.upperBound - 1, "finished_through": next - 1]))
                 log("worker \(link.name) lost (\(error)); it finished blocks \(from)..<\(next) of \(from)..<\(range.upperBound)")
-                boundary = try replay(from..<next, from: boundary)
+                boundary = try replay(from..<next, from: boundary, job: job)
                 from = next
                 if from == range.upperBound { return boundary }
                 let to = replacement(for: link, busy: busy)
-                try event("reassigned", ["first": from, "last": range.upperBound - 1, "from": link.name, "to": to.name])
+                try event("reassigned", fields(["first": from, "last": range.upperBound - 1, "from": link.name, "to": to.name]))
                 log("blocks \(from)-\(range.upperBound - 1) reassigned to \(to.name)")
                 link = to
             }
@@ -316,7 +326,8 @@ public final class Coordinator {
             denseJob.denseOnly = true
             for (k, range) in partitions.enumerated() {
                 let link = k < workers.count ? workers[k] : fallback
-                dense.append(try runDenseRange(link, range, job: denseJob, from: dense.last!))
+                dense.append(try runWithFailover(link, range, job: denseJob, from: Boundary(inputs: dense.last!, targets: nil),
+                                                 context: ["phase": "dense pass"]) { _, _, _ in }.inputs)
             }
             if let runDirectory {
                 let shas = try (1...K).map { try runDirectory.saveActivations(dense[$0], name: "dense-\($0)") }
@@ -378,9 +389,7 @@ public final class Coordinator {
                         ok = true
                         busy.insert(ObjectIdentifier(link))
                     } catch let error as WireError where link.isRemote {
-                        dead.insert(ObjectIdentifier(link))
-                        link.abandon()
-                        try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "round": r])
+                        try markLost(link, error, ["first": range.lowerBound, "last": range.upperBound - 1, "round": r])
                     }
                 }
                 started.append(ok)
@@ -423,21 +432,6 @@ public final class Coordinator {
             if residuals.allSatisfy({ $0 <= options.tolerance }) { break }
         }
         return (reports.keys.sorted().map { reports[$0]! }, rounds)
-    }
-
-    /// The dense pass over one partition, with failover to another worker or this process.
-    func runDenseRange(_ worker: WorkerLink, _ range: Range<Int>, job denseJob: PruneJob, from inputs: ActivationStore) throws -> ActivationStore {
-        let link = isLive(worker) ? worker : replacement(for: worker, busy: [])
-        do {
-            return try link.run(range, job: denseJob, from: Boundary(inputs: inputs, targets: nil)) { _, _, _ in }.inputs
-        } catch let error as WireError where link.isRemote {
-            dead.insert(ObjectIdentifier(link))
-            link.abandon()
-            try event("worker_lost", ["worker": link.name, "error": "\(error)", "first": range.lowerBound, "last": range.upperBound - 1, "phase": "dense pass"])
-            let to = replacement(for: link, busy: [])
-            try event("reassigned", ["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name, "phase": "dense pass"])
-            return try to.run(range, job: denseJob, from: Boundary(inputs: inputs, targets: nil)) { _, _, _ in }.inputs
-        }
     }
 
     /// ‖a − b‖² / ‖b‖² over all windows.
