@@ -109,11 +109,7 @@ public final class RunDirectory: @unchecked Sendable {
         var result: [Int: FinishedBlock] = [:]
         for (b, e) in latest.sorted(by: { $0.key < $1.key }) {
             let file = store.path(b)
-            let expected = e["sha256"] as? String ?? ""
-            let found = FileManager.default.fileExists(atPath: file) ? (try? SHA256Digest.files([file])) : nil
-            guard let found, found == expected else {
-                try events.append("checkpoint_corrupt", ["block": b, "file": file, "expected_sha256": expected,
-                                                         "found_sha256": found ?? "missing"])
+            guard try matches(file, e["sha256"] as? String ?? "", reporting: ["block": b], missing: "missing") else {
                 try? FileManager.default.removeItem(atPath: file)
                 continue
             }
@@ -131,32 +127,49 @@ public final class RunDirectory: @unchecked Sendable {
     /// Saves activations under `name` (atomically) and returns the file's SHA-256, which the caller
     /// records in the event that makes the checkpoint count.
     public func saveActivations(_ store: ActivationStore, name: String) throws -> String {
-        let directory = Self.join(path, "activations")
+        try writeStores([("", store)], to: activationsPath(name), metadata: ["name": name])
+    }
+
+    /// Writes activation stores into one safetensors file (atomically), window s of each under
+    /// PREFIX + s (six digits); returns the file's SHA-256.
+    func writeStores(_ stores: [(prefix: String, store: ActivationStore)], to file: String, metadata: [String: String]) throws -> String {
+        let directory = (file as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        var writer = SafeTensorsWriter(directory: directory, metadata: ["name": name])
-        for s in 0..<store.count {
-            try writer.add(name: String(format: "%06d", s), shape: [store.rows, store.cols]) { try store.get(s) }
+        var writer = SafeTensorsWriter(directory: directory, metadata: metadata)
+        for s in 0..<(stores.first?.store.count ?? 0) {
+            for (prefix, store) in stores {
+                try writer.add(name: prefix + String(format: "%06d", s), shape: [store.rows, store.cols]) { try store.get(s) }
+            }
         }
-        let file = activationsPath(name)
         try writer.writeSingleFile(to: file)
         return try SHA256Digest.files([file])
+    }
+
+    /// The windows stored under PREFIX + s in `file`, or nil when the file has none.
+    func readStore(_ file: SafeTensorsFile, prefix: String, make: () -> ActivationStore) throws -> ActivationStore? {
+        guard file.entry(prefix + String(format: "%06d", 0)) != nil else { return nil }
+        let store = make()
+        for s in 0..<store.count { try store.set(s, try file.load(prefix + String(format: "%06d", s))) }
+        return store
+    }
+
+    /// Whether `file` has the SHA-256 its event recorded; when not, reports `checkpoint_corrupt`
+    /// with `fields` (the found value is `missing` for an absent or unreadable file).
+    func matches(_ file: String, _ expected: String, reporting fields: [String: Any], missing: String) throws -> Bool {
+        let found = FileManager.default.fileExists(atPath: file) ? (try? SHA256Digest.files([file])) : nil
+        if let found, found == expected { return true }
+        try events.append("checkpoint_corrupt", fields.merging(["file": file, "expected_sha256": expected,
+                                                                "found_sha256": found ?? missing]) { $1 })
+        return false
     }
 
     /// Activations saved under `name`, if the file is there and matches `sha256`; a mismatch is
     /// reported (`checkpoint_corrupt`) and gives nil.
     public func loadActivations(name: String, sha256 expected: String, make: () -> ActivationStore) throws -> ActivationStore? {
         let file = activationsPath(name)
-        guard FileManager.default.fileExists(atPath: file) else { return nil }
-        let found = try? SHA256Digest.files([file])
-        guard found == expected else {
-            try events.append("checkpoint_corrupt", ["activations": name, "file": file, "expected_sha256": expected,
-                                                     "found_sha256": found ?? "unreadable"])
-            return nil
-        }
-        let f = try SafeTensorsFile(path: file)
-        let store = make()
-        for s in 0..<store.count { try store.set(s, try f.load(String(format: "%06d", s))) }
-        return store
+        guard FileManager.default.fileExists(atPath: file),
+              try matches(file, expected, reporting: ["activations": name], missing: "unreadable") else { return nil }
+        return try readStore(try SafeTensorsFile(path: file), prefix: "", make: make)
     }
 
     /// Removes saved activations whose names satisfy `predicate`.
@@ -172,19 +185,9 @@ public final class RunDirectory: @unchecked Sendable {
     /// Saves the activations entering `block` (atomically), records the checkpoint, and removes
     /// older boundary checkpoints.
     public func saveBoundary(_ boundary: Boundary, at block: Int) throws {
-        try FileManager.default.createDirectory(atPath: boundariesPath, withIntermediateDirectories: true)
-        var writer = SafeTensorsWriter(directory: boundariesPath, metadata: ["block": "\(block)"])
-        let n = boundary.inputs.count
-        let shape = [boundary.inputs.rows, boundary.inputs.cols]
-        for s in 0..<n {
-            try writer.add(name: String(format: "inputs/%06d", s), shape: shape) { try boundary.inputs.get(s) }
-            if let t = boundary.targets {
-                try writer.add(name: String(format: "targets/%06d", s), shape: shape) { try t.get(s) }
-            }
-        }
         let file = boundaryPath(block)
-        try writer.writeSingleFile(to: file)
-        let sha = try SHA256Digest.files([file])
+        let sha = try writeStores([("inputs/", boundary.inputs)] + (boundary.targets.map { [("targets/", $0)] } ?? []),
+                                  to: file, metadata: ["block": "\(block)"])
         try events.append("boundary_checkpoint", ["block": block, "sha256": sha, "file": file])
         if let names = try? FileManager.default.contentsOfDirectory(atPath: boundariesPath) {
             for name in names where name.hasPrefix("boundary-") && name != (file as NSString).lastPathComponent {
@@ -203,23 +206,12 @@ public final class RunDirectory: @unchecked Sendable {
         for (b, expected) in candidates.sorted(by: { $0.key > $1.key }) {
             let file = boundaryPath(b)
             guard FileManager.default.fileExists(atPath: file) else { continue }   // superseded
-            let found = try? SHA256Digest.files([file])
-            guard found == expected else {
-                try events.append("checkpoint_corrupt", ["boundary": b, "file": file, "expected_sha256": expected,
-                                                         "found_sha256": found ?? "unreadable"])
-                continue
-            }
+            guard try matches(file, expected, reporting: ["boundary": b], missing: "unreadable") else { continue }
             let f = try SafeTensorsFile(path: file)
-            let inputs = make()
-            var targets: ActivationStore?
-            for s in 0..<inputs.count {
-                try inputs.set(s, try f.load(String(format: "inputs/%06d", s)))
-                if f.entry(String(format: "targets/%06d", s)) != nil {
-                    if targets == nil { targets = make() }
-                    try targets!.set(s, try f.load(String(format: "targets/%06d", s)))
-                }
+            guard let inputs = try readStore(f, prefix: "inputs/", make: make) else {
+                throw RunDirectoryError("\(file): no tensor inputs/000000; not a boundary checkpoint")
             }
-            return (b, Boundary(inputs: inputs, targets: targets))
+            return (b, Boundary(inputs: inputs, targets: try readStore(f, prefix: "targets/", make: make)))
         }
         return nil
     }
