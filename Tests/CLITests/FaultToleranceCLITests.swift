@@ -34,6 +34,18 @@ final class FaultToleranceCLITests: XCTestCase {
         { $0["event"] as? String == "block_done" && $0["block"] as? Int == block }
     }
 
+    /// Starts a slowed-down run and SIGKILLs its coordinator once an event satisfies `when`;
+    /// returns the output path and the run directory.
+    func killedRun(_ extra: [String] = [], delay: String = "0.5", when: @escaping ([String: Any]) -> Bool) throws -> (out: String, run: String) {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("out").path
+        let p = try CLI.start(pruneArgs(output: out, extra), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": delay], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run", when))
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        return (out, out + ".run")
+    }
+
     func doneCounts(_ runDirectory: String) -> [Int: Int] {
         var counts: [Int: Int] = [:]
         for e in CLI.events(runDirectory) where e["event"] as? String == "block_done" { counts[e["block"] as! Int, default: 0] += 1 }
@@ -86,13 +98,7 @@ final class FaultToleranceCLITests: XCTestCase {
 
     func testCoordinatorKilledThenResumedWritesTheSameWeightsAndRedoesNoBlock() throws {
         let expected = try reference()
-        let dir = try CLI.temporaryDirectory(self)
-        let out = dir.appendingPathComponent("out").path
-        let run = out + ".run"
-        let p = try CLI.start(pruneArgs(output: out), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
-        XCTAssertTrue(CLI.waitForEvent(run, blockDone(1)))
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        let (out, run) = try killedRun(when: blockDone(1))
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
         let finishedBefore = Set(doneCounts(run).keys)
         XCTAssertTrue(finishedBefore.contains(1) && finishedBefore.count < 5)
@@ -118,13 +124,7 @@ final class FaultToleranceCLITests: XCTestCase {
 
     func testACorruptedCheckpointIsDetectedRedoneAndReported() throws {
         let expected = try reference()
-        let dir = try CLI.temporaryDirectory(self)
-        let out = dir.appendingPathComponent("out").path
-        let run = out + ".run"
-        let p = try CLI.start(pruneArgs(output: out), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
-        XCTAssertTrue(CLI.waitForEvent(run, blockDone(2)))
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        let (_, run) = try killedRun(when: blockDone(2))
         // Flip bytes in the middle of block 1's weights.
         let file = run + "/blocks/block-00001.safetensors"
         var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: file)))
@@ -187,15 +187,10 @@ final class FaultToleranceCLITests: XCTestCase {
     func testAnADMMRunKilledMidRoundResumesFromItsLastRound() throws {
         // With rho = infinity and rounds = partitions, ADMM gives the sequential weights.
         let expected = try reference()
-        let dir = try CLI.temporaryDirectory(self)
-        let out = dir.appendingPathComponent("out").path
-        let run = out + ".run"
-        let p = try CLI.start(pruneArgs(output: out, ["--workers", "3", "--coordination", "admm", "--rounds", "3"]),
-                              environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.3"], directory: dir)
         // Kill the coordinator in round 2, once a block of that round is done.
-        XCTAssertTrue(CLI.waitForEvent(run) { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 })
-        kill(p.processIdentifier, SIGKILL)
-        p.waitUntilExit()
+        let (_, run) = try killedRun(["--workers", "3", "--coordination", "admm", "--rounds", "3"], delay: "0.3") {
+            $0["event"] as? String == "block_done" && $0["round"] as? Int == 2
+        }
         let before = CLI.events(run)
         // The coordinator's local workers do not outlive it.
         let workerPIDs = (before.first { $0["event"] as? String == "start" }?["plan"] as? [[String: Any]] ?? []).compactMap { $0["pid"] as? Int }

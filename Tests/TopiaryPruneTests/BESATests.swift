@@ -6,20 +6,6 @@ import TopiaryTestSupport
 @testable import TopiaryPrune
 
 final class BESATests: XCTestCase {
-    /// Block `index` of `model` and its inputs (the dense model's activations) on `samples` windows.
-    func calibratedBlock(_ model: LanguageModel, tokens: [Int], block index: Int, samples: Int, seqlen: Int) throws -> (DecoderBlock, ActivationStore) {
-        let windows = try Calibration.windows(tokens: tokens, samples: samples, sequenceLength: seqlen, seed: 0)
-        let dir = try makeTemporaryDirectory("besa").path
-        let store = ActivationStore(count: samples, rows: seqlen, cols: model.config.hiddenSize, budgetBytes: 1 << 30, spillDirectory: dir)
-        let embedding = try model.loadEmbedding()
-        for (i, w) in windows.enumerated() {
-            var x = embedding.embed(w, sequenceLength: seqlen)
-            for b in 0..<index { x = try model.loadBlock(b).forward(x, sequenceLength: seqlen) }
-            try store.set(i, x)
-        }
-        return (try model.loadBlock(index), store)
-    }
-
     func stories() throws -> (LanguageModel, [Int]) {
         let model = try LanguageModel.open(path: PipelineTests.shared("assets/stories260K/stories260K.bin"),
                                            tokenizerPath: PipelineTests.shared("assets/stories260K/tok512.bin"))

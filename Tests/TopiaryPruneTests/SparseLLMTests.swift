@@ -125,20 +125,6 @@ final class SparseLLMUpdateTests: XCTestCase {
 
 /// On real blocks of stories260K (LLaMA) and the OPT fixture, the objective never rises.
 final class SparseLLMBlockTests: XCTestCase {
-    func calibratedBlock(_ model: LanguageModel, tokens: [Int], block index: Int, samples: Int, seqlen: Int) throws -> (DecoderBlock, ActivationStore) {
-        let windows = try Calibration.windows(tokens: tokens, samples: samples, sequenceLength: seqlen, seed: 0)
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("sparsellm-\(UUID().uuidString)").path
-        addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
-        let store = ActivationStore(count: samples, rows: seqlen, cols: model.config.hiddenSize, budgetBytes: 1 << 30, spillDirectory: dir)
-        let embedding = try model.loadEmbedding()
-        for (i, w) in windows.enumerated() {
-            var x = embedding.embed(w, sequenceLength: seqlen)
-            for b in 0..<index { x = try model.loadBlock(b).forward(x, sequenceLength: seqlen) }
-            try store.set(i, x)
-        }
-        return (try model.loadBlock(index), store)
-    }
-
     func check(_ reports: [SparseLLM.IterationReport], _ what: String) {
         XCTAssertEqual(reports.count, 4, what)
         for (a, b) in zip(reports, reports.dropFirst()) {
