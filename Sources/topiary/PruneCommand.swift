@@ -276,10 +276,12 @@ enum PruneCommand: Command {
         coordinator.log = { Console.info($0) }
         if let resumed, coordination == .admm {
             // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
-            guard let plan = resumed.manifest["plan"] as? [[String: Any]],
-                  let ranges = Optional(plan.compactMap { p -> Range<Int>? in
-                      guard let a = p["first"] as? Int, let b = p["last"] as? Int, a <= b else { return nil }
-                      return a..<(b + 1) }), ranges.count == plan.count, !ranges.isEmpty else {
+            let plan = resumed.manifest["plan"] as? [[String: Any]] ?? []
+            let ranges = plan.compactMap { p -> Range<Int>? in
+                guard let a = p["first"] as? Int, let b = p["last"] as? Int, a <= b else { return nil }
+                return a..<(b + 1)
+            }
+            guard !ranges.isEmpty, ranges.count == plan.count else {
                 throw RunDirectoryError("\(resumed.run.manifestPath): field 'plan' is missing or malformed")
             }
             coordinator.fixedPlan = ranges
