@@ -1,10 +1,12 @@
+import Foundation
 import TopiaryTensor
 
 /// Called with each linear layer's name (checkpoint name without ".weight") and its input
 /// [tokens x in_features] just before the layer is applied; pruning collects statistics here.
 public typealias LinearObserver = (_ linear: String, _ input: Matrix) -> Void
 
-/// One decoder block (LLaMA or OPT) with its weights under their checkpoint names.
+/// One decoder block of any family, with its weights under their checkpoint names. What the
+/// block is made of and how it runs is its family's knowledge (Families/).
 public struct DecoderBlock: Sendable {
     public let config: ModelConfig
     public let index: Int
@@ -17,60 +19,73 @@ public struct DecoderBlock: Sendable {
         self.tensors = tensors
     }
 
+    /// Every tensor of the block as its family defines it.
+    public var specs: [BlockTensorSpec] { config.family.blockTensors(config, block: index) }
+
     /// Loads block `index` from `source`, checking every tensor's shape.
     public static func load(from source: any TensorSource, config: ModelConfig, index: Int) throws -> DecoderBlock {
         var tensors: [String: Matrix] = [:]
-        for name in WeightNames.blockTensors(config.architecture, block: index) {
-            var m = try source.load(name)
-            let expected = expectedShape(config, name)
-            if m.rows == 1 && expected.rows != 1 && m.cols == expected.rows * expected.cols {
-                m = m.reshaped(rows: expected.rows, cols: expected.cols)
+        for spec in config.family.blockTensors(config, block: index) {
+            var m = try source.load(spec.name)
+            if m.rows == 1 && spec.rows != 1 && m.cols == spec.rows * spec.cols {
+                m = m.reshaped(rows: spec.rows, cols: spec.cols)
             }
-            guard m.rows == expected.rows && m.cols == expected.cols else {
-                throw CheckpointError.shapeMismatch(path: source.path, tensor: name,
-                                                   expected: "[\(expected.rows), \(expected.cols)]", found: "[\(m.rows), \(m.cols)]")
+            guard m.rows == spec.rows && m.cols == spec.cols else {
+                throw CheckpointError.shapeMismatch(path: source.path, tensor: spec.name,
+                                                   expected: "[\(spec.rows), \(spec.cols)]", found: "[\(m.rows), \(m.cols)]")
             }
-            tensors[name] = m
+            tensors[spec.name] = m
         }
         return DecoderBlock(config: config, index: index, tensors: tensors)
     }
 
-    /// Shape of a block tensor as this code stores it (1-D tensors are [1 x n]).
-    static func expectedShape(_ c: ModelConfig, _ name: String) -> (rows: Int, cols: Int) {
-        let leaf = name.split(separator: ".").suffix(2).joined(separator: ".")
-        let isBias = name.hasSuffix(".bias")
-        let h = c.hiddenSize
-        switch leaf {
-        case "q_proj.weight": return (c.queryDim, h)
-        case "k_proj.weight", "v_proj.weight": return (c.kvDim, h)
-        case "o_proj.weight", "out_proj.weight": return (h, c.queryDim)
-        case "gate_proj.weight", "up_proj.weight", "fc1.weight": return (c.intermediateSize, h)
-        case "down_proj.weight", "fc2.weight": return (h, c.intermediateSize)
-        case "q_proj.bias": return (1, c.queryDim)
-        case "k_proj.bias", "v_proj.bias": return (1, c.kvDim)
-        case "fc1.bias": return (1, c.intermediateSize)
-        default: return isBias || name.hasSuffix("norm.weight") ? (1, h) : (1, h)
-        }
-    }
-
     /// The linear layers in forward order (names without ".weight").
-    public var linearNames: [String] { WeightNames.linears(config.architecture, block: index) }
+    public var linearNames: [String] { config.family.linears(config, block: index) }
+    /// Groups of linears that read the same input.
+    public var inputGroups: [[String]] { config.family.inputGroups(config, block: index) }
+    /// The feed-forward networks (SparseLLM's auxiliary-variable problems).
+    public var feedForwards: [FeedForward] { config.family.feedForwards(config, block: index) }
 
-    public func weight(_ linear: String) -> Matrix { tensors[linear + ".weight"]! }
+    public func weight(_ linear: String) -> Matrix { tensor(linear + ".weight") }
     public func bias(_ linear: String) -> Matrix? { tensors[linear + ".bias"] }
+
+    func tensor(_ name: String) -> Matrix {
+        guard let m = tensors[name] else { preconditionFailure("block \(index) has no tensor \(name)") }
+        return m
+    }
 
     public var parameterCount: Int { tensors.values.reduce(0) { $0 + $1.count } }
 
     /// Runs the block over `x` [sequences*sequenceLength x hidden], each sequence at positions
     /// 0..<sequenceLength, and returns the block's output of the same shape.
-    public func forward(_ x: Matrix, sequenceLength: Int, rope: Kernels.RopeTable? = nil,
+    public func forward(_ x: Matrix, sequenceLength: Int, rope: Kernels.RopeTable? = nil, expertCalibration: ExpertCalibration = .routed,
                         observer: LinearObserver? = nil) -> Matrix {
+        var pass = makePass(x, sequenceLength: sequenceLength, rope: rope, observer: observer, recording: false)
+        pass.expertCalibration = expertCalibration
+        return config.family.forward(self, x, &pass)
+    }
+
+    /// The same forward pass as `forward` (the same code, so the same output), keeping what
+    /// `weightGradients` needs.
+    public func forwardRecording(_ x: Matrix, sequenceLength: Int, rope: Kernels.RopeTable? = nil) -> (output: Matrix, tape: BlockTape) {
+        var pass = makePass(x, sequenceLength: sequenceLength, rope: rope, observer: nil, recording: true)
+        let y = config.family.forward(self, x, &pass)
+        return (y, pass.tape)
+    }
+
+    /// ∂L/∂W for every linear layer (by name, without ".weight"), given ∂L/∂output and the tape
+    /// of the forward pass that produced the output. W is the weight the forward used, so for a
+    /// masked block this is the gradient with respect to the effective weight W⊙M.
+    public func weightGradients(outputGradient dy: Matrix, tape: BlockTape) -> [String: Matrix] {
+        precondition(dy.cols == config.hiddenSize && dy.rows % tape.sequenceLength == 0, "block \(index): output gradient is \(dy.rows)x\(dy.cols)")
+        return config.family.weightGradients(self, dy, tape)
+    }
+
+    func makePass(_ x: Matrix, sequenceLength: Int, rope: Kernels.RopeTable?, observer: LinearObserver?, recording: Bool) -> BlockPass {
         precondition(x.cols == config.hiddenSize, "block \(index): input has \(x.cols) features, expected \(config.hiddenSize)")
         precondition(sequenceLength > 0 && x.rows % sequenceLength == 0, "block \(index): \(x.rows) rows is not a whole number of sequences of \(sequenceLength)")
-        switch config.architecture {
-        case .llama: return forwardLlama(x, sequenceLength: sequenceLength, rope: rope ?? config.ropeTable(positions: sequenceLength), observer: observer)
-        case .opt: return forwardOPT(x, sequenceLength: sequenceLength, observer: observer)
-        }
+        let table = config.architecture.isLlamaLike ? (rope ?? config.ropeTable(positions: sequenceLength)) : nil
+        return BlockPass(sequenceLength: sequenceLength, rope: table, observer: observer, recording: recording)
     }
 
     /// y = x Wᵀ (+ b), reporting the input to the observer first.
@@ -86,30 +101,6 @@ public struct DecoderBlock: Sendable {
         return y
     }
 
-    // MARK: LLaMA: norm, project, rotate, attend, project, add; norm, gate/up, SiLU, down, add.
-
-    func forwardLlama(_ x: Matrix, sequenceLength: Int, rope: Kernels.RopeTable, observer: LinearObserver?) -> Matrix {
-        let p = WeightNames.blockPrefix(.llama, index)
-        var out = x
-        let h = rmsNorm(x, tensors[p + "input_layernorm.weight"]!)
-        var q = apply(p + "self_attn.q_proj", h, observer)
-        var k = apply(p + "self_attn.k_proj", h, observer)
-        let v = apply(p + "self_attn.v_proj", h, observer)
-        applyRope(&q, heads: config.headCount, sequenceLength: sequenceLength, rope: rope)
-        applyRope(&k, heads: config.kvHeadCount, sequenceLength: sequenceLength, rope: rope)
-        let attn = Attention.causal(q: q, k: k, v: v, sequenceLength: sequenceLength, heads: config.headCount,
-                                    kvHeads: config.kvHeadCount, headDim: config.headDim)
-        addInPlace(&out, apply(p + "self_attn.o_proj", attn, observer))
-        let h2 = rmsNorm(out, tensors[p + "post_attention_layernorm.weight"]!)
-        var gate = apply(p + "mlp.gate_proj", h2, observer)
-        let up = apply(p + "mlp.up_proj", h2, observer)
-        gate.withUnsafeMutableBufferPointer { g in
-            up.withUnsafeBufferPointer { u in Kernels.swiglu(gate: g.baseAddress!, up: u.baseAddress!, g.count) }
-        }
-        addInPlace(&out, apply(p + "mlp.down_proj", gate, observer))
-        return out
-    }
-
     func applyRope(_ m: inout Matrix, heads: Int, sequenceLength: Int, rope: Kernels.RopeTable) {
         let sequences = m.rows / sequenceLength
         let width = m.cols
@@ -121,41 +112,28 @@ public struct DecoderBlock: Sendable {
         }
     }
 
-    // MARK: OPT: pre-LN (x + attn(LN(x)), x + fc2(relu(fc1(LN(x))))) or post-LN (LN(x + attn(x)), ...).
-
-    func forwardOPT(_ x: Matrix, sequenceLength: Int, observer: LinearObserver?) -> Matrix {
-        let p = WeightNames.blockPrefix(.opt, index)
-        let attnNorm = (tensors[p + "self_attn_layer_norm.weight"]!, tensors[p + "self_attn_layer_norm.bias"]!)
-        let ffnNorm = (tensors[p + "final_layer_norm.weight"]!, tensors[p + "final_layer_norm.bias"]!)
-        let pre = config.layerNormBefore
-
-        var out = x
-        let h = pre ? layerNorm(x, attnNorm.0, attnNorm.1) : x
-        let q = apply(p + "self_attn.q_proj", h, observer)
-        let k = apply(p + "self_attn.k_proj", h, observer)
-        let v = apply(p + "self_attn.v_proj", h, observer)
-        let attn = Attention.causal(q: q, k: k, v: v, sequenceLength: sequenceLength, heads: config.headCount,
-                                    kvHeads: config.kvHeadCount, headDim: config.headDim)
-        addInPlace(&out, apply(p + "self_attn.out_proj", attn, observer))
-        if !pre { out = layerNorm(out, attnNorm.0, attnNorm.1) }
-
-        let h2 = pre ? layerNorm(out, ffnNorm.0, ffnNorm.1) : out
-        var f = apply(p + "fc1", h2, observer)
-        f.withUnsafeMutableBufferPointer { Kernels.reluInPlace($0.baseAddress!, $0.count) }
-        addInPlace(&out, apply(p + "fc2", f, observer))
-        if !pre { out = layerNorm(out, ffnNorm.0, ffnNorm.1) }
-        return out
+    /// An RMSNorm weight as the family applies it (Gemma-2 scales by 1 + w).
+    func normWeight(_ name: String) -> Matrix {
+        let w = tensor(name)
+        let offset = config.family.rmsNormOffset
+        guard offset != 0 else { return w }
+        var shifted = w
+        shifted.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] += offset } }
+        return shifted
     }
 
-    // MARK: helpers
-
-    func rmsNorm(_ x: Matrix, _ w: Matrix) -> Matrix {
-        ModelMath.rmsNorm(x, w, eps: config.normEps)
+    func rmsNorm(_ x: Matrix, _ weight: String) -> Matrix {
+        ModelMath.rmsNorm(x, normWeight(weight), eps: config.normEps)
     }
 
-    func layerNorm(_ x: Matrix, _ w: Matrix, _ b: Matrix) -> Matrix {
-        ModelMath.layerNorm(x, w, b, eps: config.normEps)
+    func layerNorm(_ x: Matrix, _ weight: String, _ bias: String) -> Matrix {
+        ModelMath.layerNorm(x, tensor(weight), tensor(bias), eps: config.normEps)
     }
+}
+
+extension ModelFamily {
+    /// RMSNorm scales by (offset + w): 0 for most families, 1 for Gemma-2.
+    public static var rmsNormOffset: Float { 0 }
 }
 
 func addInPlace(_ y: inout Matrix, _ x: Matrix) {
@@ -198,9 +176,33 @@ enum ModelMath {
 }
 
 extension ModelConfig {
-    /// Rotary tables for positions 0..<positions.
+    /// Rotary tables for positions 0..<positions, with the config's frequency scaling.
     public func ropeTable(positions: Int) -> Kernels.RopeTable {
-        Kernels.RopeTable(rotaryDim: headDim, theta: ropeTheta, positions: positions, frequencyRounding: ropeFrequencyRounding)
+        var theta = ropeTheta
+        if case .dynamic(let factor)? = ropeScaling, positions > maxPositions {
+            // transformers' dynamic NTK: the base grows with the sequence beyond the trained context.
+            let d = Float(headDim)
+            theta *= powf(factor * Float(positions) / Float(maxPositions) - (factor - 1), d / (d - 2))
+        }
+        let scaling = ropeScaling
+        // Rounding the frequencies to the checkpoint's dtype reproduces a transformers model cast
+        // with .to(dtype) (the tiny-llama-bf16 fixture); current transformers keeps scaled
+        // frequencies in fp32 (the tiny-llama3 fixture), so scaled RoPE is never rounded.
+        let rounding = scaling == nil ? ropeFrequencyRounding : .none
+        return Kernels.RopeTable(rotaryDim: headDim, theta: theta, positions: positions, frequencyRounding: rounding) { freq in
+            switch scaling {
+            case .linear(let factor)?: return freq / factor
+            case .llama3(let factor, let low, let high, let original)?:
+                let lowWavelength = Float(original) / low
+                let highWavelength = Float(original) / high
+                let wavelength = 2 * Float.pi / freq
+                if wavelength < highWavelength { return freq }
+                if wavelength > lowWavelength { return freq / factor }
+                let smooth = (Float(original) / wavelength - low) / (high - low)
+                return (1 - smooth) * freq / factor + smooth * freq
+            case .dynamic?, nil: return freq
+            }
+        }
     }
 }
 
@@ -209,31 +211,62 @@ public enum Attention {
     /// Query rows handled at once; bounds the score scratch to queryBlock x sequenceLength.
     static let queryBlock = 256
 
+    /// How scores become probabilities.
+    public struct Options: Sendable {
+        /// Scores are q·k times this (1/sqrt(head_dim) unless the family says otherwise).
+        public var scale: Float
+        /// A query sees itself and the `window - 1` keys before it (nil: every earlier key).
+        public var window: Int?
+        /// Scores are capped as softcap·tanh(score/softcap) (Gemma-2).
+        public var softcap: Float?
+
+        public init(scale: Float, window: Int? = nil, softcap: Float? = nil) {
+            self.scale = scale
+            self.window = window
+            self.softcap = softcap
+        }
+
+        public static func standard(headDim: Int) -> Options { Options(scale: 1 / Float(headDim).squareRoot()) }
+
+        /// The first key that query `i` sees.
+        @inlinable
+        public func firstVisible(_ i: Int) -> Int { window.map { max(0, i - $0 + 1) } ?? 0 }
+    }
+
     /// q [N x heads*headDim], k and v [N x kvHeads*headDim], N = sequences * sequenceLength.
     /// Causal attention probabilities of query rows `rows` of one head against keys 0..<rows.upperBound
     /// (later keys are masked anyway), into `p` ([rows.count x rows.upperBound]; masked entries 0).
+    /// With soft-capping, `capped` (same shape) receives the capped scores, which the backward needs.
     /// The forward pass and the backward pass (which recomputes them) share this, so both see
     /// the same values bit for bit.
     @inlinable
     public static func probabilities(q: UnsafePointer<Float>, qStride: Int, k: UnsafePointer<Float>, kStride: Int, headDim: Int,
-                                     scale: Float, rows: Range<Int>, into p: UnsafeMutablePointer<Float>) {
+                                     options: Options, rows: Range<Int>, into p: UnsafeMutablePointer<Float>,
+                                     capped: UnsafeMutablePointer<Float>? = nil) {
         let (i0, i1) = (rows.lowerBound, rows.upperBound)
-        Linalg.sgemm(.none, .transposed, m: rows.count, n: i1, k: headDim, alpha: scale,
+        Linalg.sgemm(.none, .transposed, m: rows.count, n: i1, k: headDim, alpha: options.scale,
                      a: q + i0 * qStride, lda: qStride, b: k, ldb: kStride, beta: 0, c: p, ldc: i1)
         for r in 0..<rows.count {
             let row = p + r * i1
             let visible = i0 + r + 1
-            Kernels.softmax(row, visible)
+            let first = options.firstVisible(i0 + r)
+            if let cap = options.softcap {
+                for j in first..<visible { row[j] = cap * tanhf(row[j] / cap) }
+                if let capped { (capped + r * i1).update(from: row, count: i1) }
+            }
+            Kernels.softmax(row + first, visible - first)
+            for j in 0..<first { row[j] = 0 }
             for j in visible..<i1 { row[j] = 0 }
         }
     }
 
-    public static func causal(q: Matrix, k: Matrix, v: Matrix, sequenceLength t: Int, heads: Int, kvHeads: Int, headDim: Int) -> Matrix {
+    public static func causal(q: Matrix, k: Matrix, v: Matrix, sequenceLength t: Int, heads: Int, kvHeads: Int, headDim: Int,
+                              options: Options? = nil) -> Matrix {
+        let options = options ?? .standard(headDim: headDim)
         let qDim = heads * headDim
         let kvDim = kvHeads * headDim
         let sequences = q.rows / t
         let group = heads / kvHeads
-        let scale = 1 / Float(headDim).squareRoot()
         var out = Matrix(rows: q.rows, cols: qDim)
         let block = min(queryBlock, t)
         var scores = [Float](repeating: 0, count: block * t)
@@ -256,7 +289,7 @@ public enum Attention {
                                         let i1 = min(i0 + block, t)
                                         let rows = i1 - i0
                                         probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
-                                                      scale: scale, rows: i0..<i1, into: s)
+                                                      options: options, rows: i0..<i1, into: s)
                                         Linalg.sgemm(.none, .none, m: rows, n: headDim, k: i1, alpha: 1,
                                                      a: s, lda: i1, b: vh, ldb: kvDim, beta: 0, c: oh + i0 * qDim, ldc: qDim)
                                         i0 = i1

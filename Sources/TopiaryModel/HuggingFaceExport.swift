@@ -68,36 +68,35 @@ public enum HuggingFaceExport {
 
         var writer = SafeTensorsWriter(directory: directory, maxShardBytes: maxShardBytes, metadata: [:])
         let loadBlock = block ?? { try model.loadBlock($0) }
-        let permute = c.architecture == .llama && c.ropeLayout == .adjacentPairs
+        let permute = c.architecture.isLlamaLike && c.ropeLayout == .adjacentPairs
         // Non-block tensors.
         for name in model.weights.tensorNames where !name.contains(".layers.") {
             if name == WeightNames.lmHead && c.tieWordEmbeddings { continue }
             guard let e = model.weights.entry(name) else { continue }
             try writer.add(name: name, shape: e.shape, dtype: dtype) { try model.weights.load(name) }
         }
-        // Blocks, one at a time when written.
+        // Blocks, one at a time when written, as the family's checkpoint stores them.
         for i in 0..<c.layerCount {
-            let names = WeightNames.blockTensors(c.architecture, block: i)
-            let cache = BlockCache(uses: names.count, load: { try loadBlock(i) })
-            for name in names {
-                let isQ = name.hasSuffix("q_proj.weight") || name.hasSuffix("q_proj.bias")
-                let isK = name.hasSuffix("k_proj.weight") || name.hasSuffix("k_proj.bias")
-                let shape = Self.shape(of: name, config: c)
-                try writer.add(name: name, shape: shape, dtype: dtype) {
-                    var m = try cache.take(name)
-                    if permute && isQ { m = RopePermutation.adjacentToRotateHalf(m, heads: c.headCount, headDim: c.headDim) }
-                    if permute && isK { m = RopePermutation.adjacentToRotateHalf(m, heads: c.kvHeadCount, headDim: c.headDim) }
-                    return m
+            let tensors = c.family.checkpointTensors(c, block: i)
+            let cache = BlockCache(uses: tensors.reduce(0) { $0 + $1.parts.count }, load: { try loadBlock(i) })
+            for tensor in tensors {
+                try writer.add(name: tensor.name, shape: tensor.shape, dtype: dtype) {
+                    var parts: [Matrix] = []
+                    for name in tensor.parts {
+                        var m = try cache.take(name)
+                        let isQ = name.hasSuffix("q_proj.weight") || name.hasSuffix("q_proj.bias")
+                        let isK = name.hasSuffix("k_proj.weight") || name.hasSuffix("k_proj.bias")
+                        if permute && isQ { m = RopePermutation.adjacentToRotateHalf(m, heads: c.headCount, headDim: c.headDim) }
+                        if permute && isK { m = RopePermutation.adjacentToRotateHalf(m, heads: c.kvHeadCount, headDim: c.headDim) }
+                        parts.append(m)
+                    }
+                    return parts.count == 1 ? parts[0] : Matrix.vstack(parts)
                 }
             }
         }
         return try writer.finish()
     }
 
-    static func shape(of name: String, config: ModelConfig) -> [Int] {
-        let s = DecoderBlock.expectedShape(config, name)
-        return s.rows == 1 && (name.hasSuffix(".bias") || name.hasSuffix("norm.weight")) ? [s.cols] : [s.rows, s.cols]
-    }
 }
 
 /// Holds a block while its tensors are written (the writer orders tensors by name, so a block's

@@ -61,7 +61,7 @@ public final class LanguageModel: Sendable {
             throw CheckpointError.io(path: directory, detail: "no config.json: expected a Hugging Face model directory")
         }
         let config = try ModelConfig.fromHuggingFace(path: configPath)
-        let weights = try ShardedSafeTensors.open(directory: directory)
+        let weights = FusedTensorSource.wrap(try ShardedSafeTensors.open(directory: directory), config: config)
         var tokenizer = try externalTokenizer(tokenizerPath, vocabularySize: config.vocabularySize)
         let tokPath = (directory as NSString).appendingPathComponent("tokenizer.json")
         if tokenizer == nil, FileManager.default.fileExists(atPath: tokPath) {
@@ -185,7 +185,7 @@ public final class LanguageModel: Sendable {
         let c = config
         var norm: (Matrix, Matrix?)?
         let names = WeightNames.finalNorm(c.architecture)
-        if c.architecture == .llama || c.finalLayerNorm {
+        if c.architecture != .opt || c.finalLayerNorm {
             norm = (try loadTensor(names[0], rows: 1, cols: c.hiddenSize),
                     names.count > 1 ? try loadTensor(names[1], rows: 1, cols: c.hiddenSize) : nil)
         }
@@ -263,6 +263,9 @@ public struct Embedding: Sendable {
             }
         }
         if let projectIn { x = Linalg.linear(x, projectIn) }
+        if let scale = config.embeddingScale {
+            x.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] *= scale } }
+        }
         if let positions {
             let h = x.cols
             x.withUnsafeMutableBufferPointer { px in
@@ -289,8 +292,14 @@ public struct Head: Sendable {
     public func features(_ x: Matrix) -> Matrix {
         var h = x
         if let norm {
-            h = config.architecture == .llama ? ModelMath.rmsNorm(h, norm.0, eps: config.normEps)
-                                              : ModelMath.layerNorm(h, norm.0, norm.1, eps: config.normEps)
+            if config.architecture == .opt {
+                h = ModelMath.layerNorm(h, norm.0, norm.1, eps: config.normEps)
+            } else {
+                var w = norm.0
+                let offset = config.family.rmsNormOffset
+                if offset != 0 { w.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] += offset } } }
+                h = ModelMath.rmsNorm(h, w, eps: config.normEps)
+            }
         }
         if let projectOut { h = Linalg.linear(h, projectOut) }
         return h
@@ -298,6 +307,10 @@ public struct Head: Sendable {
 
     /// Logits [rows x vocabulary] for hidden states `x`.
     public func logits(_ x: Matrix) -> Matrix {
-        Linalg.linear(features(x), classifier)
+        var logits = Linalg.linear(features(x), classifier)
+        if let cap = config.finalLogitSoftcap {
+            logits.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = cap * tanhf(p[i] / cap) } }
+        }
+        return logits
     }
 }

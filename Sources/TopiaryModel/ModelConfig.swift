@@ -1,16 +1,47 @@
 import Foundation
 import TopiaryTensor
 
-/// The model families Topiary runs.
-public enum Architecture: String, Sendable, Codable {
-    case llama
-    case opt
+/// The model families Topiary runs; each has one file under Families/ that knows its blocks.
+public enum Architecture: String, Sendable, Codable, CaseIterable {
+    case llama, mistral, qwen2, qwen3, gemma2, phi3, mixtral, opt
+
+    /// The family file that knows this architecture's blocks, config and checkpoint names.
+    public var family: any ModelFamily.Type {
+        switch self {
+        case .llama: return LlamaFamily.self
+        case .mistral: return MistralFamily.self
+        case .qwen2: return Qwen2Family.self
+        case .qwen3: return Qwen3Family.self
+        case .gemma2: return Gemma2Family.self
+        case .phi3: return Phi3Family.self
+        case .mixtral: return MixtralFamily.self
+        case .opt: return OPTFamily.self
+        }
+    }
+
+    /// Families whose blocks are the LLaMA pattern (RMSNorm, RoPE, gated feed-forward).
+    public var isLlamaLike: Bool { self != .opt }
+}
+
+/// The activation of a feed-forward network.
+public enum Activation: String, Sendable, Codable {
+    case silu, geluTanh = "gelu_pytorch_tanh", relu
+}
+
+/// How RoPE frequencies are rescaled for long contexts (config.json `rope_scaling` / `rope_parameters`).
+public enum RopeScaling: Sendable, Equatable, Codable {
+    /// Every frequency divided by `factor`.
+    case linear(factor: Float)
+    /// NTK-aware: theta grows with the sequence beyond `maxPositions` (transformers' "dynamic").
+    case dynamic(factor: Float)
+    /// Llama-3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+    case llama3(factor: Float, lowFrequencyFactor: Float, highFrequencyFactor: Float, originalMaxPositions: Int)
 }
 
 /// Hyper-parameters of a decoder-only model, whatever file it came from.
 ///
-/// Field names follow the paper/user vocabulary; `huggingFaceConfig()` writes the
-/// Hugging Face `config.json` spelling.
+/// Field names follow the paper/user vocabulary; each family file reads and writes the Hugging
+/// Face `config.json` spelling.
 public struct ModelConfig: Sendable, Equatable, Codable {
     public var architecture: Architecture
     public var hiddenSize: Int
@@ -25,11 +56,34 @@ public struct ModelConfig: Sendable, Equatable, Codable {
     public var tieWordEmbeddings: Bool
     public var bosTokenID: Int?
     public var eosTokenID: Int?
-    // LLaMA
+    /// Every end-of-sequence id (Llama-3 lists several); `eosTokenID` is the first.
+    public var eosTokenIDs: [Int] = []
+    // LLaMA-like families
     public var ropeTheta: Float
     public var ropeLayout: RopeLayout
+    public var ropeScaling: RopeScaling? = nil
     /// transformers rounds RoPE frequencies to the model's dtype (bf16/fp16 checkpoints).
     public var ropeFrequencyRounding: Kernels.FrequencyRounding = .none
+    public var activation: Activation = .silu
+    /// Biases on the q/k/v projections (Qwen2; LLaMA with attention_bias) and on o_proj (LLaMA with attention_bias).
+    public var qkvBias = false
+    public var outputBias = false
+    /// RMSNorm over each head's queries and keys before RoPE (Qwen3).
+    public var qkNorm = false
+    /// Sliding-window attention: a query sees itself and the `window - 1` keys before it, in
+    /// the blocks where `slidingLayers` is true (all blocks when it is nil).
+    public var slidingWindow: Int? = nil
+    public var slidingLayers: [Bool]? = nil
+    /// Gemma-2: tanh soft-capping of attention scores and of the final logits.
+    public var attentionSoftcap: Float? = nil
+    public var finalLogitSoftcap: Float? = nil
+    /// Attention scores are scaled by 1/sqrt(queryScaleBase) (Gemma-2's query_pre_attn_scalar; default head_dim).
+    public var queryScaleBase: Float? = nil
+    /// Embeddings are multiplied by this (Gemma-2: sqrt(hidden_size)).
+    public var embeddingScale: Float? = nil
+    /// Mixture of experts (Mixtral): experts per block and experts chosen per token.
+    public var expertCount = 0
+    public var expertsPerToken = 0
     // OPT
     /// Pre-LN (OPT-125m and larger except 350m) when true; post-LN (OPT-350m) when false.
     public var layerNormBefore: Bool
@@ -57,16 +111,26 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         self.tieWordEmbeddings = tieWordEmbeddings
         self.bosTokenID = bosTokenID
         self.eosTokenID = eosTokenID
+        self.eosTokenIDs = eosTokenID.map { [$0] } ?? []
         self.ropeTheta = ropeTheta
         self.ropeLayout = ropeLayout
         self.layerNormBefore = layerNormBefore
         self.wordEmbedProjDim = wordEmbedProjDim ?? hiddenSize
         self.positionOffset = positionOffset
         self.finalLayerNorm = finalLayerNorm
+        if architecture == .opt { activation = .relu }
     }
 
+    public var family: any ModelFamily.Type { architecture.family }
     public var queryDim: Int { headCount * headDim }
     public var kvDim: Int { kvHeadCount * headDim }
+
+    /// The attention window of block `i` (nil: full causal attention).
+    public func window(block i: Int) -> Int? {
+        guard let slidingWindow else { return nil }
+        if let slidingLayers { return i < slidingLayers.count && slidingLayers[i] ? slidingWindow : nil }
+        return slidingWindow
+    }
 
     /// Checks the relations between fields that the forward pass relies on.
     public func validate(path: String) throws {
@@ -82,14 +146,41 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         try check(headDim > 0 && headDim % 2 == 0, "head_dim", "is \(headDim), expected a positive even number")
         try check(vocabularySize > 0, "vocab_size", "is \(vocabularySize), expected a positive number")
         try check(maxPositions > 0, "max_position_embeddings", "is \(maxPositions), expected a positive number")
+        try check(normEps.isFinite && normEps > 0, architecture == .opt ? "layer_norm_eps" : "rms_norm_eps", "is \(normEps), expected a positive number")
+        if architecture.isLlamaLike {
+            try check(ropeTheta.isFinite && ropeTheta > 0, "rope_theta", "is \(ropeTheta), expected a positive number")
+        }
+        if let slidingWindow { try check(slidingWindow > 0, "sliding_window", "is \(slidingWindow), expected a positive number or null") }
+        if let slidingLayers {
+            try check(slidingLayers.count == layerCount, "layer_types", "has \(slidingLayers.count) entries, expected num_hidden_layers (\(layerCount))")
+        }
+        for (field, v) in [("attn_logit_softcapping", attentionSoftcap), ("final_logit_softcapping", finalLogitSoftcap),
+                           ("query_pre_attn_scalar", queryScaleBase)] {
+            if let v { try check(v.isFinite && v > 0, field, "is \(v), expected a positive number or null") }
+        }
+        if architecture == .mixtral {
+            try check(expertCount > 0, "num_local_experts", "is \(expertCount), expected a positive number")
+            try check(expertsPerToken > 0 && expertsPerToken <= expertCount, "num_experts_per_tok",
+                      "is \(expertsPerToken), expected 1...\(expertCount)")
+        }
         if architecture == .opt {
             try check(queryDim == hiddenSize, "num_attention_heads", "gives \(headCount)x\(headDim) = \(queryDim), expected hidden_size \(hiddenSize)")
+        }
+        switch ropeScaling {
+        case .linear(let f)?, .dynamic(let f)?:
+            try check(f.isFinite && f >= 1, "rope_scaling.factor", "is \(f), expected a number >= 1")
+        case .llama3(let f, let low, let high, let original)?:
+            try check(f.isFinite && f >= 1, "rope_scaling.factor", "is \(f), expected a number >= 1")
+            try check(low.isFinite && high.isFinite && low > 0 && high > low, "rope_scaling.high_freq_factor",
+                      "is \(high) with low_freq_factor \(low), expected 0 < low_freq_factor < high_freq_factor")
+            try check(original > 0, "rope_scaling.original_max_position_embeddings", "is \(original), expected a positive number")
+        case nil: break
         }
     }
 
     // MARK: Hugging Face config.json
 
-    /// Reads a Hugging Face `config.json` (LLaMA family or OPT).
+    /// Reads a Hugging Face `config.json`; the family named by `model_type` decodes the rest.
     public static func fromHuggingFace(path: String) throws -> ModelConfig {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw CheckpointError.io(path: path, detail: "cannot read file")
@@ -103,73 +194,17 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         }
         let fields = JSONFields(path: path, json: json)
         let modelType = try fields.string("model_type")
-        var config: ModelConfig
-        switch modelType {
-        case "llama", "mistral", "qwen2":
-            if let scaling = json["rope_scaling"] as? [String: Any] {
-                let type = (scaling["rope_type"] ?? scaling["type"]) as? String ?? "?"
-                if type != "default" {
-                    throw CheckpointError.invalidField(path: path, field: "rope_scaling", detail: "has type '\(type)', which is not supported yet (only unscaled RoPE)")
-                }
-            }
-            let heads = try fields.int("num_attention_heads")
-            let hidden = try fields.int("hidden_size")
-            var theta = try fields.optionalDouble("rope_theta")
-            if theta == nil, let params = json["rope_parameters"] as? [String: Any] {
-                theta = try JSONFields(path: path, json: params).optionalDouble("rope_theta")
-                if let type = params["rope_type"] as? String, type != "default" {
-                    throw CheckpointError.invalidField(path: path, field: "rope_parameters.rope_type", detail: "is '\(type)', which is not supported yet (only unscaled RoPE)")
-                }
-            }
-            if let act = json["hidden_act"] as? String, act != "silu" {
-                throw CheckpointError.invalidField(path: path, field: "hidden_act", detail: "is '\(act)', expected 'silu'")
-            }
-            if (json["attention_bias"] as? Bool) == true || (json["mlp_bias"] as? Bool) == true {
-                throw CheckpointError.invalidField(path: path, field: "attention_bias", detail: "is true; biased LLaMA projections are not supported yet")
-            }
-            config = ModelConfig(
-                architecture: .llama, hiddenSize: hidden, intermediateSize: try fields.int("intermediate_size"),
-                layerCount: try fields.int("num_hidden_layers"), headCount: heads,
-                kvHeadCount: try fields.optionalInt("num_key_value_heads") ?? heads,
-                headDim: try fields.optionalInt("head_dim"), vocabularySize: try fields.int("vocab_size"),
-                maxPositions: try fields.optionalInt("max_position_embeddings") ?? 2048,
-                normEps: Float(try fields.optionalDouble("rms_norm_eps") ?? 1e-6),
-                tieWordEmbeddings: (json["tie_word_embeddings"] as? Bool) ?? false,
-                bosTokenID: try fields.optionalInt("bos_token_id"), eosTokenID: try fields.optionalInt("eos_token_id"),
-                ropeTheta: Float(theta ?? 10000), ropeLayout: .rotateHalf)
-            switch (json["torch_dtype"] ?? json["dtype"]) as? String {
-            case "bfloat16": config.ropeFrequencyRounding = .bfloat16
-            case "float16": config.ropeFrequencyRounding = .float16
-            default: break
-            }
-        case "opt":
-            if let act = json["activation_function"] as? String, act != "relu" {
-                throw CheckpointError.invalidField(path: path, field: "activation_function", detail: "is '\(act)', expected 'relu'")
-            }
-            if (json["enable_bias"] as? Bool) == false {
-                throw CheckpointError.invalidField(path: path, field: "enable_bias", detail: "is false; OPT without biases is not supported")
-            }
-            let heads = try fields.int("num_attention_heads")
-            let hidden = try fields.int("hidden_size")
-            let before = (json["do_layer_norm_before"] as? Bool) ?? true
-            let removeFinal = (json["_remove_final_layer_norm"] as? Bool) ?? false
-            config = ModelConfig(
-                architecture: .opt, hiddenSize: hidden, intermediateSize: try fields.int("ffn_dim"),
-                layerCount: try fields.int("num_hidden_layers"), headCount: heads, kvHeadCount: heads,
-                vocabularySize: try fields.int("vocab_size"),
-                maxPositions: try fields.int("max_position_embeddings"),
-                normEps: 1e-5, tieWordEmbeddings: (json["tie_word_embeddings"] as? Bool) ?? true,
-                bosTokenID: try fields.optionalInt("bos_token_id"), eosTokenID: try fields.optionalInt("eos_token_id"),
-                layerNormBefore: before, wordEmbedProjDim: try fields.optionalInt("word_embed_proj_dim") ?? hidden,
-                positionOffset: 2, finalLayerNorm: before && !removeFinal)
-        default:
-            throw CheckpointError.unsupportedModel(path: path, detail: "model_type '\(modelType)' (supported: llama, opt)")
+        guard let architecture = Architecture.allCases.first(where: { $0.family.modelTypes.contains(modelType) }) else {
+            let known = Architecture.allCases.flatMap { $0.family.modelTypes }.joined(separator: ", ")
+            throw CheckpointError.unsupportedModel(path: path, detail: "model_type '\(modelType)' (supported: \(known))")
         }
+        let config = try architecture.family.decode(fields)
         try config.validate(path: path)
         return config
     }
 
-    /// A Hugging Face `config.json` for this model (Q/K in rotate-half layout, fp32 weights).
+    /// A Hugging Face `config.json` for this model (Q/K in rotate-half layout), for sources that
+    /// have none (GGUF, llama2.c); a Hugging Face source's own config.json is carried over instead.
     public func huggingFaceConfig(dtype: String = "float32") -> [String: Any] {
         var c: [String: Any] = [
             "hidden_size": hiddenSize, "num_attention_heads": headCount, "num_hidden_layers": layerCount,
@@ -177,66 +212,192 @@ public struct ModelConfig: Sendable, Equatable, Codable {
             "tie_word_embeddings": tieWordEmbeddings, "torch_dtype": dtype,
         ]
         if let bosTokenID { c["bos_token_id"] = bosTokenID }
-        if let eosTokenID { c["eos_token_id"] = eosTokenID }
-        switch architecture {
-        case .llama:
-            c["architectures"] = ["LlamaForCausalLM"]
-            c["model_type"] = "llama"
-            c["intermediate_size"] = intermediateSize
-            c["num_key_value_heads"] = kvHeadCount
-            c["head_dim"] = headDim
-            c["rms_norm_eps"] = Double(normEps)
-            c["rope_theta"] = Double(ropeTheta)
-            c["hidden_act"] = "silu"
-            c["attention_bias"] = false
-            c["mlp_bias"] = false
-        case .opt:
-            c["architectures"] = ["OPTForCausalLM"]
-            c["model_type"] = "opt"
-            c["ffn_dim"] = intermediateSize
-            c["do_layer_norm_before"] = layerNormBefore
-            c["_remove_final_layer_norm"] = layerNormBefore && !finalLayerNorm
-            c["word_embed_proj_dim"] = wordEmbedProjDim
-            c["activation_function"] = "relu"
-            c["enable_bias"] = true
-            c["layer_norm_elementwise_affine"] = true
+        if eosTokenIDs.count > 1 { c["eos_token_id"] = eosTokenIDs } else if let eosTokenID { c["eos_token_id"] = eosTokenID }
+        for (key, value) in family.huggingFaceFields(self) { c[key] = value }
+        return c
+    }
+
+    /// The config.json fields that every LLaMA-like family writes the same way.
+    func llamaLikeFields() -> [String: Any] {
+        var c: [String: Any] = [
+            "intermediate_size": intermediateSize, "num_key_value_heads": kvHeadCount, "head_dim": headDim,
+            "rms_norm_eps": normEps, "rope_theta": ropeTheta, "hidden_act": activation.rawValue,
+        ]
+        switch ropeScaling {
+        case .linear(let f)?: c["rope_scaling"] = ["rope_type": "linear", "factor": f] as [String: Any]
+        case .dynamic(let f)?: c["rope_scaling"] = ["rope_type": "dynamic", "factor": f] as [String: Any]
+        case .llama3(let f, let low, let high, let original)?:
+            c["rope_scaling"] = ["rope_type": "llama3", "factor": f, "low_freq_factor": low, "high_freq_factor": high,
+                                 "original_max_position_embeddings": original] as [String: Any]
+        case nil: break
+        }
+        if let slidingWindow, slidingLayers == nil { c["sliding_window"] = slidingWindow }
+        return c
+    }
+
+    /// Reads the fields that every LLaMA-like family spells the same way (transformers 4.x and 5).
+    static func llamaLike(_ architecture: Architecture, _ f: JSONFields) throws -> ModelConfig {
+        let heads = try f.int("num_attention_heads")
+        var c = ModelConfig(
+            architecture: architecture, hiddenSize: try f.int("hidden_size"), intermediateSize: try f.int("intermediate_size"),
+            layerCount: try f.int("num_hidden_layers"), headCount: heads,
+            kvHeadCount: try f.optionalInt("num_key_value_heads") ?? heads,
+            headDim: try f.optionalInt("head_dim"), vocabularySize: try f.int("vocab_size"),
+            maxPositions: try f.optionalInt("max_position_embeddings") ?? 2048,
+            normEps: Float(try f.optionalDouble("rms_norm_eps") ?? 1e-6),
+            tieWordEmbeddings: try f.optionalBool("tie_word_embeddings") ?? false,
+            bosTokenID: try f.optionalInt("bos_token_id"), ropeLayout: .rotateHalf)
+        c.eosTokenIDs = try f.intOrIntList("eos_token_id")
+        c.eosTokenID = c.eosTokenIDs.first
+        try c.readRope(f)
+        if let act = try f.optionalString("hidden_act") ?? f.optionalString("hidden_activation") {
+            guard let a = Activation(rawValue: act), a != .relu else {
+                throw CheckpointError.invalidField(path: f.path, field: "hidden_act", detail: "is '\(act)', expected 'silu' or 'gelu_pytorch_tanh'")
+            }
+            c.activation = a
+        }
+        if try f.optionalBool("mlp_bias") == true {
+            throw CheckpointError.invalidField(path: f.path, field: "mlp_bias", detail: "is true; biased feed-forward projections are not supported")
+        }
+        if try f.optionalBool("attention_bias") == true { c.qkvBias = true; c.outputBias = true }
+        let dtype = try f.optionalString("torch_dtype") ?? f.optionalString("dtype")
+        switch dtype {
+        case "bfloat16": c.ropeFrequencyRounding = .bfloat16
+        case "float16": c.ropeFrequencyRounding = .float16
+        default: break
+        }
+        if let types = try f.optionalStringList("layer_types") {
+            c.slidingLayers = try types.map { t in
+                switch t {
+                case "full_attention": return false
+                case "sliding_attention": return true
+                default: throw CheckpointError.invalidField(path: f.path, field: "layer_types", detail: "has '\(t)', expected 'full_attention' or 'sliding_attention'")
+                }
+            }
         }
         return c
+    }
+
+    /// RoPE theta and scaling: transformers 4.x `rope_theta` + `rope_scaling`, or transformers 5 `rope_parameters`.
+    mutating func readRope(_ f: JSONFields) throws {
+        var theta = try f.optionalDouble("rope_theta")
+        var scaling: JSONFields?
+        var scalingField = "rope_scaling"
+        if let s = try f.optionalObject("rope_scaling") { scaling = s }
+        if let p = try f.optionalObject("rope_parameters") {
+            scalingField = "rope_parameters"
+            scaling = p
+            if let t = try p.optionalDouble("rope_theta") { theta = t }
+        }
+        ropeTheta = Float(theta ?? 10000)
+        guard let s = scaling else { return }
+        let type = try s.optionalString("rope_type") ?? s.optionalString("type") ?? "default"
+        func factor() throws -> Float {
+            guard let v = try s.optionalDouble("factor") else { throw CheckpointError.missingField(path: f.path, field: "\(scalingField).factor") }
+            return Float(v)
+        }
+        switch type {
+        case "default": ropeScaling = nil
+        case "linear": ropeScaling = .linear(factor: try factor())
+        case "dynamic": ropeScaling = .dynamic(factor: try factor())
+        case "llama3":
+            ropeScaling = .llama3(factor: try factor(), lowFrequencyFactor: Float(try s.optionalDouble("low_freq_factor") ?? 1),
+                                  highFrequencyFactor: Float(try s.optionalDouble("high_freq_factor") ?? 4),
+                                  originalMaxPositions: try s.optionalInt("original_max_position_embeddings") ?? 8192)
+        default:
+            throw CheckpointError.invalidField(path: f.path, field: "\(scalingField).rope_type",
+                                               detail: "is '\(type)', which Topiary does not implement (supported: default, linear, dynamic, llama3)")
+        }
     }
 }
 
 /// Typed access to a JSON object's fields with errors naming the file and field.
-struct JSONFields {
-    let path: String
-    let json: [String: Any]
+public struct JSONFields {
+    public let path: String
+    public let json: [String: Any]
+    /// Prefix of field names in errors ("rope_scaling." inside that object).
+    var prefix = ""
+
+    init(path: String, json: [String: Any], prefix: String = "") {
+        self.path = path
+        self.json = json
+        self.prefix = prefix
+    }
+
+    func invalid(_ key: String, _ v: Any, _ expected: String) -> CheckpointError {
+        let shown = v is String ? "\"\(v)\" (a string)" : "\(v)"
+        return CheckpointError.invalidField(path: path, field: prefix + key, detail: "is \(shown), expected \(expected)")
+    }
+
+    func present(_ key: String) -> Any? {
+        guard let v = json[key], !(v is NSNull) else { return nil }
+        return v
+    }
 
     func string(_ key: String) throws -> String {
-        guard let v = json[key] else { throw CheckpointError.missingField(path: path, field: key) }
-        guard let s = v as? String else { throw CheckpointError.invalidField(path: path, field: key, detail: "is not a string") }
+        guard let s = try optionalString(key) else { throw CheckpointError.missingField(path: path, field: prefix + key) }
+        return s
+    }
+
+    func optionalString(_ key: String) throws -> String? {
+        guard let v = present(key) else { return nil }
+        guard let s = v as? String else { throw invalid(key, v, "a string") }
         return s
     }
 
     func int(_ key: String) throws -> Int {
-        guard let v = try optionalInt(key) else { throw CheckpointError.missingField(path: path, field: key) }
+        guard let v = try optionalInt(key) else { throw CheckpointError.missingField(path: path, field: prefix + key) }
         return v
     }
 
     func optionalInt(_ key: String) throws -> Int? {
-        guard let v = json[key], !(v is NSNull) else { return nil }
-        if let n = v as? NSNumber, !JSONFields.isBoolean(n) {
-            let d = n.doubleValue
-            if d == d.rounded(), abs(d) < 1e15 { return Int(d) }
+        guard let v = present(key) else { return nil }
+        guard let i = Self.integer(v) else { throw invalid(key, v, "an integer") }
+        return i
+    }
+
+    static func integer(_ v: Any) -> Int? {
+        guard let n = v as? NSNumber, !isBoolean(n) else { return nil }
+        let d = n.doubleValue
+        return d == d.rounded() && abs(d) < 1e15 ? Int(d) : nil
+    }
+
+    /// An integer or a list of integers (Llama-3's eos_token_id); empty when absent.
+    func intOrIntList(_ key: String) throws -> [Int] {
+        guard let v = present(key) else { return [] }
+        if let i = Self.integer(v) { return [i] }
+        if let list = v as? [Any] {
+            let ids = list.compactMap(Self.integer)
+            if ids.count == list.count { return ids }
         }
-        throw CheckpointError.invalidField(path: path, field: key, detail: "is \(v), expected an integer")
+        throw invalid(key, v, "an integer or a list of integers")
     }
 
     static func isBoolean(_ n: NSNumber) -> Bool {
         String(cString: n.objCType) == "c" && (n == NSNumber(value: true) || n == NSNumber(value: false))
     }
 
+    func optionalBool(_ key: String) throws -> Bool? {
+        guard let v = present(key) else { return nil }
+        guard let n = v as? NSNumber, Self.isBoolean(n) else { throw invalid(key, v, "true or false") }
+        return n.boolValue
+    }
+
     func optionalDouble(_ key: String) throws -> Double? {
-        guard let v = json[key], !(v is NSNull) else { return nil }
-        if let n = v as? NSNumber { return n.doubleValue }
-        throw CheckpointError.invalidField(path: path, field: key, detail: "is \(v), expected a number")
+        guard let v = present(key) else { return nil }
+        guard let n = v as? NSNumber, !Self.isBoolean(n), n.doubleValue.isFinite else { throw invalid(key, v, "a number") }
+        return n.doubleValue
+    }
+
+    func optionalObject(_ key: String) throws -> JSONFields? {
+        guard let v = present(key) else { return nil }
+        guard let o = v as? [String: Any] else { throw invalid(key, v, "an object") }
+        return JSONFields(path: path, json: o, prefix: prefix + key + ".")
+    }
+
+    func optionalStringList(_ key: String) throws -> [String]? {
+        guard let v = present(key) else { return nil }
+        guard let list = v as? [Any], let strings = list as? [String] else { throw invalid(key, v, "a list of strings") }
+        return strings
     }
 }

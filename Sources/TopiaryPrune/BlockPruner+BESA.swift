@@ -20,8 +20,9 @@ extension BlockPruner {
                 try reconstructionTargets.set(s, block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope))
             }
         }
+        let keys = Self.statisticsKeys(block)
         func statistics(_ name: String) throws -> LayerStatistics {
-            guard let st = stats[Self.statisticsKey(name)] else {
+            guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
             return st

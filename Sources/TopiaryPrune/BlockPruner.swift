@@ -23,15 +23,19 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var sparseLLM: SparseLLM.Options?
     public var targets: TargetMode
     public var besa: BESA.Options?
+    /// Mixture-of-experts blocks: which calibration tokens each expert's statistics see (nil: routed).
+    public var expertCalibration: ExpertCalibration?
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
-                sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential, besa: BESA.Options? = nil) {
+                sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential, besa: BESA.Options? = nil,
+                expertCalibration: ExpertCalibration? = nil) {
         self.method = method
         self.pattern = pattern
         self.sparseGPT = sparseGPT
         self.sparseLLM = sparseLLM
         self.targets = targets
         self.besa = besa
+        self.expertCalibration = expertCalibration
     }
 
     /// Whether the driver must carry the dense model's activations beside the pruned ones.
@@ -65,6 +69,8 @@ public struct BlockReport: Sendable, Codable {
     public var sparseLLMChosen: Int? = nil
     /// BESA: the learned allocation of this block.
     public var besa: BESA.Summary? = nil
+    /// Mixture of experts: calibration tokens each expert's statistics saw, in expert order.
+    public var expertTokens: [Int]? = nil
 }
 
 /// Prunes one decoder block given its inputs: the unit of work of every driver, local or
@@ -73,40 +79,38 @@ public struct BlockPruner: Sendable {
     public let plan: PrunePlan
     public init(plan: PrunePlan) { self.plan = plan }
 
-    /// Linear layers that read the same input share statistics (q/k/v; gate/up).
-    static func statisticsKey(_ linear: String) -> String {
-        if linear.hasSuffix("self_attn.k_proj") || linear.hasSuffix("self_attn.v_proj") {
-            return String(linear.dropLast("k_proj".count)) + "q_proj"
-        }
-        if linear.hasSuffix("mlp.up_proj") { return String(linear.dropLast("up_proj".count)) + "gate_proj" }
-        return linear
+    /// Linear layers that read the same input share statistics (q/k/v; gate/up): each linear's
+    /// statistics are kept under the first linear of its family's input group.
+    static func statisticsKeys(_ block: DecoderBlock) -> [String: String] {
+        var keys: [String: String] = [:]
+        for group in block.inputGroups { for name in group { keys[name] = group[0] } }
+        return keys
     }
 
     /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] matrix per
     /// calibration sequence; returns the pruned block, its outputs on the same inputs, and a report.
-    /// The first linear of the feed-forward network, whose input SparseLLM works from.
-    static func ffnInputLinear(_ block: DecoderBlock) -> String {
-        block.linearNames[4]   // LLaMA: mlp.gate_proj (shared with up_proj); OPT: fc1
-    }
-
     /// `targets`, for SparseLLM with dense targets: the dense model's inputs to this block.
     public func prune(block: DecoderBlock, inputs: ActivationStore, targets: ActivationStore? = nil,
                       sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
         let start = Date()
         let rope = block.config.ropeTable(positions: sequenceLength)
-        let ffnLinear = Self.ffnInputLinear(block)
+        let keys = Self.statisticsKeys(block)
+        let feedForwards = block.feedForwards
+        let ffnInputLinears = Set(feedForwards.map(\.inputLinear))
         let collectsFFNInputs = plan.method == .sparsellm
-        var ffnInputs: [Matrix] = []
+        let experts = plan.expertCalibration ?? .routed
+        var ffnInputs: [String: [Matrix]] = [:]
+        var tokensSeen: [String: Int] = [:]
         // 1. Dense pass over all samples, collecting each linear's input statistics.
         var stats: [String: LayerStatistics] = [:]
         let denseOutputs = inputs.makeSibling()
         for s in 0..<inputs.count {
-            let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope) { name, x in
-                if collectsFFNInputs && name == ffnLinear && plan.targets == .sequential { ffnInputs.append(x) }
-                let key = Self.statisticsKey(name)
-                guard key == name else { return }
-                let st = stats[key] ?? LayerStatistics(columns: x.cols)
-                stats[key] = st
+            let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+                if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
+                guard keys[name] == name else { return }
+                tokensSeen[name, default: 0] += x.rows
+                let st = stats[name] ?? LayerStatistics(columns: x.cols)
+                stats[name] = st
                 st.add(x)
             }
             try denseOutputs.set(s, y)
@@ -114,16 +118,21 @@ public struct BlockPruner: Sendable {
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
             for s in 0..<targets.count {
-                _ = block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope) { name, x in
-                    if name == ffnLinear { ffnInputs.append(x) }
+                _ = block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+                    if ffnInputLinears.contains(name) { ffnInputs[name, default: []].append(x) }
                 }
             }
+        }
+        // A linear that no calibration token reached (an expert the router never chose) has
+        // zero statistics: its solvers then see no input to preserve.
+        for name in block.linearNames where stats[keys[name] ?? name] == nil {
+            stats[keys[name] ?? name] = LayerStatistics(columns: block.weight(name).cols)
         }
         // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
         var pruned = block
         var linears: [LinearReport] = []
         var joint: [String: Matrix] = [:]
-        var jointSeconds = 0.0
+        var jointSeconds: [String: Double] = [:]
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
         var besaSummary: BESA.Summary?
@@ -132,35 +141,42 @@ public struct BlockPruner: Sendable {
             let r = try pruneBESA(block: block, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
             joint = r.weights
             besaSummary = r.summary
-            jointSeconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
+            let seconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
+            for name in block.linearNames { jointSeconds[name] = seconds }
         }
         if plan.method == .sparsellm {
-            let t0 = Date()
-            let x = Matrix.vstack(ffnInputs)
-            ffnInputs = []
-            let names = Array(block.linearNames.suffix(block.config.architecture == .llama ? 3 : 2))
-            let options = plan.sparseLLM ?? (block.config.architecture == .llama ? .llama : .opt)
-            let what = "block \(block.index)"
-            if block.config.architecture == .llama {
-                let r = try SparseLLM.pruneLlama(x: x, gate: block.weight(names[0]), up: block.weight(names[1]), down: block.weight(names[2]),
-                                                 pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: options, what: what)
-                joint = [names[0]: r.gate, names[1]: r.up, names[2]: r.down]
-                jointReports = r.iterations
-                jointChosen = r.chosen
-            } else {
-                let r = try SparseLLM.pruneOPT(x: x, fc1: block.weight(names[0]), bias1: block.bias(names[0])!,
-                                               fc2: block.weight(names[1]), bias2: block.bias(names[1])!,
-                                               pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: options, what: what)
-                joint = [names[0]: r.fc1, names[1]: r.fc2]
-                jointReports = r.iterations
-                jointChosen = r.chosen
+            for (k, ffn) in feedForwards.enumerated() {
+                let t0 = Date()
+                let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
+                // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
+                guard !parts.isEmpty else { continue }
+                let x = Matrix.vstack(parts)
+                let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
+                let result: (weights: [String: Matrix], iterations: [SparseLLM.IterationReport], chosen: Int)
+                switch ffn {
+                case .gated(let gate, let up, let down):
+                    let r = try SparseLLM.pruneLlama(x: x, gate: block.weight(gate), up: block.weight(up), down: block.weight(down),
+                                                     pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what)
+                    result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
+                case .plain(let fc1, let fc2):
+                    let r = try SparseLLM.pruneOPT(x: x, fc1: block.weight(fc1), bias1: block.bias(fc1)!,
+                                                   fc2: block.weight(fc2), bias2: block.bias(fc2)!,
+                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt, what: what)
+                    result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
+                }
+                joint.merge(result.weights) { $1 }
+                if feedForwards.count == 1 {
+                    jointReports = result.iterations
+                    jointChosen = result.chosen
+                }
+                let seconds = Date().timeIntervalSince(t0) / Double(result.weights.count)
+                for name in result.weights.keys { jointSeconds[name] = seconds }
             }
-            jointSeconds = Date().timeIntervalSince(t0) / Double(names.count)
         }
         for name in block.linearNames {
             let t0 = Date()
             let w = block.weight(name)
-            guard let st = stats[Self.statisticsKey(name)] else {
+            guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
             let newWeight: Matrix
@@ -176,7 +192,7 @@ public struct BlockPruner: Sendable {
                 }
             }
             pruned.tensors[name + ".weight"] = newWeight
-            let seconds = joint[name] != nil ? jointSeconds : Date().timeIntervalSince(t0)
+            let seconds = jointSeconds[name] ?? Date().timeIntervalSince(t0)
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
             linears.append(Self.report(name: name, dense: w, pruned: newWeight, stats: st, seconds: seconds))
@@ -198,7 +214,8 @@ public struct BlockPruner: Sendable {
         }
         let report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
                                  seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen,
-                                 besa: besaSummary)
+                                 besa: besaSummary,
+                                 expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
         return (pruned, outputs, report)
     }
 

@@ -161,13 +161,16 @@ public enum Kernels {
         /// llama2.c and transformers do. `frequencyRounding` rounds the frequencies through a
         /// 16-bit type first, as transformers does for a model loaded in bf16 or fp16 (its
         /// inv_freq buffer is cast with the model).
-        public init(rotaryDim: Int, theta: Float, positions: Int, frequencyRounding: FrequencyRounding = .none) {
+        /// `scaleFrequency` rescales each frequency (long-context RoPE scaling) before the rounding.
+        public init(rotaryDim: Int, theta: Float, positions: Int, frequencyRounding: FrequencyRounding = .none,
+                    scaleFrequency: ((Float) -> Float)? = nil) {
             halfDim = rotaryDim / 2
             self.positions = positions
             var c = [Float](repeating: 0, count: positions * halfDim)
             var s = c
             for i in 0..<halfDim {
                 var freq = 1 / powf(theta, Float(2 * i) / Float(rotaryDim))
+                if let scaleFrequency { freq = scaleFrequency(freq) }
                 switch frequencyRounding {
                 case .none: break
                 case .bfloat16: freq = HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(freq))

@@ -119,6 +119,21 @@ public struct Matrix: Sendable {
         return out
     }
 
+    /// The rows at `indices`, in that order, as a new matrix.
+    public func gatherRows(_ indices: [Int]) -> Matrix {
+        var out = Matrix(rows: indices.count, cols: cols)
+        let n = cols
+        out.withUnsafeMutableBufferPointer { dst in
+            withUnsafeBufferPointer { src in
+                for (j, r) in indices.enumerated() {
+                    precondition(r >= 0 && r < rows, "gatherRows: row \(r) of \(rows)")
+                    (dst.baseAddress! + j * n).update(from: src.baseAddress! + r * n, count: n)
+                }
+            }
+        }
+        return out
+    }
+
     /// Columns `range` as a new matrix (copied).
     public func columns(_ range: Range<Int>) -> Matrix {
         precondition(range.lowerBound >= 0 && range.upperBound <= cols)

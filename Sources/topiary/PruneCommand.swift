@@ -233,7 +233,7 @@ enum PruneCommand: Command {
         let store = run.store
         var sparseLLM: SparseLLM.Options?
         if method == .sparsellm {
-            var o = c.architecture == .llama ? SparseLLM.Options.llama : SparseLLM.Options.opt
+            var o = c.architecture == .opt ? SparseLLM.Options.opt : SparseLLM.Options.llama
             if let a = sparseLLMValues.0 { o.alpha = a }
             if let b = sparseLLMValues.1 { o.beta = b }
             if let g = sparseLLMValues.2 { o.gamma = g }

@@ -12,16 +12,33 @@ final class BlockBackwardTests: XCTestCase {
     static let sequences = 2
 
     static func config(_ arch: Architecture, layout: RopeLayout = .rotateHalf, preLN: Bool = true) -> ModelConfig {
-        ModelConfig(architecture: arch, hiddenSize: 16, intermediateSize: 32, layerCount: 1, headCount: 4,
-                    kvHeadCount: arch == .llama ? 2 : 4, vocabularySize: 32, maxPositions: 64, normEps: 1e-5,
-                    tieWordEmbeddings: false, ropeLayout: layout, layerNormBefore: preLN)
+        var c = ModelConfig(architecture: arch, hiddenSize: 16, intermediateSize: 32, layerCount: 1, headCount: 4,
+                            kvHeadCount: arch == .opt ? 4 : 2, headDim: arch == .qwen3 ? 8 : nil, vocabularySize: 32, maxPositions: 64,
+                            normEps: 1e-5, tieWordEmbeddings: false, ropeLayout: layout, layerNormBefore: preLN)
+        switch arch {
+        case .qwen2: c.qkvBias = true
+        case .qwen3: c.qkNorm = true
+        case .mistral: c.slidingWindow = 3
+        case .gemma2:
+            c.slidingWindow = 3
+            c.slidingLayers = [true]
+            c.attentionSoftcap = 1.5
+            c.queryScaleBase = 6
+            c.activation = .geluTanh
+        case .mixtral:
+            c.expertCount = 4
+            c.expertsPerToken = 2
+        default: break
+        }
+        return c
     }
 
     static func randomBlock(_ c: ModelConfig, seed: UInt64) -> DecoderBlock {
         var rng = SplitMix(seed: seed)
         var tensors: [String: Matrix] = [:]
-        for name in WeightNames.blockTensors(c.architecture, block: 0) {
-            let shape = DecoderBlock.expectedShape(c, name)
+        for spec in c.family.blockTensors(c, block: 0) {
+            let name = spec.name
+            let shape = (rows: spec.rows, cols: spec.cols)
             let isNorm = name.contains("norm")
             tensors[name] = Matrix(rows: shape.rows, cols: shape.cols) { p in
                 for i in p.indices {
@@ -46,10 +63,17 @@ final class BlockBackwardTests: XCTestCase {
     func testLlamaAdjacentPairsGradients() { check(Self.config(.llama, layout: .adjacentPairs), seed: 2) }
     func testOPTPreLNGradients() { check(Self.config(.opt, preLN: true), seed: 3) }
     func testOPTPostLNGradients() { check(Self.config(.opt, preLN: false), seed: 4) }
+    func testQwen2BiasGradients() { check(Self.config(.qwen2), seed: 5) }
+    func testQwen3HeadNormGradients() { check(Self.config(.qwen3), seed: 6) }
+    func testMistralSlidingWindowGradients() { check(Self.config(.mistral), seed: 7) }
+    func testGemma2Gradients() { check(Self.config(.gemma2), seed: 8) }
+    func testMixtralExpertGradients() { check(Self.config(.mixtral), seed: 9) }
 
     /// The recording forward is the model's forward, to the bit.
     func testRecordingForwardEqualsForward() {
-        for (i, c) in [Self.config(.llama), Self.config(.llama, layout: .adjacentPairs), Self.config(.opt), Self.config(.opt, preLN: false)].enumerated() {
+        let configs = [Self.config(.llama), Self.config(.llama, layout: .adjacentPairs), Self.config(.opt), Self.config(.opt, preLN: false),
+                       Self.config(.qwen2), Self.config(.qwen3), Self.config(.mistral), Self.config(.gemma2), Self.config(.mixtral)]
+        for (i, c) in configs.enumerated() {
             let block = Self.randomBlock(c, seed: 10 + UInt64(i))
             let x = Self.randomMatrix(Self.sequences * Self.sequenceLength, c.hiddenSize, seed: 20 + UInt64(i))
             XCTAssertEqual(block.forwardRecording(x, sequenceLength: Self.sequenceLength).output,
@@ -147,6 +171,8 @@ struct ReferenceBlock {
     let sequenceLength: Int
     var weights: [String: [Double]]
     var vectors: [String: [Double]]
+    /// Input features of each linear.
+    var inputs: [String: Int] = [:]
     let prefix: String
 
     init(block: DecoderBlock, sequenceLength: Int) {
@@ -155,7 +181,10 @@ struct ReferenceBlock {
         prefix = WeightNames.blockPrefix(config.architecture, 0)
         var w: [String: [Double]] = [:], v: [String: [Double]] = [:]
         for (name, m) in block.tensors {
-            if name.hasSuffix(".weight") && !name.contains("norm") { w[String(name.dropLast(".weight".count))] = m.values.map(Double.init) }
+            if name.hasSuffix(".weight") && !name.contains("norm") {
+                w[String(name.dropLast(".weight".count))] = m.values.map(Double.init)
+                inputs[String(name.dropLast(".weight".count))] = m.cols
+            }
             else { v[name] = m.values.map(Double.init) }
         }
         weights = w
@@ -166,8 +195,7 @@ struct ReferenceBlock {
     func linear(_ x: [Double], _ name: String) -> [Double] {
         let w = weights[name]!
         let bias = vectors[name + ".bias"]
-        let inputs = config.hiddenSize == 0 ? 0 : (name.hasSuffix("down_proj") || name.hasSuffix("fc2") ? config.intermediateSize
-                     : (name.hasSuffix("o_proj") || name.hasSuffix("out_proj") ? config.queryDim : config.hiddenSize))
+        let inputs = self.inputs[name]!
         let outputs = w.count / inputs
         let tokens = x.count / inputs
         var y = [Double](repeating: 0, count: tokens * outputs)
@@ -183,11 +211,12 @@ struct ReferenceBlock {
 
     func rmsNorm(_ x: [Double], _ g: [Double]) -> [Double] {
         let n = g.count
+        let offset = Double(config.family.rmsNormOffset)
         var y = x
         for t in 0..<(x.count / n) {
             let row = x[(t * n)..<((t + 1) * n)]
             let scale = 1 / ((row.reduce(0) { $0 + $1 * $1 } / Double(n)) + Double(config.normEps)).squareRoot()
-            for c in 0..<n { y[t * n + c] = x[t * n + c] * scale * g[c] }
+            for c in 0..<n { y[t * n + c] = x[t * n + c] * scale * (g[c] + offset) }
         }
         return y
     }
@@ -227,7 +256,8 @@ struct ReferenceBlock {
 
     /// Causal softmax attention per sequence and head; query head h reads key/value head h / group.
     static func attention(_ q: [Double], _ k: [Double], _ v: [Double], tokens: Int, sequenceLength: Int,
-                          heads: Int, kvHeads: Int, headDim d: Int) -> [Double] {
+                          heads: Int, kvHeads: Int, headDim d: Int, scaleBase: Double? = nil, window: Int? = nil,
+                          softcap: Double? = nil) -> [Double] {
         let qDim = heads * d, kvDim = kvHeads * d, group = heads / kvHeads
         var o = [Double](repeating: 0, count: tokens * qDim)
         for s in 0..<(tokens / sequenceLength) {
@@ -240,7 +270,9 @@ struct ReferenceBlock {
                         let kj = (s * sequenceLength + j) * kvDim + kh * d
                         var dot = 0.0
                         for e in 0..<d { dot += q[qi + e] * k[kj + e] }
-                        scores[j] = dot / Double(d).squareRoot()
+                        scores[j] = dot / (scaleBase ?? Double(d)).squareRoot()
+                        if let softcap { scores[j] = softcap * tanh(scores[j] / softcap) }
+                        if let window, i - j >= window { scores[j] = -Double.infinity }
                     }
                     let m = scores.max()!
                     let exps = scores.map { exp($0 - m) }
@@ -257,23 +289,69 @@ struct ReferenceBlock {
 
     func attend(_ q: [Double], _ k: [Double], _ v: [Double]) -> [Double] {
         Self.attention(q, k, v, tokens: q.count / config.queryDim, sequenceLength: sequenceLength,
-                       heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim)
+                       heads: config.headCount, kvHeads: config.kvHeadCount, headDim: config.headDim,
+                       scaleBase: config.queryScaleBase.map(Double.init), window: config.window(block: 0),
+                       softcap: config.attentionSoftcap.map(Double.init))
+    }
+
+    /// RMSNorm over each head's slice.
+    func headNorm(_ x: [Double], _ g: [Double]) -> [Double] { rmsNorm(x, g) }
+
+    func activation(_ g: Double) -> Double {
+        switch config.activation {
+        case .silu: return g / (1 + exp(-g))
+        case .geluTanh: return 0.5 * g * (1 + tanh((2 / Double.pi).squareRoot() * (g + 0.044715 * g * g * g)))
+        case .relu: return max(g, 0)
+        }
+    }
+
+    func gatedMLP(_ b: [Double], gate: String, up: String, down: String) -> [Double] {
+        let g = linear(b, gate), u = linear(b, up)
+        return linear(zip(g, u).map { activation($0) * $1 }, down)
+    }
+
+    /// Mixtral's mixture: top-k experts of the router's softmax, weights renormalised.
+    func mixture(_ b: [Double]) -> [Double] {
+        let h = config.hiddenSize, e = config.expertCount
+        let logits = linear(b, prefix + "block_sparse_moe.gate")
+        var out = [Double](repeating: 0, count: b.count)
+        for t in 0..<(b.count / h) {
+            let row = Array(logits[(t * e)..<((t + 1) * e)])
+            let chosen = (0..<e).sorted { row[$0] > row[$1] }.prefix(config.expertsPerToken)
+            let total = chosen.reduce(0.0) { $0 + exp(row[$1]) }
+            let x = Array(b[(t * h)..<((t + 1) * h)])
+            for j in chosen {
+                let p = prefix + "block_sparse_moe.experts.\(j)."
+                let y = gatedMLP(x, gate: p + "w1", up: p + "w3", down: p + "w2")
+                for c in 0..<h { out[t * h + c] += exp(row[j]) / total * y[c] }
+            }
+        }
+        return out
     }
 
     func forward(_ x: [Double]) -> [Double] {
         let p = prefix
         func add(_ a: [Double], _ b: [Double]) -> [Double] { zip(a, b).map { $0 + $1 } }
         switch config.architecture {
-        case .llama:
+        case .llama, .mistral, .qwen2, .qwen3, .phi3, .mixtral, .gemma2:
+            let gemma = config.architecture == .gemma2
             let a = rmsNorm(x, vectors[p + "input_layernorm.weight"]!)
-            let q = rope(linear(a, p + "self_attn.q_proj"), heads: config.headCount)
-            let k = rope(linear(a, p + "self_attn.k_proj"), heads: config.kvHeadCount)
+            var q = linear(a, p + "self_attn.q_proj"), k = linear(a, p + "self_attn.k_proj")
+            if config.qkNorm {
+                q = headNorm(q, vectors[p + "self_attn.q_norm.weight"]!)
+                k = headNorm(k, vectors[p + "self_attn.k_norm.weight"]!)
+            }
+            q = rope(q, heads: config.headCount)
+            k = rope(k, heads: config.kvHeadCount)
             let v = linear(a, p + "self_attn.v_proj")
-            let h = add(x, linear(attend(q, k, v), p + "self_attn.o_proj"))
-            let b = rmsNorm(h, vectors[p + "post_attention_layernorm.weight"]!)
-            let g = linear(b, p + "mlp.gate_proj"), u = linear(b, p + "mlp.up_proj")
-            let m = zip(g, u).map { $0 / (1 + exp(-$0)) * $1 }
-            return add(h, linear(m, p + "mlp.down_proj"))
+            var attended = linear(attend(q, k, v), p + "self_attn.o_proj")
+            if gemma { attended = rmsNorm(attended, vectors[p + "post_attention_layernorm.weight"]!) }
+            let h = add(x, attended)
+            let b = rmsNorm(h, vectors[p + (gemma ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight")]!)
+            var f = config.architecture == .mixtral ? mixture(b)
+                : gatedMLP(b, gate: p + "mlp.gate_proj", up: p + "mlp.up_proj", down: p + "mlp.down_proj")
+            if gemma { f = rmsNorm(f, vectors[p + "post_feedforward_layernorm.weight"]!) }
+            return add(h, f)
         case .opt:
             func norm1(_ z: [Double]) -> [Double] { layerNorm(z, vectors[p + "self_attn_layer_norm.weight"]!, vectors[p + "self_attn_layer_norm.bias"]!) }
             func norm2(_ z: [Double]) -> [Double] { layerNorm(z, vectors[p + "final_layer_norm.weight"]!, vectors[p + "final_layer_norm.bias"]!) }

@@ -34,6 +34,14 @@ final class ReferenceLogitsTests: XCTestCase {
     func testTinyLlamaBF16() throws { try check("tiny-llama-bf16") }
     func testTinyOPTPreLN() throws { try check("tiny-opt") }
     func testTinyOPTPostLNWithProjections() throws { try check("tiny-opt-postln") }
+    func testTinyLlama3ScaledRopeShardedBF16() throws { try check("tiny-llama3") }
+    func testTinyLlama3TransformersV5Config() throws { try check("tiny-llama3-v5config") }
+    func testTinyQwen2Biases() throws { try check("tiny-qwen2") }
+    func testTinyQwen3HeadNorms() throws { try check("tiny-qwen3") }
+    func testTinyMistralSlidingWindow() throws { try check("tiny-mistral") }
+    func testTinyGemma2() throws { try check("tiny-gemma2") }
+    func testTinyPhi3Fused() throws { try check("tiny-phi3") }
+    func testTinyMixtral() throws { try check("tiny-mixtral") }
 
     /// Both RoPE layouts give the same logits once Q/K rows are permuted (what convert does).
     func testRopeLayoutPermutationPreservesLogits() throws {

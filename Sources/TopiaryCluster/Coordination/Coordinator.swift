@@ -137,8 +137,7 @@ public final class Coordinator {
     /// Block costs for planning: parameters × calibration tokens.
     public func blockCosts() -> [Double] {
         let c = model.config
-        let perBlock = Double(c.hiddenSize * (c.queryDim + 2 * c.kvDim) + c.queryDim * c.hiddenSize
-                              + (c.architecture == .llama ? 3 : 2) * c.hiddenSize * c.intermediateSize)
+        let perBlock = Double(c.family.linearMACsPerToken(c))
         return Array(repeating: perBlock * Double(job.samples * job.sequenceLength), count: c.layerCount)
     }
 
