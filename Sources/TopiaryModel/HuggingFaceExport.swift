@@ -40,33 +40,28 @@ public enum RopePermutation {
     }
 }
 
-/// Writes a model as a Hugging Face directory: config.json, safetensors weights (sharded when
-/// large), tokenizer.json when there is a tokenizer, generation_config.json.
+/// Writes a model as a Hugging Face directory: config.json, safetensors weights, and the
+/// tokenizer and generation files (HuggingFaceExport+Files.swift says which, for each source).
 public enum HuggingFaceExport {
     /// Writes `model` (with blocks from `block`, default: the model's own) to `directory`.
-    /// Q/K rows are put in rotate-half layout. Returns the weight files written.
+    /// Q/K rows are put in rotate-half layout. `dtype` nil writes `defaultDType(for:)` (a Hugging
+    /// Face source's own, else F32). A sharded Hugging Face source gives the same shards; other
+    /// sources give one file, or shards of at most `maxShardBytes`. Returns the weight files written.
     @discardableResult
     public static func write(
-        model: LanguageModel, to directory: String, dtype: TensorDType = .f32,
+        model: LanguageModel, to directory: String, dtype: TensorDType? = nil,
         block: ((Int) throws -> DecoderBlock)? = nil, maxShardBytes: Int = 5 << 30
     ) throws -> [String] {
         let c = model.config
         var out = c
         out.ropeLayout = .rotateHalf
+        let dtype = dtype ?? defaultDType(for: model)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        let dtypeName = dtype == .f32 ? "float32" : (dtype == .f16 ? "float16" : "bfloat16")
-        let configData = try JSONSerialization.data(withJSONObject: out.huggingFaceConfig(dtype: dtypeName), options: [.prettyPrinted, .sortedKeys])
-        try AtomicFile.write(configData + Data("\n".utf8), to: (directory as NSString).appendingPathComponent("config.json"))
-        var generation: [String: Any] = [:]
-        if let b = c.bosTokenID { generation["bos_token_id"] = b }
-        if let e = c.eosTokenID { generation["eos_token_id"] = e }
-        let genData = try JSONSerialization.data(withJSONObject: generation, options: [.prettyPrinted, .sortedKeys])
-        try AtomicFile.write(genData + Data("\n".utf8), to: (directory as NSString).appendingPathComponent("generation_config.json"))
-        if let tokenizer = model.tokenizer {
-            try AtomicFile.write(try tokenizer.huggingFaceJSON(), to: (directory as NSString).appendingPathComponent("tokenizer.json"))
-        }
+        let layout = try writeNonWeightFiles(model: model, config: out, dtype: dtype, to: directory)
 
         var writer = SafeTensorsWriter(directory: directory, maxShardBytes: maxShardBytes, metadata: [:])
+        writer.layout = layout.shards
+        writer.indexHasTotalParameters = layout.totalParameters
         let loadBlock = block ?? { try model.loadBlock($0) }
         let permute = c.architecture.isLlamaLike && c.ropeLayout == .adjacentPairs
         // Non-block tensors.

@@ -157,8 +157,17 @@ enum ConvertCommand: Command {
     static let summary = "write any readable checkpoint as a Hugging Face directory"
     static let usage = "topiary convert --model PATH [--tokenizer PATH] --output DIR [--dtype f32|f16|bf16] [--overwrite] [--json]"
     static let details = """
-    Writes config.json, model.safetensors (sharded above 5 GiB, with model.safetensors.index.json),
-    generation_config.json and, when the source has a tokenizer, tokenizer.json. Q and K rows are
+    From a Hugging Face directory: config.json as the source has it, with only its dtype field
+    (torch_dtype and/or dtype) changed; the source's tokenizer and generation files
+    (tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json,
+    chat_template.jinja, tokenizer.model, vocab.json, merges.txt, ...) copied byte for byte; a
+    sharded source gives shards of the same names with model.safetensors.index.json.
+    From a GGUF file: config.json from its metadata, tokenizer.json, tokenizer_config.json (chat
+    template, BOS/EOS/PAD/UNK tokens, added tokens), special_tokens_map.json and
+    generation_config.json. From llama2.c: config.json, generation_config.json and, with a
+    tokenizer, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+    Weights: model.safetensors (sharded above 5 GiB, with model.safetensors.index.json), by
+    default in the source's dtype for a Hugging Face source and f32 otherwise. Q and K rows are
     written in Hugging Face's rotate-half RoPE layout, so transformers and other tools load the
     result directly. Quantised GGUF weights are written dequantised. The directory is written
     beside DIR under a temporary name and renamed at the end, so an interrupted run leaves
@@ -167,7 +176,7 @@ enum ConvertCommand: Command {
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "output", value: "DIR", help: "directory to write (must be empty or absent)"),
-        OptionSpec(name: "dtype", value: "TYPE", help: "f32 (default), f16 or bf16"),
+        OptionSpec(name: "dtype", value: "TYPE", help: "f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "overwrite", value: nil, help: "allow writing into a non-empty directory"),
         CommonOptions.threads, CommonOptions.json,
     ]
@@ -175,10 +184,11 @@ enum ConvertCommand: Command {
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
         let output = try args.required("output")
-        let dtype = try parseDType(args.string("dtype"))
+        let requestedDType = try parseDType(args.string("dtype"))
         let overwrite = args.flag("overwrite")
         try OutputDirectory.check(output, overwrite: overwrite)
         let model = try CommonOptions.openModel(args)
+        let dtype = requestedDType ?? HuggingFaceExport.defaultDType(for: model)
         let start = Date()
         // Staged beside the output and renamed at the end: an interrupted run leaves nothing under DIR.
         let staging = OutputDirectory.stagingPath(for: output)

@@ -31,7 +31,10 @@ enum PruneCommand: Command {
 
     Output: DIR holds the pruned model (config.json, model.safetensors, tokenizer.json, ...) and
     report.json (per linear: sparsity, reconstruction error before/after the weight update,
-    seconds). The model is written into a temporary directory beside DIR and renamed at the end,
+    seconds). The files are those 'topiary convert' writes: from a Hugging Face directory its
+    config.json with only the dtype changed, its tokenizer and generation files copied unchanged,
+    and shards of the same names; weights in the source's dtype unless --dtype says otherwise
+    (f32 for GGUF and llama2.c sources). The model is written into a temporary directory beside DIR and renamed at the end,
     so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
     model are evaluated with the protocol of 'topiary eval'.
 
@@ -104,7 +107,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
-        OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32 (default), f16 or bf16"),
+        OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
         OptionSpec(name: "coordination", value: "MODE", help: "sequential (default; bit-identical to one process) or admm"),
@@ -155,7 +158,7 @@ enum PruneCommand: Command {
             guard d >= 0 else { throw UsageError(message: "topiary prune: --percdamp must be non-negative") }
             sparseGPT.percentDamp = d
         }
-        let dtype = try parseDType(args.string("dtype"))
+        let requestedDType = try parseDType(args.string("dtype"))
         var targets = TargetMode.sequential
         if let t = args.string("targets") {
             guard let mode = TargetMode(rawValue: t) else {
@@ -346,7 +349,7 @@ enum PruneCommand: Command {
         // Write into a staging directory, then rename: nothing half-written appears under DIR.
         let staging = OutputDirectory.stagingPath(for: output)
         try? FileManager.default.removeItem(atPath: staging)
-        let files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: dtype)
+        let files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model))
         let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
 
         var zeros = 0, total = 0
@@ -461,8 +464,11 @@ enum PruneCommand: Command {
     }
 }
 
-func parseDType(_ s: String?) throws -> TensorDType {
-    switch s ?? "f32" {
+/// The --dtype option; nil when it is not given (the output then keeps the source's dtype:
+/// HuggingFaceExport.defaultDType).
+func parseDType(_ s: String?) throws -> TensorDType? {
+    guard let s else { return nil }
+    switch s {
     case "f32", "float32": return .f32
     case "f16", "float16": return .f16
     case "bf16", "bfloat16": return .bf16

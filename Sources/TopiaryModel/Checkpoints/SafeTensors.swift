@@ -352,6 +352,12 @@ public struct SafeTensorsWriter {
     public let directory: String
     public let maxShardBytes: Int?
     public let metadata: [String: String]
+    /// When set, the checkpoint is always sharded, with the files this layout gives (to keep a
+    /// source checkpoint's layout); `maxShardBytes` is then not used.
+    public var layout: ShardLayout?
+    /// Whether the index's metadata also gives `total_parameters` (the elements of all tensors),
+    /// as transformers 5 writes it.
+    public var indexHasTotalParameters = false
     private var pending: [Pending] = []
     private var names: Set<String> = []
 
@@ -404,6 +410,9 @@ public struct SafeTensorsWriter {
         let total = totalBytes
         let single = directory + "/" + ShardedSafeTensors.singleFileName
         let indexPath = directory + "/" + ShardedSafeTensors.indexFileName
+        if let layout {
+            return try writeShards(layout.shards(of: sorted, bytes: \.byteCount, name: \.name), total: total)
+        }
         if maxShardBytes == nil || total <= maxShardBytes! || sorted.count <= 1 {
             try Self.writeFile(path: single, tensors: sorted, metadata: fileMetadata)
             try removeIfPresent(indexPath)
@@ -424,22 +433,36 @@ public struct SafeTensorsWriter {
             currentBytes += t.byteCount
         }
         if !current.isEmpty { shards.append(current) }
+        let named = shards.enumerated().map { i, shard in (ShardLayout.standardName(i, of: shards.count), shard) }
+        return try writeShards(named, total: total)
+    }
 
+    /// Writes `shards` (file name and tensors, in file order) and the index; returns the paths
+    /// written, the index last.
+    private func writeShards(_ shards: [(String, [Pending])], total: Int) throws -> [String] {
+        let single = directory + "/" + ShardedSafeTensors.singleFileName
+        let indexPath = directory + "/" + ShardedSafeTensors.indexFileName
         // Without an index a half-written set of shards is never mistaken for a checkpoint.
         try removeIfPresent(indexPath)
         try removeIfPresent(single)
         var written: [String] = []
         var weightMap: [(String, String)] = []
-        for (i, shard) in shards.enumerated() {
-            let name = "model-\(Self.pad5(i + 1))-of-\(Self.pad5(shards.count)).safetensors"
+        for (name, shard) in shards {
+            guard !name.isEmpty, !name.contains("/"), name != ShardedSafeTensors.singleFileName,
+                  name != ShardedSafeTensors.indexFileName, name.hasSuffix(".safetensors") else {
+                throw CheckpointError.invalidField(path: directory, field: "shard name", detail: "'\(name)' is not a safetensors file name in the output directory")
+            }
             let p = directory + "/" + name
-            try Self.writeFile(path: p, tensors: shard, metadata: fileMetadata)
+            let sorted = shard.sorted { $0.name.utf8.lexicographicallyPrecedes($1.name.utf8) }
+            try Self.writeFile(path: p, tensors: sorted, metadata: fileMetadata)
             written.append(p)
             for t in shard { weightMap.append((t.name, name)) }
         }
+        weightMap.sort { $0.0.utf8.lexicographicallyPrecedes($1.0.utf8) }
         var json = "{\n  \"metadata\": {\n"
         var metaLines = metadata.map { (k, v) in (k, Self.jsonString(v)) }
         metaLines.append(("total_size", String(total)))
+        if indexHasTotalParameters { metaLines.append(("total_parameters", String(pending.reduce(0) { $0 + $1.count }))) }
         metaLines.sort { $0.0.utf8.lexicographicallyPrecedes($1.0.utf8) }
         json += metaLines.map { "    \(Self.jsonString($0.0)): \($0.1)" }.joined(separator: ",\n")
         json += "\n  },\n  \"weight_map\": {\n"
@@ -589,5 +612,60 @@ public struct SafeTensorsWriter {
             }
         }
         return out + "\""
+    }
+}
+
+/// How a sharded checkpoint's tensors are spread over files when the writer is told (to keep a
+/// source checkpoint's layout) rather than packing by size.
+public enum ShardLayout: Sendable, Equatable {
+    /// Each tensor goes to the file `assignment` names; `files` gives the files' order. A tensor
+    /// not in `assignment` goes to the last file. Files left with no tensor are not written.
+    case files([String], assignment: [String: String])
+    /// `count` files (model-00001-of-0000N.safetensors, ...), or as many as there are tensors if
+    /// fewer: the tensors in `order` (tensors not in it follow, by name) are cut into contiguous
+    /// runs of about equal bytes, none empty.
+    case count(Int, order: [String])
+
+    /// transformers' name for shard `index` (0-based) of `count`.
+    public static func standardName(_ index: Int, of count: Int) -> String {
+        "model-\(SafeTensorsWriter.pad5(index + 1))-of-\(SafeTensorsWriter.pad5(count)).safetensors"
+    }
+
+    /// The shards (file name, items) for `items`, which come sorted by name.
+    func shards<T>(of items: [T], bytes: (T) -> Int, name: (T) -> String) -> [(String, [T])] {
+        switch self {
+        case .files(let files, let assignment):
+            guard let last = files.last else { return items.isEmpty ? [] : [(Self.standardName(0, of: 1), items)] }
+            var groups: [String: [T]] = [:]
+            for item in items { groups[assignment[name(item)] ?? last, default: []].append(item) }
+            var order = files
+            for f in groups.keys.sorted() where !files.contains(f) { order.append(f) }
+            return order.compactMap { f in groups[f].map { (f, $0) } }
+        case .count(let requested, let order):
+            guard !items.isEmpty else { return [] }
+            let rank = Dictionary(order.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
+            // `items` are in name order, so a stable sort puts unlisted tensors last, by name.
+            let ordered = items.enumerated().sorted { a, b in
+                let ra = rank[name(a.element)] ?? Int.max, rb = rank[name(b.element)] ?? Int.max
+                return ra != rb ? ra < rb : a.offset < b.offset
+            }.map(\.element)
+            let n = max(1, min(requested, ordered.count))
+            let total = ordered.reduce(0) { $0 + bytes($1) }
+            var groups: [[T]] = Array(repeating: [], count: n)
+            var k = 0, before = 0
+            for (i, item) in ordered.enumerated() {
+                let b = bytes(item)
+                if k < n - 1, !groups[k].isEmpty {
+                    // Move on when this tensor's middle lies past shard k's share of the bytes, or when
+                    // every tensor left is needed to give each remaining shard one.
+                    let pastShare = (2 * before + b) * n > 2 * total * (k + 1)
+                    let needed = ordered.count - i <= n - 1 - k
+                    if pastShare || needed { k += 1 }
+                }
+                groups[k].append(item)
+                before += b
+            }
+            return groups.enumerated().map { (Self.standardName($0, of: n), $1) }
+        }
     }
 }
