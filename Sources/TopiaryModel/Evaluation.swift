@@ -74,6 +74,22 @@ public enum Perplexity {
         return PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
     }
 
+    /// The logits at every position of one sequence [tokens x vocabulary], streaming the blocks.
+    public static func logits(model: LanguageModel, tokens: [Int]) throws -> Matrix {
+        let c = model.config
+        guard !tokens.isEmpty, tokens.count <= c.maxPositions else {
+            throw EvaluationError.windowTooLong(sequenceLength: tokens.count, context: c.maxPositions, path: model.path)
+        }
+        if let bad = tokens.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+            throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
+        }
+        let embedding = try model.loadEmbedding()
+        var x = embedding.embed(tokens, sequenceLength: tokens.count)
+        let rope = c.ropeTable(positions: tokens.count)
+        for i in 0..<c.layerCount { x = try model.loadBlock(i).forward(x, sequenceLength: tokens.count, rope: rope) }
+        return try model.loadHead(embedding: embedding).logits(x)
+    }
+
     /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row chunks.
     public static func meanCrossEntropy(head: Head, hidden: Matrix, targets: [Int]) -> Double {
         let chunk = 128
@@ -123,7 +139,7 @@ public enum Generation {
             }
             generated.append(next)
             ids.append(next)
-            if stopAtEOS, let eos = c.eosTokenID, next == eos { break }
+            if stopAtEOS, c.eosTokenIDs.contains(next) || next == c.eosTokenID { break }
         }
         return generated
     }

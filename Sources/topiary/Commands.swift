@@ -1,6 +1,7 @@
 import Foundation
 import TopiaryModel
 import TopiaryTensor
+import TopiaryPrune
 import TopiaryTokenizers
 
 /// A `topiary` subcommand.
@@ -46,17 +47,23 @@ func formatSeconds(_ s: Double) -> String {
 enum EvalCommand: Command {
     static let name = "eval"
     static let summary = "measure perplexity with the standard protocol"
-    static let usage = "topiary eval --model PATH [--tokenizer PATH] --text FILE [--seqlen N] [--windows K] [--json]"
+    static let usage = "topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--json]"
     static let details = """
     The text file is read as is (UTF-8) and tokenized whole; a BOS token is added only when the
     tokenizer's own settings add one. The tokens are cut into non-overlapping windows of --seqlen
     (the remainder is dropped); each window is evaluated alone and perplexity = exp(mean over
     windows of the mean next-token cross-entropy). This is the SparseGPT/Wanda protocol.
     Weights are streamed block by block, so memory holds one block plus the windows' activations.
+    --tokens reads token ids instead of text (a JSON array, or integers separated by spaces,
+    commas or newlines), for models without a tokenizer. --logits writes the first window's
+    logits (one row per position) as a JSON array of arrays, to compare with another
+    implementation on the same tokens.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "text", value: "FILE", help: "UTF-8 text to evaluate (e.g. wiki.test.joined.txt)"),
+        OptionSpec(name: "tokens", value: "FILE", help: "token ids to evaluate instead of text"),
+        OptionSpec(name: "logits", value: "FILE", help: "write the first window's logits as JSON"),
         OptionSpec(name: "seqlen", value: "N", help: "window length in tokens (default: 2048, or the model's context if shorter)"),
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
         CommonOptions.threads, CommonOptions.json,
@@ -64,16 +71,33 @@ enum EvalCommand: Command {
 
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
-        let textPath = try args.required("text")
+        let textPath: String
+        switch (args.string("text"), args.string("tokens")) {
+        case (let t?, nil): textPath = t
+        case (nil, let t?): textPath = t
+        case (_?, _?): throw UsageError(message: "give --text or --tokens, not both")
+        case (nil, nil): throw UsageError(message: "missing --text FILE (or --tokens FILE)")
+        }
         let seqlenOption = try args.int("seqlen", min: 2)
         let windows = try args.int("windows", min: 1)
         ResourceUsage.trace("start")
         let model = try CommonOptions.openModel(args)
         ResourceUsage.trace("model opened")
-        let tokenizer = try CommonOptions.requireTokenizer(model)
-        let text = try readUTF8Text(textPath)
-        let start = Date()
-        let tokens = tokenizer.encode(text, addBOS: nil)
+        let start: Date
+        let tokens: [Int]
+        if args.string("tokens") != nil {
+            guard let data = FileManager.default.contents(atPath: textPath) else { throw ToolError("\(textPath): cannot read file") }
+            guard let ids = try Calibration.tokenIDs(fromFile: data, path: textPath) else {
+                throw ToolError("\(textPath): expected token ids (a JSON array of integers, or integers separated by spaces, commas or newlines)")
+            }
+            start = Date()
+            tokens = ids
+        } else {
+            let tokenizer = try CommonOptions.requireTokenizer(model)
+            let text = try readUTF8Text(textPath)
+            start = Date()
+            tokens = tokenizer.encode(text, addBOS: nil)
+        }
         ResourceUsage.trace("text tokenized")
         let seqlen = seqlenOption ?? min(2048, model.config.maxPositions)
         let json = args.flag("json")
@@ -85,6 +109,11 @@ enum EvalCommand: Command {
         })
         let seconds = elapsed(since: start)
         ResourceUsage.trace("evaluated")
+        if let logitsPath = args.string("logits") {
+            let logits = try Perplexity.logits(model: model, tokens: Array(tokens.prefix(seqlen)))
+            let rows = (0..<logits.rows).map { logits.row($0).map(Double.init) }
+            try AtomicFile.write(try JSONSerialization.data(withJSONObject: rows) + Data("\n".utf8), to: logitsPath)
+        }
         print(String(format: "perplexity %.4f  (%d windows of %d tokens; %d tokens in text; %@)",
                      result.perplexity, result.windows, seqlen, tokens.count, formatSeconds(seconds)))
         if json {
@@ -102,17 +131,21 @@ enum EvalCommand: Command {
 enum GenerateCommand: Command {
     static let name = "generate"
     static let summary = "continue a prompt greedily, for a quick look at what a model says"
-    static let usage = "topiary generate --model PATH [--tokenizer PATH] [--prompt TEXT] [--chat] [--max-tokens N] [--json]"
+    static let usage = "topiary generate --model PATH [--tokenizer PATH] [--prompt TEXT] [--chat [--system TEXT]] [--max-tokens N] [--json]"
     static let details = """
     Greedy decoding (the most likely token each step). Without --prompt it starts from the BOS
     token. The prompt is encoded with the tokenizer's own settings (special tokens such as
-    <|im_start|> are recognised); --chat wraps it in the ChatML template of SmolLM-style models.
-    Generation stops after the end-of-sequence token or --max-tokens tokens.
+    <|im_start|> are recognised). --chat renders the prompt as a user turn through the model's own
+    chat template (chat_template.jinja or tokenizer_config.json in a Hugging Face directory,
+    tokenizer.chat_template in a GGUF file), as transformers' apply_chat_template(...,
+    add_generation_prompt=True) does, and encodes it without adding special tokens.
+    Generation stops after an end-of-sequence token or --max-tokens tokens.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "prompt", value: "TEXT", help: "text to continue (default: start from BOS)"),
-        OptionSpec(name: "chat", value: nil, help: "wrap the prompt as a ChatML user turn and open the assistant turn"),
+        OptionSpec(name: "chat", value: nil, help: "render the prompt as a user turn through the model's chat template"),
+        OptionSpec(name: "system", value: "TEXT", help: "with --chat: a system turn before the user's"),
         OptionSpec(name: "max-tokens", value: "N", help: "most tokens to generate (default: 64)"),
         CommonOptions.threads, CommonOptions.json,
     ]
@@ -123,9 +156,17 @@ enum GenerateCommand: Command {
         let model = try CommonOptions.openModel(args)
         let tokenizer = try CommonOptions.requireTokenizer(model)
         var prompt: [Int]
-        if var text = args.string("prompt") {
-            if args.flag("chat") { text = "<|im_start|>user\n\(text)<|im_end|>\n<|im_start|>assistant\n" }
-            prompt = tokenizer.encode(text, addBOS: nil)
+        if args.string("system") != nil && !args.flag("chat") { throw UsageError(message: "--system needs --chat") }
+        if args.flag("chat") && args.string("prompt") == nil { throw UsageError(message: "--chat needs --prompt") }
+        if let text = args.string("prompt") {
+            if args.flag("chat") {
+                guard let chat = try model.chatSettings() else {
+                    throw ToolError("\(model.path): the model carries no chat template (tokenizer_config.json chat_template, chat_template.jinja or GGUF tokenizer.chat_template); drop --chat")
+                }
+                prompt = tokenizer.encode(try chat.prompt(user: text, system: args.string("system")), addBOS: false)
+            } else {
+                prompt = tokenizer.encode(text, addBOS: nil)
+            }
         } else {
             guard let bos = tokenizer.bosID ?? model.config.bosTokenID else {
                 throw ToolError("\(model.path): the tokenizer has no BOS token; pass --prompt")

@@ -57,6 +57,15 @@ enum PruneCommand: Command {
     report.json records each linear's learned sparsity; besa-sparsity.svg beside it draws them
     (blocks x projections).
 
+    Families: LLaMA-2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Phi-3, Mixtral and OPT. Biases and
+    norms stay dense; Phi-3's fused qkv_proj and gate_up_proj are pruned as their q/k/v and
+    gate/up parts and written back fused. Mixture of experts (Mixtral): the router is not
+    pruned; each expert's linears are pruned from the calibration tokens routed to it
+    (--moe-calibration routed, default) or from every token (all, so that rarely chosen
+    experts get data; the block's output still uses the routing); SparseLLM and BESA work per
+    expert; report.json gives the tokens each expert saw (expert_tokens). An expert that no
+    token reached is pruned with zero statistics (by magnitude order); use all then.
+
     Distribution: --workers N starts N worker processes on loopback, --hosts uses running
     'topiary worker' processes; the chain of blocks is split into contiguous ranges balanced by
     cost, one per worker, printed before the run and recorded in report.json. With
@@ -83,7 +92,7 @@ enum PruneCommand: Command {
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
-        OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt or sparsellm"),
+        OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt, sparsellm or besa"),
         OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1)"),
         OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4)"),
         OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8) or file of token ids"),
@@ -107,6 +116,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
+        OptionSpec(name: "moe-calibration", value: "MODE", help: "mixture of experts: routed (default; each expert's tokens) or all (every token through every expert)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
@@ -172,6 +182,13 @@ enum PruneCommand: Command {
         }
         if method != .sparsellm && method != .besa && args.string("targets") != nil {
             throw UsageError(message: "topiary prune: --targets applies to --method sparsellm or besa only")
+        }
+        var expertCalibration: ExpertCalibration?
+        if let m = args.string("moe-calibration") {
+            guard let mode = ExpertCalibration(rawValue: m) else {
+                throw UsageError(message: "topiary prune: --moe-calibration must be routed or all, got '\(m)'")
+            }
+            expertCalibration = mode
         }
         let besa = try BESAOptions.parse(args, method: method)
         if method == .besa, case .nOfM = pattern {
@@ -243,7 +260,11 @@ enum PruneCommand: Command {
             if let t = sparseLLMValues.3 { o.iterations = t }
             sparseLLM = o
         }
-        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa)
+        if expertCalibration != nil && c.expertCount == 0 {
+            throw UsageError(message: "topiary prune: --moe-calibration applies to mixture-of-experts models; \(model.path) is \(c.architecture.rawValue) without experts")
+        }
+        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa,
+                             expertCalibration: expertCalibration)
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
@@ -416,6 +437,7 @@ enum PruneCommand: Command {
             },
         ]
         if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }
+        if let tokens = r.expertTokens { json["expert_tokens"] = tokens }
         if let b = r.besa { json["besa"] = BESAOptions.blockJSON(b) }
         if let iterations = r.sparseLLM {
             json["sparsellm"] = iterations.map { i in
