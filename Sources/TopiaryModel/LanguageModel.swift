@@ -83,39 +83,6 @@ public final class LanguageModel: Sendable {
         return LanguageModel(path: path, format: .llama2c, config: config, weights: checkpoint, tokenizer: tokenizer)
     }
 
-    static func openGGUF(path: String, tokenizerPath: String?) throws -> LanguageModel {
-        let gguf = try GGUFFile(path: path)
-        let meta = gguf.metadata
-        let arch = meta["general.architecture"]?.string ?? "?"
-        guard arch == "llama" else {
-            throw CheckpointError.unsupportedModel(path: path, detail: "GGUF architecture '\(arch)' (supported: llama)")
-        }
-        func int(_ key: String) throws -> Int {
-            guard let v = meta[key] else { throw CheckpointError.missingField(path: path, field: key) }
-            guard let i = v.int else { throw CheckpointError.invalidField(path: path, field: key, detail: "is not an integer") }
-            return i
-        }
-        let heads = try int("llama.attention.head_count")
-        let hidden = try int("llama.embedding_length")
-        let tokens = meta["tokenizer.ggml.tokens"]?.stringArray
-        let vocab = try meta["llama.vocab_size"] != nil ? int("llama.vocab_size") : (tokens?.count ?? gguf.entry("token_embd.weight")?.shape.first ?? 0)
-        let renamed = GGUFNames(gguf: gguf, layerCount: try int("llama.block_count"))
-        let config = ModelConfig(
-            architecture: .llama, hiddenSize: hidden, intermediateSize: try int("llama.feed_forward_length"),
-            layerCount: try int("llama.block_count"), headCount: heads,
-            kvHeadCount: meta["llama.attention.head_count_kv"] != nil ? try int("llama.attention.head_count_kv") : heads,
-            headDim: meta["llama.rope.dimension_count"]?.int ?? hidden / heads,
-            vocabularySize: vocab, maxPositions: meta["llama.context_length"]?.int ?? 2048,
-            normEps: Float(meta["llama.attention.layer_norm_rms_epsilon"]?.double ?? 1e-5),
-            tieWordEmbeddings: gguf.entry("output.weight") == nil && gguf.unsupportedTensors["output.weight"] == nil,
-            bosTokenID: meta["tokenizer.ggml.bos_token_id"]?.int, eosTokenID: meta["tokenizer.ggml.eos_token_id"]?.int,
-            ropeTheta: Float(meta["llama.rope.freq_base"]?.double ?? 10000), ropeLayout: .adjacentPairs)
-        try config.validate(path: path)
-        var tokenizer = try externalTokenizer(tokenizerPath, vocabularySize: vocab)
-        if tokenizer == nil, tokens != nil { tokenizer = try ggufTokenizer(gguf) }
-        return LanguageModel(path: path, format: .gguf, config: config, weights: renamed, tokenizer: tokenizer)
-    }
-
     /// The tokenizer stored in a GGUF file's metadata.
     public static func ggufTokenizer(_ gguf: GGUFFile) throws -> any Tokenizer {
         let meta = gguf.metadata
@@ -200,45 +167,6 @@ public final class LanguageModel: Sendable {
             classifier = try loadTensor(WeightNames.lmHead, rows: c.vocabularySize, cols: c.wordEmbedProjDim)
         }
         return Head(config: c, norm: norm, projectOut: projectOut, classifier: classifier)
-    }
-}
-
-/// Maps Hugging Face names onto a GGUF file's llama.cpp names.
-final class GGUFNames: TensorSource, @unchecked Sendable {
-    let gguf: GGUFFile
-    let toGGUF: [String: String]
-    let tensorNames: [String]
-    var path: String { gguf.path }
-
-    init(gguf: GGUFFile, layerCount: Int) {
-        self.gguf = gguf
-        var map: [String: String] = [
-            "model.embed_tokens.weight": "token_embd.weight",
-            "model.norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight",
-        ]
-        let parts = [
-            ("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
-            ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"), ("post_attention_layernorm", "ffn_norm"),
-            ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
-        ]
-        for i in 0..<layerCount {
-            for (hf, gg) in parts { map["model.layers.\(i).\(hf).weight"] = "blk.\(i).\(gg).weight" }
-        }
-        let inverse = Dictionary(map.map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
-        toGGUF = map
-        tensorNames = gguf.tensorNames.compactMap { inverse[$0] }
-    }
-
-    func entry(_ name: String) -> TensorEntry? {
-        guard let g = toGGUF[name], var e = gguf.entry(g) else { return nil }
-        e.name = name
-        return e
-    }
-
-    func load(_ name: String) throws -> Matrix {
-        guard let g = toGGUF[name] else { throw CheckpointError.missingTensor(path: gguf.path, tensor: name) }
-        return try gguf.load(g)
     }
 }
 

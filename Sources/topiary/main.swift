@@ -45,7 +45,7 @@ func helpText(for command: CommandEntry?) -> String {
         """
         for c in commands { s += "  " + c.name.padding(toLength: 10, withPad: " ", startingAt: 0) + c.summary + "\n" }
         s += "  help      show this text, or 'topiary help COMMAND' for one command\n"
-        s += "\nModels: GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1), llama2.c .bin, Hugging Face directories (safetensors).\n"
+        s += "\nModels: GGUF (llama incl. Mixtral, qwen2, qwen3, gemma2, phi3; F32, F16, BF16, Q8_0, Q4_0, Q4_1), llama2.c .bin, Hugging Face directories (safetensors).\n"
         s += "Exit codes: 0 success, 1 error (message on stderr), 2 usage error, 75 interrupted (prune: resume with --resume DIR).\n"
         return s
     }

@@ -137,6 +137,34 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
     /// Names of tensors whose type this reader cannot decode, with the type's name.
     public var unsupportedTensors: [String: String] { unsupported }
 
+    /// Where slice `index` of tensor `name` along its outermost dimension lies: one expert of
+    /// llama.cpp's stacked [experts, out, in] tensors, as an entry of shape [out, in] over that
+    /// expert's bytes only. Nil when the tensor is absent, has one dimension, has no slice
+    /// `index`, or a slice is not a whole number of the type's blocks.
+    public func sliceEntry(_ name: String, index: Int) -> TensorEntry? {
+        guard let e = entries[name], e.shape.count >= 2, index >= 0, index < e.shape[0] else { return nil }
+        let inner = Array(e.shape.dropFirst())
+        guard let bytes = e.dtype.byteCount(elements: inner.reduce(1, *)), bytes * e.shape[0] == e.byteCount else { return nil }
+        return TensorEntry(name: "\(name)[\(index)]", shape: inner, dtype: e.dtype, offset: e.offset + index * bytes, byteCount: bytes)
+    }
+
+    /// Slice `index` of tensor `name` along its outermost dimension (see `sliceEntry`), decoded
+    /// from its own bytes without reading the other slices: [shape[1] x product(shape[2...])].
+    public func loadSlice(_ name: String, index: Int) throws -> Matrix {
+        if let type = unsupported[name] {
+            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
+        }
+        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
+        guard e.shape.count >= 2, index >= 0, index < e.shape[0] else {
+            throw CheckpointError.shapeMismatch(path: path, tensor: name, expected: "at least \(index + 1) slices along its first dimension",
+                                                found: "\(e.shape)")
+        }
+        guard let slice = sliceEntry(name, index: index) else {
+            throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' of shape \(e.shape) and type \(e.dtype.rawValue) cannot be cut into \(e.shape[0]) slices of whole blocks")
+        }
+        return try file.decodeTensor(slice)
+    }
+
     private static func readString(_ r: inout ByteReader, _ what: String) throws -> String {
         let n = try r.read(UInt64.self, "length of \(what)")
         guard n <= UInt64(r.remaining) else {
