@@ -400,11 +400,13 @@ struct BPEPipeline: Sendable {
         return id < model.tokens.count ? model.tokens[id] : nil
     }
 
-    func decode(_ ids: [Int]) -> String {
+    /// Hugging Face's decode: the token strings (added tokens first), less the special ones when
+    /// `skipSpecialTokens`, through the decoders.
+    func decode(_ ids: [Int], skipSpecialTokens: Bool = true) -> String {
         var tokens: [String] = []
         tokens.reserveCapacity(ids.count)
         let addedIDs = Dictionary(addedTokens.map { (Int($0.id), $0.content) }, uniquingKeysWith: { a, _ in a })
-        for id in ids where id >= 0 && id < vocabularySize && !silent[id] {
+        for id in ids where id >= 0 && id < vocabularySize && !(skipSpecialTokens && silent[id]) {
             if let t = addedIDs[id] ?? (id < model.tokens.count ? model.tokens[id] : nil) { tokens.append(t) }
         }
         guard let decoders else { return tokens.joined(separator: " ") }
