@@ -211,7 +211,7 @@ struct BPEModel: Sendable {
     }
 
     /// Appends the ids of one piece.
-    func encode(_ piece: ArraySlice<UInt32>, into out: inout [Int32], state: inout EncodeState) {
+    func encode(_ piece: Slice<UnsafeBufferPointer<UInt32>>, into out: inout [Int32], state: inout EncodeState) {
         if ignoreMerges, let id = vocab[Array(piece).asString] {
             out.append(id)
             return
@@ -248,11 +248,90 @@ struct BPEModel: Sendable {
 
 /// Per-call scratch state: the piece cache and reusable buffers (kept out of the tokenizer so it stays immutable).
 struct EncodeState {
-    var cache: [ArraySlice<UInt32>: Range<Int>] = [:]
-    var cacheStore: [Int32] = []
+    var cache = PieceCache()
     var symbols: [Int32] = []
     var utf8: [UInt8] = []
     var workspace = MergeWorkspace()
+}
+
+/// The ids of each piece encoded so far (a text repeats its words, so most pieces are found here and never
+/// merged): an open-addressing table (linear probing, at most half full) over piece scalars kept in one flat
+/// buffer and ids in another, hashed by a multiply-xor loop, so neither lookup nor insertion allocates per piece.
+struct PieceCache {
+    private struct Slot {
+        var hash: UInt64 = 0
+        /// -1 for an empty slot.
+        var keyStart: Int32 = -1
+        var keyCount: Int32 = 0
+        var valueStart: Int32 = 0
+        var valueCount: Int32 = 0
+    }
+
+    private var slots = [Slot](repeating: Slot(), count: 1 << 12)
+    private var keys: [UInt32] = []
+    private var values: [Int32] = []
+    private var count = 0
+
+    @inline(__always) static func hash(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>) -> UInt64 {
+        var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(r.count)
+        for i in r { h = (h ^ UInt64(s[i])) &* 0xFF51_AFD7_ED55_8CCD }
+        return h ^ (h >> 32)
+    }
+
+    /// Appends the cached ids of `s[r]` to `out`; false when the piece is not cached.
+    @inline(__always)
+    func append(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>, hash: UInt64, to out: inout [Int32]) -> Bool {
+        slots.withUnsafeBufferPointer { slots in
+            let mask = slots.count - 1
+            var i = Int(truncatingIfNeeded: hash) & mask
+            while slots[i].keyStart >= 0 {
+                let slot = slots[i]
+                if slot.hash == hash, Int(slot.keyCount) == r.count, matches(slot, s, r) {
+                    let v = Int(slot.valueStart)
+                    out.append(contentsOf: values[v..<(v + Int(slot.valueCount))])
+                    return true
+                }
+                i = (i + 1) & mask
+            }
+            return false
+        }
+    }
+
+    @inline(__always) private func matches(_ slot: Slot, _ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>) -> Bool {
+        keys.withUnsafeBufferPointer { keys in
+            var k = Int(slot.keyStart)
+            for i in r {
+                if keys[k] != s[i] { return false }
+                k += 1
+            }
+            return true
+        }
+    }
+
+    /// Records `ids` as the encoding of `s[r]` (which is not cached yet).
+    mutating func insert(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>, hash: UInt64, ids: ArraySlice<Int32>) {
+        if (count + 1) * 2 > slots.count { grow() }
+        var slot = Slot(hash: hash, keyStart: Int32(keys.count), keyCount: Int32(r.count),
+                        valueStart: Int32(values.count), valueCount: Int32(ids.count))
+        keys.append(contentsOf: UnsafeBufferPointer(rebasing: s[r]))
+        values.append(contentsOf: ids)
+        let mask = slots.count - 1
+        var i = Int(truncatingIfNeeded: hash) & mask
+        while slots[i].keyStart >= 0 { i = (i + 1) & mask }
+        swap(&slots[i], &slot)
+        count += 1
+    }
+
+    private mutating func grow() {
+        let old = slots
+        slots = [Slot](repeating: Slot(), count: old.count * 2)
+        let mask = slots.count - 1
+        for slot in old where slot.keyStart >= 0 {
+            var i = Int(truncatingIfNeeded: slot.hash) & mask
+            while slots[i].keyStart >= 0 { i = (i + 1) & mask }
+            slots[i] = slot
+        }
+    }
 }
 
 /// A Hugging Face style tokenization pipeline around a BPE model: added tokens, normalizers, pre-tokenizers,
@@ -375,21 +454,18 @@ struct BPEPipeline: Sendable {
         guard !text.isEmpty else { return }
         var pieces = Pieces(text, startsText: range.lowerBound == 0)
         for p in preTokenizers { p.apply(&pieces) }
-        for r in pieces.ranges {
-            let piece = pieces.scalars[r]
-            guard piece.count <= Self.cacheableLength else {
-                model.encode(piece, into: &ids, state: &state)
-                continue
+        pieces.scalars.withUnsafeBufferPointer { s in
+            for r in pieces.ranges {
+                guard r.count <= Self.cacheableLength else {
+                    model.encode(s[r], into: &ids, state: &state)
+                    continue
+                }
+                let hash = PieceCache.hash(s, r)
+                if state.cache.append(s, r, hash: hash, to: &ids) { continue }
+                let start = ids.count
+                model.encode(s[r], into: &ids, state: &state)
+                state.cache.insert(s, r, hash: hash, ids: ids[start...])
             }
-            if let hit = state.cache[piece] {
-                ids.append(contentsOf: state.cacheStore[hit])
-                continue
-            }
-            let start = ids.count
-            model.encode(piece, into: &ids, state: &state)
-            let stored = state.cacheStore.count
-            state.cacheStore.append(contentsOf: ids[start...])
-            state.cache[piece] = stored..<state.cacheStore.count
         }
     }
 

@@ -182,7 +182,7 @@ public final class Llama2CTokenizer: Tokenizer {
         }
         var mergeEntries: [(rank: Int32, result: Int32, cut: Int, pair: (String, String))] = []
         let lengths = pieces.map(\.count)
-        for (key, m) in merges.merges {
+        for (key, m) in merges.entries {
             let l = Int(Int32(truncatingIfNeeded: key >> 32)), r = Int(Int32(truncatingIfNeeded: key & 0xFFFF_FFFF))
             guard let a = names[l], let b = names[r], specialNames[l] == nil, specialNames[r] == nil,
                   specialNames[Int(m.result)] == nil else { continue }

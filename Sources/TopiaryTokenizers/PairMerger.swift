@@ -4,25 +4,77 @@ struct PairMerge: Sendable {
     var result: Int32
 }
 
-/// Pair → merge lookup, keyed by the two token ids.
+/// Pair → merge lookup, keyed by the two token ids packed in a UInt64: an open-addressing table (linear
+/// probing, at most half full) with a multiplicative hash, which costs a few nanoseconds where Dictionary's
+/// seeded SipHash costs tens. Merging is the inner loop of encoding a new word, so this matters.
 struct MergeTable: Sendable {
-    private(set) var merges: [UInt64: PairMerge] = [:]
+    /// Keys by slot; `empty` where none (ids are below 2^31, so no pair packs to all ones).
+    private var keys: [UInt64]
+    private var values: [PairMerge]
+    private var shift: UInt64
+    private(set) var count = 0
+
+    private static let empty = UInt64.max
+
+    init() {
+        keys = [UInt64](repeating: Self.empty, count: 16)
+        values = [PairMerge](repeating: PairMerge(rank: 0, result: 0), count: 16)
+        shift = 64 - 4
+    }
 
     @inline(__always) static func key(_ left: Int32, _ right: Int32) -> UInt64 {
         UInt64(UInt32(bitPattern: left)) << 32 | UInt64(UInt32(bitPattern: right))
     }
 
+    @inline(__always) private func slot(_ key: UInt64) -> Int { Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> shift) }
+
     /// Adds a merge unless the pair already has one (the first listed merge of a pair wins).
     mutating func add(left: Int32, right: Int32, rank: Int32, result: Int32) {
+        if (count + 1) * 2 > keys.count { grow() }
         let k = Self.key(left, right)
-        if merges[k] == nil { merges[k] = PairMerge(rank: rank, result: result) }
+        let mask = keys.count - 1
+        var i = slot(k)
+        while keys[i] != Self.empty {
+            if keys[i] == k { return }
+            i = (i + 1) & mask
+        }
+        keys[i] = k
+        values[i] = PairMerge(rank: rank, result: result)
+        count += 1
+    }
+
+    private mutating func grow() {
+        let old = entries
+        keys = [UInt64](repeating: Self.empty, count: keys.count * 2)
+        values = [PairMerge](repeating: PairMerge(rank: 0, result: 0), count: keys.count)
+        shift -= 1
+        let mask = keys.count - 1
+        for (k, v) in old {
+            var i = slot(k)
+            while keys[i] != Self.empty { i = (i + 1) & mask }
+            keys[i] = k
+            values[i] = v
+        }
     }
 
     @inline(__always) func lookup(_ left: Int32, _ right: Int32) -> PairMerge? {
-        merges[Self.key(left, right)]
+        let k = Self.key(left, right)
+        return keys.withUnsafeBufferPointer { keys in
+            let mask = keys.count - 1
+            var i = slot(k)
+            while true {
+                let found = keys[i]
+                if found == k { return values[i] }
+                if found == Self.empty { return nil }
+                i = (i + 1) & mask
+            }
+        }
     }
 
-    var count: Int { merges.count }
+    /// Every (packed pair, merge), in no particular order.
+    var entries: [(key: UInt64, merge: PairMerge)] {
+        keys.indices.compactMap { keys[$0] == Self.empty ? nil : (keys[$0], values[$0]) }
+    }
 }
 
 /// Scratch space for `mergePairs`, reused across pieces of one encode call so that the hot loop allocates nothing.
