@@ -38,10 +38,10 @@ enum NormalizerStep: Sendable {
                 in: s, range: NSRange(location: 0, length: s.utf16.count),
                 withTemplate: NSRegularExpression.escapedTemplate(for: content))
             return [UInt32](scalarsOf: replaced)
-        case .nfc: return [UInt32](scalarsOf: text.asString.precomposedStringWithCanonicalMapping)
-        case .nfd: return [UInt32](scalarsOf: text.asString.decomposedStringWithCanonicalMapping)
-        case .nfkc: return [UInt32](scalarsOf: text.asString.precomposedStringWithCompatibilityMapping)
-        case .nfkd: return [UInt32](scalarsOf: text.asString.decomposedStringWithCompatibilityMapping)
+        case .nfc: return normalizeRuns(text, unchangedBelow: 0x300) { $0.precomposedStringWithCanonicalMapping }
+        case .nfd: return normalizeRuns(text, unchangedBelow: 0xC0) { $0.decomposedStringWithCanonicalMapping }
+        case .nfkc: return normalizeRuns(text, unchangedBelow: 0xA0) { $0.precomposedStringWithCompatibilityMapping }
+        case .nfkd: return normalizeRuns(text, unchangedBelow: 0xA0) { $0.decomposedStringWithCompatibilityMapping }
         case .lowercase: return [UInt32](scalarsOf: text.asString.lowercased())
         case .strip(let left, let right):
             var lo = 0, hi = text.count
@@ -50,6 +50,35 @@ enum NormalizerStep: Sendable {
             return Array(text[lo..<hi])
         }
     }
+}
+
+/// A Unicode normalization applied only where it can change something. The text is cut before each ASCII
+/// scalar: ASCII scalars are starters that no normalization form changes and that never compose with what
+/// precedes them, so each run (one ASCII scalar or the text start, then non-ASCII scalars) normalizes on its
+/// own. Runs whose scalars are all below `threshold` (where the form changes nothing: U+0300 for NFC, the
+/// first letter with a decomposition U+00C0 for NFD, U+00A0 for the compatibility forms) are copied; the
+/// others go through Foundation. Most text is thereby copied, not converted to String and back.
+func normalizeRuns(_ text: [UInt32], unchangedBelow threshold: UInt32, _ normalize: (String) -> String) -> [UInt32] {
+    guard var k = text.firstIndex(where: { $0 >= threshold }) else { return text }
+    var out: [UInt32] = []
+    out.reserveCapacity(text.count + 16)
+    text.withUnsafeBufferPointer { t in
+        var copied = 0
+        while k < t.count {
+            // The run holding scalar k: from the ASCII scalar before it (or the text start) to the next ASCII one.
+            var start = k
+            while start > copied, t[start] >= 0x80 { start -= 1 }
+            var end = k + 1
+            while end < t.count, t[end] >= 0x80 { end += 1 }
+            out.append(contentsOf: UnsafeBufferPointer(rebasing: t[copied..<start]))
+            out.append(contentsOf: [UInt32](scalarsOf: normalize(Array(t[start..<end]).asString)))
+            copied = end
+            k = end
+            while k < t.count, t[k] < threshold { k += 1 }
+        }
+        out.append(contentsOf: UnsafeBufferPointer(rebasing: t[copied...]))
+    }
+    return out
 }
 
 func replaceLiteral(_ text: [UInt32], _ pattern: [UInt32], _ content: [UInt32]) -> [UInt32] {
@@ -287,8 +316,11 @@ struct PieceCache {
             while slots[i].keyStart >= 0 {
                 let slot = slots[i]
                 if slot.hash == hash, Int(slot.keyCount) == r.count, matches(slot, s, r) {
+                    // Usually one or two ids: a plain loop beats append(contentsOf:)'s generic path.
                     let v = Int(slot.valueStart)
-                    out.append(contentsOf: values[v..<(v + Int(slot.valueCount))])
+                    values.withUnsafeBufferPointer { values in
+                        for k in v..<(v + Int(slot.valueCount)) { out.append(values[k]) }
+                    }
                     return true
                 }
                 i = (i + 1) & mask
@@ -419,8 +451,22 @@ struct BPEPipeline: Sendable {
         var i = 0
         var lastEnd = 0
         while i < s.count {
+            // Skip, cheaply, the scalars that start no added token.
+            if s[i] < 128 {
+                let next = s.withUnsafeBufferPointer { s in
+                    asciiStartsAdded.withUnsafeBufferPointer { starts in
+                        var j = i
+                        while j < s.count, s[j] < 128, !starts[Int(s[j])] { j += 1 }
+                        return j
+                    }
+                }
+                if next > i {
+                    i = next
+                    continue
+                }
+            }
             let v = s[i]
-            if v < 128 ? !asciiStartsAdded[Int(v)] : addedByFirstScalar[v] == nil {
+            if v >= 128, addedByFirstScalar[v] == nil {
                 i += 1
                 continue
             }

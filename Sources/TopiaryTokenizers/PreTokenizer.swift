@@ -120,26 +120,53 @@ private func replaceSpaces(_ pieces: inout Pieces, with replacement: UInt32) {
 /// Rewrites each piece as its UTF-8 bytes in GPT-2's byte-level characters.
 private func mapToByteLevel(_ pieces: inout Pieces) {
     let table = ByteLevelMap.byteToScalar
-    var buffer: [UInt32] = []
-    buffer.reserveCapacity(pieces.scalars.count + pieces.scalars.count / 4)
-    var ranges: [Range<Int>] = []
-    ranges.reserveCapacity(pieces.ranges.count)
-    var utf8: [UInt8] = []
-    for r in pieces.ranges {
-        let start = buffer.count
-        for i in r {
-            let v = pieces.scalars[i]
-            if v < 0x80 {
-                buffer.append(table[Int(v)])
-            } else {
-                utf8.removeAll(keepingCapacity: true)
-                appendUTF8(v, to: &utf8)
-                for b in utf8 { buffer.append(table[Int(b)]) }
+    var utf8Count = 0
+    for v in pieces.scalars { utf8Count += v < 0x80 ? 1 : v < 0x800 ? 2 : v < 0x10000 ? 3 : 4 }
+    if utf8Count == pieces.scalars.count {
+        // All ASCII: one scalar per byte, so the ranges stay and the buffer is mapped in place.
+        pieces.scalars.withUnsafeMutableBufferPointer { s in
+            table.withUnsafeBufferPointer { table in
+                for i in s.indices { s[i] = table[Int(s[i])] }
             }
         }
-        ranges.append(start..<buffer.count)
+        return
     }
-    pieces.scalars = buffer
+    var ranges: [Range<Int>] = []
+    ranges.reserveCapacity(pieces.ranges.count)
+    let scalars = pieces.scalars, oldRanges = pieces.ranges
+    pieces.scalars = [UInt32](unsafeUninitializedCapacity: utf8Count) { out, count in
+        var o = 0
+        scalars.withUnsafeBufferPointer { s in table.withUnsafeBufferPointer { table in
+            for r in oldRanges {
+                let start = o
+                for i in r {
+                    let v = s[i]
+                    switch v {
+                    case 0..<0x80:
+                        out[o] = table[Int(v)]
+                        o += 1
+                    case 0x80..<0x800:
+                        out[o] = table[Int(0xC0 | (v >> 6))]
+                        out[o + 1] = table[Int(0x80 | (v & 0x3F))]
+                        o += 2
+                    case 0x800..<0x10000:
+                        out[o] = table[Int(0xE0 | (v >> 12))]
+                        out[o + 1] = table[Int(0x80 | ((v >> 6) & 0x3F))]
+                        out[o + 2] = table[Int(0x80 | (v & 0x3F))]
+                        o += 3
+                    default:
+                        out[o] = table[Int(0xF0 | (v >> 18))]
+                        out[o + 1] = table[Int(0x80 | ((v >> 12) & 0x3F))]
+                        out[o + 2] = table[Int(0x80 | ((v >> 6) & 0x3F))]
+                        out[o + 3] = table[Int(0x80 | (v & 0x3F))]
+                        o += 4
+                    }
+                }
+                ranges.append(start..<o)
+            }
+        } }
+        count = o
+    }
     pieces.ranges = ranges
 }
 
@@ -149,7 +176,8 @@ func splitPieces(_ pieces: inout Pieces, pattern: SplitPattern, behavior: SplitB
     out.reserveCapacity(pieces.ranges.count * 2)
     var matches: [Range<Int>] = []
     var segments: [(range: Range<Int>, isMatch: Bool)] = []
-    var stack: [Backtrack] = []
+    var stack = BacktrackStack()
+    defer { stack.release() }
     pieces.scalars.withUnsafeBufferPointer { s in
         let classes: [UInt8], masks: [UInt64]
         switch pattern {

@@ -97,35 +97,35 @@ struct SplitRegex: Sendable {
 
     /// The mask of every scalar of a buffer: bit k set when the scalar is in set k, and the alternatives' bits.
     func classify(_ scalars: UnsafeBufferPointer<UInt32>) -> [UInt64] {
-        var out = [UInt64](repeating: 0, count: scalars.count)
         var cache: [UInt32: UInt64] = [:]
-        asciiMasks.withUnsafeBufferPointer { ascii in
-            for i in scalars.indices {
-                let v = scalars[i]
-                if v < 128 {
-                    out[i] = ascii[Int(v)]
-                } else if let m = cache[v] {
-                    out[i] = m
-                } else {
-                    let m = mask(of: ScalarInfo(v))
-                    cache[v] = m
-                    out[i] = m
+        return [UInt64](unsafeUninitializedCapacity: scalars.count) { out, count in
+            asciiMasks.withUnsafeBufferPointer { ascii in
+                for i in scalars.indices {
+                    let v = scalars[i]
+                    if v < 128 {
+                        out[i] = ascii[Int(v)]
+                    } else if let m = cache[v] {
+                        out[i] = m
+                    } else {
+                        let m = mask(of: ScalarInfo(v))
+                        cache[v] = m
+                        out[i] = m
+                    }
                 }
             }
+            count = scalars.count
         }
-        return out
     }
 
     /// Appends the non-empty, non-overlapping, leftmost-first matches inside `range`, in order. As in Oniguruma's
     /// search, a position where the pattern matches nothing or only the empty string starts no match.
     /// `masks` are `classify`'s masks of `scalars`; the pattern sees only `range` (a lookahead stops at its end).
     func appendMatches(_ scalars: UnsafeBufferPointer<UInt32>, _ masks: UnsafeBufferPointer<UInt64>, _ range: Range<Int>,
-                       into matches: inout [Range<Int>], stack: inout [Backtrack]) {
+                       into matches: inout [Range<Int>], stack: inout BacktrackStack) {
         program.withUnsafeBufferPointer { prog in
             alternativeStarts.withUnsafeBufferPointer { starts in
                 alternativeBits.withUnsafeBufferPointer { bits in
                     var matcher = Matcher(prog: prog, s: scalars, m: masks, end: range.upperBound, stack: stack)
-                    stack = []  // the matcher holds the only reference, so pushing does not copy
                     var i = range.lowerBound
                     while i < range.upperBound {
                         // The leftmost-first match at i: the first alternative that matches.
@@ -899,12 +899,46 @@ struct Backtrack {
     var floor: Int32 = -1
 }
 
+/// The matcher's stack of backtrack entries, in memory the owner allocates once (`init`) and frees (`release`)
+/// for a whole text, so matching allocates nothing and pays no array uniqueness or bounds checks.
+struct BacktrackStack {
+    private(set) var entries: UnsafeMutablePointer<Backtrack>
+    private var capacity: Int
+    var count = 0
+
+    init(capacity: Int = 256) {
+        entries = .allocate(capacity: capacity)
+        self.capacity = capacity
+    }
+
+    func release() { entries.deallocate() }
+
+    @inline(__always) mutating func push(_ b: Backtrack) {
+        if count == capacity { grow() }
+        entries[count] = b
+        count += 1
+    }
+
+    @inline(__always) mutating func pop() -> Backtrack {
+        count -= 1
+        return entries[count]
+    }
+
+    private mutating func grow() {
+        let larger = UnsafeMutablePointer<Backtrack>.allocate(capacity: capacity * 2)
+        larger.moveInitialize(from: entries, count: count)
+        entries.deallocate()
+        entries = larger
+        capacity *= 2
+    }
+}
+
 private struct Matcher {
     let prog: UnsafeBufferPointer<Instruction>
     let s: UnsafeBufferPointer<UInt32>
     let m: UnsafeBufferPointer<UInt64>
     let end: Int
-    var stack: [Backtrack]
+    var stack: BacktrackStack
 
     /// Whether the scalar at `pos` (< end) is `inst`'s atom.
     @inline(__always) func atom(_ op: Instruction.Op, _ inst: Instruction, _ pos: Int) -> Bool {
@@ -934,12 +968,12 @@ private struct Matcher {
                 if p < floor {
                     ok = false
                 } else {
-                    if p > floor { stack.append(Backtrack(pc: Int32(pc + 1), pos: Int32(p), floor: Int32(floor))) }
+                    if p > floor { stack.push(Backtrack(pc: Int32(pc + 1), pos: Int32(p), floor: Int32(floor))) }
                     pos = p
                     pc += 1
                 }
             case .split:
-                stack.append(Backtrack(pc: inst.y, pos: Int32(pos)))
+                stack.push(Backtrack(pc: inst.y, pos: Int32(pos)))
                 pc = Int(inst.x)
             case .jump:
                 pc = Int(inst.x)
@@ -947,17 +981,17 @@ private struct Matcher {
                 let matched = run(pc + 1, pos) >= 0
                 if matched == (inst.op == .lookahead) { pc = Int(inst.x) } else { ok = false }
             case .succeed:
-                stack.removeSubrange(base...)
+                stack.count = base
                 return pos
             }
             if !ok {
                 guard stack.count > base else { return -1 }
-                let b = stack.removeLast()
+                let b = stack.pop()
                 pc = Int(b.pc)
                 pos = Int(b.pos)
                 if b.floor >= 0 {
                     pos -= 1
-                    if pos > Int(b.floor) { stack.append(Backtrack(pc: b.pc, pos: Int32(pos), floor: b.floor)) }
+                    if pos > Int(b.floor) { stack.push(Backtrack(pc: b.pc, pos: Int32(pos), floor: b.floor)) }
                 }
             }
         }

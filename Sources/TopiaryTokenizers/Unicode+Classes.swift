@@ -31,9 +31,10 @@ enum CharClass {
 
     /// Classes of every scalar of a buffer, computed once so the splitters only compare bytes.
     static func classify(_ scalars: UnsafeBufferPointer<UInt32>) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: scalars.count)
-        for i in scalars.indices { out[i] = of(scalars[i]) }
-        return out
+        [UInt8](unsafeUninitializedCapacity: scalars.count) { out, count in
+            for i in scalars.indices { out[i] = of(scalars[i]) }
+            count = scalars.count
+        }
     }
 }
 
@@ -85,6 +86,37 @@ enum ByteLevelMap {
 extension Array where Element == UInt32 {
     /// The scalars of a string, as raw values (the form every encoder works on).
     init(scalarsOf text: some StringProtocol) {
+        // Native strings hold valid UTF-8, so their bytes decode directly (much faster than iterating
+        // unicodeScalars); other strings (bridged ones) take the general path.
+        let decoded: [UInt32]? = text.utf8.withContiguousStorageIfAvailable { u in
+            [UInt32](unsafeUninitializedCapacity: u.count) { out, count in
+                var i = 0, o = 0
+                let n = u.count
+                while i < n {
+                    let b0 = UInt32(u[i])
+                    if b0 < 0x80 {
+                        out[o] = b0
+                        i += 1
+                    } else if b0 < 0xE0 {
+                        out[o] = (b0 & 0x1F) << 6 | UInt32(u[i + 1] & 0x3F)
+                        i += 2
+                    } else if b0 < 0xF0 {
+                        out[o] = (b0 & 0x0F) << 12 | UInt32(u[i + 1] & 0x3F) << 6 | UInt32(u[i + 2] & 0x3F)
+                        i += 3
+                    } else {
+                        out[o] = (b0 & 0x07) << 18 | UInt32(u[i + 1] & 0x3F) << 12 | UInt32(u[i + 2] & 0x3F) << 6
+                            | UInt32(u[i + 3] & 0x3F)
+                        i += 4
+                    }
+                    o += 1
+                }
+                count = o
+            }
+        }
+        if let decoded {
+            self = decoded
+            return
+        }
         self.init()
         reserveCapacity(text.utf8.count)
         for s in text.unicodeScalars { append(s.value) }

@@ -168,7 +168,8 @@ final class PreTokenizerTests: XCTestCase {
         XCTAssertEqual(bytes, Array(0...255))
     }
 
-    /// The heap merger against the plain "rescan for the lowest rank" loop.
+    /// The merger (a rescan for words up to shortWordLength symbols, a heap above) against the plain "rescan
+    /// for the lowest rank" loop.
     func testPairMergerAgreesWithRescanning() {
         var rng = SplitMix(seed: 3)
         var table = MergeTable()
@@ -180,8 +181,8 @@ final class PreTokenizerTests: XCTestCase {
             table.add(left: l, right: r, rank: m.rank, result: m.result)
         }
         var workspace = MergeWorkspace()
-        for _ in 0..<500 {
-            let input = (0..<Int(rng.next() % 30)).map { _ in Int32(rng.next() % 6) }
+        for _ in 0..<1000 {
+            let input = (0..<Int(rng.next() % UInt64(3 * shortWordLength))).map { _ in Int32(rng.next() % 6) }
             var expected = input
             while true {
                 var best: (rank: Int32, index: Int)? = nil
@@ -197,6 +198,27 @@ final class PreTokenizerTests: XCTestCase {
             var got = input
             mergePairs(&got, table: table, workspace: &workspace)
             XCTAssertEqual(got, expected, "\(input)")
+        }
+    }
+}
+
+extension PreTokenizerTests {
+    /// The normalizations applied run by run agree with Foundation's on the whole text.
+    func testNormalizationByRunsAgreesWithWholeText() {
+        var texts = Self.samples + [
+            "e\u{0301}\u{0323}x Å ﬁ ① ｶ ḳ́ 한국어 \u{1100}\u{1161}\u{11A8} a\u{0308}\u{0301}b", "\u{0301}start", "ß ẞ Ⅻ ½ ²",
+        ]
+        var rng = SplitMix(seed: 5)
+        let alphabet = Array("ae \u{0301}\u{0308}\u{0323}Åﬁ①ｶ\u{1100}\u{1161}\u{11A8}한½é中\u{00A0}")
+        for _ in 0..<300 {
+            texts.append(String((0..<Int(rng.next() % 16)).map { _ in alphabet[Int(rng.next() % UInt64(alphabet.count))] }))
+        }
+        for text in texts {
+            let scalars = [UInt32](scalarsOf: text)
+            XCTAssertEqual(NormalizerStep.nfc.apply(scalars).asString, text.precomposedStringWithCanonicalMapping, text.debugDescription)
+            XCTAssertEqual(NormalizerStep.nfd.apply(scalars).asString, text.decomposedStringWithCanonicalMapping, text.debugDescription)
+            XCTAssertEqual(NormalizerStep.nfkc.apply(scalars).asString, text.precomposedStringWithCompatibilityMapping, text.debugDescription)
+            XCTAssertEqual(NormalizerStep.nfkd.apply(scalars).asString, text.decomposedStringWithCompatibilityMapping, text.debugDescription)
         }
     }
 }
