@@ -38,10 +38,10 @@ enum NormalizerStep: Sendable {
                 in: s, range: NSRange(location: 0, length: s.utf16.count),
                 withTemplate: NSRegularExpression.escapedTemplate(for: content))
             return [UInt32](scalarsOf: replaced)
-        case .nfc: return [UInt32](scalarsOf: text.asString.precomposedStringWithCanonicalMapping)
-        case .nfd: return [UInt32](scalarsOf: text.asString.decomposedStringWithCanonicalMapping)
-        case .nfkc: return [UInt32](scalarsOf: text.asString.precomposedStringWithCompatibilityMapping)
-        case .nfkd: return [UInt32](scalarsOf: text.asString.decomposedStringWithCompatibilityMapping)
+        case .nfc: return normalizeRuns(text, unchangedBelow: 0x300) { $0.precomposedStringWithCanonicalMapping }
+        case .nfd: return normalizeRuns(text, unchangedBelow: 0xC0) { $0.decomposedStringWithCanonicalMapping }
+        case .nfkc: return normalizeRuns(text, unchangedBelow: 0xA0) { $0.precomposedStringWithCompatibilityMapping }
+        case .nfkd: return normalizeRuns(text, unchangedBelow: 0xA0) { $0.decomposedStringWithCompatibilityMapping }
         case .lowercase: return [UInt32](scalarsOf: text.asString.lowercased())
         case .strip(let left, let right):
             var lo = 0, hi = text.count
@@ -50,6 +50,35 @@ enum NormalizerStep: Sendable {
             return Array(text[lo..<hi])
         }
     }
+}
+
+/// A Unicode normalization applied only where it can change something. The text is cut before each ASCII
+/// scalar: ASCII scalars are starters that no normalization form changes and that never compose with what
+/// precedes them, so each run (one ASCII scalar or the text start, then non-ASCII scalars) normalizes on its
+/// own. Runs whose scalars are all below `threshold` (where the form changes nothing: U+0300 for NFC, the
+/// first letter with a decomposition U+00C0 for NFD, U+00A0 for the compatibility forms) are copied; the
+/// others go through Foundation. Most text is thereby copied, not converted to String and back.
+func normalizeRuns(_ text: [UInt32], unchangedBelow threshold: UInt32, _ normalize: (String) -> String) -> [UInt32] {
+    guard var k = text.firstIndex(where: { $0 >= threshold }) else { return text }
+    var out: [UInt32] = []
+    out.reserveCapacity(text.count + 16)
+    text.withUnsafeBufferPointer { t in
+        var copied = 0
+        while k < t.count {
+            // The run holding scalar k: from the ASCII scalar before it (or the text start) to the next ASCII one.
+            var start = k
+            while start > copied, t[start] >= 0x80 { start -= 1 }
+            var end = k + 1
+            while end < t.count, t[end] >= 0x80 { end += 1 }
+            out.append(contentsOf: UnsafeBufferPointer(rebasing: t[copied..<start]))
+            out.append(contentsOf: [UInt32](scalarsOf: normalize(Array(t[start..<end]).asString)))
+            copied = end
+            k = end
+            while k < t.count, t[k] < threshold { k += 1 }
+        }
+        out.append(contentsOf: UnsafeBufferPointer(rebasing: t[copied...]))
+    }
+    return out
 }
 
 func replaceLiteral(_ text: [UInt32], _ pattern: [UInt32], _ content: [UInt32]) -> [UInt32] {
@@ -211,7 +240,7 @@ struct BPEModel: Sendable {
     }
 
     /// Appends the ids of one piece.
-    func encode(_ piece: ArraySlice<UInt32>, into out: inout [Int32], state: inout EncodeState) {
+    func encode(_ piece: Slice<UnsafeBufferPointer<UInt32>>, into out: inout [Int32], state: inout EncodeState) {
         if ignoreMerges, let id = vocab[Array(piece).asString] {
             out.append(id)
             return
@@ -248,11 +277,93 @@ struct BPEModel: Sendable {
 
 /// Per-call scratch state: the piece cache and reusable buffers (kept out of the tokenizer so it stays immutable).
 struct EncodeState {
-    var cache: [ArraySlice<UInt32>: Range<Int>] = [:]
-    var cacheStore: [Int32] = []
+    var cache = PieceCache()
     var symbols: [Int32] = []
     var utf8: [UInt8] = []
     var workspace = MergeWorkspace()
+}
+
+/// The ids of each piece encoded so far (a text repeats its words, so most pieces are found here and never
+/// merged): an open-addressing table (linear probing, at most half full) over piece scalars kept in one flat
+/// buffer and ids in another, hashed by a multiply-xor loop, so neither lookup nor insertion allocates per piece.
+struct PieceCache {
+    private struct Slot {
+        var hash: UInt64 = 0
+        /// -1 for an empty slot.
+        var keyStart: Int32 = -1
+        var keyCount: Int32 = 0
+        var valueStart: Int32 = 0
+        var valueCount: Int32 = 0
+    }
+
+    private var slots = [Slot](repeating: Slot(), count: 1 << 12)
+    private var keys: [UInt32] = []
+    private var values: [Int32] = []
+    private var count = 0
+
+    @inline(__always) static func hash(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>) -> UInt64 {
+        var h: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(r.count)
+        for i in r { h = (h ^ UInt64(s[i])) &* 0xFF51_AFD7_ED55_8CCD }
+        return h ^ (h >> 32)
+    }
+
+    /// Appends the cached ids of `s[r]` to `out`; false when the piece is not cached.
+    @inline(__always)
+    func append(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>, hash: UInt64, to out: inout [Int32]) -> Bool {
+        slots.withUnsafeBufferPointer { slots in
+            let mask = slots.count - 1
+            var i = Int(truncatingIfNeeded: hash) & mask
+            while slots[i].keyStart >= 0 {
+                let slot = slots[i]
+                if slot.hash == hash, Int(slot.keyCount) == r.count, matches(slot, s, r) {
+                    // Usually one or two ids: a plain loop beats append(contentsOf:)'s generic path.
+                    let v = Int(slot.valueStart)
+                    values.withUnsafeBufferPointer { values in
+                        for k in v..<(v + Int(slot.valueCount)) { out.append(values[k]) }
+                    }
+                    return true
+                }
+                i = (i + 1) & mask
+            }
+            return false
+        }
+    }
+
+    @inline(__always) private func matches(_ slot: Slot, _ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>) -> Bool {
+        keys.withUnsafeBufferPointer { keys in
+            var k = Int(slot.keyStart)
+            for i in r {
+                if keys[k] != s[i] { return false }
+                k += 1
+            }
+            return true
+        }
+    }
+
+    /// Records `ids` as the encoding of `s[r]` (which is not cached yet).
+    mutating func insert(_ s: UnsafeBufferPointer<UInt32>, _ r: Range<Int>, hash: UInt64, ids: ArraySlice<Int32>) {
+        if (count + 1) * 2 > slots.count { grow() }
+        var slot = Slot(hash: hash, keyStart: Int32(keys.count), keyCount: Int32(r.count),
+                        valueStart: Int32(values.count), valueCount: Int32(ids.count))
+        keys.append(contentsOf: UnsafeBufferPointer(rebasing: s[r]))
+        values.append(contentsOf: ids)
+        let mask = slots.count - 1
+        var i = Int(truncatingIfNeeded: hash) & mask
+        while slots[i].keyStart >= 0 { i = (i + 1) & mask }
+        swap(&slots[i], &slot)
+        count += 1
+    }
+
+    private mutating func grow() {
+        let old = slots
+        slots = [Slot](repeating: Slot(), count: old.count * 2)
+        let mask = slots.count - 1
+        for slot in old where slot.keyStart >= 0 {
+            var i = Int(truncatingIfNeeded: slot.hash) & mask
+            while slots[i].keyStart >= 0 { i = (i + 1) & mask }
+            slots[i] = slot
+        }
+    }
 }
 
 /// A Hugging Face style tokenization pipeline around a BPE model: added tokens, normalizers, pre-tokenizers,
@@ -340,8 +451,22 @@ struct BPEPipeline: Sendable {
         var i = 0
         var lastEnd = 0
         while i < s.count {
+            // Skip, cheaply, the scalars that start no added token.
+            if s[i] < 128 {
+                let next = s.withUnsafeBufferPointer { s in
+                    asciiStartsAdded.withUnsafeBufferPointer { starts in
+                        var j = i
+                        while j < s.count, s[j] < 128, !starts[Int(s[j])] { j += 1 }
+                        return j
+                    }
+                }
+                if next > i {
+                    i = next
+                    continue
+                }
+            }
             let v = s[i]
-            if v < 128 ? !asciiStartsAdded[Int(v)] : addedByFirstScalar[v] == nil {
+            if v >= 128, addedByFirstScalar[v] == nil {
                 i += 1
                 continue
             }
@@ -375,21 +500,18 @@ struct BPEPipeline: Sendable {
         guard !text.isEmpty else { return }
         var pieces = Pieces(text, startsText: range.lowerBound == 0)
         for p in preTokenizers { p.apply(&pieces) }
-        for r in pieces.ranges {
-            let piece = pieces.scalars[r]
-            guard piece.count <= Self.cacheableLength else {
-                model.encode(piece, into: &ids, state: &state)
-                continue
+        pieces.scalars.withUnsafeBufferPointer { s in
+            for r in pieces.ranges {
+                guard r.count <= Self.cacheableLength else {
+                    model.encode(s[r], into: &ids, state: &state)
+                    continue
+                }
+                let hash = PieceCache.hash(s, r)
+                if state.cache.append(s, r, hash: hash, to: &ids) { continue }
+                let start = ids.count
+                model.encode(s[r], into: &ids, state: &state)
+                state.cache.insert(s, r, hash: hash, ids: ids[start...])
             }
-            if let hit = state.cache[piece] {
-                ids.append(contentsOf: state.cacheStore[hit])
-                continue
-            }
-            let start = ids.count
-            model.encode(piece, into: &ids, state: &state)
-            let stored = state.cacheStore.count
-            state.cacheStore.append(contentsOf: ids[start...])
-            state.cache[piece] = stored..<state.cacheStore.count
         }
     }
 
@@ -400,11 +522,13 @@ struct BPEPipeline: Sendable {
         return id < model.tokens.count ? model.tokens[id] : nil
     }
 
-    func decode(_ ids: [Int]) -> String {
+    /// Hugging Face's decode: the token strings (added tokens first), less the special ones when
+    /// `skipSpecialTokens`, through the decoders.
+    func decode(_ ids: [Int], skipSpecialTokens: Bool = true) -> String {
         var tokens: [String] = []
         tokens.reserveCapacity(ids.count)
         let addedIDs = Dictionary(addedTokens.map { (Int($0.id), $0.content) }, uniquingKeysWith: { a, _ in a })
-        for id in ids where id >= 0 && id < vocabularySize && !silent[id] {
+        for id in ids where id >= 0 && id < vocabularySize && !(skipSpecialTokens && silent[id]) {
             if let t = addedIDs[id] ?? (id < model.tokens.count ? model.tokens[id] : nil) { tokens.append(t) }
         }
         guard let decoders else { return tokens.joined(separator: " ") }

@@ -96,7 +96,9 @@ public final class ByteLevelBPETokenizer: Tokenizer {
 
     public func encode(_ text: String, addBOS: Bool?) -> [Int] { pipeline.encode(text, addBOS: addBOS) }
 
-    public func decode(_ ids: [Int]) -> String { pipeline.decode(ids) }
+    public func decode(_ ids: [Int], skipSpecialTokens: Bool) -> String {
+        pipeline.decode(ids, skipSpecialTokens: skipSpecialTokens)
+    }
 
     /// A GPT-2 style tokenizer.json: vocab, merges, the special tokens as added tokens, the pre-tokenizer as
     /// Hugging Face spells it (smollm: Digits then ByteLevel), ByteLevel decoder.

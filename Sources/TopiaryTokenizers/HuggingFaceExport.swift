@@ -65,8 +65,6 @@ extension BPEPipeline {
         case .split(let pattern, let behavior, let invert):
             let patternJSON: JSONValue
             switch pattern {
-            case .gpt2: patternJSON = .object([("Regex", .string(SplitPattern.gpt2Source))])
-            case .llama3: patternJSON = .object([("Regex", .string(SplitPattern.llama3Source))])
             case .literal(let s): patternJSON = .object([("String", .string(s.asString))])
             case .regex(let box): patternJSON = .object([("Regex", .string(box.source))])
             case .digit: patternJSON = .object([("Regex", .string(#"\p{N}"#))])

@@ -152,6 +152,24 @@ public enum HuggingFaceTokenizer {
         }
     }
 
+    /// A Split pattern, compiled by our own engine; a construct it does not support is an error naming it.
+    private static func splitRegex(_ source: String, _ node: JSONNode) throws -> SplitRegex {
+        do {
+            return try SplitRegex(source)
+        } catch {
+            let field = node.field + ".Regex"
+            switch error.kind {
+            case .unsupported(let what):
+                throw TokenizerError.unsupported(path: node.source, field: field,
+                                                 found: "\"\(source)\", which uses \(what) at offset \(error.offset)",
+                                                 supported: SplitRegex.supportedConstructs)
+            case .invalid(let what):
+                throw TokenizerError.invalidValue(path: node.source, field: field, expected: "a regular expression",
+                                                  found: "\"\(source)\" (\(what) at offset \(error.offset))")
+            }
+        }
+    }
+
     private static func parseNormalizer(_ node: JSONNode) throws -> [NormalizerStep] {
         let type = try node.child("type").string()
         switch type {
@@ -199,12 +217,8 @@ public enum HuggingFaceTokenizer {
             let pattern: SplitPattern
             if let literal {
                 pattern = .literal([UInt32](scalarsOf: literal))
-            } else if regexSource == SplitPattern.gpt2Source {
-                pattern = .gpt2
-            } else if regexSource == SplitPattern.llama3Source {
-                pattern = .llama3
             } else {
-                pattern = .regex(try regex(regexSource!, patternNode))
+                pattern = .regex(try splitRegex(regexSource!, patternNode))
             }
             let behaviorNode = try node.child("behavior")
             let behaviorName = try behaviorNode.string()
@@ -334,7 +348,7 @@ final class PipelineTokenizer: Tokenizer {
     var eosID: Int? { pipeline.eosID.map(Int.init) }
     var addsBOS: Bool { pipeline.addsBOS }
     func encode(_ text: String, addBOS: Bool?) -> [Int] { pipeline.encode(text, addBOS: addBOS) }
-    func decode(_ ids: [Int]) -> String { pipeline.decode(ids) }
+    func decode(_ ids: [Int], skipSpecialTokens: Bool) -> String { pipeline.decode(ids, skipSpecialTokens: skipSpecialTokens) }
     func huggingFaceJSON() throws -> Data { pipeline.huggingFaceJSON().serialized() }
 }
 

@@ -129,18 +129,23 @@ public final class Llama2CTokenizer: Tokenizer {
         return symbols.map(Int.init)
     }
 
-    /// BOS, EOS and <unk> produce nothing; the first piece (at the start or after BOS) loses one leading space, the
-    /// dummy prefix; `<0xXX>` pieces are raw bytes; ids out of range are skipped.
-    public func decode(_ ids: [Int]) -> String {
+    /// BOS, EOS and <unk> produce nothing (with `skipSpecialTokens`, else "<s>", "</s>", "<unk>", the names the
+    /// exported tokenizer.json gives them); the first piece (at the start or after BOS) loses one leading space,
+    /// the dummy prefix; `<0xXX>` pieces are raw bytes; ids out of range are skipped.
+    public func decode(_ ids: [Int], skipSpecialTokens: Bool) -> String {
         var out: [UInt8] = []
         var atStart = true
         for id in ids {
             guard id >= 0, id < vocabularySize else { continue }
             if id == bosID {
+                if !skipSpecialTokens { out.append(contentsOf: "<s>".utf8) }
                 atStart = true
                 continue
             }
-            if id == eosID || id == Self.unknownID { continue }
+            if id == eosID || id == Self.unknownID {
+                if !skipSpecialTokens { out.append(contentsOf: (id == eosID ? "</s>" : "<unk>").utf8) }
+                continue
+            }
             var piece = pieces[id][...]
             if atStart, piece.first == 0x20 { piece = piece.dropFirst() }
             atStart = false
@@ -177,7 +182,7 @@ public final class Llama2CTokenizer: Tokenizer {
         }
         var mergeEntries: [(rank: Int32, result: Int32, cut: Int, pair: (String, String))] = []
         let lengths = pieces.map(\.count)
-        for (key, m) in merges.merges {
+        for (key, m) in merges.entries {
             let l = Int(Int32(truncatingIfNeeded: key >> 32)), r = Int(Int32(truncatingIfNeeded: key & 0xFFFF_FFFF))
             guard let a = names[l], let b = names[r], specialNames[l] == nil, specialNames[r] == nil,
                   specialNames[Int(m.result)] == nil else { continue }

@@ -4,25 +4,78 @@ struct PairMerge: Sendable {
     var result: Int32
 }
 
-/// Pair → merge lookup, keyed by the two token ids.
+/// Pair → merge lookup, keyed by the two token ids packed in a UInt64: an open-addressing table (linear
+/// probing, at most half full) with a multiplicative hash, which costs a few nanoseconds where Dictionary's
+/// seeded SipHash costs tens. Merging is the inner loop of encoding a new word, so this matters.
 struct MergeTable: Sendable {
-    private(set) var merges: [UInt64: PairMerge] = [:]
+    /// A key and its merge side by side, so a lookup touches one cache line.
+    private struct Slot {
+        /// `empty` where none (ids are below 2^31, so no pair packs to all ones).
+        var key: UInt64
+        var merge: PairMerge
+    }
+
+    private var slots: [Slot]
+    private var shift: UInt64
+    private(set) var count = 0
+
+    private static let empty = UInt64.max
+
+    init() {
+        slots = [Slot](repeating: Slot(key: Self.empty, merge: PairMerge(rank: 0, result: 0)), count: 16)
+        shift = 64 - 4
+    }
 
     @inline(__always) static func key(_ left: Int32, _ right: Int32) -> UInt64 {
         UInt64(UInt32(bitPattern: left)) << 32 | UInt64(UInt32(bitPattern: right))
     }
 
+    @inline(__always) private func slot(_ key: UInt64) -> Int { Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> shift) }
+
     /// Adds a merge unless the pair already has one (the first listed merge of a pair wins).
     mutating func add(left: Int32, right: Int32, rank: Int32, result: Int32) {
+        if (count + 1) * 2 > slots.count { grow() }
         let k = Self.key(left, right)
-        if merges[k] == nil { merges[k] = PairMerge(rank: rank, result: result) }
+        let mask = slots.count - 1
+        var i = slot(k)
+        while slots[i].key != Self.empty {
+            if slots[i].key == k { return }
+            i = (i + 1) & mask
+        }
+        slots[i] = Slot(key: k, merge: PairMerge(rank: rank, result: result))
+        count += 1
+    }
+
+    private mutating func grow() {
+        let old = slots
+        slots = [Slot](repeating: Slot(key: Self.empty, merge: PairMerge(rank: 0, result: 0)), count: old.count * 2)
+        shift -= 1
+        let mask = slots.count - 1
+        for s in old where s.key != Self.empty {
+            var i = slot(s.key)
+            while slots[i].key != Self.empty { i = (i + 1) & mask }
+            slots[i] = s
+        }
     }
 
     @inline(__always) func lookup(_ left: Int32, _ right: Int32) -> PairMerge? {
-        merges[Self.key(left, right)]
+        let k = Self.key(left, right)
+        return slots.withUnsafeBufferPointer { slots in
+            let mask = slots.count - 1
+            var i = slot(k)
+            while true {
+                let found = slots[i].key
+                if found == k { return slots[i].merge }
+                if found == Self.empty { return nil }
+                i = (i + 1) & mask
+            }
+        }
     }
 
-    var count: Int { merges.count }
+    /// Every (packed pair, merge), in no particular order.
+    var entries: [(key: UInt64, merge: PairMerge)] {
+        slots.compactMap { $0.key == Self.empty ? nil : ($0.key, $0.merge) }
+    }
 }
 
 /// Scratch space for `mergePairs`, reused across pieces of one encode call so that the hot loop allocates nothing.
@@ -54,6 +107,10 @@ struct MergeWorkspace {
 func mergePairs(_ symbols: inout [Int32], table: MergeTable, workspace ws: inout MergeWorkspace) {
     let n = symbols.count
     guard n >= 2, table.count > 0 else { return }
+    if n <= shortWordLength {
+        mergeShort(&symbols, table: table)
+        return
+    }
     // Take the buffers out of the workspace (keeping their capacity) so each is uniquely referenced here.
     var next = ws.next, prev = ws.prev, heap = ws.heap
     ws = MergeWorkspace()
@@ -98,6 +155,34 @@ func mergePairs(_ symbols: inout [Int32], table: MergeTable, workspace ws: inout
         i = Int(next[i])
     }
     symbols.removeLast(n - out)
+}
+
+/// Up to this many symbols, `mergeShort`'s rescans cost less than the heap's bookkeeping.
+let shortWordLength = 24
+
+/// The same merges as the heap for a short word: the rank of each adjacent pair in a small array, rescanned
+/// for the lowest (leftmost on ties) after each merge, which changes only the two pairs beside it.
+private func mergeShort(_ symbols: inout [Int32], table: MergeTable) {
+    var n = symbols.count
+    withUnsafeTemporaryAllocation(of: PairMerge.self, capacity: n) { pairs in
+        symbols.withUnsafeMutableBufferPointer { sym in
+            let none = PairMerge(rank: .max, result: -1)
+            for i in 0..<(n - 1) { pairs[i] = table.lookup(sym[i], sym[i + 1]) ?? none }
+            while n > 1 {
+                var best = 0
+                for i in 1..<(n - 1) where pairs[i].rank < pairs[best].rank { best = i }
+                guard pairs[best].rank != .max else { break }
+                sym[best] = pairs[best].result
+                // Drop symbol best+1 and pair best (now folded into the merged symbol).
+                for i in (best + 1)..<(n - 1) { sym[i] = sym[i + 1] }
+                for i in best..<max(n - 2, best) { pairs[i] = pairs[i + 1] }
+                n -= 1
+                if best > 0 { pairs[best - 1] = table.lookup(sym[best - 1], sym[best]) ?? none }
+                if best < n - 1 { pairs[best] = table.lookup(sym[best], sym[best + 1]) ?? none }
+            }
+        }
+    }
+    symbols.removeLast(symbols.count - n)
 }
 
 private func heapPush(_ heap: inout [MergeWorkspace.Candidate], _ c: MergeWorkspace.Candidate) {

@@ -26,25 +26,33 @@ enum SplitBehavior: String, Sendable {
 
 /// The pattern of a Split pre-tokenizer.
 enum SplitPattern: Sendable {
-    /// The GPT-2 pattern, matched by hand.
-    case gpt2
-    /// The LLaMA-3 pattern, matched by hand.
-    case llama3
     /// Each scalar of class \p{N} on its own.
     case digit
     /// Each whitespace scalar on its own.
     case whitespace
     /// A literal string.
     case literal([UInt32])
-    /// Any other regular expression (ICU through Foundation).
-    case regex(RegexBox)
+    /// A regular expression, compiled by our own engine (SplitRegex).
+    case regex(SplitRegex)
 
     static let gpt2Source = #"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"#
     static let llama3Source =
         #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+
+    /// GPT-2's pattern (also what a ByteLevel pre-tokenizer with use_regex splits by).
+    static let gpt2 = SplitPattern.regex(SplitRegex.gpt2)
+    /// LLaMA-3's pattern (numbers in groups of up to three).
+    static let llama3 = SplitPattern.regex(SplitRegex.llama3)
 }
 
-/// NSRegularExpression is immutable and documented as safe to share between threads.
+extension SplitRegex {
+    // Both patterns are constants that the tests compile; failing here would be a bug in the engine.
+    static let gpt2 = try! SplitRegex(SplitPattern.gpt2Source)
+    static let llama3 = try! SplitRegex(SplitPattern.llama3Source)
+}
+
+/// NSRegularExpression (for Replace normalizers and decoders) is immutable and documented as safe to share
+/// between threads.
 struct RegexBox: @unchecked Sendable {
     let source: String
     let regex: NSRegularExpression
@@ -112,60 +120,101 @@ private func replaceSpaces(_ pieces: inout Pieces, with replacement: UInt32) {
 /// Rewrites each piece as its UTF-8 bytes in GPT-2's byte-level characters.
 private func mapToByteLevel(_ pieces: inout Pieces) {
     let table = ByteLevelMap.byteToScalar
-    var buffer: [UInt32] = []
-    buffer.reserveCapacity(pieces.scalars.count + pieces.scalars.count / 4)
-    var ranges: [Range<Int>] = []
-    ranges.reserveCapacity(pieces.ranges.count)
-    var utf8: [UInt8] = []
-    for r in pieces.ranges {
-        let start = buffer.count
-        for i in r {
-            let v = pieces.scalars[i]
-            if v < 0x80 {
-                buffer.append(table[Int(v)])
-            } else {
-                utf8.removeAll(keepingCapacity: true)
-                appendUTF8(v, to: &utf8)
-                for b in utf8 { buffer.append(table[Int(b)]) }
+    var utf8Count = 0
+    for v in pieces.scalars { utf8Count += v < 0x80 ? 1 : v < 0x800 ? 2 : v < 0x10000 ? 3 : 4 }
+    if utf8Count == pieces.scalars.count {
+        // All ASCII: one scalar per byte, so the ranges stay and the buffer is mapped in place.
+        pieces.scalars.withUnsafeMutableBufferPointer { s in
+            table.withUnsafeBufferPointer { table in
+                for i in s.indices { s[i] = table[Int(s[i])] }
             }
         }
-        ranges.append(start..<buffer.count)
+        return
     }
-    pieces.scalars = buffer
+    var ranges: [Range<Int>] = []
+    ranges.reserveCapacity(pieces.ranges.count)
+    let scalars = pieces.scalars, oldRanges = pieces.ranges
+    pieces.scalars = [UInt32](unsafeUninitializedCapacity: utf8Count) { out, count in
+        var o = 0
+        scalars.withUnsafeBufferPointer { s in table.withUnsafeBufferPointer { table in
+            for r in oldRanges {
+                let start = o
+                for i in r {
+                    let v = s[i]
+                    switch v {
+                    case 0..<0x80:
+                        out[o] = table[Int(v)]
+                        o += 1
+                    case 0x80..<0x800:
+                        out[o] = table[Int(0xC0 | (v >> 6))]
+                        out[o + 1] = table[Int(0x80 | (v & 0x3F))]
+                        o += 2
+                    case 0x800..<0x10000:
+                        out[o] = table[Int(0xE0 | (v >> 12))]
+                        out[o + 1] = table[Int(0x80 | ((v >> 6) & 0x3F))]
+                        out[o + 2] = table[Int(0x80 | (v & 0x3F))]
+                        o += 3
+                    default:
+                        out[o] = table[Int(0xF0 | (v >> 18))]
+                        out[o + 1] = table[Int(0x80 | ((v >> 12) & 0x3F))]
+                        out[o + 2] = table[Int(0x80 | ((v >> 6) & 0x3F))]
+                        out[o + 3] = table[Int(0x80 | (v & 0x3F))]
+                        o += 4
+                    }
+                }
+                ranges.append(start..<o)
+            }
+        } }
+        count = o
+    }
     pieces.ranges = ranges
 }
 
 /// Splits every piece at the matches of `pattern`, keeping the matches as `behavior` says.
 func splitPieces(_ pieces: inout Pieces, pattern: SplitPattern, behavior: SplitBehavior, invert: Bool) {
-    let classes: [UInt8]
-    switch pattern {
-    case .gpt2, .llama3, .digit, .whitespace: classes = CharClass.classify(pieces.scalars)
-    case .literal, .regex: classes = []
-    }
     var out: [Range<Int>] = []
     out.reserveCapacity(pieces.ranges.count * 2)
     var matches: [Range<Int>] = []
     var segments: [(range: Range<Int>, isMatch: Bool)] = []
+    var stack = BacktrackStack()
+    defer { stack.release() }
     pieces.scalars.withUnsafeBufferPointer { s in
+        let classes: [UInt8], masks: [UInt64]
+        switch pattern {
+        case .digit, .whitespace: classes = CharClass.classify(s); masks = []
+        case .regex(let regex): classes = []; masks = regex.classify(s)
+        case .literal: classes = []; masks = []
+        }
         classes.withUnsafeBufferPointer { c in
-            for piece in pieces.ranges {
-                matches.removeAll(keepingCapacity: true)
-                findMatches(pattern, s, c, piece, &matches)
-                // The matchers for the two known patterns match everywhere, so the common case needs no gap logic.
-                if behavior == .isolated, !invert, matches.first?.lowerBound == piece.lowerBound,
-                   matches.last?.upperBound == piece.upperBound, isTiling(matches) {
-                    out.append(contentsOf: matches)
-                    continue
+            masks.withUnsafeBufferPointer { m in
+                for piece in pieces.ranges {
+                    matches.removeAll(keepingCapacity: true)
+                    switch pattern {
+                    case .digit:
+                        for i in piece where c[i] & CharClass.number != 0 { matches.append(i..<(i + 1)) }
+                    case .whitespace:
+                        for i in piece where c[i] & CharClass.space != 0 { matches.append(i..<(i + 1)) }
+                    case .literal(let needle):
+                        literalMatches(needle, s, piece, &matches)
+                    case .regex(let regex):
+                        regex.appendMatches(s, m, piece, into: &matches, stack: &stack)
+                    }
+                    // Patterns like GPT-2's match everywhere, so the common case needs no gap logic.
+                    if behavior == .isolated, !invert, matches.first?.lowerBound == piece.lowerBound,
+                       matches.last?.upperBound == piece.upperBound, isTiling(matches) {
+                        out.append(contentsOf: matches)
+                        continue
+                    }
+                    segments.removeAll(keepingCapacity: true)
+                    var pos = piece.lowerBound
+                    for m in matches {
+                        if m.lowerBound > pos { segments.append((pos..<m.lowerBound, invert)) }
+                        segments.append((m, !invert))
+                        pos = m.upperBound
+                    }
+                    if pos < piece.upperBound { segments.append((pos..<piece.upperBound, invert)) }
+                    applyBehavior(behavior, segments, into: &out)
                 }
-                segments.removeAll(keepingCapacity: true)
-                var pos = piece.lowerBound
-                for m in matches {
-                    if m.lowerBound > pos { segments.append((pos..<m.lowerBound, invert)) }
-                    segments.append((m, !invert))
-                    pos = m.upperBound
-                }
-                if pos < piece.upperBound { segments.append((pos..<piece.upperBound, invert)) }
-                applyBehavior(behavior, segments, into: &out)
             }
         }
     }
@@ -220,152 +269,14 @@ private func applyBehavior(_ behavior: SplitBehavior, _ segments: [(range: Range
     }
 }
 
-/// Appends the non-empty, non-overlapping, leftmost matches of `pattern` inside `piece`, in order.
-private func findMatches(_ pattern: SplitPattern, _ s: UnsafeBufferPointer<UInt32>, _ c: UnsafeBufferPointer<UInt8>,
-                         _ piece: Range<Int>, _ matches: inout [Range<Int>]) {
-    let end = piece.upperBound
-    switch pattern {
-    case .gpt2:
-        var i = piece.lowerBound
-        while i < end {
-            let n = gpt2MatchLength(s, c, i, end)
-            matches.append(i..<(i + n))
-            i += n
-        }
-    case .llama3:
-        var i = piece.lowerBound
-        while i < end {
-            let n = llama3MatchLength(s, c, i, end)
-            matches.append(i..<(i + n))
-            i += n
-        }
-    case .digit:
-        for i in piece where c[i] & CharClass.number != 0 { matches.append(i..<(i + 1)) }
-    case .whitespace:
-        for i in piece where c[i] & CharClass.space != 0 { matches.append(i..<(i + 1)) }
-    case .literal(let needle):
-        guard !needle.isEmpty else { return }
-        var i = piece.lowerBound
-        while i + needle.count <= end {
-            var hit = true
-            for k in needle.indices where s[i + k] != needle[k] { hit = false; break }
-            if hit { matches.append(i..<(i + needle.count)); i += needle.count } else { i += 1 }
-        }
-    case .regex(let box):
-        regexMatches(box.regex, s, piece, &matches)
+/// Appends the non-overlapping occurrences of `needle` inside `piece`, left to right.
+private func literalMatches(_ needle: [UInt32], _ s: UnsafeBufferPointer<UInt32>, _ piece: Range<Int>,
+                            _ matches: inout [Range<Int>]) {
+    guard !needle.isEmpty else { return }
+    var i = piece.lowerBound
+    while i + needle.count <= piece.upperBound {
+        var hit = true
+        for k in needle.indices where s[i + k] != needle[k] { hit = false; break }
+        if hit { matches.append(i..<(i + needle.count)); i += needle.count } else { i += 1 }
     }
-}
-
-private func regexMatches(_ regex: NSRegularExpression, _ s: UnsafeBufferPointer<UInt32>, _ piece: Range<Int>,
-                          _ matches: inout [Range<Int>]) {
-    // NSRegularExpression works in UTF-16 offsets; keep the offset of every scalar to map back.
-    var view = String.UnicodeScalarView()
-    var utf16Offsets: [Int] = []
-    utf16Offsets.reserveCapacity(piece.count + 1)
-    var offset = 0
-    for i in piece {
-        utf16Offsets.append(offset)
-        let scalar = Unicode.Scalar(s[i]) ?? "\u{FFFD}"
-        view.append(scalar)
-        offset += scalar.utf16.count
-    }
-    utf16Offsets.append(offset)
-    let string = String(view)
-    func scalarIndex(_ u: Int) -> Int {
-        var lo = 0, hi = utf16Offsets.count - 1
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if utf16Offsets[mid] < u { lo = mid + 1 } else { hi = mid }
-        }
-        return piece.lowerBound + lo
-    }
-    for m in regex.matches(in: string, range: NSRange(location: 0, length: offset)) where m.range.length > 0 {
-        matches.append(scalarIndex(m.range.location)..<scalarIndex(m.range.location + m.range.length))
-    }
-}
-
-/// Length of the match of GPT-2's pattern at `i`:
-/// `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`.
-@inline(__always)
-private func gpt2MatchLength(_ s: UnsafeBufferPointer<UInt32>, _ c: UnsafeBufferPointer<UInt8>, _ i: Int, _ end: Int) -> Int {
-    let ch = s[i]
-    if ch == 0x27, i + 1 < end {  // '
-        let n = contractionLength(s, i, end, caseInsensitive: false)
-        if n > 0 { return n }
-    }
-    // An optional leading space belongs to the letter/number/other run that follows it.
-    let start = (ch == 0x20 && i + 1 < end) ? i + 1 : i
-    let cls = c[start]
-    if cls & CharClass.letter != 0 { return run(c, start, end, CharClass.letter) - i }
-    if cls & CharClass.number != 0 { return run(c, start, end, CharClass.number) - i }
-    if CharClass.isOther(cls) {
-        var j = start + 1
-        while j < end, CharClass.isOther(c[j]) { j += 1 }
-        return j - i
-    }
-    return whitespaceMatchLength(c, i, end, lineBreaksFirst: false)
-}
-
-/// Length of the match of LLaMA-3's pattern at `i`:
-/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
-@inline(__always)
-private func llama3MatchLength(_ s: UnsafeBufferPointer<UInt32>, _ c: UnsafeBufferPointer<UInt8>, _ i: Int, _ end: Int) -> Int {
-    let ch = s[i]
-    if ch == 0x27, i + 1 < end {
-        let n = contractionLength(s, i, end, caseInsensitive: true)
-        if n > 0 { return n }
-    }
-    let cls = c[i]
-    if cls & CharClass.letter != 0 { return run(c, i, end, CharClass.letter) - i }
-    // One scalar that is not a line break, letter or number may lead a letter run.
-    if cls & (CharClass.lineBreak | CharClass.number) == 0, i + 1 < end, c[i + 1] & CharClass.letter != 0 {
-        return run(c, i + 1, end, CharClass.letter) - i
-    }
-    if cls & CharClass.number != 0 { return min(run(c, i, end, CharClass.number) - i, 3) }
-    let start = (ch == 0x20 && i + 1 < end && CharClass.isOther(c[i + 1])) ? i + 1 : i
-    if CharClass.isOther(c[start]) {
-        var j = start + 1
-        while j < end, CharClass.isOther(c[j]) { j += 1 }
-        return run(c, j, end, CharClass.lineBreak) - i
-    }
-    return whitespaceMatchLength(c, i, end, lineBreaksFirst: true)
-}
-
-/// `'s|'t|'re|'ve|'m|'ll|'d` at `i` (which holds an apostrophe); 0 when none matches.
-@inline(__always)
-private func contractionLength(_ s: UnsafeBufferPointer<UInt32>, _ i: Int, _ end: Int, caseInsensitive: Bool) -> Int {
-    func lower(_ v: UInt32) -> UInt32 { caseInsensitive && v >= 0x41 && v <= 0x5A ? v + 0x20 : v }
-    let a = lower(s[i + 1])
-    switch a {
-    case 0x73, 0x74, 0x6D, 0x64: return 2  // s t m d
-    default: break
-    }
-    guard i + 2 < end else { return 0 }
-    let b = lower(s[i + 2])
-    switch (a, b) {
-    case (0x72, 0x65), (0x76, 0x65), (0x6C, 0x6C): return 3  // re ve ll
-    default: return 0
-    }
-}
-
-/// End of the run of scalars having `flag`, starting at `i`.
-@inline(__always)
-private func run(_ c: UnsafeBufferPointer<UInt8>, _ i: Int, _ end: Int, _ flag: UInt8) -> Int {
-    var j = i
-    while j < end, c[j] & flag != 0 { j += 1 }
-    return j
-}
-
-/// The whitespace alternatives at `i` (a whitespace scalar): optionally `\s*[\r\n]+` (through the last line
-/// break of the run), then `\s+(?!\S)` (the run, less its last scalar when a non-space follows), then `\s+`.
-@inline(__always)
-private func whitespaceMatchLength(_ c: UnsafeBufferPointer<UInt8>, _ i: Int, _ end: Int, lineBreaksFirst: Bool) -> Int {
-    let r = run(c, i, end, CharClass.space)
-    if lineBreaksFirst {
-        var k = r - 1
-        while k >= i, c[k] & CharClass.lineBreak == 0 { k -= 1 }
-        if k >= i { return k + 1 - i }
-    }
-    if r == end { return r - i }
-    return r - i > 1 ? r - i - 1 : 1
 }

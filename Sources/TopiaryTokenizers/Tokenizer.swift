@@ -9,9 +9,9 @@ public protocol Tokenizer: Sendable {
     var addsBOS: Bool { get }
     /// Encodes text; `addBOS` nil means "as the tokenizer's own settings say" (addsBOS).
     func encode(_ text: String, addBOS: Bool?) -> [Int]
-    /// Decodes a whole id array. Control tokens (BOS, EOS, other special tokens) produce nothing, and ids
-    /// outside the vocabulary are skipped.
-    func decode(_ ids: [Int]) -> String
+    /// Decodes a whole id array; ids outside the vocabulary are skipped. Control tokens (BOS, EOS, other special
+    /// tokens) produce nothing when `skipSpecialTokens`, else their text (Hugging Face's skip_special_tokens).
+    func decode(_ ids: [Int], skipSpecialTokens: Bool) -> String
     /// A Hugging Face tokenizer.json (as Data, UTF-8 JSON) that reproduces this tokenizer, for `topiary convert`.
     func huggingFaceJSON() throws -> Data
 }
@@ -19,6 +19,9 @@ public protocol Tokenizer: Sendable {
 extension Tokenizer {
     /// Encodes as the tokenizer's own settings say.
     public func encode(_ text: String) -> [Int] { encode(text, addBOS: nil) }
+
+    /// Decodes with control tokens producing nothing.
+    public func decode(_ ids: [Int]) -> String { decode(ids, skipSpecialTokens: true) }
 }
 
 /// Everything that can be wrong with a tokenizer file or tokenizer data, naming the file (or, for

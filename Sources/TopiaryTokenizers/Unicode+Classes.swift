@@ -1,4 +1,4 @@
-/// The character classes the pre-tokenizer patterns use, as bit flags.
+/// The character classes of the Digits and WhitespaceSplit pre-tokenizers, Strip and added tokens, as bit flags.
 enum CharClass {
     /// \p{L}: general categories Lu, Ll, Lt, Lm, Lo.
     static let letter: UInt8 = 1
@@ -6,19 +6,13 @@ enum CharClass {
     static let number: UInt8 = 2
     /// \s: the Unicode White_Space property.
     static let space: UInt8 = 4
-    /// \r or \n.
-    static let lineBreak: UInt8 = 8
-
-    /// Neither letter, number nor whitespace: `[^\s\p{L}\p{N}]`.
-    @inline(__always) static func isOther(_ c: UInt8) -> Bool { c & (letter | number | space) == 0 }
 
     @inline(__always) static func of(_ v: UInt32) -> UInt8 {
         if v < 0x80 {
             switch v {
             case 0x61...0x7A, 0x41...0x5A: return letter
             case 0x30...0x39: return number
-            case 0x0A, 0x0D: return space | lineBreak
-            case 0x09, 0x0B, 0x0C, 0x20: return space
+            case 0x09...0x0D, 0x20: return space
             default: return 0
             }
         }
@@ -35,11 +29,12 @@ enum CharClass {
         }
     }
 
-    /// Classes of every scalar of a buffer, computed once so the matchers only compare bytes.
-    static func classify(_ scalars: [UInt32]) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: scalars.count)
-        for i in scalars.indices { out[i] = of(scalars[i]) }
-        return out
+    /// Classes of every scalar of a buffer, computed once so the splitters only compare bytes.
+    static func classify(_ scalars: UnsafeBufferPointer<UInt32>) -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: scalars.count) { out, count in
+            for i in scalars.indices { out[i] = of(scalars[i]) }
+            count = scalars.count
+        }
     }
 }
 
@@ -91,6 +86,37 @@ enum ByteLevelMap {
 extension Array where Element == UInt32 {
     /// The scalars of a string, as raw values (the form every encoder works on).
     init(scalarsOf text: some StringProtocol) {
+        // Native strings hold valid UTF-8, so their bytes decode directly (much faster than iterating
+        // unicodeScalars); other strings (bridged ones) take the general path.
+        let decoded: [UInt32]? = text.utf8.withContiguousStorageIfAvailable { u in
+            [UInt32](unsafeUninitializedCapacity: u.count) { out, count in
+                var i = 0, o = 0
+                let n = u.count
+                while i < n {
+                    let b0 = UInt32(u[i])
+                    if b0 < 0x80 {
+                        out[o] = b0
+                        i += 1
+                    } else if b0 < 0xE0 {
+                        out[o] = (b0 & 0x1F) << 6 | UInt32(u[i + 1] & 0x3F)
+                        i += 2
+                    } else if b0 < 0xF0 {
+                        out[o] = (b0 & 0x0F) << 12 | UInt32(u[i + 1] & 0x3F) << 6 | UInt32(u[i + 2] & 0x3F)
+                        i += 3
+                    } else {
+                        out[o] = (b0 & 0x07) << 18 | UInt32(u[i + 1] & 0x3F) << 12 | UInt32(u[i + 2] & 0x3F) << 6
+                            | UInt32(u[i + 3] & 0x3F)
+                        i += 4
+                    }
+                    o += 1
+                }
+                count = o
+            }
+        }
+        if let decoded {
+            self = decoded
+            return
+        }
         self.init()
         reserveCapacity(text.utf8.count)
         for s in text.unicodeScalars { append(s.value) }

@@ -3,6 +3,7 @@ import TopiaryCluster
 import TopiaryModel
 import TopiaryPrune
 import TopiaryTensor
+import TopiaryTokenizers
 
 /// Benchmarks that print ratios measured in one run: achieved rates over the machine's own
 /// measured sgemm rate, so figures compare across machines.
@@ -350,6 +351,59 @@ func benchTransfer(_ args: [String]) throws {
     print(String(format: "  ratio wire / raw (medians): %.2f", rawSeconds / wireSeconds))
 }
 
+/// Tokenizer throughput: a whole text file encoded at once, best of --repeats runs (the first run also
+/// warms the caches of the allocator). The tokenizer is a tokenizer.json (--tokenizer PATH) or the one
+/// stored in a GGUF file (--model PATH, the default model when neither is given); --dump FILE writes the
+/// ids, one per line, to compare tokenizers across versions.
+func benchTokenize(_ args: [String]) throws {
+    guard let textPath = argument("text", args) else { throw ToolFailure("bench tokenize: --text PATH is required") }
+    let repeats = Int(argument("repeats", args) ?? "3")!
+    let tokenizer: any Tokenizer
+    let source: String
+    let loadStart = now()
+    if let path = argument("tokenizer", args) {
+        tokenizer = try HuggingFaceTokenizer.load(path: path)
+        source = path
+    } else if let path = argument("model", args) {
+        tokenizer = try LanguageModel.ggufTokenizer(try GGUFFile(path: path))
+        source = path
+    } else {
+        throw ToolFailure("bench tokenize: --tokenizer PATH (tokenizer.json) or --model PATH (GGUF) is required")
+    }
+    let loadSeconds = now() - loadStart
+    guard let data = FileManager.default.contents(atPath: textPath) else { throw ToolFailure("bench tokenize: cannot read \(textPath)") }
+    let text = String(decoding: data, as: UTF8.self)
+    var ids: [Int] = []
+    // Wall and thread CPU seconds, best of the runs each: on a shared machine the CPU time is the steadier.
+    var seconds = Double.infinity, cpuSeconds = Double.infinity
+    for _ in 0..<max(repeats, 1) {
+        let cpu0 = threadCPUSeconds(), wall0 = now()
+        ids = tokenizer.encode(text, addBOS: false)
+        seconds = min(seconds, now() - wall0)
+        cpuSeconds = min(cpuSeconds, threadCPUSeconds() - cpu0)
+    }
+    print("tokenizer \(source) (loaded in \(String(format: "%.2f", loadSeconds)) s)")
+    print("text \(textPath): \(data.count) bytes")
+    print(String(format: "  tokens %d, seconds %.4f (best of %d), tokens/s %.0f, MB/s %.2f", ids.count, seconds, repeats,
+                 Double(ids.count) / seconds, Double(data.count) / seconds / 1e6))
+    print(String(format: "  thread CPU seconds %.4f (best of %d), tokens/s by CPU time %.0f", cpuSeconds, repeats,
+                 Double(ids.count) / cpuSeconds))
+    if let dump = argument("dump", args) {
+        var out = ""
+        out.reserveCapacity(ids.count * 6)
+        for id in ids { out += String(id); out += "\n" }
+        try Data(out.utf8).write(to: URL(fileURLWithPath: dump))
+        print("  ids written to \(dump)")
+    }
+}
+
+/// CPU seconds the calling thread has used.
+func threadCPUSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -364,8 +418,9 @@ do {
     case "sparsellm": try benchSparseLLM(Array(args.dropFirst()))
     case "transfer": try benchTransfer(Array(args.dropFirst()))
     case "besa": try benchBESA(Array(args.dropFirst()))
+    case "tokenize": try benchTokenize(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {

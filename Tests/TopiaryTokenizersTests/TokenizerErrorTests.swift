@@ -109,3 +109,33 @@ final class TokenizerErrorTests: XCTestCase {
         XCTAssertEqual(tok.encode("a c b", addBOS: nil), [0, 1])
     }
 }
+
+extension TokenizerErrorTests {
+    func splitTokenizer(_ regex: String) -> Data {
+        let escaped = regex.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+        return Data(#"""
+        {"model": {"vocab": {"a": 0}, "merges": []},
+         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "\#(escaped)"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]}}
+        """#.utf8)
+    }
+
+    func testUnsupportedSplitRegexIsNamed() throws {
+        let path = try temporaryFile("tokenizer.json", splitTokenizer(#"(?<=\s)\p{L}+|\s"#))
+        assertError({ try HuggingFaceTokenizer.load(path: path) },
+                    mentions: [path, "pre_tokenizer.pretokenizers[0].pattern.Regex", "lookbehind", "offset 0"]) {
+            if case .unsupported(let p, _, _, _) = $0 { return p == path } else { return false }
+        }
+        assertError({ try HuggingFaceTokenizer.load(json: self.splitTokenizer(#"\p{Greek}+"#), source: "t.json") },
+                    mentions: ["t.json", "pattern.Regex", #"\p{Greek}"#]) {
+            if case .unsupported = $0 { return true } else { return false }
+        }
+        assertError({ try HuggingFaceTokenizer.load(json: self.splitTokenizer("(ab|c"), source: "t.json") },
+                    mentions: ["t.json", "pattern.Regex", "unterminated group"]) {
+            if case .invalidValue = $0 { return true } else { return false }
+        }
+        // A supported pattern loads.
+        XCTAssertNoThrow(try HuggingFaceTokenizer.load(json: splitTokenizer(#"\p{L}+|\s+(?!\S)|\s+"#), source: "t.json"))
+    }
+}
