@@ -4,6 +4,7 @@ import TopiaryTensor
 /// The model families Topiary runs; each has one file under Families/ that knows its blocks.
 public enum Architecture: String, Sendable, Codable, CaseIterable {
     case llama, mistral, qwen2, qwen3, gemma2, phi3, mixtral, opt
+    case qwen3MoE = "qwen3_moe"
 
     /// The family file that knows this architecture's blocks, config and checkpoint names.
     public var family: any ModelFamily.Type {
@@ -15,6 +16,7 @@ public enum Architecture: String, Sendable, Codable, CaseIterable {
         case .gemma2: return Gemma2Family.self
         case .phi3: return Phi3Family.self
         case .mixtral: return MixtralFamily.self
+        case .qwen3MoE: return Qwen3MoEFamily.self
         case .opt: return OPTFamily.self
         }
     }
@@ -84,6 +86,12 @@ public struct ModelConfig: Sendable, Equatable, Codable {
     /// Mixture of experts (Mixtral): experts per block and experts chosen per token.
     public var expertCount = 0
     public var expertsPerToken = 0
+    /// Each expert's hidden width (Qwen3-MoE's moe_intermediate_size; 0: intermediateSize).
+    public var expertIntermediateSize = 0
+    /// The chosen experts' weights are renormalised to sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob).
+    public var normalizeTopK = true
+    /// Which blocks have experts (nil: all, when expertCount > 0); the others have a dense feed-forward.
+    public var expertLayers: [Bool]? = nil
     // OPT
     /// Pre-LN (OPT-125m and larger except 350m) when true; post-LN (OPT-350m) when false.
     public var layerNormBefore: Bool
@@ -122,6 +130,16 @@ public struct ModelConfig: Sendable, Equatable, Codable {
     }
 
     public var family: any ModelFamily.Type { architecture.family }
+
+    /// Whether block `i` has a mixture of experts.
+    public func hasExperts(block i: Int) -> Bool {
+        guard expertCount > 0 else { return false }
+        guard let expertLayers else { return true }
+        return i < expertLayers.count && expertLayers[i]
+    }
+
+    /// The hidden width of each expert.
+    public var expertWidth: Int { expertIntermediateSize > 0 ? expertIntermediateSize : intermediateSize }
     public var queryDim: Int { headCount * headDim }
     public var kvDim: Int { kvHeadCount * headDim }
 
@@ -158,7 +176,7 @@ public struct ModelConfig: Sendable, Equatable, Codable {
                            ("query_pre_attn_scalar", queryScaleBase)] {
             if let v { try check(v.isFinite && v > 0, field, "is \(v), expected a positive number or null") }
         }
-        if architecture == .mixtral {
+        if architecture == .mixtral || architecture == .qwen3MoE {
             try check(expertCount > 0, "num_local_experts", "is \(expertCount), expected a positive number")
             try check(expertsPerToken > 0 && expertsPerToken <= expertCount, "num_experts_per_tok",
                       "is \(expertsPerToken), expected 1...\(expertCount)")
@@ -393,6 +411,14 @@ public struct JSONFields {
         guard let v = present(key) else { return nil }
         guard let o = v as? [String: Any] else { throw invalid(key, v, "an object") }
         return JSONFields(path: path, json: o, prefix: prefix + key + ".")
+    }
+
+    func optionalIntList(_ key: String) throws -> [Int]? {
+        guard let v = present(key) else { return nil }
+        guard let list = v as? [Any] else { throw invalid(key, v, "a list of integers") }
+        let ids = list.compactMap(Self.integer)
+        guard ids.count == list.count else { throw invalid(key, v, "a list of integers") }
+        return ids
     }
 
     func optionalStringList(_ key: String) throws -> [String]? {

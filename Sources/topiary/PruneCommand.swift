@@ -57,9 +57,9 @@ enum PruneCommand: Command {
     report.json records each linear's learned sparsity; besa-sparsity.svg beside it draws them
     (blocks x projections).
 
-    Families: LLaMA-2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Phi-3, Mixtral and OPT. Biases and
+    Families: LLaMA-2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma-2, Phi-3, Mixtral, Qwen3-MoE and OPT. Biases and
     norms stay dense; Phi-3's fused qkv_proj and gate_up_proj are pruned as their q/k/v and
-    gate/up parts and written back fused. Mixture of experts (Mixtral): the router is not
+    gate/up parts and written back fused. Mixture of experts (Mixtral, Qwen3-MoE): the router is not
     pruned; each expert's linears are pruned from the calibration tokens routed to it
     (--moe-calibration routed, default) or from every token (all, so that rarely chosen
     experts get data; the block's output still uses the routing); SparseLLM and BESA work per

@@ -67,6 +67,83 @@ final class FamiliesCLITests: XCTestCase {
         }
     }
 
+    /// A Qwen3-MoE checkpoint as transformers 5 saves one (per-expert tensors, a dense block among
+    /// the expert blocks, top-k weights not renormalised), with random weights: written here
+    /// because ../shared has no such fixture. Its logits were compared with transformers by hand
+    /// (scripts/verify-transformers); here every method must run and keep the checkpoint's shape.
+    static func writeQwen3MoE(to dir: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let config = """
+        {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "decoder_sparse_step": 1, "dtype": "float32",
+         "head_dim": 32, "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 160, "max_position_embeddings": 256,
+         "mlp_only_layers": [1], "model_type": "qwen3_moe", "moe_intermediate_size": 48, "norm_topk_prob": false,
+         "num_attention_heads": 4, "num_experts_per_tok": 2, "num_hidden_layers": 3, "num_key_value_heads": 2,
+         "num_local_experts": 4, "rms_norm_eps": 1e-06, "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+         "sliding_window": null, "tie_word_embeddings": false, "use_sliding_window": false, "vocab_size": 512}
+        """
+        try Data(config.utf8).write(to: URL(fileURLWithPath: dir + "/config.json"))
+        var shapes: [(String, [Int])] = [("model.embed_tokens.weight", [512, 64]), ("model.norm.weight", [64]), ("lm_head.weight", [512, 64])]
+        for i in 0..<3 {
+            let p = "model.layers.\(i)."
+            shapes += [(p + "input_layernorm.weight", [64]), (p + "post_attention_layernorm.weight", [64]),
+                       (p + "self_attn.q_proj.weight", [128, 64]), (p + "self_attn.k_proj.weight", [64, 64]),
+                       (p + "self_attn.v_proj.weight", [64, 64]), (p + "self_attn.o_proj.weight", [64, 128]),
+                       (p + "self_attn.q_norm.weight", [32]), (p + "self_attn.k_norm.weight", [32])]
+            if i == 1 {
+                shapes += [(p + "mlp.gate_proj.weight", [160, 64]), (p + "mlp.up_proj.weight", [160, 64]), (p + "mlp.down_proj.weight", [64, 160])]
+            } else {
+                shapes.append((p + "mlp.gate.weight", [4, 64]))
+                for e in 0..<4 {
+                    shapes += [(p + "mlp.experts.\(e).gate_proj.weight", [48, 64]), (p + "mlp.experts.\(e).up_proj.weight", [48, 64]),
+                               (p + "mlp.experts.\(e).down_proj.weight", [64, 48])]
+                }
+            }
+        }
+        var header: [String: Any] = ["__metadata__": ["format": "pt"]]
+        var payload = Data()
+        var state: UInt64 = 7
+        for (name, shape) in shapes.sorted(by: { $0.0 < $1.0 }) {
+            let count = shape.reduce(1, *)
+            let start = payload.count
+            for _ in 0..<count {
+                state = state &* 6364136223846793005 &+ 1442695040888963407
+                let u = Float(state >> 40) / Float(1 << 24) - 0.5
+                var v = name.hasSuffix("norm.weight") ? 1 + 0.2 * u : 0.4 * u
+                withUnsafeBytes(of: &v) { payload.append(contentsOf: $0) }
+            }
+            header[name] = ["dtype": "F32", "shape": shape, "data_offsets": [start, payload.count]]
+        }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while json.count % 8 != 0 { json.append(UInt8(ascii: " ")) }
+        var length = UInt64(json.count).littleEndian
+        var file = Data(bytes: &length, count: 8)
+        file.append(json)
+        file.append(payload)
+        try file.write(to: URL(fileURLWithPath: dir + "/model.safetensors"))
+    }
+
+    func testQwen3MoEPrunedByEveryMethodKeepsItsCheckpointShape() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let ids = try tokenFile(dir)
+        let source = dir.appendingPathComponent("tiny-qwen3-moe").path
+        try Self.writeQwen3MoE(to: source)
+        let sourceTensors = try Self.tensors(source)
+        for run in Self.runs {
+            let out = dir.appendingPathComponent("out-\(run.method)-\(run.options[1])").path
+            let r = try CLI.run(["prune", "--model", source, "--method", run.method] + run.options +
+                                ["--calib", ids, "--calib-samples", "4", "--calib-seqlen", "32", "--output", out, "--json"])
+            XCTAssertEqual(r.status, 0, "\(run.method): \(r.stderr)")
+            guard r.status == 0 else { continue }
+            // Wanda and magnitude keep int(48 * 0.6) = 28 of a down_proj row's 48 weights: 0.583.
+            XCTAssertEqual(r.json?["sparsity"] as? Double ?? 0, run.sparsity, accuracy: 0.012, run.method)
+            XCTAssertEqual(try Self.tensors(out), sourceTensors, run.method)
+            XCTAssertEqual(try Self.config(out), try Self.config(source), run.method)
+            let report = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + "/report.json"))) as! [String: Any]
+            let blocks = report["blocks"] as! [[String: Any]]
+            XCTAssertEqual(blocks.map { ($0["expert_tokens"] as? [Int])?.reduce(0, +) }, [2 * 4 * 32, nil, 2 * 4 * 32], run.method)
+        }
+    }
+
     /// Mixtral: report.json counts the tokens each expert's statistics saw: top-2 of 4 routed
     /// (2 per token in all), or every token with --moe-calibration all.
     func testExpertTokensFollowTheCalibrationMode() throws {

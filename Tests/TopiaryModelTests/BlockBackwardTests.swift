@@ -28,6 +28,12 @@ final class BlockBackwardTests: XCTestCase {
         case .mixtral:
             c.expertCount = 4
             c.expertsPerToken = 2
+        case .qwen3MoE:
+            c.qkNorm = true
+            c.expertCount = 4
+            c.expertsPerToken = 2
+            c.expertIntermediateSize = 12
+            c.normalizeTopK = false
         default: break
         }
         return c
@@ -68,11 +74,14 @@ final class BlockBackwardTests: XCTestCase {
     func testMistralSlidingWindowGradients() { check(Self.config(.mistral), seed: 7) }
     func testGemma2Gradients() { check(Self.config(.gemma2), seed: 8) }
     func testMixtralExpertGradients() { check(Self.config(.mixtral), seed: 9) }
+    /// Qwen3-MoE: experts of their own width, top-k weights not renormalised.
+    func testQwen3MoEExpertGradients() { check(Self.config(.qwen3MoE), seed: 10) }
 
     /// The recording forward is the model's forward, to the bit.
     func testRecordingForwardEqualsForward() {
         let configs = [Self.config(.llama), Self.config(.llama, layout: .adjacentPairs), Self.config(.opt), Self.config(.opt, preLN: false),
-                       Self.config(.qwen2), Self.config(.qwen3), Self.config(.mistral), Self.config(.gemma2), Self.config(.mixtral)]
+                       Self.config(.qwen2), Self.config(.qwen3), Self.config(.mistral), Self.config(.gemma2), Self.config(.mixtral),
+                       Self.config(.qwen3MoE)]
         for (i, c) in configs.enumerated() {
             let block = Self.randomBlock(c, seed: 10 + UInt64(i))
             let x = Self.randomMatrix(Self.sequences * Self.sequenceLength, c.hiddenSize, seed: 20 + UInt64(i))
@@ -310,19 +319,23 @@ struct ReferenceBlock {
         return linear(zip(g, u).map { activation($0) * $1 }, down)
     }
 
-    /// Mixtral's mixture: top-k experts of the router's softmax, weights renormalised.
+    /// The mixture: top-k experts of the router's softmax, weights renormalised (Mixtral) or the
+    /// plain probabilities (Qwen3-MoE without norm_topk_prob).
     func mixture(_ b: [Double]) -> [Double] {
         let h = config.hiddenSize, e = config.expertCount
-        let logits = linear(b, prefix + "block_sparse_moe.gate")
+        let mixtral = config.architecture == .mixtral
+        let logits = linear(b, prefix + (mixtral ? "block_sparse_moe.gate" : "mlp.gate"))
         var out = [Double](repeating: 0, count: b.count)
         for t in 0..<(b.count / h) {
             let row = Array(logits[(t * e)..<((t + 1) * e)])
             let chosen = (0..<e).sorted { row[$0] > row[$1] }.prefix(config.expertsPerToken)
-            let total = chosen.reduce(0.0) { $0 + exp(row[$1]) }
+            let total = config.normalizeTopK ? chosen.reduce(0.0) { $0 + exp(row[$1]) } : row.reduce(0.0) { $0 + exp($1) }
             let x = Array(b[(t * h)..<((t + 1) * h)])
             for j in chosen {
-                let p = prefix + "block_sparse_moe.experts.\(j)."
-                let y = gatedMLP(x, gate: p + "w1", up: p + "w3", down: p + "w2")
+                let y = mixtral ? gatedMLP(x, gate: prefix + "block_sparse_moe.experts.\(j).w1", up: prefix + "block_sparse_moe.experts.\(j).w3",
+                                           down: prefix + "block_sparse_moe.experts.\(j).w2")
+                    : gatedMLP(x, gate: prefix + "mlp.experts.\(j).gate_proj", up: prefix + "mlp.experts.\(j).up_proj",
+                               down: prefix + "mlp.experts.\(j).down_proj")
                 for c in 0..<h { out[t * h + c] += exp(row[j]) / total * y[c] }
             }
         }
@@ -333,7 +346,7 @@ struct ReferenceBlock {
         let p = prefix
         func add(_ a: [Double], _ b: [Double]) -> [Double] { zip(a, b).map { $0 + $1 } }
         switch config.architecture {
-        case .llama, .mistral, .qwen2, .qwen3, .phi3, .mixtral, .gemma2:
+        case .llama, .mistral, .qwen2, .qwen3, .phi3, .mixtral, .gemma2, .qwen3MoE:
             let gemma = config.architecture == .gemma2
             let a = rmsNorm(x, vectors[p + "input_layernorm.weight"]!)
             var q = linear(a, p + "self_attn.q_proj"), k = linear(a, p + "self_attn.k_proj")
@@ -348,7 +361,7 @@ struct ReferenceBlock {
             if gemma { attended = rmsNorm(attended, vectors[p + "post_attention_layernorm.weight"]!) }
             let h = add(x, attended)
             let b = rmsNorm(h, vectors[p + (gemma ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight")]!)
-            var f = config.architecture == .mixtral ? mixture(b)
+            var f = config.hasExperts(block: 0) ? mixture(b)
                 : gatedMLP(b, gate: p + "mlp.gate_proj", up: p + "mlp.up_proj", down: p + "mlp.down_proj")
             if gemma { f = rmsNorm(f, vectors[p + "post_feedforward_layernorm.weight"]!) }
             return add(h, f)

@@ -64,133 +64,17 @@ public enum MixtralFamily: ModelFamily {
     }
 
     public static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
-        llamaForward(b, x, &pass) { f, pass in experts(b, f, &pass) }
+        let moe = mixture(b.config, block: b.index)
+        return llamaForward(b, x, &pass) { f, pass in moe.forward(b, f, &pass) }
     }
 
     public static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix] {
-        llamaBackward(b, dy, tape) { dy, grads in expertsBackward(b, dy, tape, into: &grads) }
+        let moe = mixture(b.config, block: b.index)
+        return llamaBackward(b, dy, tape) { dy, grads in moe.backward(b, dy, tape, into: &grads) }
     }
 
-    /// Per token: the top-k experts by router probability and their renormalised weights.
-    static func route(_ b: DecoderBlock, _ x: Matrix) -> (experts: [Int], weights: [Float]) {
-        let c = b.config
-        let k = c.expertsPerToken
-        var logits = Linalg.linear(x, b.tensor(router(block: b.index)))
-        var chosen = [Int](repeating: 0, count: x.rows * k)
-        var weights = [Float](repeating: 0, count: x.rows * k)
-        logits.withUnsafeMutableBufferPointer { pl in
-            for r in 0..<x.rows {
-                let row = pl.baseAddress! + r * c.expertCount
-                Kernels.softmax(row, c.expertCount)
-                // Top k, largest first; ties to the lower index.
-                var taken = [Bool](repeating: false, count: c.expertCount)
-                var sum: Float = 0
-                for s in 0..<k {
-                    var best = -1
-                    for e in 0..<c.expertCount where !taken[e] && (best < 0 || row[e] > row[best]) { best = e }
-                    taken[best] = true
-                    chosen[r * k + s] = best
-                    weights[r * k + s] = row[best]
-                    sum += row[best]
-                }
-                for s in 0..<k { weights[r * k + s] /= sum }
-            }
-        }
-        return (chosen, weights)
-    }
-
-    /// The mixture: each expert runs on its tokens, and its output, times the token's weight
-    /// for it, is added in expert order.
-    static func experts(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
-        let c = b.config
-        let k = c.expertsPerToken
-        let (chosen, weights) = route(b, x)
-        pass.keep("moe.in", x)
-        pass.keep(indices: "moe.chosen", chosen)
-        pass.keep("moe.weights", Matrix(rows: x.rows, cols: k, values: weights))
-        var out = Matrix(rows: x.rows, cols: c.hiddenSize)
-        for e in 0..<c.expertCount {
-            var rows: [Int] = []
-            var rowWeights: [Float] = []
-            for r in 0..<x.rows {
-                for s in 0..<k where chosen[r * k + s] == e {
-                    rows.append(r)
-                    rowWeights.append(weights[r * k + s])
-                }
-            }
-            let mlp = expert(c, block: b.index, e)
-            var y: Matrix
-            if pass.observer != nil && pass.expertCalibration == .all {
-                // Statistics from every token; the output from the routed ones.
-                y = mlp.forward(b, x, &pass).gatherRows(rows)
-            } else {
-                guard !rows.isEmpty else { continue }
-                y = mlp.forward(b, x.gatherRows(rows), &pass)
-            }
-            pass.keep(indices: "moe.\(e).rows", rows)
-            pass.keep("moe.\(e).y", y)
-            let h = c.hiddenSize
-            out.withUnsafeMutableBufferPointer { po in
-                y.withUnsafeMutableBufferPointer { py in
-                    for (j, r) in rows.enumerated() {
-                        let src = py.baseAddress! + j * h
-                        for col in 0..<h { src[col] *= rowWeights[j] }
-                        Kernels.add(src, into: po.baseAddress! + r * h, h)
-                    }
-                }
-            }
-        }
-        return out
-    }
-
-    /// Weight gradients of every expert's linears; returns ∂L/∂x through the experts and the router.
-    static func expertsBackward(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape, into grads: inout [String: Matrix]) -> Matrix {
-        let c = b.config
-        let k = c.expertsPerToken
-        let h = c.hiddenSize
-        let x = tape.value("moe.in")
-        let chosen = tape.indices["moe.chosen"]!
-        let weights = tape.value("moe.weights")
-        var dx = Matrix(rows: x.rows, cols: h)
-        var dWeights = Matrix(rows: x.rows, cols: k)
-        for e in 0..<c.expertCount {
-            let mlp = expert(c, block: b.index, e)
-            guard let rows = tape.indices["moe.\(e).rows"], !rows.isEmpty else {
-                // No token reached this expert: its weights do not affect the output.
-                for (name, spec) in [(mlp.gate, (c.intermediateSize, h)), (mlp.up, (c.intermediateSize, h)), (mlp.down, (h, c.intermediateSize))] {
-                    grads[name] = Matrix(rows: spec.0, cols: spec.1)
-                }
-                continue
-            }
-            let y = tape.value("moe.\(e).y")
-            var dyExpert = dy.gatherRows(rows)
-            dyExpert.withUnsafeMutableBufferPointer { pd in
-                for (j, r) in rows.enumerated() {
-                    let slot = (0..<k).first { chosen[r * k + $0] == e }!
-                    let row = pd.baseAddress! + j * h
-                    // ∂L/∂(weight) = ⟨∂L/∂out_r, y_r⟩, then the expert sees ∂L/∂out_r · weight.
-                    var dot: Float = 0
-                    y.withUnsafeBufferPointer { py in for col in 0..<h { dot += row[col] * py[j * h + col] } }
-                    dWeights[r, slot] += dot
-                    let w = weights[r, slot]
-                    for col in 0..<h { row[col] *= w }
-                }
-            }
-            let dxExpert = mlp.backward(b, dyExpert, tape, into: &grads)
-            dx.withUnsafeMutableBufferPointer { px in
-                dxExpert.withUnsafeBufferPointer { pe in
-                    for (j, r) in rows.enumerated() { Kernels.add(pe.baseAddress! + j * h, into: px.baseAddress! + r * h, h) }
-                }
-            }
-        }
-        // weights = softmax over the chosen logits: ∂l_i = w_i (∂w_i − Σ_j w_j ∂w_j).
-        var dLogits = Matrix(rows: x.rows, cols: c.expertCount)
-        for r in 0..<x.rows {
-            var dot: Float = 0
-            for s in 0..<k { dot += weights[r, s] * dWeights[r, s] }
-            for s in 0..<k { dLogits[r, chosen[r * k + s]] = weights[r, s] * (dWeights[r, s] - dot) }
-        }
-        Linalg.gemm(dLogits, .none, b.tensor(router(block: b.index)), .none, beta: 1, into: &dx)
-        return dx
+    static func mixture(_ c: ModelConfig, block i: Int) -> ExpertMixture {
+        ExpertMixture(router: router(block: i), experts: (0..<c.expertCount).map { expert(c, block: i, $0) },
+                      topK: c.expertsPerToken, normalize: true)
     }
 }
