@@ -95,9 +95,10 @@ public final class LanguageModel: Sendable {
         switch pre {
         case "smollm", "starcoder", "refact", "codeshell": preTokenizer = .smollm
         case "llama-bpe", "llama3": preTokenizer = .llama3
+        case "qwen2": preTokenizer = .qwen2
         case "gpt2", "default": preTokenizer = .gpt2
         default:
-            throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.pre", detail: "is '\(pre)', which is not supported (gpt2, smollm, llama-bpe)")
+            throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.pre", detail: "is '\(pre)', which is not supported (gpt2, smollm, llama-bpe, qwen2); pass --tokenizer tokenizer.json")
         }
         guard let tokens = meta["tokenizer.ggml.tokens"]?.stringArray else {
             throw CheckpointError.missingField(path: gguf.path, field: "tokenizer.ggml.tokens")

@@ -12,6 +12,8 @@ public final class ByteLevelBPETokenizer: Tokenizer {
         case smollm
         /// LLaMA-3's pattern (numbers in groups of up to three); a piece that is a token is not merged.
         case llama3
+        /// Qwen2's: NFC, then LLaMA-3's pattern with single digits; a piece that is a token is not merged.
+        case qwen2
     }
 
     let pipeline: BPEPipeline
@@ -57,7 +59,7 @@ public final class ByteLevelBPETokenizer: Tokenizer {
         }
         let model = BPEModel(tokens: tokens, merges: pairs, byteFallback: false,
                              unknownToken: unknownID.map { tokens[$0] }, fuseUnknown: false,
-                             ignoreMerges: preTokenizer == .llama3)
+                             ignoreMerges: preTokenizer == .llama3 || preTokenizer == .qwen2)
         var added: [AddedToken] = []
         if let specialTokens {
             for s in specialTokens {
@@ -81,10 +83,12 @@ public final class ByteLevelBPETokenizer: Tokenizer {
             steps = [.split(.digit, behavior: .isolated, invert: false), .byteLevel(addPrefixSpace: false, useRegex: true)]
         case .llama3:
             steps = [.split(.llama3, behavior: .isolated, invert: false), .byteLevel(addPrefixSpace: false, useRegex: false)]
+        case .qwen2:
+            steps = [.split(.qwen2, behavior: .isolated, invert: false), .byteLevel(addPrefixSpace: false, useRegex: false)]
         }
         self.preTokenizer = preTokenizer
         pipeline = BPEPipeline(
-            model: model, addedTokens: added, normalizers: [], preTokenizers: steps, decoders: [.byteLevel],
+            model: model, addedTokens: added, normalizers: preTokenizer == .qwen2 ? [.nfc] : [], preTokenizers: steps, decoders: [.byteLevel],
             prefixIDs: addsBOS ? [Int32(bosID!)] : [], suffixIDs: [],
             bosID: bosID.map { Int32($0) }, eosID: eosID.map { Int32($0) })
     }

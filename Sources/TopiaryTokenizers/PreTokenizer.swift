@@ -39,16 +39,22 @@ enum SplitPattern: Sendable {
     static let llama3Source =
         #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
 
+    static let qwen2Source =
+        #"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"#
+
     /// GPT-2's pattern (also what a ByteLevel pre-tokenizer with use_regex splits by).
     static let gpt2 = SplitPattern.regex(SplitRegex.gpt2)
     /// LLaMA-3's pattern (numbers in groups of up to three).
     static let llama3 = SplitPattern.regex(SplitRegex.llama3)
+    /// Qwen2's pattern (single digits).
+    static let qwen2 = SplitPattern.regex(SplitRegex.qwen2)
 }
 
 extension SplitRegex {
     // Both patterns are constants that the tests compile; failing here would be a bug in the engine.
     static let gpt2 = try! SplitRegex(SplitPattern.gpt2Source)
     static let llama3 = try! SplitRegex(SplitPattern.llama3Source)
+    static let qwen2 = try! SplitRegex(SplitPattern.qwen2Source)
 }
 
 /// NSRegularExpression (for Replace normalizers and decoders) is immutable and documented as safe to share

@@ -67,3 +67,37 @@ final class RegexSplitFixtureTests: XCTestCase {
         check(reloaded, cases, "re-exported qwen2", specials: specials)
     }
 }
+
+/// A Qwen2 tokenizer as llama.cpp stores it in a GGUF file (`tokenizer.ggml.pre` = qwen2: vocab, merges
+/// and token types; the pattern implied) gives the ids Hugging Face gives with its tokenizer.json.
+final class GGUFQwen2PresetTests: XCTestCase {
+    func testQwen2PresetMatchesTheTokenizerJSON() throws {
+        let path = TestPaths.fixture("tokenizer-qwen2/tokenizer.json")
+        let expectedPath = TestPaths.fixture("tokenizer-qwen2/expected.json")
+        for p in [path, expectedPath] where !FileManager.default.fileExists(atPath: p) { throw MissingAsset(p) }
+        let json = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as! [String: Any]
+        let model = json["model"] as! [String: Any]
+        let vocab = model["vocab"] as! [String: Int]
+        var tokens = [String](repeating: "", count: vocab.count)
+        for (t, id) in vocab { tokens[id] = t }
+        var types = [Int](repeating: 1, count: tokens.count)
+        for added in json["added_tokens"] as? [[String: Any]] ?? [] {
+            let id = added["id"] as! Int
+            if id >= tokens.count {
+                tokens += [String](repeating: "", count: id - tokens.count + 1)
+                types += [Int](repeating: 1, count: id - types.count + 1)
+            }
+            tokens[id] = added["content"] as! String
+            types[id] = (added["special"] as? Bool ?? false) ? 3 : 4
+        }
+        let merges = (model["merges"] as! [Any]).map { m -> String in
+            if let s = m as? String { return s }
+            return (m as! [String]).joined(separator: " ")
+        }
+        let tokenizer = try ByteLevelBPETokenizer(tokens: tokens, merges: merges, tokenTypes: types, preTokenizer: .qwen2,
+                                                  bosID: nil, eosID: nil, unknownID: nil, addsBOS: false)
+        let cases = try JSONDecoder().decode(RegexSplitFixtureTests.Expected.self, from: Data(contentsOf: URL(fileURLWithPath: expectedPath))).cases
+        XCTAssertGreaterThanOrEqual(cases.count, 8)
+        for c in cases { XCTAssertEqual(tokenizer.encode(c.text, addBOS: false), c.ids_no_special, c.text.debugDescription) }
+    }
+}
