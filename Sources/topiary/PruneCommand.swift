@@ -106,7 +106,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "run-dir", value: "DIR", help: "run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
         OptionSpec(name: "resume", value: "DIR", help: "continue the run in DIR with its options (exit code 75 means: resume me)"),
         OptionSpec(name: "weights", value: "HOW", help: "path (default: workers read the model themselves) or send (the coordinator sends each range's weights)"),
-        OptionSpec(name: "connect-timeout", value: "S", help: "keep trying to reach --hosts workers for S seconds (default 60)"),
+        OptionSpec(name: "connect-timeout", value: "S", help: "reach and authenticate each --hosts worker within S seconds (default 60)"),
         OptionSpec(name: "heartbeat-interval", value: "S", help: "seconds between a busy worker's heartbeats (default 5)"),
         OptionSpec(name: "heartbeat-timeout", value: "S", help: "silence after which a worker counts as lost (default 60)"),
         OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),

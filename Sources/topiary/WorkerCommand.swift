@@ -2,10 +2,15 @@ import Foundation
 import TopiaryCluster
 import TopiaryModel
 
-/// The shared secret from --secret-file or TOPIARY_SECRET; none means loopback only.
+/// The shared secret from --secret-file or TOPIARY_SECRET; none means loopback only. A secret
+/// that cannot be used (a file group or others can read, too short) is an error naming it.
 func loadSecret(_ args: ParsedArguments) throws -> SharedSecret? {
-    if let file = args.string("secret-file") { return try SharedSecret.load(file: file) }
-    return try SharedSecret.fromEnvironment()
+    do {
+        if let file = args.string("secret-file") { return try SharedSecret.load(file: file) }
+        return try SharedSecret.fromEnvironment()
+    } catch let e as SecretError {
+        throw ToolError("\(e)")
+    }
 }
 
 /// Without a configured secret, peers on loopback still run the handshake (so the protocol has
@@ -16,19 +21,24 @@ let loopbackSecret = try! SharedSecret(bytes: Array("topiary-unauthenticated-loo
 enum WorkerCommand: Command {
     static let name = "worker"
     static let summary = "serve pruning work to a coordinator ('topiary prune --hosts')"
-    static let usage = "topiary worker --listen HOST:PORT [--secret-file F] [--work-dir D]"
+    static let usage = "topiary worker --listen HOST:PORT [--secret-file F] [--work-dir D] [--handshake-timeout S]"
     static let details = """
     Listens for a coordinator, authenticates it (HMAC-SHA256 challenge-response in both directions
     over the shared secret from --secret-file or TOPIARY_SECRET), and prunes the block ranges it is
     given, reading the model from the path the coordinator names (a shared filesystem). Without a
     secret it listens on loopback addresses only, and says so. Port 0 picks a free port; the
-    first line on stdout is "listening on HOST:PORT". Serves one coordinator at a time, until
-    killed.
+    first line on stdout is "listening on HOST:PORT". The secret file must be readable by its
+    owner only (mode 0600) and hold at least 16 bytes; one trailing newline is not part of it.
+    Each connection is served on its own thread: a connection must authenticate within
+    --handshake-timeout seconds (at most 64 may be authenticating at once; one more closes the
+    oldest), so an idle, slow or hostile peer never delays a coordinator. Jobs of several
+    coordinators compute one at a time. Runs until killed.
     """
     static let options = [
         OptionSpec(name: "listen", value: "HOST:PORT", help: "address to listen on (e.g. 0.0.0.0:7100, 127.0.0.1:0)"),
-        OptionSpec(name: "secret-file", value: "F", help: "file holding the cluster's shared secret (mode 0600)"),
+        OptionSpec(name: "secret-file", value: "F", help: "file holding the cluster's shared secret (mode 0600, at least 16 bytes)"),
         OptionSpec(name: "work-dir", value: "D", help: "directory for spilled activations (default: the system's temporary directory)"),
+        OptionSpec(name: "handshake-timeout", value: "S", help: "seconds a connection has to authenticate (default 10)"),
         OptionSpec(name: "parent-pid", value: "P", help: "exit when process P, the parent, ends (set by 'prune --workers')"),
         CommonOptions.threads,
     ]
@@ -36,13 +46,20 @@ enum WorkerCommand: Command {
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
         let endpoint = try Endpoint(parsing: try args.required("listen"))
+        let handshakeTimeout = try args.double("handshake-timeout") ?? 10
+        guard handshakeTimeout.isFinite, handshakeTimeout > 0, handshakeTimeout <= 3600 else {
+            throw UsageError(message: "topiary worker: --handshake-timeout must be more than 0 and at most 3600 seconds, got \(handshakeTimeout)")
+        }
         if let parent = try args.int("parent-pid", min: 1) {
             // A local worker of a coordinator that was killed (SIGKILL cannot be cleaned up
             // after) must not stay behind: it goes when its parent goes.
             guard getppid() == pid_t(parent) else { throw ToolError("topiary worker: parent process \(parent) is gone") }
             Thread.detachNewThread {
                 while getppid() == pid_t(parent) { sleep(1) }
-                exit(0)
+                // _exit, not exit: exit runs library destructors, and OpenBLAS's joins its
+                // threads, which can hang when BLAS ran on a connection's thread that is gone.
+                // The worker has nothing to flush.
+                _exit(0)
             }
         }
         var secret = try loadSecret(args)
@@ -58,17 +75,10 @@ enum WorkerCommand: Command {
         FileHandle.standardOutput.write(Data("listening on \(listener.endpoint)\n".utf8))
         let workDir = args.string("work-dir") ?? (NSTemporaryDirectory() as NSString).appendingPathComponent("topiary-worker-\(getpid())")
         let service = WorkerService(name: "worker@\(listener.endpoint)", workDirectory: workDir)
-        while true {
-            guard let c = try listener.accept(connectionTimeout: 24 * 3600) else { continue }
-            do {
-                let peer = try c.acceptHandshake(secret: secret!, name: service.name)
-                Console.info("topiary worker: serving \(peer) (\(c.peer))")
-                try service.serve(c)
-            } catch {
-                Console.error("topiary worker: connection from \(c.peer) ended: \(error)")
-            }
-            c.close()
-        }
+        let server = WorkerServer(listener: listener, secret: secret!, service: service)
+        server.handshakeTimeout = handshakeTimeout
+        server.log = { Console.error("topiary worker: \($0)") }
+        server.run()
     }
 }
 
@@ -101,6 +111,14 @@ final class WorkerPool {
             pool.links = [InProcessWorker(model: model)]
             return pool
         }
+        // Every phase runs under a limit: reaching a worker and its handshake under
+        // --connect-timeout, everything after (assignment, computing, transfers) under
+        // --heartbeat-timeout; an error names the worker and the phase.
+        let connectTimeout = try args.double("connect-timeout") ?? 60
+        guard connectTimeout.isFinite, connectTimeout > 0 else {
+            throw UsageError(message: "topiary prune: --connect-timeout must be a positive number of seconds, got \(connectTimeout)")
+        }
+        let heartbeatTimeout = try args.double("heartbeat-timeout") ?? 60
         for e in endpoints {
             let useSecret: SharedSecret
             if let secret { useSecret = secret } else {
@@ -109,10 +127,9 @@ final class WorkerPool {
                 }
                 useSecret = loopbackSecret
             }
-            // Workers started by the same job script may still be starting: retry for a while.
-            let c = try connectWithRetry(to: e, within: try args.double("connect-timeout") ?? 60)
-            c.timeout = 24 * 3600
-            let name = try c.authenticate(secret: useSecret, name: "coordinator", role: 0)
+            let (c, name) = try connectAndAuthenticate(to: e, secret: useSecret, within: connectTimeout)
+            c.timeout = heartbeatTimeout
+            c.frameTimeout = max(120, heartbeatTimeout)
             let remote = RemoteWorker(connection: c, name: name, model: model, tokenizerPath: tokenizerPath)
             pool.remotes.append(remote)
             pool.links.append(remote)
@@ -120,19 +137,47 @@ final class WorkerPool {
         return pool
     }
 
-    static func connectWithRetry(to e: Endpoint, within seconds: Double) throws -> Connection {
+    /// Connects to a worker and authenticates, all within `seconds`. Workers started by the same
+    /// job script may still be starting, so a refused connection, or one closed before the
+    /// handshake began (a worker busy with too many unauthenticated peers), is tried again
+    /// until the time is up; a worker that accepts and never answers fails at that time.
+    static func connectAndAuthenticate(to e: Endpoint, secret: SharedSecret, within seconds: Double) throws -> (Connection, String) {
         let deadline = Date().addingTimeInterval(seconds)
         var pause = 0.1
+        var lastError: Error?
+        // An error's text without the address in front (the message names the worker already).
+        func text(_ error: Error) -> String {
+            let t = "\(error)"
+            return t.hasPrefix("\(e): ") ? String(t.dropFirst("\(e): ".count)) : t
+        }
         while true {
-            do { return try Connection.connect(to: e, timeout: 10) } catch {
-                guard Date() < deadline else {
-                    throw ToolError("topiary prune: cannot reach worker \(e) within \(Int(seconds)) s: \(error)")
-                }
-                Thread.sleep(forTimeInterval: pause)
+            let remaining = deadline.timeIntervalSinceNow
+            if remaining <= 0 {
+                throw ToolError("worker \(e): connect: cannot reach it within \(secondsText(seconds)) s: \(lastError.map { text($0) } ?? "no attempt")")
+            }
+            let c: Connection
+            do { c = try Connection.connect(to: e, timeout: min(10, remaining)) } catch {
+                lastError = error
+                Thread.sleep(forTimeInterval: min(pause, max(0, deadline.timeIntervalSinceNow)))
                 pause = min(pause * 2, 2)
+                continue
+            }
+            do {
+                let name = try c.authenticate(secret: secret, name: "coordinator", role: 0, within: max(0.001, deadline.timeIntervalSinceNow))
+                return (c, name)
+            } catch WireError.connection(let text) where text.hasSuffix("connection closed") {
+                c.close()
+                lastError = WireError.connection("\(text) during the handshake")
+                Thread.sleep(forTimeInterval: min(pause, max(0, deadline.timeIntervalSinceNow)))
+                pause = min(pause * 2, 2)
+            } catch {
+                c.close()
+                throw ToolError("worker \(e): handshake: \(text(error))")
             }
         }
     }
+
+    static func secondsText(_ s: Double) -> String { s == s.rounded() && abs(s) < 1e15 ? String(Int(s)) : String(format: "%.3g", s) }
 
     static func startLocalWorker(secret: SharedSecret, threads: String? = nil) throws -> (Process, Endpoint) {
         let p = Process()

@@ -35,6 +35,7 @@ final class DistributedCLITests: XCTestCase {
         let dir = try CLI.temporaryDirectory(self)
         let secretFile = dir.appendingPathComponent("secret").path
         try "0123456789abcdef0123456789abcdef".write(toFile: secretFile, atomically: true, encoding: .utf8)
+        XCTAssertEqual(chmod(secretFile, 0o600), 0)   // a secret file others can read is refused
         var workers: [Process] = []
         var endpoints: [String] = []
         defer { for w in workers where w.isRunning { w.terminate(); w.waitUntilExit() } }
@@ -51,6 +52,7 @@ final class DistributedCLITests: XCTestCase {
         // A coordinator with the wrong secret is refused.
         let wrong = dir.appendingPathComponent("wrong").path
         try "not-the-cluster-secret-at-all-00".write(toFile: wrong, atomically: true, encoding: .utf8)
+        XCTAssertEqual(chmod(wrong, 0o600), 0)
         let refused = try CLI.run(args(dir.appendingPathComponent("refused").path) + ["--hosts", endpoints[0], "--secret-file", wrong])
         XCTAssertEqual(refused.status, 1)
         XCTAssertTrue(refused.stderr.contains("did not prove knowledge of the shared secret"), refused.stderr)

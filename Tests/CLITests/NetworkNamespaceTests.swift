@@ -50,6 +50,7 @@ final class NetworkNamespaceTests: XCTestCase {
         let dir = try CLI.temporaryDirectory(self)
         let secretFile = dir.appendingPathComponent("secret").path
         try "netns-test-secret-0123456789abcdef".write(toFile: secretFile, atomically: true, encoding: .utf8)
+        XCTAssertEqual(chmod(secretFile, 0o600), 0)   // a secret file others can read is refused
         var workers: [Process] = []
         defer { for w in workers where w.isRunning { w.terminate() } }
         var endpoints: [String] = []

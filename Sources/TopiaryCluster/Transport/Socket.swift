@@ -67,18 +67,43 @@ public struct Endpoint: Equatable, Sendable, CustomStringConvertible {
 
 func errnoText() -> String { String(cString: strerror(errno)) }
 
-/// A connected TCP socket sending and receiving frames, with timeouts on every blocking wait.
+/// Seconds on a monotonic clock (never jumps with the wall clock).
+func monotonicSeconds() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+}
+
+/// "5" for whole seconds, "0.5" otherwise: durations in messages.
+func secondsText(_ s: Double) -> String {
+    s == s.rounded() && abs(s) < 1e15 ? String(Int(s)) : String(format: "%.3g", s)
+}
+
+/// A connected TCP socket sending and receiving frames. Every blocking wait is bounded:
+/// - `timeout`: the longest any single wait for bytes (to receive, or room to send) may take;
+/// - `frameTimeout`: once the first byte of a frame has arrived, the whole frame (header and
+///   payload) must arrive within this, so a peer that trickles bytes cannot hold a reader;
+/// - `deadline`: an absolute limit on everything (the handshake runs under one).
 public final class Connection: @unchecked Sendable {
     public let peer: String
     private let fd: Int32
     private var closed = false
+    private let closeLock = NSLock()
     /// Frames larger than this are refused from their header.
     public var maxFrameBytes: Int
     /// When set, frames of other types are refused from their header (during the handshake).
     public var allowedTypes: Set<MessageType>?
     private var payloadBuffer: [UInt8] = []
-    /// Seconds a receive may wait for bytes before failing.
+    /// Seconds a single wait for bytes (or for room to send them) may take before failing.
     public var timeout: Double
+    /// Seconds a frame may take from its first byte to its last.
+    public var frameTimeout: Double = 120
+    /// Tensors announced larger than this are refused from their header, before any allocation
+    /// (callers that know the expected shape check it exactly; this is the bound for the rest).
+    public var maxTensorBytes: Int = 4 << 30
+    /// A monotonic time (`monotonicSeconds()`) after which every wait fails, and what it limits.
+    private var deadline: (at: Double, what: String, seconds: Double)?
+    private var frameDeadline: Double?
 
     init(fd: Int32, peer: String, timeout: Double, maxFrameBytes: Int) {
         self.fd = fd
@@ -87,6 +112,9 @@ public final class Connection: @unchecked Sendable {
         self.maxFrameBytes = maxFrameBytes
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        // A peer that vanishes without a FIN (a dead host) is found by TCP keepalive, not only
+        // by the timeouts above.
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
         var size: Int32 = 4 << 20
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
@@ -95,10 +123,26 @@ public final class Connection: @unchecked Sendable {
     deinit { close() }
 
     public func close() {
+        closeLock.lock()
+        defer { closeLock.unlock() }
         if !closed {
             closed = true
             Glibc.close(fd)
         }
+    }
+
+    /// Shuts the socket down (both directions) without closing its descriptor: safe from another
+    /// thread; a thread waiting on the connection wakes and fails with "connection closed".
+    public func shutdownSocket() {
+        closeLock.lock()
+        defer { closeLock.unlock() }
+        if !closed { _ = Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    /// Sets an absolute limit of `seconds` from now on every wait of this connection (nil clears
+    /// it); `what` names what is limited in the error ("the handshake").
+    public func setDeadline(_ seconds: Double?, for what: String = "the exchange") {
+        deadline = seconds.map { (monotonicSeconds() + $0, what, $0) }
     }
 
     /// Opens a connection to `endpoint`, trying each resolved address, within `timeout` seconds.
@@ -113,13 +157,21 @@ public final class Connection: @unchecked Sendable {
             var rc = Glibc.connect(fd, a.ai_addr, a.ai_addrlen)
             if rc != 0 && errno == EINPROGRESS {
                 var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                rc = poll(&p, 1, Int32(timeout * 1000)) == 1 ? 0 : -1
-                if rc == 0 {
+                let end = monotonicSeconds() + max(0, timeout)
+                var ready: Int32 = -1
+                repeat {
+                    p.revents = 0
+                    ready = poll(&p, 1, pollMilliseconds(end - monotonicSeconds()))
+                } while ready < 0 && errno == EINTR
+                if ready == 1 {
                     var err: Int32 = 0
                     var len = socklen_t(MemoryLayout<Int32>.size)
                     getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
-                    if err != 0 { errno = err; rc = -1 }
-                } else if errno == 0 { errno = ETIMEDOUT }
+                    if err != 0 { errno = err; rc = -1 } else { rc = 0 }
+                } else {
+                    if ready == 0 { errno = ETIMEDOUT }
+                    rc = -1
+                }
             }
             if rc != 0 { lastError = errnoText(); Glibc.close(fd); continue }
             _ = fcntl(fd, F_SETFL, flags)
@@ -135,29 +187,56 @@ public final class Connection: @unchecked Sendable {
     }
 
     public func send(_ message: Message) throws {
-        try sendBytes(message.frame().encoded())
+        try sendBytes(message.frame().encoded(), what: "sending a \(message.type) message")
     }
 
-    func sendBytes(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { try sendBytes($0) }
+    func sendBytes(_ bytes: [UInt8], what: String = "sending") throws {
+        try bytes.withUnsafeBytes { try sendBytes($0, what: what) }
     }
 
-    /// Reads exactly `count` bytes into `p`, waiting at most `timeout` seconds for each piece.
-    func readExact(_ p: UnsafeMutableRawPointer, _ count: Int, what: String) throws {
+    /// Waits until the socket is readable (`POLLIN`) or writable (`POLLOUT`), within every limit
+    /// that applies; the error names the limit that ran out and what was awaited.
+    private func wait(for events: Int16, what: String) throws {
+        while true {
+            let now = monotonicSeconds()
+            var limit = max(0, timeout)
+            var failure = events == Int16(POLLIN)
+                ? "no data for \(secondsText(timeout)) s (waiting for \(what))"
+                : "no progress for \(secondsText(timeout)) s \(what): the peer is not reading"
+            if events == Int16(POLLIN), let f = frameDeadline, f - now < limit {
+                limit = f - now
+                failure = "a frame did not arrive complete within \(secondsText(frameTimeout)) s (waiting for \(what))"
+            }
+            if let d = deadline, d.at - now < limit {
+                limit = d.at - now
+                failure = "\(d.what) did not complete within \(secondsText(d.seconds)) s (\(events == Int16(POLLIN) ? "waiting for" : "while") \(what))"
+            }
+            if limit <= 0 { throw WireError.connection("\(peer): \(failure)") }
+            var p = pollfd(fd: fd, events: events, revents: 0)
+            let ready = poll(&p, 1, pollMilliseconds(limit))
+            if ready < 0 {
+                if errno == EINTR { continue }
+                throw WireError.connection("\(peer): poll failed: \(errnoText())")
+            }
+            if ready == 0 { throw WireError.connection("\(peer): \(failure)") }
+            return
+        }
+    }
+
+    /// Reads exactly `count` bytes into `p` within the connection's limits. `atFrameStart`: the
+    /// peer closing before the first byte is a plain "connection closed".
+    func readExact(_ p: UnsafeMutableRawPointer, _ count: Int, what: String, atFrameStart: Bool = false) throws {
         guard !closed else { throw WireError.connection("\(peer): connection closed") }
         var done = 0
         while done < count {
-            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&pfd, 1, Int32(timeout * 1000))
-            if ready < 0 && errno == EINTR { continue }
-            if ready == 0 { throw WireError.connection("\(peer): no data for \(timeout) s (waiting for \(what))") }
-            let n = Glibc.recv(fd, p + done, count - done, 0)
+            try wait(for: Int16(POLLIN), what: what)
+            let n = Glibc.recv(fd, p + done, count - done, Int32(MSG_DONTWAIT))
             if n < 0 {
-                if errno == EINTR { continue }
+                if errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK { continue }
                 throw WireError.connection("\(peer): receive failed: \(errnoText())")
             }
             if n == 0 {
-                if done == 0 && what == "frame header" { throw WireError.connection("\(peer): connection closed") }
+                if done == 0 && atFrameStart { throw WireError.connection("\(peer): connection closed") }
                 throw WireError.truncated(what: "\(what) from \(peer) (connection closed)", needed: count, available: done)
             }
             done += n
@@ -165,9 +244,16 @@ public final class Connection: @unchecked Sendable {
     }
 
     /// The next frame's header, checked (magic, version, type, size) before any payload is read.
+    /// From its first byte on, the frame runs under `frameTimeout`.
     func receiveHeader() throws -> FrameHeader {
         var raw = [UInt8](repeating: 0, count: FrameHeader.size)
-        try raw.withUnsafeMutableBytes { try readExact($0.baseAddress!, FrameHeader.size, what: "frame header") }
+        let what = allowedTypes.map { "a " + $0.map(\.description).sorted().joined(separator: " or ") + " message" } ?? "the next message"
+        frameDeadline = nil
+        try raw.withUnsafeMutableBytes { b in
+            try readExact(b.baseAddress!, 1, what: what, atFrameStart: true)
+            frameDeadline = monotonicSeconds() + frameTimeout
+            try readExact(b.baseAddress! + 1, FrameHeader.size - 1, what: "frame header")
+        }
         let h = try raw.withUnsafeBytes { try FrameHeader.decode($0, supported: Protocol.supportedVersions, limit: maxFrameBytes) }
         if let allowed = allowedTypes, let type = MessageType(rawValue: h.type), !allowed.contains(type) {
             throw WireError.unexpectedMessage(expected: allowed.map(\.description).sorted().joined(separator: " or "), found: type.description)
@@ -193,10 +279,13 @@ public final class Connection: @unchecked Sendable {
         return try Message.decode(Frame(type: MessageType(rawValue: h.type)!, flags: h.flags, payload: Array(payload)))
     }
 
-    /// Authenticates as the connecting side.
-    public func authenticate(secret: SharedSecret, name: String, role: UInt8) throws -> String {
+    /// Authenticates as the connecting side; with `within`, the whole handshake must complete in
+    /// that many seconds (an error names the handshake and what was awaited).
+    public func authenticate(secret: SharedSecret, name: String, role: UInt8, within seconds: Double? = nil) throws -> String {
         var h = ConnectorHandshake(secret: secret, name: name, role: role)
         let saved = maxFrameBytes
+        if let seconds { setDeadline(seconds, for: "the handshake") }
+        defer { setDeadline(nil) }
         try send(h.start())
         while h.state != .authenticated {
             restrict(to: h.expected, maxFrameBytes: Protocol.maxHandshakeFrameBytes)
@@ -206,16 +295,21 @@ public final class Connection: @unchecked Sendable {
         return h.peerName
     }
 
-    /// Authenticates as the listening side; a failure sends an error message and closes.
-    public func acceptHandshake(secret: SharedSecret, name: String) throws -> String {
+    /// Authenticates as the listening side; with `within`, the whole handshake must complete in
+    /// that many seconds. A failure sends an error message (waiting at most a second for the
+    /// peer to take it) and closes.
+    public func acceptHandshake(secret: SharedSecret, name: String, within seconds: Double? = nil) throws -> String {
         var h = ListenerHandshake(secret: secret, name: name)
         let saved = maxFrameBytes
+        if let seconds { setDeadline(seconds, for: "the handshake") }
+        defer { setDeadline(nil) }
         do {
             while h.state != .authenticated {
                 restrict(to: h.expected, maxFrameBytes: Protocol.maxHandshakeFrameBytes)
                 for reply in try h.receive(try receive()) { try send(reply) }
             }
         } catch {
+            setDeadline(1, for: "sending the refusal")
             try? send(.error(code: 401, message: "\(error)"))
             close()
             throw error
@@ -231,6 +325,7 @@ public final class Connection: @unchecked Sendable {
         try send(.tensorHeader(stream: stream, name: name, dtype: dtype, shape: [m.rows, m.cols], byteCount: UInt64(total)))
         let chunk = max(dtype.size, chunkBytes / dtype.size * dtype.size)
         var converted = dtype == .f32 ? [] : [UInt8](repeating: 0, count: min(chunk, total))
+        let what = "sending tensor '\(name)'"
         try m.withUnsafeBufferPointer { values in
             var offset = 0
             repeat {
@@ -250,40 +345,59 @@ public final class Connection: @unchecked Sendable {
                 let crc = prefix.data.withUnsafeBytes { p in CRC32C.checksum(data, continuing: CRC32C.checksum(p)) }
                 let header = FrameHeader(version: Protocol.version, type: MessageType.tensorChunk.rawValue, flags: 0,
                                          length: UInt64(prefix.data.count + n), checksum: crc)
-                try sendBytes(header.encoded() + prefix.data)
-                try sendBytes(data)
+                try sendBytes(header.encoded() + prefix.data, what: what)
+                try sendBytes(data, what: what)
                 offset += n
             } while offset < total
         }
     }
 
-    func sendBytes(_ data: UnsafeRawBufferPointer) throws {
+    /// Sends all of `data` within the connection's limits (a peer that stops reading fails the
+    /// send after `timeout`, it does not block it forever).
+    func sendBytes(_ data: UnsafeRawBufferPointer, what: String = "sending") throws {
         guard !closed else { throw WireError.connection("\(peer): connection closed") }
         var done = 0
         while done < data.count {
-            let n = Glibc.send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL))
+            let n = Glibc.send(fd, data.baseAddress! + done, data.count - done, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
             if n < 0 {
                 if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    try wait(for: Int16(POLLOUT), what: what)
+                    continue
+                }
                 throw WireError.connection("\(peer): send failed: \(errnoText())")
             }
             done += n
         }
     }
 
-    /// Plain bytes without framing, for the transfer benchmark's baseline.
+    /// Plain bytes without framing, for the transfer benchmark's baseline (and tests).
     public func sendRawForBenchmark(_ bytes: [UInt8]) throws { try sendBytes(bytes) }
 
     /// Reads exactly `buffer.count` plain bytes, for the transfer benchmark's baseline.
     public func receiveRawForBenchmark(into buffer: inout [UInt8]) throws {
         let n = buffer.count
+        frameDeadline = nil
         try buffer.withUnsafeMutableBytes { try readExact($0.baseAddress!, n, what: "raw bytes") }
     }
 
-    /// Receives one tensor (header, then chunks). f32 chunks are read straight into the
+    /// The header of the next tensor, decoded and checked (its shape against its byte count);
+    /// nothing is allocated for it yet, so the caller can check the name and shape it expects
+    /// first. `receiveTensorBody` refuses a tensor over `maxTensorBytes`.
+    public func receiveTensorHeader() throws -> TensorAnnouncement {
+        let message = try receive()
+        guard case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount) = message else {
+            throw WireError.unexpectedMessage(expected: "tensor-header", found: message.type.description)
+        }
+        return TensorAnnouncement(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount)
+    }
+
+    /// Receives an announced tensor's chunks into a matrix. f32 chunks are read straight into the
     /// tensor's storage and checksummed there; f16/bf16 chunks are decoded from the receive buffer.
-    public func receiveTensor() throws -> (name: String, matrix: Matrix) {
-        var assembler = try TensorAssembler(header: try receive())
-        while !assembler.isComplete {
+    public func receiveTensorBody(_ a: TensorAnnouncement) throws -> Matrix {
+        var assembler = try TensorAssembler(header: a.message, maxBytes: maxTensorBytes)
+        // The sender sends at least one chunk, also for an empty tensor.
+        repeat {
             let h = try receiveHeader()
             guard h.type == MessageType.tensorChunk.rawValue else {
                 throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
@@ -307,9 +421,64 @@ public final class Connection: @unchecked Sendable {
                 let stream = try r.u32("stream"), offset = try r.u64("offset")
                 try assembler.add(stream: stream, offset: offset, bytes: try r.raw(r.remaining, "bytes"))
             }
-        }
-        return (assembler.name, try assembler.matrix())
+        } while !assembler.isComplete
+        return try assembler.matrix()
     }
+
+    /// Reads an announced tensor's chunks and keeps nothing (a refused job's tensors are drained
+    /// so that the connection stays in step): the chunks are still checked (stream, offsets,
+    /// sizes, CRC), and memory stays one frame whatever the announced size.
+    public func skipTensorBody(_ a: TensorAnnouncement) throws {
+        var received: UInt64 = 0
+        repeat {
+            let h = try receiveHeader()
+            guard h.type == MessageType.tensorChunk.rawValue else {
+                throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
+            }
+            let payload = try receivePayload(h)
+            var r = ByteCursor(payload, message: "tensor-chunk")
+            let stream = try r.u32("stream"), offset = try r.u64("offset")
+            let n = UInt64(r.remaining)
+            guard stream == a.stream else {
+                throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(a.stream) (tensor '\(a.name)')")
+            }
+            guard offset == received else {
+                throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(a.name)')")
+            }
+            guard n <= a.byteCount - received, n % UInt64(a.dtype.size) == 0 else {
+                throw WireError.malformed(message: "tensor-chunk", field: "bytes",
+                                          detail: "has \(n) bytes; \(a.byteCount - received) of tensor '\(a.name)' remain, in \(a.dtype.size)-byte elements")
+            }
+            received += n
+        } while received < a.byteCount
+    }
+
+    /// Receives one tensor (header, then chunks); `check` sees the header before anything is
+    /// allocated for the tensor, and refuses it by throwing.
+    public func receiveTensor(check: (TensorAnnouncement) throws -> Void = { _ in }) throws -> (name: String, matrix: Matrix) {
+        let a = try receiveTensorHeader()
+        try check(a)
+        return (a.name, try receiveTensorBody(a))
+    }
+}
+
+/// A tensor-header message: what a tensor will be, before its bytes arrive.
+public struct TensorAnnouncement: Sendable, Equatable {
+    public var stream: UInt32
+    public var name: String
+    public var dtype: WireDType
+    public var shape: [Int]
+    public var byteCount: UInt64
+
+    public var message: Message { .tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount) }
+    /// The shape as text, "64x512".
+    public var shapeText: String { shape.map(String.init).joined(separator: "x") }
+}
+
+/// Milliseconds for poll: rounded up, at most Int32.max, never negative.
+func pollMilliseconds(_ seconds: Double) -> Int32 {
+    guard seconds > 0 else { return 0 }
+    return Int32(min(Double(Int32.max), (seconds * 1000).rounded(.up)))
 }
 
 /// A listening TCP socket.

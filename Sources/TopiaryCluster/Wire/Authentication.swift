@@ -1,30 +1,79 @@
 import CCrypto
 import Foundation
 
-/// The shared secret of a cluster: from a file (mode 0600 expected) or TOPIARY_SECRET.
+/// A shared secret that cannot be used: names the file (or TOPIARY_SECRET) and what is wrong.
+public struct SecretError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The shared secret of a cluster: bytes, from a file or TOPIARY_SECRET (docs/protocol.md).
+///
+/// - A file's bytes are the secret exactly as stored, except that one trailing newline ("\n")
+///   is dropped, so that `echo ... > F` and editors work; nothing else is trimmed or decoded
+///   (binary secrets such as `head -c 32 /dev/urandom` are fine).
+/// - The file must be a regular file that neither group nor others may access (mode 0600 or
+///   stricter), as ssh requires of private keys; anything else is refused, naming the mode.
+/// - TOPIARY_SECRET's bytes are used exactly as they are.
+/// - At least `minimumBytes` bytes either way.
 public struct SharedSecret: Sendable {
+    public static let minimumBytes = 16
+    /// A secret file larger than this is refused without being read.
+    public static let maximumFileBytes = 64 << 10
     public let bytes: [UInt8]
 
     public init(bytes: [UInt8]) throws {
-        guard bytes.count >= 16 else {
-            throw WireError.authenticationFailed("the shared secret has \(bytes.count) bytes; use at least 16 (e.g. 32 random bytes, hex-encoded)")
+        try self.init(bytes: bytes, source: "the shared secret")
+    }
+
+    init(bytes: [UInt8], source: String) throws {
+        guard bytes.count >= Self.minimumBytes else {
+            throw SecretError("\(source) has \(bytes.count) bytes; at least \(Self.minimumBytes) are needed (e.g. 32 random bytes: head -c 32 /dev/urandom)")
         }
         self.bytes = bytes
     }
 
-    /// Reads a secret file; surrounding white space is ignored.
+    /// Reads a secret file (see above for what is accepted).
     public static func load(file path: String) throws -> SharedSecret {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw WireError.authenticationFailed("\(path): cannot read the secret file")
+        // O_NONBLOCK: opening a FIFO must not block; it is refused below as not a regular file.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else { throw SecretError("\(path): cannot open the secret file: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SecretError("\(path): cannot stat the secret file: \(String(cString: strerror(errno)))") }
+        guard st.st_mode & 0o170000 == 0o100000 else { throw SecretError("\(path): the secret file is not a regular file") }
+        let mode = st.st_mode & 0o7777
+        guard mode & 0o077 == 0 else {
+            throw SecretError("\(path): the secret file is accessible by group or others (mode \(String(format: "%04o", mode)); expected 0600 or stricter): run 'chmod 600 \(path)'")
         }
-        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        return try SharedSecret(bytes: Array(text.utf8))
+        guard st.st_size <= Self.maximumFileBytes else {
+            throw SecretError("\(path): the secret file has \(st.st_size) bytes, more than the \(Self.maximumFileBytes) a secret may have")
+        }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SecretError("\(path): cannot read the secret file: \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { break }
+            bytes.append(contentsOf: buffer[0..<n])
+            guard bytes.count <= Self.maximumFileBytes else {
+                throw SecretError("\(path): the secret file has more than the \(Self.maximumFileBytes) bytes a secret may have")
+            }
+        }
+        if bytes.last == UInt8(ascii: "\n") { bytes.removeLast() }
+        return try SharedSecret(bytes: bytes, source: "\(path): the secret (after dropping one trailing newline)")
     }
 
-    /// TOPIARY_SECRET, if set.
+    /// TOPIARY_SECRET, if set and not empty: its bytes exactly (read with getenv, so bytes that
+    /// are not UTF-8 stay what they are).
     public static func fromEnvironment() throws -> SharedSecret? {
-        guard let s = ProcessInfo.processInfo.environment["TOPIARY_SECRET"], !s.isEmpty else { return nil }
-        return try SharedSecret(bytes: Array(s.utf8))
+        guard let value = getenv("TOPIARY_SECRET") else { return nil }
+        let bytes = Array(UnsafeBufferPointer(start: UnsafeRawPointer(value).assumingMemoryBound(to: UInt8.self), count: strlen(value)))
+        if bytes.isEmpty { return nil }
+        return try SharedSecret(bytes: bytes, source: "TOPIARY_SECRET")
     }
 
     /// HMAC-SHA256(secret, label ‖ a ‖ b).

@@ -222,9 +222,15 @@ public struct TensorAssembler {
     private var received = 0
     private var values: Matrix
 
-    public init(header: Message) throws {
+    /// Checks the header (at most `maxBytes` of f32 storage) before allocating the tensor.
+    public init(header: Message, maxBytes: Int = 4 << 30) throws {
         guard case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount) = header else {
             throw WireError.unexpectedMessage(expected: "tensor-header", found: header.type.description)
+        }
+        let elements = byteCount / UInt64(dtype.size)
+        guard elements <= UInt64(maxBytes / 4) else {
+            throw WireError.malformed(message: "tensor-header", field: "shape",
+                                      detail: "\(shape) of '\(name)' needs \(elements * 4) bytes, over the limit of \(maxBytes)")
         }
         self.stream = stream
         self.name = name

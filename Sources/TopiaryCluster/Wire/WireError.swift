@@ -13,6 +13,10 @@ public enum WireError: Error, CustomStringConvertible, Equatable {
     case unexpectedMessage(expected: String, found: String)
     case authenticationFailed(String)
     case connection(String)
+    /// An error on the link to a worker, naming the worker ("worker@host:port", or "worker NAME")
+    /// and the phase it happened in
+    /// ("handshake", "assignment of blocks 3-5", "transfer of block 4", ...).
+    indirect case during(peer: String, phase: String, WireError)
 
     public var description: String {
         switch self {
@@ -30,6 +34,7 @@ public enum WireError: Error, CustomStringConvertible, Equatable {
         case .unexpectedMessage(let e, let f): return "expected a \(e) message, received \(f)"
         case .authenticationFailed(let s): return "authentication failed: \(s)"
         case .connection(let s): return s
+        case .during(let peer, let phase, let e): return "\(peer), \(phase): \(e)"
         }
     }
 }
