@@ -22,7 +22,7 @@ enum BESAOptions {
             return nil
         }
         var o = BESA.Options()
-        if let e = try args.int("besa-epochs", min: 1) { o.epochs = e }
+        if let e = try args.int("besa-epochs", in: 1...Limits.epochs) { o.epochs = e }
         if let lr = try args.double("besa-lr") {
             guard lr > 0 else { throw UsageError(message: "topiary prune: --besa-lr must be positive, got \(lr)") }
             o.learningRate = lr

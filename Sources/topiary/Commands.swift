@@ -21,7 +21,7 @@ enum CommonOptions {
     static let tokenizer = OptionSpec(name: "tokenizer", value: "PATH", help: "tokenizer.bin (llama2.c) or tokenizer.json, when the model has none")
 
     static func apply(_ args: ParsedArguments) throws {
-        if let n = try args.int("threads", min: 1) { Linalg.setThreadCount(n) }
+        if let n = try args.int("threads", in: 1...Limits.threads) { Linalg.setThreadCount(n) }
     }
 
     static func openModel(_ args: ParsedArguments) throws -> LanguageModel {
@@ -114,8 +114,8 @@ enum EvalCommand: Command {
             let rows = (0..<logits.rows).map { logits.row($0).map(Double.init) }
             try AtomicFile.write(try JSONSerialization.data(withJSONObject: rows) + Data("\n".utf8), to: logitsPath)
         }
-        print(String(format: "perplexity %.4f  (%d windows of %d tokens; %d tokens in text; %@)",
-                     result.perplexity, result.windows, seqlen, tokens.count, formatSeconds(seconds)))
+        print(String(format: "perplexity %.4f  (%@ of %d tokens; %d tokens in text; %@)",
+                     result.perplexity, counted(result.windows, "window"), seqlen, tokens.count, formatSeconds(seconds)))
         if json {
             JSONLine.print([
                 "command": "eval", "model": model.path, "text": textPath, "perplexity": result.perplexity,
@@ -139,7 +139,8 @@ enum GenerateCommand: Command {
     chat template (chat_template.jinja or tokenizer_config.json in a Hugging Face directory,
     tokenizer.chat_template in a GGUF file), as transformers' apply_chat_template(...,
     add_generation_prompt=True) does, and encodes it without adding special tokens.
-    Generation stops after an end-of-sequence token or --max-tokens tokens.
+    Generation stops after an end-of-sequence token, --max-tokens tokens or at the model's
+    context; a prompt that fills the context (or more) is an error naming both lengths.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -175,6 +176,9 @@ enum GenerateCommand: Command {
         }
         if prompt.isEmpty, let bos = tokenizer.bosID { prompt = [bos] }
         guard !prompt.isEmpty else { throw ToolError("the prompt encodes to no tokens") }
+        guard prompt.count < model.config.maxPositions else {
+            throw ToolError("the prompt is \(prompt.count) tokens, and \(model.path) has a context of \(model.config.maxPositions) tokens: no token can follow it; shorten the prompt to at most \(model.config.maxPositions - 1) tokens")
+        }
         let start = Date()
         let generated = try Generation.greedy(model: model, prompt: prompt, maxTokens: maxTokens)
         let seconds = elapsed(since: start)
@@ -218,7 +222,7 @@ enum ConvertCommand: Command {
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "output", value: "DIR", help: "directory to write (must be empty or absent)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
-        OptionSpec(name: "overwrite", value: nil, help: "allow writing into a non-empty directory"),
+        OptionSpec(name: "overwrite", value: nil, help: "replace an existing output directory that Topiary wrote (never one with other files)"),
         CommonOptions.threads, CommonOptions.json,
     ]
 
@@ -227,15 +231,22 @@ enum ConvertCommand: Command {
         let output = try args.required("output")
         let requestedDType = try parseDType(args.string("dtype"))
         let overwrite = args.flag("overwrite")
-        try OutputDirectory.check(output, overwrite: overwrite)
+        try OutputDirectory.check(output, overwrite: overwrite, command: name,
+                                  protecting: OutputDirectory.protected([("the model", args.string("model")), ("the tokenizer", args.string("tokenizer"))]))
         let model = try CommonOptions.openModel(args)
         let dtype = requestedDType ?? HuggingFaceExport.defaultDType(for: model)
         let start = Date()
         // Staged beside the output and renamed at the end: an interrupted run leaves nothing under DIR.
         let staging = OutputDirectory.stagingPath(for: output)
         try? FileManager.default.removeItem(atPath: staging)
-        let written = try HuggingFaceExport.write(model: model, to: staging, dtype: dtype)
-        try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
+        let written: [String]
+        do {
+            written = try HuggingFaceExport.write(model: model, to: staging, dtype: dtype)
+            try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name)
+        } catch {
+            try? FileManager.default.removeItem(atPath: staging)
+            throw error
+        }
         let files = written.map { (output as NSString).appendingPathComponent(($0 as NSString).lastPathComponent) }
         let seconds = elapsed(since: start)
         print("wrote \(output) (\(files.count) weight file\(files.count == 1 ? "" : "s"), \(dtype.rawValue), \(formatSeconds(seconds)))")
@@ -243,38 +254,5 @@ enum ConvertCommand: Command {
             JSONLine.print(["command": "convert", "model": model.path, "output": output, "files": files,
                             "dtype": dtype.rawValue, "seconds": seconds])
         }
-    }
-}
-
-/// Output directories are created when absent and refused when they hold files, unless overwriting.
-enum OutputDirectory {
-    /// Refuses an existing non-empty directory (or a file) at `path` unless overwriting.
-    static func check(_ path: String, overwrite: Bool) throws {
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { return }
-        guard isDir.boolValue else { throw ToolError("\(path): exists and is not a directory") }
-        let contents = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
-        if !contents.isEmpty && !overwrite {
-            throw ToolError("\(path): output directory exists and is not empty (pass --overwrite to replace it)")
-        }
-    }
-
-    /// Moves a finished staging directory to `output`, replacing an old one when overwriting.
-    static func install(staging: String, output: String, overwrite: Bool) throws {
-        let fm = FileManager.default
-        if fm.fileExists(atPath: output) {
-            try check(output, overwrite: overwrite)
-            do { try fm.removeItem(atPath: output) } catch {
-                throw ToolError("\(output): cannot replace the old output directory: \(error.localizedDescription)")
-            }
-        }
-        if rename(staging, output) != 0 {
-            throw ToolError("\(output): cannot move the finished model into place from \(staging): \(String(cString: strerror(errno)))")
-        }
-    }
-
-    /// Where a run stages its output before renaming it into place.
-    static func stagingPath(for output: String) -> String {
-        (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".partial-\(getpid())"
     }
 }

@@ -8,15 +8,45 @@ enum JSONLine {
     }
 }
 
-/// Human-facing messages go to stderr so that stdout stays parseable.
+/// Human-facing messages go to stderr so that stdout stays parseable. A progress bar redraws its
+/// line with "\r"; a message written while such a line is open ends it first, so that the message
+/// (a lost worker, SIGINT) starts on a line of its own and the bar continues below it.
 enum Console {
-    static func error(_ message: String) {
-        FileHandle.standardError.write(Data((message + "\n").utf8))
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var lineOpen = false
+
+    static func error(_ message: String) { write(message + "\n") }
+    static func info(_ message: String) { write(message + "\n") }
+
+    /// Redraws the open status line (a progress bar): `text` starts with "\r" and ends without a newline.
+    static func status(_ text: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        FileHandle.standardError.write(Data(text.utf8))
+        lineOpen = true
     }
-    static func info(_ message: String) {
-        FileHandle.standardError.write(Data((message + "\n").utf8))
+
+    /// Ends the open status line, if any.
+    static func endStatus() {
+        lock.lock()
+        defer { lock.unlock() }
+        if lineOpen { FileHandle.standardError.write(Data("\n".utf8)) }
+        lineOpen = false
     }
+
+    private static func write(_ text: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        FileHandle.standardError.write(Data(((lineOpen ? "\n" : "") + text).utf8))
+        lineOpen = false
+    }
+
     static var stderrIsTerminal: Bool { isatty(2) == 1 }
+}
+
+/// "1 window", "2 windows".
+func counted(_ n: Int, _ singular: String, _ plural: String? = nil) -> String {
+    "\(n) " + (n == 1 ? singular : plural ?? singular + "s")
 }
 
 /// Reads a text file that must be UTF-8, with an error naming the file otherwise.

@@ -12,10 +12,10 @@ enum PruneCommand: Command {
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
-                  [--workers N | --hosts H:P,...] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
+                  [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
                   [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
-                  [--run-dir D] [--heartbeat-interval S --heartbeat-timeout S]
-    topiary prune --resume D [--workers N | --hosts H:P,...]
+                  [--run-dir D] [--overwrite] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
+    topiary prune --resume D [--workers N | --hosts H:P,...] [--threads N]
     """
     static let details = """
     Calibration: --calib-samples windows of --calib-seqlen tokens drawn from --calib, a UTF-8
@@ -37,6 +37,12 @@ enum PruneCommand: Command {
     (f32 for GGUF and llama2.c sources). The model is written into a temporary directory beside DIR and renamed at the end,
     so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
     model are evaluated with the protocol of 'topiary eval'.
+
+    Nothing of yours is deleted: DIR may not be '', '.', '..', '/', a symbolic link, the working
+    directory, the run directory, the model, the calibration file or another input, nor a
+    directory that contains one of them. DIR must be new or empty; --overwrite replaces only a
+    directory Topiary wrote: its .topiary-output.json lists the files Topiary put there, and a
+    directory holding anything else (or without that file) is refused, naming the entry.
 
     SparseLLM (--method sparsellm) prunes attention with SparseGPT and each feed-forward network
     jointly through auxiliary variables (docs/methods.md): --alpha, --beta, --gamma weigh the
@@ -77,33 +83,48 @@ enum PruneCommand: Command {
     left neighbour's pruned output (--rho infinite, the default) or a blend with the dense target
     and a scaled dual (finite --rho), until every residual is at most --tolerance or --rounds
     (default: the number of workers) are done; residuals per round go to report.json. Workers
-    read the model from its path (a shared filesystem, as on HPC clusters), or with --weights send
-    receive their range's weights with each assignment (they then hold them in memory).
+    read the model from its path (--weights path, the default: a shared filesystem, as on HPC
+    clusters), or with --weights send receive their range's weights with each assignment (they
+    then hold them in memory).
 
-    Run directory (--run-dir, default OUTPUT.run; docs/run-directory.md): run.json (model
-    fingerprint, options, plan), events.jsonl, each pruned block as it finishes with its
-    checksum, boundary activations at worker handoffs. --resume DIR continues an interrupted run
-    with its options and writes the same bytes as an undisturbed run, pruning no finished block
-    again; options that would change the result cannot change. SIGTERM or SIGINT stops the run
-    with exit code 75 (resume me). A worker whose connection fails or that sends no heartbeat
-    for --heartbeat-timeout seconds is lost; the rest of its range goes to another worker.
+    Run directory (--run-dir, default OUTPUT.run; docs/run-directory.md): run.lock, run.json
+    (model fingerprint, options, plan, its own checksum), events.jsonl, each pruned block as it
+    finishes with its checksum, boundary activations at worker handoffs. It must be new, empty or
+    a run directory: any other directory is refused, and only the files a run writes are ever
+    removed from it. One process at a time uses it (flock on run.lock; another is refused naming
+    the holder's pid and host). --resume DIR continues an interrupted run with its options and
+    writes the same bytes as an undisturbed run, pruning no finished block again; options that
+    would change the result cannot change, and an edited run.json is refused. Each checkpoint
+    names its run (run.json's checksum) and block: one copied from another block or another run
+    is refused (event checkpoint_refused) and redone. A completed run is not run again; if its
+    output is gone, --resume says so and exits 1. SIGTERM or SIGINT stops the run with exit code
+    75 (resume me). A worker whose connection fails or that sends no heartbeat for
+    --heartbeat-timeout seconds is lost; the rest of its range goes to another worker.
 
-    Progress: a bar on a terminal; otherwise one JSON line per block on stderr.
+    Limits (a mistyped value is refused before any work): --threads 1-4096, --workers and the
+    --hosts count 1-1024 and at most the model's blocks, --calib-samples 1-65536, --calib-seqlen
+    and --eval-seqlen at most the model's context, --pattern M at most 1024, --blocksize
+    1-65536, --iterations, --rounds, --besa-epochs 1-1000, --memory-budget at most 1024T,
+    timeouts and intervals at most a week. --sparsity is a fraction: 70 or 70% is refused with
+    "did you mean 0.7?".
+
+    Progress: a bar on a terminal; otherwise one JSON line per block on stderr. The ETA counts
+    only blocks still to prune (blocks replayed after a resume are not work done).
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt, sparsellm or besa"),
-        OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1)"),
-        OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4)"),
+        OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1) (0.7, not 70)"),
+        OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4; M at most 1024)"),
         OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8) or file of token ids"),
-        OptionSpec(name: "calib-samples", value: "N", help: "calibration windows (default 128)"),
+        OptionSpec(name: "calib-samples", value: "N", help: "calibration windows, 1-65536 (default 128)"),
         OptionSpec(name: "calib-seqlen", value: "L", help: "tokens per calibration window (default 2048, or the model's context)"),
         OptionSpec(name: "seed", value: "S", help: "seed of the window sampler (default 0)"),
-        OptionSpec(name: "output", value: "DIR", help: "directory to write the pruned model to (must be empty or absent)"),
-        OptionSpec(name: "overwrite", value: nil, help: "replace an existing, non-empty output directory"),
+        OptionSpec(name: "output", value: "DIR", help: "new or empty directory to write the pruned model to"),
+        OptionSpec(name: "overwrite", value: nil, help: "replace an output directory Topiary wrote (never one holding other files)"),
         OptionSpec(name: "layers", value: "A-B", help: "prune only blocks A..B (0-based, inclusive); the others stay dense"),
         OptionSpec(name: "memory-budget", value: "SIZE", help: "activation bytes kept in memory, e.g. 512M, 8G (default: a quarter of RAM)"),
-        OptionSpec(name: "run-dir", value: "DIR", help: "run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
+        OptionSpec(name: "run-dir", value: "DIR", help: "new, empty or run directory: run.json, events.jsonl, checkpoints, spilled activations (default: OUTPUT.run)"),
         OptionSpec(name: "resume", value: "DIR", help: "continue the run in DIR with its options (exit code 75 means: resume me)"),
         OptionSpec(name: "weights", value: "HOW", help: "path (default: workers read the model themselves) or send (the coordinator sends each range's weights)"),
         OptionSpec(name: "connect-timeout", value: "S", help: "reach and authenticate each --hosts worker within S seconds (default 60)"),
@@ -118,7 +139,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
         OptionSpec(name: "moe-calibration", value: "MODE", help: "mixture of experts: routed (default; each expert's tokens) or all (every token through every expert)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
-        OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them"),
+        OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them (at most the blocks)"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
         OptionSpec(name: "coordination", value: "MODE", help: "sequential (default; bit-identical to one process) or admm"),
         OptionSpec(name: "rounds", value: "R", help: "ADMM: most rounds (default: the number of workers)"),
@@ -140,8 +161,13 @@ enum PruneCommand: Command {
             let (merged, run, manifest) = try RunSupport.resumedArguments(given, directory: directory)
             args = merged
             resumed = (run, manifest)
-            if try run.events.read().contains(where: { $0["event"] as? String == "complete" }) {
-                print("the run in \(directory) is already complete; its output is \(args.string("output") ?? "?")")
+            if let complete = try run.events.read().last(where: { $0["event"] as? String == "complete" }) {
+                let output = args.string("output") ?? complete["output"] as? String ?? "?"
+                // Its checkpoints went when it completed: the output is all there is of it.
+                guard (try? OutputDirectory.writtenFiles(output)) != nil else {
+                    throw ToolError("the run in \(directory) completed, but its output \(output) is gone or is no longer the directory Topiary wrote; its checkpoints were removed when it completed, so it cannot be rebuilt from them: run the same 'topiary prune' again without --resume (the run directory is reused)")
+                }
+                print("the run in \(directory) is already complete; its output is \(output) (weights sha256 \(complete["output_sha256"] as? String ?? "?"))")
                 return
             }
         }
@@ -152,22 +178,16 @@ enum PruneCommand: Command {
         guard let method = PruneMethod(rawValue: methodName) else {
             throw UsageError(message: "topiary prune: unknown --method '\(methodName)' (known: \(PruneMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
         }
-        let pattern: SparsityPattern
-        do { pattern = try SparsityPattern.parse(sparsity: args.string("sparsity"), pattern: args.string("pattern")) } catch {
-            throw UsageError(message: "topiary prune: \(error)")
-        }
+        let pattern = try parsePattern(sparsity: args.string("sparsity"), pattern: args.string("pattern"))
         let calibPath = try args.required("calib")
         let output = try args.required("output")
-        let samples = try args.int("calib-samples", min: 1) ?? 128
+        let samples = try args.int("calib-samples", in: 1...Limits.calibSamples) ?? 128
         let seed = try args.int("seed") ?? 0
         let layers = try args.string("layers").map(parseLayers)
         let budget = try args.string("memory-budget").map(parseSize) ?? defaultMemoryBudget()
         var sparseGPT = SparseGPTPruner.Options()
-        if let b = try args.int("blocksize", min: 1) { sparseGPT.blockSize = b }
-        if let d = try args.double("percdamp") {
-            guard d >= 0 else { throw UsageError(message: "topiary prune: --percdamp must be non-negative") }
-            sparseGPT.percentDamp = d
-        }
+        if let b = try args.int("blocksize", in: 1...Limits.blocksize) { sparseGPT.blockSize = b }
+        if let d = try args.double("percdamp", in: 0...Limits.percdamp) { sparseGPT.percentDamp = d }
         let requestedDType = try parseDType(args.string("dtype"))
         var targets = TargetMode.sequential
         if let t = args.string("targets") {
@@ -176,7 +196,8 @@ enum PruneCommand: Command {
             }
             targets = mode
         }
-        let sparseLLMValues = (try args.double("alpha"), try args.double("beta"), try args.double("gamma"), try args.int("iterations", min: 1))
+        let sparseLLMValues = (try args.double("alpha"), try args.double("beta"), try args.double("gamma"),
+                               try args.int("iterations", in: 1...Limits.iterations))
         if method != .sparsellm && (sparseLLMValues.0 != nil || sparseLLMValues.1 != nil || sparseLLMValues.2 != nil || sparseLLMValues.3 != nil) {
             throw UsageError(message: "topiary prune: --alpha, --beta, --gamma and --iterations apply to --method sparsellm only")
         }
@@ -194,19 +215,65 @@ enum PruneCommand: Command {
         if method == .besa, case .nOfM = pattern {
             throw UsageError(message: "topiary prune: --method besa learns unstructured sparsity; give --sparsity, not --pattern")
         }
+        // SparseGPT's settings apply where its solver runs: sparsegpt, sparsellm's attention, and
+        // BESA's reconstruction.
+        let usesSparseGPT = method == .sparsegpt || method == .sparsellm || (besa?.reconstruct ?? false)
+        if !usesSparseGPT && (args.string("blocksize") != nil || args.string("percdamp") != nil) {
+            throw UsageError(message: "topiary prune: --blocksize and --percdamp apply to --method sparsegpt, sparsellm, or besa with --besa-reconstruct")
+        }
         for (name, v) in [("alpha", sparseLLMValues.0), ("beta", sparseLLMValues.1), ("gamma", sparseLLMValues.2)] {
             if let v, !(v > 0) { throw UsageError(message: "topiary prune: --\(name) must be positive, got \(v)") }
         }
         let evalText = args.string("eval-text")
-        let evalWindows = try args.int("eval-windows", min: 1)
+        let evalWindows = try args.int("eval-windows", in: 1...Limits.windows)
         let json = args.flag("json")
         let overwrite = args.flag("overwrite")
-        try OutputDirectory.check(output, overwrite: overwrite)
+        let workerCount = try args.int("workers", in: 1...Limits.workers)
+        let hostCount = try args.string("hosts").map(checkHosts)
+        if workerCount != nil && hostCount != nil { throw UsageError(message: "topiary prune: --workers and --hosts exclude each other") }
+        let connectTimeout = try args.double("connect-timeout", in: 0...Limits.seconds)
+        let heartbeatInterval = try args.double("heartbeat-interval", in: 0...Limits.seconds) ?? 5
+        let heartbeatTimeout = try args.double("heartbeat-timeout", in: 0...Limits.seconds) ?? 60
+        guard heartbeatInterval > 0, heartbeatTimeout > heartbeatInterval else {
+            throw UsageError(message: "topiary prune: --heartbeat-timeout (\(heartbeatTimeout)) must be longer than --heartbeat-interval (\(heartbeatInterval)), both positive")
+        }
+        if let connectTimeout, !(connectTimeout > 0) { throw UsageError(message: "topiary prune: --connect-timeout must be positive, got \(connectTimeout)") }
+        let coordinationName = args.string("coordination") ?? "sequential"
+        guard let coordination = Coordination(rawValue: coordinationName) else {
+            throw UsageError(message: "topiary prune: --coordination must be one of \(Coordination.allCases.map(\.rawValue).joined(separator: ", ")), got '\(coordinationName)'")
+        }
+        let rounds = try args.int("rounds", in: 1...Limits.rounds)
+        let rho = try args.double("rho")
+        let tolerance = try args.double("tolerance")
+        if coordination != .admm && (rounds != nil || rho != nil || tolerance != nil) {
+            throw UsageError(message: "topiary prune: --rounds, --rho and --tolerance apply to --coordination admm only")
+        }
+        if let rho, !(rho > 0) { throw UsageError(message: "topiary prune: --rho must be positive, got \(rho)") }
+        if let tolerance, tolerance < 0 { throw UsageError(message: "topiary prune: --tolerance must not be negative") }
+        let weightsMode = args.string("weights") ?? "path"
+        guard weightsMode == "path" || weightsMode == "send" else {
+            throw UsageError(message: "topiary prune: --weights must be path or send, got '\(weightsMode)'")
+        }
+        let runDir = args.string("run-dir") ?? OutputDirectory.trimmedPath(output) + ".run"
+        if runDir.isEmpty { throw UsageError(message: "topiary prune: --run-dir is empty; give a directory for the run's checkpoints") }
+        // Nothing the user owns may be replaced by the output: checked before any work.
+        try OutputDirectory.check(output, overwrite: overwrite, command: name, protecting: OutputDirectory.protected([
+            ("the run directory", runDir), ("the model", args.string("model")), ("the calibration file", calibPath),
+            ("the tokenizer", args.string("tokenizer")), ("the evaluation text", args.string("eval-text")),
+            ("the secret file", args.string("secret-file")),
+        ]))
+        if resumed == nil { try RunDirectory.checkForNewRun(runDir) }
 
         let model = try CommonOptions.openModel(args)
         let c = model.config
-        let seqlen = try args.int("calib-seqlen", min: 1) ?? min(2048, c.maxPositions)
-        let evalSeqlen = try args.int("eval-seqlen", min: 2) ?? min(2048, c.maxPositions)
+        let seqlen = try args.int("calib-seqlen", in: 1...c.maxPositions) ?? min(2048, c.maxPositions)
+        let evalSeqlen = try args.int("eval-seqlen", in: 2...max(2, c.maxPositions)) ?? min(2048, c.maxPositions)
+        if let workerCount, workerCount > c.layerCount {
+            throw UsageError(message: "topiary prune: --workers \(workerCount) is more than the model's \(c.layerCount) blocks; each worker prunes a range of at least one block")
+        }
+        if let hostCount, hostCount > c.layerCount {
+            throw UsageError(message: "topiary prune: --hosts names \(hostCount) workers, more than the model's \(c.layerCount) blocks; each worker prunes a range of at least one block")
+        }
 
         // Calibration windows.
         guard let calibData = FileManager.default.contents(atPath: calibPath) else {
@@ -234,21 +301,23 @@ enum PruneCommand: Command {
             }
         }
 
-        let runDir = args.string("run-dir") ?? (output.hasSuffix("/") ? String(output.dropLast()) : output) + ".run"
+        if expertCalibration != nil && c.expertCount == 0 {
+            throw UsageError(message: "topiary prune: --moe-calibration applies to mixture-of-experts models; \(model.path) is \(c.architecture.rawValue) without experts")
+        }
+        if let layers, layers.upperBound >= c.layerCount {
+            throw UsageError(message: "topiary prune: --layers \(layers.lowerBound)-\(layers.upperBound) runs past the model's \(c.layerCount) blocks (0-\(c.layerCount - 1))")
+        }
+        if let bad = calibTokens.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+            throw ToolError("\(calibPath): token id \(bad) is outside the model's vocabulary of \(c.vocabularySize)")
+        }
+
         let run: RunDirectory
         if let resumed {
             run = resumed.run
             try RunSupport.checkInputs(resumed.manifest, modelPath: model.path, calibPath: calibPath, directory: runDir)
         } else {
-            run = try RunDirectory(path: runDir)
-            if run.hasManifest {
-                if try run.events.read().contains(where: { $0["event"] as? String == "complete" }) {
-                    // A finished run has nothing to resume: start a new one in its place.
-                    for name in ["run.json", "events.jsonl", "report.json"] { try? FileManager.default.removeItem(atPath: (runDir as NSString).appendingPathComponent(name)) }
-                } else {
-                    throw ToolError("\(runDir): holds an unfinished run; continue it with 'topiary prune --resume \(runDir)', or remove the directory to start again")
-                }
-            }
+            // New, empty or a run directory only (a finished run's is reused); locked from here on.
+            run = try RunDirectory.create(path: runDir)
         }
         let store = run.store
         var sparseLLM: SparseLLM.Options?
@@ -260,37 +329,13 @@ enum PruneCommand: Command {
             if let t = sparseLLMValues.3 { o.iterations = t }
             sparseLLM = o
         }
-        if expertCalibration != nil && c.expertCount == 0 {
-            throw UsageError(message: "topiary prune: --moe-calibration applies to mixture-of-experts models; \(model.path) is \(c.architecture.rawValue) without experts")
-        }
         let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa,
                              expertCalibration: expertCalibration)
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
-        let coordinationName = args.string("coordination") ?? "sequential"
-        guard let coordination = Coordination(rawValue: coordinationName) else {
-            throw UsageError(message: "topiary prune: --coordination must be one of \(Coordination.allCases.map(\.rawValue).joined(separator: ", ")), got '\(coordinationName)'")
-        }
-        let rounds = try args.int("rounds", min: 1)
-        let rho = try args.double("rho")
-        let tolerance = try args.double("tolerance")
-        if coordination != .admm && (rounds != nil || rho != nil || tolerance != nil) {
-            throw UsageError(message: "topiary prune: --rounds, --rho and --tolerance apply to --coordination admm only")
-        }
-        if let rho, !(rho > 0) { throw UsageError(message: "topiary prune: --rho must be positive, got \(rho)") }
-        if let tolerance, tolerance < 0 { throw UsageError(message: "topiary prune: --tolerance must not be negative") }
-        let heartbeatInterval = try args.double("heartbeat-interval") ?? 5
-        let heartbeatTimeout = try args.double("heartbeat-timeout") ?? 60
-        guard heartbeatInterval > 0, heartbeatTimeout > heartbeatInterval else {
-            throw UsageError(message: "topiary prune: --heartbeat-timeout (\(heartbeatTimeout)) must be longer than --heartbeat-interval (\(heartbeatInterval)), both positive")
-        }
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
         defer { cluster.shutdown() }
-        let weightsMode = args.string("weights") ?? "path"
-        guard weightsMode == "path" || weightsMode == "send" else {
-            throw UsageError(message: "topiary prune: --weights must be path or send, got '\(weightsMode)'")
-        }
         for r in cluster.remotes {
             r.sendsWeights = weightsMode == "send"
             r.heartbeatInterval = heartbeatInterval
@@ -318,11 +363,13 @@ enum PruneCommand: Command {
             if k < cluster.processes.count { p["pid"] = Int(cluster.processes[k].processIdentifier) }
             return p
         }
+        var finishedBlocks: Set<Int> = []
         if resumed == nil {
             try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planJSON))
             try run.events.append("start", ["plan": planJSON, "blocks": c.layerCount])
         } else {
             let finished = try run.verifiedBlocks()
+            finishedBlocks = Set(finished.keys)
             coordinator.finished = finished
             try run.events.append("resume", ["plan": planJSON, "finished_blocks": finished.keys.sorted()])
             Console.info("resuming \(runDir): \(finished.count) of \(c.layerCount) blocks already done")
@@ -338,8 +385,11 @@ enum PruneCommand: Command {
             perplexityDense = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
         }
 
-        Console.info("pruning \(model.path): \(method.rawValue) \(pattern), \(windows.count) calibration windows of \(seqlen) tokens, seed \(seed)")
-        let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal)
+        Console.info("pruning \(model.path): \(method.rawValue) \(patternText(pattern)), \(counted(windows.count, "calibration window")) of \(seqlen) tokens, seed \(seed)")
+        // Blocks that are only run forward (finished before a resume, or outside --layers) are
+        // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
+        let replayed = coordination == .admm ? Set<Int>() : Set((0..<c.layerCount).filter { !job.prunes($0) || finishedBlocks.contains($0) })
+        let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
         let pruneStart = Date()
         var admmRounds: [ADMMRound] = []
         let reports: [BlockReport]
@@ -370,7 +420,11 @@ enum PruneCommand: Command {
         // Write into a staging directory, then rename: nothing half-written appears under DIR.
         let staging = OutputDirectory.stagingPath(for: output)
         try? FileManager.default.removeItem(atPath: staging)
-        let files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model))
+        let files: [String]
+        do { files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model)) } catch {
+            try? FileManager.default.removeItem(atPath: staging)
+            throw error
+        }
         let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
 
         var zeros = 0, total = 0
@@ -378,10 +432,9 @@ enum PruneCommand: Command {
         let sparsity = total > 0 ? Double(zeros) / Double(total) : 0
         var summary: [String: Any] = [
             "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
-            "pattern": pattern.description, "target_sparsity": pattern.fraction, "sparsity": sparsity,
+            "pattern": patternJSON(pattern), "target_sparsity": pattern.fraction, "sparsity": sparsity,
             "calibration": ["file": calibPath, "samples": windows.count, "seqlen": seqlen, "seed": seed, "tokens": calibTokens.count],
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
-            "sparsegpt": ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp],
             "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
             "coordination": coordination.rawValue,
             "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
@@ -393,6 +446,7 @@ enum PruneCommand: Command {
                                "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
                                                            "objective": $0.objective] as [String: Any] }]
         }
+        if usesSparseGPT { summary["sparsegpt"] = ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp] }
         if let o = sparseLLM {
             summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
                                     "targets": targets.rawValue, "ridge": o.ridge]
@@ -405,15 +459,20 @@ enum PruneCommand: Command {
         var report = summary
         report["blocks"] = reports.map(blockJSON)
         report["seconds"] = elapsed(since: started)
-        let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
-        try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
-        try AtomicFile.write(reportData + Data("\n".utf8), to: run.reportPath)
-        if method == .besa {
-            try AtomicFile.write(Data(BESAOptions.heatmap(reports, target: pattern.fraction).utf8),
-                                 to: (staging as NSString).appendingPathComponent("besa-sparsity.svg"))
+        do {
+            let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
+            try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
+            try AtomicFile.write(reportData + Data("\n".utf8), to: run.reportPath)
+            if method == .besa {
+                try AtomicFile.write(Data(BESAOptions.heatmap(reports, target: pattern.fraction).utf8),
+                                     to: (staging as NSString).appendingPathComponent("besa-sparsity.svg"))
+            }
+            try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name)
+        } catch {
+            try? FileManager.default.removeItem(atPath: staging)
+            throw error
         }
-        try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite)
-        try run.events.append("complete", ["output": output, "output_sha256": sha])
+        try run.events.append("complete", ["output": RunSupport.absolute("output", output), "output_sha256": sha])
         run.removeCheckpoints()
 
         printSummaryTable(reports)
@@ -448,15 +507,86 @@ enum PruneCommand: Command {
         return json
     }
 
+    /// One line per block. `sparsity` is the block's: zeros over all its pruned linears' weights
+    /// (weighted by size, as the summary's), not a mean of the linears' fractions; the errors are
+    /// means over the linears.
     static func printSummaryTable(_ reports: [BlockReport]) {
         print("block  sparsity  mask-only err  final err  block out err  seconds")
         for r in reports {
             let n = Double(max(r.linears.count, 1))
-            let sp = r.linears.reduce(0) { $0 + $1.sparsity } / n
+            let sp = blockSparsity(r)
             let before = r.linears.reduce(0) { $0 + $1.errorBefore } / n
             let after = r.linears.reduce(0) { $0 + $1.errorAfter } / n
             print(String(format: "%5d  %8.4f  %13.5f  %9.5f  %13.5f  %7.2f", r.block, sp, before, after, r.outputError, r.seconds))
         }
+    }
+
+    /// The fraction of a block's pruned weights that are zero, each linear weighted by its size.
+    static func blockSparsity(_ r: BlockReport) -> Double {
+        var zeros = 0.0, total = 0.0
+        for l in r.linears {
+            let size = Double(l.rows * l.columns)
+            zeros += (l.sparsity * size).rounded()
+            total += size
+        }
+        return total > 0 ? zeros / total : 0
+    }
+
+    /// --sparsity or --pattern, with a hint when the sparsity looks like a percentage.
+    static func parsePattern(sparsity: String?, pattern: String?) throws -> SparsityPattern {
+        if let s = sparsity, pattern == nil {
+            let text = s.trimmingCharacters(in: .whitespaces)
+            let percent = text.hasSuffix("%")
+            if let v = Double(percent ? String(text.dropLast()) : text), v.isFinite, percent || (v > 1 && v < 100) {
+                let fraction = v / 100
+                throw UsageError(message: "topiary prune: --sparsity is a fraction strictly between 0 and 1, got \(s); did you mean --sparsity \(ParsedArguments.format(fraction)) (\(ParsedArguments.format(v))%)?")
+            }
+        }
+        if let p = pattern, sparsity == nil {
+            let parts = p.split(separator: ":", omittingEmptySubsequences: false)
+            // M sizes per-row buffers: a huge one (even past Int) is refused here, naming the bound.
+            if parts.count == 2, !parts[1].isEmpty, parts[1].allSatisfy({ $0.isASCII && $0.isNumber }),
+               (Int(parts[1]) ?? Int.max) > Limits.patternM {
+                throw UsageError(message: "topiary prune: --pattern N:M needs M from 2 to \(Limits.patternM), got \(p)")
+            }
+        }
+        do { return try SparsityPattern.parse(sparsity: sparsity, pattern: pattern) } catch {
+            throw UsageError(message: "topiary prune: \(error)")
+        }
+    }
+
+    /// How the pattern reads in messages: "unstructured 60%", "2:4".
+    static func patternText(_ p: SparsityPattern) -> String {
+        switch p {
+        case .unstructured: return "unstructured \(p)"
+        case .nOfM: return "\(p)"
+        }
+    }
+
+    /// The pattern in report.json and --json: "unstructured", or "N:M" (the fraction is target_sparsity).
+    static func patternJSON(_ p: SparsityPattern) -> String {
+        switch p {
+        case .unstructured: return "unstructured"
+        case .nOfM(let n, let m): return "\(n):\(m)"
+        }
+    }
+
+    /// Checks --hosts (HOST:PORT,...) before any work; returns how many workers it names.
+    static func checkHosts(_ hosts: String) throws -> Int {
+        let entries = hosts.split(separator: ",", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+        guard !hosts.trimmingCharacters(in: .whitespaces).isEmpty else {
+            throw UsageError(message: "topiary prune: --hosts is empty; give the workers as HOST:PORT,HOST:PORT,... (see 'topiary hostlist')")
+        }
+        if entries.contains(where: \.isEmpty) {
+            throw UsageError(message: "topiary prune: --hosts '\(hosts)' has an empty entry; give the workers as HOST:PORT,HOST:PORT,...")
+        }
+        guard entries.count <= Limits.workers else {
+            throw UsageError(message: "topiary prune: --hosts names \(entries.count) workers; at most \(Limits.workers)")
+        }
+        for e in entries {
+            do { _ = try Endpoint(parsing: e) } catch { throw UsageError(message: "topiary prune: --hosts: \(error)") }
+        }
+        return entries.count
     }
 
     static func parseLayers(_ s: String) throws -> ClosedRange<Int> {
@@ -476,6 +606,9 @@ enum PruneCommand: Command {
         if let last = text.last, let u = units[last] { scale = u; text.removeLast() }
         guard let v = Double(text), v >= 0, v.isFinite else {
             throw UsageError(message: "topiary prune: --memory-budget expects a size such as 512M or 8G, got '\(s)'")
+        }
+        guard v * Double(scale) <= Double(Limits.memoryBudget) else {
+            throw UsageError(message: "topiary prune: --memory-budget must be at most 1024T, got '\(s)'")
         }
         return Int(v * Double(scale))
     }
@@ -499,24 +632,48 @@ func parseDType(_ s: String?) throws -> TensorDType? {
 }
 
 /// Block-by-block progress: a bar with elapsed time and ETA on a terminal, JSON lines otherwise.
+/// The ETA counts only the blocks still to prune: blocks that are only run forward (`replayed`:
+/// finished before a resume, or outside --layers) take a moment and are not work done, so each
+/// pruned block's time is measured from the previous block's end, and the ETA is their mean times
+/// the pruned blocks still to come.
 final class Progress {
     let total: Int
     let json: Bool
     let start = Date()
     var done = 0
+    /// Blocks that are replayed, not pruned (cleared by `reset`, for a new ADMM round).
+    var replayed: Set<Int>
+    private var last = Date()
+    private var workSeconds = 0.0
+    private var workDone = 0
 
-    init(total: Int, json: Bool) {
+    init(total: Int, json: Bool, replayed: Set<Int> = []) {
         self.total = total
         self.json = json
+        self.replayed = replayed
+    }
+
+    /// Seconds still to go, or nil before the first pruned block.
+    var eta: Double? {
+        let remaining = total - replayed.count - workDone
+        if remaining <= 0 { return 0 }
+        return workDone > 0 ? workSeconds / Double(workDone) * Double(remaining) : nil
     }
 
     func blockDone(_ block: Int, report: BlockReport?) {
         done += 1
+        let now = Date()
+        let isReplay = replayed.contains(block)
+        if !isReplay {
+            workSeconds += now.timeIntervalSince(last)
+            workDone += 1
+        }
+        last = now
         let elapsedSeconds = elapsed(since: start)
-        let eta = elapsedSeconds / Double(done) * Double(total - done)
         if json {
             var event: [String: Any] = ["event": "block", "block": block, "done": done, "of": total,
-                                        "elapsed": elapsedSeconds, "eta": eta, "pruned": report != nil]
+                                        "elapsed": elapsedSeconds, "pruned": report != nil, "replayed": isReplay]
+            if let eta { event["eta"] = eta }
             if let r = report {
                 event["output_error"] = r.outputError
                 event["seconds"] = r.seconds
@@ -528,14 +685,18 @@ final class Progress {
             let width = 30
             let filled = width * done / max(total, 1)
             let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-            FileHandle.standardError.write(Data("\r[\(bar)] block \(done)/\(total)  elapsed \(formatSeconds(elapsedSeconds))  eta \(formatSeconds(eta))   ".utf8))
+            Console.status("\r[\(bar)] block \(done)/\(total)  elapsed \(formatSeconds(elapsedSeconds))  eta \(eta.map(formatSeconds) ?? "--")   ")
         }
     }
 
     func finish() {
-        if !json { FileHandle.standardError.write(Data("\n".utf8)) }
+        if !json { Console.endStatus() }
     }
 
     /// Starts counting again (a new ADMM round).
-    func reset() { done = 0 }
+    func reset() {
+        done = 0
+        replayed = []
+        last = Date()
+    }
 }

@@ -26,7 +26,7 @@ enum RunSupport {
     /// The options of the run in `directory` (run.json), with those given now merged in. An option
     /// that would change the result and differs from the run's is refused, naming it.
     static func resumedArguments(_ given: ParsedArguments, directory: String) throws -> (ParsedArguments, RunDirectory, [String: Any]) {
-        let run = try RunDirectory(path: directory)
+        let run = try RunDirectory.open(existing: directory)
         let manifest = try run.readManifest()
         guard let stored = manifest["options"] as? [String: String], let storedFlags = manifest["flags"] as? [String] else {
             throw RunDirectoryError("\(run.manifestPath): fields 'options' and 'flags' missing or not what Topiary writes")
@@ -73,7 +73,7 @@ enum RunSupport {
 
     static func manifest(args: ParsedArguments, modelPath: String, calibPath: String, plan: [[String: Any]]) throws -> [String: Any] {
         [
-            "format": "topiary-run", "version": 1, "tool_version": ToolVersion.string,
+            "format": "topiary-run", "tool_version": ToolVersion.string,
             "created": ISO8601DateFormatter().string(from: Date()),
             "model": ["path": modelPath, "fingerprint": try ModelFingerprint.compute(path: modelPath)],
             "calibration": ["path": calibPath, "sha256": try SHA256Digest.files([calibPath])],
@@ -94,6 +94,7 @@ enum RunSupport {
             let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
             source.setEventHandler {
                 try? events.append("interrupted", ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT", "exit_code": Int(resumeExitCode)])
+                // Console ends an open progress line first, so the message stands on its own line.
                 Console.error("topiary prune: \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): finished blocks are checkpointed in \(directory); continue with 'topiary prune --resume \(directory)' (exit code \(resumeExitCode))")
                 cleanup()
                 _exit(resumeExitCode)

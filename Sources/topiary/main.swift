@@ -67,7 +67,8 @@ func runMain() -> Int32 {
     if first == "help" || first == "--help" || first == "-h" {
         if let name = argv.first {
             guard let c = commands.first(where: { $0.name == name }) else {
-                Console.error("topiary help: unknown command '\(name)' (commands: \(commands.map(\.name).joined(separator: ", ")))")
+                let hint = Suggestion.closest(to: name, among: commands.map(\.name)).map { "did you mean '\($0)'? " } ?? ""
+                Console.error("topiary help: unknown command '\(name)' (\(hint)commands: \(commands.map(\.name).joined(separator: ", ")))")
                 return ExitCode.usage
             }
             print(helpText(for: c), terminator: "")
@@ -81,7 +82,8 @@ func runMain() -> Int32 {
         return ExitCode.success
     }
     guard let command = commands.first(where: { $0.name == first }) else {
-        Console.error("topiary: unknown command '\(first)' (commands: \(commands.map(\.name).joined(separator: ", ")); see 'topiary help')")
+        let hint = Suggestion.closest(to: first, among: commands.map(\.name) + ["help"]).map { "did you mean '\($0)'? " } ?? ""
+        Console.error("topiary: unknown command '\(first)' (\(hint)commands: \(commands.map(\.name).joined(separator: ", ")); see 'topiary help')")
         return ExitCode.usage
     }
     if argv.contains("--help") || argv.contains("-h") {

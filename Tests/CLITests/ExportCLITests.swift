@@ -109,7 +109,8 @@ final class ExportCLITests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         let shards = (1...3).map { String(format: "model-%05d-of-00003.safetensors", $0) }
         let listing = Set(try FileManager.default.contentsOfDirectory(atPath: out))
-        XCTAssertEqual(listing, Set(shards + ["model.safetensors.index.json", "config.json", "generation_config.json", "report.json"] + added.keys))
+        XCTAssertEqual(listing, Set(shards + ["model.safetensors.index.json", "config.json", "generation_config.json", "report.json",
+                                              ".topiary-output.json"] + added.keys))
         let index = try JSONSerialization.jsonObject(with: data(out + "/model.safetensors.index.json")) as! [String: Any]
         XCTAssertEqual(index["weight_map"] as? [String: String], weightMap)
         var sizes = 0

@@ -83,14 +83,21 @@ final class PruneCLITests: XCTestCase {
                           status: 1, mentions: [short, "one window of 128"])
         try expectFailure(["prune", "--model", stories, "--calib", oz, "--output", out, "--method", "wanda", "--sparsity", "0.5"],
                           status: 1, mentions: [oz, "tokenizer"])
-        // An existing, non-empty output directory is refused unless --overwrite.
+        // An existing, non-empty output directory is refused unless --overwrite, and --overwrite
+        // replaces only a directory Topiary wrote (issue 12: a user's directory is never deleted).
         try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
         try "keep me".write(toFile: out + "/notes.txt", atomically: true, encoding: .utf8)
         try expectFailure(pruneArgs(output: out, ["--method", "magnitude", "--sparsity", "0.5"]), status: 1, mentions: [out, "--overwrite"])
         XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/notes.txt"))
-        let ok = try CLI.run(pruneArgs(output: out, ["--method", "magnitude", "--sparsity", "0.5", "--overwrite"]))
+        try expectFailure(pruneArgs(output: out, ["--method", "magnitude", "--sparsity", "0.5", "--overwrite"]), status: 1,
+                          mentions: [out, "not written by Topiary"])
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/notes.txt"))
+        let mine = dir.appendingPathComponent("mine").path
+        let first = try CLI.run(pruneArgs(output: mine, ["--method", "magnitude", "--sparsity", "0.5"]))
+        XCTAssertEqual(first.status, 0, first.stderr)
+        let ok = try CLI.run(pruneArgs(output: mine, ["--method", "magnitude", "--sparsity", "0.5", "--overwrite"]))
         XCTAssertEqual(ok.status, 0, ok.stderr)
-        XCTAssertTrue(FileManager.default.fileExists(atPath: out + "/model.safetensors"))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: mine + "/model.safetensors"))
     }
 
     /// A run killed part-way leaves nothing under the output name.
