@@ -81,10 +81,11 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             throw CheckpointError.truncated(path: path, detail: "metadata count \(kvCount) cannot fit in the \(r.remaining) bytes after the header (each entry takes at least \(Self.minMetadataEntryBytes))")
         }
         var meta: [String: GGUFValue] = [:]
+        var arrayElements = 0
         for i in 0..<Int(kvCount) {
             let key = try Self.readString(&r, "metadata key \(i)")
             let type = try r.read(UInt32.self, "type of metadata '\(key)'")
-            let value = try Self.readValue(&r, type: type, key: key, depth: 0)
+            let value = try Self.readValue(&r, type: type, key: key, depth: 0, elements: &arrayElements)
             guard meta.updateValue(value, forKey: key) == nil else {
                 throw CheckpointError.invalidHeader(path: path, detail: "metadata key '\(key)' appears twice")
             }
@@ -204,7 +205,11 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         return try r.readString(count: Int(n), what)
     }
 
-    private static func readValue(_ r: inout ByteReader, type: UInt32, key: String, depth: Int) throws -> GGUFValue {
+    /// Metadata array elements a file may hold in all (a decoded element takes some 24 bytes
+    /// however few it took in the file): Gemma's 256K-token vocabulary is 3 arrays of 256K.
+    static let maxArrayElements = 1 << 24
+
+    private static func readValue(_ r: inout ByteReader, type: UInt32, key: String, depth: Int, elements: inout Int) throws -> GGUFValue {
         let what = "value of '\(key)'"
         switch type {
         case 0: return .uint(UInt64(try r.read(UInt8.self, what)))
@@ -227,9 +232,13 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             guard count <= UInt64(r.remaining / size) else {
                 throw CheckpointError.truncated(path: r.file.path, detail: "array '\(key)' claims \(count) elements of at least \(size) bytes each, \(r.remaining) bytes left")
             }
+            elements += Int(count)
+            guard elements <= maxArrayElements else {
+                throw CheckpointError.invalidHeader(path: r.file.path, detail: "array '\(key)' of \(count) elements takes the file's metadata past \(maxArrayElements) array elements in all")
+            }
             var out: [GGUFValue] = []
             out.reserveCapacity(Int(count))
-            for _ in 0..<Int(count) { out.append(try readValue(&r, type: elementType, key: key, depth: depth + 1)) }
+            for _ in 0..<Int(count) { out.append(try readValue(&r, type: elementType, key: key, depth: depth + 1, elements: &elements)) }
             return .array(out)
         case 10: return .uint(try r.read(UInt64.self, what))
         case 11: return .int(try r.read(Int64.self, what))
