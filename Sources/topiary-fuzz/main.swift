@@ -265,6 +265,7 @@ func supervise(_ target: any FuzzTarget, _ o: Options, start: Date) -> (ran: Int
             }
         }
         p.waitUntilExit()
+        defer { try? FileManager.default.removeItem(atPath: errPath) }
         if finished { break }
         let stderrTail = crashSummary((try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
         if let index = current {
@@ -285,7 +286,6 @@ func supervise(_ target: any FuzzTarget, _ o: Options, start: Date) -> (ran: Int
                                     kind: "child ended unexpectedly (status \(p.terminationStatus)): \(stderrTail)"))
             next += 1
         }
-        try? FileManager.default.removeItem(atPath: errPath)
     }
     return (ran, failures, labels)
 }
