@@ -29,6 +29,8 @@ let package = Package(
         .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
         .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        // Seeded fuzzers for the readers and the wire decoders, behind scripts/fuzz and FuzzTests.
+        .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryTokenizers", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
         .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "TopiaryTestSupport"]),
@@ -38,5 +40,6 @@ let package = Package(
         .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryClusterTests", dependencies: ["TopiaryCluster", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["topiary", "TopiaryTestSupport"]),
+        .testTarget(name: "FuzzTests", dependencies: ["topiary-fuzz", "TopiaryTestSupport"]),
     ]
 )

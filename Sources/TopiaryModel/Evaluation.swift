@@ -7,6 +7,11 @@ public enum EvaluationError: Error, CustomStringConvertible, Equatable {
     case tooFewTokens(tokens: Int, sequenceLength: Int)
     case noTokenizer(path: String)
     case tokenOutOfRange(id: Int, vocabulary: Int)
+    /// A window's loss is NaN or infinite. `source` says where non-finite values first appeared
+    /// ("block 3", "the token embedding", "the logits").
+    case nonFiniteLoss(path: String, window: Int, windows: Int, firstToken: Int, sequenceLength: Int, loss: Double, source: String)
+    /// Every loss is finite, but their mean is too large for exp (perplexity above 10^308).
+    case perplexityOverflow(path: String, meanLoss: Double)
 
     public var description: String {
         switch self {
@@ -18,6 +23,10 @@ public enum EvaluationError: Error, CustomStringConvertible, Equatable {
             return "\(p): the model has no tokenizer; pass --tokenizer PATH"
         case .tokenOutOfRange(let id, let v):
             return "token id \(id) is outside the vocabulary (\(v) tokens)"
+        case .nonFiniteLoss(let p, let w, let n, let first, let t, let loss, let source):
+            return "\(p): window \(w + 1) of \(n) (tokens \(first)..<\(first + t)) has a non-finite loss (\(loss)); non-finite values first appeared in \(source)"
+        case .perplexityOverflow(let p, let mean):
+            return "\(p): the mean loss is \(mean) nats, so perplexity exp(\(mean)) is too large to represent"
         }
     }
 }
@@ -57,21 +66,44 @@ public enum Perplexity {
         var states = (0..<count).map { w in
             embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength)
         }
+        // Where each window's hidden state first held a NaN or an infinity (a scan per block per
+        // window, small beside the block's own work), so that a non-finite loss can be traced.
+        var firstNonFinite: [String?] = states.map { hasNonFinite($0) ? "the token embedding" : nil }
         let rope = c.ropeTable(positions: sequenceLength)
         let loadBlock = block ?? { try model.loadBlock($0) }
         for i in 0..<c.layerCount {
             let b = try loadBlock(i)
-            for w in 0..<count { states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope) }
+            for w in 0..<count {
+                states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope)
+                if firstNonFinite[w] == nil, hasNonFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
+            }
             progress?(i + 1, c.layerCount)
         }
         let head = try model.loadHead(embedding: embedding)
         var losses: [Double] = []
         for w in 0..<count {
             let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
-            losses.append(meanCrossEntropy(head: head, hidden: states[w], targets: targets))
+            let loss = meanCrossEntropy(head: head, hidden: states[w], targets: targets)
+            guard loss.isFinite else {
+                throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
+                                                    sequenceLength: sequenceLength, loss: loss,
+                                                    source: firstNonFinite[w] ?? "the final norm and logits (every block's output was finite)")
+            }
+            losses.append(loss)
         }
         let mean = losses.reduce(0, +) / Double(losses.count)
+        guard exp(mean).isFinite else { throw EvaluationError.perplexityOverflow(path: model.path, meanLoss: mean) }
         return PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
+    }
+
+    /// Whether `m` holds a NaN or an infinity.
+    static func hasNonFinite(_ m: Matrix) -> Bool {
+        m.withUnsafeBufferPointer { p in
+            // v * 0 is NaN exactly when v is NaN or infinite, and a sum of zeros cannot overflow.
+            var sum: Float = 0
+            for v in p { sum += v * 0 }
+            return !sum.isFinite
+        }
     }
 
     /// The logits at every position of one sequence [tokens x vocabulary], streaming the blocks.

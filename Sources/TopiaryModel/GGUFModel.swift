@@ -46,6 +46,39 @@ struct GGUFKeys {
         return i
     }
 
+    /// A required count in 1...max, checked before anything is sized by it.
+    func count(_ name: String, max: Int) throws -> Int {
+        let v = try int(name)
+        guard v > 0, v <= max else {
+            throw CheckpointError.invalidField(path: path, field: key(name),
+                                               detail: v > 0 ? "is \(v), implausibly large (at most \(max))" : "is \(v), expected a positive number")
+        }
+        return v
+    }
+
+    /// A key outside `{arch}.` (tokenizer.ggml.*): an integer, or an error naming it.
+    func optionalGeneralInt(_ k: String) throws -> Int? {
+        guard let v = meta[k] else { return nil }
+        guard let i = v.int else { throw CheckpointError.invalidField(path: path, field: k, detail: "is \(v), expected an integer") }
+        return i
+    }
+
+    /// ModelConfig.validate's field names as this file spells them.
+    var fieldNames: [String: String] {
+        [
+            "hidden_size": key("embedding_length"), "intermediate_size": key("feed_forward_length"),
+            "num_hidden_layers": key("block_count"), "num_attention_heads": key("attention.head_count"),
+            "num_key_value_heads": key("attention.head_count_kv"),
+            "head_dim": arch == "llama" ? key("rope.dimension_count") : key("attention.key_length"),
+            "vocab_size": meta[key("vocab_size")] != nil ? key("vocab_size") : "tokenizer.ggml.tokens",
+            "max_position_embeddings": key("context_length"), "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+            "rope_theta": key("rope.freq_base"), "sliding_window": key("attention.sliding_window"),
+            "attn_logit_softcapping": key("attn_logit_softcapping"), "final_logit_softcapping": key("final_logit_softcapping"),
+            "num_local_experts": key("expert_count"), "num_experts_per_tok": key("expert_used_count"),
+            "rope_scaling.factor": meta[key("rope.scaling.factor")] != nil ? key("rope.scaling.factor") : key("rope.scale_linear"),
+        ]
+    }
+
     func optionalDouble(_ name: String) throws -> Double? {
         let k = key(name)
         guard let v = meta[k] else { return nil }
@@ -80,7 +113,13 @@ extension LanguageModel {
         let keys = GGUFKeys(path: path, arch: arch.rawValue, meta: meta)
         let tokens = meta["tokenizer.ggml.tokens"]?.stringArray
         let config = arch == .llama ? try llamaGGUFConfig(gguf, keys) : try familyGGUFConfig(gguf, arch, keys)
-        try config.validate(path: path)
+        try config.validate(path: path, fieldNames: keys.fieldNames)
+        // The block count must be the blocks the file has tensors for: one more or one less
+        // would silently drop a block or ask for one that is not there.
+        try ModelConfig.checkBlocks(ModelConfig.blockIndices(gguf.tensorNames, prefix: "blk."), layerCount: config.layerCount,
+                                    path: path, field: keys.key("block_count"), tensorPrefix: "blk.")
+        try config.checkEmbedding(gguf.entry("token_embd.weight"), name: "token_embd.weight", path: path,
+                                  vocabField: keys.fieldNames["vocab_size"]!, hiddenField: keys.key("embedding_length"))
         let weights = FusedTensorSource.wrap(GGUFNames(gguf: gguf, config: config), config: config)
         var tokenizer = try externalTokenizer(tokenizerPath, vocabularySize: config.vocabularySize)
         if tokenizer == nil, tokens != nil { tokenizer = try ggufTokenizer(gguf) }
@@ -90,33 +129,27 @@ extension LanguageModel {
     /// The vocabulary size: `{arch}.vocab_size`, else the token list's length, else the embedding's rows.
     static func ggufVocabularySize(_ gguf: GGUFFile, _ keys: GGUFKeys) throws -> Int {
         if let v = try keys.optionalInt("vocab_size") { return v }
-        return gguf.metadata["tokenizer.ggml.tokens"]?.stringArray?.count ?? gguf.entry("token_embd.weight")?.shape.first ?? 0
+        return gguf.metadata["tokenizer.ggml.tokens"]?.array?.count ?? gguf.entry("token_embd.weight")?.shape.first ?? 0
     }
 
     /// llama (LLaMA, Mistral, SmolLM2, ...): read as it always has been (Q/K in adjacent-pair
     /// order); with `llama.expert_count` > 0, Mixtral.
     static func llamaGGUFConfig(_ gguf: GGUFFile, _ keys: GGUFKeys) throws -> ModelConfig {
-        let meta = gguf.metadata
-        func int(_ key: String) throws -> Int {
-            guard let v = meta[key] else { throw CheckpointError.missingField(path: gguf.path, field: key) }
-            guard let i = v.int else { throw CheckpointError.invalidField(path: gguf.path, field: key, detail: "is not an integer") }
-            return i
-        }
-        let heads = try int("llama.attention.head_count")
-        let hidden = try int("llama.embedding_length")
-        let tokens = meta["tokenizer.ggml.tokens"]?.stringArray
-        let vocab = try meta["llama.vocab_size"] != nil ? int("llama.vocab_size") : (tokens?.count ?? gguf.entry("token_embd.weight")?.shape.first ?? 0)
-        let layers = try int("llama.block_count")
+        let heads = try keys.int("attention.head_count")
+        let hidden = try keys.int("embedding_length")
+        let vocab = try ggufVocabularySize(gguf, keys)
+        let layers = try keys.count("block_count", max: ModelConfig.maxLayers)
         var config = ModelConfig(
-            architecture: .llama, hiddenSize: hidden, intermediateSize: try int("llama.feed_forward_length"),
+            architecture: .llama, hiddenSize: hidden, intermediateSize: try keys.int("feed_forward_length"),
             layerCount: layers, headCount: heads,
-            kvHeadCount: meta["llama.attention.head_count_kv"] != nil ? try int("llama.attention.head_count_kv") : heads,
-            headDim: meta["llama.rope.dimension_count"]?.int ?? hidden / heads,
-            vocabularySize: vocab, maxPositions: meta["llama.context_length"]?.int ?? 2048,
-            normEps: Float(meta["llama.attention.layer_norm_rms_epsilon"]?.double ?? 1e-5),
+            kvHeadCount: try keys.optionalInt("attention.head_count_kv") ?? heads,
+            headDim: try keys.optionalInt("rope.dimension_count") ?? (heads > 0 ? hidden / heads : 0),
+            vocabularySize: vocab, maxPositions: try keys.optionalInt("context_length") ?? 2048,
+            normEps: Float(try keys.optionalDouble("attention.layer_norm_rms_epsilon") ?? 1e-5),
             tieWordEmbeddings: gguf.entry("output.weight") == nil && gguf.unsupportedTensors["output.weight"] == nil,
-            bosTokenID: meta["tokenizer.ggml.bos_token_id"]?.int, eosTokenID: meta["tokenizer.ggml.eos_token_id"]?.int,
-            ropeTheta: Float(meta["llama.rope.freq_base"]?.double ?? 10000), ropeLayout: .adjacentPairs)
+            bosTokenID: try keys.optionalGeneralInt("tokenizer.ggml.bos_token_id"),
+            eosTokenID: try keys.optionalGeneralInt("tokenizer.ggml.eos_token_id"),
+            ropeTheta: Float(try keys.optionalDouble("rope.freq_base") ?? 10000), ropeLayout: .adjacentPairs)
         if let experts = try keys.optionalInt("expert_count"), experts > 0 {
             config.architecture = .mixtral
             config.expertCount = experts
@@ -131,7 +164,7 @@ extension LanguageModel {
     static func familyGGUFConfig(_ gguf: GGUFFile, _ arch: GGUFArchitecture, _ k: GGUFKeys) throws -> ModelConfig {
         let meta = gguf.metadata
         let hidden = try k.int("embedding_length")
-        let layers = try k.int("block_count")
+        let layers = try k.count("block_count", max: ModelConfig.maxLayers)
         let intermediate = try k.int("feed_forward_length")
         let heads = try k.int("attention.head_count")
         let maxPositions = try k.int("context_length")
@@ -159,7 +192,8 @@ extension LanguageModel {
             headCount: heads, kvHeadCount: kvHeads, headDim: headDim, vocabularySize: try ggufVocabularySize(gguf, k),
             maxPositions: maxPositions, normEps: Float(eps),
             tieWordEmbeddings: gguf.entry("output.weight") == nil && gguf.unsupportedTensors["output.weight"] == nil,
-            bosTokenID: meta["tokenizer.ggml.bos_token_id"]?.int, eosTokenID: meta["tokenizer.ggml.eos_token_id"]?.int,
+            bosTokenID: try k.optionalGeneralInt("tokenizer.ggml.bos_token_id"),
+            eosTokenID: try k.optionalGeneralInt("tokenizer.ggml.eos_token_id"),
             ropeTheta: Float(try k.optionalDouble("rope.freq_base") ?? 10000), ropeLayout: .rotateHalf)
         c.ropeScaling = try ggufRopeScaling(k)
         switch arch {

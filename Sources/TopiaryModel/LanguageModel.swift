@@ -61,7 +61,10 @@ public final class LanguageModel: Sendable {
             throw CheckpointError.io(path: directory, detail: "no config.json: expected a Hugging Face model directory")
         }
         let config = try ModelConfig.fromHuggingFace(path: configPath)
-        let weights = FusedTensorSource.wrap(try ShardedSafeTensors.open(directory: directory), config: config)
+        let checkpoint = try ShardedSafeTensors.open(directory: directory)
+        // config.json's counts must be what the checkpoint holds, before anything is sized by them.
+        try config.validate(against: checkpoint, path: configPath)
+        let weights = FusedTensorSource.wrap(checkpoint, config: config)
         var tokenizer = try externalTokenizer(tokenizerPath, vocabularySize: config.vocabularySize)
         let tokPath = (directory as NSString).appendingPathComponent("tokenizer.json")
         if tokenizer == nil, FileManager.default.fileExists(atPath: tokPath) {
@@ -100,19 +103,45 @@ public final class LanguageModel: Sendable {
         default:
             throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.pre", detail: "is '\(pre)', which is not supported (gpt2, smollm, llama-bpe, qwen2); pass --tokenizer tokenizer.json")
         }
-        guard let tokens = meta["tokenizer.ggml.tokens"]?.stringArray else {
+        // Every field as the type it must be: a token list with a number in it, or an id that is a
+        // string, is an error naming the key, not a shorter list or a missing id.
+        func list<T>(_ key: String, _ what: String, _ element: (GGUFValue) -> T?) throws -> [T]? {
+            guard let v = meta[key] else { return nil }
+            guard let items = v.array else { throw CheckpointError.invalidField(path: gguf.path, field: key, detail: "is not an array, expected \(what)") }
+            var out: [T] = []
+            out.reserveCapacity(items.count)
+            for (i, item) in items.enumerated() {
+                guard let e = element(item) else {
+                    throw CheckpointError.invalidField(path: gguf.path, field: key, detail: "has \(item) at index \(i), expected \(what)")
+                }
+                out.append(e)
+            }
+            return out
+        }
+        func id(_ key: String) throws -> Int? {
+            guard let v = meta[key] else { return nil }
+            guard let i = v.int else { throw CheckpointError.invalidField(path: gguf.path, field: key, detail: "is \(v), expected a token id") }
+            return i
+        }
+        guard let tokens = try list("tokenizer.ggml.tokens", "strings", \.string) else {
             throw CheckpointError.missingField(path: gguf.path, field: "tokenizer.ggml.tokens")
         }
-        guard let merges = meta["tokenizer.ggml.merges"]?.stringArray else {
+        guard let merges = try list("tokenizer.ggml.merges", "strings", \.string) else {
             throw CheckpointError.missingField(path: gguf.path, field: "tokenizer.ggml.merges")
         }
-        let types = meta["tokenizer.ggml.token_type"]?.array?.compactMap(\.int)
+        let types = try list("tokenizer.ggml.token_type", "integers", \.int)
+        var addsBOS = false
+        if let v = meta["tokenizer.ggml.add_bos_token"] {
+            guard let b = v.bool else { throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.add_bos_token", detail: "is \(v), expected true or false") }
+            addsBOS = b
+        }
         do {
             return try ByteLevelBPETokenizer(
                 tokens: tokens, merges: merges, tokenTypes: types, preTokenizer: preTokenizer,
-                bosID: meta["tokenizer.ggml.bos_token_id"]?.int, eosID: meta["tokenizer.ggml.eos_token_id"]?.int,
-                unknownID: meta["tokenizer.ggml.unknown_token_id"]?.int,
-                addsBOS: meta["tokenizer.ggml.add_bos_token"]?.bool ?? false)
+                bosID: try id("tokenizer.ggml.bos_token_id"), eosID: try id("tokenizer.ggml.eos_token_id"),
+                unknownID: try id("tokenizer.ggml.unknown_token_id"), addsBOS: addsBOS)
+        } catch let e as CheckpointError {
+            throw e
         } catch {
             throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml", detail: "\(error)")
         }

@@ -150,20 +150,41 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         return slidingWindow
     }
 
-    /// Checks the relations between fields that the forward pass relies on.
-    public func validate(path: String) throws {
+    /// Upper bounds far above any real model, so that a corrupt or hostile value is refused by
+    /// name before anything is sized by it, and no product of two of them can overflow.
+    public static let maxHiddenSize = 1 << 20
+    public static let maxIntermediateSize = 1 << 22
+    public static let maxLayers = 1 << 16
+    public static let maxHeads = 1 << 16
+    public static let maxHeadDim = 1 << 16
+    public static let maxVocabulary = 1 << 24
+    public static let maxPositionsLimit = 1 << 26
+    public static let maxExperts = 1 << 12
+
+    /// Checks the relations between fields that the forward pass relies on. `fieldNames` renames
+    /// fields in errors for sources that spell them differently (GGUF: "llama.block_count" for
+    /// "num_hidden_layers").
+    public func validate(path: String, fieldNames: [String: String] = [:]) throws {
         func check(_ ok: Bool, _ field: String, _ detail: String) throws {
-            if !ok { throw CheckpointError.invalidField(path: path, field: field, detail: detail) }
+            if !ok { throw CheckpointError.invalidField(path: path, field: fieldNames[field] ?? field, detail: detail) }
         }
-        try check(hiddenSize > 0, "hidden_size", "is \(hiddenSize), expected a positive number")
-        try check(intermediateSize > 0, "intermediate_size", "is \(intermediateSize), expected a positive number")
-        try check(layerCount > 0, "num_hidden_layers", "is \(layerCount), expected a positive number")
-        try check(headCount > 0, "num_attention_heads", "is \(headCount), expected a positive number")
-        try check(kvHeadCount > 0 && headCount % kvHeadCount == 0, "num_key_value_heads",
+        func range(_ v: Int, _ field: String, _ max: Int) throws {
+            try check(v > 0, field, "is \(v), expected a positive number")
+            try check(v <= max, field, "is \(v), implausibly large (at most \(max))")
+        }
+        try range(hiddenSize, "hidden_size", Self.maxHiddenSize)
+        try range(intermediateSize, architecture == .opt ? "ffn_dim" : "intermediate_size", Self.maxIntermediateSize)
+        try range(layerCount, "num_hidden_layers", Self.maxLayers)
+        try range(headCount, "num_attention_heads", Self.maxHeads)
+        try check(kvHeadCount > 0 && kvHeadCount <= headCount && headCount % kvHeadCount == 0, "num_key_value_heads",
                   "is \(kvHeadCount), expected a divisor of num_attention_heads (\(headCount))")
         try check(headDim > 0 && headDim % 2 == 0, "head_dim", "is \(headDim), expected a positive even number")
-        try check(vocabularySize > 0, "vocab_size", "is \(vocabularySize), expected a positive number")
-        try check(maxPositions > 0, "max_position_embeddings", "is \(maxPositions), expected a positive number")
+        try check(headDim <= Self.maxHeadDim, "head_dim", "is \(headDim), implausibly large (at most \(Self.maxHeadDim))")
+        try range(vocabularySize, "vocab_size", Self.maxVocabulary)
+        try range(maxPositions, "max_position_embeddings", Self.maxPositionsLimit)
+        if architecture == .opt {
+            try range(wordEmbedProjDim, "word_embed_proj_dim", Self.maxHiddenSize)
+        }
         try check(normEps.isFinite && normEps > 0, architecture == .opt ? "layer_norm_eps" : "rms_norm_eps", "is \(normEps), expected a positive number")
         if architecture.isLlamaLike {
             try check(ropeTheta.isFinite && ropeTheta > 0, "rope_theta", "is \(ropeTheta), expected a positive number")
@@ -177,7 +198,8 @@ public struct ModelConfig: Sendable, Equatable, Codable {
             if let v { try check(v.isFinite && v > 0, field, "is \(v), expected a positive number or null") }
         }
         if architecture == .mixtral || architecture == .qwen3MoE {
-            try check(expertCount > 0, "num_local_experts", "is \(expertCount), expected a positive number")
+            try range(expertCount, architecture == .mixtral ? "num_local_experts" : "num_experts", Self.maxExperts)
+            try range(expertWidth, "moe_intermediate_size", Self.maxHiddenSize)
             try check(expertsPerToken > 0 && expertsPerToken <= expertCount, "num_experts_per_tok",
                       "is \(expertsPerToken), expected 1...\(expertCount)")
         }
@@ -194,6 +216,59 @@ public struct ModelConfig: Sendable, Equatable, Codable {
             try check(original > 0, "rope_scaling.original_max_position_embeddings", "is \(original), expected a positive number")
         case nil: break
         }
+    }
+
+    /// Checks the configuration against the tensors `weights` holds: block tensors for exactly
+    /// blocks 0..<layerCount, and a token embedding of [vocab_size, hidden_size] (when the file
+    /// holds it in a type this reader decodes). Nothing is sized by a count the file does not back.
+    public func validate(against weights: any TensorSource, path: String) throws {
+        let prefix = family.blockPrefix(0).dropLast(2)  // "model.layers."
+        try Self.checkBlocks(Self.blockIndices(weights.tensorNames, prefix: String(prefix)), layerCount: layerCount,
+                             path: path, field: "num_hidden_layers", tensorPrefix: String(prefix))
+        let name = family.tokenEmbedding
+        try checkEmbedding(weights.entry(name), name: name, path: path)
+    }
+
+    /// The block numbers N of tensors named `prefix`N`.`..., sorted, each once.
+    public static func blockIndices(_ names: [String], prefix: String) -> [Int] {
+        var found = Set<Int>()
+        for name in names where name.hasPrefix(prefix) {
+            let rest = name.utf8.dropFirst(prefix.utf8.count)
+            let digits = rest.prefix { $0 >= 0x30 && $0 <= 0x39 }
+            guard !digits.isEmpty, digits.count <= 9, rest.dropFirst(digits.count).first == UInt8(ascii: "."),
+                  let n = Int(String(decoding: digits, as: UTF8.self)) else { continue }
+            found.insert(n)
+        }
+        return found.sorted()
+    }
+
+    /// Refuses a block count that disagrees with the blocks the file has tensors for.
+    public static func checkBlocks(_ indices: [Int], layerCount: Int, path: String, field: String, tensorPrefix: String) throws {
+        if indices == Array(0..<max(layerCount, 0)) { return }
+        let detail: String
+        if indices.isEmpty {
+            detail = "is \(layerCount), but the checkpoint has no block tensors (\(tensorPrefix)N.*)"
+        } else if let missing = (0...indices.last!).first(where: { !indices.contains($0) }) {
+            detail = "is \(layerCount), but the checkpoint has tensors for \(indices.count) blocks between \(tensorPrefix)0 and \(tensorPrefix)\(indices.last!); \(tensorPrefix)\(missing) has none"
+        } else {
+            let which = indices.count == 1 ? "1 block (\(tensorPrefix)0)" : "\(indices.count) blocks (\(tensorPrefix)0 to \(tensorPrefix)\(indices.last!))"
+            detail = "is \(layerCount), but the checkpoint has tensors for \(which)"
+        }
+        throw CheckpointError.invalidField(path: path, field: field, detail: detail)
+    }
+
+    /// Refuses a token embedding whose shape is not [vocab_size, hidden_size] (the embedding width
+    /// for OPT-350m); an absent entry (missing, or of a type not decoded) is left to loading.
+    public func checkEmbedding(_ entry: TensorEntry?, name: String, path: String, vocabField: String = "vocab_size",
+                               hiddenField: String = "hidden_size") throws {
+        guard let entry else { return }
+        let width = architecture == .opt ? wordEmbedProjDim : hiddenSize
+        let expected = [vocabularySize, width]
+        let count = ShapeMath.elementCount(entry.shape)
+        if entry.shape == expected || (entry.shape.count == 1 && count == vocabularySize * width) { return }
+        throw CheckpointError.shapeMismatch(path: path, tensor: name,
+                                            expected: "\(expected) (\(vocabField) \(vocabularySize) x \(hiddenField) \(width))",
+                                            found: "\(entry.shape)")
     }
 
     // MARK: Hugging Face config.json
@@ -258,13 +333,17 @@ public struct ModelConfig: Sendable, Equatable, Codable {
         let heads = try f.int("num_attention_heads")
         var c = ModelConfig(
             architecture: architecture, hiddenSize: try f.int("hidden_size"), intermediateSize: try f.int("intermediate_size"),
-            layerCount: try f.int("num_hidden_layers"), headCount: heads,
+            layerCount: try f.count("num_hidden_layers", max: maxLayers), headCount: heads,
             kvHeadCount: try f.optionalInt("num_key_value_heads") ?? heads,
             headDim: try f.optionalInt("head_dim"), vocabularySize: try f.int("vocab_size"),
             maxPositions: try f.optionalInt("max_position_embeddings") ?? 2048,
             normEps: Float(try f.optionalDouble("rms_norm_eps") ?? 1e-6),
             tieWordEmbeddings: try f.optionalBool("tie_word_embeddings") ?? false,
             bosTokenID: try f.optionalInt("bos_token_id"), ropeLayout: .rotateHalf)
+        // Families size per-block lists by the block count before validate runs: bound it first.
+        guard (1...Self.maxLayers).contains(c.layerCount) else {
+            throw CheckpointError.invalidField(path: f.path, field: "num_hidden_layers", detail: "is \(c.layerCount), expected 1...\(Self.maxLayers)")
+        }
         c.eosTokenIDs = try f.intOrIntList("eos_token_id")
         c.eosTokenID = c.eosTokenIDs.first
         try c.readRope(f)
@@ -365,6 +444,16 @@ public struct JSONFields {
 
     func int(_ key: String) throws -> Int {
         guard let v = try optionalInt(key) else { throw CheckpointError.missingField(path: path, field: prefix + key) }
+        return v
+    }
+
+    /// A required count in 1...max (checked here, before anything is sized by it).
+    func count(_ key: String, max: Int) throws -> Int {
+        let v = try int(key)
+        guard v > 0, v <= max else {
+            throw CheckpointError.invalidField(path: path, field: prefix + key,
+                                               detail: v > 0 ? "is \(v), implausibly large (at most \(max))" : "is \(v), expected a positive number")
+        }
         return v
     }
 

@@ -100,12 +100,15 @@ public enum HuggingFaceTokenizer {
         }
         let vocabNode = try node.child("vocab")
         var tokens: [String?] = []
-        for (token, idValue) in try vocabNode.object() {
+        let vocab = try vocabNode.object()
+        // Ids index an array: one far beyond the number of tokens would size it, not the file.
+        let idLimit = min(1 << 24, vocab.count + (1 << 16))
+        for (token, idValue) in vocab {
             let idNode = vocabNode.child(token, idValue)
             let id = try idNode.int()
-            guard id >= 0, id < 1 << 24 else {
+            guard id >= 0, id < idLimit else {
                 throw TokenizerError.invalidValue(path: node.source, field: idNode.field,
-                                                  expected: "an id in 0..<16777216", found: "\(id)")
+                                                  expected: "an id in 0..<\(idLimit) (the vocabulary has \(vocab.count) tokens)", found: "\(id)")
             }
             if id >= tokens.count { tokens.append(contentsOf: repeatElement(nil, count: id + 1 - tokens.count)) }
             tokens[id] = token
@@ -311,7 +314,7 @@ public enum HuggingFaceTokenizer {
             for item in try node.child("single").array() {
                 if let special = item.optional("SpecialToken") {
                     let name = try special.child("id").string()
-                    let ids = try specials.child(name).child("ids").array().map { Int32(try $0.int()) }
+                    let ids = try specials.child(name).child("ids").array().map { try $0.int32() }
                     if seenSequence { after += ids } else { before += ids }
                 } else if item.optional("Sequence") != nil {
                     seenSequence = true
@@ -328,7 +331,7 @@ public enum HuggingFaceTokenizer {
                 throw TokenizerError.invalidValue(path: node.source, field: node.field + ".cls",
                                                   expected: "[token, id]", found: "\(cls.count) items")
             }
-            return ([Int32(try cls[1].int())], [Int32(try sep[1].int())])
+            return ([try cls[1].int32()], [try sep[1].int32()])
         default:
             throw TokenizerError.unsupported(
                 path: node.source, field: node.field + ".type", found: "\"\(type)\"",
@@ -408,9 +411,21 @@ struct JSONNode {
         return n.intValue
     }
 
+    /// A token id: an integer that fits the 32-bit ids the tokenizer keeps.
+    func int32() throws -> Int32 {
+        let i = try int()
+        guard let v = Int32(exactly: i), v >= 0 else {
+            throw TokenizerError.invalidValue(path: source, field: field.isEmpty ? "(top level)" : field,
+                                              expected: "a token id (0 to \(Int32.max))", found: "\(i)")
+        }
+        return v
+    }
+
+    /// JSON true or false only: a number (1, 0) is not taken for a boolean.
     func bool() throws -> Bool {
-        guard !(value is String), let b = value as? Bool else { throw mismatch("true or false") }
-        return b
+        guard let n = value as? NSNumber, !(value is String), String(cString: n.objCType) == "c",
+              n == NSNumber(value: true) || n == NSNumber(value: false) else { throw mismatch("true or false") }
+        return n.boolValue
     }
 
     func array() throws -> [JSONNode] {

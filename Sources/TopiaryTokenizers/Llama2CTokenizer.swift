@@ -58,10 +58,13 @@ public final class Llama2CTokenizer: Tokenizer {
             throw TokenizerError.invalidValue(path: path, field: "max_token_length", expected: "a positive length", found: "\(maxLength)")
         }
         maxTokenLength = maxLength
+        // Every token takes at least 8 bytes (score and length): no more is reserved than the
+        // file can hold, whatever vocabulary size the model's header claims.
+        let room = (bytes.count - offset) / 8
         var pieces: [[UInt8]] = []
         var scores: [Float] = []
-        pieces.reserveCapacity(vocabularySize)
-        scores.reserveCapacity(vocabularySize)
+        pieces.reserveCapacity(min(vocabularySize, room))
+        scores.reserveCapacity(min(vocabularySize, room))
         for id in 0..<vocabularySize {
             try need(8, "score and length of token \(id) of \(vocabularySize)")
             scores.append(Float(bitPattern: readUInt32()))
@@ -91,14 +94,28 @@ public final class Llama2CTokenizer: Tokenizer {
 
         // Every way to cut each token into two tokens is a pair that merges into it. llama2.c only merges into
         // tokens scoring above -1e10; equal scores share a rank, so the leftmost pair wins as in its scan.
+        // The cuts are found with two tries (of the tokens, and of the tokens reversed) walked
+        // along each token from either end, so loading takes time linear in the file's size
+        // (looking up every prefix and suffix as a string would be quadratic in a token's length).
         let rankOfScore = Self.ranks(of: scores)
+        var forward = ByteTrie(), backward = ByteTrie()
+        for (p, id) in ids {
+            forward.insert(p, id: id)
+            backward.insert(p.reversed(), id: id)
+        }
         var table = MergeTable()
+        var prefixID: [Int32] = [], suffixID: [Int32] = []
         for (id, p) in pieces.enumerated() where p.count >= 2 && ids[p] == Int32(id) {
             guard let rank = rankOfScore[id] else { continue }
-            for cut in 1..<p.count {
-                if let l = ids[Array(p[..<cut])], let r = ids[Array(p[cut...])] {
-                    table.add(left: l, right: r, rank: rank, result: Int32(id))
-                }
+            // prefixID[cut]: the token p[..<cut] (-1 when none); suffixID[cut]: the token p[cut...].
+            prefixID.removeAll(keepingCapacity: true)
+            prefixID.append(contentsOf: repeatElement(-1, count: p.count + 1))
+            suffixID.removeAll(keepingCapacity: true)
+            suffixID.append(contentsOf: repeatElement(-1, count: p.count + 1))
+            forward.walk(p) { depth, token in prefixID[depth] = token }
+            backward.walk(p.reversed()) { depth, token in suffixID[p.count - depth] = token }
+            for cut in 1..<p.count where prefixID[cut] >= 0 && suffixID[cut] >= 0 {
+                table.add(left: prefixID[cut], right: suffixID[cut], rank: rank, result: Int32(id))
             }
         }
         merges = table
@@ -201,5 +218,43 @@ public final class Llama2CTokenizer: Tokenizer {
             decoders: [.replace(.literal("\u{2581}"), content: " "), .byteFallback, .fuse, .strip(content: " ", start: 1, stop: 0)],
             prefixIDs: [Int32(bosID!)], suffixIDs: [], bosID: Int32(bosID!), eosID: Int32(eosID!))
         return pipeline.huggingFaceJSON().serialized()
+    }
+}
+
+/// A trie of byte strings, each ending at a node that holds its token id: finds, in one walk
+/// along a string, every prefix of it that is a token.
+struct ByteTrie {
+    /// Edge (node << 8 | byte) -> child node.
+    private var edges: [UInt64: Int32] = [:]
+    /// Token id ending at each node (-1 where none); node 0 is the root.
+    private var tokens: [Int32] = [-1]
+
+    mutating func insert<S: Sequence<UInt8>>(_ bytes: S, id: Int32) {
+        var node: Int32 = 0
+        for b in bytes {
+            let key = UInt64(node) << 8 | UInt64(b)
+            if let next = edges[key] {
+                node = next
+            } else {
+                let next = Int32(tokens.count)
+                tokens.append(-1)
+                edges[key] = next
+                node = next
+            }
+        }
+        if tokens[Int(node)] < 0 { tokens[Int(node)] = id }
+    }
+
+    /// Calls `found(depth, id)` for every non-empty prefix of `bytes` that is a token, shortest first.
+    func walk<S: Sequence<UInt8>>(_ bytes: S, _ found: (Int, Int32) -> Void) {
+        var node: Int32 = 0
+        var depth = 0
+        for b in bytes {
+            guard let next = edges[UInt64(node) << 8 | UInt64(b)] else { return }
+            node = next
+            depth += 1
+            let token = tokens[Int(node)]
+            if token >= 0 { found(depth, token) }
+        }
     }
 }

@@ -1,10 +1,31 @@
 import Foundation
 
-/// Writes the one JSON object that `--json` promises as the last line of stdout.
+/// Writes the one JSON object that `--json` promises as the last line of stdout: the command's
+/// result, or, when it fails, `{"command": ..., "error": "the message printed on stderr"}`.
 enum JSONLine {
     static func print(_ object: [String: Any]) {
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
+        let data = (try? JSONSerialization.data(withJSONObject: sanitized(object), options: [.sortedKeys, .withoutEscapingSlashes]))
+            ?? (try? JSONSerialization.data(withJSONObject: ["error": "the result could not be written as JSON"]))
+            ?? Data(#"{"error":"the result could not be written as JSON"}"#.utf8)
         Swift.print(String(decoding: data, as: UTF8.self))
+    }
+
+    /// The line for a command that failed with `message` (exit status 1 or 2).
+    static func printError(command: String?, message: String) {
+        var object: [String: Any] = ["error": message]
+        if let command { object["command"] = command }
+        print(object)
+    }
+
+    /// `value` with NaN and infinities as null (JSON has no spelling for them).
+    static func sanitized(_ value: Any) -> Any {
+        switch value {
+        case let d as Double: return d.isFinite ? d : NSNull()
+        case let f as Float: return f.isFinite ? f : NSNull()
+        case let dict as [String: Any]: return dict.mapValues(sanitized)
+        case let list as [Any]: return list.map(sanitized)
+        default: return value
+        }
     }
 }
 

@@ -90,15 +90,19 @@ func runMain() -> Int32 {
         print(helpText(for: command), terminator: "")
         return ExitCode.success
     }
+    // With --json, a failure still ends stdout with one JSON object: {"command", "error"}.
+    let json = argv.contains("--json") && command.options.contains { $0.name == "json" }
     do {
         let args = try ParsedArguments(command: command.name, arguments: argv, specs: command.options)
         try command.run(args)
         return ExitCode.success
     } catch let e as UsageError {
         Console.error(e.description)
+        if json { JSONLine.printError(command: command.name, message: e.description) }
         return ExitCode.usage
     } catch {
         Console.error("topiary \(command.name): error: \(error)")
+        if json { JSONLine.printError(command: command.name, message: "\(error)") }
         return ExitCode.failure
     }
 }

@@ -52,6 +52,13 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
 
     // Bounds on header counts so that a corrupt header gives an error, not a huge allocation.
     private static let maxCount: UInt64 = 1 << 24
+    /// The fewest bytes one metadata entry takes (key length, one-byte key, type, one-byte value)
+    /// and one tensor description (name length, rank, one dimension, type, offset): a count
+    /// that the bytes left cannot hold is refused before anything is read or reserved.
+    private static let minMetadataEntryBytes = 8 + 1 + 4 + 1
+    private static let minTensorInfoBytes = 8 + 4 + 8 + 4 + 8
+    /// The largest `general.alignment` accepted (llama.cpp writes 32).
+    static let maxAlignment = 1 << 16
 
     public init(path: String) throws {
         self.path = path
@@ -70,20 +77,38 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         guard tensorCount < Self.maxCount, kvCount < Self.maxCount else {
             throw CheckpointError.invalidHeader(path: path, detail: "implausible counts: \(tensorCount) tensors, \(kvCount) metadata entries")
         }
+        guard kvCount <= UInt64(r.remaining / Self.minMetadataEntryBytes) else {
+            throw CheckpointError.truncated(path: path, detail: "metadata count \(kvCount) cannot fit in the \(r.remaining) bytes after the header (each entry takes at least \(Self.minMetadataEntryBytes))")
+        }
         var meta: [String: GGUFValue] = [:]
+        var arrayElements = 0
         for i in 0..<Int(kvCount) {
             let key = try Self.readString(&r, "metadata key \(i)")
             let type = try r.read(UInt32.self, "type of metadata '\(key)'")
-            meta[key] = try Self.readValue(&r, type: type, key: key, depth: 0)
+            let value = try Self.readValue(&r, type: type, key: key, depth: 0, elements: &arrayElements)
+            guard meta.updateValue(value, forKey: key) == nil else {
+                throw CheckpointError.invalidHeader(path: path, detail: "metadata key '\(key)' appears twice")
+            }
         }
         metadata = meta
-        let alignment = meta["general.alignment"]?.int ?? 32
-        guard alignment > 0, alignment <= 1 << 20 else {
-            throw CheckpointError.invalidField(path: path, field: "general.alignment", detail: "is \(alignment), expected a positive power of two")
+        var alignment = 32
+        if let value = meta["general.alignment"] {
+            guard let a = value.int, a >= 8, a <= Self.maxAlignment, a & (a - 1) == 0 else {
+                throw CheckpointError.invalidField(path: path, field: "general.alignment",
+                                                   detail: "is \(value.int.map(String.init) ?? "\(value)"), expected a power of two from 8 to \(Self.maxAlignment) (the GGUF specification requires a multiple of 8)")
+            }
+            alignment = a
+        }
+        guard tensorCount <= UInt64(r.remaining / Self.minTensorInfoBytes) else {
+            throw CheckpointError.truncated(path: path, detail: "tensor count \(tensorCount) cannot fit in the \(r.remaining) bytes after the metadata (each tensor description takes at least \(Self.minTensorInfoBytes))")
         }
         var pending: [(String, [Int], UInt32, UInt64)] = []
+        var seen = Set<String>()
         for i in 0..<Int(tensorCount) {
             let name = try Self.readString(&r, "name of tensor \(i)")
+            guard seen.insert(name).inserted else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' is described twice")
+            }
             let nDims = try r.read(UInt32.self, "dimension count of tensor '\(name)'")
             guard nDims >= 1 && nDims <= 4 else {
                 throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(nDims) dimensions, expected 1 to 4")
@@ -92,13 +117,17 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             for d in 0..<Int(nDims) {
                 let v = try r.read(UInt64.self, "dimension \(d) of tensor '\(name)'")
                 guard v <= 1 << 40 else {
-                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' dimension \(d) is \(v)")
+                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' dimension \(d) is \(v), expected at most 2^40")
                 }
                 ne.append(Int(v))
             }
             let type = try r.read(UInt32.self, "type of tensor '\(name)'")
             let offset = try r.read(UInt64.self, "offset of tensor '\(name)'")
-            pending.append((name, ne.reversed(), type, offset))
+            let shape = Array(ne.reversed())
+            guard ShapeMath.elementCount(shape) != nil else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has shape \(shape), whose element count does not fit in 64 bits (the file has \(file.size) bytes)")
+            }
+            pending.append((name, shape, type, offset))
         }
         let dataStart = (r.offset + alignment - 1) / alignment * alignment
         for (name, shape, type, relOffset) in pending {
@@ -108,15 +137,17 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
                 unsupported[name] = Self.typeNames[type] ?? "ggml type \(type)"
                 continue
             }
-            let count = shape.reduce(1, *)
+            let count = ShapeMath.elementCount(shape)!
             guard let bytes = dtype.byteCount(elements: count) else {
-                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks")
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks or too many for a file")
             }
-            let (start, overflow) = dataStart.addingReportingOverflow(Int(clamping: relOffset))
-            let end = start &+ bytes
-            if overflow || end > file.size || relOffset > UInt64(Int.max) {
-                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: overflow ? Int.max : end, fileSize: file.size)
+            guard relOffset <= UInt64(file.size), dataStart + Int(relOffset) <= file.size, bytes <= file.size - dataStart - Int(relOffset) else {
+                let (a, o1) = dataStart.addingReportingOverflow(Int(clamping: relOffset))
+                let (b, o2) = a.addingReportingOverflow(bytes)
+                let end = o1 || o2 ? Int.max : b
+                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: end, fileSize: file.size)
             }
+            let start = dataStart + Int(relOffset)
             entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start, byteCount: bytes)
             tensorNames.append(name)
         }
@@ -144,7 +175,8 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
     public func sliceEntry(_ name: String, index: Int) -> TensorEntry? {
         guard let e = entries[name], e.shape.count >= 2, index >= 0, index < e.shape[0] else { return nil }
         let inner = Array(e.shape.dropFirst())
-        guard let bytes = e.dtype.byteCount(elements: inner.reduce(1, *)), bytes * e.shape[0] == e.byteCount else { return nil }
+        guard let innerCount = ShapeMath.elementCount(inner), let bytes = e.dtype.byteCount(elements: innerCount),
+              bytes.multipliedReportingOverflow(by: e.shape[0]) == (e.byteCount, false) else { return nil }
         return TensorEntry(name: "\(name)[\(index)]", shape: inner, dtype: e.dtype, offset: e.offset + index * bytes, byteCount: bytes)
     }
 
@@ -173,7 +205,11 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         return try r.readString(count: Int(n), what)
     }
 
-    private static func readValue(_ r: inout ByteReader, type: UInt32, key: String, depth: Int) throws -> GGUFValue {
+    /// Metadata array elements a file may hold in all (a decoded element takes some 24 bytes
+    /// however few it took in the file): Gemma's 256K-token vocabulary is 3 arrays of 256K.
+    static let maxArrayElements = 1 << 24
+
+    private static func readValue(_ r: inout ByteReader, type: UInt32, key: String, depth: Int, elements: inout Int) throws -> GGUFValue {
         let what = "value of '\(key)'"
         switch type {
         case 0: return .uint(UInt64(try r.read(UInt8.self, what)))
@@ -188,20 +224,39 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         case 9:
             guard depth < 4 else { throw CheckpointError.invalidHeader(path: r.file.path, detail: "'\(key)': arrays nested too deeply") }
             let elementType = try r.read(UInt32.self, "array type of '\(key)'")
+            guard let size = minValueBytes(elementType) else {
+                throw CheckpointError.invalidHeader(path: r.file.path, detail: "metadata '\(key)' is an array of unknown value type \(elementType)")
+            }
             let count = try r.read(UInt64.self, "array length of '\(key)'")
-            // Every element takes at least one byte, so a count beyond the bytes left is corrupt.
-            guard count <= UInt64(r.remaining) else {
-                throw CheckpointError.truncated(path: r.file.path, detail: "array '\(key)' claims \(count) elements, \(r.remaining) bytes left")
+            // A count beyond what the bytes left can hold is corrupt: refused before anything is reserved.
+            guard count <= UInt64(r.remaining / size) else {
+                throw CheckpointError.truncated(path: r.file.path, detail: "array '\(key)' claims \(count) elements of at least \(size) bytes each, \(r.remaining) bytes left")
+            }
+            elements += Int(count)
+            guard elements <= maxArrayElements else {
+                throw CheckpointError.invalidHeader(path: r.file.path, detail: "array '\(key)' of \(count) elements takes the file's metadata past \(maxArrayElements) array elements in all")
             }
             var out: [GGUFValue] = []
             out.reserveCapacity(Int(count))
-            for _ in 0..<Int(count) { out.append(try readValue(&r, type: elementType, key: key, depth: depth + 1)) }
+            for _ in 0..<Int(count) { out.append(try readValue(&r, type: elementType, key: key, depth: depth + 1, elements: &elements)) }
             return .array(out)
         case 10: return .uint(try r.read(UInt64.self, what))
         case 11: return .int(try r.read(Int64.self, what))
         case 12: return .float(try r.readDouble(what))
         default:
             throw CheckpointError.invalidHeader(path: r.file.path, detail: "metadata '\(key)' has unknown value type \(type)")
+        }
+    }
+
+    /// The fewest bytes a metadata value of `type` takes (nil for an unknown type).
+    private static func minValueBytes(_ type: UInt32) -> Int? {
+        switch type {
+        case 0, 1, 7: return 1
+        case 2, 3: return 2
+        case 4, 5, 6: return 4
+        case 8, 10, 11, 12: return 8
+        case 9: return 4 + 8
+        default: return nil
         }
     }
 

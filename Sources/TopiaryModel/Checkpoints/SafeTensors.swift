@@ -74,16 +74,11 @@ public final class SafeTensorsFile: TensorSource {
                 let (absEnd, overflow) = dataOffset.addingReportingOverflow(end)
                 throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: overflow ? Int.max : absEnd, fileSize: file.size)
             }
-            var count = 1
-            for d in e.shape {
-                guard d >= 0 else {
-                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has a negative dimension in shape \(e.shape)")
-                }
-                let (p, overflow) = count.multipliedReportingOverflow(by: d)
-                guard !overflow else {
-                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has an impossibly large shape \(e.shape)")
-                }
-                count = p
+            if e.shape.contains(where: { $0 < 0 }) {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has a negative dimension in shape \(e.shape)")
+            }
+            guard let count = ShapeMath.elementCount(e.shape) else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has an impossibly large shape \(e.shape) (its element count does not fit in 64 bits)")
             }
             let found = end - begin
             if let size = Self.elementSizes[e.dtype] {
@@ -497,13 +492,8 @@ public struct SafeTensorsWriter {
         guard dtype == .f32 || dtype == .f16 || dtype == .bf16 else {
             throw CheckpointError.unsupportedType(path: directory, tensor: name, type: dtype.rawValue)
         }
-        var count = 1
-        for d in shape {
-            let (p, overflow) = count.multipliedReportingOverflow(by: d)
-            guard d >= 0, !overflow else {
-                throw CheckpointError.invalidField(path: directory, field: name, detail: "has invalid shape \(shape)")
-            }
-            count = p
+        guard let count = ShapeMath.elementCount(shape), dtype.byteCount(elements: count) != nil else {
+            throw CheckpointError.invalidField(path: directory, field: name, detail: "has invalid shape \(shape)")
         }
         return count
     }

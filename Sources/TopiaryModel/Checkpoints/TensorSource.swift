@@ -6,16 +6,41 @@ public enum TensorDType: String, Sendable, Codable, CaseIterable {
     /// GGML block formats: 32 weights per block.
     case q8_0 = "Q8_0", q4_0 = "Q4_0", q4_1 = "Q4_1"
 
-    /// Bytes taken by `count` elements, or nil when `count` does not fill whole blocks.
+    /// Bytes taken by `count` elements, or nil when `count` is negative, does not fill whole
+    /// blocks, or its size does not fit in an `Int`.
     public func byteCount(elements count: Int) -> Int? {
+        guard count >= 0 else { return nil }
+        let (units, unitBytes): (Int, Int)
         switch self {
-        case .f32: return count * 4
-        case .f16, .bf16: return count * 2
+        case .f32: (units, unitBytes) = (count, 4)
+        case .f16, .bf16: (units, unitBytes) = (count, 2)
         case .q8_0, .q4_0, .q4_1:
             guard count % 32 == 0 else { return nil }
-            let blockBytes = self == .q8_0 ? 34 : (self == .q4_0 ? 18 : 20)
-            return count / 32 * blockBytes
+            (units, unitBytes) = (count / 32, self == .q8_0 ? 34 : (self == .q4_0 ? 18 : 20))
         }
+        let (bytes, overflow) = units.multipliedReportingOverflow(by: unitBytes)
+        return overflow ? nil : bytes
+    }
+}
+
+/// Shape arithmetic that cannot trap: readers check every shape from a file with these before
+/// they multiply its dimensions anywhere else.
+public enum ShapeMath {
+    /// The number of elements of `shape`, or nil when a dimension is negative or the product of
+    /// its non-zero dimensions does not fit in an `Int`. (Requiring the non-zero product to fit,
+    /// not just the whole product, means that no partial product of the dimensions, in any
+    /// order, can overflow later: [0, 2^40, 2^40] is refused although it holds no element.)
+    public static func elementCount(_ shape: [Int]) -> Int? {
+        var nonZero = 1
+        var hasZero = false
+        for d in shape {
+            guard d >= 0 else { return nil }
+            if d == 0 { hasZero = true; continue }
+            let (p, overflow) = nonZero.multipliedReportingOverflow(by: d)
+            guard !overflow else { return nil }
+            nonZero = p
+        }
+        return hasZero ? 0 : nonZero
     }
 }
 
