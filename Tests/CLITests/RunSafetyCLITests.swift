@@ -419,7 +419,9 @@ final class CommandLineLimitsCLITests: XCTestCase {
         XCTAssertEqual(r.stderrLines.count, 1, r.stderr)
         XCTAssertTrue(r.stderr.contains("context of 512 tokens"), r.stderr)
         XCTAssertNotNil(r.stderr.range(of: #"the prompt is \d+ tokens"#, options: .regularExpression), r.stderr)
-        XCTAssertEqual(r.stdout, "")
+        // --json always ends with an object: here the error's.
+        XCTAssertEqual(r.stdout.split(separator: "\n").count, 1, r.stdout)
+        XCTAssertTrue((r.json?["error"] as? String ?? "").contains("context of 512 tokens"), r.stdout)
         // A short prompt still works.
         let ok = try CLI.run(["generate", "--model", Safety.stories, "--tokenizer", Safety.tokenizer, "--prompt", "Once", "--max-tokens", "4"])
         XCTAssertEqual(ok.status, 0, ok.stderr)

@@ -143,6 +143,7 @@ public enum Message: Equatable, Sendable {
                 var elements: UInt64 = 1
                 for i in 0..<rank {
                     let d = try r.u64("shape[\(i)]")
+                    guard d <= 1 << 40 else { throw WireError.malformed(message: "tensor-header", field: "shape[\(i)]", detail: "is \(d), more than 2^40") }
                     let (product, overflow) = elements.multipliedReportingOverflow(by: d)
                     guard !overflow, product <= 1 << 40 else {
                         throw WireError.malformed(message: "tensor-header", field: "shape", detail: "has more than 2^40 elements")
