@@ -34,26 +34,7 @@ enum Safety {
 
     /// Runs topiary with `cwd` as its working directory.
     static func run(_ args: [String], cwd: URL, timeout: TimeInterval = 120) throws -> CLI.Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: CLI.binary)
-        p.arguments = args
-        p.currentDirectoryURL = cwd
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        nonisolated(unsafe) var outData = Data(), errData = Data()
-        let group = DispatchGroup()
-        DispatchQueue.global().async(group: group) { outData = out.fileHandleForReading.readDataToEndOfFile() }
-        DispatchQueue.global().async(group: group) { errData = err.fileHandleForReading.readDataToEndOfFile() }
-        let deadline = Date().addingTimeInterval(timeout)
-        while p.isRunning && Date() < deadline { usleep(20_000) }
-        if p.isRunning { p.terminate(); XCTFail("topiary \(args) did not finish within \(timeout) s") }
-        p.waitUntilExit()
-        group.wait()
-        return CLI.Result(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
-                          stderr: String(decoding: errData, as: UTF8.self))
+        try CLI.run(args, cwd: cwd, timeout: timeout)
     }
 
     /// The weights' sha256 of an undisturbed run (sparsegpt 0.6), computed once.
