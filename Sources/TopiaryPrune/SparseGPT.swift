@@ -108,49 +108,68 @@ public enum SparseGPTPruner {
         return Result(weight: w, loss: loss)
     }
 
-    /// The column loop inside one block; rows are independent, so each row runs it alone.
-    /// Returns the block's share of the loss.
+    /// The column loop inside one block; rows are independent, so each row runs it alone, in
+    /// fixed groups of rows run concurrently. Returns the block's share of the loss (the rows'
+    /// losses added in row order, whatever the thread count).
     static func pruneBlock(_ w: inout [Float], _ hinv: [Float], _ err: inout [Float], _ mask: inout [Bool],
                            rows: Int, count: Int, pattern: SparsityPattern) -> Double {
-        var loss = 0.0
+        var rowLosses = [Float](repeating: 0, count: rows)
         w.withUnsafeMutableBufferPointer { pw in
             hinv.withUnsafeBufferPointer { ph in
                 err.withUnsafeMutableBufferPointer { pe in
                     mask.withUnsafeMutableBufferPointer { pm in
-                        for r in 0..<rows {
-                            let row = pw.baseAddress! + r * count
-                            let m = pm.baseAddress! + r * count
-                            let e = pe.baseAddress! + r * count
-                            var rowLoss: Float = 0
-                            for i in 0..<count {
-                                let d = ph[i * count + i]
-                                if case .nOfM(let n, let groupSize) = pattern, i % groupSize == 0 {
-                                    // Mask of this group from the current (already updated) weights.
-                                    let width = min(groupSize, count - i)
-                                    var idx = Array(0..<width)
-                                    idx.sort { a, b in
-                                        let da = ph[(i + a) * count + i + a], db = ph[(i + b) * count + i + b]
-                                        let sa = row[i + a] * row[i + a] / (da * da), sb = row[i + b] * row[i + b] / (db * db)
-                                        return sa < sb || (sa == sb && a < b)
-                                    }
-                                    for j in idx.prefix(min(n, width)) { m[i + j] = true }
-                                }
-                                let v = row[i]
-                                let q: Float = m[i] ? 0 : v
-                                let e_i = (v - q) / d
-                                rowLoss += (v - q) * (v - q) / (d * d)
-                                e[i] = e_i
-                                row[i] = q
-                                if e_i != 0 && i + 1 < count {
-                                    Kernels.axpy(-e_i, ph.baseAddress! + i * count + i + 1, row + i + 1, count - i - 1)
+                        rowLosses.withUnsafeMutableBufferPointer { pl in
+                            let buffers = UnsafeShared((pw.baseAddress!, ph.baseAddress!, pe.baseAddress!, pm.baseAddress!, pl.baseAddress!))
+                            Parallel.forEach(rows, chunk: 32) { group in
+                                let (w, h, e, m, losses) = buffers.value
+                                for r in group {
+                                    losses[r] = pruneRow(w + r * count, m + r * count, e + r * count, h, count: count, pattern: pattern)
                                 }
                             }
-                            loss += Double(rowLoss) / 2
                         }
                     }
                 }
             }
         }
+        var loss = 0.0
+        for r in 0..<rows { loss += Double(rowLosses[r]) / 2 }
         return loss
     }
+
+    /// One row of a block: prunes column by column, spreading each removed weight's error over
+    /// the row's later columns; returns Σ (w - q)² / d².
+    static func pruneRow(_ row: UnsafeMutablePointer<Float>, _ m: UnsafeMutablePointer<Bool>, _ e: UnsafeMutablePointer<Float>,
+                         _ ph: UnsafePointer<Float>, count: Int, pattern: SparsityPattern) -> Float {
+        var rowLoss: Float = 0
+        for i in 0..<count {
+            let d = ph[i * count + i]
+            if case .nOfM(let n, let groupSize) = pattern, i % groupSize == 0 {
+                // Mask of this group from the current (already updated) weights.
+                let width = min(groupSize, count - i)
+                var idx = Array(0..<width)
+                idx.sort { a, b in
+                    let da = ph[(i + a) * count + i + a], db = ph[(i + b) * count + i + b]
+                    let sa = row[i + a] * row[i + a] / (da * da), sb = row[i + b] * row[i + b] / (db * db)
+                    return sa < sb || (sa == sb && a < b)
+                }
+                for j in idx.prefix(min(n, width)) { m[i + j] = true }
+            }
+            let v = row[i]
+            let q: Float = m[i] ? 0 : v
+            let e_i = (v - q) / d
+            rowLoss += (v - q) * (v - q) / (d * d)
+            e[i] = e_i
+            row[i] = q
+            if e_i != 0 && i + 1 < count {
+                Kernels.axpy(-e_i, ph + i * count + i + 1, row + i + 1, count - i - 1)
+            }
+        }
+        return rowLoss
+    }
+}
+
+/// Buffers handed to concurrently run closures that touch disjoint parts of them.
+struct UnsafeShared<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
 }

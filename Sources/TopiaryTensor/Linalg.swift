@@ -1,4 +1,5 @@
 import CBLAS
+import Dispatch
 
 /// Errors from dense linear algebra.
 public enum LinalgError: Error, CustomStringConvertible, Equatable {
@@ -28,7 +29,11 @@ public enum Transpose: Sendable {
 public enum Linalg {
     /// Raw single-precision GEMM on row-major buffers:
     /// C[m x n] = alpha * op(A) * op(B) + beta * C, with leading dimensions in elements.
-    @inlinable
+    ///
+    /// The same bits at any thread count: C is cut into tiles whose shape depends only on
+    /// (m, n, k) (`gemmTiles`), each tile is one single-threaded OpenBLAS call, and the tiles run
+    /// concurrently over `threadCount` threads. Which thread computes a tile varies; what it
+    /// computes does not.
     public static func sgemm(
         _ transA: Transpose, _ transB: Transpose, m: Int, n: Int, k: Int,
         alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
@@ -36,8 +41,58 @@ public enum Linalg {
         beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
         if m == 0 || n == 0 { return }
+        let (tm, tn) = gemmTiles(m: m, n: n, k: k)
+        let tilesM = (m + tm - 1) / tm, tilesN = (n + tn - 1) / tn
+        let args = UnsafeSendable((a, b, c))
+        forEachTile(tilesM * tilesN) { t in
+            let (a, b, c) = args.value
+            let i0 = (t / tilesN) * tm, j0 = (t % tilesN) * tn
+            let rows = min(tm, m - i0), cols = min(tn, n - j0)
+            blasSgemm(transA, transB, m: rows, n: cols, k: k, alpha: alpha,
+                      a: transA == .none ? a + i0 * lda : a + i0, lda: lda,
+                      b: transB == .none ? b + j0 : b + j0 * ldb, ldb: ldb,
+                      beta: beta, c: c + i0 * ldc + j0, ldc: ldc)
+        }
+    }
+
+    /// The tile shape of an m x n x k product: a function of the shape alone. Small products
+    /// are one tile; otherwise 128 rows by the whole width up to 512 columns, else by 256.
+    static func gemmTiles(m: Int, n: Int, k: Int) -> (rows: Int, cols: Int) {
+        if m * n * max(k, 1) <= 1 << 18 { return (m, n) }
+        return (min(m, 128), n <= 512 ? n : 256)
+    }
+
+    /// One OpenBLAS sgemm call in the calling thread (OpenBLAS itself always runs single-threaded).
+    @usableFromInline
+    static func blasSgemm(
+        _ transA: Transpose, _ transB: Transpose, m: Int, n: Int, k: Int,
+        alpha: Float, a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        if m == 0 || n == 0 { return }
+        _ = configured
         cblas_sgemm(CblasRowMajor, transA.cblas, transB.cblas, blasint(m), blasint(n), blasint(k),
                     alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
+    }
+
+    /// Runs `body(t)` for every tile index 0..<count over `threadCount` threads; each tile's
+    /// work must be independent of the others.
+    static func forEachTile(_ count: Int, _ body: (Int) -> Void) {
+        let threads = threadCount
+        if count <= 1 || threads <= 1 {
+            for t in 0..<count { body(t) }
+            return
+        }
+        withoutActuallyEscaping(body) { body in
+            let box = UnsafeSendable(body)
+            DispatchQueue.concurrentPerform(iterations: min(threads, count)) { worker in
+                var t = worker
+                while t < count {
+                    box.value(t)
+                    t += threads
+                }
+            }
+        }
     }
 
     /// C = alpha * op(A) * op(B) + beta * C.
@@ -97,11 +152,44 @@ public enum Linalg {
         if x.rows == 0 { return }
         x.withUnsafeBufferPointer { px in
             c.withUnsafeMutableBufferPointer { pc in
-                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(d), blasint(x.rows),
-                            alpha, px.baseAddress!, blasint(d), 1, pc.baseAddress!, blasint(d))
+                syrkUpper(n: d, k: x.rows, alpha: alpha, a: px.baseAddress!, lda: d, c: pc.baseAddress!, ldc: d)
                 mirrorUpperToLower(pc.baseAddress!, n: d)
             }
         }
+    }
+
+    /// Side of the square tiles of the symmetric and triangular routines (a constant, so that
+    /// results do not depend on the thread count).
+    static let tile = 128
+
+    /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda):
+    /// square tiles of C, diagonal ones by ssyrk and the others by sgemm, concurrently.
+    static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                          c: UnsafeMutablePointer<Float>, ldc: Int) {
+        _ = configured
+        let tiles = upperTiles((n + tile - 1) / tile)
+        let args = UnsafeSendable((a, c))
+        forEachTile(tiles.count) { t in
+            let (a, c) = args.value
+            let (ti, tj) = tiles[t]
+            let i0 = ti * tile, j0 = tj * tile
+            let rows = min(tile, n - i0), cols = min(tile, n - j0)
+            if ti == tj {
+                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(rows), blasint(k),
+                            alpha, a + i0, blasint(lda), 1, c + i0 * ldc + i0, blasint(ldc))
+            } else {
+                blasSgemm(.transposed, .none, m: rows, n: cols, k: k, alpha: alpha,
+                          a: a + i0, lda: lda, b: a + j0, ldb: lda, beta: 1, c: c + i0 * ldc + j0, ldc: ldc)
+            }
+        }
+    }
+
+    /// Tile coordinates (i, j) with i <= j of a t x t grid, in a fixed order.
+    static func upperTiles(_ t: Int) -> [(Int, Int)] {
+        var out: [(Int, Int)] = []
+        out.reserveCapacity(t * (t + 1) / 2)
+        for i in 0..<t { for j in i..<t { out.append((i, j)) } }
+        return out
     }
 
     @usableFromInline
@@ -109,53 +197,123 @@ public enum Linalg {
         for i in 0..<n { for j in 0..<i { p[i * n + j] = p[j * n + i] } }
     }
 
-    static func zeroLower<T: Numeric>(_ p: UnsafeMutablePointer<T>, n: Int) {
-        for i in 0..<n { for j in 0..<i { p[i * n + j] = 0 } }
-    }
-
-    static func zeroUpper<T: Numeric>(_ p: UnsafeMutablePointer<T>, n: Int) {
-        for i in 0..<n { for j in (i + 1)..<max(n, i + 1) { p[i * n + j] = 0 } }
-    }
-
     /// Cholesky factor of a symmetric positive definite matrix: `upper` gives U with A = UᵀU,
     /// otherwise L with A = LLᵀ. The other triangle of the result is zero.
-    /// (Symmetric inputs read the same in either storage order, so LAPACK is called in its native
-    /// column-major order with the triangle flipped: row-major U is column-major L. That spares
-    /// LAPACKE's transposed copies in and out.)
     public static func cholesky(_ a: Matrix, upper: Bool, what: String = "cholesky") throws -> Matrix {
         precondition(a.rows == a.cols, "cholesky of a non-square \(a.rows)x\(a.cols) matrix")
         var f = a
         let n = a.rows
-        let info = f.withUnsafeMutableBufferPointer { p -> Int32 in
-            LAPACKE_spotrf(LAPACK_COL_MAJOR, upper ? 76 : 85, Int32(n), p.baseAddress, Int32(n))
-        }
-        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
-        precondition(info == 0, "spotrf: illegal argument \(-info)")
+        let minor = f.withUnsafeMutableBufferPointer { choleskyLower($0.baseAddress!, n: n) }
+        if minor > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: minor) }
         f.withUnsafeMutableBufferPointer { p in
-            if upper { zeroLower(p.baseAddress!, n: n) } else { zeroUpper(p.baseAddress!, n: n) }
+            let b = p.baseAddress!
+            for i in 0..<n {
+                if upper {
+                    for j in 0..<i { b[j * n + i] = b[i * n + j]; b[i * n + j] = 0 }
+                } else {
+                    for j in (i + 1)..<n { b[i * n + j] = 0 }
+                }
+            }
         }
         return f
     }
 
-    /// Inverse of a symmetric positive definite matrix through its Cholesky factor (potrf + potri).
+    /// Blocked right-looking Cholesky in place: the lower triangle of the row-major n x n matrix
+    /// at `p` becomes L with A = LLᵀ (the strict upper triangle is neither read nor written).
+    /// Panels of `tile` columns: the diagonal block by LAPACK's potrf, the panel below it by trsm
+    /// in row tiles, the trailing matrix by syrk/gemm in square tiles, the tiles concurrently.
+    /// Returns 0, or the 1-based leading minor that is not positive definite.
+    static func choleskyLower(_ p: UnsafeMutablePointer<Float>, n: Int) -> Int {
+        _ = configured
+        let box = UnsafeSendable(p)
+        var k0 = 0
+        while k0 < n {
+            let kb = min(tile, n - k0)
+            // Row-major lower with leading dimension n is column-major upper.
+            let info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 85, Int32(kb), p + k0 * n + k0, Int32(n))
+            if info > 0 { return k0 + Int(info) }
+            precondition(info == 0, "spotrf: illegal argument \(-info)")
+            let r0 = k0 + kb
+            let tilesBelow = (n - r0 + tile - 1) / tile
+            if tilesBelow > 0 {
+                forEachTile(tilesBelow) { t in
+                    let p = box.value
+                    let i0 = r0 + t * tile
+                    cblas_strsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit,
+                                blasint(min(tile, n - i0)), blasint(kb), 1, p + k0 * n + k0, blasint(n),
+                                p + i0 * n + k0, blasint(n))
+                }
+                let pairs = upperTiles(tilesBelow)
+                forEachTile(pairs.count) { t in
+                    let p = box.value
+                    let (tj, ti) = pairs[t]
+                    let i0 = r0 + ti * tile, j0 = r0 + tj * tile
+                    let rows = min(tile, n - i0), cols = min(tile, n - j0)
+                    if ti == tj {
+                        cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, blasint(rows), blasint(kb),
+                                    -1, p + i0 * n + k0, blasint(n), 1, p + i0 * n + i0, blasint(n))
+                    } else {
+                        blasSgemm(.none, .transposed, m: rows, n: cols, k: kb, alpha: -1,
+                                  a: p + i0 * n + k0, lda: n, b: p + j0 * n + k0, ldb: n,
+                                  beta: 1, c: p + i0 * n + j0, ldc: n)
+                    }
+                }
+            }
+            k0 = r0
+        }
+        return 0
+    }
+
+    /// Inverse of a symmetric positive definite matrix through its Cholesky factor:
+    /// A⁻¹ = L⁻ᵀ L⁻¹, with L⁻¹ by triangular solves in column tiles and the product in square
+    /// tiles that skip L⁻¹'s zeros, the tiles concurrently.
     public static func inverseSPD(_ a: Matrix, what: String = "inverse") throws -> Matrix {
         precondition(a.rows == a.cols)
-        var f = try cholesky(a, upper: false, what: what)
         let n = a.rows
-        let info = f.withUnsafeMutableBufferPointer { p -> Int32 in
-            LAPACKE_spotri(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
+        var f = a
+        let minor = f.withUnsafeMutableBufferPointer { choleskyLower($0.baseAddress!, n: n) }
+        if minor > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: minor) }
+        // X = L⁻¹ (lower): column tile J solves L[j0:, j0:] X[j0:, J] = I[j0:, J].
+        var x = Matrix(rows: n, cols: n)
+        let tiles = (n + tile - 1) / tile
+        f.withUnsafeBufferPointer { pf in
+            x.withUnsafeMutableBufferPointer { px in
+                for i in 0..<n { px[i * n + i] = 1 }
+                let args = UnsafeSendable((pf.baseAddress!, px.baseAddress!))
+                forEachTile(tiles) { t in
+                    let (l, x) = args.value
+                    let j0 = t * tile
+                    cblas_strsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit,
+                                blasint(n - j0), blasint(min(tile, n - j0)), 1, l + j0 * n + j0, blasint(n),
+                                x + j0 * n + j0, blasint(n))
+                }
+            }
         }
-        if info > 0 { throw LinalgError.singular(what: what, info: Int(info)) }
-        f.withUnsafeMutableBufferPointer { p in
-            // potri fills the lower triangle; mirror it up.
-            let b = p.baseAddress!
-            for i in 0..<n { for j in 0..<i { b[j * n + i] = b[i * n + j] } }
+        if !x.withUnsafeBufferPointer({ $0.allSatisfy { $0.isFinite } }) {
+            throw LinalgError.singular(what: what, info: 0)
+        }
+        // A⁻¹[I, J] = Σ_k X[k, I] X[k, J], k from max(i0, j0) (X is zero above its diagonal).
+        x.withUnsafeBufferPointer { px in
+            f.withUnsafeMutableBufferPointer { pr in
+                let args = UnsafeSendable((px.baseAddress!, pr.baseAddress!))
+                let pairs = upperTiles(tiles)
+                forEachTile(pairs.count) { t in
+                    let (x, r) = args.value
+                    let (ti, tj) = pairs[t]
+                    let i0 = ti * tile, j0 = tj * tile
+                    blasSgemm(.transposed, .none, m: min(tile, n - i0), n: min(tile, n - j0), k: n - j0, alpha: 1,
+                              a: x + j0 * n + i0, lda: n, b: x + j0 * n + j0, ldb: n, beta: 0,
+                              c: r + i0 * n + j0, ldc: n)
+                }
+                mirrorUpperToLower(pr.baseAddress!, n: n)
+            }
         }
         return f
     }
 
     /// Solve op(T) X = B for a triangular T (upper or lower), B [n x k]. Returns X.
     public static func solveTriangular(_ t: Matrix, _ b: Matrix, upper: Bool, transpose: Bool = false) -> Matrix {
+        _ = configured
         precondition(t.rows == t.cols && t.rows == b.rows, "solveTriangular: \(t.rows)x\(t.cols) with \(b.rows)x\(b.cols)")
         var x = b
         let n = t.rows
@@ -171,6 +329,7 @@ public enum Linalg {
 
     /// Solve A X = B for symmetric positive definite A (Cholesky), B [n x k].
     public static func solveSPD(_ a: Matrix, _ b: Matrix, what: String = "solve") throws -> Matrix {
+        _ = configured
         precondition(a.rows == a.cols && a.rows == b.rows)
         var fa = a
         var x = b
@@ -187,6 +346,7 @@ public enum Linalg {
 
     /// Inverse of a symmetric positive definite matrix computed in Float64 (for ill-conditioned problems).
     public static func inverseSPDDouble(_ a: Matrix, what: String = "inverse") throws -> Matrix {
+        _ = configured
         let n = a.rows
         precondition(a.rows == a.cols)
         var d = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
@@ -212,6 +372,7 @@ public enum Linalg {
     /// Solves A X = B for symmetric positive definite A [n x n], B [n x k], in Float64
     /// (for normal equations whose conditioning fp32 cannot carry). Returns X in Float32.
     public static func solveSPDDouble(_ a: Matrix, _ b: Matrix, what: String = "solve") throws -> Matrix {
+        _ = configured
         precondition(a.rows == a.cols && a.rows == b.rows, "solveSPDDouble: \(a.rows)x\(a.cols) with \(b.rows)x\(b.cols)")
         let n = a.rows, k = b.cols
         var ad = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
@@ -226,7 +387,25 @@ public enum Linalg {
         return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
     }
 
-    /// Number of threads OpenBLAS uses.
-    public static var threadCount: Int { Int(openblas_get_num_threads()) }
-    public static func setThreadCount(_ n: Int) { openblas_set_num_threads(Int32(n)) }
+    /// Threads that Topiary's tiles and chunks run on. OpenBLAS itself always runs one thread
+    /// per call (set once, before the first call), so that no result depends on this number.
+    public static var threadCount: Int {
+        _ = configured
+        return threads
+    }
+
+    public static func setThreadCount(_ n: Int) {
+        _ = configured
+        threads = max(1, n)
+    }
+
+    nonisolated(unsafe) private static var threads = 1
+
+    /// OpenBLAS's own default (cores, or OPENBLAS_NUM_THREADS) becomes ours; OpenBLAS gets one.
+    @usableFromInline
+    static let configured: Bool = {
+        threads = max(1, Int(openblas_get_num_threads()))
+        openblas_set_num_threads(1)
+        return true
+    }()
 }

@@ -7,8 +7,10 @@ public enum Parallel {
     /// Elements per chunk.
     public static let chunk = 1 << 16
 
-    /// Calls `body` on consecutive ranges covering 0..<count, concurrently over `Linalg.threadCount` threads.
-    public static func forEach(_ count: Int, _ body: (Range<Int>) -> Void) {
+    /// Calls `body` on consecutive ranges of `chunk` elements (the last one shorter) covering
+    /// 0..<count, concurrently over `Linalg.threadCount` threads.
+    public static func forEach(_ count: Int, chunk: Int = Parallel.chunk, _ body: (Range<Int>) -> Void) {
+        precondition(chunk > 0)
         let chunks = (count + chunk - 1) / chunk
         if chunks <= 1 || Linalg.threadCount <= 1 {
             for c in 0..<chunks { body((c * chunk)..<min(count, (c + 1) * chunk)) }

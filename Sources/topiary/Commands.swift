@@ -16,7 +16,7 @@ protocol Command: Sendable {
 
 enum CommonOptions {
     static let json = OptionSpec(name: "json", value: nil, help: "print one JSON object as the last line of stdout")
-    static let threads = OptionSpec(name: "threads", value: "N", help: "BLAS threads (default: all cores)")
+    static let threads = OptionSpec(name: "threads", value: "N", help: "compute threads (default: all cores); results are the same bits at any count")
     static let model = OptionSpec(name: "model", value: "PATH", help: "GGUF file, llama2.c .bin, or Hugging Face directory")
     static let tokenizer = OptionSpec(name: "tokenizer", value: "PATH", help: "tokenizer.bin (llama2.c) or tokenizer.json, when the model has none")
 

@@ -108,4 +108,54 @@ final class LinalgTests: XCTestCase {
         XCTAssertEqual(a.columns(1..<2).values, [2, 4])
         XCTAssertEqual(Matrix(rows: 2, cols: 3).zeroCount, 6)
     }
+    /// Bits, not tolerances: every routine gives the same bits at 1, 2 and 3 threads, on shapes
+    /// large enough to be cut into several tiles and panels (issue 12: output bytes may not
+    /// depend on --threads). Accuracy is checked against the definitions as well.
+    func testEveryRoutineGivesTheSameBitsAtAnyThreadCount() throws {
+        let saved = Linalg.threadCount
+        defer { Linalg.setThreadCount(saved) }
+        var rng = TestRandom(seed: 12)
+        let a = rng.matrix(700, 300), b = rng.matrix(300, 620), bt = b.transposed()
+        var x = rng.matrix(900, 300)
+        x.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] -= 0.5 } }
+        var spd = Matrix(rows: 300, cols: 300)
+        Linalg.syrkAccumulate(x, alpha: 1 / 900, into: &spd)
+        for i in 0..<300 { spd[i, i] += 0.01 }
+
+        func results() throws -> [Matrix] {
+            var acc = Matrix(rows: 300, cols: 300, values: Array(repeating: 0.25, count: 300 * 300))
+            Linalg.syrkAccumulate(x, alpha: 0.5, into: &acc)
+            var c = Matrix(rows: 700, cols: 620, values: Array(repeating: 1, count: 700 * 620))
+            Linalg.gemm(a, .none, bt, .transposed, alpha: -0.5, beta: 1, into: &c)
+            return [Linalg.matmul(a, b), Linalg.matmul(a.transposed(), .transposed, bt, .transposed), c, acc,
+                    try Linalg.cholesky(spd, upper: true), try Linalg.cholesky(spd, upper: false), try Linalg.inverseSPD(spd)]
+        }
+        Linalg.setThreadCount(1)
+        let one = try results()
+        for threads in [2, 3] {
+            Linalg.setThreadCount(threads)
+            let other = try results()
+            for (k, (p, q)) in zip(one, other).enumerated() {
+                let differing = zip(p.values, q.values).filter { $0.bitPattern != $1.bitPattern }.count
+                XCTAssertEqual(differing, 0, "result \(k): \(differing) elements differ between 1 and \(threads) threads")
+            }
+        }
+        let reference = referenceProduct(a, b)
+        XCTAssertLessThan(one[0].maxAbsDifference(reference), 1e-3)
+        XCTAssertLessThan(one[1].maxAbsDifference(reference), 1e-3)
+        let u = one[4], l = one[5], inverse = one[6]
+        XCTAssertLessThan(Linalg.matmul(u, .transposed, u, .none).maxAbsDifference(spd), 1e-5)
+        XCTAssertLessThan(Linalg.matmul(l, .none, l, .transposed).maxAbsDifference(spd), 1e-5)
+        for i in 0..<300 { for j in 0..<i { XCTAssertEqual(u[i, j], 0); XCTAssertEqual(l[j, i], 0) } }
+        var identity = Matrix(rows: 300, cols: 300)
+        for i in 0..<300 { identity[i, i] = 1 }
+        XCTAssertLessThan(Linalg.matmul(spd, inverse).maxAbsDifference(identity), 1e-3)
+        XCTAssertEqual(inverse.maxAbsDifference(inverse.transposed()), 0)
+        // A matrix that is not positive definite names the leading minor past the first panel.
+        var bad = spd
+        bad[200, 200] = -1
+        XCTAssertThrowsError(try Linalg.cholesky(bad, upper: false)) { error in
+            XCTAssertEqual(error as? LinalgError, .notPositiveDefinite(what: "cholesky", minor: 201))
+        }
+    }
 }
