@@ -30,7 +30,7 @@ let package = Package(
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
         .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Seeded fuzzers for the readers and the wire decoders, behind scripts/fuzz and FuzzTests.
-        .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryTokenizers", "TopiaryTensor"]),
+        .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryPrune", "TopiaryTokenizers", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
         .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "TopiaryTestSupport"]),

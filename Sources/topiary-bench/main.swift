@@ -286,7 +286,8 @@ func benchBESA(_ args: [String]) throws {
 /// decoding into matrices) against a raw socket copy of the same bytes, in the same run.
 func benchTransfer(_ args: [String]) throws {
     let megabytes = Int(argument("megabytes", args) ?? "512")!
-    let rows = 2048, cols = 576   // one SmolLM2 window of 2048 tokens: 4.5 MiB
+    // Default: one SmolLM2 window of 2048 tokens, 4.5 MiB (--rows 4096 --cols 8192: a 70B window, 128 MiB).
+    let rows = Int(argument("rows", args) ?? "2048")!, cols = Int(argument("cols", args) ?? "576")!
     let perTensor = rows * cols * 4
     let count = max(1, megabytes * (1 << 20) / perTensor)
     let tensor = randomMatrix(rows, cols, seed: 9)

@@ -4,6 +4,7 @@ import Glibc
 #endif
 import TopiaryCluster
 import TopiaryModel
+import TopiaryPrune
 import TopiaryTensor
 import TopiaryTokenizers
 
@@ -374,19 +375,23 @@ enum WireSeeds {
     }
 }
 
-/// Decodes a message and uses it as a receiver would: a tensor header starts an assembler
-/// (which sizes its buffer from the header) and a chunk of the announced size is added.
+/// Decodes a message and uses it as a receiver would: a tensor header starts an assembler and
+/// some of the announced bytes arrive (all of them for a small tensor). The assembler's storage
+/// must follow what arrived, not what the header announced.
 func useMessage(_ frame: Frame, _ r: inout FuzzRandom) throws {
     let m = try Message.decode(frame)
     // What decodes must encode back to the same payload.
     let again = try Message.decode(m.frame())
     guard again == m else { throw FuzzFailure("message \(m.type) does not survive encode and decode: \(m) became \(again)") }
-    if case .tensorHeader(let stream, _, _, _, let byteCount) = m {
-        var assembler = try TensorAssembler(header: m)
-        if byteCount <= 1 << 16 {
-            try assembler.add(.tensorChunk(stream: stream, offset: 0, bytes: r.bytes(Int(byteCount))))
-            _ = try assembler.matrix()
+    if case .tensorHeader(let stream, _, let dtype, let shape, let byteCount) = m {
+        var assembler = try TensorAssembler(header: m, maxBytes: r.chance(0.8) ? 4 << 30 : r.pick([0, 64, 1 << 20]))
+        let arrived = byteCount <= 1 << 16 ? Int(byteCount) : r.below(1 << 16) / dtype.size * dtype.size
+        try assembler.add(.tensorChunk(stream: stream, offset: 0, bytes: r.bytes(arrived)))
+        let bound = max(TensorAssembler.initialCapacityBytes, 2 * arrived / dtype.size * 4)
+        guard assembler.reservedBytes <= bound else {
+            throw FuzzFailure("tensor \(shape) reserved \(assembler.reservedBytes) bytes after \(arrived) arrived (bound \(bound))")
         }
+        if arrived == byteCount { _ = try assembler.matrix() }
     }
 }
 
@@ -486,6 +491,213 @@ struct MessageTarget: FuzzTarget {
     }
 }
 
+// MARK: Assign job
+
+/// The coordinator's job (an assign message's JSON) and the tensor headers that follow it, as a
+/// worker receives them: decoded, every field checked, the model it names opened (a tiny GGUF
+/// file in the case directory) or the configuration it sends checked, the activation stores
+/// sized, then each header checked against the job. Nothing may trap, hang or allocate past
+/// the memory limit; a job or header that is not right is refused with an error.
+struct JobTarget: FuzzTarget {
+    let name = "job"
+    let models: [FuzzFile]
+    let seeds: [JobSeed]
+
+    struct JobSeed {
+        var job: JSON
+        var headers: [TensorAnnouncement]
+    }
+
+    init() {
+        var r = FuzzRandom(seed: 0x6A6F_6273)
+        let gguf = Seeds.ggufModels(&r)
+        // The llama (hidden 8, 2 blocks, context 32) and the Mixtral seed, under their own names.
+        models = [FuzzFile(name: "llama.gguf", bytes: gguf[0].bytes), FuzzFile(name: "mixtral.gguf", bytes: gguf[4].bytes)]
+        seeds = JobTarget.makeSeeds()
+    }
+
+    /// The fields of an Assignment, in its order; `plan` and `config` through their own encoders.
+    static func job(model: String, plan: PrunePlan, sequenceLength: Int, samples: Int, layers: [Int]?, first: Int, end: Int,
+                    hasTargets: Bool, config: ModelConfig? = nil, weightTensors: Int? = nil) -> JSON {
+        func encoded<T: Encodable>(_ v: T) -> JSON {
+            let data = try! JSONEncoder().encode(v)
+            return JSON.from(try! JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]))
+        }
+        var m: [(String, JSON)] = [("modelPath", .string(model)), ("plan", encoded(plan)), ("sequenceLength", .int(sequenceLength)),
+                                   ("samples", .int(samples))]
+        if let layers { m.append(("layers", .array(layers.map { .int($0) }))) }
+        m += [("memoryBudget", .int(1 << 20)), ("first", .int(first)), ("end", .int(end)), ("hasTargets", .bool(hasTargets)),
+              ("denseOnly", .bool(false)), ("heartbeatInterval", .double(5))]
+        if let config { m.append(("config", encoded(config))) }
+        if let weightTensors { m.append(("weightTensors", .int(weightTensors))) }
+        return .object(m)
+    }
+
+    static func header(_ name: String, _ shape: [Int]) -> TensorAnnouncement {
+        // Wrapping: a product past 64 bits is the decoder's to refuse.
+        TensorAnnouncement(stream: 0, name: name, dtype: .f32, shape: shape, byteCount: shape.reduce(UInt64(4)) { $0 &* UInt64($1) })
+    }
+
+    static func boundary(samples: Int, rows: Int, cols: Int, targets: Bool) -> [TensorAnnouncement] {
+        (0..<samples).map { header("inputs/\($0)", [rows, cols]) } + (targets ? (0..<samples).map { header("targets/\($0)", [rows, cols]) } : [])
+    }
+
+    static func weights(_ c: ModelConfig, _ blocks: Range<Int>) -> [TensorAnnouncement] {
+        blocks.flatMap { c.family.blockTensors(c, block: $0) }.map { header($0.name, $0.shape) }
+    }
+
+    static func makeSeeds() -> [JobSeed] {
+        let wanda = PrunePlan(method: .wanda, pattern: .unstructured(0.5))
+        let sparseGPT = PrunePlan(method: .sparsegpt, pattern: .nOfM(n: 2, m: 4), sparseGPT: .init(blockSize: 4, percentDamp: 0.01))
+        let sparseLLM = PrunePlan(method: .sparsellm, pattern: .unstructured(0.5), sparseLLM: .llama, targets: .dense)
+        let besa = PrunePlan(method: .besa, pattern: .unstructured(0.5), besa: .init(epochs: 2))
+        var seeds = [
+            JobSeed(job: job(model: "llama.gguf", plan: wanda, sequenceLength: 4, samples: 2, layers: nil, first: 0, end: 2, hasTargets: false),
+                    headers: boundary(samples: 2, rows: 4, cols: 8, targets: false)),
+            JobSeed(job: job(model: "llama.gguf", plan: sparseGPT, sequenceLength: 8, samples: 3, layers: [1, 1], first: 1, end: 2, hasTargets: false),
+                    headers: boundary(samples: 3, rows: 8, cols: 8, targets: false)),
+            JobSeed(job: job(model: "mixtral.gguf", plan: sparseLLM, sequenceLength: 4, samples: 2, layers: nil, first: 0, end: 1, hasTargets: true),
+                    headers: boundary(samples: 2, rows: 4, cols: 8, targets: true)),
+        ]
+        // Weights sent with the job: a llama and a Mixtral configuration, no file.
+        var llama = ModelConfig(architecture: .llama, hiddenSize: 8, intermediateSize: 16, layerCount: 3, headCount: 2, kvHeadCount: 1,
+                                vocabularySize: 40, maxPositions: 32, normEps: 1e-5, tieWordEmbeddings: false)
+        var mixtral = llama
+        mixtral.architecture = .mixtral
+        mixtral.expertCount = 2
+        mixtral.expertsPerToken = 1
+        llama.qkvBias = true
+        for (c, plan, range) in [(llama, besa, 1..<3), (mixtral, wanda, 0..<2)] {
+            let w = weights(c, range)
+            seeds.append(JobSeed(job: job(model: "", plan: plan, sequenceLength: 4, samples: 2, layers: nil, first: range.lowerBound,
+                                          end: range.upperBound, hasTargets: false, config: c, weightTensors: w.count),
+                                 headers: boundary(samples: 2, rows: 4, cols: 8, targets: false) + w))
+        }
+        return seeds
+    }
+
+    /// A header as the wire would deliver it: through encode and decode (which refuses what no
+    /// peer could send), or the decoder's error.
+    static func delivered(_ h: TensorAnnouncement) throws -> TensorAnnouncement {
+        guard case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount) = try Message.decode(h.message.frame()) else {
+            throw FuzzFailure("a tensor header decoded as another message")
+        }
+        return TensorAnnouncement(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount)
+    }
+
+    /// Changes one header: its name, a dimension, its type; or drops, repeats or adds one.
+    static func mutate(_ headers: inout [TensorAnnouncement], _ r: inout FuzzRandom) {
+        let names = ["inputs/0", "inputs/1", "inputs/2", "inputs/-1", "inputs/01", "inputs/+1", "inputs/1099511627776", "inputs/",
+                     "inputs/0/0", "targets/0", "targets/1", "Inputs/0", "", "model.layers.0.self_attn.q_proj.weight",
+                     "model.layers.7.mlp.up_proj.weight", "model.layers.1.block_sparse_moe.experts.1.w1.weight"]
+        let dims = [0, 1, 2, 3, 4, 7, 8, 9, 16, 32, 64, 4096, 1 << 20, 1 << 30, 1 << 40]
+        let k = headers.isEmpty ? 0 : r.below(headers.count)
+        switch r.below(7) {
+        case 0 where !headers.isEmpty: headers[k].name = r.pick(names)
+        case 1 where !headers.isEmpty:
+            var shape = headers[k].shape
+            if r.chance(0.2) {
+                shape = r.chance(0.5) ? Array(shape.dropLast()) : shape + [r.pick(dims)]
+            } else if !shape.isEmpty {
+                shape[r.below(shape.count)] = r.pick(dims)
+            }
+            headers[k].shape = shape
+            // Mostly a consistent byte count (the decoder refuses the rest).
+            if r.chance(0.9) {
+                headers[k].byteCount = shape.reduce(UInt64(headers[k].dtype.size)) { $0 &* UInt64($1) }
+            }
+        case 2 where !headers.isEmpty:
+            headers[k].dtype = r.pick(WireDType.allCases)
+            headers[k].byteCount = headers[k].byteCount / 4 * UInt64(headers[k].dtype.size)
+        case 3 where !headers.isEmpty: headers.remove(at: k)
+        case 4 where !headers.isEmpty: headers.insert(headers[k], at: r.below(headers.count + 1))
+        case 5 where headers.count > 1: headers.swapAt(k, r.below(headers.count))
+        default: headers.append(header(r.pick(names), [r.pick(dims), r.pick(dims)]))
+        }
+    }
+
+    func check(_ seed: JobSeed, json: [UInt8], tensors: UInt32, maxTensorBytes: Int, directory: String) -> CaseOutcome {
+        writeFiles(models, to: directory)
+        // A fresh service per case (nothing cached from an earlier case), working in the case directory.
+        let service = WorkerService(name: "fuzz", workDirectory: directory + "/work")
+        let cwd = FileManager.default.currentDirectoryPath
+        // The jobs name their model relative to the case directory.
+        _ = FileManager.default.changeCurrentDirectoryPath(directory)
+        defer { _ = FileManager.default.changeCurrentDirectoryPath(cwd) }
+        var steps = Steps()
+        steps.attempt {
+            let headers = try seed.headers.map(JobTarget.delivered)
+            try service.checkJob(json, tensors: tensors, headers: headers, maxTensorBytes: maxTensorBytes)
+        }
+        return steps.outcome
+    }
+
+    /// Numbers near the job's bounds (docs/protocol.md, "What a worker checks"), besides the
+    /// generally interesting ones.
+    static let literals = ["0", "1", "2", "3", "4", "5", "7", "8", "9", "16", "31", "32", "33", "-1", "-2", "0.5", "0.999", "1.0", "1e-9", "1024", "1025",
+                           "3600", "3600.5", "4095", "4096", "4097", "16384", "16385", "65536", "65537", "100000", "100001",
+                           "262144", "262145", "1048576", "1048577", "16777216", "16777217"] + Interesting.numbers
+
+    func run(_ r: inout FuzzRandom, directory: String) -> CaseOutcome {
+        var seed = r.pick(seeds)
+        // Mostly values changed in place, so that cases get past the decoder to the checks.
+        for _ in 0..<r.pick([0, 1, 1, 2, 2, 3, 4]) { seed.job.mutateLeaf(&r, literals: JobTarget.literals) }
+        for _ in 0..<r.pick([0, 0, 0, 1, 1, 2]) { seed.job.mutate(&r) }
+        var file = FuzzFile(name: "", bytes: Array(seed.job.text.utf8), isText: true)
+        Mutator.mutate(&file, donors: seeds.map { Array($0.job.text.utf8) }, &r, rounds: r.pick([0, 0, 0, 0, 0, 0, 0, 1, 2, 4]))
+        for _ in 0..<r.pick([0, 0, 0, 1, 1, 2]) { JobTarget.mutate(&seed.headers, &r) }
+        // The assign message's count: the headers that follow, or another number.
+        var tensors = UInt32(seed.headers.count)
+        if r.chance(0.1) { tensors = r.chance(0.5) ? tensors &+ UInt32(bitPattern: Int32(r.below(5) - 2)) : UInt32(truncatingIfNeeded: r.pick(Interesting.unsigned)) }
+        let limit = r.chance(0.9) ? 4 << 30 : r.pick([0, 4, 64, 100, 128, 1 << 10])
+        return check(seed, json: file.bytes, tensors: tensors, maxTensorBytes: limit, directory: directory)
+    }
+
+    func checkSeeds(directory: String) -> [String] {
+        seeds.enumerated().compactMap { i, s in
+            if case .refused(let e) = check(s, json: Array(s.job.text.utf8), tensors: UInt32(s.headers.count), maxTensorBytes: 4 << 30, directory: directory) {
+                return "job seed \(i): \(e)"
+            }
+            return nil
+        }
+    }
+}
+
+extension JSON {
+    /// Replaces one number anywhere in the document by one of `literals`, or flips one Bool:
+    /// the document keeps its structure.
+    mutating func mutateLeaf(_ r: inout FuzzRandom, literals: [String]) {
+        func leaves(_ v: JSON) -> Int {
+            switch v {
+            case .number, .bool: return 1
+            case .array(let a): return a.reduce(0) { $0 + leaves($1) }
+            case .object(let m): return m.reduce(0) { $0 + leaves($1.1) }
+            default: return 0
+            }
+        }
+        func replace(_ v: inout JSON, _ k: inout Int, _ r: inout FuzzRandom) {
+            switch v {
+            case .number, .bool:
+                if k == 0 {
+                    if case .bool(let b) = v { v = .bool(!b) } else { v = .number(r.pick(literals)) }
+                }
+                k -= 1
+            case .array(var a):
+                for i in a.indices where k >= 0 { replace(&a[i], &k, &r) }
+                v = .array(a)
+            case .object(var m):
+                for i in m.indices where k >= 0 { replace(&m[i].1, &k, &r) }
+                v = .object(m)
+            default: break
+            }
+        }
+        let n = leaves(self)
+        guard n > 0 else { return }
+        var k = r.below(n)
+        replace(&self, &k, &r)
+    }
+}
+
 func makeTargets() -> [any FuzzTarget] {
-    [GGUFTarget(), SafeTensorsTarget(), Llama2CTarget(), TokenizerBinTarget(), TokenizerJSONTarget(), FrameTarget(), MessageTarget()]
+    [GGUFTarget(), SafeTensorsTarget(), Llama2CTarget(), TokenizerBinTarget(), TokenizerJSONTarget(), FrameTarget(), MessageTarget(), JobTarget()]
 }

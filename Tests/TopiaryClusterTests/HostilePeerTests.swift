@@ -89,11 +89,12 @@ final class HostilePeerTests: XCTestCase {
     let stories = TestPaths.asset("stories260K/stories260K.bin")
     let tokenizer = TestPaths.asset("stories260K/tok512.bin")
 
-    func startServer(handshakeTimeout: Double = 10, maxPending: Int = 64) throws -> WorkerServer {
+    func startServer(handshakeTimeout: Double = 10, maxPending: Int = 64, maxTensorBytes: Int = 4 << 30) throws -> WorkerServer {
         let dir = try makeTemporaryDirectory("worker")
         let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
         let server = WorkerServer(listener: listener, secret: secret, service: WorkerService(name: "w", workDirectory: dir.path))
         server.handshakeTimeout = handshakeTimeout
+        server.maxTensorBytes = maxTensorBytes
         server.maxPendingHandshakes = maxPending
         server.start()
         addTeardownBlock { server.stop() }
@@ -329,6 +330,135 @@ final class HostilePeerTests: XCTestCase {
         c.timeout = 30
         try assertLegitimateJobRuns(on: c, f)
         c.close()
+    }
+
+    /// A job whose tensors would exceed the worker's tensor limit is refused before any is read,
+    /// naming the field and the limit; tensors within the limit are drained and the connection
+    /// serves on; one over it gets the same reply and closes it. A window of exactly the limit runs.
+    func testJobsWhoseTensorsExceedTheTensorLimitAreRefusedNamingIt() throws {
+        let f = try fixture()   // windows of 32 x 64 floats: 8 KiB
+        let server = try startServer(maxTensorBytes: 8192)
+        let c = try Connection.connect(to: server.listener.endpoint)
+        _ = try c.authenticate(secret: secret, name: "coordinator", role: 0, within: 5)
+        c.timeout = 30
+        var long = assignment(f)
+        long.sequenceLength = 64
+        try c.send(.assign(job: try json(long), tensors: 2))
+        try BoundaryTransfer.send(f.boundary, over: c)
+        guard case .error(400, let text) = try c.receive() else { return XCTFail("expected an error reply") }
+        XCTAssertTrue(text.contains("field 'sequenceLength' is 64: a window of 64x64 floats is over the tensor limit of 8192 bytes"), text)
+        // Within the limit (8 KiB windows): the legitimate job runs on the same connection.
+        try assertLegitimateJobRuns(on: c, f)
+        c.close()
+
+        // Weights sent with the job, larger than the limit: refused naming the block tensor; the
+        // first tensor over the limit is not drained, and the connection closes after the reply.
+        let d = try Connection.connect(to: server.listener.endpoint)
+        _ = try d.authenticate(secret: secret, name: "coordinator", role: 0, within: 5)
+        d.timeout = 30
+        var sent = assignment(f)
+        sent.modelPath = ""
+        sent.tokenizerPath = nil
+        sent.config = f.model.config
+        let block = try f.model.loadBlock(0)
+        sent.weightTensors = block.tensors.count
+        let large = try XCTUnwrap(block.tensors.keys.sorted().first { block.tensors[$0]!.count * 4 > 8192 })
+        try d.send(.assign(job: try json(sent), tensors: UInt32(2 + block.tensors.count)))
+        try BoundaryTransfer.send(f.boundary, over: d)
+        let m = block.tensors[large]!
+        try d.send(.tensorHeader(stream: 0, name: large, dtype: .f32, shape: [m.rows, m.cols], byteCount: UInt64(m.count * 4)))
+        guard case .error(400, let text2) = try d.receive() else { return XCTFail("expected an error reply") }
+        XCTAssertTrue(text2.contains("field 'config' gives block tensor 'model.layers.0."), text2)
+        XCTAssertTrue(text2.contains("floats, over the tensor limit of 8192 bytes"), text2)
+        XCTAssertThrowsError(try d.receive())
+        d.close()
+    }
+
+    /// A sent configuration may claim 4096 blocks of 1024 experts (12.6 million block tensors);
+    /// the worker does not list them all (it took a minute and 4 GB before any tensor arrived):
+    /// the announced count is bounded, and the listing stops once past it.
+    func testAClaimedWeightCountIsBoundedBeforeTheWorkerListsTheTensors() throws {
+        let f = try fixture()
+        var c = ModelConfig(architecture: .mixtral, hiddenSize: 8, intermediateSize: 16, layerCount: 4096, headCount: 2, kvHeadCount: 1,
+                            vocabularySize: 40, maxPositions: 32, normEps: 1e-5, tieWordEmbeddings: false)
+        c.expertCount = 1024
+        c.expertsPerToken = 1
+        let perBlock = c.family.blockTensors(c, block: 0).count
+        var a = assignment(f)
+        a.modelPath = ""
+        a.tokenizerPath = nil
+        a.samples = 1
+        a.sequenceLength = 4
+        a.config = c
+        let service = WorkerService(name: "check", workDirectory: f.dir)
+        let input = TensorAnnouncement(stream: 0, name: "inputs/0", dtype: .f32, shape: [4, 8], byteCount: 128)
+        for (range, weights, expected) in [(0..<4096, 1, "field 'weightTensors' is 1, expected at least \(perBlock): the tensors of blocks 0-4095"),
+                                           (0..<4096, perBlock * 4096, "field 'weightTensors' is \(perBlock * 4096), expected 0...262144"),
+                                           (0..<2, 3 * perBlock, "field 'weightTensors' is \(3 * perBlock), expected \(2 * perBlock)")] {
+            (a.first, a.end, a.weightTensors) = (range.lowerBound, range.upperBound, weights)
+            let t0 = monotonicSeconds()
+            XCTAssertThrowsError(try service.checkJob(try json(a), tensors: UInt32(1 + weights), headers: [input])) { e in
+                XCTAssertTrue("\(e)".contains(expected), "\(e)")
+            }
+            XCTAssertLessThan(elapsed(since: t0), 2)
+        }
+        // Within the bound, the same configuration's blocks are checked one by one as they arrive.
+        (a.first, a.end, a.weightTensors) = (0, 2, 2 * perBlock)
+        let headers = (0..<2).flatMap { c.family.blockTensors(c, block: $0) }.map {
+            TensorAnnouncement(stream: 0, name: $0.name, dtype: .f32, shape: $0.shape, byteCount: UInt64($0.rows * $0.cols * 4))
+        }
+        XCTAssertNoThrow(try service.checkJob(try json(a), tensors: UInt32(1 + 2 * perBlock), headers: [input] + headers))
+    }
+
+    /// The worker's virtual memory size (VmSize), in bytes.
+    func virtualMemoryBytes() throws -> Int {
+        let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)
+        let line = try XCTUnwrap(status.split(separator: "\n").first { $0.hasPrefix("VmSize:") })
+        return try XCTUnwrap(Int(line.split(separator: " ").dropFirst().first ?? "")) * 1024
+    }
+
+    /// A job that legitimately announces a 4 GiB window (sent configuration of hidden size 2^15,
+    /// sequences of 2^15): the header alone reserves no more than the assembler's initial
+    /// capacity; the peer that then sends nothing more costs the worker nothing like 4 GiB, and
+    /// the worker serves the next connection.
+    func testAnAnnouncedTensorIsNotAllocatedBeforeItsBytesArrive() throws {
+        let f = try fixture()
+        let server = try startServer()
+        let c = try Connection.connect(to: server.listener.endpoint)
+        _ = try c.authenticate(secret: secret, name: "coordinator", role: 0, within: 5)
+        c.timeout = 30
+        let hidden = 1 << 15
+        let config = ModelConfig(architecture: .llama, hiddenSize: hidden, intermediateSize: 1 << 14, layerCount: 1, headCount: 256,
+                                 kvHeadCount: 256, vocabularySize: 32000, maxPositions: 1 << 15, normEps: 1e-5, tieWordEmbeddings: false)
+        var a = assignment(f)
+        a.modelPath = ""
+        a.tokenizerPath = nil
+        a.samples = 1
+        a.sequenceLength = 1 << 15
+        a.end = 1
+        a.config = config
+        let weights = config.family.blockTensors(config, block: 0)
+        a.weightTensors = weights.count
+        let window = TensorAnnouncement(stream: 0, name: "inputs/0", dtype: .f32, shape: [1 << 15, hidden], byteCount: 1 << 32)
+        // The job and the window's header pass every check: the worker goes on to receive the window.
+        XCTAssertNoThrow(try WorkerService(name: "check", workDirectory: f.dir).checkJob(
+            try json(a), tensors: UInt32(1 + weights.count),
+            headers: [window] + weights.map { TensorAnnouncement(stream: 0, name: $0.name, dtype: .f32, shape: $0.shape, byteCount: UInt64($0.rows * $0.cols * 4)) }))
+        try c.send(.assign(job: try json(a), tensors: UInt32(1 + a.weightTensors!)))
+        Thread.sleep(forTimeInterval: 0.5)
+        let before = try virtualMemoryBytes()
+        try c.send(window.message)
+        try c.send(.tensorChunk(stream: 0, offset: 0, bytes: Array(repeating: 0, count: 1 << 20)))
+        Thread.sleep(forTimeInterval: 1)
+        let grown = try virtualMemoryBytes() - before
+        XCTAssertLessThan(grown, 1 << 30, "the worker reserved \(grown) bytes for a header and 1 MiB of data")
+        c.close()
+        let d = try Connection.connect(to: server.listener.endpoint)
+        _ = try d.authenticate(secret: secret, name: "coordinator", role: 0, within: 5)
+        d.timeout = 30
+        try d.send(.heartbeat(sequence: 3))
+        XCTAssertEqual(try d.receive(), .heartbeat(sequence: 3))
+        d.close()
     }
 
     /// The header of a block's weights with the wrong shape is refused before allocation, also

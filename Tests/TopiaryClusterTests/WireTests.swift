@@ -177,6 +177,66 @@ final class WireCodecTests: XCTestCase {
         try d.add(messages[1])
         XCTAssertThrowsError(try d.matrix())
     }
+
+    /// A tensor header is a claim: the assembler reserves at most its initial capacity before
+    /// bytes arrive, then grows with them (at most twice what arrived), and ends exact.
+    func testTensorStorageFollowsTheBytesThatArriveNotTheHeader() throws {
+        // 2^30 floats announced (4 GiB, within the default limit); 64 KiB arrive.
+        let header = Message.tensorHeader(stream: 1, name: "inputs/0", dtype: .f32, shape: [1 << 15, 1 << 15], byteCount: 1 << 32)
+        var a = try TensorAssembler(header: header)
+        XCTAssertEqual(a.reservedBytes, TensorAssembler.initialCapacityBytes)
+        try a.add(.tensorChunk(stream: 1, offset: 0, bytes: Array(repeating: 0, count: 1 << 16)))
+        XCTAssertEqual(a.reservedBytes, TensorAssembler.initialCapacityBytes)
+        XCTAssertThrowsError(try a.matrix()) { e in
+            XCTAssertEqual(e as? WireError, .truncated(what: "tensor 'inputs/0'", needed: 1 << 32, available: 1 << 16))
+        }
+        // A small tensor reserves only itself.
+        XCTAssertEqual(try TensorAssembler(header: .tensorHeader(stream: 0, name: "v", dtype: .bf16, shape: [3], byteCount: 6)).reservedBytes, 12)
+
+        // Larger than the initial capacity, in 1 MiB chunks (f32 read in place, and bf16): the
+        // storage stays within twice what arrived and the tensor is exact.
+        let elements = TensorAssembler.initialCapacityBytes / 4 * 5 / 2
+        // Integers of at most 8 significant bits: exact in bf16 too.
+        let m = Matrix(rows: 5, cols: elements / 5) { p in for i in p.indices { p[i] = Float(i % 256) - 128 } }
+        for dtype in [WireDType.f32, .bf16] {
+            let messages = TensorStream.messages(m, name: "big", dtype: dtype, stream: 2, chunkBytes: 1 << 20)
+            var b = try TensorAssembler(header: messages[0])
+            var arrived = 0
+            for case .tensorChunk(let stream, let offset, let bytes) in messages.dropFirst() {
+                if dtype == .f32 {
+                    _ = try b.receiveInPlace(stream: stream, offset: offset, byteCount: bytes.count, prefixChecksum: 0) { region in
+                        bytes.withUnsafeBytes { region.copyMemory(from: $0) }
+                    }
+                } else {
+                    try b.add(.tensorChunk(stream: stream, offset: offset, bytes: bytes))
+                }
+                arrived += bytes.count / dtype.size
+                XCTAssertLessThanOrEqual(b.reservedBytes, max(TensorAssembler.initialCapacityBytes, 2 * arrived * 4), "\(dtype) after \(arrived) elements")
+            }
+            XCTAssertEqual(b.reservedBytes, elements * 4)
+            XCTAssertEqual(try b.matrix(), m, "\(dtype)")
+        }
+    }
+
+    /// A header over the receiver's bound, or one whose byte count disagrees with its shape, is
+    /// refused naming the field and what was expected.
+    func testTensorHeadersOverTheBoundAreRefusedNamingIt() throws {
+        XCTAssertThrowsError(try TensorAssembler(header: .tensorHeader(stream: 0, name: "w", dtype: .bf16, shape: [1024, 512], byteCount: 1 << 20),
+                                                 maxBytes: 1 << 20)) { e in
+            XCTAssertEqual("\(e)", "tensor-header message: field 'shape' [1024, 512] of 'w' needs 2097152 bytes as f32, over the limit of 1048576 bytes")
+        }
+        XCTAssertNoThrow(try TensorAssembler(header: .tensorHeader(stream: 0, name: "w", dtype: .bf16, shape: [512, 512], byteCount: 1 << 19),
+                                             maxBytes: 1 << 20))
+        XCTAssertThrowsError(try TensorAssembler(header: .tensorHeader(stream: 0, name: "w", dtype: .f32, shape: [4, 4], byteCount: 60))) { e in
+            XCTAssertEqual("\(e)", "tensor-header message: field 'byte_count' is 60, expected 64 for shape [4, 4] of f32")
+        }
+        XCTAssertThrowsError(try TensorAssembler(header: .tensorHeader(stream: 0, name: "w", dtype: .f32, shape: [1 << 40, 1 << 40], byteCount: 0))) { e in
+            XCTAssertEqual("\(e)", "tensor-header message: field 'shape' [1099511627776, 1099511627776] of 'w' has more elements than a 64-bit count holds")
+        }
+        XCTAssertThrowsError(try TensorAssembler(header: .tensorHeader(stream: 0, name: "w", dtype: .f32, shape: [2, -2], byteCount: 16))) { e in
+            XCTAssertEqual("\(e)", "tensor-header message: field 'shape[1]' is -2 in [2, -2] of 'w', expected 0 or more")
+        }
+    }
 }
 
 final class HandshakeTests: XCTestCase {

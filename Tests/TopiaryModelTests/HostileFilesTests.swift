@@ -16,6 +16,8 @@ struct RawGGUF {
         var dims: [UInt64]
         var type: UInt32 = 0
         var values: [Float] = []
+        /// The data offset written for the tensor (nil: where the writer puts its data).
+        var offset: UInt64? = nil
     }
     var metadata: [(String, Value)] = []
     var tensors: [Tensor] = []
@@ -81,7 +83,7 @@ struct RawGGUF {
             put(UInt32(t.dims.count))
             for d in t.dims.reversed() { put(d) }
             put(t.type)
-            put(offset)
+            put(t.offset ?? offset)
             offset += (UInt64(t.values.count * 4) + a - 1) / a * a
         }
         while out.count % Int(a) != 0 { out.append(0) }
@@ -143,6 +145,39 @@ final class HostileFilesTests: XCTestCase {
         var g = RawGGUF.llama()
         g.tensors[2].dims = [1 << 20, 8]  // 32 MiB in a small file
         refused(try write(g.bytes()), naming: ["blk.0.attn_q.weight", "past the end of the file"])
+    }
+
+    /// Every tensor's data offset is a multiple of the file's alignment (general.alignment, else
+    /// 32) and lies inside the file, also for a tensor whose type this reader does not decode.
+    func testTensorOffsetsMustBeAlignedAndInsideTheFile() throws {
+        // tensors[2] is blk.0.attn_q.weight (its data is at offset 544).
+        var g = RawGGUF.llama()
+        g.tensors[2].offset = 68
+        refused(try write(g.bytes()), naming: ["blk.0.attn_q.weight", "data offset 68", "multiple of the alignment 32", "general.alignment is absent"])
+        // A multiple of 32, but not of the file's own alignment.
+        g = RawGGUF.llama()
+        g.set("general.alignment", .u32(64))
+        g.alignment = 64
+        g.tensors[2].offset = 160
+        refused(try write(g.bytes()), naming: ["blk.0.attn_q.weight", "data offset 160", "multiple of the alignment 64"])
+        // Aligned, but past the end of the file, or past every address.
+        for offset: UInt64 in [1 << 20, 1 << 62, UInt64.max - 31] {
+            g = RawGGUF.llama()
+            g.tensors[2].offset = offset
+            refused(try write(g.bytes()), naming: ["blk.0.attn_q.weight", "past the end of the file"])
+        }
+        // A type this reader does not decode (Q4_K) is still placed: misaligned, or past the end.
+        for (offset, words) in [(UInt64(40), ["data offset 40", "multiple of the alignment 32"]), (1 << 40, ["past the end of the file"])] {
+            g = RawGGUF.llama()
+            g.tensors[g.tensors.count - 1].type = 12
+            g.tensors[g.tensors.count - 1].offset = offset
+            refused(try write(g.bytes()), naming: ["output.weight"] + words)
+        }
+        // The same unsupported tensor where it belongs: the file opens (the tensor is refused when used).
+        g = RawGGUF.llama()
+        g.tensors[g.tensors.count - 1].type = 12
+        let gguf = try GGUFFile(path: try write(g.bytes()))
+        XCTAssertEqual(gguf.unsupportedTensors["output.weight"], "Q4_K")
     }
 
     func testSafeTensorsShapesThatOverflowAreRefused() throws {

@@ -44,6 +44,9 @@ enum AssignmentLimits {
     /// M of an N:M pattern.
     static let maxGroup = 1 << 20
     static let maxIterations = 100_000
+    /// Block tensors sent with one job: the worker lists them all before the first arrives
+    /// (Qwen3-MoE-235B's 94 blocks of 128 experts have some 37,000).
+    static let maxWeightTensors = 1 << 18
 }
 
 extension Assignment {
@@ -83,8 +86,8 @@ extension Assignment {
             throw Self.bad("weightTensors", "and 'config' come together (weights sent with the job) or not at all")
         }
         let weights = weightTensors ?? 0
-        guard weights >= 0, weights <= Int(tensors) else {
-            throw Self.bad("weightTensors", "is \(weights), expected 0...\(tensors) (the tensors announced)")
+        guard weights >= 0, weights <= Int(tensors), weights <= L.maxWeightTensors else {
+            throw Self.bad("weightTensors", "is \(weights), expected 0...\(min(Int(tensors), L.maxWeightTensors)) (the tensors announced, at most \(L.maxWeightTensors))")
         }
         let expected = samples * tensorsPerWindow + weights
         guard expected == Int(tensors) else {
@@ -448,8 +451,9 @@ public final class WorkerService: @unchecked Sendable {
     }
 
     /// Checks a job in full before any of its tensors is read: every field, then the model it
-    /// names (or the configuration it sends) and the fields that depend on it.
-    func prepare(_ json: [UInt8], tensors: UInt32) throws -> PreparedJob {
+    /// names (or the configuration it sends), the fields that depend on it, and the size of every
+    /// tensor it announces against `maxTensorBytes` (the receiver's tensor limit, as f32).
+    func prepare(_ json: [UInt8], tensors: UInt32, maxTensorBytes: Int) throws -> PreparedJob {
         let a = try Assignment.decode(json)
         try a.validateFields(announced: tensors)
         let model: LanguageModel
@@ -461,14 +465,61 @@ public final class WorkerService: @unchecked Sendable {
         } else {
             model = try self.model(a.modelPath, tokenizer: a.tokenizerPath)
         }
-        try a.validate(against: model.config)
-        if a.config != nil {
-            let expected = (a.first..<a.end).reduce(0) { $0 + model.config.family.blockTensors(model.config, block: $1).count }
-            guard a.weightTensors == expected else {
-                throw Assignment.bad("weightTensors", "is \(a.weightTensors!), expected \(expected): the tensors of blocks \(a.first)-\(a.end - 1)")
+        let c = model.config
+        try a.validate(against: c)
+        let limit = maxTensorBytes / 4
+        let window = a.sequenceLength.multipliedReportingOverflow(by: c.hiddenSize)
+        guard !window.overflow, window.partialValue <= limit else {
+            throw Assignment.bad("sequenceLength", "is \(a.sequenceLength): a window of \(a.sequenceLength)x\(c.hiddenSize) floats is over the tensor limit of \(maxTensorBytes) bytes")
+        }
+        if let announced = a.weightTensors {
+            // Listed block by block, stopping once past the announced count: the work stays
+            // bounded by what the job announced, however many blocks and experts its config claims.
+            var expected = 0
+            var block = a.first
+            while block < a.end && expected <= announced {
+                let specs = c.family.blockTensors(c, block: block)
+                for spec in specs {
+                    let n = spec.rows.multipliedReportingOverflow(by: spec.cols)
+                    guard !n.overflow, n.partialValue <= limit else {
+                        throw Assignment.bad("config", "gives block tensor '\(spec.name)' \(spec.rows)x\(spec.cols) floats, over the tensor limit of \(maxTensorBytes) bytes")
+                    }
+                }
+                expected += specs.count
+                block += 1
+            }
+            guard announced == expected else {
+                throw Assignment.bad("weightTensors", "is \(announced), expected \(block < a.end ? "at least " : "")\(expected): the tensors of blocks \(a.first)-\(a.end - 1)")
             }
         }
         return PreparedJob(assignment: a, model: model, weightsSent: a.config != nil)
+    }
+
+    /// A job checked in full, with the stores its windows go into and what its announced tensors
+    /// must be.
+    struct Intake {
+        let prepared: PreparedJob
+        let job: PruneJob
+        var expect: AssignedTensors
+        let inputs: ActivationStore
+        let targets: ActivationStore?
+    }
+
+    func intake(_ json: [UInt8], tensors: UInt32, maxTensorBytes: Int) throws -> Intake {
+        let p = try prepare(json, tensors: tensors, maxTensorBytes: maxTensorBytes)
+        let job = p.assignment.job(workDirectory: workDirectory)
+        let inputs = RangePruner.store(job: job, config: p.model.config)
+        return Intake(prepared: p, job: job, expect: AssignedTensors(p.assignment, config: p.model.config, weightsSent: p.weightsSent),
+                      inputs: inputs, targets: p.assignment.hasTargets ? inputs.makeSibling() : nil)
+    }
+
+    /// What the worker does with an assign message before it computes, without a connection:
+    /// checks the job, then each of `headers` as if it arrived, then that none is missing.
+    /// (topiary-fuzz's job target drives the worker's checks through this.)
+    public func checkJob(_ json: [UInt8], tensors: UInt32, headers: [TensorAnnouncement], maxTensorBytes: Int = 4 << 30) throws {
+        var i = try intake(json, tensors: tensors, maxTensorBytes: maxTensorBytes)
+        for h in headers { _ = try i.expect.check(h) }
+        try i.expect.checkComplete()
     }
 
     /// Handles messages until the coordinator says shutdown or the connection ends.
@@ -496,18 +547,14 @@ public final class WorkerService: @unchecked Sendable {
     /// on serving; only a tensor too large to drain, or a protocol error, closes the connection.
     func runJob(_ jobJSON: [UInt8], tensors: UInt32, on c: Connection) throws {
         var problem: Error?
-        var prepared: PreparedJob?
-        do { prepared = try prepare(jobJSON, tensors: tensors) } catch { problem = error }
-        var expect = prepared.map { AssignedTensors($0.assignment, config: $0.model.config, weightsSent: $0.weightsSent) }
-        let job = prepared?.assignment.job(workDirectory: workDirectory)
-        let inputs = prepared.map { RangePruner.store(job: job!, config: $0.model.config) }
-        let targets = prepared.flatMap { $0.assignment.hasTargets ? inputs!.makeSibling() : nil }
+        var intake: Intake?
+        do { intake = try self.intake(jobJSON, tensors: tensors, maxTensorBytes: c.maxTensorBytes) } catch { problem = error }
         var weights: [String: Matrix] = [:]
         for _ in 0..<tensors {
             let t = try c.receiveTensorHeader()
             var kind: AssignedTensors.Kind?
             if problem == nil {
-                do { kind = try expect!.check(t) } catch { problem = error }
+                do { kind = try intake!.expect.check(t) } catch { problem = error }
             }
             guard let kind else {
                 guard t.byteCount / UInt64(t.dtype.size) * 4 <= UInt64(c.maxTensorBytes) else {
@@ -522,20 +569,21 @@ public final class WorkerService: @unchecked Sendable {
             }
             let m = try c.receiveTensorBody(t)
             switch kind {
-            case .input(let s): try inputs!.set(s, m)
-            case .target(let s): try targets!.set(s, m)
+            case .input(let s): try intake!.inputs.set(s, m)
+            case .target(let s): try intake!.targets!.set(s, m)
             case .weight(let name):
-                let spec = expect!.weights[name]!
+                let spec = intake!.expect.weights[name]!
                 weights[name] = m.rows == spec.rows ? m : m.reshaped(rows: spec.rows, cols: spec.cols)
             }
         }
         if problem == nil {
-            do { try expect!.checkComplete() } catch { problem = error }
+            do { try intake!.expect.checkComplete() } catch { problem = error }
         }
-        guard problem == nil, let prepared, let job, let inputs else {
+        guard problem == nil, let intake else {
             try c.send(.error(code: 400, message: "\(problem!)"))
             return
         }
+        let (prepared, job, inputs, targets) = (intake.prepared, intake.job, intake.inputs, intake.targets)
         let a = prepared.assignment
         var model = prepared.model
         if prepared.weightsSent {

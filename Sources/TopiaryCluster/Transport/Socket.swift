@@ -470,6 +470,14 @@ public struct TensorAnnouncement: Sendable, Equatable {
     public var shape: [Int]
     public var byteCount: UInt64
 
+    public init(stream: UInt32, name: String, dtype: WireDType, shape: [Int], byteCount: UInt64) {
+        self.stream = stream
+        self.name = name
+        self.dtype = dtype
+        self.shape = shape
+        self.byteCount = byteCount
+    }
+
     public var message: Message { .tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount) }
     /// The shape as text, "64x512".
     public var shapeText: String { shape.map(String.init).joined(separator: "x") }

@@ -24,6 +24,9 @@ public final class WorkerServer: @unchecked Sendable {
     public var maxPendingHandshakes = 64
     /// Seconds an authenticated connection may stay silent between jobs (or stall a send).
     public var sessionTimeout: Double = 24 * 3600
+    /// The largest tensor (stored as f32) a job may announce; a job whose tensors would be larger
+    /// is refused before any of them is read.
+    public var maxTensorBytes = 4 << 30
     /// Where the server reports connections that end with an error, and sessions that start.
     public var log: @Sendable (String) -> Void = { _ in }
 
@@ -128,6 +131,7 @@ public final class WorkerServer: @unchecked Sendable {
             }
             session = true
             c.timeout = sessionTimeout
+            c.maxTensorBytes = maxTensorBytes
             log("serving \(peer) (\(c.peer))")
             try service.serve(c)
         } catch {

@@ -214,36 +214,89 @@ public enum TensorStream {
 
 /// Reassembles a tensor from its header and chunks, checking that chunks arrive in order,
 /// belong to the stream and add up to exactly the announced size.
+///
+/// A header is a claim, not bytes: storage is reserved for at most `initialCapacityBytes` of it
+/// up front and grows (doubling) as chunks arrive, so a peer that announces a huge tensor and
+/// sends little of it costs about what it sent, never what it announced.
 public struct TensorAssembler {
     public let stream: UInt32
     public let name: String
     public let dtype: WireDType
     public let shape: [Int]
     public let byteCount: Int
+    /// Storage reserved before any chunk arrives, at most (the default chunk size).
+    public static let initialCapacityBytes = 16 << 20
+    private let elements: Int
     private var received = 0
+    /// The elements received so far, in a flat 1 x capacity matrix (capacity <= elements).
     private var values: Matrix
 
-    /// Checks the header (at most `maxBytes` of f32 storage) before allocating the tensor.
+    /// Checks the header: its shape against its byte count, and the tensor's f32 storage against
+    /// `maxBytes` (what the receiver is prepared to hold), refusing with the field and the bound.
     public init(header: Message, maxBytes: Int = 4 << 30) throws {
         guard case .tensorHeader(let stream, let name, let dtype, let shape, let byteCount) = header else {
             throw WireError.unexpectedMessage(expected: "tensor-header", found: header.type.description)
         }
-        let elements = byteCount / UInt64(dtype.size)
-        guard elements <= UInt64(maxBytes / 4) else {
+        // Message.decode checks these; a header built in memory gets the same checks.
+        var count = 1
+        for (i, d) in shape.enumerated() {
+            guard d >= 0 else {
+                throw WireError.malformed(message: "tensor-header", field: "shape[\(i)]", detail: "is \(d) in \(shape) of '\(name)', expected 0 or more")
+            }
+            let (product, overflow) = count.multipliedReportingOverflow(by: d)
+            guard !overflow else {
+                throw WireError.malformed(message: "tensor-header", field: "shape", detail: "\(shape) of '\(name)' has more elements than a 64-bit count holds")
+            }
+            count = product
+        }
+        let (bytes, overflow) = UInt64(count).multipliedReportingOverflow(by: UInt64(dtype.size))
+        guard !overflow, byteCount == bytes else {
+            throw WireError.malformed(message: "tensor-header", field: "byte_count",
+                                      detail: "is \(byteCount), expected \(overflow ? "\(count) x \(dtype.size)" : "\(bytes)") for shape \(shape) of \(dtype)")
+        }
+        guard count <= maxBytes / 4 else {
+            let f32 = count.multipliedReportingOverflow(by: 4)
             throw WireError.malformed(message: "tensor-header", field: "shape",
-                                      detail: "\(shape) of '\(name)' needs \(elements * 4) bytes, over the limit of \(maxBytes)")
+                                      detail: "\(shape) of '\(name)' needs \(f32.overflow ? "\(count) x 4" : "\(f32.partialValue)") bytes as f32, over the limit of \(maxBytes) bytes")
         }
         self.stream = stream
         self.name = name
         self.dtype = dtype
         self.shape = shape
         self.byteCount = Int(byteCount)
-        let count = shape.reduce(1, *)
-        let rows = shape.count >= 2 ? shape[0] : 1
-        values = Matrix(rows: rows, cols: rows > 0 ? count / rows : 0)
+        elements = count
+        values = Matrix(rows: 1, cols: min(count, Self.initialCapacityBytes / 4))
     }
 
     public var isComplete: Bool { received == byteCount }
+
+    /// Grows the storage to hold `needed` elements: at least doubling, never past the tensor.
+    private mutating func reserve(_ needed: Int) {
+        guard needed > values.count else { return }
+        let capacity = min(elements, max(needed, 2 * values.count))
+        let kept = received / dtype.size
+        var grown = Matrix(rows: 1, cols: capacity)
+        grown.withUnsafeMutableBufferPointer { dst in
+            values.withUnsafeBufferPointer { src in
+                if kept > 0 { dst.baseAddress!.update(from: src.baseAddress!, count: kept) }
+            }
+        }
+        values = grown
+    }
+
+    /// Checks a chunk's stream, offset and size (`n` bytes) against what has arrived.
+    private func check(stream: UInt32, offset: UInt64, byteCount n: Int) throws {
+        guard stream == self.stream else {
+            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
+        }
+        guard offset == UInt64(received) else {
+            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
+        }
+        guard n <= byteCount - received, n % dtype.size == 0 else {
+            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
+                                      detail: "has \(n) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
+        }
+    }
 
     public mutating func add(_ chunk: Message) throws {
         guard case .tensorChunk(let stream, let offset, let bytes) = chunk else {
@@ -254,18 +307,10 @@ public struct TensorAssembler {
 
     /// Adds a chunk's bytes straight from a receive buffer (no intermediate message).
     public mutating func add(stream: UInt32, offset: UInt64, bytes: UnsafeRawBufferPointer) throws {
-        guard stream == self.stream else {
-            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
-        }
-        guard offset == UInt64(received) else {
-            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
-        }
-        guard bytes.count <= byteCount - received, bytes.count % dtype.size == 0 else {
-            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
-                                      detail: "has \(bytes.count) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
-        }
+        try check(stream: stream, offset: offset, byteCount: bytes.count)
         let first = received / dtype.size
         let n = bytes.count / dtype.size
+        reserve(first + n)
         let dtype = self.dtype
         values.withUnsafeMutableBufferPointer { dst in
             switch dtype {
@@ -288,17 +333,9 @@ public struct TensorAssembler {
     public mutating func receiveInPlace(stream: UInt32, offset: UInt64, byteCount n: Int, prefixChecksum: UInt32,
                                         fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> UInt32 {
         precondition(dtype == .f32)
-        guard stream == self.stream else {
-            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
-        }
-        guard offset == UInt64(received) else {
-            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
-        }
-        guard n <= byteCount - received, n % 4 == 0 else {
-            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
-                                      detail: "has \(n) bytes; \(byteCount - received) of tensor '\(name)' remain, in 4-byte elements")
-        }
+        try check(stream: stream, offset: offset, byteCount: n)
         let start = received
+        reserve((start + n) / 4)
         let crc = try values.withUnsafeMutableBufferPointer { dst -> UInt32 in
             let region = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(dst.baseAddress!) + start, count: n)
             try fill(region)
@@ -308,9 +345,14 @@ public struct TensorAssembler {
         return crc
     }
 
-    /// The tensor, once every byte has arrived.
+    /// Bytes of storage reserved so far (at most the tensor's f32 size).
+    public var reservedBytes: Int { values.count * 4 }
+
+    /// The tensor, once every byte has arrived: [shape[0], the rest] (a vector is 1 x n).
     public func matrix() throws -> Matrix {
         guard isComplete else { throw WireError.truncated(what: "tensor '\(name)'", needed: byteCount, available: received) }
-        return values
+        let rows = shape.count >= 2 ? shape[0] : 1
+        // Complete: the storage grew to exactly the tensor's elements.
+        return values.reshaped(rows: rows, cols: rows > 0 ? elements / rows : 0)
     }
 }

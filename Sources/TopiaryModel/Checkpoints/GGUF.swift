@@ -131,6 +131,14 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         }
         let dataStart = (r.offset + alignment - 1) / alignment * alignment
         for (name, shape, type, relOffset) in pending {
+            // Every tensor, decodable or not, starts on the alignment and inside the file.
+            guard relOffset % UInt64(alignment) == 0 else {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has data offset \(relOffset), expected a multiple of the alignment \(alignment)\(meta["general.alignment"] == nil ? " (the default; general.alignment is absent)" : " (general.alignment)")")
+            }
+            let start = dataStart.addingReportingOverflow(Int(clamping: relOffset))
+            guard !start.overflow, start.partialValue <= file.size else {
+                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: start.overflow ? Int.max : start.partialValue, fileSize: file.size)
+            }
             guard let dtype = Self.supportedTypes[type] else {
                 // Recorded, and refused only when the tensor is used.
                 tensorNames.append(name)
@@ -141,14 +149,11 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             guard let bytes = dtype.byteCount(elements: count) else {
                 throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks or too many for a file")
             }
-            guard relOffset <= UInt64(file.size), dataStart + Int(relOffset) <= file.size, bytes <= file.size - dataStart - Int(relOffset) else {
-                let (a, o1) = dataStart.addingReportingOverflow(Int(clamping: relOffset))
-                let (b, o2) = a.addingReportingOverflow(bytes)
-                let end = o1 || o2 ? Int.max : b
-                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: end, fileSize: file.size)
+            guard bytes <= file.size - start.partialValue else {
+                let end = start.partialValue.addingReportingOverflow(bytes)
+                throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: end.overflow ? Int.max : end.partialValue, fileSize: file.size)
             }
-            let start = dataStart + Int(relOffset)
-            entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start, byteCount: bytes)
+            entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start.partialValue, byteCount: bytes)
             tensorNames.append(name)
         }
     }
