@@ -10,7 +10,9 @@ public protocol WorkerLink: AnyObject {
     /// Hands the worker `range` and the activations at its start; returns at once for a remote
     /// worker, which then computes while the coordinator starts the others.
     func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws
-    /// Collects the started range's blocks (each reported as it arrives) and the boundary after it.
+    /// Collects the started range's blocks (each reported as it arrives: in order, each once) and
+    /// the boundary after the last. The coordinator checks what a remote link hands over
+    /// (`WorkerResultError`).
     func finish(onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary
     /// Whether the link can be lost (a process elsewhere); an in-process worker cannot.
     var isRemote: Bool { get }
@@ -98,13 +100,49 @@ public struct ADMMRound: Sendable, Codable {
     public var objective: Double { residuals.reduce(0, +) + outputError }
 }
 
+/// A remote worker's result that breaks what `WorkerLink` promises: each block of the range once
+/// and in order, with the tensors its family defines (finite) and its report, then the boundary
+/// after the range's last block, of the job's shape, that those blocks give. The worker is treated
+/// as lost and the rest of its range is redone elsewhere; nothing refused is recorded.
+public struct WorkerResultError: Error, CustomStringConvertible {
+    public let worker: String
+    public let detail: String
+    public var description: String { "worker \(worker): \(detail)" }
+}
+
+/// Window 0 of a remote worker's range, carried through each block as its result arrives (the
+/// pruned weights in hand; the dense block for blocks only run and for the targets): what the
+/// boundary the worker returns must hold in window 0. Costs one window's forward pass per block,
+/// and reading the dense block where the range carries targets or runs blocks it does not prune.
+struct BoundaryProbe {
+    var inputs: Matrix
+    var targets: Matrix?
+    let sequenceLength: Int
+    let rope: Kernels.RopeTable
+
+    init(_ start: Boundary, config: ModelConfig, sequenceLength: Int) throws {
+        inputs = try start.inputs.get(0)
+        targets = try start.targets?.get(0)
+        self.sequenceLength = sequenceLength
+        rope = config.ropeTable(positions: sequenceLength)
+    }
+
+    mutating func advance(through pruned: DecoderBlock?, block index: Int, model: LanguageModel) throws {
+        let dense = pruned == nil || targets != nil ? try model.loadBlock(index) : nil
+        inputs = (pruned ?? dense!).forward(inputs, sequenceLength: sequenceLength, rope: rope)
+        if let t = targets { targets = dense!.forward(t, sequenceLength: sequenceLength, rope: rope) }
+    }
+}
+
 /// The coordinator: plans contiguous block ranges over the workers and runs them. The local run is
 /// this with one in-process worker.
 ///
 /// Faults: a remote worker that fails (its connection drops, or it sends nothing, not even a
-/// heartbeat, for the connection's timeout) is abandoned; the blocks it finished stay, the
-/// activations after them are recomputed here by replaying those blocks, and the rest of its range
-/// goes to another live, idle worker, or to this process when none is left. With a run directory
+/// heartbeat, for the connection's timeout) or sends a result that breaks the link's promises
+/// (`WorkerResultError`) is abandoned; the blocks it finished stay, the activations after them are
+/// recomputed here by replaying those blocks, and the rest of its range goes to another live, idle
+/// worker (spares first), or to this process when none is left. A block is recorded once: a result
+/// for any block but the next one of the range is refused before it is written. With a run directory
 /// every block is checkpointed as it arrives, and a resumed run replays finished blocks instead of
 /// pruning them again; the result is the same bytes either way.
 public final class Coordinator {
@@ -124,7 +162,6 @@ public final class Coordinator {
     public var log: (String) -> Void = { _ in }
 
     private var dead = Set<ObjectIdentifier>()
-    private lazy var fallback: WorkerLink = InProcessWorker(model: model, name: "coordinator (in-process)")
 
     public init(model: LanguageModel, job: PruneJob, store: BlockFileStore, workers: [WorkerLink], runDirectory: RunDirectory? = nil) {
         self.model = model
@@ -165,9 +202,87 @@ public final class Coordinator {
 
     func isLive(_ link: WorkerLink) -> Bool { !dead.contains(ObjectIdentifier(link)) }
 
-    /// A live link with no work in progress other than `excluding`, or this process.
+    /// A worker in this process. Each range run here gets its own, so that one never holds two
+    /// ranges (ADMM starts every partition before it collects any).
+    func inProcessWorker() -> WorkerLink { InProcessWorker(model: model, name: "coordinator (in-process)") }
+
+    /// A live link other than `lost` with no work in progress (not in `busy`), the spares (links
+    /// beyond the plan's partitions) first; or a new in-process worker.
     func replacement(for lost: WorkerLink, busy: Set<ObjectIdentifier>) -> WorkerLink {
-        workers.first { $0 !== lost && isLive($0) && !busy.contains(ObjectIdentifier($0)) } ?? fallback
+        let planned = plan().count
+        let candidates = workers.dropFirst(planned) + workers.prefix(planned)
+        return candidates.first { $0 !== lost && isLive($0) && !busy.contains(ObjectIdentifier($0)) } ?? inProcessWorker()
+    }
+
+    /// Checks a block result before it is recorded: the next block of `range` (`expected`), with
+    /// weights and a report exactly when the job prunes it, and the weights its family defines, finite.
+    func checkBlock(_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?, expected: Int, range: Range<Int>,
+                    job: PruneJob, worker: String) throws {
+        func refuse(_ detail: String) -> WorkerResultError { WorkerResultError(worker: worker, detail: "block \(index): " + detail) }
+        guard index == expected, range.contains(index) else {
+            let wanted = range.contains(expected) ? "block \(expected)" : "none (all of blocks \(range.lowerBound)-\(range.upperBound - 1) arrived)"
+            throw WorkerResultError(worker: worker, detail: "sent block \(index), expected \(wanted)")
+        }
+        let prunes = job.prunes(index)
+        guard (pruned != nil) == prunes, (report != nil) == prunes else {
+            throw refuse(prunes ? "is pruned: expected its weights and report, found \(pruned == nil ? "no weights" : "weights") and \(report == nil ? "no report" : "a report")"
+                                : "is only run: expected no weights and no report")
+        }
+        guard let pruned, let report else { return }
+        guard report.block == index else { throw refuse("the report is block \(report.block)'s") }
+        guard pruned.index == index else { throw refuse("the weights are block \(pruned.index)'s") }
+        let specs = model.config.family.blockTensors(model.config, block: index)
+        if let extra = pruned.tensors.keys.sorted().first(where: { name in !specs.contains { $0.name == name } }) {
+            throw refuse("'\(extra)' is not one of its tensors")
+        }
+        for spec in specs {
+            guard let m = pruned.tensors[spec.name] else { throw refuse("tensor '\(spec.name)' is missing") }
+            guard m.rows == spec.rows, m.cols == spec.cols else {
+                throw refuse("tensor '\(spec.name)' is \(m.rows)x\(m.cols), expected \(spec.rows)x\(spec.cols)")
+            }
+            guard m.allFinite else { throw refuse("tensor '\(spec.name)' is not finite") }
+        }
+    }
+
+    /// Checks the boundary a remote worker returned after `range`: the job's windows and shape,
+    /// targets exactly when it was sent targets, and window 0 what `probe` (window 0 carried here
+    /// through the range's blocks as they arrived) gives. So a stale boundary, a non-finite one, or
+    /// one its blocks do not give is refused.
+    func checkBoundary(_ b: Boundary, after range: Range<Int>, probe: BoundaryProbe, job: PruneJob, worker: String) throws {
+        func refuse(_ detail: String) -> WorkerResultError {
+            WorkerResultError(worker: worker, detail: "the boundary after block \(range.upperBound - 1) " + detail)
+        }
+        guard (b.targets != nil) == (probe.targets != nil) else {
+            throw refuse(probe.targets == nil ? "has targets; none were sent" : "has no targets; they were sent")
+        }
+        let hidden = model.config.hiddenSize
+        for (what, s) in [("inputs", b.inputs)] + (b.targets.map { [("targets", $0)] } ?? []) {
+            guard s.count == job.samples, s.rows == job.sequenceLength, s.cols == hidden else {
+                throw refuse("has \(what) of \(s.count) windows of \(s.rows)x\(s.cols), expected \(job.samples) of \(job.sequenceLength)x\(hidden)")
+            }
+        }
+        guard Self.agrees(try b.inputs.get(0), probe.inputs) else {
+            throw refuse("is not what its blocks give (window 0 differs from the same window run here)")
+        }
+        if let t = b.targets, let r = probe.targets, !Self.agrees(try t.get(0), r) {
+            throw refuse("has targets that the dense blocks do not give (window 0 differs from the same window run here)")
+        }
+    }
+
+    /// Equal up to rounding (another machine's BLAS may round differently): ‖a − b‖² ≤ 1e-8·‖b‖²; false for NaN.
+    static func agrees(_ a: Matrix, _ b: Matrix) -> Bool {
+        guard a.rows == b.rows, a.cols == b.cols else { return false }
+        var difference = 0.0, norm = 0.0
+        a.withUnsafeBufferPointer { pa in
+            b.withUnsafeBufferPointer { pb in
+                for i in pa.indices {
+                    let d = Double(pa[i]) - Double(pb[i])
+                    difference += d * d
+                    norm += Double(pb[i]) * Double(pb[i])
+                }
+            }
+        }
+        return difference <= 1e-8 * norm
     }
 
     /// Gives up on a link that failed: it is never used again, and the loss is recorded.
@@ -178,7 +293,8 @@ public final class Coordinator {
     }
 
     /// Runs `range` from `start` on `link` (with `job`, by default the run's); when the link is
-    /// lost, continues the rest of the range on a replacement from the last block it finished.
+    /// lost or its result is refused, continues the rest of the range on a replacement from the
+    /// last block it finished.
     /// `started`: the range was already handed to `link` (ADMM starts every partition before
     /// collecting any). `context` goes into the events (an ADMM round, the dense pass).
     func runWithFailover(_ preferred: WorkerLink, _ range: Range<Int>, job: PruneJob? = nil, from start: Boundary,
@@ -190,27 +306,38 @@ public final class Coordinator {
         if let round { context["round"] = round }
         func fields(_ f: [String: Any]) -> [String: Any] { f.merging(context) { a, _ in a } }
         var link = preferred
+        var isStarted = started
         if !isLive(link) {
             let to = replacement(for: link, busy: busy)
             try event("reassigned", fields(["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name]))
             log("blocks \(range.lowerBound)-\(range.upperBound - 1): \(link.name) was lost earlier; running them on \(to.name)")
             link = to
+            // What was started on the lost link is started again on its replacement.
+            isStarted = false
         }
         var from = range.lowerBound
         var boundary = start
-        var isStarted = started
         while true {
             var next = from
             do {
-                if !isStarted { try link.start(from..<range.upperBound, job: job, from: boundary) }
+                let attempt = from..<range.upperBound
+                if !isStarted { try link.start(attempt, job: job, from: boundary) }
                 isStarted = false
                 let name = link.name
-                return try link.finish { index, pruned, report in
+                var probe = link.isRemote && job.samples > 0 ? try BoundaryProbe(boundary, config: model.config, sequenceLength: job.sequenceLength) : nil
+                let end = try link.finish { index, pruned, report in
+                    try checkBlock(index, pruned, report, expected: next, range: attempt, job: job, worker: name)
                     if let pruned { try record(pruned, report: report, worker: name, round: round) }
                     try onBlock(index, pruned, report)
                     next = index + 1
+                    try probe?.advance(through: pruned, block: index, model: model)
                 }
-            } catch let error as WireError where link.isRemote {
+                guard next == range.upperBound else {
+                    throw WorkerResultError(worker: name, detail: "returned the boundary after \(next == from ? "none" : "block \(next - 1)") of blocks \(from)-\(range.upperBound - 1)")
+                }
+                if let probe { try checkBoundary(end, after: attempt, probe: probe, job: job, worker: name) }
+                return end
+            } catch let error where link.isRemote && (error is WireError || error is WorkerResultError) {
                 isStarted = false
                 try markLost(link, error, fields(["first": from, "last": range.upperBound - 1, "finished_through": next - 1]))
                 log("worker \(link.name) lost (\(error)); it finished blocks \(from)..<\(next) of \(from)..<\(range.upperBound)")
@@ -284,7 +411,7 @@ public final class Coordinator {
             // A worker's range starts here: keep the activations, so that a resumed run need not
             // replay everything before it.
             if first > 0 && first == part.lowerBound && needsWork(first), let runDirectory { try runDirectory.saveBoundary(boundary, at: first) }
-            boundary = try runSegments(workers[k], first..<part.upperBound, from: boundary, needsWork: needsWork,
+            boundary = try runSegments(k < workers.count ? workers[k] : inProcessWorker(), first..<part.upperBound, from: boundary, needsWork: needsWork,
                                        reports: reports) { index, pruned, report in
                 if let report { reports[index] = report }
                 progress(index, report)
@@ -324,7 +451,7 @@ public final class Coordinator {
             var denseJob = job
             denseJob.denseOnly = true
             for (k, range) in partitions.enumerated() {
-                let link = k < workers.count ? workers[k] : fallback
+                let link = k < workers.count ? workers[k] : inProcessWorker()
                 dense.append(try runWithFailover(link, range, job: denseJob, from: Boundary(inputs: dense.last!, targets: nil),
                                                  context: ["phase": "dense pass"]) { _, _, _ in }.inputs)
             }
@@ -378,11 +505,12 @@ public final class Coordinator {
             var busy = Set<ObjectIdentifier>()
             for (k, range) in partitions.enumerated() {
                 let targets = job.plan.needsDenseStream ? dense[k] : nil
-                var link = k < workers.count ? workers[k] : fallback
-                if !isLive(link) { link = replacement(for: link, busy: busy) }
+                var link = k < workers.count ? workers[k] : inProcessWorker()
+                // A link already holding a partition of this round (a replacement) is not given a second.
+                if !isLive(link) || busy.contains(ObjectIdentifier(link)) { link = replacement(for: link, busy: busy) }
                 var ok = false
-                // The in-process fallback computes in finish, so starting it never blocks the others.
-                if !busy.contains(ObjectIdentifier(link)) && range.allSatisfy(needsWork) {
+                // An in-process worker computes in finish, so starting it never blocks the others.
+                if range.allSatisfy(needsWork) {
                     do {
                         try link.start(range, job: job, from: Boundary(inputs: inputs[k], targets: targets))
                         ok = true
@@ -397,8 +525,14 @@ public final class Coordinator {
             var outputs: [ActivationStore] = []
             for k in partitions.indices {
                 let targets = job.plan.needsDenseStream ? dense[k] : nil
-                busy.remove(ObjectIdentifier(assigned[k]))
-                outputs.append(try runSegments(assigned[k], partitions[k], from: Boundary(inputs: inputs[k], targets: targets),
+                var link = assigned[k]
+                if started[k] {
+                    busy.remove(ObjectIdentifier(link))
+                } else if busy.contains(ObjectIdentifier(link)) {
+                    // Started since for a later partition (which it holds until collected).
+                    link = replacement(for: link, busy: busy)
+                }
+                outputs.append(try runSegments(link, partitions[k], from: Boundary(inputs: inputs[k], targets: targets),
                                                needsWork: needsWork, started: started[k], busy: busy, round: r,
                                                reports: reports) { index, pruned, report in
                     if let report { reports[index] = report }
