@@ -405,6 +405,29 @@ func threadCPUSeconds() -> Double {
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
 
+/// GFLOP/s of the dense routines at the shapes pruning uses (SmolLM2's and a Llama-3-8B's
+/// linears over 2048 tokens, their Hessians and factors), at `--threads` (default all cores).
+func benchLinalg(_ args: [String]) {
+    if let t = argument("threads", args).flatMap(Int.init) { Linalg.setThreadCount(t) }
+    print("threads \(Linalg.threadCount)")
+    for (m, n, k) in [(2048, 2048, 2048), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096), (2048, 14336, 4096), (512, 512, 64)] {
+        print(String(format: "  sgemm %5d x %5d x %5d  %6.1f GFLOP/s", m, n, k, sgemmRate(m: m, n: n, k: k)))
+    }
+    for n in [576, 1536, 4096] {
+        let x = randomMatrix(2048, n, seed: 3)
+        var h = Matrix(rows: n, cols: n)
+        let ts = best(3) { Linalg.syrkAccumulate(x, alpha: 1, into: &h) }
+        var spd = Matrix(rows: n, cols: n)
+        Linalg.syrkAccumulate(x, alpha: 1 / 2048, into: &spd)
+        for i in 0..<n { spd[i, i] += 0.01 }
+        let tc = best(3) { _ = try? Linalg.cholesky(spd, upper: true) }
+        let ti = best(3) { _ = try? Linalg.inverseSPD(spd) }
+        let nd = Double(n)
+        print(String(format: "  n %5d  syrk(2048 rows) %6.1f GFLOP/s  cholesky %6.1f GFLOP/s  inverse %6.1f GFLOP/s",
+                     n, 2048 * nd * nd / ts / 1e9, nd * nd * nd / 3 / tc / 1e9, nd * nd * nd / ti / 1e9))
+    }
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -420,8 +443,9 @@ do {
     case "transfer": try benchTransfer(Array(args.dropFirst()))
     case "besa": try benchBESA(Array(args.dropFirst()))
     case "tokenize": try benchTokenize(Array(args.dropFirst()))
+    case "linalg": benchLinalg(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {
