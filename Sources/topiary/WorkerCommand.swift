@@ -40,6 +40,7 @@ enum WorkerCommand: Command {
         OptionSpec(name: "work-dir", value: "D", help: "directory for spilled activations (default: the system's temporary directory)"),
         OptionSpec(name: "handshake-timeout", value: "S", help: "seconds a connection has to authenticate (default 10)"),
         OptionSpec(name: "parent-pid", value: "P", help: "exit when process P, the parent, ends (set by 'prune --workers')"),
+        CommonOptions.device,
         CommonOptions.threads,
     ]
 
