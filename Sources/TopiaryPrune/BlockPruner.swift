@@ -139,6 +139,7 @@ public struct BlockPruner: Sendable {
         var pruned = block
         var linears: [LinearReport] = []
         var joint: [String: Matrix] = [:]
+        var jointTensors: [String: Tensor] = [:]
         var jointSeconds: [String: Double] = [:]
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
@@ -157,21 +158,24 @@ public struct BlockPruner: Sendable {
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
-                let x = Matrix.vstack(parts)
+                let x = backend.upload(Matrix.vstack(parts))
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
-                let result: (weights: [String: Matrix], iterations: [SparseLLM.IterationReport], chosen: Int)
+                let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
+                func weight(_ name: String) -> Tensor { backend.upload(block.weight(name)) }
+                func bias(_ name: String) -> Tensor { backend.upload(block.bias(name)!) }
                 switch ffn {
                 case .gated(let gate, let up, let down):
-                    let r = try SparseLLM.pruneLlama(x: x, gate: block.weight(gate), up: block.weight(up), down: block.weight(down),
-                                                     pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what)
+                    let r = try SparseLLM.pruneLlama(x: x, gate: weight(gate), up: weight(up), down: weight(down), pattern: plan.pattern,
+                                                     sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                 case .plain(let fc1, let fc2):
-                    let r = try SparseLLM.pruneOPT(x: x, fc1: block.weight(fc1), bias1: block.bias(fc1)!,
-                                                   fc2: block.weight(fc2), bias2: block.bias(fc2)!,
-                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt, what: what)
+                    let r = try SparseLLM.pruneOPT(x: x, fc1: weight(fc1), bias1: bias(fc1), fc2: weight(fc2), bias2: bias(fc2),
+                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt,
+                                                   what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
                 }
-                joint.merge(result.weights) { $1 }
+                jointTensors.merge(result.weights) { $1 }
+                joint.merge(result.weights.mapValues { backend.download($0) }) { $1 }
                 if feedForwards.count == 1 {
                     jointReports = result.iterations
                     jointChosen = result.chosen
@@ -192,7 +196,7 @@ public struct BlockPruner: Sendable {
             let prunedWeight: Tensor
             if let j = joint[name] {
                 newWeight = j
-                prunedWeight = backend.upload(j)
+                prunedWeight = jointTensors[name] ?? backend.upload(j)
             } else {
                 let solved: Tensor
                 switch plan.method {

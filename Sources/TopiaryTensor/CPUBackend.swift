@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// OpenBLAS and LAPACKE on the host: the reference backend, and the only code outside `Linalg`
 /// itself that reaches them. Tensors are host `Matrix` storage shared copy-on-write, so an
 /// upload or a download is a reference, not a copy (both still count in a `CheckingBackend`).
@@ -72,7 +78,17 @@ public struct CPUBackend: ComputeBackend {
         tensor(Linalg.solveTriangular(storage(t).matrix, storage(b).matrix, upper: upper, transpose: transpose))
     }
 
-    // MARK: Element-wise
+    public func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.solveSPDDouble(storage(a).matrix, storage(b).matrix, what: what))
+    }
+
+    public func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.inverseSPDDouble(storage(a).matrix, what: what))
+    }
+
+    public func transpose(_ x: Tensor) -> Tensor { tensor(storage(x).matrix.transposed()) }
+
+    // MARK: Element-wise (in fixed chunks over the threads: each element's value never depends on them)
 
     public func scale(_ x: Tensor, by factor: Float) {
         let p = write(x)
@@ -83,7 +99,7 @@ public struct CPUBackend: ComputeBackend {
         precondition(x.count == y.count, "scaleAdd: \(x) and \(y)")
         let py = write(y)
         let px = read(x)
-        for i in 0..<y.count { py[i] = py[i] * beta + px[i] * alpha }
+        Parallel.forEach(y.count) { range in for i in range { py[i] = py[i] * beta + px[i] * alpha } }
     }
 
     public func axpy(_ alpha: Float, _ x: Tensor, _ y: Tensor) {
@@ -95,11 +111,16 @@ public struct CPUBackend: ComputeBackend {
     public func map(_ x: Tensor, _ f: ElementwiseFunction) -> Tensor {
         let out = zeros(rows: x.rows, cols: x.cols)
         let po = write(out), px = read(x)
-        switch f {
-        case .abs: for i in 0..<x.count { po[i] = Swift.abs(px[i]) }
-        case .square: for i in 0..<x.count { po[i] = px[i] * px[i] }
-        case .squareRoot: for i in 0..<x.count { po[i] = px[i].squareRoot() }
-        case .nonZero: for i in 0..<x.count { po[i] = px[i] != 0 ? 1 : 0 }
+        Parallel.forEach(x.count) { range in
+            switch f {
+            case .abs: for i in range { po[i] = Swift.abs(px[i]) }
+            case .square: for i in range { po[i] = px[i] * px[i] }
+            case .squareRoot: for i in range { po[i] = px[i].squareRoot() }
+            case .nonZero: for i in range { po[i] = px[i] != 0 ? 1 : 0 }
+            case .negate: for i in range { po[i] = -px[i] }
+            case .relu: for i in range { po[i] = max(px[i], 0) }
+            case .silu: for i in range { po[i] = Kernels.silu(px[i]) }
+            }
         }
         return out
     }
@@ -126,6 +147,23 @@ public struct CPUBackend: ComputeBackend {
         precondition(a.rows == a.cols, "addToDiagonal of \(a)")
         let p = write(a)
         for j in 0..<a.rows { p[j * a.cols + j] += value }
+    }
+
+    public func multiply(_ a: Tensor, _ b: Tensor) -> Tensor {
+        precondition(a.count == b.count, "multiply: \(a) and \(b)")
+        let out = zeros(rows: a.rows, cols: a.cols)
+        let po = write(out), pa = read(a), pb = read(b)
+        Parallel.forEach(a.count) { range in for i in range { po[i] = pa[i] * pb[i] } }
+        return out
+    }
+
+    public func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor {
+        precondition(v.count == x.cols, "addRowVector: \(x) plus \(v)")
+        let out = zeros(rows: x.rows, cols: x.cols)
+        let po = write(out)
+        po.update(from: read(x), count: x.count)
+        Kernels.addBias(read(v), to: po, rows: x.rows, cols: x.cols)
+        return out
     }
 
     // MARK: Reductions
@@ -166,6 +204,36 @@ public struct CPUBackend: ComputeBackend {
 
     public func allFinite(_ x: Tensor) -> Bool {
         storage(x).matrix.allFinite
+    }
+
+    public func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double {
+        precondition(a.count == b.count, "chunkedDot: \(a) and \(b)")
+        let (x, y) = (read(a), read(b))
+        return Parallel.sum(a.count) { range in
+            var s = 0.0
+            for i in range { s += Double(x[i]) * Double(y[i]) }
+            return s
+        }
+    }
+
+    public func chunkedSquaredDistance(_ a: Tensor, _ b: Tensor) -> Double {
+        precondition(a.count == b.count, "chunkedSquaredDistance: \(a) and \(b)")
+        let (x, y) = (read(a), read(b))
+        return Parallel.sum(a.count) { range in
+            var s = 0.0
+            for i in range { let d = Double(x[i] - y[i]); s += d * d }
+            return s
+        }
+    }
+
+    public func chunkedSquaredDistanceToProduct(_ p: Tensor, _ u: Tensor, _ v: Tensor) -> Double {
+        precondition(p.count == u.count && p.count == v.count, "chunkedSquaredDistanceToProduct: \(p), \(u), \(v)")
+        let (x, a, b) = (read(p), read(u), read(v))
+        return Parallel.sum(p.count) { range in
+            var s = 0.0
+            for i in range { let d = Double(x[i] - a[i] * b[i]); s += d * d }
+            return s
+        }
     }
 
     // MARK: Selection
@@ -288,6 +356,71 @@ public struct CPUBackend: ComputeBackend {
             }
         }
         return rowLoss
+    }
+
+    // MARK: SparseLLM kernels
+
+    public func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha a: Float, gamma c: Float) {
+        precondition(z.count == m.count && z.count == sigma.count && z.count == p.count, "sparseLLMLlamaZ: \(z), \(m), \(sigma), \(p)")
+        let zb = write(z)
+        let (mb, sb, pb) = (read(m), read(sigma), read(p))
+        Parallel.forEach(z.count) { range in
+            for i in range {
+                let sg = sb[i]
+                zb[i] = (a * mb[i] + c * sg * pb[i]) / (a + c * sg * sg)
+            }
+        }
+    }
+
+    public func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha a: Float, gamma c: Float) {
+        precondition(z.count == m.count && z.count == p.count, "sparseLLMOPTZ: \(z), \(m), \(p)")
+        let zb = write(z)
+        let (mb, pb) = (read(m), read(p))
+        Parallel.forEach(z.count) { range in for i in range {
+            let (mi, pi) = (mb[i], pb[i])
+            let positive = max((c * pi + a * mi) / (c + a), 0)
+            let negative = min(mi, 0)
+            let costPositive = c * (pi - positive) * (pi - positive) + a * (positive - mi) * (positive - mi)
+            let costNegative = c * pi * pi + a * (negative - mi) * (negative - mi)
+            zb[i] = costPositive <= costNegative ? positive : negative
+        } }
+    }
+
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha a: Float, gamma c: Float, steps: Int) {
+        precondition(s.count == g.count && s.count == z.count && s.count == p.count, "sparseLLMGate: \(s), \(g), \(z), \(p)")
+        let sb = write(s)
+        let (gb, zb, pb) = (read(g), read(z), read(p))
+        Parallel.forEach(s.count) { range in for i in range {
+            let (gi, zi, pi) = (gb[i], zb[i], pb[i])
+            var si = sb[i]
+            func cost(_ v: Float) -> Float {
+                let r = pi - Kernels.silu(v) * zi
+                return a * (v - gi) * (v - gi) + c * r * r
+            }
+            var f = cost(si)
+            for _ in 0..<steps {
+                let sg = 1 / (1 + expf(-si))
+                let d1 = sg * (1 + si * (1 - sg))                       // SiLU′
+                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))        // SiLU″
+                let r = pi - si * sg * zi
+                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
+                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
+                var curvature = gaussNewton - 2 * c * zi * d2 * r
+                if !(curvature > 0) { curvature = gaussNewton }
+                var delta = -grad / curvature
+                // Converged: a further step would not move s measurably.
+                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
+                var accepted = false
+                for _ in 0..<20 {
+                    let trial = si + delta
+                    let ft = cost(trial)
+                    if ft.isFinite && ft <= f { si = trial; f = ft; accepted = true; break }
+                    delta *= 0.5
+                }
+                if !accepted { break }
+            }
+            sb[i] = si
+        } }
     }
 
     // MARK: Storage

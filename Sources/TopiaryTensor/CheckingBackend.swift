@@ -125,6 +125,31 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return x
     }
 
+    public func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor {
+        require(a.rows == a.cols && a.rows == b.rows, "solveSPDDouble: \(a) with \(b) (\(what))")
+        record("solveSPDDouble", flops: pow(Double(a.rows), 3) / 3 + 2 * Double(a.rows) * Double(a.rows) * Double(b.cols))
+        let x = try inner.solveSPDDouble(a, b, what: what)
+        require(x.rows == b.rows && x.cols == b.cols, "solveSPDDouble of \(a), \(b) gave \(x)")
+        finite("solveSPDDouble", x)
+        return x
+    }
+
+    public func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor {
+        require(a.rows == a.cols, "inverseSPDDouble of a non-square \(a) (\(what))")
+        record("inverseSPDDouble", flops: pow(Double(a.rows), 3))
+        let inverse = try inner.inverseSPDDouble(a, what: what)
+        require(inverse.rows == a.rows && inverse.cols == a.cols, "inverseSPDDouble of \(a) gave \(inverse)")
+        finite("inverseSPDDouble", inverse)
+        return inverse
+    }
+
+    public func transpose(_ x: Tensor) -> Tensor {
+        record("transpose")
+        let y = inner.transpose(x)
+        require(y.rows == x.cols && y.cols == x.rows, "transpose of \(x) gave \(y)")
+        return y
+    }
+
     // MARK: Element-wise
 
     public func scale(_ x: Tensor, by factor: Float) {
@@ -178,6 +203,22 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         finite("addToDiagonal", a)
     }
 
+    public func multiply(_ a: Tensor, _ b: Tensor) -> Tensor {
+        require(a.rows == b.rows && a.cols == b.cols, "multiply: \(a) and \(b)")
+        record("multiply", flops: Double(a.count))
+        let y = inner.multiply(a, b)
+        finite("multiply", y)
+        return y
+    }
+
+    public func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor {
+        require(v.count == x.cols, "addRowVector: \(x) plus \(v)")
+        record("addRowVector", flops: Double(x.count))
+        let y = inner.addRowVector(x, v)
+        finite("addRowVector", y)
+        return y
+    }
+
     // MARK: Reductions
 
     public func diagonal(_ a: Tensor) -> Tensor {
@@ -212,6 +253,25 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
     public func allFinite(_ x: Tensor) -> Bool {
         record("allFinite")
         return inner.allFinite(x)
+    }
+
+    public func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double {
+        require(a.rows == b.rows && a.cols == b.cols, "chunkedDot: \(a) and \(b)")
+        record("chunkedDot", flops: 2 * Double(a.count))
+        return scalar("chunkedDot", inner.chunkedDot(a, b))
+    }
+
+    public func chunkedSquaredDistance(_ a: Tensor, _ b: Tensor) -> Double {
+        require(a.rows == b.rows && a.cols == b.cols, "chunkedSquaredDistance: \(a) and \(b)")
+        record("chunkedSquaredDistance", flops: 3 * Double(a.count))
+        return scalar("chunkedSquaredDistance", inner.chunkedSquaredDistance(a, b))
+    }
+
+    public func chunkedSquaredDistanceToProduct(_ p: Tensor, _ u: Tensor, _ v: Tensor) -> Double {
+        require(p.rows == u.rows && p.cols == u.cols && p.rows == v.rows && p.cols == v.cols,
+                "chunkedSquaredDistanceToProduct: \(p), \(u), \(v)")
+        record("chunkedSquaredDistanceToProduct", flops: 4 * Double(p.count))
+        return scalar("chunkedSquaredDistanceToProduct", inner.chunkedSquaredDistanceToProduct(p, u, v))
     }
 
     // MARK: Selection
@@ -265,7 +325,35 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return loss
     }
 
+    // MARK: SparseLLM kernels
+
+    public func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha: Float, gamma: Float) {
+        require([m, sigma, p].allSatisfy { $0.rows == z.rows && $0.cols == z.cols }, "sparseLLMLlamaZ: \(z), \(m), \(sigma), \(p)")
+        record("sparseLLMLlamaZ", flops: 7 * Double(z.count))
+        inner.sparseLLMLlamaZ(z, m: m, sigma: sigma, p: p, alpha: alpha, gamma: gamma)
+        finite("sparseLLMLlamaZ", z)
+    }
+
+    public func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha: Float, gamma: Float) {
+        require([m, p].allSatisfy { $0.rows == z.rows && $0.cols == z.cols }, "sparseLLMOPTZ: \(z), \(m), \(p)")
+        record("sparseLLMOPTZ", flops: 16 * Double(z.count))
+        inner.sparseLLMOPTZ(z, m: m, p: p, alpha: alpha, gamma: gamma)
+        finite("sparseLLMOPTZ", z)
+    }
+
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int) {
+        require([g, z, p].allSatisfy { $0.rows == s.rows && $0.cols == s.cols }, "sparseLLMGate: \(s), \(g), \(z), \(p)")
+        record("sparseLLMGate", flops: 40 * Double(steps) * Double(s.count))
+        inner.sparseLLMGate(s, g: g, z: z, p: p, alpha: alpha, gamma: gamma, steps: steps)
+        finite("sparseLLMGate", s)
+    }
+
     // MARK: Bookkeeping
+
+    private func scalar(_ op: String, _ value: Double) -> Double {
+        if !value.isFinite { violation("\(op): \(value)") }
+        return value
+    }
 
     private func require(_ condition: Bool, _ message: @autoclosure () -> String) {
         if !condition { preconditionFailure("CheckingBackend: \(message())") }

@@ -40,6 +40,13 @@ public protocol ComputeBackend: Sendable {
     func inverseSPD(_ a: Tensor, what: String) throws -> Tensor
     /// X with op(T) X = B for a triangular T.
     func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor
+    /// X with A X = B for a symmetric positive definite A, computed in Float64 (for normal
+    /// equations whose conditioning Float32 cannot carry), returned in Float32.
+    func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor
+    /// The inverse of a symmetric positive definite matrix, computed in Float64.
+    func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor
+    /// Xᵀ as a new tensor.
+    func transpose(_ x: Tensor) -> Tensor
 
     // MARK: Element-wise
 
@@ -57,6 +64,10 @@ public protocol ComputeBackend: Sendable {
     func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor
     /// a[j, j] += value for every j of a square tensor, in place.
     func addToDiagonal(_ a: Tensor, _ value: Float)
+    /// a[i] * b[i] as a new tensor.
+    func multiply(_ a: Tensor, _ b: Tensor) -> Tensor
+    /// x[r, c] + v[c] (v is 1 x cols: a bias) as a new tensor.
+    func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor
 
     // MARK: Reductions (fixed order)
 
@@ -70,6 +81,13 @@ public protocol ComputeBackend: Sendable {
     func dot(_ a: Tensor, _ b: Tensor) -> Double
     /// Whether every element is finite.
     func allFinite(_ x: Tensor) -> Bool
+    /// Σ a[i] b[i] in Float64 over fixed chunks of `Parallel.chunk` elements, each chunk in
+    /// index order, the chunks' sums added in chunk order.
+    func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double
+    /// Σ (a[i] − b[i])² (the difference in Float32, the square and sum in Float64), chunked as `chunkedDot`.
+    func chunkedSquaredDistance(_ a: Tensor, _ b: Tensor) -> Double
+    /// Σ (p[i] − u[i] v[i])² (the product and difference in Float32), chunked as `chunkedDot`.
+    func chunkedSquaredDistanceToProduct(_ p: Tensor, _ u: Tensor, _ v: Tensor) -> Double
 
     // MARK: Selection for masks
 
@@ -97,11 +115,21 @@ public protocol ComputeBackend: Sendable {
     /// receives (w - q) / d for the lazy update. Returns Σ_rows Σ (w - q)² / d² / 2, rows in order.
     func sparseGPTBlock(weight: Tensor, inverseFactor: Tensor, mask: Tensor, nOfM: (n: Int, m: Int)?,
                         error: Tensor) -> Double
+
+    // MARK: SparseLLM kernels (element-wise exact minimisers; SparseLLM.swift derives them)
+
+    /// LLaMA's z: z[i] = (α m[i] + γ σ[i] p[i]) / (α + γ σ[i]²), in place.
+    func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha: Float, gamma: Float)
+    /// OPT's z: the better of the ReLU branches max((αm + γp)/(α + γ), 0) and min(m, 0), in place.
+    func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha: Float, gamma: Float)
+    /// LLaMA's gate pre-activation s: per element, up to `steps` safeguarded Newton steps on
+    /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, in place.
+    func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
 }
 
 /// Functions applied element by element.
 public enum ElementwiseFunction: String, Sendable {
-    case abs, square, squareRoot
+    case abs, square, squareRoot, negate, relu, silu
     /// 1 where x != 0 (NaN included), else 0: the kept weights of a pruned matrix as a mask.
     case nonZero
 }

@@ -122,3 +122,58 @@ final class BackendSolverTests: XCTestCase {
         }
     }
 }
+
+/// SparseLLM's alternating solve through a CheckingBackend: inputs and weights up once, the
+/// chosen weights down once, nothing in between.
+final class BackendSparseLLMTests: XCTestCase {
+    func testSparseLLMSolvesWithoutTransfers() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 2, samples: 4, seqlen: 64)
+        // The FFN's input: the post-attention norm of the block's inputs, recorded by the forward.
+        guard case .gated(let gate, let up, let down) = block.feedForwards[0] else { return XCTFail("stories260K has a gated FFN") }
+        var parts: [Matrix] = []
+        for s in 0..<inputs.count {
+            _ = block.forward(try inputs.get(s), sequenceLength: 64, rope: block.config.ropeTable(positions: 64)) { name, x in
+                if name == gate { parts.append(x) }
+            }
+        }
+        let x = Matrix.vstack(parts)
+        for pattern in [SparsityPattern.unstructured(0.7), .nOfM(n: 2, m: 4)] {
+            let checking = CheckingBackend()
+            let tensors = [x, block.weight(gate), block.weight(up), block.weight(down)].map(checking.upload)
+            let r = try checking.forbidTransfers("SparseLLM solve") {
+                try SparseLLM.pruneLlama(x: tensors[0], gate: tensors[1], up: tensors[2], down: tensors[3], pattern: pattern, on: checking)
+            }
+            let expected = try SparseLLM.pruneLlama(x: x, gate: block.weight(gate), up: block.weight(up), down: block.weight(down), pattern: pattern)
+            XCTAssertEqual(checking.download(r.gate), expected.gate, "\(pattern)")
+            XCTAssertEqual(checking.download(r.up), expected.up, "\(pattern)")
+            XCTAssertEqual(checking.download(r.down), expected.down, "\(pattern)")
+            XCTAssertEqual(r.iterations, expected.iterations)
+            XCTAssertEqual(checking.violations, [], "\(pattern)")
+            XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [4, 3])
+            XCTAssertEqual(checking.counts.calls["sparseLLMGate"], 3, "one s step between each pair of the 4 iterations")
+        }
+    }
+
+    func testSparseLLMBlockThroughCheckingBackend() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let samples = 4
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 1, samples: samples, seqlen: 64)
+        let plan = PrunePlan(method: .sparsellm, pattern: .unstructured(0.6), sparseLLM: .llama)
+        let checking = CheckingBackend()
+        let viaChecking = try BlockPruner(plan: plan, backend: checking).prune(block: block, inputs: inputs, sequenceLength: 64)
+        let plain = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: 64)
+        for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), name) }
+        XCTAssertEqual(viaChecking.report.sparseLLM, plain.report.sparseLLM)
+        XCTAssertEqual(checking.violations, [])
+        // Statistics: each input group once per sample; the FFN: its input and three weights up;
+        // every linear's dense weight up (for its solve or report); every pruned weight down once.
+        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
+        XCTAssertEqual(checking.counts.uploads, samples * groups + 4 + linears)
+        XCTAssertEqual(checking.counts.downloads, linears)
+    }
+}
