@@ -19,6 +19,10 @@ final class DeviceCLITests: XCTestCase {
         XCTAssertEqual(plain.status, 0, plain.stderr)
         XCTAssertEqual(cpu.status, 0, cpu.stderr)
         XCTAssertEqual(cpu.json?["output_sha256"] as? String, try XCTUnwrap(plain.json?["output_sha256"] as? String))
+        // Local workers are started with the same --device.
+        let workers = try CLI.run(pruneArgs(output: dir.appendingPathComponent("workers").path, ["--device", "cpu", "--workers", "2"]))
+        XCTAssertEqual(workers.status, 0, workers.stderr)
+        XCTAssertEqual(workers.json?["output_sha256"] as? String, try XCTUnwrap(plain.json?["output_sha256"] as? String))
     }
 
     func testCUDAIsOneLineNamingWhatIsMissing() throws {
