@@ -177,3 +177,33 @@ final class BackendSparseLLMTests: XCTestCase {
         XCTAssertEqual(checking.counts.downloads, linears)
     }
 }
+
+/// BESA through a CheckingBackend: its learning still runs on the host (through the block's
+/// forward and backward), so its transfers are those of a host method: the statistics it reads
+/// come down, and with --besa-reconstruct each linear's SparseGPT goes up and down.
+final class BackendBESATests: XCTestCase {
+    func testBESABlockThroughCheckingBackend() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let samples = 4
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 1, samples: samples, seqlen: 64)
+        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
+        for reconstruct in [false, true] {
+            var options = BESA.Options(epochs: 1)
+            options.reconstruct = reconstruct
+            let plan = PrunePlan(method: .besa, pattern: .unstructured(0.6), besa: options)
+            let checking = CheckingBackend()
+            let viaChecking = try BlockPruner(plan: plan, backend: checking).prune(block: block, inputs: inputs, sequenceLength: 64)
+            let plain = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: 64)
+            for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), "\(reconstruct) \(name)") }
+            XCTAssertEqual(viaChecking.report.besa, plain.report.besa)
+            XCTAssertEqual(checking.violations, [])
+            // Statistics up per sample and group; each linear's norms down, its dense and pruned
+            // weights up for the report; with reconstruction its Hessian down, and SparseGPT's
+            // weight, Hessian and mask up and result down.
+            XCTAssertEqual(checking.counts.uploads, samples * groups + 2 * linears + (reconstruct ? 3 * linears : 0), "\(reconstruct)")
+            XCTAssertEqual(checking.counts.downloads, linears + (reconstruct ? 2 * linears : 0), "\(reconstruct)")
+        }
+    }
+}
