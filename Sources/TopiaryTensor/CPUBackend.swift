@@ -20,7 +20,7 @@ public struct CPUBackend: ComputeBackend {
     public func copy(_ region: TensorRegion) -> Tensor {
         let source = storage(region.tensor)
         if region.rowCount == region.tensor.rows && region.colCount == region.tensor.cols { return tensor(source.matrix) }
-        let out = zeros(rows: region.rowCount, cols: region.colCount)
+        let out = uninitialized(rows: region.rowCount, cols: region.colCount)
         copy(region, into: out.all)
         return out
     }
@@ -109,7 +109,7 @@ public struct CPUBackend: ComputeBackend {
     }
 
     public func map(_ x: Tensor, _ f: ElementwiseFunction) -> Tensor {
-        let out = zeros(rows: x.rows, cols: x.cols)
+        let out = uninitialized(rows: x.rows, cols: x.cols)
         let po = write(out), px = read(x)
         Parallel.forEach(x.count) { range in
             switch f {
@@ -127,7 +127,7 @@ public struct CPUBackend: ComputeBackend {
 
     public func multiplyColumns(_ x: Tensor, by v: Tensor) -> Tensor {
         precondition(v.count == x.cols, "multiplyColumns: \(x) by \(v)")
-        let out = zeros(rows: x.rows, cols: x.cols)
+        let out = uninitialized(rows: x.rows, cols: x.cols)
         let po = write(out), px = read(x), pv = read(v)
         let cols = x.cols
         for r in 0..<x.rows { for c in 0..<cols { po[r * cols + c] = px[r * cols + c] * pv[c] } }
@@ -136,7 +136,7 @@ public struct CPUBackend: ComputeBackend {
 
     public func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor {
         precondition(v.count == x.cols, "divideColumns: \(x) by \(v)")
-        let out = zeros(rows: x.rows, cols: x.cols)
+        let out = uninitialized(rows: x.rows, cols: x.cols)
         let po = write(out), px = read(x), pv = read(v)
         let cols = x.cols
         for r in 0..<x.rows { for c in 0..<cols { po[r * cols + c] = px[r * cols + c] / pv[c] } }
@@ -151,7 +151,7 @@ public struct CPUBackend: ComputeBackend {
 
     public func multiply(_ a: Tensor, _ b: Tensor) -> Tensor {
         precondition(a.count == b.count, "multiply: \(a) and \(b)")
-        let out = zeros(rows: a.rows, cols: a.cols)
+        let out = uninitialized(rows: a.rows, cols: a.cols)
         let po = write(out), pa = read(a), pb = read(b)
         Parallel.forEach(a.count) { range in for i in range { po[i] = pa[i] * pb[i] } }
         return out
@@ -159,7 +159,7 @@ public struct CPUBackend: ComputeBackend {
 
     public func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor {
         precondition(v.count == x.cols, "addRowVector: \(x) plus \(v)")
-        let out = zeros(rows: x.rows, cols: x.cols)
+        let out = uninitialized(rows: x.rows, cols: x.cols)
         let po = write(out)
         po.update(from: read(x), count: x.count)
         Kernels.addBias(read(v), to: po, rows: x.rows, cols: x.cols)
@@ -170,7 +170,7 @@ public struct CPUBackend: ComputeBackend {
 
     public func diagonal(_ a: Tensor) -> Tensor {
         precondition(a.rows == a.cols, "diagonal of \(a)")
-        let out = zeros(rows: 1, cols: a.rows)
+        let out = uninitialized(rows: 1, cols: a.rows)
         let po = write(out), pa = read(a)
         for j in 0..<a.rows { po[j] = pa[j * a.cols + j] }
         return out
@@ -310,16 +310,22 @@ public struct CPUBackend: ComputeBackend {
         precondition(inverseFactor.rows == count && inverseFactor.cols == count && mask.rows == rows && mask.cols == count
                      && error.rows == rows && error.cols == count, "sparseGPTBlock: \(weight), \(inverseFactor), \(mask), \(error)")
         var rowLosses = [Float](repeating: 0, count: rows)
-        let buffers = UnsafeSendable((write(weight), read(inverseFactor), write(error), write(mask)))
+        // The row loop reads the mask as bytes (a quarter of the traffic of the float mask).
+        let pm = write(mask)
+        var flags = [Bool](repeating: false, count: rows * count)
         let groupSize = nOfM
-        rowLosses.withUnsafeMutableBufferPointer { pl in
-            let losses = UnsafeSendable(pl.baseAddress!)
-            Parallel.forEach(rows, chunk: 32) { group in
-                let (w, h, e, m) = buffers.value
-                for r in group {
-                    losses.value[r] = Self.sparseGPTRow(w + r * count, m + r * count, e + r * count, h, count: count, nOfM: groupSize)
+        flags.withUnsafeMutableBufferPointer { pf in
+            for i in 0..<pf.count { pf[i] = pm[i] != 0 }
+            rowLosses.withUnsafeMutableBufferPointer { pl in
+                let buffers = UnsafeSendable((write(weight), read(inverseFactor), write(error), pf.baseAddress!, pl.baseAddress!))
+                Parallel.forEach(rows, chunk: 32) { group in
+                    let (w, h, e, m, losses) = buffers.value
+                    for r in group {
+                        losses[r] = Self.sparseGPTRow(w + r * count, m + r * count, e + r * count, h, count: count, nOfM: groupSize)
+                    }
                 }
             }
+            if nOfM != nil { for i in 0..<pf.count { pm[i] = pf[i] ? 1 : 0 } }
         }
         var loss = 0.0
         for r in 0..<rows { loss += Double(rowLosses[r]) / 2 }
@@ -328,7 +334,7 @@ public struct CPUBackend: ComputeBackend {
 
     /// One row of a block: prunes column by column, spreading each removed weight's error over
     /// the row's later columns; returns Σ (w - q)² / d².
-    static func sparseGPTRow(_ row: UnsafeMutablePointer<Float>, _ m: UnsafeMutablePointer<Float>, _ e: UnsafeMutablePointer<Float>,
+    static func sparseGPTRow(_ row: UnsafeMutablePointer<Float>, _ m: UnsafeMutablePointer<Bool>, _ e: UnsafeMutablePointer<Float>,
                              _ ph: UnsafePointer<Float>, count: Int, nOfM: (n: Int, m: Int)?) -> Float {
         var rowLoss: Float = 0
         for i in 0..<count {
@@ -343,10 +349,10 @@ public struct CPUBackend: ComputeBackend {
                     let sa = row[i + a] * row[i + a] / (da * da), sb = row[i + b] * row[i + b] / (db * db)
                     return sa < sb || (sa == sb && a < b)
                 }
-                for j in idx.prefix(min(n, width)) { m[i + j] = 1 }
+                for j in idx.prefix(min(n, width)) { m[i + j] = true }
             }
             let v = row[i]
-            let q: Float = m[i] != 0 ? 0 : v
+            let q: Float = m[i] ? 0 : v
             let e_i = (v - q) / d
             rowLoss += (v - q) * (v - q) / (d * d)
             e[i] = e_i
@@ -424,6 +430,9 @@ public struct CPUBackend: ComputeBackend {
     }
 
     // MARK: Storage
+
+    /// A tensor whose elements the caller writes, every one, before any is read.
+    func uninitialized(rows: Int, cols: Int) -> Tensor { tensor(Matrix(rows: rows, cols: cols, uninitialized: ())) }
 
     func tensor(_ matrix: Matrix) -> Tensor {
         Tensor(rows: matrix.rows, cols: matrix.cols, storage: CPUTensorStorage(matrix))
