@@ -87,11 +87,14 @@ public enum BESA {
     /// Learns the allocation of `block` at overall sparsity `target` and returns the pruned
     /// weights. `sample(i)` gives calibration sequence i's input to the block and the output
     /// to reconstruct; `inputSquaredNorms(name)` Wanda's ‖x_j‖² for a linear's inputs;
-    /// `hessian(name)` its inputs' Hessian (used only with `reconstruct`).
+    /// `hessian(name)` its inputs' Hessian (used only with `reconstruct`). The learning runs on
+    /// the host (it trains through the block's forward and backward, not yet on a backend);
+    /// the reconstruction's SparseGPT runs on `backend`.
     public static func prune(block: DecoderBlock, samples: Int, sequenceLength: Int,
                              sample: (Int) throws -> (input: Matrix, target: Matrix),
                              inputSquaredNorms: (String) throws -> [Float], hessian: (String) throws -> Matrix,
-                             target: Double, options: Options, sparseGPT: SparseGPTPruner.Options = .init()) throws -> Result {
+                             target: Double, options: Options, sparseGPT: SparseGPTPruner.Options = .init(),
+                             backend: any ComputeBackend = CPUBackend()) throws -> Result {
         precondition(target > 0 && target < 1, "BESA: target sparsity \(target) outside (0, 1)")
         precondition(samples > 0 && options.epochs > 0)
         let names = block.linearNames
@@ -145,7 +148,7 @@ public enum BESA {
             let mask = l.pruneMask(counts)
             if options.reconstruct {
                 w = try SparseGPTPruner.prune(w, hessian: try hessian(l.name), pattern: .unstructured(0), options: sparseGPT,
-                                              what: l.name, fixedMask: mask).weight
+                                              what: l.name, fixedMask: mask, backend: backend).weight
             } else {
                 w.withUnsafeMutableBufferPointer { p in for i in p.indices where mask[i] { p[i] = 0 } }
             }

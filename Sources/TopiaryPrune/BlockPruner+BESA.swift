@@ -30,6 +30,6 @@ extension BlockPruner {
         return try BESA.prune(block: block, samples: inputs.count, sequenceLength: sequenceLength,
                               sample: { s in (try inputs.get(s), try reconstructionTargets.get(s)) },
                               inputSquaredNorms: { try statistics($0).squaredNorms }, hessian: { try statistics($0).hessian },
-                              target: sparsity, options: plan.besa ?? BESA.Options(), sparseGPT: plan.sparseGPT)
+                              target: sparsity, options: plan.besa ?? BESA.Options(), sparseGPT: plan.sparseGPT, backend: backend)
     }
 }

@@ -75,9 +75,16 @@ public struct BlockReport: Sendable, Codable {
 
 /// Prunes one decoder block given its inputs: the unit of work of every driver, local or
 /// distributed (ARCHITECTURE.md). It never touches files or sockets.
+///
+/// Statistics and the magnitude, Wanda and SparseGPT solves run on `backend`; the block's
+/// forward passes, SparseLLM and BESA still run on the host (their port is a later step).
 public struct BlockPruner: Sendable {
     public let plan: PrunePlan
-    public init(plan: PrunePlan) { self.plan = plan }
+    public let backend: any ComputeBackend
+    public init(plan: PrunePlan, backend: any ComputeBackend = CPUBackend()) {
+        self.plan = plan
+        self.backend = backend
+    }
 
     /// Linear layers that read the same input share statistics (q/k/v; gate/up): each linear's
     /// statistics are kept under the first linear of its family's input group.
@@ -109,7 +116,7 @@ public struct BlockPruner: Sendable {
                 if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
                 guard keys[name] == name else { return }
                 tokensSeen[name, default: 0] += x.rows
-                let st = stats[name] ?? LayerStatistics(columns: x.cols)
+                let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
                 stats[name] = st
                 st.add(x)
             }
@@ -126,12 +133,13 @@ public struct BlockPruner: Sendable {
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
         for name in block.linearNames where stats[keys[name] ?? name] == nil {
-            stats[keys[name] ?? name] = LayerStatistics(columns: block.weight(name).cols)
+            stats[keys[name] ?? name] = LayerStatistics(columns: block.weight(name).cols, backend: backend)
         }
         // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
         var pruned = block
         var linears: [LinearReport] = []
         var joint: [String: Matrix] = [:]
+        var jointTensors: [String: Tensor] = [:]
         var jointSeconds: [String: Double] = [:]
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
@@ -150,21 +158,24 @@ public struct BlockPruner: Sendable {
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
-                let x = Matrix.vstack(parts)
+                let x = backend.upload(Matrix.vstack(parts))
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
-                let result: (weights: [String: Matrix], iterations: [SparseLLM.IterationReport], chosen: Int)
+                let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
+                func weight(_ name: String) -> Tensor { backend.upload(block.weight(name)) }
+                func bias(_ name: String) -> Tensor { backend.upload(block.bias(name)!) }
                 switch ffn {
                 case .gated(let gate, let up, let down):
-                    let r = try SparseLLM.pruneLlama(x: x, gate: block.weight(gate), up: block.weight(up), down: block.weight(down),
-                                                     pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what)
+                    let r = try SparseLLM.pruneLlama(x: x, gate: weight(gate), up: weight(up), down: weight(down), pattern: plan.pattern,
+                                                     sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                 case .plain(let fc1, let fc2):
-                    let r = try SparseLLM.pruneOPT(x: x, fc1: block.weight(fc1), bias1: block.bias(fc1)!,
-                                                   fc2: block.weight(fc2), bias2: block.bias(fc2)!,
-                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt, what: what)
+                    let r = try SparseLLM.pruneOPT(x: x, fc1: weight(fc1), bias1: bias(fc1), fc2: weight(fc2), bias2: bias(fc2),
+                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt,
+                                                   what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
                 }
-                joint.merge(result.weights) { $1 }
+                jointTensors.merge(result.weights) { $1 }
+                joint.merge(result.weights.mapValues { backend.download($0) }) { $1 }
                 if feedForwards.count == 1 {
                     jointReports = result.iterations
                     jointChosen = result.chosen
@@ -179,23 +190,32 @@ public struct BlockPruner: Sendable {
             guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
+            // The weight goes to the backend, is solved there, and only the result comes back.
+            let weight = backend.upload(w)
             let newWeight: Matrix
+            let prunedWeight: Tensor
             if let j = joint[name] {
                 newWeight = j
+                prunedWeight = jointTensors[name] ?? backend.upload(j)
             } else {
+                let solved: Tensor
                 switch plan.method {
-                case .magnitude: newWeight = MagnitudePruner.prune(w, pattern: plan.pattern)
-                case .wanda: newWeight = WandaPruner.prune(w, inputSquaredNorms: st.squaredNorms, pattern: plan.pattern)
+                case .magnitude: solved = MagnitudePruner.prune(weight, pattern: plan.pattern, on: backend)
+                case .wanda: solved = WandaPruner.prune(weight, inputSquaredNorms: st.squaredNormsTensor, pattern: plan.pattern, on: backend)
                 case .besa: preconditionFailure("BESA's weights come from its joint step")
                 case .sparsegpt, .sparsellm:
-                    newWeight = try SparseGPTPruner.prune(w, hessian: st.hessian, pattern: plan.pattern, options: plan.sparseGPT, what: name).weight
+                    solved = try SparseGPTPruner.prune(weight, hessian: st.hessianTensor, pattern: plan.pattern, options: plan.sparseGPT,
+                                                       what: name, on: backend).weight
                 }
+                prunedWeight = solved
+                newWeight = backend.download(solved)
             }
             pruned.tensors[name + ".weight"] = newWeight
             let seconds = jointSeconds[name] ?? Date().timeIntervalSince(t0)
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
-            linears.append(Self.report(name: name, dense: w, pruned: newWeight, stats: st, seconds: seconds))
+            linears.append(Self.report(name: name, dense: weight, pruned: prunedWeight, prunedZeros: newWeight.zeroCount,
+                                       stats: st, seconds: seconds))
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.
         let outputs = inputs.makeSibling()
@@ -219,23 +239,18 @@ public struct BlockPruner: Sendable {
         return (pruned, outputs, report)
     }
 
-    static func report(name: String, dense w: Matrix, pruned: Matrix, stats: LayerStatistics, seconds: Double) -> LinearReport {
+    /// The errors of one linear's mask and of its final weights, on the backend of `stats`.
+    static func report(name: String, dense w: Tensor, pruned: Tensor, prunedZeros: Int, stats: LayerStatistics,
+                       seconds: Double) -> LinearReport {
+        let backend = stats.backend
         let reference = stats.quadraticForm(w)
-        var maskOnly = w
-        var delta = w
-        maskOnly.withUnsafeMutableBufferPointer { pm in
-            delta.withUnsafeMutableBufferPointer { pd in
-                pruned.withUnsafeBufferPointer { pp in
-                    for i in pm.indices {
-                        pm[i] = pp[i] == 0 ? pm[i] : 0   // W − W⊙M: the removed weights
-                        pd[i] -= pp[i]                   // W − Ŵ
-                    }
-                }
-            }
-        }
+        let maskOnly = backend.copy(w)                  // W − W⊙M: the removed weights
+        backend.zeroMasked(maskOnly, mask: backend.map(pruned, .nonZero))
+        let delta = backend.copy(w)                     // W − Ŵ
+        backend.axpy(-1, pruned, delta)
         let denom = reference > 0 ? reference : 1
         return LinearReport(name: name, rows: w.rows, columns: w.cols,
-                            sparsity: Double(pruned.zeroCount) / Double(pruned.count),
+                            sparsity: Double(prunedZeros) / Double(w.count),
                             errorBefore: stats.quadraticForm(maskOnly) / denom,
                             errorAfter: stats.quadraticForm(delta) / denom, seconds: seconds)
     }

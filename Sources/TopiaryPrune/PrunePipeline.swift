@@ -115,10 +115,13 @@ public struct Boundary: Sendable {
 public struct RangePruner: Sendable {
     public let model: LanguageModel
     public let job: PruneJob
+    /// Where the blocks' statistics and solves run.
+    public let backend: any ComputeBackend
 
-    public init(model: LanguageModel, job: PruneJob) {
+    public init(model: LanguageModel, job: PruneJob, backend: any ComputeBackend = ComputeDevices.defaultBackend) {
         self.model = model
         self.job = job
+        self.backend = backend
     }
 
     /// An empty activation store for this job. Three stores live at once (inputs, dense outputs,
@@ -133,7 +136,7 @@ public struct RangePruner: Sendable {
     /// Returns the boundary after the range.
     public func run(_ range: Range<Int>, from start: Boundary,
                     onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
-        let pruner = BlockPruner(plan: job.plan)
+        let pruner = BlockPruner(plan: job.plan, backend: backend)
         let rope = model.config.ropeTable(positions: job.sequenceLength)
         var boundary = start
         for i in range {

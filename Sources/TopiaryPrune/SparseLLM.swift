@@ -23,6 +23,9 @@ import TopiaryTensor
 /// output on the calibration inputs best, ‖Y − FFN_Ŵ(X)‖²: lowering J does not always lower that
 /// error (the auxiliaries drift from the activations the pruned weights produce), and the first
 /// iteration is plain SparseGPT, so the result is never worse than SparseGPT on this measure.
+///
+/// Everything runs on a `ComputeBackend`: the host-matrix entry points upload the FFN's input
+/// and weights, and download the chosen weights, and nothing crosses in between.
 public enum SparseLLM {
     public struct Options: Sendable, Equatable, Codable {
         public var alpha: Double
@@ -72,100 +75,126 @@ public enum SparseLLM {
 
     // MARK: LLaMA
 
-    /// Prunes gate [f x d], up [f x d], down [d x f] given the FFN input x [N x d].
+    /// Prunes gate [f x d], up [f x d], down [d x f] given the FFN input x [N x d], on `backend`.
     public static func pruneLlama(x: Matrix, gate: Matrix, up: Matrix, down: Matrix, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  what: String = "ffn") throws -> LlamaResult {
+                                  what: String = "ffn", backend: any ComputeBackend = CPUBackend()) throws -> LlamaResult {
+        let r = try pruneLlama(x: backend.upload(x), gate: backend.upload(gate), up: backend.upload(up), down: backend.upload(down),
+                               pattern: pattern, sparseGPT: sparseGPT, options: options, what: what, on: backend)
+        return LlamaResult(gate: backend.download(r.gate), up: backend.download(r.up), down: backend.download(r.down),
+                           iterations: r.iterations, chosen: r.chosen)
+    }
+
+    /// `pruneLlama` on tensors of `backend`; the pruned weights stay there.
+    public static func pruneLlama(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
+                                  sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
+                                  what: String = "ffn", on backend: any ComputeBackend) throws
+        -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram(x)
-        var s = Linalg.linear(x, gate)
-        var z = Linalg.linear(x, up)
-        var p = siluProduct(s, z)
-        let y = Linalg.linear(p, down)
-        let yNorm = y.squaredNorm
+        let gramX = gram(x, on: backend)
+        let s = linear(x, gate, on: backend)
+        let z = linear(x, up, on: backend)
+        var p = siluProduct(s, z, on: backend)
+        let y = linear(p, down, on: backend)
+        let yNorm = backend.dot(y, y)
         var (wg, wu, wd) = (gate, up, down)
         var reports: [IterationReport] = []
-        var best: (error: Double, iteration: Int, gate: Matrix, up: Matrix, down: Matrix)?
+        var best: (error: Double, iteration: Int, gate: Tensor, up: Tensor, down: Tensor)?
         for t in 0..<options.iterations {
             let step = "\(what), iteration \(t + 1)"
             // W steps.
             let ku = try weightStep(current: wu, dense: up, first: t == 0, input: x, gram: gramX, target: z, bias: nil,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): up_proj")
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): up_proj", on: backend)
             wu = ku.weight
             let kg = try weightStep(current: wg, dense: gate, first: t == 0, input: x, gram: gramX, target: s, bias: nil,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): gate_proj")
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let kd = try weightStep(current: wd, dense: down, first: t == 0, input: p, gram: gram(p), target: y, bias: nil,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj")
+            let kd = try weightStep(current: wd, dense: down, first: t == 0, input: p, gram: gram(p, on: backend), target: y, bias: nil,
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
             // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them.
-            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? distance(y, Linalg.linear(p, wd))
+            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? backend.chunkedSquaredDistance(y, linear(p, wd, on: backend))
             // J right after the weight step, and the error that decides which weights are kept.
-            let m = Linalg.linear(x, wu)
-            let g = Linalg.linear(x, wg)
-            let sigma = silu(s)
+            let m = linear(x, wu, on: backend)
+            let g = linear(x, wg, on: backend)
+            let sigma = backend.map(s, .silu)
             let terms = [
-                Double(a) * distance(s, g), Double(a) * distance(z, m),
-                Double(b) * outputFit, Double(c) * distanceToProduct(p, sigma, z),
+                Double(a) * backend.chunkedSquaredDistance(s, g), Double(a) * backend.chunkedSquaredDistance(z, m),
+                Double(b) * outputFit, Double(c) * backend.chunkedSquaredDistanceToProduct(p, sigma, z),
             ].map { $0 / Double(x.rows) }
-            let error = distance(y, Linalg.linear(siluProduct(g, m), wd)) / max(y.squaredNorm, .leastNormalMagnitude)
+            let error = backend.chunkedSquaredDistance(y, linear(siluProduct(g, m, on: backend), wd, on: backend))
+                / max(backend.dot(y, y), .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
                                            outputError: error, accepted: [ku.accepted, kg.accepted, kd.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, wg, wu, wd) }
             // After the last weight step the auxiliaries would never be used again.
             if t == options.iterations - 1 { break }
             // p step: the activation that down_proj reads.
-            p = try activationStep(y: y, bias: nil, w: wd, act: product(sigma, z), beta: b, gamma: c, what: "\(step): p update")
+            p = try activationStep(y: y, bias: nil, w: wd, act: backend.multiply(sigma, z), beta: b, gamma: c,
+                                   what: "\(step): p update", on: backend)
             // z step (up_proj output), exact for any α, γ.
-            llamaZStep(&z, m: m, sigma: sigma, p: p, alpha: a, gamma: c)
-            try checkFinite(z, "\(step): z update")
+            backend.sparseLLMLlamaZ(z, m: m, sigma: sigma, p: p, alpha: a, gamma: c)
+            try checkFinite(z, "\(step): z update", on: backend)
             // s step (gate_proj output): safeguarded Newton per element.
-            newtonGateStep(&s, g: g, z: z, p: p, alpha: a, gamma: c, steps: options.newtonSteps)
-            try checkFinite(s, "\(step): s update")
+            backend.sparseLLMGate(s, g: g, z: z, p: p, alpha: a, gamma: c, steps: options.newtonSteps)
+            try checkFinite(s, "\(step): s update", on: backend)
         }
         let chosen = best!
-        return LlamaResult(gate: chosen.gate, up: chosen.up, down: chosen.down, iterations: reports, chosen: chosen.iteration)
+        return (chosen.gate, chosen.up, chosen.down, reports, chosen.iteration)
     }
 
     // MARK: OPT
 
-    /// Prunes fc1 [f x d] (+ bias b1) and fc2 [d x f] (+ bias b2) given the FFN input x [N x d].
+    /// Prunes fc1 [f x d] (+ bias b1) and fc2 [d x f] (+ bias b2) given the FFN input x [N x d], on `backend`.
     public static func pruneOPT(x: Matrix, fc1: Matrix, bias1: Matrix, fc2: Matrix, bias2: Matrix, pattern: SparsityPattern,
                                 sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .opt,
-                                what: String = "ffn") throws -> OPTResult {
+                                what: String = "ffn", backend: any ComputeBackend = CPUBackend()) throws -> OPTResult {
+        let r = try pruneOPT(x: backend.upload(x), fc1: backend.upload(fc1), bias1: backend.upload(bias1), fc2: backend.upload(fc2),
+                             bias2: backend.upload(bias2), pattern: pattern, sparseGPT: sparseGPT, options: options, what: what, on: backend)
+        return OPTResult(fc1: backend.download(r.fc1), fc2: backend.download(r.fc2), iterations: r.iterations, chosen: r.chosen)
+    }
+
+    /// `pruneOPT` on tensors of `backend`; the pruned weights stay there.
+    public static func pruneOPT(x: Tensor, fc1: Tensor, bias1: Tensor, fc2: Tensor, bias2: Tensor, pattern: SparsityPattern,
+                                sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .opt,
+                                what: String = "ffn", on backend: any ComputeBackend) throws
+        -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram(x)
-        var z = addBias(Linalg.linear(x, fc1), bias1)
-        var p = relu(z)
-        let y = addBias(Linalg.linear(p, fc2), bias2)
+        let gramX = gram(x, on: backend)
+        let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
+        var p = backend.map(z, .relu)
+        let y = backend.addRowVector(linear(p, fc2, on: backend), bias2)
         var (w1, w2) = (fc1, fc2)
         var reports: [IterationReport] = []
-        var best: (error: Double, iteration: Int, fc1: Matrix, fc2: Matrix)?
+        var best: (error: Double, iteration: Int, fc1: Tensor, fc2: Tensor)?
         for t in 0..<options.iterations {
             let step = "\(what), iteration \(t + 1)"
             let k1 = try weightStep(current: w1, dense: fc1, first: t == 0, input: x, gram: gramX, target: z, bias: bias1,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc1")
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc1", on: backend)
             w1 = k1.weight
-            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, input: p, gram: gram(p), target: y, bias: bias2,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2")
+            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, input: p, gram: gram(p, on: backend), target: y, bias: bias2,
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
             w2 = k2.weight
-            let m = addBias(Linalg.linear(x, w1), bias1)
+            let m = backend.addRowVector(linear(x, w1, on: backend), bias1)
             let terms = [
-                Double(a) * distance(z, m), Double(b) * distance(y, addBias(Linalg.linear(p, w2), bias2)),
-                Double(c) * distance(p, relu(z)),
+                Double(a) * backend.chunkedSquaredDistance(z, m),
+                Double(b) * backend.chunkedSquaredDistance(y, backend.addRowVector(linear(p, w2, on: backend), bias2)),
+                Double(c) * backend.chunkedSquaredDistance(p, backend.map(z, .relu)),
             ].map { $0 / Double(x.rows) }
-            let error = distance(y, addBias(Linalg.linear(relu(m), w2), bias2)) / max(y.squaredNorm, .leastNormalMagnitude)
+            let error = backend.chunkedSquaredDistance(y, backend.addRowVector(linear(backend.map(m, .relu), w2, on: backend), bias2))
+                / max(backend.dot(y, y), .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
                                            outputError: error, accepted: [k1.accepted, k2.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, w1, w2) }
             if t == options.iterations - 1 { break }
-            p = try activationStep(y: y, bias: bias2, w: w2, act: relu(z), beta: b, gamma: c, what: "\(step): p update")
+            p = try activationStep(y: y, bias: bias2, w: w2, act: backend.map(z, .relu), beta: b, gamma: c,
+                                   what: "\(step): p update", on: backend)
             // z step: the better of the two ReLU branches, element by element.
-            optZStep(&z, m: m, p: p, alpha: a, gamma: c)
-            try checkFinite(z, "\(step): z update")
+            backend.sparseLLMOPTZ(z, m: m, p: p, alpha: a, gamma: c)
+            try checkFinite(z, "\(step): z update", on: backend)
         }
         let chosen = best!
-        return OPTResult(fc1: chosen.fc1, fc2: chosen.fc2, iterations: reports, chosen: chosen.iteration)
+        return (chosen.fc1, chosen.fc2, reports, chosen.iteration)
     }
 
     // MARK: steps
@@ -173,227 +202,76 @@ public enum SparseLLM {
     /// The weight step for one linear y ≈ input·Wᵀ (+ bias) with target `target`: at the first
     /// iteration SparseGPT of the dense weight; later, SparseGPT of the least-squares refit, kept
     /// only if ‖target − input·Wᵀ − bias‖² does not rise.
-    static func weightStep(current: Matrix, dense: Matrix, first: Bool, input: Matrix, gram g: Matrix, target: Matrix,
-                           bias: Matrix?, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
-                           what: String) throws -> (weight: Matrix, accepted: Bool, residual: Double?) {
-        let shifted = bias.map { subtractBias(target, $0) } ?? target
+    static func weightStep(current: Tensor, dense: Tensor, first: Bool, input: Tensor, gram g: Tensor, target: Tensor,
+                           bias: Tensor?, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
+                           what: String, on backend: any ComputeBackend) throws -> (weight: Tensor, accepted: Bool, residual: Double?) {
+        let shifted = bias.map { backend.addRowVector(target, backend.map($0, .negate)) } ?? target
         if first {
-            let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what).weight
+            let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what, on: backend).weight
             return (w, true, nil)
         }
         // Normal equations: W (XᵀX + λI) = targetᵀX.
-        let cross = Linalg.matmul(shifted, .transposed, input, .none)          // [out x in]
-        var damped = g
-        let lambda = Float(ridge * meanDiagonal(g))
-        damped.withUnsafeMutableBufferPointer { p in for i in 0..<g.rows { p[i * g.cols + i] += lambda } }
-        let refit: Matrix
-        do { refit = try Linalg.solveSPDDouble(damped, cross.transposed(), what: "\(what): refit").transposed() } catch {
+        let cross = backend.matmul(shifted, .transposed, input, .none)          // [out x in]
+        let damped = backend.copy(g)
+        backend.addToDiagonal(damped, Float(ridge * meanDiagonal(g, on: backend)))
+        let refit: Tensor
+        do { refit = backend.transpose(try backend.solveSPDDouble(damped, backend.transpose(cross), what: "\(what): refit")) } catch {
             throw PruneError.numerical("\(error)")
         }
-        try checkFinite(refit, "\(what): refit")
-        let candidate = try SparseGPTPruner.prune(refit, hessian: g, pattern: pattern, options: sparseGPT, what: what).weight
+        try checkFinite(refit, "\(what): refit", on: backend)
+        let candidate = try SparseGPTPruner.prune(refit, hessian: g, pattern: pattern, options: sparseGPT, what: what, on: backend).weight
         // ‖T − XWᵀ‖² = ‖T‖² − 2⟨W, TᵀX⟩ + tr(W G Wᵀ): compare without forming XWᵀ.
         // (‖T − XWᵀ‖² − ‖T‖², returned for the caller's objective.)
-        func residual(_ w: Matrix) -> Double { quadratic(w, g) - 2 * inner(w, cross) }
+        func residual(_ w: Tensor) -> Double { quadratic(w, g, on: backend) - 2 * backend.chunkedDot(w, cross) }
         let (new, old) = (residual(candidate), residual(current))
         if new <= old { return (candidate, true, new) }
         return (current, false, old)
     }
 
     /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹, where act_target = (Y − b)·W.
-    static func activationStep(y: Matrix, bias: Matrix?, w: Matrix, act: Matrix, beta: Float, gamma: Float, what: String) throws -> Matrix {
-        var system = Linalg.matmul(w, .transposed, w, .none)                    // [f x f]
-        system.withUnsafeMutableBufferPointer { p in
-            for i in p.indices { p[i] *= beta }
-            for i in 0..<w.cols { p[i * w.cols + i] += gamma }
-        }
-        var rhs = act
-        let yw = Linalg.matmul(bias.map { subtractBias(y, $0) } ?? y, .none, w, .none)    // [N x f]
-        rhs.withUnsafeMutableBufferPointer { pr in
-            yw.withUnsafeBufferPointer { py in
-                let (r, y) = (pr.baseAddress!, py.baseAddress!)
-                Parallel.forEach(pr.count) { range in for i in range { r[i] = gamma * r[i] + beta * y[i] } }
-            }
-        }
-        let inverse: Matrix
-        do { inverse = try Linalg.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
-        let p = Linalg.matmul(rhs, inverse)
-        try checkFinite(p, what)
+    static func activationStep(y: Tensor, bias: Tensor?, w: Tensor, act: Tensor, beta: Float, gamma: Float, what: String,
+                               on backend: any ComputeBackend) throws -> Tensor {
+        let system = backend.matmul(w, .transposed, w, .none)                    // [f x f]
+        backend.scale(system, by: beta)
+        backend.addToDiagonal(system, gamma)
+        let rhs = backend.copy(act)
+        let target = bias.map { backend.addRowVector(y, backend.map($0, .negate)) } ?? y
+        backend.scaleAdd(rhs, beta: gamma, backend.matmul(target, .none, w, .none), alpha: beta)   // [N x f]
+        let inverse: Tensor
+        do { inverse = try backend.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
+        let p = backend.matmul(rhs, inverse)
+        try checkFinite(p, what, on: backend)
         return p
     }
 
-    /// LLaMA z (up_proj output): argmin α(z − m)² + γ(p − σz)² = (α m + γ σ p)/(α + γ σ²), element-wise.
-    static func llamaZStep(_ z: inout Matrix, m: Matrix, sigma: Matrix, p: Matrix, alpha a: Float, gamma c: Float) {
-        z.withUnsafeMutableBufferPointer { pz in
-            m.withUnsafeBufferPointer { pm in
-                sigma.withUnsafeBufferPointer { ps in
-                    p.withUnsafeBufferPointer { pp in
-                        let (zb, mb, sb, pb) = (pz.baseAddress!, pm.baseAddress!, ps.baseAddress!, pp.baseAddress!)
-                        Parallel.forEach(pz.count) { range in
-                            for i in range {
-                                let sg = sb[i]
-                                zb[i] = (a * mb[i] + c * sg * pb[i]) / (a + c * sg * sg)
-                            }
-                        }
-                    }
-                }
-            }
-        }
+    // MARK: small helpers over tensors
+
+    /// x · Wᵀ: a linear layer's output for inputs x [tokens x in] and weight W [out x in].
+    static func linear(_ x: Tensor, _ w: Tensor, on backend: any ComputeBackend) -> Tensor {
+        backend.matmul(x, .none, w, .transposed)
     }
 
-    /// OPT z (fc1 output): argmin α(z − m)² + γ(p − ReLU(z))², the better of the z ≥ 0 branch
-    /// max((αm + γp)/(α + γ), 0) and the z ≤ 0 branch min(m, 0), element-wise (ties: z ≥ 0).
-    static func optZStep(_ z: inout Matrix, m: Matrix, p: Matrix, alpha a: Float, gamma c: Float) {
-        z.withUnsafeMutableBufferPointer { pz in
-            m.withUnsafeBufferPointer { pm in
-                p.withUnsafeBufferPointer { pp in
-                    let (zb, mb, pb) = (pz.baseAddress!, pm.baseAddress!, pp.baseAddress!)
-                    Parallel.forEach(pz.count) { range in for i in range {
-                        let (mi, pi) = (mb[i], pb[i])
-                        let positive = max((c * pi + a * mi) / (c + a), 0)
-                        let negative = min(mi, 0)
-                        let costPositive = c * (pi - positive) * (pi - positive) + a * (positive - mi) * (positive - mi)
-                        let costNegative = c * pi * pi + a * (negative - mi) * (negative - mi)
-                        zb[i] = costPositive <= costNegative ? positive : negative
-                    } }
-                }
-            }
-        }
-    }
-
-    /// Per element: minimise α(s − g)² + γ(p − SiLU(s)·z)² from the current s by Newton steps
-    /// (Gauss-Newton curvature where the exact one is not positive), halving a step until it
-    /// lowers the element's term, so the update never raises the objective.
-    static func newtonGateStep(_ s: inout Matrix, g: Matrix, z: Matrix, p: Matrix, alpha a: Float, gamma c: Float, steps: Int) {
-        s.withUnsafeMutableBufferPointer { ps in
-            g.withUnsafeBufferPointer { pg in
-                z.withUnsafeBufferPointer { pz in
-                    p.withUnsafeBufferPointer { pp in
-                        let (sb, gb, zb, pb) = (ps.baseAddress!, pg.baseAddress!, pz.baseAddress!, pp.baseAddress!)
-                        Parallel.forEach(ps.count) { range in for i in range {
-                            let (gi, zi, pi) = (gb[i], zb[i], pb[i])
-                            var si = sb[i]
-                            func cost(_ v: Float) -> Float {
-                                let r = pi - Kernels.silu(v) * zi
-                                return a * (v - gi) * (v - gi) + c * r * r
-                            }
-                            var f = cost(si)
-                            for _ in 0..<steps {
-                                let sg = 1 / (1 + expf(-si))
-                                let d1 = sg * (1 + si * (1 - sg))                       // SiLU′
-                                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))        // SiLU″
-                                let r = pi - si * sg * zi
-                                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
-                                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
-                                var curvature = gaussNewton - 2 * c * zi * d2 * r
-                                if !(curvature > 0) { curvature = gaussNewton }
-                                var delta = -grad / curvature
-                                // Converged: a further step would not move s measurably.
-                                if abs(delta) <= 1e-6 * max(1, abs(si)) { break }
-                                var accepted = false
-                                for _ in 0..<20 {
-                                    let trial = si + delta
-                                    let ft = cost(trial)
-                                    if ft.isFinite && ft <= f { si = trial; f = ft; accepted = true; break }
-                                    delta *= 0.5
-                                }
-                                if !accepted { break }
-                            }
-                            sb[i] = si
-                        } }
-                    }
-                }
-            }
-        }
-    }
-
-    // MARK: small helpers over matrices
-
-    static func gram(_ x: Matrix) -> Matrix {
-        var g = Matrix(rows: x.cols, cols: x.cols)
-        Linalg.syrkAccumulate(x, alpha: 1, into: &g)
+    static func gram(_ x: Tensor, on backend: any ComputeBackend) -> Tensor {
+        let g = backend.zeros(rows: x.cols, cols: x.cols)
+        backend.syrkAccumulate(x, alpha: 1, into: g)
         return g
     }
 
-    static func meanDiagonal(_ g: Matrix) -> Double {
-        g.withUnsafeBufferPointer { p in (0..<g.rows).reduce(0.0) { $0 + Double(p[$1 * g.cols + $1]) } } / Double(max(g.rows, 1))
+    static func meanDiagonal(_ g: Tensor, on backend: any ComputeBackend) -> Double {
+        backend.sum(backend.diagonal(g)) / Double(max(g.rows, 1))
     }
 
     /// tr(W G Wᵀ).
-    static func quadratic(_ w: Matrix, _ g: Matrix) -> Double { inner(Linalg.matmul(w, g), w) }
-
-    static func inner(_ a: Matrix, _ b: Matrix) -> Double {
-        a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
-            let (x, y) = (pa.baseAddress!, pb.baseAddress!)
-            return Parallel.sum(pa.count) { range in
-                var s = 0.0
-                for i in range { s += Double(x[i]) * Double(y[i]) }
-                return s
-            }
-        } }
+    static func quadratic(_ w: Tensor, _ g: Tensor, on backend: any ComputeBackend) -> Double {
+        backend.chunkedDot(backend.matmul(w, g), w)
     }
 
-    /// ‖a − b‖².
-    static func distance(_ a: Matrix, _ b: Matrix) -> Double {
-        a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
-            let (x, y) = (pa.baseAddress!, pb.baseAddress!)
-            return Parallel.sum(pa.count) { range in
-                var s = 0.0
-                for i in range { let d = Double(x[i] - y[i]); s += d * d }
-                return s
-            }
-        } }
+    /// SiLU(s) ⊙ z.
+    static func siluProduct(_ s: Tensor, _ z: Tensor, on backend: any ComputeBackend) -> Tensor {
+        backend.multiply(backend.map(s, .silu), z)
     }
 
-    /// ‖p − u⊙v‖², without forming u⊙v.
-    static func distanceToProduct(_ p: Matrix, _ u: Matrix, _ v: Matrix) -> Double {
-        p.withUnsafeBufferPointer { pp in u.withUnsafeBufferPointer { pu in v.withUnsafeBufferPointer { pv in
-            let (x, a, b) = (pp.baseAddress!, pu.baseAddress!, pv.baseAddress!)
-            return Parallel.sum(pp.count) { range in
-                var s = 0.0
-                for i in range { let d = Double(x[i] - a[i] * b[i]); s += d * d }
-                return s
-            }
-        } } }
-    }
-
-    /// f applied element-wise into a new matrix (one pass, no copy of the input first).
-    static func map(_ m: Matrix, _ f: (Float) -> Float) -> Matrix {
-        var out = Matrix(rows: m.rows, cols: m.cols)
-        out.withUnsafeMutableBufferPointer { po in m.withUnsafeBufferPointer { pm in
-            let (o, x) = (po.baseAddress!, pm.baseAddress!)
-            Parallel.forEach(po.count) { range in for i in range { o[i] = f(x[i]) } }
-        } }
-        return out
-    }
-
-    /// f applied element-wise to pairs into a new matrix.
-    static func zipMap(_ a: Matrix, _ b: Matrix, _ f: (Float, Float) -> Float) -> Matrix {
-        var out = Matrix(rows: a.rows, cols: a.cols)
-        out.withUnsafeMutableBufferPointer { po in a.withUnsafeBufferPointer { pa in b.withUnsafeBufferPointer { pb in
-            let (o, x, y) = (po.baseAddress!, pa.baseAddress!, pb.baseAddress!)
-            Parallel.forEach(po.count) { range in for i in range { o[i] = f(x[i], y[i]) } }
-        } } }
-        return out
-    }
-
-    static func silu(_ m: Matrix) -> Matrix { map(m, Kernels.silu) }
-    static func relu(_ m: Matrix) -> Matrix { map(m) { max($0, 0) } }
-    static func product(_ a: Matrix, _ b: Matrix) -> Matrix { zipMap(a, b) { $0 * $1 } }
-    static func siluProduct(_ s: Matrix, _ z: Matrix) -> Matrix { zipMap(s, z) { Kernels.silu($0) * $1 } }
-
-    static func addBias(_ m: Matrix, _ bias: Matrix) -> Matrix {
-        var out = m
-        let (rows, cols) = (m.rows, m.cols)
-        out.withUnsafeMutableBufferPointer { po in
-            bias.withUnsafeBufferPointer { pb in Kernels.addBias(pb.baseAddress!, to: po.baseAddress!, rows: rows, cols: cols) }
-        }
-        return out
-    }
-
-    static func subtractBias(_ m: Matrix, _ bias: Matrix) -> Matrix { addBias(m, map(bias) { -$0 }) }
-
-    static func checkFinite(_ m: Matrix, _ what: String) throws {
-        if !m.allFinite { throw PruneError.numerical("\(what): non-finite values") }
+    static func checkFinite(_ t: Tensor, _ what: String, on backend: any ComputeBackend) throws {
+        if !backend.allFinite(t) { throw PruneError.numerical("\(what): non-finite values") }
     }
 }

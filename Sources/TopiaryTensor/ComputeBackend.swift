@@ -1,37 +1,152 @@
-/// The operations a solver or block needs from a compute device.
+/// The operations a solver needs from a compute device, on that device's tensors.
 ///
-/// `CPUBackend` (OpenBLAS/LAPACKE) is the default and the reference; a CUDA backend loaded
-/// at run time implements the same protocol.
+/// `CPUBackend` (OpenBLAS/LAPACKE through `Linalg`, host memory) is the default and the
+/// reference; a GPU backend implements the same protocol, and `CheckingBackend` wraps any of
+/// them for tests. Every reduction and selection has one defined order, given here, so that a
+/// backend that follows it gives the CPU's bits.
+///
+/// Conventions: tensors are row-major rows x cols; an operation named for a result returns a
+/// new tensor, one that says `into`/`in place` writes its last tensor argument. A mask is a
+/// float32 tensor holding 1 where a weight is pruned and 0 where it is kept. Shapes are the
+/// caller's duty (a mismatch is a programming error and traps); `CheckingBackend` names it.
 public protocol ComputeBackend: Sendable {
+    /// A short description: the device, its library, its threads.
     var name: String { get }
-    /// op(A) * op(B).
-    func matmul(_ a: Matrix, _ transA: Transpose, _ b: Matrix, _ transB: Transpose) -> Matrix
-    /// C += alpha * Xᵀ X.
-    func syrkAccumulate(_ x: Matrix, alpha: Float, into c: inout Matrix)
-    /// Cholesky factor (upper: A = UᵀU; lower: A = LLᵀ).
-    func cholesky(_ a: Matrix, upper: Bool, what: String) throws -> Matrix
+
+    // MARK: Memory and transfers
+
+    /// A copy of a host matrix on the backend (free on the CPU, and still counted).
+    func upload(_ matrix: Matrix) -> Tensor
+    /// The tensor's values on the host.
+    func download(_ tensor: Tensor) -> Matrix
+    /// A zero-filled tensor.
+    func zeros(rows: Int, cols: Int) -> Tensor
+    /// A new tensor holding a copy of `region`.
+    func copy(_ region: TensorRegion) -> Tensor
+    /// Copies `source` into `destination` (same shape).
+    func copy(_ source: TensorRegion, into destination: TensorRegion)
+
+    // MARK: Dense linear algebra
+
+    /// C = alpha * op(A) * op(B) + beta * C on regions (C must not overlap A or B).
+    func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
+              alpha: Float, beta: Float, into c: TensorRegion)
+    /// C += alpha * Xᵀ X for X [n x d] and C [d x d]; both triangles of C are kept.
+    func syrkAccumulate(_ x: Tensor, alpha: Float, into c: Tensor)
+    /// Cholesky factor of a symmetric positive definite matrix (upper: A = UᵀU; lower: A = LLᵀ),
+    /// the other triangle zero. Throws `LinalgError.notPositiveDefinite` naming `what`.
+    func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor
     /// Inverse of a symmetric positive definite matrix.
-    func inverseSPD(_ a: Matrix, what: String) throws -> Matrix
+    func inverseSPD(_ a: Tensor, what: String) throws -> Tensor
+    /// X with op(T) X = B for a triangular T.
+    func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor
+    /// X with A X = B for a symmetric positive definite A, computed in Float64 (for normal
+    /// equations whose conditioning Float32 cannot carry), returned in Float32.
+    func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor
+    /// The inverse of a symmetric positive definite matrix, computed in Float64.
+    func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor
+    /// Xᵀ as a new tensor.
+    func transpose(_ x: Tensor) -> Tensor
+
+    // MARK: Element-wise
+
+    /// x[i] *= factor, in place.
+    func scale(_ x: Tensor, by factor: Float)
+    /// y[i] = y[i] * beta + x[i] * alpha, in place (each product rounded, then the sum).
+    func scaleAdd(_ y: Tensor, beta: Float, _ x: Tensor, alpha: Float)
+    /// y[i] += alpha * x[i], in place.
+    func axpy(_ alpha: Float, _ x: Tensor, _ y: Tensor)
+    /// f(x[i]) as a new tensor.
+    func map(_ x: Tensor, _ f: ElementwiseFunction) -> Tensor
+    /// x[r, c] * v[c] (v is 1 x cols) as a new tensor.
+    func multiplyColumns(_ x: Tensor, by v: Tensor) -> Tensor
+    /// x[r, c] / v[c] (v is 1 x cols) as a new tensor.
+    func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor
+    /// a[j, j] += value for every j of a square tensor, in place.
+    func addToDiagonal(_ a: Tensor, _ value: Float)
+    /// a[i] * b[i] as a new tensor.
+    func multiply(_ a: Tensor, _ b: Tensor) -> Tensor
+    /// x[r, c] + v[c] (v is 1 x cols: a bias) as a new tensor.
+    func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor
+
+    // MARK: Reductions (fixed order)
+
+    /// The diagonal of a square tensor as 1 x n.
+    func diagonal(_ a: Tensor) -> Tensor
+    /// Σ_rows x[r, c]² as 1 x cols, rows added in order.
+    func columnSquaredSums(_ x: Tensor) -> Tensor
+    /// Σ x[i] in Float64, in index order.
+    func sum(_ x: Tensor) -> Double
+    /// Σ a[i] b[i] in Float64, in index order.
+    func dot(_ a: Tensor, _ b: Tensor) -> Double
+    /// Whether every element is finite.
+    func allFinite(_ x: Tensor) -> Bool
+    /// Σ a[i] b[i] in Float64 over fixed chunks of `Parallel.chunk` elements, each chunk in
+    /// index order, the chunks' sums added in chunk order.
+    func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double
+    /// Σ (a[i] − b[i])² (the difference in Float32, the square and sum in Float64), chunked as `chunkedDot`.
+    func chunkedSquaredDistance(_ a: Tensor, _ b: Tensor) -> Double
+    /// Σ (p[i] − u[i] v[i])² (the product and difference in Float32), chunked as `chunkedDot`.
+    func chunkedSquaredDistanceToProduct(_ p: Tensor, _ u: Tensor, _ v: Tensor) -> Double
+
+    // MARK: Selection for masks
+
+    /// Mask of scores at or below the k-th smallest score of the whole tensor (0-based, k
+    /// clamped): the reference's `|W| <= sort(|W|)[k]` rule, ties included.
+    func selectAtMostKthSmallest(_ scores: Tensor, k: Int) -> Tensor
+    /// Mask of the k smallest scores of each row, equal scores by column order (a stable sort).
+    func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor
+    /// Mask of the n smallest scores in every group of m consecutive columns of each row
+    /// (a last, narrower group keeps its width), equal scores by column order.
+    func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor
+    /// x[i] = 0 where mask[i] != 0, in place.
+    func zeroMasked(_ x: Tensor, mask: Tensor)
+
+    // MARK: SparseGPT kernels
+
+    /// Dead inputs of a layer (zero Hessian diagonal): the diagonal entry becomes 1 and the
+    /// weight's column zero, in place.
+    func zeroDeadInputs(hessian: Tensor, weight: Tensor)
+    /// The optimal-brain-surgeon column loop of one SparseGPT block, row by row, in place:
+    /// `weight` [rows x b] is pruned column by column with each removed weight's error spread
+    /// over the row's later columns through `inverseFactor` [b x b] (the block of the upper
+    /// Cholesky factor of H⁻¹); `mask` [rows x b] says which weights go, and with `nOfM` it
+    /// starts empty and is chosen group by group from the updated weights. `error` [rows x b]
+    /// receives (w - q) / d for the lazy update. Returns Σ_rows Σ (w - q)² / d² / 2, rows in order.
+    func sparseGPTBlock(weight: Tensor, inverseFactor: Tensor, mask: Tensor, nOfM: (n: Int, m: Int)?,
+                        error: Tensor) -> Double
+
+    // MARK: SparseLLM kernels (element-wise exact minimisers; SparseLLM.swift derives them)
+
+    /// LLaMA's z: z[i] = (α m[i] + γ σ[i] p[i]) / (α + γ σ[i]²), in place.
+    func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha: Float, gamma: Float)
+    /// OPT's z: the better of the ReLU branches max((αm + γp)/(α + γ), 0) and min(m, 0), in place.
+    func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha: Float, gamma: Float)
+    /// LLaMA's gate pre-activation s: per element, up to `steps` safeguarded Newton steps on
+    /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, in place.
+    func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
 }
 
-/// OpenBLAS and LAPACKE on the host.
-public struct CPUBackend: ComputeBackend {
-    public init() {}
-    public var name: String { "cpu (OpenBLAS, \(Linalg.threadCount) threads)" }
+/// Functions applied element by element.
+public enum ElementwiseFunction: String, Sendable {
+    case abs, square, squareRoot, negate, relu, silu
+    /// 1 where x != 0 (NaN included), else 0: the kept weights of a pruned matrix as a mask.
+    case nonZero
+}
 
-    public func matmul(_ a: Matrix, _ transA: Transpose, _ b: Matrix, _ transB: Transpose) -> Matrix {
-        Linalg.matmul(a, transA, b, transB)
+extension ComputeBackend {
+    /// A * B as a new tensor.
+    public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { matmul(a, .none, b, .none) }
+
+    /// op(A) * op(B) as a new tensor.
+    public func matmul(_ a: Tensor, _ transA: Transpose, _ b: Tensor, _ transB: Transpose) -> Tensor {
+        let m = transA == .none ? a.rows : a.cols
+        let n = transB == .none ? b.cols : b.rows
+        let c = zeros(rows: m, cols: n)
+        gemm(a.all, transA, b.all, transB, alpha: 1, beta: 0, into: c.all)
+        return c
     }
 
-    public func syrkAccumulate(_ x: Matrix, alpha: Float, into c: inout Matrix) {
-        Linalg.syrkAccumulate(x, alpha: alpha, into: &c)
-    }
-
-    public func cholesky(_ a: Matrix, upper: Bool, what: String) throws -> Matrix {
-        try Linalg.cholesky(a, upper: upper, what: what)
-    }
-
-    public func inverseSPD(_ a: Matrix, what: String) throws -> Matrix {
-        try Linalg.inverseSPD(a, what: what)
-    }
+    /// A new tensor with the same values.
+    public func copy(_ tensor: Tensor) -> Tensor { copy(tensor.all) }
 }

@@ -393,6 +393,9 @@ public enum Linalg {
         return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
     }
 
+    /// OpenBLAS's description of its build (version, target kernel, threading).
+    public static var openBLASConfig: String { String(cString: openblas_get_config()) }
+
     /// Threads that Topiary's tiles and chunks run on. OpenBLAS itself always runs one thread
     /// per call (set once, before the first call), so that no result depends on this number.
     public static var threadCount: Int {

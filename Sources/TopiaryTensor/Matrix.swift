@@ -19,6 +19,14 @@ public struct Matrix: Sendable {
         self.storage = Storage(count: rows * cols)
     }
 
+    /// A matrix whose every element the caller writes before reading any (no zero-filling pass).
+    init(rows: Int, cols: Int, uninitialized: Void) {
+        precondition(rows >= 0 && cols >= 0, "Matrix: negative shape \(rows)x\(cols)")
+        self.rows = rows
+        self.cols = cols
+        self.storage = Storage(count: rows * cols, zeroed: false)
+    }
+
     /// A matrix filled with `value`.
     public init(rows: Int, cols: Int, repeating value: Float) {
         self.init(rows: rows, cols: cols)
@@ -78,7 +86,7 @@ public struct Matrix: Sendable {
     @inlinable
     mutating func makeUnique() {
         if !isKnownUniquelyReferenced(&storage) {
-            let copy = Storage(count: count)
+            let copy = Storage(count: count, zeroed: false)
             copy.pointer.update(from: storage.pointer, count: count)
             storage = copy
         }
@@ -251,7 +259,9 @@ final class Storage: @unchecked Sendable {
 
     static let mapThreshold = 1 << 20
 
-    @usableFromInline init(count: Int) {
+    /// `zeroed: false` leaves a small (heap) buffer's contents undefined, for a caller that
+    /// writes every element before reading any (large buffers are fresh mappings, zero anyway).
+    @usableFromInline init(count: Int, zeroed: Bool = true) {
         self.count = count
         let bytes = max(count, 1) * MemoryLayout<Float>.stride
         if bytes >= Self.mapThreshold, let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
@@ -263,7 +273,7 @@ final class Storage: @unchecked Sendable {
         } else {
             mappedBytes = 0
             let raw = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 64)
-            raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes)
+            if zeroed { raw.initializeMemory(as: UInt8.self, repeating: 0, count: bytes) }
             pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         }
     }

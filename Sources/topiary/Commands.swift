@@ -19,9 +19,15 @@ enum CommonOptions {
     static let threads = OptionSpec(name: "threads", value: "N", help: "compute threads (default: all cores); results are the same bits at any count")
     static let model = OptionSpec(name: "model", value: "PATH", help: "GGUF file, llama2.c .bin, or Hugging Face directory")
     static let tokenizer = OptionSpec(name: "tokenizer", value: "PATH", help: "tokenizer.bin (llama2.c) or tokenizer.json, when the model has none")
+    static let device = OptionSpec(name: "device", value: "DEV", help: "compute backend: cpu (default) or cuda[:N]; 'topiary inspect --devices' lists what is found")
 
     static func apply(_ args: ParsedArguments) throws {
         if let n = try args.int("threads", in: 1...Limits.threads) { Linalg.setThreadCount(n) }
+        if let text = args.string("device") {
+            let device: ComputeDevice
+            do { device = try ComputeDevice.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }
+            ComputeDevices.setDefaultBackend(try ComputeDevices.backend(for: device))
+        }
     }
 
     static func openModel(_ args: ParsedArguments) throws -> LanguageModel {
@@ -66,6 +72,7 @@ enum EvalCommand: Command {
         OptionSpec(name: "logits", value: "FILE", help: "write the first window's logits as JSON"),
         OptionSpec(name: "seqlen", value: "N", help: "window length in tokens (default: 2048, or the model's context if shorter)"),
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
+        CommonOptions.device,
         CommonOptions.threads, CommonOptions.json,
     ]
 
@@ -148,6 +155,7 @@ enum GenerateCommand: Command {
         OptionSpec(name: "chat", value: nil, help: "render the prompt as a user turn through the model's chat template"),
         OptionSpec(name: "system", value: "TEXT", help: "with --chat: a system turn before the user's"),
         OptionSpec(name: "max-tokens", value: "N", help: "most tokens to generate (default: 64)"),
+        CommonOptions.device,
         CommonOptions.threads, CommonOptions.json,
     ]
 

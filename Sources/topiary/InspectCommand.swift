@@ -5,18 +5,29 @@ import TopiaryTensor
 enum InspectCommand: Command {
     static let name = "inspect"
     static let summary = "per-layer sparsity of a model, and which N:M patterns each linear meets"
-    static let usage = "topiary inspect --model PATH [--tokenizer PATH] [--pattern N:M] [--json]"
+    static let usage = "topiary inspect --model PATH [--tokenizer PATH] [--pattern N:M] [--json]\n       topiary inspect --devices [--json]"
     static let details = """
     Reads the model one block at a time and prints, for every linear layer of every decoder block,
     its shape, its fraction of exact zeros, and whether it meets the 2:4 and 4:8 patterns (at
     least N zeros in every group of M consecutive inputs of every row). --pattern adds a pattern
     to check. The last line sums the pruned linears.
+    --devices lists the compute backends instead: the CPU (threads, cores, OpenBLAS build) and
+    whether a CUDA driver library (libcuda.so.1) can be loaded; this build has no CUDA backend.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "pattern", value: "N:M", help: "also check this N:M pattern"),
+        OptionSpec(name: "devices", value: nil, help: "list the compute backends and devices found, instead of a model"),
         CommonOptions.threads, CommonOptions.json,
     ]
+
+    static func listDevices(json: Bool) {
+        let devices = ComputeDevices.describe()
+        for d in devices { print("\(d.device.padding(toLength: 6, withPad: " ", startingAt: 0)) \(d.available ? "available  " : "unavailable") \(d.detail)") }
+        if json {
+            JSONLine.print(["command": "inspect", "devices": devices.map { ["device": $0.device, "available": $0.available, "detail": $0.detail] as [String: Any] }])
+        }
+    }
 
     /// Whether every group of `m` consecutive columns of every row has at least `n` zeros.
     static func meets(_ w: Matrix, n: Int, m: Int) -> Bool {
@@ -37,6 +48,7 @@ enum InspectCommand: Command {
 
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
+        if args.flag("devices") { return listDevices(json: args.flag("json")) }
         var patterns = [(2, 4), (4, 8)]
         if let p = args.string("pattern") {
             let parts = p.split(separator: ":")

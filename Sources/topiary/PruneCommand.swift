@@ -149,6 +149,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
+        CommonOptions.device,
         CommonOptions.threads, CommonOptions.json,
     ] + BESAOptions.specs
 

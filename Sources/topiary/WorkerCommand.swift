@@ -40,6 +40,7 @@ enum WorkerCommand: Command {
         OptionSpec(name: "work-dir", value: "D", help: "directory for spilled activations (default: the system's temporary directory)"),
         OptionSpec(name: "handshake-timeout", value: "S", help: "seconds a connection has to authenticate (default 10)"),
         OptionSpec(name: "parent-pid", value: "P", help: "exit when process P, the parent, ends (set by 'prune --workers')"),
+        CommonOptions.device,
         CommonOptions.threads,
     ]
 
@@ -101,7 +102,7 @@ final class WorkerPool {
             let generated = try SharedSecret(bytes: Array(randomBytes(32).map { String(format: "%02x", $0) }.joined().utf8))
             secret = generated
             for _ in 0..<count {
-                let (process, endpoint) = try startLocalWorker(secret: generated, threads: args.string("threads"))
+                let (process, endpoint) = try startLocalWorker(secret: generated, threads: args.string("threads"), device: args.string("device"))
                 pool.processes.append(process)
                 endpoints.append(endpoint)
             }
@@ -179,13 +180,14 @@ final class WorkerPool {
 
     static func secondsText(_ s: Double) -> String { s == s.rounded() && abs(s) < 1e15 ? String(Int(s)) : String(format: "%.3g", s) }
 
-    static func startLocalWorker(secret: SharedSecret, threads: String? = nil) throws -> (Process, Endpoint) {
+    static func startLocalWorker(secret: SharedSecret, threads: String? = nil, device: String? = nil) throws -> (Process, Endpoint) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: CommandLine.arguments[0]).standardizedFileURL
         if !FileManager.default.isExecutableFile(atPath: p.executableURL!.path) {
             p.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         }
         p.arguments = ["worker", "--listen", "127.0.0.1:0", "--parent-pid", "\(getpid())"] + (threads.map { ["--threads", $0] } ?? [])
+            + (device.map { ["--device", $0] } ?? [])
         var env = ProcessInfo.processInfo.environment
         env["TOPIARY_SECRET"] = String(decoding: secret.bytes, as: UTF8.self)
         p.environment = env

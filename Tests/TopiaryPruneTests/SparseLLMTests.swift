@@ -4,6 +4,41 @@ import TopiaryModel
 import TopiaryTensor
 @testable import TopiaryPrune
 
+/// The steps on host matrices, through the CPU backend, for the tests below.
+private let cpu = CPUBackend()
+private extension SparseLLM {
+    static func llamaZStep(_ z: inout Matrix, m: Matrix, sigma: Matrix, p: Matrix, alpha: Float, gamma: Float) {
+        let t = cpu.upload(z)
+        cpu.sparseLLMLlamaZ(t, m: cpu.upload(m), sigma: cpu.upload(sigma), p: cpu.upload(p), alpha: alpha, gamma: gamma)
+        z = cpu.download(t)
+    }
+    static func optZStep(_ z: inout Matrix, m: Matrix, p: Matrix, alpha: Float, gamma: Float) {
+        let t = cpu.upload(z)
+        cpu.sparseLLMOPTZ(t, m: cpu.upload(m), p: cpu.upload(p), alpha: alpha, gamma: gamma)
+        z = cpu.download(t)
+    }
+    static func newtonGateStep(_ s: inout Matrix, g: Matrix, z: Matrix, p: Matrix, alpha: Float, gamma: Float, steps: Int) {
+        let t = cpu.upload(s)
+        cpu.sparseLLMGate(t, g: cpu.upload(g), z: cpu.upload(z), p: cpu.upload(p), alpha: alpha, gamma: gamma, steps: steps)
+        s = cpu.download(t)
+    }
+    static func activationStep(y: Matrix, bias: Matrix?, w: Matrix, act: Matrix, beta: Float, gamma: Float, what: String) throws -> Matrix {
+        cpu.download(try activationStep(y: cpu.upload(y), bias: bias.map(cpu.upload), w: cpu.upload(w), act: cpu.upload(act),
+                                        beta: beta, gamma: gamma, what: what, on: cpu))
+    }
+    static func weightStep(current: Matrix, dense: Matrix, first: Bool, input: Matrix, gram: Matrix, target: Matrix, bias: Matrix?,
+                           pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
+                           what: String) throws -> (weight: Matrix, accepted: Bool, residual: Double?) {
+        let r = try weightStep(current: cpu.upload(current), dense: cpu.upload(dense), first: first, input: cpu.upload(input),
+                               gram: cpu.upload(gram), target: cpu.upload(target), bias: bias.map(cpu.upload), pattern: pattern,
+                               sparseGPT: sparseGPT, ridge: ridge, what: what, on: cpu)
+        return (cpu.download(r.weight), r.accepted, r.residual)
+    }
+    static func addBias(_ m: Matrix, _ bias: Matrix) -> Matrix { cpu.download(cpu.addRowVector(cpu.upload(m), cpu.upload(bias))) }
+    static func distance(_ a: Matrix, _ b: Matrix) -> Double { cpu.chunkedSquaredDistance(cpu.upload(a), cpu.upload(b)) }
+    static func gram(_ x: Matrix) -> Matrix { cpu.download(gram(cpu.upload(x), on: cpu)) }
+}
+
 /// Each closed-form SparseLLM update is the exact minimiser of its subproblem.
 final class SparseLLMUpdateTests: XCTestCase {
     /// α(z − m)² + γ(p − σz)² over z, against a fine grid around the candidate, with α ≠ γ.

@@ -1,0 +1,484 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// OpenBLAS and LAPACKE on the host: the reference backend, and the only code outside `Linalg`
+/// itself that reaches them. Tensors are host `Matrix` storage shared copy-on-write, so an
+/// upload or a download is a reference, not a copy (both still count in a `CheckingBackend`).
+public struct CPUBackend: ComputeBackend {
+    public init() {}
+    public var name: String { "cpu (OpenBLAS, \(Linalg.threadCount) threads)" }
+
+    // MARK: Memory and transfers
+
+    public func upload(_ matrix: Matrix) -> Tensor { tensor(matrix) }
+    public func download(_ tensor: Tensor) -> Matrix { storage(tensor).matrix }
+    public func zeros(rows: Int, cols: Int) -> Tensor { tensor(Matrix(rows: rows, cols: cols)) }
+
+    public func copy(_ region: TensorRegion) -> Tensor {
+        let source = storage(region.tensor)
+        if region.rowCount == region.tensor.rows && region.colCount == region.tensor.cols { return tensor(source.matrix) }
+        let out = uninitialized(rows: region.rowCount, cols: region.colCount)
+        copy(region, into: out.all)
+        return out
+    }
+
+    public func copy(_ source: TensorRegion, into destination: TensorRegion) {
+        precondition(source.rowCount == destination.rowCount && source.colCount == destination.colCount,
+                     "copy: \(source) into \(destination)")
+        let d = write(destination.tensor) + destination.offset
+        let s = read(source.tensor) + source.offset
+        let width = source.colCount
+        for r in 0..<source.rowCount {
+            (d + r * destination.leadingDimension).update(from: s + r * source.leadingDimension, count: width)
+        }
+    }
+
+    // MARK: Dense linear algebra
+
+    public func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
+                     alpha: Float, beta: Float, into c: TensorRegion) {
+        let m = transA == .none ? a.rowCount : a.colCount
+        let k = transA == .none ? a.colCount : a.rowCount
+        let kb = transB == .none ? b.rowCount : b.colCount
+        let n = transB == .none ? b.colCount : b.rowCount
+        precondition(k == kb, "gemm: inner dimensions \(k) and \(kb) differ")
+        precondition(c.rowCount == m && c.colCount == n, "gemm: output is \(c.rowCount)x\(c.colCount), expected \(m)x\(n)")
+        if m == 0 || n == 0 { return }
+        let pc = write(c.tensor) + c.offset
+        if k == 0 {
+            for r in 0..<m {
+                let row = pc + r * c.leadingDimension
+                for j in 0..<n { row[j] = beta == 0 ? 0 : row[j] * beta }
+            }
+            return
+        }
+        Linalg.sgemm(transA, transB, m: m, n: n, k: k, alpha: alpha,
+                     a: read(a.tensor) + a.offset, lda: a.leadingDimension,
+                     b: read(b.tensor) + b.offset, ldb: b.leadingDimension,
+                     beta: beta, c: pc, ldc: c.leadingDimension)
+    }
+
+    public func syrkAccumulate(_ x: Tensor, alpha: Float, into c: Tensor) {
+        let input = storage(x).matrix
+        Linalg.syrkAccumulate(input, alpha: alpha, into: &storage(c).matrix)
+    }
+
+    public func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor {
+        tensor(try Linalg.cholesky(storage(a).matrix, upper: upper, what: what))
+    }
+
+    public func inverseSPD(_ a: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.inverseSPD(storage(a).matrix, what: what))
+    }
+
+    public func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor {
+        tensor(Linalg.solveTriangular(storage(t).matrix, storage(b).matrix, upper: upper, transpose: transpose))
+    }
+
+    public func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.solveSPDDouble(storage(a).matrix, storage(b).matrix, what: what))
+    }
+
+    public func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.inverseSPDDouble(storage(a).matrix, what: what))
+    }
+
+    public func transpose(_ x: Tensor) -> Tensor { tensor(storage(x).matrix.transposed()) }
+
+    // MARK: Element-wise (in fixed chunks over the threads: each element's value never depends on them)
+
+    public func scale(_ x: Tensor, by factor: Float) {
+        let p = write(x)
+        for i in 0..<x.count { p[i] *= factor }
+    }
+
+    public func scaleAdd(_ y: Tensor, beta: Float, _ x: Tensor, alpha: Float) {
+        precondition(x.count == y.count, "scaleAdd: \(x) and \(y)")
+        let py = write(y)
+        let px = read(x)
+        Parallel.forEach(y.count) { range in for i in range { py[i] = py[i] * beta + px[i] * alpha } }
+    }
+
+    public func axpy(_ alpha: Float, _ x: Tensor, _ y: Tensor) {
+        precondition(x.count == y.count, "axpy: \(x) and \(y)")
+        let py = write(y)
+        Kernels.axpy(alpha, read(x), py, y.count)
+    }
+
+    public func map(_ x: Tensor, _ f: ElementwiseFunction) -> Tensor {
+        let out = uninitialized(rows: x.rows, cols: x.cols)
+        let po = write(out), px = read(x)
+        Parallel.forEach(x.count) { range in
+            switch f {
+            case .abs: for i in range { po[i] = Swift.abs(px[i]) }
+            case .square: for i in range { po[i] = px[i] * px[i] }
+            case .squareRoot: for i in range { po[i] = px[i].squareRoot() }
+            case .nonZero: for i in range { po[i] = px[i] != 0 ? 1 : 0 }
+            case .negate: for i in range { po[i] = -px[i] }
+            case .relu: for i in range { po[i] = max(px[i], 0) }
+            case .silu: for i in range { po[i] = Kernels.silu(px[i]) }
+            }
+        }
+        return out
+    }
+
+    public func multiplyColumns(_ x: Tensor, by v: Tensor) -> Tensor {
+        precondition(v.count == x.cols, "multiplyColumns: \(x) by \(v)")
+        let out = uninitialized(rows: x.rows, cols: x.cols)
+        let po = write(out), px = read(x), pv = read(v)
+        let cols = x.cols
+        for r in 0..<x.rows { for c in 0..<cols { po[r * cols + c] = px[r * cols + c] * pv[c] } }
+        return out
+    }
+
+    public func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor {
+        precondition(v.count == x.cols, "divideColumns: \(x) by \(v)")
+        let out = uninitialized(rows: x.rows, cols: x.cols)
+        let po = write(out), px = read(x), pv = read(v)
+        let cols = x.cols
+        for r in 0..<x.rows { for c in 0..<cols { po[r * cols + c] = px[r * cols + c] / pv[c] } }
+        return out
+    }
+
+    public func addToDiagonal(_ a: Tensor, _ value: Float) {
+        precondition(a.rows == a.cols, "addToDiagonal of \(a)")
+        let p = write(a)
+        for j in 0..<a.rows { p[j * a.cols + j] += value }
+    }
+
+    public func multiply(_ a: Tensor, _ b: Tensor) -> Tensor {
+        precondition(a.count == b.count, "multiply: \(a) and \(b)")
+        let out = uninitialized(rows: a.rows, cols: a.cols)
+        let po = write(out), pa = read(a), pb = read(b)
+        Parallel.forEach(a.count) { range in for i in range { po[i] = pa[i] * pb[i] } }
+        return out
+    }
+
+    public func addRowVector(_ x: Tensor, _ v: Tensor) -> Tensor {
+        precondition(v.count == x.cols, "addRowVector: \(x) plus \(v)")
+        let out = uninitialized(rows: x.rows, cols: x.cols)
+        let po = write(out)
+        po.update(from: read(x), count: x.count)
+        Kernels.addBias(read(v), to: po, rows: x.rows, cols: x.cols)
+        return out
+    }
+
+    // MARK: Reductions
+
+    public func diagonal(_ a: Tensor) -> Tensor {
+        precondition(a.rows == a.cols, "diagonal of \(a)")
+        let out = uninitialized(rows: 1, cols: a.rows)
+        let po = write(out), pa = read(a)
+        for j in 0..<a.rows { po[j] = pa[j * a.cols + j] }
+        return out
+    }
+
+    public func columnSquaredSums(_ x: Tensor) -> Tensor {
+        let out = zeros(rows: 1, cols: x.cols)
+        let ps = write(out), px = read(x)
+        let cols = x.cols
+        for t in 0..<x.rows {
+            let row = px + t * cols
+            for j in 0..<cols { ps[j] += row[j] * row[j] }
+        }
+        return out
+    }
+
+    public func sum(_ x: Tensor) -> Double {
+        let p = read(x)
+        var s = 0.0
+        for i in 0..<x.count { s += Double(p[i]) }
+        return s
+    }
+
+    public func dot(_ a: Tensor, _ b: Tensor) -> Double {
+        precondition(a.count == b.count, "dot: \(a) and \(b)")
+        let p = read(a), q = read(b)
+        var s = 0.0
+        for i in 0..<a.count { s += Double(p[i]) * Double(q[i]) }
+        return s
+    }
+
+    public func allFinite(_ x: Tensor) -> Bool {
+        storage(x).matrix.allFinite
+    }
+
+    public func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double {
+        precondition(a.count == b.count, "chunkedDot: \(a) and \(b)")
+        let (x, y) = (read(a), read(b))
+        return Parallel.sum(a.count) { range in
+            var s = 0.0
+            for i in range { s += Double(x[i]) * Double(y[i]) }
+            return s
+        }
+    }
+
+    public func chunkedSquaredDistance(_ a: Tensor, _ b: Tensor) -> Double {
+        precondition(a.count == b.count, "chunkedSquaredDistance: \(a) and \(b)")
+        let (x, y) = (read(a), read(b))
+        return Parallel.sum(a.count) { range in
+            var s = 0.0
+            for i in range { let d = Double(x[i] - y[i]); s += d * d }
+            return s
+        }
+    }
+
+    public func chunkedSquaredDistanceToProduct(_ p: Tensor, _ u: Tensor, _ v: Tensor) -> Double {
+        precondition(p.count == u.count && p.count == v.count, "chunkedSquaredDistanceToProduct: \(p), \(u), \(v)")
+        let (x, a, b) = (read(p), read(u), read(v))
+        return Parallel.sum(p.count) { range in
+            var s = 0.0
+            for i in range { let d = Double(x[i] - a[i] * b[i]); s += d * d }
+            return s
+        }
+    }
+
+    // MARK: Selection
+
+    public func selectAtMostKthSmallest(_ scores: Tensor, k: Int) -> Tensor {
+        let mask = zeros(rows: scores.rows, cols: scores.cols)
+        if scores.count == 0 { return mask }
+        let ps = read(scores), pm = write(mask)
+        var values = Array(UnsafeBufferPointer(start: ps, count: scores.count))
+        let threshold = Selection.kthSmallest(&values, k)
+        for i in 0..<scores.count where ps[i] <= threshold { pm[i] = 1 }
+        return mask
+    }
+
+    public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
+        let mask = zeros(rows: scores.rows, cols: scores.cols)
+        let ps = read(scores), pm = write(mask)
+        let cols = scores.cols
+        var order = [Int](repeating: 0, count: cols)
+        for r in 0..<scores.rows {
+            let base = r * cols
+            for c in 0..<cols { order[c] = c }
+            // Stable: equal scores keep column order, as torch.sort(stable=True).
+            order.sort { a, b in ps[base + a] < ps[base + b] || (ps[base + a] == ps[base + b] && a < b) }
+            for c in order.prefix(k) { pm[base + c] = 1 }
+        }
+        return mask
+    }
+
+    public func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor {
+        let mask = zeros(rows: scores.rows, cols: scores.cols)
+        let ps = read(scores), pm = write(mask)
+        let (rows, cols) = (scores.rows, scores.cols)
+        var order = [Int](repeating: 0, count: m)
+        for r in 0..<rows {
+            var g = 0
+            while g < cols {
+                let width = min(m, cols - g)
+                for j in 0..<width { order[j] = j }
+                let base = r * cols + g
+                let sorted = order[0..<width].sorted { a, b in
+                    ps[base + a] < ps[base + b] || (ps[base + a] == ps[base + b] && a < b)
+                }
+                for j in sorted.prefix(min(n, width)) { pm[base + j] = 1 }
+                g += m
+            }
+        }
+        return mask
+    }
+
+    public func zeroMasked(_ x: Tensor, mask: Tensor) {
+        precondition(x.count == mask.count, "zeroMasked: \(x) with mask \(mask)")
+        let px = write(x), pm = read(mask)
+        for i in 0..<x.count where pm[i] != 0 { px[i] = 0 }
+    }
+
+    // MARK: SparseGPT kernels
+
+    public func zeroDeadInputs(hessian: Tensor, weight: Tensor) {
+        precondition(hessian.rows == weight.cols && hessian.cols == weight.cols, "zeroDeadInputs: \(hessian) for \(weight)")
+        let ph = write(hessian), pw = write(weight)
+        let (rows, cols) = (weight.rows, weight.cols)
+        for j in 0..<cols where ph[j * cols + j] == 0 {
+            ph[j * cols + j] = 1
+            for r in 0..<rows { pw[r * cols + j] = 0 }
+        }
+    }
+
+    /// Rows are independent, so each row runs the column loop alone, in fixed groups of rows
+    /// run concurrently; the rows' losses are added in row order, whatever the thread count.
+    public func sparseGPTBlock(weight: Tensor, inverseFactor: Tensor, mask: Tensor, nOfM: (n: Int, m: Int)?,
+                               error: Tensor) -> Double {
+        let (rows, count) = (weight.rows, weight.cols)
+        precondition(inverseFactor.rows == count && inverseFactor.cols == count && mask.rows == rows && mask.cols == count
+                     && error.rows == rows && error.cols == count, "sparseGPTBlock: \(weight), \(inverseFactor), \(mask), \(error)")
+        var rowLosses = [Float](repeating: 0, count: rows)
+        // The row loop reads the mask as bytes (a quarter of the traffic of the float mask).
+        let pm = write(mask)
+        var flags = [Bool](repeating: false, count: rows * count)
+        let groupSize = nOfM
+        flags.withUnsafeMutableBufferPointer { pf in
+            for i in 0..<pf.count { pf[i] = pm[i] != 0 }
+            rowLosses.withUnsafeMutableBufferPointer { pl in
+                let buffers = UnsafeSendable((write(weight), read(inverseFactor), write(error), pf.baseAddress!, pl.baseAddress!))
+                Parallel.forEach(rows, chunk: 32) { group in
+                    let (w, h, e, m, losses) = buffers.value
+                    for r in group {
+                        losses[r] = Self.sparseGPTRow(w + r * count, m + r * count, e + r * count, h, count: count, nOfM: groupSize)
+                    }
+                }
+            }
+            if nOfM != nil { for i in 0..<pf.count { pm[i] = pf[i] ? 1 : 0 } }
+        }
+        var loss = 0.0
+        for r in 0..<rows { loss += Double(rowLosses[r]) / 2 }
+        return loss
+    }
+
+    /// One row of a block: prunes column by column, spreading each removed weight's error over
+    /// the row's later columns; returns Σ (w - q)² / d².
+    static func sparseGPTRow(_ row: UnsafeMutablePointer<Float>, _ m: UnsafeMutablePointer<Bool>, _ e: UnsafeMutablePointer<Float>,
+                             _ ph: UnsafePointer<Float>, count: Int, nOfM: (n: Int, m: Int)?) -> Float {
+        var rowLoss: Float = 0
+        for i in 0..<count {
+            let d = ph[i * count + i]
+            if let group = nOfM, i % group.m == 0 {
+                // Mask of this group from the current (already updated) weights.
+                let (n, groupSize) = group
+                let width = min(groupSize, count - i)
+                var idx = Array(0..<width)
+                idx.sort { a, b in
+                    let da = ph[(i + a) * count + i + a], db = ph[(i + b) * count + i + b]
+                    let sa = row[i + a] * row[i + a] / (da * da), sb = row[i + b] * row[i + b] / (db * db)
+                    return sa < sb || (sa == sb && a < b)
+                }
+                for j in idx.prefix(min(n, width)) { m[i + j] = true }
+            }
+            let v = row[i]
+            let q: Float = m[i] ? 0 : v
+            let e_i = (v - q) / d
+            rowLoss += (v - q) * (v - q) / (d * d)
+            e[i] = e_i
+            row[i] = q
+            if e_i != 0 && i + 1 < count {
+                Kernels.axpy(-e_i, ph + i * count + i + 1, row + i + 1, count - i - 1)
+            }
+        }
+        return rowLoss
+    }
+
+    // MARK: SparseLLM kernels
+
+    public func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha a: Float, gamma c: Float) {
+        precondition(z.count == m.count && z.count == sigma.count && z.count == p.count, "sparseLLMLlamaZ: \(z), \(m), \(sigma), \(p)")
+        let zb = write(z)
+        let (mb, sb, pb) = (read(m), read(sigma), read(p))
+        Parallel.forEach(z.count) { range in
+            for i in range {
+                let sg = sb[i]
+                zb[i] = (a * mb[i] + c * sg * pb[i]) / (a + c * sg * sg)
+            }
+        }
+    }
+
+    public func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha a: Float, gamma c: Float) {
+        precondition(z.count == m.count && z.count == p.count, "sparseLLMOPTZ: \(z), \(m), \(p)")
+        let zb = write(z)
+        let (mb, pb) = (read(m), read(p))
+        Parallel.forEach(z.count) { range in for i in range {
+            let (mi, pi) = (mb[i], pb[i])
+            let positive = max((c * pi + a * mi) / (c + a), 0)
+            let negative = min(mi, 0)
+            let costPositive = c * (pi - positive) * (pi - positive) + a * (positive - mi) * (positive - mi)
+            let costNegative = c * pi * pi + a * (negative - mi) * (negative - mi)
+            zb[i] = costPositive <= costNegative ? positive : negative
+        } }
+    }
+
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha a: Float, gamma c: Float, steps: Int) {
+        precondition(s.count == g.count && s.count == z.count && s.count == p.count, "sparseLLMGate: \(s), \(g), \(z), \(p)")
+        let sb = write(s)
+        let (gb, zb, pb) = (read(g), read(z), read(p))
+        Parallel.forEach(s.count) { range in for i in range {
+            let (gi, zi, pi) = (gb[i], zb[i], pb[i])
+            var si = sb[i]
+            func cost(_ v: Float) -> Float {
+                let r = pi - Kernels.silu(v) * zi
+                return a * (v - gi) * (v - gi) + c * r * r
+            }
+            var f = cost(si)
+            for _ in 0..<steps {
+                let sg = 1 / (1 + expf(-si))
+                let d1 = sg * (1 + si * (1 - sg))                       // SiLU′
+                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))        // SiLU″
+                let r = pi - si * sg * zi
+                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
+                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
+                var curvature = gaussNewton - 2 * c * zi * d2 * r
+                if !(curvature > 0) { curvature = gaussNewton }
+                var delta = -grad / curvature
+                // Converged: a further step would not move s measurably.
+                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
+                var accepted = false
+                for _ in 0..<20 {
+                    let trial = si + delta
+                    let ft = cost(trial)
+                    if ft.isFinite && ft <= f { si = trial; f = ft; accepted = true; break }
+                    delta *= 0.5
+                }
+                if !accepted { break }
+            }
+            sb[i] = si
+        } }
+    }
+
+    // MARK: Storage
+
+    /// A tensor whose elements the caller writes, every one, before any is read.
+    func uninitialized(rows: Int, cols: Int) -> Tensor { tensor(Matrix(rows: rows, cols: cols, uninitialized: ())) }
+
+    func tensor(_ matrix: Matrix) -> Tensor {
+        Tensor(rows: matrix.rows, cols: matrix.cols, storage: CPUTensorStorage(matrix))
+    }
+
+    func storage(_ t: Tensor) -> CPUTensorStorage {
+        guard let s = t.storage as? CPUTensorStorage else { preconditionFailure("CPUBackend: \(t) belongs to another backend") }
+        return s
+    }
+
+    func read(_ t: Tensor) -> UnsafePointer<Float> { UnsafePointer(storage(t).matrix.storage.pointer) }
+    func write(_ t: Tensor) -> UnsafeMutablePointer<Float> { storage(t).writablePointer() }
+}
+
+/// A CPU tensor's memory: a host `Matrix`, shared copy-on-write with the matrix it was uploaded
+/// from or downloaded to, so the first write through either side copies it.
+final class CPUTensorStorage: TensorStorage, @unchecked Sendable {
+    var matrix: Matrix
+    init(_ matrix: Matrix) { self.matrix = matrix }
+
+    func writablePointer() -> UnsafeMutablePointer<Float> {
+        matrix.makeUnique()
+        return matrix.storage.pointer
+    }
+}
+
+/// Selection of order statistics without a full sort.
+public enum Selection {
+    /// The k-th smallest value (0-based) of `values`, reordering them. k is clamped to the range.
+    public static func kthSmallest(_ values: inout [Float], _ k: Int) -> Float {
+        precondition(!values.isEmpty)
+        let k = min(max(k, 0), values.count - 1)
+        var lo = 0, hi = values.count - 1
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        while lo < hi {
+            // Deterministic pseudo-random pivot keeps the expected time linear.
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            let pivot = values[lo + Int(state >> 33) % (hi - lo + 1)]
+            var i = lo, j = hi
+            while i <= j {
+                while values[i] < pivot { i += 1 }
+                while values[j] > pivot { j -= 1 }
+                if i <= j { values.swapAt(i, j); i += 1; j -= 1 }
+            }
+            if k <= j { hi = j } else if k >= i { lo = i } else { return values[k] }
+        }
+        return values[k]
+    }
+}

@@ -1,0 +1,92 @@
+import Foundation
+
+/// A compute device as the command line names it: `cpu` or `cuda[:N]`.
+public enum ComputeDevice: Equatable, Sendable, CustomStringConvertible {
+    case cpu
+    case cuda(index: Int)
+
+    /// The highest CUDA device index `--device cuda:N` accepts.
+    public static let maxCUDAIndex = 63
+
+    /// Parses `cpu`, `cuda` (device 0) or `cuda:N`.
+    public static func parse(_ text: String) throws -> ComputeDevice {
+        if text == "cpu" { return .cpu }
+        if text == "cuda" { return .cuda(index: 0) }
+        if text.hasPrefix("cuda:") {
+            let digits = text.dropFirst("cuda:".count)
+            guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let n = Int(digits) else {
+                throw DeviceError.invalid("--device cuda:N expects a device number N, got '\(text)'")
+            }
+            guard n <= maxCUDAIndex else { throw DeviceError.invalid("--device cuda:N: N must be 0...\(maxCUDAIndex), got \(n)") }
+            return .cuda(index: n)
+        }
+        throw DeviceError.invalid("--device expects cpu, cuda or cuda:N, got '\(text)'")
+    }
+
+    public var description: String {
+        switch self {
+        case .cpu: return "cpu"
+        case .cuda(let n): return "cuda:\(n)"
+        }
+    }
+}
+
+public enum DeviceError: Error, CustomStringConvertible, Equatable {
+    case invalid(String)
+    case unavailable(String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let s), .unavailable(let s): return s
+        }
+    }
+}
+
+/// What this build and this machine offer, and the backend for a device.
+public enum ComputeDevices {
+    /// The library a CUDA backend would load first.
+    public static let cudaDriverLibrary = "libcuda.so.1"
+
+    /// The backend that runs on `device`, or a one-line error naming what is missing.
+    public static func backend(for device: ComputeDevice) throws -> any ComputeBackend {
+        switch device {
+        case .cpu:
+            return CPUBackend()
+        case .cuda:
+            let driver = cudaDriverFound ? "\(cudaDriverLibrary) found" : "\(cudaDriverLibrary) not found"
+            throw DeviceError.unavailable("\(device): no CUDA backend in this build: the CUDA backend is not written yet, only cpu is (\(driver))")
+        }
+    }
+
+    /// The backend drivers use when none is passed to them: the CPU, or what `--device` chose
+    /// (set once at start-up, before any work, as `--threads` is).
+    public static var defaultBackend: any ComputeBackend { selected }
+
+    public static func setDefaultBackend(_ backend: any ComputeBackend) { selected = backend }
+
+    nonisolated(unsafe) private static var selected: any ComputeBackend = CPUBackend()
+
+    /// Whether the CUDA driver library can be loaded (it is opened and closed again).
+    public static var cudaDriverFound: Bool {
+        guard let handle = dlopen(cudaDriverLibrary, RTLD_LAZY | RTLD_LOCAL) else { return false }
+        dlclose(handle)
+        return true
+    }
+
+    /// One line per device kind, for `topiary inspect --devices`.
+    public struct Description: Sendable, Codable, Equatable {
+        public var device: String
+        public var available: Bool
+        public var detail: String
+    }
+
+    public static func describe() -> [Description] {
+        let cpu = CPUBackend()
+        return [
+            Description(device: "cpu", available: true,
+                        detail: "\(cpu.name); \(ProcessInfo.processInfo.activeProcessorCount) cores; \(Linalg.openBLASConfig)"),
+            Description(device: "cuda", available: false,
+                        detail: "no CUDA backend in this build; driver \(cudaDriverLibrary) \(cudaDriverFound ? "found" : "not found")"),
+        ]
+    }
+}

@@ -1,0 +1,209 @@
+import Foundation
+import XCTest
+import TopiaryModel
+import TopiaryTensor
+import TopiaryTestSupport
+@testable import TopiaryPrune
+
+/// Every ported method through a CheckingBackend: the same bits as the plain CPU backend, no
+/// violation (shapes, finiteness, transfers inside a solve), and the transfers counted.
+final class BackendSolverTests: XCTestCase {
+    func testMagnitudeRunsOnTheBackendWithoutTransfers() {
+        let problem = Problem(rows: 16, cols: 40, tokens: 64, seed: 21)
+        for pattern in [SparsityPattern.unstructured(0.6), .nOfM(n: 2, m: 4)] {
+            let checking = CheckingBackend()
+            let w = checking.upload(problem.weight)
+            let pruned = checking.forbidTransfers("magnitude") { MagnitudePruner.prune(w, pattern: pattern, on: checking) }
+            XCTAssertEqual(checking.download(pruned), MagnitudePruner.prune(problem.weight, pattern: pattern), "\(pattern)")
+            XCTAssertEqual(checking.violations, [])
+            XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [1, 1])
+            XCTAssertEqual(checking.counts.calls[pattern == .unstructured(0.6) ? "selectAtMostKthSmallest" : "selectNOfM"], 1)
+        }
+    }
+
+    func testWandaRunsOnTheBackendWithoutTransfers() {
+        let problem = Problem(rows: 16, cols: 40, tokens: 64, seed: 22)
+        for pattern in [SparsityPattern.unstructured(0.5), .nOfM(n: 2, m: 4)] {
+            let checking = CheckingBackend()
+            let stats = LayerStatistics(columns: 40, backend: checking)
+            let per = 16
+            for s in 0..<4 { stats.add(problem.inputs.rows((s * per)..<((s + 1) * per))) }
+            XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [4, 0], "one upload per calibration sequence")
+            let w = checking.upload(problem.weight)
+            let pruned = checking.forbidTransfers("wanda") {
+                WandaPruner.prune(w, inputSquaredNorms: stats.squaredNormsTensor, pattern: pattern, on: checking)
+            }
+            let expected = WandaPruner.prune(problem.weight, inputSquaredNorms: problem.stats.squaredNorms, pattern: pattern)
+            XCTAssertEqual(checking.download(pruned), expected, "\(pattern)")
+            XCTAssertEqual(checking.violations, [])
+            XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [5, 1])
+        }
+    }
+
+    /// Statistics accumulate on the backend: the Hessian and norms equal the CPU's bit for bit.
+    func testLayerStatisticsOnTheBackend() {
+        let problem = Problem(rows: 8, cols: 24, tokens: 48, seed: 23)
+        let checking = CheckingBackend()
+        let stats = LayerStatistics(columns: 24, backend: checking)
+        for s in 0..<4 { stats.add(problem.inputs.rows((s * 12)..<((s + 1) * 12))) }
+        XCTAssertEqual(checking.counts.calls["syrkAccumulate"], 4)
+        XCTAssertEqual(checking.counts.flops, 4 * (24 * 25 * 12 + 24 * 24 + 2 * 12 * 24 + 3 * 24))
+        XCTAssertEqual(stats.hessian, problem.stats.hessian)
+        XCTAssertEqual(stats.squaredNorms, problem.stats.squaredNorms)
+        XCTAssertEqual(stats.quadraticForm(problem.weight), problem.stats.quadraticForm(problem.weight))
+        XCTAssertEqual(checking.violations, [])
+    }
+
+    /// SparseGPT's whole solve stays on the backend: between the upload of the weight and the
+    /// Hessian and the download of the result, nothing crosses.
+    func testSparseGPTSolveDoesNoTransfer() throws {
+        let problem = Problem(rows: 24, cols: 300, tokens: 600, seed: 24)
+        for pattern in [SparsityPattern.unstructured(0.5), .nOfM(n: 2, m: 4)] {
+            let checking = CheckingBackend()
+            let w = checking.upload(problem.weight)
+            let h = checking.upload(problem.stats.hessian)
+            let result = try checking.forbidTransfers("SparseGPT solve") {
+                try SparseGPTPruner.prune(w, hessian: h, pattern: pattern, options: .init(blockSize: 128), on: checking)
+            }
+            let pruned = checking.download(result.weight)
+            let expected = try SparseGPTPruner.prune(problem.weight, hessian: problem.stats.hessian, pattern: pattern)
+            XCTAssertEqual(pruned, expected.weight, "\(pattern)")
+            XCTAssertEqual(result.loss, expected.loss)
+            XCTAssertEqual(checking.violations, [])
+            XCTAssertEqual(checking.counts.uploads, 2)
+            XCTAssertEqual(checking.counts.downloads, 1)
+            XCTAssertEqual(checking.counts.uploadBytes, (24 * 300 + 300 * 300) * 4)
+            // Three blocks of 128, 128 and 44 columns; two lazy updates.
+            XCTAssertEqual(checking.counts.calls["sparseGPTBlock"], 3)
+            XCTAssertEqual(checking.counts.calls["gemm"], 2)
+            XCTAssertEqual(checking.counts.calls["inverseSPD"], 1)
+            XCTAssertEqual(checking.counts.calls["cholesky"], 1)
+        }
+        // A fixed mask (BESA's) is uploaded once, with the weight and the Hessian.
+        let checking = CheckingBackend()
+        var mask = [Bool](repeating: false, count: 24 * 300)
+        for i in stride(from: 0, to: mask.count, by: 3) { mask[i] = true }
+        let fixed = try SparseGPTPruner.prune(problem.weight, hessian: problem.stats.hessian, pattern: .unstructured(0),
+                                              fixedMask: mask, backend: checking)
+        XCTAssertEqual(fixed.weight, try SparseGPTPruner.prune(problem.weight, hessian: problem.stats.hessian, pattern: .unstructured(0),
+                                                               fixedMask: mask).weight)
+        XCTAssertEqual(fixed.weight.zeroCount, mask.filter { $0 }.count)
+        XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [3, 1])
+        XCTAssertEqual(checking.violations, [])
+    }
+
+    /// The block pruner on stories260K through a CheckingBackend: the same block, outputs and
+    /// report as on the plain CPU backend, with the transfers its host-side forward still needs.
+    func testBlockPrunerThroughCheckingBackend() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let tokens = model.tokenizer!.encode(text, addBOS: nil)
+        let samples = 4
+        let (block, inputs) = try calibratedBlock(model, tokens: tokens, block: 1, samples: samples, seqlen: 64)
+        let linears = block.linearNames.count
+        let groups = block.inputGroups.count
+        for method in [PruneMethod.magnitude, .wanda, .sparsegpt] {
+            for pattern in [SparsityPattern.unstructured(0.5), .nOfM(n: 2, m: 4)] {
+                let plan = PrunePlan(method: method, pattern: pattern)
+                let checking = CheckingBackend()
+                let viaChecking = try BlockPruner(plan: plan, backend: checking).prune(block: block, inputs: inputs, sequenceLength: 64)
+                let plain = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: 64)
+                for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), "\(method) \(pattern) \(name)") }
+                for s in 0..<samples { XCTAssertEqual(try viaChecking.outputs.get(s), try plain.outputs.get(s)) }
+                XCTAssertEqual(viaChecking.report.outputError, plain.report.outputError)
+                XCTAssertEqual(viaChecking.report.linears.map(\.errorAfter), plain.report.linears.map(\.errorAfter))
+                XCTAssertEqual(checking.violations, [], "\(method) \(pattern)")
+                // Statistics: one upload of each input group's activations per sample (the forward is
+                // still on the host). Each linear: its weight up, the pruned weight down.
+                XCTAssertEqual(checking.counts.uploads, samples * groups + linears, "\(method) \(pattern)")
+                XCTAssertEqual(checking.counts.downloads, linears, "\(method) \(pattern)")
+            }
+        }
+    }
+}
+
+/// SparseLLM's alternating solve through a CheckingBackend: inputs and weights up once, the
+/// chosen weights down once, nothing in between.
+final class BackendSparseLLMTests: XCTestCase {
+    func testSparseLLMSolvesWithoutTransfers() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 2, samples: 4, seqlen: 64)
+        // The FFN's input: the post-attention norm of the block's inputs, recorded by the forward.
+        guard case .gated(let gate, let up, let down) = block.feedForwards[0] else { return XCTFail("stories260K has a gated FFN") }
+        var parts: [Matrix] = []
+        for s in 0..<inputs.count {
+            _ = block.forward(try inputs.get(s), sequenceLength: 64, rope: block.config.ropeTable(positions: 64)) { name, x in
+                if name == gate { parts.append(x) }
+            }
+        }
+        let x = Matrix.vstack(parts)
+        for pattern in [SparsityPattern.unstructured(0.7), .nOfM(n: 2, m: 4)] {
+            let checking = CheckingBackend()
+            let tensors = [x, block.weight(gate), block.weight(up), block.weight(down)].map(checking.upload)
+            let r = try checking.forbidTransfers("SparseLLM solve") {
+                try SparseLLM.pruneLlama(x: tensors[0], gate: tensors[1], up: tensors[2], down: tensors[3], pattern: pattern, on: checking)
+            }
+            let expected = try SparseLLM.pruneLlama(x: x, gate: block.weight(gate), up: block.weight(up), down: block.weight(down), pattern: pattern)
+            XCTAssertEqual(checking.download(r.gate), expected.gate, "\(pattern)")
+            XCTAssertEqual(checking.download(r.up), expected.up, "\(pattern)")
+            XCTAssertEqual(checking.download(r.down), expected.down, "\(pattern)")
+            XCTAssertEqual(r.iterations, expected.iterations)
+            XCTAssertEqual(checking.violations, [], "\(pattern)")
+            XCTAssertEqual([checking.counts.uploads, checking.counts.downloads], [4, 3])
+            XCTAssertEqual(checking.counts.calls["sparseLLMGate"], 3, "one s step between each pair of the 4 iterations")
+        }
+    }
+
+    func testSparseLLMBlockThroughCheckingBackend() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let samples = 4
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 1, samples: samples, seqlen: 64)
+        let plan = PrunePlan(method: .sparsellm, pattern: .unstructured(0.6), sparseLLM: .llama)
+        let checking = CheckingBackend()
+        let viaChecking = try BlockPruner(plan: plan, backend: checking).prune(block: block, inputs: inputs, sequenceLength: 64)
+        let plain = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: 64)
+        for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), name) }
+        XCTAssertEqual(viaChecking.report.sparseLLM, plain.report.sparseLLM)
+        XCTAssertEqual(checking.violations, [])
+        // Statistics: each input group once per sample; the FFN: its input and three weights up;
+        // every linear's dense weight up (for its solve or report); every pruned weight down once.
+        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
+        XCTAssertEqual(checking.counts.uploads, samples * groups + 4 + linears)
+        XCTAssertEqual(checking.counts.downloads, linears)
+    }
+}
+
+/// BESA through a CheckingBackend: its learning still runs on the host (through the block's
+/// forward and backward), so its transfers are those of a host method: the statistics it reads
+/// come down, and with --besa-reconstruct each linear's SparseGPT goes up and down.
+final class BackendBESATests: XCTestCase {
+    func testBESABlockThroughCheckingBackend() throws {
+        let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
+                                           tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
+        let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
+        let samples = 4
+        let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 1, samples: samples, seqlen: 64)
+        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
+        for reconstruct in [false, true] {
+            var options = BESA.Options(epochs: 1)
+            options.reconstruct = reconstruct
+            let plan = PrunePlan(method: .besa, pattern: .unstructured(0.6), besa: options)
+            let checking = CheckingBackend()
+            let viaChecking = try BlockPruner(plan: plan, backend: checking).prune(block: block, inputs: inputs, sequenceLength: 64)
+            let plain = try BlockPruner(plan: plan).prune(block: block, inputs: inputs, sequenceLength: 64)
+            for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), "\(reconstruct) \(name)") }
+            XCTAssertEqual(viaChecking.report.besa, plain.report.besa)
+            XCTAssertEqual(checking.violations, [])
+            // Statistics up per sample and group; each linear's norms down, its dense and pruned
+            // weights up for the report; with reconstruction its Hessian down, and SparseGPT's
+            // weight, Hessian and mask up and result down.
+            XCTAssertEqual(checking.counts.uploads, samples * groups + 2 * linears + (reconstruct ? 3 * linears : 0), "\(reconstruct)")
+            XCTAssertEqual(checking.counts.downloads, linears + (reconstruct ? 2 * linears : 0), "\(reconstruct)")
+        }
+    }
+}

@@ -1,0 +1,194 @@
+import XCTest
+@testable import TopiaryTensor
+
+/// The backend protocol against small dense references, on the CPU backend seen through a
+/// CheckingBackend (shapes, finiteness and transfers checked on every call).
+final class BackendTests: XCTestCase {
+    let cpu = CPUBackend()
+
+    func testUploadDownloadRoundTripIsCounted() {
+        let checking = CheckingBackend()
+        let m = Matrix(rows: 2, cols: 3, values: [1, 2, 3, 4, 5, 6])
+        let t = checking.upload(m)
+        XCTAssertEqual(t.rows, 2)
+        XCTAssertEqual(t.cols, 3)
+        XCTAssertEqual(t.dtype, .float32)
+        XCTAssertEqual(checking.download(t), m)
+        let c = checking.counts
+        XCTAssertEqual([c.uploads, c.uploadBytes, c.downloads, c.downloadBytes], [1, 24, 1, 24])
+        XCTAssertEqual(checking.violations, [])
+    }
+
+    func testWritesDoNotReachTheUploadedOrDownloadedMatrix() {
+        let m = Matrix(rows: 1, cols: 3, values: [1, 2, 3])
+        let t = cpu.upload(m)
+        let before = cpu.download(t)
+        cpu.scale(t, by: 2)
+        XCTAssertEqual(m.values, [1, 2, 3])
+        XCTAssertEqual(before.values, [1, 2, 3])
+        XCTAssertEqual(cpu.download(t).values, [2, 4, 6])
+        let copy = cpu.copy(t)
+        cpu.scale(copy, by: 0)
+        XCTAssertEqual(cpu.download(t).values, [2, 4, 6])
+    }
+
+    func testGemmOnRegionsWithTransposesAndAccumulation() {
+        var rng = TestRandom(seed: 11)
+        let a = rng.matrix(9, 7), b = rng.matrix(8, 10), c0 = rng.matrix(6, 12)
+        let checking = CheckingBackend()
+        let (ta, tb, tc) = (checking.upload(a), checking.upload(b), checking.upload(c0))
+        // C[1..<5, 2..<8] = 0.5 · A[2..<6, 1..<6] · B[1..<7, 3..<8]ᵀ + 2 · C[1..<5, 2..<8]; the rest of C untouched.
+        let ar = ta.region(rows: 2..<6, cols: 1..<6), br = tb.region(rows: 1..<7, cols: 3..<8)
+        checking.gemm(ar, .none, br, .transposed, alpha: 0.5, beta: 2, into: tc.region(rows: 1..<5, cols: 2..<8))
+        let product = referenceProduct(a.rows(2..<6).columns(1..<6), b.rows(1..<7).columns(3..<8).transposed())
+        let out = checking.download(tc)
+        for i in 0..<6 { for j in 0..<12 {
+            let inside = (1..<5).contains(i) && (2..<8).contains(j)
+            let expected = inside ? 0.5 * product[i - 1, j - 2] + 2 * c0[i, j] : c0[i, j]
+            XCTAssertEqual(out[i, j], expected, accuracy: 1e-5, "(\(i), \(j))")
+        } }
+        XCTAssertEqual(checking.counts.flops, 2 * 4 * 6 * 5)
+        XCTAssertEqual(checking.violations, [])
+        // Whole tensors: the same bits as Linalg.
+        let x = rng.matrix(130, 70), y = rng.matrix(90, 70)
+        XCTAssertEqual(cpu.download(cpu.matmul(cpu.upload(x), .none, cpu.upload(y), .transposed)), Linalg.matmul(x, .none, y, .transposed))
+    }
+
+    func testSyrkCholeskyInverseAndTriangularSolve() throws {
+        var rng = TestRandom(seed: 12)
+        let x = rng.matrix(40, 9)
+        let checking = CheckingBackend()
+        let h = checking.zeros(rows: 9, cols: 9)
+        checking.syrkAccumulate(checking.upload(x), alpha: 0.5, into: h)
+        let expected = referenceProduct(x.transposed(), x)
+        let hm = checking.download(h)
+        for i in 0..<9 { for j in 0..<9 { XCTAssertEqual(hm[i, j], 0.5 * expected[i, j], accuracy: 1e-4) } }
+        checking.addToDiagonal(h, 1)
+        let u = try checking.cholesky(h, upper: true, what: "test")
+        let um = checking.download(u)
+        XCTAssertLessThan(referenceProduct(um.transposed(), um).maxAbsDifference(checking.download(h)), 1e-4)
+        let inverse = checking.download(try checking.inverseSPD(h, what: "test"))
+        XCTAssertLessThan(referenceProduct(inverse, checking.download(h)).maxAbsDifference(.identity(9)), 1e-4)
+        let b = rng.matrix(9, 3)
+        let solved = checking.download(checking.solveTriangular(u, checking.upload(b), upper: true, transpose: false))
+        XCTAssertLessThan(referenceProduct(um, solved).maxAbsDifference(b), 1e-4)
+        XCTAssertThrowsError(try checking.cholesky(checking.upload(Matrix(rows: 2, cols: 2, values: [1, 2, 2, 1])), upper: false, what: "indefinite"))
+        XCTAssertEqual(checking.violations, [])
+    }
+
+    func testElementwiseAndReductions() {
+        let x = cpu.upload(Matrix(rows: 2, cols: 3, values: [-1, 2, -3, 4, -5, 6]))
+        XCTAssertEqual(cpu.download(cpu.map(x, .abs)).values, [1, 2, 3, 4, 5, 6])
+        XCTAssertEqual(cpu.download(cpu.map(x, .square)).values, [1, 4, 9, 16, 25, 36])
+        XCTAssertEqual(cpu.download(cpu.map(cpu.map(x, .square), .squareRoot)).values, [1, 2, 3, 4, 5, 6])
+        XCTAssertEqual(cpu.download(cpu.map(cpu.upload(Matrix(vector: [0, -0.0, 2, -1, .nan])), .nonZero)).values, [0, 0, 1, 1, 1])
+        let v = cpu.upload(Matrix(vector: [1, 2, 4]))
+        XCTAssertEqual(cpu.download(cpu.multiplyColumns(x, by: v)).values, [-1, 4, -12, 4, -10, 24])
+        XCTAssertEqual(cpu.download(cpu.divideColumns(x, by: v)).values, [-1, 1, -0.75, 4, -2.5, 1.5])
+        XCTAssertEqual(cpu.download(cpu.columnSquaredSums(x)).values, [17, 29, 45])
+        XCTAssertEqual(cpu.sum(x), 3)
+        XCTAssertEqual(cpu.dot(x, x), 91)
+        let y = cpu.upload(Matrix(rows: 2, cols: 3, repeating: 1))
+        cpu.axpy(2, x, y)
+        XCTAssertEqual(cpu.download(y).values, [-1, 5, -5, 9, -9, 13])
+        cpu.scaleAdd(y, beta: 0.5, x, alpha: -1)
+        XCTAssertEqual(cpu.download(y).values, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+        let sq = cpu.upload(Matrix(rows: 2, cols: 2, values: [1, 2, 3, 4]))
+        cpu.addToDiagonal(sq, 10)
+        XCTAssertEqual(cpu.download(cpu.diagonal(sq)).values, [11, 14])
+        XCTAssertTrue(cpu.allFinite(sq))
+        cpu.scale(sq, by: .infinity)
+        XCTAssertFalse(cpu.allFinite(sq))
+    }
+
+    func testSelections() {
+        // The reference's rule: everything at or below the k-th smallest, ties included.
+        let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))
+        XCTAssertEqual(cpu.download(cpu.selectAtMostKthSmallest(scores, k: 2)).values, [0, 1, 1, 1, 0, 1, 0, 1])
+        XCTAssertEqual(cpu.download(cpu.selectAtMostKthSmallest(scores, k: 0)).values, [0, 0, 0, 0, 0, 0, 0, 1])
+        // Per row, stable: equal scores go by column.
+        XCTAssertEqual(cpu.download(cpu.selectSmallestInRows(scores, count: 2)).values, [0, 1, 1, 0, 0, 1, 0, 1])
+        // 1 of every 3 (the last group narrower), ties by column.
+        let groups = cpu.upload(Matrix(rows: 1, cols: 5, values: [4, 4, 9, 2, 1]))
+        XCTAssertEqual(cpu.download(cpu.selectNOfM(groups, n: 1, m: 3)).values, [1, 0, 0, 0, 1])
+        XCTAssertEqual(cpu.download(cpu.selectNOfM(groups, n: 2, m: 3)).values, [1, 1, 0, 1, 1])
+        let w = cpu.upload(Matrix(rows: 1, cols: 5, values: [1, 2, 3, 4, 5]))
+        cpu.zeroMasked(w, mask: cpu.selectNOfM(groups, n: 1, m: 3))
+        XCTAssertEqual(cpu.download(w).values, [0, 2, 3, 4, 0])
+    }
+
+    /// With a unit inverse factor the OBS loop removes exactly the masked weights and updates
+    /// nothing else; with a general factor it matches a direct implementation of the updates.
+    func testSparseGPTBlockAgainstDirectUpdates() {
+        let w0 = Matrix(rows: 2, cols: 3, values: [1, -2, 3, 4, 5, -6])
+        let w = cpu.upload(w0)
+        let mask = cpu.upload(Matrix(rows: 2, cols: 3, values: [1, 0, 1, 0, 1, 0]))
+        let err = cpu.zeros(rows: 2, cols: 3)
+        let loss = cpu.sparseGPTBlock(weight: w, inverseFactor: cpu.upload(.identity(3)), mask: mask, nOfM: nil, error: err)
+        XCTAssertEqual(cpu.download(w).values, [0, -2, 0, 4, 0, -6])
+        XCTAssertEqual(cpu.download(err).values, [1, 0, 3, 0, 5, 0])
+        XCTAssertEqual(loss, (1 + 9 + 25) / 2)
+
+        let u = Matrix(rows: 3, cols: 3, values: [2, 0.5, -1, 0, 1, 0.25, 0, 0, 4])
+        var expected = w0.values
+        var expectedLoss = 0.0
+        let maskValues: [Float] = [1, 0, 1, 0, 1, 0]
+        for r in 0..<2 { for i in 0..<3 {
+            let v = expected[r * 3 + i], d = u[i, i]
+            guard maskValues[r * 3 + i] != 0 else { continue }
+            let e = v / d
+            expectedLoss += Double(v * v / (d * d)) / 2
+            expected[r * 3 + i] = 0
+            for j in (i + 1)..<3 { expected[r * 3 + j] -= e * u[i, j] }
+        } }
+        let w2 = cpu.upload(w0)
+        let loss2 = cpu.sparseGPTBlock(weight: w2, inverseFactor: cpu.upload(u), mask: cpu.upload(Matrix(rows: 2, cols: 3, values: maskValues)),
+                                       nOfM: nil, error: cpu.zeros(rows: 2, cols: 3))
+        let got = cpu.download(w2).values
+        for i in 0..<6 { XCTAssertEqual(got[i], expected[i], accuracy: 1e-6) }
+        XCTAssertEqual(loss2, expectedLoss, accuracy: 1e-6)
+
+        // 1:2 chosen inside the loop: the smaller w²/d² of each pair goes.
+        let w3 = cpu.upload(Matrix(rows: 1, cols: 4, values: [3, 1, -1, 2]))
+        let m3 = cpu.zeros(rows: 1, cols: 4)
+        _ = cpu.sparseGPTBlock(weight: w3, inverseFactor: cpu.upload(.identity(4)), mask: m3, nOfM: (1, 2), error: cpu.zeros(rows: 1, cols: 4))
+        XCTAssertEqual(cpu.download(m3).values, [0, 1, 1, 0])
+        XCTAssertEqual(cpu.download(w3).values, [3, 0, 0, 2])
+    }
+
+    func testCheckingBackendRecordsForbiddenTransfersAndNonFiniteResults() {
+        let checking = CheckingBackend()
+        let t = checking.upload(Matrix(rows: 1, cols: 2, values: [1, 2]))
+        checking.forbidTransfers("solve") {
+            checking.scale(t, by: 3)
+            _ = checking.download(t)
+        }
+        XCTAssertEqual(checking.violations, ["download of 8 bytes inside 'solve', where transfers are forbidden"])
+        checking.reset()
+        checking.scale(t, by: .infinity)
+        XCTAssertEqual(checking.violations, ["scale: Tensor(1x2 float32) has non-finite values"])
+        XCTAssertEqual(checking.counts.calls["scale"], 1)
+        XCTAssertEqual(checking.counts.transfers, 0)
+    }
+
+    func testDeviceParsingAndUnavailableCUDA() throws {
+        XCTAssertEqual(try ComputeDevice.parse("cpu"), .cpu)
+        XCTAssertEqual(try ComputeDevice.parse("cuda"), .cuda(index: 0))
+        XCTAssertEqual(try ComputeDevice.parse("cuda:3"), .cuda(index: 3))
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:64", "cuda:1:2", "CPU", ""] {
+            XCTAssertThrowsError(try ComputeDevice.parse(bad), bad) { error in
+                XCTAssertTrue("\(error)".contains("--device"), "\(error)")
+            }
+        }
+        XCTAssertTrue(try ComputeDevices.backend(for: .cpu) is CPUBackend)
+        XCTAssertThrowsError(try ComputeDevices.backend(for: .cuda(index: 1))) { error in
+            let text = "\(error)"
+            XCTAssertTrue(text.hasPrefix("cuda:1: no CUDA backend in this build"), text)
+            XCTAssertTrue(text.contains("libcuda.so.1"), text)
+            XCTAssertFalse(text.contains("\n"))
+        }
+        let devices = ComputeDevices.describe()
+        XCTAssertEqual(devices.map(\.device), ["cpu", "cuda"])
+        XCTAssertEqual(devices.map(\.available), [true, false])
+    }
+}
