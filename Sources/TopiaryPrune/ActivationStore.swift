@@ -20,6 +20,8 @@ public final class ActivationStore: @unchecked Sendable {
     private var memory: [Matrix?]
     private var fd: Int32 = -1
     private var spillPath: String?
+    /// Wall seconds spent reading and writing the spill file (`prune --profile`).
+    public private(set) var spillSeconds = 0.0
 
     public var bytesPerSequence: Int { rows * cols * 4 }
     public var isSpilled: Bool { fd >= 0 }
@@ -58,6 +60,8 @@ public final class ActivationStore: @unchecked Sendable {
             memory[i] = m
             return
         }
+        let t0 = Date()
+        defer { spillSeconds += Date().timeIntervalSince(t0) }
         if fd < 0 { try openSpill() }
         let offset = off_t(i) * off_t(bytesPerSequence)
         try m.withUnsafeBufferPointer { p in
@@ -77,6 +81,8 @@ public final class ActivationStore: @unchecked Sendable {
     public func get(_ i: Int) throws -> Matrix {
         if let m = memory[i] { return m }
         guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written") }
+        let t0 = Date()
+        defer { spillSeconds += Date().timeIntervalSince(t0) }
         let offset = off_t(i) * off_t(bytesPerSequence)
         var m = Matrix(rows: rows, cols: cols)
         let total = bytesPerSequence

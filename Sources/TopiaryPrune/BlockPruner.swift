@@ -71,6 +71,8 @@ public struct BlockReport: Sendable, Codable {
     public var besa: BESA.Summary? = nil
     /// Mixture of experts: calibration tokens each expert's statistics saw, in expert order.
     public var expertTokens: [Int]? = nil
+    /// Seconds and FLOPs per phase (`prune --profile`); nil from a worker that predates it.
+    public var profile: BlockProfile? = nil
 }
 
 /// Prunes one decoder block given its inputs: the unit of work of every driver, local or
@@ -108,20 +110,30 @@ public struct BlockPruner: Sendable {
         let experts = plan.expertCalibration ?? .routed
         var ffnInputs: [String: [Matrix]] = [:]
         var tokensSeen: [String: Int] = [:]
+        var profile = BlockProfile()
+        let forwardFLOPs = BlockProfile.forwardFLOPs(block.config, sequences: inputs.count, sequenceLength: sequenceLength)
         // 1. Dense pass over all samples, collecting each linear's input statistics.
         var stats: [String: LayerStatistics] = [:]
         let denseOutputs = inputs.makeSibling()
+        var statisticsSeconds = 0.0, statisticsFLOPs = 0.0
+        var spillMark = Self.spillSeconds(inputs, targets)
+        var phaseStart = Date()
         for s in 0..<inputs.count {
             let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
                 if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
                 guard keys[name] == name else { return }
+                let t0 = Date()
                 tokensSeen[name, default: 0] += x.rows
                 let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
                 stats[name] = st
                 st.add(x)
+                statisticsSeconds += Date().timeIntervalSince(t0)
+                // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
+                statisticsFLOPs += Double(x.rows) * Double(x.cols) * Double(x.cols + 2)
             }
             try denseOutputs.set(s, y)
         }
+        var denseFLOPs = forwardFLOPs
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
             for s in 0..<targets.count {
@@ -129,6 +141,13 @@ public struct BlockPruner: Sendable {
                     if ffnInputLinears.contains(name) { ffnInputs[name, default: []].append(x) }
                 }
             }
+            denseFLOPs += forwardFLOPs
+        }
+        do {
+            let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
+            profile.add(.spill, seconds: spill)
+            profile.add(.statistics, seconds: statisticsSeconds, flops: statisticsFLOPs)
+            profile.add(.denseForward, seconds: max(0, Date().timeIntervalSince(phaseStart) - statisticsSeconds - spill), flops: denseFLOPs)
         }
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
@@ -144,6 +163,9 @@ public struct BlockPruner: Sendable {
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
         var besaSummary: BESA.Summary?
+        spillMark = Self.spillSeconds(inputs, targets, denseOutputs)
+        phaseStart = Date()
+        var solveFLOPs = 0.0, errorSeconds = 0.0, errorFLOPs = 0.0
         if plan.method == .besa {
             let t0 = Date()
             let r = try pruneBESA(block: block, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
@@ -206,6 +228,7 @@ public struct BlockPruner: Sendable {
                 case .sparsegpt, .sparsellm:
                     solved = try SparseGPTPruner.prune(weight, hessian: st.hessianTensor, pattern: plan.pattern, options: plan.sparseGPT,
                                                        what: name, on: backend).weight
+                    solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: w.rows, cols: w.cols)
                 }
                 prunedWeight = solved
                 newWeight = backend.download(solved)
@@ -214,14 +237,31 @@ public struct BlockPruner: Sendable {
             let seconds = jointSeconds[name] ?? Date().timeIntervalSince(t0)
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
+            let errorStart = Date()
             linears.append(Self.report(name: name, dense: weight, pruned: prunedWeight, prunedZeros: newWeight.zeroCount,
                                        stats: st, seconds: seconds))
+            errorSeconds += Date().timeIntervalSince(errorStart)
+            // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
+            errorFLOPs += 3 * (2 * Double(w.rows) * Double(w.cols) * Double(w.cols + 1))
+        }
+        do {
+            let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
+            profile.add(.spill, seconds: spill)
+            profile.add(.errorMetrics, seconds: errorSeconds, flops: errorFLOPs)
+            // BESA's and SparseLLM's joint solves are timed here; their FLOPs are not counted.
+            profile.add(.solve, seconds: max(0, Date().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.
         let outputs = inputs.makeSibling()
         var num = 0.0, den = 0.0
+        spillMark = Self.spillSeconds(inputs, denseOutputs, outputs)
+        phaseStart = Date()
+        var prunedForwardSeconds = 0.0
         for s in 0..<inputs.count {
-            let y = pruned.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope)
+            let x = try inputs.get(s)
+            let forwardStart = Date()
+            let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
+            prunedForwardSeconds += Date().timeIntervalSince(forwardStart)
             guard y.allFinite else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
             let dense = try denseOutputs.get(s)
             var diff = y
@@ -232,11 +272,24 @@ public struct BlockPruner: Sendable {
             den += dense.squaredNorm
             try outputs.set(s, y)
         }
-        let report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
+        do {
+            let spill = Self.spillSeconds(inputs, denseOutputs, outputs) - spillMark
+            profile.add(.spill, seconds: spill)
+            profile.add(.prunedForward, seconds: prunedForwardSeconds, flops: forwardFLOPs)
+            let elements = Double(inputs.count * inputs.rows * inputs.cols)
+            profile.add(.errorMetrics, seconds: max(0, Date().timeIntervalSince(phaseStart) - prunedForwardSeconds - spill), flops: 4 * elements)
+        }
+        var report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
                                  seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen,
                                  besa: besaSummary,
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
+        report.profile = profile
         return (pruned, outputs, report)
+    }
+
+    /// Seconds the stores have spent on their spill files so far.
+    static func spillSeconds(_ stores: ActivationStore?...) -> Double {
+        stores.reduce(0) { $0 + ($1?.spillSeconds ?? 0) }
     }
 
     /// The errors of one linear's mask and of its final weights, on the backend of `stats`.

@@ -140,10 +140,14 @@ public struct RangePruner: Sendable {
         let rope = model.config.ropeTable(positions: job.sequenceLength)
         var boundary = start
         for i in range {
+            let loadStart = Date()
             let block = try model.loadBlock(i)
+            let loadSeconds = Date().timeIntervalSince(loadStart)
             if job.prunes(i) {
-                let (pruned, outputs, report) = try pruner.prune(block: block, inputs: boundary.inputs, targets: boundary.targets,
+                let (pruned, outputs, prunedReport) = try pruner.prune(block: block, inputs: boundary.inputs, targets: boundary.targets,
                                                                  sequenceLength: job.sequenceLength)
+                var report = prunedReport
+                report.profile?.add(.load, seconds: loadSeconds)
                 boundary.inputs = outputs
                 try onBlock(i, pruned, report)
             } else {

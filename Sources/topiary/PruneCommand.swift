@@ -11,7 +11,7 @@ enum PruneCommand: Command {
     static let usage = """
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
-                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json]
+                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
                   [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--overwrite] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
@@ -110,6 +110,12 @@ enum PruneCommand: Command {
 
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr. The ETA counts
     only blocks still to prune (blocks replayed after a resume are not work done).
+
+    --profile measures the machine's sgemm rate (1024^3 through Linalg) before the run, prints a
+    table of where the pruned blocks' time went on stderr at the end (load, dense forward,
+    statistics, solve, pruned forward, error metrics, spill and checkpoint I/O, waiting), each
+    phase with its FLOPs counted from the shapes and its ratio to the sgemm rate (FLOPs at that
+    rate over the seconds taken), and writes the same per block under "profile" in report.json.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -149,6 +155,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
+        OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr), record it in report.json"),
         CommonOptions.device,
         CommonOptions.threads, CommonOptions.json,
     ] + BESAOptions.specs
@@ -228,6 +235,7 @@ enum PruneCommand: Command {
         let evalText = args.string("eval-text")
         let evalWindows = try args.int("eval-windows", in: 1...Limits.windows)
         let json = args.flag("json")
+        let profiles = args.flag("profile")
         let overwrite = args.flag("overwrite")
         let workerCount = try args.int("workers", in: 1...Limits.workers)
         let hostCount = try args.string("hosts").map(checkHosts)
@@ -390,6 +398,11 @@ enum PruneCommand: Command {
         // Blocks that are only run forward (finished before a resume, or outside --layers) are
         // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
         let replayed = coordination == .admm ? Set<Int>() : Set((0..<c.layerCount).filter { !job.prunes($0) || finishedBlocks.contains($0) })
+        var sgemmRate: Double?
+        if profiles {
+            sgemmRate = SgemmRate.measure()
+            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, Linalg.threadCount))
+        }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
         let pruneStart = Date()
         var admmRounds: [ADMMRound] = []
@@ -459,6 +472,7 @@ enum PruneCommand: Command {
         summary["peak_rss_bytes"] = ResourceUsage.peakResidentBytes ?? 0
         var report = summary
         report["blocks"] = reports.map(blockJSON)
+        if let sgemmRate { report["profile"] = ProfileReport.json(reports, sgemmRate: sgemmRate, pruneSeconds: pruneSeconds) }
         report["seconds"] = elapsed(since: started)
         do {
             let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
@@ -477,6 +491,7 @@ enum PruneCommand: Command {
         run.removeCheckpoints()
 
         printSummaryTable(reports)
+        if let sgemmRate { Console.info(ProfileReport.table(reports, sgemmRate: sgemmRate, pruneSeconds: pruneSeconds)) }
         var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", sparsity, formatSeconds(pruneSeconds))
         if let d = perplexityDense, let p = perplexity { line += String(format: "; perplexity dense %.3f -> pruned %.3f", d, p) }
         print(line)

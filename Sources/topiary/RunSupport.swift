@@ -12,7 +12,7 @@ enum RunSupport {
     /// Options that do not change the result: they may differ when a run is resumed.
     static let resultNeutral: Set<String> = [
         "resume", "run-dir", "workers", "hosts", "secret-file", "threads", "memory-budget", "eval-text", "eval-windows",
-        "eval-seqlen", "json", "overwrite", "heartbeat-interval", "heartbeat-timeout", "connect-timeout", "weights",
+        "eval-seqlen", "json", "profile", "overwrite", "heartbeat-interval", "heartbeat-timeout", "connect-timeout", "weights",
     ]
 
     /// Options naming files: kept absolute in run.json, so a run resumes from any directory.

@@ -325,10 +325,22 @@ public final class Coordinator {
                 isStarted = false
                 let name = link.name
                 var probe = link.isRemote && job.samples > 0 ? try BoundaryProbe(boundary, config: model.config, sequenceLength: job.sequenceLength) : nil
+                var lastArrival = Date()
                 let end = try link.finish { index, pruned, report in
                     try checkBlock(index, pruned, report, expected: next, range: attempt, job: job, worker: name)
+                    var report = report
+                    if var profile = report?.profile {
+                        // Waiting: the time since the previous block arrived that the block's own phases do not account for
+                        // (a remote worker's transfer and queueing; in process, the driver's overhead).
+                        let measured = profile.phases.values.reduce(0) { $0 + $1.seconds }
+                        profile.add(.waiting, seconds: max(0, Date().timeIntervalSince(lastArrival) - measured))
+                        report?.profile = profile
+                    }
+                    let checkpointStart = Date()
                     if let pruned { try record(pruned, report: report, worker: name, round: round) }
+                    report?.profile?.add(.checkpoint, seconds: Date().timeIntervalSince(checkpointStart))
                     try onBlock(index, pruned, report)
+                    lastArrival = Date()
                     next = index + 1
                     try probe?.advance(through: pruned, block: index, model: model)
                 }

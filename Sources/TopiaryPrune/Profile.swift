@@ -1,0 +1,92 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// Where a block's time goes (`prune --profile`): wall seconds per phase, and each phase's FLOPs
+/// counted analytically from the shapes (not measured), so that a phase's time can be set
+/// against the machine's sgemm rate.
+public struct BlockProfile: Sendable, Codable, Equatable {
+    public enum Phase: String, Sendable, CaseIterable {
+        case load, denseForward = "dense_forward", statistics, solve, prunedForward = "pruned_forward"
+        case errorMetrics = "error_metrics", spill, checkpoint, waiting
+    }
+
+    public struct Cost: Sendable, Codable, Equatable {
+        public var seconds: Double
+        public var flops: Double
+        public init(seconds: Double = 0, flops: Double = 0) {
+            self.seconds = seconds
+            self.flops = flops
+        }
+    }
+
+    /// Keyed by `Phase.rawValue`; a phase this build does not know (a newer worker's) is kept as it came.
+    public var phases: [String: Cost] = [:]
+
+    public init() {}
+
+    public subscript(_ phase: Phase) -> Cost {
+        get { phases[phase.rawValue] ?? Cost() }
+        set { phases[phase.rawValue] = newValue }
+    }
+
+    public mutating func add(_ phase: Phase, seconds: Double, flops: Double = 0) {
+        self[phase].seconds += seconds
+        self[phase].flops += flops
+    }
+
+    public mutating func add(_ other: BlockProfile) {
+        for (k, c) in other.phases {
+            phases[k, default: Cost()].seconds += c.seconds
+            phases[k, default: Cost()].flops += c.flops
+        }
+    }
+
+    /// FLOPs of one block's forward pass over `sequences` windows of `sequenceLength` tokens: the
+    /// linears (2 per multiply-add, from the family's cost) and causal attention (QKᵀ and PV over
+    /// the lower triangle).
+    public static func forwardFLOPs(_ c: ModelConfig, sequences: Int, sequenceLength: Int) -> Double {
+        let t = Double(sequenceLength)
+        let linears = 2 * Double(c.family.linearMACsPerToken(c)) * t
+        let attention = 2 * 2 * (t * (t + 1) / 2) * Double(c.headDim * c.headCount)
+        return Double(sequences) * (linears + attention)
+    }
+
+    /// SparseGPT's solve of a [rows x cols] weight: the damped Hessian's Cholesky inverse
+    /// (about 4/3·cols³) and the column-by-column updates of every row (about rows·cols²).
+    public static func sparseGPTFLOPs(rows: Int, cols: Int) -> Double {
+        let r = Double(rows), n = Double(cols)
+        return 4.0 / 3.0 * n * n * n + r * n * n
+    }
+}
+
+/// A stopwatch for phases: `time(.phase) { ... }` adds the closure's wall seconds.
+public struct PhaseTimer {
+    public var profile = BlockProfile()
+    public init() {}
+
+    @discardableResult
+    public mutating func time<T>(_ phase: BlockProfile.Phase, flops: Double = 0, _ body: () throws -> T) rethrows -> T {
+        let t0 = Date()
+        let r = try body()
+        profile.add(phase, seconds: Date().timeIntervalSince(t0), flops: flops)
+        return r
+    }
+}
+
+/// The machine's sgemm rate in FLOP/s: the best of three [n x n]·[n x n]ᵀ products through Linalg.
+public enum SgemmRate {
+    public static func measure(size n: Int = 1024) -> Double {
+        var a = Matrix(rows: n, cols: n), b = Matrix(rows: n, cols: n)
+        a.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 7) * 0.25 - 0.75 } }
+        b.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 5) * 0.5 - 1 } }
+        _ = Linalg.linear(a, b)
+        var best = Double.infinity
+        for _ in 0..<3 {
+            let t0 = Date()
+            _ = Linalg.linear(a, b)
+            best = min(best, Date().timeIntervalSince(t0))
+        }
+        return 2 * Double(n) * Double(n) * Double(n) / max(best, 1e-9)
+    }
+}

@@ -1,0 +1,64 @@
+import Foundation
+import TopiaryPrune
+
+/// `prune --profile`: the pruned blocks' phases, summed over blocks, against the sgemm rate.
+enum ProfileReport {
+    typealias Phase = BlockProfile.Phase
+
+    static func totals(_ reports: [BlockReport]) -> BlockProfile {
+        var total = BlockProfile()
+        for r in reports { if let p = r.profile { total.add(p) } }
+        return total
+    }
+
+    /// FLOPs at the sgemm rate over the seconds taken: 1 is the floor; nil when either is zero.
+    static func ratio(_ c: BlockProfile.Cost, sgemmRate: Double) -> Double? {
+        c.flops > 0 && c.seconds > 0 && sgemmRate > 0 ? c.flops / sgemmRate / c.seconds : nil
+    }
+
+    static func phasesJSON(_ p: BlockProfile, sgemmRate: Double) -> [String: Any] {
+        var json: [String: Any] = [:]
+        for phase in Phase.allCases {
+            let c = p[phase]
+            json[phase.rawValue] = ["seconds": c.seconds, "flops": c.flops,
+                                    "ratio": ratio(c, sgemmRate: sgemmRate).map { $0 as Any } ?? NSNull()] as [String: Any]
+        }
+        return json
+    }
+
+    /// report.json's "profile": the rate, the totals, the run's time outside the blocks' phases, and each block's phases.
+    static func json(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> [String: Any] {
+        let total = totals(reports)
+        let measured = total.phases.values.reduce(0) { $0 + $1.seconds }
+        return [
+            "sgemm_flops_per_second": sgemmRate,
+            "phases": phasesJSON(total, sgemmRate: sgemmRate),
+            "outside_blocks_seconds": max(0, pruneSeconds - measured),
+            "blocks": reports.map { r in ["block": r.block, "phases": phasesJSON(r.profile ?? BlockProfile(), sgemmRate: sgemmRate)] as [String: Any] },
+        ]
+    }
+
+    static func table(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> String {
+        let total = totals(reports)
+        let measured = total.phases.values.reduce(0) { $0 + $1.seconds }
+        let blocks = max(reports.count, 1)
+        var lines = [String(format: "profile over %d pruned blocks (sgemm rate %.1f GFLOP/s; ratio = FLOPs at that rate / seconds)", reports.count, sgemmRate / 1e9),
+                     "phase            seconds  s/block  share     GFLOP   GFLOP/s  ratio"]
+        func row(_ name: String, _ c: BlockProfile.Cost) -> String {
+            let share = pruneSeconds > 0 ? 100 * c.seconds / pruneSeconds : 0
+            let rate = c.seconds > 0 && c.flops > 0 ? String(format: "%9.1f", c.flops / c.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
+            let r = ratio(c, sgemmRate: sgemmRate).map { String(format: "%6.3f", $0) } ?? "     -"
+            return name.padding(toLength: 15, withPad: " ", startingAt: 0)
+                + String(format: " %8.2f  %7.3f  %4.1f%%  %8.1f ", c.seconds, c.seconds / Double(blocks), share, c.flops / 1e9) + rate + " " + r
+        }
+        for phase in Phase.allCases { lines.append(row(phase.rawValue, total[phase])) }
+        var outside = BlockProfile.Cost()
+        outside.seconds = max(0, pruneSeconds - measured)
+        lines.append(row("outside blocks", outside))
+        var all = BlockProfile.Cost()
+        all.seconds = pruneSeconds
+        all.flops = total.phases.values.reduce(0) { $0 + $1.flops }
+        lines.append(row("total", all))
+        return lines.joined(separator: "\n")
+    }
+}

@@ -1,0 +1,34 @@
+import Foundation
+import XCTest
+@testable import TopiaryPrune
+
+final class ProfileTests: XCTestCase {
+    func testReportsWithoutAProfileStillDecode() throws {
+        // A worker that predates profiles sends no "profile" field.
+        let old = #"{"block":3,"linears":[],"outputError":0.5,"seconds":1.25}"#
+        let r = try JSONDecoder().decode(BlockReport.self, from: Data(old.utf8))
+        XCTAssertEqual(r.block, 3)
+        XCTAssertNil(r.profile)
+    }
+
+    func testProfileRoundTripsAndKeepsUnknownPhases() throws {
+        var p = BlockProfile()
+        p.add(.solve, seconds: 0.5, flops: 1e9)
+        p.add(.solve, seconds: 0.25, flops: 2e9)
+        p.phases["future_phase"] = BlockProfile.Cost(seconds: 1, flops: 2)
+        var r = BlockReport(block: 0, linears: [], outputError: 0, seconds: 1)
+        r.profile = p
+        let decoded = try JSONDecoder().decode(BlockReport.self, from: JSONEncoder().encode(r))
+        XCTAssertEqual(decoded.profile, p)
+        XCTAssertEqual(decoded.profile?[.solve], BlockProfile.Cost(seconds: 0.75, flops: 3e9))
+        XCTAssertEqual(decoded.profile?[.load], BlockProfile.Cost())
+        // Garbage in the profile is a decoding error, not a crash.
+        let garbage = #"{"block":0,"linears":[],"outputError":0,"seconds":1,"profile":{"phases":{"solve":{"seconds":"x","flops":1}}}}"#
+        XCTAssertThrowsError(try JSONDecoder().decode(BlockReport.self, from: Data(garbage.utf8)))
+    }
+
+    func testCountedFLOPs() {
+        // SparseGPT on a 4x8 weight: 4/3·8³ + 4·8².
+        XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8), 4.0 / 3.0 * 512 + 256, accuracy: 1e-9)
+    }
+}
