@@ -40,10 +40,8 @@ public struct CPUBackend: ComputeBackend {
 
     public func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
                      alpha: Float, beta: Float, into c: TensorRegion) {
-        let m = transA == .none ? a.rowCount : a.colCount
-        let k = transA == .none ? a.colCount : a.rowCount
-        let kb = transB == .none ? b.rowCount : b.colCount
-        let n = transB == .none ? b.colCount : b.rowCount
+        let (m, k, kb, n) = Transpose.product(aRows: a.rowCount, aCols: a.colCount, transA,
+                                              bRows: b.rowCount, bCols: b.colCount, transB)
         precondition(k == kb, "gemm: inner dimensions \(k) and \(kb) differ")
         precondition(c.rowCount == m && c.colCount == n, "gemm: output is \(c.rowCount)x\(c.colCount), expected \(m)x\(n)")
         if m == 0 || n == 0 { return }

@@ -80,10 +80,8 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
 
     public func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
                      alpha: Float, beta: Float, into c: TensorRegion) {
-        let m = transA == .none ? a.rowCount : a.colCount
-        let k = transA == .none ? a.colCount : a.rowCount
-        let kb = transB == .none ? b.rowCount : b.colCount
-        let n = transB == .none ? b.colCount : b.rowCount
+        let (m, k, kb, n) = Transpose.product(aRows: a.rowCount, aCols: a.colCount, transA,
+                                              bRows: b.rowCount, bCols: b.colCount, transB)
         require(k == kb, "gemm: op(\(a)) is \(m)x\(k) but op(\(b)) is \(kb)x\(n)")
         require(c.rowCount == m && c.colCount == n, "gemm: output \(c) for a \(m)x\(n) product")
         require(!c.tensor.isSameStorage(a.tensor) && !c.tensor.isSameStorage(b.tensor), "gemm: output \(c) is also an input")

@@ -23,6 +23,14 @@ public enum LinalgError: Error, CustomStringConvertible, Equatable {
 public enum Transpose: Sendable {
     case none, transposed
     @usableFromInline var cblas: CBLAS_TRANSPOSE { self == .none ? CblasNoTrans : CblasTrans }
+
+    /// The dimensions of op(A)·op(B) for A [aRows x aCols] and B [bRows x bCols]: op(A) is m x k,
+    /// op(B) is kb x n (a product needs k == kb).
+    static func product(aRows: Int, aCols: Int, _ transA: Transpose, bRows: Int, bCols: Int, _ transB: Transpose)
+        -> (m: Int, k: Int, kb: Int, n: Int) {
+        (transA == .none ? aRows : aCols, transA == .none ? aCols : aRows,
+         transB == .none ? bRows : bCols, transB == .none ? bCols : bRows)
+    }
 }
 
 /// Dense linear algebra on `Matrix` through OpenBLAS and LAPACKE.
@@ -106,10 +114,7 @@ public enum Linalg {
         _ a: Matrix, _ transA: Transpose = .none, _ b: Matrix, _ transB: Transpose = .none,
         alpha: Float = 1, beta: Float = 0, into c: inout Matrix
     ) {
-        let m = transA == .none ? a.rows : a.cols
-        let k = transA == .none ? a.cols : a.rows
-        let kb = transB == .none ? b.rows : b.cols
-        let n = transB == .none ? b.cols : b.rows
+        let (m, k, kb, n) = Transpose.product(aRows: a.rows, aCols: a.cols, transA, bRows: b.rows, bCols: b.cols, transB)
         precondition(k == kb, "gemm: inner dimensions \(k) and \(kb) differ")
         precondition(c.rows == m && c.cols == n, "gemm: output is \(c.rows)x\(c.cols), expected \(m)x\(n)")
         if k == 0 {
