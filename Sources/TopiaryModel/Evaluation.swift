@@ -49,7 +49,8 @@ public struct PerplexityResult: Sendable {
 public enum Perplexity {
     public static func evaluate(
         model: LanguageModel, tokens: [Int], sequenceLength: Int, windows requested: Int? = nil,
-        block: ((Int) throws -> DecoderBlock)? = nil, progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+        block: ((Int) throws -> DecoderBlock)? = nil, backend: any ComputeBackend = ComputeDevices.defaultBackend,
+        progress: ((_ done: Int, _ total: Int) -> Void)? = nil
     ) throws -> PerplexityResult {
         let c = model.config
         guard sequenceLength <= c.maxPositions else {
@@ -64,18 +65,18 @@ public enum Perplexity {
         }
         let embedding = try model.loadEmbedding()
         var states = (0..<count).map { w in
-            embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength)
+            embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)
         }
         // Where each window's hidden state first held a NaN or an infinity (a scan per block per
         // window, small beside the block's own work), so that a non-finite loss can be traced.
-        var firstNonFinite: [String?] = states.map { hasNonFinite($0) ? "the token embedding" : nil }
+        var firstNonFinite: [String?] = states.map { backend.allFinite($0) ? nil : "the token embedding" }
         let rope = c.ropeTable(positions: sequenceLength)
         let loadBlock = block ?? { try model.loadBlock($0) }
         for i in 0..<c.layerCount {
-            let b = try loadBlock(i)
+            let b = try loadBlock(i).on(backend)
             for w in 0..<count {
                 states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope)
-                if firstNonFinite[w] == nil, hasNonFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
+                if firstNonFinite[w] == nil, !backend.allFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
             }
             progress?(i + 1, c.layerCount)
         }
@@ -83,7 +84,7 @@ public enum Perplexity {
         var losses: [Double] = []
         for w in 0..<count {
             let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
-            let loss = meanCrossEntropy(head: head, hidden: states[w], targets: targets)
+            let loss = meanCrossEntropy(head: head, hidden: states[w], targets: targets, on: backend)
             guard loss.isFinite else {
                 throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
                                                     sequenceLength: sequenceLength, loss: loss,
@@ -96,18 +97,8 @@ public enum Perplexity {
         return PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
     }
 
-    /// Whether `m` holds a NaN or an infinity.
-    static func hasNonFinite(_ m: Matrix) -> Bool {
-        m.withUnsafeBufferPointer { p in
-            // v * 0 is NaN exactly when v is NaN or infinite, and a sum of zeros cannot overflow.
-            var sum: Float = 0
-            for v in p { sum += v * 0 }
-            return !sum.isFinite
-        }
-    }
-
     /// The logits at every position of one sequence [tokens x vocabulary], streaming the blocks.
-    public static func logits(model: LanguageModel, tokens: [Int]) throws -> Matrix {
+    public static func logits(model: LanguageModel, tokens: [Int], backend: any ComputeBackend = ComputeDevices.defaultBackend) throws -> Matrix {
         let c = model.config
         guard !tokens.isEmpty, tokens.count <= c.maxPositions else {
             throw EvaluationError.windowTooLong(sequenceLength: tokens.count, context: c.maxPositions, path: model.path)
@@ -116,20 +107,21 @@ public enum Perplexity {
             throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
         }
         let embedding = try model.loadEmbedding()
-        var x = embedding.embed(tokens, sequenceLength: tokens.count)
+        var x = embedding.embed(tokens, sequenceLength: tokens.count, on: backend)
         let rope = c.ropeTable(positions: tokens.count)
-        for i in 0..<c.layerCount { x = try model.loadBlock(i).forward(x, sequenceLength: tokens.count, rope: rope) }
-        return try model.loadHead(embedding: embedding).logits(x)
+        for i in 0..<c.layerCount { x = try model.loadBlock(i).on(backend).forward(x, sequenceLength: tokens.count, rope: rope) }
+        return backend.download(try model.loadHead(embedding: embedding).logits(x, on: backend))
     }
 
-    /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row chunks.
-    public static func meanCrossEntropy(head: Head, hidden: Matrix, targets: [Int]) -> Double {
+    /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row
+    /// chunks on `backend` and reduced on the host in row order.
+    public static func meanCrossEntropy(head: Head, hidden: Tensor, targets: [Int], on backend: any ComputeBackend) -> Double {
         let chunk = 128
         var total = 0.0
         var r0 = 0
         while r0 < targets.count {
             let r1 = min(r0 + chunk, targets.count)
-            let logits = head.logits(hidden.rows(r0..<r1))
+            let logits = backend.download(head.logits(backend.copy(hidden.region(rows: r0..<r1)), on: backend))
             let v = logits.cols
             logits.withUnsafeBufferPointer { p in
                 for r in 0..<(r1 - r0) {
@@ -141,29 +133,36 @@ public enum Perplexity {
         }
         return total / Double(targets.count)
     }
+
+    /// The same, for hidden states on the host.
+    public static func meanCrossEntropy(head: Head, hidden: Matrix, targets: [Int]) -> Double {
+        let backend = CPUBackend()
+        return meanCrossEntropy(head: head, hidden: backend.upload(hidden), targets: targets, on: backend)
+    }
 }
 
 /// Greedy text generation.
 public enum Generation {
     /// Continues `prompt` greedily for up to `maxTokens` tokens, stopping after the end-of-sequence
     /// token. Returns the generated ids (prompt excluded).
-    public static func greedy(model: LanguageModel, prompt: [Int], maxTokens: Int, stopAtEOS: Bool = true) throws -> [Int] {
+    public static func greedy(model: LanguageModel, prompt: [Int], maxTokens: Int, stopAtEOS: Bool = true,
+                              backend: any ComputeBackend = ComputeDevices.defaultBackend) throws -> [Int] {
         let c = model.config
         precondition(!prompt.isEmpty, "generation needs at least one prompt token")
         if let bad = prompt.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
             throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
         }
         let embedding = try model.loadEmbedding()
-        let blocks = try (0..<c.layerCount).map { try model.loadBlock($0) }
+        let blocks = try (0..<c.layerCount).map { try model.loadBlock($0).on(backend) }
         let head = try model.loadHead(embedding: embedding)
         var ids = prompt
         var generated: [Int] = []
         while generated.count < maxTokens && ids.count < c.maxPositions {
             // Recomputes the whole sequence each step; fine for the short looks this command is for.
-            var x = embedding.embed(ids, sequenceLength: ids.count)
+            var x = embedding.embed(ids, sequenceLength: ids.count, on: backend)
             let rope = c.ropeTable(positions: ids.count)
             for b in blocks { x = b.forward(x, sequenceLength: ids.count, rope: rope) }
-            let logits = head.logits(x.rows((ids.count - 1)..<ids.count))
+            let logits = backend.download(head.logits(backend.copy(x.region(rows: (ids.count - 1)..<ids.count)), on: backend))
             let next = logits.withUnsafeBufferPointer { p -> Int in
                 var best = 0
                 for i in 1..<p.count where p[i] > p[best] { best = i }

@@ -207,33 +207,23 @@ public struct Embedding: Sendable {
     public let positions: Matrix?
     public let projectIn: Matrix?
 
-    /// Embeds `sequences` of equal length, concatenated: [sequences*length x hidden].
+    /// Embeds `sequences` of equal length, concatenated: [sequences*length x hidden], on the host.
     public func embed(_ ids: [Int], sequenceLength: Int) -> Matrix {
+        let backend = CPUBackend()
+        return backend.download(embed(ids, sequenceLength: sequenceLength, on: backend))
+    }
+
+    /// Embeds `sequences` of equal length, concatenated, on `backend`: the token rows are
+    /// gathered on the host and uploaded (the model's input), the rest runs on the backend.
+    public func embed(_ ids: [Int], sequenceLength: Int, on backend: any ComputeBackend) -> Tensor {
         precondition(ids.count % sequenceLength == 0)
-        let width = tokens.cols
-        var x = Matrix(rows: ids.count, cols: width)
-        x.withUnsafeMutableBufferPointer { px in
-            tokens.withUnsafeBufferPointer { pt in
-                for (r, id) in ids.enumerated() {
-                    precondition(id >= 0 && id < tokens.rows, "token id \(id) outside the vocabulary of \(tokens.rows)")
-                    (px.baseAddress! + r * width).update(from: pt.baseAddress! + id * width, count: width)
-                }
-            }
-        }
-        if let projectIn { x = Linalg.linear(x, projectIn) }
-        if let scale = config.embeddingScale {
-            x.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] *= scale } }
-        }
+        for id in ids { precondition(id >= 0 && id < tokens.rows, "token id \(id) outside the vocabulary of \(tokens.rows)") }
+        var x = backend.upload(tokens.gatherRows(ids))
+        if let projectIn { x = backend.linear(x, backend.upload(projectIn)) }
+        if let scale = config.embeddingScale { backend.scale(x, by: scale) }
         if let positions {
-            let h = x.cols
-            x.withUnsafeMutableBufferPointer { px in
-                positions.withUnsafeBufferPointer { pp in
-                    for r in 0..<ids.count {
-                        let pos = r % sequenceLength + config.positionOffset
-                        Kernels.add(pp.baseAddress! + pos * h, into: px.baseAddress! + r * h, h)
-                    }
-                }
-            }
+            let rows = (0..<ids.count).map { $0 % sequenceLength + config.positionOffset }
+            backend.add(backend.upload(positions.gatherRows(rows)), into: x)
         }
         return x
     }
@@ -247,28 +237,32 @@ public struct Head: Sendable {
     public let classifier: Matrix
 
     /// Hidden states after the final norm and projection: [rows x classifier.cols].
-    public func features(_ x: Matrix) -> Matrix {
+    public func features(_ x: Tensor, on backend: any ComputeBackend) -> Tensor {
         var h = x
         if let norm {
             if config.architecture == .opt {
-                h = ModelMath.layerNorm(h, norm.0, norm.1, eps: config.normEps)
+                h = backend.layerNorm(h, weight: backend.upload(norm.0), bias: norm.1.map { backend.upload($0) }, eps: config.normEps)
             } else {
                 var w = norm.0
                 let offset = config.family.rmsNormOffset
                 if offset != 0 { w.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] += offset } } }
-                h = ModelMath.rmsNorm(h, w, eps: config.normEps)
+                h = backend.rmsNorm(h, weight: backend.upload(w), eps: config.normEps)
             }
         }
-        if let projectOut { h = Linalg.linear(h, projectOut) }
+        if let projectOut { h = backend.linear(h, backend.upload(projectOut)) }
         return h
     }
 
     /// Logits [rows x vocabulary] for hidden states `x`.
-    public func logits(_ x: Matrix) -> Matrix {
-        var logits = Linalg.linear(features(x), classifier)
-        if let cap = config.finalLogitSoftcap {
-            logits.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = cap * tanhf(p[i] / cap) } }
-        }
+    public func logits(_ x: Tensor, on backend: any ComputeBackend) -> Tensor {
+        let logits = backend.linear(features(x, on: backend), backend.upload(classifier))
+        if let cap = config.finalLogitSoftcap { backend.softcap(logits, cap: cap) }
         return logits
+    }
+
+    /// Logits for hidden states on the host.
+    public func logits(_ x: Matrix) -> Matrix {
+        let backend = CPUBackend()
+        return backend.download(logits(backend.upload(x), on: backend))
     }
 }

@@ -5,8 +5,9 @@ import Glibc
 #endif
 
 /// The hidden states of every calibration sequence at one point of the model, each a
-/// [sequenceLength x hidden] matrix. Kept in memory up to a byte budget; beyond it, kept in a
-/// file in the run's working directory and read back one sequence at a time.
+/// [sequenceLength x hidden] tensor on `backend`. Kept there up to a byte budget; beyond it,
+/// kept in a file in the run's working directory and read back one sequence at a time (a
+/// download to write it, an upload to read it: the only transfers a store makes).
 ///
 /// The spill file is read and written with pread/pwrite rather than mapped: pages of a mapping
 /// count towards the process's resident memory once touched, page-cache pages do not, and the
@@ -17,7 +18,8 @@ public final class ActivationStore: @unchecked Sendable {
     public let cols: Int
     public let budgetBytes: Int
     public let spillDirectory: String
-    private var memory: [Matrix?]
+    public let backend: any ComputeBackend
+    private var memory: [Tensor?]
     private var fd: Int32 = -1
     private var spillPath: String?
     /// Wall seconds spent reading and writing the spill file (`prune --profile`).
@@ -26,12 +28,13 @@ public final class ActivationStore: @unchecked Sendable {
     public var bytesPerSequence: Int { rows * cols * 4 }
     public var isSpilled: Bool { fd >= 0 }
 
-    public init(count: Int, rows: Int, cols: Int, budgetBytes: Int, spillDirectory: String) {
+    public init(count: Int, rows: Int, cols: Int, budgetBytes: Int, spillDirectory: String, backend: any ComputeBackend = CPUBackend()) {
         self.count = count
         self.rows = rows
         self.cols = cols
         self.budgetBytes = budgetBytes
         self.spillDirectory = spillDirectory
+        self.backend = backend
         memory = Array(repeating: nil, count: count)
     }
 
@@ -42,7 +45,7 @@ public final class ActivationStore: @unchecked Sendable {
 
     /// An empty store of the same shape, budget and spill directory.
     public func makeSibling() -> ActivationStore {
-        ActivationStore(count: count, rows: rows, cols: cols, budgetBytes: budgetBytes, spillDirectory: spillDirectory)
+        ActivationStore(count: count, rows: rows, cols: cols, budgetBytes: budgetBytes, spillDirectory: spillDirectory, backend: backend)
     }
 
     private func openSpill() throws {
@@ -54,12 +57,42 @@ public final class ActivationStore: @unchecked Sendable {
         spillPath = path
     }
 
+    /// Whether the whole store fits the budget (and so never touches its file).
+    public var fitsInMemory: Bool { count * bytesPerSequence <= budgetBytes }
+
+    /// Stores sequence i from the host (an upload when it stays in memory).
     public func set(_ i: Int, _ m: Matrix) throws {
         precondition(m.rows == rows && m.cols == cols, "activation \(i) is \(m.rows)x\(m.cols), expected \(rows)x\(cols)")
-        if count * bytesPerSequence <= budgetBytes {
-            memory[i] = m
+        if fitsInMemory {
+            memory[i] = backend.upload(m)
             return
         }
+        try write(i, m)
+    }
+
+    /// Stores sequence i, a tensor on the store's backend.
+    public func set(_ i: Int, _ t: Tensor) throws {
+        precondition(t.rows == rows && t.cols == cols, "activation \(i) is \(t.rows)x\(t.cols), expected \(rows)x\(cols)")
+        if fitsInMemory {
+            memory[i] = t
+            return
+        }
+        try write(i, backend.download(t))
+    }
+
+    /// Sequence i on the host (a download when it is in memory).
+    public func get(_ i: Int) throws -> Matrix {
+        if let t = memory[i] { return backend.download(t) }
+        return try read(i)
+    }
+
+    /// Sequence i on the store's backend.
+    public func tensor(_ i: Int) throws -> Tensor {
+        if let t = memory[i] { return t }
+        return backend.upload(try read(i))
+    }
+
+    private func write(_ i: Int, _ m: Matrix) throws {
         let t0 = Date()
         defer { spillSeconds += Date().timeIntervalSince(t0) }
         if fd < 0 { try openSpill() }
@@ -78,8 +111,7 @@ public final class ActivationStore: @unchecked Sendable {
         }
     }
 
-    public func get(_ i: Int) throws -> Matrix {
-        if let m = memory[i] { return m }
+    private func read(_ i: Int) throws -> Matrix {
         guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written") }
         let t0 = Date()
         defer { spillSeconds += Date().timeIntervalSince(t0) }

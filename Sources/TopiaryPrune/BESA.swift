@@ -79,42 +79,46 @@ public enum BESA {
     }
 
     public struct Result: Sendable {
-        /// New weights of every linear, by name (without ".weight").
-        public var weights: [String: Matrix]
+        /// New weights of every linear, by name (without ".weight"), on the block's backend.
+        public var weights: [String: Tensor]
         public var summary: Summary
     }
 
     /// Learns the allocation of `block` at overall sparsity `target` and returns the pruned
-    /// weights. `sample(i)` gives calibration sequence i's input to the block and the output
-    /// to reconstruct; `inputSquaredNorms(name)` Wanda's ‖x_j‖² for a linear's inputs;
-    /// `hessian(name)` its inputs' Hessian (used only with `reconstruct`). The learning runs on
-    /// the host (it trains through the block's forward and backward, not yet on a backend);
-    /// the reconstruction's SparseGPT runs on `backend`.
-    public static func prune(block: DecoderBlock, samples: Int, sequenceLength: Int,
-                             sample: (Int) throws -> (input: Matrix, target: Matrix),
-                             inputSquaredNorms: (String) throws -> [Float], hessian: (String) throws -> Matrix,
-                             target: Double, options: Options, sparseGPT: SparseGPTPruner.Options = .init(),
-                             backend: any ComputeBackend = CPUBackend()) throws -> Result {
+    /// weights, all on the block's backend. `sample(i)` gives calibration sequence i's input to
+    /// the block and the output to reconstruct; `inputSquaredNorms(name)` Wanda's ‖x_j‖² for a
+    /// linear's inputs [1 x in]; `hessian(name)` its inputs' Hessian (used only with `reconstruct`).
+    ///
+    /// What scales with the model (weights, rankings, activations, gradients) stays on the
+    /// backend. The learned logits and Adam's moments (101 per row) are kept on the host: each
+    /// step the backend returns the ranked prefix sums at the 101 candidate counts and is given
+    /// the rows' counts, O(rows) values against the O(rows x cols) that stay.
+    public static func prune(block: DeviceBlock, samples: Int, sequenceLength: Int,
+                             sample: (Int) throws -> (input: Tensor, target: Tensor),
+                             inputSquaredNorms: (String) throws -> Tensor, hessian: (String) throws -> Tensor,
+                             target: Double, options: Options, sparseGPT: SparseGPTPruner.Options = .init()) throws -> Result {
         precondition(target > 0 && target < 1, "BESA: target sparsity \(target) outside (0, 1)")
         precondition(samples > 0 && options.epochs > 0)
+        let backend = block.backend
         let names = block.linearNames
         var learners: [RowLearner] = []
         for name in names {
             learners.append(RowLearner(name: name, weight: block.weight(name), inputSquaredNorms: try inputSquaredNorms(name),
-                                       granularity: options.granularity, target: target))
+                                       granularity: options.granularity, target: target, on: backend))
         }
         let blockParameters = Double(learners.reduce(0) { $0 + $1.rows * $1.cols })
         let rope = block.config.ropeTable(positions: sequenceLength)
         var adamStep = 0
         var epochLosses: [Double] = []
-        var masked = block
         for _ in 0..<options.epochs {
             var lossSum = 0.0
             for s in 0..<samples {
                 let (x, y) = try sample(s)
-                for l in learners { masked.tensors[l.name + ".weight"] = l.maskedWeight() }
+                var weights: [String: Tensor] = [:]
+                for l in learners { weights[l.name] = l.maskedWeight() }
+                let masked = block.replacing(weights: weights)
                 let (prediction, tape) = masked.forwardRecording(x, sequenceLength: sequenceLength, rope: rope)
-                let (loss, dy) = reconstructionLoss(target: y, prediction: prediction)
+                let (loss, dy) = backend.channelNormalizedError(target: y, prediction: prediction)
                 guard loss.isFinite else { throw PruneError.numerical("block \(block.index): BESA loss is not finite (sample \(s))") }
                 lossSum += loss
                 let grads = masked.weightGradients(outputGradient: dy, tape: tape)
@@ -140,19 +144,19 @@ public enum BESA {
         }
         let shift = abs(count(lo) - wanted) < abs(count(hi) - wanted) ? lo : hi
 
-        var weights: [String: Matrix] = [:]
+        var weights: [String: Tensor] = [:]
         var allocations: [LinearAllocation] = []
         for l in learners {
             let counts = l.rowCounts(shift: shift)
-            var w = l.weight
-            let mask = l.pruneMask(counts)
+            let mask = backend.rankedMask(order: l.order, counts: counts)
             if options.reconstruct {
-                w = try SparseGPTPruner.prune(w, hessian: try hessian(l.name), pattern: .unstructured(0), options: sparseGPT,
-                                              what: l.name, fixedMask: mask, backend: backend).weight
+                weights[l.name] = try SparseGPTPruner.prune(l.weight, hessian: try hessian(l.name), pattern: .unstructured(0), options: sparseGPT,
+                                                            what: l.name, fixedMask: mask, on: backend).weight
             } else {
-                w.withUnsafeMutableBufferPointer { p in for i in p.indices where mask[i] { p[i] = 0 } }
+                let w = backend.copy(l.weight)
+                backend.zeroMasked(w, mask: mask)
+                weights[l.name] = w
             }
-            weights[l.name] = w
             let rowFractions = counts.map { Double($0) / Double(l.cols) }
             allocations.append(LinearAllocation(name: l.name, learnedSparsity: l.meanSparsity(),
                                                 sparsity: Double(counts.reduce(0, +)) / Double(l.rows * l.cols),
@@ -160,30 +164,6 @@ public enum BESA {
         }
         let summary = Summary(linears: allocations, epochLosses: epochLosses, expectedSparsity: expected, shift: shift, steps: adamStep)
         return Result(weights: weights, summary: summary)
-    }
-
-    /// L = (1/C) Σ_{t,c} ((Y − Ŷ)_tc / σ_c)², σ_c = ‖Y[:, c]‖ over this sequence's tokens, and
-    /// ∂L/∂Ŷ = −2 (Y − Ŷ) / (σ_c² C).
-    static func reconstructionLoss(target y: Matrix, prediction: Matrix) -> (loss: Double, gradient: Matrix) {
-        let (tokens, channels) = (y.rows, y.cols)
-        var energy = [Double](repeating: 0, count: channels)
-        var gradient = prediction
-        var loss = 0.0
-        y.withUnsafeBufferPointer { py in
-            for t in 0..<tokens { for c in 0..<channels { let v = Double(py[t * channels + c]); energy[c] += v * v } }
-            let inverse = energy.map { $0 > 0 ? 1 / $0 : 1 }
-            gradient.withUnsafeMutableBufferPointer { pg in
-                for t in 0..<tokens {
-                    for c in 0..<channels {
-                        let i = t * channels + c
-                        let d = Double(py[i]) - Double(pg[i])
-                        loss += d * d * inverse[c]
-                        pg[i] = Float(-2 * d * inverse[c] / Double(channels))
-                    }
-                }
-            }
-        }
-        return (loss / Double(channels), gradient)
     }
 
     /// θ_k = λ·s_k with λ such that the mean is `target`: the distribution of largest entropy
@@ -212,15 +192,17 @@ public enum BESA {
 }
 
 /// The learnable allocation of one linear layer: logits per group of rows (one group per row,
-/// or one for the layer), Adam's moments, and the rows' fixed Wanda order.
+/// or one for the layer) and Adam's moments on the host; the weight and the rows' fixed Wanda
+/// order on the backend.
 final class RowLearner {
     let name: String
-    let weight: Matrix
+    let backend: any ComputeBackend
+    let weight: Tensor
     let rows: Int
     let cols: Int
     let groups: Int
-    /// order[r·cols + j]: the column of row r's j-th least important weight.
-    let order: [Int32]
+    /// order[r, j]: the column of row r's j-th least important weight.
+    let order: Tensor
     /// N_k = ⌊k·cols/100⌋: the weights a row loses at candidate k.
     let candidateCounts: [Int]
     var logits: [Double]
@@ -232,28 +214,19 @@ final class RowLearner {
 
     static let (beta1, beta2, epsilon) = (0.9, 0.999, 1e-8)
 
-    init(name: String, weight: Matrix, inputSquaredNorms: [Float], granularity: BESA.Granularity, target: Double) {
+    init(name: String, weight: Tensor, inputSquaredNorms: Tensor, granularity: BESA.Granularity, target: Double, on backend: any ComputeBackend) {
         precondition(inputSquaredNorms.count == weight.cols, "BESA \(name): \(inputSquaredNorms.count) input norms for \(weight.cols) columns")
         self.name = name
+        self.backend = backend
         self.weight = weight
         rows = weight.rows
         cols = weight.cols
         groups = granularity == .row ? rows : 1
         let k = BESA.steps + 1
         candidateCounts = (0...BESA.steps).map { $0 * weight.cols / BESA.steps }
-        let norms = inputSquaredNorms.map { $0.squareRoot() }
-        let (rows, cols) = (weight.rows, weight.cols)
-        var order = [Int32](repeating: 0, count: rows * cols)
-        weight.withUnsafeBufferPointer { w in
-            var scores = [Float](repeating: 0, count: cols)
-            var index = [Int32](repeating: 0, count: cols)
-            for r in 0..<rows {
-                for c in 0..<cols { scores[c] = abs(w[r * cols + c]) * norms[c]; index[c] = Int32(c) }
-                index.sort { a, b in scores[Int(a)] < scores[Int(b)] || (scores[Int(a)] == scores[Int(b)] && a < b) }
-                for c in 0..<cols { order[r * cols + c] = index[c] }
-            }
-        }
-        self.order = order
+        // Wanda's score |W_rj|·‖x_j‖, ranked ascending within each row.
+        let norms = backend.reshaped(backend.map(inputSquaredNorms, .squareRoot), rows: 1, cols: weight.cols)
+        order = backend.rankRows(backend.multiplyColumns(backend.map(weight, .abs), by: norms))
         let start = BESA.maximumEntropyLogits(mean: target)
         logits = Array((0..<groups).map { _ in start }.joined())
         firstMoment = [Double](repeating: 0, count: groups * k)
@@ -268,19 +241,15 @@ final class RowLearner {
     /// p = softmax(θ) and s̄ = Σ p_k s_k for every group.
     func refresh() {
         let k = BESA.steps + 1
-        logits.withUnsafeBufferPointer { th in
-            probabilities.withUnsafeMutableBufferPointer { p in
-                for g in 0..<groups {
-                    let t = th.baseAddress! + g * k, q = p.baseAddress! + g * k
-                    var m = -Double.infinity
-                    for i in 0..<k { m = max(m, t[i]) }
-                    var sum = 0.0
-                    for i in 0..<k { q[i] = exp(t[i] - m); sum += q[i] }
-                    var mean = 0.0
-                    for i in 0..<k { q[i] /= sum; mean += q[i] * Double(i) / Double(BESA.steps) }
-                    groupSparsity[g] = mean
-                }
-            }
+        for g in 0..<groups {
+            let base = g * k
+            var m = -Double.infinity
+            for i in 0..<k { m = max(m, logits[base + i]) }
+            var sum = 0.0
+            for i in 0..<k { probabilities[base + i] = exp(logits[base + i] - m); sum += probabilities[base + i] }
+            var mean = 0.0
+            for i in 0..<k { probabilities[base + i] /= sum; mean += probabilities[base + i] * Double(i) / Double(BESA.steps) }
+            groupSparsity[g] = mean
         }
     }
 
@@ -296,60 +265,23 @@ final class RowLearner {
 
     func prunedCount(shift: Double) -> Int { rowCounts(shift: shift).reduce(0, +) }
 
-    /// true where the mask removes a weight.
-    func pruneMask(_ counts: [Int]) -> [Bool] {
-        var mask = [Bool](repeating: false, count: rows * cols)
-        for r in 0..<rows { for j in 0..<counts[r] { mask[r * cols + Int(order[r * cols + j])] = true } }
-        return mask
-    }
-
     /// W ⊙ M_hard for the current logits.
-    func maskedWeight() -> Matrix {
-        var w = weight
-        let counts = rowCounts(shift: 0)
-        let cols = self.cols
-        w.withUnsafeMutableBufferPointer { p in
-            order.withUnsafeBufferPointer { o in
-                for r in 0..<rows {
-                    let row = p.baseAddress! + r * cols, ranked = o.baseAddress! + r * cols
-                    for j in 0..<counts[r] { row[Int(ranked[j])] = 0 }
-                }
-            }
-        }
+    func maskedWeight() -> Tensor {
+        let w = backend.copy(weight)
+        backend.zeroMasked(w, mask: backend.rankedMask(order: order, counts: rowCounts(shift: 0)))
         return w
     }
 
     /// ∂L/∂θ from ∂L/∂W_eff: through the straight-through mask to p, plus the penalty's
     /// `penaltySlope`·s_k per row, through the softmax to θ.
-    func logitGradient(weightGradient dW: Matrix, penaltySlope: Double) -> [Double] {
+    func logitGradient(weightGradient dW: Tensor, penaltySlope: Double) -> [Double] {
         let k = BESA.steps + 1
+        // ∂L/∂p_rk = −Σ_{j<N_k} (G⊙W)[r, order_j] + slope·s_k.
+        let prefix = backend.rankedPrefixSums(dW, weight, order: order, at: candidateCounts)
         var dp = [Double](repeating: 0, count: groups * k)
-        let cols = self.cols
-        dW.withUnsafeBufferPointer { g in
-            weight.withUnsafeBufferPointer { w in
-                order.withUnsafeBufferPointer { o in
-                    candidateCounts.withUnsafeBufferPointer { counts in
-                        dp.withUnsafeMutableBufferPointer { d in
-                            for r in 0..<rows {
-                                let gr = g.baseAddress! + r * cols, wr = w.baseAddress! + r * cols, ranked = o.baseAddress! + r * cols
-                                let dr = d.baseAddress! + group(r) * k
-                                // ∂L/∂p_rk = −Σ_{j<N_k} (G⊙W)[r, order_j] + slope·s_k.
-                                var prefix = 0.0
-                                var next = 0
-                                for j in 0...cols {
-                                    while next < k && counts[next] == j {
-                                        dr[next] += -prefix + penaltySlope * Double(next) / Double(BESA.steps)
-                                        next += 1
-                                    }
-                                    if j == cols { break }
-                                    let c = Int(ranked[j])
-                                    prefix += Double(gr[c]) * Double(wr[c])
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+        for r in 0..<rows {
+            let base = group(r) * k
+            for i in 0..<k { dp[base + i] += -prefix[r * k + i] + penaltySlope * Double(i) / Double(BESA.steps) }
         }
         for g in 0..<groups {
             let base = g * k
@@ -361,7 +293,7 @@ final class RowLearner {
     }
 
     /// One Adam step on θ.
-    func step(weightGradient dW: Matrix, penaltySlope: Double, learningRate: Double, step t: Int) {
+    func step(weightGradient dW: Tensor, penaltySlope: Double, learningRate: Double, step t: Int) {
         let gradient = logitGradient(weightGradient: dW, penaltySlope: penaltySlope)
         let (b1, b2, eps) = (Self.beta1, Self.beta2, Self.epsilon)
         let correction1 = 1 - pow(b1, Double(t)), correction2 = 1 - pow(b2, Double(t))

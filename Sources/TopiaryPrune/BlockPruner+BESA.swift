@@ -6,8 +6,8 @@ extension BlockPruner {
     /// BESA for one block: each calibration sequence's input is the pruned-so-far stream; the
     /// output to reconstruct is the dense block's output on it (`--targets sequential`), or the
     /// dense model's own output of this block (`--targets dense`, from `targets`).
-    func pruneBESA(block: DecoderBlock, inputs: ActivationStore, denseOutputs: ActivationStore, targets: ActivationStore?,
-                   stats: [String: LayerStatistics], sequenceLength: Int) throws -> BESA.Result {
+    func pruneBESA(_ block: DeviceBlock, inputs: ActivationStore, denseOutputs: ActivationStore, targets: ActivationStore?,
+                   stats: [String: LayerStatistics], sequenceLength: Int) throws -> (weights: [String: Tensor], summary: BESA.Summary) {
         guard case .unstructured(let sparsity) = plan.pattern else {
             throw PruneError.invalidOption("BESA learns unstructured sparsity; give --sparsity, not --pattern \(plan.pattern)")
         }
@@ -17,19 +17,20 @@ extension BlockPruner {
             let rope = block.config.ropeTable(positions: sequenceLength)
             reconstructionTargets = inputs.makeSibling()
             for s in 0..<targets.count {
-                try reconstructionTargets.set(s, block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope))
+                try reconstructionTargets.set(s, block.forward(try targets.tensor(s), sequenceLength: sequenceLength, rope: rope))
             }
         }
-        let keys = Self.statisticsKeys(block)
+        let keys = Self.statisticsKeys(block.inputGroups)
         func statistics(_ name: String) throws -> LayerStatistics {
             guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
             return st
         }
-        return try BESA.prune(block: block, samples: inputs.count, sequenceLength: sequenceLength,
-                              sample: { s in (try inputs.get(s), try reconstructionTargets.get(s)) },
-                              inputSquaredNorms: { try statistics($0).squaredNorms }, hessian: { try statistics($0).hessian },
-                              target: sparsity, options: plan.besa ?? BESA.Options(), sparseGPT: plan.sparseGPT, backend: backend)
+        let r = try BESA.prune(block: block, samples: inputs.count, sequenceLength: sequenceLength,
+                               sample: { s in (try inputs.tensor(s), try reconstructionTargets.tensor(s)) },
+                               inputSquaredNorms: { try statistics($0).squaredNormsTensor }, hessian: { try statistics($0).hessianTensor },
+                               target: sparsity, options: plan.besa ?? BESA.Options(), sparseGPT: plan.sparseGPT)
+        return (r.weights, r.summary)
     }
 }

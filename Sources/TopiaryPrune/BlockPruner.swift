@@ -90,25 +90,40 @@ public struct BlockPruner: Sendable {
 
     /// Linear layers that read the same input share statistics (q/k/v; gate/up): each linear's
     /// statistics are kept under the first linear of its family's input group.
-    static func statisticsKeys(_ block: DecoderBlock) -> [String: String] {
+    static func statisticsKeys(_ inputGroups: [[String]]) -> [String: String] {
         var keys: [String: String] = [:]
-        for group in block.inputGroups { for name in group { keys[name] = group[0] } }
+        for group in inputGroups { for name in group { keys[name] = group[0] } }
         return keys
     }
 
-    /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] matrix per
+    /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] tensor per
     /// calibration sequence; returns the pruned block, its outputs on the same inputs, and a report.
-    /// `targets`, for SparseLLM with dense targets: the dense model's inputs to this block.
+    /// `targets`, for SparseLLM and BESA with dense targets: the dense model's inputs to this block.
+    ///
+    /// The block's tensors go to the backend once; from there to the pruned weights, nothing
+    /// crosses to the host (`withoutTransfers`) unless a store spills to its file. The pruned
+    /// weights come back at the end.
     public func prune(block: DecoderBlock, inputs: ActivationStore, targets: ActivationStore? = nil,
                       sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
+        let device = block.on(backend)
+        let spills = !inputs.fitsInMemory
+        let body = { try self.prune(device, block: block, inputs: inputs, targets: targets, sequenceLength: sequenceLength) }
+        let (weights, outputs, report) = spills ? try body() : try backend.withoutTransfers("block \(block.index)", body)
+        var pruned = block
+        for (name, w) in weights { pruned.tensors[name + ".weight"] = backend.download(w) }
+        return (pruned, outputs, report)
+    }
+
+    private func prune(_ device: DeviceBlock, block: DecoderBlock, inputs: ActivationStore, targets: ActivationStore?,
+                       sequenceLength: Int) throws -> (weights: [String: Tensor], outputs: ActivationStore, report: BlockReport) {
         let start = Date()
         let rope = block.config.ropeTable(positions: sequenceLength)
-        let keys = Self.statisticsKeys(block)
+        let keys = Self.statisticsKeys(block.inputGroups)
         let feedForwards = block.feedForwards
         let ffnInputLinears = Set(feedForwards.map(\.inputLinear))
         let collectsFFNInputs = plan.method == .sparsellm
         let experts = plan.expertCalibration ?? .routed
-        var ffnInputs: [String: [Matrix]] = [:]
+        var ffnInputs: [String: [Tensor]] = [:]
         var tokensSeen: [String: Int] = [:]
         var profile = BlockProfile()
         let forwardFLOPs = BlockProfile.forwardFLOPs(block.config, sequences: inputs.count, sequenceLength: sequenceLength)
@@ -119,7 +134,7 @@ public struct BlockPruner: Sendable {
         var spillMark = Self.spillSeconds(inputs, targets)
         var phaseStart = Date()
         for s in 0..<inputs.count {
-            let y = block.forward(try inputs.get(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+            let y = device.forward(try inputs.tensor(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
                 if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
                 guard keys[name] == name else { return }
                 let t0 = Date()
@@ -137,7 +152,7 @@ public struct BlockPruner: Sendable {
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
             for s in 0..<targets.count {
-                _ = block.forward(try targets.get(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+                _ = device.forward(try targets.tensor(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
                     if ffnInputLinears.contains(name) { ffnInputs[name, default: []].append(x) }
                 }
             }
@@ -152,13 +167,12 @@ public struct BlockPruner: Sendable {
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
         for name in block.linearNames where stats[keys[name] ?? name] == nil {
-            stats[keys[name] ?? name] = LayerStatistics(columns: block.weight(name).cols, backend: backend)
+            stats[keys[name] ?? name] = LayerStatistics(columns: device.weight(name).cols, backend: backend)
         }
         // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
-        var pruned = block
+        var prunedWeights: [String: Tensor] = [:]
         var linears: [LinearReport] = []
-        var joint: [String: Matrix] = [:]
-        var jointTensors: [String: Tensor] = [:]
+        var joint: [String: Tensor] = [:]
         var jointSeconds: [String: Double] = [:]
         var jointReports: [SparseLLM.IterationReport]?
         var jointChosen: Int?
@@ -168,7 +182,7 @@ public struct BlockPruner: Sendable {
         var solveFLOPs = 0.0, errorSeconds = 0.0, errorFLOPs = 0.0
         if plan.method == .besa {
             let t0 = Date()
-            let r = try pruneBESA(block: block, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
+            let r = try pruneBESA(device, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
             joint = r.weights
             besaSummary = r.summary
             let seconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
@@ -180,24 +194,22 @@ public struct BlockPruner: Sendable {
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
-                let x = backend.upload(Matrix.vstack(parts))
+                let x = Self.stack(parts, on: backend)
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
                 let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
-                func weight(_ name: String) -> Tensor { backend.upload(block.weight(name)) }
-                func bias(_ name: String) -> Tensor { backend.upload(block.bias(name)!) }
                 switch ffn {
                 case .gated(let gate, let up, let down):
-                    let r = try SparseLLM.pruneLlama(x: x, gate: weight(gate), up: weight(up), down: weight(down), pattern: plan.pattern,
-                                                     sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama, what: what, on: backend)
+                    let r = try SparseLLM.pruneLlama(x: x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
+                                                     pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
+                                                     what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                 case .plain(let fc1, let fc2):
-                    let r = try SparseLLM.pruneOPT(x: x, fc1: weight(fc1), bias1: bias(fc1), fc2: weight(fc2), bias2: bias(fc2),
-                                                   pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .opt,
-                                                   what: what, on: backend)
+                    let r = try SparseLLM.pruneOPT(x: x, fc1: device.weight(fc1), bias1: device.bias(fc1)!, fc2: device.weight(fc2),
+                                                   bias2: device.bias(fc2)!, pattern: plan.pattern, sparseGPT: plan.sparseGPT,
+                                                   options: plan.sparseLLM ?? .opt, what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
                 }
-                jointTensors.merge(result.weights) { $1 }
-                joint.merge(result.weights.mapValues { backend.download($0) }) { $1 }
+                joint.merge(result.weights) { $1 }
                 if feedForwards.count == 1 {
                     jointReports = result.iterations
                     jointChosen = result.chosen
@@ -208,19 +220,14 @@ public struct BlockPruner: Sendable {
         }
         for name in block.linearNames {
             let t0 = Date()
-            let w = block.weight(name)
+            let weight = device.weight(name)
             guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
             }
-            // The weight goes to the backend, is solved there, and only the result comes back.
-            let weight = backend.upload(w)
-            let newWeight: Matrix
-            let prunedWeight: Tensor
+            let solved: Tensor
             if let j = joint[name] {
-                newWeight = j
-                prunedWeight = jointTensors[name] ?? backend.upload(j)
+                solved = j
             } else {
-                let solved: Tensor
                 switch plan.method {
                 case .magnitude: solved = MagnitudePruner.prune(weight, pattern: plan.pattern, on: backend)
                 case .wanda: solved = WandaPruner.prune(weight, inputSquaredNorms: st.squaredNormsTensor, pattern: plan.pattern, on: backend)
@@ -228,21 +235,18 @@ public struct BlockPruner: Sendable {
                 case .sparsegpt, .sparsellm:
                     solved = try SparseGPTPruner.prune(weight, hessian: st.hessianTensor, pattern: plan.pattern, options: plan.sparseGPT,
                                                        what: name, on: backend).weight
-                    solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: w.rows, cols: w.cols)
+                    solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols)
                 }
-                prunedWeight = solved
-                newWeight = backend.download(solved)
             }
-            pruned.tensors[name + ".weight"] = newWeight
+            prunedWeights[name] = solved
             let seconds = jointSeconds[name] ?? Date().timeIntervalSince(t0)
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
             let errorStart = Date()
-            linears.append(Self.report(name: name, dense: weight, pruned: prunedWeight, prunedZeros: newWeight.zeroCount,
-                                       stats: st, seconds: seconds))
+            linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: seconds))
             errorSeconds += Date().timeIntervalSince(errorStart)
             // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
-            errorFLOPs += 3 * (2 * Double(w.rows) * Double(w.cols) * Double(w.cols + 1))
+            errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
         }
         do {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
@@ -252,24 +256,21 @@ public struct BlockPruner: Sendable {
             profile.add(.solve, seconds: max(0, Date().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.
+        let pruned = device.replacing(weights: prunedWeights)
         let outputs = inputs.makeSibling()
         var num = 0.0, den = 0.0
         spillMark = Self.spillSeconds(inputs, denseOutputs, outputs)
         phaseStart = Date()
         var prunedForwardSeconds = 0.0
         for s in 0..<inputs.count {
-            let x = try inputs.get(s)
+            let x = try inputs.tensor(s)
             let forwardStart = Date()
             let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
             prunedForwardSeconds += Date().timeIntervalSince(forwardStart)
-            guard y.allFinite else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
-            let dense = try denseOutputs.get(s)
-            var diff = y
-            diff.withUnsafeMutableBufferPointer { pd in
-                dense.withUnsafeBufferPointer { px in for i in pd.indices { pd[i] -= px[i] } }
-            }
-            num += diff.squaredNorm
-            den += dense.squaredNorm
+            guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
+            let dense = try denseOutputs.tensor(s)
+            num += backend.chunkedSquaredDistance(y, dense)
+            den += backend.chunkedDot(dense, dense)
             try outputs.set(s, y)
         }
         do {
@@ -284,7 +285,19 @@ public struct BlockPruner: Sendable {
                                  besa: besaSummary,
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
         report.profile = profile
-        return (pruned, outputs, report)
+        return (prunedWeights, outputs, report)
+    }
+
+    /// The parts one under another, as one tensor on `backend`.
+    static func stack(_ parts: [Tensor], on backend: any ComputeBackend) -> Tensor {
+        if parts.count == 1 { return parts[0] }
+        let x = backend.zeros(rows: parts.reduce(0) { $0 + $1.rows }, cols: parts[0].cols)
+        var row = 0
+        for part in parts {
+            backend.copy(part.all, into: x.region(rows: row..<(row + part.rows)))
+            row += part.rows
+        }
+        return x
     }
 
     /// Seconds the stores have spent on their spill files so far.
@@ -293,17 +306,18 @@ public struct BlockPruner: Sendable {
     }
 
     /// The errors of one linear's mask and of its final weights, on the backend of `stats`.
-    static func report(name: String, dense w: Tensor, pruned: Tensor, prunedZeros: Int, stats: LayerStatistics,
-                       seconds: Double) -> LinearReport {
+    static func report(name: String, dense w: Tensor, pruned: Tensor, stats: LayerStatistics, seconds: Double) -> LinearReport {
         let backend = stats.backend
         let reference = stats.quadraticForm(w)
+        let kept = backend.map(pruned, .nonZero)
         let maskOnly = backend.copy(w)                  // W − W⊙M: the removed weights
-        backend.zeroMasked(maskOnly, mask: backend.map(pruned, .nonZero))
+        backend.zeroMasked(maskOnly, mask: kept)
         let delta = backend.copy(w)                     // W − Ŵ
         backend.axpy(-1, pruned, delta)
         let denom = reference > 0 ? reference : 1
+        let zeros = Double(w.count) - backend.sum(kept)
         return LinearReport(name: name, rows: w.rows, columns: w.cols,
-                            sparsity: Double(prunedZeros) / Double(w.count),
+                            sparsity: zeros / Double(w.count),
                             errorBefore: stats.quadraticForm(maskOnly) / denom,
                             errorAfter: stats.quadraticForm(delta) / denom, seconds: seconds)
     }

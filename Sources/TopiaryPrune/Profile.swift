@@ -74,17 +74,18 @@ public struct PhaseTimer {
     }
 }
 
-/// The machine's sgemm rate in FLOP/s: the best of three [n x n]·[n x n]ᵀ products through Linalg.
+/// The backend's sgemm rate in FLOP/s: the best of three [n x n]·[n x n]ᵀ products.
 public enum SgemmRate {
-    public static func measure(size n: Int = 1024) -> Double {
+    public static func measure(size n: Int = 1024, on backend: any ComputeBackend = CPUBackend()) -> Double {
         var a = Matrix(rows: n, cols: n), b = Matrix(rows: n, cols: n)
         a.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 7) * 0.25 - 0.75 } }
         b.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 5) * 0.5 - 1 } }
-        _ = Linalg.linear(a, b)
+        let (x, w) = (backend.upload(a), backend.upload(b))
+        _ = backend.linear(x, w)
         var best = Double.infinity
         for _ in 0..<3 {
             let t0 = Date()
-            _ = Linalg.linear(a, b)
+            _ = backend.linear(x, w)
             best = min(best, Date().timeIntervalSince(t0))
         }
         return 2 * Double(n) * Double(n) * Double(n) / max(best, 1e-9)

@@ -126,9 +126,9 @@ public struct RangePruner: Sendable {
 
     /// An empty activation store for this job. Three stores live at once (inputs, dense outputs,
     /// pruned outputs), so each gets a third of the memory budget.
-    public static func store(job: PruneJob, config: ModelConfig) -> ActivationStore {
+    public static func store(job: PruneJob, config: ModelConfig, backend: any ComputeBackend = ComputeDevices.defaultBackend) -> ActivationStore {
         ActivationStore(count: job.samples, rows: job.sequenceLength, cols: config.hiddenSize,
-                        budgetBytes: job.memoryBudget / 3, spillDirectory: job.workDirectory)
+                        budgetBytes: job.memoryBudget / 3, spillDirectory: job.workDirectory, backend: backend)
     }
 
     /// Prunes (or, outside --layers, runs) blocks `range` in order. `onBlock` receives each block's
@@ -177,8 +177,9 @@ public struct RangePruner: Sendable {
 
     func forward(_ block: DecoderBlock, _ inputs: ActivationStore, rope: Kernels.RopeTable) throws -> ActivationStore {
         let outputs = inputs.makeSibling()
+        let device = block.on(inputs.backend)
         for s in 0..<inputs.count {
-            try outputs.set(s, block.forward(try inputs.get(s), sequenceLength: job.sequenceLength, rope: rope))
+            try outputs.set(s, device.forward(try inputs.tensor(s), sequenceLength: job.sequenceLength, rope: rope))
         }
         return outputs
     }

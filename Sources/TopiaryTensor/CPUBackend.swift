@@ -11,6 +11,12 @@ public struct CPUBackend: ComputeBackend {
     public init() {}
     public var name: String { "cpu (OpenBLAS, \(Linalg.threadCount) threads)" }
 
+    /// Threads that the CPU backend's tiles and chunks run on (`--threads`); no result depends on it.
+    public static var threadCount: Int { Linalg.threadCount }
+    public static func setThreadCount(_ n: Int) { Linalg.setThreadCount(n) }
+    /// OpenBLAS's description of its build (version, target kernel, threading).
+    public static var libraryConfig: String { Linalg.openBLASConfig }
+
     // MARK: Memory and transfers
 
     public func upload(_ matrix: Matrix) -> Tensor { tensor(matrix) }

@@ -44,6 +44,10 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return try body()
     }
 
+    public func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R {
+        try forbidTransfers(label, body)
+    }
+
     // MARK: Memory and transfers
 
     public func upload(_ matrix: Matrix) -> Tensor {
@@ -353,16 +357,18 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return value
     }
 
-    private func require(_ condition: Bool, _ message: @autoclosure () -> String) {
+    func require(_ condition: Bool, _ message: @autoclosure () -> String) {
         if !condition { preconditionFailure("CheckingBackend: \(message())") }
     }
 
-    private func record(_ op: String, flops: Double = 0) {
+    func record(_ op: String, flops: Double = 0) {
         lock.withLock {
             tally.calls[op, default: 0] += 1
             tally.flops += flops
         }
     }
+
+    func violationFromExtension(_ message: String) { violation(message) }
 
     private func violation(_ message: String) {
         lock.withLock { recorded.append(message) }
@@ -375,7 +381,7 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         }
     }
 
-    private func finite(_ op: String, _ t: Tensor) {
+    func finite(_ op: String, _ t: Tensor) {
         if !inner.allFinite(t) { violation("\(op): \(t) has non-finite values") }
     }
 

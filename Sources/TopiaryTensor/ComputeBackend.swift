@@ -125,6 +125,77 @@ public protocol ComputeBackend: Sendable {
     /// LLaMA's gate pre-activation s: per element, up to `steps` safeguarded Newton steps on
     /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, in place.
     func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
+
+    /// Runs `body`, a stretch in which the caller moves nothing to or from the host (a block
+    /// between its inputs and its outputs). `CheckingBackend` records any transfer inside as a
+    /// violation; other backends just run `body`.
+    func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R
+
+    // MARK: BESA kernels (BESA.swift derives them)
+
+    /// Each row's columns in ascending order of score, equal scores by column (a stable sort), as
+    /// column indices held exactly in Float32 (rows x cols; cols at most 2^24).
+    func rankRows(_ scores: Tensor) -> Tensor
+    /// Mask of the first counts[r] columns of row r in `order` (1 = pruned).
+    func rankedMask(order: Tensor, counts: [Int]) -> Tensor
+    /// For each row r and each count n of `counts` (ascending): Σ_{j<n} G[r, order_j]·W[r, order_j],
+    /// each product and the sum in Float64, j in order; returned to the host row by row
+    /// (rows x counts.count values: BESA's small per-row state, not the block's data).
+    func rankedPrefixSums(_ gradient: Tensor, _ weight: Tensor, order: Tensor, at counts: [Int]) -> [Double]
+    /// BESA's reconstruction loss of one sequence, L = (1/C) Σ_{t,c} (Y − Ŷ)²_tc / σ_c with
+    /// σ_c = Σ_t Y²_tc (Float64, tokens in order; 1 where zero), and ∂L/∂Ŷ = −2(Y − Ŷ)/(σ_c C).
+    func channelNormalizedError(target: Tensor, prediction: Tensor) -> (loss: Double, gradient: Tensor)
+
+    // MARK: Model kernels (ModelKernels.swift: the decoder blocks' forward and backward)
+
+    /// y[i] += x[i], in place.
+    func add(_ x: Tensor, into y: Tensor)
+    /// y[r, c] += v[c] (v is 1 x cols: a bias), in place.
+    func addRowVector(_ v: Tensor, into y: Tensor)
+    /// The same elements as a rows x cols tensor (rows·cols unchanged). Treat it as a new tensor:
+    /// whether it shares memory with `x` is the backend's choice.
+    func reshaped(_ x: Tensor, rows: Int, cols: Int) -> Tensor
+    /// Each row x·w/sqrt(mean(x²) + eps) (w is 1 x cols; the sum of squares in 16-lane order).
+    func rmsNorm(_ x: Tensor, weight: Tensor, eps: Float) -> Tensor
+    /// Each row (x − mean)/sqrt(var + eps)·w (+ b), the biased variance, as PyTorch.
+    func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) -> Tensor
+    /// ∂L/∂x of `rmsNorm` given ∂L/∂y.
+    func rmsNormBackward(input: Tensor, weight: Tensor, eps: Float, outputGradient: Tensor) -> Tensor
+    /// ∂L/∂x of `layerNorm` given ∂L/∂y.
+    func layerNormBackward(input: Tensor, weight: Tensor, eps: Float, outputGradient: Tensor) -> Tensor
+    /// Rotary embeddings on x [tokens x heads·headDim] in place, row r at position r mod
+    /// sequenceLength; `inverse` rotates back (the transpose, for the backward).
+    func rope(_ x: Tensor, heads: Int, headDim: Int, sequenceLength: Int, table: Kernels.RopeTable, layout: RopeLayout, inverse: Bool)
+    /// Causal multi-head attention with grouped key/value heads: softmax(scale·q kᵀ, masked) v per head.
+    func attention(q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, options: AttentionOptions) -> Tensor
+    /// Gradients of q, k and v from ∂L/∂output; the probabilities are recomputed as the forward
+    /// computed them. With grouped heads, each k/v head sums its query heads' gradients.
+    func attentionBackward(q: Tensor, k: Tensor, v: Tensor, outputGradient: Tensor, shape: AttentionShape,
+                           options: AttentionOptions) -> (dq: Tensor, dk: Tensor, dv: Tensor)
+    /// act(gate) ⊙ up as a new tensor.
+    func gatedActivation(gate: Tensor, up: Tensor, _ activation: GatedActivation) -> Tensor
+    /// ∂L/∂gate and ∂L/∂up of `gatedActivation` given ∂L/∂output.
+    func gatedActivationBackward(_ outputGradient: Tensor, gate: Tensor, up: Tensor,
+                                 _ activation: GatedActivation) -> (gate: Tensor, up: Tensor)
+    /// d[i] = 0 where !(input[i] > 0), in place: the ReLU's backward.
+    func reluBackward(_ d: Tensor, input: Tensor)
+    /// x[i] = cap·tanh(x[i]/cap), in place (Gemma-2's final logits).
+    func softcap(_ x: Tensor, cap: Float)
+    /// The router's softmax over each row of `logits` and each row's `topK` most probable experts
+    /// (ties to the lower index), their weights renormalised over the chosen when `normalize`.
+    /// The choices come back to the host: they are the control flow of the experts' GEMMs.
+    func route(_ logits: Tensor, topK: Int, normalize: Bool) -> Routing
+    /// Rows `rows` of x, in that order, as a new tensor.
+    func gatherRows(_ x: Tensor, _ rows: [Int]) -> Tensor
+    /// out[rows[j]] += round(scales[j]·x[j]) for each row j of x, in place.
+    func scatterAddRows(_ x: Tensor, rows: [Int], scales: [Float], into out: Tensor)
+    /// x[j] *= scales[j] for each row j, in place.
+    func scaleRows(_ x: Tensor, by scales: [Float])
+    /// dWeights[rows[j], slots[j]] += ⟨outputGradient[j], expertOutput[j]⟩ (Float32, columns in
+    /// order), in place: the routing weights' gradient from one expert's rows.
+    func accumulateRoutingGradient(outputGradient: Tensor, expertOutput: Tensor, rows: [Int], slots: [Int], into dWeights: Tensor)
+    /// ∂L/∂(router logits) [tokens x experts] from ∂L/∂(routing weights) [tokens x topK].
+    func routerLogitGradient(_ dWeights: Tensor, routing: Routing, normalize: Bool) -> Tensor
 }
 
 /// Functions applied element by element.
@@ -135,6 +206,8 @@ public enum ElementwiseFunction: String, Sendable {
 }
 
 extension ComputeBackend {
+    public func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R { try body() }
+
     /// A * B as a new tensor.
     public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { matmul(a, .none, b, .none) }
 

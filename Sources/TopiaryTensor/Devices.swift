@@ -84,7 +84,7 @@ public enum ComputeDevices {
         let cpu = CPUBackend()
         return [
             Description(device: "cpu", available: true,
-                        detail: "\(cpu.name); \(ProcessInfo.processInfo.activeProcessorCount) cores; \(Linalg.openBLASConfig)"),
+                        detail: "\(cpu.name); \(ProcessInfo.processInfo.activeProcessorCount) cores; \(CPUBackend.libraryConfig)"),
             Description(device: "cuda", available: false,
                         detail: "no CUDA backend in this build; driver \(cudaDriverLibrary) \(cudaDriverFound ? "found" : "not found")"),
         ]

@@ -8,21 +8,21 @@ public enum Parallel {
     public static let chunk = 1 << 16
 
     /// Calls `body` on consecutive ranges of `chunk` elements (the last one shorter) covering
-    /// 0..<count, concurrently over `Linalg.threadCount` threads.
+    /// 0..<count, concurrently over `CPUBackend.threadCount` threads.
     public static func forEach(_ count: Int, chunk: Int = Parallel.chunk, _ body: (Range<Int>) -> Void) {
         precondition(chunk > 0)
         let chunks = (count + chunk - 1) / chunk
-        if chunks <= 1 || Linalg.threadCount <= 1 {
+        if chunks <= 1 || CPUBackend.threadCount <= 1 {
             for c in 0..<chunks { body((c * chunk)..<min(count, (c + 1) * chunk)) }
             return
         }
         withoutActuallyEscaping(body) { body in
             let box = UnsafeSendable(body)
-            DispatchQueue.concurrentPerform(iterations: min(Linalg.threadCount, chunks)) { worker in
+            DispatchQueue.concurrentPerform(iterations: min(CPUBackend.threadCount, chunks)) { worker in
                 var c = worker
                 while c < chunks {
                     box.value((c * chunk)..<min(count, (c + 1) * chunk))
-                    c += Linalg.threadCount
+                    c += CPUBackend.threadCount
                 }
             }
         }

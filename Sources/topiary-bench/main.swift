@@ -30,11 +30,20 @@ func randomMatrix(_ r: Int, _ c: Int, seed: UInt64) -> Matrix {
     }
 }
 
+/// The CPU backend, which every benchmark here measures (Linalg is reached only through it).
+let cpu = CPUBackend()
+
+/// x · Wᵀ on the host, through the CPU backend.
+func hostLinear(_ x: Matrix, _ w: Matrix) -> Matrix { cpu.download(cpu.linear(cpu.upload(x), cpu.upload(w))) }
+
+/// A · B on the host, through the CPU backend.
+func hostMatmul(_ a: Matrix, _ b: Matrix) -> Matrix { cpu.download(cpu.matmul(cpu.upload(a), cpu.upload(b))) }
+
 /// sgemm GFLOP/s for C[m x n] = A[m x k] Bᵀ (the linear-layer shape).
 func sgemmRate(m: Int, n: Int, k: Int) -> Double {
     let a = randomMatrix(m, k, seed: 1), b = randomMatrix(n, k, seed: 2)
-    _ = Linalg.linear(a, b)
-    let t = best(3) { _ = Linalg.linear(a, b) }
+    _ = hostLinear(a, b)
+    let t = best(3) { _ = hostLinear(a, b) }
     return 2.0 * Double(m * n * k) / t / 1e9
 }
 
@@ -50,7 +59,7 @@ func benchForward(_ args: [String]) throws {
     let model = try LanguageModel.open(path: path)
     let c = model.config
     print("model \(path)")
-    print("  hidden \(c.hiddenSize), ffn \(c.intermediateSize), heads \(c.headCount)/\(c.kvHeadCount), seqlen \(seqlen), BLAS threads \(Linalg.threadCount)")
+    print("  hidden \(c.hiddenSize), ffn \(c.intermediateSize), heads \(c.headCount)/\(c.kvHeadCount), seqlen \(seqlen), BLAS threads \(CPUBackend.threadCount)")
 
     // The machine's sgemm rate on the block's own GEMM shapes, and on a large square product.
     let shapes = [(seqlen, c.queryDim, c.hiddenSize), (seqlen, c.kvDim, c.hiddenSize), (seqlen, c.intermediateSize, c.hiddenSize),
@@ -86,7 +95,7 @@ func benchForward(_ args: [String]) throws {
         // The projections alone (the GEMM-heavy part), on inputs of their real shapes.
         let inputs = block.linearNames.map { randomMatrix(seqlen, block.weight($0).cols, seed: 4) }
         projectionSeconds += best(3) {
-            for (name, input) in zip(block.linearNames, inputs) { _ = Linalg.linear(input, block.weight(name)) }
+            for (name, input) in zip(block.linearNames, inputs) { _ = hostLinear(input, block.weight(name)) }
         }
     }
     forwardSeconds /= Double(blocks)
@@ -109,7 +118,7 @@ func benchSparseGPT(_ args: [String]) throws {
     let model = try LanguageModel.open(path: path)
     let block = try model.loadBlock(0)
     let c = model.config
-    print("model \(path), block 0, Hessians from \(tokens) tokens, BLAS threads \(Linalg.threadCount)")
+    print("model \(path), block 0, Hessians from \(tokens) tokens, BLAS threads \(CPUBackend.threadCount)")
     var peak = sgemmRate(m: 2048, n: 2048, k: 2048)
     for n in Set([c.hiddenSize, c.intermediateSize]) { peak = max(peak, sgemmRate(m: c.intermediateSize, n: n, k: n)) }
     print(String(format: "  measured sgemm rate: %.1f GFLOP/s", peak))
@@ -122,7 +131,7 @@ func benchSparseGPT(_ args: [String]) throws {
         if hessians[n] == nil {
             // Correlated inputs with uneven feature scales, accumulated as the pruner does.
             let stats = LayerStatistics(columns: n)
-            let x = Linalg.matmul(randomMatrix(tokens, n / 4, seed: 5), randomMatrix(n / 4, n, seed: 6))
+            let x = hostMatmul(randomMatrix(tokens, n / 4, seed: 5), randomMatrix(n / 4, n, seed: 6))
             var noisy = x
             let noise = randomMatrix(tokens, n, seed: 7)
             noisy.withUnsafeMutableBufferPointer { p in noise.withUnsafeBufferPointer { q in for i in p.indices { p[i] += 0.1 * q[i] } } }
@@ -185,7 +194,7 @@ func benchSparseLLM(_ args: [String]) throws {
     var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
     let embedding = try model.loadEmbedding()
     for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
-    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, blocks 0..<\(blocks), BLAS threads \(Linalg.threadCount)")
+    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, blocks 0..<\(blocks), BLAS threads \(CPUBackend.threadCount)")
     print("  block   sparsegpt s   sparsellm s   ratio   block output error sparsegpt / sparsellm")
     var totals = (0.0, 0.0)
     for b in 0..<blocks {
@@ -224,7 +233,7 @@ func benchBESA(_ args: [String]) throws {
     var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
     let embedding = try model.loadEmbedding()
     for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
-    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, \(epochs) epoch(s), blocks 0..<\(blocks), BLAS threads \(Linalg.threadCount)")
+    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, \(epochs) epoch(s), blocks 0..<\(blocks), BLAS threads \(CPUBackend.threadCount)")
 
     // The machine's sgemm rate on the block's own GEMM shapes (as bench forward).
     let shapes = [(seqlen, c.queryDim, c.hiddenSize), (seqlen, c.kvDim, c.hiddenSize), (seqlen, c.intermediateSize, c.hiddenSize),
@@ -408,20 +417,20 @@ func threadCPUSeconds() -> Double {
 /// GFLOP/s of the dense routines at the shapes pruning uses (SmolLM2's and a Llama-3-8B's
 /// linears over 2048 tokens, their Hessians and factors), at `--threads` (default all cores).
 func benchLinalg(_ args: [String]) {
-    if let t = argument("threads", args).flatMap(Int.init) { Linalg.setThreadCount(t) }
-    print("threads \(Linalg.threadCount)")
+    if let t = argument("threads", args).flatMap(Int.init) { CPUBackend.setThreadCount(t) }
+    print("threads \(CPUBackend.threadCount)")
     for (m, n, k) in [(2048, 2048, 2048), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096), (2048, 14336, 4096), (512, 512, 64)] {
         print(String(format: "  sgemm %5d x %5d x %5d  %6.1f GFLOP/s", m, n, k, sgemmRate(m: m, n: n, k: k)))
     }
     for n in [576, 1536, 4096] {
-        let x = randomMatrix(2048, n, seed: 3)
-        var h = Matrix(rows: n, cols: n)
-        let ts = best(3) { Linalg.syrkAccumulate(x, alpha: 1, into: &h) }
-        var spd = Matrix(rows: n, cols: n)
-        Linalg.syrkAccumulate(x, alpha: 1 / 2048, into: &spd)
-        for i in 0..<n { spd[i, i] += 0.01 }
-        let tc = best(3) { _ = try? Linalg.cholesky(spd, upper: true) }
-        let ti = best(3) { _ = try? Linalg.inverseSPD(spd) }
+        let x = cpu.upload(randomMatrix(2048, n, seed: 3))
+        let h = cpu.zeros(rows: n, cols: n)
+        let ts = best(3) { cpu.syrkAccumulate(x, alpha: 1, into: h) }
+        let spd = cpu.zeros(rows: n, cols: n)
+        cpu.syrkAccumulate(x, alpha: 1 / 2048, into: spd)
+        cpu.addToDiagonal(spd, 0.01)
+        let tc = best(3) { _ = try? cpu.cholesky(spd, upper: true, what: "bench") }
+        let ti = best(3) { _ = try? cpu.inverseSPD(spd, what: "bench") }
         let nd = Double(n)
         print(String(format: "  n %5d  syrk(2048 rows) %6.1f GFLOP/s  cholesky %6.1f GFLOP/s  inverse %6.1f GFLOP/s",
                      n, 2048 * nd * nd / ts / 1e9, nd * nd * nd / 3 / tc / 1e9, nd * nd * nd / ti / 1e9))

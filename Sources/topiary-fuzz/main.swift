@@ -145,7 +145,7 @@ func limitMemory(_ mib: Int) {
 
 func runChild(_ o: Options) -> Never {
     limitMemory(o.memoryMiB)
-    Linalg.setThreadCount(1)
+    CPUBackend.setThreadCount(1)
     let target = o.targets[0]
     let work = o.work ?? makeWorkDirectory()
     for index in o.from..<o.to {
@@ -309,7 +309,7 @@ if options.checkSeeds {
 
 if let seed = options.replay {
     limitMemory(options.memoryMiB)
-    Linalg.setThreadCount(1)
+    CPUBackend.setThreadCount(1)
     let t = options.targets[0]
     let dir = options.save ?? makeWorkDirectory()
     try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

@@ -22,7 +22,7 @@ enum CommonOptions {
     static let device = OptionSpec(name: "device", value: "DEV", help: "compute backend: cpu (default) or cuda[:N]; 'topiary inspect --devices' lists what is found")
 
     static func apply(_ args: ParsedArguments) throws {
-        if let n = try args.int("threads", in: 1...Limits.threads) { Linalg.setThreadCount(n) }
+        if let n = try args.int("threads", in: 1...Limits.threads) { CPUBackend.setThreadCount(n) }
         if let text = args.string("device") {
             let device: ComputeDevice
             do { device = try ComputeDevice.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }

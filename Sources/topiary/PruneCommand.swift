@@ -400,8 +400,8 @@ enum PruneCommand: Command {
         let replayed = coordination == .admm ? Set<Int>() : Set((0..<c.layerCount).filter { !job.prunes($0) || finishedBlocks.contains($0) })
         var sgemmRate: Double?
         if profiles {
-            sgemmRate = SgemmRate.measure()
-            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, Linalg.threadCount))
+            sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
+            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, CPUBackend.threadCount))
         }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
         let pruneStart = Date()

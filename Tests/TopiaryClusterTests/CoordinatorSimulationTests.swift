@@ -79,9 +79,9 @@ final class CoordinatorSimulationTests: XCTestCase {
         CrashNote.install()
         defer { CrashNote.clear() }
         // The blocks are tiny: BLAS threads would only hand work to each other.
-        let threads = Linalg.threadCount
-        Linalg.setThreadCount(1)
-        defer { Linalg.setThreadCount(threads) }
+        let threads = CPUBackend.threadCount
+        CPUBackend.setThreadCount(1)
+        defer { CPUBackend.setThreadCount(threads) }
         sim.echoTrace = count == 1
         let faultsText = allowed.count == SimulatedFault.allCases.count ? "" : " TOPIARY_SIM_FAULTS=" + allowed.map(\.rawValue).sorted().joined(separator: ",")
         let started = Date()
@@ -134,9 +134,9 @@ final class CoordinatorFaultRegressionTests: XCTestCase {
     override func setUpWithError() throws {
         sim = CoordinatorSimulation(root: try makeTemporaryDirectory("coordinator-faults").path)
         // The blocks are tiny: BLAS threads would only hand work to each other.
-        let threads = Linalg.threadCount
-        Linalg.setThreadCount(1)
-        addTeardownBlock { Linalg.setThreadCount(threads) }
+        let threads = CPUBackend.threadCount
+        CPUBackend.setThreadCount(1)
+        addTeardownBlock { CPUBackend.setThreadCount(threads) }
     }
 
     /// Runs `setup` with `script` (worker index: its faults) and expects the undisturbed output.

@@ -90,12 +90,62 @@ final class BlockBackwardTests: XCTestCase {
         }
     }
 
+    /// Every family's forward and backward through a CheckingBackend: the CPU backend's bits,
+    /// every call's shapes checked and results finite, and no transfer between the block's
+    /// tensors going up and the gradients coming down.
+    func testEveryFamilyRunsOnTheCheckingBackendWithoutTransfers() {
+        let configs = [Self.config(.llama), Self.config(.llama, layout: .adjacentPairs), Self.config(.opt), Self.config(.opt, preLN: false),
+                       Self.config(.qwen2), Self.config(.qwen3), Self.config(.mistral), Self.config(.gemma2), Self.config(.mixtral),
+                       Self.config(.qwen3MoE)]
+        for (i, c) in configs.enumerated() {
+            let block = Self.randomBlock(c, seed: 40 + UInt64(i))
+            let x = Self.randomMatrix(Self.sequences * Self.sequenceLength, c.hiddenSize, seed: 50 + UInt64(i))
+            let dy = Self.randomMatrix(x.rows, x.cols, seed: 60 + UInt64(i))
+            let checking = CheckingBackend()
+            let device = block.on(checking)
+            let (input, gradient) = (checking.upload(x), checking.upload(dy))
+            let (y, grads) = checking.withoutTransfers("block") { () -> (Tensor, [String: Tensor]) in
+                let (y, tape) = device.forwardRecording(input, sequenceLength: Self.sequenceLength)
+                return (y, device.weightGradients(outputGradient: gradient, tape: tape))
+            }
+            XCTAssertEqual(checking.violations, [], "\(c.architecture)")
+            XCTAssertEqual(checking.counts.uploads, block.tensors.count + 2 + (c.family.rmsNormOffset != 0 ? 4 : 0), "\(c.architecture)")
+            XCTAssertEqual(checking.counts.downloads, 0, "\(c.architecture)")
+            let (tape, expected) = (block.forwardRecording(x, sequenceLength: Self.sequenceLength), block.forward(x, sequenceLength: Self.sequenceLength))
+            XCTAssertEqual(checking.download(y), expected, "\(c.architecture)")
+            let cpuGrads = block.weightGradients(outputGradient: dy, tape: tape.tape)
+            XCTAssertEqual(Set(grads.keys), Set(block.linearNames), "\(c.architecture)")
+            for name in block.linearNames { XCTAssertEqual(checking.download(grads[name]!), cpuGrads[name], "\(c.architecture) \(name)") }
+        }
+    }
+
+    /// A transfer inside a block's window is recorded as a violation naming the window.
+    func testATransferInsideTheBlockWindowIsAViolation() {
+        let c = Self.config(.llama)
+        let block = Self.randomBlock(c, seed: 70)
+        let checking = CheckingBackend()
+        let device = block.on(checking)
+        let x = checking.upload(Self.randomMatrix(Self.sequenceLength, c.hiddenSize, seed: 71))
+        checking.withoutTransfers("block 0") {
+            // A forward that brings its output to the host mid-block, as the old host-side pass did.
+            let y = device.forward(x, sequenceLength: Self.sequenceLength)
+            _ = checking.download(y)
+        }
+        XCTAssertEqual(checking.violations.count, 1)
+        XCTAssertTrue(checking.violations.first?.contains("'block 0'") ?? false, "\(checking.violations)")
+    }
+
     /// Attention with more than one query block (the backward recomputes P block by block).
     func testAttentionBackwardAcrossQueryBlocks() {
         let (t, heads, kvHeads, d) = (300, 2, 1, 4)
         let q = Self.randomMatrix(t, heads * d, seed: 31), k = Self.randomMatrix(t, kvHeads * d, seed: 32)
         let v = Self.randomMatrix(t, kvHeads * d, seed: 33), r = Self.randomMatrix(t, heads * d, seed: 34)
-        let (dq, dk, dv) = Attention.causalBackward(q: q, k: k, v: v, outputGradient: r, sequenceLength: t, heads: heads, kvHeads: kvHeads, headDim: d)
+        let backend = CheckingBackend()
+        let g = backend.attentionBackward(q: backend.upload(q), k: backend.upload(k), v: backend.upload(v), outputGradient: backend.upload(r),
+                                          shape: AttentionShape(sequenceLength: t, heads: heads, kvHeads: kvHeads, headDim: d),
+                                          options: .standard(headDim: d))
+        let (dq, dk, dv) = (backend.download(g.dq), backend.download(g.dk), backend.download(g.dv))
+        XCTAssertEqual(backend.violations, [])
         func loss(_ q: Matrix, _ k: Matrix, _ v: Matrix) -> Double {
             let o = ReferenceBlock.attention(q.values.map(Double.init), k.values.map(Double.init), v.values.map(Double.init),
                                              tokens: t, sequenceLength: t, heads: heads, kvHeads: kvHeads, headDim: d)

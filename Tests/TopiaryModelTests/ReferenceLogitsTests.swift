@@ -76,7 +76,8 @@ final class ReferenceLogitsTests: XCTestCase {
             let block = try model.loadBlock(1)
             var seen: [(String, Int, Int)] = []
             let x = Matrix(rows: 8, cols: model.config.hiddenSize, repeating: 0.1)
-            _ = block.forward(x, sequenceLength: 4) { name, input in seen.append((name, input.rows, input.cols)) }
+            let backend = CPUBackend()
+            _ = block.on(backend).forward(backend.upload(x), sequenceLength: 4) { name, input in seen.append((name, input.rows, input.cols)) }
             XCTAssertEqual(seen.map(\.0), block.linearNames, fixture)
             for (name, rows, cols) in seen {
                 XCTAssertEqual(rows, 8)

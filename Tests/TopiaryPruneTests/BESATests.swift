@@ -51,11 +51,14 @@ final class BESATests: XCTestCase {
         let norms = (0..<cols).map { _ in 0.5 + abs(rng.uniform()) }
         let slope = 0.3
         for granularity in BESA.Granularity.allCases {
-            let learner = RowLearner(name: "w", weight: w, inputSquaredNorms: norms, granularity: granularity, target: 0.6)
+            let backend = CheckingBackend()
+            let learner = RowLearner(name: "w", weight: backend.upload(w), inputSquaredNorms: backend.upload(Matrix(rows: 1, cols: cols, values: norms)),
+                                     granularity: granularity, target: 0.6, on: backend)
+            let order = backend.download(learner.order)
             // Move θ off the start so every candidate matters.
             for i in learner.logits.indices { learner.logits[i] += Double(rng.uniform()) }
             learner.refresh()
-            let analytic = learner.logitGradient(weightGradient: g, penaltySlope: slope)
+            let analytic = learner.logitGradient(weightGradient: backend.upload(g), penaltySlope: slope)
             func surrogate(_ l: RowLearner) -> Double {
                 var f = 0.0
                 for r in 0..<rows {
@@ -64,7 +67,7 @@ final class BESATests: XCTestCase {
                         // Rank of column order[j] is j: q = 1 − Σ_k p_k [j < N_k].
                         var q = 1.0
                         for k in 0...BESA.steps where j < l.candidateCounts[k] { q -= l.probabilities[base + k] }
-                        let c = Int(l.order[r * cols + j])
+                        let c = Int(order[r, j])
                         f += Double(g[r, c]) * Double(w[r, c]) * q
                     }
                     f += slope * l.groupSparsity[l.group(r)]

@@ -93,7 +93,8 @@ final class BackendSolverTests: XCTestCase {
     }
 
     /// The block pruner on stories260K through a CheckingBackend: the same block, outputs and
-    /// report as on the plain CPU backend, with the transfers its host-side forward still needs.
+    /// report as on the plain CPU backend; the block's tensors go up once, the pruned weights come
+    /// down once, and nothing crosses in between (the pruner's `withoutTransfers` window).
     func testBlockPrunerThroughCheckingBackend() throws {
         let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
                                            tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)
@@ -102,8 +103,8 @@ final class BackendSolverTests: XCTestCase {
         let samples = 4
         let (block, inputs) = try calibratedBlock(model, tokens: tokens, block: 1, samples: samples, seqlen: 64)
         let linears = block.linearNames.count
-        let groups = block.inputGroups.count
-        for method in [PruneMethod.magnitude, .wanda, .sparsegpt] {
+        let tensors = block.tensors.count
+        for method in [PruneMethod.magnitude, .wanda, .sparsegpt, .sparsellm] {
             for pattern in [SparsityPattern.unstructured(0.5), .nOfM(n: 2, m: 4)] {
                 let plan = PrunePlan(method: method, pattern: pattern)
                 let checking = CheckingBackend()
@@ -114,10 +115,12 @@ final class BackendSolverTests: XCTestCase {
                 XCTAssertEqual(viaChecking.report.outputError, plain.report.outputError)
                 XCTAssertEqual(viaChecking.report.linears.map(\.errorAfter), plain.report.linears.map(\.errorAfter))
                 XCTAssertEqual(checking.violations, [], "\(method) \(pattern)")
-                // Statistics: one upload of each input group's activations per sample (the forward is
-                // still on the host). Each linear: its weight up, the pruned weight down.
-                XCTAssertEqual(checking.counts.uploads, samples * groups + linears, "\(method) \(pattern)")
+                XCTAssertEqual(checking.counts.uploads, tensors, "\(method) \(pattern)")
                 XCTAssertEqual(checking.counts.downloads, linears, "\(method) \(pattern)")
+                // The forward, the statistics and the solves all ran on the checking backend.
+                for op in ["rmsNorm", "attention", "gatedActivation", "syrkAccumulate", "gemm"] {
+                    XCTAssertGreaterThan(checking.counts.calls[op] ?? 0, 0, "\(method) \(pattern) \(op)")
+                }
             }
         }
     }
@@ -134,9 +137,10 @@ final class BackendSparseLLMTests: XCTestCase {
         // The FFN's input: the post-attention norm of the block's inputs, recorded by the forward.
         guard case .gated(let gate, let up, let down) = block.feedForwards[0] else { return XCTFail("stories260K has a gated FFN") }
         var parts: [Matrix] = []
+        let cpu = CPUBackend()
         for s in 0..<inputs.count {
-            _ = block.forward(try inputs.get(s), sequenceLength: 64, rope: block.config.ropeTable(positions: 64)) { name, x in
-                if name == gate { parts.append(x) }
+            _ = block.on(cpu).forward(cpu.upload(try inputs.get(s)), sequenceLength: 64, rope: block.config.ropeTable(positions: 64)) { name, x in
+                if name == gate { parts.append(cpu.download(x)) }
             }
         }
         let x = Matrix.vstack(parts)
@@ -170,17 +174,16 @@ final class BackendSparseLLMTests: XCTestCase {
         for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), name) }
         XCTAssertEqual(viaChecking.report.sparseLLM, plain.report.sparseLLM)
         XCTAssertEqual(checking.violations, [])
-        // Statistics: each input group once per sample; the FFN: its input and three weights up;
-        // every linear's dense weight up (for its solve or report); every pruned weight down once.
-        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
-        XCTAssertEqual(checking.counts.uploads, samples * groups + 4 + linears)
+        // The block's tensors up once (the FFN's input is stacked on the backend), every pruned weight down once.
+        let (linears, tensors) = (block.linearNames.count, block.tensors.count)
+        XCTAssertEqual(checking.counts.uploads, tensors)
         XCTAssertEqual(checking.counts.downloads, linears)
     }
 }
 
-/// BESA through a CheckingBackend: its learning still runs on the host (through the block's
-/// forward and backward), so its transfers are those of a host method: the statistics it reads
-/// come down, and with --besa-reconstruct each linear's SparseGPT goes up and down.
+/// BESA through a CheckingBackend: the learning (the block's forward and backward, the masks,
+/// the ranked sums) and the reconstruction run on the backend, so the block's tensors go up
+/// once and the pruned weights come down once, with nothing in between.
 final class BackendBESATests: XCTestCase {
     func testBESABlockThroughCheckingBackend() throws {
         let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
@@ -188,7 +191,7 @@ final class BackendBESATests: XCTestCase {
         let text = try String(contentsOfFile: TestPaths.shared.appendingPathComponent("assets/public-domain-text/wizard_of_oz.txt").path, encoding: .utf8)
         let samples = 4
         let (block, inputs) = try calibratedBlock(model, tokens: model.tokenizer!.encode(text, addBOS: nil), block: 1, samples: samples, seqlen: 64)
-        let (linears, groups) = (block.linearNames.count, block.inputGroups.count)
+        let (linears, tensors) = (block.linearNames.count, block.tensors.count)
         for reconstruct in [false, true] {
             var options = BESA.Options(epochs: 1)
             options.reconstruct = reconstruct
@@ -199,11 +202,14 @@ final class BackendBESATests: XCTestCase {
             for name in block.linearNames { XCTAssertEqual(viaChecking.block.weight(name), plain.block.weight(name), "\(reconstruct) \(name)") }
             XCTAssertEqual(viaChecking.report.besa, plain.report.besa)
             XCTAssertEqual(checking.violations, [])
-            // Statistics up per sample and group; each linear's norms down, its dense and pruned
-            // weights up for the report; with reconstruction its Hessian down, and SparseGPT's
-            // weight, Hessian and mask up and result down.
-            XCTAssertEqual(checking.counts.uploads, samples * groups + 2 * linears + (reconstruct ? 3 * linears : 0), "\(reconstruct)")
-            XCTAssertEqual(checking.counts.downloads, linears + (reconstruct ? 2 * linears : 0), "\(reconstruct)")
+            XCTAssertEqual(checking.counts.uploads, tensors, "\(reconstruct)")
+            XCTAssertEqual(checking.counts.downloads, linears, "\(reconstruct)")
+            // One Adam step per sample: the block's backward once, each linear's ranked sums once.
+            for op in ["attentionBackward", "gatedActivationBackward", "channelNormalizedError"] {
+                XCTAssertEqual(checking.counts.calls[op], samples, "\(reconstruct) \(op)")
+            }
+            XCTAssertEqual(checking.counts.calls["rankedPrefixSums"], samples * linears, "\(reconstruct)")
+            XCTAssertEqual(checking.counts.calls["sparseGPTBlock"] != nil, reconstruct)
         }
     }
 }

@@ -28,7 +28,7 @@ struct Problem {
         weight = rng.matrix(rows, cols)
         let latent = rng.matrix(tokens, cols / 2)
         let mix = rng.matrix(cols / 2, cols)
-        var x = Linalg.matmul(latent, mix)
+        var x = HostMath.matmul(latent, mix)
         let noise = rng.matrix(tokens, cols)
         x.withUnsafeMutableBufferPointer { p in
             noise.withUnsafeBufferPointer { n in
@@ -47,8 +47,8 @@ struct Problem {
 
     /// ‖W Xᵀ − Ŵ Xᵀ‖² / ‖W Xᵀ‖² computed directly from the inputs.
     func error(_ pruned: Matrix) -> Double {
-        let dense = Linalg.linear(inputs, weight)
-        let approx = Linalg.linear(inputs, pruned)
+        let dense = HostMath.linear(inputs, weight)
+        let approx = HostMath.linear(inputs, pruned)
         var num = 0.0
         dense.withUnsafeBufferPointer { a in approx.withUnsafeBufferPointer { b in
             for i in 0..<a.count { let d = Double(a[i] - b[i]); num += d * d }
@@ -204,8 +204,8 @@ final class SparseGPTReferenceTests: XCTestCase {
         for j in 0..<cols { h[j][j] += damp }
         // U = upper Cholesky factor of H⁻¹ (through LAPACK in Double, via Float matrices of the same values).
         let hm = Matrix(rows: cols, cols: cols, values: h.flatMap { $0.map(Float.init) })
-        let inv = try Linalg.inverseSPDDouble(hm)
-        let uf = try Linalg.cholesky(inv, upper: true)
+        let inv = try HostMath.inverseSPDDouble(hm)
+        let uf = try HostMath.cholesky(inv, upper: true)
         let u = (0..<cols).map { i in (0..<cols).map { Double(uf[i, $0]) } }
         var i1 = 0
         while i1 < cols {

@@ -91,7 +91,7 @@ final class SparseLLMUpdateTests: XCTestCase {
         for (b, c) in [(Float(5), Float(5)), (0.1, 2)] {
             let p = try SparseLLM.activationStep(y: y, bias: bias, w: w, act: act, beta: b, gamma: c, what: "test")
             func objective(_ q: Matrix) -> Double {
-                let fit = SparseLLM.addBias(Linalg.linear(q, w), bias)
+                let fit = SparseLLM.addBias(HostMath.linear(q, w), bias)
                 return Double(b) * SparseLLM.distance(y, fit) + Double(c) * SparseLLM.distance(q, act)
             }
             let base = objective(p)
@@ -116,18 +116,18 @@ final class SparseLLMUpdateTests: XCTestCase {
         var rng = Random(24)
         let x = rng.matrix(200, 8)
         let wTrue = rng.matrix(5, 8)
-        var target = Linalg.linear(x, wTrue)
+        var target = HostMath.linear(x, wTrue)
         target.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] += 0.01 * rng.next() } }
         let g = SparseLLM.gram(x)
         let start = Matrix(rows: 5, cols: 8, repeating: 0.5)
-        let cross = Linalg.matmul(target, .transposed, x, .none)
-        let refit = try Linalg.solveSPDDouble(g, cross.transposed()).transposed()
+        let cross = HostMath.matmul(target, .transposed, x, .none)
+        let refit = try HostMath.solveSPDDouble(g, cross.transposed()).transposed()
         XCTAssertLessThan(refit.maxAbsDifference(wTrue), 0.01)
         // The weight step keeps a candidate only when it lowers ‖T − XWᵀ‖².
         let step = try SparseLLM.weightStep(current: start, dense: start, first: false, input: x, gram: g, target: target, bias: nil,
                                             pattern: .unstructured(0.25), sparseGPT: .init(), ridge: 1e-6, what: "test")
         XCTAssertTrue(step.accepted)
-        XCTAssertLessThan(SparseLLM.distance(target, Linalg.linear(x, step.weight)), SparseLLM.distance(target, Linalg.linear(x, start)))
+        XCTAssertLessThan(SparseLLM.distance(target, HostMath.linear(x, step.weight)), SparseLLM.distance(target, HostMath.linear(x, start)))
     }
 
     /// The safeguarded Newton s update never raises an element's term and ends at a stationary point.

@@ -51,35 +51,28 @@ public enum Gemma2Family: ModelFamily {
     }
 
     /// h = x + norm(attend(norm(x))); y = h + norm(feed forward(norm(h))).
-    public static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
+    public static func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         let p = blockPrefix(b.index)
         let attention = llamaAttention(b.config, block: b.index)
         let a = b.rmsNorm(x, p + "input_layernorm.weight")
         let attended = attention.forward(b, a, &pass)
         pass.keep("attn.out", attended)
-        var h = x
-        addInPlace(&h, b.rmsNorm(attended, p + "post_attention_layernorm.weight"))
+        let h = b.sum(x, b.rmsNorm(attended, p + "post_attention_layernorm.weight"))
         pass.keep("residual", h)
         let f = b.rmsNorm(h, p + "pre_feedforward_layernorm.weight")
         let m = llamaMLP(b.config, block: b.index).forward(b, f, &pass)
         pass.keep("mlp.out", m)
-        var y = h
-        addInPlace(&y, b.rmsNorm(m, p + "post_feedforward_layernorm.weight"))
-        return y
+        return b.sum(h, b.rmsNorm(m, p + "post_feedforward_layernorm.weight"))
     }
 
-    public static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix] {
+    public static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor] {
         let p = blockPrefix(b.index)
-        let eps = b.config.normEps
-        var grads: [String: Matrix] = [:]
-        let dm = BlockGradients.rmsNormBackward(input: tape.value("mlp.out"), weight: b.normWeight(p + "post_feedforward_layernorm.weight"),
-                                                eps: eps, outputGradient: dy)
+        var grads: [String: Tensor] = [:]
+        let dm = b.rmsNormBackward(tape.value("mlp.out"), p + "post_feedforward_layernorm.weight", dy)
         let df = llamaMLP(b.config, block: b.index).backward(b, dm, tape, into: &grads)
-        var dh = BlockGradients.rmsNormBackward(input: tape.value("residual"), weight: b.normWeight(p + "pre_feedforward_layernorm.weight"),
-                                                eps: eps, outputGradient: df)
-        addInPlace(&dh, dy)
-        let dAttended = BlockGradients.rmsNormBackward(input: tape.value("attn.out"), weight: b.normWeight(p + "post_attention_layernorm.weight"),
-                                                       eps: eps, outputGradient: dh)
+        let dh = b.rmsNormBackward(tape.value("residual"), p + "pre_feedforward_layernorm.weight", df)
+        b.backend.add(dy, into: dh)
+        let dAttended = b.rmsNormBackward(tape.value("attn.out"), p + "post_attention_layernorm.weight", dh)
         llamaAttention(b.config, block: b.index).backward(b, dAttended, tape, into: &grads)
         return grads
     }

@@ -70,47 +70,49 @@ public struct BlockPass {
     public var recording = false
     public var tape: BlockTape
 
-    public init(sequenceLength: Int, rope: Kernels.RopeTable?, observer: LinearObserver? = nil, recording: Bool = false) {
+    public init(sequenceLength: Int, rope: Kernels.RopeTable?, observer: LinearObserver? = nil, recording: Bool = false,
+                backend: any ComputeBackend) {
         self.sequenceLength = sequenceLength
         self.rope = rope
         self.observer = observer
         self.recording = recording
-        tape = BlockTape(sequenceLength: sequenceLength, rope: rope)
+        tape = BlockTape(sequenceLength: sequenceLength, rope: rope, backend: backend)
     }
 
-    mutating func keep(_ key: String, _ m: @autoclosure () -> Matrix) {
-        if recording { tape.values[key] = m() }
+    mutating func keep(_ key: String, _ t: @autoclosure () -> Tensor) {
+        if recording { tape.values[key] = t() }
     }
 
     mutating func keep(indices key: String, _ v: @autoclosure () -> [Int]) {
         if recording { tape.indices[key] = v() }
     }
+
+    mutating func keep(routing key: String, _ r: @autoclosure () -> Routing) {
+        if recording { tape.routings[key] = r() }
+    }
 }
 
-/// What a block's forward pass keeps for its backward pass, by name. Only the gradients with
-/// respect to the linear layers' (effective) weights are wanted (BESA learns masks of frozen
-/// weights), so nothing before the first linear's input is kept.
+/// What a recording forward pass kept for the backward: tensors on the pass's backend.
 public struct BlockTape: Sendable {
     public let sequenceLength: Int
     public let rope: Kernels.RopeTable?
-    var values: [String: Matrix] = [:]
+    public let backend: any ComputeBackend
+    var values: [String: Tensor] = [:]
     var indices: [String: [Int]] = [:]
+    var routings: [String: Routing] = [:]
 
-    init(sequenceLength: Int, rope: Kernels.RopeTable?) {
+    init(sequenceLength: Int, rope: Kernels.RopeTable?, backend: any ComputeBackend) {
         self.sequenceLength = sequenceLength
         self.rope = rope
+        self.backend = backend
     }
 
-    func value(_ key: String) -> Matrix {
-        guard let m = values[key] else { preconditionFailure("block tape has no '\(key)': was the forward pass recording?") }
-        return m
+    func value(_ key: String) -> Tensor {
+        guard let t = values[key] else { preconditionFailure("block tape has no '\(key)': was the forward pass recording?") }
+        return t
     }
 }
 
-/// One model family: the only place that knows its config.json spelling, its block's tensors
-/// under their checkpoint names, its forward and backward passes, which linears share an input,
-/// which form the feed-forward networks, and its costs. Solvers, the pruner, the planner and
-/// the writer ask the family; adding a family touches one file and its tests.
 public protocol ModelFamily: Sendable {
     /// config.json `model_type` values this family reads.
     static var modelTypes: [String] { get }
@@ -127,9 +129,9 @@ public protocol ModelFamily: Sendable {
     /// The feed-forward networks of block `i` (one, or one per expert).
     static func feedForwards(_ c: ModelConfig, block i: Int) -> [FeedForward]
     /// Runs block `b` on `x` [sequences*sequenceLength x hidden].
-    static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix
+    static func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor
     /// ∂L/∂W of every linear from ∂L/∂output and the recording pass's tape.
-    static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix]
+    static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor]
     /// Multiply-adds per token of the block's linears (the cost the planner balances).
     static func linearMACsPerToken(_ c: ModelConfig) -> Int
     /// The block's tensors as the checkpoint stores them (Phi-3 fuses q/k/v and gate/up).
@@ -215,27 +217,23 @@ extension ModelFamily {
     }
 
     /// norm, attend, add; norm, feed forward, add: the LLaMA block that most families share.
-    static func llamaForward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass, feedForward: (Matrix, inout BlockPass) -> Matrix) -> Matrix {
+    static func llamaForward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass, feedForward: (Tensor, inout BlockPass) -> Tensor) -> Tensor {
         let p = blockPrefix(b.index)
-        var h = x
         let a = b.rmsNorm(x, p + "input_layernorm.weight")
-        addInPlace(&h, llamaAttention(b.config, block: b.index).forward(b, a, &pass))
+        let h = b.sum(x, llamaAttention(b.config, block: b.index).forward(b, a, &pass))
         pass.keep("residual", h)
         let f = b.rmsNorm(h, p + "post_attention_layernorm.weight")
-        var y = h
-        addInPlace(&y, feedForward(f, &pass))
-        return y
+        return b.sum(h, feedForward(f, &pass))
     }
 
     /// The backward of `llamaForward`, given the feed-forward's backward (∂L/∂its input).
-    static func llamaBackward(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape,
-                              feedForward: (Matrix, inout [String: Matrix]) -> Matrix) -> [String: Matrix] {
+    static func llamaBackward(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape,
+                              feedForward: (Tensor, inout [String: Tensor]) -> Tensor) -> [String: Tensor] {
         let p = blockPrefix(b.index)
-        var grads: [String: Matrix] = [:]
+        var grads: [String: Tensor] = [:]
         let df = feedForward(dy, &grads)
-        var dh = BlockGradients.rmsNormBackward(input: tape.value("residual"), weight: b.normWeight(p + "post_attention_layernorm.weight"),
-                                                eps: b.config.normEps, outputGradient: df)
-        addInPlace(&dh, dy)
+        let dh = b.rmsNormBackward(tape.value("residual"), p + "post_attention_layernorm.weight", df)
+        b.backend.add(dy, into: dh)
         llamaAttention(b.config, block: b.index).backward(b, dh, tape, into: &grads)
         return grads
     }
@@ -252,12 +250,12 @@ extension LlamaBlockFamily {
         return [.gated(gate: p + "mlp.gate_proj", up: p + "mlp.up_proj", down: p + "mlp.down_proj")]
     }
 
-    public static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
+    public static func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         let mlp = llamaMLP(b.config, block: b.index)
         return llamaForward(b, x, &pass) { f, pass in mlp.forward(b, f, &pass) }
     }
 
-    public static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix] {
+    public static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor] {
         let mlp = llamaMLP(b.config, block: b.index)
         return llamaBackward(b, dy, tape) { dy, grads in mlp.backward(b, dy, tape, into: &grads) }
     }

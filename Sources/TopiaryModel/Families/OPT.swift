@@ -74,57 +74,48 @@ public enum OPTFamily: ModelFamily {
     static func attention(block i: Int) -> AttentionLayer { AttentionLayer(prefix: blockPrefix(i), output: "self_attn.out_proj") }
 
     /// Pre-LN: x + attend(LN(x)), then + fc2(relu(fc1(LN(·)))). Post-LN: LN(x + attend(x)), then LN(· + fc2(relu(fc1(·)))).
-    public static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
+    public static func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         let p = blockPrefix(b.index)
         let pre = b.config.layerNormBefore
         let attnNorm = (p + "self_attn_layer_norm.weight", p + "self_attn_layer_norm.bias")
         let ffnNorm = (p + "final_layer_norm.weight", p + "final_layer_norm.bias")
-        var h = x
         let a = pre ? b.layerNorm(x, attnNorm.0, attnNorm.1) : x
-        addInPlace(&h, attention(block: b.index).forward(b, a, &pass))
+        let h = b.sum(x, attention(block: b.index).forward(b, a, &pass))
         pass.keep("residual", h)
         let afterAttention = pre ? h : b.layerNorm(h, attnNorm.0, attnNorm.1)
         let f = pre ? b.layerNorm(afterAttention, ffnNorm.0, ffnNorm.1) : afterAttention
-        var r = b.apply(p + "fc1", f, pass.observer)
+        let r = b.apply(p + "fc1", f, pass.observer)
         pass.keep("mlp.in", f)
         pass.keep("mlp.f", r)
-        r.withUnsafeMutableBufferPointer { Kernels.reluInPlace($0.baseAddress!, $0.count) }
-        pass.keep("mlp.m", r)
-        var y = afterAttention
-        addInPlace(&y, b.apply(p + "fc2", r, pass.observer))
-        if !pre {
-            pass.keep("output.residual", y)
-            y = b.layerNorm(y, ffnNorm.0, ffnNorm.1)
-        }
-        return y
+        let m = b.backend.map(r, .relu)
+        pass.keep("mlp.m", m)
+        let y = b.sum(afterAttention, b.apply(p + "fc2", m, pass.observer))
+        guard !pre else { return y }
+        pass.keep("output.residual", y)
+        return b.layerNorm(y, ffnNorm.0, ffnNorm.1)
     }
 
-    public static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix] {
+    public static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor] {
         let p = blockPrefix(b.index)
-        let attnNorm = b.tensor(p + "self_attn_layer_norm.weight")
-        let ffnNorm = b.tensor(p + "final_layer_norm.weight")
-        let eps = b.config.normEps
-        var grads: [String: Matrix] = [:]
+        let backend = b.backend
+        let attnNorm = p + "self_attn_layer_norm.weight"
+        let ffnNorm = p + "final_layer_norm.weight"
+        var grads: [String: Tensor] = [:]
         // Post-LN: y = LN2(y0); pre-LN: y is y0.
-        let dy0 = b.config.layerNormBefore ? dy
-            : BlockGradients.layerNormBackward(input: tape.value("output.residual"), weight: ffnNorm, eps: eps, outputGradient: dy)
-        grads[p + "fc2"] = Linalg.matmul(dy0, .transposed, tape.value("mlp.m"), .none)
-        var df = Linalg.matmul(dy0, b.weight(p + "fc2"))
-        df.withUnsafeMutableBufferPointer { pd in
-            tape.value("mlp.f").withUnsafeBufferPointer { f in for i in pd.indices where !(f[i] > 0) { pd[i] = 0 } }
-        }
-        grads[p + "fc1"] = Linalg.matmul(df, .transposed, tape.value("mlp.in"), .none)
-        let dFFNInput = Linalg.matmul(df, b.weight(p + "fc1"))
-        var dh: Matrix
+        let dy0 = b.config.layerNormBefore ? dy : b.layerNormBackward(tape.value("output.residual"), ffnNorm, dy)
+        grads[p + "fc2"] = backend.matmul(dy0, .transposed, tape.value("mlp.m"), .none)
+        let df = backend.matmul(dy0, b.weight(p + "fc2"))
+        backend.reluBackward(df, input: tape.value("mlp.f"))
+        grads[p + "fc1"] = backend.matmul(df, .transposed, tape.value("mlp.in"), .none)
+        let dFFNInput = backend.matmul(df, b.weight(p + "fc1"))
+        let dh: Tensor
         if b.config.layerNormBefore {
             // y0 = h + FFN(LN2(h)).
-            dh = BlockGradients.layerNormBackward(input: tape.value("residual"), weight: ffnNorm, eps: eps, outputGradient: dFFNInput)
-            addInPlace(&dh, dy0)
+            dh = b.layerNormBackward(tape.value("residual"), ffnNorm, dFFNInput)
+            backend.add(dy0, into: dh)
         } else {
             // y0 = LN1(h) + FFN(LN1(h)).
-            var dNormed = dFFNInput
-            addInPlace(&dNormed, dy0)
-            dh = BlockGradients.layerNormBackward(input: tape.value("residual"), weight: attnNorm, eps: eps, outputGradient: dNormed)
+            dh = b.layerNormBackward(tape.value("residual"), attnNorm, b.sum(dFFNInput, dy0))
         }
         attention(block: b.index).backward(b, dh, tape, into: &grads)
         return grads

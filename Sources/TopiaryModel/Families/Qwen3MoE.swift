@@ -91,7 +91,7 @@ public enum Qwen3MoEFamily: ModelFamily {
         return attention + c.expertsPerToken * 3 * c.hiddenSize * c.expertWidth + c.expertCount * c.hiddenSize
     }
 
-    public static func forward(_ b: DecoderBlock, _ x: Matrix, _ pass: inout BlockPass) -> Matrix {
+    public static func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         if b.config.hasExperts(block: b.index) {
             let moe = mixture(b.config, block: b.index)
             return llamaForward(b, x, &pass) { f, pass in moe.forward(b, f, &pass) }
@@ -100,7 +100,7 @@ public enum Qwen3MoEFamily: ModelFamily {
         return llamaForward(b, x, &pass) { f, pass in mlp.forward(b, f, &pass) }
     }
 
-    public static func weightGradients(_ b: DecoderBlock, _ dy: Matrix, _ tape: BlockTape) -> [String: Matrix] {
+    public static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor] {
         if b.config.hasExperts(block: b.index) {
             let moe = mixture(b.config, block: b.index)
             return llamaBackward(b, dy, tape) { dy, grads in moe.backward(b, dy, tape, into: &grads) }
