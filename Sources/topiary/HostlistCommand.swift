@@ -4,7 +4,7 @@ import TopiaryCluster
 enum HostlistCommand: Command {
     static let name = "hostlist"
     static let summary = "expand a Slurm host list (node[01-04,07]) into worker addresses for --hosts"
-    static let usage = "topiary hostlist [--nodelist LIST] [--port P] [--tasks-per-node COUNTS] [--separator S]"
+    static let usage = "topiary hostlist [--nodelist LIST] [--port P] [--tasks-per-node LIST] [--separator S]"
     static let details = """
     Expands a compact Slurm host list (default: $SLURM_JOB_NODELIST) such as node[01-04,07],gpu-a[1-2]
     into one name per host, in order, joined by --separator (default ","). With --port each
@@ -16,7 +16,7 @@ enum HostlistCommand: Command {
     static let options = [
         OptionSpec(name: "nodelist", value: "LIST", help: "host list to expand (default: $SLURM_JOB_NODELIST)"),
         OptionSpec(name: "port", value: "P", help: "append :P to every host"),
-        OptionSpec(name: "tasks-per-node", value: "COUNTS", help: "tasks on each host, as $SLURM_TASKS_PER_NODE (2(x3),1); host i's tasks get ports P..P+N-1"),
+        OptionSpec(name: "tasks-per-node", value: "LIST", help: "tasks on each host, as $SLURM_TASKS_PER_NODE (2(x3),1); host i's tasks get ports P..P+N-1"),
         OptionSpec(name: "separator", value: "S", help: "text between hosts (default ',')"),
     ]
 
