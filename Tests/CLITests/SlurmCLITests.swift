@@ -84,6 +84,31 @@ final class SlurmCLITests: XCTestCase {
         XCTAssertEqual(done, [0: 1, 1: 1, 2: 1, 3: 1, 4: 1])
     }
 
+    /// Several tasks on one node (sbatch --ntasks-per-node=2): each task's worker listens on the
+    /// port after the previous task's (SLURM_LOCALID), and --hosts lists every one of them.
+    func testHostlistGivesEachTaskOnANodeItsOwnPort() throws {
+        let two = try CLI.run(["hostlist", "--nodelist", "n[1-3]", "--tasks-per-node", "2(x2),1", "--port", "7100"])
+        XCTAssertEqual(two.status, 0, two.stderr)
+        XCTAssertEqual(two.stdout, "n1:7100,n1:7101,n2:7100,n2:7101,n3:7100\n")
+        let one = try CLI.run(["hostlist", "--nodelist", "n[1-2]", "--tasks-per-node", "1(x2)", "--port", "7100"])
+        XCTAssertEqual(one.stdout, "n1:7100,n2:7100\n")
+        let plain = try CLI.run(["hostlist", "--nodelist", "n[1-2]", "--port", "7100"])
+        XCTAssertEqual(plain.stdout, "n1:7100,n2:7100\n")
+
+        let mismatch = try CLI.run(["hostlist", "--nodelist", "n[1-3]", "--tasks-per-node", "2", "--port", "7100"])
+        XCTAssertEqual(mismatch.status, 1)
+        XCTAssertTrue(mismatch.stderr.contains("1 count for 3 hosts"), mismatch.stderr)
+        let noPort = try CLI.run(["hostlist", "--nodelist", "n1", "--tasks-per-node", "2"])
+        XCTAssertEqual(noPort.status, 2)
+        XCTAssertTrue(noPort.stderr.contains("needs --port"), noPort.stderr)
+        let tooHigh = try CLI.run(["hostlist", "--nodelist", "n1", "--tasks-per-node", "2", "--port", "65535"])
+        XCTAssertEqual(tooHigh.status, 2)
+        XCTAssertTrue(tooHigh.stderr.contains("past port 65535"), tooHigh.stderr)
+        let bad = try CLI.run(["hostlist", "--nodelist", "n1", "--tasks-per-node", "2(3)", "--port", "7100"])
+        XCTAssertEqual(bad.status, 1)
+        XCTAssertTrue(bad.stderr.contains("tasks per node"), bad.stderr)
+    }
+
     func start(_ script: String, _ args: [String], env: [String: String], dir: URL, log: String) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/bash")

@@ -21,4 +21,16 @@ final class HostlistTests: XCTestCase {
             }
         }
     }
+
+    func testSlurmTaskCountsExpand() throws {
+        XCTAssertEqual(try Hostlist.taskCounts("2(x3),1"), [2, 2, 2, 1])
+        XCTAssertEqual(try Hostlist.taskCounts("1"), [1])
+        XCTAssertEqual(try Hostlist.taskCounts("4(x1)"), [4])
+        XCTAssertEqual(try Hostlist.taskCounts("1(x2),16,3(x2)"), [1, 1, 16, 3, 3])
+        for bad in ["", "0", "2(x0)", "2(3)", "2(x3", "x2", "2,,1", "-1", "2(x)", "a"] {
+            XCTAssertThrowsError(try Hostlist.taskCounts(bad), bad) { error in
+                XCTAssertTrue("\(error)".contains("tasks per node"), "\(error)")
+            }
+        }
+    }
 }

@@ -16,6 +16,31 @@ public enum Hostlist {
         return hosts
     }
 
+    /// Slurm's compact task counts per node (SLURM_TASKS_PER_NODE): `2(x3),1` is 2, 2, 2, 1.
+    /// Every count is at least 1; a repeat `(xN)` is at least 1 and at most 100000.
+    public static func taskCounts(_ list: String) throws -> [Int] {
+        var counts: [Int] = []
+        let items = list.split(separator: ",", omittingEmptySubsequences: false)
+        for raw in items {
+            let item = String(raw.filter { $0 != " " })
+            var count = Substring(item), repeats = 1
+            if let open = item.firstIndex(of: "(") {
+                guard item.hasSuffix(")"), item[item.index(after: open)...].hasPrefix("x"),
+                      let n = Int(item[item.index(open, offsetBy: 2)..<item.index(before: item.endIndex)]),
+                      (1...100_000).contains(n) else {
+                    throw ParseError(description: "tasks per node '\(list)': '\(item)' is not N or N(xR) with R at least 1")
+                }
+                count = item[..<open]
+                repeats = n
+            }
+            guard count.allSatisfy(\.isNumber), let n = Int(count), (1...100_000).contains(n) else {
+                throw ParseError(description: "tasks per node '\(list)': '\(item)' is not N or N(xR) with N at least 1")
+            }
+            counts += Array(repeating: n, count: repeats)
+        }
+        return counts
+    }
+
     /// Splits on commas outside brackets.
     static func splitTopLevel(_ s: String) throws -> [String] {
         var items: [String] = []
