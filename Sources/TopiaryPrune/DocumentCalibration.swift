@@ -139,6 +139,8 @@ public struct DocumentWindows: Sendable {
     public var sources: [(document: Int, start: Int)]
     /// Documents drawn, the rejected ones included.
     public var draws: Int
+    /// Documents in the shard.
+    public var documents: Int
 
     /// `tokenize` encodes a document's text. A shard whose documents are all too short is
     /// reported, never sampled forever: once a window has been missed as many times in a row
@@ -169,7 +171,7 @@ public struct DocumentWindows: Sendable {
             return CalibrationFileError("\(shard.path): no document is longer than the window: the C4 sampler takes each window from a document of more than \(sequenceLength) tokens (--calib-seqlen \(sequenceLength)), and the longest of the \(n) documents has \(lengths[longest]) tokens (line \(shard.line(of: longest))); lower --calib-seqlen or use a shard with longer documents")
         }
         var random = PythonRandom(seed: seed)
-        var result = DocumentWindows(windows: [], sources: [], draws: 0)
+        var result = DocumentWindows(windows: [], sources: [], draws: 0, documents: n)
         result.windows.reserveCapacity(samples)
         for _ in 0..<samples {
             var misses = 0

@@ -301,12 +301,12 @@ enum PruneCommand: Command {
             guard let tokenizer = model.tokenizer else {
                 throw ToolError("\(calibPath): a JSON-lines shard is text and needs a tokenizer, and \(model.path) has none (pass --tokenizer)")
             }
-            let shard = try DocumentShard.read(path: calibPath)
-            let drawn = try DocumentWindows.sample(shard: shard, samples: samples, sequenceLength: seqlen, seed: seed,
-                                                   tokenize: { tokenizer.encode($0, addBOS: nil) })
+            // The decompressed shard (C4's first: some 800 MB) lives only while the windows are drawn.
+            let drawn = try DocumentWindows.sample(shard: try DocumentShard.read(path: calibPath), samples: samples,
+                                                   sequenceLength: seqlen, seed: seed, tokenize: { tokenizer.encode($0, addBOS: nil) })
             windows = drawn.windows
             calibrationSummary["format"] = "jsonl"
-            calibrationSummary["documents"] = shard.count
+            calibrationSummary["documents"] = drawn.documents
             calibrationSummary["draws"] = drawn.draws
         } else {
             guard let calibData = FileManager.default.contents(atPath: calibPath) else {
