@@ -272,7 +272,8 @@ public enum MultipleChoice {
     /// Σ log P(target | prefix) for each sequence, streaming the blocks: the sequences go
     /// through block 0, then block 1, ..., in groups of at most `tokenBudget` tokens (each block
     /// is loaded once per group). Each sequence runs alone, so its log-likelihood does not depend
-    /// on which others share its group, and equals what `Perplexity.logits` gives for it.
+    /// on which others share its group, and equals (to float rounding in the head's product) the
+    /// sum that `Perplexity.logits` gives for it.
     static func logLikelihoods(model: LanguageModel, sequences: [Sequence], tokenBudget: Int,
                                progress: ((Int, Int) -> Void)?) throws -> [Double] {
         let c = model.config
@@ -313,14 +314,16 @@ public enum MultipleChoice {
                 }
             }
             for (k, i) in members.enumerated() {
-                let logits = head.logits(states[k])
+                // Logits of the positions that predict the continuation only (the head's matrix
+                // product is most of the cost with a large vocabulary and a long context).
                 let targets = sequences[i].targets
-                let first = sequences[i].input.count - targets.count
+                let length = sequences[i].input.count
+                let logits = head.logits(states[k].rows((length - targets.count)..<length))
                 let v = logits.cols
                 var sum = 0.0
                 logits.withUnsafeBufferPointer { p in
                     for (t, target) in targets.enumerated() {
-                        let row = p.baseAddress! + (first + t) * v
+                        let row = p.baseAddress! + t * v
                         sum -= Double(Kernels.logSumExp(row, v) - row[target])
                     }
                 }
