@@ -19,12 +19,17 @@ let package = Package(
             path: "Sources/CCrypto",
             providers: [.apt(["libssl-dev"])]
         ),
+        .systemLibrary(
+            name: "CZlib",
+            path: "Sources/CZlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         // Our own small C kernels (no third-party code): CRC-32C for wire frames.
         .target(name: "CTopiarySupport"),
         .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
         .target(name: "TopiaryTokenizers"),
         .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
-        .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor"]),
+        .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor", "CZlib"]),
         .target(name: "TopiaryCluster", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport", "CCrypto"]),
         .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.

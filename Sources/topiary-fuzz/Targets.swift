@@ -699,5 +699,6 @@ extension JSON {
 }
 
 func makeTargets() -> [any FuzzTarget] {
-    [GGUFTarget(), SafeTensorsTarget(), Llama2CTarget(), TokenizerBinTarget(), TokenizerJSONTarget(), FrameTarget(), MessageTarget(), JobTarget()]
+    [GGUFTarget(), SafeTensorsTarget(), Llama2CTarget(), TokenizerBinTarget(), TokenizerJSONTarget(), FrameTarget(), MessageTarget(), JobTarget(),
+     ShardTarget(), TasksTarget()]
 }

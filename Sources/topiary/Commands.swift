@@ -52,8 +52,11 @@ func formatSeconds(_ s: Double) -> String {
 
 enum EvalCommand: Command {
     static let name = "eval"
-    static let summary = "measure perplexity with the standard protocol"
-    static let usage = "topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--json]"
+    static let summary = "measure perplexity with the standard protocol, or score multiple-choice tasks as lm-eval does"
+    static let usage = """
+    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--json]
+    topiary eval --model PATH [--tokenizer PATH] --tasks FILE.jsonl [--target-delimiter S] [--json]
+    """
     static let details = """
     The text file is read as is (UTF-8) and tokenized whole; a BOS token is added only when the
     tokenizer's own settings add one. The tokens are cut into non-overlapping windows of --seqlen
@@ -64,6 +67,18 @@ enum EvalCommand: Command {
     commas or newlines), for models without a tokenizer. --logits writes the first window's
     logits (one row per position) as a JSON array of arrays, to compare with another
     implementation on the same tokens.
+
+    --tasks scores a zero-shot multiple-choice task as lm-evaluation-harness does: one JSON
+    object a line with lm-eval's per-document fields 'context' (string), 'choices' (array of
+    strings, at least 2) and 'gold' (index of the right choice). Each choice is the continuation
+    --target-delimiter (default " ") + choice; trailing white space of the context moves to the
+    continuation; the continuation's tokens are encode(context + continuation) less the first
+    len(encode(context)) tokens, encoded without special tokens (an empty context is the BOS
+    token). Its log-likelihood is the sum of log P(token | all before it) over those tokens.
+    acc: the highest log-likelihood is the gold choice; acc_norm: the highest log-likelihood
+    divided by the choice's length in characters (Unicode code points, Python's len(choice));
+    ties go to the first choice. Reported with their standard errors (sample standard deviation
+    over sqrt(n)), as lm-eval reports them. docs/evaluation.md has the details.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -72,18 +87,22 @@ enum EvalCommand: Command {
         OptionSpec(name: "logits", value: "FILE", help: "write the first window's logits as JSON"),
         OptionSpec(name: "seqlen", value: "N", help: "window length in tokens (default: 2048, or the model's context if shorter)"),
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
+        OptionSpec(name: "tasks", value: "FILE", help: "score a multiple-choice task file (JSON lines: context, choices, gold) as lm-eval does"),
+        OptionSpec(name: "target-delimiter", value: "S", help: "with --tasks: text between the context and each choice (default: one space, lm-eval's)"),
         CommonOptions.device,
         CommonOptions.threads, CommonOptions.json,
     ]
 
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
+        if args.string("tasks") != nil { return try runTasks(args) }
+        if args.string("target-delimiter") != nil { throw UsageError(message: "topiary eval: --target-delimiter applies to --tasks only") }
         let textPath: String
         switch (args.string("text"), args.string("tokens")) {
         case (let t?, nil): textPath = t
         case (nil, let t?): textPath = t
         case (_?, _?): throw UsageError(message: "give --text or --tokens, not both")
-        case (nil, nil): throw UsageError(message: "missing --text FILE (or --tokens FILE)")
+        case (nil, nil): throw UsageError(message: "missing --text FILE (or --tokens FILE for token ids, or --tasks FILE for multiple-choice scoring)")
         }
         let seqlenOption = try args.int("seqlen", min: 2)
         let windows = try args.int("windows", min: 1)
@@ -128,6 +147,55 @@ enum EvalCommand: Command {
                 "command": "eval", "model": model.path, "text": textPath, "perplexity": result.perplexity,
                 "tokens": tokens.count, "windows": result.windows, "seqlen": seqlen, "seconds": seconds,
                 "window_losses": result.windowLosses,
+            ])
+        }
+    }
+
+    /// `--tasks`: multiple-choice scoring (acc, acc_norm).
+    static func runTasks(_ args: ParsedArguments) throws {
+        let path = try args.required("tasks")
+        for other in ["text", "tokens", "seqlen", "windows", "logits"] where args.string(other) != nil {
+            throw UsageError(message: "topiary eval: --\(other) is for perplexity; --tasks scores a multiple-choice task (give one or the other)")
+        }
+        let delimiter = args.string("target-delimiter") ?? " "
+        let documents = try MultipleChoice.read(path: path)
+        let model = try CommonOptions.openModel(args)
+        let tokenizer = try CommonOptions.requireTokenizer(model)
+        let json = args.flag("json")
+        let start = Date()
+        let result = try MultipleChoice.score(model: model, tokenizer: tokenizer, documents: documents, delimiter: delimiter, path: path,
+                                              progress: { done, total in
+            if !json && Console.stderrIsTerminal {
+                FileHandle.standardError.write(Data("\reval: \(done)/\(total) choices".utf8))
+                if done == total { FileHandle.standardError.write(Data("\n".utf8)) }
+            }
+        })
+        let seconds = elapsed(since: start)
+        if result.truncated > 0 {
+            Console.info("eval: \(counted(result.truncated, "choice")) had the context cut on the left to fit the model's context of \(model.config.maxPositions) tokens")
+        }
+        var name = (path as NSString).lastPathComponent
+        if name.hasSuffix(".jsonl") { name.removeLast(6) }
+        let rows = [("acc", result.acc, result.accStderr), ("acc_norm", result.accNorm, result.accNormStderr)]
+        let nameWidth = max(4, name.count)
+        print("| " + "Task".padding(toLength: nameWidth, withPad: " ", startingAt: 0) + " |     n | Metric   |  Value |   Stderr |")
+        print("|" + String(repeating: "-", count: nameWidth + 2) + "|------:|----------|-------:|---------:|")
+        for (k, (metric, value, stderr)) in rows.enumerated() {
+            let task = (k == 0 ? name : "").padding(toLength: nameWidth, withPad: " ", startingAt: 0)
+            let n = k == 0 ? String(documents.count) : ""
+            print("| \(task) | " + String(repeating: " ", count: max(0, 5 - n.count)) + n + " | "
+                  + metric.padding(toLength: 8, withPad: " ", startingAt: 0) + String(format: " | %.4f | ± %.4f |", value, stderr))
+        }
+        print("(\(counted(documents.count, "question")), \(counted(result.questions.reduce(0) { $0 + $1.logLikelihoods.count }, "choice")), \(formatSeconds(seconds)))")
+        if json {
+            JSONLine.print([
+                "command": "eval", "model": model.path, "tasks": path, "questions": documents.count,
+                "acc": result.acc, "acc_stderr": result.accStderr, "acc_norm": result.accNorm, "acc_norm_stderr": result.accNormStderr,
+                "target_delimiter": delimiter, "truncated": result.truncated, "seconds": seconds,
+                "per_question": result.questions.map { q -> [String: Any] in
+                    ["line": q.line, "gold": q.gold, "loglikelihoods": q.logLikelihoods, "continuation_tokens": q.continuationTokens,
+                     "prediction": q.prediction, "prediction_norm": q.normalizedPrediction]
+                },
             ])
         }
     }

@@ -22,6 +22,13 @@ enum PruneCommand: Command {
     text tokenized whole (or a file of token ids: a JSON array, or integers separated by spaces,
     commas or newlines). Window starts are drawn as the reference scripts draw them: Python's
     random.seed(S), then random.randint(0, ntokens - seqlen - 1) per sample.
+    A JSON-lines shard (a name ending in .jsonl, .jsonl.gz or .json.gz, such as C4's
+    c4-train.00000-of-01024.json.gz: one JSON object a line with the document in a string field
+    'text'; gzip or plain) is sampled as the references' C4 loader samples it: after
+    random.seed(S), per sample, random.randint(0, documents - 1) picks a document, tokenized
+    alone with the tokenizer's default special tokens, again until one has more than --calib-seqlen
+    tokens; the window starts at random.randint(0, tokens - seqlen - 1). Blank lines are not
+    documents; a line that is not such an object is an error naming the line.
 
     The model is pruned block by block (streaming): each block is loaded alone, run dense over the
     calibration windows to collect its linear layers' statistics (Hessian (2/n)·Σxxᵀ, input
@@ -122,7 +129,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt, sparsellm or besa"),
         OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1) (0.7, not 70)"),
         OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4; M at most 1024)"),
-        OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8) or file of token ids"),
+        OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8), file of token ids, or JSON-lines shard (.jsonl, .jsonl.gz, .json.gz: C4, the Pile)"),
         OptionSpec(name: "calib-samples", value: "N", help: "calibration windows, 1-65536 (default 128)"),
         OptionSpec(name: "calib-seqlen", value: "L", help: "tokens per calibration window (default 2048, or the model's context)"),
         OptionSpec(name: "seed", value: "S", help: "seed of the window sampler (default 0)"),
@@ -284,23 +291,46 @@ enum PruneCommand: Command {
             throw UsageError(message: "topiary prune: --hosts names \(hostCount) workers, more than the model's \(c.layerCount) blocks; each worker prunes a range of at least one block")
         }
 
-        // Calibration windows.
-        guard let calibData = FileManager.default.contents(atPath: calibPath) else {
-            throw ToolError("\(calibPath): cannot read calibration file (missing or not readable)")
-        }
-        let calibTokens: [Int]
-        if let ids = try Calibration.tokenIDs(fromFile: calibData, path: calibPath) {
-            calibTokens = ids
-        } else {
-            guard let tokenizer = model.tokenizer else {
-                throw ToolError("\(calibPath): text calibration needs a tokenizer, and \(model.path) has none (pass --tokenizer, or give token ids)")
-            }
-            calibTokens = tokenizer.encode(try readUTF8Text(calibPath), addBOS: nil)
-        }
+        // Calibration windows: from a JSON-lines shard (C4, the Pile) as the references' C4
+        // loader draws them, or from one text or token-id stream.
         let windows: [[Int]]
-        do { windows = try Calibration.windows(tokens: calibTokens, samples: samples, sequenceLength: seqlen, seed: seed) } catch {
-            throw ToolError("\(calibPath): \(error)")
+        var streamTokens: [Int]?   // a text or token-id file's whole stream
+        var calibrationSummary: [String: Any] = ["file": calibPath, "seed": seed]
+        if let message = DocumentShard.unsupportedCompression(calibPath) { throw ToolError(message) }
+        if DocumentShard.isShardName(calibPath) {
+            guard let tokenizer = model.tokenizer else {
+                throw ToolError("\(calibPath): a JSON-lines shard is text and needs a tokenizer, and \(model.path) has none (pass --tokenizer)")
+            }
+            // The decompressed shard (C4's first: some 800 MB) lives only while the windows are drawn.
+            let drawn = try DocumentWindows.sample(shard: try DocumentShard.read(path: calibPath), samples: samples,
+                                                   sequenceLength: seqlen, seed: seed, tokenize: { tokenizer.encode($0, addBOS: nil) })
+            windows = drawn.windows
+            calibrationSummary["format"] = "jsonl"
+            calibrationSummary["documents"] = drawn.documents
+            calibrationSummary["draws"] = drawn.draws
+        } else {
+            guard let calibData = FileManager.default.contents(atPath: calibPath) else {
+                throw ToolError("\(calibPath): cannot read calibration file (missing or not readable)")
+            }
+            let calibTokens: [Int]
+            if let ids = try Calibration.tokenIDs(fromFile: calibData, path: calibPath) {
+                calibTokens = ids
+                calibrationSummary["format"] = "token ids"
+            } else {
+                guard let tokenizer = model.tokenizer else {
+                    throw ToolError("\(calibPath): text calibration needs a tokenizer, and \(model.path) has none (pass --tokenizer, or give token ids)")
+                }
+                calibTokens = tokenizer.encode(try readUTF8Text(calibPath), addBOS: nil)
+                calibrationSummary["format"] = "text"
+            }
+            do { windows = try Calibration.windows(tokens: calibTokens, samples: samples, sequenceLength: seqlen, seed: seed) } catch {
+                throw ToolError("\(calibPath): \(error)")
+            }
+            calibrationSummary["tokens"] = calibTokens.count
+            streamTokens = calibTokens
         }
+        calibrationSummary["samples"] = windows.count
+        calibrationSummary["seqlen"] = seqlen
         var evalTokens: [Int]?
         if let evalText {
             guard let tokenizer = model.tokenizer else { throw EvaluationError.noTokenizer(path: model.path) }
@@ -316,7 +346,7 @@ enum PruneCommand: Command {
         if let layers, layers.upperBound >= c.layerCount {
             throw UsageError(message: "topiary prune: --layers \(layers.lowerBound)-\(layers.upperBound) runs past the model's \(c.layerCount) blocks (0-\(c.layerCount - 1))")
         }
-        if let bad = calibTokens.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+        if let bad = (streamTokens ?? Array(windows.joined())).first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
             throw ToolError("\(calibPath): token id \(bad) is outside the model's vocabulary of \(c.vocabularySize)")
         }
 
@@ -447,7 +477,7 @@ enum PruneCommand: Command {
         var summary: [String: Any] = [
             "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
             "pattern": patternJSON(pattern), "target_sparsity": pattern.fraction, "sparsity": sparsity,
-            "calibration": ["file": calibPath, "samples": windows.count, "seqlen": seqlen, "seed": seed, "tokens": calibTokens.count],
+            "calibration": calibrationSummary,
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
             "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
             "coordination": coordination.rawValue,

@@ -70,6 +70,8 @@ final class FuzzTests: XCTestCase {
     func testFrameDecoder() throws { try fuzz("frame") }
     func testMessageDecoder() throws { try fuzz("message") }
     func testAssignJob() throws { try fuzz("job") }
+    func testCalibrationShard() throws { try fuzz("calib-shard") }
+    func testTaskFile() throws { try fuzz("tasks") }
 
     /// The same seed gives the same cases: two runs of a fixed number of cases agree.
     func testRunsAreReproducible() throws {
