@@ -305,9 +305,10 @@ public enum MultipleChoice {
             return r
         }
         for members in groups {
-            var states = members.map { embedding.embed(sequences[$0].input, sequenceLength: sequences[$0].input.count) }
+            let backend = ComputeDevices.defaultBackend
+            var states = members.map { embedding.embed(sequences[$0].input, sequenceLength: sequences[$0].input.count, on: backend) }
             for b in 0..<c.layerCount {
-                let block = try model.loadBlock(b)
+                let block = try model.loadBlock(b).on(backend)
                 for (k, i) in members.enumerated() {
                     let length = sequences[i].input.count
                     states[k] = block.forward(states[k], sequenceLength: length, rope: rope(length))
@@ -318,7 +319,7 @@ public enum MultipleChoice {
                 // product is most of the cost with a large vocabulary and a long context).
                 let targets = sequences[i].targets
                 let length = sequences[i].input.count
-                let logits = head.logits(states[k].rows((length - targets.count)..<length))
+                let logits = backend.download(head.logits(backend.copy(states[k].region(rows: (length - targets.count)..<length)), on: backend))
                 let v = logits.cols
                 var sum = 0.0
                 logits.withUnsafeBufferPointer { p in
