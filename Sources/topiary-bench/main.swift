@@ -5,6 +5,10 @@ import TopiaryPrune
 import TopiaryTensor
 import TopiaryTokenizers
 
+// Before anything else: run again with a faster OpenBLAS kernel where OpenBLAS chose a slow one
+// (BLASKernel: a CPU it does not recognise gets Prescott).
+BLASKernel.preferExecutable()
+
 /// Benchmarks that print ratios measured in one run: achieved rates over the machine's own
 /// measured sgemm rate, so figures compare across machines.
 func now() -> Double { Date().timeIntervalSince1970 }

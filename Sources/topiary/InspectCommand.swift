@@ -5,7 +5,7 @@ import TopiaryTensor
 enum InspectCommand: Command {
     static let name = "inspect"
     static let summary = "per-layer sparsity of a model, and which N:M patterns each linear meets"
-    static let usage = "topiary inspect --model PATH [--tokenizer PATH] [--pattern N:M] [--json]\n       topiary inspect --devices [--json]"
+    static let usage = "topiary inspect --model PATH [--tokenizer PATH] [--pattern N:M] [--json]\n       topiary inspect --devices [--json]\n       topiary inspect --blas-kernel"
     static let details = """
     Reads the model one block at a time and prints, for every linear layer of every decoder block,
     its shape, its fraction of exact zeros, and whether it meets the 2:4 and 4:8 patterns (at
@@ -13,11 +13,14 @@ enum InspectCommand: Command {
     to check. The last line sums the pruned linears.
     --devices lists the compute backends instead: the CPU (threads, cores, OpenBLAS build) and
     whether a CUDA driver library (libcuda.so.1) can be loaded; this build has no CUDA backend.
+    --blas-kernel prints the OpenBLAS kernel topiary runs with (the one it chose from the CPU's
+    instruction sets unless OPENBLAS_CORETYPE is set; scripts/test exports it for the test run).
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
         OptionSpec(name: "pattern", value: "N:M", help: "also check this N:M pattern"),
         OptionSpec(name: "devices", value: nil, help: "list the compute backends and devices found, instead of a model"),
+        OptionSpec(name: "blas-kernel", value: nil, help: "print the OpenBLAS kernel in use (e.g. SkylakeX), instead of a model"),
         CommonOptions.threads, CommonOptions.json,
     ]
 
@@ -49,6 +52,7 @@ enum InspectCommand: Command {
     static func run(_ args: ParsedArguments) throws {
         try CommonOptions.apply(args)
         if args.flag("devices") { return listDevices(json: args.flag("json")) }
+        if args.flag("blas-kernel") { return print(BLASKernel.current) }
         var patterns = [(2, 4), (4, 8)]
         if let p = args.string("pattern") {
             let parts = p.split(separator: ":")

@@ -2,6 +2,10 @@ import Foundation
 import TopiaryModel
 import TopiaryTensor
 
+// Before anything else: run again with a faster OpenBLAS kernel where OpenBLAS chose a slow one
+// (BLASKernel: a CPU it does not recognise gets Prescott).
+BLASKernel.preferExecutable()
+
 /// A command as data: what `help` prints and what runs it.
 struct CommandEntry: Sendable {
     let name: String
