@@ -7,6 +7,9 @@ import Darwin
 /// The decoder blocks' kernels on the host (ModelKernels.swift): the reference every backend's
 /// results are compared with.
 extension CPUBackend {
+    /// Rows per parallel chunk of a row-wise kernel: about 64K elements.
+    static func rowChunk(_ cols: Int) -> Int { max(1, Parallel.chunk / max(cols, 1)) }
+
     public func add(_ x: Tensor, into y: Tensor) {
         precondition(x.count == y.count, "add: \(x) into \(y)")
         let py = write(y)
@@ -27,14 +30,20 @@ extension CPUBackend {
     public func rmsNorm(_ x: Tensor, weight: Tensor, eps: Float) -> Tensor {
         precondition(weight.count == x.cols, "rmsNorm: \(x) with weight \(weight)")
         let out = uninitialized(rows: x.rows, cols: x.cols)
-        Kernels.rmsNorm(read(x), weight: read(weight), eps: eps, rows: x.rows, cols: x.cols, out: write(out))
+        let (px, pw, po, cols) = (read(x), read(weight), write(out), x.cols)
+        Parallel.forEach(x.rows, chunk: Self.rowChunk(cols)) { r in
+            Kernels.rmsNorm(px + r.lowerBound * cols, weight: pw, eps: eps, rows: r.count, cols: cols, out: po + r.lowerBound * cols)
+        }
         return out
     }
 
     public func layerNorm(_ x: Tensor, weight: Tensor, bias: Tensor?, eps: Float) -> Tensor {
         precondition(weight.count == x.cols && (bias?.count ?? x.cols) == x.cols, "layerNorm: \(x) with weight \(weight)")
         let out = uninitialized(rows: x.rows, cols: x.cols)
-        Kernels.layerNorm(read(x), weight: read(weight), bias: bias.map { read($0) }, eps: eps, rows: x.rows, cols: x.cols, out: write(out))
+        let (px, pw, pb, po, cols) = (read(x), read(weight), bias.map { read($0) }, write(out), x.cols)
+        Parallel.forEach(x.rows, chunk: Self.rowChunk(cols)) { r in
+            Kernels.layerNorm(px + r.lowerBound * cols, weight: pw, bias: pb, eps: eps, rows: r.count, cols: cols, out: po + r.lowerBound * cols)
+        }
         return out
     }
 
@@ -89,9 +98,16 @@ extension CPUBackend {
         let p = write(x)
         let width = x.cols
         if !inverse {
-            for s in 0..<(x.rows / sequenceLength) {
-                Kernels.rope(p + s * sequenceLength * width, tokens: sequenceLength, heads: heads, headDim: headDim,
-                             firstPosition: 0, table: table, layout: layout)
+            // Row by row (each row at its position), rows in parallel chunks.
+            Parallel.forEach(x.rows, chunk: Self.rowChunk(width)) { r in
+                var row = r.lowerBound
+                while row < r.upperBound {
+                    let position = row % sequenceLength
+                    let count = min(r.upperBound - row, sequenceLength - position)
+                    Kernels.rope(p + row * width, tokens: count, heads: heads, headDim: headDim,
+                                 firstPosition: position, table: table, layout: layout)
+                    row += count
+                }
             }
             return
         }
@@ -139,13 +155,14 @@ extension CPUBackend {
         precondition(gate.rows == up.rows && gate.cols == up.cols, "gatedActivation: \(gate) and \(up)")
         let out = uninitialized(rows: gate.rows, cols: gate.cols)
         let (g, u, o) = (read(gate), read(up), write(out))
-        let n = gate.count
-        switch activation {
-        case .silu:
-            o.update(from: g, count: n)
-            Kernels.swiglu(gate: o, up: u, n)
-        case .geluTanh: for i in 0..<n { o[i] = GELU.tanh(g[i]) * u[i] }
-        case .relu: for i in 0..<n { o[i] = max(g[i], 0) * u[i] }
+        Parallel.forEach(gate.count) { r in
+            switch activation {
+            case .silu:
+                (o + r.lowerBound).update(from: g + r.lowerBound, count: r.count)
+                Kernels.swiglu(gate: o + r.lowerBound, up: u + r.lowerBound, r.count)
+            case .geluTanh: for i in r { o[i] = GELU.tanh(g[i]) * u[i] }
+            case .relu: for i in r { o[i] = max(g[i], 0) * u[i] }
+            }
         }
         return out
     }
@@ -311,7 +328,7 @@ enum CPUAttention {
                               capped: UnsafeMutablePointer<Float>? = nil) {
         let (i0, i1) = (rows.lowerBound, rows.upperBound)
         Linalg.sgemm(.none, .transposed, m: rows.count, n: i1, k: headDim, alpha: options.scale,
-                     a: q + i0 * qStride, lda: qStride, b: k, ldb: kStride, beta: 0, c: p, ldc: i1)
+                     a: q + i0 * qStride, lda: qStride, b: k, ldb: kStride, beta: 0, c: p, ldc: i1, concurrently: false)
         for r in 0..<rows.count {
             let row = p + r * i1
             let visible = i0 + r + 1
@@ -326,36 +343,43 @@ enum CPUAttention {
         }
     }
 
+    /// Every (sequence, head) pair is an independent task (its output columns are its own); the
+    /// pairs run concurrently, each one's GEMMs in the same tiles as a serial run, so the bits do
+    /// not depend on the thread count.
     static func forward(q pq: UnsafePointer<Float>, k pk: UnsafePointer<Float>, v pv: UnsafePointer<Float>, out po: UnsafeMutablePointer<Float>,
                         tokens: Int, shape: AttentionShape, options: AttentionOptions) {
         let t = shape.sequenceLength, headDim = shape.headDim
         let qDim = shape.queryWidth, kvDim = shape.keyWidth
         let group = shape.heads / shape.kvHeads
         let block = min(queryBlock, t)
-        var scores = [Float](repeating: 0, count: block * t)
-        scores.withUnsafeMutableBufferPointer { ps in
-            let s = ps.baseAddress!
-            for seq in 0..<(tokens / t) {
+        let pointers = UnsafeSendable((pq, pk, pv, po))
+        Parallel.forEach((tokens / t) * shape.heads, chunk: 1) { tasks in
+            let (pq, pk, pv, po) = pointers.value
+            let s = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
+            defer { s.deallocate() }
+            for task in tasks {
+                let (seq, h) = (task / shape.heads, task % shape.heads)
                 let base = seq * t
-                for h in 0..<shape.heads {
-                    let kvHead = h / group
-                    let qh = pq + base * qDim + h * headDim
-                    let kh = pk + base * kvDim + kvHead * headDim
-                    let vh = pv + base * kvDim + kvHead * headDim
-                    let oh = po + base * qDim + h * headDim
-                    var i0 = 0
-                    while i0 < t {
-                        let i1 = min(i0 + block, t)
-                        probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim, options: options, rows: i0..<i1, into: s)
-                        Linalg.sgemm(.none, .none, m: i1 - i0, n: headDim, k: i1, alpha: 1,
-                                     a: s, lda: i1, b: vh, ldb: kvDim, beta: 0, c: oh + i0 * qDim, ldc: qDim)
-                        i0 = i1
-                    }
+                let kvHead = h / group
+                let qh = pq + base * qDim + h * headDim
+                let kh = pk + base * kvDim + kvHead * headDim
+                let vh = pv + base * kvDim + kvHead * headDim
+                let oh = po + base * qDim + h * headDim
+                var i0 = 0
+                while i0 < t {
+                    let i1 = min(i0 + block, t)
+                    probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim, options: options, rows: i0..<i1, into: s)
+                    Linalg.sgemm(.none, .none, m: i1 - i0, n: headDim, k: i1, alpha: 1,
+                                 a: s, lda: i1, b: vh, ldb: kvDim, beta: 0, c: oh + i0 * qDim, ldc: qDim, concurrently: false)
+                    i0 = i1
                 }
             }
         }
     }
 
+    /// Every (sequence, key/value head) pair is an independent task: it owns its k/v gradient
+    /// columns and runs its group's query heads in order (their sums into dK and dV keep the
+    /// serial order), so the bits do not depend on the thread count.
     static func backward(q pq: UnsafePointer<Float>, k pk: UnsafePointer<Float>, v pv: UnsafePointer<Float>, dOut pdo: UnsafePointer<Float>,
                          dq pdq: UnsafeMutablePointer<Float>, dk pdk: UnsafeMutablePointer<Float>, dv pdv: UnsafeMutablePointer<Float>,
                          tokens: Int, shape: AttentionShape, options: AttentionOptions) {
@@ -364,17 +388,17 @@ enum CPUAttention {
         let group = shape.heads / shape.kvHeads
         let scale = options.scale
         let block = min(queryBlock, t)
-        var probabilities = [Float](repeating: 0, count: block * t)
-        var scoreGradient = [Float](repeating: 0, count: block * t)
-        var cappedScores = [Float](repeating: 0, count: options.softcap == nil ? 0 : block * t)
-        probabilities.withUnsafeMutableBufferPointer { pp in
-        scoreGradient.withUnsafeMutableBufferPointer { pds in
-        cappedScores.withUnsafeMutableBufferPointer { pcs in
-            let prob = pp.baseAddress!, ds = pds.baseAddress!, capped = pcs.baseAddress
-            for seq in 0..<(tokens / t) {
+        let pointers = UnsafeSendable((pq, pk, pv, pdo, pdq, pdk, pdv))
+        Parallel.forEach((tokens / t) * shape.kvHeads, chunk: 1) { tasks in
+            let (pq, pk, pv, pdo, pdq, pdk, pdv) = pointers.value
+            let prob = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
+            let ds = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
+            let capped: UnsafeMutablePointer<Float>? = options.softcap == nil ? nil : .allocate(capacity: block * t)
+            defer { prob.deallocate(); ds.deallocate(); capped?.deallocate() }
+            for task in tasks {
+                let (seq, kvHead) = (task / shape.kvHeads, task % shape.kvHeads)
                 let base = seq * t
-                for h in 0..<shape.heads {
-                    let kvHead = h / group
+                for h in (kvHead * group)..<((kvHead + 1) * group) {
                     let qh = pq + base * qDim + h * headDim
                     let kh = pk + base * kvDim + kvHead * headDim
                     let vh = pv + base * kvDim + kvHead * headDim
@@ -387,13 +411,13 @@ enum CPUAttention {
                         let i1 = min(i0 + block, t)
                         let rows = i1 - i0
                         // P, exactly as the forward computed it.
-                        Self.probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
-                                           options: options, rows: i0..<i1, into: prob, capped: capped)
+                        probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
+                                      options: options, rows: i0..<i1, into: prob, capped: capped)
                         // dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)).
                         Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: 1,
-                                     a: prob, lda: i1, b: doh + i0 * qDim, ldb: qDim, beta: 1, c: dvh, ldc: kvDim)
+                                     a: prob, lda: i1, b: doh + i0 * qDim, ldb: qDim, beta: 1, c: dvh, ldc: kvDim, concurrently: false)
                         Linalg.sgemm(.none, .transposed, m: rows, n: i1, k: headDim, alpha: 1,
-                                     a: doh + i0 * qDim, lda: qDim, b: vh, ldb: kvDim, beta: 0, c: ds, ldc: i1)
+                                     a: doh + i0 * qDim, lda: qDim, b: vh, ldb: kvDim, beta: 0, c: ds, ldc: i1, concurrently: false)
                         for r in 0..<rows {
                             let pr = prob + r * i1, dr = ds + r * i1
                             let visible = i0 + r + 1
@@ -411,13 +435,13 @@ enum CPUAttention {
                         }
                         // S = scale·Q Kᵀ: dQ = scale·dS K, dK += scale·dSᵀ Q.
                         Linalg.sgemm(.none, .none, m: rows, n: headDim, k: i1, alpha: scale,
-                                     a: ds, lda: i1, b: kh, ldb: kvDim, beta: 0, c: dqh + i0 * qDim, ldc: qDim)
+                                     a: ds, lda: i1, b: kh, ldb: kvDim, beta: 0, c: dqh + i0 * qDim, ldc: qDim, concurrently: false)
                         Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: scale,
-                                     a: ds, lda: i1, b: qh + i0 * qDim, ldb: qDim, beta: 1, c: dkh, ldc: kvDim)
+                                     a: ds, lda: i1, b: qh + i0 * qDim, ldb: qDim, beta: 1, c: dkh, ldc: kvDim, concurrently: false)
                         i0 = i1
                     }
                 }
             }
-        }}}
+        }
     }
 }

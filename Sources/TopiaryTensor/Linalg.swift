@@ -46,13 +46,13 @@ public enum Linalg {
         _ transA: Transpose, _ transB: Transpose, m: Int, n: Int, k: Int,
         alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
         b: UnsafePointer<Float>, ldb: Int,
-        beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int
+        beta: Float = 0, c: UnsafeMutablePointer<Float>, ldc: Int, concurrently: Bool = true
     ) {
         if m == 0 || n == 0 { return }
         let (tm, tn) = gemmTiles(m: m, n: n, k: k)
         let tilesM = (m + tm - 1) / tm, tilesN = (n + tn - 1) / tn
         let args = UnsafeSendable((a, b, c))
-        forEachTile(tilesM * tilesN) { t in
+        forEachTile(tilesM * tilesN, concurrently: concurrently) { t in
             let (a, b, c) = args.value
             let i0 = (t / tilesN) * tm, j0 = (t % tilesN) * tn
             let rows = min(tm, m - i0), cols = min(tn, n - j0)
@@ -89,11 +89,12 @@ public enum Linalg {
                     alpha, a, blasint(lda), b, blasint(ldb), beta, c, blasint(ldc))
     }
 
-    /// Runs `body(t)` for every tile index 0..<count over `threadCount` threads; each tile's
-    /// work must be independent of the others.
-    static func forEachTile(_ count: Int, _ body: (Int) -> Void) {
+    /// Runs `body(t)` for every tile index 0..<count over `threadCount` threads (in order on the
+    /// calling thread when not `concurrently`: the same tiles, so the same bits, for callers that
+    /// are themselves one of several concurrent tasks); each tile's work must be independent.
+    static func forEachTile(_ count: Int, concurrently: Bool = true, _ body: (Int) -> Void) {
         let threads = threadCount
-        if count <= 1 || threads <= 1 {
+        if count <= 1 || threads <= 1 || !concurrently {
             for t in 0..<count { body(t) }
             return
         }
