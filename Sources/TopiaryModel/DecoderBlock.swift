@@ -96,6 +96,9 @@ public struct DeviceBlock: Sendable {
     let tensors: [String: Tensor]
     /// RMSNorm weights as the family applies them (Gemma-2 scales by 1 + w), by name.
     let normWeights: [String: Tensor]
+    /// The weights of each input group of more than one linear (q/k/v, gate/up) stacked, by the
+    /// group's linears joined by "|".
+    let stacked: [String: Tensor]
 
     init(_ block: DecoderBlock, backend: any ComputeBackend) {
         config = block.config
@@ -112,14 +115,32 @@ public struct DeviceBlock: Sendable {
             }
         }
         normWeights = norms
+        stacked = Self.stack(tensors, groups: block.inputGroups, on: backend)
     }
 
-    private init(config: ModelConfig, index: Int, backend: any ComputeBackend, tensors: [String: Tensor], normWeights: [String: Tensor]) {
+    static func stack(_ tensors: [String: Tensor], groups: [[String]], on backend: any ComputeBackend) -> [String: Tensor] {
+        var out: [String: Tensor] = [:]
+        for group in groups where group.count > 1 {
+            let weights = group.map { tensors[$0 + ".weight"]! }
+            let stacked = backend.zeros(rows: weights.reduce(0) { $0 + $1.rows }, cols: weights[0].cols)
+            var offset = 0
+            for w in weights {
+                backend.copy(w.all, into: stacked.region(rows: offset..<(offset + w.rows)))
+                offset += w.rows
+            }
+            out[group.joined(separator: "|")] = stacked
+        }
+        return out
+    }
+
+    private init(config: ModelConfig, index: Int, backend: any ComputeBackend, tensors: [String: Tensor], normWeights: [String: Tensor],
+                 stacked: [String: Tensor]) {
         self.config = config
         self.index = index
         self.backend = backend
         self.tensors = tensors
         self.normWeights = normWeights
+        self.stacked = stacked
     }
 
     /// The same block with some linears' weights replaced (by name, without ".weight"), without a transfer.
@@ -131,7 +152,8 @@ public struct DeviceBlock: Sendable {
             precondition(old.rows == w.rows && old.cols == w.cols, "block \(index): \(key) is \(old), its replacement \(w)")
             t[key] = w
         }
-        return DeviceBlock(config: config, index: index, backend: backend, tensors: t, normWeights: normWeights)
+        return DeviceBlock(config: config, index: index, backend: backend, tensors: t, normWeights: normWeights,
+                           stacked: Self.stack(t, groups: inputGroups, on: backend))
     }
 
     /// The linear layers in forward order (names without ".weight").
@@ -182,6 +204,26 @@ public struct DeviceBlock: Sendable {
     func apply(_ linear: String, _ x: Tensor, _ observer: LinearObserver?) -> Tensor {
         observer?(linear, x)
         return backend.linear(x, weight(linear), bias: bias(linear))
+    }
+
+    /// The linears of one input group (q/k/v, gate/up) on the same x: one GEMM with their
+    /// weights stacked (larger products run nearer the machine's GEMM rate), its columns then
+    /// split into one tensor per linear. Each output element is the same dot product as the
+    /// linear's own GEMM computes; the observer sees x once per linear, as `apply` reports it.
+    func apply(_ linears: [String], _ x: Tensor, _ observer: LinearObserver?) -> [Tensor] {
+        for name in linears { observer?(name, x) }
+        guard linears.count > 1, let stacked = stacked[linears.joined(separator: "|")] else {
+            return linears.map { backend.linear(x, weight($0), bias: bias($0)) }
+        }
+        let weights = linears.map { weight($0) }
+        let y = backend.matmul(x, .none, stacked, .transposed)
+        var offset = 0
+        return zip(linears, weights).map { name, w in
+            let part = backend.copy(y.region(cols: offset..<(offset + w.rows)))
+            offset += w.rows
+            if let b = bias(name) { backend.addRowVector(b, into: part) }
+            return part
+        }
     }
 
     func applyRope(_ m: Tensor, heads: Int, sequenceLength: Int, rope: Kernels.RopeTable, inverse: Bool = false) {

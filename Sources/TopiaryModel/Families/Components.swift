@@ -28,9 +28,9 @@ struct AttentionLayer {
 
     func forward(_ b: DeviceBlock, _ a: Tensor, _ pass: inout BlockPass) -> Tensor {
         let c = b.config
-        var q = b.apply(self.q, a, pass.observer)
-        var k = b.apply(self.k, a, pass.observer)
-        let v = b.apply(self.v, a, pass.observer)
+        let qkv = b.apply([self.q, self.k, self.v], a, pass.observer)
+        var (q, k) = (qkv[0], qkv[1])
+        let v = qkv[2]
         if qkNorm {
             pass.keep("attn.q0", q)
             pass.keep("attn.k0", k)
@@ -97,8 +97,8 @@ struct GatedMLP {
     var tag = "mlp"
 
     func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
-        let g = b.apply(gate, x, pass.observer)
-        let u = b.apply(up, x, pass.observer)
+        let gu = b.apply([gate, up], x, pass.observer)
+        let (g, u) = (gu[0], gu[1])
         pass.keep(tag + ".in", x)
         pass.keep(tag + ".g", g)
         pass.keep(tag + ".u", u)
