@@ -171,18 +171,21 @@ enum PruneCommand: Command {
         // A resumed run takes its options from run.json; those given now may only change how it
         // runs (workers, threads, ...), not what it computes.
         var args = given
-        var resumed: (run: RunDirectory, manifest: [String: Any])?
+        var resumed: (run: RunDirectory, manifest: RunManifest)?
         if let directory = given.string("resume") {
             let (merged, run, manifest) = try RunSupport.resumedArguments(given, directory: directory)
             args = merged
             resumed = (run, manifest)
-            if let complete = try run.events.read().last(where: { $0["event"] as? String == "complete" }) {
-                let output = args.string("output") ?? complete["output"] as? String ?? "?"
+            let completions = try run.events.records().compactMap { r -> (output: String, sha256: String)? in
+                if case .complete(let output, let sha) = r.event { return (output, sha) } else { return nil }
+            }
+            if let complete = completions.last {
+                let output = args.string("output") ?? complete.output
                 // Its checkpoints went when it completed: the output is all there is of it.
                 guard (try? OutputDirectory.writtenFiles(output)) != nil else {
                     throw ToolError("the run in \(directory) completed, but its output \(output) is gone or is no longer the directory Topiary wrote; its checkpoints were removed when it completed, so it cannot be rebuilt from them: run the same 'topiary prune' again without --resume (the run directory is reused)")
                 }
-                print("the run in \(directory) is already complete; its output is \(output) (weights sha256 \(complete["output_sha256"] as? String ?? "?"))")
+                print("the run in \(directory) is already complete; its output is \(output) (weights sha256 \(complete.sha256))")
                 return
             }
         }
@@ -384,11 +387,8 @@ enum PruneCommand: Command {
         coordinator.log = { Console.info($0) }
         if let resumed, coordination == .admm {
             // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
-            let plan = resumed.manifest["plan"] as? [[String: Any]] ?? []
-            let ranges = plan.compactMap { p -> Range<Int>? in
-                guard let a = p["first"] as? Int, let b = p["last"] as? Int, a <= b else { return nil }
-                return a..<(b + 1)
-            }
+            let plan = resumed.manifest.plan ?? []
+            let ranges = plan.compactMap { $0.blocks.map { $0.lowerBound..<($0.upperBound + 1) } }
             guard !ranges.isEmpty, ranges.count == plan.count else {
                 throw RunDirectoryError("\(resumed.run.manifestPath): field 'plan' is missing or malformed")
             }
@@ -397,20 +397,19 @@ enum PruneCommand: Command {
         }
         let partitions = coordinator.plan()
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
-        let planJSON: [[String: Any]] = zip(partitions, cluster.links).enumerated().map { k, e in
-            var p: [String: Any] = ["first": e.0.lowerBound, "last": e.0.upperBound - 1, "worker": e.1.name]
-            if k < cluster.processes.count { p["pid"] = Int(cluster.processes[k].processIdentifier) }
-            return p
+        let planEntries: [PlanEntry] = zip(partitions, cluster.links).enumerated().map { k, e in
+            PlanEntry(first: e.0.lowerBound, last: e.0.upperBound - 1, worker: e.1.name,
+                      pid: k < cluster.processes.count ? Int(cluster.processes[k].processIdentifier) : nil)
         }
         var finishedBlocks: Set<Int> = []
         if resumed == nil {
-            try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planJSON))
-            try run.events.append("start", ["plan": planJSON, "blocks": c.layerCount])
+            try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planEntries))
+            try run.events.append(.start(plan: planEntries, blocks: c.layerCount))
         } else {
             let finished = try run.verifiedBlocks()
             finishedBlocks = Set(finished.keys)
             coordinator.finished = finished
-            try run.events.append("resume", ["plan": planJSON, "finished_blocks": finished.keys.sorted()])
+            try run.events.append(.resume(plan: planEntries, finishedBlocks: finished.keys.sorted()))
             Console.info("resuming \(runDir): \(finished.count) of \(c.layerCount) blocks already done")
         }
         let workerPIDs = cluster.processes.map(\.processIdentifier)
@@ -517,7 +516,7 @@ enum PruneCommand: Command {
             try? FileManager.default.removeItem(atPath: staging)
             throw error
         }
-        try run.events.append("complete", ["output": RunSupport.absolute("output", output), "output_sha256": sha])
+        try run.events.append(.complete(output: RunSupport.absolute("output", output), outputSHA256: sha))
         run.removeCheckpoints()
 
         printSummaryTable(reports)
