@@ -383,34 +383,17 @@ enum PruneCommand: Command {
             r.heartbeatInterval = heartbeatInterval
             r.connection.timeout = heartbeatTimeout
         }
-        let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links, runDirectory: run)
-        coordinator.log = { Console.info($0) }
-        if let resumed, coordination == .admm {
-            // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
-            let plan = resumed.manifest.plan ?? []
-            let ranges = plan.compactMap { $0.blocks.map { $0.lowerBound..<($0.upperBound + 1) } }
-            guard !ranges.isEmpty, ranges.count == plan.count else {
-                throw RunDirectoryError("\(resumed.run.manifestPath): field 'plan' is missing or malformed")
-            }
-            coordinator.fixedPlan = ranges
-            coordinator.resumesADMM = true
-        }
-        let partitions = coordinator.plan()
+        let request = PruneRequest(
+            model: model, job: job, coordination: coordination, rounds: rounds, rho: rho, tolerance: tolerance,
+            workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
+            start: try resumed.map { .resume($0.manifest) }
+                ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: [])))
+        let pruneRun = try PruneRun(request) { Console.info($0) }
+        try pruneRun.prepare()
+        let partitions = pruneRun.partitions
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
-        let planEntries: [PlanEntry] = zip(partitions, cluster.links).enumerated().map { k, e in
-            PlanEntry(first: e.0.lowerBound, last: e.0.upperBound - 1, worker: e.1.name,
-                      pid: k < cluster.processes.count ? Int(cluster.processes[k].processIdentifier) : nil)
-        }
-        var finishedBlocks: Set<Int> = []
-        if resumed == nil {
-            try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planEntries))
-            try run.events.append(.start(plan: planEntries, blocks: c.layerCount))
-        } else {
-            let finished = try run.verifiedBlocks()
-            finishedBlocks = Set(finished.keys)
-            coordinator.finished = finished
-            try run.events.append(.resume(plan: planEntries, finishedBlocks: finished.keys.sorted()))
-            Console.info("resuming \(runDir): \(finished.count) of \(c.layerCount) blocks already done")
+        if resumed != nil {
+            Console.info("resuming \(runDir): \(pruneRun.finishedBlocks.count) of \(c.layerCount) blocks already done")
         }
         let workerPIDs = cluster.processes.map(\.processIdentifier)
         RunSupport.installSignalHandlers(events: run.events, directory: runDir) {
@@ -426,31 +409,27 @@ enum PruneCommand: Command {
         Console.info("pruning \(model.path): \(method.rawValue) \(patternText(pattern)), \(counted(windows.count, "calibration window")) of \(seqlen) tokens, seed \(seed)")
         // Blocks that are only run forward (finished before a resume, or outside --layers) are
         // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
-        let replayed = coordination == .admm ? Set<Int>() : Set((0..<c.layerCount).filter { !job.prunes($0) || finishedBlocks.contains($0) })
+        let replayed = pruneRun.replayedBlocks
         var sgemmRate: Double?
         if profiles {
             sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
             Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, CPUBackend.threadCount))
         }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
-        let pruneStart = Date()
-        var admmRounds: [ADMMRound] = []
-        let reports: [BlockReport]
-        if coordination == .admm {
-            let options = ADMMOptions(rounds: rounds ?? partitions.count, rho: rho ?? .infinity, tolerance: tolerance ?? 0)
-            Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
-            (reports, admmRounds) = try coordinator.runADMM(options: options, progress: { block, report in
-                progress.blockDone(block, report: report)
-            }, round: { r in
+        let outcome = try pruneRun.execute { event in
+            switch event {
+            case .log(let message): Console.info(message)
+            case .admmStarting(let options):
+                Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
+            case .block(let block, let report): progress.blockDone(block, report: report)
+            case .admmRound(let r):
                 progress.finish()
                 progress.reset()
                 Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f", r.round,
                                     r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError))
-            })
-        } else {
-            reports = try coordinator.run { block, report in progress.blockDone(block, report: report) }
+            }
         }
-        let pruneSeconds = elapsed(since: pruneStart)
+        let (reports, admmRounds, pruneSeconds) = (outcome.reports, outcome.rounds, outcome.pruneSeconds)
         progress.finish()
 
         let pruned = try pipeline.prunedModel()
