@@ -171,18 +171,21 @@ enum PruneCommand: Command {
         // A resumed run takes its options from run.json; those given now may only change how it
         // runs (workers, threads, ...), not what it computes.
         var args = given
-        var resumed: (run: RunDirectory, manifest: [String: Any])?
+        var resumed: (run: RunDirectory, manifest: RunManifest)?
         if let directory = given.string("resume") {
             let (merged, run, manifest) = try RunSupport.resumedArguments(given, directory: directory)
             args = merged
             resumed = (run, manifest)
-            if let complete = try run.events.read().last(where: { $0["event"] as? String == "complete" }) {
-                let output = args.string("output") ?? complete["output"] as? String ?? "?"
+            let completions = try run.events.records().compactMap { r -> (output: String, sha256: String)? in
+                if case .complete(let output, let sha) = r.event { return (output, sha) } else { return nil }
+            }
+            if let complete = completions.last {
+                let output = args.string("output") ?? complete.output
                 // Its checkpoints went when it completed: the output is all there is of it.
                 guard (try? OutputDirectory.writtenFiles(output)) != nil else {
                     throw ToolError("the run in \(directory) completed, but its output \(output) is gone or is no longer the directory Topiary wrote; its checkpoints were removed when it completed, so it cannot be rebuilt from them: run the same 'topiary prune' again without --resume (the run directory is reused)")
                 }
-                print("the run in \(directory) is already complete; its output is \(output) (weights sha256 \(complete["output_sha256"] as? String ?? "?"))")
+                print("the run in \(directory) is already complete; its output is \(output) (weights sha256 \(complete.sha256))")
                 return
             }
         }
@@ -380,38 +383,17 @@ enum PruneCommand: Command {
             r.heartbeatInterval = heartbeatInterval
             r.connection.timeout = heartbeatTimeout
         }
-        let coordinator = Coordinator(model: model, job: job, store: store, workers: cluster.links, runDirectory: run)
-        coordinator.log = { Console.info($0) }
-        if let resumed, coordination == .admm {
-            // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
-            let plan = resumed.manifest["plan"] as? [[String: Any]] ?? []
-            let ranges = plan.compactMap { p -> Range<Int>? in
-                guard let a = p["first"] as? Int, let b = p["last"] as? Int, a <= b else { return nil }
-                return a..<(b + 1)
-            }
-            guard !ranges.isEmpty, ranges.count == plan.count else {
-                throw RunDirectoryError("\(resumed.run.manifestPath): field 'plan' is missing or malformed")
-            }
-            coordinator.fixedPlan = ranges
-            coordinator.resumesADMM = true
-        }
-        let partitions = coordinator.plan()
+        let request = PruneRequest(
+            model: model, job: job, coordination: coordination, rounds: rounds, rho: rho, tolerance: tolerance,
+            workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
+            start: try resumed.map { .resume($0.manifest) }
+                ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: [])))
+        let pruneRun = try PruneRun(request) { Console.info($0) }
+        try pruneRun.prepare()
+        let partitions = pruneRun.partitions
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
-        let planJSON: [[String: Any]] = zip(partitions, cluster.links).enumerated().map { k, e in
-            var p: [String: Any] = ["first": e.0.lowerBound, "last": e.0.upperBound - 1, "worker": e.1.name]
-            if k < cluster.processes.count { p["pid"] = Int(cluster.processes[k].processIdentifier) }
-            return p
-        }
-        var finishedBlocks: Set<Int> = []
-        if resumed == nil {
-            try run.writeManifest(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: planJSON))
-            try run.events.append("start", ["plan": planJSON, "blocks": c.layerCount])
-        } else {
-            let finished = try run.verifiedBlocks()
-            finishedBlocks = Set(finished.keys)
-            coordinator.finished = finished
-            try run.events.append("resume", ["plan": planJSON, "finished_blocks": finished.keys.sorted()])
-            Console.info("resuming \(runDir): \(finished.count) of \(c.layerCount) blocks already done")
+        if resumed != nil {
+            Console.info("resuming \(runDir): \(pruneRun.finishedBlocks.count) of \(c.layerCount) blocks already done")
         }
         let workerPIDs = cluster.processes.map(\.processIdentifier)
         RunSupport.installSignalHandlers(events: run.events, directory: runDir) {
@@ -427,31 +409,27 @@ enum PruneCommand: Command {
         Console.info("pruning \(model.path): \(method.rawValue) \(patternText(pattern)), \(counted(windows.count, "calibration window")) of \(seqlen) tokens, seed \(seed)")
         // Blocks that are only run forward (finished before a resume, or outside --layers) are
         // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
-        let replayed = coordination == .admm ? Set<Int>() : Set((0..<c.layerCount).filter { !job.prunes($0) || finishedBlocks.contains($0) })
+        let replayed = pruneRun.replayedBlocks
         var sgemmRate: Double?
         if profiles {
             sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
             Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, CPUBackend.threadCount))
         }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
-        let pruneStart = Date()
-        var admmRounds: [ADMMRound] = []
-        let reports: [BlockReport]
-        if coordination == .admm {
-            let options = ADMMOptions(rounds: rounds ?? partitions.count, rho: rho ?? .infinity, tolerance: tolerance ?? 0)
-            Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
-            (reports, admmRounds) = try coordinator.runADMM(options: options, progress: { block, report in
-                progress.blockDone(block, report: report)
-            }, round: { r in
+        let outcome = try pruneRun.execute { event in
+            switch event {
+            case .log(let message): Console.info(message)
+            case .admmStarting(let options):
+                Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
+            case .block(let block, let report): progress.blockDone(block, report: report)
+            case .admmRound(let r):
                 progress.finish()
                 progress.reset()
                 Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f", r.round,
                                     r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError))
-            })
-        } else {
-            reports = try coordinator.run { block, report in progress.blockDone(block, report: report) }
+            }
         }
-        let pruneSeconds = elapsed(since: pruneStart)
+        let (reports, admmRounds, pruneSeconds) = (outcome.reports, outcome.rounds, outcome.pruneSeconds)
         progress.finish()
 
         let pruned = try pipeline.prunedModel()
@@ -517,7 +495,7 @@ enum PruneCommand: Command {
             try? FileManager.default.removeItem(atPath: staging)
             throw error
         }
-        try run.events.append("complete", ["output": RunSupport.absolute("output", output), "output_sha256": sha])
+        try run.events.append(.complete(output: RunSupport.absolute("output", output), outputSHA256: sha))
         run.removeCheckpoints()
 
         printSummaryTable(reports)

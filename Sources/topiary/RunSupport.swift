@@ -25,12 +25,10 @@ enum RunSupport {
 
     /// The options of the run in `directory` (run.json), with those given now merged in. An option
     /// that would change the result and differs from the run's is refused, naming it.
-    static func resumedArguments(_ given: ParsedArguments, directory: String) throws -> (ParsedArguments, RunDirectory, [String: Any]) {
+    static func resumedArguments(_ given: ParsedArguments, directory: String) throws -> (ParsedArguments, RunDirectory, RunManifest) {
         let run = try RunDirectory.open(existing: directory)
         let manifest = try run.readManifest()
-        guard let stored = manifest["options"] as? [String: String], let storedFlags = manifest["flags"] as? [String] else {
-            throw RunDirectoryError("\(run.manifestPath): fields 'options' and 'flags' missing or not what Topiary writes")
-        }
+        let stored = manifest.options, storedFlags = manifest.flags
         var values = stored
         var flags = Set(storedFlags)
         var changed: [String] = []
@@ -56,14 +54,14 @@ enum RunSupport {
     }
 
     /// Checks that the model and calibration file are those the run started with.
-    static func checkInputs(_ manifest: [String: Any], modelPath: String, calibPath: String, directory: String) throws {
-        if let model = manifest["model"] as? [String: Any], let expected = model["fingerprint"] as? String {
+    static func checkInputs(_ manifest: RunManifest, modelPath: String, calibPath: String, directory: String) throws {
+        if let expected = manifest.model?.fingerprint {
             let found = try ModelFingerprint.compute(path: modelPath)
             guard found == expected else {
                 throw ToolError("\(modelPath): the model differs from the one the run in \(directory) started with (fingerprint \(found.prefix(12)), expected \(expected.prefix(12)))")
             }
         }
-        if let calib = manifest["calibration"] as? [String: Any], let expected = calib["sha256"] as? String {
+        if let expected = manifest.calibration?.sha256 {
             let found = try SHA256Digest.files([calibPath])
             guard found == expected else {
                 throw ToolError("\(calibPath): the calibration file differs from the one the run in \(directory) started with (sha256 \(found.prefix(12)), expected \(expected.prefix(12)))")
@@ -71,16 +69,14 @@ enum RunSupport {
         }
     }
 
-    static func manifest(args: ParsedArguments, modelPath: String, calibPath: String, plan: [[String: Any]]) throws -> [String: Any] {
-        [
-            "format": "topiary-run", "tool_version": ToolVersion.string,
-            "created": ISO8601DateFormatter().string(from: Date()),
-            "model": ["path": modelPath, "fingerprint": try ModelFingerprint.compute(path: modelPath)],
-            "calibration": ["path": calibPath, "sha256": try SHA256Digest.files([calibPath])],
-            "options": Dictionary(uniqueKeysWithValues: args.allValues.filter { $0.key != "resume" }.map { ($0.key, absolute($0.key, $0.value)) }),
-            "flags": args.allFlags.sorted(),
-            "plan": plan,
-        ]
+    static func manifest(args: ParsedArguments, modelPath: String, calibPath: String, plan: [PlanEntry]) throws -> RunManifest {
+        RunManifest(
+            toolVersion: ToolVersion.string, created: ISO8601DateFormatter().string(from: Date()),
+            model: .init(path: modelPath, fingerprint: try ModelFingerprint.compute(path: modelPath)),
+            calibration: .init(path: calibPath, sha256: try SHA256Digest.files([calibPath])),
+            options: Dictionary(uniqueKeysWithValues: args.allValues.filter { $0.key != "resume" }.map { ($0.key, absolute($0.key, $0.value)) }),
+            flags: args.allFlags.sorted(),
+            plan: plan)
     }
 
     nonisolated(unsafe) static var signalSources: [DispatchSourceSignal] = []
@@ -93,7 +89,7 @@ enum RunSupport {
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: DispatchQueue.global())
             source.setEventHandler {
-                try? events.append("interrupted", ["signal": sig == SIGTERM ? "SIGTERM" : "SIGINT", "exit_code": Int(resumeExitCode)])
+                try? events.append(.interrupted(signal: sig == SIGTERM ? "SIGTERM" : "SIGINT", exitCode: Int(resumeExitCode)))
                 // Console ends an open progress line first, so the message stands on its own line.
                 Console.error("topiary prune: \(sig == SIGTERM ? "SIGTERM" : "SIGINT"): finished blocks are checkpointed in \(directory); continue with 'topiary prune --resume \(directory)' (exit code \(resumeExitCode))")
                 cleanup()

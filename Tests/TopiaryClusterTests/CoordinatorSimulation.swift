@@ -539,7 +539,9 @@ final class CoordinatorSimulation {
             let store: BlockFileStore
             if setup.runDirectory {
                 let run = try RunDirectory.create(path: directory + "/run")
-                try run.writeManifest(["simulation": seed.map { String($0) } ?? "hand-written"])
+                try run.writeManifest(RunManifest(toolVersion: "simulation", created: "", model: .init(path: "", fingerprint: ""),
+                                                  calibration: .init(path: "", sha256: ""),
+                                                  options: ["simulation": seed.map { String($0) } ?? "hand-written"], flags: [], plan: []))
                 runDirectory = run
                 store = run.store
             } else {

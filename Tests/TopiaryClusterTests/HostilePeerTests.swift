@@ -234,11 +234,19 @@ final class HostilePeerTests: XCTestCase {
 
     func assignment(_ f: Fixture, first: Int = 0, end: Int = 1) -> Assignment {
         Assignment(modelPath: stories, tokenizerPath: tokenizer, plan: f.job.plan, sequenceLength: f.job.sequenceLength,
-                   samples: f.job.samples, layers: nil, memoryBudget: f.job.memoryBudget, first: first, end: end,
+                   samples: f.job.samples, layers: nil, memoryBudget: f.job.memoryBudget, blocks: first..<end,
                    hasTargets: false, denseOnly: false, heartbeatInterval: 5)
     }
 
     func json(_ a: Assignment) throws -> [UInt8] { Array(try JSONEncoder().encode(a)) }
+
+    /// `a`'s JSON with the top-level fields in `changes` set as given: a job no `Assignment`
+    /// can hold (its ranges are checked as they are made), as a hostile peer may send it.
+    func json(_ a: Assignment, setting changes: [String: Any]) throws -> [UInt8] {
+        var object = try JSONSerialization.jsonObject(with: Data(try json(a))) as! [String: Any]
+        for (k, v) in changes { object[k] = v }
+        return Array(try JSONSerialization.data(withJSONObject: object))
+    }
 
     /// The legitimate job of blocks 0-1 over `c` gives what this process computes.
     func assertLegitimateJobRuns(on c: Connection, _ f: Fixture, file: StaticString = #filePath, line: UInt = #line) throws {
@@ -267,11 +275,15 @@ final class HostilePeerTests: XCTestCase {
             ("samples -1", try json(with { $0.samples = -1 }), "field 'samples' is -1"),
             ("samples 2^40", try json(with { $0.samples = 1 << 40 }), "field 'samples' is 1099511627776"),
             ("samples 3 (2 sent)", try json(with { $0.samples = 3 }), "field 'tensors' announces 2 tensors, expected 3"),
-            ("layers [3, 1]", try json(with { $0.layers = [3, 1] }), "field 'layers' is [3, 1]"),
-            ("layers []", try json(with { $0.layers = [] }), "field 'layers' is []"),
-            ("layers [0, 9]", try json(with { $0.layers = [0, 9] }), "past the model's 5 blocks"),
-            ("range 4..<9", try json(with { $0.first = 4; $0.end = 9 }), "outside the model's 5 blocks"),
-            ("range 3..<1", try json(with { $0.first = 3; $0.end = 1 }), "field 'range' 3..<1"),
+            ("layers [3, 1]", try json(good, setting: ["layers": [3, 1]]), "field 'layers' is [3, 1]"),
+            ("layers []", try json(good, setting: ["layers": [Int]()]), "field 'layers' is []"),
+            ("layers [2]", try json(good, setting: ["layers": [2]]), "field 'layers' is [2]"),
+            ("layers [-1, 2]", try json(good, setting: ["layers": [-1, 2]]), "field 'layers' is [-1, 2]"),
+            ("layers [0, 9]", try json(with { $0.layers = 0...9 }), "past the model's 5 blocks"),
+            ("range 4..<9", try json(with { $0.blocks = 4..<9 }), "outside the model's 5 blocks"),
+            ("range 3..<1", try json(good, setting: ["first": 3, "end": 1]), "field 'range' 3..<1"),
+            ("range 2..<2", try json(good, setting: ["first": 2, "end": 2]), "field 'range' 2..<2"),
+            ("range -1..<1", try json(good, setting: ["first": -1]), "field 'range' -1..<1"),
             ("sequenceLength 4096", try json(with { $0.sequenceLength = 4096 }), "longer than the model's context"),
             ("memoryBudget -1", try json(with { $0.memoryBudget = -1 }), "field 'memoryBudget'"),
             ("heartbeat 0", try json(with { $0.heartbeatInterval = 0 }), "field 'heartbeatInterval' is 0.0"),
@@ -395,7 +407,7 @@ final class HostilePeerTests: XCTestCase {
         for (range, weights, expected) in [(0..<4096, 1, "field 'weightTensors' is 1, expected at least \(perBlock): the tensors of blocks 0-4095"),
                                            (0..<4096, perBlock * 4096, "field 'weightTensors' is \(perBlock * 4096), expected 0...262144"),
                                            (0..<2, 3 * perBlock, "field 'weightTensors' is \(3 * perBlock), expected \(2 * perBlock)")] {
-            (a.first, a.end, a.weightTensors) = (range.lowerBound, range.upperBound, weights)
+            (a.blocks, a.weightTensors) = (range, weights)
             let t0 = monotonicSeconds()
             XCTAssertThrowsError(try service.checkJob(try json(a), tensors: UInt32(1 + weights), headers: [input])) { e in
                 XCTAssertTrue("\(e)".contains(expected), "\(e)")
@@ -403,7 +415,7 @@ final class HostilePeerTests: XCTestCase {
             XCTAssertLessThan(elapsed(since: t0), 2)
         }
         // Within the bound, the same configuration's blocks are checked one by one as they arrive.
-        (a.first, a.end, a.weightTensors) = (0, 2, 2 * perBlock)
+        (a.blocks, a.weightTensors) = (0..<2, 2 * perBlock)
         let headers = (0..<2).flatMap { c.family.blockTensors(c, block: $0) }.map {
             TensorAnnouncement(stream: 0, name: $0.name, dtype: .f32, shape: $0.shape, byteCount: UInt64($0.rows * $0.cols * 4))
         }
@@ -435,7 +447,7 @@ final class HostilePeerTests: XCTestCase {
         a.tokenizerPath = nil
         a.samples = 1
         a.sequenceLength = 1 << 15
-        a.end = 1
+        a.blocks = 0..<1
         a.config = config
         let weights = config.family.blockTensors(config, block: 0)
         a.weightTensors = weights.count
@@ -570,17 +582,17 @@ final class HostilePeerTests: XCTestCase {
                 guard case .assign(let job, let tensors) = try c.receive() else { return }
                 for _ in 0..<tensors { _ = try c.receiveTensor() }
                 let a = try JSONDecoder().decode(Assignment.self, from: Data(job))
-                let block = try model.loadBlock(a.first)
+                let block = try model.loadBlock(a.blocks.lowerBound)
                 var names = block.tensors.keys.sorted()
-                var index = a.first
-                var report = Array("{\"block\":\(a.first),\"linears\":[],\"outputError\":0,\"seconds\":0}".utf8)
+                var index = a.blocks.lowerBound
+                var report = Array("{\"block\":\(a.blocks.lowerBound),\"linears\":[],\"outputError\":0,\"seconds\":0}".utf8)
                 var misshape = ""
                 switch bad {
                 case .missingTensor: names.removeLast()
                 case .repeatedTensor: names[names.count - 1] = names[0]
-                case .foreignTensor: names[names.count - 1] = "model.layers.\(a.first).mlp.extra.weight"
+                case .foreignTensor: names[names.count - 1] = "model.layers.\(a.blocks.lowerBound).mlp.extra.weight"
                 case .misshapedTensor: misshape = names.first { block.tensors[$0]!.rows > 1 && block.tensors[$0]!.rows != block.tensors[$0]!.cols }!
-                case .wrongBlock: index = a.first + 1
+                case .wrongBlock: index = a.blocks.lowerBound + 1
                 case .noReport: report = []
                 case .badReport: report = Array("{\"block\": \"x\"}".utf8)
                 }

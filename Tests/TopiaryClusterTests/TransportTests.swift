@@ -101,6 +101,34 @@ final class TransportTests: XCTestCase {
         XCTAssertEqual(sender.wait(timeout: .now() + 20), .success)
     }
 
+    /// The socket's streaming send writes exactly the frames `TensorStream.messages` builds (the
+    /// ones the wire tests and fuzz targets decode), for every dtype, a chunk size that does not
+    /// divide the tensor, and an empty tensor.
+    func testSocketSendIsTensorStreamBytes() throws {
+        let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))
+        let m = Matrix(rows: 7, cols: 13, values: (0..<91).map { Float($0) * 0.37 - 11 })
+        let empty = Matrix(rows: 0, cols: 5)
+        let cases: [(Matrix, WireDType, Int)] = [(m, .f32, 40), (m, .f16, 30), (m, .bf16, 64), (m, .f32, 1 << 20), (empty, .f32, 16), (empty, .f16, 16)]
+        let expected = cases.enumerated().map { k, c in
+            TensorStream.messages(c.0, name: "t\(k)", dtype: c.1, stream: UInt32(k), chunkBytes: c.2).flatMap { $0.frame().encoded() }
+        }
+        let sender = DispatchGroup()
+        DispatchQueue.global().async(group: sender) {
+            guard let c = try? listener.accept(timeout: 20) else { return }
+            for (k, c0) in cases.enumerated() { try? c.sendTensor(c0.0, name: "t\(k)", stream: UInt32(k), dtype: c0.1, chunkBytes: c0.2) }
+            usleep(200_000)
+            c.close()
+        }
+        let c = try Connection.connect(to: listener.endpoint)
+        for (k, bytes) in expected.enumerated() {
+            XCTAssertGreaterThan(bytes.count, 0)
+            var received = [UInt8](repeating: 0, count: bytes.count)
+            try c.receiveRawForBenchmark(into: &received)
+            XCTAssertEqual(received, bytes, "case \(k)")
+        }
+        XCTAssertEqual(sender.wait(timeout: .now() + 20), .success)
+    }
+
     /// A corrupted byte inside a tensor chunk is caught by the CRC on the in-place receive path.
     func testCorruptedTensorChunkIsRefused() throws {
         let listener = try Listener(endpoint: Endpoint(host: "127.0.0.1", port: 0))

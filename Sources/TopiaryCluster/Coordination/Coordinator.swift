@@ -180,7 +180,7 @@ public final class Coordinator {
 
     public func plan() -> [Range<Int>] { fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), workers: workers.count) }
 
-    func event(_ name: String, _ fields: [String: Any]) throws { try runDirectory?.events.append(name, fields) }
+    func event(_ event: RunEvent) throws { try runDirectory?.events.append(event) }
 
     /// Writes a block the moment it arrives: to the run directory (checksummed, with an event) or the store.
     func record(_ block: DecoderBlock, report: BlockReport?, worker: String, round: Int? = nil) throws {
@@ -286,10 +286,10 @@ public final class Coordinator {
     }
 
     /// Gives up on a link that failed: it is never used again, and the loss is recorded.
-    func markLost(_ link: WorkerLink, _ error: Error, _ fields: [String: Any]) throws {
+    func markLost(_ link: WorkerLink, _ error: Error, blocks first: Int, _ last: Int, finishedThrough: Int? = nil, context: EventContext) throws {
         dead.insert(ObjectIdentifier(link))
         link.abandon()
-        try event("worker_lost", fields.merging(["worker": link.name, "error": "\(error)"]) { $1 })
+        try event(.workerLost(worker: link.name, error: "\(error)", first: first, last: last, finishedThrough: finishedThrough, context: context))
     }
 
     /// Runs `range` from `start` on `link` (with `job`, by default the run's); when the link is
@@ -299,17 +299,15 @@ public final class Coordinator {
     /// collecting any). `context` goes into the events (an ADMM round, the dense pass).
     func runWithFailover(_ preferred: WorkerLink, _ range: Range<Int>, job: PruneJob? = nil, from start: Boundary,
                          started: Bool = false, busy: Set<ObjectIdentifier> = [], round: Int? = nil,
-                         context: [String: Any] = [:],
+                         phase: String? = nil,
                          onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
         let job = job ?? self.job
-        var context = context
-        if let round { context["round"] = round }
-        func fields(_ f: [String: Any]) -> [String: Any] { f.merging(context) { a, _ in a } }
+        let context = EventContext(round: round, phase: phase)
         var link = preferred
         var isStarted = started
         if !isLive(link) {
             let to = replacement(for: link, busy: busy)
-            try event("reassigned", fields(["first": range.lowerBound, "last": range.upperBound - 1, "from": link.name, "to": to.name]))
+            try event(.reassigned(first: range.lowerBound, last: range.upperBound - 1, from: link.name, to: to.name, context: context))
             log("blocks \(range.lowerBound)-\(range.upperBound - 1): \(link.name) was lost earlier; running them on \(to.name)")
             link = to
             // What was started on the lost link is started again on its replacement.
@@ -351,13 +349,13 @@ public final class Coordinator {
                 return end
             } catch let error where link.isRemote && (error is WireError || error is WorkerResultError) {
                 isStarted = false
-                try markLost(link, error, fields(["first": from, "last": range.upperBound - 1, "finished_through": next - 1]))
+                try markLost(link, error, blocks: from, range.upperBound - 1, finishedThrough: next - 1, context: context)
                 log("worker \(link.name) lost (\(error)); it finished blocks \(from)..<\(next) of \(from)..<\(range.upperBound)")
                 boundary = try replay(from..<next, from: boundary, job: job)
                 from = next
                 if from == range.upperBound { return boundary }
                 let to = replacement(for: link, busy: busy)
-                try event("reassigned", fields(["first": from, "last": range.upperBound - 1, "from": link.name, "to": to.name]))
+                try event(.reassigned(first: from, last: range.upperBound - 1, from: link.name, to: to.name, context: context))
                 log("blocks \(from)-\(range.upperBound - 1) reassigned to \(to.name)")
                 link = to
             }
@@ -380,9 +378,7 @@ public final class Coordinator {
                 while j < range.upperBound && !needsWork(j) { j += 1 }
                 boundary = try replay(i..<j, from: boundary)
                 if (i..<j).contains(where: { job.prunes($0) }) {
-                    var fields: [String: Any] = ["first": i, "last": j - 1]
-                    if let round { fields["round"] = round }
-                    try event("replayed", fields)
+                    try event(.replayed(first: i, last: j - 1, round: round))
                 }
                 for b in i..<j { try onBlock(b, nil, reports[b]) }
                 i = j
@@ -447,12 +443,12 @@ public final class Coordinator {
         let K = partitions.count
         let make = { RangePruner.store(job: self.job, config: self.model.config) }
         let start = try pipeline.embed()
-        let events = resumesADMM ? (try runDirectory?.events.read() ?? []) : []
+        let events = resumesADMM ? (try runDirectory?.events.records().map(\.event) ?? []) : []
 
         // Dense boundaries d_0 ... d_K, pipelined through the workers (or read back on resume).
         var dense: [ActivationStore] = [start.inputs]
-        if let saved = events.last(where: { $0["event"] as? String == "admm_dense" })?["sha256"] as? [String],
-           saved.count == K, let runDirectory {
+        let savedDense = events.compactMap { e -> [String]? in if case .admmDense(let shas) = e { return shas } else { return nil } }.last
+        if let saved = savedDense, saved.count == K, let runDirectory {
             for (k, sha) in saved.enumerated() {
                 guard let d = try runDirectory.loadActivations(name: "dense-\(k + 1)", sha256: sha, make: make) else { break }
                 dense.append(d)
@@ -465,11 +461,11 @@ public final class Coordinator {
             for (k, range) in partitions.enumerated() {
                 let link = k < workers.count ? workers[k] : inProcessWorker()
                 dense.append(try runWithFailover(link, range, job: denseJob, from: Boundary(inputs: dense.last!, targets: nil),
-                                                 context: ["phase": "dense pass"]) { _, _, _ in }.inputs)
+                                                 phase: "dense pass") { _, _, _ in }.inputs)
             }
             if let runDirectory {
                 let shas = try (1...K).map { try runDirectory.saveActivations(dense[$0], name: "dense-\($0)") }
-                try event("admm_dense", ["sha256": shas])
+                try event(.admmDense(sha256: shas))
             }
         }
 
@@ -480,13 +476,14 @@ public final class Coordinator {
         for (i, f) in finished { if let r = f.report { reports[i] = r } }
         var firstRound = 1
         // Resume after the last round whose boundaries were checkpointed.
-        for e in events where e["event"] as? String == "admm_round" {
-            guard let r = e["round"] as? Int, let residuals = e["residuals"] as? [Double], let outputError = e["output_error"] as? Double else { continue }
-            rounds.append(ADMMRound(round: r, residuals: residuals, outputError: outputError))
+        let savedRounds = events.compactMap { e -> (round: Int, residuals: [Double], outputError: Double, inputs: [String]?, duals: [String]?)? in
+            if case .admmRound(let r, let residuals, let outputError, let inputs, let duals) = e { return (r, residuals, outputError, inputs, duals) }
+            return nil
         }
-        if let last = events.last(where: { $0["event"] as? String == "admm_round" }), let r = last["round"] as? Int,
-           let hs = last["inputs_sha256"] as? [String], let runDirectory {
-            let us = last["duals_sha256"] as? [String]
+        for e in savedRounds { rounds.append(ADMMRound(round: e.round, residuals: e.residuals, outputError: e.outputError)) }
+        if let last = savedRounds.last, let hs = last.inputs, let runDirectory {
+            let r = last.round
+            let us = last.duals
             var ok = hs.count == K - 1
             for k in 1..<max(1, K) where ok {
                 if let h = try runDirectory.loadActivations(name: "round-\(r)-h-\(k)", sha256: hs[k - 1], make: make) { inputs[k] = h } else { ok = false }
@@ -528,7 +525,7 @@ public final class Coordinator {
                         ok = true
                         busy.insert(ObjectIdentifier(link))
                     } catch let error as WireError where link.isRemote {
-                        try markLost(link, error, ["first": range.lowerBound, "last": range.upperBound - 1, "round": r])
+                        try markLost(link, error, blocks: range.lowerBound, range.upperBound - 1, context: EventContext(round: r))
                     }
                 }
                 started.append(ok)
@@ -565,13 +562,13 @@ public final class Coordinator {
             }
             let round = ADMMRound(round: r, residuals: residuals, outputError: try relativeDistance(outputs.last!, dense.last!))
             rounds.append(round)
-            var fields: [String: Any] = ["round": r, "residuals": residuals, "output_error": round.outputError]
+            var inputsSHA256: [String]?, dualsSHA256: [String]?
             if let runDirectory {
                 // The boundaries after this round, so that a resumed run starts the next one.
-                fields["inputs_sha256"] = try (1..<max(1, K)).map { try runDirectory.saveActivations(inputs[$0], name: "round-\(r)-h-\($0)") }
-                fields["duals_sha256"] = try (1..<max(1, K)).map { k in try duals[k].map { try runDirectory.saveActivations($0, name: "round-\(r)-u-\(k)") } ?? "" }
+                inputsSHA256 = try (1..<max(1, K)).map { try runDirectory.saveActivations(inputs[$0], name: "round-\(r)-h-\($0)") }
+                dualsSHA256 = try (1..<max(1, K)).map { k in try duals[k].map { try runDirectory.saveActivations($0, name: "round-\(r)-u-\(k)") } ?? "" }
             }
-            try event("admm_round", fields)
+            try event(.admmRound(round: r, residuals: residuals, outputError: round.outputError, inputsSHA256: inputsSHA256, dualsSHA256: dualsSHA256))
             runDirectory?.removeActivations { $0.hasPrefix("round-") && !$0.hasPrefix("round-\(r)-") }
             roundDone(round)
             if residuals.allSatisfy({ $0 <= options.tolerance }) { break }

@@ -76,8 +76,8 @@ public final class RunDirectory: @unchecked Sendable {
             guard let data = FileManager.default.contents(atPath: manifest),
                   let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
                   json["format"] as? String == "topiary-run" else { return .foreign("run.json") }
-            let log = try EventLog.read(path: join(path, "events.jsonl"))
-            return log.contains { $0["event"] as? String == "complete" } ? .complete : .unfinished
+            let log = try EventLog.records(path: join(path, "events.jsonl"))
+            return log.contains { if case .complete = $0.event { return true } else { return false } } ? .complete : .unfinished
         }
         if contents.contains(lockName) {
             let lock = join(path, lockName)
@@ -211,11 +211,16 @@ public final class RunDirectory: @unchecked Sendable {
     }
 
     /// Writes run.json (atomically), with a fresh run id, the format version and its checksum,
-    /// which becomes the run's identity.
-    public func writeManifest(_ manifest: [String: Any]) throws {
-        var m = manifest
-        m["version"] = Self.manifestVersion
-        if m["run_id"] == nil { m["run_id"] = UUID().uuidString.lowercased() }
+    /// which becomes the run's identity. The checksum is over the JSON object (see `checksum(of:)`),
+    /// so it is the same for the same contents whatever wrote them.
+    public func writeManifest(_ manifest: RunManifest) throws {
+        var typed = manifest
+        typed.version = Self.manifestVersion
+        typed.checksum = nil
+        if typed.runID == nil { typed.runID = UUID().uuidString.lowercased() }
+        guard var m = try JSONSerialization.jsonObject(with: try JSONEncoder().encode(typed)) as? [String: Any] else {
+            throw RunDirectoryError("\(manifestPath): the run's record is not a JSON object")
+        }
         let sum = try Self.checksum(of: m)
         m["checksum"] = sum
         let data = try JSONSerialization.data(withJSONObject: m, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
@@ -223,8 +228,9 @@ public final class RunDirectory: @unchecked Sendable {
         identity = sum
     }
 
-    /// Reads run.json, refusing one whose checksum does not match (an edited or damaged file).
-    public func readManifest() throws -> [String: Any] {
+    /// Reads run.json, refusing one whose checksum does not match (an edited or damaged file),
+    /// or whose fields are not those Topiary writes.
+    public func readManifest() throws -> RunManifest {
         guard let data = FileManager.default.contents(atPath: manifestPath) else {
             throw RunDirectoryError("\(manifestPath): missing; \(path) is not a Topiary run directory (or its run never started)")
         }
@@ -240,8 +246,12 @@ public final class RunDirectory: @unchecked Sendable {
         guard let recorded = json["checksum"] as? String, recorded == (try Self.checksum(of: json)) else {
             throw RunDirectoryError("\(manifestPath): its checksum does not match its contents, so it was edited or damaged; a run's options cannot change once it started (give the options that may change on the command line, or start a new run)")
         }
+        let manifest: RunManifest
+        do { manifest = try JSONDecoder().decode(RunManifest.self, from: data) } catch {
+            throw RunDirectoryError("\(manifestPath): fields 'options' and 'flags' missing or not what Topiary writes (\(error))")
+        }
         identity = recorded
-        return json
+        return manifest
     }
 
     // MARK: Checkpoints
@@ -267,14 +277,7 @@ public final class RunDirectory: @unchecked Sendable {
         guard identity != nil else { throw RunDirectoryError("\(manifestPath): a block was finished before run.json was written") }
         try writeBlock(block)
         let sha = try SHA256Digest.files([store.path(block.index)])
-        var fields: [String: Any] = ["block": block.index, "sha256": sha, "worker": worker]
-        if let round { fields["round"] = round }
-        if let report {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = .sortedKeys
-            fields["report"] = try JSONSerialization.jsonObject(with: try encoder.encode(report))
-        }
-        try events.append("block_done", fields)
+        try events.append(.blockDone(block: block.index, sha256: sha, worker: worker, report: report, round: round))
     }
 
     /// The blocks recorded as done whose files still match their checksums and belong to this run
@@ -284,28 +287,24 @@ public final class RunDirectory: @unchecked Sendable {
     /// `checkpoint_refused`, with the reason). Either way its file is removed and it is left out,
     /// so that it is redone.
     public func verifiedBlocks() throws -> [Int: FinishedBlock] {
-        var latest: [Int: [String: Any]] = [:]
-        for e in try events.read() where e["event"] as? String == "block_done" {
-            guard let b = e["block"] as? Int else { continue }
-            latest[b] = e
+        var latest: [Int: (sha256: String, report: BlockReport?, round: Int?)] = [:]
+        for record in try events.records() {
+            guard case .blockDone(let b, let sha, _, let report, let round) = record.event else { continue }
+            latest[b] = (sha, report, round)
         }
         var result: [Int: FinishedBlock] = [:]
         for (b, e) in latest.sorted(by: { $0.key < $1.key }) {
             let file = store.path(b)
-            guard try matches(file, e["sha256"] as? String ?? "", reporting: ["block": b], missing: "missing") else {
+            guard try matches(file, e.sha256, reporting: .block(b), missing: "missing") else {
                 _ = unlink(file)
                 continue
             }
             if let problem = bindingProblem(file, expected: ["block": "\(b)"], tensorsOfBlock: b) {
-                try events.append("checkpoint_refused", ["block": b, "file": file, "reason": problem])
+                try events.append(.checkpointRefused(.block(b), file: file, reason: problem))
                 _ = unlink(file)
                 continue
             }
-            var report: BlockReport?
-            if let r = e["report"] {
-                report = try? JSONDecoder().decode(BlockReport.self, from: JSONSerialization.data(withJSONObject: r))
-            }
-            result[b] = FinishedBlock(report: report, round: e["round"] as? Int)
+            result[b] = FinishedBlock(report: e.report, round: e.round)
         }
         return result
     }
@@ -343,11 +342,10 @@ public final class RunDirectory: @unchecked Sendable {
 
     /// Whether `file` has the SHA-256 its event recorded; when not, reports `checkpoint_corrupt`
     /// with `fields` (the found value is `missing` for an absent or unreadable file).
-    func matches(_ file: String, _ expected: String, reporting fields: [String: Any], missing: String) throws -> Bool {
+    func matches(_ file: String, _ expected: String, reporting subject: CheckpointSubject, missing: String) throws -> Bool {
         let found = FileManager.default.fileExists(atPath: file) ? (try? SHA256Digest.files([file])) : nil
         if let found, found == expected { return true }
-        try events.append("checkpoint_corrupt", fields.merging(["file": file, "expected_sha256": expected,
-                                                                "found_sha256": found ?? missing]) { $1 })
+        try events.append(.checkpointCorrupt(subject, file: file, expectedSHA256: expected, foundSHA256: found ?? missing))
         return false
     }
 
@@ -381,9 +379,9 @@ public final class RunDirectory: @unchecked Sendable {
     public func loadActivations(name: String, sha256 expected: String, make: () -> ActivationStore) throws -> ActivationStore? {
         let file = activationsPath(name)
         guard FileManager.default.fileExists(atPath: file),
-              try matches(file, expected, reporting: ["activations": name], missing: "unreadable") else { return nil }
+              try matches(file, expected, reporting: .activations(name), missing: "unreadable") else { return nil }
         if let problem = bindingProblem(file, expected: ["name": name]) {
-            try events.append("checkpoint_refused", ["activations": name, "file": file, "reason": problem])
+            try events.append(.checkpointRefused(.activations(name), file: file, reason: problem))
             return nil
         }
         return try readStore(try SafeTensorsFile(path: file), prefix: "", make: make)
@@ -405,7 +403,7 @@ public final class RunDirectory: @unchecked Sendable {
         let file = boundaryPath(block)
         let sha = try writeStores([("inputs/", boundary.inputs)] + (boundary.targets.map { [("targets/", $0)] } ?? []),
                                   to: file, metadata: ["block": "\(block)"])
-        try events.append("boundary_checkpoint", ["block": block, "sha256": sha, "file": file])
+        try events.append(.boundaryCheckpoint(block: block, sha256: sha, file: file))
         if let names = try? FileManager.default.contentsOfDirectory(atPath: boundariesPath) {
             for name in names where name.hasPrefix("boundary-") && name.hasSuffix(".safetensors") && name != (file as NSString).lastPathComponent {
                 _ = unlink(Self.join(boundariesPath, name))
@@ -417,15 +415,15 @@ public final class RunDirectory: @unchecked Sendable {
     /// `make`; a checkpoint whose file differs from its recorded SHA-256 is reported and skipped.
     public func loadBoundary(atOrBefore block: Int, make: () -> ActivationStore) throws -> (block: Int, boundary: Boundary)? {
         var candidates: [Int: String] = [:]
-        for e in try events.read() where e["event"] as? String == "boundary_checkpoint" {
-            if let b = e["block"] as? Int, let sha = e["sha256"] as? String, b <= block { candidates[b] = sha }
+        for record in try events.records() {
+            if case .boundaryCheckpoint(let b, let sha, _) = record.event, b <= block { candidates[b] = sha }
         }
         for (b, expected) in candidates.sorted(by: { $0.key > $1.key }) {
             let file = boundaryPath(b)
             guard FileManager.default.fileExists(atPath: file) else { continue }   // superseded
-            guard try matches(file, expected, reporting: ["boundary": b], missing: "unreadable") else { continue }
+            guard try matches(file, expected, reporting: .boundary(b), missing: "unreadable") else { continue }
             if let problem = bindingProblem(file, expected: ["block": "\(b)"]) {
-                try events.append("checkpoint_refused", ["boundary": b, "file": file, "reason": problem])
+                try events.append(.checkpointRefused(.boundary(b), file: file, reason: problem))
                 continue
             }
             let f = try SafeTensorsFile(path: file)
@@ -494,8 +492,8 @@ public struct FinishedBlock: Sendable {
     public var round: Int?
 }
 
-/// events.jsonl: one JSON object per line ({"event": ..., "time": ..., ...}), each appended with
-/// one write and fsynced. Safe to call from several threads.
+/// events.jsonl: one JSON object per line ({"event": ..., "time": ..., ...}; `RunEvent`), each
+/// appended with one write and fsynced. Safe to call from several threads.
 public final class EventLog: @unchecked Sendable {
     public let path: String
     private let fd: Int32
@@ -509,12 +507,11 @@ public final class EventLog: @unchecked Sendable {
 
     deinit { close(fd) }
 
-    /// Appends one event and flushes it to disk.
-    public func append(_ event: String, _ fields: [String: Any] = [:]) throws {
-        var object = fields
-        object["event"] = event
-        object["time"] = ISO8601DateFormatter().string(from: Date())
-        var data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])
+    /// Appends one event, stamped with the time, and flushes it to disk.
+    public func append(_ event: RunEvent) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        var data = try encoder.encode(RunEventRecord(event, time: ISO8601DateFormatter().string(from: Date())))
         data.append(UInt8(ascii: "\n"))
         lock.lock()
         defer { lock.unlock() }
@@ -532,12 +529,23 @@ public final class EventLog: @unchecked Sendable {
             let reason = String(cString: strerror(errno))
             // No torn line is left behind (a full disk can take half an event).
             if before >= 0 { _ = ftruncate(fd, before) }
-            throw RunDirectoryError("\(path): cannot append event '\(event)': \(reason)")
+            throw RunDirectoryError("\(path): cannot append event '\(event.name)': \(reason)")
         }
     }
 
-    /// Every complete event; a torn last line (a crash mid-append) is ignored.
+    /// Every complete event, as JSON objects; a torn last line (a crash mid-append) is ignored.
     public func read() throws -> [[String: Any]] { try Self.read(path: path) }
+
+    /// Every complete event, typed; a torn last line, and a line that is not one of the events
+    /// `RunEvent` knows, are ignored.
+    public func records() throws -> [RunEventRecord] { try Self.records(path: path) }
+
+    /// The typed events of the log at `path` (none when it is absent).
+    public static func records(path: String) throws -> [RunEventRecord] {
+        guard let data = FileManager.default.contents(atPath: path) else { return [] }
+        let decoder = JSONDecoder()
+        return data.split(separator: UInt8(ascii: "\n")).compactMap { try? decoder.decode(RunEventRecord.self, from: Data($0)) }
+    }
 
     /// The events of the log at `path` (none when it is absent).
     public static func read(path: String) throws -> [[String: Any]] {

@@ -89,10 +89,19 @@ public final class Connection: @unchecked Sendable {
     private let fd: Int32
     private var closed = false
     private let closeLock = NSLock()
+    /// The frame checks (header, then payload CRC): the same `FrameDecoder` checks that
+    /// byte-stream decoding and the fuzz targets run.
+    private var decoder: FrameDecoder
     /// Frames larger than this are refused from their header.
-    public var maxFrameBytes: Int
+    public var maxFrameBytes: Int {
+        get { decoder.maxFrameBytes }
+        set { decoder.maxFrameBytes = newValue }
+    }
     /// When set, frames of other types are refused from their header (during the handshake).
-    public var allowedTypes: Set<MessageType>?
+    public var allowedTypes: Set<MessageType>? {
+        get { decoder.allowedTypes }
+        set { decoder.allowedTypes = newValue }
+    }
     private var payloadBuffer: [UInt8] = []
     /// Seconds a single wait for bytes (or for room to send them) may take before failing.
     public var timeout: Double
@@ -109,7 +118,7 @@ public final class Connection: @unchecked Sendable {
         self.fd = fd
         self.peer = peer
         self.timeout = timeout
-        self.maxFrameBytes = maxFrameBytes
+        self.decoder = FrameDecoder(maxFrameBytes: maxFrameBytes)
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         // A peer that vanishes without a FIN (a dead host) is found by TCP keepalive, not only
@@ -247,18 +256,13 @@ public final class Connection: @unchecked Sendable {
     /// From its first byte on, the frame runs under `frameTimeout`.
     func receiveHeader() throws -> FrameHeader {
         var raw = [UInt8](repeating: 0, count: FrameHeader.size)
-        let what = allowedTypes.map { "a " + $0.map(\.description).sorted().joined(separator: " or ") + " message" } ?? "the next message"
         frameDeadline = nil
         try raw.withUnsafeMutableBytes { b in
-            try readExact(b.baseAddress!, 1, what: what, atFrameStart: true)
+            try readExact(b.baseAddress!, 1, what: decoder.expectedMessage, atFrameStart: true)
             frameDeadline = monotonicSeconds() + frameTimeout
             try readExact(b.baseAddress! + 1, FrameHeader.size - 1, what: "frame header")
         }
-        let h = try raw.withUnsafeBytes { try FrameHeader.decode($0, supported: Protocol.supportedVersions, limit: maxFrameBytes) }
-        if let allowed = allowedTypes, let type = MessageType(rawValue: h.type), !allowed.contains(type) {
-            throw WireError.unexpectedMessage(expected: allowed.map(\.description).sorted().joined(separator: " or "), found: type.description)
-        }
-        return h
+        return try raw.withUnsafeBytes { try decoder.checkHeader($0) }
     }
 
     /// Reads a frame's payload into the connection's buffer and checks its CRC.
@@ -267,8 +271,7 @@ public final class Connection: @unchecked Sendable {
         if payloadBuffer.count < n { payloadBuffer = [UInt8](repeating: 0, count: n) }
         try payloadBuffer.withUnsafeMutableBytes { try readExact($0.baseAddress!, n, what: "payload of a \(MessageType(rawValue: h.type)!) message") }
         let bytes = payloadBuffer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }
-        let computed = CRC32C.checksum(bytes)
-        guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
+        try FrameDecoder.checkPayload(bytes, of: h)
         return bytes
     }
 
@@ -318,37 +321,14 @@ public final class Connection: @unchecked Sendable {
         return h.peerName
     }
 
-    /// Sends a matrix as a tensor header and chunks, straight from its storage (f32) or through
-    /// one reusable conversion buffer (f16, bf16).
+    /// Sends a matrix as a tensor header and chunks (`TensorStream`'s), straight from its
+    /// storage (f32) or through one reusable conversion buffer (f16, bf16).
     public func sendTensor(_ m: Matrix, name: String, stream: UInt32, dtype: WireDType = .f32, chunkBytes: Int = 16 << 20) throws {
-        let total = m.count * dtype.size
-        try send(.tensorHeader(stream: stream, name: name, dtype: dtype, shape: [m.rows, m.cols], byteCount: UInt64(total)))
-        let chunk = max(dtype.size, chunkBytes / dtype.size * dtype.size)
-        var converted = dtype == .f32 ? [] : [UInt8](repeating: 0, count: min(chunk, total))
+        try send(.tensorHeader(stream: stream, name: name, dtype: dtype, shape: [m.rows, m.cols], byteCount: UInt64(m.count * dtype.size)))
         let what = "sending tensor '\(name)'"
-        try m.withUnsafeBufferPointer { values in
-            var offset = 0
-            repeat {
-                let n = min(chunk, total - offset)
-                let data: UnsafeRawBufferPointer
-                if dtype == .f32 {
-                    data = UnsafeRawBufferPointer(start: UnsafeRawPointer(values.baseAddress!) + offset, count: n)
-                } else {
-                    converted.withUnsafeMutableBytes { out in
-                        TensorStream.writeHalf(UnsafeBufferPointer(rebasing: values[(offset / 2)..<(offset / 2 + n / 2)]), dtype: dtype, into: out)
-                    }
-                    data = converted.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }
-                }
-                var prefix = ByteWriter()
-                prefix.u32(stream)
-                prefix.u64(UInt64(offset))
-                let crc = prefix.data.withUnsafeBytes { p in CRC32C.checksum(data, continuing: CRC32C.checksum(p)) }
-                let header = FrameHeader(version: Protocol.version, type: MessageType.tensorChunk.rawValue, flags: 0,
-                                         length: UInt64(prefix.data.count + n), checksum: crc)
-                try sendBytes(header.encoded() + prefix.data, what: what)
-                try sendBytes(data, what: what)
-                offset += n
-            } while offset < total
+        try TensorStream.forEachChunk(m, dtype: dtype, chunkBytes: chunkBytes) { offset, data in
+            try sendBytes(TensorStream.chunkFramePrefix(stream: stream, offset: offset, data: data), what: what)
+            try sendBytes(data, what: what)
         }
     }
 
@@ -392,33 +372,41 @@ public final class Connection: @unchecked Sendable {
         return TensorAnnouncement(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount)
     }
 
+    /// The next frame's header, which must be a tensor chunk's with room for its prefix.
+    private func receiveChunkHeader() throws -> FrameHeader {
+        let h = try receiveHeader()
+        guard h.type == MessageType.tensorChunk.rawValue else {
+            throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
+        }
+        let p = TensorStream.chunkPrefixBytes
+        guard h.length >= UInt64(p) else { throw WireError.truncated(what: "tensor-chunk message, field 'offset'", needed: p, available: Int(h.length)) }
+        return h
+    }
+
     /// Receives an announced tensor's chunks into a matrix. f32 chunks are read straight into the
     /// tensor's storage and checksummed there; f16/bf16 chunks are decoded from the receive buffer.
     public func receiveTensorBody(_ a: TensorAnnouncement) throws -> Matrix {
         var assembler = try TensorAssembler(header: a.message, maxBytes: maxTensorBytes)
         // The sender sends at least one chunk, also for an empty tensor.
         repeat {
-            let h = try receiveHeader()
-            guard h.type == MessageType.tensorChunk.rawValue else {
-                throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
-            }
-            guard h.length >= 12 else { throw WireError.truncated(what: "tensor-chunk message, field 'offset'", needed: 12, available: Int(h.length)) }
+            let h = try receiveChunkHeader()
             if assembler.dtype == .f32 {
-                var prefix = [UInt8](repeating: 0, count: 12)
-                try prefix.withUnsafeMutableBytes { try readExact($0.baseAddress!, 12, what: "tensor-chunk prefix") }
-                let (stream, offset) = try prefix.withUnsafeBytes { raw -> (UInt32, UInt64) in
+                let p = TensorStream.chunkPrefixBytes
+                var prefix = [UInt8](repeating: 0, count: p)
+                try prefix.withUnsafeMutableBytes { try readExact($0.baseAddress!, p, what: "tensor-chunk prefix") }
+                let (stream, offset) = try prefix.withUnsafeBytes { raw in
                     var c = ByteCursor(raw, message: "tensor-chunk")
-                    return (try c.u32("stream"), try c.u64("offset"))
+                    return try TensorStream.chunkPrefix(&c)
                 }
-                let computed = try assembler.receiveInPlace(stream: stream, offset: offset, byteCount: Int(h.length) - 12,
+                let computed = try assembler.receiveInPlace(stream: stream, offset: offset, byteCount: Int(h.length) - p,
                                                             prefixChecksum: CRC32C.checksum(prefix)) { region in
                     if region.count > 0 { try readExact(region.baseAddress!, region.count, what: "tensor-chunk payload") }
                 }
-                guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
+                try FrameDecoder.checkPayload(checksum: computed, of: h)
             } else {
                 let payload = try receivePayload(h)
                 var r = ByteCursor(payload, message: "tensor-chunk")
-                let stream = try r.u32("stream"), offset = try r.u64("offset")
+                let (stream, offset) = try TensorStream.chunkPrefix(&r)
                 try assembler.add(stream: stream, offset: offset, bytes: try r.raw(r.remaining, "bytes"))
             }
         } while !assembler.isComplete
@@ -429,28 +417,13 @@ public final class Connection: @unchecked Sendable {
     /// so that the connection stays in step): the chunks are still checked (stream, offsets,
     /// sizes, CRC), and memory stays one frame whatever the announced size.
     public func skipTensorBody(_ a: TensorAnnouncement) throws {
-        var received: UInt64 = 0
+        var order = TensorChunkOrder(a)
         repeat {
-            let h = try receiveHeader()
-            guard h.type == MessageType.tensorChunk.rawValue else {
-                throw WireError.unexpectedMessage(expected: "tensor-chunk", found: MessageType(rawValue: h.type)!.description)
-            }
-            let payload = try receivePayload(h)
+            let payload = try receivePayload(try receiveChunkHeader())
             var r = ByteCursor(payload, message: "tensor-chunk")
-            let stream = try r.u32("stream"), offset = try r.u64("offset")
-            let n = UInt64(r.remaining)
-            guard stream == a.stream else {
-                throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(a.stream) (tensor '\(a.name)')")
-            }
-            guard offset == received else {
-                throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(a.name)')")
-            }
-            guard n <= a.byteCount - received, n % UInt64(a.dtype.size) == 0 else {
-                throw WireError.malformed(message: "tensor-chunk", field: "bytes",
-                                          detail: "has \(n) bytes; \(a.byteCount - received) of tensor '\(a.name)' remain, in \(a.dtype.size)-byte elements")
-            }
-            received += n
-        } while received < a.byteCount
+            let (stream, offset) = try TensorStream.chunkPrefix(&r)
+            try order.accept(stream: stream, offset: offset, byteCount: r.remaining)
+        } while !order.isComplete
     }
 
     /// Receives one tensor (header, then chunks); `check` sees the header before anything is

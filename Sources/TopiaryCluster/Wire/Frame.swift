@@ -127,20 +127,44 @@ public struct FrameDecoder {
     public mutating func next() throws -> Frame? {
         if header == nil {
             guard buffer.count >= FrameHeader.size else { return nil }
-            let h = try buffer.withUnsafeBytes { try FrameHeader.decode($0, supported: supported, limit: maxFrameBytes) }
-            if let allowed = allowedTypes, let type = MessageType(rawValue: h.type), !allowed.contains(type) {
-                throw WireError.unexpectedMessage(expected: allowed.map(\.description).sorted().joined(separator: " or "), found: type.description)
-            }
-            header = h
+            header = try buffer.withUnsafeBytes { try checkHeader($0) }
         }
         let h = header!
         let total = FrameHeader.size + Int(h.length)
         guard buffer.count >= total else { return nil }
         let payload = Array(buffer[FrameHeader.size..<total])
-        let computed = CRC32C.checksum(payload)
-        guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
+        try payload.withUnsafeBytes { try Self.checkPayload($0, of: h) }
         buffer.removeFirst(total)
         header = nil
         return Frame(type: MessageType(rawValue: h.type)!, flags: h.flags, payload: payload)
+    }
+
+    // The checks below are the only ones a frame gets, whether its bytes come through `next()`
+    // or straight from a socket (`Connection` reads a header, then its payload, and asks these).
+
+    /// Decodes and checks a frame header (its first 24 bytes): magic, version, known type,
+    /// length under `maxFrameBytes`, and, when `allowedTypes` is set, its type.
+    public func checkHeader(_ bytes: UnsafeRawBufferPointer) throws -> FrameHeader {
+        let h = try FrameHeader.decode(bytes, supported: supported, limit: maxFrameBytes)
+        if let allowed = allowedTypes, let type = MessageType(rawValue: h.type), !allowed.contains(type) {
+            throw WireError.unexpectedMessage(expected: expectedText(allowed), found: type.description)
+        }
+        return h
+    }
+
+    /// What the next frame may be, as errors and waits name it ("a challenge message").
+    public var expectedMessage: String { allowedTypes.map { "a " + expectedText($0) + " message" } ?? "the next message" }
+
+    private func expectedText(_ allowed: Set<MessageType>) -> String { allowed.map(\.description).sorted().joined(separator: " or ") }
+
+    /// Checks a whole payload against its header's CRC32C.
+    public static func checkPayload(_ payload: UnsafeRawBufferPointer, of h: FrameHeader) throws {
+        try checkPayload(checksum: CRC32C.checksum(payload), of: h)
+    }
+
+    /// Checks a payload's CRC32C, computed as it arrived (a tensor chunk read in place), against
+    /// its header's.
+    public static func checkPayload(checksum computed: UInt32, of h: FrameHeader) throws {
+        guard computed == h.checksum else { throw WireError.badChecksum(type: h.type, expected: h.checksum, computed: computed) }
     }
 }

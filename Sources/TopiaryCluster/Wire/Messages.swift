@@ -158,7 +158,7 @@ public enum Message: Equatable, Sendable {
                 }
                 m = .tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: byteCount)
             case .tensorChunk:
-                let stream = try r.u32("stream"), offset = try r.u64("offset")
+                let (stream, offset) = try TensorStream.chunkPrefix(&r)
                 m = .tensorChunk(stream: stream, offset: offset, bytes: try r.bytes(r.remaining, "bytes"))
             case .assign:
                 let tensors = try r.u32("tensors")
@@ -177,20 +177,69 @@ public enum Message: Equatable, Sendable {
     }
 }
 
-/// Splits a matrix into a header and chunk messages no larger than `chunkBytes`.
+/// A tensor on the wire: one tensor-header message, then tensor-chunk messages of at most
+/// `chunkBytes` (whole elements), at least one also for an empty tensor. Both the messages
+/// built in memory (`messages`) and a connection's streaming send (`Connection.sendTensor`)
+/// cut, encode and frame the chunks here.
 public enum TensorStream {
     public static func messages(_ m: Matrix, name: String, shape: [Int]? = nil, dtype: WireDType = .f32, stream: UInt32,
                                 chunkBytes: Int = 16 << 20) -> [Message] {
         let shape = shape ?? [m.rows, m.cols]
-        let bytes = encode(m, dtype: dtype)
-        var out: [Message] = [.tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: UInt64(bytes.count))]
-        var offset = 0
-        repeat {
-            let end = min(offset + chunkBytes, bytes.count)
-            out.append(.tensorChunk(stream: stream, offset: UInt64(offset), bytes: Array(bytes[offset..<end])))
-            offset = end
-        } while offset < bytes.count
+        var out: [Message] = [.tensorHeader(stream: stream, name: name, dtype: dtype, shape: shape, byteCount: UInt64(m.count * dtype.size))]
+        forEachChunk(m, dtype: dtype, chunkBytes: chunkBytes) { offset, data in
+            out.append(.tensorChunk(stream: stream, offset: UInt64(offset), bytes: Array(data)))
+        }
         return out
+    }
+
+    /// Bytes of a tensor-chunk payload before its data: stream u32, offset u64.
+    public static let chunkPrefixBytes = 12
+
+    /// A chunk's size for `chunkBytes`: whole elements of `dtype`, at least one.
+    static func chunkSize(_ chunkBytes: Int, dtype: WireDType) -> Int { max(dtype.size, chunkBytes / dtype.size * dtype.size) }
+
+    /// Calls `body` with each chunk's byte offset and bytes, in order: f32 straight from the
+    /// matrix's storage, f16/bf16 through one reusable conversion buffer (valid during the call).
+    /// An empty tensor is one empty chunk.
+    static func forEachChunk(_ m: Matrix, dtype: WireDType, chunkBytes: Int,
+                             _ body: (Int, UnsafeRawBufferPointer) throws -> Void) rethrows {
+        let total = m.count * dtype.size
+        let chunk = chunkSize(chunkBytes, dtype: dtype)
+        var converted = dtype == .f32 ? [] : [UInt8](repeating: 0, count: min(chunk, total))
+        try m.withUnsafeBufferPointer { values in
+            var offset = 0
+            repeat {
+                let n = min(chunk, total - offset)
+                if dtype == .f32 {
+                    try body(offset, UnsafeRawBufferPointer(start: values.baseAddress.map { UnsafeRawPointer($0) + offset }, count: n))
+                } else {
+                    converted.withUnsafeMutableBytes { out in
+                        writeHalf(UnsafeBufferPointer(rebasing: values[(offset / 2)..<(offset / 2 + n / 2)]), dtype: dtype, into: out)
+                    }
+                    try converted.withUnsafeBytes { try body(offset, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+                }
+                offset += n
+            } while offset < total
+        }
+    }
+
+    /// The frame header and payload prefix of the tensor-chunk message carrying `data` at
+    /// `offset` of `stream`: these bytes followed by `data` are exactly
+    /// `Message.tensorChunk(stream:offset:bytes: data).frame().encoded()`.
+    static func chunkFramePrefix(stream: UInt32, offset: Int, data: UnsafeRawBufferPointer) -> [UInt8] {
+        var prefix = ByteWriter()
+        prefix.u32(stream)
+        prefix.u64(UInt64(offset))
+        let crc = prefix.data.withUnsafeBytes { p in CRC32C.checksum(data, continuing: CRC32C.checksum(p)) }
+        let header = FrameHeader(version: Protocol.version, type: MessageType.tensorChunk.rawValue, flags: 0,
+                                 length: UInt64(prefix.data.count + data.count), checksum: crc)
+        return header.encoded() + prefix.data
+    }
+
+    /// Reads a tensor-chunk payload's stream and offset.
+    static func chunkPrefix(_ r: inout ByteCursor) throws -> (stream: UInt32, offset: UInt64) {
+        let stream = try r.u32("stream"), offset = try r.u64("offset")
+        return (stream, offset)
     }
 
     static func encode(_ m: Matrix, dtype: WireDType) -> [UInt8] {
@@ -212,6 +261,43 @@ public enum TensorStream {
     }
 }
 
+/// Where a tensor's chunks have got to: each must be on the tensor's stream, at the next offset,
+/// whole elements, and within the announced size. Both `TensorAssembler` (which keeps the
+/// bytes) and `Connection.skipTensorBody` (which drains a refused job's tensors) check through it.
+public struct TensorChunkOrder: Sendable {
+    public let stream: UInt32
+    public let name: String
+    public let dtype: WireDType
+    public let byteCount: UInt64
+    public private(set) var received: UInt64 = 0
+
+    public init(stream: UInt32, name: String, dtype: WireDType, byteCount: UInt64) {
+        self.stream = stream
+        self.name = name
+        self.dtype = dtype
+        self.byteCount = byteCount
+    }
+
+    public init(_ a: TensorAnnouncement) { self.init(stream: a.stream, name: a.name, dtype: a.dtype, byteCount: a.byteCount) }
+
+    public var isComplete: Bool { received == byteCount }
+
+    /// Checks a chunk of `n` bytes at `offset` on `stream`; it is then counted as received.
+    public mutating func accept(stream: UInt32, offset: UInt64, byteCount n: Int) throws {
+        guard stream == self.stream else {
+            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
+        }
+        guard offset == received else {
+            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
+        }
+        guard n >= 0, UInt64(n) <= byteCount - received, n % dtype.size == 0 else {
+            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
+                                      detail: "has \(n) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
+        }
+        received += UInt64(n)
+    }
+}
+
 /// Reassembles a tensor from its header and chunks, checking that chunks arrive in order,
 /// belong to the stream and add up to exactly the announced size.
 ///
@@ -227,7 +313,9 @@ public struct TensorAssembler {
     /// Storage reserved before any chunk arrives, at most (the default chunk size).
     public static let initialCapacityBytes = 16 << 20
     private let elements: Int
-    private var received = 0
+    /// Stream, offsets and sizes of the chunks so far.
+    private var order: TensorChunkOrder
+    private var received: Int { Int(order.received) }
     /// The elements received so far, in a flat 1 x capacity matrix (capacity <= elements).
     private var values: Matrix
 
@@ -264,17 +352,18 @@ public struct TensorAssembler {
         self.dtype = dtype
         self.shape = shape
         self.byteCount = Int(byteCount)
+        order = TensorChunkOrder(stream: stream, name: name, dtype: dtype, byteCount: byteCount)
         elements = count
         values = Matrix(rows: 1, cols: min(count, Self.initialCapacityBytes / 4))
     }
 
     public var isComplete: Bool { received == byteCount }
 
-    /// Grows the storage to hold `needed` elements: at least doubling, never past the tensor.
-    private mutating func reserve(_ needed: Int) {
+    /// Grows the storage to hold `needed` elements, keeping the first `kept`: at least
+    /// doubling, never past the tensor.
+    private mutating func reserve(_ needed: Int, keeping kept: Int) {
         guard needed > values.count else { return }
         let capacity = min(elements, max(needed, 2 * values.count))
-        let kept = received / dtype.size
         var grown = Matrix(rows: 1, cols: capacity)
         grown.withUnsafeMutableBufferPointer { dst in
             values.withUnsafeBufferPointer { src in
@@ -282,20 +371,6 @@ public struct TensorAssembler {
             }
         }
         values = grown
-    }
-
-    /// Checks a chunk's stream, offset and size (`n` bytes) against what has arrived.
-    private func check(stream: UInt32, offset: UInt64, byteCount n: Int) throws {
-        guard stream == self.stream else {
-            throw WireError.malformed(message: "tensor-chunk", field: "stream", detail: "is \(stream), expected \(self.stream) (tensor '\(name)')")
-        }
-        guard offset == UInt64(received) else {
-            throw WireError.malformed(message: "tensor-chunk", field: "offset", detail: "is \(offset), expected \(received) (tensor '\(name)')")
-        }
-        guard n <= byteCount - received, n % dtype.size == 0 else {
-            throw WireError.malformed(message: "tensor-chunk", field: "bytes",
-                                      detail: "has \(n) bytes; \(byteCount - received) of tensor '\(name)' remain, in \(dtype.size)-byte elements")
-        }
     }
 
     public mutating func add(_ chunk: Message) throws {
@@ -307,10 +382,10 @@ public struct TensorAssembler {
 
     /// Adds a chunk's bytes straight from a receive buffer (no intermediate message).
     public mutating func add(stream: UInt32, offset: UInt64, bytes: UnsafeRawBufferPointer) throws {
-        try check(stream: stream, offset: offset, byteCount: bytes.count)
         let first = received / dtype.size
+        try order.accept(stream: stream, offset: offset, byteCount: bytes.count)
         let n = bytes.count / dtype.size
-        reserve(first + n)
+        reserve(first + n, keeping: first)
         let dtype = self.dtype
         values.withUnsafeMutableBufferPointer { dst in
             switch dtype {
@@ -323,7 +398,6 @@ public struct TensorAssembler {
                 for i in 0..<n { dst[first + i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: bytes.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
             }
         }
-        received += bytes.count
     }
 
     /// For f32 tensors: checks a chunk's stream, offset and size, then lets `fill` write its
@@ -333,15 +407,14 @@ public struct TensorAssembler {
     public mutating func receiveInPlace(stream: UInt32, offset: UInt64, byteCount n: Int, prefixChecksum: UInt32,
                                         fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws -> UInt32 {
         precondition(dtype == .f32)
-        try check(stream: stream, offset: offset, byteCount: n)
         let start = received
-        reserve((start + n) / 4)
+        try order.accept(stream: stream, offset: offset, byteCount: n)
+        reserve((start + n) / 4, keeping: start / 4)
         let crc = try values.withUnsafeMutableBufferPointer { dst -> UInt32 in
             let region = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(dst.baseAddress!) + start, count: n)
             try fill(region)
             return CRC32C.checksum(UnsafeRawBufferPointer(region), continuing: prefixChecksum)
         }
-        received += n
         return crc
     }
 
