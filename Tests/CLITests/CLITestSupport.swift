@@ -38,10 +38,15 @@ enum CLI {
     }
 
     /// Runs `topiary args...` with a time limit, so a hang fails the test instead of blocking it.
-    static func run(_ args: [String], cwd: URL? = nil, timeout: TimeInterval = 300) throws -> Result {
+    static func run(_ args: [String], cwd: URL? = nil, environment: [String: String] = [:], timeout: TimeInterval = 300) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = args
+        if !environment.isEmpty {
+            var env = ProcessInfo.processInfo.environment
+            for (k, v) in environment { env[k] = v }
+            p.environment = env
+        }
         if let cwd { p.currentDirectoryURL = cwd }
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
