@@ -116,6 +116,21 @@ enum ResourceUsage {
     static var peakResidentBytes: Int? { status("VmHWM") }
     static var residentBytes: Int? { status("VmRSS") }
 
+    /// Bytes this process has read and written through the storage layer (/proc/self/io's
+    /// `read_bytes` and `write_bytes`: page-cache misses and write-back, not memory-mapped hits).
+    static var io: (read: Int, write: Int)? {
+        guard let text = try? String(contentsOfFile: "/proc/self/io", encoding: .utf8) else { return nil }
+        var read: Int?, write: Int?
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":")
+            guard parts.count == 2, let v = Int(parts[1].trimmingCharacters(in: .whitespaces)) else { continue }
+            if parts[0] == "read_bytes" { read = v }
+            if parts[0] == "write_bytes" { write = v }
+        }
+        guard let read, let write else { return nil }
+        return (read, write)
+    }
+
     /// With TOPIARY_TRACE_MEMORY set, prints the resident set at a named point to stderr.
     static func trace(_ point: String) {
         guard ProcessInfo.processInfo.environment["TOPIARY_TRACE_MEMORY"] != nil else { return }
