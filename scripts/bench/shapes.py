@@ -145,7 +145,7 @@ def main():
           (os.environ.get("OPENBLAS_CORETYPE", "(unset)"), a.samples, a.seqlen, a.blocks), flush=True)
     for shape in a.shapes.split(","):
         methods = a.methods_70b if (shape == "llama3-70b" and a.methods_70b) else a.methods
-        for method in methods.split(","):
+        for method in ([] if methods == "none" else methods.split(",")):
             ev, rep, peak, wall, err = run_prune(a.topiary, model(shape), method, "0-%d" % (a.blocks - 1), a.samples, a.seqlen,
                                                  calib, os.path.join(work, "out"), a.timeout)
             r, rate = rows_for(shape, method, ev, rep, wall, err)
