@@ -1,4 +1,5 @@
 import Foundation
+import TopiaryCluster
 
 /// Writes the one JSON object that `--json` promises as the last line of stdout: the command's
 /// result, or, when it fails, `{"command": ..., "error": "the message printed on stderr"}`.
@@ -103,18 +104,11 @@ struct ToolError: Error, CustomStringConvertible {
     init(_ message: String) { description = message }
 }
 
-/// The process's resident memory now and at its peak, from /proc/self/status (Linux).
+/// The process's resident memory now and at its peak, and its storage I/O (Linux).
 enum ResourceUsage {
-    static func status(_ key: String) -> Int? {
-        guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
-        for line in text.split(separator: "\n") where line.hasPrefix(key + ":") {
-            let digits = line.split(separator: " ").compactMap { Int($0) }
-            if let kb = digits.first { return kb * 1024 }
-        }
-        return nil
-    }
-    static var peakResidentBytes: Int? { status("VmHWM") }
-    static var residentBytes: Int? { status("VmRSS") }
+    static var peakResidentBytes: Int? { ProcessResources.peakResidentBytes }
+    static var residentBytes: Int? { ProcessResources.residentBytes }
+    static var io: (read: Int, write: Int)? { ProcessResources.io }
 
     /// With TOPIARY_TRACE_MEMORY set, prints the resident set at a named point to stderr.
     static func trace(_ point: String) {

@@ -698,6 +698,16 @@ final class Progress {
             var event: [String: Any] = ["event": "block", "block": block, "done": done, "of": total,
                                         "elapsed": elapsedSeconds, "pruned": report != nil, "replayed": isReplay]
             if let eta { event["eta"] = eta }
+            // What this process has used so far (cumulative; a benchmark differences them per block).
+            if let rss = ResourceUsage.residentBytes { event["rss_bytes"] = rss }
+            if let peak = ResourceUsage.peakResidentBytes { event["peak_rss_bytes"] = peak }
+            if let io = ResourceUsage.io {
+                event["read_bytes"] = io.read
+                event["write_bytes"] = io.write
+            }
+            let wire = WireTraffic.totals
+            event["wire_sent_bytes"] = wire.sent
+            event["wire_received_bytes"] = wire.received
             if let r = report {
                 event["output_error"] = r.outputError
                 event["seconds"] = r.seconds

@@ -65,6 +65,28 @@ public struct Endpoint: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// Bytes this process has sent and received over every `Connection` (frames, tensors and the
+/// handshake; what the kernel accepted or delivered), for benchmarks and progress events.
+public enum WireTraffic {
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var sentBytes = 0
+    nonisolated(unsafe) private static var receivedBytes = 0
+
+    static func count(sent: Int = 0, received: Int = 0) {
+        lock.lock()
+        sentBytes += sent
+        receivedBytes += received
+        lock.unlock()
+    }
+
+    /// (sent, received) bytes so far.
+    public static var totals: (sent: Int, received: Int) {
+        lock.lock()
+        defer { lock.unlock() }
+        return (sentBytes, receivedBytes)
+    }
+}
+
 func errnoText() -> String { String(cString: strerror(errno)) }
 
 /// Seconds on a monotonic clock (never jumps with the wall clock).
@@ -249,6 +271,7 @@ public final class Connection: @unchecked Sendable {
                 throw WireError.truncated(what: "\(what) from \(peer) (connection closed)", needed: count, available: done)
             }
             done += n
+            WireTraffic.count(received: n)
         }
     }
 
@@ -348,6 +371,7 @@ public final class Connection: @unchecked Sendable {
                 throw WireError.connection("\(peer): send failed: \(errnoText())")
             }
             done += n
+            WireTraffic.count(sent: n)
         }
     }
 
