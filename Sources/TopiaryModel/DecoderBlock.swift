@@ -121,14 +121,7 @@ public struct DeviceBlock: Sendable {
     static func stack(_ tensors: [String: Tensor], groups: [[String]], on backend: any ComputeBackend) -> [String: Tensor] {
         var out: [String: Tensor] = [:]
         for group in groups where group.count > 1 {
-            let weights = group.map { tensors[$0 + ".weight"]! }
-            let stacked = backend.zeros(rows: weights.reduce(0) { $0 + $1.rows }, cols: weights[0].cols)
-            var offset = 0
-            for w in weights {
-                backend.copy(w.all, into: stacked.region(rows: offset..<(offset + w.rows)))
-                offset += w.rows
-            }
-            out[group.joined(separator: "|")] = stacked
+            out[group.joined(separator: "|")] = backend.vstack(group.map { tensors[$0 + ".weight"]! })
         }
         return out
     }

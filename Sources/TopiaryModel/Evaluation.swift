@@ -121,7 +121,7 @@ public enum Perplexity {
         var r0 = 0
         while r0 < targets.count {
             let r1 = min(r0 + chunk, targets.count)
-            let logits = backend.download(head.logits(backend.copy(hidden.region(rows: r0..<r1)), on: backend))
+            let logits = head.logits(hidden, rows: r0..<r1, on: backend)
             let v = logits.cols
             logits.withUnsafeBufferPointer { p in
                 for r in 0..<(r1 - r0) {
@@ -162,7 +162,7 @@ public enum Generation {
             var x = embedding.embed(ids, sequenceLength: ids.count, on: backend)
             let rope = c.ropeTable(positions: ids.count)
             for b in blocks { x = b.forward(x, sequenceLength: ids.count, rope: rope) }
-            let logits = backend.download(head.logits(backend.copy(x.region(rows: (ids.count - 1)..<ids.count)), on: backend))
+            let logits = head.logits(x, rows: (ids.count - 1)..<ids.count, on: backend)
             let next = logits.withUnsafeBufferPointer { p -> Int in
                 var best = 0
                 for i in 1..<p.count where p[i] > p[best] { best = i }

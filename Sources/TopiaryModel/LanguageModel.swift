@@ -260,6 +260,11 @@ public struct Head: Sendable {
         return logits
     }
 
+    /// Logits of rows `rows` of hidden states `x` on `backend`, brought to the host.
+    public func logits(_ x: Tensor, rows: Range<Int>, on backend: any ComputeBackend) -> Matrix {
+        backend.download(logits(backend.copy(x.region(rows: rows)), on: backend))
+    }
+
     /// Logits for hidden states on the host.
     public func logits(_ x: Matrix) -> Matrix {
         let backend = CPUBackend()

@@ -319,7 +319,7 @@ public enum MultipleChoice {
                 // product is most of the cost with a large vocabulary and a long context).
                 let targets = sequences[i].targets
                 let length = sequences[i].input.count
-                let logits = backend.download(head.logits(backend.copy(states[k].region(rows: (length - targets.count)..<length)), on: backend))
+                let logits = head.logits(states[k], rows: (length - targets.count)..<length, on: backend)
                 let v = logits.cols
                 var sum = 0.0
                 logits.withUnsafeBufferPointer { p in

@@ -194,7 +194,7 @@ public struct BlockPruner: Sendable {
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
-                let x = Self.stack(parts, on: backend)
+                let x = parts.count == 1 ? parts[0] : backend.vstack(parts)
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
                 let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
                 switch ffn {
@@ -286,18 +286,6 @@ public struct BlockPruner: Sendable {
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
         report.profile = profile
         return (prunedWeights, outputs, report)
-    }
-
-    /// The parts one under another, as one tensor on `backend`.
-    static func stack(_ parts: [Tensor], on backend: any ComputeBackend) -> Tensor {
-        if parts.count == 1 { return parts[0] }
-        let x = backend.zeros(rows: parts.reduce(0) { $0 + $1.rows }, cols: parts[0].cols)
-        var row = 0
-        for part in parts {
-            backend.copy(part.all, into: x.region(rows: row..<(row + part.rows)))
-            row += part.rows
-        }
-        return x
     }
 
     /// Seconds the stores have spent on their spill files so far.

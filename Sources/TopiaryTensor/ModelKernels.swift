@@ -89,6 +89,18 @@ public struct Routing: Sendable {
 }
 
 extension ComputeBackend {
+    /// The parts one under another (equal widths) as one new tensor.
+    public func vstack(_ parts: [Tensor]) -> Tensor {
+        precondition(!parts.isEmpty && parts.allSatisfy { $0.cols == parts[0].cols }, "vstack: parts of unequal widths")
+        let out = zeros(rows: parts.reduce(0) { $0 + $1.rows }, cols: parts[0].cols)
+        var row = 0
+        for part in parts {
+            copy(part.all, into: out.region(rows: row..<(row + part.rows)))
+            row += part.rows
+        }
+        return out
+    }
+
     /// x · Wᵀ (+ b): the linear layer for activations x [tokens x in] and a weight W [out x in].
     public func linear(_ x: Tensor, _ weight: Tensor, bias: Tensor? = nil) -> Tensor {
         let y = matmul(x, .none, weight, .transposed)
