@@ -83,10 +83,16 @@ public struct BlockReport: Sendable, Codable {
 public struct BlockPruner: Sendable {
     public let plan: PrunePlan
     public let backend: any ComputeBackend
-    public init(plan: PrunePlan, backend: any ComputeBackend = CPUBackend()) {
+    /// The other replicas of this stage, when several share it (nil: this process alone).
+    public let exchange: (any ReplicaExchange)?
+    public init(plan: PrunePlan, backend: any ComputeBackend = CPUBackend(), exchange: (any ReplicaExchange)? = nil) {
         self.plan = plan
         self.backend = backend
+        self.exchange = exchange
     }
+
+    /// This pruner's place among its stage's replicas.
+    public var role: ReplicaRole { exchange?.role ?? .single }
 
     /// Linear layers that read the same input share statistics (q/k/v; gate/up): each linear's
     /// statistics are kept under the first linear of its family's input group.
@@ -106,9 +112,16 @@ public struct BlockPruner: Sendable {
     public func prune(block: DecoderBlock, inputs: ActivationStore, targets: ActivationStore? = nil,
                       sequenceLength: Int) throws -> (block: DecoderBlock, outputs: ActivationStore, report: BlockReport) {
         let device = block.on(backend)
-        let spills = !inputs.fitsInMemory
+        // Replicas hand one another host tensors mid-block; a lone pruner makes no transfer.
+        let spills = !inputs.fitsInMemory || role.count > 1
         let body = { try self.prune(device, block: block, inputs: inputs, targets: targets, sequenceLength: sequenceLength) }
-        let (weights, outputs, report) = spills ? try body() : try backend.withoutTransfers("block \(block.index)", body)
+        let (weights, outputs, report): ([String: Tensor], ActivationStore, BlockReport)
+        do {
+            (weights, outputs, report) = spills ? try body() : try backend.withoutTransfers("block \(block.index)", body)
+        } catch {
+            exchange?.fail("block \(block.index): \(error)")
+            throw error
+        }
         var pruned = block
         for (name, w) in weights { pruned.tensors[name + ".weight"] = backend.download(w) }
         return (pruned, outputs, report)
@@ -126,36 +139,90 @@ public struct BlockPruner: Sendable {
         var ffnInputs: [String: [Tensor]] = [:]
         var tokensSeen: [String: Int] = [:]
         var profile = BlockProfile()
-        let forwardFLOPs = BlockProfile.forwardFLOPs(block.config, sequences: inputs.count, sequenceLength: sequenceLength)
-        // 1. Dense pass over all samples, collecting each linear's input statistics.
+        // Replicas: each runs its own windows; each statistics group is gathered, in window order,
+        // by the replica that solves its linears (ReplicaWork.owners), so that H is summed in the
+        // order one process sums it and the bytes do not depend on the number of replicas.
+        let role = self.role
+        let n = inputs.count
+        let mine = role.samples(n)
+        let allKeys = Array(Set(block.linearNames.map { keys[$0] ?? $0 })).sorted()
+        let owners = role.count > 1 ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count) : [:]
+        func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
+        let myKeys = allKeys.filter(owns)
+        if role.count > 1, let stray = ffnInputLinears.first(where: { keys[$0] != $0 }) {
+            throw PruneError.invalidOption("block \(block.index): replicas need \(stray), a feed-forward input, to lead its statistics group")
+        }
+        let forwardFLOPs = BlockProfile.forwardFLOPs(block.config, sequences: mine.count, sequenceLength: sequenceLength)
+        // 1. Dense pass over the windows, collecting each linear's input statistics.
         var stats: [String: LayerStatistics] = [:]
         let denseOutputs = inputs.makeSibling()
         var statisticsSeconds = 0.0, statisticsFLOPs = 0.0
         var spillMark = Self.spillSeconds(inputs, targets)
         var phaseStart = Date()
-        for s in 0..<inputs.count {
-            let y = device.forward(try inputs.tensor(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
-                if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
-                guard keys[name] == name else { return }
-                let t0 = Date()
-                tokensSeen[name, default: 0] += x.rows
-                let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
-                stats[name] = st
-                st.add(x)
-                statisticsSeconds += Date().timeIntervalSince(t0)
-                // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
-                statisticsFLOPs += Double(x.rows) * Double(x.cols) * Double(x.cols + 2)
+        func collect(_ name: String, _ x: Tensor) {
+            if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
+            guard keys[name] == name else { return }
+            let t0 = Date()
+            tokensSeen[name, default: 0] += x.rows
+            let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
+            stats[name] = st
+            st.add(x)
+            statisticsSeconds += Date().timeIntervalSince(t0)
+            // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
+            statisticsFLOPs += Double(x.rows) * Double(x.cols) * Double(x.cols + 2)
+        }
+        // Replicas: windows t < `folded` are in this replica's statistics.
+        var folded = 0
+        func fold(upTo end: Int, kind: ReplicaKey.Kind, keys wanted: [String], into add: (String, Tensor) -> Void) throws {
+            guard let exchange else { return }
+            while folded < end {
+                if !role.owns(sample: folded) {
+                    for key in wanted {
+                        if case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: kind, name: key, index: folded)) {
+                            add(key, backend.upload(m))
+                        }
+                    }
+                }
+                folded += 1
             }
+        }
+        /// Runs window s forward: its inputs to this replica's groups are collected at once, the
+        /// others' sent to their owners (`absent` when a window never reached a linear).
+        func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String],
+                            add: @escaping (String, Tensor) -> Void) throws -> Tensor {
+            guard let exchange else {
+                return device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+                    if kind == .statisticsInput || wanted.contains(name) { add(name, x) }
+                }
+            }
+            try fold(upTo: s, kind: kind, keys: wanted.filter(owns), into: add)
+            var outgoing: [String: Matrix] = [:]
+            let y = device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
+                guard wanted.contains(name) else { return }
+                if owns(name) { add(name, x) } else { outgoing[name] = self.backend.download(x) }
+            }
+            for key in wanted where !owns(key) {
+                let value: ReplicaValue = outgoing[key].map { .matrix($0) } ?? .absent
+                try exchange.send(ReplicaKey(block: block.index, kind: kind, name: key, index: s), value, to: owners[key] ?? 0)
+            }
+            folded = s + 1
+            return y
+        }
+        for s in mine {
+            let y = try forwardSharing(try inputs.tensor(s), sample: s, kind: .statisticsInput, keys: allKeys, add: collect)
             try denseOutputs.set(s, y)
         }
+        try fold(upTo: n, kind: .statisticsInput, keys: myKeys, into: collect)
         var denseFLOPs = forwardFLOPs
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
-            for s in 0..<targets.count {
-                _ = device.forward(try targets.tensor(s), sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
-                    if ffnInputLinears.contains(name) { ffnInputs[name, default: []].append(x) }
-                }
+            folded = 0
+            let wanted = ffnInputLinears.sorted()
+            let addTarget: (String, Tensor) -> Void = { name, x in ffnInputs[name, default: []].append(x) }
+            for s in mine {
+                _ = try forwardSharing(try targets.tensor(s), sample: s, kind: .targetInput, keys: wanted, add: addTarget)
             }
+            try fold(upTo: n, kind: .targetInput, keys: wanted.filter(owns), into: addTarget)
             denseFLOPs += forwardFLOPs
         }
         do {
@@ -166,7 +233,7 @@ public struct BlockPruner: Sendable {
         }
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
-        for name in block.linearNames where stats[keys[name] ?? name] == nil {
+        for name in block.linearNames where owns(keys[name] ?? name) && stats[keys[name] ?? name] == nil {
             stats[keys[name] ?? name] = LayerStatistics(columns: device.weight(name).cols, backend: backend)
         }
         // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
@@ -181,15 +248,22 @@ public struct BlockPruner: Sendable {
         phaseStart = Date()
         var solveFLOPs = 0.0, errorSeconds = 0.0, errorFLOPs = 0.0
         if plan.method == .besa {
-            let t0 = Date()
-            let r = try pruneBESA(device, inputs: inputs, denseOutputs: denseOutputs, targets: targets, stats: stats, sequenceLength: sequenceLength)
-            joint = r.weights
-            besaSummary = r.summary
-            let seconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
-            for name in block.linearNames { jointSeconds[name] = seconds }
+            // One replica learns the block (ReplicaWork gives it every group): the others hand it
+            // their windows' inputs, dense outputs and targets.
+            let gathered = try gatherForBESA(block.index, inputs: inputs, denseOutputs: denseOutputs, targets: targets,
+                                             learner: owners[allKeys[0]] ?? 0)
+            if let gathered {
+                let t0 = Date()
+                let r = try pruneBESA(device, inputs: gathered.inputs, denseOutputs: gathered.denseOutputs, targets: gathered.targets,
+                                      stats: stats, sequenceLength: sequenceLength)
+                joint = r.weights
+                besaSummary = r.summary
+                let seconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
+                for name in block.linearNames { jointSeconds[name] = seconds }
+            }
         }
         if plan.method == .sparsellm {
-            for (k, ffn) in feedForwards.enumerated() {
+            for (k, ffn) in feedForwards.enumerated() where owns(ffn.inputLinear) {
                 let t0 = Date()
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
@@ -218,7 +292,7 @@ public struct BlockPruner: Sendable {
                 for name in result.weights.keys { jointSeconds[name] = seconds }
             }
         }
-        for name in block.linearNames {
+        for name in block.linearNames where owns(keys[name] ?? name) {
             let t0 = Date()
             let weight = device.weight(name)
             guard let st = stats[keys[name] ?? name] else {
@@ -248,6 +322,11 @@ public struct BlockPruner: Sendable {
             // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
             errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
         }
+        if let exchange, role.count > 1 {
+            // Every replica needs the whole pruned block for its windows; replica 0 the reports.
+            try shareSolves(exchange, block: block, keys: keys, owners: owners, prunedWeights: &prunedWeights, linears: &linears,
+                            tokensSeen: &tokensSeen, sparseLLM: &jointReports, chosen: &jointChosen, besa: &besaSummary)
+        }
         do {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
             profile.add(.spill, seconds: spill)
@@ -258,26 +337,46 @@ public struct BlockPruner: Sendable {
         // 3. The pruned block on the same inputs gives the next block's inputs.
         let pruned = device.replacing(weights: prunedWeights)
         let outputs = inputs.makeSibling()
-        var num = 0.0, den = 0.0
+        var terms: [Int: (num: Double, den: Double)] = [:]
         spillMark = Self.spillSeconds(inputs, denseOutputs, outputs)
         phaseStart = Date()
         var prunedForwardSeconds = 0.0
-        for s in 0..<inputs.count {
+        for s in mine {
             let x = try inputs.tensor(s)
             let forwardStart = Date()
             let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
             prunedForwardSeconds += Date().timeIntervalSince(forwardStart)
             guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
             let dense = try denseOutputs.tensor(s)
-            num += backend.chunkedSquaredDistance(y, dense)
-            den += backend.chunkedDot(dense, dense)
+            let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))
+            if role.rank == 0 {
+                terms[s] = term
+            } else {
+                try exchange!.send(ReplicaKey(block: block.index, kind: .outputError, index: s), .bytes(Self.encode([term.0, term.1])), to: 0)
+            }
             try outputs.set(s, y)
+        }
+        // The error over windows in window order, as one process adds it.
+        var num = 0.0, den = 0.0
+        if role.rank == 0 {
+            for s in 0..<n {
+                let term: (num: Double, den: Double)
+                if let t = terms[s] {
+                    term = t
+                } else {
+                    guard case .bytes(let b) = try exchange!.receive(ReplicaKey(block: block.index, kind: .outputError, index: s)),
+                          let v = Self.decode(b), v.count == 2 else { throw ReplicaError("block \(block.index): malformed output error of window \(s)") }
+                    term = (v[0], v[1])
+                }
+                num += term.num
+                den += term.den
+            }
         }
         do {
             let spill = Self.spillSeconds(inputs, denseOutputs, outputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.prunedForward, seconds: prunedForwardSeconds, flops: forwardFLOPs)
-            let elements = Double(inputs.count * inputs.rows * inputs.cols)
+            let elements = Double(mine.count * inputs.rows * inputs.cols)
             profile.add(.errorMetrics, seconds: max(0, Date().timeIntervalSince(phaseStart) - prunedForwardSeconds - spill), flops: 4 * elements)
         }
         var report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
@@ -286,6 +385,105 @@ public struct BlockPruner: Sendable {
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
         report.profile = profile
         return (prunedWeights, outputs, report)
+    }
+
+    /// What a replica tells replica 0 about the linears it solved.
+    struct ReplicaSummary: Codable {
+        var linears: [LinearReport]
+        var tokens: [String: Int]
+        var sparseLLM: [SparseLLM.IterationReport]?
+        var chosen: Int?
+        var besa: BESA.Summary?
+    }
+
+    /// Hands every pruned weight from its owner to the other replicas, and the reports to
+    /// replica 0, which lists the linears in the block's order as one process does.
+    func shareSolves(_ exchange: any ReplicaExchange, block: DecoderBlock, keys: [String: String], owners: [String: Int],
+                     prunedWeights: inout [String: Tensor], linears: inout [LinearReport], tokensSeen: inout [String: Int],
+                     sparseLLM: inout [SparseLLM.IterationReport]?, chosen: inout Int?, besa: inout BESA.Summary?) throws {
+        let role = exchange.role
+        let order = block.linearNames
+        func owner(_ name: String) -> Int { owners[keys[name] ?? name] ?? 0 }
+        for name in order where owner(name) == role.rank {
+            guard let w = prunedWeights[name] else { throw PruneError.shape("block \(block.index): \(name) was not solved") }
+            let m = backend.download(w)
+            for r in 0..<role.count where r != role.rank {
+                try exchange.send(ReplicaKey(block: block.index, kind: .weight, name: name), .matrix(m), to: r)
+            }
+        }
+        if role.rank != 0 {
+            let summary = ReplicaSummary(linears: linears, tokens: tokensSeen, sparseLLM: sparseLLM, chosen: chosen, besa: besa)
+            try exchange.send(ReplicaKey(block: block.index, kind: .report, name: "summary", index: role.rank),
+                              .bytes(Array(try JSONEncoder().encode(summary))), to: 0)
+        }
+        for name in order where owner(name) != role.rank {
+            let expected = block.tensors[name + ".weight"].map { ($0.rows, $0.cols) }
+            guard case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: .weight, name: name)),
+                  expected.map({ $0 == (m.rows, m.cols) }) ?? false else {
+                throw ReplicaError("block \(block.index): replica \(owner(name)) sent no \(name) of the block's shape")
+            }
+            prunedWeights[name] = backend.upload(m)
+        }
+        guard role.rank == 0 else { return }
+        var byName = Dictionary(linears.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+        for r in 1..<role.count {
+            guard case .bytes(let b) = try exchange.receive(ReplicaKey(block: block.index, kind: .report, name: "summary", index: r)),
+                  let summary = try? JSONDecoder().decode(ReplicaSummary.self, from: Data(b)) else {
+                throw ReplicaError("block \(block.index): replica \(r) sent no readable report")
+            }
+            for l in summary.linears { byName[l.name] = l }
+            tokensSeen.merge(summary.tokens) { $1 }
+            if summary.sparseLLM != nil { sparseLLM = summary.sparseLLM; chosen = summary.chosen }
+            if summary.besa != nil { besa = summary.besa }
+        }
+        linears = order.compactMap { byName[$0] }
+    }
+
+    /// BESA with replicas: the replica that learns the block (`learner`) gets every window's
+    /// input, dense output and dense target; the others send theirs and get nil.
+    func gatherForBESA(_ index: Int, inputs: ActivationStore, denseOutputs: ActivationStore, targets: ActivationStore?,
+                       learner: Int) throws -> (inputs: ActivationStore, denseOutputs: ActivationStore, targets: ActivationStore?)? {
+        guard let exchange, role.count > 1 else { return (inputs, denseOutputs, targets) }
+        let n = inputs.count
+        let withTargets = plan.targets == .dense && targets != nil
+        func parts(_ s: Int) -> [(ReplicaKey.Kind, ActivationStore)] {
+            [(.blockInput, inputs), (.denseOutput, denseOutputs)] + (withTargets ? [(.denseTarget, targets!)] : [])
+        }
+        guard role.rank == learner else {
+            for s in role.samples(n) {
+                for (kind, store) in parts(s) {
+                    try exchange.send(ReplicaKey(block: index, kind: kind, index: s), .matrix(try store.get(s)), to: learner)
+                }
+            }
+            return nil
+        }
+        let all = (inputs.makeSibling(), denseOutputs.makeSibling(), withTargets ? targets!.makeSibling() : nil)
+        for s in 0..<n {
+            let destinations: [ActivationStore] = [all.0, all.1] + (all.2.map { [$0] } ?? [])
+            for ((kind, store), into) in zip(parts(s), destinations) {
+                if role.owns(sample: s) {
+                    try into.set(s, try store.tensor(s))
+                } else {
+                    guard case .matrix(let m) = try exchange.receive(ReplicaKey(block: index, kind: kind, index: s)),
+                          m.rows == into.rows, m.cols == into.cols else {
+                        throw ReplicaError("block \(index): window \(s)'s \(kind) from replica \(role.rank(ofSample: s)) is missing or mis-shaped")
+                    }
+                    try into.set(s, m)
+                }
+            }
+        }
+        return all
+    }
+
+    static func encode(_ values: [Double]) -> [UInt8] {
+        values.flatMap { v in withUnsafeBytes(of: v.bitPattern.littleEndian) { Array($0) } }
+    }
+
+    static func decode(_ bytes: [UInt8]) -> [Double]? {
+        guard bytes.count % 8 == 0 else { return nil }
+        return stride(from: 0, to: bytes.count, by: 8).map { i in
+            Double(bitPattern: bytes[i..<i + 8].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        }
     }
 
     /// Seconds the stores have spent on their spill files so far.

@@ -117,12 +117,20 @@ public struct RangePruner: Sendable {
     public let job: PruneJob
     /// Where the blocks' statistics and solves run.
     public let backend: any ComputeBackend
+    /// The other replicas of this stage (nil: this range's work is not shared). A replica holds
+    /// and runs only its own windows (`ReplicaRole.samples`); the blocks it returns are the
+    /// whole stage's.
+    public let exchange: (any ReplicaExchange)?
 
-    public init(model: LanguageModel, job: PruneJob, backend: any ComputeBackend = ComputeDevices.defaultBackend) {
+    public init(model: LanguageModel, job: PruneJob, backend: any ComputeBackend = ComputeDevices.defaultBackend,
+                exchange: (any ReplicaExchange)? = nil) {
         self.model = model
         self.job = job
         self.backend = backend
+        self.exchange = exchange
     }
+
+    var role: ReplicaRole { exchange?.role ?? .single }
 
     /// An empty activation store for this job. Three stores live at once (inputs, dense outputs,
     /// pruned outputs), so each gets a third of the memory budget.
@@ -136,7 +144,7 @@ public struct RangePruner: Sendable {
     /// Returns the boundary after the range.
     public func run(_ range: Range<Int>, from start: Boundary,
                     onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
-        let pruner = BlockPruner(plan: job.plan, backend: backend)
+        let pruner = BlockPruner(plan: job.plan, backend: backend, exchange: exchange)
         let rope = model.config.ropeTable(positions: job.sequenceLength)
         var boundary = start
         for i in range {
@@ -178,7 +186,7 @@ public struct RangePruner: Sendable {
     func forward(_ block: DecoderBlock, _ inputs: ActivationStore, rope: Kernels.RopeTable) throws -> ActivationStore {
         let outputs = inputs.makeSibling()
         let device = block.on(inputs.backend)
-        for s in 0..<inputs.count {
+        for s in role.samples(inputs.count) {
             try outputs.set(s, device.forward(try inputs.tensor(s), sequenceLength: job.sequenceLength, rope: rope))
         }
         return outputs

@@ -154,6 +154,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them (at most the blocks)"),
         OptionSpec(name: "hosts", value: "H:P,...", help: "use the workers listening at these addresses ('topiary worker')"),
+        OptionSpec(name: "replicas", value: "R", help: "workers that share each stage (default 1): --workers/--hosts K gives K/R stages of R replicas; alone, R replicas in this process"),
         OptionSpec(name: "coordination", value: "MODE", help: "sequential (default; bit-identical to one process) or admm"),
         OptionSpec(name: "rounds", value: "R", help: "ADMM: most rounds (default: the number of workers)"),
         OptionSpec(name: "rho", value: "X", help: "ADMM: weight of the neighbour's output against the dense target (default: infinite)"),
@@ -249,6 +250,7 @@ enum PruneCommand: Command {
         let overwrite = args.flag("overwrite")
         let workerCount = try args.int("workers", in: 1...Limits.workers)
         let hostCount = try args.string("hosts").map(checkHosts)
+        let replicas = try args.int("replicas", in: 1...Limits.workers) ?? 1
         if workerCount != nil && hostCount != nil { throw UsageError(message: "topiary prune: --workers and --hosts exclude each other") }
         let connectTimeout = try args.double("connect-timeout", in: 0...Limits.seconds)
         let heartbeatInterval = try args.double("heartbeat-interval", in: 0...Limits.seconds) ?? 5
@@ -376,7 +378,7 @@ enum PruneCommand: Command {
         let job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         let pipeline = PrunePipeline(model: model, job: job, store: store)
-        let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"))
+        let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"), replicas: replicas)
         defer { cluster.shutdown() }
         for r in cluster.remotes {
             r.sendsWeights = weightsMode == "send"

@@ -11,7 +11,7 @@ let resumeExitCode: Int32 = 75
 enum RunSupport {
     /// Options that do not change the result: they may differ when a run is resumed.
     static let resultNeutral: Set<String> = [
-        "resume", "run-dir", "workers", "hosts", "secret-file", "threads", "memory-budget", "eval-text", "eval-windows",
+        "resume", "run-dir", "workers", "hosts", "replicas", "secret-file", "threads", "memory-budget", "eval-text", "eval-windows",
         "eval-seqlen", "json", "profile", "overwrite", "heartbeat-interval", "heartbeat-timeout", "connect-timeout", "weights",
     ]
 
@@ -46,6 +46,7 @@ enum RunSupport {
         if given.string("workers") != nil || given.string("hosts") != nil {
             values["workers"] = nil
             values["hosts"] = nil
+            values["replicas"] = nil
         }
         for (name, value) in given.allValues where name != "resume" { values[name] = value }
         flags.formUnion(given.allFlags)

@@ -90,7 +90,7 @@ final class WorkerPool {
     var processes: [Process] = []
     var remotes: [RemoteWorker] = []
 
-    static func make(args: ParsedArguments, model: LanguageModel, tokenizerPath: String?) throws -> WorkerPool {
+    static func make(args: ParsedArguments, model: LanguageModel, tokenizerPath: String?, replicas: Int = 1) throws -> WorkerPool {
         let pool = WorkerPool()
         let count = try args.int("workers", min: 1)
         let hosts = args.string("hosts")
@@ -110,6 +110,9 @@ final class WorkerPool {
             endpoints = try hosts.split(separator: ",").map { try Endpoint(parsing: String($0)) }
         } else {
             pool.links = [InProcessWorker(model: model)]
+            if replicas > 1 {
+                pool.links = [ReplicaGroup(members: (0..<replicas).map { InProcessReplica(model: model, name: "replica \($0)") })]
+            }
             return pool
         }
         // Every phase runs under a limit: reaching a worker and its handshake under
@@ -132,8 +135,19 @@ final class WorkerPool {
             c.timeout = heartbeatTimeout
             c.frameTimeout = max(120, heartbeatTimeout)
             let remote = RemoteWorker(connection: c, name: name, model: model, tokenizerPath: tokenizerPath)
+            remote.address = e.description
             pool.remotes.append(remote)
             pool.links.append(remote)
+        }
+        if replicas > 1 {
+            // Stages of R consecutive workers; workers beyond the last whole stage are spares.
+            guard pool.remotes.count >= replicas else {
+                throw UsageError(message: "topiary prune: --replicas \(replicas) needs at least \(replicas) workers; --workers/--hosts gives \(pool.remotes.count)")
+            }
+            let stages = pool.remotes.count / replicas
+            var links: [WorkerLink] = (0..<stages).map { k in ReplicaGroup(members: Array(pool.remotes[(k * replicas)..<((k + 1) * replicas)])) }
+            links += pool.remotes.dropFirst(stages * replicas).map { $0 as WorkerLink }
+            pool.links = links
         }
         return pool
     }

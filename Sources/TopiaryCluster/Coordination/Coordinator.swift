@@ -178,7 +178,10 @@ public final class Coordinator {
         return Array(repeating: perBlock * Double(job.samples * job.sequenceLength), count: c.layerCount)
     }
 
-    public func plan() -> [Range<Int>] { fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), workers: workers.count) }
+    /// Ranges over the workers by cost: a stage of R replicas counts as R machines.
+    public func plan() -> [Range<Int>] {
+        fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), capacities: workers.map { Double(($0 as? ReplicaGroup)?.members.count ?? 1) })
+    }
 
     func event(_ event: RunEvent) throws { try runDirectory?.events.append(event) }
 

@@ -3,8 +3,16 @@
 public enum PartitionPlanner {
     /// `costs[i]` is block i's cost (parameters × calibration tokens, or a measured time).
     public static func plan(costs: [Double], workers: Int) -> [Range<Int>] {
+        plan(costs: costs, capacities: Array(repeating: 1, count: workers))
+    }
+
+    /// The same with workers of different speeds (`capacities[j]`: how many times one machine's
+    /// rate worker j has, e.g. a stage of R replicas has R): range j, run by worker j, costs
+    /// cost/capacity[j]. Workers beyond the blocks get no range.
+    public static func plan(costs: [Double], capacities: [Double]) -> [Range<Int>] {
         let n = costs.count
-        let k = max(1, min(workers, n))
+        let k = max(1, min(capacities.count, n))
+        let speed = capacities.isEmpty ? [1.0] : capacities.map { max($0, 1e-9) }
         if n == 0 { return [] }
         var prefix = [0.0]
         for c in costs { prefix.append(prefix.last! + c) }
@@ -16,7 +24,7 @@ public enum PartitionPlanner {
         for j in 1...k {
             for i in j...n {
                 for s in (j - 1)..<i {
-                    let v = max(best[j - 1][s], cost(s, i))
+                    let v = max(best[j - 1][s], cost(s, i) / speed[j - 1])
                     // Ties go to the later split, so earlier ranges are not longer than later ones.
                     if v < best[j][i] || (v == best[j][i] && s > split[j][i]) {
                         best[j][i] = v

@@ -11,7 +11,7 @@ public struct WorkerJobError: Error, CustomStringConvertible {
 }
 
 /// A worker process reached over TCP.
-public final class RemoteWorker: WorkerLink {
+public final class RemoteWorker: ReplicaMember {
     public let connection: Connection
     public let name: String
     let modelPath: String
@@ -27,7 +27,10 @@ public final class RemoteWorker: WorkerLink {
         self.model = model
     }
 
-    private var pending: (job: PruneJob, range: Range<Int>, hasTargets: Bool)?
+    private var pending: (job: PruneJob, range: Range<Int>, hasTargets: Bool, role: ReplicaRole)?
+    /// Where the worker listens (HOST:PORT): the other replicas of its stage connect there.
+    public var address: String = ""
+    public var replicaAddress: String { address }
     public var isRemote: Bool { true }
     /// Seconds between the worker's heartbeats; the connection's timeout decides when silence means lost.
     public var heartbeatInterval: Double = 5
@@ -51,6 +54,16 @@ public final class RemoteWorker: WorkerLink {
     static func blocksText(_ r: Range<Int>) -> String { r.count == 1 ? "block \(r.lowerBound)" : "blocks \(r.lowerBound)-\(r.upperBound - 1)" }
 
     public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
+        try start(range, job: job, from: boundary, replica: nil)
+    }
+
+    public func startReplica(_ range: Range<Int>, job: PruneJob, from boundary: Boundary, role: ReplicaRole, mesh: ReplicaMesh) throws {
+        try start(range, job: job, from: boundary,
+                  replica: Assignment.ReplicaSpec(rank: role.rank, count: role.count, group: mesh.group, peers: mesh.addresses))
+    }
+
+    func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary, replica: Assignment.ReplicaSpec?) throws {
+        let role = replica?.role ?? .single
         // Weights to send: every block of the range (dense, as in the checkpoint), in name order.
         var weights: [(String, Matrix)] = []
         if sendsWeights {
@@ -68,15 +81,16 @@ public final class RemoteWorker: WorkerLink {
             assignment.config = config
             assignment.weightTensors = weights.count
         }
+        assignment.replica = replica
         let encoder = JSONEncoder()
         encoder.outputFormatting = .sortedKeys
         let json = Array(try encoder.encode(assignment))
         try phase("assignment of \(Self.blocksText(range))") {
-            try connection.send(.assign(job: json, tensors: BoundaryTransfer.tensorCount(boundary) + UInt32(weights.count)))
-            try BoundaryTransfer.send(boundary, over: connection)
+            try connection.send(.assign(job: json, tensors: BoundaryTransfer.tensorCount(boundary, role: role) + UInt32(weights.count)))
+            try BoundaryTransfer.send(boundary, over: connection, role: role)
             for (k, (name, m)) in weights.enumerated() { try connection.sendTensor(m, name: name, stream: UInt32(k)) }
         }
-        pending = (job, range, boundary.targets != nil)
+        pending = (job, range, boundary.targets != nil, role)
     }
 
     /// Receives block `index`'s tensors: exactly the block's tensors as its model family defines
@@ -101,7 +115,9 @@ public final class RemoteWorker: WorkerLink {
     }
 
     public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
-        guard let (job, range, hasTargets) = pending else { preconditionFailure("finish without start") }
+        guard let (job, range, hasTargets, role) = pending else { preconditionFailure("finish without start") }
+        // A follower replica reports each block without its weights (they are replica 0's).
+        let follower = role.rank != 0
         pending = nil
         // Blocks arrive in order, each exactly once.
         var next = range.lowerBound
@@ -128,11 +144,11 @@ public final class RemoteWorker: WorkerLink {
                             throw WireError.malformed(message: "block-result", field: "report", detail: "is block \(report!.block)'s, expected block \(index)'s")
                         }
                     }
-                    guard prunes == (report != nil), prunes == (tensors > 0) else {
+                    guard prunes == (report != nil), (prunes && !follower) == (tensors > 0) else {
                         throw WireError.malformed(message: "block-result", field: "tensors",
                                                   detail: "block \(index) \(prunes ? "is pruned: expected its report and tensors" : "is only run: expected no report and no tensors"), found \(report == nil ? "no report" : "a report") and \(tensors) tensors")
                     }
-                    return (prunes ? try receiveBlock(index, tensors: tensors) : nil, report)
+                    return (prunes && !follower ? try receiveBlock(index, tensors: tensors) : nil, report)
                 }
                 next += 1
                 try onBlock(index, block, report)
@@ -141,7 +157,7 @@ public final class RemoteWorker: WorkerLink {
                     guard next == range.upperBound else {
                         throw WireError.malformed(message: "range-done", field: "block", detail: "arrived after block \(next - 1), before the range's last block \(range.upperBound - 1)")
                     }
-                    return try BoundaryTransfer.receive(Int(tensors), over: connection, samples: job.samples, hasTargets: hasTargets) {
+                    return try BoundaryTransfer.receive(Int(tensors), over: connection, samples: job.samples, hasTargets: hasTargets, role: role) {
                         RangePruner.store(job: job, config: config)
                     }
                 }

@@ -28,6 +28,22 @@ struct Assignment: Codable {
     /// are the range's block weights (sent after the boundary); the worker opens no file.
     var config: ModelConfig?
     var weightTensors: Int?
+    /// `--replicas`: this worker's place in its stage, and where the other replicas listen.
+    /// Only this replica's windows travel (s % count == rank), and come back.
+    var replica: ReplicaSpec?
+
+    struct ReplicaSpec: Codable, Equatable {
+        var rank: Int
+        var count: Int
+        /// Names the group, so that no replica mixes two groups' messages.
+        var group: String
+        /// Each replica's HOST:PORT, in rank order.
+        var peers: [String]
+        var role: ReplicaRole { ReplicaRole(rank: rank, count: count) }
+    }
+
+    /// This worker's windows.
+    var role: ReplicaRole { replica?.role ?? .single }
 
     init(modelPath: String, tokenizerPath: String?, plan: PrunePlan, sequenceLength: Int, samples: Int, layers: ClosedRange<Int>?,
          memoryBudget: Int, blocks: Range<Int>, hasTargets: Bool, denseOnly: Bool, heartbeatInterval: Double?,
@@ -49,7 +65,7 @@ struct Assignment: Codable {
 
     enum CodingKeys: String, CodingKey {
         case modelPath, tokenizerPath, plan, sequenceLength, samples, layers, memoryBudget, first, end
-        case hasTargets, denseOnly, heartbeatInterval, config, weightTensors
+        case hasTargets, denseOnly, heartbeatInterval, config, weightTensors, replica
     }
 
     init(from decoder: Decoder) throws {
@@ -67,6 +83,7 @@ struct Assignment: Codable {
         heartbeatInterval = try c.decodeIfPresent(Double.self, forKey: .heartbeatInterval)
         config = try c.decodeIfPresent(ModelConfig.self, forKey: .config)
         weightTensors = try c.decodeIfPresent(Int.self, forKey: .weightTensors)
+        replica = try c.decodeIfPresent(ReplicaSpec.self, forKey: .replica)
     }
 
     func encode(to encoder: Encoder) throws {
@@ -85,6 +102,7 @@ struct Assignment: Codable {
         try c.encodeIfPresent(heartbeatInterval, forKey: .heartbeatInterval)
         try c.encodeIfPresent(config, forKey: .config)
         try c.encodeIfPresent(weightTensors, forKey: .weightTensors)
+        try c.encodeIfPresent(replica, forKey: .replica)
     }
 
     /// `[first, last]` from the wire as a range, or an error naming the field.
@@ -125,6 +143,8 @@ enum AssignmentLimits {
     /// Block tensors sent with one job: the worker lists them all before the first arrives
     /// (Qwen3-MoE-235B's 94 blocks of 128 experts have some 37,000).
     static let maxWeightTensors = 1 << 18
+    /// Replicas of one stage.
+    static let maxReplicas = 1024
 }
 
 extension Assignment {
@@ -164,9 +184,20 @@ extension Assignment {
         guard weights >= 0, weights <= Int(tensors), weights <= L.maxWeightTensors else {
             throw Self.bad("weightTensors", "is \(weights), expected 0...\(min(Int(tensors), L.maxWeightTensors)) (the tensors announced, at most \(L.maxWeightTensors))")
         }
-        let expected = samples * tensorsPerWindow + weights
+        if let r = replica {
+            guard (1...AssignmentLimits.maxReplicas).contains(r.count), (0..<r.count).contains(r.rank) else {
+                throw Self.bad("replica", "is rank \(r.rank) of \(r.count), expected 0 <= rank < count <= \(AssignmentLimits.maxReplicas)")
+            }
+            guard r.peers.count == r.count else { throw Self.bad("replica.peers", "lists \(r.peers.count) addresses for \(r.count) replicas") }
+            guard !r.group.isEmpty, r.group.utf8.count <= 200 else { throw Self.bad("replica.group", "is empty or longer than 200 bytes") }
+            for (k, p) in r.peers.enumerated() where k != r.rank {
+                do { _ = try Endpoint(parsing: p) } catch { throw Self.bad("replica.peers", "entry \(k) '\(p)' is not HOST:PORT: \(error)") }
+            }
+        }
+        let windows = role.samples(samples).count
+        let expected = windows * tensorsPerWindow + weights
         guard expected == Int(tensors) else {
-            throw Self.bad("tensors", "announces \(tensors) tensors, expected \(expected) (\(samples) windows x \(tensorsPerWindow) + \(weights) weights)")
+            throw Self.bad("tensors", "announces \(tensors) tensors, expected \(expected) (\(windows) windows x \(tensorsPerWindow) + \(weights) weights)")
         }
         try validatePlan()
     }
@@ -240,6 +271,8 @@ struct AssignedTensors {
     let rows: Int
     let cols: Int
     var weights: [String: BlockTensorSpec]
+    /// Only this replica's windows travel.
+    var role: ReplicaRole = .single
     var seenInputs = Set<Int>()
     var seenTargets = Set<Int>()
     var seenWeights = Set<String>()
@@ -256,6 +289,7 @@ struct AssignedTensors {
     init(_ a: Assignment, config: ModelConfig, weightsSent: Bool) {
         let specs = weightsSent ? a.blocks.flatMap { config.family.blockTensors(config, block: $0) } : []
         self.init(samples: a.samples, hasTargets: a.hasTargets, rows: a.sequenceLength, cols: config.hiddenSize, weights: specs)
+        role = a.role
     }
 
     static func bad(_ detail: String) -> WireError { .malformed(message: "tensor-header", field: "name", detail: detail) }
@@ -276,6 +310,9 @@ struct AssignedTensors {
               let s = Int(parts[1]), String(s) == parts[1], s >= 0, s < samples else {
             throw Self.bad("is '\(t.name)', expected inputs/N\(hasTargets ? " or targets/N" : "") with N < \(samples)\(weights.isEmpty ? "" : ", or a tensor of the range's blocks")")
         }
+        guard role.owns(sample: s) else {
+            throw Self.bad("is '\(t.name)': window \(s) is replica \(role.rank(ofSample: s))'s, not replica \(role.rank)'s of \(role.count)")
+        }
         guard t.shape == [rows, cols] else {
             throw WireError.malformed(message: "tensor-header", field: "shape", detail: "of '\(t.name)' is \(t.shapeText), expected \(rows)x\(cols)")
         }
@@ -289,34 +326,41 @@ struct AssignedTensors {
 
     /// After the last tensor: nothing is missing.
     func checkComplete() throws {
-        if seenInputs.count != samples { throw Self.bad("inputs/\((0..<samples).first { !seenInputs.contains($0) }!) is missing") }
-        if hasTargets && seenTargets.count != samples { throw Self.bad("targets/\((0..<samples).first { !seenTargets.contains($0) }!) is missing") }
+        let windows = role.samples(samples)
+        if seenInputs.count != windows.count { throw Self.bad("inputs/\(windows.first { !seenInputs.contains($0) }!) is missing") }
+        if hasTargets && seenTargets.count != windows.count { throw Self.bad("targets/\(windows.first { !seenTargets.contains($0) }!) is missing") }
         if let missing = weights.keys.sorted().first(where: { !seenWeights.contains($0) }) { throw Self.bad("block tensor '\(missing)' is missing") }
     }
 }
 
 enum BoundaryTransfer {
-    /// Sends a boundary: inputs/i for every window, then targets/i when present.
-    static func send(_ b: Boundary, over c: Connection) throws {
-        for s in 0..<b.inputs.count { try c.sendTensor(try b.inputs.get(s), name: "inputs/\(s)", stream: UInt32(s)) }
+    /// Sends a boundary: inputs/i for every window of `role`, then targets/i when present.
+    static func send(_ b: Boundary, over c: Connection, role: ReplicaRole = .single) throws {
+        let windows = role.samples(b.inputs.count)
+        for s in windows { try c.sendTensor(try b.inputs.get(s), name: "inputs/\(s)", stream: UInt32(s)) }
         if let t = b.targets {
-            for s in 0..<t.count { try c.sendTensor(try t.get(s), name: "targets/\(s)", stream: UInt32(t.count + s)) }
+            for s in windows { try c.sendTensor(try t.get(s), name: "targets/\(s)", stream: UInt32(t.count + s)) }
         }
     }
 
-    static func tensorCount(_ b: Boundary) -> UInt32 { UInt32(b.inputs.count + (b.targets?.count ?? 0)) }
+    static func tensorCount(_ b: Boundary, role: ReplicaRole = .single) -> UInt32 {
+        UInt32(role.samples(b.inputs.count).count * (b.targets == nil ? 1 : 2))
+    }
 
-    /// Receives a boundary of exactly `samples` windows (and as many targets when `hasTargets`),
-    /// each [rows x cols] like the stores `make` gives; any other name, shape, count, a
-    /// duplicate or a missing window is refused before the tensor is allocated.
-    static func receive(_ count: Int, over c: Connection, samples: Int, hasTargets: Bool, make: () -> ActivationStore) throws -> Boundary {
+    /// Receives a boundary of exactly `role`'s windows of `samples` (and as many targets when
+    /// `hasTargets`), each [rows x cols] like the stores `make` gives; any other name, shape,
+    /// count, a duplicate or a missing window is refused before the tensor is allocated.
+    static func receive(_ count: Int, over c: Connection, samples: Int, hasTargets: Bool, role: ReplicaRole = .single,
+                        make: () -> ActivationStore) throws -> Boundary {
         let inputs = make()
         let targets: ActivationStore? = hasTargets ? make() : nil
-        let expected = samples * (hasTargets ? 2 : 1)
+        let windows = role.samples(samples).count
+        let expected = windows * (hasTargets ? 2 : 1)
         guard count == expected else {
-            throw WireError.malformed(message: "range-done", field: "tensors", detail: "is \(count), expected \(expected) (\(samples) windows\(hasTargets ? " x 2 with targets" : ""))")
+            throw WireError.malformed(message: "range-done", field: "tensors", detail: "is \(count), expected \(expected) (\(windows) windows\(hasTargets ? " x 2 with targets" : ""))")
         }
         var expect = AssignedTensors(samples: samples, hasTargets: hasTargets, rows: inputs.rows, cols: inputs.cols)
+        expect.role = role
         for _ in 0..<count {
             var kind: AssignedTensors.Kind = .input(0)
             let (_, m) = try c.receiveTensor { kind = try expect.check($0) }
@@ -330,4 +374,3 @@ enum BoundaryTransfer {
         return Boundary(inputs: inputs, targets: targets)
     }
 }
-

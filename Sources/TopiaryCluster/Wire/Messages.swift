@@ -5,6 +5,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable, CustomStringConvertible
     case hello = 1, challenge = 2, proof = 3, welcome = 4, error = 5, heartbeat = 6
     case tensorHeader = 20, tensorChunk = 21
     case assign = 30, blockResult = 31, rangeDone = 32, shutdown = 33
+    case peerJoin = 40, replica = 41
 
     public var description: String {
         switch self {
@@ -20,6 +21,8 @@ public enum MessageType: UInt16, Sendable, CaseIterable, CustomStringConvertible
         case .blockResult: return "block-result"
         case .rangeDone: return "range-done"
         case .shutdown: return "shutdown"
+        case .peerJoin: return "peer-join"
+        case .replica: return "replica"
         }
     }
 }
@@ -55,6 +58,10 @@ public enum Message: Equatable, Sendable {
     /// The range is done; `tensors` boundary tensors (the activations after it) follow.
     case rangeDone(tensors: UInt32)
     case shutdown
+    /// A replica joining a stage's mesh: the first message on a connection one replica opens to another.
+    case peerJoin(group: String, rank: UInt32)
+    /// A message between replicas (`ReplicaKey`); form 0: absent, 1: a tensor follows, 2: `bytes`, 3: goodbye.
+    case replica(block: UInt32, kind: UInt8, name: String, index: UInt32, form: UInt8, bytes: [UInt8])
 
     public var type: MessageType {
         switch self {
@@ -70,6 +77,8 @@ public enum Message: Equatable, Sendable {
         case .blockResult: return .blockResult
         case .rangeDone: return .rangeDone
         case .shutdown: return .shutdown
+        case .peerJoin: return .peerJoin
+        case .replica: return .replica
         }
     }
 
@@ -104,6 +113,10 @@ public enum Message: Equatable, Sendable {
             w.u32(tensors)
         case .shutdown:
             break
+        case .peerJoin(let group, let rank):
+            w.string(group); w.u32(rank)
+        case .replica(let block, let kind, let name, let index, let form, let bytes):
+            w.u32(block); w.u8(kind); w.string(name); w.u32(index); w.u8(form); w.blob(bytes)
         }
         return w.data
     }
@@ -170,6 +183,13 @@ public enum Message: Equatable, Sendable {
                 m = .rangeDone(tensors: try r.u32("tensors"))
             case .shutdown:
                 m = .shutdown
+            case .peerJoin:
+                m = .peerJoin(group: try r.string("group", maxBytes: 256), rank: try r.u32("rank"))
+            case .replica:
+                let block = try r.u32("block"), kind = try r.u8("kind"), name = try r.string("name", maxBytes: 1024), index = try r.u32("index")
+                let form = try r.u8("form")
+                guard form <= 3 else { throw WireError.malformed(message: "replica", field: "form", detail: "is \(form), expected 0 (absent), 1 (tensor), 2 (bytes) or 3 (goodbye)") }
+                m = .replica(block: block, kind: kind, name: name, index: index, form: form, bytes: try r.blob("bytes", maxBytes: 16 << 20))
             }
             try r.finish()
             return m

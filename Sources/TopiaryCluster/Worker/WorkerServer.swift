@@ -40,6 +40,7 @@ public final class WorkerServer: @unchecked Sendable {
         self.listener = listener
         self.secret = secret
         self.service = service
+        service.peerSecret = secret
     }
 
     /// Connections now in their handshake, and authenticated sessions now served.

@@ -15,6 +15,14 @@ public final class WorkerService: @unchecked Sendable {
     /// Seconds to wait after each block (a testing aid), so that tests can kill a process in the
     /// middle of a run.
     public var blockDelay: Double = DebugHooks.blockDelay
+    /// The cluster's secret, to reach the other replicas of a stage (set by `WorkerServer`).
+    public var peerSecret: SharedSecret?
+    /// Connections from other replicas, until their job claims them.
+    let peers = PeerRegistry()
+    /// The largest tensor another replica may send (a pruned weight, a layer's inputs).
+    public var maxPeerTensorBytes = 4 << 30
+    /// Seconds the replicas of a stage have to connect to one another.
+    public var meshTimeout: Double = 120
 
     public init(name: String, workDirectory: String) {
         self.name = name
@@ -121,6 +129,10 @@ public final class WorkerService: @unchecked Sendable {
                 try c.send(.heartbeat(sequence: n))
             case .shutdown:
                 return
+            case .peerJoin(let group, let rank):
+                // Another replica of a stage: its job will claim this connection.
+                peers.adopt(c, group: group, rank: Int(rank), timeout: meshTimeout * 5)
+                return
             case let other:
                 throw WireError.unexpectedMessage(expected: "assign, heartbeat or shutdown", found: other.type.description)
             }
@@ -180,16 +192,30 @@ public final class WorkerService: @unchecked Sendable {
         // While it waits for its turn and computes, the worker says it is alive every interval;
         // the coordinator takes silence beyond its timeout as a lost worker. Sends are serialized.
         let sendLock = NSLock()
-        let heart = Heartbeat(connection: c, interval: a.heartbeatInterval ?? 5, lock: sendLock)
+        // Replicas: the mesh first (the others are starting their share now).
+        var mesh: (exchange: TCPReplicaExchange, close: () -> Void)?
+        let role = a.role
+        if let spec = a.replica, spec.count > 1 {
+            do { mesh = try joinMesh(spec, timeout: meshTimeout) } catch {
+                try c.send(.error(code: 500, message: "\(error)"))
+                return
+            }
+        }
+        let exchange = mesh?.exchange
+        let heart = Heartbeat(connection: c, interval: a.heartbeatInterval ?? 5, lock: sendLock) {
+            // The coordinator is gone: the other replicas must not wait for this one.
+            exchange?.fail("\(self.name): the coordinator's connection is lost")
+        }
         defer { heart.stop() }
         computeLock.lock()
         defer { computeLock.unlock() }
         do {
-            let end = try RangePruner(model: model, job: job).run(a.blocks, from: Boundary(inputs: inputs, targets: targets)) { index, pruned, report in
+            let end = try RangePruner(model: model, job: job, exchange: exchange).run(a.blocks, from: Boundary(inputs: inputs, targets: targets)) { index, pruned, report in
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = .sortedKeys
                 let reportJSON = try report.map { Array(try encoder.encode($0)) } ?? []
-                let names = pruned.map { $0.tensors.keys.sorted() } ?? []
+                // A follower replica's blocks are replica 0's: it reports, without the weights.
+                let names = role.rank == 0 ? pruned.map { $0.tensors.keys.sorted() } ?? [] : []
                 sendLock.lock()
                 do {
                     defer { sendLock.unlock() }
@@ -198,12 +224,18 @@ public final class WorkerService: @unchecked Sendable {
                 }
                 if blockDelay > 0 { Thread.sleep(forTimeInterval: blockDelay) }
             }
+            mesh?.close()
+            mesh = nil
             heart.stop()
-            try c.send(.rangeDone(tensors: BoundaryTransfer.tensorCount(end)))
-            try BoundaryTransfer.send(end, over: c)
+            try c.send(.rangeDone(tensors: BoundaryTransfer.tensorCount(end, role: role)))
+            try BoundaryTransfer.send(end, over: c, role: role)
         } catch let e as WireError {
+            exchange?.fail("\(name): \(e)")
+            mesh?.close()
             throw e
         } catch {
+            exchange?.fail("\(name): \(error)")
+            mesh?.close()
             heart.stop()
             try c.send(.error(code: 500, message: "\(error)"))
         }
@@ -216,7 +248,7 @@ final class Heartbeat: @unchecked Sendable {
     private let exited = DispatchSemaphore(value: 0)
     private var isStopped = false
 
-    init(connection: Connection, interval: Double, lock: NSLock) {
+    init(connection: Connection, interval: Double, lock: NSLock, onFailure: @escaping @Sendable () -> Void = {}) {
         let stopped = stopped, exited = exited
         let thread = Thread {
             var sequence: UInt64 = 0
@@ -224,7 +256,7 @@ final class Heartbeat: @unchecked Sendable {
                 lock.lock()
                 let ok = (try? connection.send(.heartbeat(sequence: sequence))) != nil
                 lock.unlock()
-                if !ok { break }
+                if !ok { onFailure(); break }
                 sequence += 1
             }
             exited.signal()

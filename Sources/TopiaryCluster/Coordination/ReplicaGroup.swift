@@ -1,0 +1,215 @@
+import Foundation
+import TopiaryModel
+import TopiaryPrune
+import TopiaryTensor
+
+/// How the replicas of one stage reach one another for one range.
+public struct ReplicaMesh: Sendable {
+    /// Names this range's group, so that a worker never mixes two groups' messages.
+    public var group: String
+    /// Worker processes: each replica's address, in rank order (they connect to one another).
+    public var addresses: [String]
+    /// Replicas in this process: their shared mailbox.
+    public var hub: InProcessReplicaHub?
+
+    public init(group: String, addresses: [String] = [], hub: InProcessReplicaHub? = nil) {
+        self.group = group
+        self.addresses = addresses
+        self.hub = hub
+    }
+}
+
+/// A link that can be one replica of a stage: it runs only its own windows of the range and
+/// exchanges statistics and weights with the other replicas directly.
+public protocol ReplicaMember: WorkerLink {
+    /// Starts `range` as replica `role` of `mesh`; `boundary` holds this replica's windows only.
+    /// `finish` then reports the blocks (whole, from replica 0; a follower's carry no weights)
+    /// and returns the boundary of this replica's windows.
+    func startReplica(_ range: Range<Int>, job: PruneJob, from boundary: Boundary, role: ReplicaRole, mesh: ReplicaMesh) throws
+    /// Where other replicas reach this one ("" in process).
+    var replicaAddress: String { get }
+}
+
+extension Boundary {
+    /// The windows replica `role` runs, in stores of the job's shape (the others left empty).
+    public func subset(_ role: ReplicaRole) throws -> Boundary {
+        func part(_ s: ActivationStore) throws -> ActivationStore {
+            let p = s.makeSibling()
+            for i in role.samples(s.count) { try p.set(i, try s.tensor(i)) }
+            return p
+        }
+        return Boundary(inputs: try part(inputs), targets: try targets.map(part))
+    }
+
+    /// Copies replica `role`'s windows of `part` into this boundary.
+    public func fill(from part: Boundary, _ role: ReplicaRole) throws {
+        for i in role.samples(inputs.count) {
+            try inputs.set(i, try part.inputs.tensor(i))
+            if let t = targets, let pt = part.targets { try t.set(i, try pt.tensor(i)) }
+        }
+    }
+}
+
+/// One stage run by several replicas (`--replicas R`): to the coordinator it is one worker. Each
+/// replica runs its share of the calibration windows through every block; the statistics, solves
+/// and weights are shared among them directly (`ReplicaExchange`), so the blocks are the bytes one
+/// process gives. Replica 0 reports the blocks; the group's boundary is the replicas' windows put
+/// together. A replica lost mid-range fails the group: the coordinator then hands the rest of the
+/// range to a spare or to itself, with the same bytes (they do not depend on the replica count).
+public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
+    public let members: [any ReplicaMember]
+    private var pending: (range: Range<Int>, job: PruneJob, samples: Int, hasTargets: Bool)?
+    private static let counter = Counter()
+
+    public init(members: [any ReplicaMember]) {
+        precondition(!members.isEmpty)
+        self.members = members
+    }
+
+    public var name: String { members.map(\.name).joined(separator: "+") }
+    public var isRemote: Bool { members.contains { $0.isRemote } }
+    public func abandon() { for m in members { m.abandon() } }
+
+    public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
+        let count = members.count
+        let inProcess = !isRemote
+        let mesh = ReplicaMesh(group: "\(getpid())-\(Self.counter.next())-\(range.lowerBound)",
+                               addresses: members.map(\.replicaAddress),
+                               hub: inProcess ? InProcessReplicaHub(count: count) : nil)
+        for (rank, m) in members.enumerated() {
+            let role = ReplicaRole(rank: rank, count: count)
+            try m.startReplica(range, job: job, from: try boundary.subset(role), role: role, mesh: mesh)
+        }
+        pending = (range, job, boundary.inputs.count, boundary.targets != nil)
+    }
+
+    public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
+        guard let (range, job, _, hasTargets) = pending else { preconditionFailure("finish without start") }
+        pending = nil
+        _ = range
+        // Followers are drained on threads of their own (a remote follower would otherwise stall
+        // on a full socket while replica 0 waits for its statistics).
+        let count = members.count
+        let outcomes = Outcomes(count: count)
+        let done = DispatchGroup()
+        for rank in 1..<max(1, count) {
+            done.enter()
+            let thread = Thread { [self] in
+                defer { done.leave() }
+                do {
+                    outcomes.set(rank, .success(try members[rank].finish { _, _, _ in }))
+                } catch {
+                    outcomes.set(rank, .failure(error))
+                    for (r, other) in members.enumerated() where r != rank { other.abandon() }
+                }
+            }
+            thread.stackSize = 4 << 20
+            thread.start()
+        }
+        do {
+            outcomes.set(0, .success(try members[0].finish(onBlock: onBlock)))
+        } catch {
+            outcomes.set(0, .failure(error))
+            for other in members.dropFirst() { other.abandon() }
+        }
+        done.wait()
+        let results = outcomes.all
+        var boundaries: [Boundary] = []
+        var errors: [Error] = []
+        for r in results {
+            switch r {
+            case .success(let b): boundaries.append(b)
+            case .failure(let e): errors.append(e)
+            case nil: errors.append(ReplicaError("a replica ended without a result"))
+            }
+        }
+        // The first replica to fail says why (the others fail because it did).
+        if let first = errors.first(where: { !($0 is ReplicaError) }) ?? errors.first { throw first }
+        _ = job
+        let shape = boundaries[0].inputs
+        let whole = Boundary(inputs: shape.makeSibling(), targets: hasTargets ? shape.makeSibling() : nil)
+        for rank in 0..<count { try whole.fill(from: boundaries[rank], ReplicaRole(rank: rank, count: count)) }
+        return whole
+    }
+
+    /// Each replica's result, set from its own thread.
+    final class Outcomes: @unchecked Sendable {
+        private let lock = NSLock()
+        private var values: [Result<Boundary, Error>?]
+        init(count: Int) { values = Array(repeating: nil, count: count) }
+        func set(_ i: Int, _ r: Result<Boundary, Error>) { lock.lock(); values[i] = r; lock.unlock() }
+        var all: [Result<Boundary, Error>?] { lock.lock(); defer { lock.unlock() }; return values }
+    }
+
+    final class Counter: @unchecked Sendable {
+        private let lock = NSLock()
+        private var value = 0
+        func next() -> Int { lock.lock(); defer { lock.unlock() }; value += 1; return value }
+    }
+}
+
+/// A replica in this process: runs its range on a thread of its own from `startReplica`, so that
+/// the group's replicas compute at once; `finish` hands over what it produced, in order.
+public final class InProcessReplica: ReplicaMember, @unchecked Sendable {
+    public let model: LanguageModel
+    public let name: String
+    public var replicaAddress: String { "" }
+    private let condition = NSCondition()
+    private var events: [(Int, DecoderBlock?, BlockReport?)] = []
+    private var result: Result<Boundary, Error>?
+    private var exchange: (any ReplicaExchange)?
+
+    public init(model: LanguageModel, name: String) {
+        self.model = model
+        self.name = name
+    }
+
+    public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
+        try startReplica(range, job: job, from: boundary, role: .single, mesh: ReplicaMesh(group: "", hub: InProcessReplicaHub(count: 1)))
+    }
+
+    public func startReplica(_ range: Range<Int>, job: PruneJob, from boundary: Boundary, role: ReplicaRole, mesh: ReplicaMesh) throws {
+        guard let hub = mesh.hub else { preconditionFailure("an in-process replica needs the group's hub") }
+        let exchange = hub.exchange(rank: role.rank)
+        self.exchange = exchange
+        condition.lock()
+        events = []
+        result = nil
+        condition.unlock()
+        let model = self.model
+        let delay = DebugHooks.blockDelay
+        let thread = Thread { [self] in
+            let outcome = Result {
+                try RangePruner(model: model, job: job, exchange: role.count > 1 ? exchange : nil).run(range, from: boundary) { index, pruned, report in
+                    self.condition.lock()
+                    self.events.append((index, role.rank == 0 ? pruned : nil, report))
+                    self.condition.broadcast()
+                    self.condition.unlock()
+                    if delay > 0 { Thread.sleep(forTimeInterval: delay) }
+                }
+            }
+            if case .failure(let e) = outcome { exchange.fail("\(self.name): \(e)") }
+            self.condition.lock()
+            self.result = outcome
+            self.condition.broadcast()
+            self.condition.unlock()
+        }
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+
+    public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
+        while true {
+            condition.lock()
+            while events.isEmpty && result == nil { condition.wait() }
+            let batch = events
+            events = []
+            let outcome = batch.isEmpty ? result : nil
+            condition.unlock()
+            for (i, b, r) in batch { try onBlock(i, b, r) }
+            if let outcome { return try outcome.get() }
+        }
+    }
+
+    public func abandon() { exchange?.fail("\(name) abandoned") }
+}

@@ -1,0 +1,231 @@
+import Foundation
+import TopiaryModel
+import TopiaryTensor
+
+/// One replica's place in a stage that `count` replicas share: it runs the forward passes of the
+/// calibration windows s with s % count == rank (interleaved, so that every replica reaches
+/// window s at about the same time and nobody's mailbox fills up).
+public struct ReplicaRole: Sendable, Equatable, Codable {
+    public var rank: Int
+    public var count: Int
+
+    public init(rank: Int, count: Int) {
+        precondition(count >= 1 && (0..<count).contains(rank), "replica \(rank) of \(count)")
+        self.rank = rank
+        self.count = count
+    }
+
+    public static let single = ReplicaRole(rank: 0, count: 1)
+
+    /// Whether this replica runs window `s`.
+    public func owns(sample s: Int) -> Bool { s % count == rank }
+    /// The windows this replica runs, in order.
+    public func samples(_ total: Int) -> [Int] { Array(stride(from: rank, to: total, by: count)) }
+    /// The replica that runs window `s`.
+    public func rank(ofSample s: Int) -> Int { s % count }
+}
+
+/// What a replica hands another during a block. Every message is named by its block, its kind,
+/// a tensor or statistics name and an index, so that a receiver takes exactly the one it waits
+/// for whatever order they arrive in.
+public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
+    public enum Kind: UInt8, Sendable {
+        /// The inputs of a statistics group's linear for window `index` (to the group's owner).
+        case statisticsInput = 1
+        /// The same from the dense model's stream (SparseLLM with dense targets).
+        case targetInput = 2
+        /// A pruned weight (from its owner to every replica).
+        case weight = 3
+        /// A linear's report, or a joint step's report, as JSON (to replica 0).
+        case report = 4
+        /// Window `index`'s output error terms [num, den] (to replica 0).
+        case outputError = 5
+        /// Window `index`'s block input / dense output / dense target (BESA, to replica 0).
+        case blockInput = 6, denseOutput = 7, denseTarget = 8
+    }
+
+    public var block: Int
+    public var kind: Kind
+    public var name: String
+    public var index: Int
+
+    public init(block: Int, kind: Kind, name: String = "", index: Int = 0) {
+        self.block = block
+        self.kind = kind
+        self.name = name
+        self.index = index
+    }
+
+    public var description: String { "block \(block) \(kind) '\(name)' \(index)" }
+}
+
+/// A message's body.
+public enum ReplicaValue: Sendable {
+    /// A window that never reached this linear (an expert no token was routed to).
+    case absent
+    case matrix(Matrix)
+    case bytes([UInt8])
+}
+
+/// Replicas lost or failed: every replica waiting on the exchange gets this error.
+public struct ReplicaError: Error, CustomStringConvertible {
+    public let detail: String
+    public init(_ detail: String) { self.detail = detail }
+    public var description: String { detail }
+}
+
+/// How the replicas of a stage reach one another: point to point, named messages. In one process
+/// it is a shared mailbox (`InProcessReplicaHub`); between processes, the worker mesh over TCP.
+/// A receive blocks until its message is there, or throws once any replica has failed.
+public protocol ReplicaExchange: AnyObject, Sendable {
+    var role: ReplicaRole { get }
+    func send(_ key: ReplicaKey, _ value: ReplicaValue, to rank: Int) throws
+    func receive(_ key: ReplicaKey) throws -> ReplicaValue
+    /// Tells the other replicas this one failed (their receives throw); idempotent.
+    func fail(_ reason: String)
+}
+
+/// A thread-safe set of delivered messages that receivers wait on.
+public final class ReplicaMailbox: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var messages: [ReplicaKey: ReplicaValue] = [:]
+    private var failure: String?
+    /// Seconds a receive waits before it gives up (a replica that stopped without failing).
+    public var timeout: Double
+
+    public init(timeout: Double = 24 * 3600) { self.timeout = timeout }
+
+    public func deliver(_ key: ReplicaKey, _ value: ReplicaValue) {
+        condition.lock()
+        messages[key] = value
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public func fail(_ reason: String) {
+        condition.lock()
+        if failure == nil { failure = reason }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    public var failed: String? {
+        condition.lock()
+        defer { condition.unlock() }
+        return failure
+    }
+
+    public func take(_ key: ReplicaKey) throws -> ReplicaValue {
+        let deadline = Date().addingTimeInterval(timeout)
+        condition.lock()
+        defer { condition.unlock() }
+        while true {
+            if let v = messages.removeValue(forKey: key) { return v }
+            if let failure { throw ReplicaError("replicas: \(failure) (while waiting for \(key))") }
+            guard condition.wait(until: deadline) else {
+                throw ReplicaError("replicas: nothing for \(key) after \(Int(timeout)) s")
+            }
+        }
+    }
+}
+
+/// The replicas of one stage in one process: each gets an exchange from `exchange(rank:)`.
+public final class InProcessReplicaHub: @unchecked Sendable {
+    public let count: Int
+    let boxes: [ReplicaMailbox]
+
+    public init(count: Int) {
+        self.count = count
+        boxes = (0..<count).map { _ in ReplicaMailbox() }
+    }
+
+    public func exchange(rank: Int) -> any ReplicaExchange { Endpoint(hub: self, role: ReplicaRole(rank: rank, count: count)) }
+
+    final class Endpoint: ReplicaExchange, @unchecked Sendable {
+        let hub: InProcessReplicaHub
+        let role: ReplicaRole
+        init(hub: InProcessReplicaHub, role: ReplicaRole) {
+            self.hub = hub
+            self.role = role
+        }
+        func send(_ key: ReplicaKey, _ value: ReplicaValue, to rank: Int) throws {
+            if let f = hub.boxes[role.rank].failed { throw ReplicaError("replicas: \(f)") }
+            hub.boxes[rank].deliver(key, value)
+        }
+        func receive(_ key: ReplicaKey) throws -> ReplicaValue { try hub.boxes[role.rank].take(key) }
+        func fail(_ reason: String) {
+            for b in hub.boxes { b.fail("replica \(role.rank) of \(role.count) failed: \(reason)") }
+        }
+    }
+}
+
+/// Which replica solves which linears of a block: the linears that share statistics (q/k/v,
+/// gate/up), and for SparseLLM a whole feed-forward, go to one replica together; the groups go
+/// to replicas by modelled cost, largest first, each to the least loaded replica (ties to the
+/// lowest rank). Every replica computes the same plan from the block alone.
+public enum ReplicaWork {
+    /// statistics key -> owning rank.
+    public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String: Int] {
+        let keys = BlockPruner.statisticsKeys(block.inputGroups)
+        let linears = block.linearNames
+        func shape(_ name: String) -> (Int, Int) {
+            guard let w = block.tensors[name + ".weight"] else { return (0, 0) }
+            return (w.rows, w.cols)
+        }
+        // Groups of keys that one replica must hold together.
+        var groupOf: [String: Int] = [:]
+        var groups: [[String]] = []
+        func group(_ members: [String]) {
+            let ks = Array(Set(members.map { keys[$0] ?? $0 })).sorted()
+            let existing = Set(ks.compactMap { groupOf[$0] })
+            var merged = ks
+            for g in existing.sorted(by: >) { merged += groups[g]; groups[g] = [] }
+            merged = Array(Set(merged)).sorted()
+            groups.append(merged)
+            for k in merged { groupOf[k] = groups.count - 1 }
+        }
+        if plan.method == .besa {
+            group(linears)              // BESA learns the block as a whole: one replica.
+        } else {
+            for name in linears { group([name]) }
+            if plan.method == .sparsellm {
+                for ffn in block.feedForwards {
+                    switch ffn {
+                    case .gated(let g, let u, let d): group([g, u, d])
+                    case .plain(let a, let b): group([a, b])
+                    }
+                }
+            }
+        }
+        var costed: [(cost: Double, keys: [String])] = []
+        for g in groups where !g.isEmpty {
+            var cost = 0.0
+            for name in linears where g.contains(keys[name] ?? name) {
+                let (rows, cols) = shape(name)
+                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method, statistics: keys[name] == name)
+            }
+            costed.append((cost, g))
+        }
+        costed.sort { $0.cost != $1.cost ? $0.cost > $1.cost : $0.keys[0] < $1.keys[0] }
+        var load = [Double](repeating: 0, count: replicas)
+        var owners: [String: Int] = [:]
+        for (cost, ks) in costed {
+            let r = load.indices.min { load[$0] != load[$1] ? load[$0] < load[$1] : $0 < $1 }!
+            load[r] += cost
+            for k in ks { owners[k] = r }
+        }
+        return owners
+    }
+
+    /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.
+    static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool) -> Double {
+        let r = Double(rows), c = Double(cols)
+        var f = 6 * r * c * c                              // the three quadratic forms of the report
+        if statistics { f += Double(tokens) * c * c }      // the Hessian's syrk
+        switch method {
+        case .magnitude, .wanda: f += r * c * 10
+        case .sparsegpt, .sparsellm, .besa: f += 2 * r * c * c + c * c * c
+        }
+        return f
+    }
+}
