@@ -422,6 +422,49 @@ final class HostilePeerTests: XCTestCase {
         XCTAssertNoThrow(try service.checkJob(try json(a), tensors: UInt32(1 + 2 * perBlock), headers: [input] + headers))
     }
 
+    func testReplicaFieldsAndAnotherReplicasWindowsAreRefusedNamingTheField() throws {
+        let f = try fixture(samples: 4)
+        let service = WorkerService(name: "check", workDirectory: f.dir)
+        var a = assignment(f)
+        let header = { (s: Int) in TensorAnnouncement(stream: 0, name: "inputs/\(s)", dtype: .f32, shape: [32, 64], byteCount: 32 * 64 * 4) }
+        let peers = ["127.0.0.1:1", "127.0.0.1:2"]
+        for (spec, expected) in [(Assignment.ReplicaSpec(rank: 2, count: 2, group: "g", peers: peers), "field 'replica' is rank 2 of 2"),
+                                 (Assignment.ReplicaSpec(rank: 0, count: 0, group: "g", peers: []), "field 'replica' is rank 0 of 0"),
+                                 (Assignment.ReplicaSpec(rank: 0, count: 2, group: "g", peers: ["127.0.0.1:1"]), "field 'replica.peers' lists 1 addresses for 2"),
+                                 (Assignment.ReplicaSpec(rank: 0, count: 2, group: "", peers: peers), "field 'replica.group'"),
+                                 (Assignment.ReplicaSpec(rank: 0, count: 2, group: "g", peers: ["127.0.0.1:1", "nowhere"]), "field 'replica.peers' entry 1 'nowhere'")] {
+            a.replica = spec
+            XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(0), header(2)])) { e in
+                XCTAssertTrue("\(e)".contains(expected), "\(e)")
+            }
+        }
+        // Replica 1 of 2 runs windows 1 and 3: window 0 is refused, and so is a missing window 3.
+        a.replica = Assignment.ReplicaSpec(rank: 1, count: 2, group: "g", peers: peers)
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(1), header(0)])) { e in
+            XCTAssertTrue("\(e)".contains("window 0 is replica 0's, not replica 1's of 2"), "\(e)")
+        }
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 4, headers: [header(1), header(3)])) { e in
+            XCTAssertTrue("\(e)".contains("announces 4 tensors, expected 2"), "\(e)")
+        }
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(1)])) { e in
+            XCTAssertTrue("\(e)".contains("inputs/3 is missing"), "\(e)")
+        }
+        XCTAssertNoThrow(try service.checkJob(try json(a), tensors: 2, headers: [header(3), header(1)]))
+    }
+
+    func testAGarbageReplicaMessageIsRefusedNamingTheField() throws {
+        var bytes = Message.replica(block: 1, kind: 1, name: "x", index: 0, form: 1, bytes: []).encodedPayload()
+        // form is the byte after block (4), kind (1), name (4 + 1) and index (4).
+        bytes[4 + 1 + 5 + 4] = 9
+        XCTAssertThrowsError(try Message.decode(Frame(type: .replica, payload: bytes))) { e in
+            XCTAssertTrue("\(e)".contains("field 'form'") || "\(e)".contains("form"), "\(e)")
+        }
+        let join = Message.peerJoin(group: "g", rank: 3)
+        guard case .peerJoin(let g, let r) = try Message.decode(join.frame()) else { return XCTFail("peer-join did not round-trip") }
+        XCTAssertEqual(g, "g")
+        XCTAssertEqual(r, 3)
+    }
+
     /// The worker's virtual memory size (VmSize), in bytes.
     func virtualMemoryBytes() throws -> Int {
         let status = try String(contentsOfFile: "/proc/self/status", encoding: .utf8)

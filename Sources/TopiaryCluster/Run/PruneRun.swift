@@ -94,9 +94,15 @@ public final class PruneRun {
     public func prepare() throws {
         let r = request
         partitions = coordinator.plan()
-        plan = zip(partitions, r.workers).enumerated().map { k, e in
-            PlanEntry(first: e.0.lowerBound, last: e.0.upperBound - 1, worker: e.1.name,
-                      pid: k < r.workerPIDs.count ? Int(r.workerPIDs[k]) : nil)
+        // Process ids are listed per worker process, in link order (a stage's replicas together).
+        var next = 0
+        plan = zip(partitions, r.workers).map { range, link in
+            let members = (link as? ReplicaGroup)?.members.map(\.name)
+            let count = members?.count ?? 1
+            let pids = (next..<(next + count)).map { $0 < r.workerPIDs.count ? Int(r.workerPIDs[$0]) : nil }
+            next += count
+            return PlanEntry(first: range.lowerBound, last: range.upperBound - 1, worker: link.name, pid: pids[0],
+                             replicas: members, replicaPIDs: members != nil && pids.allSatisfy({ $0 != nil }) ? pids.map { $0! } : nil)
         }
         switch r.start {
         case .new(var manifest):

@@ -8,17 +8,28 @@ public struct PlanEntry: Codable, Equatable, Sendable {
     public var last: Int
     /// The worker's name ("worker@host:port", or "in-process").
     public var worker: String
-    /// The process id of a local worker process that this run started.
+    /// The process id of a local worker process that this run started (of replica 0 for a stage
+    /// of replicas).
     public var pid: Int?
+    /// `--replicas`: the stage's replicas, in rank order ("worker@host:port"), and their process ids.
+    public var replicas: [String]?
+    public var replicaPIDs: [Int]?
 
-    public init(first: Int, last: Int, worker: String, pid: Int? = nil) {
+    public init(first: Int, last: Int, worker: String, pid: Int? = nil, replicas: [String]? = nil, replicaPIDs: [Int]? = nil) {
         self.first = first
         self.last = last
         self.worker = worker
         self.pid = pid
+        self.replicas = replicas
+        self.replicaPIDs = replicaPIDs
     }
 
     public var blocks: ClosedRange<Int>? { first <= last ? first...last : nil }
+
+    enum CodingKeys: String, CodingKey {
+        case first, last, worker, pid, replicas
+        case replicaPIDs = "replica_pids"
+    }
 }
 
 /// What a checkpoint event is about: a block, the boundary entering a block, or saved

@@ -1,0 +1,96 @@
+import Foundation
+import XCTest
+
+/// `--replicas R`: stages shared by R workers, in this process or over loopback, must write the
+/// single-process bytes for any R and any stages x replicas grid, survive a lost replica, and
+/// resume at another R (stories260K).
+final class ReplicaCLITests: XCTestCase {
+    let stories = CLI.asset("stories260K/stories260K.bin")
+    let storiesTokenizer = CLI.asset("stories260K/tok512.bin")
+    let oz = CLI.asset("public-domain-text/wizard_of_oz.txt")
+
+    func pruneArgs(output: String, method: String = "sparsegpt", _ extra: [String] = []) -> [String] {
+        ["prune", "--model", stories, "--tokenizer", storiesTokenizer, "--calib", oz, "--calib-samples", "8",
+         "--calib-seqlen", "128", "--method", method, "--sparsity", "0.6", "--output", output] + extra
+    }
+
+    func sha(_ args: [String], file: StaticString = #filePath, line: UInt = #line) throws -> String {
+        let r = try CLI.run(args + ["--json"])
+        XCTAssertEqual(r.status, 0, r.stderr, file: file, line: line)
+        return try XCTUnwrap(r.json?["output_sha256"] as? String, r.stderr, file: file, line: line)
+    }
+
+    func testAnyReplicaCountAndGridWritesTheSingleProcessBytes() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        for method in ["sparsegpt", "wanda", "sparsellm"] {
+            let single = try sha(pruneArgs(output: dir.appendingPathComponent("\(method)-single").path, method: method))
+            for (k, extra) in [["--replicas", "2"], ["--replicas", "3"], ["--replicas", "4"], ["--workers", "2", "--replicas", "2"],
+                               ["--workers", "4", "--replicas", "2"], ["--workers", "3", "--replicas", "3"]].enumerated() {
+                if method != "sparsegpt" && k != 1 && k != 4 { continue }     // every grid for SparseGPT; two for the others
+                let out = dir.appendingPathComponent("\(method)-\(k)").path
+                XCTAssertEqual(try sha(pruneArgs(output: out, method: method, extra)), single, "\(method) \(extra.joined(separator: " "))")
+            }
+        }
+    }
+
+    func testThePlanNamesEachStagesReplicasAndTheirProcesses() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("out").path
+        _ = try sha(pruneArgs(output: out, ["--workers", "5", "--replicas", "2"]))
+        let start = try XCTUnwrap(CLI.events(out + ".run").first { $0["event"] as? String == "start" })
+        let plan = try XCTUnwrap(start["plan"] as? [[String: Any]])
+        // Two stages of two replicas and one worker alone; the planner gives the pairs more blocks.
+        XCTAssertEqual(plan.count, 3)
+        XCTAssertEqual((plan[0]["replicas"] as? [String])?.count, 2)
+        XCTAssertEqual((plan[0]["replica_pids"] as? [Int])?.count, 2)
+        XCTAssertNil(plan[2]["replicas"])
+        let sizes = plan.map { ($0["last"] as! Int) - ($0["first"] as! Int) + 1 }
+        XCTAssertEqual(sizes.reduce(0, +), 5)
+        XCTAssertGreaterThanOrEqual(sizes[0], sizes[2])
+    }
+
+    func testAReplicaKilledMidRunTheRunCompletesWithTheSameBytes() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let expected = try sha(pruneArgs(output: dir.appendingPathComponent("ref").path))
+        let out = dir.appendingPathComponent("out").path
+        let p = try CLI.start(pruneArgs(output: out, ["--workers", "2", "--replicas", "2", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "10"]),
+                              environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "1"], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 1 })
+        let start = try XCTUnwrap(CLI.events(out + ".run").first { $0["event"] as? String == "start" })
+        let plan = try XCTUnwrap(start["plan"] as? [[String: Any]])
+        let pids = try XCTUnwrap(plan[0]["replica_pids"] as? [Int])
+        kill(pid_t(pids[1]), SIGKILL)          // a follower: replica 0 must not wait for it forever
+        let status = CLI.wait(p)
+        let stderr = (try? String(contentsOf: dir.appendingPathComponent("stderr.txt"), encoding: .utf8)) ?? ""
+        XCTAssertEqual(status, 0, stderr)
+        let events = CLI.events(out + ".run")
+        XCTAssertEqual(events.first { $0["event"] as? String == "complete" }?["output_sha256"] as? String, expected)
+        XCTAssertNotNil(events.first { $0["event"] as? String == "worker_lost" }, "the lost replica is recorded")
+        var done: [Int: Int] = [:]
+        for e in events where e["event"] as? String == "block_done" { done[e["block"] as! Int, default: 0] += 1 }
+        XCTAssertEqual(done, [0: 1, 1: 1, 2: 1, 3: 1, 4: 1], "no block is done twice")
+    }
+
+    func testARunResumedWithAnotherReplicaCountWritesTheSameBytes() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let expected = try sha(pruneArgs(output: dir.appendingPathComponent("ref").path))
+        let out = dir.appendingPathComponent("out").path
+        let p = try CLI.start(pruneArgs(output: out, ["--replicas", "2"]), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 1 })
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        XCTAssertEqual(try sha(["prune", "--resume", out + ".run", "--replicas", "3"]), expected)
+    }
+
+    func testBadReplicaOptionsAreRefusedClearly() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("out").path
+        for (extra, message) in [(["--replicas", "0"], "--replicas"), (["--replicas", "x"], "--replicas"),
+                                 (["--workers", "2", "--replicas", "3"], "--replicas 3 needs at least 3 workers")] {
+            let r = try CLI.run(pruneArgs(output: out, extra))
+            XCTAssertNotEqual(r.status, 0)
+            XCTAssertTrue(r.stderr.contains(message), "\(extra): \(r.stderr)")
+            XCTAssertFalse(r.stderr.contains("Fatal error"), r.stderr)
+        }
+    }
+}
