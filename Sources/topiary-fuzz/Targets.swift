@@ -352,6 +352,9 @@ enum WireSeeds {
             .blockResult(block: 3, tensors: 2, report: Array(#"{"block":3,"sparsity":0.5}"#.utf8)),
             .rangeDone(tensors: 1),
             .shutdown,
+            .peerJoin(group: "4242-1-0", rank: 1),
+            .replica(block: 2, kind: 1, name: "model.layers.2.mlp.down_proj", index: 5, form: 0, bytes: []),
+            .replica(block: 2, kind: 5, name: "", index: 3, form: 2, bytes: [0, 0, 0, 0, 0, 0, 240, 63, 0, 0, 0, 0, 0, 0, 0, 64]),
         ]
     }
 

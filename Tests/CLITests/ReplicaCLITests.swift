@@ -66,9 +66,30 @@ final class ReplicaCLITests: XCTestCase {
         let events = CLI.events(out + ".run")
         XCTAssertEqual(events.first { $0["event"] as? String == "complete" }?["output_sha256"] as? String, expected)
         XCTAssertNotNil(events.first { $0["event"] as? String == "worker_lost" }, "the lost replica is recorded")
+        // The surviving replica carries on with the rest of the stage's range.
+        let names = try XCTUnwrap(plan[0]["replicas"] as? [String])
+        let moved = try XCTUnwrap(events.first { $0["event"] as? String == "reassigned" })
+        XCTAssertEqual(moved["to"] as? String, names[0], "\(moved)")
         var done: [Int: Int] = [:]
         for e in events where e["event"] as? String == "block_done" { done[e["block"] as! Int, default: 0] += 1 }
         XCTAssertEqual(done, [0: 1, 1: 1, 2: 1, 3: 1, 4: 1], "no block is done twice")
+    }
+
+    func testAHungReplicaDoesNotHangTheRun() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let expected = try sha(pruneArgs(output: dir.appendingPathComponent("ref").path))
+        let out = dir.appendingPathComponent("out").path
+        let p = try CLI.start(pruneArgs(output: out, ["--workers", "2", "--replicas", "2", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "3"]),
+                              environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 0 })
+        let start = try XCTUnwrap(CLI.events(out + ".run").first { $0["event"] as? String == "start" })
+        let pids = try XCTUnwrap((try XCTUnwrap(start["plan"] as? [[String: Any]]))[0]["replica_pids"] as? [Int])
+        kill(pid_t(pids[1]), SIGSTOP)          // alive but silent: its connections stay open
+        defer { kill(pid_t(pids[1]), SIGKILL) }
+        let status = CLI.wait(p, timeout: 120)
+        let stderr = (try? String(contentsOf: dir.appendingPathComponent("stderr.txt"), encoding: .utf8)) ?? ""
+        XCTAssertEqual(status, 0, stderr)
+        XCTAssertEqual(CLI.events(out + ".run").first { $0["event"] as? String == "complete" }?["output_sha256"] as? String, expected)
     }
 
     func testARunResumedWithAnotherReplicaCountWritesTheSameBytes() throws {

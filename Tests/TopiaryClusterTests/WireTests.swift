@@ -18,6 +18,9 @@ final class WireCodecTests: XCTestCase {
         .blockResult(block: 3, tensors: 9, report: Array("{}".utf8)),
         .rangeDone(tensors: 32),
         .shutdown,
+        .peerJoin(group: "4242-1-0", rank: 2),
+        .replica(block: 3, kind: 1, name: "model.layers.3.self_attn.q_proj", index: 7, form: 1, bytes: []),
+        .replica(block: 3, kind: 5, name: "", index: 1, form: 2, bytes: [1, 2, 3, 4, 5, 6, 7, 8]),
     ]
 
     func testCRC32CKnownVectors() {

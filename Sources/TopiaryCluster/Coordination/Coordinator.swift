@@ -212,6 +212,8 @@ public final class Coordinator {
     /// A live link other than `lost` with no work in progress (not in `busy`), the spares (links
     /// beyond the plan's partitions) first; or a new in-process worker.
     func replacement(for lost: WorkerLink, busy: Set<ObjectIdentifier>) -> WorkerLink {
+        // A stage of replicas that lost one: the others carry on (the same bytes at any count).
+        if let group = lost as? ReplicaGroup, let rest = group.survivors() { return rest }
         let planned = plan().count
         let candidates = workers.dropFirst(planned) + workers.prefix(planned)
         return candidates.first { $0 !== lost && isLive($0) && !busy.contains(ObjectIdentifier($0)) } ?? inProcessWorker()

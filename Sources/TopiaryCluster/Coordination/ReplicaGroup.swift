@@ -68,7 +68,35 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
 
     public var name: String { members.map(\.name).joined(separator: "+") }
     public var isRemote: Bool { members.contains { $0.isRemote } }
-    public func abandon() { for m in members { m.abandon() } }
+    /// Seconds the replicas have to stop on their own once one has failed (the others see the
+    /// mesh break and answer with a job error, staying usable); those still busy after it are
+    /// abandoned (a replica that hangs without closing its connections).
+    public var graceSeconds: Double = 15
+    /// After a failed range: the members that answered (alive, idle); nil before.
+    private var survivorRanks: [Int]?
+
+    /// Gives up the members that were lost (all of them, unless a failed range found survivors).
+    public func abandon() {
+        let keep = Set(survivorRanks ?? [])
+        for (rank, m) in members.enumerated() where !keep.contains(rank) { m.abandon() }
+    }
+
+    /// The replicas still usable after this group failed: a smaller group (or the one left), to
+    /// redo the rest of the range with the same bytes; nil when none is.
+    public func survivors() -> WorkerLink? {
+        guard let s = survivorRanks, !s.isEmpty, s.count < members.count else { return nil }
+        return s.count == 1 ? members[s[0]] : ReplicaGroup(members: s.map { members[$0] })
+    }
+
+    /// A job error a replica reports only because another replica failed.
+    static func isSecondary(_ error: Error) -> Bool {
+        if error is ReplicaError { return true }
+        if let e = error as? WorkerJobError { return e.message.hasPrefix("replicas: ") }
+        return false
+    }
+
+    /// A link that is gone: its connection broke, or it sent what it must not.
+    static func isLost(_ error: Error) -> Bool { error is WireError || error is WorkerResultError }
 
     public func start(_ range: Range<Int>, job: PruneJob, from boundary: Boundary) throws {
         let count = members.count
@@ -91,6 +119,9 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
         // on a full socket while replica 0 waits for its statistics).
         let count = members.count
         let outcomes = Outcomes(count: count)
+        survivorRanks = nil
+        // Once one replica fails, the others get `graceSeconds` to stop on their own.
+        let watchdog = DispatchSemaphore(value: 0)
         let done = DispatchGroup()
         for rank in 1..<max(1, count) {
             done.enter()
@@ -100,7 +131,7 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
                     outcomes.set(rank, .success(try members[rank].finish { _, _, _ in }))
                 } catch {
                     outcomes.set(rank, .failure(error))
-                    for (r, other) in members.enumerated() where r != rank { other.abandon() }
+                    failed(outcomes, watchdog: watchdog)
                 }
             }
             thread.stackSize = 4 << 20
@@ -110,21 +141,31 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
             outcomes.set(0, .success(try members[0].finish(onBlock: onBlock)))
         } catch {
             outcomes.set(0, .failure(error))
-            for other in members.dropFirst() { other.abandon() }
+            failed(outcomes, watchdog: watchdog)
         }
         done.wait()
+        watchdog.signal()
         let results = outcomes.all
         var boundaries: [Boundary] = []
         var errors: [Error] = []
-        for r in results {
+        var survivors: [Int] = []
+        for (rank, r) in results.enumerated() {
             switch r {
-            case .success(let b): boundaries.append(b)
-            case .failure(let e): errors.append(e)
+            case .success(let b):
+                boundaries.append(b)
+                survivors.append(rank)
+            case .failure(let e):
+                errors.append(e)
+                if Self.isSecondary(e) && !outcomes.wasAbandoned(rank) { survivors.append(rank) }
             case nil: errors.append(ReplicaError("a replica ended without a result"))
             }
         }
-        // The first replica to fail says why (the others fail because it did).
-        if let first = errors.first(where: { !($0 is ReplicaError) }) ?? errors.first { throw first }
+        // The group fails as its cause: a lost replica first (the coordinator then fails over,
+        // to the survivors), then a replica's own job error, never the others' echoes of it.
+        if !errors.isEmpty {
+            survivorRanks = isRemote ? survivors : nil
+            throw errors.first(where: Self.isLost) ?? errors.first(where: { !Self.isSecondary($0) }) ?? errors[0]
+        }
         _ = job
         let shape = boundaries[0].inputs
         let whole = Boundary(inputs: shape.makeSibling(), targets: hasTargets ? shape.makeSibling() : nil)
@@ -132,13 +173,34 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
         return whole
     }
 
+    /// After the first failure: abandons, `graceSeconds` later, the replicas still busy.
+    private func failed(_ outcomes: Outcomes, watchdog: DispatchSemaphore) {
+        guard outcomes.markFailed() else { return }
+        Thread.detachNewThread { [self] in
+            if watchdog.wait(timeout: .now() + graceSeconds) == .timedOut {
+                for (rank, m) in members.enumerated() where !outcomes.isDone(rank) { m.abandon() }
+            }
+        }
+    }
+
     /// Each replica's result, set from its own thread.
     final class Outcomes: @unchecked Sendable {
         private let lock = NSLock()
         private var values: [Result<Boundary, Error>?]
         init(count: Int) { values = Array(repeating: nil, count: count) }
+        private var failed = false
+        private var abandoned = Set<Int>()
         func set(_ i: Int, _ r: Result<Boundary, Error>) { lock.lock(); values[i] = r; lock.unlock() }
         var all: [Result<Boundary, Error>?] { lock.lock(); defer { lock.unlock() }; return values }
+        /// True for the first failure only.
+        func markFailed() -> Bool { lock.lock(); defer { lock.unlock() }; let first = !failed; failed = true; return first }
+        /// Whether replica i has its result; one that has not is marked abandoned.
+        func isDone(_ i: Int) -> Bool {
+            lock.lock(); defer { lock.unlock() }
+            if values[i] == nil { abandoned.insert(i); return false }
+            return true
+        }
+        func wasAbandoned(_ i: Int) -> Bool { lock.lock(); defer { lock.unlock() }; return abandoned.contains(i) }
     }
 
     final class Counter: @unchecked Sendable {
