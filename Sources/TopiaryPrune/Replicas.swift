@@ -218,7 +218,7 @@ public enum ReplicaWork {
     }
 
     /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.
-    static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool) -> Double {
+    public static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool) -> Double {
         let r = Double(rows), c = Double(cols)
         var f = 6 * r * c * c                              // the three quadratic forms of the report
         if statistics { f += Double(tokens) * c * c }      // the Hessian's syrk

@@ -171,16 +171,31 @@ public final class Coordinator {
         self.runDirectory = runDirectory
     }
 
-    /// Block costs for planning: parameters × calibration tokens.
+    /// Modelled FLOPs of each block for planning: a block the job prunes costs its dense and pruned
+    /// forward passes (2 x linear MACs x calibration tokens each) plus, per linear, the statistics,
+    /// the method's solve and the error report (`ReplicaWork.cost`); a block only run (outside
+    /// `--layers`) costs one forward pass.
     public func blockCosts() -> [Double] {
         let c = model.config
-        let perBlock = Double(c.family.linearMACsPerToken(c))
-        return Array(repeating: perBlock * Double(job.samples * job.sequenceLength), count: c.layerCount)
+        let tokens = job.samples * job.sequenceLength
+        let forward = 2 * Double(c.family.linearMACsPerToken(c)) * Double(tokens)
+        return (0..<c.layerCount).map { i in
+            guard job.prunes(i) else { return forward }
+            let linears = Set(c.family.linears(c, block: i))
+            let solve = c.family.blockTensors(c, block: i).reduce(0.0) { sum, spec in
+                guard spec.name.hasSuffix(".weight"), linears.contains(String(spec.name.dropLast(".weight".count))) else { return sum }
+                return sum + ReplicaWork.cost(rows: spec.rows, cols: spec.cols, tokens: tokens, method: job.plan.method, statistics: true)
+            }
+            return 2 * forward + solve
+        }
     }
+
+    /// How many machines each worker link is: a stage of R replicas counts as R.
+    public var capacities: [Double] { workers.map { Double(($0 as? ReplicaGroup)?.members.count ?? 1) } }
 
     /// Ranges over the workers by cost: a stage of R replicas counts as R machines.
     public func plan() -> [Range<Int>] {
-        fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), capacities: workers.map { Double(($0 as? ReplicaGroup)?.members.count ?? 1) })
+        fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), capacities: capacities)
     }
 
     func event(_ event: RunEvent) throws { try runDirectory?.events.append(event) }

@@ -96,13 +96,17 @@ public final class PruneRun {
         partitions = coordinator.plan()
         // Process ids are listed per worker process, in link order (a stage's replicas together).
         var next = 0
+        let costs = coordinator.blockCosts()
         plan = zip(partitions, r.workers).map { range, link in
             let members = (link as? ReplicaGroup)?.members.map(\.name)
             let count = members?.count ?? 1
             let pids = (next..<(next + count)).map { $0 < r.workerPIDs.count ? Int(r.workerPIDs[$0]) : nil }
             next += count
-            return PlanEntry(first: range.lowerBound, last: range.upperBound - 1, worker: link.name, pid: pids[0],
-                             replicas: members, replicaPIDs: members != nil && pids.allSatisfy({ $0 != nil }) ? pids.map { $0! } : nil)
+            var entry = PlanEntry(first: range.lowerBound, last: range.upperBound - 1, worker: link.name, pid: pids[0],
+                                  replicas: members, replicaPIDs: members != nil && pids.allSatisfy({ $0 != nil }) ? pids.map { $0! } : nil)
+            entry.modelledFLOPs = range.reduce(0.0) { $0 + costs[$1] }
+            entry.machines = count
+            return entry
         }
         switch r.start {
         case .new(var manifest):

@@ -14,6 +14,9 @@ public struct PlanEntry: Codable, Equatable, Sendable {
     /// `--replicas`: the stage's replicas, in rank order ("worker@host:port"), and their process ids.
     public var replicas: [String]?
     public var replicaPIDs: [Int]?
+    /// Why the planner chose this range: its modelled FLOPs, and the machines that share it.
+    public var modelledFLOPs: Double?
+    public var machines: Int?
 
     public init(first: Int, last: Int, worker: String, pid: Int? = nil, replicas: [String]? = nil, replicaPIDs: [Int]? = nil) {
         self.first = first
@@ -28,7 +31,7 @@ public struct PlanEntry: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case first, last, worker, pid, replicas
-        case replicaPIDs = "replica_pids"
+        case replicaPIDs = "replica_pids", modelledFLOPs = "modelled_flops", machines
     }
 }
 
