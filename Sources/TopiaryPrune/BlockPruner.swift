@@ -292,7 +292,8 @@ public struct BlockPruner: Sendable {
                 for name in result.weights.keys { jointSeconds[name] = seconds }
             }
         }
-        for name in block.linearNames where owns(keys[name] ?? name) {
+        let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
+        for name in block.linearNames where owns(keys[name] ?? name) && !split.contains(name) {
             let t0 = Date()
             let weight = device.weight(name)
             guard let st = stats[keys[name] ?? name] else {
@@ -323,8 +324,25 @@ public struct BlockPruner: Sendable {
             errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
         }
         if let exchange, role.count > 1 {
+            // The largest linears: every replica solves its share of the rows.
+            for name in split {
+                let t0 = Date()
+                let key = keys[name] ?? name
+                let owner = owners[key] ?? 0
+                let weight = device.weight(name)
+                let solved = try solveSharedRows(exchange, block: block.index, name: name, weight: weight, owner: owner,
+                                                 hessian: owner == role.rank ? stats[key]?.hessianTensor : nil)
+                prunedWeights[name] = solved
+                solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols) / Double(role.count)
+                if owner == role.rank, let st = stats[key] {
+                    let errorStart = Date()
+                    linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: Date().timeIntervalSince(t0)))
+                    errorSeconds += Date().timeIntervalSince(errorStart)
+                    errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
+                }
+            }
             // Every replica needs the whole pruned block for its windows; replica 0 the reports.
-            try shareSolves(exchange, block: block, keys: keys, owners: owners, prunedWeights: &prunedWeights, linears: &linears,
+            try shareSolves(exchange, block: block, keys: keys, owners: owners, split: Set(split), prunedWeights: &prunedWeights, linears: &linears,
                             tokensSeen: &tokensSeen, sparseLLM: &jointReports, chosen: &jointChosen, besa: &besaSummary)
         }
         do {
@@ -399,12 +417,12 @@ public struct BlockPruner: Sendable {
     /// Hands every pruned weight from its owner to the other replicas, and the reports to
     /// replica 0, which lists the linears in the block's order as one process does.
     func shareSolves(_ exchange: any ReplicaExchange, block: DecoderBlock, keys: [String: String], owners: [String: Int],
-                     prunedWeights: inout [String: Tensor], linears: inout [LinearReport], tokensSeen: inout [String: Int],
+                     split: Set<String>, prunedWeights: inout [String: Tensor], linears: inout [LinearReport], tokensSeen: inout [String: Int],
                      sparseLLM: inout [SparseLLM.IterationReport]?, chosen: inout Int?, besa: inout BESA.Summary?) throws {
         let role = exchange.role
         let order = block.linearNames
         func owner(_ name: String) -> Int { owners[keys[name] ?? name] ?? 0 }
-        for name in order where owner(name) == role.rank {
+        for name in order where owner(name) == role.rank && !split.contains(name) {
             guard let w = prunedWeights[name] else { throw PruneError.shape("block \(block.index): \(name) was not solved") }
             let m = backend.download(w)
             for r in 0..<role.count where r != role.rank {
@@ -416,7 +434,7 @@ public struct BlockPruner: Sendable {
             try exchange.send(ReplicaKey(block: block.index, kind: .report, name: "summary", index: role.rank),
                               .bytes(Array(try JSONEncoder().encode(summary))), to: 0)
         }
-        for name in order where owner(name) != role.rank {
+        for name in order where owner(name) != role.rank && !split.contains(name) {
             let expected = block.tensors[name + ".weight"].map { ($0.rows, $0.cols) }
             guard case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: .weight, name: name)),
                   expected.map({ $0 == (m.rows, m.cols) }) ?? false else {
@@ -437,6 +455,74 @@ public struct BlockPruner: Sendable {
             if summary.besa != nil { besa = summary.besa }
         }
         linears = order.compactMap { byName[$0] }
+    }
+
+    /// SparseGPT on a linear whose rows the replicas share. The owner (who has H) prepares the
+    /// weight and U and hands each replica U and its rows; every replica runs the column loop on
+    /// its rows, the owner choosing each column block's threshold over all rows' scores (the
+    /// k-th smallest value does not depend on the order they arrive in); the pruned rows go to
+    /// every replica. Each row's result depends only on that row, U and the threshold: the bits
+    /// of one process's solve.
+    func solveSharedRows(_ exchange: any ReplicaExchange, block: Int, name: String, weight: Tensor, owner: Int,
+                         hessian: Tensor?) throws -> Tensor {
+        let role = exchange.role
+        let rows = weight.rows, cols = weight.cols
+        let mine = ReplicaWork.rowRange(role.rank, of: role.count, rows: rows)
+        func key(_ kind: ReplicaKey.Kind, _ index: Int = 0) -> ReplicaKey { ReplicaKey(block: block, kind: kind, name: name, index: index) }
+        func matrix(_ kind: ReplicaKey.Kind, _ index: Int = 0, rows r: Int, cols c: Int) throws -> Matrix {
+            guard case .matrix(let m) = try exchange.receive(key(kind, index)), m.rows == r, m.cols == c else {
+                throw ReplicaError("block \(block): \(name): \(kind) \(index) from replica \(owner) is missing or not \(r)x\(c)")
+            }
+            return m
+        }
+        let u: Tensor, w: Tensor
+        if role.rank == owner {
+            guard let hessian else { throw PruneError.shape("block \(block): no statistics collected for \(name)") }
+            let (prepared, factor) = try SparseGPTPruner.prepare(weight, hessian: hessian, options: plan.sparseGPT, what: name, on: backend)
+            let hostFactor = backend.download(factor)
+            for r in 0..<role.count where r != role.rank {
+                try exchange.send(key(.inverseFactor), .matrix(hostFactor), to: r)
+                let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+                try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
+            }
+            u = factor
+            w = backend.copy(prepared.region(rows: mine))
+        } else {
+            u = backend.upload(try matrix(.inverseFactor, rows: cols, cols: cols))
+            w = backend.upload(try matrix(.rows, role.rank, rows: mine.count, cols: cols))
+        }
+        var columnBlock = 0
+        let threshold: (Tensor, Int) throws -> Float = { scores, k in
+            defer { columnBlock += 1 }
+            if role.rank != owner {
+                try exchange.send(key(.scores, columnBlock * role.count + role.rank), .matrix(self.backend.download(scores)), to: owner)
+                guard case .bytes(let b) = try exchange.receive(key(.threshold, columnBlock)), let v = Self.decode(b), v.count == 1 else {
+                    throw ReplicaError("block \(block): \(name): no threshold for column block \(columnBlock)")
+                }
+                return Float(v[0])
+            }
+            var values = self.backend.download(scores).values
+            for r in 0..<role.count where r != role.rank {
+                let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+                values += try matrix(.scores, columnBlock * role.count + r, rows: range.count, cols: scores.cols).values
+            }
+            let t = values.isEmpty ? -Float.infinity : Selection.kthSmallest(&values, k)
+            for r in 0..<role.count where r != role.rank {
+                try exchange.send(key(.threshold, columnBlock), .bytes(Self.encode([Double(t)])), to: r)
+            }
+            return t
+        }
+        let solved = try SparseGPTPruner.solve(w, inverseFactor: u, pattern: plan.pattern, options: plan.sparseGPT, what: name,
+                                               totalRows: rows, threshold: threshold, on: backend).weight
+        // Every replica gets every replica's rows, and puts them together in row order.
+        let host = backend.download(solved)
+        for r in 0..<role.count where r != role.rank { try exchange.send(key(.prunedRows, role.rank), .matrix(host), to: r) }
+        var parts: [Tensor] = []
+        for r in 0..<role.count {
+            let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+            parts.append(r == role.rank ? solved : backend.upload(try matrix(.prunedRows, r, rows: range.count, cols: cols)))
+        }
+        return backend.vstack(parts)
     }
 
     /// BESA with replicas: the replica that learns the block (`learner`) gets every window's

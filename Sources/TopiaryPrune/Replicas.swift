@@ -42,6 +42,11 @@ public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
         case outputError = 5
         /// Window `index`'s block input / dense output / dense target (BESA, to replica 0).
         case blockInput = 6, denseOutput = 7, denseTarget = 8
+        /// A linear whose rows the replicas share: U of its inverse Hessian (owner to all); the
+        /// owner's prepared rows of replica `index`; a column block's scores (`index` = block x
+        /// replicas + rank, to the owner); the block's threshold (`index` = column block, to all);
+        /// replica `index`'s pruned rows (to all).
+        case inverseFactor = 9, rows = 10, scores = 11, threshold = 12, prunedRows = 13
     }
 
     public var block: Int
@@ -215,6 +220,25 @@ public enum ReplicaWork {
             for k in ks { owners[k] = r }
         }
         return owners
+    }
+
+    /// Linears whose rows all replicas share: SparseGPT's linears that alone cost more than a
+    /// replica's fair share of the block (down_proj at 70B), with at least as many rows as replicas.
+    public static func splitLinears(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String] {
+        guard replicas > 1, plan.method == .sparsegpt else { return [] }
+        let keys = BlockPruner.statisticsKeys(block.inputGroups)
+        var costs: [(String, Double, Int)] = []
+        for name in block.linearNames {
+            guard let w = block.tensors[name + ".weight"] else { continue }
+            costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name), w.rows))
+        }
+        let fair = costs.reduce(0) { $0 + $1.1 } / Double(replicas)
+        return costs.filter { $0.1 > fair && $0.2 >= replicas }.map(\.0)
+    }
+
+    /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas.
+    public static func rowRange(_ rank: Int, of count: Int, rows: Int) -> Range<Int> {
+        (rank * rows / count)..<((rank + 1) * rows / count)
     }
 
     /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.

@@ -51,6 +51,15 @@ public enum SparseGPTPruner {
                              what: String = "layer", fixedMask: Tensor? = nil, on backend: any ComputeBackend) throws -> TensorResult {
         let rows = weight.rows, cols = weight.cols
         precondition(fixedMask.map { $0.rows == rows && $0.cols == cols } ?? true, "\(what): fixed mask does not match the weight's shape")
+        let (w, u) = try prepare(weight, hessian: hessian, options: options, what: what, on: backend)
+        return try solve(w, inverseFactor: u, pattern: pattern, options: options, what: what, fixedMask: fixedMask, on: backend)
+    }
+
+    /// The first step: a copy of `weight` with its dead inputs (never active in calibration)
+    /// zeroed, and the upper Cholesky factor U of the inverse of the damped Hessian.
+    public static func prepare(_ weight: Tensor, hessian: Tensor, options: Options = Options(), what: String = "layer",
+                               on backend: any ComputeBackend) throws -> (weight: Tensor, inverseFactor: Tensor) {
+        let cols = weight.cols
         guard hessian.rows == cols && hessian.cols == cols else {
             throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(hessian.cols), expected \(cols)x\(cols)")
         }
@@ -60,14 +69,24 @@ public enum SparseGPTPruner {
         backend.zeroDeadInputs(hessian: h, weight: w)
         let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
         backend.addToDiagonal(h, damp)
-        let u: Tensor
         do {
             let hinv = try backend.inverseSPD(h, what: "\(what): damped Hessian")
-            u = try backend.cholesky(hinv, upper: true, what: "\(what): inverse Hessian")
+            return (w, try backend.cholesky(hinv, upper: true, what: "\(what): inverse Hessian"))
         } catch {
             throw PruneError.numerical("\(error)")
         }
+    }
 
+    /// The column loop on `w` (modified in place and returned) given U. Each row's result depends
+    /// only on that row, U and the mask, so rows may be solved apart (replicas) as long as the
+    /// unstructured mask's threshold is the whole layer's: `threshold(scores, k)`, when given,
+    /// returns the k-th smallest score of the column block over all rows (this `w` holds some of
+    /// them); without it, `w` is the whole layer.
+    public static func solve(_ w: Tensor, inverseFactor u: Tensor, pattern: SparsityPattern, options: Options = Options(),
+                             what: String = "layer", fixedMask: Tensor? = nil, totalRows: Int? = nil,
+                             threshold: ((_ scores: Tensor, _ k: Int) throws -> Float)? = nil,
+                             on backend: any ComputeBackend) throws -> TensorResult {
+        let rows = w.rows, cols = w.cols
         var loss = 0.0
         var i1 = 0
         while i1 < cols {
@@ -83,7 +102,14 @@ public enum SparseGPTPruner {
             } else if case .unstructured(let s) = pattern {
                 // Adaptive mask: the block's smallest w²/d², chosen once at block start.
                 let scores = backend.divideColumns(backend.map(wBlock, .square), by: backend.map(backend.diagonal(uBlock), .square))
-                mask = backend.selectAtMostKthSmallest(scores, k: Int(Double(rows * block.count) * s))
+                let k = Int(Double((totalRows ?? rows) * block.count) * s)
+                if let threshold {
+                    let t = try threshold(scores, k)
+                    let host = backend.download(scores)
+                    mask = backend.upload(Matrix(rows: host.rows, cols: host.cols, values: host.values.map { $0 <= t ? 1 : 0 }))
+                } else {
+                    mask = backend.selectAtMostKthSmallest(scores, k: k)
+                }
             } else {
                 // N:M: chosen group by group inside the column loop, from the updated weights.
                 mask = backend.zeros(rows: rows, cols: block.count)

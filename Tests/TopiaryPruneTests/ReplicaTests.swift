@@ -124,6 +124,13 @@ final class ReplicaTests: XCTestCase {
         }
         let besa = ReplicaWork.owners(block: block, plan: PrunePlan(method: .besa, pattern: .unstructured(0.5)), tokens: 4096, replicas: 4)
         XCTAssertEqual(Set(besa.values), [0])
+        // SparseGPT's largest linear is solved by all replicas, rows split; so the equality tests
+        // above go through the shared-rows solve (down_proj here).
+        let split = ReplicaWork.splitLinears(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), tokens: 80, replicas: 2)
+        XCTAssertEqual(split.map { $0.components(separatedBy: ".").last! }, ["down_proj"])
+        XCTAssertEqual(ReplicaWork.splitLinears(block: block, plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)), tokens: 80, replicas: 2), [])
+        XCTAssertEqual(ReplicaWork.rowRange(2, of: 3, rows: 10), 6..<10)
+        XCTAssertEqual((0..<3).map { ReplicaWork.rowRange($0, of: 3, rows: 10).count }.reduce(0, +), 10)
     }
 
     func testAFailingReplicaFailsTheOthersInsteadOfLeavingThemWaiting() throws {
