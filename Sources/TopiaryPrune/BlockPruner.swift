@@ -54,6 +54,8 @@ public struct LinearReport: Sendable, Codable {
     /// ‖(W − Ŵ)X‖² / ‖WX‖² of the final weights.
     public var errorAfter: Double
     public var seconds: Double
+    /// The rows both errors were measured on, when not all of them (`BlockPruner.errorRows`).
+    public var errorRows: Int? = nil
 }
 
 /// What happened to one block.
@@ -321,7 +323,7 @@ public struct BlockPruner: Sendable {
             linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: seconds))
             errorSeconds += Date().timeIntervalSince(errorStart)
             // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
-            errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
+            errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
         }
         if let exchange, role.count > 1 {
             // The largest linears: every replica solves its share of the rows.
@@ -338,7 +340,7 @@ public struct BlockPruner: Sendable {
                     let errorStart = Date()
                     linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: Date().timeIntervalSince(t0)))
                     errorSeconds += Date().timeIntervalSince(errorStart)
-                    errorFLOPs += 3 * (2 * Double(weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
+                    errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
                 }
             }
             // Every replica needs the whole pruned block for its windows; replica 0 the reports.
@@ -577,20 +579,35 @@ public struct BlockPruner: Sendable {
         stores.reduce(0) { $0 + ($1?.spillSeconds ?? 0) }
     }
 
+    /// Above this many FLOPs per quadratic form (rows x columns², 2^34: a 4096 x 4096 linear), the
+    /// errors are measured on `errorRowSample` rows spread evenly over the layer instead of all of
+    /// them: at 70B, three exact forms per linear cost more than the SparseGPT solve itself.
+    public static let exactErrorFLOPs = Double(1 << 34)
+    public static let errorRowSample = 512
+
+    /// The rows a linear's errors are measured on: nil for all of them.
+    public static func errorRows(rows: Int, cols: Int) -> [Int]? {
+        guard Double(rows) * Double(cols) * Double(cols) > exactErrorFLOPs, rows > errorRowSample else { return nil }
+        return (0..<errorRowSample).map { $0 * rows / errorRowSample }
+    }
+
     /// The errors of one linear's mask and of its final weights, on the backend of `stats`.
-    static func report(name: String, dense w: Tensor, pruned: Tensor, stats: LayerStatistics, seconds: Double) -> LinearReport {
+    static func report(name: String, dense full: Tensor, pruned fullPruned: Tensor, stats: LayerStatistics, seconds: Double) -> LinearReport {
         let backend = stats.backend
+        let kept = backend.map(fullPruned, .nonZero)
+        let zeros = Double(full.count) - backend.sum(kept)
+        let sample = errorRows(rows: full.rows, cols: full.cols)
+        let w = sample.map { backend.gatherRows(full, $0) } ?? full
+        let pruned = sample.map { backend.gatherRows(fullPruned, $0) } ?? fullPruned
         let reference = stats.quadraticForm(w)
-        let kept = backend.map(pruned, .nonZero)
         let maskOnly = backend.copy(w)                  // W − W⊙M: the removed weights
-        backend.zeroMasked(maskOnly, mask: kept)
+        backend.zeroMasked(maskOnly, mask: sample.map { backend.gatherRows(kept, $0) } ?? kept)
         let delta = backend.copy(w)                     // W − Ŵ
         backend.axpy(-1, pruned, delta)
         let denom = reference > 0 ? reference : 1
-        let zeros = Double(w.count) - backend.sum(kept)
-        return LinearReport(name: name, rows: w.rows, columns: w.cols,
-                            sparsity: zeros / Double(w.count),
+        return LinearReport(name: name, rows: full.rows, columns: full.cols,
+                            sparsity: zeros / Double(full.count),
                             errorBefore: stats.quadraticForm(maskOnly) / denom,
-                            errorAfter: stats.quadraticForm(delta) / denom, seconds: seconds)
+                            errorAfter: stats.quadraticForm(delta) / denom, seconds: seconds, errorRows: sample?.count)
     }
 }
