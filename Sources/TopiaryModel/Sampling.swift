@@ -177,59 +177,68 @@ public struct TemperatureSchedule: Sendable, Equatable {
 
 extension Generation {
     /// Samples `sequences` sequences of `length` tokens each, starting from `start` (the first
-    /// token of every sequence), with a KV cache: one forward step per position for all sequences
-    /// together. Token i (1-based after the start token) is drawn from softmax(logits / T) with
-    /// T = schedule.temperature(i-1, of: length-1): probabilities exp((l - max)/T) in Double,
-    /// summed in vocabulary order, the first token whose running sum exceeds u·total, where u is
-    /// the next `SplitMix64(seed)` number; the draws go step by step, sequence by sequence. The
-    /// end-of-sequence token is sampled like any other, and sampling continues after it.
-    /// The whole model is in memory while sampling.
+    /// token of every sequence), with a KV cache: `batch` sequences at a time (sequences
+    /// b·batch ..< (b+1)·batch together, one forward step per position), so the cache holds
+    /// batch x length positions per block. Sequence s draws from its own generator,
+    /// SplitMix64(seed: the s-th output of SplitMix64(seed)). Token i (1-based after the start
+    /// token) is drawn from softmax(logits / T) with T = schedule.temperature(i-1, of: length-1):
+    /// probabilities exp((l - max)/T) in Double, summed in vocabulary order, the first token whose
+    /// running sum exceeds u·total, u the sequence's next number in [0, 1). The end-of-sequence
+    /// token is sampled like any other, and sampling continues after it. The whole model is in
+    /// memory while sampling. The same arguments give the same tokens on any thread count.
     public static func sample(model: LanguageModel, sequences: Int, length: Int, start: Int, schedule: TemperatureSchedule, seed: UInt64,
-                              backend: any ComputeBackend = ComputeDevices.defaultBackend,
+                              batch: Int = 16, backend: any ComputeBackend = ComputeDevices.defaultBackend,
                               progress: ((_ done: Int, _ total: Int) -> Void)? = nil) throws -> [[Int]] {
         let c = model.config
-        precondition(sequences > 0 && length > 0, "sample: \(sequences) sequences of \(length)")
+        precondition(sequences > 0 && length > 0 && batch > 0, "sample: \(sequences) sequences of \(length), batches of \(batch)")
         guard length <= c.maxPositions else {
             throw EvaluationError.windowTooLong(sequenceLength: length, context: c.maxPositions, path: model.path)
         }
         guard start >= 0 && start < c.vocabularySize else { throw EvaluationError.tokenOutOfRange(id: start, vocabulary: c.vocabularySize) }
         var ids = [[Int]](repeating: [start], count: sequences)
         if length == 1 { return ids }
+        var root = SplitMix64(seed: seed)
+        var generators = (0..<sequences).map { _ in SplitMix64(seed: root.next()) }
         let embedding = try model.loadEmbedding()
         let blocks = try (0..<c.layerCount).map { try model.loadBlock($0).on(backend) }
         let head = try model.loadHead(embedding: embedding)
-        let cache = KVCache(config: c, sequences: sequences, capacity: length - 1)
-        var random = SplitMix64(seed: seed)
         var weights = [Double](repeating: 0, count: c.vocabularySize)
-        for step in 0..<(length - 1) {
-            var x = embedding.embed(ids.map { $0[step] }, position: step, on: backend)
-            for b in blocks { x = b.decode(x, cache: cache) }
-            cache.advance()
-            let logits = head.logits(x, rows: 0..<sequences, on: backend)
-            let temperature = schedule.temperature(step, of: length - 1)
-            logits.withUnsafeBufferPointer { p in
-                let v = logits.cols
-                for s in 0..<sequences {
-                    let row = p.baseAddress! + s * v
-                    var top = row[0]
-                    for j in 1..<v where row[j] > top { top = row[j] }
-                    var total = 0.0
-                    for j in 0..<v {
-                        let w = row[j].isFinite ? exp(Double(row[j] - top) / temperature) : 0
-                        weights[j] = w
-                        total += w
+        let steps = length - 1
+        var done = 0
+        for first in stride(from: 0, to: sequences, by: batch) {
+            let members = first..<min(first + batch, sequences)
+            let cache = KVCache(config: c, sequences: members.count, capacity: steps)
+            for step in 0..<steps {
+                var x = embedding.embed(members.map { ids[$0][step] }, position: step, on: backend)
+                for b in blocks { x = b.decode(x, cache: cache) }
+                cache.advance()
+                let logits = head.logits(x, rows: 0..<members.count, on: backend)
+                let temperature = schedule.temperature(step, of: steps)
+                logits.withUnsafeBufferPointer { p in
+                    let v = logits.cols
+                    for (r, s) in members.enumerated() {
+                        let row = p.baseAddress! + r * v
+                        var top = row[0]
+                        for j in 1..<v where row[j] > top { top = row[j] }
+                        var total = 0.0
+                        for j in 0..<v {
+                            let w = row[j].isFinite ? exp(Double(row[j] - top) / temperature) : 0
+                            weights[j] = w
+                            total += w
+                        }
+                        let threshold = generators[s].nextUnit() * total
+                        var chosen = -1, running = 0.0
+                        for j in 0..<v where weights[j] > 0 {
+                            running += weights[j]
+                            chosen = j
+                            if running > threshold { break }
+                        }
+                        ids[s].append(max(chosen, 0))
                     }
-                    let threshold = random.nextUnit() * total
-                    var chosen = -1, running = 0.0
-                    for j in 0..<v where weights[j] > 0 {
-                        running += weights[j]
-                        chosen = j
-                        if running > threshold { break }
-                    }
-                    ids[s].append(max(chosen, 0))
                 }
+                done += members.count
+                progress?(done, sequences * steps)
             }
-            progress?(step + 1, length - 1)
         }
         return ids
     }

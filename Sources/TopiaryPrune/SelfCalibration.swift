@@ -17,6 +17,10 @@ public enum SelfCalibration {
     /// our choice: high at the start, for diverse openings, low at the end, for fluent text.
     public static let schedule = TemperatureSchedule(initial: 2.0, final: 0.6)
 
+    /// Sequences sampled together (their KV caches together): bounds the cache to 16 x L
+    /// positions per block. Part of the result (GEMM row counts), so fixed, and recorded.
+    public static let batch = 16
+
     /// `generate:N[:L]` as given to --calib.
     public struct Spec: Equatable, Sendable {
         public var samples: Int
@@ -85,7 +89,7 @@ public enum SelfCalibration {
         /// The settings as report.json and the cache record them.
         public var json: [String: Any] {
             ["source": "generate", "samples": samples, "seqlen": sequenceLength, "seed": seed, "start_token": startToken,
-             "schedule": scheduleJSON, "rng": "splitmix64", "sampling": "softmax(logits / T), full-precision logits",
+             "schedule": scheduleJSON, "rng": "splitmix64 per sequence", "batch": SelfCalibration.batch, "sampling": "softmax(logits / T), full-precision logits",
              "model_fingerprint": model]
         }
 
@@ -111,7 +115,7 @@ public enum SelfCalibration {
     /// The sequences, freshly sampled.
     public static func generate(model: LanguageModel, settings s: Settings, progress: ((Int, Int) -> Void)? = nil) throws -> [[Int]] {
         try Generation.sample(model: model, sequences: s.samples, length: s.sequenceLength, start: s.startToken, schedule: s.schedule,
-                              seed: s.generatorSeed, progress: progress)
+                              seed: s.generatorSeed, batch: batch, progress: progress)
     }
 
     /// The cache's bytes: the settings and the token ids, one sequence a line.
@@ -134,6 +138,9 @@ public enum SelfCalibration {
             throw bad("not a generated-calibration cache (\(format) JSON)")
         }
         guard json["version"] as? Int == 1 else { throw bad("version \(json["version"] ?? "none") is not 1") }
+        guard json["batch"] as? Int == batch, json["rng"] as? String == "splitmix64 per sequence" else {
+            throw bad("it was sampled by another generator or batch size (batch \(json["batch"] ?? "none"), rng \(json["rng"] ?? "none"))")
+        }
         guard let samples = json["samples"] as? Int, let length = json["seqlen"] as? Int, let seed = json["seed"] as? Int,
               let start = json["start_token"] as? Int, let model = json["model_fingerprint"] as? String,
               let schedule = json["schedule"] as? [String: Any], schedule["kind"] as? String == "linear",

@@ -33,12 +33,12 @@ enum PruneCommand: Command {
     N sequences of L tokens (default --calib-seqlen) sampled from the model being pruned, each
     starting from its BOS token, sampling after the EOS token continuing like any other; token i
     of the L-1 sampled is drawn from softmax(logits/T) with T moving linearly from 2.0 to 0.6 (our
-    choice), by SplitMix64 seeded with --seed, with a KV cache (the whole model in memory), so the
-    same command gives the same tokens on any thread count. N replaces --calib-samples (a
-    different --calib-samples, or a --calib-seqlen other than L, is refused). Each sequence is one
-    window. The tokens and their settings are cached in the run directory
-    (calibration-generated.json); a run reuses a cache with the same settings, a resumed run
-    refuses one with others.
+    choice), by a SplitMix64 per sequence seeded from --seed, 16 sequences at a time with a KV
+    cache (the whole model in memory), so the same command gives the same tokens on any thread
+    count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
+    than L, is refused). Each sequence is one window. The tokens and their settings are cached in
+    the run directory (calibration-generated.json); a run reuses a cache with the same settings, a
+    resumed run refuses one with others.
 
     The model is pruned block by block (streaming): each block is loaded alone, run dense over the
     calibration windows to collect its linear layers' statistics (Hessian (2/n)·Σxxᵀ, input
@@ -418,7 +418,7 @@ enum PruneCommand: Command {
             let generating = Date()
             let statusLine = Console.stderrIsTerminal
             let loaded = try SelfCalibration.load(model: model, settings: settings, directory: runDir, mustMatch: resumed != nil) { done, total in
-                if statusLine { Console.status("\rsampling: token \(done + 1)/\(total + 1)   ") }
+                if statusLine { Console.status("\rsampling: \(done)/\(total) tokens   ") }
             }
             if statusLine { Console.endStatus() }
             windows = loaded.windows

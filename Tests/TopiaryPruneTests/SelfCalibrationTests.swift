@@ -59,10 +59,14 @@ final class SelfCalibrationTests: XCTestCase {
         XCTAssertNotEqual(a[0], a[1], "the sequences of one run differ")
         let other = try SelfCalibration.generate(model: model, settings: settings(model, seed: 1))
         XCTAssertNotEqual(a, other)
-        // Fewer sequences: the draws go step by step over all sequences, so they are other tokens,
-        // but still reproducible.
-        XCTAssertEqual(try SelfCalibration.generate(model: model, settings: settings(model, samples: 1)),
-                       try SelfCalibration.generate(model: model, settings: settings(model, samples: 1)))
+        // More sequences than one batch (16): two KV caches, still reproducible, all of L tokens.
+        let many = try SelfCalibration.generate(model: model, settings: settings(model, samples: 18, length: 8))
+        XCTAssertEqual(many, try SelfCalibration.generate(model: model, settings: settings(model, samples: 18, length: 8)))
+        XCTAssertEqual(many.count, 18)
+        XCTAssertTrue(many.allSatisfy { $0.count == 8 && $0.first == 1 })
+        // stories260K is peaky (many sequences open "Once upon a time"), but the second batch is not
+        // a copy of the first: every sequence has its own generator.
+        XCTAssertNotEqual(Array(many[16...]), Array(many[0..<2]))
     }
 
     func testTheScheduleAndTheGeneratorAreTheDocumentedOnes() {
