@@ -88,7 +88,8 @@ public final class RunDirectory: @unchecked Sendable {
             // A run that stopped between sampling its calibration (--calib generate) and writing run.json.
             if contents.allSatisfy({ $0 == lockName || $0 == generatedCalibrationName || ($0.hasPrefix(".") && $0.contains(".tmp-")) }) { return .started }
         }
-        return .foreign(contents.sorted()[0])
+        let ownFiles: Set<String> = [lockName, generatedCalibrationName]
+        return .foreign(contents.sorted().first { !ownFiles.contains($0) } ?? contents.sorted()[0])
     }
 
     /// Whether `path` can take a new run (changing nothing): refuses a directory that is not a run
