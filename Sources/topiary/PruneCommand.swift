@@ -10,7 +10,7 @@ enum PruneCommand: Command {
     static let summary = "prune a model (magnitude, wanda, sparsegpt, sparsellm, besa) and write it as a Hugging Face directory"
     static let usage = """
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
-                  --calib FILE [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
+                  --calib FILE|generate:N[:L] [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
                   [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
@@ -29,6 +29,16 @@ enum PruneCommand: Command {
     alone with the tokenizer's default special tokens, again until one has more than --calib-seqlen
     tokens; the window starts at random.randint(0, tokens - seqlen - 1). Blank lines are not
     documents; a line that is not such an object is an error naming the line.
+    --calib generate:N[:L] needs no data (self-calibration, Williams et al. 2024, arXiv 2410.17170):
+    N sequences of L tokens (default --calib-seqlen) sampled from the model being pruned, each
+    starting from its BOS token, sampling after the EOS token continuing like any other; token i
+    of the L-1 sampled is drawn from softmax(logits/T) with T moving linearly from 2.0 to 0.6 (our
+    choice), by a SplitMix64 per sequence seeded from --seed, 16 sequences at a time with a KV
+    cache (the whole model in memory), so the same command gives the same tokens on any thread
+    count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
+    than L, is refused). Each sequence is one window. The tokens and their settings are cached in
+    the run directory (calibration-generated.json); a run reuses a cache with the same settings, a
+    resumed run refuses one with others.
 
     The model is pruned block by block (streaming): each block is loaded alone, run dense over the
     calibration windows to collect its linear layers' statistics (Hessian (2/n)·Σxxᵀ, input
@@ -129,10 +139,10 @@ enum PruneCommand: Command {
         OptionSpec(name: "method", value: "NAME", help: "magnitude, wanda, sparsegpt, sparsellm or besa"),
         OptionSpec(name: "sparsity", value: "S", help: "fraction of each linear's weights to remove, in (0, 1) (0.7, not 70)"),
         OptionSpec(name: "pattern", value: "N:M", help: "remove N of every M consecutive weights of each row (e.g. 2:4; M at most 1024)"),
-        OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8), file of token ids, or JSON-lines shard (.jsonl, .jsonl.gz, .json.gz: C4, the Pile)"),
+        OptionSpec(name: "calib", value: "FILE", help: "calibration text (UTF-8), file of token ids, JSON-lines shard (.jsonl, .jsonl.gz, .json.gz: C4, the Pile), or generate:N[:L] (N sequences of L tokens sampled from the model)"),
         OptionSpec(name: "calib-samples", value: "N", help: "calibration windows, 1-65536 (default 128)"),
         OptionSpec(name: "calib-seqlen", value: "L", help: "tokens per calibration window (default 2048, or the model's context)"),
-        OptionSpec(name: "seed", value: "S", help: "seed of the window sampler (default 0)"),
+        OptionSpec(name: "seed", value: "S", help: "seed of the window sampler, or of the token sampler with --calib generate (default 0)"),
         OptionSpec(name: "output", value: "DIR", help: "new or empty directory to write the pruned model to"),
         OptionSpec(name: "overwrite", value: nil, help: "replace an output directory Topiary wrote (never one holding other files)"),
         OptionSpec(name: "layers", value: "A-B", help: "prune only blocks A..B (0-based, inclusive); the others stay dense"),
@@ -200,7 +210,18 @@ enum PruneCommand: Command {
         let pattern = try parsePattern(sparsity: args.string("sparsity"), pattern: args.string("pattern"))
         let calibPath = try args.required("calib")
         let output = try args.required("output")
-        let samples = try args.int("calib-samples", in: 1...Limits.calibSamples) ?? 128
+        // --calib generate:N[:L]: N sequences sampled from the model itself (SelfCalibration).
+        var generateSpec: SelfCalibration.Spec?
+        if SelfCalibration.isSpec(calibPath) {
+            do { generateSpec = try SelfCalibration.parse(calibPath, maxSamples: Limits.calibSamples) } catch {
+                throw UsageError(message: "topiary prune: \(error)")
+            }
+        }
+        let givenSamples = try args.int("calib-samples", in: 1...Limits.calibSamples)
+        if let generateSpec, let givenSamples, givenSamples != generateSpec.samples {
+            throw UsageError(message: "topiary prune: --calib-samples \(givenSamples) conflicts with --calib \(calibPath), which samples \(generateSpec.samples) sequences; N of generate:N[:L] is the number of calibration windows (drop --calib-samples)")
+        }
+        let samples = generateSpec?.samples ?? givenSamples ?? 128
         let seed = try args.int("seed") ?? 0
         let layers = try args.string("layers").map(parseLayers)
         let budget = try args.string("memory-budget").map(parseSize) ?? defaultMemoryBudget()
@@ -279,7 +300,7 @@ enum PruneCommand: Command {
         if runDir.isEmpty { throw UsageError(message: "topiary prune: --run-dir is empty; give a directory for the run's checkpoints") }
         // Nothing the user owns may be replaced by the output: checked before any work.
         try OutputDirectory.check(output, overwrite: overwrite, command: name, protecting: OutputDirectory.protected([
-            ("the run directory", runDir), ("the model", args.string("model")), ("the calibration file", calibPath),
+            ("the run directory", runDir), ("the model", args.string("model")), ("the calibration file", generateSpec == nil ? calibPath : nil),
             ("the tokenizer", args.string("tokenizer")), ("the evaluation text", args.string("eval-text")),
             ("the secret file", args.string("secret-file")),
         ]))
@@ -287,7 +308,26 @@ enum PruneCommand: Command {
 
         let model = try CommonOptions.openModel(args)
         let c = model.config
-        let seqlen = try args.int("calib-seqlen", in: 1...c.maxPositions) ?? min(2048, c.maxPositions)
+        let givenSeqlen = try args.int("calib-seqlen", in: 1...c.maxPositions)
+        if let length = generateSpec?.sequenceLength {
+            if let givenSeqlen, givenSeqlen != length {
+                throw UsageError(message: "topiary prune: --calib-seqlen \(givenSeqlen) conflicts with --calib \(calibPath), whose sequences have \(length) tokens (give L once)")
+            }
+            guard length <= c.maxPositions else {
+                throw UsageError(message: "topiary prune: --calib \(calibPath): L = \(length) tokens is longer than the model's context of \(c.maxPositions) positions (\(model.path))")
+            }
+        }
+        let seqlen = generateSpec?.sequenceLength ?? givenSeqlen ?? min(2048, c.maxPositions)
+        if generateSpec != nil && seqlen < 2 {
+            throw UsageError(message: "topiary prune: --calib \(calibPath) needs sequences of at least 2 tokens (BOS and one sampled token); --calib-seqlen is \(seqlen)")
+        }
+        var startToken = 0
+        if generateSpec != nil {
+            guard let bos = c.bosTokenID ?? model.tokenizer?.bosID, bos >= 0 && bos < c.vocabularySize else {
+                throw ToolError("--calib \(calibPath): \(model.path) names no BOS token to start the sampled sequences from")
+            }
+            startToken = bos
+        }
         let evalSeqlen = try args.int("eval-seqlen", in: 2...max(2, c.maxPositions)) ?? min(2048, c.maxPositions)
         if let workerCount, workerCount > c.layerCount {
             throw UsageError(message: "topiary prune: --workers \(workerCount) is more than the model's \(c.layerCount) blocks; each worker prunes a range of at least one block")
@@ -298,11 +338,16 @@ enum PruneCommand: Command {
 
         // Calibration windows: from a JSON-lines shard (C4, the Pile) as the references' C4
         // loader draws them, or from one text or token-id stream.
-        let windows: [[Int]]
+        // Sampled sequences (--calib generate) are drawn once the run directory, which caches
+        // them, is taken.
+        var windows: [[Int]] = []
         var streamTokens: [Int]?   // a text or token-id file's whole stream
         var calibrationSummary: [String: Any] = ["file": calibPath, "seed": seed]
-        if let message = DocumentShard.unsupportedCompression(calibPath) { throw ToolError(message) }
-        if DocumentShard.isShardName(calibPath) {
+        if generateSpec != nil {
+            calibrationSummary = [:]
+        } else if let message = DocumentShard.unsupportedCompression(calibPath) {
+            throw ToolError(message)
+        } else if DocumentShard.isShardName(calibPath) {
             guard let tokenizer = model.tokenizer else {
                 throw ToolError("\(calibPath): a JSON-lines shard is text and needs a tokenizer, and \(model.path) has none (pass --tokenizer)")
             }
@@ -334,8 +379,10 @@ enum PruneCommand: Command {
             calibrationSummary["tokens"] = calibTokens.count
             streamTokens = calibTokens
         }
-        calibrationSummary["samples"] = windows.count
-        calibrationSummary["seqlen"] = seqlen
+        if generateSpec == nil {
+            calibrationSummary["samples"] = windows.count
+            calibrationSummary["seqlen"] = seqlen
+        }
         var evalTokens: [Int]?
         if let evalText {
             guard let tokenizer = model.tokenizer else { throw EvaluationError.noTokenizer(path: model.path) }
@@ -351,17 +398,40 @@ enum PruneCommand: Command {
         if let layers, layers.upperBound >= c.layerCount {
             throw UsageError(message: "topiary prune: --layers \(layers.lowerBound)-\(layers.upperBound) runs past the model's \(c.layerCount) blocks (0-\(c.layerCount - 1))")
         }
-        if let bad = (streamTokens ?? Array(windows.joined())).first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
+        if generateSpec == nil, let bad = (streamTokens ?? Array(windows.joined())).first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
             throw ToolError("\(calibPath): token id \(bad) is outside the model's vocabulary of \(c.vocabularySize)")
         }
 
         let run: RunDirectory
         if let resumed {
             run = resumed.run
-            try RunSupport.checkInputs(resumed.manifest, modelPath: model.path, calibPath: calibPath, directory: runDir)
         } else {
             // New, empty or a run directory only (a finished run's is reused); locked from here on.
             run = try RunDirectory.create(path: runDir)
+        }
+        // The file whose checksum run.json records: the calibration file, or the generated cache.
+        var calibRecord = calibPath
+        if let generateSpec {
+            let settings = SelfCalibration.Settings(samples: generateSpec.samples, sequenceLength: seqlen, seed: seed, startToken: startToken,
+                                                    model: try ModelFingerprint.compute(path: model.path))
+            Console.info(String(format: "calibration: sampling %@ of %d tokens from the model (from token %d, temperature %.2f -> %.2f, seed %d), or reusing %@",
+                                counted(settings.samples, "sequence"), seqlen, startToken, settings.schedule.initial, settings.schedule.final,
+                                seed, SelfCalibration.cacheName))
+            let generating = Date()
+            let statusLine = Console.stderrIsTerminal
+            let loaded = try SelfCalibration.load(model: model, settings: settings, directory: runDir, mustMatch: resumed != nil) { done, total in
+                if statusLine { Console.status("\rsampling: \(done)/\(total) tokens   ") }
+            }
+            if statusLine { Console.endStatus() }
+            windows = loaded.windows
+            calibRecord = (runDir as NSString).appendingPathComponent(SelfCalibration.cacheName)
+            Console.info("calibration: \(loaded.origin == .cached ? "reused" : "sampled") \(counted(windows.count, "sequence")) (\(calibRecord)) in \(formatSeconds(elapsed(since: generating)))")
+            calibrationSummary = settings.json
+            calibrationSummary["cache"] = calibRecord
+            calibrationSummary["origin"] = loaded.origin.rawValue
+        }
+        if let resumed {
+            try RunSupport.checkInputs(resumed.manifest, modelPath: model.path, calibPath: calibRecord, directory: runDir)
         }
         let store = run.store
         var sparseLLM: SparseLLM.Options?
@@ -389,7 +459,7 @@ enum PruneCommand: Command {
             model: model, job: job, coordination: coordination, rounds: rounds, rho: rho, tolerance: tolerance,
             workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
             start: try resumed.map { .resume($0.manifest) }
-                ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibPath, plan: [])))
+                ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibRecord, plan: [])))
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions

@@ -1,6 +1,7 @@
 import Foundation
 import TopiaryCluster
 import TopiaryModel
+import TopiaryPrune
 
 /// Exit code of a run stopped by SIGTERM or SIGINT: its run directory can be resumed
 /// (`topiary prune --resume DIR`). EX_TEMPFAIL of sysexits.h.
@@ -19,7 +20,7 @@ enum RunSupport {
     static let pathOptions: Set<String> = ["model", "tokenizer", "calib", "output", "eval-text", "secret-file", "run-dir"]
 
     static func absolute(_ name: String, _ value: String) -> String {
-        guard pathOptions.contains(name), !value.hasPrefix("/") else { return value }
+        guard pathOptions.contains(name), !value.hasPrefix("/"), !(name == "calib" && SelfCalibration.isSpec(value)) else { return value }
         return URL(fileURLWithPath: value).standardizedFileURL.path
     }
 

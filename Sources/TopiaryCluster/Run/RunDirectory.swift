@@ -43,6 +43,8 @@ public final class RunDirectory: @unchecked Sendable {
     public var manifestPath: String { Self.join(path, "run.json") }
     public var boundariesPath: String { Self.join(path, "boundaries") }
     public var reportPath: String { Self.join(path, "report.json") }
+    /// The calibration sampled from the model (--calib generate), kept across runs in this directory.
+    public static let generatedCalibrationName = "calibration-generated.json"
     var activationsDirectory: String { Self.join(path, "activations") }
 
     static func join(_ a: String, _ b: String) -> String { (a as NSString).appendingPathComponent(b) }
@@ -83,8 +85,11 @@ public final class RunDirectory: @unchecked Sendable {
             let lock = join(path, lockName)
             let size = (try? FileManager.default.attributesOfItem(atPath: lock)[.size] as? Int) ?? nil
             if Lock.holder(lock) != nil || size == 0 { return .started }
+            // A run that stopped between sampling its calibration (--calib generate) and writing run.json.
+            if contents.allSatisfy({ $0 == lockName || $0 == generatedCalibrationName || ($0.hasPrefix(".") && $0.contains(".tmp-")) }) { return .started }
         }
-        return .foreign(contents.sorted()[0])
+        let ownFiles: Set<String> = [lockName, generatedCalibrationName]
+        return .foreign(contents.sorted().first { !ownFiles.contains($0) } ?? contents.sorted()[0])
     }
 
     /// Whether `path` can take a new run (changing nothing): refuses a directory that is not a run

@@ -37,6 +37,10 @@ struct AttentionLayer {
             q = headNorm(b, q, prefix + "self_attn.q_norm.weight")
             k = headNorm(b, k, prefix + "self_attn.k_norm.weight")
         }
+        if let cache = pass.cache {
+            // One new token per sequence: rotated at the cache's position, attending to the cache.
+            return b.apply(o, cache.attend(b, q: q, k: k, v: v, options: options(c)), pass.observer)
+        }
         if let rope = pass.rope {
             b.applyRope(q, heads: c.headCount, sequenceLength: pass.sequenceLength, rope: rope)
             b.applyRope(k, heads: c.kvHeadCount, sequenceLength: pass.sequenceLength, rope: rope)

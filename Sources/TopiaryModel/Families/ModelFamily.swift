@@ -69,6 +69,9 @@ public struct BlockPass {
     public var expertCalibration: ExpertCalibration = .routed
     public var recording = false
     public var tape: BlockTape
+    /// Incremental decoding (`DeviceBlock.decode`): each row is one sequence's next token, its
+    /// attention reads and extends this cache instead of attending within the rows.
+    var cache: KVCache?
 
     public init(sequenceLength: Int, rope: Kernels.RopeTable?, observer: LinearObserver? = nil, recording: Bool = false,
                 backend: any ComputeBackend) {
