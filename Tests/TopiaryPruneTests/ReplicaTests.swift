@@ -147,3 +147,17 @@ final class ReplicaTests: XCTestCase {
         }
     }
 }
+
+/// The per-linear error report measures large linears on a spread of rows, small ones on all.
+final class ErrorReportRowsTests: XCTestCase {
+    func testLargeLinearsAreMeasuredOnASpreadOfRowsAndSmallOnesOnAll() throws {
+        XCTAssertNil(BlockPruner.errorRows(rows: 576, cols: 1536), "SmolLM2's largest linear is measured exactly")
+        XCTAssertNil(BlockPruner.errorRows(rows: 4096, cols: 2048))
+        let rows = try XCTUnwrap(BlockPruner.errorRows(rows: 8192, cols: 28672))
+        XCTAssertEqual(rows.count, BlockPruner.errorRowSample)
+        XCTAssertEqual(rows.first, 0)
+        XCTAssertEqual(rows.last, 8192 - 16)
+        XCTAssertEqual(Set(rows).count, rows.count)
+        XCTAssertTrue(zip(rows, rows.dropFirst()).allSatisfy { $1 - $0 == 16 }, "evenly spread")
+    }
+}
