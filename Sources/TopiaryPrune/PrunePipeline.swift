@@ -144,7 +144,6 @@ public struct RangePruner: Sendable {
     /// Returns the boundary after the range.
     public func run(_ range: Range<Int>, from start: Boundary,
                     onBlock: (_ index: Int, _ pruned: DecoderBlock?, _ report: BlockReport?) throws -> Void) throws -> Boundary {
-        let pruner = BlockPruner(plan: job.plan, backend: backend, exchange: exchange)
         let rope = model.config.ropeTable(positions: job.sequenceLength)
         var boundary = start
         for i in range {
@@ -152,6 +151,7 @@ public struct RangePruner: Sendable {
             let block = try model.loadBlock(i)
             let loadSeconds = Date().timeIntervalSince(loadStart)
             if job.prunes(i) {
+                let pruner = BlockPruner(plan: job.plan.forBlock(i), backend: backend, exchange: exchange)
                 let (pruned, outputs, prunedReport) = try pruner.prune(block: block, inputs: boundary.inputs, targets: boundary.targets,
                                                                  sequenceLength: job.sequenceLength)
                 var report = prunedReport

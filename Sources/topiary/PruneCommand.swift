@@ -160,6 +160,9 @@ enum PruneCommand: Command {
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
+        OptionSpec(name: "allocation", value: "MODE", help: "sparsity per block: uniform (default) or owl (outlier-weighted, Yin et al. 2024; unstructured only)"),
+        OptionSpec(name: "owl-m", value: "M", help: "OWL: a weight is an outlier above M times its linear's mean Wanda score (default 5)"),
+        OptionSpec(name: "owl-lambda", value: "L", help: "OWL: block sparsities within ±L of the target (default 0.08)"),
         OptionSpec(name: "moe-calibration", value: "MODE", help: "mixture of experts: routed (default; each expert's tokens) or all (every token through every expert)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them (at most the blocks)"),
@@ -245,6 +248,20 @@ enum PruneCommand: Command {
             throw UsageError(message: "topiary prune: --targets applies to --method sparsellm or besa only")
         }
         var expertCalibration: ExpertCalibration?
+        let allocationName = args.string("allocation") ?? "uniform"
+        guard let allocation = AllocationMethod(rawValue: allocationName) else {
+            throw UsageError(message: "topiary prune: --allocation must be \(AllocationMethod.allCases.map(\.rawValue).joined(separator: " or ")), got '\(allocationName)'")
+        }
+        let owlM = try args.double("owl-m") ?? 5
+        let owlLambda = try args.double("owl-lambda") ?? 0.08
+        guard owlM.isFinite, owlM > 0 else { throw UsageError(message: "topiary prune: --owl-m must be a positive number, got \(owlM)") }
+        guard owlLambda.isFinite, owlLambda >= 0, owlLambda < 1 else { throw UsageError(message: "topiary prune: --owl-lambda must be in [0, 1), got \(owlLambda)") }
+        if allocation != .owl && (args.string("owl-m") != nil || args.string("owl-lambda") != nil) {
+            throw UsageError(message: "topiary prune: --owl-m and --owl-lambda apply to --allocation owl")
+        }
+        if allocation == .owl, case .nOfM = pattern {
+            throw UsageError(message: "topiary prune: --allocation owl gives each block its own unstructured sparsity; with --pattern N:M every group keeps N of M, so there is nothing to allocate")
+        }
         if let m = args.string("moe-calibration") {
             guard let mode = ExpertCalibration(rawValue: m) else {
                 throw UsageError(message: "topiary prune: --moe-calibration must be routed or all, got '\(m)'")
@@ -443,10 +460,26 @@ enum PruneCommand: Command {
             if let t = sparseLLMValues.3 { o.iterations = t }
             sparseLLM = o
         }
-        let plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa,
+        var plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa,
                              expertCalibration: expertCalibration)
-        let job = PruneJob(plan: plan, calibration: windows,
+        var job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
+        var allocationSummary: [String: Any] = ["method": allocation.rawValue]
+        if allocation == .owl {
+            // A dense pass over the calibration windows measures each block's outliers; the plan
+            // then carries every block's sparsity (to workers too). Deterministic: a resumed run
+            // measures the same.
+            let t0 = Date()
+            Console.info("allocation: OWL (M \(owlM), λ \(owlLambda)): measuring each block's outlier ratio on the dense model")
+            let ratios = try OWLAllocation.outlierRatios(model: model, job: job, m: owlM)
+            let pruned = (0..<c.layerCount).filter { job.prunes($0) }
+            let sparsities = try OWLAllocation.sparsities(ratios: ratios, pruned: pruned, target: pattern.fraction, lambda: owlLambda)
+            plan.allocation = sparsities
+            job.plan = plan
+            allocationSummary.merge(["m": owlM, "lambda": owlLambda, "outlier_ratios": ratios, "block_sparsity": sparsities,
+                                     "seconds": Date().timeIntervalSince(t0)]) { $1 }
+            Console.info("allocation: block sparsity " + sparsities.map { String(format: "%.3f", $0) }.joined(separator: " "))
+        }
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"), replicas: replicas)
         defer { cluster.shutdown() }
@@ -527,7 +560,7 @@ enum PruneCommand: Command {
         var summary: [String: Any] = [
             "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
             "pattern": patternJSON(pattern), "target_sparsity": pattern.fraction, "sparsity": sparsity,
-            "calibration": calibrationSummary,
+            "calibration": calibrationSummary, "allocation": allocationSummary,
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
             "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
             "coordination": coordination.rawValue,

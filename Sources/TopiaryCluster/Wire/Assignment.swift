@@ -213,6 +213,13 @@ extension Assignment {
             try check(n > 0 && n < m && m <= L.maxGroup, "pattern", "is \(n):\(m), expected N:M with 0 < N < M <= \(L.maxGroup)")
             try check(plan.method != .besa, "pattern", "is \(n):\(m); besa learns unstructured sparsity")
         }
+        if let a = plan.allocation {
+            try check(a.count <= 1 << 12, "allocation", "has \(a.count) blocks, at most \(1 << 12)")
+            if let bad = a.firstIndex(where: { !($0.isFinite && $0 > 0 && $0 < 1) }) {
+                try check(false, "allocation", "gives block \(bad) sparsity \(a[bad]), expected strictly between 0 and 1")
+            }
+            if case .nOfM = plan.pattern { try check(false, "allocation", "applies to unstructured sparsity, not \(plan.pattern)") }
+        }
         let g = plan.sparseGPT
         try check((1...L.maxBlockSize).contains(g.blockSize), "sparseGPT.blockSize", "is \(g.blockSize), expected 1...\(L.maxBlockSize)")
         try check(g.percentDamp.isFinite && g.percentDamp >= 0, "sparseGPT.percentDamp", "is \(g.percentDamp), expected a non-negative number")
