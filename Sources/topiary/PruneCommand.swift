@@ -617,11 +617,15 @@ enum PruneCommand: Command {
     }
 
     static func blockJSON(_ r: BlockReport) -> [String: Any] {
+        let weights = r.linears.reduce(0.0) { $0 + Double($1.rows * $1.columns) }
         var json: [String: Any] = [
             "block": r.block, "seconds": r.seconds, "output_error": r.outputError,
+            "sparsity": weights > 0 ? r.linears.reduce(0.0) { $0 + $1.sparsity * Double($1.rows * $1.columns) } / weights : 0,
             "linears": r.linears.map { l in
-                ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
-                 "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds] as [String: Any]
+                var linear: [String: Any] = ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
+                                             "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds]
+                if let rows = l.errorRows { linear["error_rows"] = rows }
+                return linear
             },
         ]
         if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }

@@ -115,3 +115,57 @@ final class ReplicaCLITests: XCTestCase {
         }
     }
 }
+
+/// `--allocation owl` end to end (stories260K).
+final class AllocationCLITests: XCTestCase {
+    let stories = CLI.asset("stories260K/stories260K.bin")
+    let storiesTokenizer = CLI.asset("stories260K/tok512.bin")
+    let oz = CLI.asset("public-domain-text/wizard_of_oz.txt")
+
+    func args(_ output: String, _ extra: [String]) -> [String] {
+        ["prune", "--model", stories, "--tokenizer", storiesTokenizer, "--calib", oz, "--calib-samples", "8",
+         "--calib-seqlen", "128", "--method", "wanda", "--sparsity", "0.7", "--output", output, "--json"] + extra
+    }
+
+    func testOWLGivesBlocksTheirOwnSparsityAroundTheTargetTheSameOnWorkersAndReplicas() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(args(dir.appendingPathComponent("a").path, ["--allocation", "owl", "--owl-lambda", "0.1"]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let allocation = try XCTUnwrap(r.json?["allocation"] as? [String: Any])
+        XCTAssertEqual(allocation["method"] as? String, "owl")
+        let blocks = try XCTUnwrap(allocation["block_sparsity"] as? [Double])
+        XCTAssertEqual(blocks.count, 5)
+        XCTAssertEqual(blocks.reduce(0, +) / 5, 0.7, accuracy: 1e-9)
+        XCTAssertEqual(blocks.max()! - blocks.min()!, 0.2, accuracy: 1e-9)
+        // Each block's report shows the sparsity it was given (up to per-row rounding of 64 columns).
+        let reportData = try Data(contentsOf: dir.appendingPathComponent("a/report.json"))
+        let reports = try XCTUnwrap((try JSONSerialization.jsonObject(with: reportData) as? [String: Any])?["blocks"] as? [[String: Any]])
+        for (b, report) in reports.enumerated() {
+            XCTAssertEqual(try XCTUnwrap(report["sparsity"] as? Double), blocks[b], accuracy: 1.0 / 64 + 1e-9, "block \(b)")
+        }
+        let sha = try XCTUnwrap(r.json?["output_sha256"] as? String)
+        for (k, extra) in [["--workers", "2"], ["--replicas", "2"]].enumerated() {
+            let other = try CLI.run(args(dir.appendingPathComponent("b\(k)").path, ["--allocation", "owl", "--owl-lambda", "0.1"] + extra))
+            XCTAssertEqual(other.json?["output_sha256"] as? String, sha, other.stderr)
+        }
+        let uniform = try CLI.run(args(dir.appendingPathComponent("u").path, []))
+        XCTAssertNotEqual(uniform.json?["output_sha256"] as? String, sha)
+    }
+
+    func testBadAllocationOptionsAreRefused() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("x").path
+        for (extra, message) in [(["--allocation", "learned"], "--allocation must be uniform or owl"),
+                                 (["--owl-m", "3"], "--owl-m and --owl-lambda apply to --allocation owl"),
+                                 (["--allocation", "owl", "--owl-lambda", "-1"], "--owl-lambda must be in [0, 1)"),
+                                 (["--allocation", "owl", "--owl-lambda", "0.5"], "--owl-lambda 0.5 gives block")] {
+            let r = try CLI.run(args(out, extra))
+            XCTAssertNotEqual(r.status, 0)
+            XCTAssertTrue(r.stderr.contains(message), "\(extra): \(r.stderr)")
+        }
+        var nm = args(out, ["--allocation", "owl"])
+        nm.removeAll { $0 == "--sparsity" || $0 == "0.7" }
+        let r = try CLI.run(nm + ["--pattern", "2:4"])
+        XCTAssertTrue(r.stderr.contains("--allocation owl gives each block its own unstructured sparsity"), r.stderr)
+    }
+}
