@@ -559,9 +559,10 @@ final class CoordinatorSimulation {
             do {
                 if setup.coordination == .admm {
                     ledger.round = 1
-                    (reports, rounds) = try coordinator.runADMM(options: ADMMOptions(rounds: setup.rounds, rho: setup.rho),
-                                                                progress: { block, _ in ledger.commit(block) },
-                                                                round: { ledger.round = $0.round + 1 })
+                    let outcome = try coordinator.runADMM(options: ADMMOptions(rounds: setup.rounds, rho: setup.rho),
+                                                          progress: { block, _ in ledger.commit(block) },
+                                                          round: { ledger.round = $0.round + 1 })
+                    (reports, rounds) = (outcome.reports, outcome.rounds)
                 } else {
                     reports = try coordinator.run { block, _ in ledger.commit(block) }
                 }
