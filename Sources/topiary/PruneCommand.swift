@@ -92,8 +92,8 @@ enum PruneCommand: Command {
     the residuals falls by less than --min-improvement (default 0.05) of the round before's in a
     round whose model is no better than the best before, or --rounds (default: the number of
     workers) are done. After each round the model its weights
-    make is run over the calibration windows; the run keeps the round whose model is closest to
-    the dense one there (--keep-round best, the default; last: the last round). Residuals, errors,
+    make is run over the calibration windows; the run keeps the round whose model has the smallest
+    language-model loss there (--keep-round best, the default; last: the last round). Residuals, errors,
     the kept round and why the rounds stopped go to report.json. Workers
     read the model from its path (--weights path, the default: a shared filesystem, as on HPC
     clusters), or with --weights send receive their range's weights with each assignment (they
@@ -164,7 +164,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "rho", value: "X", help: "ADMM: weight of the neighbour's output against the dense target (default: infinite)"),
         OptionSpec(name: "tolerance", value: "E", help: "ADMM: stop when every boundary residual is at most E (default 0)"),
         OptionSpec(name: "min-improvement", value: "F", help: "ADMM: stop when the residuals' sum fell by less than F of the round before's and the model got no better (default 0.05; 0: never)"),
-        OptionSpec(name: "keep-round", value: "MODE", help: "ADMM: best (default; the round whose model is closest to the dense one on the calibration windows) or last"),
+        OptionSpec(name: "keep-round", value: "MODE", help: "ADMM: best (default; the round whose model has the smallest loss on the calibration windows) or last"),
         OptionSpec(name: "secret-file", value: "F", help: "shared secret for workers (or TOPIARY_SECRET); --workers makes its own"),
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
@@ -444,8 +444,8 @@ enum PruneCommand: Command {
             case .admmRound(let r):
                 progress.finish()
                 progress.reset()
-                Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f; model error on calibration %.5f", r.round,
-                                    r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError, r.modelError ?? .nan))
+                Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f; the model on the calibration windows: error %.5f, loss %.5f", r.round,
+                                    r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError, r.modelError ?? .nan, r.calibrationLoss ?? .nan))
             }
         }
         let (reports, admmRounds, pruneSeconds) = (outcome.reports, outcome.rounds, outcome.pruneSeconds)
@@ -489,6 +489,7 @@ enum PruneCommand: Command {
                 "min_improvement": minImprovement ?? ADMMOptions.defaultMinImprovement, "keep_round": (keepRound ?? .best).rawValue,
                 "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
                                             "model_error": $0.modelError.map { $0 as Any } ?? NSNull(),
+                                            "calibration_loss": $0.calibrationLoss.map { $0 as Any } ?? NSNull(),
                                             "objective": $0.objective] as [String: Any] }]
             if let o = outcome.admm {
                 admm["kept"] = o.kept

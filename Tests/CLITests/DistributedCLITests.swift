@@ -77,12 +77,12 @@ final class DistributedCLITests: XCTestCase {
         XCTAssertEqual(summary?["kept"] as? Int, 3)
         XCTAssertEqual(summary?["keep_round"] as? String, "last")
 
-        // The default: the kept round has the smallest model error, and its weights are those of a
+        // The default: the kept round has the smallest loss on the calibration windows, and its weights are those of a
         // run that stopped there.
         let best = try CLI.run(args(dir.appendingPathComponent("best").path) + ["--workers", "3", "--coordination", "admm"])
         XCTAssertEqual(best.status, 0, best.stderr)
         let b = best.json?["admm"] as? [String: Any]
-        let errors = (b?["rounds"] as? [[String: Any]] ?? []).map { ($0["round"] as? Int ?? -1, $0["model_error"] as? Double ?? .nan) }
+        let errors = (b?["rounds"] as? [[String: Any]] ?? []).map { ($0["round"] as? Int ?? -1, $0["calibration_loss"] as? Double ?? .nan) }
         let smallest = errors.map(\.1).min() ?? .nan
         let kept = try XCTUnwrap(b?["kept"] as? Int)
         XCTAssertEqual(kept, errors.last { $0.1 == smallest }?.0, "\(errors)")

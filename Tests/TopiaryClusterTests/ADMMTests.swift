@@ -6,7 +6,7 @@ import TopiaryTensor
 import TopiaryTestSupport
 @testable import TopiaryCluster
 
-/// ADMM's rounds: the stopping rules, the round kept (the smallest calibration error of the model
+/// ADMM's rounds: the stopping rules, the round kept (the smallest loss on the calibration windows of the model
 /// its weights make), its weights as the output, and a resumed run's bytes.
 final class ADMMTests: XCTestCase {
     func round(_ r: Int, _ residuals: [Double], model: Double?, output: Double = 0.1) -> ADMMRound {
@@ -41,6 +41,8 @@ final class ADMMTests: XCTestCase {
         XCTAssertNil(options.kept(among: []))
         // A round recorded without a model error (an earlier Topiary's log) is scored by its objective.
         XCTAssertEqual(round(1, [0.5, 0.25], model: nil, output: 0.125).score, 0.875)
+        // The loss on the calibration windows comes first.
+        XCTAssertEqual(ADMMRound(round: 1, residuals: [0.5], outputError: 0.1, modelError: 0.3, calibrationLoss: 2.5).score, 2.5)
     }
 
     // MARK: Runs on stories260K
@@ -81,7 +83,7 @@ final class ADMMTests: XCTestCase {
             .runADMM(options: ADMMOptions(rounds: 3), progress: { _, _ in })
         let rounds = outcome.rounds
         XCTAssertFalse(rounds.isEmpty)
-        XCTAssertTrue(rounds.allSatisfy { $0.modelError != nil })
+        XCTAssertTrue(rounds.allSatisfy { $0.modelError != nil && $0.calibrationLoss != nil })
         let smallest = rounds.map(\.score).min()!
         XCTAssertEqual(outcome.kept, rounds.last { $0.score == smallest }!.round, "\(rounds)")
         XCTAssertNotEqual(outcome.kept, rounds.last!.round, "this setup is chosen so that an earlier round is kept: \(rounds)")
@@ -177,6 +179,7 @@ final class ADMMTests: XCTestCase {
             XCTAssertEqual(resumed.stop, whole.stop)
             XCTAssertEqual(resumed.rounds.map(\.round), whole.rounds.map(\.round))
             XCTAssertEqual(resumed.rounds.map(\.modelError), whole.rounds.map(\.modelError))
+            XCTAssertEqual(resumed.rounds.map(\.calibrationLoss), whole.rounds.map(\.calibrationLoss))
             XCTAssertEqual(resumed.reports.map(\.outputError), whole.reports.map(\.outputError))
             XCTAssertEqual(try s.blocks(try BlockFileStore(directory: path + "/blocks")), expected, "budget \(budget)")
             let names = try EventLog.records(path: path + "/events.jsonl").map(\.event.name)

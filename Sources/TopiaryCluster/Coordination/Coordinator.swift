@@ -132,7 +132,7 @@ public struct ADMMOptions: Sendable {
 
 /// Which ADMM round's weights a run keeps.
 public enum ADMMKeep: String, Sendable, CaseIterable {
-    /// The round whose model is closest to the dense model on the calibration windows (`ADMMRound.score`).
+    /// The round whose model has the smallest language-model loss on the calibration windows (`ADMMRound.score`).
     case best
     /// The last round run (Topiary before 2026-12-02).
     case last
@@ -152,26 +152,29 @@ public enum ADMMStop: String, Sendable, Codable {
 /// One ADMM round: the relative residual ‖h_k − o_{k−1}‖²/‖o_{k−1}‖² of each boundary k ≥ 1
 /// (the input partition k used against what its left neighbour produced this round), the relative
 /// error of the last partition's output against the dense model's (from the input it was given),
-/// and `modelError`: the relative error, on the calibration windows, of the model this round's
-/// weights make, run as one chain from the embeddings (what the round's weights would give if the
-/// run ended with them).
+/// and, of the model this round's weights make (what they would give if the run ended with them):
+/// `modelError`, the relative error of its last hidden state against the dense model's on the
+/// calibration windows, and `calibrationLoss`, its language-model loss (mean cross-entropy, as
+/// `Perplexity` computes it) on the calibration windows.
 public struct ADMMRound: Sendable, Codable {
     public var round: Int
     public var residuals: [Double]
     public var outputError: Double
     public var modelError: Double?
+    public var calibrationLoss: Double?
 
-    public init(round: Int, residuals: [Double], outputError: Double, modelError: Double? = nil) {
+    public init(round: Int, residuals: [Double], outputError: Double, modelError: Double? = nil, calibrationLoss: Double? = nil) {
         self.round = round
         self.residuals = residuals
         self.outputError = outputError
         self.modelError = modelError
+        self.calibrationLoss = calibrationLoss
     }
 
     public var objective: Double { residuals.reduce(0, +) + outputError }
-    /// What picks the kept round: the model's calibration error, or (a round recorded without one)
-    /// the objective.
-    public var score: Double { modelError ?? objective }
+    /// What picks the kept round: the model's loss on the calibration windows; for a round recorded
+    /// without one (an earlier Topiary's log), its hidden-state error, or else the objective.
+    public var score: Double { calibrationLoss ?? modelError ?? objective }
 }
 
 /// How ADMM coordination ended: each block's report (of the kept round), every round, the round
@@ -517,11 +520,11 @@ public final class Coordinator {
     /// activations d_k. Each round, every worker prunes its range in parallel from its boundary
     /// input h_k (h_0: the embeddings); then for each boundary k ≥ 1, with o the left neighbour's
     /// pruned output and u a scaled dual, h_k ← (d_k + ρ(o − u))/(1 + ρ) and u ← u + h_k − o
-    /// (with ρ = ∞: h_k ← o). After each round the model its weights make is run here as one
-    /// chain over the calibration windows (`ADMMRound.modelError`). The rounds stop by
+    /// (with ρ = ∞: h_k ← o). After each round the model its weights make is run here over the
+    /// calibration windows (`ADMMRound.modelError`, `ADMMRound.calibrationLoss`). The rounds stop by
     /// `ADMMOptions.stop(after:)` (converged, stalled residual, or the round limit); the weights
-    /// are those of the kept round (`ADMMOptions.kept(among:)`: by default the smallest model
-    /// error), whose blocks are kept beside the store (`BlockFileStore.keep`) and put back at the
+    /// are those of the kept round (`ADMMOptions.kept(among:)`: by default the smallest loss on
+    /// the calibration windows), whose blocks are kept beside the store (`BlockFileStore.keep`) and put back at the
     /// end. With ρ = ∞ and as many rounds as partitions, every partition's input is the pruned
     /// chain's, so the last round's weights equal sequential coordination's.
     public func runADMM(options: ADMMOptions, progress: (_ block: Int, _ report: BlockReport?) -> Void,
@@ -566,8 +569,9 @@ public final class Coordinator {
         var firstRound = 1
         // Resume after the last round whose boundaries were checkpointed.
         let savedRounds = events.compactMap { e -> (round: ADMMRound, inputs: [String]?, duals: [String]?)? in
-            if case .admmRound(let r, let residuals, let outputError, let modelError, _, let inputs, let duals) = e {
-                return (ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError), inputs, duals)
+            if case .admmRound(let r, let residuals, let outputError, let modelError, let loss, _, let inputs, let duals) = e {
+                return (ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError, calibrationLoss: loss),
+                        inputs, duals)
             }
             return nil
         }
@@ -665,7 +669,12 @@ public final class Coordinator {
             // output, so the chain is what the partitions computed.
             let modelError = residuals.allSatisfy({ $0 == 0 }) ? outputError
                 : try relativeDistance(replay(0..<layerCount, from: Boundary(inputs: start.inputs, targets: nil)).inputs, dense.last!)
-            let round = ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError)
+            // Its language-model loss on the calibration windows (the blocks as written this round).
+            let calibrationLoss = try Perplexity.evaluate(model: model.overlaid(with: try store.sources(pruned)),
+                                                          tokens: job.calibration.flatMap { $0 }, sequenceLength: job.sequenceLength,
+                                                          windows: job.samples).meanLoss
+            let round = ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError,
+                                  calibrationLoss: calibrationLoss)
             rounds.append(round)
             let kept = options.kept(among: rounds)!
             if kept.round == r {
@@ -679,7 +688,8 @@ public final class Coordinator {
                 inputsSHA256 = try (1..<max(1, K)).map { try runDirectory.saveActivations(inputs[$0], name: "round-\(r)-h-\($0)") }
                 dualsSHA256 = try (1..<max(1, K)).map { k in try duals[k].map { try runDirectory.saveActivations($0, name: "round-\(r)-u-\(k)") } ?? "" }
             }
-            try event(.admmRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError, kept: kept.round,
+            try event(.admmRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError,
+                                 calibrationLoss: calibrationLoss, kept: kept.round,
                                  inputsSHA256: inputsSHA256, dualsSHA256: dualsSHA256))
             if options.keep == .best { store.removeKept(except: kept.round) }
             runDirectory?.removeActivations { $0.hasPrefix("round-") && !$0.hasPrefix("round-\(r)-") }
@@ -717,8 +727,8 @@ public final class Coordinator {
         case .last: reason = "the last round (--keep-round last)"
         case .best:
             reason = kept.round == last.round
-                ? "the last round run has the smallest calibration error of the model (\(error(kept)))"
-                : "round \(kept.round) has the smallest calibration error of the model (\(error(kept)); the last round, \(last.round), \(error(last)))"
+                ? "the last round run has the smallest loss of the model on the calibration windows (\(error(kept)))"
+                : "round \(kept.round) has the smallest loss of the model on the calibration windows (\(error(kept)); the last round, \(last.round), \(error(last)))"
         }
         let toRestore = options.keep == .last ? [] : pruned.filter { storeRound($0) != kept.round }
         if kept.round != last.round || !toRestore.isEmpty {
@@ -748,7 +758,7 @@ public final class Coordinator {
                     throw RunDirectoryError("\(store.directory): the kept ADMM round \(kept.round)'s files of blocks \(damaged) are missing or damaged and the store already holds some of its blocks; start the run again")
                 }
                 log("ADMM: round \(kept.round)'s kept blocks \(damaged) are missing or damaged; keeping the last round, \(last.round)")
-                reason = "round \(kept.round) had the smallest calibration error, but its kept files were damaged: the last round, \(last.round), is kept"
+                reason = "round \(kept.round) had the smallest loss on the calibration windows, but its kept files were damaged: the last round, \(last.round), is kept"
                 kept = last
             } else {
                 for i in toRestore {
