@@ -12,7 +12,7 @@ enum PruneCommand: Command {
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE|generate:N[:L] [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
-                  [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E]]
+                  [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E --min-improvement F --keep-round best|last]]
                   [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--overwrite] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
     topiary prune --resume D [--workers N | --hosts H:P,...] [--threads N]
@@ -98,8 +98,13 @@ enum PruneCommand: Command {
     through the workers gives every boundary its dense activations; then each round all workers
     prune in parallel from their boundary inputs, and the coordinator moves each boundary to the
     left neighbour's pruned output (--rho infinite, the default) or a blend with the dense target
-    and a scaled dual (finite --rho), until every residual is at most --tolerance or --rounds
-    (default: the number of workers) are done; residuals per round go to report.json. Workers
+    and a scaled dual (finite --rho), until every residual is at most --tolerance, or the sum of
+    the residuals falls by less than --min-improvement (default 0.05) of the round before's in a
+    round whose model is no better than the best before, or --rounds (default: the number of
+    workers) are done. After each round the model its weights
+    make is run over the calibration windows; the run keeps the round whose model has the smallest
+    language-model loss there (--keep-round best, the default; last: the last round). Residuals, errors,
+    the kept round and why the rounds stopped go to report.json. Workers
     read the model from its path (--weights path, the default: a shared filesystem, as on HPC
     clusters), or with --weights send receive their range's weights with each assignment (they
     then hold them in memory).
@@ -172,6 +177,8 @@ enum PruneCommand: Command {
         OptionSpec(name: "rounds", value: "R", help: "ADMM: most rounds (default: the number of workers)"),
         OptionSpec(name: "rho", value: "X", help: "ADMM: weight of the neighbour's output against the dense target (default: infinite)"),
         OptionSpec(name: "tolerance", value: "E", help: "ADMM: stop when every boundary residual is at most E (default 0)"),
+        OptionSpec(name: "min-improvement", value: "F", help: "ADMM: stop when the residuals' sum fell by less than F of the round before's and the model got no better (default 0.05; 0: never)"),
+        OptionSpec(name: "keep-round", value: "MODE", help: "ADMM: best (default; the round whose model has the smallest loss on the calibration windows) or last"),
         OptionSpec(name: "secret-file", value: "F", help: "shared secret for workers (or TOPIARY_SECRET); --workers makes its own"),
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
@@ -304,8 +311,19 @@ enum PruneCommand: Command {
         let rounds = try args.int("rounds", in: 1...Limits.rounds)
         let rho = try args.double("rho")
         let tolerance = try args.double("tolerance")
-        if coordination != .admm && (rounds != nil || rho != nil || tolerance != nil) {
-            throw UsageError(message: "topiary prune: --rounds, --rho and --tolerance apply to --coordination admm only")
+        let minImprovement = try args.double("min-improvement")
+        let keepName = args.string("keep-round")
+        if coordination != .admm && (rounds != nil || rho != nil || tolerance != nil || minImprovement != nil || keepName != nil) {
+            throw UsageError(message: "topiary prune: --rounds, --rho, --tolerance, --min-improvement and --keep-round apply to --coordination admm only")
+        }
+        if let minImprovement, !(minImprovement >= 0 && minImprovement < 1) {
+            throw UsageError(message: "topiary prune: --min-improvement must be at least 0 and below 1, got \(minImprovement)")
+        }
+        let keepRound = try keepName.map { name in
+            guard let k = ADMMKeep(rawValue: name) else {
+                throw UsageError(message: "topiary prune: --keep-round must be one of \(ADMMKeep.allCases.map(\.rawValue).joined(separator: ", ")), got '\(name)'")
+            }
+            return k
         }
         if let rho, !(rho > 0) { throw UsageError(message: "topiary prune: --rho must be positive, got \(rho)") }
         if let tolerance, tolerance < 0 { throw UsageError(message: "topiary prune: --tolerance must not be negative") }
@@ -490,6 +508,7 @@ enum PruneCommand: Command {
         }
         let request = PruneRequest(
             model: model, job: job, coordination: coordination, rounds: rounds, rho: rho, tolerance: tolerance,
+            minImprovement: minImprovement, keepRound: keepRound,
             workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
             start: try resumed.map { .resume($0.manifest) }
                 ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibRecord, plan: [])))
@@ -525,16 +544,17 @@ enum PruneCommand: Command {
             switch event {
             case .log(let message): Console.info(message)
             case .admmStarting(let options):
-                Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance); a dense pass first")
+                Console.info("ADMM: up to \(options.rounds) rounds, rho \(options.rho), tolerance \(options.tolerance), min improvement \(options.minImprovement), keeping the \(options.keep.rawValue) round; a dense pass first")
             case .block(let block, let report): progress.blockDone(block, report: report)
             case .admmRound(let r):
                 progress.finish()
                 progress.reset()
-                Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f", r.round,
-                                    r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError))
+                Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f; the model on the calibration windows: error %.5f, loss %.5f", r.round,
+                                    r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError, r.modelError ?? .nan, r.calibrationLoss ?? .nan))
             }
         }
         let (reports, admmRounds, pruneSeconds) = (outcome.reports, outcome.rounds, outcome.pruneSeconds)
+        if let o = outcome.admm { Console.info("ADMM: rounds stopped (\(o.stop.rawValue)); keeping round \(o.kept): \(o.keptReason)") }
         progress.finish()
 
         let pruned = try pipeline.prunedModel()
@@ -569,9 +589,19 @@ enum PruneCommand: Command {
             "perplexity": perplexity.map { $0 as Any } ?? NSNull(),
         ]
         if coordination == .admm {
-            summary["admm"] = ["rho": (rho ?? .infinity).isInfinite ? "inf" as Any : rho! as Any, "tolerance": tolerance ?? 0,
-                               "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
-                                                           "objective": $0.objective] as [String: Any] }]
+            var admm: [String: Any] = [
+                "rho": (rho ?? .infinity).isInfinite ? "inf" as Any : rho! as Any, "tolerance": tolerance ?? 0,
+                "min_improvement": minImprovement ?? ADMMOptions.defaultMinImprovement, "keep_round": (keepRound ?? .best).rawValue,
+                "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
+                                            "model_error": $0.modelError.map { $0 as Any } ?? NSNull(),
+                                            "calibration_loss": $0.calibrationLoss.map { $0 as Any } ?? NSNull(),
+                                            "objective": $0.objective] as [String: Any] }]
+            if let o = outcome.admm {
+                admm["kept"] = o.kept
+                admm["kept_reason"] = o.keptReason
+                admm["stopped"] = o.stop.rawValue
+            }
+            summary["admm"] = admm
         }
         if usesSparseGPT { summary["sparsegpt"] = ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp] }
         if let o = sparseLLM {

@@ -59,17 +59,43 @@ final class DistributedCLITests: XCTestCase {
     }
 
     /// ADMM with as many rounds as partitions (and the default ρ = ∞) ends on the sequential
-    /// result: residuals fall to zero and the weights are identical; fewer rounds differ.
+    /// result: residuals fall to zero and the last round's weights are identical; fewer rounds
+    /// differ. By default the run keeps the round whose model is closest to the dense one on the
+    /// calibration windows, with that round's weights.
     func testADMMWithRoundsEqualToPartitionsEqualsSequential() throws {
         let dir = try CLI.temporaryDirectory(self)
         let single = try CLI.run(args(dir.appendingPathComponent("single").path))
-        let admm = try CLI.run(args(dir.appendingPathComponent("admm").path) + ["--workers", "3", "--coordination", "admm"])
+        let admm = try CLI.run(args(dir.appendingPathComponent("admm").path) + ["--workers", "3", "--coordination", "admm", "--keep-round", "last"])
         XCTAssertEqual(admm.status, 0, admm.stderr)
         XCTAssertEqual(admm.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)
-        let rounds = (admm.json?["admm"] as? [String: Any])?["rounds"] as? [[String: Any]] ?? []
+        let summary = admm.json?["admm"] as? [String: Any]
+        let rounds = summary?["rounds"] as? [[String: Any]] ?? []
         XCTAssertEqual(rounds.count, 3)
         XCTAssertEqual(rounds.last?["residuals"] as? [Double], [0, 0])
         XCTAssertGreaterThan((rounds.first?["residuals"] as? [Double])?.first ?? 0, 0)
+        XCTAssertEqual(summary?["stopped"] as? String, "converged")
+        XCTAssertEqual(summary?["kept"] as? Int, 3)
+        XCTAssertEqual(summary?["keep_round"] as? String, "last")
+
+        // The default: the kept round has the smallest loss on the calibration windows, and its weights are those of a
+        // run that stopped there.
+        let best = try CLI.run(args(dir.appendingPathComponent("best").path) + ["--workers", "3", "--coordination", "admm"])
+        XCTAssertEqual(best.status, 0, best.stderr)
+        let b = best.json?["admm"] as? [String: Any]
+        let errors = (b?["rounds"] as? [[String: Any]] ?? []).map { ($0["round"] as? Int ?? -1, $0["calibration_loss"] as? Double ?? .nan) }
+        let smallest = errors.map(\.1).min() ?? .nan
+        let kept = try XCTUnwrap(b?["kept"] as? Int)
+        XCTAssertEqual(kept, errors.last { $0.1 == smallest }?.0, "\(errors)")
+        XCTAssertTrue((b?["kept_reason"] as? String ?? "").contains("round \(kept)"), "\(b ?? [:])")
+        XCTAssertTrue(["converged", "residual_stalled", "round_limit"].contains(b?["stopped"] as? String ?? ""), "\(b ?? [:])")
+        XCTAssertTrue(best.stderr.contains("keeping round \(kept)"), best.stderr)
+        let at = try CLI.run(args(dir.appendingPathComponent("at").path) + ["--workers", "3", "--coordination", "admm", "--rounds", "\(kept)",
+                                                                           "--keep-round", "last", "--min-improvement", "0"])
+        XCTAssertEqual(at.status, 0, at.stderr)
+        XCTAssertEqual(at.json?["output_sha256"] as? String, best.json?["output_sha256"] as? String)
+        let wrong = try CLI.run(args(dir.appendingPathComponent("wrong").path) + ["--workers", "2", "--coordination", "admm", "--keep-round", "first"])
+        XCTAssertEqual(wrong.status, 2)
+        XCTAssertTrue(wrong.stderr.contains("--keep-round must be one of best, last"), wrong.stderr)
         let short = try CLI.run(args(dir.appendingPathComponent("short").path) + ["--workers", "3", "--coordination", "admm", "--rounds", "2"])
         XCTAssertEqual(short.status, 0, short.stderr)
         XCTAssertNotEqual(short.json?["output_sha256"] as? String, single.json?["output_sha256"] as? String)

@@ -188,7 +188,7 @@ final class FaultToleranceCLITests: XCTestCase {
         // With rho = infinity and rounds = partitions, ADMM gives the sequential weights.
         let expected = try reference()
         // Kill the coordinator in round 2, once a block of that round is done.
-        let (_, run) = try killedRun(["--workers", "3", "--coordination", "admm", "--rounds", "3"], delay: "0.3") {
+        let (_, run) = try killedRun(["--workers", "3", "--coordination", "admm", "--rounds", "3", "--keep-round", "last"], delay: "0.3") {
             $0["event"] as? String == "block_done" && $0["round"] as? Int == 2
         }
         let before = CLI.events(run)
@@ -211,5 +211,38 @@ final class FaultToleranceCLITests: XCTestCase {
             XCTAssertEqual(events.filter { $0["event"] as? String == "block_done" && $0["round"] as? Int == 2 && $0["block"] as? Int == b }.count, 1,
                            "block \(b) of round 2 was done again")
         }
+    }
+    /// Keeping the best round (the default): killed in the last round, after the kept round's
+    /// blocks were put aside, the resumed run keeps the same round and writes the bytes of an
+    /// uninterrupted run; resuming the completed rounds again puts nothing back twice.
+    func testAnADMMRunKilledAfterItsKeptRoundResumesToTheSameBytes() throws {
+        let extra = ["--workers", "3", "--coordination", "admm", "--rounds", "3"]
+        let dir = try CLI.temporaryDirectory(self)
+        let whole = try CLI.run(pruneArgs(output: dir.appendingPathComponent("whole").path, extra + ["--json"]))
+        XCTAssertEqual(whole.status, 0, whole.stderr)
+        let summary = whole.json?["admm"] as? [String: Any]
+        let kept = try XCTUnwrap(summary?["kept"] as? Int)
+        let last = try XCTUnwrap((summary?["rounds"] as? [[String: Any]])?.last?["round"] as? Int)
+        // Killed once a block of the last round is done (that round's event names the round kept so far).
+        let (_, run) = try killedRun(extra, delay: "0.3") {
+            $0["event"] as? String == "block_done" && $0["round"] as? Int == last
+        }
+        let before = CLI.events(run)
+        if kept != last { XCTAssertEqual(before.filter { $0["event"] as? String == "admm_round" }.last?["kept"] as? Int, kept) }
+        let r = try CLI.run(["prune", "--resume", run, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.json?["output_sha256"] as? String, whole.json?["output_sha256"] as? String)
+        XCTAssertEqual((r.json?["admm"] as? [String: Any])?["kept"] as? Int, kept)
+        let events = CLI.events(run)
+        XCTAssertFalse(events.contains { $0["event"] as? String == "checkpoint_corrupt" })
+        XCTAssertEqual(events.filter { $0["event"] as? String == "admm_round" }.map { $0["round"] as! Int }, Array(1...last))
+        if kept != last {
+            // Every pruned block's last record is the kept round's (put back from its kept files).
+            var latest: [Int: Int] = [:]
+            for e in events where e["event"] as? String == "block_done" { latest[e["block"] as! Int] = e["round"] as? Int }
+            XCTAssertTrue(latest.values.allSatisfy { $0 == kept }, "\(latest)")
+        }
+        // The completed run's checkpoints, kept files included, are gone.
+        XCTAssertFalse(FileManager.default.fileExists(atPath: run + "/blocks"))
     }
 }

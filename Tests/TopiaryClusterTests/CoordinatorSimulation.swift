@@ -388,12 +388,14 @@ struct SimulationSetup: Hashable, CustomStringConvertible {
     var spares: Int
     var rounds = 2
     var rho = Double.infinity
+    var keep = ADMMKeep.best
+    var minImprovement = ADMMOptions.defaultMinImprovement
     var runDirectory = false
     var faultRate = 0.0
 
     /// What the undisturbed output depends on.
     var resultKey: String {
-        "\(coordination) \(method) \(layers.map { "\($0)" } ?? "all") \(workers) \(coordination == .admm ? "\(rounds) \(rho)" : "")"
+        "\(coordination) \(method) \(layers.map { "\($0)" } ?? "all") \(workers) \(coordination == .admm ? "\(rounds) \(rho) \(keep) \(minImprovement)" : "")"
     }
 
     var description: String {
@@ -559,9 +561,10 @@ final class CoordinatorSimulation {
             do {
                 if setup.coordination == .admm {
                     ledger.round = 1
-                    (reports, rounds) = try coordinator.runADMM(options: ADMMOptions(rounds: setup.rounds, rho: setup.rho),
-                                                                progress: { block, _ in ledger.commit(block) },
-                                                                round: { ledger.round = $0.round + 1 })
+                    let outcome = try coordinator.runADMM(options: ADMMOptions(rounds: setup.rounds, rho: setup.rho, minImprovement: setup.minImprovement, keep: setup.keep),
+                                                          progress: { block, _ in ledger.commit(block) },
+                                                          round: { ledger.round = $0.round + 1 })
+                    (reports, rounds) = (outcome.reports, outcome.rounds)
                 } else {
                     reports = try coordinator.run { block, _ in ledger.commit(block) }
                 }
@@ -592,7 +595,9 @@ final class CoordinatorSimulation {
             if let runDirectory {
                 var done: [String: Int] = [:]
                 for e in try runDirectory.events.read() where e["event"] as? String == "block_done" {
-                    let key = "block \(e["block"] as? Int ?? -1) round \(e["round"] as? Int ?? 0)"
+                    // A kept ADMM round's block put back at the end is recorded again (worker "kept round R"), once.
+                    let restored = (e["worker"] as? String ?? "").hasPrefix("kept round ") ? " (put back)" : ""
+                    let key = "block \(e["block"] as? Int ?? -1) round \(e["round"] as? Int ?? 0)" + restored
                     done[key, default: 0] += 1
                 }
                 for (key, n) in done.sorted(by: { $0.key < $1.key }) where n > 1 { result.failures.append("\(key) recorded \(n) times in events.jsonl") }

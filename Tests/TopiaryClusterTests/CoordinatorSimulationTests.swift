@@ -56,8 +56,10 @@ final class CoordinatorSimulationTests: XCTestCase {
                 }
             }
         }
-        // ADMM with infinite rho and as many rounds as partitions gives the sequential weights.
-        let admm = try sim.expected(SimulationSetup(coordination: .admm, method: .wanda, layers: nil, workers: 3, spares: 0, rounds: 3))
+        // ADMM with infinite rho and as many rounds as partitions (none stopped early) gives the
+        // sequential weights in its last round.
+        let admm = try sim.expected(SimulationSetup(coordination: .admm, method: .wanda, layers: nil, workers: 3, spares: 0, rounds: 3,
+                                                    keep: .last, minImprovement: 0))
         XCTAssertEqual(admm.digest, try sim.expected(SimulationSetup(coordination: .sequential, method: .wanda, layers: nil, workers: 3, spares: 0)).digest)
     }
 

@@ -76,28 +76,116 @@ public enum Coordination: String, Sendable, CaseIterable {
 
 /// Settings of ADMM coordination.
 public struct ADMMOptions: Sendable {
+    /// The most rounds.
     public var rounds: Int
     /// Weight of agreement with the left neighbour's pruned output against the dense target;
     /// infinity (the default) passes the neighbour's output on unchanged.
     public var rho: Double
-    /// Stop when every boundary's relative residual is at most this.
+    /// Stop when every boundary's relative residual is at most this (converged).
     public var tolerance: Double
+    /// Stop when the sum of the boundary residuals fell by less than this fraction of the previous
+    /// round's (the residual stopped improving); 0 never stops for that.
+    public var minImprovement: Double
+    /// Which round's weights the run ends with.
+    public var keep: ADMMKeep
 
-    public init(rounds: Int, rho: Double = .infinity, tolerance: Double = 0) {
+    public init(rounds: Int, rho: Double = .infinity, tolerance: Double = 0, minImprovement: Double = ADMMOptions.defaultMinImprovement,
+                keep: ADMMKeep = .best) {
         self.rounds = rounds
         self.rho = rho
         self.tolerance = tolerance
+        self.minImprovement = minImprovement
+        self.keep = keep
+    }
+
+    public static let defaultMinImprovement = 0.05
+
+    /// Why the rounds recorded so far end the run, or nil when another round is to run. Rules, in
+    /// order: every residual at most `tolerance` (converged: with ρ = ∞ another round would prune
+    /// every partition from the inputs it already had, and give the same weights); the round limit;
+    /// stalled: the sum of the residuals fell by less than `minImprovement` of the previous
+    /// round's, and the round's model was no better on the calibration windows (`score`) than the
+    /// best of the rounds before. So rounds go on while the boundaries come closer or the model
+    /// gets better.
+    public func stop(after rounds: [ADMMRound]) -> ADMMStop? {
+        guard let last = rounds.last else { return nil }
+        if last.residuals.allSatisfy({ $0 <= tolerance }) { return .converged }
+        if last.round >= self.rounds { return .roundLimit }
+        if rounds.count >= 2 && minImprovement > 0 {
+            let earlier = rounds.dropLast()
+            let before = earlier.last!.residuals.reduce(0, +), now = last.residuals.reduce(0, +)
+            let best = earlier.map(\.score).min()!
+            if now > (1 - minImprovement) * before && !(last.score < best) { return .stalled }
+        }
+        return nil
+    }
+
+    /// The round whose weights the run keeps among `rounds` (nil when none): with `.best` the one
+    /// with the smallest `score` (the latest of equal ones), with `.last` the last.
+    public func kept(among rounds: [ADMMRound]) -> ADMMRound? {
+        switch keep {
+        case .last: return rounds.last
+        case .best: return rounds.reduce(nil as ADMMRound?) { best, r in best.map { r.score <= $0.score ? r : $0 } ?? r }
+        }
     }
 }
 
+/// Which ADMM round's weights a run keeps.
+public enum ADMMKeep: String, Sendable, CaseIterable {
+    /// The round whose model has the smallest language-model loss on the calibration windows (`ADMMRound.score`).
+    case best
+    /// The last round run (Topiary before 2026-12-02).
+    case last
+}
+
+/// Why the ADMM rounds ended.
+public enum ADMMStop: String, Sendable, Codable {
+    /// Every boundary residual at most the tolerance.
+    case converged
+    /// The sum of the boundary residuals fell by less than --min-improvement of the round before's,
+    /// and the round's model was no better on the calibration windows than the best before.
+    case stalled = "residual_stalled"
+    /// --rounds rounds were run.
+    case roundLimit = "round_limit"
+}
+
 /// One ADMM round: the relative residual ‖h_k − o_{k−1}‖²/‖o_{k−1}‖² of each boundary k ≥ 1
-/// (the input partition k used against what its left neighbour produced this round), and the
-/// model output's relative error against the dense model.
+/// (the input partition k used against what its left neighbour produced this round), the relative
+/// error of the last partition's output against the dense model's (from the input it was given),
+/// and, of the model this round's weights make (what they would give if the run ended with them):
+/// `modelError`, the relative error of its last hidden state against the dense model's on the
+/// calibration windows, and `calibrationLoss`, its language-model loss (mean cross-entropy, as
+/// `Perplexity` computes it) on the calibration windows.
 public struct ADMMRound: Sendable, Codable {
     public var round: Int
     public var residuals: [Double]
     public var outputError: Double
+    public var modelError: Double?
+    public var calibrationLoss: Double?
+
+    public init(round: Int, residuals: [Double], outputError: Double, modelError: Double? = nil, calibrationLoss: Double? = nil) {
+        self.round = round
+        self.residuals = residuals
+        self.outputError = outputError
+        self.modelError = modelError
+        self.calibrationLoss = calibrationLoss
+    }
+
     public var objective: Double { residuals.reduce(0, +) + outputError }
+    /// What picks the kept round: the model's loss on the calibration windows; for a round recorded
+    /// without one (an earlier Topiary's log), its hidden-state error, or else the objective.
+    public var score: Double { calibrationLoss ?? modelError ?? objective }
+}
+
+/// How ADMM coordination ended: each block's report (of the kept round), every round, the round
+/// kept and why the rounds stopped.
+public struct ADMMOutcome {
+    public var reports: [BlockReport]
+    public var rounds: [ADMMRound]
+    public var kept: Int
+    public var stop: ADMMStop
+    /// Why the kept round was kept, in words.
+    public var keptReason: String
 }
 
 /// A remote worker's result that breaks what `WorkerLink` promises: each block of the range once
@@ -452,11 +540,15 @@ public final class Coordinator {
     /// activations d_k. Each round, every worker prunes its range in parallel from its boundary
     /// input h_k (h_0: the embeddings); then for each boundary k ≥ 1, with o the left neighbour's
     /// pruned output and u a scaled dual, h_k ← (d_k + ρ(o − u))/(1 + ρ) and u ← u + h_k − o
-    /// (with ρ = ∞: h_k ← o). Stops at the tolerance or after the rounds; the weights are the last
-    /// round's. With ρ = ∞ and as many rounds as partitions, every partition's input is the
-    /// pruned chain's, so the weights equal sequential coordination's.
+    /// (with ρ = ∞: h_k ← o). After each round the model its weights make is run here over the
+    /// calibration windows (`ADMMRound.modelError`, `ADMMRound.calibrationLoss`). The rounds stop by
+    /// `ADMMOptions.stop(after:)` (converged, stalled residual, or the round limit); the weights
+    /// are those of the kept round (`ADMMOptions.kept(among:)`: by default the smallest loss on
+    /// the calibration windows), whose blocks are kept beside the store (`BlockFileStore.keep`) and put back at the
+    /// end. With ρ = ∞ and as many rounds as partitions, every partition's input is the pruned
+    /// chain's, so the last round's weights equal sequential coordination's.
     public func runADMM(options: ADMMOptions, progress: (_ block: Int, _ report: BlockReport?) -> Void,
-                        round roundDone: (ADMMRound) -> Void = { _ in }) throws -> (reports: [BlockReport], rounds: [ADMMRound]) {
+                        round roundDone: (ADMMRound) -> Void = { _ in }) throws -> ADMMOutcome {
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         try pipeline.validate()
         let partitions = plan()
@@ -496,13 +588,16 @@ public final class Coordinator {
         for (i, f) in finished { if let r = f.report { reports[i] = r } }
         var firstRound = 1
         // Resume after the last round whose boundaries were checkpointed.
-        let savedRounds = events.compactMap { e -> (round: Int, residuals: [Double], outputError: Double, inputs: [String]?, duals: [String]?)? in
-            if case .admmRound(let r, let residuals, let outputError, let inputs, let duals) = e { return (r, residuals, outputError, inputs, duals) }
+        let savedRounds = events.compactMap { e -> (round: ADMMRound, inputs: [String]?, duals: [String]?)? in
+            if case .admmRound(let r, let residuals, let outputError, let modelError, let loss, _, let inputs, let duals) = e {
+                return (ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError, calibrationLoss: loss),
+                        inputs, duals)
+            }
             return nil
         }
-        for e in savedRounds { rounds.append(ADMMRound(round: e.round, residuals: e.residuals, outputError: e.outputError)) }
+        for e in savedRounds { rounds.append(e.round) }
         if let last = savedRounds.last, let hs = last.inputs, let runDirectory {
-            let r = last.round
+            let r = last.round.round
             let us = last.duals
             var ok = hs.count == K - 1
             for k in 1..<max(1, K) where ok {
@@ -522,10 +617,18 @@ public final class Coordinator {
                 rounds = []
             }
         }
-        if let last = rounds.last, last.residuals.allSatisfy({ $0 <= options.tolerance }) || last.round >= options.rounds {
-            return (reports.keys.sorted().map { reports[$0]! }, rounds)
+        let layerCount = model.config.layerCount
+        let pruned = (0..<layerCount).filter { job.prunes($0) }
+        // The reports of the round kept so far (a resumed run reads them from the events).
+        var keptReports: [Int: BlockReport] = [:]
+        if let kept = options.kept(among: rounds) { keptReports = Self.reports(ofRound: kept.round, in: events) }
+        if let stop = options.stop(after: rounds) {
+            return try finishADMM(options: options, rounds: rounds, stop: stop, reports: reports, keptReports: keptReports,
+                                  pruned: pruned, storeRound: { self.finished[$0]?.round })
         }
-        for r in firstRound...max(firstRound, options.rounds) {
+        var r = firstRound
+        var stop = ADMMStop.roundLimit
+        while true {
             // Blocks this round already finished before an interruption are replayed, not redone.
             let done: (Int) -> Bool = { i in self.resumesADMM && self.finished[i]?.round == r }
             let needsWork: (Int) -> Bool = { i in self.job.prunes(i) && !done(i) }
@@ -580,20 +683,117 @@ public final class Coordinator {
                     duals[k] = u
                 }
             }
-            let round = ADMMRound(round: r, residuals: residuals, outputError: try relativeDistance(outputs.last!, dense.last!))
+            let outputError = try relativeDistance(outputs.last!, dense.last!)
+            // The model these weights make, run as one chain over the calibration windows. With
+            // every residual exactly zero each partition already ran from its left neighbour's
+            // output, so the chain is what the partitions computed.
+            let modelError = residuals.allSatisfy({ $0 == 0 }) ? outputError
+                : try relativeDistance(replay(0..<layerCount, from: Boundary(inputs: start.inputs, targets: nil)).inputs, dense.last!)
+            // Its language-model loss on the calibration windows (the blocks as written this round).
+            let calibrationLoss = try Perplexity.evaluate(model: model.overlaid(with: try store.sources(pruned)),
+                                                          tokens: job.calibration.flatMap { $0 }, sequenceLength: job.sequenceLength,
+                                                          windows: job.samples).meanLoss
+            let round = ADMMRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError,
+                                  calibrationLoss: calibrationLoss)
             rounds.append(round)
+            let kept = options.kept(among: rounds)!
+            if kept.round == r {
+                // Before the round's event: a run stopped before it redoes the round and keeps it again.
+                if options.keep == .best { try store.keep(pruned, round: r) }
+                keptReports = reports
+            }
             var inputsSHA256: [String]?, dualsSHA256: [String]?
             if let runDirectory {
                 // The boundaries after this round, so that a resumed run starts the next one.
                 inputsSHA256 = try (1..<max(1, K)).map { try runDirectory.saveActivations(inputs[$0], name: "round-\(r)-h-\($0)") }
                 dualsSHA256 = try (1..<max(1, K)).map { k in try duals[k].map { try runDirectory.saveActivations($0, name: "round-\(r)-u-\(k)") } ?? "" }
             }
-            try event(.admmRound(round: r, residuals: residuals, outputError: round.outputError, inputsSHA256: inputsSHA256, dualsSHA256: dualsSHA256))
+            try event(.admmRound(round: r, residuals: residuals, outputError: outputError, modelError: modelError,
+                                 calibrationLoss: calibrationLoss, kept: kept.round,
+                                 inputsSHA256: inputsSHA256, dualsSHA256: dualsSHA256))
+            if options.keep == .best { store.removeKept(except: kept.round) }
             runDirectory?.removeActivations { $0.hasPrefix("round-") && !$0.hasPrefix("round-\(r)-") }
             roundDone(round)
-            if residuals.allSatisfy({ $0 <= options.tolerance }) { break }
+            if let s = options.stop(after: rounds) {
+                stop = s
+                break
+            }
+            r += 1
         }
-        return (reports.keys.sorted().map { reports[$0]! }, rounds)
+        let last = r
+        return try finishADMM(options: options, rounds: rounds, stop: stop, reports: reports, keptReports: keptReports,
+                              pruned: pruned, storeRound: { _ in last })
+    }
+
+    /// Each block's report of round `round` in `events` (the last of its `block_done` events in that round).
+    static func reports(ofRound round: Int, in events: [RunEvent]) -> [Int: BlockReport] {
+        var reports: [Int: BlockReport] = [:]
+        for e in events {
+            if case .blockDone(let b, _, _, let report, let r) = e, r == round, let report { reports[b] = report }
+        }
+        return reports
+    }
+
+    /// Ends ADMM coordination: puts the kept round's blocks back in the store where they are not
+    /// there (`storeRound`: the round whose file block i's store file is, nil when unknown), each
+    /// recorded as a `block_done` of that round; returns its reports.
+    func finishADMM(options: ADMMOptions, rounds: [ADMMRound], stop: ADMMStop, reports: [Int: BlockReport],
+                    keptReports: [Int: BlockReport], pruned: [Int], storeRound: (Int) -> Int?) throws -> ADMMOutcome {
+        guard let last = rounds.last, var kept = options.kept(among: rounds) else { preconditionFailure("ADMM ended without a round") }
+        var reports = reports
+        func error(_ r: ADMMRound) -> String { String(format: "%.6g", r.score) }
+        var reason: String
+        switch options.keep {
+        case .last: reason = "the last round (--keep-round last)"
+        case .best:
+            reason = kept.round == last.round
+                ? "the last round run has the smallest loss of the model on the calibration windows (\(error(kept)))"
+                : "round \(kept.round) has the smallest loss of the model on the calibration windows (\(error(kept)); the last round, \(last.round), \(error(last)))"
+        }
+        let toRestore = options.keep == .last ? [] : pruned.filter { storeRound($0) != kept.round }
+        if kept.round != last.round || !toRestore.isEmpty {
+            // The kept round's files and the SHA-256 their block_done events recorded.
+            var expected: [Int: String] = [:]
+            if let runDirectory {
+                for record in try runDirectory.events.records() {
+                    if case .blockDone(let b, let sha, _, _, let r) = record.event, r == kept.round { expected[b] = sha }
+                }
+            }
+            var damaged: [Int] = []
+            for i in toRestore {
+                let file = store.keptPath(i, round: kept.round)
+                if runDirectory != nil {
+                    let found = FileManager.default.fileExists(atPath: file) ? (try? SHA256Digest.files([file])) : nil
+                    if found == nil || found != expected[i] {
+                        try event(.checkpointCorrupt(.block(i), file: file, expectedSHA256: expected[i] ?? "unknown", foundSHA256: found ?? "missing"))
+                        damaged.append(i)
+                    }
+                } else if !FileManager.default.fileExists(atPath: file) {
+                    damaged.append(i)
+                }
+            }
+            if !damaged.isEmpty {
+                // Without the kept round's files the last round's weights stand, if the store still holds all of them.
+                guard pruned.allSatisfy({ storeRound($0) == last.round }) else {
+                    throw RunDirectoryError("\(store.directory): the kept ADMM round \(kept.round)'s files of blocks \(damaged) are missing or damaged and the store already holds some of its blocks; start the run again")
+                }
+                log("ADMM: round \(kept.round)'s kept blocks \(damaged) are missing or damaged; keeping the last round, \(last.round)")
+                reason = "round \(kept.round) had the smallest loss on the calibration windows, but its kept files were damaged: the last round, \(last.round), is kept"
+                kept = last
+            } else {
+                for i in toRestore {
+                    try store.restore(i, round: kept.round)
+                    if let runDirectory, let sha = expected[i] {
+                        try runDirectory.events.append(.blockDone(block: i, sha256: sha, worker: "kept round \(kept.round)",
+                                                                  report: keptReports[i], round: kept.round))
+                    }
+                }
+                for i in pruned { if let r = keptReports[i] { reports[i] = r } }
+                log("ADMM: keeping round \(kept.round)'s weights (\(reason))")
+            }
+        }
+        if runDirectory == nil { store.removeKept(except: nil) }
+        return ADMMOutcome(reports: reports.keys.sorted().map { reports[$0]! }, rounds: rounds, kept: kept.round, stop: stop, keptReason: reason)
     }
 
     /// ‖a − b‖² / ‖b‖² over all windows.

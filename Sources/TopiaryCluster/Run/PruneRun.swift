@@ -13,6 +13,8 @@ public struct PruneRequest {
     public var rounds: Int?
     public var rho: Double?
     public var tolerance: Double?
+    public var minImprovement: Double?
+    public var keepRound: ADMMKeep?
     /// The workers, and the process ids of those this run started (in order, the first ones).
     public var workers: [WorkerLink]
     public var workerPIDs: [Int32]
@@ -27,13 +29,16 @@ public struct PruneRequest {
     public var start: Start
 
     public init(model: LanguageModel, job: PruneJob, coordination: Coordination, rounds: Int? = nil, rho: Double? = nil,
-                tolerance: Double? = nil, workers: [WorkerLink], workerPIDs: [Int32] = [], runDirectory: RunDirectory, start: Start) {
+                tolerance: Double? = nil, minImprovement: Double? = nil, keepRound: ADMMKeep? = nil,
+                workers: [WorkerLink], workerPIDs: [Int32] = [], runDirectory: RunDirectory, start: Start) {
         self.model = model
         self.job = job
         self.coordination = coordination
         self.rounds = rounds
         self.rho = rho
         self.tolerance = tolerance
+        self.minImprovement = minImprovement
+        self.keepRound = keepRound
         self.workers = workers
         self.workerPIDs = workerPIDs
         self.runDirectory = runDirectory
@@ -57,6 +62,8 @@ public enum PruneRunEvent {
 public struct PruneOutcome {
     public var reports: [BlockReport]
     public var rounds: [ADMMRound]
+    /// ADMM: the round kept, why, and why the rounds stopped.
+    public var admm: ADMMOutcome?
     public var pruneSeconds: Double
 }
 
@@ -132,14 +139,15 @@ public final class PruneRun {
         let r = request
         let start = Date()
         if r.coordination == .admm {
-            let options = ADMMOptions(rounds: r.rounds ?? partitions.count, rho: r.rho ?? .infinity, tolerance: r.tolerance ?? 0)
+            let options = ADMMOptions(rounds: r.rounds ?? partitions.count, rho: r.rho ?? .infinity, tolerance: r.tolerance ?? 0,
+                                      minImprovement: r.minImprovement ?? ADMMOptions.defaultMinImprovement, keep: r.keepRound ?? .best)
             event(.admmStarting(options))
-            let (reports, rounds) = try coordinator.runADMM(options: options, progress: { block, report in
+            let outcome = try coordinator.runADMM(options: options, progress: { block, report in
                 event(.block(block, report))
             }, round: { event(.admmRound($0)) })
-            return PruneOutcome(reports: reports, rounds: rounds, pruneSeconds: Date().timeIntervalSince(start))
+            return PruneOutcome(reports: outcome.reports, rounds: outcome.rounds, admm: outcome, pruneSeconds: Date().timeIntervalSince(start))
         }
         let reports = try coordinator.run { block, report in event(.block(block, report)) }
-        return PruneOutcome(reports: reports, rounds: [], pruneSeconds: Date().timeIntervalSince(start))
+        return PruneOutcome(reports: reports, rounds: [], admm: nil, pruneSeconds: Date().timeIntervalSince(start))
     }
 }

@@ -184,7 +184,7 @@ public final class RunDirectory: @unchecked Sendable {
     /// when nothing else is in them.
     static func removeCheckpointFiles(_ path: String) {
         let safetensors: (String, String) -> (String) -> Bool = { prefix, suffix in { $0.hasPrefix(prefix) && $0.hasSuffix(suffix) } }
-        for (sub, prefix) in [("blocks", "block-"), ("boundaries", "boundary-"), ("activations", "")] {
+        for (sub, prefix) in [("blocks", "block-"), ("blocks", "kept-r"), ("boundaries", "boundary-"), ("activations", "")] {
             let directory = join(path, sub)
             removeOwnFiles(in: directory, where: safetensors(prefix, ".safetensors"))
             _ = rmdir(directory)

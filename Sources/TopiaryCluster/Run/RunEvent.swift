@@ -70,7 +70,12 @@ public enum RunEvent: Sendable {
     case checkpointCorrupt(CheckpointSubject, file: String, expectedSHA256: String, foundSHA256: String)
     case checkpointRefused(CheckpointSubject, file: String, reason: String)
     case admmDense(sha256: [String])
-    case admmRound(round: Int, residuals: [Double], outputError: Double, inputsSHA256: [String]?, dualsSHA256: [String]?)
+    /// `modelError` and `calibrationLoss`: the hidden-state error and the language-model loss on the
+    /// calibration windows of the model that this round's weights make (absent in logs of earlier
+    /// Topiary versions); `kept`: the round whose weights the run keeps
+    /// so far (the smallest such error), whose blocks are then in blocks/kept-r….
+    case admmRound(round: Int, residuals: [Double], outputError: Double, modelError: Double?, calibrationLoss: Double?, kept: Int?,
+                   inputsSHA256: [String]?, dualsSHA256: [String]?)
     case interrupted(signal: String, exitCode: Int)
     case complete(output: String, outputSHA256: String)
 
@@ -150,8 +155,9 @@ public struct RunEventRecord: Codable, Sendable {
             try subject(s); try put("file", file); try put("reason", reason)
         case .admmDense(let shas):
             try put("sha256", shas)
-        case .admmRound(let round, let residuals, let outputError, let inputs, let duals):
+        case .admmRound(let round, let residuals, let outputError, let modelError, let loss, let kept, let inputs, let duals):
             try put("round", round); try put("residuals", residuals); try put("output_error", outputError)
+            try put("model_error", modelError); try put("calibration_loss", loss); try put("kept", kept)
             try put("inputs_sha256", inputs); try put("duals_sha256", duals)
         case .interrupted(let signal, let code):
             try put("signal", signal); try put("exit_code", code)
@@ -193,6 +199,7 @@ public struct RunEventRecord: Codable, Sendable {
         case "admm_dense": event = .admmDense(sha256: try get("sha256"))
         case "admm_round":
             event = .admmRound(round: try get("round"), residuals: try get("residuals"), outputError: try get("output_error"),
+                               modelError: try opt("model_error"), calibrationLoss: try opt("calibration_loss"), kept: try opt("kept"),
                                inputsSHA256: try opt("inputs_sha256"), dualsSHA256: try opt("duals_sha256"))
         case "interrupted": event = .interrupted(signal: try get("signal"), exitCode: try get("exit_code"))
         case "complete": event = .complete(output: try get("output"), outputSHA256: try get("output_sha256"))
