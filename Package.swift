@@ -37,7 +37,7 @@ let package = Package(
         // Seeded fuzzers for the readers and the wire decoders, behind scripts/fuzz and FuzzTests.
         .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryPrune", "TopiaryTokenizers", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
-        .target(name: "TopiaryTestSupport", path: "Tests/TopiaryTestSupport"),
+        .target(name: "TopiaryTestSupport", dependencies: ["TopiaryTensor"], path: "Tests/TopiaryTestSupport"),
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "TopiaryTestSupport"]),
         // ChatTemplates/ holds test data (chat templates, their expected renders), read through #filePath.
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"], exclude: ["ChatTemplates"]),

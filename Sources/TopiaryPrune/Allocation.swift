@@ -58,19 +58,18 @@ public enum OWLAllocation {
                 let w = block.tensors[name + ".weight"]!
                 let norms = sums[keys[name] ?? name].map { backend.download($0).values.map { Double($0).squareRoot() } }
                     ?? [Double](repeating: 0, count: w.cols)
-                var scores = [Double](repeating: 0, count: w.count)
-                var sum = 0.0
-                w.withUnsafeBufferPointer { p in
-                    for r in 0..<w.rows {
-                        for j in 0..<w.cols {
-                            let v = Double(abs(p[r * w.cols + j])) * norms[j]
-                            scores[r * w.cols + j] = v
-                            sum += v
-                        }
-                    }
+                // Two passes over the weights (the mean, then the count) rather than a score per
+                // weight held in memory: a 70B gate_proj has 235 million.
+                let count = w.withUnsafeBufferPointer { p -> Int in
+                    func score(_ r: Int, _ j: Int) -> Double { Double(abs(p[r * w.cols + j])) * norms[j] }
+                    var sum = 0.0
+                    for r in 0..<w.rows { for j in 0..<w.cols { sum += score(r, j) } }
+                    let threshold = m * sum / Double(max(1, w.count))
+                    var count = 0
+                    for r in 0..<w.rows { for j in 0..<w.cols where score(r, j) > threshold { count += 1 } }
+                    return count
                 }
-                let threshold = m * sum / Double(max(1, w.count))
-                outliers += scores.reduce(0) { $0 + ($1 > threshold ? 1 : 0) }
+                outliers += count
                 total += w.count
             }
             ratios.append(total > 0 ? Double(outliers) / Double(total) : 0)

@@ -1,19 +1,14 @@
 import Foundation
+import TopiaryTensor
 
 /// SplitMix64: every choice a fuzz case makes comes from one of these, seeded by the case's seed,
 /// so that a seed reproduces its case exactly (nothing here reads the clock or iterates a
 /// Dictionary or Set, whose order changes from run to run).
 struct FuzzRandom {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
+    private var generator: SplitMix64
+    init(seed: UInt64) { generator = SplitMix64(seed: seed) }
 
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    mutating func next() -> UInt64 { generator.next() }
 
     /// Uniform in 0..<n (n > 0).
     mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }

@@ -1,19 +1,13 @@
 import XCTest
 import TopiaryTensor
+import TopiaryTestSupport
 @testable import TopiaryPrune
 
 /// Deterministic test data (SplitMix64 → uniform in [-1, 1)).
 struct Random {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next() -> Float {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        z ^= z >> 31
-        return Float(z >> 40) / Float(1 << 24) * 2 - 1
-    }
+    var generator: SplitMix64
+    init(_ seed: UInt64) { generator = SplitMix64(seed: seed) }
+    mutating func next() -> Float { generator.uniform() }
     mutating func matrix(_ r: Int, _ c: Int) -> Matrix { Matrix(rows: r, cols: c, values: (0..<(r * c)).map { _ in next() }) }
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import TopiaryTensor
 
 /// Where tests find the workplace's shared assets and fixtures: `../shared` beside the
 /// repository root (CI clones the repository with shared/ beside it, as developers have it).
@@ -37,19 +38,10 @@ extension XCTestCase {
     }
 }
 
-/// SplitMix64: a small deterministic generator for test inputs.
-public struct SplitMix: Sendable {
-    public var state: UInt64
-    public init(seed: UInt64) { state = seed }
+/// SplitMix64: a small deterministic generator for test inputs (the one self-calibration uses).
+public typealias SplitMix = SplitMix64
 
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
+extension SplitMix64 {
     /// Uniform in [-1, 1).
     public mutating func uniform() -> Float { Float(next() >> 40) / Float(1 << 24) * 2 - 1 }
 }

@@ -58,7 +58,8 @@ extension Boundary {
 /// range to a spare or to itself, with the same bytes (they do not depend on the replica count).
 public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
     public let members: [any ReplicaMember]
-    private var pending: (range: Range<Int>, job: PruneJob, samples: Int, hasTargets: Bool)?
+    /// Whether the started range carries dense targets (the boundary put together has them too).
+    private var pendingTargets: Bool?
     private static let counter = Counter()
 
     public init(members: [any ReplicaMember]) {
@@ -108,13 +109,12 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
             let role = ReplicaRole(rank: rank, count: count)
             try m.startReplica(range, job: job, from: try boundary.subset(role), role: role, mesh: mesh)
         }
-        pending = (range, job, boundary.inputs.count, boundary.targets != nil)
+        pendingTargets = boundary.targets != nil
     }
 
     public func finish(onBlock: (Int, DecoderBlock?, BlockReport?) throws -> Void) throws -> Boundary {
-        guard let (range, job, _, hasTargets) = pending else { preconditionFailure("finish without start") }
-        pending = nil
-        _ = range
+        guard let hasTargets = pendingTargets else { preconditionFailure("finish without start") }
+        pendingTargets = nil
         // Followers are drained on threads of their own (a remote follower would otherwise stall
         // on a full socket while replica 0 waits for its statistics).
         let count = members.count
@@ -166,7 +166,6 @@ public final class ReplicaGroup: WorkerLink, @unchecked Sendable {
             survivorRanks = isRemote ? survivors : nil
             throw errors.first(where: Self.isLost) ?? errors.first(where: { !Self.isSecondary($0) }) ?? errors[0]
         }
-        _ = job
         let shape = boundaries[0].inputs
         let whole = Boundary(inputs: shape.makeSibling(), targets: hasTargets ? shape.makeSibling() : nil)
         for rank in 0..<count { try whole.fill(from: boundaries[rank], ReplicaRole(rank: rank, count: count)) }
