@@ -24,16 +24,16 @@ let package = Package(
             path: "Sources/CZlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
-        // Our own small C kernels (no third-party code): CRC-32C for wire frames.
+        // Our own small C kernels (no third-party code): CRC-32C for wire frames, malloc settings.
         .target(name: "CTopiarySupport"),
         .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
         .target(name: "TopiaryTokenizers"),
         .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor", "CZlib"]),
         .target(name: "TopiaryCluster", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport", "CCrypto"]),
-        .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport"]),
         // Benchmarks behind scripts/bench: ratios against the machine's own measured rates.
-        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor"]),
+        .executableTarget(name: "topiary-bench", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport"]),
         // Seeded fuzzers for the readers and the wire decoders, behind scripts/fuzz and FuzzTests.
         .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryPrune", "TopiaryTokenizers", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.

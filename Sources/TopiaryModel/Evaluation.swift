@@ -126,7 +126,7 @@ public enum Perplexity {
             logits.withUnsafeBufferPointer { p in
                 for r in 0..<(r1 - r0) {
                     let row = p.baseAddress! + r * v
-                    total += Double(Kernels.logSumExp(row, v) - row[targets[r0 + r]])
+                    total += Kernels.logSumExp(row, v) - Double(row[targets[r0 + r]])
                 }
             }
             r0 = r1

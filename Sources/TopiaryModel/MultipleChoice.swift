@@ -325,7 +325,7 @@ public enum MultipleChoice {
                 logits.withUnsafeBufferPointer { p in
                     for (t, target) in targets.enumerated() {
                         let row = p.baseAddress! + t * v
-                        sum -= Double(Kernels.logSumExp(row, v) - row[target])
+                        sum -= Kernels.logSumExp(row, v) - Double(row[target])
                     }
                 }
                 result[i] = sum

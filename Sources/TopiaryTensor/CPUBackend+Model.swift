@@ -343,35 +343,90 @@ enum CPUAttention {
         }
     }
 
-    /// Every (sequence, head) pair is an independent task (its output columns are its own); the
-    /// pairs run concurrently, each one's GEMMs in the same tiles as a serial run, so the bits do
-    /// not depend on the thread count.
+    /// Query rows and key rows of one tile of the forward pass.
+    static let queryTile = 128, keyTile = 256
+
+    /// Flash-style causal attention. A task is one (sequence, key/value head, query tile): the
+    /// group's query heads that share the key/value head are stacked into one [group·rows x
+    /// headDim] block, and key tiles up to the tile's last row (none above the diagonal) stream
+    /// through it: scores by one GEMM, an online softmax per row (running maximum and sum,
+    /// earlier output rescaled when the maximum grows), and the tile's PV added by a second
+    /// GEMM. No score matrix larger than a tile exists. Tiles are fixed by the shape alone, and
+    /// each task writes only its own output rows, so the bits do not depend on the thread count.
     static func forward(q pq: UnsafePointer<Float>, k pk: UnsafePointer<Float>, v pv: UnsafePointer<Float>, out po: UnsafeMutablePointer<Float>,
                         tokens: Int, shape: AttentionShape, options: AttentionOptions) {
         let t = shape.sequenceLength, headDim = shape.headDim
         let qDim = shape.queryWidth, kvDim = shape.keyWidth
         let group = shape.heads / shape.kvHeads
-        let block = min(queryBlock, t)
+        let tiles = (t + queryTile - 1) / queryTile
+        let sequences = tokens / t
+        let stacked = group * queryTile
         let pointers = UnsafeSendable((pq, pk, pv, po))
-        Parallel.forEach((tokens / t) * shape.heads, chunk: 1) { tasks in
+        // The largest tiles (nearest the end of a sequence) first, so the last tasks are short.
+        let tasks = sequences * shape.kvHeads * tiles
+        Parallel.forEachTask(tasks) { task in
             let (pq, pk, pv, po) = pointers.value
-            let s = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
-            defer { s.deallocate() }
-            for task in tasks {
-                let (seq, h) = (task / shape.heads, task % shape.heads)
-                let base = seq * t
-                let kvHead = h / group
-                let qh = pq + base * qDim + h * headDim
-                let kh = pk + base * kvDim + kvHead * headDim
-                let vh = pv + base * kvDim + kvHead * headDim
-                let oh = po + base * qDim + h * headDim
-                var i0 = 0
-                while i0 < t {
-                    let i1 = min(i0 + block, t)
-                    probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim, options: options, rows: i0..<i1, into: s)
-                    Linalg.sgemm(.none, .none, m: i1 - i0, n: headDim, k: i1, alpha: 1,
-                                 a: s, lda: i1, b: vh, ldb: kvDim, beta: 0, c: oh + i0 * qDim, ldc: qDim, concurrently: false)
-                    i0 = i1
+            let tile = tiles - 1 - task % tiles
+            let kvHead = (task / tiles) % shape.kvHeads
+            let seq = task / (tiles * shape.kvHeads)
+            let base = seq * t
+            let i0 = tile * queryTile, i1 = min(i0 + queryTile, t)
+            let rows = i1 - i0
+            let m = group * rows
+            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * stacked * headDim + stacked * keyTile + 2 * stacked)
+            defer { scratch.deallocate() }
+            let qs = scratch, acc = scratch + stacked * headDim, s = acc + stacked * headDim
+            let rowMax = s + stacked * keyTile, rowSum = rowMax + stacked
+            // Stack the group's query heads: row h·rows + r is head (kvHead·group + h), position i0 + r.
+            for h in 0..<group {
+                let src = pq + (base + i0) * qDim + (kvHead * group + h) * headDim
+                for r in 0..<rows { (qs + (h * rows + r) * headDim).update(from: src + r * qDim, count: headDim) }
+            }
+            acc.initialize(repeating: 0, count: m * headDim)
+            rowMax.initialize(repeating: -.infinity, count: m)
+            rowSum.initialize(repeating: 0, count: m)
+            let kh = pk + base * kvDim + kvHead * headDim
+            let vh = pv + base * kvDim + kvHead * headDim
+            let firstKey = options.firstVisible(i0)
+            var j0 = (firstKey / keyTile) * keyTile
+            while j0 < i1 {
+                let j1 = min(j0 + keyTile, i1)
+                let n = j1 - j0
+                Linalg.sgemm(.none, .transposed, m: m, n: n, k: headDim, alpha: options.scale,
+                             a: qs, lda: headDim, b: kh + j0 * kvDim, ldb: kvDim, beta: 0, c: s, ldc: n, concurrently: false)
+                for row in 0..<m {
+                    let i = i0 + row % rows
+                    let sr = s + row * n
+                    // Keys this query sees inside the tile: [lo, hi).
+                    let lo = max(options.firstVisible(i), j0) - j0, hi = min(i + 1, j1) - j0
+                    guard lo < hi else {
+                        sr.update(repeating: 0, count: n)
+                        continue
+                    }
+                    if let cap = options.softcap { for j in lo..<hi { sr[j] = cap * tanhf(sr[j] / cap) } }
+                    let tileMax = Kernels.maximum(sr + lo, hi - lo)
+                    let newMax = max(rowMax[row], tileMax)
+                    if newMax > rowMax[row], rowMax[row] > -.infinity {
+                        let correction = expf(rowMax[row] - newMax)
+                        rowSum[row] *= correction
+                        Kernels.scale(acc + row * headDim, headDim, by: correction)
+                    }
+                    rowMax[row] = newMax
+                    rowSum[row] += Float(Kernels.expShifted(sr + lo, hi - lo, shift: newMax))
+                    if lo > 0 { sr.update(repeating: 0, count: lo) }
+                    if hi < n { (sr + hi).update(repeating: 0, count: n - hi) }
+                }
+                Linalg.sgemm(.none, .none, m: m, n: headDim, k: n, alpha: 1,
+                             a: s, lda: n, b: vh + j0 * kvDim, ldb: kvDim, beta: 1, c: acc, ldc: headDim, concurrently: false)
+                j0 = j1
+            }
+            for h in 0..<group {
+                let dst = po + (base + i0) * qDim + (kvHead * group + h) * headDim
+                for r in 0..<rows {
+                    let row = h * rows + r
+                    let inv = 1 / rowSum[row]
+                    let a = acc + row * headDim, o = dst + r * qDim
+                    for d in 0..<headDim { o[d] = a[d] * inv }
                 }
             }
         }

@@ -1,4 +1,5 @@
 import Dispatch
+import Synchronization
 
 /// Element-wise work split over the BLAS thread count, in fixed chunks: which thread does a chunk
 /// varies, what a chunk computes and the order in which partial sums are added do not, so results
@@ -23,6 +24,27 @@ public enum Parallel {
                 while c < chunks {
                     box.value((c * chunk)..<min(count, (c + 1) * chunk))
                     c += CPUBackend.threadCount
+                }
+            }
+        }
+    }
+
+    /// Calls `body` once for every task in 0..<count, concurrently over `CPUBackend.threadCount`
+    /// threads, each thread taking the next task when it is free (for tasks of unequal cost).
+    /// Which thread runs a task varies; a task must compute the same bits wherever it runs.
+    public static func forEachTask(_ count: Int, _ body: (Int) -> Void) {
+        if count <= 1 || CPUBackend.threadCount <= 1 {
+            for task in 0..<count { body(task) }
+            return
+        }
+        let next = Atomic<Int>(0)
+        withoutActuallyEscaping(body) { body in
+            let box = UnsafeSendable(body)
+            DispatchQueue.concurrentPerform(iterations: min(CPUBackend.threadCount, count)) { _ in
+                while true {
+                    let task = next.wrappingAdd(1, ordering: .relaxed).oldValue
+                    if task >= count { break }
+                    box.value(task)
                 }
             }
         }

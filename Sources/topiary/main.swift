@@ -1,10 +1,13 @@
 import Foundation
 import TopiaryModel
+import CTopiarySupport
 import TopiaryTensor
 
 // Before anything else: run again with a faster OpenBLAS kernel where OpenBLAS chose a slow one
 // (BLASKernel: a CPU it does not recognise gets Prescott).
 BLASKernel.preferExecutable()
+// Freed buffers stay in the process (the same sizes come back every block).
+_ = topiary_keep_freed_memory()
 
 /// A command as data: what `help` prints and what runs it.
 struct CommandEntry: Sendable {

@@ -74,8 +74,50 @@ final class KernelTests: XCTestCase {
         XCTAssertEqual(p.reduce(0, +), 1, accuracy: 1e-6)
         let e2: Double = exp(2.0) / (1 + exp(1.0) + exp(2.0))
         XCTAssertEqual(p[2], Float(e2), accuracy: 1e-6)
-        let expected: Float = 1002 + Float(log(1 + exp(-1.0) + exp(-2.0)))
-        XCTAssertEqual(lse, expected, accuracy: 1e-3)
+        let expected: Double = 1002 + log(1 + exp(-1.0) + exp(-2.0))
+        XCTAssertEqual(lse, expected, accuracy: 1e-7)   // Float exponentials, Double sum
+    }
+
+    /// The vector exponential against Foundation's, element by element and summed, over the range
+    /// softmax uses and beyond it (underflow to 0, overflow to +inf), lane tails included.
+    func testVectorExponentialMatchesFoundation() {
+        var rng = SplitMix64(seed: 7)
+        for n in [1, 15, 16, 17, 100, 4097] {
+            var x = [Float](repeating: 0, count: n)
+            for i in 0..<n { x[i] = Float(rng.nextUnit() * 120 - 100) }
+            if n > 3 { x[0] = -104; x[1] = 0; x[2] = 88 }
+            var y = x
+            let total = y.withUnsafeMutableBufferPointer { Kernels.expShifted($0.baseAddress!, n, shift: 0) }
+            var reference = 0.0
+            for i in 0..<n {
+                let e = exp(Double(x[i]))
+                reference += e
+                if x[i] < -87.33654 {
+                    XCTAssertEqual(y[i], 0, "x=\(x[i])")
+                } else {
+                    XCTAssertEqual(Double(y[i]) / e, 1, accuracy: 3e-7, "x=\(x[i])")
+                }
+            }
+            XCTAssertEqual(total / reference, 1, accuracy: 1e-6, "n=\(n)")
+        }
+        var big: [Float] = [89, -.infinity, .nan]
+        _ = big.withUnsafeMutableBufferPointer { Kernels.expShifted($0.baseAddress!, 2, shift: 0) }
+        XCTAssertEqual(big[0], .infinity)
+        XCTAssertEqual(big[1], 0)
+    }
+
+    /// logSumExp over a vocabulary-sized row is as accurate as a Double sum.
+    func testLogSumExpLongRowIsDoubleAccurate() {
+        var rng = SplitMix64(seed: 11)
+        let n = 49_152
+        var x = [Float](repeating: 0, count: n)
+        for i in 0..<n { x[i] = Float(rng.nextUnit() * 20 - 10) }
+        var m = -Double.infinity
+        for v in x { m = max(m, Double(v)) }
+        var s = 0.0
+        for v in x { s += exp(Double(v) - m) }
+        let reference = m + log(s)
+        XCTAssertEqual(Kernels.logSumExp(x, n), reference, accuracy: 2e-6)
     }
 
     func testActivations() {

@@ -14,4 +14,11 @@ uint32_t topiary_crc32c_portable(uint32_t crc, const void *data, size_t length);
 /// Whether the hardware path is in use (for benchmarks and docs).
 int topiary_crc32c_hardware(void);
 
+/// Keeps freed memory in the process instead of handing it back to the kernel after every
+/// large free: buffers up to 32 MiB come from the heap (not a fresh mmap), and the heap's top is
+/// trimmed only past 1 GiB. A block's forward frees and reallocates the same sizes again and
+/// again; without this each one is new pages that the kernel must zero. Returns 1 when glibc
+/// took both settings, 0 otherwise (other C libraries).
+int topiary_keep_freed_memory(void);
+
 #endif
