@@ -60,7 +60,10 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
         if let outlierRatios { o["outlier_ratios"] = outlierRatios }
         if let lambdaSearch { o["lambda_search"] = lambdaSearch.map { ["lambda": $0.lambda, "loss": $0.loss.map { $0 as Any } ?? NSNull()] as [String: Any] } }
         if let curveMethod { o["curve_method"] = curveMethod.rawValue }
-        if let curves { o["curves"] = curves.map { $0.map { ["sparsities": $0.sparsities, "errors": $0.errors] as Any } ?? NSNull() } }
+        if let curves {
+            o["curves"] = curves.map { c in c.map { ["sparsities": $0.sparsities, "errors": $0.errors,
+                                                     "output_energy": $0.outputEnergy.map { $0 as Any } ?? NSNull()] as Any } ?? NSNull() }
+        }
         if let blockParameters { o["block_parameters"] = blockParameters }
         if let seconds { o["seconds"] = seconds }
         return o
@@ -235,11 +238,21 @@ public enum LearnedAllocation {
     public struct Curve: Sendable, Equatable, Codable {
         public var sparsities: [Double]
         public var errors: [Double]
-        public init(sparsities: [Double], errors: [Double]) {
+        /// ‖Y‖² of the block's dense output, per measured window: errors × energy is the
+        /// absolute error ‖Y − Ŷ‖² (recorded; the solver uses the relative errors, which did far
+        /// better on SmolLM2, docs/methods.md).
+        public var outputEnergy: Double?
+        public init(sparsities: [Double], errors: [Double], outputEnergy: Double? = nil) {
             precondition(sparsities.count == errors.count && !sparsities.isEmpty, "a curve needs one error per sparsity")
             self.sparsities = sparsities
             self.errors = errors
+            self.outputEnergy = outputEnergy
         }
+        enum CodingKeys: String, CodingKey {
+            case sparsities, errors
+            case outputEnergy = "output_energy"
+        }
+
     }
 
     /// The grid's half-width and step around the target.
@@ -307,6 +320,7 @@ public enum LearnedAllocation {
                 continue
             }
             var errors: [Double] = []
+            var energy = 0.0
             for sparsity in grid {
                 var weights: [String: Tensor] = [:]
                 for name in block.linearNames {
@@ -330,8 +344,9 @@ public enum LearnedAllocation {
                     den += backend.chunkedDot(dense, dense)
                 }
                 errors.append(den > 0 ? num / den : 0)
+                energy = den / Double(max(1, measured))
             }
-            curves.append(Curve(sparsities: grid, errors: errors))
+            curves.append(Curve(sparsities: grid, errors: errors, outputEnergy: energy))
             log("allocation: block \(i) error " + zip(grid, errors).map { String(format: "%.3f:%.3g", $0, $1) }.joined(separator: " "))
             inputs = outputs
         }

@@ -196,6 +196,9 @@ final class AllocationCLITests: XCTestCase {
         let curves = try XCTUnwrap(allocation["curves"] as? [[String: Any]])
         XCTAssertEqual(curves.count, 5)
         XCTAssertEqual((curves[0]["sparsities"] as? [Double])?.count, 9)
+        XCTAssertGreaterThan(curves[0]["output_energy"] as? Double ?? 0, 0)
+        // Errors grow with sparsity on every block (Wanda's masks nest).
+        for c in curves { let e = c["errors"] as? [Double] ?? []; XCTAssertLessThan(e.first ?? 1, e.last ?? 0) }
         // Each block's report shows the sparsity it was given (up to Wanda's per-row rounding of 64 columns).
         let reportData = try Data(contentsOf: dir.appendingPathComponent("a/report.json"))
         let reports = try XCTUnwrap((try JSONSerialization.jsonObject(with: reportData) as? [String: Any])?["blocks"] as? [[String: Any]])
