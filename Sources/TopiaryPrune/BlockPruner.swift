@@ -25,7 +25,7 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var besa: BESA.Options?
     /// Mixture-of-experts blocks: which calibration tokens each expert's statistics see (nil: routed).
     public var expertCalibration: ExpertCalibration?
-    /// `--allocation owl`: each block's sparsity (by block index), instead of the pattern's.
+    /// `--allocation owl|learned`: each block's sparsity (by block index), instead of the pattern's.
     public var allocation: [Double]? = nil
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),

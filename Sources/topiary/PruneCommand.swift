@@ -165,9 +165,9 @@ enum PruneCommand: Command {
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
         OptionSpec(name: "iterations", value: "T", help: "SparseLLM: outer iterations (default 4)"),
         OptionSpec(name: "targets", value: "MODE", help: "SparseLLM and BESA: sequential (default) or dense"),
-        OptionSpec(name: "allocation", value: "MODE", help: "sparsity per block: uniform (default) or owl (outlier-weighted, Yin et al. 2024; unstructured only)"),
+        OptionSpec(name: "allocation", value: "MODE", help: "sparsity per block: uniform (default), owl (outlier-weighted, Yin et al. 2024) or learned (one budget from each block's error-vs-sparsity curve); owl and learned unstructured only"),
         OptionSpec(name: "owl-m", value: "M", help: "OWL: a weight is an outlier above M times its linear's mean Wanda score (default 5)"),
-        OptionSpec(name: "owl-lambda", value: "L", help: "OWL: block sparsities within ±L of the target (default 0.08)"),
+        OptionSpec(name: "owl-lambda", value: "L|auto", help: "OWL: block sparsities within ±L of the target (default 0.08); auto: the λ of least calibration loss among 0, 0.04, ..., 0.2"),
         OptionSpec(name: "moe-calibration", value: "MODE", help: "mixture of experts: routed (default; each expert's tokens) or all (every token through every expert)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them (at most the blocks)"),
@@ -260,14 +260,17 @@ enum PruneCommand: Command {
             throw UsageError(message: "topiary prune: --allocation must be \(AllocationMethod.allCases.map(\.rawValue).joined(separator: " or ")), got '\(allocationName)'")
         }
         let owlM = try args.double("owl-m") ?? 5
-        let owlLambda = try args.double("owl-lambda") ?? 0.08
+        // nil: --owl-lambda auto (searched on the calibration loss).
+        let owlLambda: Double? = args.string("owl-lambda") == "auto" ? nil : try args.double("owl-lambda") ?? 0.08
         guard owlM.isFinite, owlM > 0 else { throw UsageError(message: "topiary prune: --owl-m must be a positive number, got \(owlM)") }
-        guard owlLambda.isFinite, owlLambda >= 0, owlLambda < 1 else { throw UsageError(message: "topiary prune: --owl-lambda must be in [0, 1), got \(owlLambda)") }
+        if let owlLambda, !(owlLambda.isFinite && owlLambda >= 0 && owlLambda < 1) {
+            throw UsageError(message: "topiary prune: --owl-lambda must be in [0, 1) or auto, got \(owlLambda)")
+        }
         if allocation != .owl && (args.string("owl-m") != nil || args.string("owl-lambda") != nil) {
             throw UsageError(message: "topiary prune: --owl-m and --owl-lambda apply to --allocation owl")
         }
-        if allocation == .owl, case .nOfM = pattern {
-            throw UsageError(message: "topiary prune: --allocation owl gives each block its own unstructured sparsity; with --pattern N:M every group keeps N of M, so there is nothing to allocate")
+        if allocation != .uniform, case .nOfM = pattern {
+            throw UsageError(message: "topiary prune: --allocation \(allocation.rawValue) gives each block its own unstructured sparsity; with --pattern N:M every group keeps N of M, so there is nothing to allocate")
         }
         if let m = args.string("moe-calibration") {
             guard let mode = ExpertCalibration(rawValue: m) else {
@@ -482,22 +485,27 @@ enum PruneCommand: Command {
                              expertCalibration: expertCalibration)
         var job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
-        var allocationSummary: [String: Any] = ["method": allocation.rawValue]
-        if allocation == .owl {
-            // A dense pass over the calibration windows measures each block's outliers; the plan
-            // then carries every block's sparsity (to workers too). Deterministic: a resumed run
-            // measures the same.
-            let t0 = Date()
-            Console.info("allocation: OWL (M \(owlM), λ \(owlLambda)): measuring each block's outlier ratio on the dense model")
-            let ratios = try OWLAllocation.outlierRatios(model: model, job: job, m: owlM)
-            let pruned = (0..<c.layerCount).filter { job.prunes($0) }
-            let sparsities = try OWLAllocation.sparsities(ratios: ratios, pruned: pruned, target: pattern.fraction, lambda: owlLambda)
-            plan.allocation = sparsities
-            job.plan = plan
-            allocationSummary.merge(["m": owlM, "lambda": owlLambda, "outlier_ratios": ratios, "block_sparsity": sparsities,
-                                     "seconds": Date().timeIntervalSince(t0)]) { $1 }
-            Console.info("allocation: block sparsity " + sparsities.map { String(format: "%.3f", $0) }.joined(separator: " "))
+        // OWL and learned measure on the dense model before pruning; the plan then carries every
+        // block's sparsity (to workers too), and run.json the record, which a resumed run reuses.
+        var allocationRecord: AllocationRecord?
+        if let recorded = resumed?.manifest.allocation {
+            guard recorded.method == allocation else {
+                throw ToolError("\(runDir)/run.json: the recorded allocation is \(recorded.method.rawValue), the options say \(allocation.rawValue)")
+            }
+            allocationRecord = recorded
+            Console.info("allocation: \(allocation.rawValue), as recorded in run.json")
+        } else if allocation != .uniform {
+            allocationRecord = try Self.allocate(allocation, model: model, job: job, owlM: owlM, owlLambda: owlLambda)
         }
+        if let allocationRecord {
+            guard allocationRecord.blockSparsity.count == c.layerCount else {
+                throw ToolError("\(runDir)/run.json: the recorded allocation has \(allocationRecord.blockSparsity.count) blocks, the model \(c.layerCount)")
+            }
+            plan.allocation = allocationRecord.blockSparsity
+            job.plan = plan
+            Console.info("allocation: block sparsity " + allocationRecord.blockSparsity.map { String(format: "%.3f", $0) }.joined(separator: " "))
+        }
+        let allocationSummary: [String: Any] = allocationRecord?.json ?? ["method": allocation.rawValue]
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"), replicas: replicas)
         defer { cluster.shutdown() }
@@ -511,7 +519,11 @@ enum PruneCommand: Command {
             minImprovement: minImprovement, keepRound: keepRound,
             workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
             start: try resumed.map { .resume($0.manifest) }
-                ?? .new(try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibRecord, plan: [])))
+                ?? .new({
+                    var m = try RunSupport.manifest(args: args, modelPath: model.path, calibPath: calibRecord, plan: [])
+                    m.allocation = allocationRecord
+                    return m
+                }()))
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions
@@ -871,5 +883,52 @@ final class Progress {
         done = 0
         replayed = []
         last = Date()
+    }
+}
+
+extension PruneCommand {
+    /// Measures `allocation` on the dense model (OWL's outlier ratios and, with --owl-lambda auto,
+    /// its λ search; or the learned allocation's error curves) and chooses the block sparsities.
+    static func allocate(_ allocation: AllocationMethod, model: LanguageModel, job: PruneJob, owlM: Double,
+                         owlLambda: Double?) throws -> AllocationRecord {
+        let c = model.config
+        let t0 = Date()
+        let pruned = (0..<c.layerCount).filter { job.prunes($0) }
+        let target = job.plan.pattern.fraction
+        switch allocation {
+        case .uniform:
+            return AllocationRecord(method: .uniform, blockSparsity: [Double](repeating: target, count: c.layerCount))
+        case .owl:
+            Console.info("allocation: OWL (M \(owlM), λ \(owlLambda.map { "\($0)" } ?? "auto")): measuring each block's outlier ratio on the dense model")
+            let scores = try OWLAllocation.denseScores(model: model, job: job, m: owlM)
+            var lambda = owlLambda ?? 0
+            var trials: [AllocationRecord.LambdaTrial]?
+            if owlLambda == nil {
+                Console.info("allocation: searching λ over \(OWLAllocation.lambdaGrid) by the loss on \(min(OWLAllocation.searchWindows, job.samples)) calibration windows (Wanda masks from the dense model's norms)")
+                let found = try OWLAllocation.searchLambda(model: model, job: job, ratios: scores.ratios, squaredNorms: scores.squaredNorms) { Console.info($0) }
+                lambda = found.lambda
+                trials = found.trials
+                Console.info("allocation: λ \(lambda) chosen")
+            }
+            var record = AllocationRecord(method: .owl, blockSparsity: try OWLAllocation.sparsities(ratios: scores.ratios, pruned: pruned,
+                                                                                                     target: target, lambda: lambda))
+            record.owlM = owlM
+            record.owlLambda = lambda
+            record.outlierRatios = scores.ratios
+            record.lambdaSearch = trials
+            record.seconds = Date().timeIntervalSince(t0)
+            return record
+        case .learned:
+            let method = LearnedAllocation.curveMethod(for: job.plan)
+            Console.info("allocation: learned: each block's output error at sparsities \(LearnedAllocation.grid(target: target).map { String(format: "%.3f", $0) }.joined(separator: " ")) with \(method.rawValue) masks, on the dense model")
+            let (curves, parameters) = try LearnedAllocation.measureCurves(model: model, job: job) { Console.info($0) }
+            var record = AllocationRecord(method: .learned, blockSparsity: try LearnedAllocation.solve(curves: curves, weights: parameters.map(Double.init),
+                                                                                                        target: target))
+            record.curveMethod = method
+            record.curves = curves
+            record.blockParameters = parameters
+            record.seconds = Date().timeIntervalSince(t0)
+            return record
+        }
     }
 }

@@ -116,7 +116,7 @@ final class ReplicaCLITests: XCTestCase {
     }
 }
 
-/// `--allocation owl` end to end (stories260K).
+/// `--allocation owl|learned` end to end (stories260K).
 final class AllocationCLITests: XCTestCase {
     let stories = CLI.asset("stories260K/stories260K.bin")
     let storiesTokenizer = CLI.asset("stories260K/tok512.bin")
@@ -155,7 +155,9 @@ final class AllocationCLITests: XCTestCase {
     func testBadAllocationOptionsAreRefused() throws {
         let dir = try CLI.temporaryDirectory(self)
         let out = dir.appendingPathComponent("x").path
-        for (extra, message) in [(["--allocation", "learned"], "--allocation must be uniform or owl"),
+        for (extra, message) in [(["--allocation", "global"], "--allocation must be uniform or owl or learned, got 'global'"),
+                                 (["--allocation", "learned", "--owl-lambda", "0.1"], "--owl-m and --owl-lambda apply to --allocation owl"),
+                                 (["--allocation", "owl", "--owl-lambda", "best"], "--owl-lambda"),
                                  (["--owl-m", "3"], "--owl-m and --owl-lambda apply to --allocation owl"),
                                  (["--allocation", "owl", "--owl-lambda", "-1"], "--owl-lambda must be in [0, 1)"),
                                  (["--allocation", "owl", "--owl-lambda", "0.5"], "--owl-lambda 0.5 gives block")] {
@@ -167,5 +169,84 @@ final class AllocationCLITests: XCTestCase {
         nm.removeAll { $0 == "--sparsity" || $0 == "0.7" }
         let r = try CLI.run(nm + ["--pattern", "2:4"])
         XCTAssertTrue(r.stderr.contains("--allocation owl gives each block its own unstructured sparsity"), r.stderr)
+        nm = args(out, ["--allocation", "learned"])
+        nm.removeAll { $0 == "--sparsity" || $0 == "0.7" }
+        let l = try CLI.run(nm + ["--pattern", "2:4"])
+        XCTAssertEqual(l.status, 2)
+        XCTAssertTrue(l.stderr.contains("--allocation learned gives each block its own unstructured sparsity; with --pattern N:M"), l.stderr)
+    }
+
+    /// `--allocation learned`: the block sparsities' parameter-weighted mean is the target, each
+    /// block is pruned at its own, the same bytes on workers, again, and after a kill and resume
+    /// (which reuses the allocation recorded in run.json instead of measuring it again).
+    func testLearnedAllocationMeetsTheTargetAndIsTheSameOnWorkersAndAfterAResume() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(args(dir.appendingPathComponent("a").path, ["--allocation", "learned"]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let allocation = try XCTUnwrap(r.json?["allocation"] as? [String: Any])
+        XCTAssertEqual(allocation["method"] as? String, "learned")
+        XCTAssertEqual(allocation["curve_method"] as? String, "wanda")
+        let blocks = try XCTUnwrap(allocation["block_sparsity"] as? [Double])
+        let parameters = try XCTUnwrap(allocation["block_parameters"] as? [Int])
+        XCTAssertEqual(blocks.count, 5)
+        let weighted = zip(blocks, parameters).reduce(0.0) { $0 + $1.0 * Double($1.1) } / Double(parameters.reduce(0, +))
+        XCTAssertEqual(weighted, 0.7, accuracy: 1e-9)  // the solver's exact mean, rounded to 1e-9 per block
+        XCTAssertTrue(blocks.allSatisfy { $0 >= 0.6 - 1e-9 && $0 <= 0.8 + 1e-9 }, "\(blocks)")
+        XCTAssertGreaterThan(blocks.max()! - blocks.min()!, 0.01, "\(blocks)")
+        let curves = try XCTUnwrap(allocation["curves"] as? [[String: Any]])
+        XCTAssertEqual(curves.count, 5)
+        XCTAssertEqual((curves[0]["sparsities"] as? [Double])?.count, 9)
+        XCTAssertGreaterThan(curves[0]["output_energy"] as? Double ?? 0, 0)
+        // Errors grow with sparsity on every block (Wanda's masks nest).
+        for c in curves { let e = c["errors"] as? [Double] ?? []; XCTAssertLessThan(e.first ?? 1, e.last ?? 0) }
+        // Each block's report shows the sparsity it was given (up to Wanda's per-row rounding of 64 columns).
+        let reportData = try Data(contentsOf: dir.appendingPathComponent("a/report.json"))
+        let reports = try XCTUnwrap((try JSONSerialization.jsonObject(with: reportData) as? [String: Any])?["blocks"] as? [[String: Any]])
+        for (b, report) in reports.enumerated() {
+            XCTAssertEqual(try XCTUnwrap(report["sparsity"] as? Double), blocks[b], accuracy: 1.0 / 64 + 1e-9, "block \(b)")
+        }
+        let sha = try XCTUnwrap(r.json?["output_sha256"] as? String)
+        for (k, extra) in [[], ["--workers", "2"]].enumerated() {
+            let other = try CLI.run(args(dir.appendingPathComponent("b\(k)").path, ["--allocation", "learned"] + extra))
+            XCTAssertEqual(other.json?["output_sha256"] as? String, sha, other.stderr)
+            XCTAssertEqual((other.json?["allocation"] as? [String: Any])?["block_sparsity"] as? [Double], blocks)
+        }
+        XCTAssertNotEqual(try CLI.run(args(dir.appendingPathComponent("u").path, [])).json?["output_sha256"] as? String, sha)
+
+        let out = dir.appendingPathComponent("killed").path
+        let p = try CLI.start(args(out, ["--allocation", "learned"]), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 1 })
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        let manifest = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + ".run/run.json"))) as? [String: Any])
+        XCTAssertEqual((manifest["allocation"] as? [String: Any])?["block_sparsity"] as? [Double], blocks)
+        let resumed = try CLI.run(["prune", "--resume", out + ".run", "--json"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertTrue(resumed.stderr.contains("allocation: learned, as recorded in run.json"), resumed.stderr)
+        XCTAssertEqual(resumed.json?["output_sha256"] as? String, sha)
+    }
+
+    /// `--owl-lambda auto` records the grid's losses and picks the smallest; run.json keeps the choice.
+    func testOWLLambdaAutoRecordsTheGridAndItsChoice() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let out = dir.appendingPathComponent("a").path
+        let r = try CLI.run(args(out, ["--allocation", "owl", "--owl-lambda", "auto"]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let allocation = try XCTUnwrap(r.json?["allocation"] as? [String: Any])
+        let trials = try XCTUnwrap(allocation["lambda_search"] as? [[String: Any]])
+        XCTAssertEqual(trials.compactMap { $0["lambda"] as? Double }, [0, 0.04, 0.08, 0.12, 0.16, 0.2])
+        let losses = trials.map { ($0["lambda"] as! Double, $0["loss"] as? Double ?? .infinity) }
+        let best = losses.min { $0.1 < $1.1 }!
+        XCTAssertEqual(allocation["lambda"] as? Double, best.0, "\(losses)")
+        XCTAssertTrue(losses.allSatisfy { $0.1.isFinite && $0.1 > 0 }, "\(losses)")
+        let blocks = try XCTUnwrap(allocation["block_sparsity"] as? [Double])
+        XCTAssertEqual(blocks.reduce(0, +) / 5, 0.7, accuracy: 1e-9)
+        // The same as OWL given the chosen λ.
+        let fixed = try CLI.run(args(dir.appendingPathComponent("b").path, ["--allocation", "owl", "--owl-lambda", "\(best.0)"]))
+        XCTAssertEqual(fixed.json?["output_sha256"] as? String, r.json?["output_sha256"] as? String, fixed.stderr)
+        let manifest = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + ".run/run.json"))) as? [String: Any])
+        let recorded = try XCTUnwrap(manifest["allocation"] as? [String: Any])
+        XCTAssertEqual(recorded["lambda"] as? Double, best.0)
+        XCTAssertEqual((recorded["lambda_search"] as? [[String: Any]])?.count, 6)
     }
 }

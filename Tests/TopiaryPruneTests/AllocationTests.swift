@@ -1,6 +1,7 @@
 import Foundation
 @testable import TopiaryPrune
 import TopiaryModel
+import TopiaryTensor
 import TopiaryTestSupport
 import XCTest
 
@@ -42,5 +43,78 @@ final class AllocationTests: XCTestCase {
         XCTAssertEqual(plan.forBlock(1).pattern, .unstructured(0.6))
         XCTAssertNil(plan.forBlock(1).allocation)
         XCTAssertEqual(plan.forBlock(5).pattern, .unstructured(0.5))
+    }
+
+    /// Convex curves e_b(s) = a_b·s² on a grid of step 0.05: the hull segments' slopes
+    /// a_b(2s + h) put the optimum at the grid points s_b ∝ 1/a_b (the Lagrange condition
+    /// 2a_b·s_b = μ), here 0.8, 0.4, 0.2 for a = 1, 2, 4 and a mean of 1.4/3.
+    func testLearnedSolverFindsTheKnownOptimumOfConvexCurves() throws {
+        let grid = (0...20).map { Double($0) * 0.05 }
+        let curves = [1.0, 2, 4].map { a in LearnedAllocation.Curve(sparsities: grid, errors: grid.map { a * $0 * $0 }) }
+        let s = try LearnedAllocation.solve(curves: curves, weights: [1, 1, 1], target: 1.4 / 3)
+        for (got, want) in zip(s, [0.8, 0.4, 0.2]) { XCTAssertEqual(got, want, accuracy: 1e-12) }
+        XCTAssertEqual((s[0] + s[1] + s[2]) / 3, 1.4 / 3, accuracy: 1e-15)
+        // Weighted by parameters: a block twice as large moves half as far for the same error per weight.
+        let w = [1.0, 3, 2]
+        let t = try LearnedAllocation.solve(curves: curves, weights: w, target: 0.55)
+        XCTAssertEqual(zip(t, w).reduce(0) { $0 + $1.0 * $1.1 } / 6, 0.55, accuracy: 1e-15)
+    }
+
+    /// Against brute force: every combination of grid points whose weighted mean is the target;
+    /// the solver (which may also stop between points) never does worse than the best of them, and
+    /// where the best combination is unique and convex curves make it optimal, it finds it.
+    func testLearnedSolverIsNoWorseThanEveryGridCombination() throws {
+        var rng = SplitMix64(seed: 17)
+        let grid = [0.5, 0.6, 0.7, 0.8, 0.9]
+        for _ in 0..<20 {
+            // Convex increasing curves: increments that grow.
+            let curves = (0..<3).map { _ -> LearnedAllocation.Curve in
+                var e = [rng.nextUnit()], step = 0.01 + rng.nextUnit() * 0.1
+                for _ in 1..<grid.count {
+                    e.append(e.last! + step)
+                    step *= 1 + rng.nextUnit()
+                }
+                return LearnedAllocation.Curve(sparsities: grid, errors: e)
+            }
+            let s = try LearnedAllocation.solve(curves: curves, weights: [1, 1, 1], target: 0.7)
+            XCTAssertEqual(s.reduce(0, +) / 3, 0.7, accuracy: 1e-15)
+            func error(_ b: Int, _ x: Double) -> Double {
+                let c = curves[b]
+                let k = min(max(0, Int(((x - 0.5) / 0.1).rounded(.down))), grid.count - 2)
+                let f = (x - grid[k]) / 0.1
+                return c.errors[k] * (1 - f) + c.errors[k + 1] * f
+            }
+            let solved = (0..<3).reduce(0.0) { $0 + error($1, s[$1]) }
+            var best = Double.infinity
+            for i in 0..<5 { for j in 0..<5 { for k in 0..<5 where i + j + k == 6 {
+                best = min(best, curves[0].errors[i] + curves[1].errors[j] + curves[2].errors[k])
+            } } }
+            XCTAssertLessThanOrEqual(solved, best + 1e-12)
+        }
+    }
+
+    func testLearnedSolverSkipsPointsAboveTheHullAndRefusesAnUnreachableTarget() throws {
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.7).count, 9)
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.7).first!, 0.6, accuracy: 1e-12)
+        // Inside [0.01, 0.99]: the points past either end are left out.
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.95).last!, 0.975, accuracy: 1e-12)
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.95).count, 6)
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.02).first!, 0.02)
+        XCTAssertEqual(LearnedAllocation.grid(target: 0.02).count, 5)
+        // Block 0's error jumps at 0.6 then falls back: the hull goes straight from 0.5 to 0.7.
+        let bumpy = LearnedAllocation.Curve(sparsities: [0.5, 0.6, 0.7], errors: [0, 10, 1])
+        let flat = LearnedAllocation.Curve(sparsities: [0.5, 0.6, 0.7], errors: [0, 0.6, 1.2])
+        XCTAssertEqual(LearnedAllocation.lowerHull(bumpy).map(\.s), [0.5, 0.7])
+        let s = try LearnedAllocation.solve(curves: [bumpy, flat], weights: [1, 1], target: 0.6)
+        // Block 0's hull costs 5 per unit of sparsity, block 1's 6: block 0 takes the budget.
+        XCTAssertEqual(s[0], 0.7, accuracy: 1e-12)
+        XCTAssertEqual(s[1], 0.5, accuracy: 1e-12)
+        // A block outside --layers (nil) keeps the target and does not count.
+        let some = try LearnedAllocation.solve(curves: [nil, flat, flat], weights: [5, 1, 1], target: 0.6)
+        XCTAssertEqual(some[0], 0.6)
+        XCTAssertEqual(some[1] + some[2], 1.2, accuracy: 1e-15)
+        XCTAssertThrowsError(try LearnedAllocation.solve(curves: [flat], weights: [1], target: 0.8)) { e in
+            XCTAssertTrue("\(e)".contains("--allocation learned"), "\(e)")
+        }
     }
 }

@@ -241,6 +241,9 @@ public struct RunManifest: Codable, Sendable {
     public var options: [String: String]
     public var flags: [String]
     public var plan: [PlanEntry]?
+    /// `--allocation owl|learned`: the block sparsities chosen when the run started (and how), so
+    /// that a resumed run prunes with them without measuring again.
+    public var allocation: AllocationRecord?
     public var runID: String?
     public var checksum: String?
 
@@ -256,7 +259,7 @@ public struct RunManifest: Codable, Sendable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case format, version, created, model, calibration, options, flags, plan, checksum
+        case format, version, created, model, calibration, options, flags, plan, checksum, allocation
         case toolVersion = "tool_version", runID = "run_id"
     }
 }
