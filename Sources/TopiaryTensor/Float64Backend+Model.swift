@@ -104,7 +104,7 @@ extension Float64Backend {
     }
 
     /// The angles are position·frequency with both in Float64 (`RopeTable.frequencies`), their
-    /// cos and sin in Float64; the table's Float32 cos/sin are not used.
+    /// cos and sin in Float64; the table's Float32 cos/sin are used only with `.float32Table`.
     public func rope(_ x: Tensor, heads: Int, headDim: Int, sequenceLength: Int, table: Kernels.RopeTable, layout: RopeLayout, inverse: Bool) {
         precondition(x.cols == heads * headDim && x.rows % sequenceLength == 0, "rope: \(x) for \(heads) heads of \(headDim), sequences of \(sequenceLength)")
         precondition(sequenceLength <= table.positions, "RoPE table has \(table.positions) positions, need \(sequenceLength)")
@@ -113,8 +113,9 @@ extension Float64Backend {
         for pos in 0..<sequenceLength {
             for i in 0..<half {
                 let angle = Double(pos) * table.frequencies[i]
-                cosines[pos * half + i] = cos(angle)
-                sines[pos * half + i] = inverse ? -sin(angle) : sin(angle)
+                let (c, s) = ropeAngles == .float64 ? (cos(angle), sin(angle)) : (Double(table.cos[pos * half + i]), Double(table.sin[pos * half + i]))
+                cosines[pos * half + i] = c
+                sines[pos * half + i] = inverse ? -s : s
             }
         }
         let p = write(x)

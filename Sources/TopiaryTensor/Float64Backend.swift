@@ -17,7 +17,13 @@ import Darwin
 /// SparseGPT column loop, the row order of sums) and makes no attempt to give the CPU's bits:
 /// its results differ from `CPUBackend`'s by the Float32 rounding of the latter.
 public struct Float64Backend: ComputeBackend {
-    public init() {}
+    /// Where RoPE's angles come from: Float64 (the default), or the table's Float32 cos/sin (the
+    /// angles llama2.c and transformers compute, in transformers even for a float64 model), to
+    /// measure what the Float32 angles alone cost.
+    public enum RopeAngles: String, Sendable { case float64, float32Table }
+    public let ropeAngles: RopeAngles
+
+    public init(ropeAngles: RopeAngles = .float64) { self.ropeAngles = ropeAngles }
     public var name: String { "cpu-f64 (OpenBLAS, Float64, \(Linalg.threadCount) threads)" }
 
     // MARK: Memory and transfers
