@@ -144,16 +144,18 @@ public enum Perplexity {
             let r1 = min(r0 + chunk, targets.count)
             let logits = head.logits(backend.copy(hidden.region(rows: r0..<r1)), on: backend)
             let (v, values) = (logits.cols, backend.downloadValues(logits))
-            for r in 0..<(r1 - r0) {
-                let row = values[(r * v)..<((r + 1) * v)]
-                let m = row.max() ?? 0
-                var s = 0.0
-                for x in row { s += exp(x - m) }
-                total += m + log(s) - row[r * v + targets[r0 + r]]
-            }
+            for r in 0..<(r1 - r0) { total -= logProbability(values[(r * v)..<((r + 1) * v)], target: targets[r0 + r]) }
             r0 = r1
         }
         return total / Double(targets.count)
+    }
+
+    /// log softmax(row)[target] in Float64 (`row` indexed from its own start index).
+    static func logProbability(_ row: ArraySlice<Double>, target: Int) -> Double {
+        let m = row.max() ?? 0
+        var s = 0.0
+        for x in row { s += exp(x - m) }
+        return row[row.startIndex + target] - m - log(s)
     }
 
     /// The same, for hidden states on the host.

@@ -298,8 +298,9 @@ enum PruneCommand: Command {
         let replicas = try args.int("replicas", in: 1...Limits.workers) ?? 1
         if workerCount != nil && hostCount != nil { throw UsageError(message: "topiary prune: --workers and --hosts exclude each other") }
         let precision = try CommonOptions.precision(args)
-        if precision == .f64 && (workerCount != nil || hostCount != nil) {
-            throw UsageError(message: "topiary prune: --precision f64 runs in this process only (worker processes compute and exchange activations in f32); drop --\(workerCount != nil ? "workers" : "hosts") (--replicas R alone runs R replicas in this process)")
+        if precision == .f64 && (workerCount != nil || hostCount != nil || replicas > 1) {
+            let given = workerCount != nil ? "--workers" : hostCount != nil ? "--hosts" : "--replicas \(replicas)"
+            throw UsageError(message: "topiary prune: --precision f64 runs as one process without replicas (workers and replicas exchange activations and statistics in f32); drop \(given)")
         }
         let connectTimeout = try args.double("connect-timeout", in: 0...Limits.seconds)
         let heartbeatInterval = try args.double("heartbeat-interval", in: 0...Limits.seconds) ?? 5

@@ -31,6 +31,25 @@ final class PrecisionCLITests: XCTestCase {
         XCTAssertEqual(explicit.json?["window_losses"] as? [Double], lossesF32)
     }
 
+    func testTaskScoringInFloat64IsWithinRoundingOfFloat32() throws {
+        let tasks = CLI.repositoryRoot.appendingPathComponent("Tests/Fixtures/tasks/stories-mc.jsonl").path
+        let runs = try ["f32", "f64"].map { try CLI.run(["eval", "--model", stories, "--tokenizer", storiesTokenizer, "--tasks", tasks,
+                                                         "--precision", $0, "--json"]) }
+        for r in runs { XCTAssertEqual(r.status, 0, r.stderr) }
+        let questions = runs.map { ($0.json?["per_question"] as? [[String: Any]]) ?? [] }
+        XCTAssertFalse(questions[0].isEmpty)
+        XCTAssertEqual(questions[0].count, questions[1].count)
+        var differs = false
+        for (a, b) in zip(questions[0], questions[1]) {
+            let (la, lb) = (a["loglikelihoods"] as! [Double], b["loglikelihoods"] as! [Double])
+            for (x, y) in zip(la, lb) {
+                XCTAssertEqual(x, y, accuracy: 1e-3)
+                differs = differs || x != y
+            }
+        }
+        XCTAssertTrue(differs)
+    }
+
     func testBadPrecisionValuesNameTheOption() throws {
         for bad in ["f16", "F64", "double", ""] {
             let r = try CLI.run(evalArgs(["--precision", bad]))
@@ -70,9 +89,13 @@ final class PrecisionCLITests: XCTestCase {
             XCTAssertEqual(r.status, 2, r.stderr)
             XCTAssertTrue(r.stderr.contains("cannot change on resume: --precision \(other)"), r.stderr)
         }
-        // Worker processes compute in f32: refused, naming the option.
+        // Workers and replicas exchange in f32: refused, naming the option.
         let workers = try CLI.run(pruneArgs(output: dir.appendingPathComponent("w").path, ["--precision", "f64", "--workers", "2"]))
         XCTAssertEqual(workers.status, 2, workers.stderr)
-        XCTAssertTrue(workers.stderr.contains("--precision f64 runs in this process only"), workers.stderr)
+        XCTAssertTrue(workers.stderr.contains("--precision f64 runs as one process without replicas"), workers.stderr)
+        XCTAssertTrue(workers.stderr.contains("drop --workers"), workers.stderr)
+        let replicas = try CLI.run(pruneArgs(output: dir.appendingPathComponent("r").path, ["--precision", "f64", "--replicas", "2"]))
+        XCTAssertEqual(replicas.status, 2, replicas.stderr)
+        XCTAssertTrue(replicas.stderr.contains("drop --replicas 2"), replicas.stderr)
     }
 }
