@@ -239,6 +239,34 @@ final class Float64BackendTests: XCTestCase {
         }
     }
 
+    func testRopeFrequenciesInFloat64() {
+        let table = Kernels.RopeTable(rotaryDim: 64, theta: 100_000, positions: 4)
+        for i in 0..<32 {
+            XCTAssertEqual(table.frequencies[i], 1 / pow(100_000.0, Double(2 * i) / 64), accuracy: 1e-15 * table.frequencies[i])
+        }
+        // A checkpoint's 16-bit rounding of the frequencies is the model's definition: kept exactly.
+        let rounded = Kernels.RopeTable(rotaryDim: 64, theta: 100_000, positions: 4, frequencyRounding: .bfloat16)
+        for i in 0..<32 {
+            let f = 1 / powf(100_000, Float(2 * i) / 64)
+            XCTAssertEqual(rounded.frequencies[i], Double(HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(f))))
+        }
+        // Scaling applies as the ratio the Float32 formula gives.
+        let scaled = Kernels.RopeTable(rotaryDim: 64, theta: 100_000, positions: 4) { $0 / 8 }
+        for i in 0..<32 { XCTAssertEqual(scaled.frequencies[i], table.frequencies[i] / 8, accuracy: 1e-7 * table.frequencies[i]) }
+        // With the table's Float32 cos/sin, the Float64 rotation is the CPU's to Float64 rounding of the products.
+        var rng = TestRandom(seed: 26)
+        let x = rng.matrix(8, 64)
+        let big = Kernels.RopeTable(rotaryDim: 16, theta: 10000, positions: 8)
+        let angles32 = Float64Backend(ropeAngles: .float32Table)
+        let results = ([cpu, angles32, f64] as [any ComputeBackend]).map { k -> Matrix in
+            let t = k.upload(x)
+            k.rope(t, heads: 4, headDim: 16, sequenceLength: 8, table: big, layout: .rotateHalf, inverse: false)
+            return k.download(t)
+        }
+        XCTAssertLessThanOrEqual(results[0].maxAbsDifference(results[1]), 3e-7)
+        XCTAssertLessThanOrEqual(results[0].maxAbsDifference(results[2]), 1e-5)
+    }
+
     /// Data far from zero: Float32's accumulation loses the small spread around the offset, Float64's does not.
     func testFloat64IsVisiblyMoreAccurateOnLargeOffsets() throws {
         // A column of 4096 values 1000 + small noise; the centred Hessian from H = XᵀX − n·μμᵀ needs
