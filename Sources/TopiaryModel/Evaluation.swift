@@ -116,6 +116,7 @@ public enum Perplexity {
     /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row
     /// chunks on `backend` and reduced on the host in row order.
     public static func meanCrossEntropy(head: Head, hidden: Tensor, targets: [Int], on backend: any ComputeBackend) -> Double {
+        if let f64 = backend as? Float64Backend { return meanCrossEntropy(head: head, hidden: hidden, targets: targets, on: f64) }
         let chunk = 128
         var total = 0.0
         var r0 = 0
@@ -132,6 +133,29 @@ public enum Perplexity {
             r0 = r1
         }
         return total / Double(targets.count)
+    }
+
+    /// The same in Float64: the logits come to the host unrounded and the log-softmax is taken in Float64.
+    static func meanCrossEntropy(head: Head, hidden: Tensor, targets: [Int], on backend: Float64Backend) -> Double {
+        let chunk = 128
+        var total = 0.0
+        var r0 = 0
+        while r0 < targets.count {
+            let r1 = min(r0 + chunk, targets.count)
+            let logits = head.logits(backend.copy(hidden.region(rows: r0..<r1)), on: backend)
+            let (v, values) = (logits.cols, backend.downloadValues(logits))
+            for r in 0..<(r1 - r0) { total -= logProbability(values[(r * v)..<((r + 1) * v)], target: targets[r0 + r]) }
+            r0 = r1
+        }
+        return total / Double(targets.count)
+    }
+
+    /// log softmax(row)[target] in Float64 (`row` indexed from its own start index).
+    static func logProbability(_ row: ArraySlice<Double>, target: Int) -> Double {
+        let m = row.max() ?? 0
+        var s = 0.0
+        for x in row { s += exp(x - m) }
+        return row[row.startIndex + target] - m - log(s)
     }
 
     /// The same, for hidden states on the host.

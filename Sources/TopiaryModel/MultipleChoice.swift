@@ -319,6 +319,13 @@ public enum MultipleChoice {
                 // product is most of the cost with a large vocabulary and a long context).
                 let targets = sequences[i].targets
                 let length = sequences[i].input.count
+                if let f64 = backend as? Float64Backend {
+                    // --precision f64: the log-softmax too in Float64, on the unrounded logits.
+                    let logits = head.logits(backend.copy(states[k].region(rows: (length - targets.count)..<length)), on: backend)
+                    let (v, values) = (logits.cols, f64.downloadValues(logits))
+                    result[i] = targets.enumerated().reduce(0.0) { $0 + Perplexity.logProbability(values[($1.offset * v)..<(($1.offset + 1) * v)], target: $1.element) }
+                    continue
+                }
                 let logits = head.logits(states[k], rows: (length - targets.count)..<length, on: backend)
                 let v = logits.cols
                 var sum = 0.0

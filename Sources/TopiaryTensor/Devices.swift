@@ -31,6 +31,20 @@ public enum ComputeDevice: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// The arithmetic a run computes in, as `--precision` names it: Float32 on the chosen device
+/// (the default), or Float64 on the CPU (`Float64Backend`), the yardstick for fp32's rounding error.
+public enum ComputePrecision: String, Sendable, CaseIterable {
+    case f32, f64
+
+    /// Parses `f32` or `f64`; the error names the option and the value found.
+    public static func parse(_ text: String) throws -> ComputePrecision {
+        guard let p = ComputePrecision(rawValue: text) else {
+            throw DeviceError.invalid("--precision expects f32 or f64, got '\(text)'")
+        }
+        return p
+    }
+}
+
 public enum DeviceError: Error, CustomStringConvertible, Equatable {
     case invalid(String)
     case unavailable(String)
@@ -56,6 +70,15 @@ public enum ComputeDevices {
             let driver = cudaDriverFound ? "\(cudaDriverLibrary) found" : "\(cudaDriverLibrary) not found"
             throw DeviceError.unavailable("\(device): no CUDA backend in this build: the CUDA backend is not written yet, only cpu is (\(driver))")
         }
+    }
+
+    /// The backend for `device` at `precision`: Float64 exists on the CPU only.
+    public static func backend(for device: ComputeDevice, precision: ComputePrecision) throws -> any ComputeBackend {
+        guard precision == .f64 else { return try backend(for: device) }
+        guard device == .cpu else {
+            throw DeviceError.unavailable("--precision f64 runs on the CPU only (Float64Backend); there is no Float64 backend for \(device)")
+        }
+        return Float64Backend()
     }
 
     /// The backend drivers use when none is passed to them: the CPU, or what `--device` chose

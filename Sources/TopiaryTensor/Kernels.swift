@@ -279,6 +279,10 @@ public enum Kernels {
         public let cos: [Float]
         public let sin: [Float]
         public let positions: Int
+        /// The inverse frequencies in Float64 (theta^(-2i/d) computed in Float64, then scaled by the
+        /// ratio the Float32 scaling gives, or the 16-bit rounded value exactly): the Float64
+        /// backend computes its angles from these.
+        public let frequencies: [Double]
 
         /// Frequencies theta^(-2i/d) and angles pos * freq are computed in Float32, as both
         /// llama2.c and transformers do. `frequencyRounding` rounds the frequencies through a
@@ -291,13 +295,19 @@ public enum Kernels {
             self.positions = positions
             var c = [Float](repeating: 0, count: positions * halfDim)
             var s = c
+            var f64 = [Double](repeating: 0, count: halfDim)
             for i in 0..<halfDim {
                 var freq = 1 / powf(theta, Float(2 * i) / Float(rotaryDim))
-                if let scaleFrequency { freq = scaleFrequency(freq) }
+                f64[i] = 1 / pow(Double(theta), Double(2 * i) / Double(rotaryDim))
+                if let scaleFrequency {
+                    let scaled = scaleFrequency(freq)
+                    f64[i] *= Double(scaled) / Double(freq)
+                    freq = scaled
+                }
                 switch frequencyRounding {
                 case .none: break
-                case .bfloat16: freq = HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(freq))
-                case .float16: freq = HalfPrecision.fp16ToFloat(HalfPrecision.floatToFP16(freq))
+                case .bfloat16: freq = HalfPrecision.bf16ToFloat(HalfPrecision.floatToBF16(freq)); f64[i] = Double(freq)
+                case .float16: freq = HalfPrecision.fp16ToFloat(HalfPrecision.floatToFP16(freq)); f64[i] = Double(freq)
                 }
                 for pos in 0..<positions {
                     let angle = Float(pos) * freq
@@ -307,6 +317,7 @@ public enum Kernels {
             }
             cos = c
             sin = s
+            frequencies = f64
         }
     }
 

@@ -1,9 +1,16 @@
-/// Element types a backend's tensors can hold. Float32 is the one every backend has; the
-/// 16-bit types arrive with the first backend that computes in them.
+/// Element types a backend's tensors can hold. Float32 is the one every backend has; Float64 is
+/// `Float64Backend`'s (the `--precision f64` yardstick); the 16-bit types arrive with the first
+/// backend that computes in them.
 public enum DType: String, Sendable, Codable {
     case float32
+    case float64
 
-    public var byteSize: Int { 4 }
+    public var byteSize: Int {
+        switch self {
+        case .float32: return 4
+        case .float64: return 8
+        }
+    }
 }
 
 /// A backend's own handle on a tensor's memory (a host buffer, a device pointer). Only the

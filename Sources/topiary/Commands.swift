@@ -21,13 +21,27 @@ enum CommonOptions {
     static let tokenizer = OptionSpec(name: "tokenizer", value: "PATH", help: "tokenizer.bin (llama2.c) or tokenizer.json, when the model has none")
     static let device = OptionSpec(name: "device", value: "DEV", help: "compute backend: cpu (default) or cuda[:N]; 'topiary inspect --devices' lists what is found")
 
+    static let precision = OptionSpec(name: "precision", value: "P", help: "arithmetic: f32 (default) or f64 (every step in Float64 on the CPU, to measure f32's rounding error; for small models)")
+
     static func apply(_ args: ParsedArguments) throws {
         if let n = try args.int("threads", in: 1...Limits.threads) { CPUBackend.setThreadCount(n) }
-        if let text = args.string("device") {
-            let device: ComputeDevice
-            do { device = try ComputeDevice.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }
-            ComputeDevices.setDefaultBackend(try ComputeDevices.backend(for: device))
+        let precision = try Self.precision(args)
+        if args.string("device") != nil || precision == .f64 {
+            var device = ComputeDevice.cpu
+            if let text = args.string("device") {
+                do { device = try ComputeDevice.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }
+            }
+            do { ComputeDevices.setDefaultBackend(try ComputeDevices.backend(for: device, precision: precision)) } catch let error as DeviceError {
+                if case .invalid = error { throw UsageError(message: "topiary \(args.command): \(error)") }
+                throw error
+            }
         }
+    }
+
+    /// `--precision f32|f64` (f32 when absent).
+    static func precision(_ args: ParsedArguments) throws -> ComputePrecision {
+        guard let text = args.string("precision") else { return .f32 }
+        do { return try ComputePrecision.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }
     }
 
     static func openModel(_ args: ParsedArguments) throws -> LanguageModel {
@@ -54,7 +68,7 @@ enum EvalCommand: Command {
     static let name = "eval"
     static let summary = "measure perplexity with the standard protocol, or score multiple-choice tasks as lm-eval does"
     static let usage = """
-    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--json]
+    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--precision f32|f64] [--json]
     topiary eval --model PATH [--tokenizer PATH] --tasks FILE.jsonl [--target-delimiter S] [--json]
     """
     static let details = """
@@ -66,7 +80,9 @@ enum EvalCommand: Command {
     --tokens reads token ids instead of text (a JSON array, or integers separated by spaces,
     commas or newlines), for models without a tokenizer. --logits writes the first window's
     logits (one row per position) as a JSON array of arrays, to compare with another
-    implementation on the same tokens.
+    implementation on the same tokens. --precision f64 runs every step in Float64 on the CPU
+    (products through dgemm, norms, RoPE angles, softmax and the final log-softmax in Float64),
+    so that the f32 loss's rounding error can be measured; meant for small models.
 
     --tasks scores a zero-shot multiple-choice task as lm-evaluation-harness does: one JSON
     object a line with lm-eval's per-document fields 'context' (string), 'choices' (array of
@@ -89,7 +105,7 @@ enum EvalCommand: Command {
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
         OptionSpec(name: "tasks", value: "FILE", help: "score a multiple-choice task file (JSON lines: context, choices, gold) as lm-eval does"),
         OptionSpec(name: "target-delimiter", value: "S", help: "with --tasks: text between the context and each choice (default: one space, lm-eval's)"),
-        CommonOptions.device,
+        CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
     ]
 
@@ -140,13 +156,15 @@ enum EvalCommand: Command {
             let rows = (0..<logits.rows).map { logits.row($0).map(Double.init) }
             try AtomicFile.write(try JSONSerialization.data(withJSONObject: rows) + Data("\n".utf8), to: logitsPath)
         }
-        print(String(format: "perplexity %.4f  (%@ of %d tokens; %d tokens in text; %@)",
-                     result.perplexity, counted(result.windows, "window"), seqlen, tokens.count, formatSeconds(seconds)))
+        let precision = try CommonOptions.precision(args)
+        print(String(format: "perplexity %.4f  (%@ of %d tokens; %d tokens in text; %@%@)",
+                     result.perplexity, counted(result.windows, "window"), seqlen, tokens.count, formatSeconds(seconds),
+                     precision == .f64 ? "; f64" : ""))
         if json {
             JSONLine.print([
                 "command": "eval", "model": model.path, "text": textPath, "perplexity": result.perplexity,
                 "tokens": tokens.count, "windows": result.windows, "seqlen": seqlen, "seconds": seconds,
-                "window_losses": result.windowLosses,
+                "window_losses": result.windowLosses, "precision": precision.rawValue,
             ])
         }
     }

@@ -14,7 +14,7 @@ enum PruneCommand: Command {
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E --min-improvement F --keep-round best|last]]
                   [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
-                  [--run-dir D] [--overwrite] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
+                  [--run-dir D] [--overwrite] [--precision f32|f64] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
     topiary prune --resume D [--workers N | --hosts H:P,...] [--threads N]
     """
     static let details = """
@@ -184,7 +184,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
         OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr), record it in report.json"),
-        CommonOptions.device,
+        CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
     ] + BESAOptions.specs
 
@@ -300,6 +300,11 @@ enum PruneCommand: Command {
         let hostCount = try args.string("hosts").map(checkHosts)
         let replicas = try args.int("replicas", in: 1...Limits.workers) ?? 1
         if workerCount != nil && hostCount != nil { throw UsageError(message: "topiary prune: --workers and --hosts exclude each other") }
+        let precision = try CommonOptions.precision(args)
+        if precision == .f64 && (workerCount != nil || hostCount != nil || replicas > 1) {
+            let given = workerCount != nil ? "--workers" : hostCount != nil ? "--hosts" : "--replicas \(replicas)"
+            throw UsageError(message: "topiary prune: --precision f64 runs as one process without replicas (workers and replicas exchange activations and statistics in f32); drop \(given)")
+        }
         let connectTimeout = try args.double("connect-timeout", in: 0...Limits.seconds)
         let heartbeatInterval = try args.double("heartbeat-interval", in: 0...Limits.seconds) ?? 5
         let heartbeatTimeout = try args.double("heartbeat-timeout", in: 0...Limits.seconds) ?? 60
@@ -592,7 +597,7 @@ enum PruneCommand: Command {
         var summary: [String: Any] = [
             "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
             "pattern": patternJSON(pattern), "target_sparsity": pattern.fraction, "sparsity": sparsity,
-            "calibration": calibrationSummary, "allocation": allocationSummary,
+            "calibration": calibrationSummary, "allocation": allocationSummary, "precision": precision.rawValue,
             "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
             "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
             "coordination": coordination.rawValue,
