@@ -26,7 +26,10 @@ let package = Package(
         ),
         // Our own small C kernels (no third-party code): CRC-32C for wire frames, malloc settings.
         .target(name: "CTopiarySupport"),
-        .target(name: "TopiaryTensor", dependencies: ["CBLAS"]),
+        // The forward pass's element-wise kernels (exponentials, softmax sums, SwiGLU) in vectors
+        // for AVX-512, AVX2 or baseline x86-64, chosen at load time; the same bits on all three.
+        .target(name: "CTopiaryKernels"),
+        .target(name: "TopiaryTensor", dependencies: ["CBLAS", "CTopiaryKernels"]),
         .target(name: "TopiaryTokenizers"),
         .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor", "CZlib"]),
@@ -38,7 +41,7 @@ let package = Package(
         .executableTarget(name: "topiary-fuzz", dependencies: ["TopiaryCluster", "TopiaryModel", "TopiaryPrune", "TopiaryTokenizers", "TopiaryTensor"]),
         // Paths to ../shared and temporary directories, shared by the test targets.
         .target(name: "TopiaryTestSupport", dependencies: ["TopiaryTensor"], path: "Tests/TopiaryTestSupport"),
-        .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "TopiaryTestSupport"]),
+        .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "CTopiaryKernels", "TopiaryTestSupport"]),
         // ChatTemplates/ holds test data (chat templates, their expected renders), read through #filePath.
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"], exclude: ["ChatTemplates"]),
         .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),

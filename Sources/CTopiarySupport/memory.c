@@ -5,7 +5,7 @@
 
 int topiary_keep_freed_memory(void) {
     int a = mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024);
-    int b = mallopt(M_TRIM_THRESHOLD, 1024 * 1024 * 1024);
+    int b = mallopt(M_TRIM_THRESHOLD, 64 * 1024 * 1024);
     return a == 1 && b == 1;
 }
 #else

@@ -1,3 +1,4 @@
+import CTopiaryKernels
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -77,88 +78,18 @@ public enum Kernels {
         }
     }
 
-    /// e^x in every lane: x = n·ln2 + r with |r| <= ln2/2 (Cody–Waite, ln2 in two parts), e^r by
-    /// Cephes' degree-7 polynomial (within 2 ulp of e^x over the normal range), times 2^n through
-    /// the exponent bits. Lanes below -87.33654 give 0 (no subnormals), above 88.72283 +inf; NaN
-    /// stays NaN. SSE2 has no rounding instruction, so n is rounded by adding 1.5·2^23.
-    @inlinable @inline(__always)
-    public static func exponential(_ x: Vec) -> Vec {
-        let low = Vec(repeating: -87.33654), high = Vec(repeating: 88.72283)
-        let tooLow = x .< low, tooHigh = x .> high, notNumber = x .!= x
-        let v = select(low, where: tooLow, else: select(high, where: tooHigh, else: x))
-        let shifter = Vec(repeating: 12582912)   // 1.5·2^23
-        let t = v * 1.44269504088896341 + shifter
-        let n = t - shifter
-        var r = v - n * 0.693359375
-        r = r - n * -2.12194440e-4
-        var p = Vec(repeating: 1.9875691500e-4)
-        p = p * r + 1.3981999507e-3
-        p = p * r + 8.3334519073e-3
-        p = p * r + 4.1665795894e-2
-        p = p * r + 1.6666665459e-1
-        p = p * r + 5.0000001201e-1
-        p = p * (r * r) + r + 1
-        // 2^n: t's low mantissa bits hold n + 2^22 + 2^23; move n + 127 into the exponent field.
-        let bits = unsafeBitCast(t, to: SIMD16<Int32>.self) &- Int32(bitPattern: 0x4B40_0000 &- 127)
-        let e = p * unsafeBitCast(bits &<< 23, to: Vec.self)
-        return select(x, where: notNumber, else: select(Vec(repeating: .infinity), where: tooHigh,
-                                                          else: select(Vec(), where: tooLow, else: e)))
-    }
-
-    /// Lane-wise `mask ? a : b` through the masks' bits (the generic `replacing(with:where:)`
-    /// and `pointwiseMax` run lane by lane).
-    @inlinable @inline(__always)
-    public static func select(_ a: Vec, where mask: SIMDMask<SIMD16<Int32>>, else b: Vec) -> Vec {
-        let m = unsafeBitCast(mask, to: SIMD16<Int32>.self)
-        let ia = unsafeBitCast(a, to: SIMD16<Int32>.self), ib = unsafeBitCast(b, to: SIMD16<Int32>.self)
-        return unsafeBitCast((ia & m) | (ib & ~m), to: Vec.self)
-    }
-
     /// p[i] = e^(p[i] - shift) for i < n, in place; returns their sum, added in 16 lanes of up to
-    /// 256 terms each whose sums are added in Double (about double accuracy for any n).
+    /// 256 terms each whose sums are added in Double (about double accuracy for any n). The
+    /// exponential is Cephes' (Cody–Waite reduction, degree-7 polynomial, within 2 ulp), in C so
+    /// that it runs in AVX-512 or AVX2 vectors where the CPU has them (CTopiaryKernels).
     @inlinable
     public static func expShifted(_ p: UnsafeMutablePointer<Float>, _ n: Int, shift: Float) -> Double {
-        let raw = UnsafeMutableRawPointer(p)
-        let m = Vec(repeating: shift)
-        var total = 0.0
-        var i = 0
-        while i < n {
-            let end = min(n, i + 4096)
-            var acc = Vec()
-            while i + 16 <= end {
-                let e = exponential(raw.loadUnaligned(fromByteOffset: i * 4, as: Vec.self) - m)
-                raw.storeBytes(of: e, toByteOffset: i * 4, as: Vec.self)
-                acc += e
-                i += 16
-            }
-            if i < end {
-                var tail = Vec(repeating: -.infinity)
-                for j in i..<end { tail[j - i] = p[j] }
-                let e = exponential(tail - m)
-                for j in i..<end { p[j] = e[j - i] }
-                acc += e
-                i = end
-            }
-            total += Double(acc.sum())
-        }
-        return total
+        topiary_exp_shifted(p, n, shift)
     }
 
     /// The largest of p[0..<n] (-inf when n is 0; NaN entries are skipped).
     @inlinable
-    public static func maximum(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
-        let raw = UnsafeRawPointer(p)
-        var acc = Vec(repeating: -.infinity)
-        var i = 0
-        while i + 16 <= n {
-            let v = raw.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
-            acc = select(v, where: v .> acc, else: acc)
-            i += 16
-        }
-        var m = acc.max()
-        while i < n { if p[i] > m { m = p[i] }; i += 1 }
-        return m
-    }
+    public static func maximum(_ p: UnsafePointer<Float>, _ n: Int) -> Float { topiary_maximum(p, n) }
 
     /// Numerically stable softmax over the first `n` entries of a row, in place.
     @inlinable
@@ -187,26 +118,7 @@ public enum Kernels {
     @inlinable
     public static func logSumExp(_ p: UnsafePointer<Float>, _ n: Int) -> Double {
         let m = maximum(p, n)
-        let raw = UnsafeRawPointer(p)
-        let shift = Vec(repeating: m)
-        var total = 0.0
-        var i = 0
-        while i < n {
-            let end = min(n, i + 4096)
-            var acc = Vec()
-            while i + 16 <= end {
-                acc += exponential(raw.loadUnaligned(fromByteOffset: i * 4, as: Vec.self) - shift)
-                i += 16
-            }
-            if i < end {
-                var tail = Vec(repeating: -.infinity)
-                for j in i..<end { tail[j - i] = p[j] }
-                acc += exponential(tail - shift)
-                i = end
-            }
-            total += Double(acc.sum())
-        }
-        return Double(m) + log(total)
+        return Double(m) + log(topiary_sum_exp_shifted(p, n, m))
     }
 
     @inlinable
@@ -219,20 +131,7 @@ public enum Kernels {
 
     /// gate[i] = silu(gate[i]) * up[i]: the SwiGLU product.
     public static func swiglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, _ n: Int) {
-        let g = UnsafeMutableRawPointer(gate), u = UnsafeRawPointer(up)
-        var i = 0
-        while i + 16 <= n {
-            let x = g.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
-            let y = x / (1 + exponential(-x)) * u.loadUnaligned(fromByteOffset: i * 4, as: Vec.self)
-            g.storeBytes(of: y, toByteOffset: i * 4, as: Vec.self)
-            i += 16
-        }
-        if i < n {
-            var x = Vec(), y = Vec()
-            for j in i..<n { x[j - i] = gate[j]; y[j - i] = up[j] }
-            let z = x / (1 + exponential(-x)) * y
-            for j in i..<n { gate[j] = z[j - i] }
-        }
+        topiary_swiglu(gate, up, n)
     }
 
     /// p[i] = max(p[i], 0).

@@ -94,26 +94,46 @@ func benchForward(_ args: [String]) throws {
         attnFlops += 2.0 * 2.0 * Double((i1 - i0) * i1 * c.headDim * c.headCount)
         i0 = i1
     }
-    var forwardSeconds = 0.0, projectionSeconds = 0.0
+    // This VM's speed drifts by 2x within seconds (other tenants), so each measurement is taken
+    // as a ratio to an sgemm timing made just before it on the largest of the block's shapes,
+    // and the median of five such ratios is printed.
+    let (fm, fn, fk) = shapes[2]
+    let probeA = randomMatrix(fm, fk, seed: 1), probeB = randomMatrix(fn, fk, seed: 2)
+    func probeRate() -> Double { 2.0 * Double(fm * fn * fk) / best(2) { _ = hostLinear(probeA, probeB) } / 1e9 }
+    func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+    let q = cpu.upload(randomMatrix(seqlen, c.queryDim, seed: 5)), k = cpu.upload(randomMatrix(seqlen, c.kvDim, seed: 6))
+    let v = cpu.upload(randomMatrix(seqlen, c.kvDim, seed: 7))
+    let shape = AttentionShape(sequenceLength: seqlen, heads: c.headCount, kvHeads: c.kvHeadCount, headDim: c.headDim)
+    let options = AttentionOptions(scale: 1 / Float(c.headDim).squareRoot())
+    var forwardTimes: [Double] = [], projectionTimes: [Double] = [], attentionTimes: [Double] = []
+    var forwardRatios: [Double] = [], projectionRatios: [Double] = [], attentionRatios: [Double] = []
     for b in 0..<blocks {
         let block = try model.loadBlock(b)
         _ = block.forward(x, sequenceLength: seqlen, rope: rope)
-        forwardSeconds += best(3) { _ = block.forward(x, sequenceLength: seqlen, rope: rope) }
         // The projections alone (the GEMM-heavy part), on inputs of their real shapes.
         let inputs = block.linearNames.map { randomMatrix(seqlen, block.weight($0).cols, seed: 4) }
-        projectionSeconds += best(3) {
-            for (name, input) in zip(block.linearNames, inputs) { _ = hostLinear(input, block.weight(name)) }
+        for _ in 0..<5 {
+            var rate = probeRate()
+            let f = best(1) { _ = block.forward(x, sequenceLength: seqlen, rope: rope) }
+            forwardTimes.append(f); forwardRatios.append((linearFlops + attnFlops) / f / 1e9 / rate)
+            rate = probeRate()
+            let p = best(1) { for (name, input) in zip(block.linearNames, inputs) { _ = hostLinear(input, block.weight(name)) } }
+            projectionTimes.append(p); projectionRatios.append(linearFlops / p / 1e9 / rate)
+            rate = probeRate()
+            let a = best(1) { _ = cpu.attention(q: q, k: k, v: v, shape: shape, options: options) }
+            attentionTimes.append(a); attentionRatios.append(attnFlops / a / 1e9 / rate)
         }
     }
-    forwardSeconds /= Double(blocks)
-    projectionSeconds /= Double(blocks)
-    let blockRate = (linearFlops + attnFlops) / forwardSeconds / 1e9
-    let projectionRate = linearFlops / projectionSeconds / 1e9
-    print(String(format: "  block forward: %.3f s per block, %.0f tokens/s, %.1f GFLOP/s (%.2f GFLOP linear + %.2f GFLOP attention)",
-                 forwardSeconds, Double(seqlen) / forwardSeconds, blockRate, linearFlops / 1e9, attnFlops / 1e9))
-    print(String(format: "  projections alone: %.3f s, %.1f GFLOP/s", projectionSeconds, projectionRate))
-    print(String(format: "  ratio projections / sgemm: %.2f", projectionRate / peak))
-    print(String(format: "  ratio block forward / sgemm: %.2f", blockRate / peak))
+    let forwardSeconds = median(forwardTimes), projectionSeconds = median(projectionTimes), attentionSeconds = median(attentionTimes)
+    print(String(format: "  block forward: %.3f s per block (median), %.0f tokens/s, %.1f GFLOP/s (%.2f GFLOP linear + %.2f GFLOP attention)",
+                 forwardSeconds, Double(seqlen) / forwardSeconds, (linearFlops + attnFlops) / forwardSeconds / 1e9, linearFlops / 1e9, attnFlops / 1e9))
+    print(String(format: "  projections alone: %.3f s, %.1f GFLOP/s", projectionSeconds, linearFlops / projectionSeconds / 1e9))
+    print(String(format: "  attention alone: %.3f s, %.1f GFLOP/s", attentionSeconds, attnFlops / attentionSeconds / 1e9))
+    print(String(format: "  the rest (norms, RoPE, activation, residuals, copies): about %.3f s", forwardSeconds - projectionSeconds - attentionSeconds))
+    print("  ratios to the sgemm rate measured just before each timing (median of \(forwardRatios.count); min-max):")
+    for (name, r) in [("projections", projectionRatios), ("attention", attentionRatios), ("block forward", forwardRatios)] {
+        print(String(format: "  ratio %@ / sgemm: %.2f  (%.2f-%.2f)", name, median(r), r.min()!, r.max()!))
+    }
     print(String(format: "  whole model (%d blocks) at this rate: %.0f tokens/s", c.layerCount, Double(seqlen) / forwardSeconds / Double(c.layerCount)))
 }
 

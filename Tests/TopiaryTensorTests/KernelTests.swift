@@ -1,4 +1,5 @@
 import XCTest
+import CTopiaryKernels
 @testable import TopiaryTensor
 
 final class HalfPrecisionTests: XCTestCase {
@@ -154,5 +155,41 @@ final class KernelTests: XCTestCase {
         XCTAssertEqual(c, Array(adjacent[0..<headDim]))
         let before = adjacent.map { $0 * $0 }.reduce(0, +), after = a.map { $0 * $0 }.reduce(0, +)
         XCTAssertEqual(before, after, accuracy: 1e-4)
+    }
+
+    /// The C exponential, whichever clone the loader chose for this CPU (AVX-512, AVX2 or
+    /// baseline), gives the bits of the same algorithm written out lane by lane in Swift (Swift
+    /// does not contract a*b+c into an FMA): the outputs cannot depend on the machine's vectors.
+    func testVectorExponentialHasTheScalarAlgorithmsBits() {
+        func reference(_ x: Float) -> Float {
+            if x.isNaN { return x }
+            if x > 88.72283 { return .infinity }
+            if x < -87.33654 { return 0 }
+            let shifter: Float = 12582912
+            let t = x * 1.44269504088896341 + shifter
+            let n = t - shifter
+            var r = x - n * 0.693359375
+            r = r - n * -2.12194440e-4
+            var p: Float = 1.9875691500e-4
+            p = p * r + 1.3981999507e-3
+            p = p * r + 8.3334519073e-3
+            p = p * r + 4.1665795894e-2
+            p = p * r + 1.6666665459e-1
+            p = p * r + 5.0000001201e-1
+            p = p * (r * r) + r + 1
+            let bits = (Int32(bitPattern: t.bitPattern) &- Int32(0x4B40_0000 - 127)) &<< 23
+            return p * Float(bitPattern: UInt32(bitPattern: bits))
+        }
+        var rng = SplitMix64(seed: 3)
+        let n = 10_007
+        var x = [Float](repeating: 0, count: n)
+        for i in 0..<n { x[i] = Float(rng.nextUnit() * 200 - 100) }
+        x[0] = .nan; x[1] = -.infinity; x[2] = .infinity; x[3] = 0; x[4] = -87.33654; x[5] = 88.72283
+        var y = [Float](repeating: 0, count: n)
+        topiary_exp(x, &y, n)
+        for i in 0..<n where !(x[i].isNaN && y[i].isNaN) {
+            XCTAssertEqual(y[i].bitPattern, reference(x[i]).bitPattern, "x=\(x[i]) (vector bits \(topiary_kernels_vector_bits()))")
+        }
+        XCTAssertTrue(y[0].isNaN)
     }
 }

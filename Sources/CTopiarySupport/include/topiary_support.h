@@ -16,7 +16,7 @@ int topiary_crc32c_hardware(void);
 
 /// Keeps freed memory in the process instead of handing it back to the kernel after every
 /// large free: buffers up to 32 MiB come from the heap (not a fresh mmap), and the heap's top is
-/// trimmed only past 1 GiB. A block's forward frees and reallocates the same sizes again and
+/// trimmed only past 64 MiB. A block's forward frees and reallocates the same sizes again and
 /// again; without this each one is new pages that the kernel must zero. Returns 1 when glibc
 /// took both settings, 0 otherwise (other C libraries).
 int topiary_keep_freed_memory(void);

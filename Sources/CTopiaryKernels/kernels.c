@@ -1,0 +1,132 @@
+// Element-wise kernels in clang's 16-lane vector types. The loader picks a clone for the CPU
+// (target_clones); no clone contracts a*b+c into an FMA, so all give the same bits.
+#include "topiary_kernels.h"
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#pragma clang fp contract(off)
+
+typedef float vf __attribute__((ext_vector_type(16)));
+typedef int32_t vi __attribute__((ext_vector_type(16)));
+
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// The helpers are macros: a function taking or returning a 16-lane vector would have a
+// different ABI in each clone.
+#define splat(x) ((vf)(float)(x))
+#define load(p) ({ vf v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define store(p, v) do { vf s_ = (v); memcpy((p), &s_, sizeof s_); } while (0)
+
+/// e^x in every lane: x = n·ln2 + r with |r| <= ln2/2 (Cody–Waite, ln2 in two parts), e^r by
+/// Cephes' degree-7 polynomial (within 2 ulp over the normal range), times 2^n through the
+/// exponent bits. Below -87.33654 gives 0 (no subnormals), above 88.72283 +inf; NaN stays NaN.
+/// n is rounded by adding 1.5·2^23 (no rounding instruction needed).
+#define vexp(xin) ({ \
+    vf x_ = (xin); \
+    const vf low_ = splat(-87.33654f), high_ = splat(88.72283f); \
+    vi tooLow_ = x_ < low_, tooHigh_ = x_ > high_, notNumber_ = x_ != x_; \
+    vf v_ = tooLow_ ? low_ : (tooHigh_ ? high_ : x_); \
+    const vf shifter_ = splat(12582912.0f); \
+    vf t_ = v_ * 1.44269504088896341f + shifter_; \
+    vf n_ = t_ - shifter_; \
+    vf r_ = v_ - n_ * 0.693359375f; \
+    r_ = r_ - n_ * -2.12194440e-4f; \
+    vf p_ = splat(1.9875691500e-4f); \
+    p_ = p_ * r_ + 1.3981999507e-3f; \
+    p_ = p_ * r_ + 8.3334519073e-3f; \
+    p_ = p_ * r_ + 4.1665795894e-2f; \
+    p_ = p_ * r_ + 1.6666665459e-1f; \
+    p_ = p_ * r_ + 5.0000001201e-1f; \
+    p_ = p_ * (r_ * r_) + r_ + 1.0f; \
+    vi bits_ = ((vi)t_ - (vi)(0x4B400000 - 127)) << 23; \
+    vf e_ = p_ * (vf)bits_; \
+    notNumber_ ? x_ : (tooHigh_ ? splat(INFINITY) : (tooLow_ ? splat(0.0f) : e_)); })
+
+/// Lanes 0..15 added in order from -0 (as Swift's SIMD sum()).
+#define laneSum(a) ({ vf a_ = (a); float s_ = -0.0f; for (int l_ = 0; l_ < 16; l_++) s_ += a_[l_]; s_; })
+
+#define loadTail(p, count, fill) ({ vf t_ = splat(fill); const float *q_ = (p); \
+    for (ptrdiff_t j_ = 0; j_ < (count); j_++) t_[j_] = q_[j_]; t_; })
+
+CLONES double topiary_exp_shifted(float *p, ptrdiff_t n, float shift) {
+    const vf m = splat(shift);
+    double total = 0;
+    ptrdiff_t i = 0;
+    while (i < n) {
+        ptrdiff_t end = n < i + 4096 ? n : i + 4096;
+        vf acc = splat(0.0f);
+        for (; i + 16 <= end; i += 16) {
+            vf e = vexp(load(p + i) - m);
+            store(p + i, e);
+            acc += e;
+        }
+        if (i < end) {
+            vf e = vexp(loadTail(p + i, end - i, -INFINITY) - m);
+            for (ptrdiff_t j = 0; j < end - i; j++) p[i + j] = e[j];
+            acc += e;
+            i = end;
+        }
+        total += (double)laneSum(acc);
+    }
+    return total;
+}
+
+CLONES double topiary_sum_exp_shifted(const float *p, ptrdiff_t n, float shift) {
+    const vf m = splat(shift);
+    double total = 0;
+    ptrdiff_t i = 0;
+    while (i < n) {
+        ptrdiff_t end = n < i + 4096 ? n : i + 4096;
+        vf acc = splat(0.0f);
+        for (; i + 16 <= end; i += 16) acc += vexp(load(p + i) - m);
+        if (i < end) {
+            acc += vexp(loadTail(p + i, end - i, -INFINITY) - m);
+            i = end;
+        }
+        total += (double)laneSum(acc);
+    }
+    return total;
+}
+
+CLONES float topiary_maximum(const float *p, ptrdiff_t n) {
+    vf acc = splat(-INFINITY);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        vf v = load(p + i);
+        acc = v > acc ? v : acc;
+    }
+    float m = acc[0];
+    for (int l = 1; l < 16; l++) m = acc[l] > m ? acc[l] : m;
+    for (; i < n; i++) if (p[i] > m) m = p[i];
+    return m;
+}
+
+CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        vf x = load(gate + i);
+        store(gate + i, x / (1.0f + vexp(-x)) * load(up + i));
+    }
+    if (i < n) {
+        vf x = loadTail(gate + i, n - i, 0), y = loadTail(up + i, n - i, 0);
+        vf z = x / (1.0f + vexp(-x)) * y;
+        for (ptrdiff_t j = 0; j < n - i; j++) gate[i + j] = z[j];
+    }
+}
+
+CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) store(y + i, vexp(load(x + i)));
+    if (i < n) {
+        vf e = vexp(loadTail(x + i, n - i, 0));
+        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = e[j];
+    }
+}
+
+int topiary_kernels_vector_bits(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 512;
+    if (__builtin_cpu_supports("avx2")) return 256;
+    return 128;
+}
