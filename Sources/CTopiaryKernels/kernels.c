@@ -49,7 +49,10 @@ typedef int32_t vi __attribute__((ext_vector_type(16)));
 #define loadTail(p, count, fill) ({ vf t_ = splat(fill); const float *q_ = (p); \
     for (ptrdiff_t j_ = 0; j_ < (count); j_++) t_[j_] = q_[j_]; t_; })
 
-CLONES double topiary_exp_shifted(float *p, ptrdiff_t n, float shift) {
+/// The sum of e^(in[i] - shift) in the order the header gives; the exponentials are stored to
+/// `out` unless it is NULL. Inlined into each clone (it takes no vector arguments, so its ABI
+/// is the same in all of them) and specialised there for `out` NULL or not.
+static inline __attribute__((always_inline)) double expSum(const float *in, float *out, ptrdiff_t n, float shift) {
     const vf m = splat(shift);
     double total = 0;
     ptrdiff_t i = 0;
@@ -57,13 +60,13 @@ CLONES double topiary_exp_shifted(float *p, ptrdiff_t n, float shift) {
         ptrdiff_t end = n < i + 4096 ? n : i + 4096;
         vf acc = splat(0.0f);
         for (; i + 16 <= end; i += 16) {
-            vf e = vexp(load(p + i) - m);
-            store(p + i, e);
+            vf e = vexp(load(in + i) - m);
+            if (out) store(out + i, e);
             acc += e;
         }
         if (i < end) {
-            vf e = vexp(loadTail(p + i, end - i, -INFINITY) - m);
-            for (ptrdiff_t j = 0; j < end - i; j++) p[i + j] = e[j];
+            vf e = vexp(loadTail(in + i, end - i, -INFINITY) - m);
+            if (out) for (ptrdiff_t j = 0; j < end - i; j++) out[i + j] = e[j];
             acc += e;
             i = end;
         }
@@ -72,22 +75,9 @@ CLONES double topiary_exp_shifted(float *p, ptrdiff_t n, float shift) {
     return total;
 }
 
-CLONES double topiary_sum_exp_shifted(const float *p, ptrdiff_t n, float shift) {
-    const vf m = splat(shift);
-    double total = 0;
-    ptrdiff_t i = 0;
-    while (i < n) {
-        ptrdiff_t end = n < i + 4096 ? n : i + 4096;
-        vf acc = splat(0.0f);
-        for (; i + 16 <= end; i += 16) acc += vexp(load(p + i) - m);
-        if (i < end) {
-            acc += vexp(loadTail(p + i, end - i, -INFINITY) - m);
-            i = end;
-        }
-        total += (double)laneSum(acc);
-    }
-    return total;
-}
+CLONES double topiary_exp_shifted(float *p, ptrdiff_t n, float shift) { return expSum(p, p, n, shift); }
+
+CLONES double topiary_sum_exp_shifted(const float *p, ptrdiff_t n, float shift) { return expSum(p, NULL, n, shift); }
 
 CLONES float topiary_maximum(const float *p, ptrdiff_t n) {
     vf acc = splat(-INFINITY);
