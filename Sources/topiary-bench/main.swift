@@ -9,8 +9,8 @@ import TopiaryTokenizers
 // Before anything else: run again with a faster OpenBLAS kernel where OpenBLAS chose a slow one
 // (BLASKernel: a CPU it does not recognise gets Prescott).
 BLASKernel.preferExecutable()
-// Freed buffers stay in the process (the same sizes come back every block).
-_ = topiary_keep_freed_memory()
+// malloc's thresholds for this program (CTopiarySupport's memory.c).
+_ = topiary_configure_malloc()
 
 /// Benchmarks that print ratios measured in one run: achieved rates over the machine's own
 /// measured sgemm rate, so figures compare across machines.

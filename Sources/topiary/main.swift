@@ -6,8 +6,8 @@ import TopiaryTensor
 // Before anything else: run again with a faster OpenBLAS kernel where OpenBLAS chose a slow one
 // (BLASKernel: a CPU it does not recognise gets Prescott).
 BLASKernel.preferExecutable()
-// Freed buffers stay in the process (the same sizes come back every block).
-_ = topiary_keep_freed_memory()
+// malloc's thresholds for this program (CTopiarySupport's memory.c).
+_ = topiary_configure_malloc()
 
 /// A command as data: what `help` prints and what runs it.
 struct CommandEntry: Sendable {
@@ -118,10 +118,4 @@ enum ToolVersion {
     static let string = "0.1.0"
 }
 
-// Large buffers (activations, weights) come and go block by block: keep them in their own
-// mappings so freeing one returns its memory at once (glibc otherwise raises the threshold
-// after the first free and serves them from a heap that does not shrink).
-@_silgen_name("mallopt") func mallopt(_ parameter: Int32, _ value: Int32) -> Int32
-let M_MMAP_THRESHOLD: Int32 = -3  // <malloc.h>
-_ = mallopt(M_MMAP_THRESHOLD, 1 << 20)
 exit(runMain())

@@ -14,11 +14,12 @@ uint32_t topiary_crc32c_portable(uint32_t crc, const void *data, size_t length);
 /// Whether the hardware path is in use (for benchmarks and docs).
 int topiary_crc32c_hardware(void);
 
-/// Keeps freed memory in the process instead of handing it back to the kernel after every
-/// large free: buffers up to 32 MiB come from the heap (not a fresh mmap), and the heap's top is
-/// trimmed only past 64 MiB. A block's forward frees and reallocates the same sizes again and
-/// again; without this each one is new pages that the kernel must zero. Returns 1 when glibc
-/// took both settings, 0 otherwise (other C libraries).
-int topiary_keep_freed_memory(void);
+/// Sets glibc's malloc for this program's pattern: allocations from 1 MiB up get their own
+/// mapping, at a fixed threshold (glibc otherwise raises the threshold after the first such
+/// free and serves them from a heap that grows by fragmentation block after block); the heap's
+/// top is trimmed past 64 MiB. Matrix storage of 1 MiB and up does not use malloc at all
+/// (TopiaryTensor's MappedBuffers keeps recently freed mappings for reuse). Returns 1 when
+/// glibc took both settings, 0 otherwise (other C libraries).
+int topiary_configure_malloc(void);
 
 #endif
