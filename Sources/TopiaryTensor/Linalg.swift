@@ -64,16 +64,40 @@ public enum Linalg {
     }
 
     /// The tile shape of an m x n x k product: a function of the shape alone. Small products are
-    /// one tile. Otherwise the whole width up to 2048 columns (else 1024) by 512 rows, halved
-    /// (down to 64) until there are at least 8 tiles to share out. Large tiles keep OpenBLAS's
-    /// packing cost low (at one thread, 128 x 256 tiles ran at 75% of an untiled call, these at 90-97%).
+    /// one tile. Otherwise at least 8 tiles (so that threads can share them), cut so that the
+    /// operands OpenBLAS packs are packed as few times as possible: every tile packs its rows of
+    /// A and its columns of B, so the cost is (tile columns) x m + (tile rows) x n elements of
+    /// width k. A layer's forward (m = a window's 512 tokens, n = 1536-3072 outputs) used to be
+    /// cut into 64-row tiles that packed the whole weight 8 times: the packing (a transposing copy)
+    /// was 18% of a prune's cycles. Tiles are whole multiples of 64 rows and columns (the last one
+    /// excepted). Which tile computes an element does not change its bits, as long as no tile is
+    /// small enough for OpenBLAS's small-matrix kernel (m·n·k up to 10^6 on SkylakeX), which sums
+    /// in another order: the model's shapes give none.
     static func gemmTiles(m: Int, n: Int, k: Int) -> (rows: Int, cols: Int) {
         if m * n * max(k, 1) <= 1 << 18 { return (m, n) }
-        let cols = n <= 2048 ? n : 1024
-        let tilesN = (n + cols - 1) / cols
-        var rows = 512
-        while rows > 64 && ((m + rows - 1) / rows) * tilesN < 8 { rows /= 2 }
-        return (min(m, rows), cols)
+        func roundUp(_ x: Int, _ q: Int) -> Int { (x + q - 1) / q * q }
+        let atLeast = min(8, ((m + 63) / 64) * ((n + 63) / 64))
+        var best: (rows: Int, cols: Int, cost: Int, tiles: Int)? = nil
+        var splitM = 1
+        while splitM <= 64 {
+            let rows = min(m, roundUp((m + splitM - 1) / splitM, 64))
+            var splitN = 1
+            while splitN <= 64 {
+                let cols = min(n, roundUp((n + splitN - 1) / splitN, 64))
+                let tilesM = (m + rows - 1) / rows, tilesN = (n + cols - 1) / cols
+                let tiles = tilesM * tilesN
+                if tiles >= atLeast {
+                    let cost = tilesN * m + tilesM * n
+                    if best == nil || cost < best!.cost || (cost == best!.cost && tiles < best!.tiles) {
+                        best = (rows, cols, cost, tiles)
+                    }
+                }
+                splitN *= 2
+            }
+            splitM *= 2
+        }
+        guard let best else { return (min(m, 64), n) }
+        return (best.rows, best.cols)
     }
 
     /// One OpenBLAS sgemm call in the calling thread (OpenBLAS itself always runs single-threaded).
