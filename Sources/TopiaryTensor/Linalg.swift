@@ -230,7 +230,19 @@ public enum Linalg {
 
     @usableFromInline
     static func mirrorUpperToLower<T>(_ p: UnsafeMutablePointer<T>, n: Int) {
-        for i in 0..<n { for j in 0..<i { p[i * n + j] = p[j * n + i] } }
+        // By 32 x 32 tiles: a row of the lower triangle reads a column of the upper one, and
+        // across a tile those reads stay within 32 rows' cache lines (the untiled loop was 3% of
+        // a SparseGPT prune, for a 1536-wide Hessian after every window).
+        let b = 32
+        for i0 in stride(from: 0, to: n, by: b) {
+            let i1 = min(i0 + b, n)
+            for j0 in stride(from: 0, through: i0, by: b) {
+                for i in i0..<i1 {
+                    let row = p + i * n
+                    for j in j0..<min(j0 + b, i) { row[j] = p[j * n + i] }
+                }
+            }
+        }
     }
 
     /// Cholesky factor of a symmetric positive definite matrix: `upper` gives U with A = UᵀU,

@@ -26,6 +26,21 @@ func referenceProduct(_ a: Matrix, _ b: Matrix) -> Matrix {
 }
 
 final class LinalgTests: XCTestCase {
+    func testMirrorUpperToLowerMatchesTheElementwiseDefinition() {
+        for n in [1, 2, 31, 32, 33, 65, 100] {
+            var rng = TestRandom(seed: UInt64(n))
+            var values = (0..<(n * n)).map { _ in rng.uniform() }
+            let before = values
+            values.withUnsafeMutableBufferPointer { Linalg.mirrorUpperToLower($0.baseAddress!, n: n) }
+            for i in 0..<n {
+                for j in 0..<n {
+                    let want = j >= i ? before[i * n + j] : before[j * n + i]
+                    XCTAssertEqual(values[i * n + j], want, "n \(n) (\(i), \(j))")
+                }
+            }
+        }
+    }
+
     func testGemmMatchesReferenceForAllTransposes() {
         var rng = TestRandom(seed: 1)
         let a = rng.matrix(7, 5), b = rng.matrix(5, 9)
