@@ -254,15 +254,22 @@ public struct CPUBackend: ComputeBackend {
 
     public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
         let mask = zeros(rows: scores.rows, cols: scores.cols)
-        let ps = read(scores), pm = write(mask)
         let cols = scores.cols
-        var order = [Int](repeating: 0, count: cols)
-        for r in 0..<scores.rows {
-            let base = r * cols
-            for c in 0..<cols { order[c] = c }
-            // Stable: equal scores keep column order, as torch.sort(stable=True).
-            order.sort { a, b in ps[base + a] < ps[base + b] || (ps[base + a] == ps[base + b] && a < b) }
-            for c in order.prefix(k) { pm[base + c] = 1 }
+        if k <= 0 || cols == 0 { return mask }
+        let buffers = UnsafeSendable((read(scores), write(mask)))
+        // Each row's k smallest under (score, column): the order of a stable sort, as
+        // torch.sort(stable=True), so equal scores go in column order. Found by selection on
+        // keys that pack both (linear time; a full sort per row was 9% of a Wanda prune).
+        Parallel.forEach(scores.rows, chunk: 8) { range in
+            let (ps, pm) = buffers.value
+            var keys = [UInt64](repeating: 0, count: cols)
+            for r in range {
+                let row = ps + r * cols, out = pm + r * cols
+                if k >= cols { out.update(repeating: 1, count: cols); continue }
+                for c in 0..<cols { keys[c] = Selection.key(row[c], index: c) }
+                let last = Selection.kthSmallest(&keys, k - 1)
+                for c in 0..<cols where Selection.key(row[c], index: c) <= last { out[c] = 1 }
+            }
         }
         return mask
     }
@@ -465,8 +472,18 @@ final class CPUTensorStorage: TensorStorage, @unchecked Sendable {
 
 /// Selection of order statistics without a full sort.
 public enum Selection {
+    /// A key whose unsigned order is (value, index)'s: the value's order as Float's `<` (with
+    /// -0 as +0, so that equal values tie and go by index) in the high 32 bits, the index below.
+    @inlinable @inline(__always)
+    public static func key(_ value: Float, index: Int) -> UInt64 {
+        let bits = (value + 0).bitPattern   // -0 + 0 is +0
+        let ordered = bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
+        return UInt64(ordered) << 32 | UInt64(UInt32(truncatingIfNeeded: index))
+    }
+
     /// The k-th smallest value (0-based) of `values`, reordering them. k is clamped to the range.
-    public static func kthSmallest(_ values: inout [Float], _ k: Int) -> Float {
+    @inlinable
+    public static func kthSmallest<T: Comparable>(_ values: inout [T], _ k: Int) -> T {
         precondition(!values.isEmpty)
         let k = min(max(k, 0), values.count - 1)
         var lo = 0, hi = values.count - 1

@@ -101,6 +101,27 @@ final class BackendTests: XCTestCase {
         XCTAssertFalse(cpu.allFinite(sq))
     }
 
+    func testRowSelectionIsAStableSortsPrefix() {
+        // Many ties, signed zeros and negatives: the k smallest of each row must be the first k
+        // of a stable sort by score (torch.sort(stable=True)'s order).
+        var rng = TestRandom(seed: 17)
+        let levels: [Float] = [-1, -0.0, 0, 0.5, 1, 2, 3.25]
+        let (rows, cols) = (9, 301)
+        let values = (0..<(rows * cols)).map { _ in levels[Int(abs(rng.uniform()) * Float(levels.count)) % levels.count] }
+        let scores = cpu.upload(Matrix(rows: rows, cols: cols, values: values))
+        for k in [0, 1, 2, 150, 299, 300, 301, 400] {
+            let got = cpu.download(cpu.selectSmallestInRows(scores, count: k)).values
+            for r in 0..<rows {
+                let order = (0..<cols).sorted { a, b in
+                    values[r * cols + a] < values[r * cols + b] || (values[r * cols + a] == values[r * cols + b] && a < b)
+                }
+                var want = [Float](repeating: 0, count: cols)
+                for c in order.prefix(k) { want[c] = 1 }
+                XCTAssertEqual(Array(got[(r * cols)..<((r + 1) * cols)]), want, "row \(r), k \(k)")
+            }
+        }
+    }
+
     func testSelections() {
         // The reference's rule: everything at or below the k-th smallest, ties included.
         let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))
