@@ -7,8 +7,18 @@ import TopiaryTensor
 public final class LayerStatistics: @unchecked Sendable {
     public let columns: Int
     public let backend: any ComputeBackend
-    /// H [columns x columns] on the backend.
-    public let hessianTensor: Tensor
+    /// H [columns x columns] on the backend. Windows update its upper triangle only; the lower
+    /// one is copied from it when H is read (once a block instead of once a window: the copy
+    /// and the scaling of the whole matrix were 5% of a SparseGPT prune).
+    public var hessianTensor: Tensor {
+        if lowerIsStale {
+            backend.mirrorUpper(hessianStorage)
+            lowerIsStale = false
+        }
+        return hessianStorage
+    }
+    private let hessianStorage: Tensor
+    private var lowerIsStale = false
     /// Mean over sequences of Σ_tokens x_j² (Wanda's scaler_row) [1 x columns] on the backend.
     public let squaredNormsTensor: Tensor
     public private(set) var sequences = 0
@@ -16,7 +26,7 @@ public final class LayerStatistics: @unchecked Sendable {
     public init(columns: Int, backend: any ComputeBackend = CPUBackend()) {
         self.columns = columns
         self.backend = backend
-        hessianTensor = backend.zeros(rows: columns, cols: columns)
+        hessianStorage = backend.zeros(rows: columns, cols: columns)
         squaredNormsTensor = backend.zeros(rows: 1, cols: columns)
     }
 
@@ -34,8 +44,9 @@ public final class LayerStatistics: @unchecked Sendable {
         let n = Float(sequences)
         let decay = n / (n + 1)
         sequences += 1
-        backend.scale(hessianTensor, by: decay)
-        backend.syrkAccumulate(x, alpha: 2 / Float(sequences), into: hessianTensor)
+        // H·decay + (2/n)·XᵀX on the upper triangle (the bits of scaling H, then adding).
+        backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
+        lowerIsStale = true
         let sums = backend.columnSquaredSums(x)
         backend.scaleAdd(squaredNormsTensor, beta: decay, sums, alpha: 1 / Float(sequences))
     }

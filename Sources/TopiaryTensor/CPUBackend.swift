@@ -70,6 +70,18 @@ public struct CPUBackend: ComputeBackend {
         Linalg.syrkAccumulate(input, alpha: alpha, into: &storage(c).matrix)
     }
 
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor) {
+        precondition(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: \(x) into \(c)")
+        if beta != 1 { Linalg.scaleUpper(write(c), n: c.rows, by: beta) }
+        if x.rows == 0 { return }
+        Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols)
+    }
+
+    public func mirrorUpper(_ c: Tensor) {
+        precondition(c.rows == c.cols, "mirrorUpper: \(c) is not square")
+        Linalg.mirrorUpperToLower(write(c), n: c.rows)
+    }
+
     public func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor {
         tensor(try Linalg.cholesky(storage(a).matrix, upper: upper, what: what))
     }

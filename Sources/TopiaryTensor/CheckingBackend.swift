@@ -101,6 +101,21 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         finite("syrkAccumulate", c)
     }
 
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor) {
+        require(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: accumulator \(c) for input \(x)")
+        record("syrkUpperUpdate", flops: Double(x.cols) * Double(x.cols + 1) * Double(x.rows)
+                   + (beta != 1 ? Double(x.cols) * Double(x.cols + 1) / 2 : 0))
+        inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, into: c)
+        finite("syrkUpperUpdate", x)
+    }
+
+    public func mirrorUpper(_ c: Tensor) {
+        require(c.rows == c.cols, "mirrorUpper: \(c) is not square")
+        record("mirrorUpper", flops: 0)
+        inner.mirrorUpper(c)
+        finite("mirrorUpper", c)
+    }
+
     public func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor {
         require(a.rows == a.cols, "cholesky of a non-square \(a) (\(what))")
         record("cholesky", flops: pow(Double(a.rows), 3) / 3)

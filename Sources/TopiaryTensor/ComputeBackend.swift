@@ -33,6 +33,12 @@ public protocol ComputeBackend: Sendable {
               alpha: Float, beta: Float, into c: TensorRegion)
     /// C += alpha * Xᵀ X for X [n x d] and C [d x d]; both triangles of C are kept.
     func syrkAccumulate(_ x: Tensor, alpha: Float, into c: Tensor)
+    /// C = beta * C, then C += alpha * Xᵀ X, on C's upper triangle only, for X [n x d] and C [d x d]; the
+    /// lower triangle is left as it was until `mirrorUpper`. The same upper triangle, bit for
+    /// bit, as scaling C by beta and then `syrkAccumulate`.
+    func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor)
+    /// Copies the upper triangle of the square C onto its lower triangle.
+    func mirrorUpper(_ c: Tensor)
     /// Cholesky factor of a symmetric positive definite matrix (upper: A = UᵀU; lower: A = LLᵀ),
     /// the other triangle zero. Throws `LinalgError.notPositiveDefinite` naming `what`.
     func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor

@@ -92,6 +92,17 @@ public struct Float64Backend: ComputeBackend {
         Linalg.dsyrkAccumulate(n: x.rows, d: x.cols, alpha: Double(alpha), x: read(x), c: write(c))
     }
 
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor) {
+        precondition(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: \(x) into \(c)")
+        if beta != 1 { Linalg.scaleUpper(write(c), n: c.rows, by: Double(beta)) }
+        Linalg.dsyrkAccumulate(n: x.rows, d: x.cols, alpha: Double(alpha), x: read(x), c: write(c), mirror: false)
+    }
+
+    public func mirrorUpper(_ c: Tensor) {
+        precondition(c.rows == c.cols, "mirrorUpper: \(c) is not square")
+        Linalg.mirrorUpperToLower(write(c), n: c.rows)
+    }
+
     public func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor {
         precondition(a.rows == a.cols, "cholesky of \(a)")
         let f = copy(a)

@@ -32,7 +32,8 @@ extension Linalg {
 
     /// C[d x d] += alpha * Xᵀ X for X [n x d] in Float64: the upper triangle in square tiles
     /// (dsyrk on the diagonal, dgemm above it) run concurrently, then mirrored.
-    static func dsyrkAccumulate(n: Int, d: Int, alpha: Double, x: UnsafePointer<Double>, c: UnsafeMutablePointer<Double>) {
+    static func dsyrkAccumulate(n: Int, d: Int, alpha: Double, x: UnsafePointer<Double>,
+                                c: UnsafeMutablePointer<Double>, mirror: Bool = true) {
         _ = configured
         if n == 0 || d == 0 { return }
         let tiles = (d + tile - 1) / tile
@@ -51,7 +52,7 @@ extension Linalg {
                             x + i0, blasint(d), x + j0, blasint(d), 1, c + i0 * d + j0, blasint(d))
             }
         }
-        mirrorUpperToLower(c, n: d)
+        if mirror { mirrorUpperToLower(c, n: d) }
     }
 
     /// Cholesky factor in place of the row-major n x n matrix at `p` (upper: A = UᵀU, lower:

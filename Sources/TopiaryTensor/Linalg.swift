@@ -228,6 +228,15 @@ public enum Linalg {
         return out
     }
 
+    /// The upper triangle (diagonal included) of the n x n matrix at `p`, times `factor`. (Not
+    /// BLAS's beta: OpenBLAS's small-matrix kernels fuse beta·C into the product's rounding.)
+    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T) {
+        for i in 0..<n {
+            let row = p + i * n
+            for j in i..<n { row[j] *= factor }
+        }
+    }
+
     @usableFromInline
     static func mirrorUpperToLower<T>(_ p: UnsafeMutablePointer<T>, n: Int) {
         // By 32 x 32 tiles: a row of the lower triangle reads a column of the upper one, and

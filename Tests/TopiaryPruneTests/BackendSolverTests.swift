@@ -46,8 +46,9 @@ final class BackendSolverTests: XCTestCase {
         let checking = CheckingBackend()
         let stats = LayerStatistics(columns: 24, backend: checking)
         for s in 0..<4 { stats.add(problem.inputs.rows((s * 12)..<((s + 1) * 12))) }
-        XCTAssertEqual(checking.counts.calls["syrkAccumulate"], 4)
-        XCTAssertEqual(checking.counts.flops, 4 * (24 * 25 * 12 + 24 * 24 + 2 * 12 * 24 + 3 * 24))
+        XCTAssertEqual(checking.counts.calls["syrkUpperUpdate"], 4)
+        // Per window: the upper triangle's syrk and scaling, the squared sums and their update.
+        XCTAssertEqual(checking.counts.flops, 4 * (24 * 25 * 12 + 24 * 25 / 2 + 2 * 12 * 24 + 3 * 24))
         XCTAssertEqual(stats.hessian, problem.stats.hessian)
         XCTAssertEqual(stats.squaredNorms, problem.stats.squaredNorms)
         XCTAssertEqual(stats.quadraticForm(problem.weight), problem.stats.quadraticForm(problem.weight))
@@ -118,7 +119,7 @@ final class BackendSolverTests: XCTestCase {
                 XCTAssertEqual(checking.counts.uploads, tensors, "\(method) \(pattern)")
                 XCTAssertEqual(checking.counts.downloads, linears, "\(method) \(pattern)")
                 // The forward, the statistics and the solves all ran on the checking backend.
-                for op in ["rmsNorm", "attention", "gatedActivation", "syrkAccumulate", "gemm"] {
+                for op in ["rmsNorm", "attention", "gatedActivation", "syrkUpperUpdate", "mirrorUpper", "gemm"] {
                     XCTAssertGreaterThan(checking.counts.calls[op] ?? 0, 0, "\(method) \(pattern) \(op)")
                 }
             }

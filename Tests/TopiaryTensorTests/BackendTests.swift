@@ -122,6 +122,28 @@ final class BackendTests: XCTestCase {
         }
     }
 
+    func testUpperSyrkUpdateHasTheBitsOfScaleThenAccumulate() {
+        // LayerStatistics' running average: H ← decay·H + alpha·XᵀX on the upper triangle, the
+        // lower one mirrored when read, must give the bits of scaling H and then syrkAccumulate.
+        var rng = TestRandom(seed: 5)
+        for d in [7, 130, 300] {
+            let backends: [any ComputeBackend] = [cpu, Float64Backend()]
+            for backend in backends {
+                let fused = backend.zeros(rows: d, cols: d), reference = backend.zeros(rows: d, cols: d)
+                for (window, rows) in [40, 0, 129, 3].enumerated() {
+                    let x = backend.upload(rng.matrix(rows, d))
+                    let n = Float(window), decay = n / (n + 1), alpha = 2 / (n + 1)
+                    backend.scale(reference, by: decay)
+                    backend.syrkAccumulate(x, alpha: alpha, into: reference)
+                    backend.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: fused)
+                }
+                backend.mirrorUpper(fused)
+                let (got, want) = (backend.download(fused).values, backend.download(reference).values)
+                XCTAssertEqual(got.map(\.bitPattern), want.map(\.bitPattern), "d \(d) on \(type(of: backend))")
+            }
+        }
+    }
+
     func testSelections() {
         // The reference's rule: everything at or below the k-th smallest, ties included.
         let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))
