@@ -106,7 +106,7 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         record("syrkUpperUpdate", flops: Double(x.cols) * Double(x.cols + 1) * Double(x.rows)
                    + (beta != 1 ? Double(x.cols) * Double(x.cols + 1) / 2 : 0))
         inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, into: c)
-        finite("syrkUpperUpdate", x)
+        finite("syrkUpperUpdate", c)
     }
 
     public func mirrorUpper(_ c: Tensor) {

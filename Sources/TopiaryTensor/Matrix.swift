@@ -319,16 +319,16 @@ public final class MappedBuffers: @unchecked Sendable {
     /// A buffer of at least `bytes` (its mapped size is returned), zero-filled when asked.
     func take(bytes: Int, zeroed: Bool) -> (pointer: UnsafeMutableRawPointer, bytes: Int)? {
         let size = (bytes + Self.page - 1) / Self.page * Self.page
-        let reused: UInt? = state.withLock { s in
+        let reused: Entry? = state.withLock { s in
             // Most recent first: its pages are the likeliest to be in cache.
             guard let i = s.free.lastIndex(where: { $0.bytes == size }) else { return nil }
             let e = s.free.remove(at: i)
             s.held -= e.bytes
-            return e.address
+            return e
         }
-        if let address = reused, let p = UnsafeMutableRawPointer(bitPattern: address) {
-            if zeroed { memset(p, 0, size) }
-            return (p, size)
+        if let reused {
+            if zeroed { memset(reused.pointer, 0, size) }
+            return (reused.pointer, size)
         }
         guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { return nil }
         // Huge pages where the kernel allows them on request: a 2 MiB page takes one fault
@@ -355,17 +355,6 @@ public final class MappedBuffers: @unchecked Sendable {
         }
         if !kept { munmap(pointer, bytes) }
         for e in evicted { munmap(e.pointer, e.bytes) }
-    }
-
-    /// Unmaps everything held (for a caller about to need its memory elsewhere).
-    public func drain() {
-        let all: [Entry] = state.withLock { s in
-            let all = s.free
-            s.free = []
-            s.held = 0
-            return all
-        }
-        for e in all { munmap(e.pointer, e.bytes) }
     }
 }
 

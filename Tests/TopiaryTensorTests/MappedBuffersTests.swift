@@ -34,8 +34,6 @@ final class MappedBuffersTests: XCTestCase {
         let e = try XCTUnwrap(cache.take(bytes: 5 << 20, zeroed: false))
         cache.give(e.pointer, bytes: e.bytes)
         XCTAssertEqual(cache.held, (2 << 20) + (1536 << 10))
-        cache.drain()
-        XCTAssertEqual(cache.held, 0)
     }
 
     func testLargeMatricesAreZeroAfterReuse() {
