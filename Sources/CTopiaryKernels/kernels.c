@@ -105,6 +105,16 @@ CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) {
     }
 }
 
+CLONES void topiary_silu(const float *x, float *y, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) { vf v = load(x + i); store(y + i, v / (1.0f + vexp(-v))); }
+    if (i < n) {
+        vf v = loadTail(x + i, n - i, 0);
+        vf r = v / (1.0f + vexp(-v));
+        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = r[j];
+    }
+}
+
 CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
     ptrdiff_t i = 0;
     for (; i + 16 <= n; i += 16) store(y + i, vexp(load(x + i)));
@@ -112,6 +122,62 @@ CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
         vf e = vexp(loadTail(x + i, n - i, 0));
         for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = e[j];
     }
+}
+
+/// a·(v − g)² + c·(p − silu(v)·z)² in every lane, silu(v) = v / (1 + e), e = e^−v given.
+#define gateCost(v, e, g, z, p) ({ vf r_ = (p) - (v) / (1.0f + (e)) * (z); vf d_ = (v) - (g); \
+    splat(a) * d_ * d_ + splat(c) * r_ * r_; })
+
+/// Sixteen elements of the SparseLLM gate update (see the header); lanes past `n` are padding.
+static inline __attribute__((always_inline)) void gateLanes(float *sp, const float *gp, const float *zp, const float *pp,
+                                                            ptrdiff_t n, float a, float c, int steps) {
+    vf s, g, z, p;
+    if (n >= 16) { s = load(sp); g = load(gp); z = load(zp); p = load(pp); }
+    else { s = loadTail(sp, n, 0); g = loadTail(gp, n, 0); z = loadTail(zp, n, 0); p = loadTail(pp, n, 0); }
+    vf e = vexp(-s);
+    vf f = gateCost(s, e, g, z, p);
+    vi active = (vi)(-1);
+    for (int step = 0; step < steps; step++) {
+        vf sg = 1.0f / (1.0f + e);
+        vf d1 = sg * (1.0f + s * (1.0f - sg));                              // SiLU′
+        vf d2 = sg * (1.0f - sg) * (2.0f + s * (1.0f - 2.0f * sg));         // SiLU″
+        vf r = p - s * sg * z;
+        vf grad = 2.0f * a * (s - g) - 2.0f * c * z * d1 * r;
+        vf gaussNewton = 2.0f * a + 2.0f * c * z * z * d1 * d1;
+        vf curvature = gaussNewton - 2.0f * c * z * d2 * r;
+        curvature = curvature > 0.0f ? curvature : gaussNewton;             // also when NaN
+        vf delta = -grad / curvature;
+        vf absDelta = delta < 0.0f ? -delta : delta, absS = s < 0.0f ? -s : s;
+        vf bound = 1e-6f * (absS > 1.0f ? absS : splat(1.0f));
+        active &= ~(absDelta <= bound);                                     // converged
+        vi searching = active;
+        for (int attempt = 0; attempt < 20; attempt++) {
+            vf trial = s + delta;
+            vf et = vexp(-trial);
+            vf ft = gateCost(trial, et, g, z, p);
+            vi finite = (ft == ft) & (ft != INFINITY);
+            vi take = searching & finite & (ft <= f);
+            s = take ? trial : s;
+            e = take ? et : e;
+            f = take ? ft : f;
+            searching &= ~take;
+            int any = 0;
+            for (int l = 0; l < 16; l++) any |= searching[l];
+            if (!any) break;
+            delta *= 0.5f;
+        }
+        active &= ~searching;                                               // no descent found
+        int any = 0;
+        for (int l = 0; l < 16; l++) any |= active[l];
+        if (!any) break;
+    }
+    if (n >= 16) store(sp, s);
+    else for (ptrdiff_t j = 0; j < n; j++) sp[j] = s[j];
+}
+
+CLONES void topiary_sparsellm_gate(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
+                                   float a, float c, int steps) {
+    for (ptrdiff_t i = 0; i < n; i += 16) gateLanes(s + i, g + i, z + i, p + i, n - i < 16 ? n - i : 16, a, c, steps);
 }
 
 int topiary_kernels_vector_bits(void) {

@@ -268,7 +268,7 @@ public enum SparseLLM {
 
     /// SiLU(s) ⊙ z.
     static func siluProduct(_ s: Tensor, _ z: Tensor, on backend: any ComputeBackend) -> Tensor {
-        backend.multiply(backend.map(s, .silu), z)
+        backend.gatedActivation(gate: s, up: z, .silu)
     }
 
     static func checkFinite(_ t: Tensor, _ what: String, on backend: any ComputeBackend) throws {

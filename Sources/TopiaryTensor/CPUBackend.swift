@@ -135,7 +135,7 @@ public struct CPUBackend: ComputeBackend {
             case .nonZero: for i in range { po[i] = px[i] != 0 ? 1 : 0 }
             case .negate: for i in range { po[i] = -px[i] }
             case .relu: for i in range { po[i] = max(px[i], 0) }
-            case .silu: for i in range { po[i] = Kernels.silu(px[i]) }
+            case .silu: Kernels.silu(px + range.lowerBound, into: po + range.lowerBound, range.count)
             }
         }
         return out
@@ -419,37 +419,12 @@ public struct CPUBackend: ComputeBackend {
         precondition(s.count == g.count && s.count == z.count && s.count == p.count, "sparseLLMGate: \(s), \(g), \(z), \(p)")
         let sb = write(s)
         let (gb, zb, pb) = (read(g), read(z), read(p))
-        Parallel.forEach(s.count) { range in for i in range {
-            let (gi, zi, pi) = (gb[i], zb[i], pb[i])
-            var si = sb[i]
-            func cost(_ v: Float) -> Float {
-                let r = pi - Kernels.silu(v) * zi
-                return a * (v - gi) * (v - gi) + c * r * r
-            }
-            var f = cost(si)
-            for _ in 0..<steps {
-                let sg = 1 / (1 + expf(-si))
-                let d1 = sg * (1 + si * (1 - sg))                       // SiLU′
-                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))        // SiLU″
-                let r = pi - si * sg * zi
-                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
-                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
-                var curvature = gaussNewton - 2 * c * zi * d2 * r
-                if !(curvature > 0) { curvature = gaussNewton }
-                var delta = -grad / curvature
-                // Converged: a further step would not move s measurably.
-                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
-                var accepted = false
-                for _ in 0..<20 {
-                    let trial = si + delta
-                    let ft = cost(trial)
-                    if ft.isFinite && ft <= f { si = trial; f = ft; accepted = true; break }
-                    delta *= 0.5
-                }
-                if !accepted { break }
-            }
-            sb[i] = si
-        } }
+        let pointers = UnsafeSendable((sb, gb, zb, pb))
+        Parallel.forEach(s.count) { range in
+            let (sb, gb, zb, pb) = pointers.value
+            let o = range.lowerBound
+            Kernels.sparseLLMGate(s: sb + o, g: gb + o, z: zb + o, p: pb + o, range.count, alpha: a, gamma: c, steps: steps)
+        }
     }
 
     // MARK: Storage

@@ -124,9 +124,16 @@ public enum Kernels {
     @inlinable
     public static func silu(_ x: Float) -> Float { x / (1 + expf(-x)) }
 
-    /// p[i] = silu(p[i]).
-    public static func siluInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
-        for i in 0..<n { p[i] = silu(p[i]) }
+    /// y[i] = silu(x[i]) in the CPU's vectors, with the 16-lane exponential of `swiglu`.
+    public static func silu(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        topiary_silu(x, y, n)
+    }
+
+    /// SparseLLM's gate (s) update for n elements in place: safeguarded Newton steps on
+    /// α(v − g)² + γ(p − SiLU(v)·z)² per element (topiary_sparsellm_gate in the C kernels).
+    public static func sparseLLMGate(s: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, z: UnsafePointer<Float>,
+                                     p: UnsafePointer<Float>, _ n: Int, alpha: Float, gamma: Float, steps: Int) {
+        topiary_sparsellm_gate(s, g, z, p, n, alpha, gamma, Int32(clamping: steps))
     }
 
     /// gate[i] = silu(gate[i]) * up[i]: the SwiGLU product.

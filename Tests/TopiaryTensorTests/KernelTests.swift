@@ -157,29 +157,32 @@ final class KernelTests: XCTestCase {
         XCTAssertEqual(before, after, accuracy: 1e-4)
     }
 
+    /// The 16-lane exponential written lane by lane in Swift.
+    static func referenceExp(_ x: Float) -> Float {
+        if x.isNaN { return x }
+        if x > 88.72283 { return .infinity }
+        if x < -87.33654 { return 0 }
+        let shifter: Float = 12582912
+        let t = x * 1.44269504088896341 + shifter
+        let n = t - shifter
+        var r = x - n * 0.693359375
+        r = r - n * -2.12194440e-4
+        var p: Float = 1.9875691500e-4
+        p = p * r + 1.3981999507e-3
+        p = p * r + 8.3334519073e-3
+        p = p * r + 4.1665795894e-2
+        p = p * r + 1.6666665459e-1
+        p = p * r + 5.0000001201e-1
+        p = p * (r * r) + r + 1
+        let bits = (Int32(bitPattern: t.bitPattern) &- Int32(0x4B40_0000 - 127)) &<< 23
+        return p * Float(bitPattern: UInt32(bitPattern: bits))
+    }
+
     /// The C exponential, whichever clone the loader chose for this CPU (AVX-512, AVX2 or
     /// baseline), gives the bits of the same algorithm written out lane by lane in Swift (Swift
     /// does not contract a*b+c into an FMA): the outputs cannot depend on the machine's vectors.
     func testVectorExponentialHasTheScalarAlgorithmsBits() {
-        func reference(_ x: Float) -> Float {
-            if x.isNaN { return x }
-            if x > 88.72283 { return .infinity }
-            if x < -87.33654 { return 0 }
-            let shifter: Float = 12582912
-            let t = x * 1.44269504088896341 + shifter
-            let n = t - shifter
-            var r = x - n * 0.693359375
-            r = r - n * -2.12194440e-4
-            var p: Float = 1.9875691500e-4
-            p = p * r + 1.3981999507e-3
-            p = p * r + 8.3334519073e-3
-            p = p * r + 4.1665795894e-2
-            p = p * r + 1.6666665459e-1
-            p = p * r + 5.0000001201e-1
-            p = p * (r * r) + r + 1
-            let bits = (Int32(bitPattern: t.bitPattern) &- Int32(0x4B40_0000 - 127)) &<< 23
-            return p * Float(bitPattern: UInt32(bitPattern: bits))
-        }
+        let reference = Self.referenceExp
         var rng = SplitMix64(seed: 3)
         let n = 10_007
         var x = [Float](repeating: 0, count: n)
@@ -191,5 +194,72 @@ final class KernelTests: XCTestCase {
             XCTAssertEqual(y[i].bitPattern, reference(x[i]).bitPattern, "x=\(x[i]) (vector bits \(topiary_kernels_vector_bits()))")
         }
         XCTAssertTrue(y[0].isNaN)
+    }
+
+    /// The vector SiLU and SparseLLM's gate update have the bits of their algorithms written
+    /// element by element with the same exponential, whatever the split of the elements.
+    func testSiluAndSparseLLMGateHaveTheScalarAlgorithmsBits() {
+        let e = Self.referenceExp
+        var rng = SplitMix64(seed: 5)
+        let n = 1_003
+        func uniform(_ scale: Double) -> [Float] { (0..<n).map { _ in Float((rng.nextUnit() * 2 - 1) * scale) } }
+        let x = uniform(30)
+        var y = [Float](repeating: 0, count: n)
+        Kernels.silu(x, into: &y, n)
+        for i in 0..<n { XCTAssertEqual(y[i].bitPattern, (x[i] / (1 + e(-x[i]))).bitPattern, "silu(\(x[i]))") }
+
+        let (a, c): (Float, Float) = (5, 5)
+        let g = uniform(4), z = uniform(60), p = uniform(3), s0 = uniform(4)
+        func scalar(_ i: Int, steps: Int) -> Float {
+            let (gi, zi, pi) = (g[i], z[i], p[i])
+            func cost(_ v: Float, _ ev: Float) -> Float {
+                let r = pi - v / (1 + ev) * zi
+                return a * (v - gi) * (v - gi) + c * r * r
+            }
+            var si = s0[i], ei = e(-si)
+            var f = cost(si, ei)
+            for _ in 0..<steps {
+                let sg = 1 / (1 + ei)
+                let d1 = sg * (1 + si * (1 - sg))
+                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))
+                let r = pi - si * sg * zi
+                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
+                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
+                var curvature = gaussNewton - 2 * c * zi * d2 * r
+                if !(curvature > 0) { curvature = gaussNewton }
+                var delta = -grad / curvature
+                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
+                var accepted = false
+                for _ in 0..<20 {
+                    let trial = si + delta, et = e(-trial)
+                    let ft = cost(trial, et)
+                    if ft.isFinite && ft <= f { (si, ei, f, accepted) = (trial, et, ft, true); break }
+                    delta *= 0.5
+                }
+                if !accepted { break }
+            }
+            return si
+        }
+        for steps in [1, 4] {
+            var whole = s0
+            Kernels.sparseLLMGate(s: &whole, g: g, z: z, p: p, n, alpha: a, gamma: c, steps: steps)
+            var parts = s0
+            parts.withUnsafeMutableBufferPointer { sp in
+                g.withUnsafeBufferPointer { gp in z.withUnsafeBufferPointer { zp in p.withUnsafeBufferPointer { pp in
+                    for (lo, hi) in [(0, 7), (7, 500), (500, n)] {
+                        Kernels.sparseLLMGate(s: sp.baseAddress! + lo, g: gp.baseAddress! + lo, z: zp.baseAddress! + lo,
+                                              p: pp.baseAddress! + lo, hi - lo, alpha: a, gamma: c, steps: steps)
+                    }
+                } } }
+            }
+            var moved = 0
+            for i in 0..<n {
+                let expected = scalar(i, steps: steps)
+                XCTAssertEqual(whole[i].bitPattern, expected.bitPattern, "element \(i), \(steps) steps")
+                XCTAssertEqual(parts[i].bitPattern, expected.bitPattern, "element \(i) split, \(steps) steps")
+                if whole[i] != s0[i] { moved += 1 }
+            }
+            XCTAssertGreaterThan(moved, n / 2, "the update moves most elements")
+        }
     }
 }

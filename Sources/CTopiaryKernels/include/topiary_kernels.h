@@ -20,8 +20,19 @@ float topiary_maximum(const float *p, ptrdiff_t n);
 /// gate[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + e^-x).
 void topiary_swiglu(float *gate, const float *up, ptrdiff_t n);
 
+/// y[i] = silu(x[i]) = x[i] / (1 + e^-x[i]) for i < n (x and y may be the same).
+void topiary_silu(const float *x, float *y, ptrdiff_t n);
+
 /// e^x lane by lane for n values (tests compare it with the C library's).
 void topiary_exp(const float *x, float *y, ptrdiff_t n);
+
+/// SparseLLM's gate update, element by element: from s[i], at most `steps` Newton steps on
+/// a·(v − g[i])² + c·(p[i] − silu(v)·z[i])² (exact curvature, Gauss–Newton where it is not
+/// positive), each halved up to 20 times until the cost does not rise; an element stops when its
+/// step is within 1e-6·max(1, |s|) or no halving descends. 16 elements at a time in lanes, each
+/// lane's arithmetic independent of the others, so the result does not depend on `n`'s split.
+void topiary_sparsellm_gate(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
+                            float a, float c, int steps);
 
 /// Which clone the loader chose: 512 (AVX-512), 256 (AVX2) or 128 (baseline).
 int topiary_kernels_vector_bits(void);
