@@ -86,58 +86,75 @@ public enum SparseLLM {
     }
 
     /// `pruneLlama` on tensors of `backend`; the pruned weights stay there.
+    ///
+    /// The auxiliaries s, z, p and the targets are kept as chunks of `chunkRows` token rows, and
+    /// every per-token step (the pre-activations of the pruned linears, the terms of J, the
+    /// output error, the p, z and s updates) runs one chunk at a time: besides the auxiliaries
+    /// only one chunk's temporaries are alive, instead of eight or more [tokens x ffn] tensors.
+    /// Sums over tokens add the chunks' sums in chunk order; the chunks are fixed by the token
+    /// count alone, so the result does not depend on the thread count.
     public static func pruneLlama(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  what: String = "ffn", on backend: any ComputeBackend) throws
+                                  what: String = "ffn", chunkRows: Int = chunkRows, on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram(x, on: backend)
-        let s = linear(x, gate, on: backend)
-        let z = linear(x, up, on: backend)
-        var p = siluProduct(s, z, on: backend)
-        let y = linear(p, down, on: backend)
-        let yNorm = backend.dot(y, y)
+        let xs = rowChunks(x, rows: chunkRows, on: backend)
+        let gramX = gram(xs, on: backend)
+        let s = xs.map { linear($0, gate, on: backend) }
+        let z = xs.map { linear($0, up, on: backend) }
+        var p = zip(s, z).map { siluProduct($0, $1, on: backend) }
+        let y = p.map { linear($0, down, on: backend) }
+        let yNorm = y.reduce(0) { $0 + backend.dot($1, $1) }
         var (wg, wu, wd) = (gate, up, down)
         var reports: [IterationReport] = []
         var best: (error: Double, iteration: Int, gate: Tensor, up: Tensor, down: Tensor)?
         for t in 0..<options.iterations {
             let step = "\(what), iteration \(t + 1)"
             // W steps.
-            let ku = try weightStep(current: wu, dense: up, first: t == 0, input: x, gram: gramX, target: z, bias: nil,
+            let ku = try weightStep(current: wu, dense: up, first: t == 0, inputs: xs, gram: gramX, targets: z, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): up_proj", on: backend)
             wu = ku.weight
-            let kg = try weightStep(current: wg, dense: gate, first: t == 0, input: x, gram: gramX, target: s, bias: nil,
+            let kg = try weightStep(current: wg, dense: gate, first: t == 0, inputs: xs, gram: gramX, targets: s, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let kd = try weightStep(current: wd, dense: down, first: t == 0, input: p, gram: gram(p, on: backend), target: y, bias: nil,
+            let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gram(p, on: backend), targets: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
-            // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them.
-            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? backend.chunkedSquaredDistance(y, linear(p, wd, on: backend))
-            // J right after the weight step, and the error that decides which weights are kept.
-            let m = linear(x, wu, on: backend)
-            let g = linear(x, wg, on: backend)
-            let sigma = backend.map(s, .silu)
-            let terms = [
-                Double(a) * backend.chunkedSquaredDistance(s, g), Double(a) * backend.chunkedSquaredDistance(z, m),
-                Double(b) * outputFit, Double(c) * backend.chunkedSquaredDistanceToProduct(p, sigma, z),
-            ].map { $0 / Double(x.rows) }
-            let error = backend.chunkedSquaredDistance(y, linear(siluProduct(g, m, on: backend), wd, on: backend))
-                / max(backend.dot(y, y), .leastNormalMagnitude)
+            // After the last weight step the auxiliaries would never be used again.
+            let last = t == options.iterations - 1
+            let inverse = last ? nil : try activationInverse(w: wd, beta: b, gamma: c, what: "\(step): p update", on: backend)
+            // One pass over the chunks: J's terms right after the weight step and the error
+            // that decides which weights are kept (both with the auxiliaries before this
+            // iteration's updates), then the p, z and s updates of the chunk.
+            var sums = (gate: 0.0, up: 0.0, fit: 0.0, product: 0.0, error: 0.0)
+            for i in xs.indices {
+                let m = linear(xs[i], wu, on: backend)
+                let g = linear(xs[i], wg, on: backend)
+                let sigma = backend.map(s[i], .silu)
+                sums.gate += backend.chunkedSquaredDistance(s[i], g)
+                sums.up += backend.chunkedSquaredDistance(z[i], m)
+                // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them.
+                if kd.residual == nil { sums.fit += backend.chunkedSquaredDistance(y[i], linear(p[i], wd, on: backend)) }
+                sums.product += backend.chunkedSquaredDistanceToProduct(p[i], sigma, z[i])
+                sums.error += backend.chunkedSquaredDistance(y[i], linear(siluProduct(g, m, on: backend), wd, on: backend))
+                guard let inverse else { continue }
+                // p step: the activation that down_proj reads.
+                p[i] = try activationUpdate(y: y[i], bias: nil, w: wd, act: backend.multiply(sigma, z[i]), inverse: inverse,
+                                            beta: b, gamma: c, what: "\(step): p update", on: backend)
+                // z step (up_proj output), exact for any α, γ.
+                backend.sparseLLMLlamaZ(z[i], m: m, sigma: sigma, p: p[i], alpha: a, gamma: c)
+                try checkFinite(z[i], "\(step): z update", on: backend)
+                // s step (gate_proj output): safeguarded Newton per element.
+                backend.sparseLLMGate(s[i], g: g, z: z[i], p: p[i], alpha: a, gamma: c, steps: options.newtonSteps)
+                try checkFinite(s[i], "\(step): s update", on: backend)
+            }
+            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? sums.fit
+            let terms = [Double(a) * sums.gate, Double(a) * sums.up, Double(b) * outputFit, Double(c) * sums.product]
+                .map { $0 / Double(x.rows) }
+            let error = sums.error / max(yNorm, .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
                                            outputError: error, accepted: [ku.accepted, kg.accepted, kd.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, wg, wu, wd) }
-            // After the last weight step the auxiliaries would never be used again.
-            if t == options.iterations - 1 { break }
-            // p step: the activation that down_proj reads.
-            p = try activationStep(y: y, bias: nil, w: wd, act: backend.multiply(sigma, z), beta: b, gamma: c,
-                                   what: "\(step): p update", on: backend)
-            // z step (up_proj output), exact for any α, γ.
-            backend.sparseLLMLlamaZ(z, m: m, sigma: sigma, p: p, alpha: a, gamma: c)
-            try checkFinite(z, "\(step): z update", on: backend)
-            // s step (gate_proj output): safeguarded Newton per element.
-            backend.sparseLLMGate(s, g: g, z: z, p: p, alpha: a, gamma: c, steps: options.newtonSteps)
-            try checkFinite(s, "\(step): s update", on: backend)
         }
         let chosen = best!
         return (chosen.gate, chosen.up, chosen.down, reports, chosen.iteration)
@@ -160,7 +177,7 @@ public enum SparseLLM {
                                 what: String = "ffn", on backend: any ComputeBackend) throws
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram(x, on: backend)
+        let gramX = gram([x], on: backend)
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
         var p = backend.map(z, .relu)
         let y = backend.addRowVector(linear(p, fc2, on: backend), bias2)
@@ -169,10 +186,10 @@ public enum SparseLLM {
         var best: (error: Double, iteration: Int, fc1: Tensor, fc2: Tensor)?
         for t in 0..<options.iterations {
             let step = "\(what), iteration \(t + 1)"
-            let k1 = try weightStep(current: w1, dense: fc1, first: t == 0, input: x, gram: gramX, target: z, bias: bias1,
+            let k1 = try weightStep(current: w1, dense: fc1, first: t == 0, inputs: [x], gram: gramX, targets: [z], bias: bias1,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc1", on: backend)
             w1 = k1.weight
-            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, input: p, gram: gram(p, on: backend), target: y, bias: bias2,
+            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: gram([p], on: backend), targets: [y], bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
             w2 = k2.weight
             let m = backend.addRowVector(linear(x, w1, on: backend), bias1)
@@ -187,8 +204,9 @@ public enum SparseLLM {
                                            outputError: error, accepted: [k1.accepted, k2.accepted]))
             if best == nil || error < best!.error { best = (error, t + 1, w1, w2) }
             if t == options.iterations - 1 { break }
-            p = try activationStep(y: y, bias: bias2, w: w2, act: backend.map(z, .relu), beta: b, gamma: c,
-                                   what: "\(step): p update", on: backend)
+            let inverse = try activationInverse(w: w2, beta: b, gamma: c, what: "\(step): p update", on: backend)
+            p = try activationUpdate(y: y, bias: bias2, w: w2, act: backend.map(z, .relu), inverse: inverse, beta: b, gamma: c,
+                                     what: "\(step): p update", on: backend)
             // z step: the better of the two ReLU branches, element by element.
             backend.sparseLLMOPTZ(z, m: m, p: p, alpha: a, gamma: c)
             try checkFinite(z, "\(step): z update", on: backend)
@@ -199,19 +217,23 @@ public enum SparseLLM {
 
     // MARK: steps
 
-    /// The weight step for one linear y ≈ input·Wᵀ (+ bias) with target `target`: at the first
-    /// iteration SparseGPT of the dense weight; later, SparseGPT of the least-squares refit, kept
-    /// only if ‖target − input·Wᵀ − bias‖² does not rise.
-    static func weightStep(current: Tensor, dense: Tensor, first: Bool, input: Tensor, gram g: Tensor, target: Tensor,
+    /// The weight step for one linear y ≈ input·Wᵀ (+ bias) with target `target`, both given as
+    /// the same row chunks: at the first iteration SparseGPT of the dense weight; later,
+    /// SparseGPT of the least-squares refit, kept only if ‖target − input·Wᵀ − bias‖² does not rise.
+    static func weightStep(current: Tensor, dense: Tensor, first: Bool, inputs: [Tensor], gram g: Tensor, targets: [Tensor],
                            bias: Tensor?, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
                            what: String, on backend: any ComputeBackend) throws -> (weight: Tensor, accepted: Bool, residual: Double?) {
-        let shifted = bias.map { backend.addRowVector(target, backend.map($0, .negate)) } ?? target
         if first {
             let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what, on: backend).weight
             return (w, true, nil)
         }
-        // Normal equations: W (XᵀX + λI) = targetᵀX.
-        let cross = backend.matmul(shifted, .transposed, input, .none)          // [out x in]
+        // Normal equations: W (XᵀX + λI) = targetᵀX, the cross product summed over the chunks in order.
+        let cross = backend.zeros(rows: dense.rows, cols: dense.cols)             // [out x in]
+        let negated = bias.map { backend.map($0, .negate) }
+        for (input, target) in zip(inputs, targets) {
+            let shifted = negated.map { backend.addRowVector(target, $0) } ?? target
+            backend.gemm(shifted.all, .transposed, input.all, .none, alpha: 1, beta: 1, into: cross.all)
+        }
         let damped = backend.copy(g)
         backend.addToDiagonal(damped, Float(ridge * meanDiagonal(g, on: backend)))
         let refit: Tensor
@@ -228,18 +250,21 @@ public enum SparseLLM {
         return (current, false, old)
     }
 
-    /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹, where act_target = (Y − b)·W.
-    static func activationStep(y: Tensor, bias: Tensor?, w: Tensor, act: Tensor, beta: Float, gamma: Float, what: String,
-                               on backend: any ComputeBackend) throws -> Tensor {
+    /// (βWᵀW + γI)⁻¹ for the p step, inverted in fp64.
+    static func activationInverse(w: Tensor, beta: Float, gamma: Float, what: String, on backend: any ComputeBackend) throws -> Tensor {
         let system = backend.matmul(w, .transposed, w, .none)                    // [f x f]
         backend.scale(system, by: beta)
         backend.addToDiagonal(system, gamma)
-        let rhs = backend.copy(act)
+        do { return try backend.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
+    }
+
+    /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹ for some token rows, where act_target = (Y − b)·W
+    /// and `inverse` is `activationInverse`'s.
+    static func activationUpdate(y: Tensor, bias: Tensor?, w: Tensor, act: Tensor, inverse: Tensor, beta: Float, gamma: Float,
+                                 what: String, on backend: any ComputeBackend) throws -> Tensor {
         let target = bias.map { backend.addRowVector(y, backend.map($0, .negate)) } ?? y
-        backend.scaleAdd(rhs, beta: gamma, backend.matmul(target, .none, w, .none), alpha: beta)   // [N x f]
-        let inverse: Tensor
-        do { inverse = try backend.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
-        let p = backend.matmul(rhs, inverse)
+        backend.scaleAdd(act, beta: gamma, backend.matmul(target, .none, w, .none), alpha: beta)   // [N x f], in place
+        let p = backend.matmul(act, inverse)
         try checkFinite(p, what, on: backend)
         return p
     }
@@ -251,10 +276,21 @@ public enum SparseLLM {
         backend.matmul(x, .none, w, .transposed)
     }
 
-    static func gram(_ x: Tensor, on backend: any ComputeBackend) -> Tensor {
-        let g = backend.zeros(rows: x.cols, cols: x.cols)
-        backend.syrkAccumulate(x, alpha: 1, into: g)
+    /// XᵀX over row chunks of X, added chunk by chunk in order.
+    static func gram(_ chunks: [Tensor], on backend: any ComputeBackend) -> Tensor {
+        let g = backend.zeros(rows: chunks[0].cols, cols: chunks[0].cols)
+        for x in chunks { backend.syrkAccumulate(x, alpha: 1, into: g) }
         return g
+    }
+
+    /// Token rows per chunk of `pruneLlama`'s per-token steps.
+    public static let chunkRows = 2048
+
+    /// `x` cut into copies of `rows` rows (the last one shorter); `x` itself when it is one chunk.
+    static func rowChunks(_ x: Tensor, rows: Int, on backend: any ComputeBackend) -> [Tensor] {
+        precondition(rows > 0, "rowChunks: \(rows) rows a chunk")
+        guard x.rows > rows else { return [x] }
+        return stride(from: 0, to: x.rows, by: rows).map { backend.copy(x.region(rows: $0..<min($0 + rows, x.rows))) }
     }
 
     static func meanDiagonal(_ g: Tensor, on backend: any ComputeBackend) -> Double {

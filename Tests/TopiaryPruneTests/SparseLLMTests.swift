@@ -23,20 +23,21 @@ private extension SparseLLM {
         s = cpu.download(t)
     }
     static func activationStep(y: Matrix, bias: Matrix?, w: Matrix, act: Matrix, beta: Float, gamma: Float, what: String) throws -> Matrix {
-        cpu.download(try activationStep(y: cpu.upload(y), bias: bias.map(cpu.upload), w: cpu.upload(w), act: cpu.upload(act),
-                                        beta: beta, gamma: gamma, what: what, on: cpu))
+        let inverse = try activationInverse(w: cpu.upload(w), beta: beta, gamma: gamma, what: what, on: cpu)
+        return cpu.download(try activationUpdate(y: cpu.upload(y), bias: bias.map(cpu.upload), w: cpu.upload(w), act: cpu.upload(act),
+                                                 inverse: inverse, beta: beta, gamma: gamma, what: what, on: cpu))
     }
     static func weightStep(current: Matrix, dense: Matrix, first: Bool, input: Matrix, gram: Matrix, target: Matrix, bias: Matrix?,
                            pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
                            what: String) throws -> (weight: Matrix, accepted: Bool, residual: Double?) {
-        let r = try weightStep(current: cpu.upload(current), dense: cpu.upload(dense), first: first, input: cpu.upload(input),
-                               gram: cpu.upload(gram), target: cpu.upload(target), bias: bias.map(cpu.upload), pattern: pattern,
+        let r = try weightStep(current: cpu.upload(current), dense: cpu.upload(dense), first: first, inputs: [cpu.upload(input)],
+                               gram: cpu.upload(gram), targets: [cpu.upload(target)], bias: bias.map(cpu.upload), pattern: pattern,
                                sparseGPT: sparseGPT, ridge: ridge, what: what, on: cpu)
         return (cpu.download(r.weight), r.accepted, r.residual)
     }
     static func addBias(_ m: Matrix, _ bias: Matrix) -> Matrix { cpu.download(cpu.addRowVector(cpu.upload(m), cpu.upload(bias))) }
     static func distance(_ a: Matrix, _ b: Matrix) -> Double { cpu.chunkedSquaredDistance(cpu.upload(a), cpu.upload(b)) }
-    static func gram(_ x: Matrix) -> Matrix { cpu.download(gram(cpu.upload(x), on: cpu)) }
+    static func gram(_ x: Matrix) -> Matrix { cpu.download(gram([cpu.upload(x)], on: cpu)) }
 }
 
 /// Each closed-form SparseLLM update is the exact minimiser of its subproblem.
@@ -164,6 +165,31 @@ final class SparseLLMBlockTests: XCTestCase {
         XCTAssertEqual(reports.count, 4, what)
         for (a, b) in zip(reports, reports.dropFirst()) {
             XCTAssertLessThanOrEqual(b.objective, a.objective * (1 + 1e-5), "\(what): objective rose from \(a.objective) to \(b.objective)")
+        }
+    }
+
+    /// The per-token steps run in row chunks; the chunking changes only the order of sums, so
+    /// one chunk and several (the last one shorter) give the same iterations up to rounding.
+    func testChunkedTokenStepsAgreeWithOneChunk() throws {
+        var rng = Random(41)
+        let (tokens, d, f) = (1000, 24, 40)
+        let x = cpu.upload(rng.matrix(tokens, d))
+        let (gate, up, down) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(d, f)))
+        let whole = try SparseLLM.pruneLlama(x: x, gate: gate, up: up, down: down, pattern: .unstructured(0.7), chunkRows: tokens, on: cpu)
+        let chunked = try SparseLLM.pruneLlama(x: x, gate: gate, up: up, down: down, pattern: .unstructured(0.7), chunkRows: 300, on: cpu)
+        XCTAssertEqual(SparseLLM.rowChunks(x, rows: 300, on: cpu).map(\.rows), [300, 300, 300, 100])
+        check(chunked.iterations, "chunked")
+        XCTAssertEqual(whole.chosen, chunked.chosen)
+        for (a, b) in zip(whole.iterations, chunked.iterations) {
+            XCTAssertEqual(a.accepted, b.accepted, "iteration \(a.iteration)")
+            XCTAssertEqual(a.outputError, b.outputError, accuracy: 1e-4 * a.outputError, "iteration \(a.iteration)")
+            XCTAssertEqual(a.objective, b.objective, accuracy: 1e-4 * a.objective, "iteration \(a.iteration)")
+        }
+        for (name, a, b) in [("gate", whole.gate, chunked.gate), ("up", whole.up, chunked.up), ("down", whole.down, chunked.down)] {
+            let (ma, mb) = (cpu.download(a), cpu.download(b))
+            let sameMask = zip(ma.values, mb.values).filter { ($0 == 0) == ($1 == 0) }.count
+            XCTAssertGreaterThanOrEqual(Double(sameMask) / Double(ma.count), 0.99, "\(name): masks")
+            XCTAssertEqual(Double(ma.zeroCount) / Double(ma.count), 0.7, accuracy: 0.01, name)
         }
     }
 
