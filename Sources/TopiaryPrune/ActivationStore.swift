@@ -20,6 +20,7 @@ public final class ActivationStore: @unchecked Sendable {
     public let spillDirectory: String
     public let backend: any ComputeBackend
     private var memory: [Tensor?]
+    private var released: Set<Int> = []
     private var fd: Int32 = -1
     private var spillPath: String?
     /// Wall seconds spent reading and writing the spill file (`prune --profile`).
@@ -64,6 +65,7 @@ public final class ActivationStore: @unchecked Sendable {
     public func set(_ i: Int, _ m: Matrix) throws {
         precondition(m.rows == rows && m.cols == cols, "activation \(i) is \(m.rows)x\(m.cols), expected \(rows)x\(cols)")
         if fitsInMemory {
+            released.remove(i)
             memory[i] = backend.upload(m)
             return
         }
@@ -74,6 +76,7 @@ public final class ActivationStore: @unchecked Sendable {
     public func set(_ i: Int, _ t: Tensor) throws {
         precondition(t.rows == rows && t.cols == cols, "activation \(i) is \(t.rows)x\(t.cols), expected \(rows)x\(cols)")
         if fitsInMemory {
+            released.remove(i)
             memory[i] = t
             return
         }
@@ -90,6 +93,14 @@ public final class ActivationStore: @unchecked Sendable {
     public func tensor(_ i: Int) throws -> Tensor {
         if let t = memory[i] { return t }
         return backend.upload(try read(i))
+    }
+
+    /// Frees sequence i's memory once its last reader is done with it (nothing to free when the
+    /// store lives in its spill file). Reading it again is a programming error.
+    public func release(_ i: Int) {
+        guard fitsInMemory else { return }
+        memory[i] = nil
+        released.insert(i)
     }
 
     private func write(_ i: Int, _ m: Matrix) throws {
@@ -112,6 +123,7 @@ public final class ActivationStore: @unchecked Sendable {
     }
 
     private func read(_ i: Int) throws -> Matrix {
+        precondition(!released.contains(i), "activation \(i) read after it was released")
         guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written") }
         let t0 = Date()
         defer { spillSeconds += Date().timeIntervalSince(t0) }

@@ -371,6 +371,9 @@ public struct BlockPruner: Sendable {
             guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
             let dense = try denseOutputs.tensor(s)
             let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))
+            // The window's dense output has no other reader: free it before the next window's
+            // output is stored, so the pruned pass does not hold three streams at once.
+            denseOutputs.release(s)
             if role.rank == 0 {
                 terms[s] = term
             } else {
