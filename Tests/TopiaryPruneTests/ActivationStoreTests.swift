@@ -9,7 +9,7 @@ final class ActivationStoreTests: XCTestCase {
         let cpu = CPUBackend()
         let store = ActivationStore(count: 3, rows: 4, cols: 5, budgetBytes: 1 << 20, spillDirectory: NSTemporaryDirectory(), backend: cpu)
         for i in 0..<3 { try store.set(i, Matrix(rows: 4, cols: 5, values: (0..<20).map { Float($0 + 100 * i) })) }
-        weak var window: AnyObject? = try store.tensor(1).storage
+        weak let window: AnyObject? = try store.tensor(1).storage
         XCTAssertNotNil(window, "the store holds window 1")
         store.release(1)
         XCTAssertNil(window, "a released window's memory is freed")
