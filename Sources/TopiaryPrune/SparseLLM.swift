@@ -259,7 +259,7 @@ public enum SparseLLM {
     }
 
     /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹ for some token rows, where act_target = (Y − b)·W
-    /// and `inverse` is `activationInverse`'s.
+    /// and `inverse` is `activationInverse`'s. `act` is overwritten (it holds the right-hand side).
     static func activationUpdate(y: Tensor, bias: Tensor?, w: Tensor, act: Tensor, inverse: Tensor, beta: Float, gamma: Float,
                                  what: String, on backend: any ComputeBackend) throws -> Tensor {
         let target = bias.map { backend.addRowVector(y, backend.map($0, .negate)) } ?? y

@@ -121,9 +121,6 @@ public enum Kernels {
         return Double(m) + log(topiary_sum_exp_shifted(p, n, m))
     }
 
-    @inlinable
-    public static func silu(_ x: Float) -> Float { x / (1 + expf(-x)) }
-
     /// y[i] = silu(x[i]) in the CPU's vectors, with the 16-lane exponential of `swiglu`.
     public static func silu(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         topiary_silu(x, y, n)
