@@ -225,7 +225,7 @@ public enum ReplicaWork {
     /// Linears whose rows all replicas share: SparseGPT's linears that alone cost more than a
     /// replica's fair share of the block (down_proj at 70B), with at least as many rows as replicas.
     public static func splitLinears(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String] {
-        guard replicas > 1, plan.method == .sparsegpt else { return [] }
+        guard replicas > 1, plan.method == .sparsegpt, plan.sparseGPT.admm == nil else { return [] }
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         var costs: [(String, Double, Int)] = []
         for name in block.linearNames {

@@ -25,8 +25,11 @@ public enum MagnitudePruner {
     }
 }
 
-/// Wanda: score |W_ij| * ||x_j||, compared within each output row; exactly int(cols * s) weights
-/// of each row are pruned (stable order). N:M compares within groups of M inputs.
+/// Wanda: score |W_ij| * ||x_j||, compared within each output row (stable order). A matrix loses
+/// exactly round(s * rows * cols) weights: each row ⌊s·cols⌋ or one more, the extra ones spread
+/// evenly over the rows (`rowCounts`). Where s·cols is a whole number (50% of an even width) that
+/// is the reference's int(cols * s) per row; elsewhere the reference's floor would leave the matrix
+/// short of the target (0.6994 instead of 0.7 under OWL on SmolLM2). N:M compares within groups of M inputs.
 public enum WandaPruner {
     /// `inputSquaredNorms[j]` is ||x_j||² averaged as the reference does (any positive scale works).
     public static func prune(_ weight: Matrix, inputSquaredNorms: [Float], pattern: SparsityPattern,
@@ -44,12 +47,22 @@ public enum WandaPruner {
         let mask: Tensor
         switch pattern {
         case .unstructured(let s):
-            mask = backend.selectSmallestInRows(scores, count: Int(Double(weight.cols) * s))
+            mask = backend.selectSmallestInRows(scores, counts: rowCounts(rows: weight.rows, cols: weight.cols, fraction: s))
         case .nOfM(let n, let m):
             mask = backend.selectNOfM(scores, n: n, m: m)
         }
         let pruned = backend.copy(weight)
         backend.zeroMasked(pruned, mask: mask)
         return pruned
+    }
+
+    /// How many weights each row loses so that the matrix loses round(fraction * rows * cols):
+    /// ⌊total / rows⌋ each, and one more in the rows r where ⌊(r+1)·extra/rows⌋ steps up
+    /// (evenly spread, independent of threads and of the scores).
+    public static func rowCounts(rows: Int, cols: Int, fraction: Double) -> [Int] {
+        guard rows > 0 else { return [] }
+        let total = min(max(Int((fraction * Double(rows) * Double(cols)).rounded()), 0), rows * cols)
+        let base = total / rows, extra = total % rows
+        return (0..<rows).map { r in base + ((r + 1) * extra / rows - r * extra / rows) }
     }
 }

@@ -8,9 +8,13 @@ public enum SparseGPTPruner {
         public var blockSize: Int = 128
         /// Dampening added to the diagonal, as a fraction of its mean.
         public var percentDamp: Double = 0.01
-        public init(blockSize: Int = 128, percentDamp: Double = 0.01) {
+        /// `--weight-update admm`: the mask and the kept weights from ADMM iterations on the layer's
+        /// least-squares problem (`ADMMPruner`) instead of the OBS column loop; nil: OBS.
+        public var admm: ADMMPruner.Options? = nil
+        public init(blockSize: Int = 128, percentDamp: Double = 0.01, admm: ADMMPruner.Options? = nil) {
             self.blockSize = blockSize
             self.percentDamp = percentDamp
+            self.admm = admm
         }
     }
 
@@ -51,6 +55,10 @@ public enum SparseGPTPruner {
                              what: String = "layer", fixedMask: Tensor? = nil, on backend: any ComputeBackend) throws -> TensorResult {
         let rows = weight.rows, cols = weight.cols
         precondition(fixedMask.map { $0.rows == rows && $0.cols == cols } ?? true, "\(what): fixed mask does not match the weight's shape")
+        if let admm = options.admm {
+            return try ADMMPruner.prune(weight, hessian: hessian, pattern: pattern, percentDamp: options.percentDamp, options: admm,
+                                        what: what, fixedMask: fixedMask, on: backend)
+        }
         let (w, u) = try prepare(weight, hessian: hessian, options: options, what: what, on: backend)
         return try solve(w, inverseFactor: u, pattern: pattern, options: options, what: what, fixedMask: fixedMask, on: backend)
     }

@@ -150,6 +150,25 @@ public struct CPUBackend: ComputeBackend {
         return out
     }
 
+    public func addScaledRows(_ y: Tensor, _ x: Tensor, scales: [Float]) {
+        precondition(y.rows == x.rows && y.cols == x.cols && scales.count == x.rows, "addScaledRows: \(y) += \(scales.count) scales x \(x)")
+        let (py, px, cols) = (write(y), read(x), x.cols)
+        for r in 0..<x.rows {
+            let s = scales[r]
+            for c in 0..<cols { py[r * cols + c] = py[r * cols + c] + s * px[r * cols + c] }
+        }
+    }
+
+    public func rowDots(_ a: Tensor, _ b: Tensor) -> [Double] {
+        precondition(a.rows == b.rows && a.cols == b.cols, "rowDots: \(a) and \(b)")
+        let (pa, pb, cols) = (read(a), read(b), a.cols)
+        return (0..<a.rows).map { r in
+            var sum = 0.0
+            for c in 0..<cols { sum += Double(pa[r * cols + c]) * Double(pb[r * cols + c]) }
+            return sum
+        }
+    }
+
     public func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor {
         precondition(v.count == x.cols, "divideColumns: \(x) by \(v)")
         let out = uninitialized(rows: x.rows, cols: x.cols)
@@ -264,10 +283,11 @@ public struct CPUBackend: ComputeBackend {
         return mask
     }
 
-    public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
+    public func selectSmallestInRows(_ scores: Tensor, counts: [Int]) -> Tensor {
+        precondition(counts.count == scores.rows, "selectSmallestInRows: \(counts.count) counts for \(scores.rows) rows")
         let mask = zeros(rows: scores.rows, cols: scores.cols)
         let cols = scores.cols
-        if k <= 0 || cols == 0 { return mask }
+        if cols == 0 { return mask }
         let buffers = UnsafeSendable((read(scores), write(mask)))
         // Each row's k smallest under (score, column): the order of a stable sort, as
         // torch.sort(stable=True), so equal scores go in column order. Found by selection on
@@ -276,7 +296,9 @@ public struct CPUBackend: ComputeBackend {
             let (ps, pm) = buffers.value
             var keys = [UInt64](repeating: 0, count: cols)
             for r in range {
+                let k = counts[r]
                 let row = ps + r * cols, out = pm + r * cols
+                if k <= 0 { continue }
                 if k >= cols { out.update(repeating: 1, count: cols); continue }
                 for c in 0..<cols { keys[c] = Selection.key(row[c], index: c) }
                 let last = Selection.kthSmallest(&keys, k - 1)

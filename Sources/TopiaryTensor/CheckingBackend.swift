@@ -205,6 +205,20 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return y
     }
 
+    public func addScaledRows(_ y: Tensor, _ x: Tensor, scales: [Float]) {
+        require(y.rows == x.rows && y.cols == x.cols && scales.count == x.rows, "addScaledRows: \(y) += \(scales.count) scales x \(x)")
+        require(scales.allSatisfy(\.isFinite), "addScaledRows: a scale is not finite")
+        record("addScaledRows", flops: 2 * Double(x.count))
+        inner.addScaledRows(y, x, scales: scales)
+        finite("addScaledRows", y)
+    }
+
+    public func rowDots(_ a: Tensor, _ b: Tensor) -> [Double] {
+        require(a.rows == b.rows && a.cols == b.cols, "rowDots: \(a) and \(b)")
+        record("rowDots", flops: 2 * Double(a.count))
+        return inner.rowDots(a, b)
+    }
+
     public func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor {
         require(v.rows == 1 && v.cols == x.cols, "divideColumns: \(x) by \(v)")
         record("divideColumns", flops: Double(x.count))
@@ -299,11 +313,14 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return mask("selectAtMostKthSmallest", inner.selectAtMostKthSmallest(scores, k: k), scores)
     }
 
-    public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
-        require(k >= 0 && k <= scores.cols, "selectSmallestInRows: \(k) of \(scores.cols) columns")
+    public func selectSmallestInRows(_ scores: Tensor, counts: [Int]) -> Tensor {
+        require(counts.count == scores.rows, "selectSmallestInRows: \(counts.count) counts for \(scores.rows) rows")
+        if let bad = counts.first(where: { $0 < 0 || $0 > scores.cols }) {
+            require(false, "selectSmallestInRows: \(bad) of \(scores.cols) columns")
+        }
         finite("selectSmallestInRows (scores)", scores)
         record("selectSmallestInRows", flops: Double(scores.count))
-        return mask("selectSmallestInRows", inner.selectSmallestInRows(scores, count: k), scores)
+        return mask("selectSmallestInRows", inner.selectSmallestInRows(scores, counts: counts), scores)
     }
 
     public func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor {

@@ -68,6 +68,10 @@ public protocol ComputeBackend: Sendable {
     func multiplyColumns(_ x: Tensor, by v: Tensor) -> Tensor
     /// x[r, c] / v[c] (v is 1 x cols) as a new tensor.
     func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor
+    /// y[r, c] += scales[r] * x[r, c], in place (one scale per row; each product rounded, then the sum).
+    func addScaledRows(_ y: Tensor, _ x: Tensor, scales: [Float])
+    /// Σ_c a[r, c] b[r, c] per row, in Float64, columns in order.
+    func rowDots(_ a: Tensor, _ b: Tensor) -> [Double]
     /// a[j, j] += value for every j of a square tensor, in place.
     func addToDiagonal(_ a: Tensor, _ value: Float)
     /// a[i] * b[i] as a new tensor.
@@ -100,8 +104,9 @@ public protocol ComputeBackend: Sendable {
     /// Mask of scores at or below the k-th smallest score of the whole tensor (0-based, k
     /// clamped): the reference's `|W| <= sort(|W|)[k]` rule, ties included.
     func selectAtMostKthSmallest(_ scores: Tensor, k: Int) -> Tensor
-    /// Mask of the k smallest scores of each row, equal scores by column order (a stable sort).
-    func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor
+    /// Mask of the `counts[r]` smallest scores of row r (one count per row, each in 0...cols),
+    /// equal scores by column order (a stable sort).
+    func selectSmallestInRows(_ scores: Tensor, counts: [Int]) -> Tensor
     /// Mask of the n smallest scores in every group of m consecutive columns of each row
     /// (a last, narrower group keeps its width), equal scores by column order.
     func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor
@@ -228,4 +233,9 @@ extension ComputeBackend {
 
     /// A new tensor with the same values.
     public func copy(_ tensor: Tensor) -> Tensor { copy(tensor.all) }
+
+    /// Mask of the k smallest scores of each row, equal scores by column order (a stable sort).
+    public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
+        selectSmallestInRows(scores, counts: [Int](repeating: k, count: scores.rows))
+    }
 }

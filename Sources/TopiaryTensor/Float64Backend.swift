@@ -186,6 +186,25 @@ public struct Float64Backend: ComputeBackend {
         return out
     }
 
+    public func addScaledRows(_ y: Tensor, _ x: Tensor, scales: [Float]) {
+        precondition(y.rows == x.rows && y.cols == x.cols && scales.count == x.rows, "addScaledRows: \(y) += \(scales.count) scales x \(x)")
+        let (py, px, cols) = (write(y), read(x), x.cols)
+        for r in 0..<x.rows {
+            let s = Double(scales[r])
+            for c in 0..<cols { py[r * cols + c] = py[r * cols + c] + s * px[r * cols + c] }
+        }
+    }
+
+    public func rowDots(_ a: Tensor, _ b: Tensor) -> [Double] {
+        precondition(a.rows == b.rows && a.cols == b.cols, "rowDots: \(a) and \(b)")
+        let (pa, pb, cols) = (read(a), read(b), a.cols)
+        return (0..<a.rows).map { r in
+            var sum = 0.0
+            for c in 0..<cols { sum += Double(pa[r * cols + c]) * Double(pb[r * cols + c]) }
+            return sum
+        }
+    }
+
     public func divideColumns(_ x: Tensor, by v: Tensor) -> Tensor {
         precondition(v.count == x.cols, "divideColumns: \(x) by \(v)")
         let out = uninitialized(rows: x.rows, cols: x.cols)
@@ -295,11 +314,12 @@ public struct Float64Backend: ComputeBackend {
         return mask
     }
 
-    public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
+    public func selectSmallestInRows(_ scores: Tensor, counts: [Int]) -> Tensor {
+        precondition(counts.count == scores.rows, "selectSmallestInRows: \(counts.count) counts for \(scores.rows) rows")
         let mask = zeros(rows: scores.rows, cols: scores.cols)
         let (ps, pm, cols) = (read(scores), write(mask), scores.cols)
         for r in 0..<scores.rows {
-            for c in Self.stableOrder(ps + r * cols, cols).prefix(k) { pm[r * cols + c] = 1 }
+            for c in Self.stableOrder(ps + r * cols, cols).prefix(max(counts[r], 0)) { pm[r * cols + c] = 1 }
         }
         return mask
     }

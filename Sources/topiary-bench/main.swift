@@ -239,6 +239,50 @@ func benchSparseLLM(_ args: [String]) throws {
     print(String(format: "  per block: sparsegpt %.2f s, sparsellm %.2f s, ratio sparsellm / sparsegpt %.2f", totals.0 / Double(blocks), totals.1 / Double(blocks), totals.1 / totals.0))
 }
 
+/// SparseGPT's OBS column loop against `--weight-update admm` on the first blocks of a model: per
+/// linear the relative output error ‖(W − Ŵ)X‖²/‖WX‖², per block the output error and seconds.
+/// Each block's inputs are the OBS run's pruned outputs of the block before, so both see the same.
+func benchWeightUpdate(_ args: [String]) throws {
+    guard let path = argument("model", args), let calib = argument("calib", args) else {
+        throw ToolFailure("bench weight-update: --model PATH --calib TEXT are required")
+    }
+    let samples = Int(argument("samples", args) ?? "32")!
+    let seqlen = Int(argument("seqlen", args) ?? "512")!
+    let blocks = Int(argument("blocks", args) ?? "2")!
+    let pattern = try SparsityPattern.parse(sparsity: argument("sparsity", args), pattern: argument("pattern", args) ?? (argument("sparsity", args) == nil ? "2:4" : nil))
+    var admm = ADMMPruner.Options()
+    if let k = argument("iterations", args).flatMap(Int.init) { admm.iterations = k }
+    if let r = argument("rho", args).flatMap(Double.init) { admm.rho = r }
+    if let g = argument("growth", args).flatMap(Double.init) { admm.rhoGrowth = g }
+    if let st = argument("step", args).flatMap(Int.init) { admm.rhoStep = st }
+    if let f = argument("refit", args).flatMap(Int.init) { admm.refitIterations = f }
+    let model = try LanguageModel.open(path: path)
+    let text = try String(contentsOfFile: calib, encoding: .utf8)
+    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
+    let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
+    defer { try? FileManager.default.removeItem(atPath: work) }
+    var inputs = ActivationStore(count: samples, rows: seqlen, cols: model.config.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
+    let embedding = try model.loadEmbedding()
+    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    print("model \(path), \(samples) x \(seqlen) calibration tokens, \(pattern), blocks 0..<\(blocks), ADMM \(admm)")
+    for b in 0..<blocks {
+        let block = try model.loadBlock(b)
+        let t0 = now()
+        let obs = try BlockPruner(plan: PrunePlan(method: .sparsegpt, pattern: pattern)).prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t1 = now()
+        let viaADMM = try BlockPruner(plan: PrunePlan(method: .sparsegpt, pattern: pattern, sparseGPT: .init(admm: admm)))
+            .prune(block: block, inputs: inputs, sequenceLength: seqlen)
+        let t2 = now()
+        for (o, a) in zip(obs.report.linears, viaADMM.report.linears) {
+            print("  block \(b) " + o.name.padding(toLength: 28, withPad: " ", startingAt: 0)
+                  + String(format: " obs %.5f  admm %.5f  ratio %.3f", o.errorAfter, a.errorAfter, a.errorAfter / o.errorAfter))
+        }
+        print(String(format: "  block %d output error obs %.5f (%.1f s)  admm %.5f (%.1f s)  ratio %.3f", b, obs.report.outputError, t1 - t0,
+                     viaADMM.report.outputError, t2 - t1, viaADMM.report.outputError / obs.report.outputError))
+        inputs = obs.outputs
+    }
+}
+
 /// BESA on SmolLM2 blocks: seconds per block (and the block output error beside Wanda's), and the
 /// block's forward+backward pass (one calibration window) at its GEMM FLOP count over the sgemm
 /// rate measured in the same run.
@@ -476,6 +520,7 @@ do {
     case "sparsegpt": try benchSparseGPT(Array(args.dropFirst()))
     case "sparsegpt-raw": try sparseGPTRaw(Array(args.dropFirst()))
     case "sparsellm": try benchSparseLLM(Array(args.dropFirst()))
+    case "weight-update": try benchWeightUpdate(Array(args.dropFirst()))
     case "transfer": try benchTransfer(Array(args.dropFirst()))
     case "besa": try benchBESA(Array(args.dropFirst()))
     case "tokenize": try benchTokenize(Array(args.dropFirst()))

@@ -160,6 +160,10 @@ enum PruneCommand: Command {
         OptionSpec(name: "heartbeat-timeout", value: "S", help: "silence after which a worker counts as lost (default 60)"),
         OptionSpec(name: "blocksize", value: "B", help: "SparseGPT lazy-update block width (default 128)"),
         OptionSpec(name: "percdamp", value: "F", help: "SparseGPT dampening, fraction of the mean Hessian diagonal (default 0.01)"),
+        OptionSpec(name: "weight-update", value: "HOW", help: "obs (default: SparseGPT's column loop) or admm (mask and weights from ADMM on the layer's least-squares problem, docs/methods.md)"),
+        OptionSpec(name: "admm-iterations", value: "K", help: "--weight-update admm: iterations (default 40)"),
+        OptionSpec(name: "admm-rho", value: "X", help: "--weight-update admm: first penalty, relative to the mean Hessian diagonal (default 0.1)"),
+        OptionSpec(name: "admm-rho-growth", value: "G", help: "--weight-update admm: the penalty's factor every 4 iterations (default 1.5)"),
         OptionSpec(name: "alpha", value: "A", help: "SparseLLM: weight of the pre-activation fit terms (default 5 LLaMA, 0.1 OPT)"),
         OptionSpec(name: "beta", value: "B", help: "SparseLLM: weight of the output fit term (default as --alpha)"),
         OptionSpec(name: "gamma", value: "G", help: "SparseLLM: weight of the activation term (default as --alpha)"),
@@ -238,6 +242,21 @@ enum PruneCommand: Command {
         var sparseGPT = SparseGPTPruner.Options()
         if let b = try args.int("blocksize", in: 1...Limits.blocksize) { sparseGPT.blockSize = b }
         if let d = try args.double("percdamp", in: 0...Limits.percdamp) { sparseGPT.percentDamp = d }
+        let admmGiven = ["admm-iterations", "admm-rho", "admm-rho-growth"].filter { args.string($0) != nil }
+        switch args.string("weight-update") {
+        case nil, "obs":
+            if let first = admmGiven.first {
+                throw UsageError(message: "topiary prune: --\(first) applies to --weight-update admm")
+            }
+        case "admm":
+            var admm = ADMMPruner.Options()
+            if let k = try args.int("admm-iterations", in: 1...Limits.iterations) { admm.iterations = k }
+            if let r = try args.double("admm-rho", in: 1e-6...1e6) { admm.rho = r }
+            if let g = try args.double("admm-rho-growth", in: 1...100) { admm.rhoGrowth = g }
+            sparseGPT.admm = admm
+        case let other?:
+            throw UsageError(message: "topiary prune: --weight-update must be obs or admm, got '\(other)'")
+        }
         let requestedDType = try parseDType(args.string("dtype"))
         var targets = TargetMode.sequential
         if let t = args.string("targets") {
@@ -285,8 +304,8 @@ enum PruneCommand: Command {
         // SparseGPT's settings apply where its solver runs: sparsegpt, sparsellm's attention, and
         // BESA's reconstruction.
         let usesSparseGPT = method == .sparsegpt || method == .sparsellm || (besa?.reconstruct ?? false)
-        if !usesSparseGPT && (args.string("blocksize") != nil || args.string("percdamp") != nil) {
-            throw UsageError(message: "topiary prune: --blocksize and --percdamp apply to --method sparsegpt, sparsellm, or besa with --besa-reconstruct")
+        if !usesSparseGPT && (args.string("blocksize") != nil || args.string("percdamp") != nil || args.string("weight-update") != nil) {
+            throw UsageError(message: "topiary prune: --blocksize, --percdamp and --weight-update apply to --method sparsegpt, sparsellm, or besa with --besa-reconstruct")
         }
         for (name, v) in [("alpha", sparseLLMValues.0), ("beta", sparseLLMValues.1), ("gamma", sparseLLMValues.2)] {
             if let v, !(v > 0) { throw UsageError(message: "topiary prune: --\(name) must be positive, got \(v)") }
@@ -620,7 +639,13 @@ enum PruneCommand: Command {
             }
             summary["admm"] = admm
         }
-        if usesSparseGPT { summary["sparsegpt"] = ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp] }
+        if usesSparseGPT {
+            var settings: [String: Any] = ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp]
+            if let a = sparseGPT.admm {
+                settings["weight_update"] = ["method": "admm", "iterations": a.iterations, "rho": a.rho, "rho_growth": a.rhoGrowth, "rho_step": a.rhoStep]
+            }
+            summary["sparsegpt"] = settings
+        }
         if let o = sparseLLM {
             summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
                                     "targets": targets.rawValue, "ridge": o.ridge]

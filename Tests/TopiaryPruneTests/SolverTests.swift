@@ -89,7 +89,8 @@ final class SolverTests: XCTestCase {
     }
 
     /// Reference rules: magnitude prunes |W| <= sorted(|W|)[int(numel·s)]: int(numel·s)+1 weights
-    /// when values are distinct; Wanda prunes exactly int(cols·s) per row; SparseGPT prunes
+    /// when values are distinct; Wanda prunes exactly int(cols·s) per row where cols·s is whole
+    /// (and round(rows·cols·s) in all, spread over the rows, where it is not); SparseGPT prunes
     /// int(rows·count·s)+1 per 128-column block.
     func testPrunedCountsFollowTheReferenceRules() throws {
         let problem = Problem(rows: 20, cols: 300, tokens: 512, seed: 5)
@@ -98,6 +99,18 @@ final class SolverTests: XCTestCase {
         XCTAssertEqual(MagnitudePruner.prune(w, pattern: .unstructured(s)).zeroCount, Int(Double(w.count) * s) + 1)
         let wanda = WandaPruner.prune(w, inputSquaredNorms: problem.stats.squaredNorms, pattern: .unstructured(s))
         for r in 0..<w.rows { XCTAssertEqual(wanda.rows(r..<(r + 1)).zeroCount, Int(300 * s)) }
+        // 0.7 of 300 columns is 210 (whole); 0.7013 is 210.39 a row, 4207.8 over 20 rows: 4208
+        // in all, rows of 210 and 211 (8 of them), the extra rows spread out.
+        let owl = WandaPruner.prune(w, inputSquaredNorms: problem.stats.squaredNorms, pattern: .unstructured(0.7013))
+        XCTAssertEqual(owl.zeroCount, 4208)
+        let perRow = (0..<w.rows).map { owl.rows($0..<($0 + 1)).zeroCount }
+        XCTAssertEqual(perRow, WandaPruner.rowCounts(rows: 20, cols: 300, fraction: 0.7013))
+        XCTAssertEqual(Set(perRow), [210, 211])
+        XCTAssertEqual(perRow.filter { $0 == 211 }.count, 8)
+        XCTAssertFalse(perRow[0..<10].allSatisfy { $0 == 211 } || perRow[10...].allSatisfy { $0 == 211 }, "extra rows spread: \(perRow)")
+        // The extra weights of a row are its next-smallest scores: the 210 of the floor are kept.
+        let floor = WandaPruner.prune(w, inputSquaredNorms: problem.stats.squaredNorms, pattern: .unstructured(0.7))
+        for i in 0..<w.count where floor.values[i] == 0 { XCTAssertEqual(owl.values[i], 0) }
         let sgpt = try SparseGPTPruner.prune(w, hessian: problem.stats.hessian, pattern: .unstructured(s)).weight
         var expected = 0
         for start in stride(from: 0, to: 300, by: 128) {

@@ -105,6 +105,14 @@ final class Float64BackendTests: XCTestCase {
         agree("chunkedDot", scalar: { k in k.chunkedDot(k.upload(x), k.upload(y)) })
         agree("chunkedSquaredDistance", scalar: { k in k.chunkedSquaredDistance(k.upload(x), k.upload(y)) })
         agree("chunkedSquaredDistanceToProduct", scalar: { k in k.chunkedSquaredDistanceToProduct(k.upload(x), k.upload(y), k.upload(x)) })
+        agree("addScaledRows") { k in
+            let t = k.upload(y)
+            k.addScaledRows(t, k.upload(x), scales: (0..<x.rows).map { Float($0) * 0.5 - 1 })
+            return k.download(t)
+        }
+        let dots = (cpu.rowDots(cpu.upload(x), cpu.upload(y)), f64.rowDots(f64.upload(x), f64.upload(y)))
+        XCTAssertEqual(dots.0.count, x.rows)
+        for (a, b) in zip(dots.0, dots.1) { XCTAssertEqual(a, b, accuracy: 1e-4 * max(1, abs(b))) }
         XCTAssertTrue(f64.allFinite(f64.upload(x)))
         XCTAssertFalse(f64.allFinite(f64.upload(Matrix(rows: 1, cols: 2, values: [1, .nan]))))
         // Selections, ties included: the same masks.
@@ -112,6 +120,8 @@ final class Float64BackendTests: XCTestCase {
         for scores in [x, tied] {
             agree("selectAtMostKthSmallest", tolerance: 0) { k in k.download(k.selectAtMostKthSmallest(k.upload(scores), k: 9)) }
             agree("selectSmallestInRows", tolerance: 0) { k in k.download(k.selectSmallestInRows(k.upload(scores), count: 3)) }
+            let counts = (0..<scores.rows).map { [0, 3, scores.cols, 1][$0 % 4] }
+            agree("selectSmallestInRows counts", tolerance: 0) { k in k.download(k.selectSmallestInRows(k.upload(scores), counts: counts)) }
             agree("selectNOfM", tolerance: 0) { k in k.download(k.selectNOfM(k.upload(scores), n: 2, m: 3)) }
             agree("rankRows", tolerance: 0) { k in k.download(k.rankRows(k.upload(scores))) }
         }
