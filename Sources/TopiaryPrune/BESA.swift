@@ -40,6 +40,9 @@ public enum BESA {
         public var granularity: Granularity
         /// After the masks are chosen, update the kept weights with SparseGPT under those masks.
         public var reconstruct: Bool
+        /// Adam's step size over the run: nil (or constant) keeps `learningRate`; cosine takes it
+        /// from `learningRate` down to 0 along half a cosine over all epochs' steps.
+        public var schedule: LearningRateSchedule?
 
         public init(epochs: Int = 1, learningRate: Double = 0.05, penalty: Double = 5, granularity: Granularity = .row,
                     reconstruct: Bool = false) {
@@ -49,6 +52,18 @@ public enum BESA {
             self.granularity = granularity
             self.reconstruct = reconstruct
         }
+
+        /// The step size of Adam step t (1-based) of `total`.
+        public func learningRate(step t: Int, of total: Int) -> Double {
+            switch schedule ?? .constant {
+            case .constant: return learningRate
+            case .cosine: return learningRate * 0.5 * (1 + cos(Double.pi * Double(t - 1) / Double(max(total, 1))))
+            }
+        }
+    }
+
+    public enum LearningRateSchedule: String, Sendable, Codable, Equatable {
+        case constant, cosine
     }
 
     /// The candidate sparsities are k / steps, k = 0…steps.
@@ -128,7 +143,8 @@ public enum BESA {
                 adamStep += 1
                 for l in learners {
                     let share = Double(l.rows * l.cols) / blockParameters / Double(l.rows)
-                    l.step(weightGradient: grads[l.name]!, penaltySlope: slope * share, learningRate: options.learningRate, step: adamStep)
+                    l.step(weightGradient: grads[l.name]!, penaltySlope: slope * share,
+                           learningRate: options.learningRate(step: adamStep, of: options.epochs * samples), step: adamStep)
                 }
             }
             epochLosses.append(lossSum / Double(samples))

@@ -7,6 +7,7 @@ enum BESAOptions {
     static let specs = [
         OptionSpec(name: "besa-epochs", value: "E", help: "BESA: passes over the calibration windows, one Adam step per window (default 1)"),
         OptionSpec(name: "besa-lr", value: "X", help: "BESA: Adam step size on the allocation logits (default 0.05)"),
+        OptionSpec(name: "besa-lr-schedule", value: "S", help: "BESA: constant (default) or cosine (from --besa-lr down to 0 over all epochs)"),
         OptionSpec(name: "besa-penalty", value: "B", help: "BESA: weight of the sparsity penalty ((S - target)/target)^2 (default 5)"),
         OptionSpec(name: "besa-granularity", value: "G", help: "BESA: row (one allocation per output row, default) or layer"),
         OptionSpec(name: "besa-reconstruct", value: nil, help: "BESA: update the kept weights with SparseGPT under the learned masks"),
@@ -27,6 +28,12 @@ enum BESAOptions {
             guard lr > 0 else { throw UsageError(message: "topiary prune: --besa-lr must be positive, got \(lr)") }
             o.learningRate = lr
         }
+        if let sched = args.string("besa-lr-schedule") {
+            guard let schedule = BESA.LearningRateSchedule(rawValue: sched) else {
+                throw UsageError(message: "topiary prune: --besa-lr-schedule must be constant or cosine, got '\(sched)'")
+            }
+            o.schedule = schedule
+        }
         if let b = try args.double("besa-penalty") {
             guard b >= 0 else { throw UsageError(message: "topiary prune: --besa-penalty must not be negative, got \(b)") }
             o.penalty = b
@@ -42,7 +49,7 @@ enum BESAOptions {
     }
 
     static func settingsJSON(_ o: BESA.Options, targets: TargetMode) -> [String: Any] {
-        ["epochs": o.epochs, "lr": o.learningRate, "penalty": o.penalty, "granularity": o.granularity.rawValue,
+        ["epochs": o.epochs, "lr": o.learningRate, "lr_schedule": (o.schedule ?? .constant).rawValue, "penalty": o.penalty, "granularity": o.granularity.rawValue,
          "reconstruct": o.reconstruct, "targets": targets.rawValue, "candidates": BESA.steps + 1]
     }
 

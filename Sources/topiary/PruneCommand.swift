@@ -13,7 +13,7 @@ enum PruneCommand: Command {
                   --calib FILE|generate:N[:L] [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
                   [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E --min-improvement F --keep-round best|last]]
-                  [--besa-epochs E --besa-lr X --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
+                  [--besa-epochs E --besa-lr X --besa-lr-schedule constant|cosine --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--overwrite] [--precision f32|f64] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
     topiary prune --resume D [--workers N | --hosts H:P,...] [--threads N]
     """

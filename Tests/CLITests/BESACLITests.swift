@@ -48,6 +48,8 @@ final class BESACLITests: XCTestCase {
             (["--method", "besa", "--sparsity", "0.5", "--besa-epochs", "0"], "--besa-epochs"),
             (["--method", "besa", "--sparsity", "0.5", "--besa-penalty", "-1"], "--besa-penalty"),
             (["--method", "besa", "--sparsity", "0.5", "--besa-granularity", "column"], "--besa-granularity"),
+            (["--method", "besa", "--sparsity", "0.5", "--besa-lr-schedule", "linear"], "--besa-lr-schedule"),
+            (["--method", "wanda", "--sparsity", "0.5", "--besa-lr-schedule", "cosine"], "--method besa"),
             (["--method", "besa", "--pattern", "2:4"], "--sparsity"),
             (["--method", "wanda", "--sparsity", "0.5", "--besa-epochs", "2"], "--method besa"),
             (["--method", "wanda", "--sparsity", "0.5", "--besa-reconstruct"], "--besa-reconstruct"),
@@ -59,7 +61,7 @@ final class BESACLITests: XCTestCase {
             XCTAssertTrue(r.stderr.contains(expected), "\(args): \(r.stderr)")
         }
         let help = try CLI.run(["help", "prune"])
-        for option in ["--besa-epochs", "--besa-lr", "--besa-penalty", "--besa-granularity", "--besa-reconstruct"] {
+        for option in ["--besa-epochs", "--besa-lr", "--besa-lr-schedule", "--besa-penalty", "--besa-granularity", "--besa-reconstruct"] {
             XCTAssertTrue(help.stdout.contains(option), option)
         }
     }

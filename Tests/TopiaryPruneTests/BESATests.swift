@@ -32,6 +32,21 @@ final class BESATests: XCTestCase {
 
     /// The start: the largest-entropy distribution over the candidates with the target's mean
     /// (the reference's uniform start at 50%).
+    /// The cosine schedule starts at --besa-lr, is half of it midway and nearly 0 at the last
+    /// step; constant (and no schedule, as older run.json files have it) keeps it.
+    func testLearningRateSchedules() {
+        var o = BESA.Options(learningRate: 0.08)
+        XCTAssertEqual(o.learningRate(step: 1, of: 64), 0.08)
+        XCTAssertEqual(o.learningRate(step: 64, of: 64), 0.08)
+        o.schedule = .cosine
+        XCTAssertEqual(o.learningRate(step: 1, of: 64), 0.08, accuracy: 1e-12)
+        XCTAssertEqual(o.learningRate(step: 33, of: 64), 0.04, accuracy: 1e-12)
+        XCTAssertEqual(o.learningRate(step: 64, of: 64), 0.08 * 0.5 * (1 + cos(Double.pi * 63 / 64)), accuracy: 1e-12)
+        XCTAssertLessThan(o.learningRate(step: 64, of: 64), 0.0001)
+        let old = try! JSONDecoder().decode(BESA.Options.self, from: Data(#"{"epochs":1,"learningRate":0.05,"penalty":5,"granularity":"row","reconstruct":false}"#.utf8))
+        XCTAssertNil(old.schedule)
+    }
+
     func testStartHasTheTargetMean() {
         for target in [0.5, 0.7, 0.9, 0.13] {
             let p = BESA.softmax(BESA.maximumEntropyLogits(mean: target))
