@@ -58,8 +58,8 @@ public enum ADMMPruner {
         backend.zeroDeadInputs(hessian: h, weight: w0)
         let meanDiagonal = backend.sum(backend.diagonal(h)) / Double(max(cols, 1))
         backend.addToDiagonal(h, Float(percentDamp * meanDiagonal))
-        let scale = backend.sum(backend.diagonal(h)) / Double(max(cols, 1))
         let diagonal = backend.diagonal(h)
+        let scale = backend.sum(diagonal) / Double(max(cols, 1))
         let columnNorms = backend.map(diagonal, .squareRoot)
         let target = backend.matmul(w0, h)   // W₀H (H is symmetric)
 

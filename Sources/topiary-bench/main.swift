@@ -203,6 +203,17 @@ func sparseGPTRaw(_ args: [String]) throws {
     print(String(format: "loss %.6f", result.loss))
 }
 
+/// Block 0's inputs for `samples` calibration windows of `seqlen` tokens of the text `calib` (seed 0,
+/// as `topiary prune` draws them), embedded; activations beyond 4 GiB spill into `work`.
+func calibrationInputs(model: LanguageModel, calib: String, samples: Int, seqlen: Int, work: String) throws -> ActivationStore {
+    let text = try String(contentsOfFile: calib, encoding: .utf8)
+    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
+    let inputs = ActivationStore(count: samples, rows: seqlen, cols: model.config.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
+    let embedding = try model.loadEmbedding()
+    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    return inputs
+}
+
 /// Seconds per block of SparseLLM and of SparseGPT on the same blocks and calibration windows.
 func benchSparseLLM(_ args: [String]) throws {
     guard let path = argument("model", args), let calib = argument("calib", args) else {
@@ -213,14 +224,9 @@ func benchSparseLLM(_ args: [String]) throws {
     let blocks = Int(argument("blocks", args) ?? "2")!
     let sparsity = Double(argument("sparsity", args) ?? "0.7")!
     let model = try LanguageModel.open(path: path)
-    let text = try String(contentsOfFile: calib, encoding: .utf8)
-    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
     let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: work) }
-    let c = model.config
-    var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
-    let embedding = try model.loadEmbedding()
-    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    var inputs = try calibrationInputs(model: model, calib: calib, samples: samples, seqlen: seqlen, work: work)
     print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, blocks 0..<\(blocks), BLAS threads \(CPUBackend.threadCount)")
     print("  block   sparsegpt s   sparsellm s   ratio   block output error sparsegpt / sparsellm")
     var totals = (0.0, 0.0)
@@ -257,13 +263,9 @@ func benchWeightUpdate(_ args: [String]) throws {
     if let st = argument("step", args).flatMap(Int.init) { admm.rhoStep = st }
     if let f = argument("refit", args).flatMap(Int.init) { admm.refitIterations = f }
     let model = try LanguageModel.open(path: path)
-    let text = try String(contentsOfFile: calib, encoding: .utf8)
-    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
     let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: work) }
-    var inputs = ActivationStore(count: samples, rows: seqlen, cols: model.config.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
-    let embedding = try model.loadEmbedding()
-    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    var inputs = try calibrationInputs(model: model, calib: calib, samples: samples, seqlen: seqlen, work: work)
     print("model \(path), \(samples) x \(seqlen) calibration tokens, \(pattern), blocks 0..<\(blocks), ADMM \(admm)")
     for b in 0..<blocks {
         let block = try model.loadBlock(b)
@@ -297,13 +299,9 @@ func benchBESA(_ args: [String]) throws {
     let epochs = Int(argument("epochs", args) ?? "1")!
     let model = try LanguageModel.open(path: path)
     let c = model.config
-    let text = try String(contentsOfFile: calib, encoding: .utf8)
-    let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: samples, sequenceLength: seqlen, seed: 0)
     let work = FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-\(getpid())").path
     defer { try? FileManager.default.removeItem(atPath: work) }
-    var inputs = ActivationStore(count: samples, rows: seqlen, cols: c.hiddenSize, budgetBytes: 1 << 32, spillDirectory: work)
-    let embedding = try model.loadEmbedding()
-    for (i, w) in windows.enumerated() { try inputs.set(i, embedding.embed(w, sequenceLength: seqlen)) }
+    var inputs = try calibrationInputs(model: model, calib: calib, samples: samples, seqlen: seqlen, work: work)
     print("model \(path), \(samples) x \(seqlen) calibration tokens, \(Int(sparsity * 100))% sparsity, \(epochs) epoch(s), blocks 0..<\(blocks), BLAS threads \(CPUBackend.threadCount)")
 
     // The machine's sgemm rate on the block's own GEMM shapes (as bench forward).

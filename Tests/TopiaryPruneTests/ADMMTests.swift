@@ -26,27 +26,6 @@ final class ADMMTests: XCTestCase {
         return backend.download(r.weight)
     }
 
-    /// A x = b by Gaussian elimination with partial pivoting, in Double (nil if singular).
-    static func solveDouble(_ a0: [[Double]], _ b0: [Double]) -> [Double]? {
-        var a = a0, b = b0
-        let n = b.count
-        for k in 0..<n {
-            let p = (k..<n).max { abs(a[$0][k]) < abs(a[$1][k]) }!
-            guard a[p][k] != 0 else { return nil }
-            a.swapAt(k, p); b.swapAt(k, p)
-            for i in (k + 1)..<n {
-                let f = a[i][k] / a[k][k]
-                for j in k..<n { a[i][j] -= f * a[k][j] }
-                b[i] -= f * b[k]
-            }
-        }
-        var x = [Double](repeating: 0, count: n)
-        for i in stride(from: n - 1, through: 0, by: -1) {
-            x[i] = (b[i] - ((i + 1)..<n).reduce(0.0) { $0 + a[i][$1] * x[$1] }) / a[i][i]
-        }
-        return x
-    }
-
     /// Under a fixed mask the problem is convex: ADMM must approach the least-squares optimum of
     /// the kept weights, which each row gets from its own reduced normal equations (in Double, with
     /// the same 1% damping): the objective within 0.1% of the optimum's, for 200 refit iterations
@@ -68,7 +47,7 @@ final class ADMMTests: XCTestCase {
             // H_SS v = (w H)_S: the gradient of (v − w) H (v − w)ᵀ vanishes on the kept set.
             let a = kept.map { i in kept.map { j in Double(h[i, j]) } }
             let b = kept.map { i in (0..<24).reduce(0.0) { $0 + Double(w[r, $1]) * Double(h[$1, i]) } }
-            let v = try XCTUnwrap(Self.solveDouble(a, b))
+            let v = SolverTests.solve(a, b)
             for (k, c) in kept.enumerated() { optimum[r, c] = Float(v[k]) }
         }
         let best = objective(optimum, w, h)

@@ -142,12 +142,12 @@ final class SolverTests: XCTestCase {
             for j in 1..<cols { a[i - 1][j - 1] = Double(h[i, j]) }
             b[i - 1] = (0..<cols).reduce(0.0) { $0 + Double(w[0, $1]) * Double(h[$1, i]) }
         }
-        let v = solve(a, b)
+        let v = Self.solve(a, b)
         for i in 1..<cols { XCTAssertEqual(Double(result.weight[0, i]), v[i - 1], accuracy: 1e-3 * max(1, abs(v[i - 1]))) }
     }
 
     /// Gaussian elimination with partial pivoting (small dense reference).
-    func solve(_ a0: [[Double]], _ b0: [Double]) -> [Double] {
+    static func solve(_ a0: [[Double]], _ b0: [Double]) -> [Double] {
         var a = a0, b = b0
         let n = b.count
         for k in 0..<n {
