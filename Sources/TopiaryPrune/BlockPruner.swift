@@ -106,6 +106,14 @@ public struct BlockPruner: Sendable {
         return keys
     }
 
+    /// The time now, after the backend has finished what was issued: the profile's phase clock
+    /// (a GPU runs asynchronously, and its work would otherwise be counted in the phase that
+    /// next waits for it; on the CPU the wait is nothing).
+    private func clock() -> Date {
+        backend.synchronize()
+        return Date()
+    }
+
     /// Prunes `block`. `inputs` are the block's inputs, one [sequenceLength x hidden] tensor per
     /// calibration sequence; returns the pruned block, its outputs on the same inputs, and a report.
     /// `targets`, for SparseLLM and BESA with dense targets: the dense model's inputs to this block.
@@ -162,16 +170,16 @@ public struct BlockPruner: Sendable {
         let denseOutputs = inputs.makeSibling()
         var statisticsSeconds = 0.0, statisticsFLOPs = 0.0
         var spillMark = Self.spillSeconds(inputs, targets)
-        var phaseStart = Date()
+        var phaseStart = clock()
         func collect(_ name: String, _ x: Tensor) {
             if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
             guard keys[name] == name else { return }
-            let t0 = Date()
+            let t0 = clock()
             tokensSeen[name, default: 0] += x.rows
             let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
             stats[name] = st
             st.add(x)
-            statisticsSeconds += Date().timeIntervalSince(t0)
+            statisticsSeconds += clock().timeIntervalSince(t0)
             // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
             statisticsFLOPs += Double(x.rows) * Double(x.cols) * Double(x.cols + 2)
         }
@@ -233,7 +241,7 @@ public struct BlockPruner: Sendable {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.statistics, seconds: statisticsSeconds, flops: statisticsFLOPs)
-            profile.add(.denseForward, seconds: max(0, Date().timeIntervalSince(phaseStart) - statisticsSeconds - spill), flops: denseFLOPs)
+            profile.add(.denseForward, seconds: max(0, clock().timeIntervalSince(phaseStart) - statisticsSeconds - spill), flops: denseFLOPs)
         }
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
@@ -249,7 +257,7 @@ public struct BlockPruner: Sendable {
         var jointChosen: Int?
         var besaSummary: BESA.Summary?
         spillMark = Self.spillSeconds(inputs, targets, denseOutputs)
-        phaseStart = Date()
+        phaseStart = clock()
         var solveFLOPs = 0.0, errorSeconds = 0.0, errorFLOPs = 0.0
         if plan.method == .besa {
             // One replica learns the block (ReplicaWork gives it every group): the others hand it
@@ -257,18 +265,18 @@ public struct BlockPruner: Sendable {
             let gathered = try gatherForBESA(block.index, inputs: inputs, denseOutputs: denseOutputs, targets: targets,
                                              learner: owners[allKeys[0]] ?? 0)
             if let gathered {
-                let t0 = Date()
+                let t0 = clock()
                 let r = try pruneBESA(device, inputs: gathered.inputs, denseOutputs: gathered.denseOutputs, targets: gathered.targets,
                                       stats: stats, sequenceLength: sequenceLength)
                 joint = r.weights
                 besaSummary = r.summary
-                let seconds = Date().timeIntervalSince(t0) / Double(block.linearNames.count)
+                let seconds = clock().timeIntervalSince(t0) / Double(block.linearNames.count)
                 for name in block.linearNames { jointSeconds[name] = seconds }
             }
         }
         if plan.method == .sparsellm {
             for (k, ffn) in feedForwards.enumerated() where owns(ffn.inputLinear) {
-                let t0 = Date()
+                let t0 = clock()
                 let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
@@ -292,13 +300,13 @@ public struct BlockPruner: Sendable {
                     jointReports = result.iterations
                     jointChosen = result.chosen
                 }
-                let seconds = Date().timeIntervalSince(t0) / Double(result.weights.count)
+                let seconds = clock().timeIntervalSince(t0) / Double(result.weights.count)
                 for name in result.weights.keys { jointSeconds[name] = seconds }
             }
         }
         let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         for name in block.linearNames where owns(keys[name] ?? name) && !split.contains(name) {
-            let t0 = Date()
+            let t0 = clock()
             let weight = device.weight(name)
             guard let st = stats[keys[name] ?? name] else {
                 throw PruneError.shape("block \(block.index): no statistics collected for \(name)")
@@ -318,19 +326,19 @@ public struct BlockPruner: Sendable {
                 }
             }
             prunedWeights[name] = solved
-            let seconds = jointSeconds[name] ?? Date().timeIntervalSince(t0)
+            let seconds = jointSeconds[name] ?? clock().timeIntervalSince(t0)
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
-            let errorStart = Date()
+            let errorStart = clock()
             linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: seconds))
-            errorSeconds += Date().timeIntervalSince(errorStart)
+            errorSeconds += clock().timeIntervalSince(errorStart)
             // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
             errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
         }
         if let exchange, role.count > 1 {
             // The largest linears: every replica solves its share of the rows.
             for name in split {
-                let t0 = Date()
+                let t0 = clock()
                 let key = keys[name] ?? name
                 let owner = owners[key] ?? 0
                 let weight = device.weight(name)
@@ -339,9 +347,9 @@ public struct BlockPruner: Sendable {
                 prunedWeights[name] = solved
                 solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols) / Double(role.count)
                 if owner == role.rank, let st = stats[key] {
-                    let errorStart = Date()
-                    linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: Date().timeIntervalSince(t0)))
-                    errorSeconds += Date().timeIntervalSince(errorStart)
+                    let errorStart = clock()
+                    linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: clock().timeIntervalSince(t0)))
+                    errorSeconds += clock().timeIntervalSince(errorStart)
                     errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
                 }
             }
@@ -354,20 +362,20 @@ public struct BlockPruner: Sendable {
             profile.add(.spill, seconds: spill)
             profile.add(.errorMetrics, seconds: errorSeconds, flops: errorFLOPs)
             // BESA's and SparseLLM's joint solves are timed here; their FLOPs are not counted.
-            profile.add(.solve, seconds: max(0, Date().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
+            profile.add(.solve, seconds: max(0, clock().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.
         let pruned = device.replacing(weights: prunedWeights)
         let outputs = inputs.makeSibling()
         var terms: [Int: (num: Double, den: Double)] = [:]
         spillMark = Self.spillSeconds(inputs, denseOutputs, outputs)
-        phaseStart = Date()
+        phaseStart = clock()
         var prunedForwardSeconds = 0.0
         for s in mine {
             let x = try inputs.tensor(s)
-            let forwardStart = Date()
+            let forwardStart = clock()
             let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
-            prunedForwardSeconds += Date().timeIntervalSince(forwardStart)
+            prunedForwardSeconds += clock().timeIntervalSince(forwardStart)
             guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
             let dense = try denseOutputs.tensor(s)
             let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))
@@ -402,7 +410,7 @@ public struct BlockPruner: Sendable {
             profile.add(.spill, seconds: spill)
             profile.add(.prunedForward, seconds: prunedForwardSeconds, flops: forwardFLOPs)
             let elements = Double(mine.count * inputs.rows * inputs.cols)
-            profile.add(.errorMetrics, seconds: max(0, Date().timeIntervalSince(phaseStart) - prunedForwardSeconds - spill), flops: 4 * elements)
+            profile.add(.errorMetrics, seconds: max(0, clock().timeIntervalSince(phaseStart) - prunedForwardSeconds - spill), flops: 4 * elements)
         }
         var report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
                                  seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen,

@@ -48,6 +48,8 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         try forbidTransfers(label, body)
     }
 
+    public func synchronize() { inner.synchronize() }
+
     // MARK: Memory and transfers
 
     public func upload(_ matrix: Matrix) -> Tensor {

@@ -142,6 +142,11 @@ public protocol ComputeBackend: Sendable {
     /// violation; other backends just run `body`.
     func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R
 
+    /// Waits until every operation issued so far has finished (a device that runs
+    /// asynchronously; the CPU's operations finish before they return). For timing only: results
+    /// are always seen in order without it.
+    func synchronize()
+
     // MARK: BESA kernels (BESA.swift derives them)
 
     /// Each row's columns in ascending order of score, equal scores by column (a stable sort), as
@@ -218,6 +223,7 @@ public enum ElementwiseFunction: String, Sendable {
 
 extension ComputeBackend {
     public func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R { try body() }
+    public func synchronize() {}
 
     /// A * B as a new tensor.
     public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { matmul(a, .none, b, .none) }

@@ -66,9 +66,10 @@ public enum ComputeDevices {
         switch device {
         case .cpu:
             return CPUBackend()
-        case .cuda:
-            let driver = cudaDriverFound ? "\(cudaDriverLibrary) found" : "\(cudaDriverLibrary) not found"
-            throw DeviceError.unavailable("\(device): no CUDA backend in this build: the CUDA backend is not written yet, only cpu is (\(driver))")
+        case .cuda(let index):
+            do { return try CUDABackend(device: index) } catch let error as DeviceError {
+                throw DeviceError.unavailable("\(device): \(error)")
+            }
         }
     }
 
@@ -108,8 +109,23 @@ public enum ComputeDevices {
         return [
             Description(device: "cpu", available: true,
                         detail: "\(cpu.name); \(ProcessInfo.processInfo.activeProcessorCount) cores; \(CPUBackend.libraryConfig)"),
-            Description(device: "cuda", available: false,
-                        detail: "no CUDA backend in this build; driver \(cudaDriverLibrary) \(cudaDriverFound ? "found" : "not found")"),
-        ]
+        ] + cudaDescriptions()
+    }
+
+    /// One line per CUDA device, or one saying what is missing (the driver, cuBLAS, NVRTC).
+    static func cudaDescriptions() -> [Description] {
+        guard cudaDriverFound else {
+            return [Description(device: "cuda", available: false, detail: "driver \(cudaDriverLibrary) not found")]
+        }
+        do {
+            let n = try CUDADevice.count()
+            if n == 0 { return [Description(device: "cuda", available: false, detail: "the driver reports no CUDA device")] }
+            return (0..<n).map { i in
+                do { return Description(device: "cuda:\(i)", available: true, detail: try CUDADevice.shared(i).summary) }
+                catch { return Description(device: "cuda:\(i)", available: false, detail: "\(error)") }
+            }
+        } catch {
+            return [Description(device: "cuda", available: false, detail: "\(error)")]
+        }
     }
 }

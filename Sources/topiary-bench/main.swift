@@ -525,8 +525,9 @@ do {
     case "linalg": benchLinalg(Array(args.dropFirst()))
     case "make-synthetic": try makeSynthetic(Array(args.dropFirst()))
     case "precision": try benchPrecision(Array(args.dropFirst()))
+    case "cuda-check": try cudaCheck(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {

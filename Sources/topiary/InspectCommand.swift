@@ -12,7 +12,8 @@ enum InspectCommand: Command {
     least N zeros in every group of M consecutive inputs of every row). --pattern adds a pattern
     to check. The last line sums the pruned linears.
     --devices lists the compute backends instead: the CPU (threads, cores, OpenBLAS build) and
-    whether a CUDA driver library (libcuda.so.1) can be loaded; this build has no CUDA backend.
+    each CUDA device (name, memory, compute capability, driver), or the line that says which
+    CUDA library (driver, cuBLAS, NVRTC) is missing.
     --blas-kernel prints the OpenBLAS kernel topiary runs with (the one it chose from the CPU's
     instruction sets unless OPENBLAS_CORETYPE is set; scripts/test exports it for the test run).
     """

@@ -573,7 +573,7 @@ enum PruneCommand: Command {
         var sgemmRate: Double?
         if profiles {
             sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
-            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s (1024^3, %d threads)", sgemmRate! / 1e9, CPUBackend.threadCount))
+            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s", sgemmRate! / 1e9) + " (\(ComputeDevices.defaultBackend.name))")
         }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
         let outcome = try pruneRun.execute { event in

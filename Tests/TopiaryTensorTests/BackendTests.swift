@@ -224,12 +224,14 @@ final class BackendTests: XCTestCase {
             }
         }
         XCTAssertTrue(try ComputeDevices.backend(for: .cpu) is CPUBackend)
+        if ComputeDevices.cudaDriverFound { return }
         XCTAssertThrowsError(try ComputeDevices.backend(for: .cuda(index: 1))) { error in
             let text = "\(error)"
-            XCTAssertTrue(text.hasPrefix("cuda:1: no CUDA backend in this build"), text)
+            XCTAssertTrue(text.hasPrefix("cuda:1: "), text)
             XCTAssertTrue(text.contains("libcuda.so.1"), text)
             XCTAssertFalse(text.contains("\n"))
         }
+        guard !ComputeDevices.cudaDriverFound else { return }   // a machine with a GPU: scripts/cuda-check tests it
         let devices = ComputeDevices.describe()
         XCTAssertEqual(devices.map(\.device), ["cpu", "cuda"])
         XCTAssertEqual(devices.map(\.available), [true, false])
