@@ -482,7 +482,7 @@ public struct BlockPruner: Sendable {
                          hessian: Tensor?) throws -> Tensor {
         let role = exchange.role
         let rows = weight.rows, cols = weight.cols
-        let mine = ReplicaWork.rowRange(role.rank, of: role.count, rows: rows)
+        let mine = ReplicaWork.solveRows(role.rank, of: role.count, rows: rows)
         func key(_ kind: ReplicaKey.Kind, _ index: Int = 0) -> ReplicaKey { ReplicaKey(block: block, kind: kind, name: name, index: index) }
         func matrix(_ kind: ReplicaKey.Kind, _ index: Int = 0, rows r: Int, cols c: Int) throws -> Matrix {
             guard case .matrix(let m) = try exchange.receive(key(kind, index)), m.rows == r, m.cols == c else {
@@ -497,7 +497,7 @@ public struct BlockPruner: Sendable {
             let hostFactor = backend.download(factor)
             for r in 0..<role.count where r != role.rank {
                 try exchange.send(key(.inverseFactor), .matrix(hostFactor), to: r)
-                let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+                let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
                 try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
             }
             u = factor
@@ -518,7 +518,7 @@ public struct BlockPruner: Sendable {
             }
             var values = self.backend.download(scores).values
             for r in 0..<role.count where r != role.rank {
-                let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+                let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
                 values += try matrix(.scores, columnBlock * role.count + r, rows: range.count, cols: scores.cols).values
             }
             let t = values.isEmpty ? -Float.infinity : Selection.kthSmallest(&values, k)
@@ -528,13 +528,13 @@ public struct BlockPruner: Sendable {
             return t
         }
         let solved = try SparseGPTPruner.solve(w, inverseFactor: u, pattern: plan.pattern, options: plan.sparseGPT, what: name,
-                                               totalRows: rows, threshold: threshold, on: backend).weight
+                                               totalRows: rows, firstRow: mine.lowerBound, threshold: threshold, on: backend).weight
         // Every replica gets every replica's rows, and puts them together in row order.
         let host = backend.download(solved)
         for r in 0..<role.count where r != role.rank { try exchange.send(key(.prunedRows, role.rank), .matrix(host), to: r) }
         var parts: [Tensor] = []
         for r in 0..<role.count {
-            let range = ReplicaWork.rowRange(r, of: role.count, rows: rows)
+            let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
             parts.append(r == role.rank ? solved : backend.upload(try matrix(.prunedRows, r, rows: range.count, cols: cols)))
         }
         return backend.vstack(parts)

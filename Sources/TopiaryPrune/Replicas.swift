@@ -233,12 +233,19 @@ public enum ReplicaWork {
             costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name), w.rows))
         }
         let fair = costs.reduce(0) { $0 + $1.1 } / Double(replicas)
-        return costs.filter { $0.1 > fair && $0.2 >= replicas }.map(\.0)
+        return costs.filter { $0.1 > fair && ($0.2 + SparseGPTPruner.rowChunk(rows: $0.2) - 1) / SparseGPTPruner.rowChunk(rows: $0.2) >= replicas }.map(\.0)
     }
 
-    /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas.
-    public static func rowRange(_ rank: Int, of count: Int, rows: Int) -> Range<Int> {
-        (rank * rows / count)..<((rank + 1) * rows / count)
+    /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas, in whole
+    /// units of `unit` rows (the last unit shorter).
+    public static func rowRange(_ rank: Int, of count: Int, rows: Int, unit: Int = 1) -> Range<Int> {
+        let units = (rows + unit - 1) / unit
+        return min(rows, rank * units / count * unit)..<min(rows, (rank + 1) * units / count * unit)
+    }
+
+    /// Replica `rank`'s rows of a split SparseGPT linear: whole `SparseGPTPruner.rowChunk`s.
+    public static func solveRows(_ rank: Int, of count: Int, rows: Int) -> Range<Int> {
+        rowRange(rank, of: count, rows: rows, unit: SparseGPTPruner.rowChunk(rows: rows))
     }
 
     /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.

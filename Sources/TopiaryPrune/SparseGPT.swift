@@ -63,6 +63,12 @@ public enum SparseGPTPruner {
         return try solve(w, inverseFactor: u, pattern: pattern, options: options, what: what, fixedMask: fixedMask, on: backend)
     }
 
+    /// Rows per lazy-update product for a layer of `rows` rows: a function of the layer alone,
+    /// so one process and any split of the rows over replicas make the same calls.
+    public static func rowChunk(rows: Int) -> Int {
+        rows >= 1024 ? 256 : (rows >= 128 ? 64 : 16)
+    }
+
     /// The first step: a copy of `weight` with its dead inputs (never active in calibration)
     /// zeroed, and the upper Cholesky factor U of the inverse of the damped Hessian.
     public static func prepare(_ weight: Tensor, hessian: Tensor, options: Options = Options(), what: String = "layer",
@@ -90,11 +96,14 @@ public enum SparseGPTPruner {
     /// unstructured mask's threshold is the whole layer's: `threshold(scores, k)`, when given,
     /// returns the k-th smallest score of the column block over all rows (this `w` holds some of
     /// them); without it, `w` is the whole layer.
+    /// `firstRow`: where `w`'s rows start in the whole layer (replicas solve row ranges that
+    /// `ReplicaWork.rowRange` cuts on `rowChunk` boundaries).
     public static func solve(_ w: Tensor, inverseFactor u: Tensor, pattern: SparsityPattern, options: Options = Options(),
-                             what: String = "layer", fixedMask: Tensor? = nil, totalRows: Int? = nil,
+                             what: String = "layer", fixedMask: Tensor? = nil, totalRows: Int? = nil, firstRow: Int = 0,
                              threshold: ((_ scores: Tensor, _ k: Int) throws -> Float)? = nil,
                              on backend: any ComputeBackend) throws -> TensorResult {
         let rows = w.rows, cols = w.cols
+        let chunk = rowChunk(rows: totalRows ?? rows)
         var loss = 0.0
         var i1 = 0
         while i1 < cols {
@@ -125,10 +134,17 @@ public enum SparseGPTPruner {
             let err = backend.zeros(rows: rows, cols: block.count)
             loss += backend.sparseGPTBlock(weight: wBlock, inverseFactor: uBlock, mask: mask, nOfM: nOfM, error: err)
             backend.copy(wBlock.all, into: w.region(cols: block))
-            // Lazy update of all later columns: W[:, i2:] -= Err · U[i1:i2, i2:].
+            // Lazy update of all later columns: W[:, i2:] -= Err · U[i1:i2, i2:], one product per
+            // chunk of the layer's rows, so that a row's bits do not depend on which rows share the
+            // call (some BLAS kernels sum a row differently by its place in the product).
             if i2 < cols {
-                backend.gemm(err.all, .none, u.region(rows: block, cols: i2..<cols), .none, alpha: -1, beta: 1,
-                             into: w.region(cols: i2..<cols))
+                var r = 0
+                while r < rows {
+                    let end = min(rows, ((firstRow + r) / chunk + 1) * chunk - firstRow)
+                    backend.gemm(err.region(rows: r..<end), .none, u.region(rows: block, cols: i2..<cols), .none, alpha: -1, beta: 1,
+                                 into: w.region(rows: r..<end, cols: i2..<cols))
+                    r = end
+                }
             }
             i1 = i2
         }

@@ -170,10 +170,17 @@ final class CUDADevice: @unchecked Sendable {
         return p
     }
 
+    /// Frees `p` once the work issued before has finished with it: in stream order from the pool,
+    /// or, without a pool, after waiting for the device (a kernel may still read it).
     func free(_ p: UInt64) {
         if p == 0 { return }
         makeCurrent()
-        _ = asyncMemory ? lib.cuMemFreeAsync!(p, nil) : lib.cuMemFree(p)
+        if asyncMemory {
+            _ = lib.cuMemFreeAsync!(p, nil)
+        } else {
+            _ = lib.cuCtxSynchronize()
+            _ = lib.cuMemFree(p)
+        }
     }
 
     func upload(_ host: UnsafeRawPointer, to p: UInt64, bytes: Int) {
