@@ -233,7 +233,9 @@ public enum ReplicaWork {
             costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name), w.rows))
         }
         let fair = costs.reduce(0) { $0 + $1.1 } / Double(replicas)
-        return costs.filter { $0.1 > fair && ($0.2 + SparseGPTPruner.rowChunk(rows: $0.2) - 1) / SparseGPTPruner.rowChunk(rows: $0.2) >= replicas }.map(\.0)
+        // Each replica needs at least one whole chunk of rows (`solveRows`).
+        func chunks(_ rows: Int) -> Int { (rows + SparseGPTPruner.rowChunk(rows: rows) - 1) / SparseGPTPruner.rowChunk(rows: rows) }
+        return costs.filter { $0.1 > fair && chunks($0.2) >= replicas }.map(\.0)
     }
 
     /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas, in whole

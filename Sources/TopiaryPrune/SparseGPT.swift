@@ -96,8 +96,8 @@ public enum SparseGPTPruner {
     /// unstructured mask's threshold is the whole layer's: `threshold(scores, k)`, when given,
     /// returns the k-th smallest score of the column block over all rows (this `w` holds some of
     /// them); without it, `w` is the whole layer.
-    /// `firstRow`: where `w`'s rows start in the whole layer (replicas solve row ranges that
-    /// `ReplicaWork.rowRange` cuts on `rowChunk` boundaries).
+    /// `firstRow`: where `w`'s rows start in the whole layer (replicas solve the row ranges that
+    /// `ReplicaWork.solveRows` cuts on `rowChunk` boundaries).
     public static func solve(_ w: Tensor, inverseFactor u: Tensor, pattern: SparsityPattern, options: Options = Options(),
                              what: String = "layer", fixedMask: Tensor? = nil, totalRows: Int? = nil, firstRow: Int = 0,
                              threshold: ((_ scores: Tensor, _ k: Int) throws -> Float)? = nil,

@@ -43,17 +43,6 @@ public struct CUDABackend: ComputeBackend {
     /// Waits for every operation issued so far (for timing).
     public func synchronize() { device.synchronize() }
 
-    /// One line per CUDA device found, or the error that says why none can be used.
-    public static func describeDevices() -> [String] {
-        do {
-            let n = try CUDADevice.count()
-            if n == 0 { return ["no CUDA device found (the driver loaded, and reports none)"] }
-            return (0..<n).map { i in (try? CUDADevice.shared(i).summary) ?? "cuda:\(i): could not be set up" }
-        } catch {
-            return ["\(error)"]
-        }
-    }
-
     // MARK: Storage
 
     func storage(_ t: Tensor) -> CUDATensorStorage {
