@@ -58,9 +58,6 @@ public enum DeviceError: Error, CustomStringConvertible, Equatable {
 
 /// What this build and this machine offer, and the backend for a device.
 public enum ComputeDevices {
-    /// The library a CUDA backend would load first.
-    public static let cudaDriverLibrary = "libcuda.so.1"
-
     /// The backend that runs on `device`, or a one-line error naming what is missing.
     public static func backend(for device: ComputeDevice) throws -> any ComputeBackend {
         switch device {
@@ -90,9 +87,10 @@ public enum ComputeDevices {
 
     nonisolated(unsafe) private static var selected: any ComputeBackend = CPUBackend()
 
-    /// Whether the CUDA driver library can be loaded (it is opened and closed again).
+    /// Whether the CUDA driver library can be loaded where the CUDA backend looks for it (it is
+    /// opened and closed again).
     public static var cudaDriverFound: Bool {
-        guard let handle = dlopen(cudaDriverLibrary, RTLD_LAZY | RTLD_LOCAL) else { return false }
+        guard let (handle, _) = try? CUDALibraries.open("CUDA driver library", CUDALibraries.driverNames) else { return false }
         dlclose(handle)
         return true
     }
@@ -114,9 +112,6 @@ public enum ComputeDevices {
 
     /// One line per CUDA device, or one saying what is missing (the driver, cuBLAS, NVRTC).
     static func cudaDescriptions() -> [Description] {
-        guard cudaDriverFound else {
-            return [Description(device: "cuda", available: false, detail: "driver \(cudaDriverLibrary) not found")]
-        }
         do {
             let n = try CUDADevice.count()
             if n == 0 { return [Description(device: "cuda", available: false, detail: "the driver reports no CUDA device")] }

@@ -56,6 +56,10 @@ final class DeviceCLITests: XCTestCase {
     }
 
     func testInspectDevicesListsTheCPUAndTheCUDADriver() throws {
+        if let driver = dlopen("libcuda.so.1", RTLD_LAZY) {
+            dlclose(driver)
+            throw XCTSkip("a CUDA driver is installed here: scripts/cuda-check tests the device")
+        }
         let r = try CLI.run(["inspect", "--devices", "--json"])
         XCTAssertEqual(r.status, 0, r.stderr)
         let devices = try XCTUnwrap(r.json?["devices"] as? [[String: Any]])

@@ -35,10 +35,9 @@ extension CUDABackend {
             return hostSparseGPTBlock(weight: weight, inverseFactor: inverseFactor, mask: mask, nOfM: nOfM, error: error)
         }
         let losses = uninitialized(rows: 1, cols: rows)
-        let threads = 64
-        device.launch("sparse_gpt_block", blocks: min((rows + threads - 1) / threads, 1 << 16), threads: threads,
-                      [.pointer(pointer(weight)), .pointer(pointer(inverseFactor)), .pointer(pointer(mask)), .pointer(pointer(error)),
-                       .pointer(pointer(losses)), .int32(rows), .int32(count), .int32(nOfM?.n ?? 0), .int32(nOfM?.m ?? 0)])
+        launch("sparse_gpt_block", count: rows, threads: 64,
+               [.pointer(pointer(weight)), .pointer(pointer(inverseFactor)), .pointer(pointer(mask)), .pointer(pointer(error)),
+                .pointer(pointer(losses)), .int32(rows), .int32(count), .int32(nOfM?.n ?? 0), .int32(nOfM?.m ?? 0)])
         let rowLosses = download(losses).values
         var loss = 0.0
         for r in 0..<rows { loss += Double(rowLosses[r]) / 2 }
@@ -52,10 +51,9 @@ extension CUDABackend {
         if n == 0 { return 0 }
         let chunks = (n + Parallel.chunk - 1) / Parallel.chunk
         let partial = CUDATensorStorage(device: device, bytes: chunks * 8)
-        let threads = 64
-        device.launch("chunked_sums", blocks: min((chunks + threads - 1) / threads, 1 << 16), threads: threads,
-                      [.pointer(pointer(a)), .pointer(pointer(b)), .pointer(c.map(pointer) ?? 0), .int64(n), .int64(Parallel.chunk),
-                       .int32(mode), .pointer(partial.pointer)])
+        launch("chunked_sums", count: chunks, threads: 64,
+               [.pointer(pointer(a)), .pointer(pointer(b)), .pointer(c.map(pointer) ?? 0), .int64(n), .int64(Parallel.chunk),
+                .int32(mode), .pointer(partial.pointer)])
         var sums = [Double](repeating: 0, count: chunks)
         sums.withUnsafeMutableBytes { device.download(partial.pointer, to: $0.baseAddress!, bytes: chunks * 8) }
         return sums.reduce(0, +)

@@ -4,11 +4,9 @@ import Foundation
 final class CUDATensorStorage: TensorStorage, @unchecked Sendable {
     let device: CUDADevice
     let pointer: UInt64
-    let bytes: Int
 
     init(device: CUDADevice, bytes: Int) {
         self.device = device
-        self.bytes = bytes
         self.pointer = device.allocate(bytes: bytes)
     }
 
@@ -60,15 +58,16 @@ public struct CUDABackend: ComputeBackend {
         Tensor(rows: rows, cols: cols, storage: CUDATensorStorage(device: device, bytes: rows * cols * 4))
     }
 
-    func launch(_ name: String, count: Int, _ arguments: [CUDADevice.Argument]) {
-        device.launch(name, blocks: CUDADevice.blocks(count), arguments)
+    /// Launches `name` as a grid-stride loop over `count` items, `threads` to a block.
+    func launch(_ name: String, count: Int, threads: Int = CUDAKernelSource.threads, _ arguments: [CUDADevice.Argument]) {
+        device.launch(name, blocks: min((count + threads - 1) / threads, 1 << 16), threads: threads, arguments)
     }
 
     // MARK: Memory and transfers
 
     public func upload(_ matrix: Matrix) -> Tensor {
         let t = uninitialized(rows: matrix.rows, cols: matrix.cols)
-        device.upload(UnsafeRawPointer(matrix.storage.pointer), to: pointer(t), bytes: matrix.count * 4)
+        overwrite(t, with: matrix)
         return t
     }
 
@@ -290,9 +289,7 @@ public struct CUDABackend: ComputeBackend {
     /// written straight into the head's columns of the output. Sequences go in groups whose
     /// score buffer stays under 256 MiB.
     public func attention(q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, options: AttentionOptions) -> Tensor {
-        precondition(q.cols == shape.queryWidth && k.cols == shape.keyWidth && v.cols == shape.keyWidth
-                     && k.rows == q.rows && v.rows == q.rows && q.rows % shape.sequenceLength == 0,
-                     "attention: q \(q), k \(k), v \(v) for \(shape)")
+        CPUAttention.check(q, k, v, shape)
         let out = uninitialized(rows: q.rows, cols: shape.queryWidth)
         let t = shape.sequenceLength, d = shape.headDim
         let qDim = shape.queryWidth, kvDim = shape.keyWidth

@@ -245,8 +245,6 @@ final class CUDADevice: @unchecked Sendable {
         check(status, "launching \(name)")
     }
 
-    /// Blocks for a grid-stride loop over n elements.
-    static func blocks(_ n: Int) -> Int { min((n + CUDAKernelSource.threads - 1) / CUDAKernelSource.threads, 1 << 16) }
 
     // MARK: cuBLAS (column-major; callers pass row-major operands as their transposes)
 

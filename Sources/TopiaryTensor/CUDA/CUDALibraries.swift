@@ -58,7 +58,6 @@ final class CUDALibraries: @unchecked Sendable {
     let cublasSgemmStridedBatched: SgemmBatchedFunction
     let cublasSsyrk: SsyrkFunction
     let cublasSetMathMode: @convention(c) (OpaquePointer?, Int32) -> Int32
-    let cublasGetVersion: @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>) -> Int32
 
     // NVRTC (libnvrtc.so.13/12/11).
     let nvrtcCreateProgram: @convention(c) (UnsafeMutablePointer<OpaquePointer?>, UnsafePointer<CChar>, UnsafePointer<CChar>?, Int32,
@@ -69,7 +68,6 @@ final class CUDALibraries: @unchecked Sendable {
     let nvrtcGetProgramLogSize: @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int>) -> Int32
     let nvrtcGetProgramLog: @convention(c) (OpaquePointer?, UnsafeMutablePointer<CChar>) -> Int32
     let nvrtcDestroyProgram: @convention(c) (UnsafeMutablePointer<OpaquePointer?>) -> Int32
-    let nvrtcVersion: @convention(c) (UnsafeMutablePointer<Int32>, UnsafeMutablePointer<Int32>) -> Int32
 
     /// cuSOLVER's dense Cholesky and inverse, where the library is found (else those two run on the host).
     struct Solver {
@@ -81,13 +79,10 @@ final class CUDALibraries: @unchecked Sendable {
         let potrf: Factor
         let potriBufferSize: BufferSize
         let potri: Factor
-        let path: String
     }
     let solver: Solver?
     static let cusolverNames = ["libcusolver.so.12", "libcusolver.so.11", "libcusolver.so.13", "libcusolver.so"]
 
-    /// Where each library was found.
-    let paths: (driver: String, cublas: String, nvrtc: String)
 
     static let driverNames = ["libcuda.so.1", "libcuda.so"]
     static let cublasNames = ["libcublas.so.13", "libcublas.so.12", "libcublas.so.11", "libcublas.so"]
@@ -118,7 +113,6 @@ final class CUDALibraries: @unchecked Sendable {
         let (driver, driverPath) = try Self.open("CUDA driver library", Self.driverNames)
         let (cublas, cublasPath) = try Self.open("cuBLAS", Self.cublasNames)
         let (nvrtc, nvrtcPath) = try Self.open("NVRTC (the CUDA run-time compiler)", Self.nvrtcNames)
-        paths = (driverPath, cublasPath, nvrtcPath)
 
         func symbol<T>(_ handle: UnsafeMutableRawPointer, _ library: String, _ name: String, as: T.Type) throws -> T {
             guard let p = dlsym(handle, name) else {
@@ -161,7 +155,6 @@ final class CUDALibraries: @unchecked Sendable {
         cublasSgemmStridedBatched = try symbol(cublas, b, "cublasSgemmStridedBatched", as: SgemmBatchedFunction.self)
         cublasSsyrk = try symbol(cublas, b, "cublasSsyrk_v2", as: SsyrkFunction.self)
         cublasSetMathMode = try symbol(cublas, b, "cublasSetMathMode", as: type(of: cublasSetMathMode))
-        cublasGetVersion = try symbol(cublas, b, "cublasGetVersion_v2", as: type(of: cublasGetVersion))
 
         let n = nvrtcPath
         nvrtcCreateProgram = try symbol(nvrtc, n, "nvrtcCreateProgram", as: type(of: nvrtcCreateProgram))
@@ -171,15 +164,14 @@ final class CUDALibraries: @unchecked Sendable {
         nvrtcGetProgramLogSize = try symbol(nvrtc, n, "nvrtcGetProgramLogSize", as: type(of: nvrtcGetProgramLogSize))
         nvrtcGetProgramLog = try symbol(nvrtc, n, "nvrtcGetProgramLog", as: type(of: nvrtcGetProgramLog))
         nvrtcDestroyProgram = try symbol(nvrtc, n, "nvrtcDestroyProgram", as: type(of: nvrtcDestroyProgram))
-        nvrtcVersion = try symbol(nvrtc, n, "nvrtcVersion", as: type(of: nvrtcVersion))
 
-        if let (h, path) = try? Self.open("cuSOLVER", Self.cusolverNames),
+        if let (h, _) = try? Self.open("cuSOLVER", Self.cusolverNames),
            let create = optional(h, "cusolverDnCreate", as: (@convention(c) (UnsafeMutablePointer<OpaquePointer?>) -> Int32).self),
            let fs = optional(h, "cusolverDnSpotrf_bufferSize", as: Solver.BufferSize.self),
            let f = optional(h, "cusolverDnSpotrf", as: Solver.Factor.self),
            let ibs = optional(h, "cusolverDnSpotri_bufferSize", as: Solver.BufferSize.self),
            let i = optional(h, "cusolverDnSpotri", as: Solver.Factor.self) {
-            solver = Solver(create: create, potrfBufferSize: fs, potrf: f, potriBufferSize: ibs, potri: i, path: path)
+            solver = Solver(create: create, potrfBufferSize: fs, potrf: f, potriBufferSize: ibs, potri: i)
         } else {
             solver = nil
         }
