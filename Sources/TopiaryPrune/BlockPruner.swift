@@ -153,14 +153,32 @@ public struct BlockPruner: Sendable {
         var profile = BlockProfile()
         // Replicas: each runs its own windows; each statistics group is gathered, in window order,
         // by the replica that solves its linears (ReplicaWork.owners), so that H is summed in the
-        // order one process sums it and the bytes do not depend on the number of replicas.
+        // order one process sums it and the bytes do not depend on the number of replicas. The
+        // largest groups' Hessians are shared instead (ReplicaWork.splitStatistics): every replica
+        // gets every window's inputs and sums its own rows of H, tile by tile, as one process does;
+        // the owner then gathers the rows.
         let role = self.role
         let n = inputs.count
         let mine = role.samples(n)
         let allKeys = Array(Set(block.linearNames.map { keys[$0] ?? $0 })).sorted()
-        let owners = role.count > 1 ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count) : [:]
+        let sharedStatistics = role.count > 1
+            ? ReplicaWork.splitStatistics(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, tile: backend.statisticsTile)
+            : [:]
+        let owners = role.count > 1
+            ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, sharedStatistics: Set(sharedStatistics.keys))
+            : [:]
         func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
-        let myKeys = allKeys.filter(owns)
+        /// Whether this replica adds windows' `kind` inputs of `key`: its own groups, and its rows
+        /// of a shared Hessian.
+        func gathers(_ key: String, _ kind: ReplicaKey.Kind) -> Bool {
+            owns(key) || (kind == .statisticsInput && sharedStatistics[key] != nil)
+        }
+        /// The replicas that get this replica's windows' `kind` inputs of `key`.
+        func receivers(_ key: String, _ kind: ReplicaKey.Kind) -> [Int] {
+            if kind == .statisticsInput && sharedStatistics[key] != nil { return (0..<role.count).filter { $0 != role.rank } }
+            return owns(key) ? [] : [owners[key] ?? 0]
+        }
+        let myKeys = allKeys.filter { gathers($0, .statisticsInput) }
         if role.count > 1, let stray = ffnInputLinears.first(where: { keys[$0] != $0 }) {
             throw PruneError.invalidOption("block \(block.index): replicas need \(stray), a feed-forward input, to lead its statistics group")
         }
@@ -178,17 +196,24 @@ public struct BlockPruner: Sendable {
             tokensSeen[name, default: 0] += x.rows
             let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
             stats[name] = st
-            st.add(x)
+            let rows = sharedStatistics[name]?[role.rank]
+            st.add(x, rows: rows)
             statisticsSeconds += clock().timeIntervalSince(t0)
-            // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
-            statisticsFLOPs += Double(x.rows) * Double(x.cols) * Double(x.cols + 2)
+            // The Hessian's syrk (2·tokens·d²/2, or this replica's rows of it) and the squared column sums.
+            let d = Double(x.cols)
+            let entries = rows.map { Double($0.count) * (2 * d - Double($0.lowerBound + $0.upperBound) + 1) / 2 } ?? d * (d + 1) / 2
+            statisticsFLOPs += Double(x.rows) * (2 * entries + d)
         }
         // Replicas: windows t < `folded` are in this replica's statistics.
         var folded = 0
+        // This replica's own windows' inputs that are not folded yet (window -> linear, input).
+        var pending: [Int: [(String, Tensor)]] = [:]
         func fold(upTo end: Int, kind: ReplicaKey.Kind, keys wanted: [String], into add: (String, Tensor) -> Void) throws {
             guard let exchange else { return }
             while folded < end {
-                if !role.owns(sample: folded) {
+                if role.owns(sample: folded) {
+                    for (name, x) in pending.removeValue(forKey: folded) ?? [] { add(name, x) }
+                } else {
                     for key in wanted {
                         if case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: kind, name: key, index: folded)) {
                             add(key, backend.upload(m))
@@ -198,8 +223,11 @@ public struct BlockPruner: Sendable {
                 folded += 1
             }
         }
-        /// Runs window s forward: its inputs to this replica's groups are collected at once, the
-        /// others' sent to their owners (`absent` when a window never reached a linear).
+        /// Runs window s forward: its inputs to this replica's groups are kept until they are
+        /// folded in window order, the others' sent to their owners (`absent` when a window never
+        /// reached a linear). Before it, the windows up to the previous round's are folded: a
+        /// replica never waits for a window the others run at the same time as this one (waiting
+        /// for window s − 1 made the replicas run their forwards one after another).
         func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String],
                             add: @escaping (String, Tensor) -> Void) throws -> Tensor {
             guard let exchange else {
@@ -207,17 +235,21 @@ public struct BlockPruner: Sendable {
                     if kind == .statisticsInput || wanted.contains(name) { add(name, x) }
                 }
             }
-            try fold(upTo: s, kind: kind, keys: wanted.filter(owns), into: add)
+            try fold(upTo: s - role.count + 1, kind: kind, keys: wanted.filter { gathers($0, kind) }, into: add)
             var outgoing: [String: Matrix] = [:]
+            var own: [(String, Tensor)] = []
             let y = device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
                 guard wanted.contains(name) else { return }
-                if owns(name) { add(name, x) } else { outgoing[name] = self.backend.download(x) }
+                if gathers(name, kind) { own.append((name, x)) }
+                if !receivers(name, kind).isEmpty { outgoing[name] = self.backend.download(x) }
             }
-            for key in wanted where !owns(key) {
+            for key in wanted {
                 let value: ReplicaValue = outgoing[key].map { .matrix($0) } ?? .absent
-                try exchange.send(ReplicaKey(block: block.index, kind: kind, name: key, index: s), value, to: owners[key] ?? 0)
+                for r in receivers(key, kind) {
+                    try exchange.send(ReplicaKey(block: block.index, kind: kind, name: key, index: s), value, to: r)
+                }
             }
-            folded = s + 1
+            pending[s] = own
             return y
         }
         for s in mine {
@@ -225,6 +257,11 @@ public struct BlockPruner: Sendable {
             try denseOutputs.set(s, y)
         }
         try fold(upTo: n, kind: .statisticsInput, keys: myKeys, into: collect)
+        if let exchange, !sharedStatistics.isEmpty {
+            let t0 = clock()
+            try gatherSharedStatistics(exchange, block: block.index, shared: sharedStatistics, owners: owners, stats: &stats)
+            statisticsSeconds += clock().timeIntervalSince(t0)
+        }
         var denseFLOPs = forwardFLOPs
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
@@ -418,6 +455,36 @@ public struct BlockPruner: Sendable {
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
         report.profile = profile
         return (prunedWeights, outputs, report)
+    }
+
+    /// A shared Hessian's rows go from every replica to its owner, which puts them in place; the
+    /// others drop theirs. A replica that no window's input reached (an expert never chosen) sends
+    /// `absent`, as then does every other.
+    func gatherSharedStatistics(_ exchange: any ReplicaExchange, block: Int, shared: [String: [Range<Int>]], owners: [String: Int],
+                                stats: inout [String: LayerStatistics]) throws {
+        let role = exchange.role
+        for (key, rows) in shared.sorted(by: { $0.key < $1.key }) {
+            let owner = owners[key] ?? 0
+            guard owner == role.rank else {
+                let value: ReplicaValue = stats[key].map { .matrix($0.upperRows(rows[role.rank])) } ?? .absent
+                try exchange.send(ReplicaKey(block: block, kind: .hessianRows, name: key, index: role.rank), value, to: owner)
+                stats[key] = nil
+                continue
+            }
+            for r in 0..<role.count where r != role.rank {
+                switch try exchange.receive(ReplicaKey(block: block, kind: .hessianRows, name: key, index: r)) {
+                case .absent:
+                    guard stats[key] == nil else { throw ReplicaError("block \(block): replica \(r) has no statistics for \(key), this one has") }
+                case .matrix(let m):
+                    guard let st = stats[key], m.rows == rows[r].count, m.cols == st.columns else {
+                        throw ReplicaError("block \(block): replica \(r)'s rows of \(key)'s Hessian are \(m.rows)x\(m.cols), expected \(rows[r].count)x\(stats[key]?.columns ?? 0)")
+                    }
+                    st.setUpperRows(rows[r], m)
+                case .bytes:
+                    throw ReplicaError("block \(block): replica \(r) sent bytes for \(key)'s Hessian rows")
+                }
+            }
+        }
     }
 
     /// What a replica tells replica 0 about the linears it solved.

@@ -38,17 +38,38 @@ public final class LayerStatistics: @unchecked Sendable {
     /// Adds one calibration sequence's inputs [tokens x columns] from the host (an upload).
     public func add(_ x: Matrix) { add(backend.upload(x)) }
 
-    /// Adds one calibration sequence's inputs [tokens x columns].
-    public func add(_ x: Tensor) {
+    /// Adds one calibration sequence's inputs [tokens x columns]. With `rows` (whole tiles of the
+    /// backend's `statisticsTile`), only those rows of H's upper triangle are updated, with the bits
+    /// the whole update gives them: replicas that share a large Hessian each keep some rows, and
+    /// `upperRows`/`setUpperRows` put them together on the one that solves.
+    public func add(_ x: Tensor, rows: Range<Int>? = nil) {
         precondition(x.cols == columns, "statistics for \(columns) inputs given \(x.cols)")
         let n = Float(sequences)
         let decay = n / (n + 1)
         sequences += 1
         // H·decay + (2/n)·XᵀX on the upper triangle (the bits of scaling H, then adding).
-        backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
+        if let rows {
+            backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage, rows: rows)
+        } else {
+            backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
+        }
         lowerIsStale = true
         let sums = backend.columnSquaredSums(x)
         backend.scaleAdd(squaredNormsTensor, beta: decay, sums, alpha: 1 / Float(sequences))
+    }
+
+    /// Rows `rows` of H as kept by `add(_:rows:)` (their upper-triangle entries; the others are
+    /// not meaningful), on the host.
+    public func upperRows(_ rows: Range<Int>) -> Matrix {
+        backend.download(backend.copy(hessianStorage.region(rows: rows)))
+    }
+
+    /// Puts another replica's rows of H (`upperRows`) in place; the lower triangle follows when H
+    /// is read.
+    public func setUpperRows(_ rows: Range<Int>, _ m: Matrix) {
+        precondition(m.rows == rows.count && m.cols == columns, "rows \(rows) of a \(columns)-column Hessian given \(m.rows)x\(m.cols)")
+        backend.copy(backend.upload(m).region(), into: hessianStorage.region(rows: rows))
+        lowerIsStale = true
     }
 
     /// ‖A Xᵀ‖² up to the common factor n/2: tr(A H Aᵀ) for A [rows x columns].

@@ -47,6 +47,8 @@ public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
         /// replicas + rank, to the owner); the block's threshold (`index` = column block, to all);
         /// replica `index`'s pruned rows (to all).
         case inverseFactor = 9, rows = 10, scores = 11, threshold = 12, prunedRows = 13
+        /// Replica `index`'s rows of a shared Hessian (to the group's owner).
+        case hessianRows = 14
     }
 
     public var block: Int
@@ -170,7 +172,10 @@ public final class InProcessReplicaHub: @unchecked Sendable {
 /// lowest rank). Every replica computes the same plan from the block alone.
 public enum ReplicaWork {
     /// statistics key -> owning rank.
-    public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String: Int] {
+    /// `sharedStatistics`: groups whose Hessian all replicas sum (`splitStatistics`); their
+    /// statistics are no owner's load.
+    public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
+                              sharedStatistics: Set<String> = []) -> [String: Int] {
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         let linears = block.linearNames
         func shape(_ name: String) -> (Int, Int) {
@@ -207,7 +212,8 @@ public enum ReplicaWork {
             var cost = 0.0
             for name in linears where g.contains(keys[name] ?? name) {
                 let (rows, cols) = shape(name)
-                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method, statistics: keys[name] == name)
+                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
+                                  statistics: keys[name] == name && !sharedStatistics.contains(name))
             }
             costed.append((cost, g))
         }
@@ -236,6 +242,47 @@ public enum ReplicaWork {
         // Each replica needs at least one whole chunk of rows (`solveRows`).
         func chunks(_ rows: Int) -> Int { (rows + SparseGPTPruner.rowChunk(rows: rows) - 1) / SparseGPTPruner.rowChunk(rows: rows) }
         return costs.filter { $0.1 > fair && chunks($0.2) >= replicas }.map(\.0)
+    }
+
+    /// Statistics groups whose Hessian every replica sums a part of: those whose Hessian update
+    /// alone (tokens x columns²) is more than a replica's fair share of the block's, for magnitude,
+    /// Wanda and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
+    /// a backend that computes H in independent tiles (`statisticsTile`), with at least two tile
+    /// rows a replica. Each gets, per rank, its rows of H: whole tile rows, cut so that every
+    /// replica has about as many of the upper triangle's tiles (row i of t has t − i).
+    public static func splitStatistics(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
+                                       tile: Int?) -> [String: [Range<Int>]] {
+        guard replicas > 1, let tile, tile > 0, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
+        let keys = BlockPruner.statisticsKeys(block.inputGroups)
+        var columns: [String: Int] = [:]
+        for name in block.linearNames where keys[name] ?? name == name {
+            if let w = block.tensors[name + ".weight"] { columns[name] = w.cols }
+        }
+        let costs = columns.mapValues { Double(tokens) * Double($0) * Double($0) }
+        let fair = costs.values.reduce(0, +) / Double(replicas)
+        var out: [String: [Range<Int>]] = [:]
+        for (key, cols) in columns where costs[key]! > fair && (cols + tile - 1) / tile >= 2 * replicas {
+            out[key] = (0..<replicas).map { statisticsRows($0, of: replicas, columns: cols, tile: tile) }
+        }
+        return out
+    }
+
+    /// Replica `rank`'s rows of a `columns`-wide Hessian shared by `count` replicas: whole tile
+    /// rows, about an equal share of the upper triangle's tiles each.
+    public static func statisticsRows(_ rank: Int, of count: Int, columns: Int, tile: Int) -> Range<Int> {
+        let t = (columns + tile - 1) / tile
+        let total = t * (t + 1) / 2
+        // The first tile row whose tiles before it reach share·total / count.
+        func start(_ share: Int) -> Int {
+            if share >= count { return t }
+            var before = 0
+            for i in 0..<t {
+                if before * count >= share * total { return i }
+                before += t - i
+            }
+            return t
+        }
+        return min(columns, start(rank) * tile)..<min(columns, start(rank + 1) * tile)
     }
 
     /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas, in whole

@@ -37,6 +37,14 @@ public protocol ComputeBackend: Sendable {
     /// lower triangle is left as it was until `mirrorUpper`. The same upper triangle, bit for
     /// bit, as scaling C by beta and then `syrkAccumulate`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor)
+    /// The side of the square tiles in which `syrkUpperUpdate` computes C's upper triangle when
+    /// each tile's bits depend on nothing but that tile's rows and columns of X (nil: one call,
+    /// whose parts may depend on one another). Replicas split a large Hessian by such tiles.
+    var statisticsTile: Int? { get }
+    /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole tiles of
+    /// `statisticsTile` rows, the last one shorter), leaving the others as they are: there, the
+    /// same bits as the whole update. Only for a backend with a `statisticsTile`.
+    func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>)
     /// Copies the upper triangle of the square C onto its lower triangle.
     func mirrorUpper(_ c: Tensor)
     /// Cholesky factor of a symmetric positive definite matrix (upper: A = UᵀU; lower: A = LLᵀ),
@@ -224,6 +232,10 @@ public enum ElementwiseFunction: String, Sendable {
 extension ComputeBackend {
     public func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R { try body() }
     public func synchronize() {}
+    public var statisticsTile: Int? { nil }
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
+        preconditionFailure("\(name): syrkUpperUpdate by rows needs a statisticsTile")
+    }
 
     /// A * B as a new tensor.
     public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { matmul(a, .none, b, .none) }

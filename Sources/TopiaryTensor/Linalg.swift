@@ -200,10 +200,13 @@ public enum Linalg {
 
     /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda):
     /// square tiles of C, diagonal ones by ssyrk and the others by sgemm, concurrently.
+    /// `tileRows`: only the tiles of these tile rows (all by default); each tile's bits are the same
+    /// whichever others are computed.
     static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int) {
+                          c: UnsafeMutablePointer<Float>, ldc: Int, tileRows: Range<Int>? = nil) {
         _ = configured
-        let tiles = upperTiles((n + tile - 1) / tile)
+        var tiles = upperTiles((n + tile - 1) / tile)
+        if let tileRows { tiles = tiles.filter { tileRows.contains($0.0) } }
         let args = UnsafeSendable((a, c))
         forEachTile(tiles.count) { t in
             let (a, c) = args.value
@@ -230,8 +233,8 @@ public enum Linalg {
 
     /// The upper triangle (diagonal included) of the n x n matrix at `p`, times `factor`. (Not
     /// BLAS's beta: OpenBLAS's small-matrix kernels fuse beta·C into the product's rounding.)
-    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T) {
-        for i in 0..<n {
+    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil) {
+        for i in rows ?? 0..<n {
             let row = p + i * n
             for j in i..<n { row[j] *= factor }
         }

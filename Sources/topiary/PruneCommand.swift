@@ -11,7 +11,7 @@ enum PruneCommand: Command {
     static let usage = """
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE|generate:N[:L] [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
-                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L] [--json] [--profile]
+                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L [--skip-dense-eval]] [--json] [--profile]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E --min-improvement F --keep-round best|last]]
                   [--besa-epochs E --besa-lr X --besa-lr-schedule constant|cosine --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--overwrite] [--precision f32|f64] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
@@ -53,7 +53,8 @@ enum PruneCommand: Command {
     and shards of the same names; weights in the source's dtype unless --dtype says otherwise
     (f32 for GGUF and llama2.c sources). The model is written into a temporary directory beside DIR and renamed at the end,
     so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
-    model are evaluated with the protocol of 'topiary eval'.
+    model are evaluated with the protocol of 'topiary eval' (the pruned one only with
+    --skip-dense-eval: report.json's perplexity_dense is then null).
 
     Nothing of yours is deleted: DIR may not be '', '.', '..', '/', a symbolic link, the working
     directory, the run directory, the model, the calibration file or another input, nor a
@@ -187,6 +188,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-text", value: "FILE", help: "evaluate dense and pruned perplexity on this text"),
         OptionSpec(name: "eval-windows", value: "K", help: "evaluation windows (default: all)"),
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
+        OptionSpec(name: "skip-dense-eval", value: nil, help: "with --eval-text: evaluate the pruned model only (the dense perplexity is known)"),
         OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr), record it in report.json"),
         CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
@@ -313,6 +315,8 @@ enum PruneCommand: Command {
         let evalText = args.string("eval-text")
         let evalWindows = try args.int("eval-windows", in: 1...Limits.windows)
         let json = args.flag("json")
+        let skipDenseEval = args.flag("skip-dense-eval")
+        if skipDenseEval && evalText == nil { throw UsageError(message: "topiary prune: --skip-dense-eval goes with --eval-text") }
         let profiles = args.flag("profile")
         let overwrite = args.flag("overwrite")
         let workerCount = try args.int("workers", in: 1...Limits.workers)
@@ -561,7 +565,7 @@ enum PruneCommand: Command {
         }
 
         var perplexityDense: Double?
-        if let tokens = evalTokens {
+        if let tokens = evalTokens, !skipDenseEval {
             Console.info("evaluating the dense model ...")
             perplexityDense = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
         }
@@ -678,7 +682,11 @@ enum PruneCommand: Command {
         printSummaryTable(reports)
         if let sgemmRate { Console.info(ProfileReport.table(reports, sgemmRate: sgemmRate, pruneSeconds: pruneSeconds)) }
         var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", sparsity, formatSeconds(pruneSeconds))
-        if let d = perplexityDense, let p = perplexity { line += String(format: "; perplexity dense %.3f -> pruned %.3f", d, p) }
+        if let d = perplexityDense, let p = perplexity {
+            line += String(format: "; perplexity dense %.3f -> pruned %.3f", d, p)
+        } else if let p = perplexity {
+            line += String(format: "; perplexity pruned %.3f", p)
+        }
         print(line)
         print("wrote \(output) (weights sha256 \(sha))")
         if json {

@@ -13,7 +13,7 @@ enum RunSupport {
     /// Options that do not change the result: they may differ when a run is resumed.
     static let resultNeutral: Set<String> = [
         "resume", "run-dir", "workers", "hosts", "replicas", "secret-file", "threads", "memory-budget", "eval-text", "eval-windows",
-        "eval-seqlen", "json", "profile", "overwrite", "heartbeat-interval", "heartbeat-timeout", "connect-timeout", "weights",
+        "eval-seqlen", "skip-dense-eval", "json", "profile", "overwrite", "heartbeat-interval", "heartbeat-timeout", "connect-timeout", "weights",
     ]
 
     /// Options naming files: kept absolute in run.json, so a run resumes from any directory.

@@ -46,6 +46,28 @@ final class PruneCLITests: XCTestCase {
         XCTAssertEqual((gen.json?["tokens"] as? [Int])?.count, 8)
     }
 
+    /// --skip-dense-eval evaluates the pruned model only: the same pruned perplexity and weights as
+    /// a run that evaluates both, perplexity_dense null; without --eval-text it is refused.
+    func testSkipDenseEvalEvaluatesThePrunedModelOnly() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let eval = ["--method", "wanda", "--sparsity", "0.5", "--eval-text", oz, "--eval-seqlen", "128", "--eval-windows", "2", "--json"]
+        let both = try CLI.run(pruneArgs(output: dir.appendingPathComponent("both").path, eval))
+        XCTAssertEqual(both.status, 0, both.stderr)
+        let one = try CLI.run(pruneArgs(output: dir.appendingPathComponent("one").path, eval + ["--skip-dense-eval"]))
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let b = try XCTUnwrap(both.json), o = try XCTUnwrap(one.json)
+        XCTAssertTrue(b["perplexity_dense"] is Double)
+        XCTAssertTrue(o["perplexity_dense"] is NSNull, "\(o)")
+        XCTAssertEqual(o["perplexity"] as? Double, b["perplexity"] as? Double)
+        XCTAssertEqual(o["output_sha256"] as? String, b["output_sha256"] as? String)
+        XCTAssertFalse(one.stderr.contains("evaluating the dense model"))
+
+        let refused = try CLI.run(pruneArgs(output: dir.appendingPathComponent("none").path,
+                                            ["--method", "wanda", "--sparsity", "0.5", "--skip-dense-eval"]))
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertTrue(refused.stderr.contains("--skip-dense-eval goes with --eval-text"), refused.stderr)
+    }
+
     func testNOfMPatternIsMetAndRunsAreDeterministic() throws {
         let dir = try CLI.temporaryDirectory(self)
         var hashes: [String] = []

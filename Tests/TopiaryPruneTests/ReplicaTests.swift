@@ -12,9 +12,13 @@ final class ReplicaTests: XCTestCase {
     /// returns replica 0's weights and report and the outputs put together.
     func prune(_ model: LanguageModel, plan: PrunePlan, windows: [Matrix], sequenceLength: Int, replicas: Int,
                targets: [Matrix]? = nil) throws -> (block: DecoderBlock, report: BlockReport, outputs: [Matrix]) {
-        let block = try model.loadBlock(0)
+        try prune(try model.loadBlock(0), plan: plan, windows: windows, sequenceLength: sequenceLength, replicas: replicas, targets: targets)
+    }
+
+    func prune(_ block: DecoderBlock, plan: PrunePlan, windows: [Matrix], sequenceLength: Int, replicas: Int,
+               targets: [Matrix]? = nil) throws -> (block: DecoderBlock, report: BlockReport, outputs: [Matrix]) {
         let store = { (ms: [Matrix], role: ReplicaRole) -> ActivationStore in
-            let s = ActivationStore(count: ms.count, rows: sequenceLength, cols: model.config.hiddenSize, budgetBytes: 1 << 30, spillDirectory: NSTemporaryDirectory())
+            let s = ActivationStore(count: ms.count, rows: sequenceLength, cols: block.config.hiddenSize, budgetBytes: 1 << 30, spillDirectory: NSTemporaryDirectory())
             for i in role.samples(ms.count) { try! s.set(i, ms[i]) }
             return s
         }
@@ -101,6 +105,71 @@ final class ReplicaTests: XCTestCase {
     func testSparseLLMWithDenseTargetsGivesTheSameBitsWithReplicas() throws {
         try check("tiny-llama", PrunePlan(method: .sparsellm, pattern: .unstructured(0.6), sparseLLM: .llama, targets: .dense), replicas: [2, 3], targets: true)
         try check("tiny-llama", PrunePlan(method: .besa, pattern: .unstructured(0.6), targets: .dense, besa: BESA.Options(epochs: 1)), replicas: [2], targets: true)
+    }
+
+    /// A feed-forward wide enough (1024 inputs to down_proj: 8 tiles of 128) that its Hessian is
+    /// shared: every replica sums its rows of it over all windows, the owner gathers them. The
+    /// same bits as one process, for the methods that share statistics.
+    func testASharedHessianGivesTheSameBitsAtAnyReplicaCount() throws {
+        var c = ModelConfig(architecture: .llama, hiddenSize: 64, intermediateSize: 1024, layerCount: 1, headCount: 8,
+                            kvHeadCount: 4, vocabularySize: 32, maxPositions: 64, normEps: 1e-5, tieWordEmbeddings: false)
+        c.ropeTheta = 10000
+        var rng = SplitMix(seed: 3)
+        var tensors: [String: Matrix] = [:]
+        for spec in c.family.blockTensors(c, block: 0) {
+            let norm = spec.name.contains("norm")
+            tensors[spec.name] = Matrix(rows: spec.rows, cols: spec.cols) { p in
+                for i in p.indices { p[i] = norm ? 1 + 0.2 * rng.uniform() : 0.3 * rng.uniform() }
+            }
+        }
+        let block = DecoderBlock(config: c, index: 0, tensors: tensors)
+        let length = 16, samples = 5
+        let windows = (0..<samples).map { _ in Matrix(rows: length, cols: 64) { p in for i in p.indices { p[i] = rng.uniform() } } }
+        let tokens = samples * length
+        for r in [2, 3, 4] {
+            let shared = ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
+                                                     tokens: tokens, replicas: r, tile: CPUBackend().statisticsTile)
+            XCTAssertEqual(Array(shared.keys), ["model.layers.0.mlp.down_proj"], "\(r) replicas share down_proj's Hessian only")
+            let rows = try XCTUnwrap(shared["model.layers.0.mlp.down_proj"])
+            XCTAssertEqual(rows.first?.lowerBound, 0)
+            XCTAssertEqual(rows.last?.upperBound, 1024)
+            for k in 1..<r { XCTAssertEqual(rows[k - 1].upperBound, rows[k].lowerBound, "contiguous") }
+            XCTAssertTrue(rows.allSatisfy { !$0.isEmpty && $0.lowerBound % 128 == 0 }, "\(rows)")
+        }
+        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsellm, pattern: .unstructured(0.5)),
+                                                  tokens: tokens, replicas: 2, tile: 128).isEmpty, "SparseLLM keeps a feed-forward together")
+        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
+                                                  tokens: tokens, replicas: 2, tile: nil).isEmpty, "a backend without tiles shares none")
+        for plan in [PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), PrunePlan(method: .sparsegpt, pattern: .nOfM(n: 2, m: 4)),
+                     PrunePlan(method: .wanda, pattern: .unstructured(0.5)), PrunePlan(method: .magnitude, pattern: .unstructured(0.5))] {
+            let one = try prune(block, plan: plan, windows: windows, sequenceLength: length, replicas: 1)
+            for r in [2, 3, 4] {
+                let many = try prune(block, plan: plan, windows: windows, sequenceLength: length, replicas: r)
+                XCTAssertEqual(many.block.tensors, one.block.tensors, "\(plan.method) \(plan.pattern) with \(r) replicas: other weights")
+                XCTAssertEqual(many.outputs, one.outputs, "\(plan.method) with \(r) replicas: other outputs")
+                XCTAssertEqual(many.report.linears.map(\.errorBefore), one.report.linears.map(\.errorBefore), "\(plan.method) with \(r) replicas")
+                XCTAssertEqual(many.report.linears.map(\.errorAfter), one.report.linears.map(\.errorAfter), "\(plan.method) with \(r) replicas")
+            }
+        }
+    }
+
+    /// Rows of a shared Hessian: whole tiles, each replica about an equal share of the upper
+    /// triangle's tiles, every row once.
+    func testSharedHessianRowsCoverTheMatrixInBalancedTiles() {
+        for (columns, count) in [(1024, 2), (1024, 3), (1536, 2), (1536, 4), (28672, 16), (300, 2)] {
+            let ranges = (0..<count).map { ReplicaWork.statisticsRows($0, of: count, columns: columns, tile: 128) }
+            XCTAssertEqual(ranges.first?.lowerBound, 0)
+            XCTAssertEqual(ranges.last?.upperBound, columns)
+            let t = (columns + 127) / 128
+            var tiles: [Int] = []
+            for (k, r) in ranges.enumerated() {
+                if k > 0 { XCTAssertEqual(ranges[k - 1].upperBound, r.lowerBound) }
+                XCTAssertEqual(r.lowerBound % 128, 0)
+                tiles.append((r.lowerBound / 128..<(r.upperBound + 127) / 128).reduce(0) { $0 + (t - $1) })
+            }
+            let fair = Double(t * (t + 1) / 2) / Double(count)
+            XCTAssertLessThanOrEqual(Double(tiles.max()!), fair + Double(t), "\(columns) columns over \(count): \(tiles)")
+        }
     }
 
     func testMoreReplicasThanWindowsStillWork() throws {
