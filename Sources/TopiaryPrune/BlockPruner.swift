@@ -164,8 +164,10 @@ public struct BlockPruner: Sendable {
         let sharedStatistics = role.count > 1
             ? ReplicaWork.splitStatistics(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, tile: backend.statisticsTile)
             : [:]
+        let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         let owners = role.count > 1
-            ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, sharedStatistics: Set(sharedStatistics.keys))
+            ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count,
+                                 sharedStatistics: Set(sharedStatistics.keys), sharedRows: Set(split))
             : [:]
         func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
         /// Whether this replica adds windows' `kind` inputs of `key`: its own groups, and its rows
@@ -341,7 +343,6 @@ public struct BlockPruner: Sendable {
                 for name in result.weights.keys { jointSeconds[name] = seconds }
             }
         }
-        let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         for name in block.linearNames where owns(keys[name] ?? name) && !split.contains(name) {
             let t0 = clock()
             let weight = device.weight(name)

@@ -173,9 +173,10 @@ public final class InProcessReplicaHub: @unchecked Sendable {
 public enum ReplicaWork {
     /// statistics key -> owning rank.
     /// `sharedStatistics`: groups whose Hessian all replicas sum (`splitStatistics`); their
-    /// statistics are no owner's load.
+    /// statistics are no owner's load. `sharedRows`: linears whose rows all replicas solve
+    /// (`splitLinears`); their owner's own load is the factorisation and the report.
     public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
-                              sharedStatistics: Set<String> = []) -> [String: Int] {
+                              sharedStatistics: Set<String> = [], sharedRows: Set<String> = []) -> [String: Int] {
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         let linears = block.linearNames
         func shape(_ name: String) -> (Int, Int) {
@@ -212,8 +213,9 @@ public enum ReplicaWork {
             var cost = 0.0
             for name in linears where g.contains(keys[name] ?? name) {
                 let (rows, cols) = shape(name)
-                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
-                                  statistics: keys[name] == name && !sharedStatistics.contains(name))
+                cost += Self.ownerCost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
+                                       statistics: keys[name] == name && !sharedStatistics.contains(name),
+                                       sharedRows: sharedRows.contains(name))
             }
             costed.append((cost, g))
         }
@@ -295,6 +297,22 @@ public enum ReplicaWork {
     /// Replica `rank`'s rows of a split SparseGPT linear: whole `SparseGPTPruner.rowChunk`s.
     public static func solveRows(_ rank: Int, of count: Int, rows: Int) -> Range<Int> {
         rowRange(rank, of: count, rows: rows, unit: SparseGPTPruner.rowChunk(rows: rows))
+    }
+
+    /// What one linear costs the replica that owns it, for placing groups: FLOPs weighted by how
+    /// fast each kind runs. The SparseGPT solve runs at about a third of the rate of the Hessian
+    /// update and the reports (`prune --profile`, SmolLM2 at one thread: solve 0.22 of sgemm,
+    /// statistics 0.73, error metrics 0.57), so its FLOPs count three times; a row-shared
+    /// linear's owner keeps only the factorisation (the rows are everyone's equal share).
+    static func ownerCost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool, sharedRows: Bool) -> Double {
+        let r = Double(rows), c = Double(cols)
+        var f = 6 * r * c * c
+        if statistics { f += Double(tokens) * c * c }
+        switch method {
+        case .magnitude, .wanda: f += r * c * 10
+        case .sparsegpt, .sparsellm, .besa: f += 3 * (sharedRows ? c * c * c : 2 * r * c * c + c * c * c)
+        }
+        return f
     }
 
     /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.
