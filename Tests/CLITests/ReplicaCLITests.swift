@@ -33,6 +33,24 @@ final class ReplicaCLITests: XCTestCase {
         }
     }
 
+    /// SmolLM2's down_proj reads the 1536-wide feed-forward (12 tiles of 128): with 2 or 3 replicas
+    /// its Hessian is shared (every replica sums its tile rows, the owner gathers them over the
+    /// mesh), and its rows are solved by all. Worker processes and in-process replicas write the
+    /// single-process bytes.
+    func testASharedHessianOverWorkerProcessesWritesTheSingleProcessBytes() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let smol = CLI.asset("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+        for method in ["sparsegpt", "wanda"] {
+            let args = { (out: String, extra: [String]) in
+                ["prune", "--model", smol, "--method", method, "--sparsity", "0.5", "--calib", self.oz, "--calib-samples", "6",
+                 "--calib-seqlen", "64", "--layers", "0-1", "--threads", "1", "--output", dir.appendingPathComponent(out).path] + extra
+            }
+            let single = try sha(args("\(method)-single", []))
+            XCTAssertEqual(try sha(args("\(method)-w2r2", ["--workers", "2", "--replicas", "2"])), single, "\(method) --workers 2 --replicas 2")
+            XCTAssertEqual(try sha(args("\(method)-r3", ["--replicas", "3"])), single, "\(method) --replicas 3")
+        }
+    }
+
     func testThePlanNamesEachStagesReplicasAndTheirProcesses() throws {
         let dir = try CLI.temporaryDirectory(self)
         let out = dir.appendingPathComponent("out").path
