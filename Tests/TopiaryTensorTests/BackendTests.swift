@@ -144,6 +144,39 @@ final class BackendTests: XCTestCase {
         }
     }
 
+    /// Replicas that share a Hessian each update whole tile rows of it: every row gets the bits the
+    /// whole update gives it, however the rows are cut, and the others are left as they were.
+    func testUpperSyrkUpdateByTileRowsHasTheWholeUpdatesBits() throws {
+        var rng = TestRandom(seed: 6)
+        let tile = try XCTUnwrap(cpu.statisticsTile)
+        XCTAssertNil(Float64Backend().statisticsTile)
+        for d in [300, 520] {
+            let whole = cpu.zeros(rows: d, cols: d)
+            let cuts = [0, tile, 2 * tile, d]
+            let parts = (0..<cuts.count - 1).map { _ in cpu.zeros(rows: d, cols: d) }
+            for (window, rows) in [40, 0, 600, 3].enumerated() {
+                let x = cpu.upload(rng.matrix(rows, d))
+                let n = Float(window), decay = n / (n + 1), alpha = 2 / (n + 1)
+                cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: whole)
+                for (k, part) in parts.enumerated() {
+                    cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: part, rows: cuts[k]..<min(d, cuts[k + 1]))
+                }
+            }
+            let w = cpu.download(whole)
+            for (k, part) in parts.enumerated() {
+                let p = cpu.download(part)
+                for i in 0..<d {
+                    let mine = (cuts[k]..<min(d, cuts[k + 1])).contains(i)
+                    for j in i..<d {
+                        let want = mine ? w[i, j] : 0
+                        XCTAssertEqual(p[i, j].bitPattern, want.bitPattern, "d \(d), part \(k), (\(i), \(j))")
+                        if p[i, j].bitPattern != want.bitPattern { return }
+                    }
+                }
+            }
+        }
+    }
+
     func testSelections() {
         // The reference's rule: everything at or below the k-th smallest, ties included.
         let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))
