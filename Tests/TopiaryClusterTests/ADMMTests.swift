@@ -76,6 +76,27 @@ final class ADMMTests: XCTestCase {
         return Setup(model: model, job: job, dir: dir)
     }
 
+    /// The dense pass in micro-batches, the partitions working at once: the same boundaries, bit
+    /// for bit, for any number of micro-batches (each window's forward is its own).
+    func testThePipelinedDensePassGivesTheSameBoundariesForAnyMicroBatches() throws {
+        let s = try setup()
+        let store = try BlockFileStore(directory: s.dir + "/dense")
+        let start = try PrunePipeline(model: s.model, job: s.job, store: store).embed()
+        let plan = [0..<2, 2..<4, 4..<5]
+        func boundaries(_ micro: Int?) throws -> [[Matrix]] {
+            let c = Coordinator(model: s.model, job: s.job, store: store, workers: s.workers(2))   // the third partition in process
+            c.denseMicroBatches = micro
+            return try c.densePass(plan, from: start.inputs).map { d in try (0..<d.count).map { try d.get($0) } }
+        }
+        let serial = try boundaries(1)
+        XCTAssertEqual(serial.count, 3)
+        XCTAssertTrue(serial.allSatisfy { $0.count == s.job.samples })
+        XCTAssertNotEqual(serial[0], serial[1], "the partitions change the activations")
+        for micro in [nil, 3, 8, 100] {
+            XCTAssertEqual(try boundaries(micro), serial, "\(micro.map(String.init) ?? "default") micro-batches")
+        }
+    }
+
     func testTheKeptRoundHasTheSmallestModelErrorAndItsWeightsAreTheOutput() throws {
         let s = try setup()
         let store = try BlockFileStore(directory: s.dir + "/best")

@@ -460,6 +460,10 @@ final class CoordinatorSimulation {
     private var runs = 0
     /// Print every schedule's trace as it runs.
     var echoTrace = false
+    /// ADMM's dense pass in this many micro-batches (nil: the coordinator's default, pipelined).
+    /// The regression seeds were found with the dense pass one partition after another (1): their
+    /// schedules number the assignments as then.
+    var denseMicroBatches: Int?
 
     /// A small LLaMA with random weights (seeded), six blocks of width 16: a block prunes in
     /// microseconds. `root`: where the runs' block stores go (tmpfs when there is one).
@@ -555,6 +559,7 @@ final class CoordinatorSimulation {
             defer { result.abandoned = workers.filter(\.abandoned).map(\.name) }
             let coordinator = Coordinator(model: model, job: job, store: store, workers: workers, runDirectory: runDirectory)
             coordinator.log = { ledger.trace.append("coordinator: " + $0) }
+            coordinator.denseMicroBatches = denseMicroBatches
             coordinator.fixedPlan = PartitionPlanner.plan(costs: coordinator.blockCosts(), workers: setup.workers)
             var reports: [BlockReport] = []
             var rounds: [ADMMRound] = []

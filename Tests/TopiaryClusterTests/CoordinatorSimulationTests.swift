@@ -135,6 +135,9 @@ final class CoordinatorFaultRegressionTests: XCTestCase {
 
     override func setUpWithError() throws {
         sim = CoordinatorSimulation(root: try makeTemporaryDirectory("coordinator-faults").path)
+        // The schedules below name assignments as the dense pass numbered them one partition
+        // after another; the random schedules (CoordinatorSimulationTests) run it pipelined.
+        sim.denseMicroBatches = 1
         // The blocks are tiny: BLAS threads would only hand work to each other.
         let threads = CPUBackend.threadCount
         CPUBackend.setThreadCount(1)
@@ -237,6 +240,7 @@ final class CoordinatorFaultRegressionTests: XCTestCase {
     /// replacement trapped). Replayed whole, they now end with the undisturbed output.
     func testSeedsThatFoundTheDefects() throws {
         let sim = try CoordinatorSimulation(root: makeTemporaryDirectory("coordinator-seeds").path)
+        sim.denseMicroBatches = 1
         let found: [(UInt64, [SimulatedFault])] = [
             (0x7090_1a12_0000_000a, [.short]), (0x7090_1a12_0000_0019, [.skip]), (0x7090_1a12_0000_0003, SimulatedFault.allCases),
             (0x7090_1a12_0000_000a, [.duplicateBlock]), (0x7090_1a12_0000_000a, [.staleBlock]), (0x7090_1a12_0000_0008, [.outOfRangeBlock]),

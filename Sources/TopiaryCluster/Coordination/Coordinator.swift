@@ -246,6 +246,11 @@ public final class Coordinator {
     public var fixedPlan: [Range<Int>]?
     /// Continue an ADMM run from its last checkpointed round (in `runDirectory`).
     public var resumesADMM = false
+    /// ADMM's dense pass: the calibration windows go through the partitions in this many
+    /// micro-batches, partition k working on micro-batch m while k + 1 works on m − 1 (nil: two
+    /// a partition, at most one a window). Each window's forward is its own, so the dense
+    /// boundaries have the same bits for any number.
+    public var denseMicroBatches: Int?
     /// Progress messages (worker lost, reassignment, replay).
     public var log: (String) -> Void = { _ in }
 
@@ -536,6 +541,72 @@ public final class Coordinator {
         return reports.keys.sorted().map { reports[$0]! }
     }
 
+    /// ADMM's dense pass, pipelined: the windows are cut into micro-batches (`denseMicroBatches`),
+    /// and at step t partition k runs micro-batch t − k, so that every partition works at once
+    /// after the first K − 1 steps (K partitions, M micro-batches: K + M − 1 steps of a
+    /// micro-batch's time through one partition, against K·M one after another). Remote links are
+    /// all started before any is collected; a lost link's micro-batch goes to a replacement as in
+    /// the rounds. Returns the dense boundaries after each partition, d_1 ... d_K.
+    func densePass(_ partitions: [Range<Int>], from inputs: ActivationStore) throws -> [ActivationStore] {
+        let K = partitions.count, n = job.samples
+        let M = max(1, min(n, denseMicroBatches ?? 2 * K))
+        let batches = (0..<M).map { m in m * n / M..<(m + 1) * n / M }
+        var denseJob = job
+        denseJob.denseOnly = true
+        func batchJob(_ m: Int) -> PruneJob {
+            var j = denseJob
+            j.calibration = Array(job.calibration[batches[m]])
+            return j
+        }
+        // outputs[k][m]: micro-batch m after partition k.
+        var outputs = [[ActivationStore?]](repeating: Array(repeating: nil, count: M), count: K)
+        for t in 0..<(K + M - 1) {
+            var begun: [(k: Int, m: Int, link: WorkerLink, started: Bool, from: Boundary)] = []
+            var busy = Set<ObjectIdentifier>()
+            for k in 0..<K {
+                let m = t - k
+                guard (0..<M).contains(m) else { continue }
+                let from: ActivationStore
+                if k > 0 {
+                    from = outputs[k - 1][m]!
+                } else if M == 1 {
+                    from = inputs
+                } else {
+                    from = RangePruner.store(job: batchJob(m), config: model.config)
+                    for (i, s) in batches[m].enumerated() { try from.set(i, try inputs.get(s)) }
+                }
+                var link = k < workers.count ? workers[k] : inProcessWorker()
+                if !isLive(link) || busy.contains(ObjectIdentifier(link)) { link = replacement(for: link, busy: busy) }
+                var started = false
+                // An in-process link computes in finish, so starting it never holds up the others.
+                do {
+                    try link.start(partitions[k], job: batchJob(m), from: Boundary(inputs: from, targets: nil))
+                    started = true
+                    busy.insert(ObjectIdentifier(link))
+                } catch let error as WireError where link.isRemote {
+                    try markLost(link, error, blocks: partitions[k].lowerBound, partitions[k].upperBound - 1,
+                                 context: EventContext(phase: "dense pass"))
+                }
+                begun.append((k, m, link, started, Boundary(inputs: from, targets: nil)))
+            }
+            for b in begun {
+                busy.remove(ObjectIdentifier(b.link))
+                outputs[b.k][b.m] = try runWithFailover(b.link, partitions[b.k], job: batchJob(b.m), from: b.from, started: b.started,
+                                                        busy: busy, phase: "dense pass") { _, _, _ in }.inputs
+            }
+        }
+        // Each partition's micro-batches put together in window order.
+        return try (0..<K).map { k in
+            if M == 1 { return outputs[k][0]! }
+            let whole = RangePruner.store(job: denseJob, config: model.config)
+            for (m, range) in batches.enumerated() {
+                let part = outputs[k][m]!
+                for (i, s) in range.enumerated() { try whole.set(s, try part.get(i)) }
+            }
+            return whole
+        }
+    }
+
     /// ADMM coordination. A dense pass through the workers gives every boundary its dense
     /// activations d_k. Each round, every worker prunes its range in parallel from its boundary
     /// input h_k (h_0: the embeddings); then for each boundary k ≥ 1, with o the left neighbour's
@@ -568,13 +639,7 @@ public final class Coordinator {
             if dense.count != K + 1 { dense = [start.inputs] } else { log("ADMM: dense boundaries read back from the run directory") }
         }
         if dense.count != K + 1 {
-            var denseJob = job
-            denseJob.denseOnly = true
-            for (k, range) in partitions.enumerated() {
-                let link = k < workers.count ? workers[k] : inProcessWorker()
-                dense.append(try runWithFailover(link, range, job: denseJob, from: Boundary(inputs: dense.last!, targets: nil),
-                                                 phase: "dense pass") { _, _, _ in }.inputs)
-            }
+            dense = [start.inputs] + (try densePass(partitions, from: start.inputs))
             if let runDirectory {
                 let shas = try (1...K).map { try runDirectory.saveActivations(dense[$0], name: "dense-\($0)") }
                 try event(.admmDense(sha256: shas))
