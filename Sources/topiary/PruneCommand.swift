@@ -542,7 +542,7 @@ enum PruneCommand: Command {
             r.heartbeatInterval = heartbeatInterval
             r.connection.timeout = heartbeatTimeout
         }
-        let request = PruneRequest(
+        var request = PruneRequest(
             model: model, job: job, coordination: coordination, rounds: rounds, rho: rho, tolerance: tolerance,
             minImprovement: minImprovement, keepRound: keepRound,
             workers: cluster.links, workerPIDs: cluster.processes.map(\.processIdentifier), runDirectory: run,
@@ -552,6 +552,9 @@ enum PruneCommand: Command {
                     m.allocation = allocationRecord
                     return m
                 }()))
+        // Workers sent their weights with each assignment would get them once per micro-batch of
+        // ADMM's pipelined dense pass: theirs runs one partition after another.
+        if weightsMode == "send" { request.denseMicroBatches = 1 }
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions

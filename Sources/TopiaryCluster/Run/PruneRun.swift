@@ -27,6 +27,10 @@ public struct PruneRequest {
         case resume(RunManifest)
     }
     public var start: Start
+    /// ADMM's dense pass in this many micro-batches (nil: the coordinator's choice). Workers
+    /// sent their weights with each assignment (`--weights send`) would get them once per
+    /// micro-batch, so `prune` sets 1 for them.
+    public var denseMicroBatches: Int?
 
     public init(model: LanguageModel, job: PruneJob, coordination: Coordination, rounds: Int? = nil, rho: Double? = nil,
                 tolerance: Double? = nil, minImprovement: Double? = nil, keepRound: ADMMKeep? = nil,
@@ -85,6 +89,7 @@ public final class PruneRun {
         coordinator = Coordinator(model: request.model, job: request.job, store: request.runDirectory.store,
                                   workers: request.workers, runDirectory: request.runDirectory)
         coordinator.log = log
+        coordinator.denseMicroBatches = request.denseMicroBatches
         if case .resume(let manifest) = request.start, request.coordination == .admm {
             // ADMM's result depends on the partitions: a resumed run keeps the recorded ones.
             let plan = manifest.plan ?? []
