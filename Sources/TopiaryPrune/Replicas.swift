@@ -213,9 +213,9 @@ public enum ReplicaWork {
             var cost = 0.0
             for name in linears where g.contains(keys[name] ?? name) {
                 let (rows, cols) = shape(name)
-                cost += Self.ownerCost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
-                                       statistics: keys[name] == name && !sharedStatistics.contains(name),
-                                       sharedRows: sharedRows.contains(name))
+                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
+                                  statistics: keys[name] == name && !sharedStatistics.contains(name),
+                                  solveWeight: 3, sharedRows: sharedRows.contains(name))
             }
             costed.append((cost, g))
         }
@@ -299,30 +299,20 @@ public enum ReplicaWork {
         rowRange(rank, of: count, rows: rows, unit: SparseGPTPruner.rowChunk(rows: rows))
     }
 
-    /// What one linear costs the replica that owns it, for placing groups: FLOPs weighted by how
-    /// fast each kind runs. The SparseGPT solve runs at about a third of the rate of the Hessian
-    /// update and the reports (`prune --profile`, SmolLM2 at one thread: solve 0.22 of sgemm,
-    /// statistics 0.73, error metrics 0.57), so its FLOPs count three times; a row-shared
-    /// linear's owner keeps only the factorisation (the rows are everyone's equal share).
-    static func ownerCost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool, sharedRows: Bool) -> Double {
-        let r = Double(rows), c = Double(cols)
-        var f = 6 * r * c * c
-        if statistics { f += Double(tokens) * c * c }
-        switch method {
-        case .magnitude, .wanda: f += r * c * 10
-        case .sparsegpt, .sparsellm, .besa: f += 3 * (sharedRows ? c * c * c : 2 * r * c * c + c * c * c)
-        }
-        return f
-    }
-
     /// Modelled FLOPs of one linear's statistics (when it keeps them), solve and error report.
-    public static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool) -> Double {
+    /// For placing groups on owners (`owners`), the solve is weighted by `solveWeight` (3: the
+    /// SparseGPT solve runs at about a third of the rate of the Hessian update and the reports;
+    /// `prune --profile`, SmolLM2 at one thread: solve 0.22 of sgemm, statistics 0.73, error
+    /// metrics 0.57), and a row-shared linear's owner keeps only the factorisation (`sharedRows`:
+    /// the rows are everyone's equal share).
+    public static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool,
+                            solveWeight: Double = 1, sharedRows: Bool = false) -> Double {
         let r = Double(rows), c = Double(cols)
         var f = 6 * r * c * c                              // the three quadratic forms of the report
         if statistics { f += Double(tokens) * c * c }      // the Hessian's syrk
         switch method {
         case .magnitude, .wanda: f += r * c * 10
-        case .sparsegpt, .sparsellm, .besa: f += 2 * r * c * c + c * c * c
+        case .sparsegpt, .sparsellm, .besa: f += solveWeight * (sharedRows ? c * c * c : 2 * r * c * c + c * c * c)
         }
         return f
     }
