@@ -541,6 +541,29 @@ public final class Coordinator {
         return reports.keys.sorted().map { reports[$0]! }
     }
 
+    /// The link for partition k in a step where the links in `busy` already hold work: the
+    /// partition's own worker, or a replacement when that one is lost or busy (a link holding a
+    /// partition of this step is not given a second).
+    func partitionLink(_ k: Int, busy: Set<ObjectIdentifier>) -> WorkerLink {
+        let link = k < workers.count ? workers[k] : inProcessWorker()
+        return !isLive(link) || busy.contains(ObjectIdentifier(link)) ? replacement(for: link, busy: busy) : link
+    }
+
+    /// Starts `range` on `link` and marks the link busy; a remote link that fails to start is
+    /// marked lost and false returned (the work then fails over when it is collected). An
+    /// in-process link computes when collected, so starting it never holds up the others.
+    func startWork(_ link: WorkerLink, _ range: Range<Int>, job: PruneJob, from: Boundary, busy: inout Set<ObjectIdentifier>,
+                   context: EventContext) throws -> Bool {
+        do {
+            try link.start(range, job: job, from: from)
+            busy.insert(ObjectIdentifier(link))
+            return true
+        } catch let error as WireError where link.isRemote {
+            try markLost(link, error, blocks: range.lowerBound, range.upperBound - 1, context: context)
+            return false
+        }
+    }
+
     /// ADMM's dense pass, pipelined: the windows are cut into micro-batches (`denseMicroBatches`),
     /// and at step t partition k runs micro-batch t − k, so that every partition works at once
     /// after the first K − 1 steps (K partitions, M micro-batches: K + M − 1 steps of a
@@ -575,18 +598,9 @@ public final class Coordinator {
                     from = RangePruner.store(job: batchJob(m), config: model.config)
                     for (i, s) in batches[m].enumerated() { try from.set(i, try inputs.get(s)) }
                 }
-                var link = k < workers.count ? workers[k] : inProcessWorker()
-                if !isLive(link) || busy.contains(ObjectIdentifier(link)) { link = replacement(for: link, busy: busy) }
-                var started = false
-                // An in-process link computes in finish, so starting it never holds up the others.
-                do {
-                    try link.start(partitions[k], job: batchJob(m), from: Boundary(inputs: from, targets: nil))
-                    started = true
-                    busy.insert(ObjectIdentifier(link))
-                } catch let error as WireError where link.isRemote {
-                    try markLost(link, error, blocks: partitions[k].lowerBound, partitions[k].upperBound - 1,
-                                 context: EventContext(phase: "dense pass"))
-                }
+                let link = partitionLink(k, busy: busy)
+                let started = try startWork(link, partitions[k], job: batchJob(m), from: Boundary(inputs: from, targets: nil), busy: &busy,
+                                        context: EventContext(phase: "dense pass"))
                 begun.append((k, m, link, started, Boundary(inputs: from, targets: nil)))
             }
             for b in begun {
@@ -702,20 +716,10 @@ public final class Coordinator {
             var busy = Set<ObjectIdentifier>()
             for (k, range) in partitions.enumerated() {
                 let targets = job.plan.needsDenseStream ? dense[k] : nil
-                var link = k < workers.count ? workers[k] : inProcessWorker()
-                // A link already holding a partition of this round (a replacement) is not given a second.
-                if !isLive(link) || busy.contains(ObjectIdentifier(link)) { link = replacement(for: link, busy: busy) }
-                var ok = false
-                // An in-process worker computes in finish, so starting it never blocks the others.
-                if range.allSatisfy(needsWork) {
-                    do {
-                        try link.start(range, job: job, from: Boundary(inputs: inputs[k], targets: targets))
-                        ok = true
-                        busy.insert(ObjectIdentifier(link))
-                    } catch let error as WireError where link.isRemote {
-                        try markLost(link, error, blocks: range.lowerBound, range.upperBound - 1, context: EventContext(round: r))
-                    }
-                }
+                let link = partitionLink(k, busy: busy)
+                let ok = range.allSatisfy(needsWork)
+                    ? try startWork(link, range, job: job, from: Boundary(inputs: inputs[k], targets: targets), busy: &busy, context: EventContext(round: r))
+                    : false
                 started.append(ok)
                 assigned.append(link)
             }
