@@ -31,6 +31,11 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
     public var curveMethod: PruneMethod? = nil
     public var curves: [LearnedAllocation.Curve?]? = nil
     public var blockParameters: [Int]? = nil
+    /// Learned: the curves' solution before the blend, the share of the way from uniform to it
+    /// that the run uses (`--learned-blend`), and with `auto` each share's calibration loss.
+    public var learnedSparsity: [Double]? = nil
+    public var learnedBlend: Double? = nil
+    public var blendSearch: [BlendTrial]? = nil
     /// Seconds the measurement took (the run that measured it).
     public var seconds: Double? = nil
 
@@ -39,6 +44,15 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
         public var loss: Double?
         public init(lambda: Double, loss: Double?) {
             self.lambda = lambda
+            self.loss = loss
+        }
+    }
+
+    public struct BlendTrial: Sendable, Equatable, Codable {
+        public var blend: Double
+        public var loss: Double
+        public init(blend: Double, loss: Double) {
+            self.blend = blend
             self.loss = loss
         }
     }
@@ -65,6 +79,9 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
                                                      "output_energy": $0.outputEnergy.map { $0 as Any } ?? NSNull()] as Any } ?? NSNull() }
         }
         if let blockParameters { o["block_parameters"] = blockParameters }
+        if let learnedSparsity { o["learned_block_sparsity"] = learnedSparsity }
+        if let learnedBlend { o["blend"] = learnedBlend }
+        if let blendSearch { o["blend_search"] = blendSearch.map { ["blend": $0.blend, "loss": $0.loss] } }
         if let seconds { o["seconds"] = seconds }
         return o
     }
@@ -73,6 +90,78 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
         case method, curves, seconds
         case blockSparsity = "block_sparsity", owlM = "m", owlLambda = "lambda", outlierRatios = "outlier_ratios"
         case lambdaSearch = "lambda_search", curveMethod = "curve_method", blockParameters = "block_parameters"
+        case learnedSparsity = "learned_block_sparsity", learnedBlend = "blend", blendSearch = "blend_search"
+    }
+}
+
+extension AllocationRecord {
+    /// Measures `allocation` on the dense model (OWL's outlier ratios and, with --owl-lambda auto,
+    /// its λ search; or the learned allocation's error curves) and chooses the block sparsities.
+    /// `learnedBlend` nil: `--learned-blend auto`.
+    public static func measure(_ allocation: AllocationMethod, model: LanguageModel, job: PruneJob, owlM: Double,
+                               owlLambda: Double?, learnedBlend: Double? = nil, log: (String) -> Void) throws -> AllocationRecord {
+        let c = model.config
+        let t0 = Date()
+        let pruned = (0..<c.layerCount).filter { job.prunes($0) }
+        let target = job.plan.pattern.fraction
+        switch allocation {
+        case .uniform:
+            return AllocationRecord(method: .uniform, blockSparsity: [Double](repeating: target, count: c.layerCount))
+        case .owl:
+            log("allocation: OWL (M \(owlM), λ \(owlLambda.map { "\($0)" } ?? "auto")): measuring each block's outlier ratio on the dense model")
+            let scores = try OWLAllocation.denseScores(model: model, job: job, m: owlM)
+            var lambda = owlLambda ?? 0
+            var trials: [AllocationRecord.LambdaTrial]?
+            if owlLambda == nil {
+                log("allocation: searching λ over \(OWLAllocation.lambdaGrid) by the loss on \(min(OWLAllocation.searchWindows, job.samples)) calibration windows (Wanda masks from the dense model's norms)")
+                let found = try OWLAllocation.searchLambda(model: model, job: job, ratios: scores.ratios, squaredNorms: scores.squaredNorms, log: log)
+                lambda = found.lambda
+                trials = found.trials
+                log("allocation: λ \(lambda) chosen")
+            }
+            var record = AllocationRecord(method: .owl, blockSparsity: try OWLAllocation.sparsities(ratios: scores.ratios, pruned: pruned,
+                                                                                                     target: target, lambda: lambda))
+            record.owlM = owlM
+            record.owlLambda = lambda
+            record.outlierRatios = scores.ratios
+            record.lambdaSearch = trials
+            record.seconds = Date().timeIntervalSince(t0)
+            return record
+        case .learned:
+            let method = LearnedAllocation.curveMethod(for: job.plan)
+            log("allocation: learned: each block's output error at sparsities \(LearnedAllocation.grid(target: target).map { String(format: "%.3f", $0) }.joined(separator: " ")) with \(method.rawValue) masks, on the dense model")
+            let measured = try LearnedAllocation.measureCurves(model: model, job: job, log: log)
+            let (curves, parameters) = (measured.curves, measured.parameters)
+            let weights = parameters.map(Double.init)
+            let solved = try LearnedAllocation.solve(curves: curves, weights: weights, target: target)
+            var blend = learnedBlend ?? 1
+            var trials: [AllocationRecord.BlendTrial]?
+            if learnedBlend == nil {
+                log("allocation: searching the blend between uniform (0) and the curves' solution (1) over \(LearnedAllocation.blendGrid) by the loss on \(min(AllocationSearch.windows, job.samples)) calibration windows (Wanda masks from the dense model's norms)")
+                trials = []
+                var best: (blend: Double, loss: Double)?
+                for t in LearnedAllocation.blendGrid {
+                    let loss = try AllocationSearch.loss(model: model, job: job,
+                                                         sparsities: LearnedAllocation.blend(solved, curves: curves, weights: weights, target: target, share: t),
+                                                         squaredNorms: measured.squaredNorms)
+                    trials!.append(.init(blend: t, loss: loss))
+                    log(String(format: "allocation: blend %.2f: calibration loss %.5f", t, loss))
+                    if best == nil || loss < best!.loss { best = (t, loss) }
+                }
+                blend = best!.blend
+                log("allocation: blend \(blend) chosen")
+            }
+            var record = AllocationRecord(method: .learned, blockSparsity: LearnedAllocation.blend(solved, curves: curves, weights: weights,
+                                                                                                    target: target, share: blend))
+            record.curveMethod = method
+            record.curves = curves
+            record.blockParameters = parameters
+            record.learnedSparsity = AllocationRecord(method: .learned, blockSparsity: solved).blockSparsity
+            record.learnedBlend = blend
+            record.blendSearch = trials
+            record.seconds = Date().timeIntervalSince(t0)
+            return record
+        }
     }
 }
 
@@ -155,7 +244,7 @@ public enum OWLAllocation {
     /// `--owl-lambda auto`'s grid: from 0 (uniform) to 0.2 in steps of 0.04.
     public static let lambdaGrid: [Double] = [0, 0.04, 0.08, 0.12, 0.16, 0.2]
     /// The λ search measures the loss on at most this many calibration windows.
-    public static let searchWindows = 8
+    public static let searchWindows = AllocationSearch.windows
 
     /// `--owl-lambda auto`: for each λ of `grid`, every pruned block gets OWL's sparsities and its
     /// linears Wanda's masks from the dense model's input norms (`denseScores`, no sequential
@@ -168,7 +257,6 @@ public enum OWLAllocation {
                                     log: (String) -> Void = { _ in }) throws -> (lambda: Double, trials: [AllocationRecord.LambdaTrial]) {
         let c = model.config
         let pruned = (0..<c.layerCount).filter { job.prunes($0) }
-        let windows = Array(job.calibration.prefix(searchWindows))
         var trials: [AllocationRecord.LambdaTrial] = []
         var best: (lambda: Double, loss: Double)?
         for lambda in grid {
@@ -177,19 +265,7 @@ public enum OWLAllocation {
                 log(String(format: "allocation: λ %.3f pushes a block's sparsity out of (0, 1); skipped", lambda))
                 continue
             }
-            let loss = try Perplexity.evaluate(model: model, tokens: windows.flatMap { $0 }, sequenceLength: job.sequenceLength,
-                                               windows: windows.count, block: { i in
-                var block = try model.loadBlock(i)
-                guard job.prunes(i) else { return block }
-                let keys = BlockPruner.statisticsKeys(block.inputGroups)
-                for name in block.linearNames {
-                    let w = block.weight(name)
-                    let norms = squaredNorms[i][keys[name] ?? name] ?? [Float](repeating: 0, count: w.cols)
-                    block.tensors[name + ".weight"] = WandaPruner.prune(w, inputSquaredNorms: norms, pattern: .unstructured(sparsities[i]),
-                                                                        backend: backend)
-                }
-                return block
-            }, backend: backend).meanLoss
+            let loss = try AllocationSearch.loss(model: model, job: job, sparsities: sparsities, squaredNorms: squaredNorms, backend: backend)
             trials.append(.init(lambda: lambda, loss: loss))
             log(String(format: "allocation: λ %.3f: calibration loss %.5f", lambda, loss))
             if best == nil || loss < best!.loss { best = (lambda, loss) }
@@ -214,6 +290,34 @@ public enum OWLAllocation {
             out[i] = s
         }
         return out
+    }
+}
+
+/// The searches of `--owl-lambda auto` and `--learned-blend auto`: a candidate allocation is
+/// scored by the language-model loss of the dense model with each pruned block's linears given
+/// Wanda's masks at the block's sparsity (from the dense model's input norms, so no sequential
+/// pass: cheap whatever the run's method), on the first `windows` calibration windows.
+public enum AllocationSearch {
+    public static let windows = 8
+
+    /// The mean loss per token of that model. `squaredNorms[i]`: block i's Σ x_j² per statistics
+    /// group (any positive scale: only each row's order of |W|·‖x‖ matters).
+    public static func loss(model: LanguageModel, job: PruneJob, sparsities: [Double], squaredNorms: [[String: [Float]]],
+                            backend: any ComputeBackend = ComputeDevices.defaultBackend) throws -> Double {
+        let first = Array(job.calibration.prefix(windows))
+        return try Perplexity.evaluate(model: model, tokens: first.flatMap { $0 }, sequenceLength: job.sequenceLength,
+                                       windows: first.count, block: { i in
+            var block = try model.loadBlock(i)
+            guard job.prunes(i) else { return block }
+            let keys = BlockPruner.statisticsKeys(block.inputGroups)
+            for name in block.linearNames {
+                let w = block.weight(name)
+                let norms = squaredNorms[i][keys[name] ?? name] ?? [Float](repeating: 0, count: w.cols)
+                block.tensors[name + ".weight"] = WandaPruner.prune(w, inputSquaredNorms: norms, pattern: .unstructured(sparsities[i]),
+                                                                    backend: backend)
+            }
+            return block
+        }, backend: backend).meanLoss
     }
 }
 
@@ -287,7 +391,7 @@ public enum LearnedAllocation {
     /// Each pruned block's curve (nil for the blocks outside --layers) and every block's linear
     /// parameter count. For SparseGPT one Hessian per statistics group serves every grid point.
     public static func measureCurves(model: LanguageModel, job: PruneJob, backend: any ComputeBackend = ComputeDevices.defaultBackend,
-                                     log: (String) -> Void = { _ in }) throws -> (curves: [Curve?], parameters: [Int]) {
+                                     log: (String) -> Void = { _ in }) throws -> (curves: [Curve?], parameters: [Int], squaredNorms: [[String: [Float]]]) {
         let c = model.config
         let method = curveMethod(for: job.plan)
         let grid = grid(target: job.plan.pattern.fraction)
@@ -297,6 +401,7 @@ public enum LearnedAllocation {
         let rope = c.ropeTable(positions: job.sequenceLength)
         let measured = min(errorWindows, inputs.count)
         var curves: [Curve?] = [], parameters: [Int] = []
+        var norms: [[String: [Float]]] = []
         for i in 0..<c.layerCount {
             let block = try model.loadBlock(i)
             let device = block.on(backend)
@@ -314,6 +419,7 @@ public enum LearnedAllocation {
                 try outputs.set(s, y)
             }
             parameters.append(block.linearNames.reduce(0) { $0 + device.weight($1).count })
+            norms.append(stats.mapValues(\.squaredNorms))
             guard collects else {
                 curves.append(nil)
                 inputs = outputs
@@ -350,7 +456,27 @@ public enum LearnedAllocation {
             log("allocation: block \(i) error " + zip(grid, errors).map { String(format: "%.3f:%.3g", $0, $1) }.joined(separator: " "))
             inputs = outputs
         }
-        return (curves, parameters)
+        return (curves, parameters, norms)
+    }
+
+    /// `--learned-blend auto`'s grid: the share of the way from uniform (0) to the curves'
+    /// solution (1).
+    public static let blendGrid: [Double] = [0, 0.25, 0.5, 0.75, 1]
+
+    /// The block sparsities `share` of the way from the target to `solved` (the curves' solution)
+    /// for the blocks with a curve; the others keep their value in `solved` (the target, as `solve`
+    /// leaves them). The weighted mean stays the target:
+    /// the last block with a curve absorbs the rounding of the sums. `share` 1 is `solved` itself.
+    public static func blend(_ solved: [Double], curves: [Curve?], weights: [Double], target: Double, share: Double) -> [Double] {
+        guard share != 1 else { return solved }
+        let blocks = curves.indices.filter { curves[$0] != nil }
+        guard let last = blocks.last else { return solved }
+        var out = solved
+        for b in blocks { out[b] = target + share * (solved[b] - target) }
+        let total = blocks.reduce(0.0) { $0 + weights[$1] }
+        let others = blocks.dropLast().reduce(0.0) { $0 + weights[$1] * out[$1] }
+        out[last] = (target * total - others) / weights[last]
+        return out
     }
 
     /// The block sparsities of least total error, each curve interpolated linearly between its

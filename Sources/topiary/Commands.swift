@@ -1,4 +1,5 @@
 import Foundation
+import TopiaryCluster
 import TopiaryModel
 import TopiaryTensor
 import TopiaryPrune
@@ -336,7 +337,7 @@ enum ConvertCommand: Command {
         let written: [String]
         do {
             written = try HuggingFaceExport.write(model: model, to: staging, dtype: dtype)
-            try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name)
+            try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name) { Console.info($0) }
         } catch {
             try? FileManager.default.removeItem(atPath: staging)
             throw error

@@ -173,6 +173,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "allocation", value: "MODE", help: "sparsity per block: uniform (default), owl (outlier-weighted, Yin et al. 2024) or learned (one budget from each block's error-vs-sparsity curve); owl and learned unstructured only"),
         OptionSpec(name: "owl-m", value: "M", help: "OWL: a weight is an outlier above M times its linear's mean Wanda score (default 5)"),
         OptionSpec(name: "owl-lambda", value: "L|auto", help: "OWL: block sparsities within ±L of the target (default 0.08); auto: the λ of least calibration loss among 0, 0.04, ..., 0.2"),
+        OptionSpec(name: "learned-blend", value: "T|auto", help: "learned: each block's sparsity T of the way from the target to the curves' solution (0 uniform, 1 the solution); auto (default): the T of least calibration loss among 0, 0.25, 0.5, 0.75, 1"),
         OptionSpec(name: "moe-calibration", value: "MODE", help: "mixture of experts: routed (default; each expert's tokens) or all (every token through every expert)"),
         OptionSpec(name: "dtype", value: "TYPE", help: "output weights: f32, f16 or bf16 (default: a Hugging Face source's own, f32 for GGUF and llama2.c)"),
         OptionSpec(name: "workers", value: "N", help: "start N local worker processes on loopback and spread the blocks over them (at most the blocks)"),
@@ -289,6 +290,17 @@ enum PruneCommand: Command {
         }
         if allocation != .owl && (args.string("owl-m") != nil || args.string("owl-lambda") != nil) {
             throw UsageError(message: "topiary prune: --owl-m and --owl-lambda apply to --allocation owl")
+        }
+        // nil: --learned-blend auto (the default; searched on the calibration loss).
+        var learnedBlend: Double?
+        if let text = args.string("learned-blend"), text != "auto" {
+            guard let v = Double(text.trimmingCharacters(in: .whitespaces)), v >= 0, v <= 1 else {
+                throw UsageError(message: "topiary prune: --learned-blend must be a number from 0 to 1 or auto, got '\(text)'")
+            }
+            learnedBlend = v
+        }
+        if allocation != .learned && args.string("learned-blend") != nil {
+            throw UsageError(message: "topiary prune: --learned-blend applies to --allocation learned")
         }
         if allocation != .uniform, case .nOfM = pattern {
             throw UsageError(message: "topiary prune: --allocation \(allocation.rawValue) gives each block its own unstructured sparsity; with --pattern N:M every group keeps N of M, so there is nothing to allocate")
@@ -499,7 +511,6 @@ enum PruneCommand: Command {
         if let resumed {
             try RunSupport.checkInputs(resumed.manifest, modelPath: model.path, calibPath: calibRecord, directory: runDir)
         }
-        let store = run.store
         var sparseLLM: SparseLLM.Options?
         if method == .sparsellm {
             var o = c.architecture == .opt ? SparseLLM.Options.opt : SparseLLM.Options.llama
@@ -523,7 +534,8 @@ enum PruneCommand: Command {
             allocationRecord = recorded
             Console.info("allocation: \(allocation.rawValue), as recorded in run.json")
         } else if allocation != .uniform {
-            allocationRecord = try Self.allocate(allocation, model: model, job: job, owlM: owlM, owlLambda: owlLambda)
+            allocationRecord = try AllocationRecord.measure(allocation, model: model, job: job, owlM: owlM, owlLambda: owlLambda,
+                                                            learnedBlend: learnedBlend) { Console.info($0) }
         }
         if let allocationRecord {
             guard allocationRecord.blockSparsity.count == c.layerCount else {
@@ -533,8 +545,6 @@ enum PruneCommand: Command {
             job.plan = plan
             Console.info("allocation: block sparsity " + allocationRecord.blockSparsity.map { String(format: "%.3f", $0) }.joined(separator: " "))
         }
-        let allocationSummary: [String: Any] = allocationRecord?.json ?? ["method": allocation.rawValue]
-        let pipeline = PrunePipeline(model: model, job: job, store: store)
         let cluster = try WorkerPool.make(args: args, model: model, tokenizerPath: args.string("tokenizer"), replicas: replicas)
         defer { cluster.shutdown() }
         for r in cluster.remotes {
@@ -555,6 +565,16 @@ enum PruneCommand: Command {
         // Workers sent their weights with each assignment would get them once per micro-batch of
         // ADMM's pipelined dense pass: theirs runs one partition after another.
         if weightsMode == "send" { request.denseMicroBatches = 1 }
+        var sgemmRate: Double?
+        if profiles {
+            sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
+            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s", sgemmRate! / 1e9) + " (\(ComputeDevices.defaultBackend.name))")
+        }
+        request.delivery = PruneDelivery(
+            output: output, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model), overwrite: overwrite,
+            evaluation: evalTokens.map { PruneDelivery.Evaluation(tokens: $0, source: evalText ?? "", sequenceLength: evalSeqlen, windows: evalWindows,
+                                                                  skipDense: skipDenseEval) },
+            sgemmRate: sgemmRate, fields: ["calibration": calibrationSummary, "precision": precision.rawValue], started: started, command: name)
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions
@@ -567,23 +587,12 @@ enum PruneCommand: Command {
             for pid in workerPIDs { kill(pid, SIGTERM) }
         }
 
-        var perplexityDense: Double?
-        if let tokens = evalTokens, !skipDenseEval {
-            Console.info("evaluating the dense model ...")
-            perplexityDense = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
-        }
-
         Console.info("pruning \(model.path): \(method.rawValue) \(patternText(pattern)), \(counted(windows.count, "calibration window")) of \(seqlen) tokens, seed \(seed)")
         // Blocks that are only run forward (finished before a resume, or outside --layers) are
         // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
         let replayed = pruneRun.replayedBlocks
-        var sgemmRate: Double?
-        if profiles {
-            sgemmRate = SgemmRate.measure(on: ComputeDevices.defaultBackend)
-            Console.info(String(format: "profile: sgemm rate %.1f GFLOP/s", sgemmRate! / 1e9) + " (\(ComputeDevices.defaultBackend.name))")
-        }
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
-        let outcome = try pruneRun.execute { event in
+        let result = try pruneRun.run { event in
             switch event {
             case .log(let message): Console.info(message)
             case .admmStarting(let options):
@@ -594,133 +603,23 @@ enum PruneCommand: Command {
                 progress.reset()
                 Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f; the model on the calibration windows: error %.5f, loss %.5f", r.round,
                                     r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError, r.modelError ?? .nan, r.calibrationLoss ?? .nan))
+            case .pruned(let outcome):
+                if let o = outcome.admm { Console.info("ADMM: rounds stopped (\(o.stop.rawValue)); keeping round \(o.kept): \(o.keptReason)") }
+                progress.finish()
             }
         }
-        let (reports, admmRounds, pruneSeconds) = (outcome.reports, outcome.rounds, outcome.pruneSeconds)
-        if let o = outcome.admm { Console.info("ADMM: rounds stopped (\(o.stop.rawValue)); keeping round \(o.kept): \(o.keptReason)") }
-        progress.finish()
-
-        let pruned = try pipeline.prunedModel()
-        var perplexity: Double?
-        if let tokens = evalTokens {
-            Console.info("evaluating the pruned model ...")
-            perplexity = try Perplexity.evaluate(model: pruned, tokens: tokens, sequenceLength: evalSeqlen, windows: evalWindows).perplexity
-        }
-
-        // Write into a staging directory, then rename: nothing half-written appears under DIR.
-        let staging = OutputDirectory.stagingPath(for: output)
-        try? FileManager.default.removeItem(atPath: staging)
-        let files: [String]
-        do { files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model)) } catch {
-            try? FileManager.default.removeItem(atPath: staging)
-            throw error
-        }
-        let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
-
-        var zeros = 0, total = 0
-        for r in reports { for l in r.linears { zeros += Int((l.sparsity * Double(l.rows * l.columns)).rounded()); total += l.rows * l.columns } }
-        let sparsity = total > 0 ? Double(zeros) / Double(total) : 0
-        var summary: [String: Any] = [
-            "tool_version": ToolVersion.string, "command": "prune", "model": model.path, "method": method.rawValue,
-            "pattern": patternJSON(pattern), "target_sparsity": pattern.fraction, "sparsity": sparsity,
-            "calibration": calibrationSummary, "allocation": allocationSummary, "precision": precision.rawValue,
-            "layers": layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all",
-            "plan": zip(partitions, cluster.links).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] },
-            "coordination": coordination.rawValue,
-            "prune_seconds": pruneSeconds, "output": output, "output_sha256": sha,
-            "perplexity_dense": perplexityDense.map { $0 as Any } ?? NSNull(),
-            "perplexity": perplexity.map { $0 as Any } ?? NSNull(),
-        ]
-        if coordination == .admm {
-            var admm: [String: Any] = [
-                "rho": (rho ?? .infinity).isInfinite ? "inf" as Any : rho! as Any, "tolerance": tolerance ?? 0,
-                "min_improvement": minImprovement ?? ADMMOptions.defaultMinImprovement, "keep_round": (keepRound ?? .best).rawValue,
-                "rounds": admmRounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
-                                            "model_error": $0.modelError.map { $0 as Any } ?? NSNull(),
-                                            "calibration_loss": $0.calibrationLoss.map { $0 as Any } ?? NSNull(),
-                                            "objective": $0.objective] as [String: Any] }]
-            if let o = outcome.admm {
-                admm["kept"] = o.kept
-                admm["kept_reason"] = o.keptReason
-                admm["stopped"] = o.stop.rawValue
-            }
-            summary["admm"] = admm
-        }
-        if usesSparseGPT {
-            var settings: [String: Any] = ["blocksize": sparseGPT.blockSize, "percdamp": sparseGPT.percentDamp]
-            if let a = sparseGPT.admm {
-                settings["weight_update"] = ["method": "admm", "iterations": a.iterations, "rho": a.rho, "rho_growth": a.rhoGrowth, "rho_step": a.rhoStep]
-            }
-            summary["sparsegpt"] = settings
-        }
-        if let o = sparseLLM {
-            summary["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
-                                    "targets": targets.rawValue, "ridge": o.ridge]
-        }
-        if let besa { summary["besa"] = BESAOptions.settingsJSON(besa, targets: targets) }
-        if let evalText {
-            summary["evaluation"] = ["file": evalText, "seqlen": evalSeqlen, "windows": evalWindows.map { $0 as Any } ?? "all"]
-        }
-        summary["peak_rss_bytes"] = ResourceUsage.peakResidentBytes ?? 0
-        var report = summary
-        report["blocks"] = reports.map(blockJSON)
-        if let sgemmRate { report["profile"] = ProfileReport.json(reports, sgemmRate: sgemmRate, pruneSeconds: pruneSeconds) }
-        report["seconds"] = elapsed(since: started)
-        do {
-            let reportData = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
-            try AtomicFile.write(reportData + Data("\n".utf8), to: (staging as NSString).appendingPathComponent("report.json"))
-            try AtomicFile.write(reportData + Data("\n".utf8), to: run.reportPath)
-            if method == .besa {
-                try AtomicFile.write(Data(BESAOptions.heatmap(reports, target: pattern.fraction).utf8),
-                                     to: (staging as NSString).appendingPathComponent("besa-sparsity.svg"))
-            }
-            try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name)
-        } catch {
-            try? FileManager.default.removeItem(atPath: staging)
-            throw error
-        }
-        try run.events.append(.complete(output: RunSupport.absolute("output", output), outputSHA256: sha))
-        run.removeCheckpoints()
-
+        let reports = result.outcome.reports
         printSummaryTable(reports)
-        if let sgemmRate { Console.info(ProfileReport.table(reports, sgemmRate: sgemmRate, pruneSeconds: pruneSeconds)) }
-        var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", sparsity, formatSeconds(pruneSeconds))
-        if let d = perplexityDense, let p = perplexity {
+        if let sgemmRate { Console.info(ProfileReport.table(reports, sgemmRate: sgemmRate, pruneSeconds: result.outcome.pruneSeconds)) }
+        var line = String(format: "sparsity %.4f over pruned linears; pruning took %@", result.sparsity, formatSeconds(result.outcome.pruneSeconds))
+        if let d = result.perplexityDense, let p = result.perplexity {
             line += String(format: "; perplexity dense %.3f -> pruned %.3f", d, p)
-        } else if let p = perplexity {
+        } else if let p = result.perplexity {
             line += String(format: "; perplexity pruned %.3f", p)
         }
         print(line)
-        print("wrote \(output) (weights sha256 \(sha))")
-        if json {
-            summary["seconds"] = elapsed(since: started)
-            summary["peak_rss_bytes"] = ResourceUsage.peakResidentBytes ?? 0
-            JSONLine.print(summary)
-        }
-    }
-
-    static func blockJSON(_ r: BlockReport) -> [String: Any] {
-        let weights = r.linears.reduce(0.0) { $0 + Double($1.rows * $1.columns) }
-        var json: [String: Any] = [
-            "block": r.block, "seconds": r.seconds, "output_error": r.outputError,
-            "sparsity": weights > 0 ? r.linears.reduce(0.0) { $0 + $1.sparsity * Double($1.rows * $1.columns) } / weights : 0,
-            "linears": r.linears.map { l in
-                var linear: [String: Any] = ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
-                                             "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds]
-                if let rows = l.errorRows { linear["error_rows"] = rows }
-                return linear
-            },
-        ]
-        if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }
-        if let tokens = r.expertTokens { json["expert_tokens"] = tokens }
-        if let b = r.besa { json["besa"] = BESAOptions.blockJSON(b) }
-        if let iterations = r.sparseLLM {
-            json["sparsellm"] = iterations.map { i in
-                ["iteration": i.iteration, "objective": i.objective, "terms": i.terms, "ffn_output_error": i.outputError,
-                 "accepted": i.accepted] as [String: Any]
-            }
-        }
-        return json
+        print("wrote \(output) (weights sha256 \(result.outputSHA256))")
+        if json { JSONLine.print(result.summary) }
     }
 
     /// One line per block. `sparsity` is the block's: zeros over all its pruned linears' weights
@@ -730,22 +629,11 @@ enum PruneCommand: Command {
         print("block  sparsity  mask-only err  final err  block out err  seconds")
         for r in reports {
             let n = Double(max(r.linears.count, 1))
-            let sp = blockSparsity(r)
+            let sp = PruneReport.blockSparsity(r)
             let before = r.linears.reduce(0) { $0 + $1.errorBefore } / n
             let after = r.linears.reduce(0) { $0 + $1.errorAfter } / n
             print(String(format: "%5d  %8.4f  %13.5f  %9.5f  %13.5f  %7.2f", r.block, sp, before, after, r.outputError, r.seconds))
         }
-    }
-
-    /// The fraction of a block's pruned weights that are zero, each linear weighted by its size.
-    static func blockSparsity(_ r: BlockReport) -> Double {
-        var zeros = 0.0, total = 0.0
-        for l in r.linears {
-            let size = Double(l.rows * l.columns)
-            zeros += (l.sparsity * size).rounded()
-            total += size
-        }
-        return total > 0 ? zeros / total : 0
     }
 
     /// --sparsity or --pattern, with a hint when the sparsity looks like a percentage.
@@ -776,14 +664,6 @@ enum PruneCommand: Command {
         switch p {
         case .unstructured: return "unstructured \(p)"
         case .nOfM: return "\(p)"
-        }
-    }
-
-    /// The pattern in report.json and --json: "unstructured", or "N:M" (the fraction is target_sparsity).
-    static func patternJSON(_ p: SparsityPattern) -> String {
-        switch p {
-        case .unstructured: return "unstructured"
-        case .nOfM(let n, let m): return "\(n):\(m)"
         }
     }
 
@@ -924,52 +804,5 @@ final class Progress {
         done = 0
         replayed = []
         last = Date()
-    }
-}
-
-extension PruneCommand {
-    /// Measures `allocation` on the dense model (OWL's outlier ratios and, with --owl-lambda auto,
-    /// its λ search; or the learned allocation's error curves) and chooses the block sparsities.
-    static func allocate(_ allocation: AllocationMethod, model: LanguageModel, job: PruneJob, owlM: Double,
-                         owlLambda: Double?) throws -> AllocationRecord {
-        let c = model.config
-        let t0 = Date()
-        let pruned = (0..<c.layerCount).filter { job.prunes($0) }
-        let target = job.plan.pattern.fraction
-        switch allocation {
-        case .uniform:
-            return AllocationRecord(method: .uniform, blockSparsity: [Double](repeating: target, count: c.layerCount))
-        case .owl:
-            Console.info("allocation: OWL (M \(owlM), λ \(owlLambda.map { "\($0)" } ?? "auto")): measuring each block's outlier ratio on the dense model")
-            let scores = try OWLAllocation.denseScores(model: model, job: job, m: owlM)
-            var lambda = owlLambda ?? 0
-            var trials: [AllocationRecord.LambdaTrial]?
-            if owlLambda == nil {
-                Console.info("allocation: searching λ over \(OWLAllocation.lambdaGrid) by the loss on \(min(OWLAllocation.searchWindows, job.samples)) calibration windows (Wanda masks from the dense model's norms)")
-                let found = try OWLAllocation.searchLambda(model: model, job: job, ratios: scores.ratios, squaredNorms: scores.squaredNorms) { Console.info($0) }
-                lambda = found.lambda
-                trials = found.trials
-                Console.info("allocation: λ \(lambda) chosen")
-            }
-            var record = AllocationRecord(method: .owl, blockSparsity: try OWLAllocation.sparsities(ratios: scores.ratios, pruned: pruned,
-                                                                                                     target: target, lambda: lambda))
-            record.owlM = owlM
-            record.owlLambda = lambda
-            record.outlierRatios = scores.ratios
-            record.lambdaSearch = trials
-            record.seconds = Date().timeIntervalSince(t0)
-            return record
-        case .learned:
-            let method = LearnedAllocation.curveMethod(for: job.plan)
-            Console.info("allocation: learned: each block's output error at sparsities \(LearnedAllocation.grid(target: target).map { String(format: "%.3f", $0) }.joined(separator: " ")) with \(method.rawValue) masks, on the dense model")
-            let (curves, parameters) = try LearnedAllocation.measureCurves(model: model, job: job) { Console.info($0) }
-            var record = AllocationRecord(method: .learned, blockSparsity: try LearnedAllocation.solve(curves: curves, weights: parameters.map(Double.init),
-                                                                                                        target: target))
-            record.curveMethod = method
-            record.curves = curves
-            record.blockParameters = parameters
-            record.seconds = Date().timeIntervalSince(t0)
-            return record
-        }
     }
 }

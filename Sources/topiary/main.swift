@@ -1,4 +1,5 @@
 import Foundation
+import TopiaryCluster
 import TopiaryModel
 import CTopiarySupport
 import TopiaryTensor
@@ -107,15 +108,15 @@ func runMain() -> Int32 {
         Console.error(e.description)
         if json { JSONLine.printError(command: command.name, message: e.description) }
         return ExitCode.usage
+    } catch let e as OutputDirectoryError where e.isUsage {
+        Console.error(e.description)
+        if json { JSONLine.printError(command: command.name, message: e.description) }
+        return ExitCode.usage
     } catch {
         Console.error("topiary \(command.name): error: \(error)")
         if json { JSONLine.printError(command: command.name, message: "\(error)") }
         return ExitCode.failure
     }
-}
-
-enum ToolVersion {
-    static let string = "0.1.0"
 }
 
 exit(runMain())

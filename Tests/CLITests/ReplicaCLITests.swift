@@ -178,7 +178,11 @@ final class AllocationCLITests: XCTestCase {
                                  (["--allocation", "owl", "--owl-lambda", "best"], "--owl-lambda"),
                                  (["--owl-m", "3"], "--owl-m and --owl-lambda apply to --allocation owl"),
                                  (["--allocation", "owl", "--owl-lambda", "-1"], "--owl-lambda must be in [0, 1)"),
-                                 (["--allocation", "owl", "--owl-lambda", "0.5"], "--owl-lambda 0.5 gives block")] {
+                                 (["--allocation", "owl", "--owl-lambda", "0.5"], "--owl-lambda 0.5 gives block"),
+                                 (["--allocation", "owl", "--learned-blend", "1"], "--learned-blend applies to --allocation learned"),
+                                 (["--learned-blend", "auto"], "--learned-blend applies to --allocation learned"),
+                                 (["--allocation", "learned", "--learned-blend", "1.5"], "--learned-blend must be a number from 0 to 1 or auto, got '1.5'"),
+                                 (["--allocation", "learned", "--learned-blend", "most"], "--learned-blend must be a number from 0 to 1 or auto, got 'most'")] {
             let r = try CLI.run(args(out, extra))
             XCTAssertNotEqual(r.status, 0)
             XCTAssertTrue(r.stderr.contains(message), "\(extra): \(r.stderr)")
@@ -194,12 +198,14 @@ final class AllocationCLITests: XCTestCase {
         XCTAssertTrue(l.stderr.contains("--allocation learned gives each block its own unstructured sparsity; with --pattern N:M"), l.stderr)
     }
 
-    /// `--allocation learned`: the block sparsities' parameter-weighted mean is the target, each
-    /// block is pruned at its own, the same bytes on workers, again, and after a kill and resume
-    /// (which reuses the allocation recorded in run.json instead of measuring it again).
+    /// `--allocation learned --learned-blend 1` (the curves' solution itself): the block
+    /// sparsities' parameter-weighted mean is the target, each block is pruned at its own, the
+    /// same bytes on workers, again, and after a kill and resume (which reuses the allocation
+    /// recorded in run.json instead of measuring it again).
     func testLearnedAllocationMeetsTheTargetAndIsTheSameOnWorkersAndAfterAResume() throws {
         let dir = try CLI.temporaryDirectory(self)
-        let r = try CLI.run(args(dir.appendingPathComponent("a").path, ["--allocation", "learned"]))
+        let learned = ["--allocation", "learned", "--learned-blend", "1"]
+        let r = try CLI.run(args(dir.appendingPathComponent("a").path, learned))
         XCTAssertEqual(r.status, 0, r.stderr)
         let allocation = try XCTUnwrap(r.json?["allocation"] as? [String: Any])
         XCTAssertEqual(allocation["method"] as? String, "learned")
@@ -225,19 +231,20 @@ final class AllocationCLITests: XCTestCase {
         }
         let sha = try XCTUnwrap(r.json?["output_sha256"] as? String)
         for (k, extra) in [[], ["--workers", "2"]].enumerated() {
-            let other = try CLI.run(args(dir.appendingPathComponent("b\(k)").path, ["--allocation", "learned"] + extra))
+            let other = try CLI.run(args(dir.appendingPathComponent("b\(k)").path, learned + extra))
             XCTAssertEqual(other.json?["output_sha256"] as? String, sha, other.stderr)
             XCTAssertEqual((other.json?["allocation"] as? [String: Any])?["block_sparsity"] as? [Double], blocks)
         }
         XCTAssertNotEqual(try CLI.run(args(dir.appendingPathComponent("u").path, [])).json?["output_sha256"] as? String, sha)
 
         let out = dir.appendingPathComponent("killed").path
-        let p = try CLI.start(args(out, ["--allocation", "learned"]), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
+        let p = try CLI.start(args(out, learned), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
         XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 1 })
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         let manifest = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out + ".run/run.json"))) as? [String: Any])
         XCTAssertEqual((manifest["allocation"] as? [String: Any])?["block_sparsity"] as? [Double], blocks)
+        XCTAssertEqual((manifest["allocation"] as? [String: Any])?["blend"] as? Double, 1)
         let resumed = try CLI.run(["prune", "--resume", out + ".run", "--json"])
         XCTAssertEqual(resumed.status, 0, resumed.stderr)
         XCTAssertTrue(resumed.stderr.contains("allocation: learned, as recorded in run.json"), resumed.stderr)
@@ -266,5 +273,37 @@ final class AllocationCLITests: XCTestCase {
         let recorded = try XCTUnwrap(manifest["allocation"] as? [String: Any])
         XCTAssertEqual(recorded["lambda"] as? Double, best.0)
         XCTAssertEqual((recorded["lambda_search"] as? [[String: Any]])?.count, 6)
+    }
+
+    /// `--allocation learned` (blend auto, the default) scores the blends 0, 0.25, ..., 1 between
+    /// uniform and the curves' solution by the calibration loss and keeps the least; the blocks
+    /// are that share of the way to the solution, and the run equals `--learned-blend` given the
+    /// chosen share. `--learned-blend 0` is uniform allocation: the uniform run's bytes.
+    func testLearnedBlendAutoRecordsTheSearchAndZeroIsUniform() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let r = try CLI.run(args(dir.appendingPathComponent("a").path, ["--allocation", "learned"]))
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let allocation = try XCTUnwrap(r.json?["allocation"] as? [String: Any])
+        let trials = try XCTUnwrap(allocation["blend_search"] as? [[String: Any]])
+        XCTAssertEqual(trials.compactMap { $0["blend"] as? Double }, [0, 0.25, 0.5, 0.75, 1])
+        let losses = trials.map { ($0["blend"] as! Double, $0["loss"] as? Double ?? .infinity) }
+        XCTAssertTrue(losses.allSatisfy { $0.1.isFinite && $0.1 > 0 }, "\(losses)")
+        let best = losses.min { $0.1 < $1.1 }!
+        let blend = try XCTUnwrap(allocation["blend"] as? Double)
+        XCTAssertEqual(blend, best.0, "\(losses)")
+        let solved = try XCTUnwrap(allocation["learned_block_sparsity"] as? [Double])
+        let blocks = try XCTUnwrap(allocation["block_sparsity"] as? [Double])
+        let parameters = try XCTUnwrap(allocation["block_parameters"] as? [Int])
+        XCTAssertEqual(zip(blocks, parameters).reduce(0.0) { $0 + $1.0 * Double($1.1) } / Double(parameters.reduce(0, +)), 0.7, accuracy: 1e-9)
+        for (b, s) in zip(blocks, solved) { XCTAssertEqual(b, 0.7 + blend * (s - 0.7), accuracy: 1e-8, "\(blocks) \(solved)") }
+        let fixed = try CLI.run(args(dir.appendingPathComponent("b").path, ["--allocation", "learned", "--learned-blend", "\(blend)"]))
+        XCTAssertEqual(fixed.json?["output_sha256"] as? String, r.json?["output_sha256"] as? String, fixed.stderr)
+        XCTAssertNil((fixed.json?["allocation"] as? [String: Any])?["blend_search"])
+
+        let zero = try CLI.run(args(dir.appendingPathComponent("z").path, ["--allocation", "learned", "--learned-blend", "0"]))
+        XCTAssertEqual(zero.status, 0, zero.stderr)
+        XCTAssertEqual((zero.json?["allocation"] as? [String: Any])?["block_sparsity"] as? [Double], [Double](repeating: 0.7, count: 5))
+        let uniform = try CLI.run(args(dir.appendingPathComponent("u").path, []))
+        XCTAssertEqual(zero.json?["output_sha256"] as? String, uniform.json?["output_sha256"] as? String)
     }
 }

@@ -73,4 +73,61 @@ final class PruneRunTests: XCTestCase {
         XCTAssertTrue(after.contains("resume"))
         XCTAssertEqual(try blocks(again.store), try blocks(single))
     }
+
+    /// `run` with a delivery: the dense and pruned perplexities, the output directory (the
+    /// single-process weights, report.json, the marker), report.json in the run directory, the
+    /// `complete` event, and the checkpoints gone; a request without one is refused by name.
+    func testRunDeliversTheOutputAndReport() throws {
+        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
+                                           tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
+        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+        let tokens = model.tokenizer!.encode(text, addBOS: nil)
+        let windows = try Calibration.windows(tokens: tokens, samples: 4, sequenceLength: 64, seed: 0)
+        let dir = try makeTemporaryDirectory("prune-run-deliver").path
+        let job = PruneJob(plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)), calibration: windows,
+                           sequenceLength: 64, layers: nil, memoryBudget: 1 << 30, workDirectory: dir)
+        let single = try BlockFileStore(directory: dir + "/single")
+        let pipeline = PrunePipeline(model: model, job: job, store: single)
+        _ = try pipeline.run { _, _ in }
+        let expectedFiles = try HuggingFaceExport.write(model: try pipeline.prunedModel(), to: dir + "/expected", dtype: .f32)
+        let expectedSHA = try SHA256Digest.files(expectedFiles.filter { $0.hasSuffix(".safetensors") })
+        let manifest = RunManifest(toolVersion: "test", created: "2026-12-04T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
+                                   calibration: .init(path: "calib", sha256: "c"), options: ["method": "wanda"], flags: [], plan: [])
+        let run = try RunDirectory.create(path: dir + "/run")
+        var request = PruneRequest(model: model, job: job, coordination: .sequential, workers: [InProcessWorker(model: model)],
+                                   runDirectory: run, start: .new(manifest))
+        let noDelivery = try PruneRun(request) { _ in }
+        try noDelivery.prepare()
+        XCTAssertThrowsError(try noDelivery.run { _ in }) { XCTAssertTrue("\($0)".contains("delivery"), "\($0)") }
+
+        let output = dir + "/pruned"
+        request.delivery = PruneDelivery(output: output, dtype: .f32, overwrite: false,
+                                         evaluation: .init(tokens: Array(tokens.prefix(2000)), source: "wizard", sequenceLength: 128, windows: 2, skipDense: false),
+                                         sgemmRate: nil, fields: ["calibration": ["file": "calib"]], started: Date())
+        let pruneRun = try PruneRun(request) { _ in }
+        try pruneRun.prepare()
+        var prunedEvent = false
+        let result = try pruneRun.run { if case .pruned = $0 { prunedEvent = true } }
+        XCTAssertTrue(prunedEvent)
+        XCTAssertEqual(result.outputSHA256, expectedSHA)
+        XCTAssertEqual(result.sparsity, 0.5, accuracy: 1e-3)
+        let dense = try XCTUnwrap(result.perplexityDense), pruned = try XCTUnwrap(result.perplexity)
+        XCTAssertGreaterThan(pruned, dense)
+        let listed = try OutputDirectory.writtenFiles(output)
+        XCTAssertTrue(listed.isSuperset(of: ["model.safetensors", "report.json", "config.json"]), "\(listed)")
+        for path in [output + "/report.json", run.reportPath] {
+            let report = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: path))) as? [String: Any])
+            XCTAssertEqual(report["output_sha256"] as? String, expectedSHA, path)
+            XCTAssertEqual(report["method"] as? String, "wanda")
+            XCTAssertEqual((report["calibration"] as? [String: Any])?["file"] as? String, "calib")
+            XCTAssertEqual((report["blocks"] as? [Any])?.count, model.config.layerCount)
+            XCTAssertEqual(report["perplexity"] as? Double, pruned)
+        }
+        let events = try run.events.records().map(\.event)
+        guard case .complete(let written, let sha)? = events.last else { return XCTFail("no complete event: \(events.map(\.name))") }
+        XCTAssertEqual(written, output)
+        XCTAssertEqual(sha, expectedSHA)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: run.path + "/blocks"), "the checkpoints stay after complete")
+        XCTAssertNil(result.summary["blocks"])
+    }
 }

@@ -93,6 +93,25 @@ final class AllocationTests: XCTestCase {
         }
     }
 
+    /// The blend keeps the weighted mean at the target for every share, is the target at 0 and
+    /// the solution at 1, moves each block in proportion, and leaves a block without a curve alone.
+    func testLearnedBlendKeepsTheTargetAndInterpolates() throws {
+        let c = LearnedAllocation.Curve(sparsities: [0.6, 0.7, 0.8], errors: [0, 1, 2])
+        let curves: [LearnedAllocation.Curve?] = [c, nil, c, c]
+        let weights = [3.0, 7.0, 1.0, 2.0]
+        let solved = [0.6, 0.7, 0.8, 0.85]  // weighted over the curved blocks: (1.8 + 0.8 + 1.7) / 6 ≈ 0.7167
+        let target = (3 * 0.6 + 0.8 + 2 * 0.85) / 6
+        XCTAssertEqual(LearnedAllocation.blend(solved, curves: curves, weights: weights, target: target, share: 1), solved)
+        for share in LearnedAllocation.blendGrid {
+            let b = LearnedAllocation.blend(solved, curves: curves, weights: weights, target: target, share: share)
+            XCTAssertEqual(b[1], 0.7, "a block without a curve keeps its value")
+            let mean = (3 * b[0] + b[2] + 2 * b[3]) / 6
+            XCTAssertEqual(mean, target, accuracy: 1e-15, "share \(share)")
+            for k in [0, 2, 3] { XCTAssertEqual(b[k], target + share * (solved[k] - target), accuracy: 1e-12, "share \(share) block \(k)") }
+        }
+        XCTAssertEqual(LearnedAllocation.blendGrid, [0, 0.25, 0.5, 0.75, 1])
+    }
+
     func testLearnedSolverSkipsPointsAboveTheHullAndRefusesAnUnreachableTarget() throws {
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).count, 9)
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).first!, 0.6, accuracy: 1e-12)

@@ -1,6 +1,26 @@
 import Foundation
 import TopiaryModel
 
+/// Why an output directory was refused or could not be installed. `isUsage`: the option itself is
+/// wrong (an empty --output, '.', '..'), which the command line reports as a usage error.
+public struct OutputDirectoryError: Error, CustomStringConvertible {
+    public let description: String
+    public let isUsage: Bool
+    public init(_ message: String) {
+        description = message
+        isUsage = false
+    }
+    public init(usage message: String) {
+        description = message
+        isUsage = true
+    }
+}
+
+/// The tool's version, as run.json, report.json and the output marker record it.
+public enum ToolVersion {
+    public static let string = "0.1.0"
+}
+
 /// The output directory of `prune` and `convert`: written under a temporary name beside it and
 /// renamed into place, so that an interrupted run leaves nothing under its name.
 ///
@@ -11,37 +31,37 @@ import TopiaryModel
 /// - an existing non-empty directory is replaced only with `--overwrite`, and only when Topiary
 ///   wrote it: it carries the marker `.topiary-output.json`, which lists the files Topiary wrote
 ///   there, and holds nothing else. A directory with any other entry is refused, naming it.
-enum OutputDirectory {
-    static let markerName = ".topiary-output.json"
+public enum OutputDirectory {
+    public static let markerName = ".topiary-output.json"
 
     /// A path the output must neither be nor contain, and what it is ("the model").
-    struct Protected {
-        let label: String
-        let path: String
+    public struct Protected {
+        public let label: String
+        public let path: String
     }
 
     /// The paths every command protects, with those given: the working directory first.
-    static func protected(_ given: [(String, String?)]) -> [Protected] {
+    public static func protected(_ given: [(String, String?)]) -> [Protected] {
         [Protected(label: "the working directory", path: FileManager.default.currentDirectoryPath)]
             + given.compactMap { label, path in path.map { Protected(label: label, path: $0) } }
     }
 
     /// Checks `path` before any work (see the type's comment); `command` names the command in usage errors.
-    static func check(_ path: String, overwrite: Bool, command: String, protecting: [Protected]) throws {
+    public static func check(_ path: String, overwrite: Bool, command: String, protecting: [Protected]) throws {
         guard !path.isEmpty else {
-            throw UsageError(message: "topiary \(command): --output is empty; give the name of the directory to write the model to (e.g. --output pruned)")
+            throw OutputDirectoryError(usage: "topiary \(command): --output is empty; give the name of the directory to write the model to (e.g. --output pruned)")
         }
         var trimmed = path
         while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
         let last = (trimmed as NSString).lastPathComponent
         if trimmed == "/" || last == "." || last == ".." {
-            throw UsageError(message: "topiary \(command): --output '\(path)' is a directory that holds other files ('.', '..' and '/' are never an output, which is replaced as a whole); give a new directory, e.g. --output pruned")
+            throw OutputDirectoryError(usage: "topiary \(command): --output '\(path)' is a directory that holds other files ('.', '..' and '/' are never an output, which is replaced as a whole); give a new directory, e.g. --output pruned")
         }
         let target = canonical(path)
         for p in protecting where !p.path.isEmpty {
             let other = canonical(p.path)
             if other == target || other.hasPrefix(target == "/" ? "/" : target + "/") {
-                throw ToolError("\(path): cannot be the output directory: it \(other == target ? "is" : "contains") \(p.label) (\(p.path)), and the output directory is replaced as a whole; give a directory of its own")
+                throw OutputDirectoryError("\(path): cannot be the output directory: it \(other == target ? "is" : "contains") \(p.label) (\(p.path)), and the output directory is replaced as a whole; give a directory of its own")
             }
         }
         try checkExisting(path, overwrite: overwrite)
@@ -49,37 +69,37 @@ enum OutputDirectory {
 
     /// An existing `path`: refused when it is a link or a file, or not empty unless overwriting a
     /// directory Topiary wrote.
-    static func checkExisting(_ path: String, overwrite: Bool) throws {
+    public static func checkExisting(_ path: String, overwrite: Bool) throws {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
         if (st.st_mode & S_IFMT) == S_IFLNK {
-            throw ToolError("\(path): is a symbolic link; give the directory itself (or a new name) as the output")
+            throw OutputDirectoryError("\(path): is a symbolic link; give the directory itself (or a new name) as the output")
         }
-        guard (st.st_mode & S_IFMT) == S_IFDIR else { throw ToolError("\(path): exists and is not a directory") }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else { throw OutputDirectoryError("\(path): exists and is not a directory") }
         let contents = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
         guard !contents.isEmpty else { return }
         guard overwrite else {
-            throw ToolError("\(path): output directory exists and is not empty (pass --overwrite to replace it, if Topiary wrote it)")
+            throw OutputDirectoryError("\(path): output directory exists and is not empty (pass --overwrite to replace it, if Topiary wrote it)")
         }
         let listed = try writtenFiles(path)
         if let foreign = contents.sorted().first(where: { $0 != markerName && !listed.contains($0) }) {
-            throw ToolError("\(path): holds '\(foreign)', which Topiary did not write there; --overwrite replaces only what Topiary wrote (\(markerName) lists it), so move it away or choose another --output")
+            throw OutputDirectoryError("\(path): holds '\(foreign)', which Topiary did not write there; --overwrite replaces only what Topiary wrote (\(markerName) lists it), so move it away or choose another --output")
         }
     }
 
     /// The files Topiary wrote into `directory`, from its marker.
-    static func writtenFiles(_ directory: String) throws -> Set<String> {
+    public static func writtenFiles(_ directory: String) throws -> Set<String> {
         let marker = (directory as NSString).appendingPathComponent(markerName)
         guard let data = FileManager.default.contents(atPath: marker),
               let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
               json["format"] as? String == "topiary-output", let files = json["files"] as? [String] else {
-            throw ToolError("\(directory): was not written by Topiary (no valid \(markerName) in it); --overwrite replaces only an output directory Topiary wrote, so remove it yourself or choose another --output")
+            throw OutputDirectoryError("\(directory): was not written by Topiary (no valid \(markerName) in it); --overwrite replaces only an output directory Topiary wrote, so remove it yourself or choose another --output")
         }
         return Set(files.filter { !$0.contains("/") && $0 != "." && $0 != ".." })
     }
 
     /// Writes the marker into a finished staging directory, listing every file in it.
-    static func writeMarker(in staging: String, command: String) throws {
+    public static func writeMarker(in staging: String, command: String) throws {
         let files = try FileManager.default.contentsOfDirectory(atPath: staging).filter { $0 != markerName }.sorted()
         let marker: [String: Any] = ["format": "topiary-output", "command": command, "tool_version": ToolVersion.string, "files": files]
         let data = try JSONSerialization.data(withJSONObject: marker, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])
@@ -89,7 +109,8 @@ enum OutputDirectory {
     /// Moves a finished staging directory to `output` (after writing its marker). An old output is
     /// replaced only as `checkExisting` allows: it is moved aside, the new one renamed into place,
     /// and then only the files its marker lists are removed with it.
-    static func install(staging: String, output: String, overwrite: Bool, command: String) throws {
+    public static func install(staging: String, output: String, overwrite: Bool, command: String,
+                               log: (String) -> Void = { _ in }) throws {
         try writeMarker(in: staging, command: command)
         let fm = FileManager.default
         var st = stat()
@@ -99,12 +120,12 @@ enum OutputDirectory {
             let contents = (try? fm.contentsOfDirectory(atPath: output)) ?? []
             if contents.isEmpty {
                 guard rmdir(output) == 0 else {
-                    throw ToolError("\(output): cannot replace the empty output directory: \(String(cString: strerror(errno)))")
+                    throw OutputDirectoryError("\(output): cannot replace the empty output directory: \(String(cString: strerror(errno)))")
                 }
             } else {
                 let old = trimmedPath(output) + ".old-\(getpid())"
                 guard rename(output, old) == 0 else {
-                    throw ToolError("\(output): cannot move the old output directory aside to \(old): \(String(cString: strerror(errno)))")
+                    throw OutputDirectoryError("\(output): cannot move the old output directory aside to \(old): \(String(cString: strerror(errno)))")
                 }
                 aside = old
             }
@@ -112,31 +133,31 @@ enum OutputDirectory {
         if rename(staging, output) != 0 {
             let reason = String(cString: strerror(errno))
             if let aside { _ = rename(aside, output) }
-            throw ToolError("\(output): cannot move the finished model into place from \(staging): \(reason)")
+            throw OutputDirectoryError("\(output): cannot move the finished model into place from \(staging): \(reason)")
         }
         if let aside {
             // Only what Topiary wrote there; anything else (which checkExisting refused) stays.
             let listed = (try? writtenFiles(aside)) ?? []
             for name in listed.union([markerName]) { _ = unlink((aside as NSString).appendingPathComponent(name)) }
             if rmdir(aside) != 0 {
-                Console.info("topiary: note: the previous output was moved to \(aside); it still holds files Topiary did not write")
+                log("topiary: note: the previous output was moved to \(aside); it still holds files Topiary did not write")
             }
         }
     }
 
     /// Where a run stages its output before renaming it into place.
-    static func stagingPath(for output: String) -> String {
+    public static func stagingPath(for output: String) -> String {
         trimmedPath(output) + ".partial-\(getpid())"
     }
 
-    static func trimmedPath(_ path: String) -> String {
+    public static func trimmedPath(_ path: String) -> String {
         var p = path
         while p.count > 1 && p.hasSuffix("/") { p.removeLast() }
         return p
     }
 
     /// `path` absolute, with `.`, `..` and symbolic links resolved as far as it exists.
-    static func canonical(_ path: String) -> String {
+    public static func canonical(_ path: String) -> String {
         let absolute = path.hasPrefix("/") ? path : (FileManager.default.currentDirectoryPath as NSString).appendingPathComponent(path)
         if let resolved = realpath(absolute, nil) {
             defer { free(resolved) }

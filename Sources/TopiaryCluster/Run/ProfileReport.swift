@@ -2,21 +2,21 @@ import Foundation
 import TopiaryPrune
 
 /// `prune --profile`: the pruned blocks' phases, summed over blocks, against the sgemm rate.
-enum ProfileReport {
-    typealias Phase = BlockProfile.Phase
+public enum ProfileReport {
+    public typealias Phase = BlockProfile.Phase
 
-    static func totals(_ reports: [BlockReport]) -> BlockProfile {
+    public static func totals(_ reports: [BlockReport]) -> BlockProfile {
         var total = BlockProfile()
         for r in reports { if let p = r.profile { total.add(p) } }
         return total
     }
 
     /// FLOPs at the sgemm rate over the seconds taken: 1 is the floor; nil when either is zero.
-    static func ratio(_ c: BlockProfile.Cost, sgemmRate: Double) -> Double? {
+    public static func ratio(_ c: BlockProfile.Cost, sgemmRate: Double) -> Double? {
         c.flops > 0 && c.seconds > 0 && sgemmRate > 0 ? c.flops / sgemmRate / c.seconds : nil
     }
 
-    static func phasesJSON(_ p: BlockProfile, sgemmRate: Double) -> [String: Any] {
+    public static func phasesJSON(_ p: BlockProfile, sgemmRate: Double) -> [String: Any] {
         var json: [String: Any] = [:]
         for phase in Phase.allCases {
             let c = p[phase]
@@ -27,7 +27,7 @@ enum ProfileReport {
     }
 
     /// report.json's "profile": the rate, the totals, the run's time outside the blocks' phases, and each block's phases.
-    static func json(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> [String: Any] {
+    public static func json(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> [String: Any] {
         let total = totals(reports)
         let measured = total.phases.values.reduce(0) { $0 + $1.seconds }
         return [
@@ -38,7 +38,7 @@ enum ProfileReport {
         ]
     }
 
-    static func table(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> String {
+    public static func table(_ reports: [BlockReport], sgemmRate: Double, pruneSeconds: Double) -> String {
         let total = totals(reports)
         let measured = total.phases.values.reduce(0) { $0 + $1.seconds }
         let blocks = max(reports.count, 1)

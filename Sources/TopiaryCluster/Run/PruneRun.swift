@@ -31,6 +31,8 @@ public struct PruneRequest {
     /// sent their weights with each assignment (`--weights send`) would get them once per
     /// micro-batch, so `prune` sets 1 for them.
     public var denseMicroBatches: Int?
+    /// What `run` delivers after pruning (nil: `execute` only, as the tests run it).
+    public var delivery: PruneDelivery?
 
     public init(model: LanguageModel, job: PruneJob, coordination: Coordination, rounds: Int? = nil, rho: Double? = nil,
                 tolerance: Double? = nil, minImprovement: Double? = nil, keepRound: ADMMKeep? = nil,
@@ -60,6 +62,8 @@ public enum PruneRunEvent {
     case block(Int, BlockReport?)
     /// An ADMM round ended.
     case admmRound(ADMMRound)
+    /// Every block is pruned (`run`: the evaluation and the output follow).
+    case pruned(PruneOutcome)
 }
 
 /// The pruned blocks' reports, ADMM's rounds, and how long the pruning took.
@@ -154,5 +158,206 @@ public final class PruneRun {
         }
         let reports = try coordinator.run { block, report in event(.block(block, report)) }
         return PruneOutcome(reports: reports, rounds: [], admm: nil, pruneSeconds: Date().timeIntervalSince(start))
+    }
+}
+
+/// What a run delivers once its blocks are pruned: the dense and the pruned model's perplexity,
+/// the Hugging Face directory (staged under a temporary name, then renamed into place),
+/// report.json (in the output and in the run directory) and the run's `complete` event.
+public struct PruneDelivery {
+    /// The directory to write, its weights' dtype, and whether a directory Topiary wrote there
+    /// may be replaced (`OutputDirectory`).
+    public var output: String
+    public var dtype: TensorDType
+    public var overwrite: Bool
+    /// Perplexity on these tokens after pruning, and before unless `skipDense`.
+    public var evaluation: Evaluation?
+    /// `prune --profile`: the sgemm rate measured before pruning; report.json gets the profile.
+    public var sgemmRate: Double?
+    /// report.json's fields that only the caller knows (the calibration's source and how it was
+    /// read, the precision), written as given.
+    public var fields: [String: Any]
+    /// When the command started (report.json's `seconds`).
+    public var started: Date
+    /// The command the output marker names.
+    public var command: String
+
+    public struct Evaluation {
+        public var tokens: [Int]
+        /// The text the tokens came from (report.json's `evaluation.file`).
+        public var source: String
+        public var sequenceLength: Int
+        /// nil: every window of the text.
+        public var windows: Int?
+        public var skipDense: Bool
+
+        public init(tokens: [Int], source: String, sequenceLength: Int, windows: Int?, skipDense: Bool) {
+            self.tokens = tokens
+            self.source = source
+            self.sequenceLength = sequenceLength
+            self.windows = windows
+            self.skipDense = skipDense
+        }
+    }
+
+    public init(output: String, dtype: TensorDType, overwrite: Bool, evaluation: Evaluation?, sgemmRate: Double?,
+                fields: [String: Any], started: Date, command: String = "prune") {
+        self.output = output
+        self.dtype = dtype
+        self.overwrite = overwrite
+        self.evaluation = evaluation
+        self.sgemmRate = sgemmRate
+        self.fields = fields
+        self.started = started
+        self.command = command
+    }
+}
+
+/// A delivered run: the pruning's outcome, the output's weights sha256, the sparsity of the
+/// pruned linears, the perplexities, and report.json as written (`summary` is it without
+/// `blocks` and `profile`: what `prune --json` prints).
+public struct PruneResult {
+    public var outcome: PruneOutcome
+    public var outputSHA256: String
+    public var sparsity: Double
+    public var perplexityDense: Double?
+    public var perplexity: Double?
+    public var summary: [String: Any]
+    public var report: [String: Any]
+}
+
+public enum PruneDeliveryError: Error, CustomStringConvertible {
+    case noDelivery
+    public var description: String { "the prune request has no delivery (output directory); set PruneRequest.delivery" }
+}
+
+extension PruneRun {
+    /// The dense model's perplexity when the delivery asks for it (nil otherwise). `run` measures
+    /// it before pruning, so a run that fails later has still said it.
+    public func evaluateDense() throws -> Double? {
+        guard let e = request.delivery?.evaluation, !e.skipDense else { return nil }
+        coordinator.log("evaluating the dense model ...")
+        return try Perplexity.evaluate(model: request.model, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows).perplexity
+    }
+
+    /// The whole run after `prepare()`: the dense evaluation, the pruning (`execute`), then
+    /// `deliver`.
+    public func run(_ event: (PruneRunEvent) -> Void) throws -> PruneResult {
+        guard request.delivery != nil else { throw PruneDeliveryError.noDelivery }
+        let dense = try evaluateDense()
+        let outcome = try execute(event)
+        event(.pruned(outcome))
+        return try deliver(outcome, perplexityDense: dense)
+    }
+
+    /// After `execute`: evaluates the pruned model, writes the output directory and report.json
+    /// (nothing half-written appears under the output's name), records `complete` and removes
+    /// the run's checkpoints.
+    public func deliver(_ outcome: PruneOutcome, perplexityDense: Double?) throws -> PruneResult {
+        guard let d = request.delivery else { throw PruneDeliveryError.noDelivery }
+        let r = request
+        let pipeline = PrunePipeline(model: r.model, job: r.job, store: r.runDirectory.store)
+        let pruned = try pipeline.prunedModel()
+        var perplexity: Double?
+        if let e = d.evaluation {
+            coordinator.log("evaluating the pruned model ...")
+            perplexity = try Perplexity.evaluate(model: pruned, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows).perplexity
+        }
+
+        // Written into a staging directory, then renamed.
+        let staging = OutputDirectory.stagingPath(for: d.output)
+        try? FileManager.default.removeItem(atPath: staging)
+        let files: [String]
+        do { files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: d.dtype) } catch {
+            try? FileManager.default.removeItem(atPath: staging)
+            throw error
+        }
+        let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
+        let sparsity = PruneReport.sparsity(outcome.reports)
+        var summary = summaryFields(outcome, delivery: d)
+        summary["sparsity"] = sparsity
+        summary["output_sha256"] = sha
+        summary["perplexity_dense"] = perplexityDense.map { $0 as Any } ?? NSNull()
+        summary["perplexity"] = perplexity.map { $0 as Any } ?? NSNull()
+        summary["peak_rss_bytes"] = ProcessResources.peakResidentBytes ?? 0
+        var report = summary
+        report["blocks"] = outcome.reports.map(PruneReport.blockJSON)
+        if let rate = d.sgemmRate { report["profile"] = ProfileReport.json(outcome.reports, sgemmRate: rate, pruneSeconds: outcome.pruneSeconds) }
+        report["seconds"] = Date().timeIntervalSince(d.started)
+        do {
+            let data = try JSONSerialization.data(withJSONObject: report, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]) + Data("\n".utf8)
+            try AtomicFile.write(data, to: (staging as NSString).appendingPathComponent("report.json"))
+            try AtomicFile.write(data, to: r.runDirectory.reportPath)
+            if r.job.plan.method == .besa {
+                try AtomicFile.write(Data(PruneReport.besaHeatmap(outcome.reports, target: r.job.plan.pattern.fraction).utf8),
+                                     to: (staging as NSString).appendingPathComponent("besa-sparsity.svg"))
+            }
+            try OutputDirectory.install(staging: staging, output: d.output, overwrite: d.overwrite, command: d.command, log: coordinator.log)
+        } catch {
+            try? FileManager.default.removeItem(atPath: staging)
+            throw error
+        }
+        let absoluteOutput = d.output.hasPrefix("/") ? d.output : URL(fileURLWithPath: d.output).standardizedFileURL.path
+        try r.runDirectory.events.append(.complete(output: absoluteOutput, outputSHA256: sha))
+        r.runDirectory.removeCheckpoints()
+        summary["seconds"] = Date().timeIntervalSince(d.started)
+        summary["peak_rss_bytes"] = ProcessResources.peakResidentBytes ?? 0
+        return PruneResult(outcome: outcome, outputSHA256: sha, sparsity: sparsity, perplexityDense: perplexityDense,
+                           perplexity: perplexity, summary: summary, report: report)
+    }
+
+    /// report.json's description of the run: the caller's fields, then what the request says
+    /// (model, method and its settings, allocation, layers, plan, coordination) and the time the
+    /// pruning took.
+    func summaryFields(_ outcome: PruneOutcome, delivery d: PruneDelivery) -> [String: Any] {
+        let r = request
+        let plan = r.job.plan
+        var s = d.fields
+        s["tool_version"] = ToolVersion.string
+        s["command"] = d.command
+        s["model"] = r.model.path
+        s["method"] = plan.method.rawValue
+        s["pattern"] = PruneReport.patternJSON(plan.pattern)
+        s["target_sparsity"] = plan.pattern.fraction
+        let manifest: RunManifest
+        switch r.start { case .new(let m), .resume(let m): manifest = m }
+        s["allocation"] = manifest.allocation?.json ?? ["method": AllocationMethod.uniform.rawValue]
+        s["layers"] = r.job.layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all"
+        s["plan"] = zip(partitions, r.workers).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] }
+        s["coordination"] = r.coordination.rawValue
+        s["prune_seconds"] = outcome.pruneSeconds
+        s["output"] = d.output
+        if r.coordination == .admm {
+            var admm: [String: Any] = [
+                "rho": (r.rho ?? .infinity).isInfinite ? "inf" as Any : r.rho! as Any, "tolerance": r.tolerance ?? 0,
+                "min_improvement": r.minImprovement ?? ADMMOptions.defaultMinImprovement, "keep_round": (r.keepRound ?? .best).rawValue,
+                "rounds": outcome.rounds.map { ["round": $0.round, "residuals": $0.residuals, "output_error": $0.outputError,
+                                                "model_error": $0.modelError.map { $0 as Any } ?? NSNull(),
+                                                "calibration_loss": $0.calibrationLoss.map { $0 as Any } ?? NSNull(),
+                                                "objective": $0.objective] as [String: Any] }]
+            if let o = outcome.admm {
+                admm["kept"] = o.kept
+                admm["kept_reason"] = o.keptReason
+                admm["stopped"] = o.stop.rawValue
+            }
+            s["admm"] = admm
+        }
+        // SparseGPT's settings where its solver runs: sparsegpt, sparsellm's attention, BESA's reconstruction.
+        if plan.method == .sparsegpt || plan.method == .sparsellm || (plan.besa?.reconstruct ?? false) {
+            var settings: [String: Any] = ["blocksize": plan.sparseGPT.blockSize, "percdamp": plan.sparseGPT.percentDamp]
+            if let a = plan.sparseGPT.admm {
+                settings["weight_update"] = ["method": "admm", "iterations": a.iterations, "rho": a.rho, "rho_growth": a.rhoGrowth, "rho_step": a.rhoStep]
+            }
+            s["sparsegpt"] = settings
+        }
+        if let o = plan.sparseLLM {
+            s["sparsellm"] = ["alpha": o.alpha, "beta": o.beta, "gamma": o.gamma, "iterations": o.iterations,
+                              "targets": plan.targets.rawValue, "ridge": o.ridge]
+        }
+        if let besa = plan.besa { s["besa"] = PruneReport.besaSettings(besa, targets: plan.targets) }
+        if let e = d.evaluation {
+            s["evaluation"] = ["file": e.source, "seqlen": e.sequenceLength, "windows": e.windows.map { $0 as Any } ?? "all"]
+        }
+        return s
     }
 }
