@@ -198,21 +198,28 @@ public struct WorkerResultError: Error, CustomStringConvertible {
     public var description: String { "worker \(worker): \(detail)" }
 }
 
-/// Window 0 of a remote worker's range, carried through each block as its result arrives (the
-/// pruned weights in hand; the dense block for blocks only run and for the targets): what the
-/// boundary the worker returns must hold in window 0. Costs one window's forward pass per block,
-/// and reading the dense block where the range carries targets or runs blocks it does not prune.
+/// The first tokens of window 0 of a remote worker's range, carried through each block as its
+/// result arrives (the pruned weights in hand; the dense block for blocks only run and for the
+/// targets): what the boundary the worker returns must hold in those rows of window 0. Every block
+/// is causal and token-wise outside attention (routing included), so a prefix of a window gives
+/// the first rows of the whole window's output; the probe costs `tokens` tokens' forward pass per
+/// block (not a whole window's, which on a coordinator sharing a node with a worker took CPU from
+/// it), and reading the dense block where the range carries targets or runs blocks it does not
+/// prune.
 struct BoundaryProbe {
+    /// The prefix the probe carries (or the whole window when shorter).
+    static let tokens = 64
     var inputs: Matrix
     var targets: Matrix?
     let sequenceLength: Int
     let rope: Kernels.RopeTable
 
     init(_ start: Boundary, config: ModelConfig, sequenceLength: Int) throws {
-        inputs = try start.inputs.get(0)
-        targets = try start.targets?.get(0)
-        self.sequenceLength = sequenceLength
-        rope = config.ropeTable(positions: sequenceLength)
+        let n = min(Self.tokens, sequenceLength)
+        inputs = try start.inputs.get(0).rows(0..<n)
+        targets = try start.targets?.get(0).rows(0..<n)
+        self.sequenceLength = n
+        rope = config.ropeTable(positions: n)
     }
 
     mutating func advance(through pruned: DecoderBlock?, block index: Int, model: LanguageModel) throws {
@@ -358,9 +365,9 @@ public final class Coordinator {
     }
 
     /// Checks the boundary a remote worker returned after `range`: the job's windows and shape,
-    /// targets exactly when it was sent targets, and window 0 what `probe` (window 0 carried here
-    /// through the range's blocks as they arrived) gives. So a stale boundary, a non-finite one, or
-    /// one its blocks do not give is refused.
+    /// targets exactly when it was sent targets, window 0 finite and its first tokens what `probe`
+    /// (those tokens carried here through the range's blocks as they arrived) gives. So a stale
+    /// boundary, a non-finite one, or one its blocks do not give is refused.
     func checkBoundary(_ b: Boundary, after range: Range<Int>, probe: BoundaryProbe, job: PruneJob, worker: String) throws {
         func refuse(_ detail: String) -> WorkerResultError {
             WorkerResultError(worker: worker, detail: "the boundary after block \(range.upperBound - 1) " + detail)
@@ -374,11 +381,17 @@ public final class Coordinator {
                 throw refuse("has \(what) of \(s.count) windows of \(s.rows)x\(s.cols), expected \(job.samples) of \(job.sequenceLength)x\(hidden)")
             }
         }
-        guard Self.agrees(try b.inputs.get(0), probe.inputs) else {
-            throw refuse("is not what its blocks give (window 0 differs from the same window run here)")
+        let n = probe.sequenceLength
+        let first = try b.inputs.get(0)
+        guard first.allFinite else { throw refuse("is not finite (window 0)") }
+        guard Self.agrees(first.rows(0..<n), probe.inputs) else {
+            throw refuse("is not what its blocks give (the first \(n) tokens of window 0 differ from the same tokens run here)")
         }
-        if let t = b.targets, let r = probe.targets, !Self.agrees(try t.get(0), r) {
-            throw refuse("has targets that the dense blocks do not give (window 0 differs from the same window run here)")
+        if let t = b.targets, let r = probe.targets {
+            let firstTarget = try t.get(0)
+            guard firstTarget.allFinite, Self.agrees(firstTarget.rows(0..<n), r) else {
+                throw refuse("has targets that the dense blocks do not give (the first \(n) tokens of window 0 differ from the same tokens run here)")
+            }
         }
     }
 
