@@ -50,8 +50,9 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
 
     public struct BlendTrial: Sendable, Equatable, Codable {
         public var blend: Double
-        public var loss: Double
-        public init(blend: Double, loss: Double) {
+        /// nil: not finite.
+        public var loss: Double?
+        public init(blend: Double, loss: Double?) {
             self.blend = blend
             self.loss = loss
         }
@@ -81,7 +82,7 @@ public struct AllocationRecord: Sendable, Equatable, Codable {
         if let blockParameters { o["block_parameters"] = blockParameters }
         if let learnedSparsity { o["learned_block_sparsity"] = learnedSparsity }
         if let learnedBlend { o["blend"] = learnedBlend }
-        if let blendSearch { o["blend_search"] = blendSearch.map { ["blend": $0.blend, "loss": $0.loss] } }
+        if let blendSearch { o["blend_search"] = blendSearch.map { ["blend": $0.blend, "loss": $0.loss.map { $0 as Any } ?? NSNull()] as [String: Any] } }
         if let seconds { o["seconds"] = seconds }
         return o
     }
@@ -144,11 +145,15 @@ extension AllocationRecord {
                     let loss = try AllocationSearch.loss(model: model, job: job,
                                                          sparsities: LearnedAllocation.blend(solved, curves: curves, weights: weights, target: target, share: t),
                                                          squaredNorms: measured.squaredNorms)
-                    trials!.append(.init(blend: t, loss: loss))
+                    // A non-finite loss is recorded as none (run.json is JSON) and never chosen.
+                    trials!.append(.init(blend: t, loss: loss.isFinite ? loss : nil))
                     log(String(format: "allocation: blend %.2f: calibration loss %.5f", t, loss))
-                    if best == nil || loss < best!.loss { best = (t, loss) }
+                    if loss.isFinite && (best == nil || loss < best!.loss) { best = (t, loss) }
                 }
-                blend = best!.blend
+                guard let best else {
+                    throw PruneError.invalidOption("--learned-blend auto: the calibration loss is not finite for any blend of \(LearnedAllocation.blendGrid)")
+                }
+                blend = best.blend
                 log("allocation: blend \(blend) chosen")
             }
             var record = AllocationRecord(method: .learned, blockSparsity: LearnedAllocation.blend(solved, curves: curves, weights: weights,
@@ -266,11 +271,14 @@ public enum OWLAllocation {
                 continue
             }
             let loss = try AllocationSearch.loss(model: model, job: job, sparsities: sparsities, squaredNorms: squaredNorms, backend: backend)
-            trials.append(.init(lambda: lambda, loss: loss))
+            // A non-finite loss is recorded as none (run.json is JSON) and never chosen.
+            trials.append(.init(lambda: lambda, loss: loss.isFinite ? loss : nil))
             log(String(format: "allocation: λ %.3f: calibration loss %.5f", lambda, loss))
-            if best == nil || loss < best!.loss { best = (lambda, loss) }
+            if loss.isFinite && (best == nil || loss < best!.loss) { best = (lambda, loss) }
         }
-        guard let best else { throw PruneError.invalidOption("--owl-lambda auto: every λ of the grid \(grid) pushes a block's sparsity out of (0, 1)") }
+        guard let best else {
+            throw PruneError.invalidOption("--owl-lambda auto: every λ of the grid \(grid) pushes a block's sparsity out of (0, 1) or gives a calibration loss that is not finite")
+        }
         return (best.lambda, trials)
     }
 

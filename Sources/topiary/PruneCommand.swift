@@ -574,7 +574,8 @@ enum PruneCommand: Command {
             output: output, dtype: requestedDType ?? HuggingFaceExport.defaultDType(for: model), overwrite: overwrite,
             evaluation: evalTokens.map { PruneDelivery.Evaluation(tokens: $0, source: evalText ?? "", sequenceLength: evalSeqlen, windows: evalWindows,
                                                                   skipDense: skipDenseEval) },
-            sgemmRate: sgemmRate, fields: ["calibration": calibrationSummary, "precision": precision.rawValue], started: started, command: name)
+            sgemmRate: sgemmRate, fields: ["calibration": calibrationSummary, "precision": precision.rawValue,
+                                                  "allocation": allocationRecord?.json ?? ["method": allocation.rawValue]], started: started, command: name)
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions
@@ -587,12 +588,15 @@ enum PruneCommand: Command {
             for pid in workerPIDs { kill(pid, SIGTERM) }
         }
 
+        // The dense evaluation first, apart from the pruning, so that the progress's clock and ETA
+        // start with the pruning.
+        let perplexityDense = try pruneRun.evaluateDense()
         Console.info("pruning \(model.path): \(method.rawValue) \(patternText(pattern)), \(counted(windows.count, "calibration window")) of \(seqlen) tokens, seed \(seed)")
         // Blocks that are only run forward (finished before a resume, or outside --layers) are
         // not work: the ETA counts the blocks still to prune (ADMM rounds prune every block again).
         let replayed = pruneRun.replayedBlocks
         let progress = Progress(total: c.layerCount, json: !Console.stderrIsTerminal, replayed: replayed)
-        let result = try pruneRun.run { event in
+        let outcome = try pruneRun.execute { event in
             switch event {
             case .log(let message): Console.info(message)
             case .admmStarting(let options):
@@ -603,11 +607,12 @@ enum PruneCommand: Command {
                 progress.reset()
                 Console.info(String(format: "ADMM round %d: boundary residuals %@; output error vs dense %.5f; the model on the calibration windows: error %.5f, loss %.5f", r.round,
                                     r.residuals.map { String(format: "%.3g", $0) }.joined(separator: ", "), r.outputError, r.modelError ?? .nan, r.calibrationLoss ?? .nan))
-            case .pruned(let outcome):
-                if let o = outcome.admm { Console.info("ADMM: rounds stopped (\(o.stop.rawValue)); keeping round \(o.kept): \(o.keptReason)") }
-                progress.finish()
+            case .pruned: break  // `run`'s; `execute` does not send it
             }
         }
+        if let o = outcome.admm { Console.info("ADMM: rounds stopped (\(o.stop.rawValue)); keeping round \(o.kept): \(o.keptReason)") }
+        progress.finish()
+        let result = try pruneRun.deliver(outcome, perplexityDense: perplexityDense)
         let reports = result.outcome.reports
         printSummaryTable(reports)
         if let sgemmRate { Console.info(ProfileReport.table(reports, sgemmRate: sgemmRate, pruneSeconds: result.outcome.pruneSeconds)) }

@@ -299,6 +299,18 @@ final class AllocationCLITests: XCTestCase {
         let fixed = try CLI.run(args(dir.appendingPathComponent("b").path, ["--allocation", "learned", "--learned-blend", "\(blend)"]))
         XCTAssertEqual(fixed.json?["output_sha256"] as? String, r.json?["output_sha256"] as? String, fixed.stderr)
         XCTAssertNil((fixed.json?["allocation"] as? [String: Any])?["blend_search"])
+        // Killed and resumed: run.json's record (its search included) is read back and reused.
+        let out = dir.appendingPathComponent("killed").path
+        let p = try CLI.start(args(out, ["--allocation", "learned"]), environment: ["TOPIARY_DEBUG_BLOCK_DELAY": "0.5"], directory: dir)
+        XCTAssertTrue(CLI.waitForEvent(out + ".run") { $0["event"] as? String == "block_done" && $0["block"] as? Int == 1 })
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        let resumed = try CLI.run(["prune", "--resume", out + ".run", "--json"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertTrue(resumed.stderr.contains("allocation: learned, as recorded in run.json"), resumed.stderr)
+        XCTAssertFalse(resumed.stderr.contains("searching the blend"), resumed.stderr)
+        XCTAssertEqual(resumed.json?["output_sha256"] as? String, r.json?["output_sha256"] as? String)
+        XCTAssertEqual(((resumed.json?["allocation"] as? [String: Any])?["blend_search"] as? [[String: Any]])?.count, 5)
 
         let zero = try CLI.run(args(dir.appendingPathComponent("z").path, ["--allocation", "learned", "--learned-blend", "0"]))
         XCTAssertEqual(zero.status, 0, zero.stderr)

@@ -130,4 +130,34 @@ final class PruneRunTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: run.path + "/blocks"), "the checkpoints stay after complete")
         XCTAssertNil(result.summary["blocks"])
     }
+
+    /// An output that may not be replaced (a directory Topiary did not write) fails the delivery
+    /// after the pruning: nothing of the user's is touched, no staging directory is left beside
+    /// it, and the run is not recorded as complete (its checkpoints stay for another --output).
+    func testAFailedInstallLeavesNoStagingAndNoCompleteEvent() throws {
+        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
+                                           tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
+        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+        let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: 2, sequenceLength: 32, seed: 0)
+        let dir = try makeTemporaryDirectory("prune-run-taken").path
+        let job = PruneJob(plan: PrunePlan(method: .magnitude, pattern: .unstructured(0.5)), calibration: windows,
+                           sequenceLength: 32, layers: 0...0, memoryBudget: 1 << 30, workDirectory: dir)
+        let output = dir + "/taken"
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        try Data("mine".utf8).write(to: URL(fileURLWithPath: output + "/mine.txt"))
+        let manifest = RunManifest(toolVersion: "test", created: "2026-12-04T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
+                                   calibration: .init(path: "calib", sha256: "c"), options: [:], flags: [], plan: [])
+        let run = try RunDirectory.create(path: dir + "/run")
+        var request = PruneRequest(model: model, job: job, coordination: .sequential, workers: [InProcessWorker(model: model)],
+                                   runDirectory: run, start: .new(manifest))
+        request.delivery = PruneDelivery(output: output, dtype: .f32, overwrite: false, evaluation: nil, sgemmRate: nil, fields: [:], started: Date())
+        let pruneRun = try PruneRun(request) { _ in }
+        try pruneRun.prepare()
+        XCTAssertThrowsError(try pruneRun.run { _ in }) { XCTAssertTrue("\($0)".contains("exists and is not empty"), "\($0)") }
+        XCTAssertEqual(try String(contentsOfFile: output + "/mine.txt", encoding: .utf8), "mine")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: output), ["mine.txt"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: OutputDirectory.stagingPath(for: output)))
+        XCTAssertFalse(try run.events.records().contains { $0.event.name == "complete" })
+        XCTAssertTrue(FileManager.default.fileExists(atPath: run.path + "/blocks"), "the checkpoints stay")
+    }
 }

@@ -213,11 +213,19 @@ struct BoundaryProbe {
     var targets: Matrix?
     let sequenceLength: Int
     let rope: Kernels.RopeTable
+    /// Window 0 of the range's start, whole: when the prefix disagrees, the whole window is run
+    /// before the boundary is refused (`Coordinator.wholeWindowAgrees`), since the prefix's GEMMs
+    /// round differently from the worker's whole-window ones and, in a mixture of experts, a token
+    /// whose routing is a near tie may take other experts.
+    let start: Matrix
+    let startTargets: Matrix?
 
     init(_ start: Boundary, config: ModelConfig, sequenceLength: Int) throws {
         let n = min(Self.tokens, sequenceLength)
-        inputs = try start.inputs.get(0).rows(0..<n)
-        targets = try start.targets?.get(0).rows(0..<n)
+        self.start = try start.inputs.get(0)
+        startTargets = try start.targets?.get(0)
+        inputs = self.start.rows(0..<n)
+        targets = startTargets?.rows(0..<n)
         self.sequenceLength = n
         rope = config.ropeTable(positions: n)
     }
@@ -383,16 +391,35 @@ public final class Coordinator {
         }
         let n = probe.sequenceLength
         let first = try b.inputs.get(0)
+        let firstTargets = try b.targets?.get(0)
         guard first.allFinite else { throw refuse("is not finite (window 0)") }
-        guard Self.agrees(first.rows(0..<n), probe.inputs) else {
-            throw refuse("is not what its blocks give (the first \(n) tokens of window 0 differ from the same tokens run here)")
+        if let firstTargets, !firstTargets.allFinite { throw refuse("has targets that are not finite (window 0)") }
+        let prefixAgrees = Self.agrees(first.rows(0..<n), probe.inputs)
+        let targetsAgree = zip(firstTargets.map { [$0] } ?? [], probe.targets.map { [$0] } ?? []).allSatisfy { Self.agrees($0.rows(0..<n), $1) }
+        if prefixAgrees && targetsAgree { return }
+        // The whole window before refusing (see BoundaryProbe.start).
+        let whole = try wholeWindow(after: range, probe: probe, job: job)
+        guard Self.agrees(first, whole.inputs) else {
+            throw refuse("is not what its blocks give (window 0 differs from the same window run here)")
         }
-        if let t = b.targets, let r = probe.targets {
-            let firstTarget = try t.get(0)
-            guard firstTarget.allFinite, Self.agrees(firstTarget.rows(0..<n), r) else {
-                throw refuse("has targets that the dense blocks do not give (the first \(n) tokens of window 0 differ from the same tokens run here)")
-            }
+        if let firstTargets, let t = whole.targets, !Self.agrees(firstTargets, t) {
+            throw refuse("has targets that the dense blocks do not give (window 0 differs from the same window run here)")
         }
+        log("the boundary after block \(range.upperBound - 1) from \(worker): its first \(n) tokens differed from the probe's, the whole of window 0 agrees (rounding, or a near tie in routing)")
+    }
+
+    /// Window 0 of the range's start run whole through its blocks as recorded (the pruned ones from
+    /// the store) and, with targets, through the dense blocks.
+    func wholeWindow(after range: Range<Int>, probe: BoundaryProbe, job: PruneJob) throws -> (inputs: Matrix, targets: Matrix?) {
+        let rope = model.config.ropeTable(positions: job.sequenceLength)
+        var inputs = probe.start, targets = probe.startTargets
+        for i in range {
+            let dense = try model.loadBlock(i)
+            let block = job.prunes(i) ? try model.overlaid(with: try store.sources([i])).loadBlock(i) : dense
+            inputs = block.forward(inputs, sequenceLength: job.sequenceLength, rope: rope)
+            if let t = targets { targets = dense.forward(t, sequenceLength: job.sequenceLength, rope: rope) }
+        }
+        return (inputs, targets)
     }
 
     /// Equal up to rounding (another machine's BLAS may round differently): ‖a − b‖² ≤ 1e-8·‖b‖²; false for NaN.

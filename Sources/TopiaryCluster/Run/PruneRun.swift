@@ -175,7 +175,7 @@ public struct PruneDelivery {
     /// `prune --profile`: the sgemm rate measured before pruning; report.json gets the profile.
     public var sgemmRate: Double?
     /// report.json's fields that only the caller knows (the calibration's source and how it was
-    /// read, the precision), written as given.
+    /// read, the precision; the allocation it applied, else run.json's), written as given.
     public var fields: [String: Any]
     /// When the command started (report.json's `seconds`).
     public var started: Date
@@ -321,7 +321,8 @@ extension PruneRun {
         s["target_sparsity"] = plan.pattern.fraction
         let manifest: RunManifest
         switch r.start { case .new(let m), .resume(let m): manifest = m }
-        s["allocation"] = manifest.allocation?.json ?? ["method": AllocationMethod.uniform.rawValue]
+        // The caller's record of the allocation it applied, or the manifest's.
+        s["allocation"] = d.fields["allocation"] ?? manifest.allocation?.json ?? ["method": AllocationMethod.uniform.rawValue]
         s["layers"] = r.job.layers.map { "\($0.lowerBound)-\($0.upperBound)" } ?? "all"
         s["plan"] = zip(partitions, r.workers).map { ["first": $0.lowerBound, "last": $0.upperBound - 1, "worker": $1.name] as [String: Any] }
         s["coordination"] = r.coordination.rawValue
