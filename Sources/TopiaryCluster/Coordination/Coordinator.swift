@@ -214,7 +214,7 @@ struct BoundaryProbe {
     let sequenceLength: Int
     let rope: Kernels.RopeTable
     /// Window 0 of the range's start, whole: when the prefix disagrees, the whole window is run
-    /// before the boundary is refused (`Coordinator.wholeWindowAgrees`), since the prefix's GEMMs
+    /// before the boundary is refused (`Coordinator.wholeWindow`), since the prefix's GEMMs
     /// round differently from the worker's whole-window ones and, in a mixture of experts, a token
     /// whose routing is a near tie may take other experts.
     let start: Matrix
@@ -395,7 +395,8 @@ public final class Coordinator {
         guard first.allFinite else { throw refuse("is not finite (window 0)") }
         if let firstTargets, !firstTargets.allFinite { throw refuse("has targets that are not finite (window 0)") }
         let prefixAgrees = Self.agrees(first.rows(0..<n), probe.inputs)
-        let targetsAgree = zip(firstTargets.map { [$0] } ?? [], probe.targets.map { [$0] } ?? []).allSatisfy { Self.agrees($0.rows(0..<n), $1) }
+        var targetsAgree = true
+        if let firstTargets, let r = probe.targets { targetsAgree = Self.agrees(firstTargets.rows(0..<n), r) }
         if prefixAgrees && targetsAgree { return }
         // The whole window before refusing (see BoundaryProbe.start).
         let whole = try wholeWindow(after: range, probe: probe, job: job)
@@ -408,18 +409,18 @@ public final class Coordinator {
         log("the boundary after block \(range.upperBound - 1) from \(worker): its first \(n) tokens differed from the probe's, the whole of window 0 agrees (rounding, or a near tie in routing)")
     }
 
-    /// Window 0 of the range's start run whole through its blocks as recorded (the pruned ones from
-    /// the store) and, with targets, through the dense blocks.
+    /// Window 0 of the range's start run whole through its blocks as recorded (`replay`: the pruned
+    /// ones from the store) and, with targets, through the dense blocks.
     func wholeWindow(after range: Range<Int>, probe: BoundaryProbe, job: PruneJob) throws -> (inputs: Matrix, targets: Matrix?) {
-        let rope = model.config.ropeTable(positions: job.sequenceLength)
-        var inputs = probe.start, targets = probe.startTargets
-        for i in range {
-            let dense = try model.loadBlock(i)
-            let block = job.prunes(i) ? try model.overlaid(with: try store.sources([i])).loadBlock(i) : dense
-            inputs = block.forward(inputs, sequenceLength: job.sequenceLength, rope: rope)
-            if let t = targets { targets = dense.forward(t, sequenceLength: job.sequenceLength, rope: rope) }
+        var one = job
+        one.calibration = [[]]  // one window (its activations are given)
+        func store(_ m: Matrix) throws -> ActivationStore {
+            let s = RangePruner.store(job: one, config: model.config)
+            try s.set(0, m)
+            return s
         }
-        return (inputs, targets)
+        let end = try replay(range, from: Boundary(inputs: try store(probe.start), targets: try probe.startTargets.map(store)), job: one)
+        return (try end.inputs.get(0), try end.targets?.get(0))
     }
 
     /// Equal up to rounding (another machine's BLAS may round differently): ‖a − b‖² ≤ 1e-8·‖b‖²; false for NaN.
