@@ -161,10 +161,14 @@ static inline __attribute__((always_inline)) void gateLanes(float *sp, const flo
             e = take ? et : e;
             f = take ? ft : f;
             searching &= ~take;
+            delta *= 0.5f;
+            absDelta *= 0.5f;
+            vi stalled = searching & (absDelta <= bound);                   // no descent above the tolerance
+            active &= ~stalled;
+            searching &= ~stalled;
             int any = 0;
             for (int l = 0; l < 16; l++) any |= searching[l];
             if (!any) break;
-            delta *= 0.5f;
         }
         active &= ~searching;                                               // no descent found
         int any = 0;

@@ -14,7 +14,8 @@ import TopiaryTensor
 ///   equations in fp64), then SparseGPT against the matching Gram matrix with a fresh mask.
 ///   "Refit, then SparseGPT" is SparseGPT with the auxiliary as target. The new weights are kept
 ///   only if they do not raise their term of J, so no step increases the objective.
-/// - p: (β W_dᵀW_d + γI)⁻¹ applied to β W_dᵀ Y + γ·act, exactly (inverse in fp64).
+/// - p: (β Y W_d + γ·act)(β W_dᵀW_d + γI)⁻¹, exactly, as act + (Y − act·W_dᵀ)(γ/β·I + W_dW_dᵀ)⁻¹W_d
+///   (Woodbury; the small inverse in fp64).
 /// - z: LLaMA (α m + γ σ p)/(α + γ σ²) with σ = SiLU(s), exact for any α, γ; OPT the ReLU case split.
 /// - s (LLaMA): per element, safeguarded Newton steps on α(s − g)² + γ(p − SiLU(s) z)², each
 ///   accepted only if it lowers that element's term.
@@ -117,24 +118,34 @@ public enum SparseLLM {
             let kg = try weightStep(current: wg, dense: gate, first: t == 0, inputs: xs, gram: gramX, targets: s, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gram(p, on: backend), targets: y, bias: nil,
+            let gramP = gram(p, on: backend)
+            let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gramP, targets: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
+            // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them; at the
+            // first iteration p is the dense activation and y = p·W_denseᵀ, so it is
+            // tr(ΔW·(pᵀp)·ΔWᵀ) with ΔW = W_dense − Wd (f² per output row instead of a pass over the tokens).
+            let fit: Double
+            if let residual = kd.residual {
+                fit = max(0, yNorm + residual)
+            } else {
+                let change = backend.copy(down)
+                backend.axpy(-1, wd, change)
+                fit = quadratic(change, gramP, on: backend)
+            }
             // After the last weight step the auxiliaries would never be used again.
             let last = t == options.iterations - 1
             let inverse = last ? nil : try activationInverse(w: wd, beta: b, gamma: c, what: "\(step): p update", on: backend)
             // One pass over the chunks: J's terms right after the weight step and the error
             // that decides which weights are kept (both with the auxiliaries before this
             // iteration's updates), then the p, z and s updates of the chunk.
-            var sums = (gate: 0.0, up: 0.0, fit: 0.0, product: 0.0, error: 0.0)
+            var sums = (gate: 0.0, up: 0.0, product: 0.0, error: 0.0)
             for i in xs.indices {
                 let m = linear(xs[i], wu, on: backend)
                 let g = linear(xs[i], wg, on: backend)
                 let sigma = backend.map(s[i], .silu)
                 sums.gate += backend.chunkedSquaredDistance(s[i], g)
                 sums.up += backend.chunkedSquaredDistance(z[i], m)
-                // ‖y − p·Wdᵀ‖²: from the weight step's normal-equation terms when it has them.
-                if kd.residual == nil { sums.fit += backend.chunkedSquaredDistance(y[i], linear(p[i], wd, on: backend)) }
                 sums.product += backend.chunkedSquaredDistanceToProduct(p[i], sigma, z[i])
                 sums.error += backend.chunkedSquaredDistance(y[i], linear(siluProduct(g, m, on: backend), wd, on: backend))
                 guard let inverse else { continue }
@@ -148,8 +159,7 @@ public enum SparseLLM {
                 backend.sparseLLMGate(s[i], g: g, z: z[i], p: p[i], alpha: a, gamma: c, steps: options.newtonSteps)
                 try checkFinite(s[i], "\(step): s update", on: backend)
             }
-            let outputFit = kd.residual.map { max(0, yNorm + $0) } ?? sums.fit
-            let terms = [Double(a) * sums.gate, Double(a) * sums.up, Double(b) * outputFit, Double(c) * sums.product]
+            let terms = [Double(a) * sums.gate, Double(a) * sums.up, Double(b) * fit, Double(c) * sums.product]
                 .map { $0 / Double(x.rows) }
             let error = sums.error / max(yNorm, .leastNormalMagnitude)
             reports.append(IterationReport(iteration: t + 1, objective: terms.reduce(0, +), terms: terms,
@@ -250,23 +260,28 @@ public enum SparseLLM {
         return (current, false, old)
     }
 
-    /// (βWᵀW + γI)⁻¹ for the p step, inverted in fp64.
+    /// K = (γ/β·I + WWᵀ)⁻¹ [out x out] for the p step (W [out x f] is down_proj or fc2, out < f),
+    /// inverted in fp64.
     static func activationInverse(w: Tensor, beta: Float, gamma: Float, what: String, on backend: any ComputeBackend) throws -> Tensor {
-        let system = backend.matmul(w, .transposed, w, .none)                    // [f x f]
-        backend.scale(system, by: beta)
-        backend.addToDiagonal(system, gamma)
+        let system = backend.matmul(w, .none, w, .transposed)                    // [out x out]
+        backend.addToDiagonal(system, gamma / beta)
         do { return try backend.inverseSPDDouble(system, what: "\(what)") } catch { throw PruneError.numerical("\(error)") }
     }
 
-    /// p = (β·act_target + γ·act)(βWᵀW + γI)⁻¹ for some token rows, where act_target = (Y − b)·W
-    /// and `inverse` is `activationInverse`'s. `act` is overwritten (it holds the right-hand side).
+    /// The p step for some token rows: p = argmin β‖(Y − b) − pWᵀ‖² + γ‖p − act‖²
+    /// = (β(Y − b)W + γ·act)(βWᵀW + γI)⁻¹, computed as act + ((Y − b) − act·Wᵀ)·K·W with
+    /// `inverse` = K (`activationInverse`; Woodbury's identity, the same minimiser): three
+    /// products through the layer's narrow side (out < f) instead of one through an f x f inverse,
+    /// 35% fewer FLOPs at LLaMA's shapes and an out x out inverse instead of f x f. `act` is
+    /// overwritten with p.
     static func activationUpdate(y: Tensor, bias: Tensor?, w: Tensor, act: Tensor, inverse: Tensor, beta: Float, gamma: Float,
                                  what: String, on backend: any ComputeBackend) throws -> Tensor {
-        let target = bias.map { backend.addRowVector(y, backend.map($0, .negate)) } ?? y
-        backend.scaleAdd(act, beta: gamma, backend.matmul(target, .none, w, .none), alpha: beta)   // [N x f], in place
-        let p = backend.matmul(act, inverse)
-        try checkFinite(p, what, on: backend)
-        return p
+        let residual = bias.map { backend.addRowVector(y, backend.map($0, .negate)) } ?? backend.copy(y)
+        backend.gemm(act.all, .none, w.all, .transposed, alpha: -1, beta: 1, into: residual.all)   // (Y − b) − act·Wᵀ
+        let coefficients = backend.matmul(residual, inverse)                   // [N x out]
+        backend.gemm(coefficients.all, .none, w.all, .none, alpha: 1, beta: 1, into: act.all)      // act + E·K·W
+        try checkFinite(act, what, on: backend)
+        return act
     }
 
     // MARK: small helpers over tensors

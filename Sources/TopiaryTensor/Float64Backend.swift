@@ -454,13 +454,15 @@ public struct Float64Backend: ComputeBackend {
                 if !(curvature > 0) { curvature = gaussNewton }
                 var delta = -grad / curvature
                 // The CPU's convergence test, so both stop at the same point of the problem.
-                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
+                let bound = 1e-6 * max(1, Swift.abs(si))
+                if Swift.abs(delta) <= bound { break }
                 var accepted = false
                 for _ in 0..<20 {
                     let trial = si + delta
                     let ft = cost(trial)
                     if ft.isFinite && ft <= f { si = trial; f = ft; accepted = true; break }
                     delta *= 0.5
+                    if Swift.abs(delta) <= bound { break }          // no descent above the tolerance
                 }
                 if !accepted { break }
             }

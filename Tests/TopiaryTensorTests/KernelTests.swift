@@ -233,13 +233,15 @@ final class KernelTests: XCTestCase {
                 var curvature = gaussNewton - 2 * c * zi * d2 * r
                 if !(curvature > 0) { curvature = gaussNewton }
                 var delta = -grad / curvature
-                if Swift.abs(delta) <= 1e-6 * max(1, Swift.abs(si)) { break }
+                let bound = 1e-6 * max(1, Swift.abs(si))
+                if Swift.abs(delta) <= bound { break }
                 var accepted = false
                 for _ in 0..<20 {
                     let trial = si + delta, et = e(-trial)
                     let ft = cost(trial, et)
                     if ft.isFinite && ft <= f { (si, ei, f, accepted) = (trial, et, ft, true); break }
                     delta *= 0.5
+                    if Swift.abs(delta) <= bound { break }      // no descent above the tolerance: the element stops
                 }
                 if !accepted { break }
             }
