@@ -139,21 +139,18 @@ extension AllocationRecord {
             var trials: [AllocationRecord.BlendTrial]?
             if learnedBlend == nil {
                 log("allocation: searching the blend between uniform (0) and the curves' solution (1) over \(LearnedAllocation.blendGrid) by the loss on \(min(AllocationSearch.windows, job.samples)) calibration windows (Wanda masks from the dense model's norms)")
-                trials = []
-                var best: (blend: Double, loss: Double)?
-                for t in LearnedAllocation.blendGrid {
+                let found = try AllocationSearch.least(LearnedAllocation.blendGrid) { t in
                     let loss = try AllocationSearch.loss(model: model, job: job,
                                                          sparsities: LearnedAllocation.blend(solved, curves: curves, weights: weights, target: target, share: t),
                                                          squaredNorms: measured.squaredNorms)
-                    // A non-finite loss is recorded as none (run.json is JSON) and never chosen.
-                    trials!.append(.init(blend: t, loss: loss.isFinite ? loss : nil))
                     log(String(format: "allocation: blend %.2f: calibration loss %.5f", t, loss))
-                    if loss.isFinite && (best == nil || loss < best!.loss) { best = (t, loss) }
+                    return loss
                 }
-                guard let best else {
+                trials = zip(LearnedAllocation.blendGrid, found.losses).map { .init(blend: $0, loss: $1) }
+                guard let best = found.best else {
                     throw PruneError.invalidOption("--learned-blend auto: the calibration loss is not finite for any blend of \(LearnedAllocation.blendGrid)")
                 }
-                blend = best.blend
+                blend = best
                 log("allocation: blend \(blend) chosen")
             }
             var record = AllocationRecord(method: .learned, blockSparsity: LearnedAllocation.blend(solved, curves: curves, weights: weights,
@@ -262,24 +259,19 @@ public enum OWLAllocation {
                                     log: (String) -> Void = { _ in }) throws -> (lambda: Double, trials: [AllocationRecord.LambdaTrial]) {
         let c = model.config
         let pruned = (0..<c.layerCount).filter { job.prunes($0) }
-        var trials: [AllocationRecord.LambdaTrial] = []
-        var best: (lambda: Double, loss: Double)?
-        for lambda in grid {
+        let found = try AllocationSearch.least(grid) { lambda -> Double? in
             guard let sparsities = try? sparsities(ratios: ratios, pruned: pruned, target: job.plan.pattern.fraction, lambda: lambda) else {
-                trials.append(.init(lambda: lambda, loss: nil))
                 log(String(format: "allocation: λ %.3f pushes a block's sparsity out of (0, 1); skipped", lambda))
-                continue
+                return nil
             }
             let loss = try AllocationSearch.loss(model: model, job: job, sparsities: sparsities, squaredNorms: squaredNorms, backend: backend)
-            // A non-finite loss is recorded as none (run.json is JSON) and never chosen.
-            trials.append(.init(lambda: lambda, loss: loss.isFinite ? loss : nil))
             log(String(format: "allocation: λ %.3f: calibration loss %.5f", lambda, loss))
-            if loss.isFinite && (best == nil || loss < best!.loss) { best = (lambda, loss) }
+            return loss
         }
-        guard let best else {
+        guard let best = found.best else {
             throw PruneError.invalidOption("--owl-lambda auto: every λ of the grid \(grid) pushes a block's sparsity out of (0, 1) or gives a calibration loss that is not finite")
         }
-        return (best.lambda, trials)
+        return (best, zip(grid, found.losses).map { .init(lambda: $0, loss: $1) })
     }
 
     /// Block sparsities from the outlier ratios: the blocks in `pruned` share the target as OWL
@@ -307,6 +299,21 @@ public enum OWLAllocation {
 /// pass: cheap whatever the run's method), on the first `windows` calibration windows.
 public enum AllocationSearch {
     public static let windows = 8
+
+    /// Scores the candidates in order and returns the one of the least finite loss (the first on
+    /// a tie), with each candidate's loss: nil where `score` gave none (a skipped candidate) or a
+    /// loss that is not finite, which run.json records as null and which is never chosen.
+    public static func least<Candidate>(_ candidates: [Candidate], score: (Candidate) throws -> Double?) rethrows
+        -> (best: Candidate?, losses: [Double?]) {
+        var best: (candidate: Candidate, loss: Double)?
+        var losses: [Double?] = []
+        for candidate in candidates {
+            let loss = try score(candidate).flatMap { $0.isFinite ? $0 : nil }
+            losses.append(loss)
+            if let loss, best == nil || loss < best!.loss { best = (candidate, loss) }
+        }
+        return (best?.candidate, losses)
+    }
 
     /// The mean loss per token of that model. `squaredNorms[i]`: block i's Σ x_j² per statistics
     /// group (any positive scale: only each row's order of |W|·‖x‖ matters).

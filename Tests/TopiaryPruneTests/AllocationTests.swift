@@ -112,6 +112,19 @@ final class AllocationTests: XCTestCase {
         XCTAssertEqual(LearnedAllocation.blendGrid, [0, 0.25, 0.5, 0.75, 1])
     }
 
+    /// The searches' choice: the least finite loss, the first on a tie; skipped candidates and
+    /// non-finite losses are recorded as none and never chosen; none finite gives no choice.
+    func testSearchChoosesTheLeastFiniteLoss() {
+        let scores: [Double?] = [3, nil, .nan, 1.5, .infinity, 1.5, 2]
+        let found = AllocationSearch.least(Array(scores.indices)) { scores[$0] }
+        XCTAssertEqual(found.best, 3)
+        XCTAssertEqual(found.losses.count, scores.count)
+        XCTAssertEqual(found.losses.map { $0.map { "\($0)" } ?? "none" }, ["3.0", "none", "none", "1.5", "none", "1.5", "2.0"])
+        let none = AllocationSearch.least([0.1, 0.2] as [Double]) { (c: Double) -> Double? in c < 0.15 ? .nan : -.infinity }
+        XCTAssertNil(none.best)
+        XCTAssertEqual(none.losses.compactMap { $0 }.count, 0)
+    }
+
     func testLearnedSolverSkipsPointsAboveTheHullAndRefusesAnUnreachableTarget() throws {
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).count, 9)
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).first!, 0.6, accuracy: 1e-12)
