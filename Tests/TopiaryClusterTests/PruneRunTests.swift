@@ -10,11 +10,32 @@ import TopiaryTestSupport
 /// events, reports every block through its callback, writes the single-process blocks, and a
 /// resumed request prunes no finished block again.
 final class PruneRunTests: XCTestCase {
-    func testARequestRunsRecordsAndResumes() throws {
-        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
+    /// stories260K with the tokens of wizard_of_oz.txt, shared by the tests.
+    struct Fixture {
+        let model: LanguageModel
+        let tokens: [Int]
+
+        init() throws {
+            model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
                                            tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
-        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
-        let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: 4, sequenceLength: 64, seed: 0)
+            let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+            tokens = model.tokenizer!.encode(text, addBOS: nil)
+        }
+
+        func windows(samples: Int, length: Int) throws -> [[Int]] {
+            try Calibration.windows(tokens: tokens, samples: samples, sequenceLength: length, seed: 0)
+        }
+
+        func manifest(options: [String: String] = [:]) -> RunManifest {
+            RunManifest(toolVersion: "test", created: "2026-12-04T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
+                        calibration: .init(path: "calib", sha256: "c"), options: options, flags: [], plan: [])
+        }
+    }
+
+    func testARequestRunsRecordsAndResumes() throws {
+        let fixture = try Fixture()
+        let model = fixture.model
+        let windows = try fixture.windows(samples: 4, length: 64)
         let dir = try makeTemporaryDirectory("prune-run").path
         let job = PruneJob(plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), calibration: windows,
                            sequenceLength: 64, layers: 1...3, memoryBudget: 1 << 30, workDirectory: dir)
@@ -26,8 +47,7 @@ final class PruneRunTests: XCTestCase {
             return try pruned.sorted().map { try overlaid.loadBlock($0).tensors }
         }
         XCTAssertEqual(pruned, [1, 2, 3])
-        let manifest = RunManifest(toolVersion: "test", created: "2026-12-02T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
-                                   calibration: .init(path: "calib", sha256: "c"), options: ["method": "sparsegpt"], flags: [], plan: [])
+        let manifest = fixture.manifest(options: ["method": "sparsegpt"])
 
         // A new run on two in-process workers.
         let runPath = dir + "/run"
@@ -78,11 +98,9 @@ final class PruneRunTests: XCTestCase {
     /// single-process weights, report.json, the marker), report.json in the run directory, the
     /// `complete` event, and the checkpoints gone; a request without one is refused by name.
     func testRunDeliversTheOutputAndReport() throws {
-        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
-                                           tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
-        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
-        let tokens = model.tokenizer!.encode(text, addBOS: nil)
-        let windows = try Calibration.windows(tokens: tokens, samples: 4, sequenceLength: 64, seed: 0)
+        let fixture = try Fixture()
+        let (model, tokens) = (fixture.model, fixture.tokens)
+        let windows = try fixture.windows(samples: 4, length: 64)
         let dir = try makeTemporaryDirectory("prune-run-deliver").path
         let job = PruneJob(plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)), calibration: windows,
                            sequenceLength: 64, layers: nil, memoryBudget: 1 << 30, workDirectory: dir)
@@ -91,8 +109,7 @@ final class PruneRunTests: XCTestCase {
         _ = try pipeline.run { _, _ in }
         let expectedFiles = try HuggingFaceExport.write(model: try pipeline.prunedModel(), to: dir + "/expected", dtype: .f32)
         let expectedSHA = try SHA256Digest.files(expectedFiles.filter { $0.hasSuffix(".safetensors") })
-        let manifest = RunManifest(toolVersion: "test", created: "2026-12-04T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
-                                   calibration: .init(path: "calib", sha256: "c"), options: ["method": "wanda"], flags: [], plan: [])
+        let manifest = fixture.manifest(options: ["method": "wanda"])
         let run = try RunDirectory.create(path: dir + "/run")
         var request = PruneRequest(model: model, job: job, coordination: .sequential, workers: [InProcessWorker(model: model)],
                                    runDirectory: run, start: .new(manifest))
@@ -135,18 +152,16 @@ final class PruneRunTests: XCTestCase {
     /// after the pruning: nothing of the user's is touched, no staging directory is left beside
     /// it, and the run is not recorded as complete (its checkpoints stay for another --output).
     func testAFailedInstallLeavesNoStagingAndNoCompleteEvent() throws {
-        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
-                                           tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
-        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
-        let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: 2, sequenceLength: 32, seed: 0)
+        let fixture = try Fixture()
+        let model = fixture.model
+        let windows = try fixture.windows(samples: 2, length: 32)
         let dir = try makeTemporaryDirectory("prune-run-taken").path
         let job = PruneJob(plan: PrunePlan(method: .magnitude, pattern: .unstructured(0.5)), calibration: windows,
                            sequenceLength: 32, layers: 0...0, memoryBudget: 1 << 30, workDirectory: dir)
         let output = dir + "/taken"
         try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
         try Data("mine".utf8).write(to: URL(fileURLWithPath: output + "/mine.txt"))
-        let manifest = RunManifest(toolVersion: "test", created: "2026-12-04T00:00:00Z", model: .init(path: model.path, fingerprint: "f"),
-                                   calibration: .init(path: "calib", sha256: "c"), options: [:], flags: [], plan: [])
+        let manifest = fixture.manifest()
         let run = try RunDirectory.create(path: dir + "/run")
         var request = PruneRequest(model: model, job: job, coordination: .sequential, workers: [InProcessWorker(model: model)],
                                    runDirectory: run, start: .new(manifest))
