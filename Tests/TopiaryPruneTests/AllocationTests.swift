@@ -125,6 +125,35 @@ final class AllocationTests: XCTestCase {
         XCTAssertEqual(none.losses.compactMap { $0 }.count, 0)
     }
 
+    /// A magnitude run's candidates are scored with magnitude's masks, which do not depend on the
+    /// input norms; every other method's with Wanda's, which do.
+    func testSearchScoresMagnitudeWithItsOwnMasks() throws {
+        let model = try LanguageModel.open(path: TestPaths.asset("stories260K/stories260K.bin"),
+                                           tokenizerPath: TestPaths.asset("stories260K/tok512.bin"))
+        let text = try String(contentsOfFile: TestPaths.asset("public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+        let windows = try Calibration.windows(tokens: model.tokenizer!.encode(text, addBOS: nil), samples: 4, sequenceLength: 64, seed: 0)
+        let dir = try makeTemporaryDirectory("allocation-search").path
+        func job(_ method: PruneMethod) -> PruneJob {
+            PruneJob(plan: PrunePlan(method: method, pattern: .unstructured(0.5)), calibration: windows, sequenceLength: 64,
+                     layers: nil, memoryBudget: 1 << 30, workDirectory: dir)
+        }
+        let blocks = model.config.layerCount
+        let sparsities = (0..<blocks).map { 0.4 + 0.3 * Double($0) / Double(max(blocks - 1, 1)) }
+        let norms = try OWLAllocation.denseScores(model: model, job: job(.wanda), m: 5).squaredNorms
+        let flat = norms.map { $0.mapValues { [Float](repeating: 1, count: $0.count) } }
+        func loss(_ method: PruneMethod, _ n: [[String: [Float]]]) throws -> Double {
+            try AllocationSearch.loss(model: model, job: job(method), sparsities: sparsities, squaredNorms: n)
+        }
+        let magnitude = try loss(.magnitude, norms)
+        XCTAssertEqual(magnitude, try loss(.magnitude, flat), "magnitude's masks ignore the norms")
+        // Wanda's masks (per row) depend on the norms and are not magnitude's (one threshold a linear).
+        let wanda = try loss(.sparsegpt, norms)
+        XCTAssertNotEqual(wanda, try loss(.sparsegpt, flat))
+        XCTAssertNotEqual(wanda, magnitude)
+        XCTAssertTrue(magnitude.isFinite)
+        XCTAssertEqual(AllocationSearch.masks(job(.magnitude).plan), "magnitude masks")
+    }
+
     func testLearnedSolverSkipsPointsAboveTheHullAndRefusesAnUnreachableTarget() throws {
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).count, 9)
         XCTAssertEqual(LearnedAllocation.grid(target: 0.7).first!, 0.6, accuracy: 1e-12)
