@@ -188,8 +188,7 @@ public enum Linalg {
         if x.rows == 0 { return }
         x.withUnsafeBufferPointer { px in
             c.withUnsafeMutableBufferPointer { pc in
-                syrkUpper(n: d, k: x.rows, alpha: alpha, a: px.baseAddress!, lda: d, c: pc.baseAddress!, ldc: d,
-                          tile: syrkAccumulateTile)
+                syrkUpper(n: d, k: x.rows, alpha: alpha, a: px.baseAddress!, lda: d, c: pc.baseAddress!, ldc: d)
                 mirrorUpperToLower(pc.baseAddress!, n: d)
             }
         }
@@ -199,16 +198,12 @@ public enum Linalg {
     /// results do not depend on the thread count).
     static let tile = 128
 
-    /// `syrkAccumulate`'s tile (SparseLLM's Gram matrices): larger than `tile`, since each tile
-    /// packs its operands over the whole token count and no replica shares these rows.
-    static let syrkAccumulateTile = 512
-
     /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda):
     /// square tiles of C, diagonal ones by ssyrk and the others by sgemm, concurrently.
     /// `tileRows`: only the tiles of these tile rows (all by default); each tile's bits are the same
     /// whichever others are computed.
     static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int, tileRows: Range<Int>? = nil, tile: Int = tile) {
+                          c: UnsafeMutablePointer<Float>, ldc: Int, tileRows: Range<Int>? = nil) {
         _ = configured
         var tiles = upperTiles((n + tile - 1) / tile)
         if let tileRows { tiles = tiles.filter { tileRows.contains($0.0) } }
