@@ -143,7 +143,7 @@ public protocol ComputeBackend: Sendable {
     func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha: Float, gamma: Float)
     /// LLaMA's gate pre-activation s: per element, up to `steps` safeguarded Newton steps on
     /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, halved until it
-    /// does or until it is within 1e-6 of max(1, |s|), where the element stops; in place.
+    /// does or until |step| <= 1e-6·max(1, |s|), where the element stops; in place.
     func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
 
     /// Runs `body`, a stretch in which the caller moves nothing to or from the host (a block

@@ -88,11 +88,12 @@ final class SparseLLMUpdateTests: XCTestCase {
         var rng = Random(23)
         let (tokens, d, f) = (40, 6, 10)
         let y = rng.matrix(tokens, d), w = rng.matrix(d, f), act = rng.matrix(tokens, f)
-        let bias = rng.matrix(1, d)
-        for (b, c) in [(Float(5), Float(5)), (0.1, 2)] {
+        for (bias, b, c) in [(rng.matrix(1, d), Float(5), Float(5)), (rng.matrix(1, d), 0.1, 2), (nil, 5, 5), (nil, 0.1, 2)] {
+            let yBefore = y
             let p = try SparseLLM.activationStep(y: y, bias: bias, w: w, act: act, beta: b, gamma: c, what: "test")
+            XCTAssertEqual(y, yBefore)
             func objective(_ q: Matrix) -> Double {
-                let fit = SparseLLM.addBias(HostMath.linear(q, w), bias)
+                let fit = bias.map { SparseLLM.addBias(HostMath.linear(q, w), $0) } ?? HostMath.linear(q, w)
                 return Double(b) * SparseLLM.distance(y, fit) + Double(c) * SparseLLM.distance(q, act)
             }
             let base = objective(p)
@@ -166,6 +167,22 @@ final class SparseLLMBlockTests: XCTestCase {
         for (a, b) in zip(reports, reports.dropFirst()) {
             XCTAssertLessThanOrEqual(b.objective, a.objective * (1 + 1e-5), "\(what): objective rose from \(a.objective) to \(b.objective)")
         }
+    }
+
+    /// The first iteration's fit term, β‖y − p·Wdᵀ‖²/N (taken from tr(ΔW·pᵀp·ΔWᵀ)), against the
+    /// product over the tokens with the returned down_proj (one iteration: its weights are returned).
+    func testFirstIterationFitTermIsTheOutputResidual() throws {
+        var rng = Random(43)
+        let (tokens, d, f) = (300, 12, 20)
+        let x = rng.matrix(tokens, d), gate = rng.matrix(f, d), up = rng.matrix(f, d), down = rng.matrix(d, f)
+        var options = SparseLLM.Options.llama
+        options.iterations = 1
+        let r = try SparseLLM.pruneLlama(x: x, gate: gate, up: up, down: down, pattern: .unstructured(0.6), options: options)
+        let p = cpu.download(cpu.gatedActivation(gate: cpu.upload(HostMath.linear(x, gate)), up: cpu.upload(HostMath.linear(x, up)), .silu))
+        let y = HostMath.linear(p, down)
+        let direct = options.beta * SparseLLM.distance(y, HostMath.linear(p, r.down)) / Double(tokens)
+        XCTAssertEqual(r.iterations[0].terms[2], direct, accuracy: 1e-4 * direct)
+        XCTAssertGreaterThan(direct, 0)
     }
 
     /// The per-token steps run in row chunks; the chunking changes only the order of sums, so
