@@ -303,9 +303,12 @@ public enum OWLAllocation {
 public enum AllocationSearch {
     public static let windows = 8
 
+    /// Whether a candidate is scored with magnitude's masks (a magnitude run) rather than Wanda's.
+    static func usesMagnitude(_ plan: PrunePlan) -> Bool { plan.method == .magnitude }
+
     /// The masks that score a candidate for this plan, as the log says it.
     public static func masks(_ plan: PrunePlan) -> String {
-        plan.method == .magnitude ? "magnitude masks" : "Wanda masks from the dense model's norms"
+        usesMagnitude(plan) ? "magnitude masks" : "Wanda masks from the dense model's norms"
     }
 
     /// Scores the candidates in order and returns the one of the least finite loss (the first on
@@ -336,7 +339,7 @@ public enum AllocationSearch {
             for name in block.linearNames {
                 let w = block.weight(name)
                 let pattern = SparsityPattern.unstructured(sparsities[i])
-                if job.plan.method == .magnitude {
+                if usesMagnitude(job.plan) {
                     block.tensors[name + ".weight"] = MagnitudePruner.prune(w, pattern: pattern, backend: backend)
                     continue
                 }

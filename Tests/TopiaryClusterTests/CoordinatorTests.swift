@@ -79,6 +79,28 @@ final class SequentialCoordinationTests: XCTestCase {
         XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
     }
 
+    /// Blocks after the last one --layers prunes are not run at all (nothing needs their
+    /// activations), and the pruned blocks are still the single-process run's.
+    func testNoBlockAfterTheLastPrunedOneRuns() throws {
+        var (model, job, dir) = try setup()
+        job.layers = 1...2
+        let single = try BlockFileStore(directory: dir + "/single")
+        _ = try PrunePipeline(model: model, job: job, store: single).run { _, _ in }
+        let source = RecordingSource(model.weights)
+        let recorded = LanguageModel(path: model.path, format: model.format, config: model.config, weights: source, tokenizer: model.tokenizer)
+        let store = try BlockFileStore(directory: dir + "/recorded")
+        let workers = (0..<2).map { InProcessWorker(model: recorded, name: "w\($0)") }
+        var progressed: [Int] = []
+        _ = try Coordinator(model: recorded, job: job, store: store, workers: workers).run { i, _ in progressed.append(i) }
+        let family = model.config.family
+        for b in 0..<model.config.layerCount {
+            let read = family.blockTensors(model.config, block: b).filter { source.loaded.contains($0.name) }
+            XCTAssertEqual(read.isEmpty, b > 2, "block \(b): \(read.count) of its tensors read")
+        }
+        XCTAssertEqual(progressed, Array(0..<model.config.layerCount))
+        XCTAssertEqual(try blocks(model, store, job), try blocks(model, single, job))
+    }
+
     /// A worker asked for blocks the model does not have answers with an error, not a crash.
     func testWorkerErrorsReachTheCoordinator() throws {
         let (model, job, dir) = try setup()
@@ -100,5 +122,21 @@ final class SequentialCoordinationTests: XCTestCase {
         }
         link.shutdown()
         XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
+    }
+}
+
+/// A model's tensors, with the names of those loaded recorded.
+final class RecordingSource: TensorSource, @unchecked Sendable {
+    let base: any TensorSource
+    private let lock = NSLock()
+    private var names: Set<String> = []
+    init(_ base: any TensorSource) { self.base = base }
+    var path: String { base.path }
+    var tensorNames: [String] { base.tensorNames }
+    var loaded: Set<String> { lock.withLock { names } }
+    func entry(_ name: String) -> TensorEntry? { base.entry(name) }
+    func load(_ name: String) throws -> Matrix {
+        lock.withLock { _ = names.insert(name) }
+        return try base.load(name)
     }
 }

@@ -414,12 +414,12 @@ public final class Coordinator {
     func wholeWindow(after range: Range<Int>, probe: BoundaryProbe, job: PruneJob) throws -> (inputs: Matrix, targets: Matrix?) {
         var one = job
         one.calibration = [[]]  // one window (its activations are given)
-        func store(_ m: Matrix) throws -> ActivationStore {
+        func oneWindow(_ m: Matrix) throws -> ActivationStore {
             let s = RangePruner.store(job: one, config: model.config)
             try s.set(0, m)
             return s
         }
-        let end = try replay(range, from: Boundary(inputs: try store(probe.start), targets: try probe.startTargets.map(store)), job: one)
+        let end = try replay(range, from: Boundary(inputs: try oneWindow(probe.start), targets: try probe.startTargets.map(oneWindow)), job: one)
         return (try end.inputs.get(0), try end.targets?.get(0))
     }
 
@@ -567,8 +567,12 @@ public final class Coordinator {
             boundary = try pipeline.embed()
         }
         for i in 0..<position { progress(i, reports[i]) }
+        // Blocks after the last one to prune are not run: nothing needs their activations
+        // (an evaluation runs the written model on its own windows).
+        let end = ((0..<layerCount).last(where: needsWork) ?? -1) + 1
         let partitions = plan()
-        for (k, part) in partitions.enumerated() where part.upperBound > position {
+        for (k, whole) in partitions.enumerated() where whole.upperBound > position && whole.lowerBound < end {
+            let part = whole.lowerBound..<min(whole.upperBound, end)
             let first = max(part.lowerBound, position)
             // A worker's range starts here: keep the activations, so that a resumed run need not
             // replay everything before it.
@@ -579,6 +583,7 @@ public final class Coordinator {
                 progress(index, report)
             }
         }
+        for i in max(end, position)..<layerCount { progress(i, reports[i]) }
         return reports.keys.sorted().map { reports[$0]! }
     }
 
