@@ -54,6 +54,10 @@ public final class FusedTensorSource: TensorSource, @unchecked Sendable {
                            offset: fused.offset + p.row * bytesPerRow, byteCount: p.rows * bytesPerRow)
     }
 
+    public func prefetch(_ name: String) {
+        base.prefetch(parts[name].map(\.fused) ?? name)
+    }
+
     public func load(_ name: String) throws -> Matrix {
         if base.entry(name) != nil { return try base.load(name) }
         guard let p = parts[name] else { return try base.load(name) }

@@ -349,6 +349,10 @@ final class GGUFNames: TensorSource, @unchecked Sendable {
         return e
     }
 
+    func prefetch(_ name: String) {
+        if let s = slices[name] { gguf.prefetch(s.tensor) } else if let g = toGGUF[name] { gguf.prefetch(g) }
+    }
+
     func load(_ name: String) throws -> Matrix {
         if let s = slices[name] { return try gguf.loadSlice(s.tensor, index: s.index) }
         guard let g = toGGUF[name] else { throw CheckpointError.missingTensor(path: gguf.path, tensor: name) }

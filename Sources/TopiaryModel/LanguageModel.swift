@@ -152,6 +152,13 @@ public final class LanguageModel: Sendable {
         try DecoderBlock.load(from: weights, config: config, index: index)
     }
 
+    /// Starts reading block `index`'s tensors in the background (`TensorSource.prefetch`), so that
+    /// its `loadBlock` while the block before computes finds them read; nothing is held in memory.
+    public func prefetchBlock(_ index: Int) {
+        guard (0..<config.layerCount).contains(index) else { return }
+        for spec in config.family.blockTensors(config, block: index) { weights.prefetch(spec.name) }
+    }
+
     /// Loads a non-block tensor, checking its shape.
     public func loadTensor(_ name: String, rows: Int, cols: Int) throws -> Matrix {
         var m = try weights.load(name)

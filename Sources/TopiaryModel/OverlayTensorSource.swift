@@ -19,6 +19,7 @@ public final class OverlayTensorSource: TensorSource, @unchecked Sendable {
 
     public func entry(_ name: String) -> TensorEntry? { (overrides[name] ?? base).entry(name) }
     public func load(_ name: String) throws -> Matrix { try (overrides[name] ?? base).load(name) }
+    public func prefetch(_ name: String) { (overrides[name] ?? base).prefetch(name) }
 }
 
 /// Decoder blocks kept as one safetensors file each in a directory (fp32, checkpoint names).

@@ -150,6 +150,8 @@ public struct RangePruner: Sendable {
             let loadStart = Date()
             let block = try model.loadBlock(i)
             let loadSeconds = Date().timeIntervalSince(loadStart)
+            // The next block's bytes are read by the kernel while this one computes.
+            if i + 1 < range.upperBound { model.prefetchBlock(i + 1) }
             if job.prunes(i) {
                 let pruner = BlockPruner(plan: job.plan.forBlock(i), backend: backend, exchange: exchange)
                 let (pruned, outputs, prunedReport) = try pruner.prune(block: block, inputs: boundary.inputs, targets: boundary.targets,

@@ -270,6 +270,9 @@ public final class Coordinator {
     public var log: (String) -> Void = { _ in }
 
     private var dead = Set<ObjectIdentifier>()
+    /// Writes the sequential run's blocks while the next one computes. Everything that reads the
+    /// store or appends another event waits for it first (`event`, `replay`, the end of `run`).
+    private let writer = CheckpointWriter()
 
     public init(model: LanguageModel, job: PruneJob, store: BlockFileStore, workers: [WorkerLink], runDirectory: RunDirectory? = nil) {
         self.model = model
@@ -306,21 +309,40 @@ public final class Coordinator {
         fixedPlan ?? PartitionPlanner.plan(costs: blockCosts(), capacities: capacities)
     }
 
-    func event(_ event: RunEvent) throws { try runDirectory?.events.append(event) }
+    /// Appends an event after the block checkpoints in flight (so events.jsonl keeps their order).
+    func event(_ event: RunEvent) throws {
+        try writer.wait()
+        try runDirectory?.events.append(event)
+    }
 
-    /// Writes a block the moment it arrives: to the run directory (checksummed, with an event) or the store.
+    /// Writes a block the moment it arrives: to the run directory (checksummed, with an event) or
+    /// the store. A sequential run's block is written on the writer's thread while the next block
+    /// computes; an ADMM round's (`round`) at once, since the round reads its blocks back.
     func record(_ block: DecoderBlock, report: BlockReport?, worker: String, round: Int? = nil) throws {
-        if let runDirectory {
-            try runDirectory.recordBlock(block, report: report, worker: worker, round: round)
+        let (runDirectory, store) = (self.runDirectory, self.store)
+        let write = {
+            if let runDirectory {
+                try runDirectory.recordBlock(block, report: report, worker: worker, round: round)
+            } else {
+                try store.write(block)
+            }
+        }
+        if round == nil {
+            try writer.submit(write)
         } else {
-            try store.write(block)
+            try writer.wait()
+            try write()
         }
     }
+
+    /// Waits for the block checkpoints in flight (before anything reads the store).
+    func flushCheckpoints() throws { try writer.wait() }
 
     /// Recomputes the activations after `range` from those before it, through the blocks as they
     /// were pruned (read back from the store).
     func replay(_ range: Range<Int>, from boundary: Boundary, job: PruneJob? = nil) throws -> Boundary {
         guard !range.isEmpty else { return boundary }
+        try flushCheckpoints()
         return try RangePruner(model: model, job: job ?? self.job).replay(range, from: boundary) { i in
             try model.overlaid(with: try store.sources([i])).loadBlock(i)
         }
@@ -551,6 +573,8 @@ public final class Coordinator {
     /// Runs the job over the workers in sequence; pruned blocks go to the store as they arrive.
     /// Blocks finished by an earlier run (`finished`) are replayed, not pruned again.
     public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
+        // A run that fails still finishes the checkpoint in flight before it reports.
+        defer { try? flushCheckpoints() }
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         try pipeline.validate()
         let layerCount = model.config.layerCount
@@ -576,13 +600,17 @@ public final class Coordinator {
             let first = max(part.lowerBound, position)
             // A worker's range starts here: keep the activations, so that a resumed run need not
             // replay everything before it.
-            if first > 0 && first == part.lowerBound && needsWork(first), let runDirectory { try runDirectory.saveBoundary(boundary, at: first) }
+            if first > 0 && first == part.lowerBound && needsWork(first), let runDirectory {
+                try flushCheckpoints()
+                try runDirectory.saveBoundary(boundary, at: first)
+            }
             boundary = try runSegments(k < workers.count ? workers[k] : inProcessWorker(), first..<part.upperBound, from: boundary, needsWork: needsWork,
                                        reports: reports) { index, pruned, report in
                 if let report { reports[index] = report }
                 progress(index, report)
             }
         }
+        try flushCheckpoints()
         for i in max(end, position)..<layerCount { progress(i, reports[i]) }
         return reports.keys.sorted().map { reports[$0]! }
     }

@@ -170,6 +170,10 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         return try file.decodeTensor(e)
     }
 
+    public func prefetch(_ name: String) {
+        if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
+    }
+
     /// Names of tensors whose type this reader cannot decode, with the type's name.
     public var unsupportedTensors: [String: String] { unsupported }
 

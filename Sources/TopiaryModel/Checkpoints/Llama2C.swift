@@ -164,4 +164,8 @@ public final class Llama2CCheckpoint: TensorSource {
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
         return try file.decodeTensor(e)
     }
+
+    public func prefetch(_ name: String) {
+        if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
+    }
 }

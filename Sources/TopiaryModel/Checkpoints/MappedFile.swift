@@ -54,6 +54,16 @@ public final class MappedFile: @unchecked Sendable {
         return try TensorDecoder.decode(bytes, entry: entry, path: path)
     }
 
+    /// Advises the kernel that [offset, offset+count) will be read soon (the pages covering it):
+    /// it reads them ahead into the page cache without mapping them into this process.
+    public func prefetch(offset: Int, count: Int) {
+        guard let base, count > 0, offset >= 0, offset < size else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let start = offset / page * page
+        let end = min(offset + min(count, size - offset), size)
+        _ = madvise(UnsafeMutableRawPointer(mutating: base + start), end - start, Int32(MADV_WILLNEED))
+    }
+
     /// Advises the kernel that [offset, offset+count) is not needed now (whole pages inside it).
     public func release(offset: Int, count: Int) {
         guard let base, count > 0 else { return }

@@ -123,6 +123,10 @@ public final class SafeTensorsFile: TensorSource {
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
         return try file.decodeTensor(e)
     }
+
+    public func prefetch(_ name: String) {
+        if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
+    }
 }
 
 /// The JSON header of a safetensors file, decoded but not yet checked against the file.
@@ -318,6 +322,10 @@ public final class ShardedSafeTensors: TensorSource, @unchecked Sendable {
     public func load(_ name: String) throws -> Matrix {
         guard let s = weightMap[name] else { throw CheckpointError.missingTensor(path: indexPath, tensor: name) }
         return try shard(s).load(name)
+    }
+
+    public func prefetch(_ name: String) {
+        if let s = weightMap[name], let f = try? shard(s) { f.prefetch(name) }
     }
 
     /// A JSON scalar in the index metadata.

@@ -74,6 +74,14 @@ public protocol TensorSource: AnyObject, Sendable {
     /// The tensor as Float32: a 2-D tensor is [shape[0] x shape[1]]; a 1-D tensor is [1 x n];
     /// higher ranks are [shape[0] x product(rest)].
     func load(_ name: String) throws -> Matrix
+    /// Asks the kernel to start reading the tensor's bytes in the background (a page-cache hint:
+    /// nothing is decoded and nothing stays in this process's memory), so that a `load` soon
+    /// after finds them read. An unknown name is ignored.
+    func prefetch(_ name: String)
+}
+
+extension TensorSource {
+    public func prefetch(_ name: String) {}
 }
 
 /// Decodes a stored tensor into Float32.
