@@ -31,9 +31,9 @@ enum PruneCommand: Command {
     documents; a line that is not such an object is an error naming the line.
     --calib generate:N[:L] needs no data (self-calibration, Williams et al. 2024, arXiv 2410.17170):
     N sequences of L tokens (default --calib-seqlen) sampled from the model being pruned, each
-    starting from its BOS token, sampling after the EOS token continuing like any other; token i
-    of the L-1 sampled is drawn from softmax(logits/T) with T moving linearly from 2.0 to 0.6 (our
-    choice), by a SplitMix64 per sequence seeded from --seed, 16 sequences at a time with a KV
+    starting from its BOS token, sampling after the EOS token continuing like any other; each of
+    the L-1 tokens sampled is drawn from softmax(logits/T) at T = 1 (the model's own distribution;
+    docs/evaluation.md says why), by a SplitMix64 per sequence seeded from --seed, 16 sequences at a time with a KV
     cache (the whole model in memory), so the same command gives the same tokens on any thread
     count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
     than L, is refused). Each sequence is one window. The tokens and their settings are cached in

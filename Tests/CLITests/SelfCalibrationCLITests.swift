@@ -31,8 +31,8 @@ final class SelfCalibrationCLITests: XCTestCase {
         XCTAssertEqual(calibration["seed"] as? Int, 0)
         XCTAssertEqual(calibration["origin"] as? String, "generated")
         let schedule = try XCTUnwrap(calibration["schedule"] as? [String: Any])
-        XCTAssertEqual((schedule["initial_temperature"] as? NSNumber)?.doubleValue, 2.0)
-        XCTAssertEqual((schedule["final_temperature"] as? NSNumber)?.doubleValue, 0.6)
+        XCTAssertEqual((schedule["initial_temperature"] as? NSNumber)?.doubleValue, 1.0)
+        XCTAssertEqual((schedule["final_temperature"] as? NSNumber)?.doubleValue, 1.0)
         // report.json records the same.
         let report = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: one + "/report.json"))) as? [String: Any])
         XCTAssertEqual((report["calibration"] as? [String: Any])?["source"] as? String, "generate")

@@ -70,9 +70,14 @@ final class SelfCalibrationTests: XCTestCase {
     }
 
     func testTheScheduleAndTheGeneratorAreTheDocumentedOnes() {
-        XCTAssertEqual(SelfCalibration.schedule.temperature(0, of: 5), 2.0)
-        XCTAssertEqual(SelfCalibration.schedule.temperature(4, of: 5), 0.6, accuracy: 1e-12)
-        XCTAssertEqual(SelfCalibration.schedule.temperature(2, of: 5), 1.3, accuracy: 1e-12)
+        XCTAssertEqual(SelfCalibration.schedule.temperature(0, of: 5), 1.0)
+        XCTAssertEqual(SelfCalibration.schedule.temperature(4, of: 5), 1.0)
+        XCTAssertEqual(SelfCalibration.schedule.temperature(2, of: 5), 1.0)
+        // A linear schedule moves from its first to its last temperature over the sampled tokens.
+        let linear = TemperatureSchedule(initial: 2.0, final: 0.6)
+        XCTAssertEqual(linear.temperature(0, of: 5), 2.0)
+        XCTAssertEqual(linear.temperature(4, of: 5), 0.6, accuracy: 1e-12)
+        XCTAssertEqual(linear.temperature(2, of: 5), 1.3, accuracy: 1e-12)
         // SplitMix64 seeded with 0: the reference sequence's first values.
         var r = SplitMix64(seed: 0)
         XCTAssertEqual(r.next(), 0xE220_A839_7B1D_CDAF)
