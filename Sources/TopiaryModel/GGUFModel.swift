@@ -350,7 +350,12 @@ final class GGUFNames: TensorSource, @unchecked Sendable {
     }
 
     func prefetch(_ name: String) {
-        if let s = slices[name] { gguf.prefetch(s.tensor) } else if let g = toGGUF[name] { gguf.prefetch(g) }
+        // An expert's slice alone: its neighbours are other names, prefetched when asked for.
+        if let s = slices[name] {
+            if let e = gguf.sliceEntry(s.tensor, index: s.index) { gguf.prefetch(e) }
+        } else if let g = toGGUF[name] {
+            gguf.prefetch(g)
+        }
     }
 
     func load(_ name: String) throws -> Matrix {

@@ -335,14 +335,11 @@ public final class Coordinator {
         }
     }
 
-    /// Waits for the block checkpoints in flight (before anything reads the store).
-    func flushCheckpoints() throws { try writer.wait() }
-
     /// Recomputes the activations after `range` from those before it, through the blocks as they
     /// were pruned (read back from the store).
     func replay(_ range: Range<Int>, from boundary: Boundary, job: PruneJob? = nil) throws -> Boundary {
         guard !range.isEmpty else { return boundary }
-        try flushCheckpoints()
+        try writer.wait()
         return try RangePruner(model: model, job: job ?? self.job).replay(range, from: boundary) { i in
             try model.overlaid(with: try store.sources([i])).loadBlock(i)
         }
@@ -574,7 +571,7 @@ public final class Coordinator {
     /// Blocks finished by an earlier run (`finished`) are replayed, not pruned again.
     public func run(progress: (_ block: Int, _ report: BlockReport?) -> Void) throws -> [BlockReport] {
         // A run that fails still finishes the checkpoint in flight before it reports.
-        defer { try? flushCheckpoints() }
+        defer { try? writer.wait() }
         let pipeline = PrunePipeline(model: model, job: job, store: store)
         try pipeline.validate()
         let layerCount = model.config.layerCount
@@ -601,7 +598,7 @@ public final class Coordinator {
             // A worker's range starts here: keep the activations, so that a resumed run need not
             // replay everything before it.
             if first > 0 && first == part.lowerBound && needsWork(first), let runDirectory {
-                try flushCheckpoints()
+                try writer.wait()
                 try runDirectory.saveBoundary(boundary, at: first)
             }
             boundary = try runSegments(k < workers.count ? workers[k] : inProcessWorker(), first..<part.upperBound, from: boundary, needsWork: needsWork,
@@ -610,7 +607,7 @@ public final class Coordinator {
                 progress(index, report)
             }
         }
-        try flushCheckpoints()
+        try writer.wait()
         for i in max(end, position)..<layerCount { progress(i, reports[i]) }
         return reports.keys.sorted().map { reports[$0]! }
     }

@@ -171,8 +171,11 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
     }
 
     public func prefetch(_ name: String) {
-        if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
+        if let e = entries[name] { prefetch(e) }
     }
+
+    /// Reads ahead the bytes of `entry` (a tensor of this file, or a `sliceEntry` of one).
+    public func prefetch(_ entry: TensorEntry) { file.prefetch(offset: entry.offset, count: entry.byteCount) }
 
     /// Names of tensors whose type this reader cannot decode, with the type's name.
     public var unsupportedTensors: [String: String] { unsupported }
