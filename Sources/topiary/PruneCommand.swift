@@ -33,9 +33,9 @@ enum PruneCommand: Command {
     N sequences of L tokens (default --calib-seqlen) sampled from the model being pruned, each
     starting from its BOS token, sampling after the EOS token continuing like any other; each of
     the L-1 tokens sampled is drawn from softmax(logits/T) at T = 1 (the model's own distribution;
-    docs/evaluation.md says why), by a SplitMix64 per sequence seeded from --seed, 16 sequences at a time with a KV
-    cache (the whole model in memory), so the same command gives the same tokens on any thread
-    count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
+    docs/evaluation.md says why), by a SplitMix64 per sequence seeded from --seed, 16 sequences
+    at a time with a KV cache (the whole model in memory), so the same command gives the same
+    tokens on any thread count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
     than L, is refused). Each sequence is one window. The tokens and their settings are cached in
     the run directory (calibration-generated.json); a run reuses a cache with the same settings, a
     resumed run refuses one with others.
