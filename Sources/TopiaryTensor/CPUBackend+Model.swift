@@ -154,17 +154,28 @@ extension CPUBackend {
     public func gatedActivation(gate: Tensor, up: Tensor, _ activation: GatedActivation) -> Tensor {
         precondition(gate.rows == up.rows && gate.cols == up.cols, "gatedActivation: \(gate) and \(up)")
         let out = uninitialized(rows: gate.rows, cols: gate.cols)
-        let (g, u, o) = (read(gate), read(up), write(out))
-        Parallel.forEach(gate.count) { r in
+        Self.gatedActivation(read(gate), read(up), into: write(out), gate.count, activation)
+        return out
+    }
+
+    public func gatedActivationInPlace(gate: Tensor, up: Tensor, _ activation: GatedActivation) {
+        precondition(gate.rows == up.rows && gate.cols == up.cols, "gatedActivationInPlace: \(gate) and \(up)")
+        let g = write(gate)
+        Self.gatedActivation(g, read(up), into: g, gate.count, activation)
+    }
+
+    /// o[i] = act(g[i])·u[i] in parallel chunks; `o` may be `g`.
+    private static func gatedActivation(_ g: UnsafePointer<Float>, _ u: UnsafePointer<Float>, into o: UnsafeMutablePointer<Float>,
+                                        _ count: Int, _ activation: GatedActivation) {
+        Parallel.forEach(count) { r in
             switch activation {
             case .silu:
-                (o + r.lowerBound).update(from: g + r.lowerBound, count: r.count)
+                if UnsafePointer(o) != g { (o + r.lowerBound).update(from: g + r.lowerBound, count: r.count) }
                 Kernels.swiglu(gate: o + r.lowerBound, up: u + r.lowerBound, r.count)
             case .geluTanh: for i in r { o[i] = GELU.tanh(g[i]) * u[i] }
             case .relu: for i in r { o[i] = max(g[i], 0) * u[i] }
             }
         }
-        return out
     }
 
     public func gatedActivationBackward(_ d: Tensor, gate: Tensor, up: Tensor, _ activation: GatedActivation) -> (gate: Tensor, up: Tensor) {

@@ -44,6 +44,14 @@ public struct CPUBackend: ComputeBackend {
 
     // MARK: Dense linear algebra
 
+    public func matmul(_ a: Tensor, _ transA: Transpose, _ b: Tensor, _ transB: Transpose) -> Tensor {
+        // sgemm with beta 0 writes every element without reading it: no need to clear the
+        // output first (a memset over every activation a block produces).
+        let c = uninitialized(rows: transA == .none ? a.rows : a.cols, cols: transB == .none ? b.cols : b.rows)
+        gemm(a.all, transA, b.all, transB, alpha: 1, beta: 0, into: c.all)
+        return c
+    }
+
     public func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
                      alpha: Float, beta: Float, into c: TensorRegion) {
         let (m, k, kb, n) = Transpose.product(aRows: a.rowCount, aCols: a.colCount, transA,

@@ -28,6 +28,9 @@ public protocol ComputeBackend: Sendable {
 
     // MARK: Dense linear algebra
 
+    /// op(A) * op(B) as a new tensor: `gemm` with beta 0, which never reads its output, so a
+    /// backend may hand it memory that was not cleared first.
+    func matmul(_ a: Tensor, _ transA: Transpose, _ b: Tensor, _ transB: Transpose) -> Tensor
     /// C = alpha * op(A) * op(B) + beta * C on regions (C must not overlap A or B).
     func gemm(_ a: TensorRegion, _ transA: Transpose, _ b: TensorRegion, _ transB: Transpose,
               alpha: Float, beta: Float, into c: TensorRegion)
@@ -199,6 +202,9 @@ public protocol ComputeBackend: Sendable {
                            options: AttentionOptions) -> (dq: Tensor, dk: Tensor, dv: Tensor)
     /// act(gate) ⊙ up as a new tensor.
     func gatedActivation(gate: Tensor, up: Tensor, _ activation: GatedActivation) -> Tensor
+    /// gate[i] = act(gate[i])·up[i], in place: the same values as `gatedActivation`, without a
+    /// third tensor of the feed-forward's width.
+    func gatedActivationInPlace(gate: Tensor, up: Tensor, _ activation: GatedActivation)
     /// ∂L/∂gate and ∂L/∂up of `gatedActivation` given ∂L/∂output.
     func gatedActivationBackward(_ outputGradient: Tensor, gate: Tensor, up: Tensor,
                                  _ activation: GatedActivation) -> (gate: Tensor, up: Tensor)
@@ -241,7 +247,7 @@ extension ComputeBackend {
     /// A * B as a new tensor.
     public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor { matmul(a, .none, b, .none) }
 
-    /// op(A) * op(B) as a new tensor.
+    /// op(A) * op(B) as a new tensor, on a zero-filled output.
     public func matmul(_ a: Tensor, _ transA: Transpose, _ b: Tensor, _ transB: Transpose) -> Tensor {
         let m = transA == .none ? a.rows : a.cols
         let n = transB == .none ? b.cols : b.rows
@@ -252,6 +258,11 @@ extension ComputeBackend {
 
     /// A new tensor with the same values.
     public func copy(_ tensor: Tensor) -> Tensor { copy(tensor.all) }
+
+    /// `gatedActivation` copied back into `gate`.
+    public func gatedActivationInPlace(gate: Tensor, up: Tensor, _ activation: GatedActivation) {
+        copy(gatedActivation(gate: gate, up: up, activation).all, into: gate.all)
+    }
 
     /// Mask of the k smallest scores of each row, equal scores by column order (a stable sort).
     public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {

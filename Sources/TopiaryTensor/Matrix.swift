@@ -294,27 +294,51 @@ final class Storage: @unchecked Sendable {
 /// block (526 MB peak against 302 MB). What the cache holds is bounded, so the peak resident
 /// size grows by at most `capacity`.
 public final class MappedBuffers: @unchecked Sendable {
-    /// 24 MiB, or `TOPIARY_BUFFER_CACHE_MB` from the environment (0 turns the cache off).
-    public static let shared = MappedBuffers(capacity: {
-        if let text = getenv("TOPIARY_BUFFER_CACHE_MB").map({ String(cString: $0) }), let mb = Int(text), mb >= 0 { return mb << 20 }
-        return 24 << 20
-    }())
+    /// 24 MiB, raised by `fit(passBytes:)` for larger passes; or `TOPIARY_BUFFER_CACHE_MB` from
+    /// the environment, fixed (0 turns the cache off).
+    public static let shared: MappedBuffers = {
+        if let text = getenv("TOPIARY_BUFFER_CACHE_MB").map({ String(cString: $0) }), let mb = Int(text), mb >= 0 {
+            return MappedBuffers(capacity: mb << 20, fixed: true)
+        }
+        return MappedBuffers(capacity: 24 << 20)
+    }()
     /// Buffers from this size up are mappings; smaller ones come from malloc.
     public static let threshold = 1 << 20
+    /// The most `fit(passBytes:)` raises the capacity to.
+    public static let largestCapacity = 1 << 30
     private static let page = 4096
 
-    public let capacity: Int
     private struct Entry: Sendable {
         let address: UInt
         let bytes: Int
         var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: address)! }
     }
-    private let state = Mutex<(free: [Entry], held: Int)>((free: [], held: 0))
+    private let state: Mutex<(free: [Entry], held: Int, capacity: Int)>
+    private let fixed: Bool
 
-    init(capacity: Int) { self.capacity = capacity }
+    init(capacity: Int, fixed: Bool = false) {
+        state = Mutex((free: [], held: 0, capacity: capacity))
+        self.fixed = fixed
+    }
+
+    /// The most bytes held for reuse.
+    public var capacity: Int { state.withLock { $0.capacity } }
 
     /// Bytes held for reuse now.
     public var held: Int { state.withLock { $0.held } }
+
+    /// Raises the capacity (never lowers it) to four times `passBytes`, the largest activation
+    /// of a pass (a window's tokens x the widest layer x 4 bytes), up to `largestCapacity`.
+    /// A pass of 2048 tokens through SmolLM2 frees and takes again two 12 MiB activations and
+    /// several of 4.5 MiB; with 24 MiB held most of them were fresh mappings every pass, faulted
+    /// in page by page (the "rest" of `scripts/bench/forward`'s block: 12 ms of 63). At the
+    /// standard protocol's 512 tokens the bound stays 24 MiB, and so does the peak resident size.
+    /// A capacity from the environment is left as it is.
+    public func fit(passBytes: Int) {
+        guard !fixed else { return }
+        let wanted = min(Self.largestCapacity, 4 * max(passBytes, 0))
+        state.withLock { s in s.capacity = max(s.capacity, wanted) }
+    }
 
     /// A buffer of at least `bytes` (its mapped size is returned), zero-filled when asked.
     func take(bytes: Int, zeroed: Bool) -> (pointer: UnsafeMutableRawPointer, bytes: Int)? {
@@ -340,11 +364,10 @@ public final class MappedBuffers: @unchecked Sendable {
     /// Hands a buffer from `take` back.
     func give(_ pointer: UnsafeMutableRawPointer, bytes: Int) {
         let address = UInt(bitPattern: pointer)
-        let capacity = self.capacity
         let (kept, evicted): (Bool, [Entry]) = state.withLock { s in
-            guard bytes <= capacity else { return (false, []) }
+            guard bytes <= s.capacity else { return (false, []) }
             var evicted: [Entry] = []
-            while s.held + bytes > capacity, !s.free.isEmpty {
+            while s.held + bytes > s.capacity, !s.free.isEmpty {
                 let e = s.free.removeFirst()
                 s.held -= e.bytes
                 evicted.append(e)

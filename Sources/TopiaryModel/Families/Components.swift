@@ -102,6 +102,12 @@ struct GatedMLP {
 
     func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         let gu = b.apply([gate, up], x, pass.observer)
+        if !pass.recording {
+            // Nothing kept for a backward: the activation overwrites the gate's product
+            // instead of filling a third tensor of the feed-forward's width.
+            b.backend.gatedActivationInPlace(gate: gu[0], up: gu[1], activation.gated)
+            return b.apply(down, gu[0], pass.observer)
+        }
         let (g, u) = (gu[0], gu[1])
         pass.keep(tag + ".in", x)
         pass.keep(tag + ".g", g)

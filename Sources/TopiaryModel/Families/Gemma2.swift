@@ -57,12 +57,12 @@ public enum Gemma2Family: ModelFamily {
         let a = b.rmsNorm(x, p + "input_layernorm.weight")
         let attended = attention.forward(b, a, &pass)
         pass.keep("attn.out", attended)
-        let h = b.sum(x, b.rmsNorm(attended, p + "post_attention_layernorm.weight"))
+        let h = b.residual(x, plus: b.rmsNorm(attended, p + "post_attention_layernorm.weight"))
         pass.keep("residual", h)
         let f = b.rmsNorm(h, p + "pre_feedforward_layernorm.weight")
         let m = llamaMLP(b.config, block: b.index).forward(b, f, &pass)
         pass.keep("mlp.out", m)
-        return b.sum(h, b.rmsNorm(m, p + "post_feedforward_layernorm.weight"))
+        return b.residual(h, plus: b.rmsNorm(m, p + "post_feedforward_layernorm.weight"))
     }
 
     public static func weightGradients(_ b: DeviceBlock, _ dy: Tensor, _ tape: BlockTape) -> [String: Tensor] {

@@ -223,10 +223,10 @@ extension ModelFamily {
     static func llamaForward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass, feedForward: (Tensor, inout BlockPass) -> Tensor) -> Tensor {
         let p = blockPrefix(b.index)
         let a = b.rmsNorm(x, p + "input_layernorm.weight")
-        let h = b.sum(x, llamaAttention(b.config, block: b.index).forward(b, a, &pass))
+        let h = b.residual(x, plus: llamaAttention(b.config, block: b.index).forward(b, a, &pass))
         pass.keep("residual", h)
         let f = b.rmsNorm(h, p + "post_attention_layernorm.weight")
-        return b.sum(h, feedForward(f, &pass))
+        return b.residual(h, plus: feedForward(f, &pass))
     }
 
     /// The backward of `llamaForward`, given the feed-forward's backward (∂L/∂its input).

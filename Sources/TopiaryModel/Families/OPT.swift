@@ -80,7 +80,7 @@ public enum OPTFamily: ModelFamily {
         let attnNorm = (p + "self_attn_layer_norm.weight", p + "self_attn_layer_norm.bias")
         let ffnNorm = (p + "final_layer_norm.weight", p + "final_layer_norm.bias")
         let a = pre ? b.layerNorm(x, attnNorm.0, attnNorm.1) : x
-        let h = b.sum(x, attention(block: b.index).forward(b, a, &pass))
+        let h = b.residual(x, plus: attention(block: b.index).forward(b, a, &pass))
         pass.keep("residual", h)
         let afterAttention = pre ? h : b.layerNorm(h, attnNorm.0, attnNorm.1)
         let f = pre ? b.layerNorm(afterAttention, ffnNorm.0, ffnNorm.1) : afterAttention
@@ -89,7 +89,7 @@ public enum OPTFamily: ModelFamily {
         pass.keep("mlp.f", r)
         let m = b.backend.map(r, .relu)
         pass.keep("mlp.m", m)
-        let y = b.sum(afterAttention, b.apply(p + "fc2", m, pass.observer))
+        let y = b.residual(afterAttention, plus: b.apply(p + "fc2", m, pass.observer))
         guard !pre else { return y }
         pass.keep("output.residual", y)
         return b.layerNorm(y, ffnNorm.0, ffnNorm.1)
