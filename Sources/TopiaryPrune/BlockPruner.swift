@@ -27,6 +27,10 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var expertCalibration: ExpertCalibration?
     /// `--allocation owl|learned`: each block's sparsity (by block index), instead of the pattern's.
     public var allocation: [Double]? = nil
+    /// `--linear-errors`: whether each linear's output error is measured (nil: the method's
+    /// default, yes for the methods that build the input Hessian anyway, no for Wanda and
+    /// magnitude, whose only reason to build it would be this report).
+    public var linearErrors: Bool? = nil
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
                 sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential, besa: BESA.Options? = nil,
@@ -42,6 +46,16 @@ public struct PrunePlan: Sendable, Equatable, Codable {
 
     /// Whether the driver must carry the dense model's activations beside the pruned ones.
     public var needsDenseStream: Bool { (method == .sparsellm || method == .besa) && targets == .dense }
+
+    /// Whether each linear's errors (LinearReport.errorBefore/After) are measured.
+    public var measuresLinearErrors: Bool { linearErrors ?? (method != .wanda && method != .magnitude) }
+
+    /// Whether the blocks' statistics include each group's input Hessian XᵀX: SparseGPT's and
+    /// SparseLLM's solves and BESA's refit use it, and the linear errors are quadratic forms in
+    /// it. Wanda needs only its diagonal's square roots (the input norms), which are kept apart:
+    /// without the Hessian, a Wanda block skips d² work per token and group (at 70B, down_proj's
+    /// 28672² matrix, 3.3 GB, and most of a block's time in `scripts/bench/scaling`).
+    public var collectsHessian: Bool { measuresLinearErrors || method == .sparsegpt || method == .sparsellm || method == .besa }
 }
 
 /// What happened to one linear layer.
@@ -51,10 +65,11 @@ public struct LinearReport: Sendable, Codable {
     public var columns: Int
     /// Fraction of zero weights after pruning.
     public var sparsity: Double
-    /// ‖(W − W⊙M)X‖² / ‖WX‖²: the error of the mask alone, before any weight update.
-    public var errorBefore: Double
-    /// ‖(W − Ŵ)X‖² / ‖WX‖² of the final weights.
-    public var errorAfter: Double
+    /// ‖(W − W⊙M)X‖² / ‖WX‖²: the error of the mask alone, before any weight update (nil: not
+    /// measured, `PrunePlan.measuresLinearErrors`).
+    public var errorBefore: Double?
+    /// ‖(W − Ŵ)X‖² / ‖WX‖² of the final weights (nil: not measured).
+    public var errorAfter: Double?
     public var seconds: Double
     /// The rows both errors were measured on, when not all of them (`BlockPruner.errorRows`).
     public var errorRows: Int? = nil
@@ -196,14 +211,14 @@ public struct BlockPruner: Sendable {
             guard keys[name] == name else { return }
             let t0 = clock()
             tokensSeen[name, default: 0] += x.rows
-            let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend)
+            let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend, hessian: plan.collectsHessian)
             stats[name] = st
             let rows = sharedStatistics[name]?[role.rank]
             st.add(x, rows: rows)
             statisticsSeconds += clock().timeIntervalSince(t0)
             // The Hessian's syrk (2·tokens·d²/2, or this replica's rows of it) and the squared column sums.
             let d = Double(x.cols)
-            let entries = rows.map { Double($0.count) * (2 * d - Double($0.lowerBound + $0.upperBound) + 1) / 2 } ?? d * (d + 1) / 2
+            let entries = !st.hasHessian ? 0 : rows.map { Double($0.count) * (2 * d - Double($0.lowerBound + $0.upperBound) + 1) / 2 } ?? d * (d + 1) / 2
             statisticsFLOPs += Double(x.rows) * (2 * entries + d)
         }
         // Replicas: windows t < `folded` are in this replica's statistics.
@@ -368,10 +383,10 @@ public struct BlockPruner: Sendable {
             // Errors are measured on the dense pass's inputs to each linear (for SparseLLM's down/fc2,
             // the dense FFN activation), so methods compare on the same footing.
             let errorStart = clock()
-            linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: seconds))
+            linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, measure: plan.measuresLinearErrors, seconds: seconds))
             errorSeconds += clock().timeIntervalSince(errorStart)
             // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
-            errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
+            errorFLOPs += plan.measuresLinearErrors ? 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1)) : 0
         }
         if let exchange, role.count > 1 {
             // The largest linears: every replica solves its share of the rows.
@@ -386,9 +401,10 @@ public struct BlockPruner: Sendable {
                 solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols) / Double(role.count)
                 if owner == role.rank, let st = stats[key] {
                     let errorStart = clock()
-                    linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, seconds: clock().timeIntervalSince(t0)))
+                    linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, measure: plan.measuresLinearErrors,
+                                               seconds: clock().timeIntervalSince(t0)))
                     errorSeconds += clock().timeIntervalSince(errorStart)
-                    errorFLOPs += 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1))
+                    errorFLOPs += plan.measuresLinearErrors ? 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1)) : 0
                 }
             }
             // Every replica needs the whole pruned block for its windows; replica 0 the reports.
@@ -673,10 +689,15 @@ public struct BlockPruner: Sendable {
     }
 
     /// The errors of one linear's mask and of its final weights, on the backend of `stats`.
-    static func report(name: String, dense full: Tensor, pruned fullPruned: Tensor, stats: LayerStatistics, seconds: Double) -> LinearReport {
+    static func report(name: String, dense full: Tensor, pruned fullPruned: Tensor, stats: LayerStatistics, measure: Bool,
+                       seconds: Double) -> LinearReport {
         let backend = stats.backend
         let kept = backend.map(fullPruned, .nonZero)
         let zeros = Double(full.count) - backend.sum(kept)
+        guard measure else {
+            return LinearReport(name: name, rows: full.rows, columns: full.cols, sparsity: zeros / Double(full.count),
+                                errorBefore: nil, errorAfter: nil, seconds: seconds)
+        }
         let sample = errorRows(rows: full.rows, cols: full.cols)
         let w = sample.map { backend.gatherRows(full, $0) } ?? full
         let pruned = sample.map { backend.gatherRows(fullPruned, $0) } ?? fullPruned

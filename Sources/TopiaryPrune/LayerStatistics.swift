@@ -11,22 +11,26 @@ public final class LayerStatistics: @unchecked Sendable {
     /// one is copied from it when H is read (once a block instead of once a window: the copy
     /// and the scaling of the whole matrix were 5% of a SparseGPT prune).
     public var hessianTensor: Tensor {
+        guard let hessianStorage else { preconditionFailure("these statistics were collected without the Hessian (PrunePlan.collectsHessian)") }
         if lowerIsStale {
             backend.mirrorUpper(hessianStorage)
             lowerIsStale = false
         }
         return hessianStorage
     }
-    private let hessianStorage: Tensor
+    /// H, unless the statistics were made without it (Wanda's and magnitude's blocks need only
+    /// the squared norms).
+    private let hessianStorage: Tensor?
+    public var hasHessian: Bool { hessianStorage != nil }
     private var lowerIsStale = false
     /// Mean over sequences of Σ_tokens x_j² (Wanda's scaler_row) [1 x columns] on the backend.
     public let squaredNormsTensor: Tensor
     public private(set) var sequences = 0
 
-    public init(columns: Int, backend: any ComputeBackend = CPUBackend()) {
+    public init(columns: Int, backend: any ComputeBackend = CPUBackend(), hessian: Bool = true) {
         self.columns = columns
         self.backend = backend
-        hessianStorage = backend.zeros(rows: columns, cols: columns)
+        hessianStorage = hessian ? backend.zeros(rows: columns, cols: columns) : nil
         squaredNormsTensor = backend.zeros(rows: 1, cols: columns)
     }
 
@@ -48,12 +52,14 @@ public final class LayerStatistics: @unchecked Sendable {
         let decay = n / (n + 1)
         sequences += 1
         // H·decay + (2/n)·XᵀX on the upper triangle (the bits of scaling H, then adding).
-        if let rows {
-            backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage, rows: rows)
-        } else {
-            backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
+        if let hessianStorage {
+            if let rows {
+                backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage, rows: rows)
+            } else {
+                backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
+            }
+            lowerIsStale = true
         }
-        lowerIsStale = true
         let sums = backend.columnSquaredSums(x)
         backend.scaleAdd(squaredNormsTensor, beta: decay, sums, alpha: 1 / Float(sequences))
     }
@@ -61,15 +67,21 @@ public final class LayerStatistics: @unchecked Sendable {
     /// Rows `rows` of H as kept by `add(_:rows:)` (their upper-triangle entries; the others are
     /// not meaningful), on the host.
     public func upperRows(_ rows: Range<Int>) -> Matrix {
-        backend.download(backend.copy(hessianStorage.region(rows: rows)))
+        backend.download(backend.copy(hessianTensorUpper.region(rows: rows)))
     }
 
     /// Puts another replica's rows of H (`upperRows`) in place; the lower triangle follows when H
     /// is read.
     public func setUpperRows(_ rows: Range<Int>, _ m: Matrix) {
         precondition(m.rows == rows.count && m.cols == columns, "rows \(rows) of a \(columns)-column Hessian given \(m.rows)x\(m.cols)")
-        backend.copy(backend.upload(m).region(), into: hessianStorage.region(rows: rows))
+        backend.copy(backend.upload(m).region(), into: hessianTensorUpper.region(rows: rows))
         lowerIsStale = true
+    }
+
+    /// H's storage as it is (its lower triangle possibly stale).
+    private var hessianTensorUpper: Tensor {
+        guard let hessianStorage else { preconditionFailure("these statistics were collected without the Hessian (PrunePlan.collectsHessian)") }
+        return hessianStorage
     }
 
     /// ‖A Xᵀ‖² up to the common factor n/2: tr(A H Aᵀ) for A [rows x columns].

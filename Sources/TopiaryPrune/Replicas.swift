@@ -254,7 +254,7 @@ public enum ReplicaWork {
     /// replica has about as many of the upper triangle's tiles (row i of t has t − i).
     public static func splitStatistics(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
                                        tile: Int?) -> [String: [Range<Int>]] {
-        guard replicas > 1, let tile, tile > 0, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
+        guard replicas > 1, let tile, tile > 0, plan.collectsHessian, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         var columns: [String: Int] = [:]
         for name in block.linearNames where keys[name] ?? name == name {

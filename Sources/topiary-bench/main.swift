@@ -276,8 +276,9 @@ func benchWeightUpdate(_ args: [String]) throws {
             .prune(block: block, inputs: inputs, sequenceLength: seqlen)
         let t2 = now()
         for (o, a) in zip(obs.report.linears, viaADMM.report.linears) {
-            print("  block \(b) " + o.name.padding(toLength: 28, withPad: " ", startingAt: 0)
-                  + String(format: " obs %.5f  admm %.5f  ratio %.3f", o.errorAfter, a.errorAfter, a.errorAfter / o.errorAfter))
+            let (name, o, a) = (o.name, o.errorAfter ?? .nan, a.errorAfter ?? .nan)
+            print("  block \(b) " + name.padding(toLength: 28, withPad: " ", startingAt: 0)
+                  + String(format: " obs %.5f  admm %.5f  ratio %.3f", o, a, a / o))
         }
         print(String(format: "  block %d output error obs %.5f (%.1f s)  admm %.5f (%.1f s)  ratio %.3f", b, obs.report.outputError, t1 - t0,
                      viaADMM.report.outputError, t2 - t1, viaADMM.report.outputError / obs.report.outputError))

@@ -11,7 +11,7 @@ enum PruneCommand: Command {
     static let usage = """
     topiary prune --model PATH --method magnitude|wanda|sparsegpt|sparsellm|besa (--sparsity S | --pattern N:M)
                   --calib FILE|generate:N[:L] [--calib-samples N] [--calib-seqlen L] [--seed S] --output DIR
-                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L [--skip-dense-eval]] [--json] [--profile]
+                  [--layers A-B] [--eval-text FILE --eval-windows K --eval-seqlen L [--skip-dense-eval]] [--json] [--profile] [--linear-errors]
                   [--workers N | --hosts H:P,... [--weights path|send]] [--coordination sequential|admm [--rounds R --rho X --tolerance E --min-improvement F --keep-round best|last]]
                   [--besa-epochs E --besa-lr X --besa-lr-schedule constant|cosine --besa-penalty B --besa-granularity row|layer --besa-reconstruct]
                   [--run-dir D] [--overwrite] [--precision f32|f64] [--heartbeat-interval S --heartbeat-timeout S] [--threads N] [--memory-budget SIZE]
@@ -139,6 +139,12 @@ enum PruneCommand: Command {
     statistics, solve, pruned forward, error metrics, spill and checkpoint I/O, waiting), each
     phase with its FLOPs counted from the shapes and its ratio to the sgemm rate (FLOPs at that
     rate over the seconds taken), and writes the same per block under "profile" in report.json.
+
+    Each linear's errors (mask-only and final, ‖ΔW X‖² / ‖W X‖² on the calibration inputs) are
+    quadratic forms in its input Hessian XᵀX, which SparseGPT, SparseLLM and BESA build anyway.
+    Wanda and magnitude need only the input norms, so they skip the Hessian (a d x d update per
+    token and input group) and these two errors unless --linear-errors asks for them; every
+    method reports each block's output error.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -191,6 +197,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
         OptionSpec(name: "skip-dense-eval", value: nil, help: "with --eval-text: evaluate the pruned model only (the dense perplexity is known)"),
         OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr), record it in report.json"),
+        OptionSpec(name: "linear-errors", value: nil, help: "measure each linear's errors also for wanda and magnitude (builds the input Hessians)"),
         CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
     ] + BESAOptions.specs
@@ -330,6 +337,7 @@ enum PruneCommand: Command {
         let skipDenseEval = args.flag("skip-dense-eval")
         if skipDenseEval && evalText == nil { throw UsageError(message: "topiary prune: --skip-dense-eval goes with --eval-text") }
         let profiles = args.flag("profile")
+        let linearErrors = args.flag("linear-errors")
         let overwrite = args.flag("overwrite")
         let workerCount = try args.int("workers", in: 1...Limits.workers)
         let hostCount = try args.string("hosts").map(checkHosts)
@@ -522,6 +530,7 @@ enum PruneCommand: Command {
         }
         var plan = PrunePlan(method: method, pattern: pattern, sparseGPT: sparseGPT, sparseLLM: sparseLLM, targets: targets, besa: besa,
                              expertCalibration: expertCalibration)
+        if linearErrors { plan.linearErrors = true }
         var job = PruneJob(plan: plan, calibration: windows,
                            sequenceLength: seqlen, layers: layers, memoryBudget: budget, workDirectory: runDir)
         // OWL and learned measure on the dense model before pruning; the plan then carries every
@@ -635,9 +644,14 @@ enum PruneCommand: Command {
         for r in reports {
             let n = Double(max(r.linears.count, 1))
             let sp = PruneReport.blockSparsity(r)
-            let before = r.linears.reduce(0) { $0 + $1.errorBefore } / n
-            let after = r.linears.reduce(0) { $0 + $1.errorAfter } / n
-            print(String(format: "%5d  %8.4f  %13.5f  %9.5f  %13.5f  %7.2f", r.block, sp, before, after, r.outputError, r.seconds))
+            // Errors not measured (Wanda and magnitude without --linear-errors) print as "-".
+            func mean(_ e: KeyPath<LinearReport, Double?>) -> String {
+                let v = r.linears.compactMap { $0[keyPath: e] }
+                return v.isEmpty ? "-" : String(format: "%.5f", v.reduce(0, +) / n)
+            }
+            func right(_ text: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - text.count)) + text }
+            print(String(format: "%5d  %8.4f  ", r.block, sp) + right(mean(\.errorBefore), 13) + "  " + right(mean(\.errorAfter), 9)
+                  + String(format: "  %13.5f  %7.2f", r.outputError, r.seconds))
         }
     }
 

@@ -120,10 +120,19 @@ final class BackendSolverTests: XCTestCase {
                 XCTAssertEqual(checking.violations, [], "\(method) \(pattern)")
                 XCTAssertEqual(checking.counts.uploads, tensors, "\(method) \(pattern)")
                 XCTAssertEqual(checking.counts.downloads, linears, "\(method) \(pattern)")
-                // The forward, the statistics and the solves all ran on the checking backend.
-                for op in ["rmsNorm", "attention", "gatedActivation", "syrkUpperUpdate", "mirrorUpper", "gemm"] {
+                // The forward, the statistics and the solves all ran on the checking backend; the
+                // Hessian (syrk, mirror) only for the methods that use it (PrunePlan.collectsHessian).
+                for op in ["rmsNorm", "attention", "gatedActivation", "columnSquaredSums", "gemm"] {
                     XCTAssertGreaterThan(checking.counts.calls[op] ?? 0, 0, "\(method) \(pattern) \(op)")
                 }
+                for op in ["syrkUpperUpdate", "mirrorUpper"] {
+                    if plan.collectsHessian {
+                        XCTAssertGreaterThan(checking.counts.calls[op] ?? 0, 0, "\(method) \(pattern) \(op)")
+                    } else {
+                        XCTAssertEqual(checking.counts.calls[op] ?? 0, 0, "\(method) \(pattern) \(op): no Hessian for \(method)")
+                    }
+                }
+                XCTAssertEqual(plan.collectsHessian, method == .sparsegpt || method == .sparsellm)
             }
         }
     }

@@ -45,6 +45,34 @@ final class PipelineTests: XCTestCase {
         XCTAssertLessThan(outputErrors[.wanda]!, outputErrors[.magnitude]!)
     }
 
+    /// Wanda and magnitude build no Hessian unless the linear errors are asked for; the weights
+    /// and the block errors are the same either way, and the other methods always measure them.
+    func testLinearErrorsOnlyWhereMeasuredAndWeightsUnchanged() throws {
+        let (model, tokens) = try stories()
+        for method in [PruneMethod.wanda, .magnitude] {
+            XCTAssertFalse(PrunePlan(method: method, pattern: .unstructured(0.5)).collectsHessian)
+            var asked = PrunePlan(method: method, pattern: .unstructured(0.5))
+            asked.linearErrors = true
+            XCTAssertTrue(asked.collectsHessian)
+            let (plain, plainReports) = try run(model, tokens: tokens, plan: PrunePlan(method: method, pattern: .unstructured(0.5)), layers: 0...1)
+            let (measured, measuredReports) = try run(model, tokens: tokens, plan: asked, layers: 0...1)
+            for (p, m) in zip(plainReports, measuredReports) {
+                XCTAssertEqual(p.outputError, m.outputError, "\(method) block \(p.block)")
+                XCTAssertEqual(p.linears.map(\.sparsity), m.linears.map(\.sparsity))
+                XCTAssertTrue(p.linears.allSatisfy { $0.errorBefore == nil && $0.errorAfter == nil }, "\(method): errors without --linear-errors")
+                for l in m.linears {
+                    let (before, after) = (try XCTUnwrap(l.errorBefore), try XCTUnwrap(l.errorAfter))
+                    XCTAssertGreaterThan(before, 0, "\(method) \(l.name)")
+                    XCTAssertEqual(before, after, accuracy: 1e-9 * max(1, before), "\(method) \(l.name): no weight update, so the final error is the mask's")
+                }
+            }
+            XCTAssertEqual(try plain.prunedModel().loadBlock(1).tensors, try measured.prunedModel().loadBlock(1).tensors, "\(method)")
+        }
+        XCTAssertTrue(PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)).measuresLinearErrors)
+        let (_, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), layers: 0...0)
+        XCTAssertTrue(reports[0].linears.allSatisfy { $0.errorAfter != nil && $0.errorBefore != nil })
+    }
+
     func testLayerRangeLeavesOtherBlocksDense() throws {
         let (model, tokens) = try stories()
         let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: .wanda, pattern: .nOfM(n: 2, m: 4)), layers: 1...2)

@@ -26,8 +26,9 @@ public enum PruneReport {
             "block": r.block, "seconds": r.seconds, "output_error": r.outputError,
             "sparsity": weights > 0 ? r.linears.reduce(0.0) { $0 + $1.sparsity * Double($1.rows * $1.columns) } / weights : 0,
             "linears": r.linears.map { l in
-                var linear: [String: Any] = ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity,
-                                             "error_before": l.errorBefore, "error_after": l.errorAfter, "seconds": l.seconds]
+                var linear: [String: Any] = ["name": l.name, "rows": l.rows, "columns": l.columns, "sparsity": l.sparsity, "seconds": l.seconds]
+                if let e = l.errorBefore { linear["error_before"] = e }
+                if let e = l.errorAfter { linear["error_after"] = e }
                 if let rows = l.errorRows { linear["error_rows"] = rows }
                 return linear
             },
