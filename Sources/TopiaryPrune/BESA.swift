@@ -283,9 +283,7 @@ final class RowLearner {
 
     /// W ⊙ M_hard for the current logits.
     func maskedWeight() -> Tensor {
-        let w = backend.copy(weight)
-        backend.zeroMasked(w, mask: backend.rankedMask(order: order, counts: rowCounts(shift: 0)))
-        return w
+        backend.rankedMasked(weight, order: order, counts: rowCounts(shift: 0))
     }
 
     /// ∂L/∂θ from ∂L/∂W_eff: through the straight-through mask to p, plus the penalty's

@@ -17,6 +17,19 @@ extension CPUBackend {
         return out
     }
 
+    public func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor {
+        precondition(counts.count == order.rows && weight.rows == order.rows && weight.cols == order.cols,
+                     "rankedMasked: \(weight), \(counts.count) counts for \(order)")
+        let cols = order.cols
+        let out = copy(weight)
+        let (po, pw) = (read(order), write(out))
+        for r in 0..<order.rows {
+            precondition(counts[r] >= 0 && counts[r] <= cols, "rankedMasked: count \(counts[r]) of \(cols)")
+            for j in 0..<counts[r] { pw[r * cols + Int(po[r * cols + j])] = 0 }
+        }
+        return out
+    }
+
     public func rankedMask(order: Tensor, counts: [Int]) -> Tensor {
         precondition(counts.count == order.rows, "rankedMask: \(counts.count) counts for \(order)")
         let cols = order.cols

@@ -166,6 +166,9 @@ public protocol ComputeBackend: Sendable {
     func rankRows(_ scores: Tensor) -> Tensor
     /// Mask of the first counts[r] columns of row r in `order` (1 = pruned).
     func rankedMask(order: Tensor, counts: [Int]) -> Tensor
+    /// `weight` with the first counts[r] columns of row r in `order` set to 0, as a new tensor:
+    /// `zeroMasked` of a copy by `rankedMask`, without the mask.
+    func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor
     /// For each row r and each count n of `counts` (ascending): Σ_{j<n} G[r, order_j]·W[r, order_j],
     /// each product and the sum in Float64, j in order; returned to the host row by row
     /// (rows x counts.count values: BESA's small per-row state, not the block's data).
@@ -258,6 +261,12 @@ extension ComputeBackend {
 
     /// A new tensor with the same values.
     public func copy(_ tensor: Tensor) -> Tensor { copy(tensor.all) }
+
+    public func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor {
+        let w = copy(weight)
+        zeroMasked(w, mask: rankedMask(order: order, counts: counts))
+        return w
+    }
 
     /// `gatedActivation` copied back into `gate`.
     public func gatedActivationInPlace(gate: Tensor, up: Tensor, _ activation: GatedActivation) {
