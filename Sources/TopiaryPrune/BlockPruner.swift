@@ -300,7 +300,7 @@ public struct BlockPruner: Sendable {
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
         for name in block.linearNames where owns(keys[name] ?? name) && stats[keys[name] ?? name] == nil {
-            stats[keys[name] ?? name] = LayerStatistics(columns: device.weight(name).cols, backend: backend)
+            stats[keys[name] ?? name] = LayerStatistics(columns: device.weight(name).cols, backend: backend, hessian: plan.collectsHessian)
         }
         // 2. Prune every linear. SparseLLM prunes the FFN's linears jointly, attention with SparseGPT.
         var prunedWeights: [String: Tensor] = [:]

@@ -215,7 +215,8 @@ public enum ReplicaWork {
                 let (rows, cols) = shape(name)
                 cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
                                   statistics: keys[name] == name && !sharedStatistics.contains(name),
-                                  solveWeight: 3, sharedRows: sharedRows.contains(name))
+                                  solveWeight: 3, sharedRows: sharedRows.contains(name),
+                                  report: plan.measuresLinearErrors, hessian: plan.collectsHessian)
             }
             costed.append((cost, g))
         }
@@ -238,7 +239,8 @@ public enum ReplicaWork {
         var costs: [(String, Double, Int)] = []
         for name in block.linearNames {
             guard let w = block.tensors[name + ".weight"] else { continue }
-            costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name), w.rows))
+            costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name,
+                                     report: plan.measuresLinearErrors, hessian: plan.collectsHessian), w.rows))
         }
         let fair = costs.reduce(0) { $0 + $1.1 } / Double(replicas)
         // Each replica needs at least one whole chunk of rows (`solveRows`).
@@ -248,7 +250,7 @@ public enum ReplicaWork {
 
     /// Statistics groups whose Hessian every replica sums a part of: those whose Hessian update
     /// alone (tokens x columns²) is more than a replica's fair share of the block's, for magnitude,
-    /// Wanda and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
+    /// Wanda (when they build a Hessian: `--linear-errors`) and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
     /// a backend that computes H in independent tiles (`statisticsTile`), with at least two tile
     /// rows a replica. Each gets, per rank, its rows of H: whole tile rows, cut so that every
     /// replica has about as many of the upper triangle's tiles (row i of t has t − i).
@@ -305,11 +307,14 @@ public enum ReplicaWork {
     /// `prune --profile`, SmolLM2 at one thread: solve 0.22 of sgemm, statistics 0.73, error
     /// metrics 0.57), and a row-shared linear's owner keeps only the factorisation (`sharedRows`:
     /// the rows are everyone's equal share).
+    /// `report` and `hessian`: whether the plan measures the linear errors and builds the
+    /// Hessian (`PrunePlan.measuresLinearErrors`, `collectsHessian`; Wanda and magnitude do
+    /// neither by default).
     public static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool,
-                            solveWeight: Double = 1, sharedRows: Bool = false) -> Double {
+                            solveWeight: Double = 1, sharedRows: Bool = false, report: Bool = true, hessian: Bool = true) -> Double {
         let r = Double(rows), c = Double(cols)
-        var f = 6 * r * c * c                              // the three quadratic forms of the report
-        if statistics { f += Double(tokens) * c * c }      // the Hessian's syrk
+        var f = report ? 6 * r * c * c : 0                 // the three quadratic forms of the report
+        if statistics { f += hessian ? Double(tokens) * c * c : Double(tokens) * c }   // the Hessian's syrk, or the norms
         switch method {
         case .magnitude, .wanda: f += r * c * 10
         case .sparsegpt, .sparsellm, .besa: f += solveWeight * (sharedRows ? c * c * c : 2 * r * c * c + c * c * c)

@@ -292,7 +292,8 @@ final class Storage: @unchecked Sendable {
 /// write faulted page by page (11 million faults and 25 s of system time in a 80 s prune of
 /// SmolLM2), and glibc's heap, the other way to keep them, grew by fragmentation block after
 /// block (526 MB peak against 302 MB). What the cache holds is bounded, so the peak resident
-/// size grows by at most `capacity`.
+/// size grows by at most `capacity` (24 MiB, or what `fit` raised it to for the largest pass
+/// seen; at most 1 GiB).
 public final class MappedBuffers: @unchecked Sendable {
     /// 24 MiB, raised by `fit(passBytes:)` for larger passes; or `TOPIARY_BUFFER_CACHE_MB` from
     /// the environment, fixed (0 turns the cache off).

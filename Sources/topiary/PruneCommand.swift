@@ -41,14 +41,15 @@ enum PruneCommand: Command {
     resumed run refuses one with others.
 
     The model is pruned block by block (streaming): each block is loaded alone, run dense over the
-    calibration windows to collect its linear layers' statistics (Hessian (2/n)·Σxxᵀ, input
-    norms), pruned, and run again to give the next block its inputs. Embeddings and the head are
+    calibration windows to collect its linear layers' statistics (input norms, and the Hessian
+    (2/n)·Σxxᵀ where the method or --linear-errors needs it), pruned, and run again to give the
+    next block its inputs. Embeddings and the head are
     not pruned. Memory holds one block plus the calibration activations; activations beyond
     --memory-budget are kept in a file in the run directory.
 
     Output: DIR holds the pruned model (config.json, model.safetensors, tokenizer.json, ...) and
-    report.json (per linear: sparsity, reconstruction error before/after the weight update,
-    seconds). The files are those 'topiary convert' writes: from a Hugging Face directory its
+    report.json (per linear: sparsity, reconstruction error before/after the weight update
+    where measured, seconds). The files are those 'topiary convert' writes: from a Hugging Face directory its
     config.json with only the dtype changed, its tokenizer and generation files copied unchanged,
     and shards of the same names; weights in the source's dtype unless --dtype says otherwise
     (f32 for GGUF and llama2.c sources). The model is written into a temporary directory beside DIR and renamed at the end,
@@ -642,12 +643,11 @@ enum PruneCommand: Command {
     static func printSummaryTable(_ reports: [BlockReport]) {
         print("block  sparsity  mask-only err  final err  block out err  seconds")
         for r in reports {
-            let n = Double(max(r.linears.count, 1))
             let sp = PruneReport.blockSparsity(r)
             // Errors not measured (Wanda and magnitude without --linear-errors) print as "-".
             func mean(_ e: KeyPath<LinearReport, Double?>) -> String {
                 let v = r.linears.compactMap { $0[keyPath: e] }
-                return v.isEmpty ? "-" : String(format: "%.5f", v.reduce(0, +) / n)
+                return v.isEmpty ? "-" : String(format: "%.5f", v.reduce(0, +) / Double(v.count))
             }
             func right(_ text: String, _ width: Int) -> String { String(repeating: " ", count: max(0, width - text.count)) + text }
             print(String(format: "%5d  %8.4f  ", r.block, sp) + right(mean(\.errorBefore), 13) + "  " + right(mean(\.errorAfter), 9)

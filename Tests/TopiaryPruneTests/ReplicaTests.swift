@@ -140,8 +140,15 @@ final class ReplicaTests: XCTestCase {
                                                   tokens: tokens, replicas: 2, tile: 128).isEmpty, "SparseLLM keeps a feed-forward together")
         XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
                                                   tokens: tokens, replicas: 2, tile: nil).isEmpty, "a backend without tiles shares none")
+        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)),
+                                                  tokens: tokens, replicas: 2, tile: 128).isEmpty, "Wanda builds no Hessian to share")
+        var wandaWithErrors = PrunePlan(method: .wanda, pattern: .unstructured(0.5))
+        wandaWithErrors.linearErrors = true
+        XCTAssertFalse(ReplicaWork.splitStatistics(block: block, plan: wandaWithErrors, tokens: tokens, replicas: 2, tile: 128).isEmpty,
+                       "Wanda with --linear-errors shares down_proj's Hessian")
         for plan in [PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), PrunePlan(method: .sparsegpt, pattern: .nOfM(n: 2, m: 4)),
-                     PrunePlan(method: .wanda, pattern: .unstructured(0.5)), PrunePlan(method: .magnitude, pattern: .unstructured(0.5))] {
+                     PrunePlan(method: .wanda, pattern: .unstructured(0.5)), PrunePlan(method: .magnitude, pattern: .unstructured(0.5)),
+                     wandaWithErrors] {
             let one = try prune(block, plan: plan, windows: windows, sequenceLength: length, replicas: 1)
             for r in [2, 3, 4] {
                 let many = try prune(block, plan: plan, windows: windows, sequenceLength: length, replicas: r)
