@@ -385,8 +385,7 @@ public struct BlockPruner: Sendable {
             let errorStart = clock()
             linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, measure: plan.measuresLinearErrors, seconds: seconds))
             errorSeconds += clock().timeIntervalSince(errorStart)
-            // Three quadratic forms tr(A H Aᵀ): a product with H and a dot product each.
-            errorFLOPs += plan.measuresLinearErrors ? 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1)) : 0
+            errorFLOPs += errorReportFLOPs(weight)
         }
         if let exchange, role.count > 1 {
             // The largest linears: every replica solves its share of the rows.
@@ -404,7 +403,7 @@ public struct BlockPruner: Sendable {
                     linears.append(Self.report(name: name, dense: weight, pruned: solved, stats: st, measure: plan.measuresLinearErrors,
                                                seconds: clock().timeIntervalSince(t0)))
                     errorSeconds += clock().timeIntervalSince(errorStart)
-                    errorFLOPs += plan.measuresLinearErrors ? 3 * (2 * Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows) * Double(weight.cols) * Double(weight.cols + 1)) : 0
+                    errorFLOPs += errorReportFLOPs(weight)
                 }
             }
             // Every replica needs the whole pruned block for its windows; replica 0 the reports.
@@ -686,6 +685,14 @@ public struct BlockPruner: Sendable {
     public static func errorRows(rows: Int, cols: Int) -> [Int]? {
         guard Double(rows) * Double(cols) * Double(cols) > exactErrorFLOPs, rows > errorRowSample else { return nil }
         return (0..<errorRowSample).map { $0 * rows / errorRowSample }
+    }
+
+    /// FLOPs of one linear's error report (`report`): three quadratic forms tr(A H Aᵀ), a product
+    /// with H and a dot product each, on the sampled rows; none where the plan measures no errors.
+    func errorReportFLOPs(_ weight: Tensor) -> Double {
+        guard plan.measuresLinearErrors else { return 0 }
+        let rows = Double(Self.errorRows(rows: weight.rows, cols: weight.cols)?.count ?? weight.rows)
+        return 3 * (2 * rows * Double(weight.cols) * Double(weight.cols + 1))
     }
 
     /// The errors of one linear's mask and of its final weights, on the backend of `stats`.

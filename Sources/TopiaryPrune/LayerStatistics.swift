@@ -11,12 +11,12 @@ public final class LayerStatistics: @unchecked Sendable {
     /// one is copied from it when H is read (once a block instead of once a window: the copy
     /// and the scaling of the whole matrix were 5% of a SparseGPT prune).
     public var hessianTensor: Tensor {
-        guard let hessianStorage else { preconditionFailure("these statistics were collected without the Hessian (PrunePlan.collectsHessian)") }
+        let h = hessianUpper
         if lowerIsStale {
-            backend.mirrorUpper(hessianStorage)
+            backend.mirrorUpper(h)
             lowerIsStale = false
         }
-        return hessianStorage
+        return h
     }
     /// H, unless the statistics were made without it (Wanda's and magnitude's blocks need only
     /// the squared norms).
@@ -67,19 +67,19 @@ public final class LayerStatistics: @unchecked Sendable {
     /// Rows `rows` of H as kept by `add(_:rows:)` (their upper-triangle entries; the others are
     /// not meaningful), on the host.
     public func upperRows(_ rows: Range<Int>) -> Matrix {
-        backend.download(backend.copy(hessianTensorUpper.region(rows: rows)))
+        backend.download(backend.copy(hessianUpper.region(rows: rows)))
     }
 
     /// Puts another replica's rows of H (`upperRows`) in place; the lower triangle follows when H
     /// is read.
     public func setUpperRows(_ rows: Range<Int>, _ m: Matrix) {
         precondition(m.rows == rows.count && m.cols == columns, "rows \(rows) of a \(columns)-column Hessian given \(m.rows)x\(m.cols)")
-        backend.copy(backend.upload(m).region(), into: hessianTensorUpper.region(rows: rows))
+        backend.copy(backend.upload(m).region(), into: hessianUpper.region(rows: rows))
         lowerIsStale = true
     }
 
     /// H's storage as it is (its lower triangle possibly stale).
-    private var hessianTensorUpper: Tensor {
+    private var hessianUpper: Tensor {
         guard let hessianStorage else { preconditionFailure("these statistics were collected without the Hessian (PrunePlan.collectsHessian)") }
         return hessianStorage
     }

@@ -213,10 +213,9 @@ public enum ReplicaWork {
             var cost = 0.0
             for name in linears where g.contains(keys[name] ?? name) {
                 let (rows, cols) = shape(name)
-                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, method: plan.method,
+                cost += Self.cost(rows: rows, cols: cols, tokens: tokens, plan: plan,
                                   statistics: keys[name] == name && !sharedStatistics.contains(name),
-                                  solveWeight: 3, sharedRows: sharedRows.contains(name),
-                                  report: plan.measuresLinearErrors, hessian: plan.collectsHessian)
+                                  solveWeight: 3, sharedRows: sharedRows.contains(name))
             }
             costed.append((cost, g))
         }
@@ -239,8 +238,7 @@ public enum ReplicaWork {
         var costs: [(String, Double, Int)] = []
         for name in block.linearNames {
             guard let w = block.tensors[name + ".weight"] else { continue }
-            costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, method: plan.method, statistics: keys[name] == name,
-                                     report: plan.measuresLinearErrors, hessian: plan.collectsHessian), w.rows))
+            costs.append((name, cost(rows: w.rows, cols: w.cols, tokens: tokens, plan: plan, statistics: keys[name] == name), w.rows))
         }
         let fair = costs.reduce(0) { $0 + $1.1 } / Double(replicas)
         // Each replica needs at least one whole chunk of rows (`solveRows`).
@@ -307,15 +305,14 @@ public enum ReplicaWork {
     /// `prune --profile`, SmolLM2 at one thread: solve 0.22 of sgemm, statistics 0.73, error
     /// metrics 0.57), and a row-shared linear's owner keeps only the factorisation (`sharedRows`:
     /// the rows are everyone's equal share).
-    /// `report` and `hessian`: whether the plan measures the linear errors and builds the
-    /// Hessian (`PrunePlan.measuresLinearErrors`, `collectsHessian`; Wanda and magnitude do
-    /// neither by default).
-    public static func cost(rows: Int, cols: Int, tokens: Int, method: PruneMethod, statistics: Bool,
-                            solveWeight: Double = 1, sharedRows: Bool = false, report: Bool = true, hessian: Bool = true) -> Double {
+    /// The report and the Hessian are charged only where the plan has them
+    /// (`PrunePlan.measuresLinearErrors`, `collectsHessian`; Wanda and magnitude: neither by default).
+    public static func cost(rows: Int, cols: Int, tokens: Int, plan: PrunePlan, statistics: Bool,
+                            solveWeight: Double = 1, sharedRows: Bool = false) -> Double {
         let r = Double(rows), c = Double(cols)
-        var f = report ? 6 * r * c * c : 0                 // the three quadratic forms of the report
-        if statistics { f += hessian ? Double(tokens) * c * c : Double(tokens) * c }   // the Hessian's syrk, or the norms
-        switch method {
+        var f = plan.measuresLinearErrors ? 6 * r * c * c : 0                  // the three quadratic forms of the report
+        if statistics { f += Double(tokens) * (plan.collectsHessian ? c * c : c) }   // the Hessian's syrk, or the norms
+        switch plan.method {
         case .magnitude, .wanda: f += r * c * 10
         case .sparsegpt, .sparsellm, .besa: f += solveWeight * (sharedRows ? c * c * c : 2 * r * c * c + c * c * c)
         }

@@ -18,28 +18,27 @@ extension CPUBackend {
     }
 
     public func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor {
-        precondition(counts.count == order.rows && weight.rows == order.rows && weight.cols == order.cols,
-                     "rankedMasked: \(weight), \(counts.count) counts for \(order)")
-        let cols = order.cols
+        precondition(weight.rows == order.rows && weight.cols == order.cols, "rankedMasked: \(weight) for \(order)")
         let out = copy(weight)
-        let (po, pw) = (read(order), write(out))
-        for r in 0..<order.rows {
-            precondition(counts[r] >= 0 && counts[r] <= cols, "rankedMasked: count \(counts[r]) of \(cols)")
-            for j in 0..<counts[r] { pw[r * cols + Int(po[r * cols + j])] = 0 }
-        }
+        setRanked(out, to: 0, order: order, counts: counts, what: "rankedMasked")
         return out
     }
 
     public func rankedMask(order: Tensor, counts: [Int]) -> Tensor {
-        precondition(counts.count == order.rows, "rankedMask: \(counts.count) counts for \(order)")
-        let cols = order.cols
-        let out = zeros(rows: order.rows, cols: cols)
-        let (po, pm) = (read(order), write(out))
-        for r in 0..<order.rows {
-            precondition(counts[r] >= 0 && counts[r] <= cols, "rankedMask: count \(counts[r]) of \(cols)")
-            for j in 0..<counts[r] { pm[r * cols + Int(po[r * cols + j])] = 1 }
-        }
+        let out = zeros(rows: order.rows, cols: order.cols)
+        setRanked(out, to: 1, order: order, counts: counts, what: "rankedMask")
         return out
+    }
+
+    /// x[r, order[r, j]] = value for j < counts[r], every row r.
+    private func setRanked(_ x: Tensor, to value: Float, order: Tensor, counts: [Int], what: String) {
+        precondition(counts.count == order.rows, "\(what): \(counts.count) counts for \(order)")
+        let cols = order.cols
+        let (po, px) = (read(order), write(x))
+        for r in 0..<order.rows {
+            precondition(counts[r] >= 0 && counts[r] <= cols, "\(what): count \(counts[r]) of \(cols)")
+            for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = value }
+        }
     }
 
     public func rankedPrefixSums(_ gradient: Tensor, _ weight: Tensor, order: Tensor, at counts: [Int]) -> [Double] {

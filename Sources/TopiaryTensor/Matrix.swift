@@ -330,14 +330,15 @@ public final class MappedBuffers: @unchecked Sendable {
 
     /// Raises the capacity (never lowers it) to `factor` times `passBytes`, the largest
     /// activation of a pass (a window's tokens x the widest layer x 4 bytes), up to
-    /// `largestCapacity`. A plain forward pass frees about four such buffers between windows; a
-    /// recording pass and its backward (BESA's learning) about 24: with 24 MiB held, BESA's
-    /// SmolLM2 block took 5.5-6.0 s, with 64 MiB 4.9 s.
-    /// A pass of 2048 tokens through SmolLM2 frees and takes again two 12 MiB activations and
-    /// several of 4.5 MiB; with 24 MiB held most of them were fresh mappings every pass, faulted
-    /// in page by page (the "rest" of `scripts/bench/forward`'s block: 12 ms of 63). At the
-    /// standard protocol's 512 tokens the bound stays 24 MiB, and so does the peak resident size.
-    /// A capacity from the environment is left as it is.
+    /// `largestCapacity`. A capacity from the environment is left as it is.
+    ///
+    /// A plain forward pass frees about four such buffers between windows. At 2048 tokens
+    /// through SmolLM2 (two 12 MiB activations, several of 4.5 MiB), with 24 MiB held most of
+    /// them were fresh mappings every pass, faulted in page by page (the "rest" of
+    /// `scripts/bench/forward`'s block: 12 ms of 63); at the standard protocol's 512 tokens the
+    /// bound stays 24 MiB, and so does the peak resident size. A recording pass and its backward
+    /// (BESA's learning) free about 24: with 24 MiB held, BESA's SmolLM2 block took 5.5-6.0 s,
+    /// with 64 MiB 4.9 s.
     public func fit(passBytes: Int, factor: Int = 4) {
         guard !fixed else { return }
         let wanted = min(Self.largestCapacity, factor * max(passBytes, 0))

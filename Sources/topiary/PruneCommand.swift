@@ -35,27 +35,28 @@ enum PruneCommand: Command {
     the L-1 tokens sampled is drawn from softmax(logits/T) at T = 1 (the model's own distribution;
     docs/evaluation.md says why), by a SplitMix64 per sequence seeded from --seed, 16 sequences
     at a time with a KV cache (the whole model in memory), so the same command gives the same
-    tokens on any thread count. N replaces --calib-samples (a different --calib-samples, or a --calib-seqlen other
-    than L, is refused). Each sequence is one window. The tokens and their settings are cached in
-    the run directory (calibration-generated.json); a run reuses a cache with the same settings, a
-    resumed run refuses one with others.
+    tokens on any thread count. N replaces --calib-samples (a different --calib-samples, or a
+    --calib-seqlen other than L, is refused). Each sequence is one window. The tokens and their
+    settings are cached in the run directory (calibration-generated.json); a run reuses a cache
+    with the same settings, a resumed run refuses one with others.
 
     The model is pruned block by block (streaming): each block is loaded alone, run dense over the
     calibration windows to collect its linear layers' statistics (input norms, and the Hessian
     (2/n)·Σxxᵀ where the method or --linear-errors needs it), pruned, and run again to give the
-    next block its inputs. Embeddings and the head are
-    not pruned. Memory holds one block plus the calibration activations; activations beyond
-    --memory-budget are kept in a file in the run directory.
+    next block its inputs. Embeddings and the head are not pruned. Memory holds one block plus
+    the calibration activations; activations beyond --memory-budget are kept in a file in the
+    run directory.
 
     Output: DIR holds the pruned model (config.json, model.safetensors, tokenizer.json, ...) and
     report.json (per linear: sparsity, reconstruction error before/after the weight update
-    where measured, seconds). The files are those 'topiary convert' writes: from a Hugging Face directory its
-    config.json with only the dtype changed, its tokenizer and generation files copied unchanged,
-    and shards of the same names; weights in the source's dtype unless --dtype says otherwise
-    (f32 for GGUF and llama2.c sources). The model is written into a temporary directory beside DIR and renamed at the end,
-    so an interrupted run leaves nothing under DIR. With --eval-text, the dense and the pruned
-    model are evaluated with the protocol of 'topiary eval' (the pruned one only with
-    --skip-dense-eval: report.json's perplexity_dense is then null).
+    where measured, seconds). The files are those 'topiary convert' writes: from a Hugging Face
+    directory its config.json with only the dtype changed, its tokenizer and generation files
+    copied unchanged, and shards of the same names; weights in the source's dtype unless --dtype
+    says otherwise (f32 for GGUF and llama2.c sources). The model is written into a temporary
+    directory beside DIR and renamed at the end, so an interrupted run leaves nothing under DIR.
+    With --eval-text, the dense and the pruned model are evaluated with the protocol of 'topiary
+    eval' (the pruned one only with --skip-dense-eval: report.json's perplexity_dense is then
+    null).
 
     Nothing of yours is deleted: DIR may not be '', '.', '..', '/', a symbolic link, the working
     directory, the run directory, the model, the calibration file or another input, nor a

@@ -295,8 +295,7 @@ public final class Coordinator {
             let linears = Set(c.family.linears(c, block: i))
             let solve = c.family.blockTensors(c, block: i).reduce(0.0) { sum, spec in
                 guard spec.name.hasSuffix(".weight"), linears.contains(String(spec.name.dropLast(".weight".count))) else { return sum }
-                return sum + ReplicaWork.cost(rows: spec.rows, cols: spec.cols, tokens: tokens, method: job.plan.method, statistics: true,
-                                                  report: job.plan.measuresLinearErrors, hessian: job.plan.collectsHessian)
+                return sum + ReplicaWork.cost(rows: spec.rows, cols: spec.cols, tokens: tokens, plan: job.plan, statistics: true)
             }
             return 2 * forward + solve
         }
