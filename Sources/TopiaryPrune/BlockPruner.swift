@@ -358,6 +358,14 @@ public struct BlockPruner: Sendable {
                 for name in result.weights.keys { jointSeconds[name] = seconds }
             }
         }
+        // Linears that read the same inputs (q/k/v; gate/up) share one factorisation of their
+        // Hessian, kept until the last of them is solved.
+        let solvedHere = block.linearNames.filter { owns(keys[$0] ?? $0) && !split.contains($0) && joint[$0] == nil }
+        var factorReaders: [String: Int] = [:]
+        if plan.method == .sparsegpt || plan.method == .sparsellm {
+            for name in solvedHere { factorReaders[keys[name] ?? name, default: 0] += 1 }
+        }
+        var factors: [String: SparseGPTPruner.Factor] = [:]
         for name in block.linearNames where owns(keys[name] ?? name) && !split.contains(name) {
             let t0 = clock()
             let weight = device.weight(name)
@@ -373,9 +381,18 @@ public struct BlockPruner: Sendable {
                 case .wanda: solved = WandaPruner.prune(weight, inputSquaredNorms: st.squaredNormsTensor, pattern: plan.pattern, on: backend)
                 case .besa: preconditionFailure("BESA's weights come from its joint step")
                 case .sparsegpt, .sparsellm:
+                    let key = keys[name] ?? name
+                    let reused = factors[key]
+                    var factor = reused
+                    if factor == nil && plan.sparseGPT.admm == nil && (factorReaders[key] ?? 0) > 1 {
+                        factor = try SparseGPTPruner.factor(st.hessianTensor, options: plan.sparseGPT, what: name, on: backend)
+                        factors[key] = factor
+                    }
                     solved = try SparseGPTPruner.prune(weight, hessian: st.hessianTensor, pattern: plan.pattern, options: plan.sparseGPT,
-                                                       what: name, on: backend).weight
-                    solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols)
+                                                       what: name, factor: factor, on: backend).weight
+                    factorReaders[key, default: 1] -= 1
+                    if factorReaders[key] == 0 { factors[key] = nil }
+                    solveFLOPs += BlockProfile.sparseGPTFLOPs(rows: weight.rows, cols: weight.cols, factored: reused == nil)
                 }
             }
             prunedWeights[name] = solved
@@ -604,7 +621,7 @@ public struct BlockPruner: Sendable {
                 let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
                 values += try matrix(.scores, columnBlock * role.count + r, rows: range.count, cols: scores.cols).values
             }
-            let t = values.isEmpty ? -Float.infinity : Selection.kthSmallest(&values, k)
+            let t = values.isEmpty ? -Float.infinity : values.withUnsafeBufferPointer { Selection.kthSmallest($0, k) }
             for r in 0..<role.count where r != role.rank {
                 try exchange.send(key(.threshold, columnBlock), .bytes(Self.encode([Double(t)])), to: r)
             }

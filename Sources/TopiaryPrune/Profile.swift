@@ -52,11 +52,12 @@ public struct BlockProfile: Sendable, Codable, Equatable {
         return Double(sequences) * (linears + attention)
     }
 
-    /// SparseGPT's solve of a [rows x cols] weight: the damped Hessian's Cholesky inverse
-    /// (about 4/3·cols³) and the column-by-column updates of every row (about rows·cols²).
-    public static func sparseGPTFLOPs(rows: Int, cols: Int) -> Double {
+    /// SparseGPT's solve of a [rows x cols] weight: the factor of the damped Hessian's inverse
+    /// (a Cholesky and a triangular inverse, about 2/3·cols³; none when `factored` is false, for
+    /// a layer that reuses another's) and the column-by-column updates of every row (about rows·cols²).
+    public static func sparseGPTFLOPs(rows: Int, cols: Int, factored: Bool = true) -> Double {
         let r = Double(rows), n = Double(cols)
-        return 4.0 / 3.0 * n * n * n + r * n * n
+        return (factored ? 2.0 / 3.0 * n * n * n : 0) + r * n * n
     }
 }
 

@@ -50,17 +50,58 @@ public enum SparseGPTPruner {
     /// Prunes `weight` [rows x cols] given the Hessian [cols x cols], both on `backend`, and
     /// returns the pruned weight there: nothing crosses to the host. `what` names the layer in
     /// errors; the Hessian is not modified (damping goes on a copy). `fixedMask` [rows x cols]
-    /// (1 = prune) replaces the unstructured mask selection.
+    /// (1 = prune) replaces the unstructured mask selection. `factor`: the Hessian's `factor`,
+    /// when the caller keeps it for several layers that read the same inputs (the same bits as
+    /// factoring it again).
     public static func prune(_ weight: Tensor, hessian: Tensor, pattern: SparsityPattern, options: Options = Options(),
-                             what: String = "layer", fixedMask: Tensor? = nil, on backend: any ComputeBackend) throws -> TensorResult {
+                             what: String = "layer", fixedMask: Tensor? = nil, factor: Factor? = nil,
+                             on backend: any ComputeBackend) throws -> TensorResult {
         let rows = weight.rows, cols = weight.cols
         precondition(fixedMask.map { $0.rows == rows && $0.cols == cols } ?? true, "\(what): fixed mask does not match the weight's shape")
         if let admm = options.admm {
             return try ADMMPruner.prune(weight, hessian: hessian, pattern: pattern, percentDamp: options.percentDamp, options: admm,
                                         what: what, fixedMask: fixedMask, on: backend)
         }
-        let (w, u) = try prepare(weight, hessian: hessian, options: options, what: what, on: backend)
-        return try solve(w, inverseFactor: u, pattern: pattern, options: options, what: what, fixedMask: fixedMask, on: backend)
+        let f = try factor ?? Self.factor(hessian, options: options, what: what, on: backend)
+        let w = try prepare(weight, factor: f, what: what, on: backend)
+        return try solve(w, inverseFactor: f.inverseFactor, pattern: pattern, options: options, what: what, fixedMask: fixedMask, on: backend)
+    }
+
+    /// What SparseGPT derives from a Hessian alone, shared by the layers that read the same
+    /// inputs (q/k/v; gate/up; SparseLLM's refits of one layer): U, the upper Cholesky factor of
+    /// the inverse of the damped Hessian, and the Hessian itself, whose zero diagonal entries
+    /// mark the dead inputs.
+    public struct Factor: @unchecked Sendable {
+        public let inverseFactor: Tensor
+        public let hessian: Tensor
+    }
+
+    /// U for `hessian` [cols x cols]: dead inputs (never active in calibration) get a unit
+    /// diagonal, then `percentDamp` of the mean diagonal is added, on a copy.
+    public static func factor(_ hessian: Tensor, options: Options = Options(), what: String = "layer",
+                              on backend: any ComputeBackend) throws -> Factor {
+        let cols = hessian.cols
+        guard hessian.rows == cols else { throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(cols), not square") }
+        let h = backend.copy(hessian)
+        backend.zeroDeadInputs(hessian: h, weight: backend.zeros(rows: 1, cols: cols))
+        let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
+        backend.addToDiagonal(h, damp)
+        do {
+            return Factor(inverseFactor: try backend.inverseCholeskyFactor(h, what: "\(what): damped Hessian"), hessian: hessian)
+        } catch {
+            throw PruneError.numerical("\(error)")
+        }
+    }
+
+    /// A copy of `weight` with its dead inputs' columns zeroed, for the column loop.
+    public static func prepare(_ weight: Tensor, factor: Factor, what: String = "layer", on backend: any ComputeBackend) throws -> Tensor {
+        let cols = weight.cols
+        guard factor.hessian.rows == cols && factor.hessian.cols == cols else {
+            throw PruneError.shape("\(what): Hessian is \(factor.hessian.rows)x\(factor.hessian.cols), expected \(cols)x\(cols)")
+        }
+        let w = backend.copy(weight)
+        backend.zeroDeadInputs(hessian: backend.copy(factor.hessian), weight: w)
+        return w
     }
 
     /// Rows per lazy-update product for a layer of `rows` rows: a function of the layer alone,
@@ -73,22 +114,11 @@ public enum SparseGPTPruner {
     /// zeroed, and the upper Cholesky factor U of the inverse of the damped Hessian.
     public static func prepare(_ weight: Tensor, hessian: Tensor, options: Options = Options(), what: String = "layer",
                                on backend: any ComputeBackend) throws -> (weight: Tensor, inverseFactor: Tensor) {
-        let cols = weight.cols
-        guard hessian.rows == cols && hessian.cols == cols else {
-            throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(hessian.cols), expected \(cols)x\(cols)")
+        guard hessian.rows == weight.cols && hessian.cols == weight.cols else {
+            throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(hessian.cols), expected \(weight.cols)x\(weight.cols)")
         }
-        let w = backend.copy(weight)
-        let h = backend.copy(hessian)
-        // Dead inputs (never active in calibration): unit Hessian diagonal, weights zeroed.
-        backend.zeroDeadInputs(hessian: h, weight: w)
-        let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
-        backend.addToDiagonal(h, damp)
-        do {
-            let hinv = try backend.inverseSPD(h, what: "\(what): damped Hessian")
-            return (w, try backend.cholesky(hinv, upper: true, what: "\(what): inverse Hessian"))
-        } catch {
-            throw PruneError.numerical("\(error)")
-        }
+        let f = try factor(hessian, options: options, what: what, on: backend)
+        return (try prepare(weight, factor: f, what: what, on: backend), f.inverseFactor)
     }
 
     /// The column loop on `w` (modified in place and returned) given U. Each row's result depends

@@ -101,6 +101,9 @@ public enum SparseLLM {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
         let xs = rowChunks(x, rows: chunkRows, on: backend)
         let gramX = gram(xs, on: backend)
+        // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
+        let factorX = sparseGPT.admm == nil ? try SparseGPTPruner.factor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj",
+                                                                         on: backend) : nil
         let s = xs.map { linear($0, gate, on: backend) }
         let z = xs.map { linear($0, up, on: backend) }
         var p = zip(s, z).map { siluProduct($0, $1, on: backend) }
@@ -113,10 +116,12 @@ public enum SparseLLM {
             let step = "\(what), iteration \(t + 1)"
             // W steps.
             let ku = try weightStep(current: wu, dense: up, first: t == 0, inputs: xs, gram: gramX, targets: z, bias: nil,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): up_proj", on: backend)
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
+                                    what: "\(step): up_proj", on: backend)
             wu = ku.weight
             let kg = try weightStep(current: wg, dense: gate, first: t == 0, inputs: xs, gram: gramX, targets: s, bias: nil,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): gate_proj", on: backend)
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
+                                    what: "\(step): gate_proj", on: backend)
             wg = kg.weight
             let gramP = gram(p, on: backend)
             let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gramP, targets: y, bias: nil,
@@ -188,6 +193,7 @@ public enum SparseLLM {
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
         let gramX = gram([x], on: backend)
+        let factorX = sparseGPT.admm == nil ? try SparseGPTPruner.factor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend) : nil
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
         var p = backend.map(z, .relu)
         let y = backend.addRowVector(linear(p, fc2, on: backend), bias2)
@@ -197,7 +203,8 @@ public enum SparseLLM {
         for t in 0..<options.iterations {
             let step = "\(what), iteration \(t + 1)"
             let k1 = try weightStep(current: w1, dense: fc1, first: t == 0, inputs: [x], gram: gramX, targets: [z], bias: bias1,
-                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc1", on: backend)
+                                    pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
+                                    what: "\(step): fc1", on: backend)
             w1 = k1.weight
             let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: gram([p], on: backend), targets: [y], bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
@@ -232,9 +239,11 @@ public enum SparseLLM {
     /// SparseGPT of the least-squares refit, kept only if ‖target − input·Wᵀ − bias‖² does not rise.
     static func weightStep(current: Tensor, dense: Tensor, first: Bool, inputs: [Tensor], gram g: Tensor, targets: [Tensor],
                            bias: Tensor?, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options, ridge: Double,
+                           factor: SparseGPTPruner.Factor? = nil,
                            what: String, on backend: any ComputeBackend) throws -> (weight: Tensor, accepted: Bool, residual: Double?) {
         if first {
-            let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what, on: backend).weight
+            let w = try SparseGPTPruner.prune(dense, hessian: g, pattern: pattern, options: sparseGPT, what: what, factor: factor,
+                                              on: backend).weight
             return (w, true, nil)
         }
         // Normal equations: W (XᵀX + λI) = targetᵀX, the cross product summed over the chunks in order.
@@ -251,7 +260,8 @@ public enum SparseLLM {
             throw PruneError.numerical("\(error)")
         }
         try checkFinite(refit, "\(what): refit", on: backend)
-        let candidate = try SparseGPTPruner.prune(refit, hessian: g, pattern: pattern, options: sparseGPT, what: what, on: backend).weight
+        let candidate = try SparseGPTPruner.prune(refit, hessian: g, pattern: pattern, options: sparseGPT, what: what, factor: factor,
+                                                  on: backend).weight
         // ‖T − XWᵀ‖² = ‖T‖² − 2⟨W, TᵀX⟩ + tr(W G Wᵀ): compare without forming XWᵀ.
         // (‖T − XWᵀ‖² − ‖T‖², returned for the caller's objective.)
         func residual(_ w: Tensor) -> Double { quadratic(w, g, on: backend) - 2 * backend.chunkedDot(w, cross) }

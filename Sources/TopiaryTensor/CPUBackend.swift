@@ -111,6 +111,12 @@ public struct CPUBackend: ComputeBackend {
         tensor(try Linalg.inverseSPD(storage(a).matrix, what: what))
     }
 
+    /// One Cholesky and one triangular inverse (`Linalg.inverseCholeskyUpper`), half the FLOPs of
+    /// the default's inverse and second Cholesky.
+    public func inverseCholeskyFactor(_ a: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.inverseCholeskyUpper(storage(a).matrix, what: what))
+    }
+
     public func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor {
         tensor(Linalg.solveTriangular(storage(t).matrix, storage(b).matrix, upper: upper, transpose: transpose))
     }
@@ -298,9 +304,8 @@ public struct CPUBackend: ComputeBackend {
         let mask = zeros(rows: scores.rows, cols: scores.cols)
         if scores.count == 0 { return mask }
         let ps = read(scores), pm = write(mask)
-        var values = Array(UnsafeBufferPointer(start: ps, count: scores.count))
-        let threshold = Selection.kthSmallest(&values, k)
-        for i in 0..<scores.count where ps[i] <= threshold { pm[i] = 1 }
+        let threshold = Selection.kthSmallest(UnsafeBufferPointer(start: ps, count: scores.count), k)
+        for i in 0..<scores.count { pm[i] = ps[i] <= threshold ? 1 : 0 }
         return mask
     }
 
@@ -510,6 +515,41 @@ public enum Selection {
         let bits = (value + 0).bitPattern   // -0 + 0 is +0
         let ordered = bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
         return UInt64(ordered) << 32 | UInt64(UInt32(truncatingIfNeeded: index))
+    }
+
+    /// The k-th smallest value (0-based) of `values` (no NaN) by radix selection on the order
+    /// keys of their bits: three passes of 11, 11 and 10 bits, each a histogram over the values
+    /// that share the bits chosen so far. The same value as sorting would give (-0 and +0 tie; the
+    /// one returned is +0); a quickselect over SparseGPT's column blocks was 8% of its solve.
+    /// k is clamped to the range.
+    public static func kthSmallest(_ values: UnsafeBufferPointer<Float>, _ k: Int) -> Float {
+        precondition(!values.isEmpty)
+        var rank = min(max(k, 0), values.count - 1)
+        @inline(__always) func ordered(_ v: Float) -> UInt32 {
+            let bits = (v + 0).bitPattern
+            return bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
+        }
+        var prefix: UInt32 = 0
+        var histogram = [Int](repeating: 0, count: 2048)
+        for (shift, width) in [(21, 11), (10, 11), (0, 10)] {
+            let fixedMask: UInt32 = shift + width == 32 ? 0 : ~UInt32(0) << UInt32(shift + width)
+            let digitMask = UInt32((1 << width) - 1)
+            for i in 0..<(1 << width) { histogram[i] = 0 }
+            histogram.withUnsafeMutableBufferPointer { h in
+                for v in values {
+                    let key = ordered(v)
+                    if key & fixedMask == prefix { h[Int((key >> UInt32(shift)) & digitMask)] += 1 }
+                }
+            }
+            var digit = 0
+            while rank >= histogram[digit] {
+                rank -= histogram[digit]
+                digit += 1
+            }
+            prefix |= UInt32(digit) << UInt32(shift)
+        }
+        let bits = prefix & 0x8000_0000 != 0 ? prefix & 0x7FFF_FFFF : ~prefix
+        return Float(bitPattern: bits)
     }
 
     /// The k-th smallest value (0-based) of `values`, reordering them. k is clamped to the range.

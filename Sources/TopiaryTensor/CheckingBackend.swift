@@ -147,6 +147,15 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return inverse
     }
 
+    public func inverseCholeskyFactor(_ a: Tensor, what: String) throws -> Tensor {
+        require(a.rows == a.cols, "inverseCholeskyFactor of a non-square \(a) (\(what))")
+        record("inverseCholeskyFactor", flops: 2 * pow(Double(a.rows), 3) / 3)
+        let u = try inner.inverseCholeskyFactor(a, what: what)
+        require(u.rows == a.rows && u.cols == a.cols, "inverseCholeskyFactor of \(a) gave \(u)")
+        finite("inverseCholeskyFactor", u)
+        return u
+    }
+
     public func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor {
         require(t.rows == t.cols && t.rows == b.rows, "solveTriangular: \(t) with \(b)")
         record("solveTriangular", flops: Double(t.rows) * Double(t.rows) * Double(b.cols))

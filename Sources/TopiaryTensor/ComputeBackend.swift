@@ -55,6 +55,9 @@ public protocol ComputeBackend: Sendable {
     func cholesky(_ a: Tensor, upper: Bool, what: String) throws -> Tensor
     /// Inverse of a symmetric positive definite matrix.
     func inverseSPD(_ a: Tensor, what: String) throws -> Tensor
+    /// The upper Cholesky factor U of A⁻¹ (A⁻¹ = UᵀU) for a symmetric positive definite A: the
+    /// factor SparseGPT's column loop reads. By default the Cholesky of `inverseSPD`'s result.
+    func inverseCholeskyFactor(_ a: Tensor, what: String) throws -> Tensor
     /// X with op(T) X = B for a triangular T.
     func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor
     /// X with A X = B for a symmetric positive definite A, computed in Float64 (for normal
@@ -241,6 +244,9 @@ public enum ElementwiseFunction: String, Sendable {
 
 extension ComputeBackend {
     public func withoutTransfers<R>(_ label: String, _ body: () throws -> R) rethrows -> R { try body() }
+    public func inverseCholeskyFactor(_ a: Tensor, what: String) throws -> Tensor {
+        try cholesky(try inverseSPD(a, what: what), upper: true, what: "\(what): inverse")
+    }
     public func synchronize() {}
     public var statisticsTile: Int? { nil }
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {

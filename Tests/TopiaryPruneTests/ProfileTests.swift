@@ -28,7 +28,8 @@ final class ProfileTests: XCTestCase {
     }
 
     func testCountedFLOPs() {
-        // SparseGPT on a 4x8 weight: 4/3·8³ + 4·8².
-        XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8), 4.0 / 3.0 * 512 + 256, accuracy: 1e-9)
+        // SparseGPT on a 4x8 weight: 2/3·8³ (the factor) + 4·8²; a layer that reuses another's factor, 4·8².
+        XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8), 2.0 / 3.0 * 512 + 256, accuracy: 1e-9)
+        XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8, factored: false), 256, accuracy: 1e-9)
     }
 }

@@ -194,8 +194,21 @@ final class SolverTests: XCTestCase {
             for k in [0, n / 3, n / 2, n - 1] {
                 var copy = values
                 XCTAssertEqual(Selection.kthSmallest(&copy, k), sorted[k])
+                XCTAssertEqual(values.withUnsafeBufferPointer { Selection.kthSmallest($0, k) }, sorted[k])
             }
         }
+        // The radix selection over the whole float order: signs, zeros of both signs,
+        // subnormals, infinities, values that share their high bits, k out of range.
+        var mixed: [Float] = [-.infinity, .infinity, -0.0, 0.0, -.leastNonzeroMagnitude, .leastNonzeroMagnitude,
+                              -1, 1, 1.0000001, 0.99999994, -3.5e38, 3.5e38, 2, 2, 2]
+        for _ in 0..<500 { mixed.append(rng.next() * Float(1 << Int(abs(rng.next()) * 30))) }
+        let sorted = mixed.sorted()
+        for k in 0..<mixed.count {
+            let t = mixed.withUnsafeBufferPointer { Selection.kthSmallest($0, k) }
+            XCTAssertTrue(t == sorted[k], "k \(k): \(t) against \(sorted[k])")
+        }
+        XCTAssertEqual(mixed.withUnsafeBufferPointer { Selection.kthSmallest($0, -5) }, sorted[0])
+        XCTAssertEqual(mixed.withUnsafeBufferPointer { Selection.kthSmallest($0, 10_000) }, sorted.last!)
     }
 }
 

@@ -105,6 +105,35 @@ final class LinalgTests: XCTestCase {
         XCTAssertLessThan(Linalg.matmul(u, .transposed, z, .none).maxAbsDifference(b), 1e-3)
     }
 
+    /// U with A⁻¹ = UᵀU from one Cholesky of the reversed matrix and a triangular inverse: the
+    /// same factor (unique with a positive diagonal) as the Cholesky of the explicit inverse, on
+    /// a matrix of several tiles whose conditioning (about 10⁴) is a damped Hessian's.
+    func testInverseCholeskyFactorIsTheCholeskyOfTheInverse() throws {
+        var rng = TestRandom(seed: 21)
+        var x = rng.matrix(600, 300)
+        x.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] -= 0.5 } }
+        var h = Matrix(rows: 300, cols: 300)
+        Linalg.syrkAccumulate(x, alpha: 2 / 600, into: &h)
+        for i in 0..<300 { h[i, i] += 0.01 * h[i, i] }
+        let u = try Linalg.inverseCholeskyUpper(h)
+        for i in 0..<300 {
+            XCTAssertGreaterThan(u[i, i], 0)
+            for j in 0..<i { XCTAssertEqual(u[i, j], 0, "U[\(i), \(j)] below the diagonal") }
+        }
+        let viaInverse = try Linalg.cholesky(try Linalg.inverseSPDDouble(h), upper: true)
+        let scale = viaInverse.values.map { abs($0) }.max()!
+        XCTAssertLessThan(u.maxAbsDifference(viaInverse) / scale, 1e-3)
+        // UᵀU H = I.
+        let product = Linalg.matmul(Linalg.matmul(u, .transposed, u, .none), h)
+        XCTAssertLessThan(product.maxAbsDifference(.identity(300)), 1e-2)
+        var m = Matrix.identity(4)
+        m[2, 2] = -1
+        XCTAssertThrowsError(try Linalg.inverseCholeskyUpper(m, what: "test")) { error in
+            // The reversed matrix's second leading minor: A's last two rows and columns.
+            XCTAssertEqual(error as? LinalgError, .notPositiveDefinite(what: "test (trailing minor)", minor: 2))
+        }
+    }
+
     func testCholeskyOfIndefiniteMatrixThrows() {
         var m = Matrix.identity(3)
         m[1, 1] = -1
@@ -143,7 +172,8 @@ final class LinalgTests: XCTestCase {
             var c = Matrix(rows: 700, cols: 620, values: Array(repeating: 1, count: 700 * 620))
             Linalg.gemm(a, .none, bt, .transposed, alpha: -0.5, beta: 1, into: &c)
             return [Linalg.matmul(a, b), Linalg.matmul(a.transposed(), .transposed, bt, .transposed), c, acc,
-                    try Linalg.cholesky(spd, upper: true), try Linalg.cholesky(spd, upper: false), try Linalg.inverseSPD(spd)]
+                    try Linalg.cholesky(spd, upper: true), try Linalg.cholesky(spd, upper: false), try Linalg.inverseSPD(spd),
+                    try Linalg.inverseCholeskyUpper(spd)]
         }
         Linalg.setThreadCount(1)
         let one = try results()
