@@ -99,6 +99,9 @@ public enum SparseLLM {
                                   what: String = "ffn", chunkRows: Int = chunkRows, on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
+        // Each chunk's steps free about six activations as wide as the FFN: held for the next
+        // chunk instead of mapped and faulted in again (2% of SparseLLM's block, side by side).
+        MappedBuffers.shared.fit(passBytes: min(chunkRows, x.rows) * max(gate.rows, x.cols) * MemoryLayout<Float>.size, factor: 8)
         let xs = rowChunks(x, rows: chunkRows, on: backend)
         let gramX = gram(xs, on: backend)
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
