@@ -177,7 +177,7 @@ public struct BlockPruner: Sendable {
         let mine = role.samples(n)
         let allKeys = Array(Set(block.linearNames.map { keys[$0] ?? $0 })).sorted()
         let sharedStatistics = role.count > 1
-            ? ReplicaWork.splitStatistics(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, tile: backend.statisticsTile)
+            ? ReplicaWork.splitStatistics(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, tile: backend.statisticsTile(columns:))
             : [:]
         let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         let owners = role.count > 1

@@ -249,12 +249,12 @@ public enum ReplicaWork {
     /// Statistics groups whose Hessian every replica sums a part of: those whose Hessian update
     /// alone (tokens x columns²) is more than a replica's fair share of the block's, for magnitude,
     /// Wanda (when they build a Hessian: `--linear-errors`) and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
-    /// a backend that computes H in independent tiles (`statisticsTile`), with at least two tile
-    /// rows a replica. Each gets, per rank, its rows of H: whole tile rows, cut so that every
+    /// a backend that computes H in independent tiles (`statisticsTile(columns:)`, which may grow
+    /// with the width), with at least two tile rows a replica. Each gets, per rank, its rows of H: whole tile rows, cut so that every
     /// replica has about as many of the upper triangle's tiles (row i of t has t − i).
     public static func splitStatistics(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
-                                       tile: Int?) -> [String: [Range<Int>]] {
-        guard replicas > 1, let tile, tile > 0, plan.collectsHessian, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
+                                       tile: (_ columns: Int) -> Int?) -> [String: [Range<Int>]] {
+        guard replicas > 1, plan.collectsHessian, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         var columns: [String: Int] = [:]
         for name in block.linearNames where keys[name] ?? name == name {
@@ -263,7 +263,8 @@ public enum ReplicaWork {
         let costs = columns.mapValues { Double(tokens) * Double($0) * Double($0) }
         let fair = costs.values.reduce(0, +) / Double(replicas)
         var out: [String: [Range<Int>]] = [:]
-        for (key, cols) in columns where costs[key]! > fair && (cols + tile - 1) / tile >= 2 * replicas {
+        for (key, cols) in columns where costs[key]! > fair {
+            guard let tile = tile(cols), tile > 0, (cols + tile - 1) / tile >= 2 * replicas else { continue }
             out[key] = (0..<replicas).map { statisticsRows($0, of: replicas, columns: cols, tile: tile) }
         }
         return out

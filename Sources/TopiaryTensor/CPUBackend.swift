@@ -85,17 +85,17 @@ public struct CPUBackend: ComputeBackend {
         Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols)
     }
 
-    public var statisticsTile: Int? { Linalg.tile }
+    public func statisticsTile(columns: Int) -> Int? { Linalg.syrkTile(columns) }
 
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
         precondition(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: \(x) into \(c)")
-        precondition(rows.lowerBound % Linalg.tile == 0 && rows.lowerBound >= 0 && rows.upperBound <= c.rows
-                     && (rows.upperBound % Linalg.tile == 0 || rows.upperBound == c.rows),
-                     "syrkUpperUpdate: rows \(rows) of \(c) are not whole tiles of \(Linalg.tile)")
+        let tile = Linalg.syrkTile(c.rows)
+        precondition(rows.lowerBound % tile == 0 && rows.lowerBound >= 0 && rows.upperBound <= c.rows
+                     && (rows.upperBound % tile == 0 || rows.upperBound == c.rows),
+                     "syrkUpperUpdate: rows \(rows) of \(c) are not whole tiles of \(tile)")
         if beta != 1 { Linalg.scaleUpper(write(c), n: c.rows, by: beta, rows: rows) }
         if x.rows == 0 || rows.isEmpty { return }
-        Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols,
-                         tileRows: rows.lowerBound / Linalg.tile..<(rows.upperBound + Linalg.tile - 1) / Linalg.tile)
+        Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols, rows: rows)
     }
 
     public func mirrorUpper(_ c: Tensor) {

@@ -111,11 +111,11 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         finite("syrkUpperUpdate", c)
     }
 
-    public var statisticsTile: Int? { inner.statisticsTile }
+    public func statisticsTile(columns: Int) -> Int? { inner.statisticsTile(columns: columns) }
 
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
         require(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: accumulator \(c) for input \(x)")
-        require(inner.statisticsTile != nil, "syrkUpperUpdate by rows on \(inner.name), which has no statisticsTile")
+        require(inner.statisticsTile(columns: c.cols) != nil, "syrkUpperUpdate by rows on \(inner.name), which has no statisticsTile")
         let part = Double(rows.count) * Double(2 * x.cols - rows.lowerBound - rows.upperBound + 1) / 2   // upper entries in those rows
         record("syrkUpperUpdate", flops: 2 * part * Double(x.rows) + (beta != 1 ? part : 0))
         inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, into: c, rows: rows)

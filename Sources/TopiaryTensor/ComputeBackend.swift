@@ -40,12 +40,13 @@ public protocol ComputeBackend: Sendable {
     /// lower triangle is left as it was until `mirrorUpper`. The same upper triangle, bit for
     /// bit, as scaling C by beta and then `syrkAccumulate`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor)
-    /// The side of the square tiles in which `syrkUpperUpdate` computes C's upper triangle when
-    /// each tile's bits depend on nothing but that tile's rows and columns of X (nil: one call,
-    /// whose parts may depend on one another). Replicas split a large Hessian by such tiles.
-    var statisticsTile: Int? { get }
+    /// The side of the square tiles in which `syrkUpperUpdate` computes a `columns` x `columns`
+    /// C's upper triangle when each tile's bits depend on nothing but that tile's rows and
+    /// columns of X (nil: one call, whose parts may depend on one another); a function of the
+    /// width alone. Replicas split a large Hessian by such tiles.
+    func statisticsTile(columns: Int) -> Int?
     /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole tiles of
-    /// `statisticsTile` rows, the last one shorter), leaving the others as they are: there, the
+    /// `statisticsTile(columns:)` rows, the last one shorter), leaving the others as they are: there, the
     /// same bits as the whole update. Only for a backend with a `statisticsTile`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>)
     /// Copies the upper triangle of the square C onto its lower triangle.
@@ -248,7 +249,7 @@ extension ComputeBackend {
         try cholesky(try inverseSPD(a, what: what), upper: true, what: "\(what): inverse")
     }
     public func synchronize() {}
-    public var statisticsTile: Int? { nil }
+    public func statisticsTile(columns: Int) -> Int? { nil }
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
         preconditionFailure("\(name): syrkUpperUpdate by rows needs a statisticsTile")
     }

@@ -199,29 +199,41 @@ public enum Linalg {
     static let tile = 128
 
     /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda):
-    /// square tiles of C, diagonal ones by ssyrk and the others by sgemm, concurrently.
-    /// `tileRows`: only the tiles of these tile rows (all by default); each tile's bits are the same
-    /// whichever others are computed.
-    static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int, tileRows: Range<Int>? = nil) {
+    /// square tiles of `side` (by default `syrkTile(n)`) on one grid from (0, 0), diagonal ones by
+    /// ssyrk and the others by sgemm, concurrently. `rows`: only these rows (whole tile rows, or
+    /// up to n), the unit in which replicas share a Hessian; each tile's bits are the same
+    /// whichever others are computed. They are not the same for another side on every OpenBLAS
+    /// kernel (Haswell's differ, SkylakeX's do not), so the side is a function of n alone.
+    public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
+                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil) {
         _ = configured
-        var tiles = upperTiles((n + tile - 1) / tile)
-        if let tileRows { tiles = tiles.filter { tileRows.contains($0.0) } }
+        let t = side ?? syrkTile(n)
+        let rows = rows ?? 0..<n
+        precondition(rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n), "syrkUpper: rows \(rows) are not whole tiles of \(t)")
+        var tiles: [(i0: Int, j0: Int)] = []
+        for i0 in stride(from: rows.lowerBound, to: rows.upperBound, by: t) {
+            for j0 in stride(from: i0, to: n, by: t) { tiles.append((i0, j0)) }
+        }
         let args = UnsafeSendable((a, c))
-        forEachTile(tiles.count) { t in
+        forEachTile(tiles.count) { index in
             let (a, c) = args.value
-            let (ti, tj) = tiles[t]
-            let i0 = ti * tile, j0 = tj * tile
-            let rows = min(tile, n - i0), cols = min(tile, n - j0)
-            if ti == tj {
-                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(rows), blasint(k),
+            let (i0, j0) = tiles[index]
+            let count = min(t, n - i0), cols = min(t, n - j0)
+            if i0 == j0 {
+                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(k),
                             alpha, a + i0, blasint(lda), 1, c + i0 * ldc + i0, blasint(ldc))
             } else {
-                blasSgemm(.transposed, .none, m: rows, n: cols, k: k, alpha: alpha,
+                blasSgemm(.transposed, .none, m: count, n: cols, k: k, alpha: alpha,
                           a: a + i0, lda: lda, b: a + j0, ldb: lda, beta: 1, c: c + i0 * ldc + j0, ldc: ldc)
             }
         }
     }
+
+    /// The side of `syrkUpper`'s tiles for an n x n result: 128 below 4096 columns (enough
+    /// tiles for the threads at SmolLM2's 576 and 1536), 512 from there. Each tile packs its
+    /// slices of A, strided by n: at a 70B's 28672 columns 128-wide tiles packed so much that
+    /// the update ran at 328 GFLOP/s against 477 with 512 (2048 rows, 2 threads, SkylakeX).
+    public static func syrkTile(_ n: Int) -> Int { n < 4096 ? 128 : 512 }
 
     /// Tile coordinates (i, j) with i <= j of a t x t grid, in a fixed order.
     static func upperTiles(_ t: Int) -> [(Int, Int)] {

@@ -492,6 +492,26 @@ func benchLinalg(_ args: [String]) {
     for (m, n, k) in [(2048, 2048, 2048), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096), (2048, 14336, 4096), (512, 512, 64)] {
         print(String(format: "  sgemm %5d x %5d x %5d  %6.1f GFLOP/s", m, n, k, sgemmRate(m: m, n: n, k: k)))
     }
+    if let width = argument("syrk-columns", args).flatMap(Int.init) {
+        // The statistics' update at one width: H's upper triangle += XᵀX for a window of --rows
+        // tokens, at the tile side Topiary uses for that width and at 128 (the side before
+        // 2026-12-05) for comparison.
+        let rows = argument("rows", args).flatMap(Int.init) ?? 2048
+        let x = randomMatrix(rows, width, seed: 3)
+        var h = [Float](repeating: 0, count: width * width)
+        for side in [Linalg.syrkTile(width), 128] {
+            let seconds = best(2) {
+                x.withUnsafeBufferPointer { px in
+                    h.withUnsafeMutableBufferPointer { ph in
+                        Linalg.syrkUpper(n: width, k: rows, alpha: 1, a: px.baseAddress!, lda: width, c: ph.baseAddress!, ldc: width, side: side)
+                    }
+                }
+            }
+            print(String(format: "  XᵀX upper, %d columns, %d rows, tiles of %d: %.3f s, %.1f GFLOP/s", width, rows, side, seconds,
+                         Double(rows) * Double(width) * Double(width + 1) / seconds / 1e9))
+        }
+        return
+    }
     for n in [576, 1536, 4096] {
         let x = cpu.upload(randomMatrix(2048, n, seed: 3))
         let h = cpu.zeros(rows: n, cols: n)

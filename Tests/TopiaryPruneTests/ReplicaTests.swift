@@ -128,7 +128,7 @@ final class ReplicaTests: XCTestCase {
         let tokens = samples * length
         for r in [2, 3, 4] {
             let shared = ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
-                                                     tokens: tokens, replicas: r, tile: CPUBackend().statisticsTile)
+                                                     tokens: tokens, replicas: r, tile: CPUBackend().statisticsTile(columns:))
             XCTAssertEqual(Array(shared.keys), ["model.layers.0.mlp.down_proj"], "\(r) replicas share down_proj's Hessian only")
             let rows = try XCTUnwrap(shared["model.layers.0.mlp.down_proj"])
             XCTAssertEqual(rows.first?.lowerBound, 0)
@@ -137,14 +137,14 @@ final class ReplicaTests: XCTestCase {
             XCTAssertTrue(rows.allSatisfy { !$0.isEmpty && $0.lowerBound % 128 == 0 }, "\(rows)")
         }
         XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsellm, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: 128).isEmpty, "SparseLLM keeps a feed-forward together")
+                                                  tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty, "SparseLLM keeps a feed-forward together")
         XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: nil).isEmpty, "a backend without tiles shares none")
+                                                  tokens: tokens, replicas: 2, tile: { _ in nil }).isEmpty, "a backend without tiles shares none")
         XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: 128).isEmpty, "Wanda builds no Hessian to share")
+                                                  tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty, "Wanda builds no Hessian to share")
         var wandaWithErrors = PrunePlan(method: .wanda, pattern: .unstructured(0.5))
         wandaWithErrors.linearErrors = true
-        XCTAssertFalse(ReplicaWork.splitStatistics(block: block, plan: wandaWithErrors, tokens: tokens, replicas: 2, tile: 128).isEmpty,
+        XCTAssertFalse(ReplicaWork.splitStatistics(block: block, plan: wandaWithErrors, tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty,
                        "Wanda with --linear-errors shares down_proj's Hessian")
         for plan in [PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), PrunePlan(method: .sparsegpt, pattern: .nOfM(n: 2, m: 4)),
                      PrunePlan(method: .wanda, pattern: .unstructured(0.5)), PrunePlan(method: .magnitude, pattern: .unstructured(0.5)),

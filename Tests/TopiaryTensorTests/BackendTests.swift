@@ -148,9 +148,9 @@ final class BackendTests: XCTestCase {
     /// whole update gives it, however the rows are cut, and the others are left as they were.
     func testUpperSyrkUpdateByTileRowsHasTheWholeUpdatesBits() throws {
         var rng = TestRandom(seed: 6)
-        let tile = try XCTUnwrap(cpu.statisticsTile)
-        XCTAssertNil(Float64Backend().statisticsTile)
+        XCTAssertNil(Float64Backend().statisticsTile(columns: 300))
         for d in [300, 520] {
+            let tile = try XCTUnwrap(cpu.statisticsTile(columns: d))
             let whole = cpu.zeros(rows: d, cols: d)
             let cuts = [0, tile, 2 * tile, d]
             let parts = (0..<cuts.count - 1).map { _ in cpu.zeros(rows: d, cols: d) }

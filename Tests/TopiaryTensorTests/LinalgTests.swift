@@ -134,6 +134,46 @@ final class LinalgTests: XCTestCase {
         }
     }
 
+    /// The statistics' XᵀX: however its rows are split into whole tiles (replicas each sum some),
+    /// each element has the bits of the whole update, at the side SmolLM2 uses and at a 70B's.
+    /// (Across sides the bits are not the same on every kernel: Haswell's differ.)
+    func testSyrkBitsDoNotDependOnHowItsRowsAreSplit() {
+        XCTAssertEqual(Linalg.syrkTile(1536), 128)
+        XCTAssertEqual(Linalg.syrkTile(28672), 512)
+        let n = 1300, k = 96
+        var rng = TestRandom(seed: 31)
+        let a = rng.matrix(k, n)
+        func upper(side: Int, splits: [Range<Int>]? = nil) -> [Float] {
+            var c = [Float](repeating: 0.5, count: n * n)
+            a.withUnsafeBufferPointer { pa in
+                c.withUnsafeMutableBufferPointer { pc in
+                    for rows in splits ?? [0..<n] {
+                        Linalg.syrkUpper(n: n, k: k, alpha: 0.25, a: pa.baseAddress!, lda: n, c: pc.baseAddress!, ldc: n,
+                                         rows: rows, side: side)
+                    }
+                }
+            }
+            return (0..<n).flatMap { i in (i..<n).map { c[i * n + $0] } }
+        }
+        for (side, splits) in [(128, [0..<256, 256..<384, 384..<1300]), (512, [0..<512, 512..<1024, 1024..<1300])] {
+            let whole = upper(side: side)
+            let parts = upper(side: side, splits: splits)
+            let differing = zip(whole, parts).filter { $0.bitPattern != $1.bitPattern }.count
+            XCTAssertEqual(differing, 0, "side \(side), rows \(splits): \(differing) elements differ")
+            // Against the definition.
+            var worst: Float = 0
+            for i in stride(from: 0, to: n, by: 37) {
+                for j in stride(from: i, to: n, by: 41) {
+                    var sum = 0.0
+                    for r in 0..<k { sum += Double(a[r, i]) * Double(a[r, j]) }
+                    let index = i * n - i * (i - 1) / 2 + (j - i)
+                    worst = max(worst, abs(whole[index] - Float(0.5 + 0.25 * sum)))
+                }
+            }
+            XCTAssertLessThan(worst, 1e-3, "side \(side)")
+        }
+    }
+
     func testCholeskyOfIndefiniteMatrixThrows() {
         var m = Matrix.identity(3)
         m[1, 1] = -1
