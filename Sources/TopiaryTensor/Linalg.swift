@@ -198,27 +198,30 @@ public enum Linalg {
     /// results do not depend on the thread count).
     static let tile = 128
 
-    /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda):
-    /// square tiles of `side` (by default `syrkTile(n)`) on one grid from (0, 0), diagonal ones by
-    /// ssyrk and the others by sgemm, concurrently. `rows`: only these rows (whole tile rows, or
-    /// up to n), the unit in which replicas share a Hessian; each tile's bits are the same
-    /// whichever others are computed. They are not the same for another side on every OpenBLAS
-    /// kernel (Haswell's differ, SkylakeX's do not), so the side is a function of n alone.
+    /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda), in
+    /// strips of `side` rows (by default `syrkTile(n)`) from row 0: each strip's diagonal block by
+    /// ssyrk, the rest of its columns by sgemm in blocks of `side` (128) or 2·`side` columns,
+    /// concurrently. `rows`: only these rows (whole strips, or up to n), the unit in which
+    /// replicas share a Hessian; each block's bits are the same whichever others are computed.
+    /// They are not the same for other block shapes on every OpenBLAS kernel (Haswell's differ,
+    /// SkylakeX's do not), so the shapes are a function of n alone.
     public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
                           c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil) {
         _ = configured
         let t = side ?? syrkTile(n)
+        let w = t == 128 ? 128 : 2 * t
         let rows = rows ?? 0..<n
         precondition(rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n), "syrkUpper: rows \(rows) are not whole tiles of \(t)")
-        var tiles: [(i0: Int, j0: Int)] = []
+        var tiles: [(i0: Int, j0: Int, cols: Int)] = []
         for i0 in stride(from: rows.lowerBound, to: rows.upperBound, by: t) {
-            for j0 in stride(from: i0, to: n, by: t) { tiles.append((i0, j0)) }
+            tiles.append((i0, i0, min(t, n - i0)))
+            for j0 in stride(from: i0 + t, to: n, by: w) { tiles.append((i0, j0, min(w, n - j0))) }
         }
         let args = UnsafeSendable((a, c))
         forEachTile(tiles.count) { index in
             let (a, c) = args.value
-            let (i0, j0) = tiles[index]
-            let count = min(t, n - i0), cols = min(t, n - j0)
+            let (i0, j0, cols) = tiles[index]
+            let count = min(t, n - i0)
             if i0 == j0 {
                 cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(k),
                             alpha, a + i0, blasint(lda), 1, c + i0 * ldc + i0, blasint(ldc))
@@ -229,11 +232,13 @@ public enum Linalg {
         }
     }
 
-    /// The side of `syrkUpper`'s tiles for an n x n result: 128 below 4096 columns (enough
-    /// tiles for the threads at SmolLM2's 576 and 1536), 512 from there. Each tile packs its
-    /// slices of A, strided by n: at a 70B's 28672 columns 128-wide tiles packed so much that
-    /// the update ran at 328 GFLOP/s against 477 with 512 (2048 rows, 2 threads, SkylakeX).
-    public static func syrkTile(_ n: Int) -> Int { n < 4096 ? 128 : 512 }
+    /// The strip height of `syrkUpper` for an n x n result: 128 below 4096 columns (blocks of
+    /// 128 x 128, enough of them for the threads at SmolLM2's 576 and 1536), 256 from there
+    /// (blocks of 256 x 512). Each block packs its slices of A, strided by n: at a 70B's 28672
+    /// columns 128 x 128 blocks ran the update at 318 GFLOP/s, 256 x 512 at 436 and 512 x 512
+    /// at 439 (2048 rows, 2 threads, SkylakeX; at 8192 columns 332, 409 and 449). 256 rather
+    /// than 512 so that replicas can still share an 8192-wide Hessian 16 ways (two strips each).
+    public static func syrkTile(_ n: Int) -> Int { n < 4096 ? 128 : 256 }
 
     /// Tile coordinates (i, j) with i <= j of a t x t grid, in a fixed order.
     static func upperTiles(_ t: Int) -> [(Int, Int)] {

@@ -494,7 +494,7 @@ func benchLinalg(_ args: [String]) {
     }
     if let width = argument("syrk-columns", args).flatMap(Int.init) {
         // The statistics' update at one width: H's upper triangle += XᵀX for a window of --rows
-        // tokens, at the tile side Topiary uses for that width and at 128 (the side before
+        // tokens, in the strips Topiary uses for that width and in 128 x 128 blocks (before
         // 2026-12-05) for comparison.
         let rows = argument("rows", args).flatMap(Int.init) ?? 2048
         let x = randomMatrix(rows, width, seed: 3)
@@ -507,7 +507,7 @@ func benchLinalg(_ args: [String]) {
                     }
                 }
             }
-            print(String(format: "  XᵀX upper, %d columns, %d rows, tiles of %d: %.3f s, %.1f GFLOP/s", width, rows, side, seconds,
+            print(String(format: "  XᵀX upper, %d columns, %d rows, strips of %d: %.3f s, %.1f GFLOP/s", width, rows, side, seconds,
                          Double(rows) * Double(width) * Double(width + 1) / seconds / 1e9))
         }
         return
