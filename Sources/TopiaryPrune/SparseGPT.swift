@@ -74,6 +74,8 @@ public enum SparseGPTPruner {
     public struct Factor: @unchecked Sendable {
         public let inverseFactor: Tensor
         public let hessian: Tensor
+        /// Whether some input is dead (a zero diagonal entry): only then does `prepare` read H.
+        public let hasDeadInputs: Bool
     }
 
     /// U for `hessian` [cols x cols]: dead inputs (never active in calibration) get a unit
@@ -82,12 +84,14 @@ public enum SparseGPTPruner {
                               on backend: any ComputeBackend) throws -> Factor {
         let cols = hessian.cols
         guard hessian.rows == cols else { throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(cols), not square") }
+        let live = backend.sum(backend.map(backend.diagonal(hessian), .nonZero))
         let h = backend.copy(hessian)
         backend.zeroDeadInputs(hessian: h, weight: backend.zeros(rows: 1, cols: cols))
         let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
         backend.addToDiagonal(h, damp)
         do {
-            return Factor(inverseFactor: try backend.inverseCholeskyFactor(h, what: "\(what): damped Hessian"), hessian: hessian)
+            return Factor(inverseFactor: try backend.inverseCholeskyFactor(h, what: "\(what): damped Hessian"), hessian: hessian,
+                          hasDeadInputs: live < Double(cols))
         } catch {
             throw PruneError.numerical("\(error)")
         }
@@ -100,7 +104,8 @@ public enum SparseGPTPruner {
             throw PruneError.shape("\(what): Hessian is \(factor.hessian.rows)x\(factor.hessian.cols), expected \(cols)x\(cols)")
         }
         let w = backend.copy(weight)
-        backend.zeroDeadInputs(hessian: backend.copy(factor.hessian), weight: w)
+        // (On a copy of H: zeroDeadInputs also sets their diagonal entries, which the caller's H keeps.)
+        if factor.hasDeadInputs { backend.zeroDeadInputs(hessian: backend.copy(factor.hessian), weight: w) }
         return w
     }
 

@@ -40,9 +40,8 @@ public protocol ComputeBackend: Sendable {
     /// lower triangle is left as it was until `mirrorUpper`. The same upper triangle, bit for
     /// bit, as scaling C by beta and then `syrkAccumulate`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor)
-    /// The side of the square tiles in which `syrkUpperUpdate` computes a `columns` x `columns`
-    /// C's upper triangle when each tile's bits depend on nothing but that tile's rows and
-    /// columns of X (nil: one call, whose parts may depend on one another); a function of the
+    /// The height of the strips of rows in which `syrkUpperUpdate` computes a `columns` x `columns`
+    /// C's upper triangle when each strip's bits depend on nothing but its rows and columns of X (nil: one call, whose parts may depend on one another); a function of the
     /// width alone. Replicas split a large Hessian by such tiles.
     func statisticsTile(columns: Int) -> Int?
     /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole tiles of

@@ -211,7 +211,8 @@ public enum Linalg {
         let t = side ?? syrkTile(n)
         let w = t == 128 ? 128 : 2 * t
         let rows = rows ?? 0..<n
-        precondition(rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n), "syrkUpper: rows \(rows) are not whole tiles of \(t)")
+        precondition(rows.lowerBound >= 0 && rows.upperBound <= n && rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n),
+                     "syrkUpper: rows \(rows) are not whole strips of \(t) within \(n)")
         var tiles: [(i0: Int, j0: Int, cols: Int)] = []
         for i0 in stride(from: rows.lowerBound, to: rows.upperBound, by: t) {
             tiles.append((i0, i0, min(t, n - i0)))
@@ -385,7 +386,7 @@ public enum Linalg {
         var f = consume a
         reverse(&f)
         let minor = f.withUnsafeMutableBufferPointer { choleskyLower($0.baseAddress!, n: n) }
-        if minor > 0 { throw LinalgError.notPositiveDefinite(what: "\(what) (trailing minor)", minor: minor) }
+        if minor > 0 { throw LinalgError.notPositiveDefinite(what: "\(what) (factored from its last row: minor \(minor) is its last \(minor) rows and columns)", minor: minor) }
         var x = try lowerInverse(f, what: what)
         _ = consume f
         reverse(&x)

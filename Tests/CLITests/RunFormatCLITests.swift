@@ -55,6 +55,14 @@ final class RunFormatCLITests: XCTestCase {
         for name in ["run", "out"] { try fm.removeItem(atPath: root + "/" + name) }
         try fm.copyItem(atPath: fixture + "/run", toPath: root + "/run")
 
+        // A fresh run (all blocks solved now) writes other bytes: the resume kept the old blocks.
+        let dir = try CLI.temporaryDirectory(self)
+        let fresh = try CLI.run(["prune", "--model", root + "/stories260K.bin", "--tokenizer", root + "/tok512.bin", "--method", "sparsegpt",
+                                 "--sparsity", "0.5", "--calib", root + "/calib.txt", "--calib-samples", "4", "--calib-seqlen", "64",
+                                 "--seed", "0", "--output", dir.appendingPathComponent("out").path, "--json"], environment: kernel)
+        XCTAssertEqual(fresh.status, 0, fresh.stderr)
+        XCTAssertNotEqual(fresh.json?["output_sha256"] as? String, expected)
+
         let resumed = try CLI.run(["prune", "--resume", root + "/run", "--json"], environment: kernel)
         XCTAssertEqual(resumed.status, 0, resumed.stderr)
         if sameKernel { XCTAssertEqual(resumed.json?["output_sha256"] as? String, expected) }

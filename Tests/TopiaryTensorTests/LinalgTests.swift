@@ -130,7 +130,7 @@ final class LinalgTests: XCTestCase {
         m[2, 2] = -1
         XCTAssertThrowsError(try Linalg.inverseCholeskyUpper(m, what: "test")) { error in
             // The reversed matrix's second leading minor: A's last two rows and columns.
-            XCTAssertEqual(error as? LinalgError, .notPositiveDefinite(what: "test (trailing minor)", minor: 2))
+            XCTAssertEqual(error as? LinalgError, .notPositiveDefinite(what: "test (factored from its last row: minor 2 is its last 2 rows and columns)", minor: 2))
         }
     }
 
