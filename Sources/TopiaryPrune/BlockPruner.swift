@@ -384,8 +384,8 @@ public struct BlockPruner: Sendable {
                     let key = keys[name] ?? name
                     let reused = factors[key]
                     var factor = reused
-                    if factor == nil && plan.sparseGPT.admm == nil && (factorReaders[key] ?? 0) > 1 {
-                        factor = try SparseGPTPruner.factor(st.hessianTensor, options: plan.sparseGPT, what: name, on: backend)
+                    if factor == nil && (factorReaders[key] ?? 0) > 1 {
+                        factor = try SparseGPTPruner.sharedFactor(st.hessianTensor, options: plan.sparseGPT, what: name, on: backend)
                         factors[key] = factor
                     }
                     solved = try SparseGPTPruner.prune(weight, hessian: st.hessianTensor, pattern: plan.pattern, options: plan.sparseGPT,

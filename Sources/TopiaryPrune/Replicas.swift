@@ -249,9 +249,10 @@ public enum ReplicaWork {
     /// Statistics groups whose Hessian every replica sums a part of: those whose Hessian update
     /// alone (tokens x columns²) is more than a replica's fair share of the block's, for magnitude,
     /// Wanda (when they build a Hessian: `--linear-errors`) and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
-    /// a backend that computes H in independent tiles (`statisticsTile(columns:)`, which may grow
-    /// with the width), with at least two tile rows a replica. Each gets, per rank, its rows of H: whole tile rows, cut so that every
-    /// replica has about as many of the upper triangle's tiles (row i of t has t − i).
+    /// a backend that computes H in independent strips of rows (`statisticsTile(columns:)`, which
+    /// may grow with the width), with at least two strips a replica. Each gets, per rank, its
+    /// rows of H: whole strips, cut so that every replica has about as many of the upper
+    /// triangle's tiles (strip i of t has t − i).
     public static func splitStatistics(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
                                        tile: (_ columns: Int) -> Int?) -> [String: [Range<Int>]] {
         guard replicas > 1, plan.collectsHessian, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }

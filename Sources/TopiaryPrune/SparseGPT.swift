@@ -97,6 +97,12 @@ public enum SparseGPTPruner {
         }
     }
 
+    /// `factor` for a caller that keeps it for several layers; nil under `--weight-update admm`,
+    /// which does not read U.
+    public static func sharedFactor(_ hessian: Tensor, options: Options, what: String, on backend: any ComputeBackend) throws -> Factor? {
+        options.admm == nil ? try factor(hessian, options: options, what: what, on: backend) : nil
+    }
+
     /// A copy of `weight` with its dead inputs' columns zeroed, for the column loop.
     public static func prepare(_ weight: Tensor, factor: Factor, what: String = "layer", on backend: any ComputeBackend) throws -> Tensor {
         let cols = weight.cols

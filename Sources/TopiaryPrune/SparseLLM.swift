@@ -105,8 +105,7 @@ public enum SparseLLM {
         let xs = rowChunks(x, rows: chunkRows, on: backend)
         let gramX = gram(xs, on: backend)
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
-        let factorX = sparseGPT.admm == nil ? try SparseGPTPruner.factor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj",
-                                                                         on: backend) : nil
+        let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)
         let s = xs.map { linear($0, gate, on: backend) }
         let z = xs.map { linear($0, up, on: backend) }
         var p = zip(s, z).map { siluProduct($0, $1, on: backend) }
@@ -196,7 +195,7 @@ public enum SparseLLM {
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
         let gramX = gram([x], on: backend)
-        let factorX = sparseGPT.admm == nil ? try SparseGPTPruner.factor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend) : nil
+        let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend)
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
         var p = backend.map(z, .relu)
         let y = backend.addRowVector(linear(p, fc2, on: backend), bias2)

@@ -41,12 +41,13 @@ public protocol ComputeBackend: Sendable {
     /// bit, as scaling C by beta and then `syrkAccumulate`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor)
     /// The height of the strips of rows in which `syrkUpperUpdate` computes a `columns` x `columns`
-    /// C's upper triangle when each strip's bits depend on nothing but its rows and columns of X (nil: one call, whose parts may depend on one another); a function of the
-    /// width alone. Replicas split a large Hessian by such tiles.
+    /// C's upper triangle when each strip's bits depend on nothing but its rows and columns of X
+    /// (nil: one call, whose parts may depend on one another); a function of the width alone.
+    /// Replicas split a large Hessian by such strips.
     func statisticsTile(columns: Int) -> Int?
-    /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole tiles of
-    /// `statisticsTile(columns:)` rows, the last one shorter), leaving the others as they are: there, the
-    /// same bits as the whole update. Only for a backend with a `statisticsTile`.
+    /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole strips of
+    /// `statisticsTile(columns:)` rows, the last one shorter), leaving the others as they are:
+    /// there, the same bits as the whole update. Only for a backend with a `statisticsTile`.
     func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>)
     /// Copies the upper triangle of the square C onto its lower triangle.
     func mirrorUpper(_ c: Tensor)

@@ -489,9 +489,6 @@ func threadCPUSeconds() -> Double {
 func benchLinalg(_ args: [String]) {
     if let t = argument("threads", args).flatMap(Int.init) { CPUBackend.setThreadCount(t) }
     print("threads \(CPUBackend.threadCount)")
-    for (m, n, k) in [(2048, 2048, 2048), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096), (2048, 14336, 4096), (512, 512, 64)] {
-        print(String(format: "  sgemm %5d x %5d x %5d  %6.1f GFLOP/s", m, n, k, sgemmRate(m: m, n: n, k: k)))
-    }
     if let width = argument("syrk-columns", args).flatMap(Int.init) {
         // The statistics' update at one width: H's upper triangle += XᵀX for a window of --rows
         // tokens, in the strips Topiary uses for that width and in 128 x 128 blocks (before
@@ -511,6 +508,9 @@ func benchLinalg(_ args: [String]) {
                          Double(rows) * Double(width) * Double(width + 1) / seconds / 1e9))
         }
         return
+    }
+    for (m, n, k) in [(2048, 2048, 2048), (2048, 576, 576), (2048, 1536, 576), (2048, 576, 1536), (2048, 4096, 4096), (2048, 14336, 4096), (512, 512, 64)] {
+        print(String(format: "  sgemm %5d x %5d x %5d  %6.1f GFLOP/s", m, n, k, sgemmRate(m: m, n: n, k: k)))
     }
     for n in [576, 1536, 4096] {
         let x = cpu.upload(randomMatrix(2048, n, seed: 3))

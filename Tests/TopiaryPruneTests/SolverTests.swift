@@ -200,7 +200,7 @@ final class SolverTests: XCTestCase {
         // The radix selection over the whole float order: signs, zeros of both signs,
         // subnormals, infinities, values that share their high bits, k out of range.
         var mixed: [Float] = [-.infinity, .infinity, -0.0, 0.0, -.leastNonzeroMagnitude, .leastNonzeroMagnitude,
-                              -1, 1, 1.0000001, 0.99999994, -3.5e38, 3.5e38, 2, 2, 2]
+                              -1, 1, 1.0000001, 0.99999994, -.greatestFiniteMagnitude, .greatestFiniteMagnitude, 2, 2, 2]
         for _ in 0..<500 { mixed.append(rng.next() * Float(1 << Int(abs(rng.next()) * 30))) }
         let sorted = mixed.sorted()
         for k in 0..<mixed.count {
