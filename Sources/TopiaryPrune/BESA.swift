@@ -254,20 +254,33 @@ final class RowLearner {
 
     func group(_ row: Int) -> Int { groups == rows ? row : 0 }
 
-    /// p = softmax(θ) and s̄ = Σ p_k s_k for every group.
+    /// p = softmax(θ) and s̄ = Σ p_k s_k for every group (groups in parallel; each group's
+    /// arithmetic is the same wherever it runs).
     func refresh() {
         let k = BESA.steps + 1
-        for g in 0..<groups {
-            let base = g * k
-            var m = -Double.infinity
-            for i in 0..<k { m = max(m, logits[base + i]) }
-            var sum = 0.0
-            for i in 0..<k { probabilities[base + i] = exp(logits[base + i] - m); sum += probabilities[base + i] }
-            var mean = 0.0
-            for i in 0..<k { probabilities[base + i] /= sum; mean += probabilities[base + i] * Double(i) / Double(BESA.steps) }
-            groupSparsity[g] = mean
+        let steps = Double(BESA.steps)
+        logits.withUnsafeBufferPointer { logits in
+            probabilities.withUnsafeMutableBufferPointer { probabilities in
+                groupSparsity.withUnsafeMutableBufferPointer { sparsity in
+                    Parallel.forEach(groups, chunk: Self.rowChunk) { range in
+                        for g in range {
+                            let theta = logits.baseAddress! + g * k, p = probabilities.baseAddress! + g * k
+                            var m = -Double.infinity
+                            for i in 0..<k { m = max(m, theta[i]) }
+                            var sum = 0.0
+                            for i in 0..<k { p[i] = exp(theta[i] - m); sum += p[i] }
+                            var mean = 0.0
+                            for i in 0..<k { p[i] /= sum; mean += p[i] * Double(i) / steps }
+                            sparsity[g] = mean
+                        }
+                    }
+                }
+            }
         }
     }
+
+    /// Rows per chunk of the learner's parallel loops over rows.
+    static let rowChunk = 32
 
     func meanSparsity() -> Double { groups == 1 ? groupSparsity[0] : groupSparsity.reduce(0, +) / Double(groups) }
 
@@ -290,18 +303,39 @@ final class RowLearner {
     /// `penaltySlope`·s_k per row, through the softmax to θ.
     func logitGradient(weightGradient dW: Tensor, penaltySlope: Double) -> [Double] {
         let k = BESA.steps + 1
+        let steps = Double(BESA.steps)
         // ∂L/∂p_rk = −Σ_{j<N_k} (G⊙W)[r, order_j] + slope·s_k.
         let prefix = backend.rankedPrefixSums(dW, weight, order: order, at: candidateCounts)
         var dp = [Double](repeating: 0, count: groups * k)
-        for r in 0..<rows {
-            let base = group(r) * k
-            for i in 0..<k { dp[base + i] += -prefix[r * k + i] + penaltySlope * Double(i) / Double(BESA.steps) }
-        }
-        for g in 0..<groups {
-            let base = g * k
-            var dot = 0.0
-            for i in 0..<k { dot += probabilities[base + i] * dp[base + i] }
-            for i in 0..<k { dp[base + i] = probabilities[base + i] * (dp[base + i] - dot) }   // softmax backward
+        dp.withUnsafeMutableBufferPointer { dp in
+            prefix.withUnsafeBufferPointer { prefix in
+                probabilities.withUnsafeBufferPointer { probabilities in
+                    let (d, s, pr) = (dp.baseAddress!, prefix.baseAddress!, probabilities.baseAddress!)
+                    /// The softmax's backward of group g's ∂L/∂p in place.
+                    func softmaxBackward(_ g: Int) {
+                        let base = g * k
+                        var dot = 0.0
+                        for i in 0..<k { dot += pr[base + i] * d[base + i] }
+                        for i in 0..<k { d[base + i] = pr[base + i] * (d[base + i] - dot) }
+                    }
+                    if groups == rows {
+                        // A group per row: rows apart, in parallel.
+                        Parallel.forEach(rows, chunk: Self.rowChunk) { range in
+                            for r in range {
+                                for i in 0..<k { d[r * k + i] += -s[r * k + i] + penaltySlope * Double(i) / steps }
+                                softmaxBackward(r)
+                            }
+                        }
+                    } else {
+                        // One group: the rows' terms added in row order.
+                        for r in 0..<rows {
+                            let base = group(r) * k
+                            for i in 0..<k { d[base + i] += -s[r * k + i] + penaltySlope * Double(i) / steps }
+                        }
+                        for g in 0..<groups { softmaxBackward(g) }
+                    }
+                }
+            }
         }
         return dp
     }
@@ -311,12 +345,24 @@ final class RowLearner {
         let gradient = logitGradient(weightGradient: dW, penaltySlope: penaltySlope)
         let (b1, b2, eps) = (Self.beta1, Self.beta2, Self.epsilon)
         let correction1 = 1 - pow(b1, Double(t)), correction2 = 1 - pow(b2, Double(t))
-        for (i, grad) in gradient.enumerated() {
-            let m = b1 * firstMoment[i] + (1 - b1) * grad
-            let v = b2 * secondMoment[i] + (1 - b2) * grad * grad
-            firstMoment[i] = m
-            secondMoment[i] = v
-            logits[i] -= learningRate * (m / correction1) / ((v / correction2).squareRoot() + eps)
+        gradient.withUnsafeBufferPointer { gradient in
+            logits.withUnsafeMutableBufferPointer { logits in
+                firstMoment.withUnsafeMutableBufferPointer { first in
+                    secondMoment.withUnsafeMutableBufferPointer { second in
+                        let (g, theta, m1, m2) = (gradient.baseAddress!, logits.baseAddress!, first.baseAddress!, second.baseAddress!)
+                        Parallel.forEach(gradient.count, chunk: Self.rowChunk * (BESA.steps + 1)) { range in
+                            for i in range {
+                                let grad = g[i]
+                                let m = b1 * m1[i] + (1 - b1) * grad
+                                let v = b2 * m2[i] + (1 - b2) * grad * grad
+                                m1[i] = m
+                                m2[i] = v
+                                theta[i] -= learningRate * (m / correction1) / ((v / correction2).squareRoot() + eps)
+                            }
+                        }
+                    }
+                }
+            }
         }
         refresh()
     }

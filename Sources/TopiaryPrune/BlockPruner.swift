@@ -326,6 +326,9 @@ public struct BlockPruner: Sendable {
                 besaSummary = r.summary
                 let seconds = clock().timeIntervalSince(t0) / Double(block.linearNames.count)
                 for name in block.linearNames { jointSeconds[name] = seconds }
+                let firstGroup = (block.inputGroups.first ?? []).reduce(0) { $0 + device.weight($1).count }
+                solveFLOPs += BlockProfile.besaFLOPs(block.config, sequences: gathered.inputs.count, sequenceLength: sequenceLength,
+                                                     epochs: (plan.besa ?? BESA.Options()).epochs, firstGroupMACsPerToken: firstGroup)
             }
         }
         if plan.method == .sparsellm {
@@ -431,7 +434,7 @@ public struct BlockPruner: Sendable {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.errorMetrics, seconds: errorSeconds, flops: errorFLOPs)
-            // BESA's and SparseLLM's joint solves are timed here; their FLOPs are not counted.
+            // BESA's and SparseLLM's joint solves are timed here; SparseLLM's FLOPs are not counted.
             profile.add(.solve, seconds: max(0, clock().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.

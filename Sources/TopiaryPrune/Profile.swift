@@ -52,6 +52,20 @@ public struct BlockProfile: Sendable, Codable, Equatable {
         return Double(sequences) * (linears + attention)
     }
 
+    /// BESA's learning of one block: per sequence and epoch, a forward pass (linears L plus causal
+    /// attention A) and its backward: every linear's weight gradient (L), every input gradient but
+    /// the block input's (L less 2·`firstGroupMACsPerToken` a token: the first input group, e.g.
+    /// q/k/v, passes no gradient further down) and attention's (2.5A: the scores again, then the
+    /// four products of the gradients). The final masks and `reconstruct`'s solves are not counted.
+    public static func besaFLOPs(_ c: ModelConfig, sequences: Int, sequenceLength: Int, epochs: Int, firstGroupMACsPerToken: Int) -> Double {
+        let forward = forwardFLOPs(c, sequences: sequences, sequenceLength: sequenceLength)
+        let t = Double(sequenceLength)
+        let attention = Double(sequences) * 2 * 2 * (t * (t + 1) / 2) * Double(c.headDim * c.headCount)
+        let linears = forward - attention
+        let firstGroup = 2 * Double(firstGroupMACsPerToken) * Double(sequences) * t
+        return Double(epochs) * (3 * linears - firstGroup + 3.5 * attention)
+    }
+
     /// SparseGPT's solve of a [rows x cols] weight: the factor of the damped Hessian's inverse
     /// (a Cholesky and a triangular inverse, about 2/3·cols³; none when `factored` is false, for
     /// a layer that reuses another's) and the column-by-column updates of every row (about rows·cols²).

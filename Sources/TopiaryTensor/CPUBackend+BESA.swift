@@ -34,10 +34,16 @@ extension CPUBackend {
     private func setRanked(_ x: Tensor, to value: Float, order: Tensor, counts: [Int], what: String) {
         precondition(counts.count == order.rows, "\(what): \(counts.count) counts for \(order)")
         let cols = order.cols
-        let (po, px) = (read(order), write(x))
         for r in 0..<order.rows {
             precondition(counts[r] >= 0 && counts[r] <= cols, "\(what): count \(counts[r]) of \(cols)")
-            for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = value }
+        }
+        let (po, px) = (read(order), write(x))
+        counts.withUnsafeBufferPointer { counts in
+            Parallel.forEach(order.rows, chunk: 16) { range in
+                for r in range {
+                    for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = value }
+                }
+            }
         }
     }
 
@@ -47,9 +53,10 @@ extension CPUBackend {
         let (rows, cols, k) = (weight.rows, weight.cols, counts.count)
         var out = [Double](repeating: 0, count: rows * k)
         let (pg, pw, po) = (read(gradient), read(weight), read(order))
-        out.withUnsafeMutableBufferPointer { buffer in
+        // Rows apart, in parallel: each row's sums in its own order.
+        out.withUnsafeMutableBufferPointer { buffer in counts.withUnsafeBufferPointer { counts in
             let d = buffer.baseAddress!
-            for r in 0..<rows {
+            Parallel.forEach(rows, chunk: 16) { range in for r in range {
                 let gr = pg + r * cols, wr = pw + r * cols, ranked = po + r * cols
                 var prefix = 0.0
                 var next = 0
@@ -62,8 +69,8 @@ extension CPUBackend {
                     let c = Int(ranked[j])
                     prefix += Double(gr[c]) * Double(wr[c])
                 }
-            }
-        }
+            } }
+        } }
         return out
     }
 

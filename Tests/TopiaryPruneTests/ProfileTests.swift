@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import TopiaryPrune
+import TopiaryModel
 
 final class ProfileTests: XCTestCase {
     func testReportsWithoutAProfileStillDecode() throws {
@@ -31,5 +32,15 @@ final class ProfileTests: XCTestCase {
         // SparseGPT on a 4x8 weight: 2/3·8³ (the factor) + 4·8²; a layer that reuses another's factor, 4·8².
         XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8), 2.0 / 3.0 * 512 + 256, accuracy: 1e-9)
         XCTAssertEqual(BlockProfile.sparseGPTFLOPs(rows: 4, cols: 8, factored: false), 256, accuracy: 1e-9)
+        // BESA on SmolLM2's block shapes, 1 window of 512 tokens, 2 epochs: 3x the linears (forward,
+        // weight and input gradients) less q/k/v's input gradient, and 3.5x attention.
+        let c = ModelConfig(architecture: .llama, hiddenSize: 576, intermediateSize: 1536, layerCount: 30, headCount: 9, kvHeadCount: 3,
+                            vocabularySize: 49152, maxPositions: 2048, normEps: 1e-5, tieWordEmbeddings: true)
+        let qkv = 576 * (576 + 2 * 192)
+        let linearMACs = qkv + 576 * 576 + 3 * 576 * 1536
+        let attention = 2.0 * 2 * (512.0 * 513 / 2) * 576
+        let expected = 2 * (3 * 2 * Double(linearMACs) * 512 - 2 * Double(qkv) * 512 + 3.5 * attention)
+        XCTAssertEqual(BlockProfile.besaFLOPs(c, sequences: 1, sequenceLength: 512, epochs: 2, firstGroupMACsPerToken: qkv), expected,
+                       accuracy: 1e-6 * expected)
     }
 }
