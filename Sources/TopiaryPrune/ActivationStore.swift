@@ -12,6 +12,14 @@ import Glibc
 /// The spill file is read and written with pread/pwrite rather than mapped: pages of a mapping
 /// count towards the process's resident memory once touched, page-cache pages do not, and the
 /// point of spilling is to keep the resident set within the budget.
+///
+/// Spill I/O is off the compute thread (issue 16, item 5): a window handed to `set` is written
+/// by the store's own thread while the caller computes on (at most `writesInFlight` windows
+/// wait to be written: `set` blocks beyond that), and reading window i starts the read of the
+/// window the reader will want next (i plus the step between its last two reads). A window still
+/// waiting to be written reads back from memory. A failed write fails the read of that window,
+/// with the file's name and the error; a window that is never read again loses nothing.
+/// `spillSeconds` counts only the time the caller waited.
 public final class ActivationStore: @unchecked Sendable {
     public let count: Int
     public let rows: Int
@@ -22,8 +30,38 @@ public final class ActivationStore: @unchecked Sendable {
     private var memory: [Tensor?]
     private var fd: Int32 = -1
     private var spillPath: String?
-    /// Wall seconds spent reading and writing the spill file (`prune --profile`).
-    public private(set) var spillSeconds = 0.0
+    /// Wall seconds the caller waited for the spill file (`prune --profile`).
+    public var spillSeconds: Double { spill.lock.withLock { spill.waited } }
+
+    /// Windows handed to `set` and not yet written, at most this many.
+    public static let writesInFlight = 2
+    /// The spill file's I/O, in order: writes, and the reads ahead queued after them.
+    private let io = DispatchQueue(label: "topiary.activation-spill")
+    private let writeSlots = DispatchSemaphore(value: ActivationStore.writesInFlight)
+    /// What the caller and the io queue share (the queue's work holds this, not the store, so
+    /// that the store's deinit runs on its owner's thread and can wait for the queue).
+    private let spill = SpillState()
+
+    private final class SpillState: @unchecked Sendable {
+        let lock = NSLock()
+        /// Windows queued for writing (the latest value of each, with its write's number).
+        var pendingWrites: [Int: (number: Int, values: Matrix)] = [:]
+        var writesIssued = 0
+        /// Why a window's last write failed.
+        var writeFailures: [Int: Error] = [:]
+        var readAhead: ReadAhead?
+        var lastRead: Int?
+        var waited = 0.0
+    }
+
+    /// A read started before its reader asked: done once `result` is set. A write of its window
+    /// drops it from the store.
+    private final class ReadAhead: @unchecked Sendable {
+        let index: Int
+        let done = DispatchSemaphore(value: 0)
+        var result: Result<Matrix, Error>?
+        init(_ index: Int) { self.index = index }
+    }
 
     public var bytesPerSequence: Int { rows * cols * 4 }
     public var isSpilled: Bool { fd >= 0 }
@@ -39,6 +77,7 @@ public final class ActivationStore: @unchecked Sendable {
     }
 
     deinit {
+        io.sync {}          // the queued writes and reads hold the descriptor
         if fd >= 0 { close(fd) }
         if let spillPath { unlink(spillPath) }
     }
@@ -99,40 +138,107 @@ public final class ActivationStore: @unchecked Sendable {
         memory[i] = nil
     }
 
+    /// Queues window i for writing; waits only while `writesInFlight` windows are queued.
     private func write(_ i: Int, _ m: Matrix) throws {
         let t0 = Date()
-        defer { spillSeconds += Date().timeIntervalSince(t0) }
         if fd < 0 { try openSpill() }
-        let offset = off_t(i) * off_t(bytesPerSequence)
-        try m.withUnsafeBufferPointer { p in
-            var done = 0
-            let raw = UnsafeRawPointer(p.baseAddress!)
-            while done < bytesPerSequence {
-                let n = pwrite(fd, raw + done, bytesPerSequence - done, offset + off_t(done))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw PruneError.calibration("\(spillPath ?? spillDirectory): cannot write activations: \(String(cString: strerror(errno)))")
+        writeSlots.wait()
+        let spill = self.spill
+        let number: Int = spill.lock.withLock {
+            spill.writesIssued += 1
+            spill.pendingWrites[i] = (spill.writesIssued, m)
+            spill.writeFailures[i] = nil
+            // A read ahead of window i would give the values before this write.
+            if spill.readAhead?.index == i { spill.readAhead = nil }
+            spill.waited += Date().timeIntervalSince(t0)
+            return spill.writesIssued
+        }
+        let (fd, path, bytes, slots) = (self.fd, spillPath ?? spillDirectory, bytesPerSequence, writeSlots)
+        let offset = off_t(i) * off_t(bytes)
+        io.async {
+            var failure: Error?
+            m.withUnsafeBufferPointer { p in
+                var done = 0
+                let raw = UnsafeRawPointer(p.baseAddress!)
+                while done < bytes {
+                    let n = pwrite(fd, raw + done, bytes - done, offset + off_t(done))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        failure = PruneError.calibration("\(path): cannot write activations of window \(i): \(String(cString: strerror(errno)))")
+                        return
+                    }
+                    done += n
                 }
-                done += n
             }
+            spill.lock.withLock {
+                if spill.pendingWrites[i]?.number == number {
+                    spill.pendingWrites[i] = nil
+                    if let failure { spill.writeFailures[i] = failure }
+                }
+            }
+            slots.signal()
         }
     }
 
+    /// Window i from the spill file (or from memory while its write waits), then starts reading
+    /// the window the reader is expected to want next.
     private func read(_ i: Int) throws -> Matrix {
         guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written or after it was released") }
         let t0 = Date()
-        defer { spillSeconds += Date().timeIntervalSince(t0) }
-        let offset = off_t(i) * off_t(bytesPerSequence)
+        let spill = self.spill
+        defer { spill.lock.withLock { spill.waited += Date().timeIntervalSince(t0) } }
+        let (pending, failure, ahead, previous): (Matrix?, Error?, ReadAhead?, Int?) = spill.lock.withLock {
+            let ahead = spill.readAhead?.index == i ? spill.readAhead : nil
+            if ahead != nil { spill.readAhead = nil }
+            defer { spill.lastRead = i }
+            return (spill.pendingWrites[i]?.values, spill.writeFailures[i], ahead, spill.lastRead)
+        }
+        let m: Matrix
+        if let pending {
+            m = pending
+        } else if let failure {
+            throw failure
+        } else if let ahead {
+            ahead.done.wait()
+            m = try spill.lock.withLock { ahead.result! }.get()
+        } else {
+            m = try Self.readWindow(i, fd: fd, rows: rows, cols: cols, path: spillPath ?? spillDirectory)
+        }
+        let step = previous.map { i - $0 } ?? 1
+        let next = i + (step > 0 ? step : 1)
+        if next < count { startReadAhead(next) }
+        return m
+    }
+
+    /// Reads window i on the io queue, after the writes queued before it.
+    private func startReadAhead(_ i: Int) {
+        let spill = self.spill
+        let ahead = ReadAhead(i)
+        let started: Bool = spill.lock.withLock {
+            guard spill.pendingWrites[i] == nil, spill.writeFailures[i] == nil else { return false }
+            spill.readAhead = ahead
+            return true
+        }
+        guard started else { return }
+        let (fd, rows, cols, path) = (self.fd, self.rows, self.cols, spillPath ?? spillDirectory)
+        io.async {
+            let result = Result { try Self.readWindow(i, fd: fd, rows: rows, cols: cols, path: path) }
+            spill.lock.withLock { ahead.result = result }
+            ahead.done.signal()
+        }
+    }
+
+    private static func readWindow(_ i: Int, fd: Int32, rows: Int, cols: Int, path: String) throws -> Matrix {
+        let total = rows * cols * 4
+        let offset = off_t(i) * off_t(total)
         var m = Matrix(rows: rows, cols: cols)
-        let total = bytesPerSequence
-        let path = spillPath ?? spillDirectory
         try m.withUnsafeMutableBufferPointer { p in
             var done = 0
             let raw = UnsafeMutableRawPointer(p.baseAddress!)
             while done < total {
                 let n = pread(fd, raw + done, total - done, offset + off_t(done))
                 if n < 0 && errno == EINTR { continue }
-                if n <= 0 { throw PruneError.calibration("\(path): cannot read activations back") }
+                if n <= 0 { throw PruneError.calibration("\(path): cannot read activations of window \(i) back") }
                 done += n
             }
         }

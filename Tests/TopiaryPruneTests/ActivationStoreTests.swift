@@ -30,4 +30,42 @@ final class ActivationStoreTests: XCTestCase {
         store.release(1)      // nothing in memory to free; the file keeps it
         XCTAssertEqual(try store.get(1).values, Array(repeating: 1, count: 20))
     }
+
+    /// Spill I/O runs on the store's own thread (writes behind, reads ahead): whatever the order of
+    /// writes and reads, a read gives the window's latest write. Reads in order, in strides, at
+    /// random, and rewrites of the window a read ahead is fetching, against an in-memory model.
+    func testSpilledWindowsReadBackTheirLatestWriteInAnyOrder() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
+        let (count, rows, cols) = (9, 64, 33)
+        let store = ActivationStore(count: count, rows: rows, cols: cols, budgetBytes: 1000, spillDirectory: dir, backend: CPUBackend())
+        var model: [Float] = Array(repeating: 0, count: count)
+        var version: Float = 0
+        func write(_ i: Int) throws {
+            version += 1
+            model[i] = version
+            try store.set(i, Matrix(rows: rows, cols: cols, values: (0..<(rows * cols)).map { version * 10_000 + Float($0 % 97) }))
+        }
+        func check(_ i: Int, _ what: String) throws {
+            let m = try store.get(i)
+            XCTAssertEqual(m.values.first, model[i] * 10_000, "\(what): window \(i)")
+            XCTAssertEqual(m.values.last, model[i] * 10_000 + Float((rows * cols - 1) % 97), "\(what): window \(i)")
+        }
+        for i in 0..<count { try write(i) }
+        XCTAssertTrue(store.isSpilled)
+        for i in 0..<count { try check(i, "in order") }
+        for i in stride(from: 1, to: count, by: 3) { try check(i, "stride 3") }
+        // Reading 3 starts the read of 4 ahead; 4 written again before it is read.
+        try check(2, "before a rewrite")
+        try check(3, "before a rewrite")
+        try write(4)
+        try check(4, "rewritten while read ahead")
+        var rng = SplitMix64(seed: 12345)
+        func next(_ n: Int) -> Int { Int(rng.next() % UInt64(n)) }
+        for step in 0..<400 {
+            let i = next(count)
+            if next(3) == 0 { try write(i) } else { try check(i, "random step \(step)") }
+        }
+    }
 }
