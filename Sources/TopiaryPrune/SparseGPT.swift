@@ -90,8 +90,8 @@ public enum SparseGPTPruner {
         let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
         backend.addToDiagonal(h, damp)
         do {
-            return Factor(inverseFactor: try backend.inverseCholeskyFactor(h, what: "\(what): damped Hessian"), hessian: hessian,
-                          hasDeadInputs: live < Double(cols))
+            try backend.inverseCholeskyFactorInPlace(h, what: "\(what): damped Hessian")
+            return Factor(inverseFactor: h, hessian: hessian, hasDeadInputs: live < Double(cols))
         } catch {
             throw PruneError.numerical("\(error)")
         }

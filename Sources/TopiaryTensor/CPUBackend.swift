@@ -117,6 +117,21 @@ public struct CPUBackend: ComputeBackend {
         tensor(try Linalg.inverseCholeskyUpper(storage(a).matrix, what: what))
     }
 
+    public func inverseCholeskyFactorInPlace(_ a: Tensor, what: String) throws {
+        // A's matrix moves out of its storage, so that the factorisation owns the only reference
+        // and works in A's memory instead of a copy; U moves back in.
+        let s = storage(a)
+        var m = Matrix(rows: 0, cols: 0)
+        swap(&m, &s.matrix)
+        do {
+            s.matrix = try Linalg.inverseCholeskyUpper(m, what: what)
+        } catch {
+            // A's values are gone; the tensor keeps its shape with zeros (the caller gave it up).
+            s.matrix = Matrix(rows: a.rows, cols: a.cols)
+            throw error
+        }
+    }
+
     public func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor {
         tensor(Linalg.solveTriangular(storage(t).matrix, storage(b).matrix, upper: upper, transpose: transpose))
     }

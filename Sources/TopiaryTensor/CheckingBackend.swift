@@ -156,6 +156,13 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         return u
     }
 
+    public func inverseCholeskyFactorInPlace(_ a: Tensor, what: String) throws {
+        require(a.rows == a.cols, "inverseCholeskyFactor of a non-square \(a) (\(what))")
+        record("inverseCholeskyFactor", flops: 2 * pow(Double(a.rows), 3) / 3)
+        try inner.inverseCholeskyFactorInPlace(a, what: what)
+        finite("inverseCholeskyFactor", a)
+    }
+
     public func solveTriangular(_ t: Tensor, _ b: Tensor, upper: Bool, transpose: Bool) -> Tensor {
         require(t.rows == t.cols && t.rows == b.rows, "solveTriangular: \(t) with \(b)")
         record("solveTriangular", flops: Double(t.rows) * Double(t.rows) * Double(b.cols))

@@ -126,6 +126,16 @@ final class LinalgTests: XCTestCase {
         // UᵀU H = I.
         let product = Linalg.matmul(Linalg.matmul(u, .transposed, u, .none), h)
         XCTAssertLessThan(product.maxAbsDifference(.identity(300)), 1e-2)
+        // The backends' in-place form (SparseGPT's: A's memory becomes U) gives their U's bits: on
+        // the CPU (which factors A's own memory), through the checking wrapper, and through the
+        // protocol's default (Float64's: U computed apart, then copied).
+        for backend in [CPUBackend(), CheckingBackend(), Float64Backend()] as [any ComputeBackend] {
+            let a = backend.upload(h)
+            let kept = backend.upload(h)
+            try backend.inverseCholeskyFactorInPlace(a, what: "test")
+            XCTAssertEqual(backend.download(a), backend.download(try backend.inverseCholeskyFactor(backend.upload(h), what: "test")), "\(backend.name)")
+            XCTAssertEqual(backend.download(kept), h, "\(backend.name): another tensor of A's values is left as it was")
+        }
         var m = Matrix.identity(4)
         m[2, 2] = -1
         XCTAssertThrowsError(try Linalg.inverseCholeskyUpper(m, what: "test")) { error in

@@ -100,6 +100,22 @@ def rows_for(shape, method, events, report, wall, error):
     return rows, rate
 
 
+PHASES = ["load", "dense_forward", "statistics", "solve", "pruned_forward", "error_metrics", "spill"]
+
+
+def phases_for(shape, method, report):
+    """One row per pruned block: each phase's seconds and its ratio to the sgemm rate."""
+    rows = []
+    for b in ((report or {}).get("profile") or {}).get("blocks", []):
+        cells = []
+        for p in PHASES:
+            c = b["phases"].get(p) or {}
+            r = c.get("ratio")
+            cells.append("%.1f" % (c.get("seconds") or 0) + (" (%.2f)" % r if r else ""))
+        rows.append([shape, method, str(b["block"])] + cells)
+    return rows
+
+
 def table(rows, header):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(str(h).rjust(w) if i > 1 else str(h).ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
@@ -140,7 +156,7 @@ def main():
         return os.path.join(a.cache, "%s-%s-seed0" % (shape, a.cache_name or "%dL" % layers))
 
     header = ["shape", "method", "block", "seconds", "rss_GiB", "peak_GiB", "read_GB", "written_GB", "wire_MB", "GFLOP/s", "x_sgemm"]
-    rows, rates, walls = [], [], []
+    rows, rates, walls, phase_rows = [], [], [], []
     print("OPENBLAS_CORETYPE=%s; calibration %d x %d token ids; %d block(s) per run" %
           (os.environ.get("OPENBLAS_CORETYPE", "(unset)"), a.samples, a.seqlen, a.blocks), flush=True)
     for shape in a.shapes.split(","):
@@ -150,6 +166,7 @@ def main():
                                                  calib, os.path.join(work, "out"), a.timeout)
             r, rate = rows_for(shape, method, ev, rep, wall, err)
             rows += r
+            phase_rows += phases_for(shape, method, rep)
             if rate:
                 rates.append(rate)
             walls.append((shape, method, wall, peak))
@@ -163,6 +180,10 @@ def main():
     print()
     print(table([[s, m, "%.0f" % w, "%.2f" % (p / 2**30)] for s, m, w, p in walls], ["shape", "method", "run_wall_s", "peak_rss_GiB"]))
     print("(run_wall_s includes loading, the sgemm probe and writing the whole output model; peak_rss is the prune process's own (wait4))")
+    if phase_rows:
+        print()
+        print("where each pruned block's time went (prune --profile): seconds, and in brackets the phase's ratio to the sgemm rate")
+        print(table(phase_rows, ["shape", "method", "block"] + [p.replace("_forward", "_fwd") for p in PHASES]))
 
     if a.depth != "none":
         shape, n = a.depth.split(":")
