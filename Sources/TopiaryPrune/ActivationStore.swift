@@ -28,8 +28,8 @@ public final class ActivationStore: @unchecked Sendable {
     public let spillDirectory: String
     public let backend: any ComputeBackend
     private var memory: [Tensor?]
-    private var fd: Int32 = -1
-    private var spillPath: String?
+    /// The spill file, once the first window is written to it.
+    private var file: SpillFile?
     /// Wall seconds the caller waited for the spill file (`prune --profile`).
     public var spillSeconds: Double { spill.lock.withLock { spill.waited } }
 
@@ -38,8 +38,8 @@ public final class ActivationStore: @unchecked Sendable {
     /// The spill file's I/O, in order: writes, and the reads ahead queued after them.
     private let io = DispatchQueue(label: "topiary.activation-spill")
     private let writeSlots = DispatchSemaphore(value: ActivationStore.writesInFlight)
-    /// What the caller and the io queue share (the queue's work holds this, not the store, so
-    /// that the store's deinit runs on its owner's thread and can wait for the queue).
+    /// What the caller and the io queue share (the queue's work holds this and the file, not
+    /// the store).
     private let spill = SpillState()
 
     private final class SpillState: @unchecked Sendable {
@@ -64,7 +64,7 @@ public final class ActivationStore: @unchecked Sendable {
     }
 
     public var bytesPerSequence: Int { rows * cols * 4 }
-    public var isSpilled: Bool { fd >= 0 }
+    public var isSpilled: Bool { file != nil }
 
     public init(count: Int, rows: Int, cols: Int, budgetBytes: Int, spillDirectory: String, backend: any ComputeBackend = CPUBackend()) {
         self.count = count
@@ -76,10 +76,21 @@ public final class ActivationStore: @unchecked Sendable {
         memory = Array(repeating: nil, count: count)
     }
 
-    deinit {
-        io.sync {}          // the queued writes and reads hold the descriptor
-        if fd >= 0 { close(fd) }
-        if let spillPath { unlink(spillPath) }
+    /// An open spill file, closed and removed when the last holder lets go: the store, or a
+    /// write or read still queued after the store has gone. (Nothing in the store's deinit calls
+    /// into Dispatch: waiting there for the queue crashed with a double free when replicas'
+    /// stores went away as their threads ended.)
+    private final class SpillFile: @unchecked Sendable {
+        let fd: Int32
+        let path: String
+        init(fd: Int32, path: String) {
+            self.fd = fd
+            self.path = path
+        }
+        deinit {
+            close(fd)
+            unlink(path)
+        }
     }
 
     /// An empty store of the same shape, budget and spill directory.
@@ -92,8 +103,7 @@ public final class ActivationStore: @unchecked Sendable {
         let path = (spillDirectory as NSString).appendingPathComponent("activations-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).bin")
         let f = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
         guard f >= 0 else { throw PruneError.calibration("\(path): cannot create activation spill file: \(String(cString: strerror(errno)))") }
-        fd = f
-        spillPath = path
+        file = SpillFile(fd: f, path: path)
     }
 
     /// Whether the whole store fits the budget (and so never touches its file).
@@ -141,7 +151,7 @@ public final class ActivationStore: @unchecked Sendable {
     /// Queues window i for writing; waits only while `writesInFlight` windows are queued.
     private func write(_ i: Int, _ m: Matrix) throws {
         let t0 = Date()
-        if fd < 0 { try openSpill() }
+        if file == nil { try openSpill() }
         writeSlots.wait()
         let spill = self.spill
         let number: Int = spill.lock.withLock {
@@ -153,7 +163,7 @@ public final class ActivationStore: @unchecked Sendable {
             spill.waited += Date().timeIntervalSince(t0)
             return spill.writesIssued
         }
-        let (fd, path, bytes, slots) = (self.fd, spillPath ?? spillDirectory, bytesPerSequence, writeSlots)
+        let (file, bytes, slots) = (self.file!, bytesPerSequence, writeSlots)
         let offset = off_t(i) * off_t(bytes)
         io.async {
             var failure: Error?
@@ -161,10 +171,10 @@ public final class ActivationStore: @unchecked Sendable {
                 var done = 0
                 let raw = UnsafeRawPointer(p.baseAddress!)
                 while done < bytes {
-                    let n = pwrite(fd, raw + done, bytes - done, offset + off_t(done))
+                    let n = pwrite(file.fd, raw + done, bytes - done, offset + off_t(done))
                     if n < 0 {
                         if errno == EINTR { continue }
-                        failure = PruneError.calibration("\(path): cannot write activations of window \(i): \(String(cString: strerror(errno)))")
+                        failure = PruneError.calibration("\(file.path): cannot write activations of window \(i): \(String(cString: strerror(errno)))")
                         return
                     }
                     done += n
@@ -183,7 +193,7 @@ public final class ActivationStore: @unchecked Sendable {
     /// Window i from the spill file (or from memory while its write waits), then starts reading
     /// the window the reader is expected to want next.
     private func read(_ i: Int) throws -> Matrix {
-        guard fd >= 0 else { preconditionFailure("activation \(i) read before it was written or after it was released") }
+        guard let file else { preconditionFailure("activation \(i) read before it was written or after it was released") }
         let t0 = Date()
         let spill = self.spill
         defer { spill.lock.withLock { spill.waited += Date().timeIntervalSince(t0) } }
@@ -202,7 +212,7 @@ public final class ActivationStore: @unchecked Sendable {
             ahead.done.wait()
             m = try spill.lock.withLock { ahead.result! }.get()
         } else {
-            m = try Self.readWindow(i, fd: fd, rows: rows, cols: cols, path: spillPath ?? spillDirectory)
+            m = try Self.readWindow(i, file: file, rows: rows, cols: cols)
         }
         let step = previous.map { i - $0 } ?? 1
         let next = i + (step > 0 ? step : 1)
@@ -220,15 +230,16 @@ public final class ActivationStore: @unchecked Sendable {
             return true
         }
         guard started else { return }
-        let (fd, rows, cols, path) = (self.fd, self.rows, self.cols, spillPath ?? spillDirectory)
+        guard let file else { return }
+        let (rows, cols) = (self.rows, self.cols)
         io.async {
-            let result = Result { try Self.readWindow(i, fd: fd, rows: rows, cols: cols, path: path) }
+            let result = Result { try Self.readWindow(i, file: file, rows: rows, cols: cols) }
             spill.lock.withLock { ahead.result = result }
             ahead.done.signal()
         }
     }
 
-    private static func readWindow(_ i: Int, fd: Int32, rows: Int, cols: Int, path: String) throws -> Matrix {
+    private static func readWindow(_ i: Int, file: SpillFile, rows: Int, cols: Int) throws -> Matrix {
         let total = rows * cols * 4
         let offset = off_t(i) * off_t(total)
         var m = Matrix(rows: rows, cols: cols)
@@ -236,9 +247,9 @@ public final class ActivationStore: @unchecked Sendable {
             var done = 0
             let raw = UnsafeMutableRawPointer(p.baseAddress!)
             while done < total {
-                let n = pread(fd, raw + done, total - done, offset + off_t(done))
+                let n = pread(file.fd, raw + done, total - done, offset + off_t(done))
                 if n < 0 && errno == EINTR { continue }
-                if n <= 0 { throw PruneError.calibration("\(path): cannot read activations of window \(i) back") }
+                if n <= 0 { throw PruneError.calibration("\(file.path): cannot read activations of window \(i) back") }
                 done += n
             }
         }

@@ -68,4 +68,42 @@ final class ActivationStoreTests: XCTestCase {
             if next(3) == 0 { try write(i) } else { try check(i, "random step \(step)") }
         }
     }
+
+    /// Stores made, used and dropped on several threads at once, in memory and spilled (replicas
+    /// in one process do this): nothing crashes, every read gives its write, and a spilled
+    /// store's file is gone once the store is (its queue closes it after the last I/O).
+    func testStoresComeAndGoOnSeveralThreadsAtOnce() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("store-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        addTeardownBlock { try? FileManager.default.removeItem(atPath: dir) }
+        let failures = Failures()
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            for round in 0..<25 {
+                let store = ActivationStore(count: 4, rows: 16, cols: 8, budgetBytes: (t + round) % 2 == 0 ? 1 << 20 : 64,
+                                            spillDirectory: dir, backend: CPUBackend())
+                do {
+                    for i in 0..<4 { try store.set(i, Matrix(rows: 16, cols: 8, values: Array(repeating: Float(t * 100 + i), count: 128))) }
+                    for i in 0..<4 where try store.get(i).values.first != Float(t * 100 + i) { failures.add("thread \(t) round \(round) window \(i)") }
+                } catch {
+                    failures.add("thread \(t) round \(round): \(error)")
+                }
+            }
+        }
+        XCTAssertEqual(failures.all, [])
+        // The last stores' queues close their files shortly after the stores go.
+        var left: [String] = []
+        for _ in 0..<100 {
+            left = try FileManager.default.contentsOfDirectory(atPath: dir)
+            if left.isEmpty { break }
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        XCTAssertEqual(left, [], "spill files left behind")
+    }
+
+    final class Failures: @unchecked Sendable {
+        private let lock = NSLock()
+        private var list: [String] = []
+        func add(_ s: String) { lock.withLock { list.append(s) } }
+        var all: [String] { lock.withLock { list } }
+    }
 }
