@@ -124,7 +124,7 @@ public struct CPUBackend: ComputeBackend {
         var m = Matrix(rows: 0, cols: 0)
         swap(&m, &s.matrix)
         do {
-            s.matrix = try Linalg.inverseCholeskyUpper(m, what: what)
+            s.matrix = try Linalg.inverseCholeskyUpper(consume m, what: what)
         } catch {
             // A's values are gone; the tensor keeps its shape with zeros (the caller gave it up).
             s.matrix = Matrix(rows: a.rows, cols: a.cols)
