@@ -222,6 +222,8 @@ public final class ActivationStore: @unchecked Sendable {
 
     /// Reads window i on the io queue, after the writes queued before it.
     private func startReadAhead(_ i: Int) {
+        // (Registered only once its read is certain to be queued: a reader waits on it.)
+        guard let file else { return }
         let spill = self.spill
         let ahead = ReadAhead(i)
         let started: Bool = spill.lock.withLock {
@@ -230,7 +232,6 @@ public final class ActivationStore: @unchecked Sendable {
             return true
         }
         guard started else { return }
-        guard let file else { return }
         let (rows, cols) = (self.rows, self.cols)
         io.async {
             let result = Result { try Self.readWindow(i, file: file, rows: rows, cols: cols) }

@@ -48,8 +48,13 @@ public struct BlockProfile: Sendable, Codable, Equatable {
     public static func forwardFLOPs(_ c: ModelConfig, sequences: Int, sequenceLength: Int) -> Double {
         let t = Double(sequenceLength)
         let linears = 2 * Double(c.family.linearMACsPerToken(c)) * t
-        let attention = 2 * 2 * (t * (t + 1) / 2) * Double(c.headDim * c.headCount)
-        return Double(sequences) * (linears + attention)
+        return Double(sequences) * (linears + attentionFLOPs(c, sequenceLength: sequenceLength))
+    }
+
+    /// Causal attention's QKᵀ and PV over one window's lower triangle.
+    static func attentionFLOPs(_ c: ModelConfig, sequenceLength: Int) -> Double {
+        let t = Double(sequenceLength)
+        return 2 * 2 * (t * (t + 1) / 2) * Double(c.headDim * c.headCount)
     }
 
     /// BESA's learning of one block: per sequence and epoch, a forward pass (linears L plus causal
@@ -58,11 +63,9 @@ public struct BlockProfile: Sendable, Codable, Equatable {
     /// q/k/v, passes no gradient further down) and attention's (2.5A: the scores again, then the
     /// four products of the gradients). The final masks and `reconstruct`'s solves are not counted.
     public static func besaFLOPs(_ c: ModelConfig, sequences: Int, sequenceLength: Int, epochs: Int, firstGroupMACsPerToken: Int) -> Double {
-        let forward = forwardFLOPs(c, sequences: sequences, sequenceLength: sequenceLength)
-        let t = Double(sequenceLength)
-        let attention = Double(sequences) * 2 * 2 * (t * (t + 1) / 2) * Double(c.headDim * c.headCount)
-        let linears = forward - attention
-        let firstGroup = 2 * Double(firstGroupMACsPerToken) * Double(sequences) * t
+        let attention = Double(sequences) * attentionFLOPs(c, sequenceLength: sequenceLength)
+        let linears = forwardFLOPs(c, sequences: sequences, sequenceLength: sequenceLength) - attention
+        let firstGroup = 2 * Double(firstGroupMACsPerToken) * Double(sequences * sequenceLength)
         return Double(epochs) * (3 * linears - firstGroup + 3.5 * attention)
     }
 
