@@ -166,36 +166,25 @@ public struct BlockPruner: Sendable {
         var ffnInputs: [String: [Tensor]] = [:]
         var tokensSeen: [String: Int] = [:]
         var profile = BlockProfile()
-        // Replicas: each runs its own windows; each statistics group is gathered, in window order,
-        // by the replica that solves its linears (ReplicaWork.owners), so that H is summed in the
-        // order one process sums it and the bytes do not depend on the number of replicas. The
-        // largest groups' Hessians are shared instead (ReplicaWork.splitStatistics): every replica
-        // gets every window's inputs and sums its own rows of H, tile by tile, as one process does;
-        // the owner then gathers the rows.
+        // Replicas: each runs its own windows, a contiguous range. Most groups' statistics are made
+        // by all of them together, passed down the chain of replicas in window order
+        // (StatisticsChain), so that H is summed in the order one process sums it and the bytes do
+        // not depend on the number of replicas; SparseLLM's feed-forward inputs go window by window
+        // to the replica that solves the feed-forward (ReplicaWork.owners), which adds them in
+        // window order.
         let role = self.role
         let n = inputs.count
         let mine = role.samples(n)
         let allKeys = Array(Set(block.linearNames.map { keys[$0] ?? $0 })).sorted()
-        let sharedStatistics = role.count > 1
-            ? ReplicaWork.splitStatistics(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count, tile: backend.statisticsTile(columns:))
-            : [:]
+        let chained = role.count > 1 ? ReplicaWork.chainedStatistics(block: block, plan: plan) : []
         let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         let owners = role.count > 1
             ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count,
-                                 sharedStatistics: Set(sharedStatistics.keys), sharedRows: Set(split))
+                                 sharedStatistics: chained, sharedRows: Set(split))
             : [:]
         func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
-        /// Whether this replica adds windows' `kind` inputs of `key`: its own groups, and its rows
-        /// of a shared Hessian.
-        func gathers(_ key: String, _ kind: ReplicaKey.Kind) -> Bool {
-            owns(key) || (kind == .statisticsInput && sharedStatistics[key] != nil)
-        }
-        /// The replicas that get this replica's windows' `kind` inputs of `key`.
-        func receivers(_ key: String, _ kind: ReplicaKey.Kind) -> [Int] {
-            if kind == .statisticsInput && sharedStatistics[key] != nil { return (0..<role.count).filter { $0 != role.rank } }
-            return owns(key) ? [] : [owners[key] ?? 0]
-        }
-        let myKeys = allKeys.filter { gathers($0, .statisticsInput) }
+        /// Whether window inputs of `key` from the `kind` pass go to `key`'s owner one by one.
+        func sentToOwner(_ key: String, _ kind: ReplicaKey.Kind) -> Bool { !(kind == .statisticsInput && chained.contains(key)) }
         if role.count > 1, let stray = ffnInputLinears.first(where: { keys[$0] != $0 }) {
             throw PruneError.invalidOption("block \(block.index): replicas need \(stray), a feed-forward input, to lead its statistics group")
         }
@@ -203,48 +192,53 @@ public struct BlockPruner: Sendable {
         // 1. Dense pass over the windows, collecting each linear's input statistics.
         var stats: [String: LayerStatistics] = [:]
         let denseOutputs = inputs.makeSibling()
-        var statisticsSeconds = 0.0, statisticsFLOPs = 0.0
+        var statisticsSeconds = 0.0, statisticsFLOPs = 0.0, waitingSeconds = 0.0
         var spillMark = Self.spillSeconds(inputs, targets)
         var phaseStart = clock()
+        // The chained groups' inputs of this replica's windows, in window order, until the chain.
+        var held: [String: [Tensor]] = [:]
         func collect(_ name: String, _ x: Tensor) {
             if collectsFFNInputs && ffnInputLinears.contains(name) && plan.targets == .sequential { ffnInputs[name, default: []].append(x) }
             guard keys[name] == name else { return }
+            if chained.contains(name) {
+                held[name, default: []].append(x)
+                return
+            }
             let t0 = clock()
             tokensSeen[name, default: 0] += x.rows
             let st = stats[name] ?? LayerStatistics(columns: x.cols, backend: backend, hessian: plan.collectsHessian)
             stats[name] = st
-            let rows = sharedStatistics[name]?[role.rank]
-            st.add(x, rows: rows)
+            st.add(x)
             statisticsSeconds += clock().timeIntervalSince(t0)
-            // The Hessian's syrk (2·tokens·d²/2, or this replica's rows of it) and the squared column sums.
+            // The Hessian's syrk (2·tokens·d²/2) and the squared column sums.
             let d = Double(x.cols)
-            let entries = !st.hasHessian ? 0 : rows.map { Double($0.count) * (2 * d - Double($0.lowerBound + $0.upperBound) + 1) / 2 } ?? d * (d + 1) / 2
+            let entries = st.hasHessian ? d * (d + 1) / 2 : 0
             statisticsFLOPs += Double(x.rows) * (2 * entries + d)
         }
-        // Replicas: windows t < `folded` are in this replica's statistics.
-        var folded = 0
-        // This replica's own windows' inputs that are not folded yet (window -> linear, input).
+        // This replica's own windows' inputs that go to groups it owns, until they are added in
+        // window order with the others' (window -> linear, input).
         var pending: [Int: [(String, Tensor)]] = [:]
-        func fold(upTo end: Int, kind: ReplicaKey.Kind, keys wanted: [String], into add: (String, Tensor) -> Void) throws {
+        /// The owner adds every window's inputs of its groups in window order, after its forwards
+        /// (its windows and the others' overlap in time: waiting for window s − 1 before running
+        /// window s would run the replicas' forwards one after another).
+        func fold(kind: ReplicaKey.Kind, keys wanted: [String], into add: (String, Tensor) -> Void) throws {
             guard let exchange else { return }
-            while folded < end {
-                if role.owns(sample: folded) {
-                    for (name, x) in pending.removeValue(forKey: folded) ?? [] { add(name, x) }
-                } else {
-                    for key in wanted {
-                        if case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: kind, name: key, index: folded)) {
-                            add(key, backend.upload(m))
-                        }
-                    }
+            for s in 0..<n {
+                if role.owns(sample: s, of: n) {
+                    for (name, x) in pending.removeValue(forKey: s) ?? [] { add(name, x) }
+                    continue
                 }
-                folded += 1
+                for key in wanted {
+                    let t0 = clock()
+                    let value = try exchange.receive(ReplicaKey(block: block.index, kind: kind, name: key, index: s))
+                    waitingSeconds += clock().timeIntervalSince(t0)
+                    if case .matrix(let m) = value { add(key, backend.upload(m)) }
+                }
             }
         }
-        /// Runs window s forward: its inputs to this replica's groups are kept until they are
-        /// folded in window order, the others' sent to their owners (`absent` when a window never
-        /// reached a linear). Before it, the windows up to the previous round's are folded: a
-        /// replica never waits for a window the others run at the same time as this one (waiting
-        /// for window s − 1 made the replicas run their forwards one after another).
+        /// Runs window s forward: its inputs to chained groups are kept (`collect`), those to
+        /// groups this replica owns kept until they are folded, the others sent to their owners
+        /// (`absent` when a window never reached a linear).
         func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String],
                             add: @escaping (String, Tensor) -> Void) throws -> Tensor {
             guard let exchange else {
@@ -252,19 +246,21 @@ public struct BlockPruner: Sendable {
                     if kind == .statisticsInput || wanted.contains(name) { add(name, x) }
                 }
             }
-            try fold(upTo: s - role.count + 1, kind: kind, keys: wanted.filter { gathers($0, kind) }, into: add)
             var outgoing: [String: Matrix] = [:]
             var own: [(String, Tensor)] = []
             let y = device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
                 guard wanted.contains(name) else { return }
-                if gathers(name, kind) { own.append((name, x)) }
-                if !receivers(name, kind).isEmpty { outgoing[name] = self.backend.download(x) }
-            }
-            for key in wanted {
-                let value: ReplicaValue = outgoing[key].map { .matrix($0) } ?? .absent
-                for r in receivers(key, kind) {
-                    try exchange.send(ReplicaKey(block: block.index, kind: kind, name: key, index: s), value, to: r)
+                if !sentToOwner(name, kind) {
+                    add(name, x)
+                } else if owns(name) {
+                    own.append((name, x))
+                } else {
+                    outgoing[name] = self.backend.download(x)
                 }
+            }
+            for key in wanted where sentToOwner(key, kind) && !owns(key) {
+                let value: ReplicaValue = outgoing[key].map { .matrix($0) } ?? .absent
+                try exchange.send(ReplicaKey(block: block.index, kind: kind, name: key, index: s), value, to: owners[key] ?? 0)
             }
             pending[s] = own
             return y
@@ -273,29 +269,36 @@ public struct BlockPruner: Sendable {
             let y = try forwardSharing(try inputs.tensor(s), sample: s, kind: .statisticsInput, keys: allKeys, add: collect)
             try denseOutputs.set(s, y)
         }
-        try fold(upTo: n, kind: .statisticsInput, keys: myKeys, into: collect)
-        if let exchange, !sharedStatistics.isEmpty {
-            let t0 = clock()
-            try gatherSharedStatistics(exchange, block: block.index, shared: sharedStatistics, owners: owners, stats: &stats)
-            statisticsSeconds += clock().timeIntervalSince(t0)
+        try fold(kind: .statisticsInput, keys: allKeys.filter { sentToOwner($0, .statisticsInput) && owns($0) }, into: collect)
+        if let exchange, !chained.isEmpty {
+            var columns: [String: Int] = [:]
+            for key in chained { columns[key] = device.weight(key).cols }
+            let chain = StatisticsChain(exchange: exchange, backend: backend, block: block.index, hessian: plan.collectsHessian)
+            let outcome = try chain.run(groups: columns, held: held, owners: owners)
+            held = [:]
+            for (key, st) in outcome.statistics { stats[key] = st }
+            for key in chained { tokensSeen[key] = outcome.tokens[key] }
+            statisticsSeconds += outcome.seconds
+            statisticsFLOPs += outcome.flops
+            waitingSeconds += outcome.waiting
         }
         var denseFLOPs = forwardFLOPs
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
-            folded = 0
             let wanted = ffnInputLinears.sorted()
             let addTarget: (String, Tensor) -> Void = { name, x in ffnInputs[name, default: []].append(x) }
             for s in mine {
                 _ = try forwardSharing(try targets.tensor(s), sample: s, kind: .targetInput, keys: wanted, add: addTarget)
             }
-            try fold(upTo: n, kind: .targetInput, keys: wanted.filter(owns), into: addTarget)
+            try fold(kind: .targetInput, keys: wanted.filter(owns), into: addTarget)
             denseFLOPs += forwardFLOPs
         }
         do {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.statistics, seconds: statisticsSeconds, flops: statisticsFLOPs)
-            profile.add(.denseForward, seconds: max(0, clock().timeIntervalSince(phaseStart) - statisticsSeconds - spill), flops: denseFLOPs)
+            profile.add(.waiting, seconds: waitingSeconds)
+            profile.add(.denseForward, seconds: max(0, clock().timeIntervalSince(phaseStart) - statisticsSeconds - spill - waitingSeconds), flops: denseFLOPs)
         }
         // A linear that no calibration token reached (an expert the router never chose) has
         // zero statistics: its solvers then see no input to preserve.
@@ -493,36 +496,6 @@ public struct BlockPruner: Sendable {
         return (prunedWeights, outputs, report)
     }
 
-    /// A shared Hessian's rows go from every replica to its owner, which puts them in place; the
-    /// others drop theirs. A replica that no window's input reached (an expert never chosen) sends
-    /// `absent`, as then does every other.
-    func gatherSharedStatistics(_ exchange: any ReplicaExchange, block: Int, shared: [String: [Range<Int>]], owners: [String: Int],
-                                stats: inout [String: LayerStatistics]) throws {
-        let role = exchange.role
-        for (key, rows) in shared.sorted(by: { $0.key < $1.key }) {
-            let owner = owners[key] ?? 0
-            guard owner == role.rank else {
-                let value: ReplicaValue = stats[key].map { .matrix($0.upperRows(rows[role.rank])) } ?? .absent
-                try exchange.send(ReplicaKey(block: block, kind: .hessianRows, name: key, index: role.rank), value, to: owner)
-                stats[key] = nil
-                continue
-            }
-            for r in 0..<role.count where r != role.rank {
-                switch try exchange.receive(ReplicaKey(block: block, kind: .hessianRows, name: key, index: r)) {
-                case .absent:
-                    guard stats[key] == nil else { throw ReplicaError("block \(block): replica \(r) has no statistics for \(key), this one has") }
-                case .matrix(let m):
-                    guard let st = stats[key], m.rows == rows[r].count, m.cols == st.columns else {
-                        throw ReplicaError("block \(block): replica \(r)'s rows of \(key)'s Hessian are \(m.rows)x\(m.cols), expected \(rows[r].count)x\(stats[key]?.columns ?? 0)")
-                    }
-                    st.setUpperRows(rows[r], m)
-                case .bytes:
-                    throw ReplicaError("block \(block): replica \(r) sent bytes for \(key)'s Hessian rows")
-                }
-            }
-        }
-    }
-
     /// What a replica tells replica 0 about the linears it solved.
     struct ReplicaSummary: Codable {
         var linears: [LinearReport]
@@ -540,25 +513,26 @@ public struct BlockPruner: Sendable {
         let role = exchange.role
         let order = block.linearNames
         func owner(_ name: String) -> Int { owners[keys[name] ?? name] ?? 0 }
-        for name in order where owner(name) == role.rank && !split.contains(name) {
-            guard let w = prunedWeights[name] else { throw PruneError.shape("block \(block.index): \(name) was not solved") }
-            let m = backend.download(w)
-            for r in 0..<role.count where r != role.rank {
-                try exchange.send(ReplicaKey(block: block.index, kind: .weight, name: name), .matrix(m), to: r)
+        // Each pruned weight goes from its owner down a binomial tree (`ReplicaExchange.broadcast`),
+        // in the block's order on every replica.
+        for name in order where !split.contains(name) {
+            let key = ReplicaKey(block: block.index, kind: .weight, name: name)
+            guard owner(name) != role.rank else {
+                guard let w = prunedWeights[name] else { throw PruneError.shape("block \(block.index): \(name) was not solved") }
+                _ = try exchange.broadcast(key, .matrix(backend.download(w)), root: role.rank)
+                continue
             }
+            let expected = block.tensors[name + ".weight"].map { ($0.rows, $0.cols) }
+            guard case .matrix(let m) = try exchange.broadcast(key, nil, root: owner(name)),
+                  expected.map({ $0 == (m.rows, m.cols) }) ?? false else {
+                throw ReplicaError("block \(block.index): replica \(owner(name)) sent no \(name) of the block's shape")
+            }
+            prunedWeights[name] = backend.upload(m)
         }
         if role.rank != 0 {
             let summary = ReplicaSummary(linears: linears, tokens: tokensSeen, sparseLLM: sparseLLM, chosen: chosen, besa: besa)
             try exchange.send(ReplicaKey(block: block.index, kind: .report, name: "summary", index: role.rank),
                               .bytes(Array(try JSONEncoder().encode(summary))), to: 0)
-        }
-        for name in order where owner(name) != role.rank && !split.contains(name) {
-            let expected = block.tensors[name + ".weight"].map { ($0.rows, $0.cols) }
-            guard case .matrix(let m) = try exchange.receive(ReplicaKey(block: block.index, kind: .weight, name: name)),
-                  expected.map({ $0 == (m.rows, m.cols) }) ?? false else {
-                throw ReplicaError("block \(block.index): replica \(owner(name)) sent no \(name) of the block's shape")
-            }
-            prunedWeights[name] = backend.upload(m)
         }
         guard role.rank == 0 else { return }
         var byName = Dictionary(linears.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
@@ -597,16 +571,19 @@ public struct BlockPruner: Sendable {
         if role.rank == owner {
             guard let hessian else { throw PruneError.shape("block \(block): no statistics collected for \(name)") }
             let (prepared, factor) = try SparseGPTPruner.prepare(weight, hessian: hessian, options: plan.sparseGPT, what: name, on: backend)
-            let hostFactor = backend.download(factor)
+            // U down a binomial tree; each replica's rows straight to it.
+            _ = try exchange.broadcast(key(.inverseFactor), .matrix(backend.download(factor)), root: owner)
             for r in 0..<role.count where r != role.rank {
-                try exchange.send(key(.inverseFactor), .matrix(hostFactor), to: r)
                 let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
                 try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
             }
             u = factor
             w = backend.copy(prepared.region(rows: mine))
         } else {
-            u = backend.upload(try matrix(.inverseFactor, rows: cols, cols: cols))
+            guard case .matrix(let m) = try exchange.broadcast(key(.inverseFactor), nil, root: owner), m.rows == cols, m.cols == cols else {
+                throw ReplicaError("block \(block): \(name): inverseFactor from replica \(owner) is missing or not \(cols)x\(cols)")
+            }
+            u = backend.upload(m)
             w = backend.upload(try matrix(.rows, role.rank, rows: mine.count, cols: cols))
         }
         var columnBlock = 0
@@ -665,12 +642,12 @@ public struct BlockPruner: Sendable {
         for s in 0..<n {
             let destinations: [ActivationStore] = [all.0, all.1] + (all.2.map { [$0] } ?? [])
             for ((kind, store), into) in zip(parts(s), destinations) {
-                if role.owns(sample: s) {
+                if role.owns(sample: s, of: n) {
                     try into.set(s, try store.tensor(s))
                 } else {
                     guard case .matrix(let m) = try exchange.receive(ReplicaKey(block: index, kind: kind, index: s)),
                           m.rows == into.rows, m.cols == into.cols else {
-                        throw ReplicaError("block \(index): window \(s)'s \(kind) from replica \(role.rank(ofSample: s)) is missing or mis-shaped")
+                        throw ReplicaError("block \(index): window \(s)'s \(kind) from replica \(role.rank(ofSample: s, of: n)) is missing or mis-shaped")
                     }
                     try into.set(s, m)
                 }

@@ -42,39 +42,47 @@ public final class LayerStatistics: @unchecked Sendable {
     /// Adds one calibration sequence's inputs [tokens x columns] from the host (an upload).
     public func add(_ x: Matrix) { add(backend.upload(x)) }
 
-    /// Adds one calibration sequence's inputs [tokens x columns]. With `rows` (whole tiles of the
-    /// backend's `statisticsTile`), only those rows of H's upper triangle are updated, with the bits
-    /// the whole update gives them: replicas that share a large Hessian each keep some rows, and
-    /// `upperRows`/`setUpperRows` put them together on the one that solves.
-    public func add(_ x: Tensor, rows: Range<Int>? = nil) {
+    /// Adds one calibration sequence's inputs [tokens x columns].
+    public func add(_ x: Tensor) {
         precondition(x.cols == columns, "statistics for \(columns) inputs given \(x.cols)")
         let n = Float(sequences)
         let decay = n / (n + 1)
         sequences += 1
         // H·decay + (2/n)·XᵀX on the upper triangle (the bits of scaling H, then adding).
         if let hessianStorage {
-            if let rows {
-                backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage, rows: rows)
-            } else {
-                backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
-            }
+            backend.syrkUpperUpdate(x, alpha: 2 / Float(sequences), beta: decay, into: hessianStorage)
             lowerIsStale = true
         }
+        Self.addSquaredNorms(x, before: sequences - 1, into: squaredNormsTensor, on: backend)
+    }
+
+    /// The squared norms' update for the `before + 1`-th sequence, as `add` makes it.
+    static func addSquaredNorms(_ x: Tensor, before: Int, into norms: Tensor, on backend: any ComputeBackend) {
+        let n = Float(before)
         let sums = backend.columnSquaredSums(x)
-        backend.scaleAdd(squaredNormsTensor, beta: decay, sums, alpha: 1 / Float(sequences))
+        backend.scaleAdd(norms, beta: n / (n + 1), sums, alpha: 1 / Float(before + 1))
     }
 
-    /// Rows `rows` of H as kept by `add(_:rows:)` (their upper-triangle entries; the others are
-    /// not meaningful), on the host.
-    public func upperRows(_ rows: Range<Int>) -> Matrix {
-        backend.download(backend.copy(hessianUpper.region(rows: rows)))
+    /// H's update for the `before + 1`-th sequence on its rows `rows` only, held in `strip`
+    /// (`ComputeBackend.syrkUpperUpdate(_:alpha:beta:strip:rows:)`): the bits `add` gives them.
+    static func addHessianRows(_ x: Tensor, before: Int, strip: Tensor, rows: Range<Int>, on backend: any ComputeBackend) {
+        let n = Float(before)
+        backend.syrkUpperUpdate(x, alpha: 2 / Float(before + 1), beta: n / (n + 1), strip: strip, rows: rows)
     }
 
-    /// Puts another replica's rows of H (`upperRows`) in place; the lower triangle follows when H
-    /// is read.
-    public func setUpperRows(_ rows: Range<Int>, _ m: Matrix) {
+    /// Statistics put together from parts made elsewhere (`StatisticsChain`): the sequence count
+    /// and squared norms here, H's rows by `setUpperRows`.
+    public func restore(sequences: Int, squaredNorms: Tensor) {
+        precondition(squaredNorms.rows == 1 && squaredNorms.cols == columns, "squared norms \(squaredNorms) for \(columns) inputs")
+        self.sequences = sequences
+        backend.copy(squaredNorms.region(), into: squaredNormsTensor.region())
+    }
+
+    /// Puts rows `rows` of H in place (their upper-triangle entries); the lower triangle follows
+    /// when H is read.
+    public func setUpperRows(_ rows: Range<Int>, _ m: Tensor) {
         precondition(m.rows == rows.count && m.cols == columns, "rows \(rows) of a \(columns)-column Hessian given \(m.rows)x\(m.cols)")
-        backend.copy(backend.upload(m).region(), into: hessianUpper.region(rows: rows))
+        backend.copy(m.region(), into: hessianUpper.region(rows: rows))
         lowerIsStale = true
     }
 

@@ -2,9 +2,10 @@ import Foundation
 import TopiaryModel
 import TopiaryTensor
 
-/// One replica's place in a stage that `count` replicas share: it runs the forward passes of the
-/// calibration windows s with s % count == rank (interleaved, so that every replica reaches
-/// window s at about the same time and nobody's mailbox fills up).
+/// One replica's place in a stage that `count` replicas share: it runs the forward passes of a
+/// contiguous range of the calibration windows (replica r of R: windows r·N/R up to (r+1)·N/R),
+/// so that the statistics chain (`StatisticsChain`) passes each strip of a Hessian from replica
+/// to replica once, in window order.
 public struct ReplicaRole: Sendable, Equatable, Codable {
     public var rank: Int
     public var count: Int
@@ -17,12 +18,38 @@ public struct ReplicaRole: Sendable, Equatable, Codable {
 
     public static let single = ReplicaRole(rank: 0, count: 1)
 
-    /// Whether this replica runs window `s`.
-    public func owns(sample s: Int) -> Bool { s % count == rank }
+    /// The windows replica `rank` runs of `total`.
+    public static func range(_ rank: Int, of count: Int, total: Int) -> Range<Int> {
+        rank * total / count..<(rank + 1) * total / count
+    }
+    /// Whether this replica runs window `s` of `total`.
+    public func owns(sample s: Int, of total: Int) -> Bool { Self.range(rank, of: count, total: total).contains(s) }
     /// The windows this replica runs, in order.
-    public func samples(_ total: Int) -> [Int] { Array(stride(from: rank, to: total, by: count)) }
-    /// The replica that runs window `s`.
-    public func rank(ofSample s: Int) -> Int { s % count }
+    public func samples(_ total: Int) -> [Int] { Array(Self.range(rank, of: count, total: total)) }
+    /// The replica that runs window `s` of `total`.
+    public func rank(ofSample s: Int, of total: Int) -> Int {
+        (0..<count).first { Self.range($0, of: count, total: total).contains(s) } ?? count - 1
+    }
+
+    /// A broadcast from `root` goes down a binomial tree over the ranks counted from the root
+    /// (v = (rank − root) mod count): v gets it from v minus its lowest set bit, and passes it
+    /// on to v + 2^k for every 2^k below that bit, the largest subtree first. The root sends it
+    /// ⌈log₂ count⌉ times instead of count − 1, and it reaches every replica after as many hops.
+    public func broadcastParent(root: Int) -> Int? {
+        let v = (rank - root + count) % count
+        return v == 0 ? nil : (v - (v & -v) + root) % count
+    }
+
+    public func broadcastChildren(root: Int) -> [Int] {
+        let v = (rank - root + count) % count
+        var step = v == 0 ? 1 << max(0, Int.bitWidth - (count - 1).leadingZeroBitCount) : v & -v
+        var out: [Int] = []
+        while step > 1 {
+            step >>= 1
+            if v + step < count { out.append((v + step + root) % count) }
+        }
+        return out
+    }
 }
 
 /// What a replica hands another during a block. Every message is named by its block, its kind,
@@ -47,8 +74,10 @@ public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
         /// replicas + rank, to the owner); the block's threshold (`index` = column block, to all);
         /// replica `index`'s pruned rows (to all).
         case inverseFactor = 9, rows = 10, scores = 11, threshold = 12, prunedRows = 13
-        /// Replica `index`'s rows of a shared Hessian (to the group's owner).
-        case hessianRows = 14
+        /// Part `index` of a statistics group on its way down the chain of replicas (to the next
+        /// replica), and finished (from the last to the group's owner): part 0 is the count of
+        /// windows and tokens and the squared norms, part j + 1 strip j of H (`StatisticsChain`).
+        case chainedStatistics = 15, finishedStatistics = 16
     }
 
     public var block: Int
@@ -90,6 +119,23 @@ public protocol ReplicaExchange: AnyObject, Sendable {
     func receive(_ key: ReplicaKey) throws -> ReplicaValue
     /// Tells the other replicas this one failed (their receives throw); idempotent.
     func fail(_ reason: String)
+}
+
+extension ReplicaExchange {
+    /// `value` (given on `root`, nil elsewhere) to every replica down the binomial tree of
+    /// `ReplicaRole.broadcastChildren`: each replica gets it from its parent and passes it on.
+    /// Every replica must make the same broadcasts in the same order.
+    public func broadcast(_ key: ReplicaKey, _ value: ReplicaValue?, root: Int) throws -> ReplicaValue {
+        let got: ReplicaValue
+        if role.rank == root {
+            guard let value else { preconditionFailure("\(key): the root of a broadcast has nothing to send") }
+            got = value
+        } else {
+            got = try receive(key)
+        }
+        for child in role.broadcastChildren(root: root) { try send(key, got, to: child) }
+        return got
+    }
 }
 
 /// A thread-safe set of delivered messages that receivers wait on.
@@ -172,8 +218,8 @@ public final class InProcessReplicaHub: @unchecked Sendable {
 /// lowest rank). Every replica computes the same plan from the block alone.
 public enum ReplicaWork {
     /// statistics key -> owning rank.
-    /// `sharedStatistics`: groups whose Hessian all replicas sum (`splitStatistics`); their
-    /// statistics are no owner's load. `sharedRows`: linears whose rows all replicas solve
+    /// `sharedStatistics`: groups whose statistics all replicas make (`StatisticsChain`): no
+    /// owner's load. `sharedRows`: linears whose rows all replicas solve
     /// (`splitLinears`); their owner's own load is the factorisation and the report.
     public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
                               sharedStatistics: Set<String> = [], sharedRows: Set<String> = []) -> [String: Int] {
@@ -230,6 +276,15 @@ public enum ReplicaWork {
         return owners
     }
 
+    /// Statistics groups that the replicas make together (`StatisticsChain`): every group but
+    /// SparseLLM's feed-forward inputs, whose owner needs the inputs themselves (they go to it,
+    /// window by window).
+    public static func chainedStatistics(block: DecoderBlock, plan: PrunePlan) -> Set<String> {
+        let keys = BlockPruner.statisticsKeys(block.inputGroups)
+        let ffnInputs = plan.method == .sparsellm ? Set(block.feedForwards.map(\.inputLinear)) : []
+        return Set(block.linearNames.map { keys[$0] ?? $0 }).subtracting(ffnInputs)
+    }
+
     /// Linears whose rows all replicas share: SparseGPT's linears that alone cost more than a
     /// replica's fair share of the block (down_proj at 70B), with at least as many rows as replicas.
     public static func splitLinears(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String] {
@@ -244,49 +299,6 @@ public enum ReplicaWork {
         // Each replica needs at least one whole chunk of rows (`solveRows`).
         func chunks(_ rows: Int) -> Int { (rows + SparseGPTPruner.rowChunk(rows: rows) - 1) / SparseGPTPruner.rowChunk(rows: rows) }
         return costs.filter { $0.1 > fair && chunks($0.2) >= replicas }.map(\.0)
-    }
-
-    /// Statistics groups whose Hessian every replica sums a part of: those whose Hessian update
-    /// alone (tokens x columns²) is more than a replica's fair share of the block's, for magnitude,
-    /// Wanda (when they build a Hessian: `--linear-errors`) and SparseGPT (SparseLLM keeps a feed-forward's inputs together, BESA the block), on
-    /// a backend that computes H in independent strips of rows (`statisticsTile(columns:)`, which
-    /// may grow with the width), with at least two strips a replica. Each gets, per rank, its
-    /// rows of H: whole strips, cut so that every replica has about as many of the upper
-    /// triangle's tiles (strip i of t has t − i).
-    public static func splitStatistics(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
-                                       tile: (_ columns: Int) -> Int?) -> [String: [Range<Int>]] {
-        guard replicas > 1, plan.collectsHessian, [.magnitude, .wanda, .sparsegpt].contains(plan.method) else { return [:] }
-        let keys = BlockPruner.statisticsKeys(block.inputGroups)
-        var columns: [String: Int] = [:]
-        for name in block.linearNames where keys[name] ?? name == name {
-            if let w = block.tensors[name + ".weight"] { columns[name] = w.cols }
-        }
-        let costs = columns.mapValues { Double(tokens) * Double($0) * Double($0) }
-        let fair = costs.values.reduce(0, +) / Double(replicas)
-        var out: [String: [Range<Int>]] = [:]
-        for (key, cols) in columns where costs[key]! > fair {
-            guard let tile = tile(cols), tile > 0, (cols + tile - 1) / tile >= 2 * replicas else { continue }
-            out[key] = (0..<replicas).map { statisticsRows($0, of: replicas, columns: cols, tile: tile) }
-        }
-        return out
-    }
-
-    /// Replica `rank`'s rows of a `columns`-wide Hessian shared by `count` replicas: whole tile
-    /// rows, about an equal share of the upper triangle's tiles each.
-    public static func statisticsRows(_ rank: Int, of count: Int, columns: Int, tile: Int) -> Range<Int> {
-        let t = (columns + tile - 1) / tile
-        let total = t * (t + 1) / 2
-        // The first tile row whose tiles before it reach share·total / count.
-        func start(_ share: Int) -> Int {
-            if share >= count { return t }
-            var before = 0
-            for i in 0..<t {
-                if before * count >= share * total { return i }
-                before += t - i
-            }
-            return t
-        }
-        return min(columns, start(rank) * tile)..<min(columns, start(rank + 1) * tile)
     }
 
     /// Replica `rank`'s rows of a linear with `rows` rows shared by `count` replicas, in whole

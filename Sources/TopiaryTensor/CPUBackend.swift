@@ -87,15 +87,16 @@ public struct CPUBackend: ComputeBackend {
 
     public func statisticsTile(columns: Int) -> Int? { Linalg.syrkTile(columns) }
 
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
-        precondition(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: \(x) into \(c)")
-        let tile = Linalg.syrkTile(c.rows)
-        precondition(rows.lowerBound % tile == 0 && rows.lowerBound >= 0 && rows.upperBound <= c.rows
-                     && (rows.upperBound % tile == 0 || rows.upperBound == c.rows),
-                     "syrkUpperUpdate: rows \(rows) of \(c) are not whole tiles of \(tile)")
-        if beta != 1 { Linalg.scaleUpper(write(c), n: c.rows, by: beta, rows: rows) }
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
+        let d = x.cols
+        precondition(strip.rows == rows.count && strip.cols == d, "syrkUpperUpdate: rows \(rows) of a \(d)-wide update into \(strip)")
+        let tile = Linalg.syrkTile(d)
+        precondition(rows.lowerBound % tile == 0 && rows.lowerBound >= 0 && rows.upperBound <= d
+                     && (rows.upperBound % tile == 0 || rows.upperBound == d),
+                     "syrkUpperUpdate: rows \(rows) of \(d) are not whole tiles of \(tile)")
+        if beta != 1 { Linalg.scaleUpper(write(strip), n: d, by: beta, rows: rows, firstRow: rows.lowerBound) }
         if x.rows == 0 || rows.isEmpty { return }
-        Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols, rows: rows)
+        Linalg.syrkUpper(n: d, k: x.rows, alpha: alpha, a: read(x), lda: d, c: write(strip), ldc: d, rows: rows, firstRow: rows.lowerBound)
     }
 
     public func mirrorUpper(_ c: Tensor) {

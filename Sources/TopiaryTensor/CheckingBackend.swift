@@ -113,13 +113,15 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
 
     public func statisticsTile(columns: Int) -> Int? { inner.statisticsTile(columns: columns) }
 
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
-        require(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: accumulator \(c) for input \(x)")
-        require(inner.statisticsTile(columns: c.cols) != nil, "syrkUpperUpdate by rows on \(inner.name), which has no statisticsTile")
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
+        require(strip.rows == rows.count && strip.cols == x.cols && rows.lowerBound >= 0 && rows.upperBound <= x.cols,
+                "syrkUpperUpdate: strip \(strip) for rows \(rows) of input \(x)")
+        require(inner.statisticsTile(columns: x.cols) != nil || rows == 0..<x.cols,
+                "syrkUpperUpdate on rows \(rows) of \(x.cols) on \(inner.name), which has no statisticsTile")
         let part = Double(rows.count) * Double(2 * x.cols - rows.lowerBound - rows.upperBound + 1) / 2   // upper entries in those rows
         record("syrkUpperUpdate", flops: 2 * part * Double(x.rows) + (beta != 1 ? part : 0))
-        inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, into: c, rows: rows)
-        finite("syrkUpperUpdate", c)
+        inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, strip: strip, rows: rows)
+        finite("syrkUpperUpdate", strip)
     }
 
     public func mirrorUpper(_ c: Tensor) {

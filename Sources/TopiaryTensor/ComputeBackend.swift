@@ -43,12 +43,13 @@ public protocol ComputeBackend: Sendable {
     /// The height of the strips of rows in which `syrkUpperUpdate` computes a `columns` x `columns`
     /// C's upper triangle when each strip's bits depend on nothing but its rows and columns of X
     /// (nil: one call, whose parts may depend on one another); a function of the width alone.
-    /// Replicas split a large Hessian by such strips.
+    /// Replicas pass a Hessian from one to the next by such strips (`StatisticsChain`).
     func statisticsTile(columns: Int) -> Int?
-    /// `syrkUpperUpdate` on the rows `rows` of C's upper triangle only (whole strips of
-    /// `statisticsTile(columns:)` rows, the last one shorter), leaving the others as they are:
-    /// there, the same bits as the whole update. Only for a backend with a `statisticsTile`.
-    func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>)
+    /// `syrkUpperUpdate` on the rows `rows` of a d x d C only, held in `strip` [rows.count x d]
+    /// (row i of the strip is C's row rows.lowerBound + i; only its upper-triangle entries are
+    /// meaningful): whole strips of `statisticsTile(columns:)` rows, the last one shorter, with
+    /// the bits the whole update gives those rows. Without a `statisticsTile`, only all the rows.
+    func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>)
     /// Copies the upper triangle of the square C onto its lower triangle.
     func mirrorUpper(_ c: Tensor)
     /// Cholesky factor of a symmetric positive definite matrix (upper: A = UᵀU; lower: A = LLᵀ),
@@ -258,8 +259,9 @@ extension ComputeBackend {
     }
     public func synchronize() {}
     public func statisticsTile(columns: Int) -> Int? { nil }
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor, rows: Range<Int>) {
-        preconditionFailure("\(name): syrkUpperUpdate by rows needs a statisticsTile")
+    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
+        precondition(rows == 0..<x.cols, "\(name): syrkUpperUpdate on rows \(rows) of \(x.cols) needs a statisticsTile")
+        syrkUpperUpdate(x, alpha: alpha, beta: beta, into: strip)
     }
 
     /// A * B as a new tensor.

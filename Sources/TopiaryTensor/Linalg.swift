@@ -202,11 +202,12 @@ public enum Linalg {
     /// strips of `side` rows (by default `syrkTile(n)`) from row 0: each strip's diagonal block by
     /// ssyrk, the rest of its columns by sgemm in blocks of `side` (128) or 2·`side` columns,
     /// concurrently. `rows`: only these rows (whole strips, or up to n), the unit in which
-    /// replicas share a Hessian; each block's bits are the same whichever others are computed.
+    /// replicas pass a Hessian on; each block's bits are the same whichever others are computed.
+    /// `firstRow`: C points at row `firstRow` (a strip of rows held apart from the rest).
     /// They are not the same for other block shapes on every OpenBLAS kernel (Haswell's differ,
     /// SkylakeX's do not), so the shapes are a function of n alone.
     public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil) {
+                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil, firstRow: Int = 0) {
         _ = configured
         let t = side ?? syrkTile(n)
         let w = t == 128 ? 128 : 2 * t
@@ -223,12 +224,13 @@ public enum Linalg {
             let (a, c) = args.value
             let (i0, j0, cols) = tiles[index]
             let count = min(t, n - i0)
+            let row = c + (i0 - firstRow) * ldc
             if i0 == j0 {
                 cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(k),
-                            alpha, a + i0, blasint(lda), 1, c + i0 * ldc + i0, blasint(ldc))
+                            alpha, a + i0, blasint(lda), 1, row + i0, blasint(ldc))
             } else {
                 blasSgemm(.transposed, .none, m: count, n: cols, k: k, alpha: alpha,
-                          a: a + i0, lda: lda, b: a + j0, ldb: lda, beta: 1, c: c + i0 * ldc + j0, ldc: ldc)
+                          a: a + i0, lda: lda, b: a + j0, ldb: lda, beta: 1, c: row + j0, ldc: ldc)
             }
         }
     }
@@ -251,9 +253,10 @@ public enum Linalg {
 
     /// The upper triangle (diagonal included) of the n x n matrix at `p`, times `factor`. (Not
     /// BLAS's beta: OpenBLAS's small-matrix kernels fuse beta·C into the product's rounding.)
-    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil) {
+    /// With `firstRow`, p holds the rows from `firstRow` on (a strip).
+    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil, firstRow: Int = 0) {
         for i in rows ?? 0..<n {
-            let row = p + i * n
+            let row = p + (i - firstRow) * n
             for j in i..<n { row[j] *= factor }
         }
     }

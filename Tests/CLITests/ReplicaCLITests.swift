@@ -33,11 +33,10 @@ final class ReplicaCLITests: XCTestCase {
         }
     }
 
-    /// SmolLM2's down_proj reads the 1536-wide feed-forward (12 tiles of 128): with 2 or 3 replicas
-    /// its Hessian is shared (every replica sums its tile rows, the owner gathers them over the
-    /// mesh), and its rows are solved by all. Worker processes and in-process replicas write the
-    /// single-process bytes.
-    func testASharedHessianOverWorkerProcessesWritesTheSingleProcessBytes() throws {
+    /// SmolLM2's down_proj reads the 1536-wide feed-forward (12 strips of 128): with 2 or 3
+    /// replicas its Hessian goes down the chain in 13 parts over the mesh, and its rows are solved
+    /// by all. Worker processes and in-process replicas write the single-process bytes.
+    func testAWideHessianDownTheChainOverWorkerProcessesWritesTheSingleProcessBytes() throws {
         let dir = try CLI.temporaryDirectory(self)
         let smol = CLI.asset("smollm2-135m-instruct-q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
         for method in ["sparsegpt", "wanda"] {

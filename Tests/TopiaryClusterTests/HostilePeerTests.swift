@@ -438,18 +438,18 @@ final class HostilePeerTests: XCTestCase {
                 XCTAssertTrue("\(e)".contains(expected), "\(e)")
             }
         }
-        // Replica 1 of 2 runs windows 1 and 3: window 0 is refused, and so is a missing window 3.
+        // Replica 1 of 2 runs windows 2 and 3 (a contiguous range): window 1 is refused, and so is a missing window 3.
         a.replica = Assignment.ReplicaSpec(rank: 1, count: 2, group: "g", peers: peers)
-        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(1), header(0)])) { e in
-            XCTAssertTrue("\(e)".contains("window 0 is replica 0's, not replica 1's of 2"), "\(e)")
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(2), header(1)])) { e in
+            XCTAssertTrue("\(e)".contains("window 1 is replica 0's, not replica 1's of 2"), "\(e)")
         }
-        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 4, headers: [header(1), header(3)])) { e in
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 4, headers: [header(2), header(3)])) { e in
             XCTAssertTrue("\(e)".contains("announces 4 tensors, expected 2"), "\(e)")
         }
-        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(1)])) { e in
+        XCTAssertThrowsError(try service.checkJob(try json(a), tensors: 2, headers: [header(2)])) { e in
             XCTAssertTrue("\(e)".contains("inputs/3 is missing"), "\(e)")
         }
-        XCTAssertNoThrow(try service.checkJob(try json(a), tensors: 2, headers: [header(3), header(1)]))
+        XCTAssertNoThrow(try service.checkJob(try json(a), tensors: 2, headers: [header(3), header(2)]))
     }
 
     func testAGarbageReplicaMessageIsRefusedNamingTheField() throws {

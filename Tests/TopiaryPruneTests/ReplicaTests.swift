@@ -107,10 +107,10 @@ final class ReplicaTests: XCTestCase {
         try check("tiny-llama", PrunePlan(method: .besa, pattern: .unstructured(0.6), targets: .dense, besa: BESA.Options(epochs: 1)), replicas: [2], targets: true)
     }
 
-    /// A feed-forward wide enough (1024 inputs to down_proj: 8 tiles of 128) that its Hessian is
-    /// shared: every replica sums its rows of it over all windows, the owner gathers them. The
-    /// same bits as one process, for the methods that share statistics.
-    func testASharedHessianGivesTheSameBitsAtAnyReplicaCount() throws {
+    /// A feed-forward wide enough (1024 inputs to down_proj: 8 strips of 128) that its Hessian
+    /// travels down the chain of replicas in several parts, with some replicas holding no window
+    /// (5 windows over 4): the same bits as one process.
+    func testAWideHessianPassedDownTheChainGivesTheSameBitsAtAnyReplicaCount() throws {
         var c = ModelConfig(architecture: .llama, hiddenSize: 64, intermediateSize: 1024, layerCount: 1, headCount: 8,
                             kvHeadCount: 4, vocabularySize: 32, maxPositions: 64, normEps: 1e-5, tieWordEmbeddings: false)
         c.ropeTheta = 10000
@@ -125,27 +125,12 @@ final class ReplicaTests: XCTestCase {
         let block = DecoderBlock(config: c, index: 0, tensors: tensors)
         let length = 16, samples = 5
         let windows = (0..<samples).map { _ in Matrix(rows: length, cols: 64) { p in for i in p.indices { p[i] = rng.uniform() } } }
-        let tokens = samples * length
-        for r in [2, 3, 4] {
-            let shared = ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
-                                                     tokens: tokens, replicas: r, tile: CPUBackend().statisticsTile(columns:))
-            XCTAssertEqual(Array(shared.keys), ["model.layers.0.mlp.down_proj"], "\(r) replicas share down_proj's Hessian only")
-            let rows = try XCTUnwrap(shared["model.layers.0.mlp.down_proj"])
-            XCTAssertEqual(rows.first?.lowerBound, 0)
-            XCTAssertEqual(rows.last?.upperBound, 1024)
-            for k in 1..<r { XCTAssertEqual(rows[k - 1].upperBound, rows[k].lowerBound, "contiguous") }
-            XCTAssertTrue(rows.allSatisfy { !$0.isEmpty && $0.lowerBound % 128 == 0 }, "\(rows)")
-        }
-        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsellm, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty, "SparseLLM keeps a feed-forward together")
-        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: { _ in nil }).isEmpty, "a backend without tiles shares none")
-        XCTAssertTrue(ReplicaWork.splitStatistics(block: block, plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5)),
-                                                  tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty, "Wanda builds no Hessian to share")
+        let keys = Set(BlockPruner.statisticsKeys(block.inputGroups).values)
+        XCTAssertEqual(ReplicaWork.chainedStatistics(block: block, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5))), keys)
+        XCTAssertEqual(ReplicaWork.chainedStatistics(block: block, plan: PrunePlan(method: .sparsellm, pattern: .unstructured(0.5))),
+                       keys.subtracting(["model.layers.0.mlp.gate_proj"]), "SparseLLM's owner needs the feed-forward's inputs")
         var wandaWithErrors = PrunePlan(method: .wanda, pattern: .unstructured(0.5))
         wandaWithErrors.linearErrors = true
-        XCTAssertFalse(ReplicaWork.splitStatistics(block: block, plan: wandaWithErrors, tokens: tokens, replicas: 2, tile: { _ in 128 }).isEmpty,
-                       "Wanda with --linear-errors shares down_proj's Hessian")
         for plan in [PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5)), PrunePlan(method: .sparsegpt, pattern: .nOfM(n: 2, m: 4)),
                      PrunePlan(method: .wanda, pattern: .unstructured(0.5)), PrunePlan(method: .magnitude, pattern: .unstructured(0.5)),
                      wandaWithErrors] {
@@ -160,22 +145,148 @@ final class ReplicaTests: XCTestCase {
         }
     }
 
-    /// Rows of a shared Hessian: whole tiles, each replica about an equal share of the upper
-    /// triangle's tiles, every row once.
-    func testSharedHessianRowsCoverTheMatrixInBalancedTiles() {
-        for (columns, count) in [(1024, 2), (1024, 3), (1536, 2), (1536, 4), (28672, 16), (300, 2)] {
-            let ranges = (0..<count).map { ReplicaWork.statisticsRows($0, of: count, columns: columns, tile: 128) }
-            XCTAssertEqual(ranges.first?.lowerBound, 0)
-            XCTAssertEqual(ranges.last?.upperBound, columns)
-            let t = (columns + 127) / 128
-            var tiles: [Int] = []
-            for (k, r) in ranges.enumerated() {
-                if k > 0 { XCTAssertEqual(ranges[k - 1].upperBound, r.lowerBound) }
-                XCTAssertEqual(r.lowerBound % 128, 0)
-                tiles.append((r.lowerBound / 128..<(r.upperBound + 127) / 128).reduce(0) { $0 + (t - $1) })
+    /// Replicas run contiguous ranges of windows that cover them all once.
+    func testReplicasRunContiguousRangesOfTheWindows() {
+        for (total, count) in [(32, 2), (32, 3), (5, 4), (2, 4), (128, 16), (0, 2)] {
+            var seen: [Int] = []
+            for rank in 0..<count {
+                let role = ReplicaRole(rank: rank, count: count)
+                let mine = role.samples(total)
+                seen += mine
+                for s in mine {
+                    XCTAssertTrue(role.owns(sample: s, of: total))
+                    XCTAssertEqual(role.rank(ofSample: s, of: total), rank)
+                }
+                XCTAssertLessThanOrEqual(mine.count, (total + count - 1) / count)
             }
-            let fair = Double(t * (t + 1) / 2) / Double(count)
-            XCTAssertLessThanOrEqual(Double(tiles.max()!), fair + Double(t), "\(columns) columns over \(count): \(tiles)")
+            XCTAssertEqual(seen, Array(0..<total), "\(total) windows over \(count)")
+        }
+    }
+
+    /// A broadcast's tree: from any root, every other replica has one parent, is its parent's
+    /// child, and is reached within ⌈log₂ R⌉ hops; the root sends ⌈log₂ R⌉ times at most. Then a
+    /// real broadcast over the in-process hub from every root reaches every replica.
+    func testABroadcastTreeReachesEveryReplicaOnceWithinLogHops() throws {
+        for count in 1...17 {
+            let depthLimit = count == 1 ? 0 : Int.bitWidth - (count - 1).leadingZeroBitCount
+            for root in 0..<count {
+                var depth = [root: 0]
+                var queue = [root]
+                while let v = queue.first {
+                    queue.removeFirst()
+                    for c in ReplicaRole(rank: v, count: count).broadcastChildren(root: root) {
+                        XCTAssertNil(depth[c], "\(c) reached twice (root \(root) of \(count))")
+                        XCTAssertEqual(ReplicaRole(rank: c, count: count).broadcastParent(root: root), v)
+                        depth[c] = depth[v]! + 1
+                        queue.append(c)
+                    }
+                }
+                XCTAssertEqual(depth.count, count, "root \(root) of \(count) reaches \(depth.keys.sorted())")
+                XCTAssertLessThanOrEqual(depth.values.max() ?? 0, depthLimit)
+                XCTAssertLessThanOrEqual(ReplicaRole(rank: root, count: count).broadcastChildren(root: root).count, depthLimit)
+                XCTAssertNil(ReplicaRole(rank: root, count: count).broadcastParent(root: root))
+            }
+        }
+        let count = 6
+        let hub = InProcessReplicaHub(count: count)
+        final class Box: @unchecked Sendable { var got: [Int: [Matrix]] = [:]; let lock = NSLock() }
+        let box = Box()
+        let group = DispatchGroup()
+        for rank in 0..<count {
+            group.enter()
+            Thread.detachNewThread {
+                let exchange = hub.exchange(rank: rank)
+                var mine: [Matrix] = []
+                for root in 0..<count {
+                    let key = ReplicaKey(block: 0, kind: .weight, name: "w", index: root)
+                    let value: ReplicaValue? = root == rank ? .matrix(Matrix(rows: 1, cols: 1, repeating: Float(root))) : nil
+                    if case .matrix(let m) = try? exchange.broadcast(key, value, root: root) { mine.append(m) }
+                }
+                box.lock.lock(); box.got[rank] = mine; box.lock.unlock()
+                group.leave()
+            }
+        }
+        group.wait()
+        for rank in 0..<count {
+            XCTAssertEqual(box.got[rank]?.map { $0[0, 0] }, (0..<count).map(Float.init), "replica \(rank)")
+        }
+    }
+
+    /// The chain on its own: R replicas (some with no window, some whose windows never reached a
+    /// group, as an expert's) make the statistics that one `LayerStatistics` makes from all the
+    /// windows in order, bit for bit, H, the squared norms and the counts, on the owner only.
+    func testTheStatisticsChainMakesOneProcesssBits() throws {
+        var rng = SplitMix(seed: 11)
+        func random(_ rows: Int, _ cols: Int) -> Tensor {
+            CPUBackend().upload(Matrix(rows: rows, cols: cols) { p in for i in p.indices { p[i] = rng.uniform() - 0.5 } })
+        }
+        // Group "a": 300 columns (3 strips, the last short); "b": 64 columns, reached by windows 1 and 4 only.
+        let windows = 6
+        let a = (0..<windows).map { random(7 + $0, 300) }
+        let b: [Int: Tensor] = [1: random(3, 64), 4: random(5, 64)]
+        for hessian in [true, false] {
+            let one = ["a": LayerStatistics(columns: 300, hessian: hessian), "b": LayerStatistics(columns: 64, hessian: hessian)]
+            for s in 0..<windows {
+                one["a"]!.add(a[s])
+                if let x = b[s] { one["b"]!.add(x) }
+            }
+            for count in [1, 2, 3, 4, 7] {
+                let hub = InProcessReplicaHub(count: count)
+                let owners = ["a": count - 1 > 0 ? 1 : 0, "b": 0]
+                final class Box: @unchecked Sendable { var outcomes: [Int: Result<StatisticsChain.Outcome, Error>] = [:]; let lock = NSLock() }
+                let box = Box()
+                let group = DispatchGroup()
+                for rank in 0..<count {
+                    group.enter()
+                    Thread.detachNewThread {
+                        let role = ReplicaRole(rank: rank, count: count)
+                        var held: [String: [Tensor]] = [:]
+                        for s in role.samples(windows) {
+                            held["a", default: []].append(a[s])
+                            if let x = b[s] { held["b", default: []].append(x) }
+                        }
+                        let chain = StatisticsChain(exchange: hub.exchange(rank: rank), backend: CPUBackend(), block: 0, hessian: hessian)
+                        let r = Result { try chain.run(groups: ["a": 300, "b": 64], held: held, owners: owners) }
+                        box.lock.lock(); box.outcomes[rank] = r; box.lock.unlock()
+                        group.leave()
+                    }
+                }
+                group.wait()
+                for rank in 0..<count {
+                    let out = try box.outcomes[rank]!.get()
+                    for key in ["a", "b"] {
+                        guard owners[key] == rank else {
+                            XCTAssertNil(out.statistics[key], "\(key) on replica \(rank), not its owner")
+                            continue
+                        }
+                        let st = try XCTUnwrap(out.statistics[key], "\(key) on its owner \(rank) of \(count)")
+                        XCTAssertEqual(st.sequences, one[key]!.sequences)
+                        XCTAssertEqual(out.tokens[key], key == "a" ? (0..<windows).reduce(0) { $0 + 7 + $1 } : 8)
+                        XCTAssertEqual(st.squaredNorms, one[key]!.squaredNorms, "\(key), \(count) replicas: other squared norms")
+                        if hessian { XCTAssertEqual(st.hessian, one[key]!.hessian, "\(key), \(count) replicas: another Hessian") }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A strip from the previous replica of the wrong shape, or unreadable counts, fail the chain
+    /// with the group's name instead of a trap or wrong statistics.
+    func testABadPartOnTheChainIsAnErrorNamingTheGroup() throws {
+        let x = CPUBackend().upload(Matrix(rows: 4, cols: 256, repeating: 0.5))
+        let header = ReplicaValue.bytes(BlockPruner.encode([2, 8] + [Double](repeating: 0, count: 256)))
+        // An unreadable header; a header of the wrong width; a readable header, then a strip of the wrong height.
+        for parts in [[ReplicaValue.bytes([1, 2, 3])], [.bytes(BlockPruner.encode([2, 8, 0]))], [.matrix(Matrix(rows: 1, cols: 3))],
+                      [header, .matrix(Matrix(rows: 5, cols: 256))], [header, .absent]] {
+            let hub = InProcessReplicaHub(count: 2)
+            let first = hub.exchange(rank: 0)
+            for (i, part) in parts.enumerated() {
+                try first.send(ReplicaKey(block: 3, kind: .chainedStatistics, name: "g", index: i), part, to: 1)
+            }
+            let chain = StatisticsChain(exchange: hub.exchange(rank: 1), backend: CPUBackend(), block: 3, hessian: true)
+            XCTAssertThrowsError(try chain.run(groups: ["g": 256], held: ["g": [x]], owners: ["g": 1])) { error in
+                XCTAssertTrue("\(error)".contains("g") && "\(error)".contains("block 3"), "\(error)")
+            }
         }
     }
 

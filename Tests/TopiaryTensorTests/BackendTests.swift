@@ -144,37 +144,42 @@ final class BackendTests: XCTestCase {
         }
     }
 
-    /// Replicas that share a Hessian each update whole tile rows of it: every row gets the bits the
-    /// whole update gives it, however the rows are cut, and the others are left as they were.
-    func testUpperSyrkUpdateByTileRowsHasTheWholeUpdatesBits() throws {
+    /// The statistics chain passes a Hessian from replica to replica in strips of tile rows, each
+    /// held apart: every strip gets the bits the whole update gives its rows, however H is cut.
+    func testUpperSyrkUpdateOfAStripHasTheWholeUpdatesBits() throws {
         var rng = TestRandom(seed: 6)
         XCTAssertNil(Float64Backend().statisticsTile(columns: 300))
-        for d in [300, 520] {
+        for (d, heights) in [(300, [40, 0, 600, 3]), (520, [40, 0, 600, 3]), (4100, [9, 0, 5])] {
             let tile = try XCTUnwrap(cpu.statisticsTile(columns: d))
             let whole = cpu.zeros(rows: d, cols: d)
             let cuts = [0, tile, 2 * tile, d]
-            let parts = (0..<cuts.count - 1).map { _ in cpu.zeros(rows: d, cols: d) }
-            for (window, rows) in [40, 0, 600, 3].enumerated() {
+            let strips = (0..<cuts.count - 1).map { k in cpu.zeros(rows: cuts[k + 1] - cuts[k], cols: d) }
+            for (window, rows) in heights.enumerated() {
                 let x = cpu.upload(rng.matrix(rows, d))
                 let n = Float(window), decay = n / (n + 1), alpha = 2 / (n + 1)
                 cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: whole)
-                for (k, part) in parts.enumerated() {
-                    cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: part, rows: cuts[k]..<min(d, cuts[k + 1]))
+                for (k, strip) in strips.enumerated() {
+                    cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, strip: strip, rows: cuts[k]..<cuts[k + 1])
                 }
             }
             let w = cpu.download(whole)
-            for (k, part) in parts.enumerated() {
-                let p = cpu.download(part)
-                for i in 0..<d {
-                    let mine = (cuts[k]..<min(d, cuts[k + 1])).contains(i)
-                    for j in i..<d {
-                        let want = mine ? w[i, j] : 0
-                        XCTAssertEqual(p[i, j].bitPattern, want.bitPattern, "d \(d), part \(k), (\(i), \(j))")
-                        if p[i, j].bitPattern != want.bitPattern { return }
+            for (k, strip) in strips.enumerated() {
+                let p = cpu.download(strip)
+                for i in cuts[k]..<cuts[k + 1] {
+                    for j in i..<d where p[i - cuts[k], j].bitPattern != w[i, j].bitPattern {
+                        XCTFail("d \(d), strip \(k), (\(i), \(j)): \(p[i - cuts[k], j]) against \(w[i, j])")
+                        return
                     }
                 }
             }
         }
+        // Without tiles, a backend takes all the rows at once as one strip.
+        let f = Float64Backend()
+        let x = f.upload(rng.matrix(6, 10))
+        let (whole, strip) = (f.zeros(rows: 10, cols: 10), f.zeros(rows: 10, cols: 10))
+        f.syrkUpperUpdate(x, alpha: 0.5, beta: 0, into: whole)
+        f.syrkUpperUpdate(x, alpha: 0.5, beta: 0, strip: strip, rows: 0..<10)
+        XCTAssertEqual(f.download(strip), f.download(whole))
     }
 
     func testSelections() {

@@ -317,8 +317,8 @@ struct AssignedTensors {
               let s = Int(parts[1]), String(s) == parts[1], s >= 0, s < samples else {
             throw Self.bad("is '\(t.name)', expected inputs/N\(hasTargets ? " or targets/N" : "") with N < \(samples)\(weights.isEmpty ? "" : ", or a tensor of the range's blocks")")
         }
-        guard role.owns(sample: s) else {
-            throw Self.bad("is '\(t.name)': window \(s) is replica \(role.rank(ofSample: s))'s, not replica \(role.rank)'s of \(role.count)")
+        guard role.owns(sample: s, of: samples) else {
+            throw Self.bad("is '\(t.name)': window \(s) is replica \(role.rank(ofSample: s, of: samples))'s, not replica \(role.rank)'s of \(role.count)")
         }
         guard t.shape == [rows, cols] else {
             throw WireError.malformed(message: "tensor-header", field: "shape", detail: "of '\(t.name)' is \(t.shapeText), expected \(rows)x\(cols)")
