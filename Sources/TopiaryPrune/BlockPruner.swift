@@ -273,7 +273,8 @@ public struct BlockPruner: Sendable {
         if let exchange, !chained.isEmpty {
             var columns: [String: Int] = [:]
             for key in chained { columns[key] = device.weight(key).cols }
-            let chain = StatisticsChain(exchange: exchange, backend: backend, block: block.index, hessian: plan.collectsHessian)
+            let chain = StatisticsChain(exchange: exchange, backend: backend, block: block.index, hessian: plan.collectsHessian,
+                                        windows: n, tokensPerWindow: sequenceLength)
             let outcome = try chain.run(groups: columns, held: held, owners: owners)
             held = [:]
             for (key, st) in outcome.statistics { stats[key] = st }

@@ -21,6 +21,10 @@ struct StatisticsChain {
     let backend: any ComputeBackend
     let block: Int
     let hessian: Bool
+    /// The calibration windows, and the most tokens one window can bring to a group: a peer's
+    /// counts beyond them are refused.
+    let windows: Int
+    let tokensPerWindow: Int
 
     struct Outcome {
         /// The owner's statistics (none for a group no window reached).
@@ -65,7 +69,8 @@ struct StatisticsChain {
             if role.rank == 0 {
                 norms = backend.zeros(rows: 1, cols: d)
             } else {
-                let (count, seen, values) = try header(try receive(message(0)), key: key, columns: d, from: role.rank - 1)
+                let (count, seen, values) = try header(try receive(message(0)), key: key, columns: d, from: role.rank - 1,
+                                                       windows: ReplicaRole.range(role.rank, of: role.count, total: windows).lowerBound)
                 (before, tokens) = (count, seen)
                 norms = backend.upload(values)
             }
@@ -119,7 +124,7 @@ struct StatisticsChain {
                 part = k
             } else {
                 func message(_ part: Int) -> ReplicaKey { ReplicaKey(block: block, kind: .finishedStatistics, name: key, index: part) }
-                let h = try header(try receive(message(0)), key: key, columns: d, from: last)
+                let h = try header(try receive(message(0)), key: key, columns: d, from: last, windows: windows)
                 part = (h.count, h.tokens, backend.upload(h.norms), [])
                 for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
                     switch try receive(message(j + 1)) {
@@ -145,11 +150,15 @@ struct StatisticsChain {
         return stride(from: 0, to: d, by: tile).map { $0..<min(d, $0 + tile) }
     }
 
-    /// Part 0 as it travels: [windows, tokens, the d squared norms], as doubles.
-    private func header(_ value: ReplicaValue, key: String, columns d: Int, from rank: Int) throws -> (count: Int, tokens: Int, norms: Matrix) {
+    /// Part 0 as it travels: [windows, tokens, the d squared norms], as doubles; at most
+    /// `windows` windows (those before the receiver's) of at most `tokensPerWindow` tokens each.
+    private func header(_ value: ReplicaValue, key: String, columns d: Int, from rank: Int, windows: Int) throws -> (count: Int, tokens: Int, norms: Matrix) {
         guard case .bytes(let b) = value, let v = BlockPruner.decode(b), v.count == d + 2,
-              let count = Int(exactly: v[0]), count >= 0, let tokens = Int(exactly: v[1]), tokens >= 0 else {
+              let count = Int(exactly: v[0]), let tokens = Int(exactly: v[1]) else {
             throw ReplicaError("block \(block): replica \(rank) sent no readable count and squared norms for \(key) (\(d) columns)")
+        }
+        guard (0...windows).contains(count), (0...count * tokensPerWindow).contains(tokens) else {
+            throw ReplicaError("block \(block): replica \(rank) counts \(count) windows and \(tokens) tokens for \(key), expected at most \(windows) windows of \(tokensPerWindow) tokens")
         }
         return (count, tokens, Matrix(rows: 1, cols: d, values: v[2...].map { Float($0) }))
     }

@@ -245,7 +245,8 @@ final class ReplicaTests: XCTestCase {
                             held["a", default: []].append(a[s])
                             if let x = b[s] { held["b", default: []].append(x) }
                         }
-                        let chain = StatisticsChain(exchange: hub.exchange(rank: rank), backend: CPUBackend(), block: 0, hessian: hessian)
+                        let chain = StatisticsChain(exchange: hub.exchange(rank: rank), backend: CPUBackend(), block: 0, hessian: hessian,
+                                                    windows: windows, tokensPerWindow: 12)
                         let r = Result { try chain.run(groups: ["a": 300, "b": 64], held: held, owners: owners) }
                         box.lock.lock(); box.outcomes[rank] = r; box.lock.unlock()
                         group.leave()
@@ -275,15 +276,21 @@ final class ReplicaTests: XCTestCase {
     func testABadPartOnTheChainIsAnErrorNamingTheGroup() throws {
         let x = CPUBackend().upload(Matrix(rows: 4, cols: 256, repeating: 0.5))
         let header = ReplicaValue.bytes(BlockPruner.encode([2, 8] + [Double](repeating: 0, count: 256)))
-        // An unreadable header; a header of the wrong width; a readable header, then a strip of the wrong height.
+        let norms = [Double](repeating: 0, count: 256)
+        // An unreadable header; a header of the wrong width; more windows than come before replica 1
+        // (2 of 4), more tokens than they can hold, a negative count; a readable header, then a strip
+        // of the wrong height or none.
         for parts in [[ReplicaValue.bytes([1, 2, 3])], [.bytes(BlockPruner.encode([2, 8, 0]))], [.matrix(Matrix(rows: 1, cols: 3))],
+                      [.bytes(BlockPruner.encode([3, 8] + norms))], [.bytes(BlockPruner.encode([2, 100] + norms))],
+                      [.bytes(BlockPruner.encode([-1, 0] + norms))], [.bytes(BlockPruner.encode([9e18, 9e18] + norms))],
                       [header, .matrix(Matrix(rows: 5, cols: 256))], [header, .absent]] {
             let hub = InProcessReplicaHub(count: 2)
             let first = hub.exchange(rank: 0)
             for (i, part) in parts.enumerated() {
                 try first.send(ReplicaKey(block: 3, kind: .chainedStatistics, name: "g", index: i), part, to: 1)
             }
-            let chain = StatisticsChain(exchange: hub.exchange(rank: 1), backend: CPUBackend(), block: 3, hessian: true)
+            let chain = StatisticsChain(exchange: hub.exchange(rank: 1), backend: CPUBackend(), block: 3, hessian: true,
+                                        windows: 4, tokensPerWindow: 16)
             XCTAssertThrowsError(try chain.run(groups: ["g": 256], held: ["g": [x]], owners: ["g": 1])) { error in
                 XCTAssertTrue("\(error)".contains("g") && "\(error)".contains("block 3"), "\(error)")
             }
