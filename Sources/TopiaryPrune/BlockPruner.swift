@@ -697,8 +697,7 @@ public struct BlockPruner: Sendable {
     static func report(name: String, dense full: Tensor, pruned fullPruned: Tensor, stats: LayerStatistics, measure: Bool,
                        seconds: Double) -> LinearReport {
         let backend = stats.backend
-        let kept = backend.map(fullPruned, .nonZero)
-        let zeros = Double(full.count) - backend.sum(kept)
+        let zeros = Double(backend.zeroCount(fullPruned))
         guard measure else {
             return LinearReport(name: name, rows: full.rows, columns: full.cols, sparsity: zeros / Double(full.count),
                                 errorBefore: nil, errorAfter: nil, seconds: seconds)
@@ -708,7 +707,8 @@ public struct BlockPruner: Sendable {
         let pruned = sample.map { backend.gatherRows(fullPruned, $0) } ?? fullPruned
         let reference = stats.quadraticForm(w)
         let maskOnly = backend.copy(w)                  // W − W⊙M: the removed weights
-        backend.zeroMasked(maskOnly, mask: sample.map { backend.gatherRows(kept, $0) } ?? kept)
+        let kept = backend.map(pruned, .nonZero)
+        backend.zeroMasked(maskOnly, mask: kept)
         let delta = backend.copy(w)                     // W − Ŵ
         backend.axpy(-1, pruned, delta)
         let denom = reference > 0 ? reference : 1

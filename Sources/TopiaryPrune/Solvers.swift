@@ -43,17 +43,16 @@ public enum WandaPruner {
     public static func prune(_ weight: Tensor, inputSquaredNorms: Tensor, pattern: SparsityPattern,
                              on backend: any ComputeBackend) -> Tensor {
         precondition(inputSquaredNorms.count == weight.cols, "Wanda: \(inputSquaredNorms.count) input norms for \(weight.cols) columns")
-        let scores = backend.multiplyColumns(backend.map(weight, .abs), by: backend.map(inputSquaredNorms, .squareRoot))
-        let mask: Tensor
+        let scale = backend.map(inputSquaredNorms, .squareRoot)
         switch pattern {
         case .unstructured(let s):
-            mask = backend.selectSmallestInRows(scores, counts: rowCounts(rows: weight.rows, cols: weight.cols, fraction: s))
+            return backend.zeroSmallestInRows(weight, scale: scale, counts: rowCounts(rows: weight.rows, cols: weight.cols, fraction: s))
         case .nOfM(let n, let m):
-            mask = backend.selectNOfM(scores, n: n, m: m)
+            let mask = backend.selectNOfM(backend.multiplyColumns(backend.map(weight, .abs), by: scale), n: n, m: m)
+            let pruned = backend.copy(weight)
+            backend.zeroMasked(pruned, mask: mask)
+            return pruned
         }
-        let pruned = backend.copy(weight)
-        backend.zeroMasked(pruned, mask: mask)
-        return pruned
     }
 
     /// How many weights each row loses so that the matrix loses round(fraction * rows * cols):

@@ -272,6 +272,29 @@ public struct CPUBackend: ComputeBackend {
         return s
     }
 
+    /// Without the 0/1 temporary of `map(.nonZero)` (at 7B shapes its fresh pages made the
+    /// sparsity count of a Wanda block cost more than its selection).
+    public func zeroCount(_ x: Tensor) -> Int {
+        let chunk = 1 << 20
+        let parts = (x.count + chunk - 1) / chunk
+        var counts = [Int](repeating: 0, count: parts)
+        let p = UnsafeSendable(read(x))
+        counts.withUnsafeMutableBufferPointer { out in
+            let out = UnsafeSendable(out)
+            // A count per chunk of 2^20 elements, without a branch (half of a pruned matrix is
+            // zero, in no order a predictor can follow).
+            Parallel.forEach(parts, chunk: 1) { range in
+                for part in range {
+                    let start = part * chunk, end = min(x.count, start + chunk)
+                    var zeros: Int32 = 0
+                    for i in start..<end { zeros &+= p.value[i] == 0 ? 1 : 0 }
+                    out.value[part] = Int(zeros)
+                }
+            }
+        }
+        return counts.reduce(0, +)
+    }
+
     public func dot(_ a: Tensor, _ b: Tensor) -> Double {
         precondition(a.count == b.count, "dot: \(a) and \(b)")
         let p = read(a), q = read(b)
@@ -348,6 +371,34 @@ public struct CPUBackend: ComputeBackend {
             }
         }
         return mask
+    }
+
+    /// Row by row over the threads: each row's scores in a buffer of keys (the products of
+    /// `map(.abs)` and `multiplyColumns`, bit for bit), its k-th smallest key by selection, and
+    /// the row written once. Wanda's four whole-matrix temporaries (|W|, the scores, the mask,
+    /// the copy) were a third of its block at 7B shapes, most of it the kernel clearing their
+    /// fresh pages.
+    public func zeroSmallestInRows(_ weight: Tensor, scale: Tensor, counts: [Int]) -> Tensor {
+        precondition(counts.count == weight.rows && scale.count == weight.cols,
+                     "zeroSmallestInRows: \(counts.count) counts and \(scale.count) scales for \(weight)")
+        let out = uninitialized(rows: weight.rows, cols: weight.cols)
+        let cols = weight.cols
+        if cols == 0 || weight.rows == 0 { return out }
+        let buffers = UnsafeSendable((read(weight), read(scale), write(out)))
+        Parallel.forEach(weight.rows, chunk: 8) { range in
+            let (pw, ps, po) = buffers.value
+            var keys = [UInt64](repeating: 0, count: cols)
+            for r in range {
+                let k = counts[r]
+                let row = pw + r * cols, dst = po + r * cols
+                if k <= 0 { dst.update(from: row, count: cols); continue }
+                if k >= cols { dst.update(repeating: 0, count: cols); continue }
+                for c in 0..<cols { keys[c] = Selection.key(Swift.abs(row[c]) * ps[c], index: c) }
+                let last = Selection.kthSmallest(&keys, k - 1)
+                for c in 0..<cols { dst[c] = Selection.key(Swift.abs(row[c]) * ps[c], index: c) <= last ? 0 : row[c] }
+            }
+        }
+        return out
     }
 
     public func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor {

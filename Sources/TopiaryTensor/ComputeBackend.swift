@@ -108,6 +108,8 @@ public protocol ComputeBackend: Sendable {
     func columnSquaredSums(_ x: Tensor) -> Tensor
     /// Σ x[i] in Float64, in index order.
     func sum(_ x: Tensor) -> Double
+    /// How many elements are exactly zero (either sign).
+    func zeroCount(_ x: Tensor) -> Int
     /// Σ a[i] b[i] in Float64, in index order.
     func dot(_ a: Tensor, _ b: Tensor) -> Double
     /// Whether every element is finite.
@@ -133,6 +135,11 @@ public protocol ComputeBackend: Sendable {
     func selectNOfM(_ scores: Tensor, n: Int, m: Int) -> Tensor
     /// x[i] = 0 where mask[i] != 0, in place.
     func zeroMasked(_ x: Tensor, mask: Tensor)
+    /// A copy of `weight` with, in each row r, the `counts[r]` weights of smallest score
+    /// |w[r, c]| · scale[c] set to zero, equal scores by column order: Wanda's unstructured step,
+    /// the same as `selectSmallestInRows` on `multiplyColumns(map(weight, .abs), by: scale)` and
+    /// `zeroMasked` on a copy (the default), without the whole-matrix temporaries.
+    func zeroSmallestInRows(_ weight: Tensor, scale: Tensor, counts: [Int]) -> Tensor
 
     // MARK: SparseGPT kernels
 
@@ -258,6 +265,13 @@ extension ComputeBackend {
         copy(try inverseCholeskyFactor(a, what: what).region(), into: a.region())
     }
     public func synchronize() {}
+    public func zeroCount(_ x: Tensor) -> Int { x.count - Int(sum(map(x, .nonZero))) }
+    public func zeroSmallestInRows(_ weight: Tensor, scale: Tensor, counts: [Int]) -> Tensor {
+        let mask = selectSmallestInRows(multiplyColumns(map(weight, .abs), by: scale), counts: counts)
+        let pruned = copy(weight)
+        zeroMasked(pruned, mask: mask)
+        return pruned
+    }
     public func statisticsTile(columns: Int) -> Int? { nil }
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
         precondition(rows == 0..<x.cols, "\(name): syrkUpperUpdate on rows \(rows) of \(x.cols) needs a statisticsTile")

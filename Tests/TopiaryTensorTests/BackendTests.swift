@@ -182,6 +182,36 @@ final class BackendTests: XCTestCase {
         XCTAssertEqual(f.download(strip), f.download(whole))
     }
 
+    /// Wanda's fused step on the CPU: the bits of the composition it replaces (|W| · scale, the
+    /// row selection with ties by column, zeros on a copy), with ties, signed zeros, and counts of
+    /// 0, all and in between, over enough rows for several chunks of threads.
+    func testZeroSmallestInRowsIsTheComposedSelection() {
+        var rng = TestRandom(seed: 9)
+        let rows = 37, cols = 53
+        // Values on a coarse grid so that equal scores (and -0, +0) are common.
+        let w = Matrix(rows: rows, cols: cols) { p in for i in p.indices { p[i] = Float(Int(rng.uniform() * 9) - 4) * 0.25 } }
+        var m = w
+        m[0, 0] = -0.0
+        m[0, 1] = 0.0
+        let scale = cpu.upload(Matrix(rows: 1, cols: cols) { p in for i in p.indices { p[i] = i % 7 == 0 ? 1 : Float(Int(rng.uniform() * 3) + 1) * 0.5 } })
+        let counts = (0..<rows).map { r in r == 0 ? 0 : r == 1 ? cols : r == 2 ? cols - 1 : (r * 17) % (cols + 1) }
+        let weight = cpu.upload(m)
+        let fused = cpu.download(cpu.zeroSmallestInRows(weight, scale: scale, counts: counts))
+        let composedMask = cpu.selectSmallestInRows(cpu.multiplyColumns(cpu.map(weight, .abs), by: scale), counts: counts)
+        let composed = cpu.copy(weight)
+        cpu.zeroMasked(composed, mask: composedMask)
+        XCTAssertEqual(fused.values.map(\.bitPattern), cpu.download(composed).values.map(\.bitPattern))
+        for r in 0..<rows {
+            let zeroed = (0..<cols).filter { fused[r, $0] == 0 && m[r, $0] != 0 }.count
+            let wasZero = (0..<cols).filter { m[r, $0] == 0 }.count
+            XCTAssertGreaterThanOrEqual(zeroed + wasZero, counts[r], "row \(r)")
+        }
+        // The protocol's default (Float64Backend) agrees in value.
+        let f = Float64Backend()
+        let viaDefault = f.download(f.zeroSmallestInRows(f.upload(m), scale: f.upload(cpu.download(scale)), counts: counts))
+        XCTAssertEqual(viaDefault.values.map { $0 == 0 }, fused.values.map { $0 == 0 })
+    }
+
     func testSelections() {
         // The reference's rule: everything at or below the k-th smallest, ties included.
         let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))
