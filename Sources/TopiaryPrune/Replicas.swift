@@ -57,7 +57,8 @@ public struct ReplicaRole: Sendable, Equatable, Codable {
 /// for whatever order they arrive in.
 public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
     public enum Kind: UInt8, Sendable {
-        /// The inputs of a statistics group's linear for window `index` (to the group's owner).
+        /// The inputs of a statistics group's linear for window `index` (to the group's owner):
+        /// only SparseLLM's feed-forward inputs (the other groups' statistics go down the chain).
         case statisticsInput = 1
         /// The same from the dense model's stream (SparseLLM with dense targets).
         case targetInput = 2
@@ -215,7 +216,9 @@ public final class InProcessReplicaHub: @unchecked Sendable {
 /// Which replica solves which linears of a block: the linears that share statistics (q/k/v,
 /// gate/up), and for SparseLLM a whole feed-forward, go to one replica together; the groups go
 /// to replicas by modelled cost, largest first, each to the least loaded replica (ties to the
-/// lowest rank). Every replica computes the same plan from the block alone.
+/// highest rank: the largest group's owner is then the last replica of the statistics chain,
+/// which finishes its H in place instead of receiving it). Every replica computes the same plan
+/// from the block alone.
 public enum ReplicaWork {
     /// statistics key -> owning rank.
     /// `sharedStatistics`: groups whose statistics all replicas make (`StatisticsChain`): no
@@ -269,7 +272,7 @@ public enum ReplicaWork {
         var load = [Double](repeating: 0, count: replicas)
         var owners: [String: Int] = [:]
         for (cost, ks) in costed {
-            let r = load.indices.min { load[$0] != load[$1] ? load[$0] < load[$1] : $0 < $1 }!
+            let r = load.indices.min { load[$0] != load[$1] ? load[$0] < load[$1] : $0 > $1 }!
             load[r] += cost
             for k in ks { owners[k] = r }
         }

@@ -31,7 +31,8 @@ struct StatisticsChain {
         var statistics: [String: LayerStatistics] = [:]
         /// Tokens that reached each group this replica owns.
         var tokens: [String: Int] = [:]
-        var seconds = 0.0, flops = 0.0, waiting = 0.0
+        /// FLOPs of this replica's updates, and seconds it waited for parts.
+        var flops = 0.0, waiting = 0.0
     }
 
     /// Passes every group in `groups` (key -> columns) down the chain with this replica's windows'
@@ -47,8 +48,8 @@ struct StatisticsChain {
             defer { out.waiting += clock().timeIntervalSince(t0) }
             return try exchange.receive(key)
         }
-        // What the last replica finished of the groups it owns: (count, tokens, norms, strips).
-        var kept: [String: (count: Int, tokens: Int, norms: Tensor, strips: [Tensor])] = [:]
+        // The groups the last replica owns: finished here, strip by strip, in the owner's H.
+        var kept: [String: (tokens: Int, statistics: LayerStatistics?)] = [:]
         let ordered = groups.sorted { $0.key < $1.key }
         for (key, d) in ordered {
             let owner = owners[key] ?? 0
@@ -74,7 +75,6 @@ struct StatisticsChain {
                 (before, tokens) = (count, seen)
                 norms = backend.upload(values)
             }
-            let t0 = clock()
             for (i, x) in mine.enumerated() {
                 precondition(x.cols == d, "block \(block): \(key)'s inputs are \(x.cols) wide, its statistics \(d)")
                 LayerStatistics.addSquaredNorms(x, before: before + i, into: norms, on: backend)
@@ -82,12 +82,16 @@ struct StatisticsChain {
                 out.flops += Double(x.rows * d)
             }
             let count = before + mine.count
-            out.seconds += clock().timeIntervalSince(t0)
-            if !keeps {
+            var finished: LayerStatistics?
+            if keeps {
+                if count > 0 {
+                    finished = LayerStatistics(columns: d, backend: backend, hessian: hessian)
+                    finished!.restore(sequences: count, squaredNorms: norms)
+                }
+            } else {
                 try pass(0, .bytes(BlockPruner.encode([Double(count), Double(tokens)] + backend.download(norms).values.map(Double.init))))
             }
             // The strips of H.
-            var finished: [Tensor] = []
             for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
                 var strip: Tensor?
                 if role.rank > 0 {
@@ -98,7 +102,6 @@ struct StatisticsChain {
                         throw ReplicaError("block \(block): replica \(role.rank - 1) sent no \(rows.count)x\(d) strip \(j) of \(key)'s Hessian after \(before) windows")
                     }
                 }
-                let t1 = clock()
                 if !mine.isEmpty {
                     let s = strip ?? backend.zeros(rows: rows.count, cols: d)
                     for (i, x) in mine.enumerated() {
@@ -107,38 +110,37 @@ struct StatisticsChain {
                     }
                     strip = s
                 }
-                out.seconds += clock().timeIntervalSince(t1)
                 if keeps {
-                    if let strip { finished.append(strip) }
+                    if let strip { finished?.setUpperRows(rows, strip) }
                 } else {
                     try pass(j + 1, strip.map { .matrix(backend.download($0)) } ?? .absent)
                 }
             }
-            if keeps { kept[key] = (count, tokens, norms, finished) }
+            if keeps { kept[key] = (tokens, finished) }
         }
         // The owners put their finished statistics together, once this replica has passed every
         // group on (waiting for a group's last part before passing the next would stall the chain).
         for (key, d) in ordered where (owners[key] ?? 0) == role.rank {
-            var part: (count: Int, tokens: Int, norms: Tensor, strips: [Tensor])
             if let k = kept[key] {
-                part = k
-            } else {
-                func message(_ part: Int) -> ReplicaKey { ReplicaKey(block: block, kind: .finishedStatistics, name: key, index: part) }
-                let h = try header(try receive(message(0)), key: key, columns: d, from: last, windows: windows)
-                part = (h.count, h.tokens, backend.upload(h.norms), [])
-                for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
-                    switch try receive(message(j + 1)) {
-                    case .absent where h.count == 0: continue
-                    case .matrix(let m) where h.count > 0 && m.rows == rows.count && m.cols == d: part.strips.append(backend.upload(m))
-                    default: throw ReplicaError("block \(block): replica \(last) sent no finished \(rows.count)x\(d) strip \(j) of \(key)'s Hessian")
-                    }
+                out.tokens[key] = k.tokens
+                out.statistics[key] = k.statistics
+                continue
+            }
+            func message(_ part: Int) -> ReplicaKey { ReplicaKey(block: block, kind: .finishedStatistics, name: key, index: part) }
+            let h = try header(try receive(message(0)), key: key, columns: d, from: last, windows: windows)
+            out.tokens[key] = h.tokens
+            var st: LayerStatistics?
+            if h.count > 0 {
+                st = LayerStatistics(columns: d, backend: backend, hessian: hessian)
+                st!.restore(sequences: h.count, squaredNorms: backend.upload(h.norms))
+            }
+            for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
+                switch try receive(message(j + 1)) {
+                case .absent where h.count == 0: continue
+                case .matrix(let m) where h.count > 0 && m.rows == rows.count && m.cols == d: st!.setUpperRows(rows, backend.upload(m))
+                default: throw ReplicaError("block \(block): replica \(last) sent no finished \(rows.count)x\(d) strip \(j) of \(key)'s Hessian")
                 }
             }
-            out.tokens[key] = part.tokens
-            guard part.count > 0 else { continue }
-            let st = LayerStatistics(columns: d, backend: backend, hessian: hessian)
-            st.restore(sequences: part.count, squaredNorms: part.norms)
-            for (rows, strip) in zip(strips(columns: d), part.strips) { st.setUpperRows(rows, strip) }
             out.statistics[key] = st
         }
         return out

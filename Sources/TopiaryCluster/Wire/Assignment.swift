@@ -29,7 +29,7 @@ struct Assignment: Codable {
     var config: ModelConfig?
     var weightTensors: Int?
     /// `--replicas`: this worker's place in its stage, and where the other replicas listen.
-    /// Only this replica's windows travel (s % count == rank), and come back.
+    /// Only this replica's windows travel (its contiguous range, `ReplicaRole.samples`), and come back.
     var replica: ReplicaSpec?
 
     struct ReplicaSpec: Codable, Equatable {
