@@ -70,15 +70,21 @@ public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
         case outputError = 5
         /// Window `index`'s block input / dense output / dense target (BESA, to replica 0).
         case blockInput = 6, denseOutput = 7, denseTarget = 8
-        /// A linear whose rows the replicas share: U of its inverse Hessian (owner to all); the
-        /// owner's prepared rows of replica `index`; a column block's scores (`index` = block x
-        /// replicas + rank, to the owner); the block's threshold (`index` = column block, to all);
-        /// replica `index`'s pruned rows (to all).
-        case inverseFactor = 9, rows = 10, scores = 11, threshold = 12, prunedRows = 13
+        /// A linear whose rows the replicas share: the owner's prepared rows of replica `index`;
+        /// a column block's scores (`index` = block x replicas + rank, to the owner); the block's
+        /// threshold (`index` = column block, to all); replica `index`'s pruned rows (to all).
+        /// (Kind 9, U from the owner to all, went with protocol version 2: `factorColumn` and
+        /// the kinds after it make U on every replica.)
+        case rows = 10, scores = 11, threshold = 12, prunedRows = 13
         /// Part `index` of a statistics group on its way down the chain of replicas (to the next
         /// replica), and finished (from the last to the group's owner): part 0 is the count of
         /// windows and tokens and the squared norms, part j + 1 strip j of H (`StatisticsChain`).
         case chainedStatistics = 15, finishedStatistics = 16
+        /// A row-shared linear's U computed by all replicas (`SpreadInverseFactor`): tile column
+        /// `index` of JAJ for the damped Hessian A (owner to the tile column's holder); panel
+        /// `index` of its Cholesky factor, or the error that stopped it (its holder to all, down
+        /// the tree); tile column `index` of L⁻¹ (its holder to all, down the tree).
+        case factorColumn = 17, factorPanel = 18, inverseColumn = 19
     }
 
     public var block: Int
@@ -223,7 +229,8 @@ public enum ReplicaWork {
     /// statistics key -> owning rank.
     /// `sharedStatistics`: groups whose statistics all replicas make (`StatisticsChain`): no
     /// owner's load. `sharedRows`: linears whose rows all replicas solve
-    /// (`splitLinears`); their owner's own load is the factorisation and the report.
+    /// (`splitLinears`); their owner's own load is its share of the factorisation
+    /// (`SpreadInverseFactor`: 1/R of it) and the report.
     public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
                               sharedStatistics: Set<String> = [], sharedRows: Set<String> = []) -> [String: Int] {
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
@@ -264,7 +271,8 @@ public enum ReplicaWork {
                 let (rows, cols) = shape(name)
                 cost += Self.cost(rows: rows, cols: cols, tokens: tokens, plan: plan,
                                   statistics: keys[name] == name && !sharedStatistics.contains(name),
-                                  solveWeight: 3, sharedRows: sharedRows.contains(name))
+                                  solveWeight: sharedRows.contains(name) ? 3 / Double(replicas) : 3,
+                                  sharedRows: sharedRows.contains(name))
             }
             costed.append((cost, g))
         }

@@ -79,9 +79,22 @@ public enum SparseGPTPruner {
     }
 
     /// U for `hessian` [cols x cols]: dead inputs (never active in calibration) get a unit
-    /// diagonal, then `percentDamp` of the mean diagonal is added, on a copy.
+    /// diagonal, then `percentDamp` of the mean diagonal is added, on a copy (`damped`).
     public static func factor(_ hessian: Tensor, options: Options = Options(), what: String = "layer",
                               on backend: any ComputeBackend) throws -> Factor {
+        let (h, hasDeadInputs) = try damped(hessian, options: options, what: what, on: backend)
+        do {
+            try backend.inverseCholeskyFactorInPlace(h, what: "\(what): damped Hessian")
+            return Factor(inverseFactor: h, hessian: hessian, hasDeadInputs: hasDeadInputs)
+        } catch {
+            throw PruneError.numerical("\(error)")
+        }
+    }
+
+    /// The matrix whose inverse `factor` factors: a copy of `hessian` with a unit diagonal on its
+    /// dead inputs and `percentDamp` of the mean diagonal added; and whether some input is dead.
+    public static func damped(_ hessian: Tensor, options: Options = Options(), what: String = "layer",
+                              on backend: any ComputeBackend) throws -> (hessian: Tensor, hasDeadInputs: Bool) {
         let cols = hessian.cols
         guard hessian.rows == cols else { throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(cols), not square") }
         let live = backend.sum(backend.map(backend.diagonal(hessian), .nonZero))
@@ -89,12 +102,7 @@ public enum SparseGPTPruner {
         backend.zeroDeadInputs(hessian: h, weight: backend.zeros(rows: 1, cols: cols))
         let damp = Float(options.percentDamp * backend.sum(backend.diagonal(h)) / Double(cols))
         backend.addToDiagonal(h, damp)
-        do {
-            try backend.inverseCholeskyFactorInPlace(h, what: "\(what): damped Hessian")
-            return Factor(inverseFactor: h, hessian: hessian, hasDeadInputs: live < Double(cols))
-        } catch {
-            throw PruneError.numerical("\(error)")
-        }
+        return (h, live < Double(cols))
     }
 
     /// `factor` for a caller that keeps it for several layers; nil under `--weight-update admm`,
@@ -105,13 +113,19 @@ public enum SparseGPTPruner {
 
     /// A copy of `weight` with its dead inputs' columns zeroed, for the column loop.
     public static func prepare(_ weight: Tensor, factor: Factor, what: String = "layer", on backend: any ComputeBackend) throws -> Tensor {
+        try prepare(weight, hessian: factor.hessian, hasDeadInputs: factor.hasDeadInputs, what: what, on: backend)
+    }
+
+    /// `prepare` given the (undamped) Hessian and whether `damped` found a dead input.
+    public static func prepare(_ weight: Tensor, hessian: Tensor, hasDeadInputs: Bool, what: String = "layer",
+                               on backend: any ComputeBackend) throws -> Tensor {
         let cols = weight.cols
-        guard factor.hessian.rows == cols && factor.hessian.cols == cols else {
-            throw PruneError.shape("\(what): Hessian is \(factor.hessian.rows)x\(factor.hessian.cols), expected \(cols)x\(cols)")
+        guard hessian.rows == cols && hessian.cols == cols else {
+            throw PruneError.shape("\(what): Hessian is \(hessian.rows)x\(hessian.cols), expected \(cols)x\(cols)")
         }
         let w = backend.copy(weight)
         // (On a copy of H: zeroDeadInputs also sets their diagonal entries, which the caller's H keeps.)
-        if factor.hasDeadInputs { backend.zeroDeadInputs(hessian: backend.copy(factor.hessian), weight: w) }
+        if hasDeadInputs { backend.zeroDeadInputs(hessian: backend.copy(hessian), weight: w) }
         return w
     }
 

@@ -301,48 +301,85 @@ public enum Linalg {
 
     /// Blocked right-looking Cholesky in place: the lower triangle of the row-major n x n matrix
     /// at `p` becomes L with A = LLᵀ (the strict upper triangle is neither read nor written).
-    /// Panels of `tile` columns: the diagonal block by LAPACK's potrf, the panel below it by trsm
-    /// in row tiles, the trailing matrix by syrk/gemm in square tiles, the tiles concurrently.
-    /// Returns 0, or the 1-based leading minor that is not positive definite.
+    /// Panels of `tile` columns (`choleskyPanel`), each followed by its update of the trailing
+    /// tiles (`choleskyUpdate`). Returns 0, or the 1-based leading minor that is not positive
+    /// definite. `SpreadInverseFactor` (TopiaryPrune) makes the same calls spread over replicas.
     static func choleskyLower(_ p: UnsafeMutablePointer<Float>, n: Int) -> Int {
-        _ = configured
-        let box = UnsafeSendable(p)
-        var k0 = 0
-        while k0 < n {
-            let kb = min(tile, n - k0)
-            // Row-major lower with leading dimension n is column-major upper.
-            let info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 85, Int32(kb), p + k0 * n + k0, Int32(n))
-            if info > 0 { return k0 + Int(info) }
-            precondition(info == 0, "spotrf: illegal argument \(-info)")
-            let r0 = k0 + kb
-            let tilesBelow = (n - r0 + tile - 1) / tile
-            if tilesBelow > 0 {
-                forEachTile(tilesBelow) { t in
-                    let p = box.value
-                    let i0 = r0 + t * tile
-                    cblas_strsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit,
-                                blasint(min(tile, n - i0)), blasint(kb), 1, p + k0 * n + k0, blasint(n),
-                                p + i0 * n + k0, blasint(n))
-                }
-                let pairs = upperTiles(tilesBelow)
-                forEachTile(pairs.count) { t in
-                    let p = box.value
-                    let (tj, ti) = pairs[t]
-                    let i0 = r0 + ti * tile, j0 = r0 + tj * tile
-                    let rows = min(tile, n - i0), cols = min(tile, n - j0)
-                    if ti == tj {
-                        cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, blasint(rows), blasint(kb),
-                                    -1, p + i0 * n + k0, blasint(n), 1, p + i0 * n + i0, blasint(n))
-                    } else {
-                        blasSgemm(.none, .transposed, m: rows, n: cols, k: kb, alpha: -1,
-                                  a: p + i0 * n + k0, lda: n, b: p + j0 * n + k0, ldb: n,
-                                  beta: 1, c: p + i0 * n + j0, ldc: n)
-                    }
-                }
-            }
-            k0 = r0
+        let tiles = (n + tile - 1) / tile
+        for k in 0..<tiles {
+            let minor = choleskyPanel(p, n: n, panel: k)
+            if minor > 0 { return minor }
+            choleskyUpdate(p, n: n, panel: k, columns: Array((k + 1)..<tiles))
         }
         return 0
+    }
+
+    /// Panel `k` of the blocked Cholesky on the row-major n x n matrix at `p` (whose tile column
+    /// k has had the updates of panels 0..<k): the diagonal block by LAPACK's potrf, the row
+    /// tiles below it by trsm, concurrently. Returns 0, or the 1-based leading minor of the
+    /// whole matrix that is not positive definite.
+    static func choleskyPanel(_ p: UnsafeMutablePointer<Float>, n: Int, panel k: Int) -> Int {
+        _ = configured
+        let box = UnsafeSendable(p)
+        let k0 = k * tile
+        let kb = min(tile, n - k0)
+        // Row-major lower with leading dimension n is column-major upper.
+        let info = LAPACKE_spotrf(LAPACK_COL_MAJOR, 85, Int32(kb), p + k0 * n + k0, Int32(n))
+        if info > 0 { return k0 + Int(info) }
+        precondition(info == 0, "spotrf: illegal argument \(-info)")
+        let r0 = k0 + kb
+        forEachTile((n - r0 + tile - 1) / tile) { t in
+            let p = box.value
+            let i0 = r0 + t * tile
+            cblas_strsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit,
+                        blasint(min(tile, n - i0)), blasint(kb), 1, p + k0 * n + k0, blasint(n),
+                        p + i0 * n + k0, blasint(n))
+        }
+        return 0
+    }
+
+    /// Panel `k`'s update of the trailing tiles in the tile columns `columns` (each after k):
+    /// A[I, J] -= L[I, k] L[J, k]ᵀ for every tile (I, J) on or below the diagonal with J one of
+    /// them, by ssyrk on the diagonal and sgemm below it, concurrently. Each tile's call is the
+    /// same whichever columns a caller updates together, so its bits are too.
+    static func choleskyUpdate(_ p: UnsafeMutablePointer<Float>, n: Int, panel k: Int, columns: [Int]) {
+        _ = configured
+        let box = UnsafeSendable(p)
+        let k0 = k * tile
+        let kb = min(tile, n - k0)
+        let tiles = (n + tile - 1) / tile
+        var pairs: [(Int, Int)] = []
+        for j in columns {
+            precondition(j > k && j < tiles, "choleskyUpdate: tile column \(j) is not after panel \(k) of \(tiles)")
+            for i in j..<tiles { pairs.append((j, i)) }
+        }
+        forEachTile(pairs.count) { t in
+            let p = box.value
+            let (tj, ti) = pairs[t]
+            let i0 = ti * tile, j0 = tj * tile
+            let rows = min(tile, n - i0), cols = min(tile, n - j0)
+            if ti == tj {
+                cblas_ssyrk(CblasRowMajor, CblasLower, CblasNoTrans, blasint(rows), blasint(kb),
+                            -1, p + i0 * n + k0, blasint(n), 1, p + i0 * n + i0, blasint(n))
+            } else {
+                blasSgemm(.none, .transposed, m: rows, n: cols, k: kb, alpha: -1,
+                          a: p + i0 * n + k0, lda: n, b: p + j0 * n + k0, ldb: n,
+                          beta: 1, c: p + i0 * n + j0, ldc: n)
+            }
+        }
+    }
+
+    /// Tile column `t` of X = L⁻¹ for the Cholesky factor in the lower triangle of the row-major
+    /// n x n `l` (rows from t's first on are read), written into the zeroed n x n `x`:
+    /// L[j0:, j0:] X[j0:, J] = I[j0:, J] by one trsm.
+    static func lowerInverseTile(_ l: UnsafePointer<Float>, _ x: UnsafeMutablePointer<Float>, n: Int, tile t: Int) {
+        _ = configured
+        let j0 = t * tile
+        let width = min(tile, n - j0)
+        for i in j0..<(j0 + width) { x[i * n + i] = 1 }
+        cblas_strsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit,
+                    blasint(n - j0), blasint(width), 1, l + j0 * n + j0, blasint(n),
+                    x + j0 * n + j0, blasint(n))
     }
 
     /// Inverse of a symmetric positive definite matrix through its Cholesky factor:
@@ -414,14 +451,10 @@ public enum Linalg {
         let tiles = (n + tile - 1) / tile
         l.withUnsafeBufferPointer { pf in
             x.withUnsafeMutableBufferPointer { px in
-                for i in 0..<n { px[i * n + i] = 1 }
                 let args = UnsafeSendable((pf.baseAddress!, px.baseAddress!))
                 forEachTile(tiles) { t in
                     let (l, x) = args.value
-                    let j0 = t * tile
-                    cblas_strsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit,
-                                blasint(n - j0), blasint(min(tile, n - j0)), 1, l + j0 * n + j0, blasint(n),
-                                x + j0 * n + j0, blasint(n))
+                    lowerInverseTile(l, x, n: n, tile: t)
                 }
             }
         }

@@ -90,7 +90,10 @@ final class WireCodecTests: XCTestCase {
         var badMagic = good; badMagic[0] = 0x58
         expect(badMagic) { if case .badMagic = $0 { return true }; return false }
         var badVersion = good; badVersion[4] = 9
-        expect(badVersion) { $0 == .unsupportedVersion(found: 9, supported: 1...1) }
+        expect(badVersion) { $0 == .unsupportedVersion(found: 9, supported: 2...2) }
+        // A version-1 peer (before the statistics chain's kinds 15 and 16) is refused, not misread.
+        var oldVersion = good; oldVersion[4] = 1; oldVersion[5] = 0
+        expect(oldVersion) { $0 == .unsupportedVersion(found: 1, supported: 2...2) }
         var badType = good; badType[6] = 0xEE; badType[7] = 0x03
         expect(badType) { $0 == .unknownMessageType(1006) }
         var badCRC = good; badCRC[good.count - 1] ^= 0x01

@@ -86,8 +86,11 @@ public struct Frame: Equatable, Sendable {
 
 /// Protocol constants.
 public enum Protocol {
-    public static let version: UInt16 = 1
-    public static let supportedVersions: ClosedRange<UInt16> = 1...1
+    /// 2: the statistics chain's replica messages (kinds 15 and 16) replaced kind 14, and
+    /// replicas own contiguous window ranges; a version-1 peer is refused at the handshake
+    /// rather than misreading them (docs/protocol.md, Versions).
+    public static let version: UInt16 = 2
+    public static let supportedVersions: ClosedRange<UInt16> = 2...2
     /// Default cap on one frame's payload; tensors larger than a frame are streamed in chunks.
     public static let defaultMaxFrameBytes = 64 << 20
     /// Before authentication only small frames are accepted, so an unauthenticated peer cannot
