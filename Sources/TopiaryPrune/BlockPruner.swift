@@ -180,7 +180,8 @@ public struct BlockPruner: Sendable {
         let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
         let owners = role.count > 1
             ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count,
-                                 sharedStatistics: chained, sharedRows: Set(split))
+                                 sharedStatistics: chained, sharedRows: Set(split),
+                                 spreadFactor: exchange.map { SpreadInverseFactor.applies($0, backend: backend) } ?? false)
             : [:]
         func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
         /// Whether window inputs of `key` from the `kind` pass go to `key`'s owner one by one.
@@ -554,7 +555,8 @@ public struct BlockPruner: Sendable {
 
     /// SparseGPT on a linear whose rows the replicas share. The owner (who has H) prepares the
     /// weight and hands each replica its rows; all of them make U together
-    /// (`SpreadInverseFactor`); every replica runs the column loop on
+    /// (`SpreadInverseFactor`, between processes on the CPU backend; otherwise the owner
+    /// factors and sends U down the tree); every replica runs the column loop on
     /// its rows, the owner choosing each column block's threshold over all rows' scores (the
     /// k-th smallest value does not depend on the order they arrive in); the pruned rows go to
     /// every replica. Each row's result depends only on that row, U and the threshold: the bits
@@ -571,27 +573,47 @@ public struct BlockPruner: Sendable {
             }
             return m
         }
-        let u: Tensor, w: Tensor
-        let what = "\(name): damped Hessian"
-        if role.rank == owner {
-            guard let hessian else { throw PruneError.shape("block \(block): no statistics collected for \(name)") }
-            let damped: Matrix, prepared: Tensor
-            do {
-                let (h, dead) = try SparseGPTPruner.damped(hessian, options: plan.sparseGPT, what: name, on: backend)
-                prepared = try SparseGPTPruner.prepare(weight, hessian: hessian, hasDeadInputs: dead, what: name, on: backend)
-                damped = backend.download(h)
-            }
-            // Each replica's rows straight to it; U made by all of them.
+        func sendRows(_ prepared: Tensor) throws {
             for r in 0..<role.count where r != role.rank {
                 let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
                 try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
             }
-            u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: consume damped,
-                                                               order: cols, what: what))
-            w = backend.copy(prepared.region(rows: mine))
+        }
+        let u: Tensor, w: Tensor
+        let what = "\(name): damped Hessian"
+        let spread = SpreadInverseFactor.applies(exchange, backend: backend)
+        if role.rank == owner {
+            guard let hessian else { throw PruneError.shape("block \(block): no statistics collected for \(name)") }
+            if spread {
+                let damped: Matrix, prepared: Tensor
+                do {
+                    let (h, dead) = try SparseGPTPruner.damped(hessian, options: plan.sparseGPT, what: name, on: backend)
+                    prepared = try SparseGPTPruner.prepare(weight, hessian: hessian, hasDeadInputs: dead, what: name, on: backend)
+                    damped = backend.download(h)
+                }
+                // U made by all replicas (its tile columns go first), then each replica's rows.
+                u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: consume damped,
+                                                                   order: cols, what: what))
+                try sendRows(prepared)
+                w = backend.copy(prepared.region(rows: mine))
+            } else {
+                let (prepared, factor) = try SparseGPTPruner.prepare(weight, hessian: hessian, options: plan.sparseGPT, what: name, on: backend)
+                // U down a binomial tree; each replica's rows straight to it.
+                _ = try exchange.broadcast(key(.inverseFactor), .matrix(backend.download(factor)), root: owner)
+                try sendRows(prepared)
+                u = factor
+                w = backend.copy(prepared.region(rows: mine))
+            }
         } else {
-            u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: nil,
-                                                               order: cols, what: what))
+            if spread {
+                u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: nil,
+                                                                   order: cols, what: what))
+            } else {
+                guard case .matrix(let m) = try exchange.broadcast(key(.inverseFactor), nil, root: owner), m.rows == cols, m.cols == cols else {
+                    throw ReplicaError("block \(block): \(name): inverseFactor from replica \(owner) is missing or not \(cols)x\(cols)")
+                }
+                u = backend.upload(m)
+            }
             w = backend.upload(try matrix(.rows, role.rank, rows: mine.count, cols: cols))
         }
         var columnBlock = 0

@@ -70,11 +70,12 @@ public struct ReplicaKey: Hashable, Sendable, CustomStringConvertible {
         case outputError = 5
         /// Window `index`'s block input / dense output / dense target (BESA, to replica 0).
         case blockInput = 6, denseOutput = 7, denseTarget = 8
-        /// A linear whose rows the replicas share: the owner's prepared rows of replica `index`;
-        /// a column block's scores (`index` = block x replicas + rank, to the owner); the block's
-        /// threshold (`index` = column block, to all); replica `index`'s pruned rows (to all).
-        /// (Kind 9, U from the owner to all, went with protocol version 2: `factorColumn` and
-        /// the kinds after it make U on every replica.)
+        /// A linear whose rows the replicas share: U of its inverse Hessian (owner to all, where
+        /// the replicas do not make it together: `SpreadInverseFactor.applies`); the owner's
+        /// prepared rows of replica `index`; a column block's scores (`index` = block x
+        /// replicas + rank, to the owner); the block's threshold (`index` = column block, to
+        /// all); replica `index`'s pruned rows (to all).
+        case inverseFactor = 9
         case rows = 10, scores = 11, threshold = 12, prunedRows = 13
         /// Part `index` of a statistics group on its way down the chain of replicas (to the next
         /// replica), and finished (from the last to the group's owner): part 0 is the count of
@@ -126,6 +127,10 @@ public protocol ReplicaExchange: AnyObject, Sendable {
     func receive(_ key: ReplicaKey) throws -> ReplicaValue
     /// Tells the other replicas this one failed (their receives throw); idempotent.
     func fail(_ reason: String)
+    /// Whether the replicas share one process's memory (`InProcessReplicaHub`): a matrix sent
+    /// to all of them is then one buffer, and splitting work that the backend already spreads
+    /// over the cores gains nothing.
+    var sharesMemory: Bool { get }
 }
 
 extension ReplicaExchange {
@@ -204,6 +209,7 @@ public final class InProcessReplicaHub: @unchecked Sendable {
     final class Endpoint: ReplicaExchange, @unchecked Sendable {
         let hub: InProcessReplicaHub
         let role: ReplicaRole
+        var sharesMemory: Bool { true }
         init(hub: InProcessReplicaHub, role: ReplicaRole) {
             self.hub = hub
             self.role = role
@@ -229,10 +235,11 @@ public enum ReplicaWork {
     /// statistics key -> owning rank.
     /// `sharedStatistics`: groups whose statistics all replicas make (`StatisticsChain`): no
     /// owner's load. `sharedRows`: linears whose rows all replicas solve
-    /// (`splitLinears`); their owner's own load is its share of the factorisation
-    /// (`SpreadInverseFactor`: 1/R of it) and the report.
+    /// (`splitLinears`); their owner's own load is the factorisation (1/R of it with
+    /// `spreadFactor`: `SpreadInverseFactor`) and the report.
     public static func owners(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int,
-                              sharedStatistics: Set<String> = [], sharedRows: Set<String> = []) -> [String: Int] {
+                              sharedStatistics: Set<String> = [], sharedRows: Set<String> = [],
+                              spreadFactor: Bool = false) -> [String: Int] {
         let keys = BlockPruner.statisticsKeys(block.inputGroups)
         let linears = block.linearNames
         func shape(_ name: String) -> (Int, Int) {
@@ -271,7 +278,7 @@ public enum ReplicaWork {
                 let (rows, cols) = shape(name)
                 cost += Self.cost(rows: rows, cols: cols, tokens: tokens, plan: plan,
                                   statistics: keys[name] == name && !sharedStatistics.contains(name),
-                                  solveWeight: sharedRows.contains(name) ? 3 / Double(replicas) : 3,
+                                  solveWeight: sharedRows.contains(name) && spreadFactor ? 3 / Double(replicas) : 3,
                                   sharedRows: sharedRows.contains(name))
             }
             costed.append((cost, g))

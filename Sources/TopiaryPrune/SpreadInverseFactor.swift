@@ -16,12 +16,23 @@ import TopiaryTensor
 ///
 /// Each tile is the one BLAS call that the one-process factorisation makes for it, on the same
 /// values, so U has the bits of `Linalg.inverseCholeskyUpper` for any R. A panel that is not
-/// positive definite is broadcast as its error, so every replica throws the error one process
-/// throws. On the wire each replica receives about n² floats (L and L⁻¹, the lower halves),
+/// positive definite is broadcast as its error, so the replicas that get it throw the error one
+/// process throws, and the others (once the failing replica has failed the exchange) an error
+/// that names it. On the wire each replica receives about n² floats (L and L⁻¹, the lower halves),
 /// where today's alternative, the owner's U down the tree, is n² too; the owner sends its
 /// half of JAJ once.
+///
+/// Used between processes on the CPU backend (`applies`). Replicas in one process share memory
+/// and the backend already spreads a factorisation over every core, so there the owner factors
+/// and U goes to all as one buffer; another backend (CUDA) factors on its device with its own
+/// routine, whose bits these host tiles would not reproduce.
 public enum SpreadInverseFactor {
     public static func holder(ofTile t: Int, replicas: Int) -> Int { t % replicas }
+
+    /// Whether `BlockPruner.solveSharedRows` makes U this way for these replicas and backend.
+    public static func applies(_ exchange: any ReplicaExchange, backend: any ComputeBackend) -> Bool {
+        exchange.role.count > 1 && !exchange.sharesMemory && backend is CPUBackend
+    }
 
     /// U [n x n] on every replica. `damped`: the damped Hessian on `owner` (given up to this
     /// call), nil elsewhere. `what` names the matrix in errors, as `SparseGPTPruner.factor` does.
@@ -37,7 +48,7 @@ public enum SpreadInverseFactor {
             case .matrix(let m) where m.rows == shape.rows && m.cols == shape.cols: set(m)
             case .bytes(let b) where kind == .factorPanel: throw PruneError.numerical(String(decoding: b, as: UTF8.self))
             default:
-                throw ReplicaError("block \(block): \(name): \(kind) \(t) from replica \(from) is missing or not \(shape.rows)x\(shape.cols)")
+                throw ReplicaError("block \(block): \(name): \(kind) \(t) (from replica \(from)) is missing or not \(shape.rows)x\(shape.cols)")
             }
         }
 
@@ -90,7 +101,11 @@ public enum SpreadInverseFactor {
             }
         }
 
-        try f.invert(mine, what: what)
+        do {
+            try f.invert(mine, what: what)
+        } catch {
+            throw PruneError.numerical("block \(block): \(error) (tile columns \(mine.map(String.init).joined(separator: ", ")) of L⁻¹ on replica \(role.rank))")
+        }
         f.releaseFactor()
         for t in 0..<tiles {
             let root = holder(t)

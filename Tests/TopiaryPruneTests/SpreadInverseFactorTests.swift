@@ -34,7 +34,8 @@ final class SpreadInverseFactorTests: XCTestCase {
                     try SpreadInverseFactor.compute(exchange, block: 2, name: "mlp.down_proj", owner: owner, damped: r == owner ? a : nil,
                                                     order: a.rows, what: "mlp.down_proj: damped Hessian")
                 }
-                if case .failure(let e) = result, !(e is PruneError) { exchange.fail("\(e)") }
+                // As BlockPruner.prune does: a replica that throws fails the exchange.
+                if case .failure(let e) = result { exchange.fail("\(e)") }
                 results.lock.lock(); results.values[r] = result; results.lock.unlock()
                 group.leave()
             }
@@ -71,10 +72,12 @@ final class SpreadInverseFactorTests: XCTestCase {
         XCTAssertThrowsError(try SparseGPTPruner.factor(CPUBackend().upload(a), options: SparseGPTPruner.Options(percentDamp: 0),
                                                         what: "mlp.down_proj", on: CPUBackend())) { expected = "\($0)" }
         XCTAssertTrue(expected.contains("not positive definite") || expected.contains("minor"), expected)
-        for replicas in [2, 3] {
+        // With relays in the tree (4, 5) a replica may fail on the failed exchange before the error
+        // panel reaches it: every replica's error still names the cause.
+        for replicas in [2, 3, 4, 5] {
             for (r, result) in spread(a, replicas: replicas, owner: 0).enumerated() {
                 XCTAssertThrowsError(try result.get()) { error in
-                    XCTAssertEqual("\(error)", expected, "replica \(r) of \(replicas)")
+                    XCTAssertTrue("\(error)".contains(expected), "replica \(r) of \(replicas): \(error)")
                 }
             }
         }
@@ -98,7 +101,7 @@ final class SpreadInverseFactorTests: XCTestCase {
         try zero.send(ReplicaKey(block: 2, kind: .factorPanel, name: "w", index: 0), .matrix(Matrix(rows: 300, cols: 1)), to: 1)
         XCTAssertThrowsError(try SpreadInverseFactor.compute(hub.exchange(rank: 1), block: 2, name: "w", owner: 0, damped: nil,
                                                              order: 300, what: "w")) { error in
-            XCTAssertTrue("\(error)".contains("factorPanel 0 from replica 0") && "\(error)".contains("300x128"), "\(error)")
+            XCTAssertTrue("\(error)".contains("factorPanel 0 (from replica 0)") && "\(error)".contains("300x128"), "\(error)")
         }
     }
 }

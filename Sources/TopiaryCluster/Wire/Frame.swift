@@ -86,9 +86,10 @@ public struct Frame: Equatable, Sendable {
 
 /// Protocol constants.
 public enum Protocol {
-    /// 2: the statistics chain's replica messages (kinds 15 and 16) replaced kind 14, and
-    /// replicas own contiguous window ranges; a version-1 peer is refused at the handshake
-    /// rather than misreading them (docs/protocol.md, Versions).
+    /// 2: the statistics chain's replica messages (kinds 15 and 16) replaced kind 14,
+    /// replicas own contiguous window ranges, and replicas on separate machines make a
+    /// row-shared linear's U together (kinds 17 to 19); a version-1 peer is refused at the
+    /// handshake rather than misreading them (docs/protocol.md, Versions).
     public static let version: UInt16 = 2
     public static let supportedVersions: ClosedRange<UInt16> = 2...2
     /// Default cap on one frame's payload; tensors larger than a frame are streamed in chunks.

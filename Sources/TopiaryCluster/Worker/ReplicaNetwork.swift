@@ -10,6 +10,7 @@ import TopiaryTensor
 final class TCPReplicaExchange: ReplicaExchange, @unchecked Sendable {
     let role: ReplicaRole
     let mailbox = ReplicaMailbox()
+    var sharesMemory: Bool { false }
     private let connections: [Int: Connection]
     private let locks: [Int: NSLock]
     private let finished = DispatchGroup()
