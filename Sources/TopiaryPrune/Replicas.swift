@@ -303,6 +303,30 @@ public enum ReplicaWork {
         return Set(block.linearNames.map { keys[$0] ?? $0 }).subtracting(ffnInputs)
     }
 
+    /// About how many bytes one replica holds of its windows' inputs until a block's statistics
+    /// chain (`BlockPruner`: every chained group's inputs for each window of its range, fp32),
+    /// the most over `blocks` of a model with `config`: the largest range's tokens times the
+    /// chained groups' widths; an expert's group gets `expertsPerToken / expertCount` of the
+    /// tokens (the mean routing). Outside `--memory-budget`, which bounds the activations.
+    public static func heldInputBytes(config c: ModelConfig, plan: PrunePlan, windows: Int, sequenceLength: Int,
+                                      replicas: Int, blocks: Range<Int>) -> Int {
+        guard replicas > 1, windows > 0 else { return 0 }
+        let tokens = Double((windows + replicas - 1) / replicas * sequenceLength)
+        var most = 0.0
+        for i in blocks {
+            let widths = Dictionary(c.family.blockTensors(c, block: i).map { ($0.name, $0.cols) }, uniquingKeysWith: { a, _ in a })
+            let ffnInputs = plan.method == .sparsellm ? Set(c.family.feedForwards(c, block: i).map(\.inputLinear)) : []
+            var bytes = 0.0
+            for group in c.family.inputGroups(c, block: i) {
+                guard let leader = group.first, !ffnInputs.contains(leader), let cols = widths[leader + ".weight"] else { continue }
+                let routed = leader.contains(".experts.") && c.expertCount > 0 ? Double(c.expertsPerToken) / Double(c.expertCount) : 1
+                bytes += tokens * routed * Double(cols) * 4
+            }
+            most = max(most, bytes)
+        }
+        return Int(most)
+    }
+
     /// Linears whose rows all replicas share: SparseGPT's linears that alone cost more than a
     /// replica's fair share of the block (down_proj at 70B), with at least as many rows as replicas.
     public static func splitLinears(block: DecoderBlock, plan: PrunePlan, tokens: Int, replicas: Int) -> [String] {

@@ -591,6 +591,18 @@ enum PruneCommand: Command {
         try pruneRun.prepare()
         let partitions = pruneRun.partitions
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
+        if replicas > 1 {
+            // Replicas hold their windows' inputs until each block's statistics chain: say how
+            // much, and when it is more than the activations' budget (which does not bound it).
+            let held = ReplicaWork.heldInputBytes(config: c, plan: plan, windows: windows.count, sequenceLength: seqlen,
+                                                  replicas: replicas, blocks: 0..<c.layerCount)
+            func size(_ b: Int) -> String {
+                b >= 1 << 30 ? String(format: "%.2f GiB", Double(b) / Double(1 << 30)) : String(format: "%.1f MiB", Double(b) / Double(1 << 20))
+            }
+            Console.info("replicas: each holds about \(size(held)) of its windows' inputs until a block's statistics are made"
+                         + (held > budget ? " (more than --memory-budget \(size(budget)), which bounds the activations only: more"
+                            + " replicas or fewer calibration tokens hold less)" : " (beside --memory-budget)"))
+        }
         if resumed != nil {
             Console.info("resuming \(runDir): \(pruneRun.finishedBlocks.count) of \(c.layerCount) blocks already done")
         }

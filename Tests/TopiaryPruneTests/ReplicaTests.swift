@@ -327,6 +327,26 @@ final class ReplicaTests: XCTestCase {
         XCTAssertEqual((0..<3).map { ReplicaWork.rowRange($0, of: 3, rows: 10).count }.reduce(0, +), 10)
     }
 
+    func testTheHeldInputsEstimateIsTheChainedGroupsWidthsTimesTheLargestRangesTokens() throws {
+        let model = try LanguageModel.open(path: TestPaths.fixture("tiny-llama"))
+        let c = model.config
+        let block = try model.loadBlock(0)
+        let sparsegpt = PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5))
+        func widths(_ plan: PrunePlan) -> Int {
+            let chained = ReplicaWork.chainedStatistics(block: block, plan: plan)
+            return chained.reduce(0) { $0 + block.tensors[$1 + ".weight"]!.cols }
+        }
+        // 10 windows over 3 replicas: the largest range has 4.
+        XCTAssertEqual(ReplicaWork.heldInputBytes(config: c, plan: sparsegpt, windows: 10, sequenceLength: 16, replicas: 3, blocks: 0..<1),
+                       4 * 16 * widths(sparsegpt) * 4)
+        XCTAssertEqual(ReplicaWork.heldInputBytes(config: c, plan: sparsegpt, windows: 10, sequenceLength: 16, replicas: 1, blocks: 0..<1), 0)
+        // SparseLLM's feed-forward inputs go to their owner window by window instead.
+        let sparsellm = PrunePlan(method: .sparsellm, pattern: .unstructured(0.5))
+        XCTAssertLessThan(widths(sparsellm), widths(sparsegpt))
+        XCTAssertEqual(ReplicaWork.heldInputBytes(config: c, plan: sparsellm, windows: 10, sequenceLength: 16, replicas: 2, blocks: 0..<1),
+                       5 * 16 * widths(sparsellm) * 4)
+    }
+
     func testAFailingReplicaFailsTheOthersInsteadOfLeavingThemWaiting() throws {
         let model = try LanguageModel.open(path: TestPaths.fixture("tiny-llama"))
         let block = try model.loadBlock(0)
