@@ -573,37 +573,35 @@ public struct BlockPruner: Sendable {
             }
             return m
         }
-        func sendRows(_ prepared: Tensor) throws {
-            for r in 0..<role.count where r != role.rank {
-                let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
-                try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
-            }
-        }
         let u: Tensor, w: Tensor
         let what = "\(name): damped Hessian"
         let spread = SpreadInverseFactor.applies(exchange, backend: backend)
         if role.rank == owner {
             guard let hessian else { throw PruneError.shape("block \(block): no statistics collected for \(name)") }
+            let prepared: Tensor
             if spread {
-                let damped: Matrix, prepared: Tensor
+                let damped: Matrix
                 do {
                     let (h, dead) = try SparseGPTPruner.damped(hessian, options: plan.sparseGPT, what: name, on: backend)
                     prepared = try SparseGPTPruner.prepare(weight, hessian: hessian, hasDeadInputs: dead, what: name, on: backend)
                     damped = backend.download(h)
                 }
-                // U made by all replicas (its tile columns go first), then each replica's rows.
+                // U made by all replicas (its tile columns go before the rows).
                 u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: consume damped,
                                                                    order: cols, what: what))
-                try sendRows(prepared)
-                w = backend.copy(prepared.region(rows: mine))
             } else {
-                let (prepared, factor) = try SparseGPTPruner.prepare(weight, hessian: hessian, options: plan.sparseGPT, what: name, on: backend)
-                // U down a binomial tree; each replica's rows straight to it.
+                let factor: Tensor
+                (prepared, factor) = try SparseGPTPruner.prepare(weight, hessian: hessian, options: plan.sparseGPT, what: name, on: backend)
+                // U down a binomial tree.
                 _ = try exchange.broadcast(key(.inverseFactor), .matrix(backend.download(factor)), root: owner)
-                try sendRows(prepared)
                 u = factor
-                w = backend.copy(prepared.region(rows: mine))
             }
+            // Each replica's rows straight to it.
+            for r in 0..<role.count where r != role.rank {
+                let range = ReplicaWork.solveRows(r, of: role.count, rows: rows)
+                try exchange.send(key(.rows, r), .matrix(backend.download(backend.copy(prepared.region(rows: range)))), to: r)
+            }
+            w = backend.copy(prepared.region(rows: mine))
         } else {
             if spread {
                 u = backend.upload(try SpreadInverseFactor.compute(exchange, block: block, name: name, owner: owner, damped: nil,

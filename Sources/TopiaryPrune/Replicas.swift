@@ -298,9 +298,14 @@ public enum ReplicaWork {
     /// SparseLLM's feed-forward inputs, whose owner needs the inputs themselves (they go to it,
     /// window by window).
     public static func chainedStatistics(block: DecoderBlock, plan: PrunePlan) -> Set<String> {
-        let keys = BlockPruner.statisticsKeys(block.inputGroups)
-        let ffnInputs = plan.method == .sparsellm ? Set(block.feedForwards.map(\.inputLinear)) : []
-        return Set(block.linearNames.map { keys[$0] ?? $0 }).subtracting(ffnInputs)
+        chainedStatistics(config: block.config, block: block.index, plan: plan)
+    }
+
+    /// `chainedStatistics` of block `i` of a model with `config`, without its weights.
+    public static func chainedStatistics(config c: ModelConfig, block i: Int, plan: PrunePlan) -> Set<String> {
+        let keys = BlockPruner.statisticsKeys(c.family.inputGroups(c, block: i))
+        let ffnInputs = plan.method == .sparsellm ? Set(c.family.feedForwards(c, block: i).map(\.inputLinear)) : []
+        return Set(c.family.linears(c, block: i).map { keys[$0] ?? $0 }).subtracting(ffnInputs)
     }
 
     /// About how many bytes one replica holds of its windows' inputs until a block's statistics
@@ -315,11 +320,10 @@ public enum ReplicaWork {
         var most = 0.0
         for i in blocks {
             let widths = Dictionary(c.family.blockTensors(c, block: i).map { ($0.name, $0.cols) }, uniquingKeysWith: { a, _ in a })
-            let ffnInputs = plan.method == .sparsellm ? Set(c.family.feedForwards(c, block: i).map(\.inputLinear)) : []
             var bytes = 0.0
-            for group in c.family.inputGroups(c, block: i) {
-                guard let leader = group.first, !ffnInputs.contains(leader), let cols = widths[leader + ".weight"] else { continue }
-                let routed = leader.contains(".experts.") && c.expertCount > 0 ? Double(c.expertsPerToken) / Double(c.expertCount) : 1
+            for key in chainedStatistics(config: c, block: i, plan: plan) {
+                guard let cols = widths[key + ".weight"] else { continue }
+                let routed = key.contains(".experts.") && c.expertCount > 0 ? Double(c.expertsPerToken) / Double(c.expertCount) : 1
                 bytes += tokens * routed * Double(cols) * 4
             }
             most = max(most, bytes)

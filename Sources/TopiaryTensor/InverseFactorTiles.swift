@@ -83,9 +83,14 @@ public struct InverseFactorTiles {
                 }
             }
         }
-        for t in columnTiles where !Self.cut(x, columns(t)).withUnsafeBufferPointer({ $0.allSatisfy(\.isFinite) }) {
-            throw LinalgError.singular(what: what, info: 0)
+        // Each tile column's rows from its first, read in place.
+        let finite = x.withUnsafeBufferPointer { px in
+            columnTiles.allSatisfy { t in
+                let c = columns(t)
+                return (c.lowerBound..<n).allSatisfy { i in UnsafeBufferPointer(rebasing: px[(i * n + c.lowerBound)..<(i * n + c.upperBound)]).allSatisfy(\.isFinite) }
+            }
         }
+        if !finite { throw LinalgError.singular(what: what, info: 0) }
     }
 
     /// Drops L once every tile column of L⁻¹ this holder computes is done (the rest arrive by
