@@ -63,26 +63,32 @@ public final class LayerStatistics: @unchecked Sendable {
         backend.scaleAdd(norms, beta: n / (n + 1), sums, alpha: 1 / Float(before + 1))
     }
 
-    /// H's update for the `before + 1`-th sequence on its rows `rows` only, held in `strip`
-    /// (`ComputeBackend.syrkUpperUpdate(_:alpha:beta:strip:rows:)`): the bits `add` gives them.
-    static func addHessianRows(_ x: Tensor, before: Int, strip: Tensor, rows: Range<Int>, on backend: any ComputeBackend) {
-        let n = Float(before)
-        backend.syrkUpperUpdate(x, alpha: 2 / Float(before + 1), beta: n / (n + 1), strip: strip, rows: rows)
+    /// H's updates for the sequences `xs`, the first of them the `before + 1`-th, on some of its
+    /// pieces only, each held apart (`ComputeBackend.syrkUpperUpdate(_:pieces:)`): the bits `add`
+    /// gives them.
+    static func addHessianPieces(_ xs: [Tensor], before: Int, pieces: [UpperPiece], on backend: any ComputeBackend) {
+        let windows = xs.enumerated().map { i, x in
+            let n = Float(before + i)
+            return (x: x, alpha: 2 / Float(before + i + 1), beta: n / (n + 1))
+        }
+        backend.syrkUpperUpdate(windows, pieces: pieces)
     }
 
     /// Statistics put together from parts made elsewhere (`StatisticsChain`): the sequence count
-    /// and squared norms here, H's rows by `setUpperRows`.
+    /// and squared norms here, H's pieces by `setUpperPiece`.
     public func restore(sequences: Int, squaredNorms: Tensor) {
         precondition(squaredNorms.rows == 1 && squaredNorms.cols == columns, "squared norms \(squaredNorms) for \(columns) inputs")
         self.sequences = sequences
         backend.copy(squaredNorms.region(), into: squaredNormsTensor.region())
     }
 
-    /// Puts rows `rows` of H in place (their upper-triangle entries); the lower triangle follows
-    /// when H is read.
-    public func setUpperRows(_ rows: Range<Int>, _ m: Tensor) {
-        precondition(m.rows == rows.count && m.cols == columns, "rows \(rows) of a \(columns)-column Hessian given \(m.rows)x\(m.cols)")
-        backend.copy(m.region(), into: hessianUpper.region(rows: rows))
+    /// Puts a piece of H's upper triangle in place (`ComputeBackend.statisticsPieces`); the lower
+    /// triangle follows when H is read.
+    public func setUpperPiece(_ piece: UpperPiece) {
+        precondition(piece.values.rows == piece.rows.count && piece.values.cols == piece.columns.count
+                     && piece.rows.upperBound <= columns && piece.columns.upperBound <= columns,
+                     "rows \(piece.rows) and columns \(piece.columns) of a \(columns)-column Hessian given \(piece.values)")
+        backend.copy(piece.values.region(), into: hessianUpper.region(rows: piece.rows, cols: piece.columns))
         lowerIsStale = true
     }
 

@@ -8,14 +8,16 @@ import TopiaryTensor
 /// to the group's owner, which solves its linears.
 ///
 /// Every element of H is thus updated by the windows in window order, with the decay and scale
-/// one process uses (`LayerStatistics.add`), by the same strips of the same BLAS calls: the bits
+/// one process uses (`LayerStatistics.add`), by the same blocks of the same BLAS calls: the bits
 /// do not depend on the number of replicas. The parts are the squared norms (with the count of
-/// windows and tokens that reached the linear, which an expert's router decides) and H's strips
-/// of `ComputeBackend.statisticsTile` rows. Since every replica works through the parts in the
-/// same order, replica r works on part p + 1 while replica r + 1 works on part p: a pipeline
-/// whose fill is one part per replica, and each replica does 1/R of every group's update. What
-/// crosses each link is H once (d² floats per group), whatever the calibration set's size;
-/// replicas that sent their windows' inputs to the owner sent tokens·d floats each.
+/// windows and tokens that reached the linear, which an expert's router decides) and H's upper
+/// triangle in pieces (`ComputeBackend.statisticsPieces`: each strip of tile rows from its
+/// diagonal on, cut into pieces of at most `maxColumns` columns). Since every replica works
+/// through the parts in the same order, replica r works on part p + 1 while replica r + 1 works on
+/// part p: a pipeline whose fill is one batch of pieces per replica, and each replica does 1/R of
+/// every group's update. What crosses each link is H's upper triangle once (d²/2 floats per
+/// group), whatever the calibration set's size; replicas that sent their windows' inputs to the
+/// owner sent tokens·d floats each.
 struct StatisticsChain {
     let exchange: any ReplicaExchange
     let backend: any ComputeBackend
@@ -25,6 +27,15 @@ struct StatisticsChain {
     /// counts beyond them are refused.
     let windows: Int
     let tokensPerWindow: Int
+    /// The widest piece of H that travels (`ComputeBackend.statisticsPieces`): the chain's fill
+    /// is one piece per replica, so a narrow piece lets the last replica start sooner.
+    var maxColumns = StatisticsChain.pieceColumns
+    /// Blocks of the update a replica computes in one pass before it passes them on.
+    var batchBlocks = CPUBackend.threadCount
+
+    /// 4096: at a 70B's 28672-wide down_proj a strip of 256 rows travels in 7 pieces, and 16
+    /// replicas wait about 0.3 s for the chain to fill rather than 1.8 s (docs/scaling.md).
+    static let pieceColumns = 4096
 
     struct Outcome {
         /// The owner's statistics (none for a group no window reached).
@@ -91,29 +102,36 @@ struct StatisticsChain {
             } else {
                 try pass(0, .bytes(BlockPruner.encode([Double(count), Double(tokens)] + backend.download(norms).values.map(Double.init))))
             }
-            // The strips of H.
-            for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
-                var strip: Tensor?
-                if role.rank > 0 {
-                    switch try receive(message(j + 1)) {
-                    case .absent where before == 0: strip = nil
-                    case .matrix(let m) where before > 0 && m.rows == rows.count && m.cols == d: strip = backend.upload(m)
-                    default:
-                        throw ReplicaError("block \(block): replica \(role.rank - 1) sent no \(rows.count)x\(d) strip \(j) of \(key)'s Hessian after \(before) windows")
+            // The pieces of H, in batches of the threads' worth of blocks.
+            let pieces = hessian ? backend.statisticsPieces(columns: d, maxColumns: maxColumns) : []
+            for batch in batches(pieces) {
+                var held: [UpperPiece?] = []
+                for j in batch {
+                    let shape = pieces[j]
+                    var values: Tensor?
+                    if role.rank > 0 {
+                        switch try receive(message(j + 1)) {
+                        case .absent where before == 0: values = nil
+                        case .matrix(let m) where before > 0 && m.rows == shape.rows.count && m.cols == shape.columns.count: values = backend.upload(m)
+                        default:
+                            throw ReplicaError("block \(block): replica \(role.rank - 1) sent no \(shape.rows.count)x\(shape.columns.count) piece \(j) (rows \(shape.rows), columns \(shape.columns)) of \(key)'s Hessian after \(before) windows")
+                        }
                     }
+                    if values == nil && !mine.isEmpty { values = backend.zeros(rows: shape.rows.count, cols: shape.columns.count) }
+                    held.append(values.map { UpperPiece(rows: shape.rows, columns: shape.columns, values: $0) })
                 }
                 if !mine.isEmpty {
-                    let s = strip ?? backend.zeros(rows: rows.count, cols: d)
-                    for (i, x) in mine.enumerated() {
-                        LayerStatistics.addHessianRows(x, before: before + i, strip: s, rows: rows, on: backend)
-                        out.flops += Double(x.rows) * Double(rows.count) * Double(2 * d - rows.lowerBound - rows.upperBound + 1)
-                    }
-                    strip = s
+                    let live = held.compactMap { $0 }
+                    let entries = batch.reduce(0.0) { $0 + Double(pieces[$1].upperEntries) }
+                    LayerStatistics.addHessianPieces(mine, before: before, pieces: live, on: backend)
+                    out.flops += 2 * Double(mine.reduce(0) { $0 + $1.rows }) * entries
                 }
-                if keeps {
-                    if let strip { finished?.setUpperRows(rows, strip) }
-                } else {
-                    try pass(j + 1, strip.map { .matrix(backend.download($0)) } ?? .absent)
+                for (j, piece) in zip(batch, held) {
+                    if keeps {
+                        if let piece { finished?.setUpperPiece(piece) }
+                    } else {
+                        try pass(j + 1, piece.map { .matrix(backend.download($0.values)) } ?? .absent)
+                    }
                 }
             }
             if keeps { kept[key] = (tokens, finished) }
@@ -134,11 +152,12 @@ struct StatisticsChain {
                 st = LayerStatistics(columns: d, backend: backend, hessian: hessian)
                 st!.restore(sequences: h.count, squaredNorms: backend.upload(h.norms))
             }
-            for (j, rows) in (hessian ? strips(columns: d) : []).enumerated() {
+            for (j, shape) in (hessian ? backend.statisticsPieces(columns: d, maxColumns: maxColumns) : []).enumerated() {
                 switch try receive(message(j + 1)) {
                 case .absent where h.count == 0: continue
-                case .matrix(let m) where h.count > 0 && m.rows == rows.count && m.cols == d: st!.setUpperRows(rows, backend.upload(m))
-                default: throw ReplicaError("block \(block): replica \(last) sent no finished \(rows.count)x\(d) strip \(j) of \(key)'s Hessian")
+                case .matrix(let m) where h.count > 0 && m.rows == shape.rows.count && m.cols == shape.columns.count:
+                    st!.setUpperPiece(UpperPiece(rows: shape.rows, columns: shape.columns, values: backend.upload(m)))
+                default: throw ReplicaError("block \(block): replica \(last) sent no finished \(shape.rows.count)x\(shape.columns.count) piece \(j) (rows \(shape.rows), columns \(shape.columns)) of \(key)'s Hessian")
                 }
             }
             out.statistics[key] = st
@@ -146,10 +165,21 @@ struct StatisticsChain {
         return out
     }
 
-    /// H's parts: strips of `statisticsTile` rows (all rows at once on a backend without one).
-    func strips(columns d: Int) -> [Range<Int>] {
-        guard let tile = backend.statisticsTile(columns: d), tile > 0 else { return [0..<d] }
-        return stride(from: 0, to: d, by: tile).map { $0..<min(d, $0 + tile) }
+    /// The pieces' indices in batches: consecutive pieces until a batch holds `batchBlocks` of the
+    /// update's blocks (the threads' worth), each batch updated in one pass and then passed on.
+    /// A batch is this replica's own affair (the pieces travel one by one), so replicas with other
+    /// thread counts still agree.
+    func batches(_ pieces: [UpperPieceShape]) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        var start = 0, blocks = 0
+        for (j, piece) in pieces.enumerated() {
+            blocks += piece.blocks
+            if blocks >= batchBlocks || j == pieces.count - 1 {
+                out.append(start..<(j + 1))
+                (start, blocks) = (j + 1, 0)
+            }
+        }
+        return out
     }
 
     /// Part 0 as it travels: [windows, tokens, the d squared norms], as doubles; at most

@@ -87,16 +87,20 @@ public struct CPUBackend: ComputeBackend {
 
     public func statisticsTile(columns: Int) -> Int? { Linalg.syrkTile(columns) }
 
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
-        let d = x.cols
-        precondition(strip.rows == rows.count && strip.cols == d, "syrkUpperUpdate: rows \(rows) of a \(d)-wide update into \(strip)")
-        let tile = Linalg.syrkTile(d)
-        precondition(rows.lowerBound % tile == 0 && rows.lowerBound >= 0 && rows.upperBound <= d
-                     && (rows.upperBound % tile == 0 || rows.upperBound == d),
-                     "syrkUpperUpdate: rows \(rows) of \(d) are not whole tiles of \(tile)")
-        if beta != 1 { Linalg.scaleUpper(write(strip), n: d, by: beta, rows: rows, firstRow: rows.lowerBound) }
-        if x.rows == 0 || rows.isEmpty { return }
-        Linalg.syrkUpper(n: d, k: x.rows, alpha: alpha, a: read(x), lda: d, c: write(strip), ldc: d, rows: rows, firstRow: rows.lowerBound)
+    public func statisticsPieces(columns d: Int, maxColumns: Int) -> [UpperPieceShape] {
+        Linalg.syrkPieces(n: d, maxColumns: maxColumns).map { UpperPieceShape(rows: $0.rows, columns: $0.columns, blocks: $0.blocks) }
+    }
+
+    public func syrkUpperUpdate(_ windows: [(x: Tensor, alpha: Float, beta: Float)], pieces: [UpperPiece]) {
+        guard let d = windows.first?.x.cols else { return }
+        for w in windows { precondition(w.x.cols == d, "syrkUpperUpdate: windows \(w.x) and \(windows[0].x) differ in width") }
+        for p in pieces {
+            precondition(p.values.rows == p.rows.count && p.values.cols == p.columns.count && p.rows.lowerBound >= 0 && p.rows.upperBound <= d
+                         && p.columns.lowerBound >= 0 && p.columns.upperBound <= d,
+                         "syrkUpperUpdate: rows \(p.rows) and columns \(p.columns) of a \(d)-wide update into \(p.values)")
+        }
+        Linalg.syrkUpperWindows(n: d, windows: windows.map { ($0.x.rows, $0.alpha, $0.beta, read($0.x), d) },
+                                pieces: pieces.map { (write($0.values), $0.columns.count, $0.rows, $0.columns, $0.rows.lowerBound, $0.columns.lowerBound) })
     }
 
     public func mirrorUpper(_ c: Tensor) {

@@ -113,15 +113,27 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
 
     public func statisticsTile(columns: Int) -> Int? { inner.statisticsTile(columns: columns) }
 
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
-        require(strip.rows == rows.count && strip.cols == x.cols && rows.lowerBound >= 0 && rows.upperBound <= x.cols,
-                "syrkUpperUpdate: strip \(strip) for rows \(rows) of input \(x)")
-        require(inner.statisticsTile(columns: x.cols) != nil || rows == 0..<x.cols,
-                "syrkUpperUpdate on rows \(rows) of \(x.cols) on \(inner.name), which has no statisticsTile")
-        let part = Double(rows.count) * Double(2 * x.cols - rows.lowerBound - rows.upperBound + 1) / 2   // upper entries in those rows
-        record("syrkUpperUpdate", flops: 2 * part * Double(x.rows) + (beta != 1 ? part : 0))
-        inner.syrkUpperUpdate(x, alpha: alpha, beta: beta, strip: strip, rows: rows)
-        finite("syrkUpperUpdate", strip)
+    public func statisticsPieces(columns: Int, maxColumns: Int) -> [UpperPieceShape] {
+        inner.statisticsPieces(columns: columns, maxColumns: maxColumns)
+    }
+
+    public func syrkUpperUpdate(_ windows: [(x: Tensor, alpha: Float, beta: Float)], pieces: [UpperPiece]) {
+        guard let d = windows.first?.x.cols else { return }
+        var entries = 0.0
+        for p in pieces {
+            require(p.values.rows == p.rows.count && p.values.cols == p.columns.count && p.rows.lowerBound >= 0 && p.rows.upperBound <= d
+                    && p.columns.lowerBound >= 0 && p.columns.upperBound <= d,
+                    "syrkUpperUpdate: piece \(p.values) for rows \(p.rows) and columns \(p.columns) of \(d)-wide inputs")
+            entries += Double(p.shape.upperEntries)
+        }
+        require(inner.statisticsTile(columns: d) != nil || (pieces.count == 1 && pieces[0].rows == 0..<d && pieces[0].columns == 0..<d),
+                "syrkUpperUpdate on pieces of \(d) on \(inner.name), which has no statisticsTile")
+        for w in windows {
+            require(w.x.cols == d, "syrkUpperUpdate: windows \(w.x) and \(windows[0].x) differ in width")
+            record("syrkUpperUpdate", flops: 2 * entries * Double(w.x.rows) + (w.beta != 1 ? entries : 0))
+        }
+        inner.syrkUpperUpdate(windows, pieces: pieces)
+        for p in pieces { finite("syrkUpperUpdate", p.values) }
     }
 
     public func mirrorUpper(_ c: Tensor) {

@@ -45,11 +45,16 @@ public protocol ComputeBackend: Sendable {
     /// (nil: one call, whose parts may depend on one another); a function of the width alone.
     /// Replicas pass a Hessian from one to the next by such strips (`StatisticsChain`).
     func statisticsTile(columns: Int) -> Int?
-    /// `syrkUpperUpdate` on the rows `rows` of a d x d C only, held in `strip` [rows.count x d]
-    /// (row i of the strip is C's row rows.lowerBound + i; only its upper-triangle entries are
-    /// meaningful): whole strips of `statisticsTile(columns:)` rows, the last one shorter, with
-    /// the bits the whole update gives those rows. Without a `statisticsTile`, only all the rows.
-    func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>)
+    /// The pieces in which replicas pass a d x d C's upper triangle on (`StatisticsChain`): on a
+    /// backend with a `statisticsTile`, each strip of tile rows from its diagonal on, in pieces of
+    /// at most `maxColumns` columns cut between the update's blocks, with the count of blocks in
+    /// each (the units its threads share); otherwise one piece, all of C.
+    func statisticsPieces(columns: Int, maxColumns: Int) -> [UpperPieceShape]
+    /// `syrkUpperUpdate` of each window in order (its inputs X [n x d], alpha and beta), on pieces
+    /// of a d x d C only (`statisticsPieces`, each in its own tensor), all of them in one pass:
+    /// each piece gets the bits that the whole updates, one window after the other, give its
+    /// entries. Without a `statisticsTile`, only one piece, all of C.
+    func syrkUpperUpdate(_ windows: [(x: Tensor, alpha: Float, beta: Float)], pieces: [UpperPiece])
     /// Copies the upper triangle of the square C onto its lower triangle.
     func mirrorUpper(_ c: Tensor)
     /// Cholesky factor of a symmetric positive definite matrix (upper: A = UᵀU; lower: A = LLᵀ),
@@ -273,9 +278,16 @@ extension ComputeBackend {
         return pruned
     }
     public func statisticsTile(columns: Int) -> Int? { nil }
-    public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, strip: Tensor, rows: Range<Int>) {
-        precondition(rows == 0..<x.cols, "\(name): syrkUpperUpdate on rows \(rows) of \(x.cols) needs a statisticsTile")
-        syrkUpperUpdate(x, alpha: alpha, beta: beta, into: strip)
+    public func statisticsPieces(columns d: Int, maxColumns: Int) -> [UpperPieceShape] {
+        [UpperPieceShape(rows: 0..<d, columns: 0..<d, blocks: 1)]
+    }
+    public func syrkUpperUpdate(_ windows: [(x: Tensor, alpha: Float, beta: Float)], pieces: [UpperPiece]) {
+        for w in windows {
+            let all = 0..<w.x.cols
+            precondition(pieces.count == 1 && pieces[0].rows == all && pieces[0].columns == all,
+                         "\(name): syrkUpperUpdate on pieces of a \(w.x.cols)-wide update needs a statisticsTile")
+            syrkUpperUpdate(w.x, alpha: w.alpha, beta: w.beta, into: pieces[0].values)
+        }
     }
 
     /// A * B as a new tensor.
@@ -308,4 +320,26 @@ extension ComputeBackend {
     public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
         selectSmallestInRows(scores, counts: [Int](repeating: k, count: scores.rows))
     }
+}
+
+/// Where a piece of a square matrix's upper triangle lies (`ComputeBackend.statisticsPieces`).
+public struct UpperPieceShape: Equatable, Sendable {
+    public let rows: Range<Int>
+    public let columns: Range<Int>
+    /// The update's blocks in the piece, the units its threads share.
+    public let blocks: Int
+    public init(rows: Range<Int>, columns: Range<Int>, blocks: Int) { (self.rows, self.columns, self.blocks) = (rows, columns, blocks) }
+
+    /// The upper-triangle entries (diagonal included) the piece holds.
+    public var upperEntries: Int { rows.reduce(0) { $0 + max(0, columns.upperBound - max(columns.lowerBound, $1)) } }
+}
+
+/// A piece of a square matrix's upper triangle held apart: rows `rows` and columns `columns` in
+/// `values` [rows.count x columns.count]; only the upper-triangle entries are meaningful.
+public struct UpperPiece: Sendable {
+    public let rows: Range<Int>
+    public let columns: Range<Int>
+    public let values: Tensor
+    public init(rows: Range<Int>, columns: Range<Int>, values: Tensor) { (self.rows, self.columns, self.values) = (rows, columns, values) }
+    public var shape: UpperPieceShape { UpperPieceShape(rows: rows, columns: columns, blocks: 0) }
 }

@@ -1,5 +1,6 @@
 import CBLAS
 import Dispatch
+import Foundation
 
 /// Errors from dense linear algebra.
 public enum LinalgError: Error, CustomStringConvertible, Equatable {
@@ -201,36 +202,110 @@ public enum Linalg {
     /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda), in
     /// strips of `side` rows (by default `syrkTile(n)`) from row 0: each strip's diagonal block by
     /// ssyrk, the rest of its columns by sgemm in blocks of `side` (128) or 2·`side` columns,
-    /// concurrently. `rows`: only these rows (whole strips, or up to n), the unit in which
-    /// replicas pass a Hessian on; each block's bits are the same whichever others are computed.
-    /// `firstRow`: C points at row `firstRow` (a strip of rows held apart from the rest).
-    /// They are not the same for other block shapes on every OpenBLAS kernel (Haswell's differ,
-    /// SkylakeX's do not), so the shapes are a function of n alone.
+    /// concurrently. `rows`: only these rows (whole strips, or up to n), and `columns`: only the
+    /// blocks within these columns (a block that crosses their ends is refused), the units in
+    /// which replicas pass a Hessian on (`syrkPieces`); each block's bits are the same whichever
+    /// others are computed. C points at row `firstRow` and column `firstColumn` (a piece held
+    /// apart from the rest, ldc wide). They are not the same for other block shapes on every
+    /// OpenBLAS kernel (Haswell's differ, SkylakeX's do not), so the shapes are a function of n alone.
     public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil, firstRow: Int = 0) {
+                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, columns: Range<Int>? = nil,
+                          side: Int? = nil, firstRow: Int = 0, firstColumn: Int = 0) {
+        syrkUpper(n: n, k: k, alpha: alpha, a: a, lda: lda, side: side,
+                  pieces: [(c, ldc, rows ?? 0..<n, columns ?? 0..<n, firstRow, firstColumn)])
+    }
+
+    /// `syrkUpper` on several pieces of C at once (each with its own storage, rows and columns,
+    /// as `syrkUpper`'s), their blocks all in one concurrent pass: a piece too small to keep the
+    /// threads busy alone shares the pass with the others.
+    public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int, side: Int? = nil,
+                                 pieces: [UpperPieceStorage]) {
+        syrkUpperWindows(n: n, windows: [(k, alpha, 1, a, lda)], side: side, pieces: pieces)
+    }
+
+    /// Where a piece of C lies for `syrkUpper`: its storage (ldc wide, from row `firstRow` and
+    /// column `firstColumn`) and the rows and columns it covers.
+    public typealias UpperPieceStorage = (c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>, columns: Range<Int>, firstRow: Int, firstColumn: Int)
+
+    /// For each window in order, on the pieces of C: C = beta·C, then C += alpha·AᵀA (A [k x n],
+    /// the window's inputs), block by block: the bits of calling `scaleUpper` and `syrkUpper`
+    /// once per window, but a block's next window starts as soon as that block's last one is
+    /// done, not once every block's is. The blocks x windows tasks go to the threads in window
+    /// order, so a batch of a few more blocks than threads keeps them all busy (per window, it
+    /// would take two rounds for the last few).
+    public static func syrkUpperWindows(n: Int, windows: [(k: Int, alpha: Float, beta: Float, a: UnsafePointer<Float>, lda: Int)],
+                                        side: Int? = nil, pieces: [UpperPieceStorage]) {
         _ = configured
         let t = side ?? syrkTile(n)
-        let w = t == 128 ? 128 : 2 * t
-        let rows = rows ?? 0..<n
-        precondition(rows.lowerBound >= 0 && rows.upperBound <= n && rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n),
-                     "syrkUpper: rows \(rows) are not whole strips of \(t) within \(n)")
-        var tiles: [(i0: Int, j0: Int, cols: Int)] = []
-        for i0 in stride(from: rows.lowerBound, to: rows.upperBound, by: t) {
-            tiles.append((i0, i0, min(t, n - i0)))
-            for j0 in stride(from: i0 + t, to: n, by: w) { tiles.append((i0, j0, min(w, n - j0))) }
+        var tiles: [(piece: Int, i0: Int, j0: Int, cols: Int)] = []
+        for (index, piece) in pieces.enumerated() {
+            let (rows, columns) = (piece.rows, piece.columns)
+            precondition(rows.lowerBound >= 0 && rows.upperBound <= n && rows.lowerBound % t == 0 && (rows.upperBound % t == 0 || rows.upperBound == n),
+                         "syrkUpper: rows \(rows) are not whole strips of \(t) within \(n)")
+            for i0 in stride(from: rows.lowerBound, to: rows.upperBound, by: t) {
+                for block in syrkBlocks(n: n, strip: i0, side: t) where block.upperBound > columns.lowerBound && block.lowerBound < columns.upperBound {
+                    precondition(block.lowerBound >= columns.lowerBound && block.upperBound <= columns.upperBound,
+                                 "syrkUpper: columns \(columns) cut the block of columns \(block) in the strip from row \(i0) of \(n)")
+                    tiles.append((index, i0, block.lowerBound, block.count))
+                }
+            }
         }
-        let args = UnsafeSendable((a, c))
-        forEachTile(tiles.count) { index in
-            let (a, c) = args.value
-            let (i0, j0, cols) = tiles[index]
+        let blocks = tiles.count, total = blocks * windows.count
+        if total == 0 { return }
+        let args = UnsafeSendable((windows, pieces))
+        func run(_ task: Int) {
+            let (windows, pieces) = args.value
+            let w = windows[task / blocks]
+            let (p, i0, j0, cols) = tiles[task % blocks]
             let count = min(t, n - i0)
-            let row = c + (i0 - firstRow) * ldc
+            let (c, ldc) = (pieces[p].c, pieces[p].ldc)
+            let row = c + (i0 - pieces[p].firstRow) * ldc - pieces[p].firstColumn
+            if w.beta != 1 {
+                for i in i0..<(i0 + count) {
+                    let r = row + (i - i0) * ldc
+                    for j in max(i, j0)..<max(i, j0 + cols) { r[j] *= w.beta }
+                }
+            }
+            if w.k == 0 { return }
             if i0 == j0 {
-                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(k),
-                            alpha, a + i0, blasint(lda), 1, row + i0, blasint(ldc))
+                cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(w.k),
+                            w.alpha, w.a + i0, blasint(w.lda), 1, row + i0, blasint(ldc))
             } else {
-                blasSgemm(.transposed, .none, m: count, n: cols, k: k, alpha: alpha,
-                          a: a + i0, lda: lda, b: a + j0, ldb: lda, beta: 1, c: row + j0, ldc: ldc)
+                blasSgemm(.transposed, .none, m: count, n: cols, k: w.k, alpha: w.alpha,
+                          a: w.a + i0, lda: w.lda, b: w.a + j0, ldb: w.lda, beta: 1, c: row + j0, ldc: ldc)
+            }
+        }
+        let threads = min(threadCount, total)
+        if threads <= 1 || windows.count == 1 {
+            for window in 0..<windows.count { forEachTile(blocks) { run(window * blocks + $0) } }
+            return
+        }
+        // Tasks in window order from a shared counter; a task waits for its block's previous
+        // window (claimed before it, so always running or done).
+        final class Queue: @unchecked Sendable {
+            let condition = NSCondition()
+            var next = 0
+            var done: [Int]
+            init(_ blocks: Int) { done = [Int](repeating: 0, count: blocks) }
+        }
+        let queue = Queue(blocks)
+        withoutActuallyEscaping(run) { run in
+            let body = UnsafeSendable(run)
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                while true {
+                    queue.condition.lock()
+                    let task = queue.next
+                    queue.next += 1
+                    if task >= total { queue.condition.unlock(); return }
+                    let (window, block) = (task / blocks, task % blocks)
+                    while queue.done[block] < window { queue.condition.wait() }
+                    queue.condition.unlock()
+                    body.value(task)
+                    queue.condition.lock()
+                    queue.done[block] = window + 1
+                    queue.condition.broadcast()
+                    queue.condition.unlock()
+                }
             }
         }
     }
@@ -243,6 +318,36 @@ public enum Linalg {
     /// than 512 so that replicas can still share an 8192-wide Hessian 16 ways (two strips each).
     public static func syrkTile(_ n: Int) -> Int { n < 4096 ? 128 : 256 }
 
+    /// The column blocks of `syrkUpper`'s strip from row `i0` of an n x n result (strips of
+    /// `side` rows): the diagonal block, then blocks of `side` (128) or 2·`side` columns.
+    static func syrkBlocks(n: Int, strip i0: Int, side t: Int) -> [Range<Int>] {
+        let w = t == 128 ? 128 : 2 * t
+        return [i0..<min(n, i0 + t)] + stride(from: i0 + t, to: n, by: w).map { $0..<min(n, $0 + w) }
+    }
+
+    /// The parts in which replicas pass an n x n Hessian's upper triangle on (`StatisticsChain`):
+    /// for each strip of `syrkTile(n)` rows, its blocks from the diagonal on, gathered into
+    /// pieces of at most `maxColumns` columns (a block wider than that alone). Each piece's bits
+    /// are those the whole update gives it; smaller pieces let the next replica start sooner.
+    public static func syrkPieces(n: Int, maxColumns: Int) -> [(rows: Range<Int>, columns: Range<Int>, blocks: Int)] {
+        let t = syrkTile(n)
+        var out: [(rows: Range<Int>, columns: Range<Int>, blocks: Int)] = []
+        for i0 in stride(from: 0, to: n, by: t) {
+            let rows = i0..<min(n, i0 + t)
+            var piece: (columns: Range<Int>, blocks: Int)?
+            for block in syrkBlocks(n: n, strip: i0, side: t) {
+                if let p = piece, block.upperBound - p.columns.lowerBound <= maxColumns {
+                    piece = (p.columns.lowerBound..<block.upperBound, p.blocks + 1)
+                } else {
+                    if let p = piece { out.append((rows, p.columns, p.blocks)) }
+                    piece = (block, 1)
+                }
+            }
+            if let piece { out.append((rows, piece.columns, piece.blocks)) }
+        }
+        return out
+    }
+
     /// Tile coordinates (i, j) with i <= j of a t x t grid, in a fixed order.
     static func upperTiles(_ t: Int) -> [(Int, Int)] {
         var out: [(Int, Int)] = []
@@ -253,11 +358,15 @@ public enum Linalg {
 
     /// The upper triangle (diagonal included) of the n x n matrix at `p`, times `factor`. (Not
     /// BLAS's beta: OpenBLAS's small-matrix kernels fuse beta·C into the product's rounding.)
-    /// With `firstRow`, p holds the rows from `firstRow` on (a strip).
-    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil, firstRow: Int = 0) {
+    /// With `rows` and `columns`, only those; p holds the piece from row `firstRow` and column
+    /// `firstColumn` on, `ldc` wide (by default n).
+    static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil,
+                                             columns: Range<Int>? = nil, firstRow: Int = 0, firstColumn: Int = 0, ldc: Int? = nil) {
+        let columns = columns ?? 0..<n
+        let ldc = ldc ?? n
         for i in rows ?? 0..<n {
-            let row = p + (i - firstRow) * n
-            for j in i..<n { row[j] *= factor }
+            let row = p + (i - firstRow) * ldc - firstColumn
+            for j in max(i, columns.lowerBound)..<max(i, columns.upperBound) { row[j] *= factor }
         }
     }
 

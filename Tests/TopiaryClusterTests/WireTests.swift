@@ -90,10 +90,13 @@ final class WireCodecTests: XCTestCase {
         var badMagic = good; badMagic[0] = 0x58
         expect(badMagic) { if case .badMagic = $0 { return true }; return false }
         var badVersion = good; badVersion[4] = 9
-        expect(badVersion) { $0 == .unsupportedVersion(found: 9, supported: 2...2) }
-        // A version-1 peer (before the statistics chain's kinds 15 and 16) is refused, not misread.
-        var oldVersion = good; oldVersion[4] = 1; oldVersion[5] = 0
-        expect(oldVersion) { $0 == .unsupportedVersion(found: 1, supported: 2...2) }
+        expect(badVersion) { $0 == .unsupportedVersion(found: 9, supported: 3...3) }
+        // A version-1 peer (before the statistics chain's kinds 15 and 16) and a version-2 one
+        // (whole-width strips of H on the chain) are refused, not misread.
+        for old: UInt8 in [1, 2] {
+            var oldVersion = good; oldVersion[4] = old; oldVersion[5] = 0
+            expect(oldVersion) { $0 == .unsupportedVersion(found: UInt16(old), supported: 3...3) }
+        }
         var badType = good; badType[6] = 0xEE; badType[7] = 0x03
         expect(badType) { $0 == .unknownMessageType(1006) }
         var badCRC = good; badCRC[good.count - 1] ^= 0x01

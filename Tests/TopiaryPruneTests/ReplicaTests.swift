@@ -230,7 +230,9 @@ final class ReplicaTests: XCTestCase {
                 one["a"]!.add(a[s])
                 if let x = b[s] { one["b"]!.add(x) }
             }
-            for count in [1, 2, 3, 4, 7] {
+            // Pieces of 128 columns in batches of one block and of 3 (3 strips of 300 columns in 6
+            // pieces), and the default pieces in batches of 2 (a strip each).
+            for (count, maxColumns, batch) in [(1, 128, 1), (2, 128, 3), (3, 4096, 2), (4, 128, 1), (7, 4096, 2), (3, 128, 3)] {
                 let hub = InProcessReplicaHub(count: count)
                 let owners = ["a": count - 1 > 0 ? 1 : 0, "b": 0]
                 final class Box: @unchecked Sendable { var outcomes: [Int: Result<StatisticsChain.Outcome, Error>] = [:]; let lock = NSLock() }
@@ -245,8 +247,9 @@ final class ReplicaTests: XCTestCase {
                             held["a", default: []].append(a[s])
                             if let x = b[s] { held["b", default: []].append(x) }
                         }
-                        let chain = StatisticsChain(exchange: hub.exchange(rank: rank), backend: CPUBackend(), block: 0, hessian: hessian,
+                        var chain = StatisticsChain(exchange: hub.exchange(rank: rank), backend: CPUBackend(), block: 0, hessian: hessian,
                                                     windows: windows, tokensPerWindow: 12)
+                        (chain.maxColumns, chain.batchBlocks) = (maxColumns, rank % 2 == 0 ? batch : 1)
                         let r = Result { try chain.run(groups: ["a": 300, "b": 64], held: held, owners: owners) }
                         box.lock.lock(); box.outcomes[rank] = r; box.lock.unlock()
                         group.leave()
@@ -264,7 +267,7 @@ final class ReplicaTests: XCTestCase {
                         XCTAssertEqual(st.sequences, one[key]!.sequences)
                         XCTAssertEqual(out.tokens[key], key == "a" ? (0..<windows).reduce(0) { $0 + 7 + $1 } : 8)
                         XCTAssertEqual(st.squaredNorms, one[key]!.squaredNorms, "\(key), \(count) replicas: other squared norms")
-                        if hessian { XCTAssertEqual(st.hessian, one[key]!.hessian, "\(key), \(count) replicas: another Hessian") }
+                        if hessian { XCTAssertEqual(st.hessian, one[key]!.hessian, "\(key), \(count) replicas, pieces of \(maxColumns): another Hessian") }
                     }
                 }
             }

@@ -144,42 +144,71 @@ final class BackendTests: XCTestCase {
         }
     }
 
-    /// The statistics chain passes a Hessian from replica to replica in strips of tile rows, each
-    /// held apart: every strip gets the bits the whole update gives its rows, however H is cut.
-    func testUpperSyrkUpdateOfAStripHasTheWholeUpdatesBits() throws {
+    /// The statistics chain passes a Hessian from replica to replica in pieces of its upper
+    /// triangle, each held apart and updated in batches: every piece gets the bits the whole
+    /// update gives its entries, however H is cut and batched.
+    func testUpperSyrkUpdateOfPiecesHasTheWholeUpdatesBits() throws {
         var rng = TestRandom(seed: 6)
+        // More threads than blocks in some batches, so that windows' tasks wait on their blocks.
+        let saved = Linalg.threadCount
+        Linalg.setThreadCount(5)
+        defer { Linalg.setThreadCount(saved) }
         XCTAssertNil(Float64Backend().statisticsTile(columns: 300))
-        for (d, heights) in [(300, [40, 0, 600, 3]), (520, [40, 0, 600, 3]), (4100, [9, 0, 5])] {
+        for (d, heights, maxColumns) in [(300, [40, 0, 600, 3], 128), (300, [7, 5], 4096), (520, [40, 0, 600, 3], 256),
+                                         (4100, [9, 0, 5], 1024), (4100, [9, 5], 4096)] {
             let tile = try XCTUnwrap(cpu.statisticsTile(columns: d))
+            let shapes = cpu.statisticsPieces(columns: d, maxColumns: maxColumns)
+            // The pieces cover the upper triangle once, strip by strip, none wider than asked
+            // unless one block is.
+            var covered = [Int](repeating: 0, count: d)
+            for s in shapes {
+                XCTAssertTrue(s.rows.lowerBound % tile == 0 && (s.rows.count == tile || s.rows.upperBound == d), "\(s)")
+                XCTAssertTrue(s.columns.count <= max(maxColumns, 2 * tile) && s.columns.lowerBound >= s.rows.lowerBound, "\(s)")
+                XCTAssertGreaterThan(s.blocks, 0)
+                for i in s.rows { covered[i] += s.columns.count }
+            }
+            XCTAssertEqual(covered, (0..<d).map { d - $0 / tile * tile }, "d \(d): pieces leave out or repeat columns")
             let whole = cpu.zeros(rows: d, cols: d)
-            let cuts = [0, tile, 2 * tile, d]
-            let strips = (0..<cuts.count - 1).map { k in cpu.zeros(rows: cuts[k + 1] - cuts[k], cols: d) }
+            let pieces = shapes.map { UpperPiece(rows: $0.rows, columns: $0.columns, values: cpu.zeros(rows: $0.rows.count, cols: $0.columns.count)) }
+            // Batches of 1, 3 and the rest; the windows given one at a time, or all but the first
+            // at once (a block's windows then run as soon as its previous one is done).
+            let cuts = [0, 1, min(4, pieces.count), pieces.count]
+            var windows: [(x: Tensor, alpha: Float, beta: Float)] = []
             for (window, rows) in heights.enumerated() {
                 let x = cpu.upload(rng.matrix(rows, d))
                 let n = Float(window), decay = n / (n + 1), alpha = 2 / (n + 1)
                 cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, into: whole)
-                for (k, strip) in strips.enumerated() {
-                    cpu.syrkUpperUpdate(x, alpha: alpha, beta: decay, strip: strip, rows: cuts[k]..<cuts[k + 1])
+                windows.append((x, alpha, decay))
+            }
+            for k in 0..<cuts.count - 1 where cuts[k] < cuts[k + 1] {
+                let batch = Array(pieces[cuts[k]..<cuts[k + 1]])
+                if k == 1 {
+                    for w in windows { cpu.syrkUpperUpdate([w], pieces: batch) }
+                } else {
+                    cpu.syrkUpperUpdate([windows[0]], pieces: batch)
+                    cpu.syrkUpperUpdate(Array(windows.dropFirst()), pieces: batch)
                 }
             }
             let w = cpu.download(whole)
-            for (k, strip) in strips.enumerated() {
-                let p = cpu.download(strip)
-                for i in cuts[k]..<cuts[k + 1] {
-                    for j in i..<d where p[i - cuts[k], j].bitPattern != w[i, j].bitPattern {
-                        XCTFail("d \(d), strip \(k), (\(i), \(j)): \(p[i - cuts[k], j]) against \(w[i, j])")
+            for piece in pieces {
+                let p = cpu.download(piece.values)
+                for i in piece.rows {
+                    for j in max(i, piece.columns.lowerBound)..<piece.columns.upperBound
+                    where p[i - piece.rows.lowerBound, j - piece.columns.lowerBound].bitPattern != w[i, j].bitPattern {
+                        XCTFail("d \(d), piece \(piece.rows) x \(piece.columns), (\(i), \(j)): \(p[i - piece.rows.lowerBound, j - piece.columns.lowerBound]) against \(w[i, j])")
                         return
                     }
                 }
             }
         }
-        // Without tiles, a backend takes all the rows at once as one strip.
+        // Without tiles, a backend takes all of C at once as one piece.
         let f = Float64Backend()
+        XCTAssertEqual(f.statisticsPieces(columns: 10, maxColumns: 4), [UpperPieceShape(rows: 0..<10, columns: 0..<10, blocks: 1)])
         let x = f.upload(rng.matrix(6, 10))
-        let (whole, strip) = (f.zeros(rows: 10, cols: 10), f.zeros(rows: 10, cols: 10))
+        let (whole, piece) = (f.zeros(rows: 10, cols: 10), f.zeros(rows: 10, cols: 10))
         f.syrkUpperUpdate(x, alpha: 0.5, beta: 0, into: whole)
-        f.syrkUpperUpdate(x, alpha: 0.5, beta: 0, strip: strip, rows: 0..<10)
-        XCTAssertEqual(f.download(strip), f.download(whole))
+        f.syrkUpperUpdate([(x, 0.5, 0)], pieces: [UpperPiece(rows: 0..<10, columns: 0..<10, values: piece)])
+        XCTAssertEqual(f.download(piece), f.download(whole))
     }
 
     /// Wanda's fused step on the CPU: the bits of the composition it replaces (|W| · scale, the

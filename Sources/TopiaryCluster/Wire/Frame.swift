@@ -89,9 +89,11 @@ public enum Protocol {
     /// 2: the statistics chain's replica messages (kinds 15 and 16) replaced kind 14,
     /// replicas own contiguous window ranges, and replicas on separate machines make a
     /// row-shared linear's U together (kinds 17 to 19); a version-1 peer is refused at the
-    /// handshake rather than misreading them (docs/protocol.md, Versions).
-    public static let version: UInt16 = 2
-    public static let supportedVersions: ClosedRange<UInt16> = 2...2
+    /// handshake rather than misreading them (docs/protocol.md, Versions). 3: the chain's
+    /// parts of H are pieces of its upper triangle (a strip's columns from its diagonal on, at
+    /// most `StatisticsChain.pieceColumns` wide), not whole-width strips.
+    public static let version: UInt16 = 3
+    public static let supportedVersions: ClosedRange<UInt16> = 3...3
     /// Default cap on one frame's payload; tensors larger than a frame are streamed in chunks.
     public static let defaultMaxFrameBytes = 64 << 20
     /// Before authentication only small frames are accepted, so an unauthenticated peer cannot
