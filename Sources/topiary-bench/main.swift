@@ -528,6 +528,29 @@ func benchLinalg(_ args: [String]) {
     }
 }
 
+/// Seconds to load (decode to fp32) blocks of a model at 1 thread and at the machine's threads,
+/// the bytes already in the page cache (a first pass reads them), one after the other in one run.
+func benchLoad(_ args: [String]) throws {
+    guard let path = argument("model", args) else { throw ToolFailure("bench load: --model PATH is required") }
+    let blocks = Int(argument("blocks", args) ?? "2")!
+    let model = try LanguageModel.open(path: path)
+    let threads = Linalg.threadCount
+    var bytes = 0
+    for b in 0..<blocks { bytes += try model.loadBlock(b).tensors.values.reduce(0) { $0 + $1.count * 4 } }
+    print("model \(path): \(blocks) block(s), \(bytes >> 20) MiB as fp32 (page cache warmed by a first pass)")
+    for t in Array(Set([1, threads])).sorted() {
+        Linalg.setThreadCount(t)
+        var times: [Double] = []
+        for _ in 0..<3 {
+            let t0 = Date()
+            for b in 0..<blocks { _ = try model.loadBlock(b) }
+            times.append(Date().timeIntervalSince(t0) / Double(blocks))
+        }
+        print(String(format: "  threads %2d: %.3f s a block (best of 3), %.2f GB/s of fp32 written", t, times.min()!, Double(bytes) / Double(blocks) / times.min()! / 1e9))
+    }
+    Linalg.setThreadCount(threads)
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -545,11 +568,12 @@ do {
     case "besa": try benchBESA(Array(args.dropFirst()))
     case "tokenize": try benchTokenize(Array(args.dropFirst()))
     case "linalg": benchLinalg(Array(args.dropFirst()))
+    case "load": try benchLoad(Array(args.dropFirst()))
     case "make-synthetic": try makeSynthetic(Array(args.dropFirst()))
     case "precision": try benchPrecision(Array(args.dropFirst()))
     case "cuda-check": try cudaCheck(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer|load --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {

@@ -415,4 +415,34 @@ final class SafeTensorsTests: XCTestCase {
             if case .invalidHeader(index, let detail) = $0 { return detail.contains("weight_map") } else { return false }
         }
     }
+
+    /// Every type decodes in chunks over the threads: the same bits at 1 and 3 threads, over more
+    /// than one chunk, and each element as decoding it alone gives.
+    func testDecodingOverThreadsGivesTheSameBits() {
+        let saved = Linalg.threadCount
+        defer { Linalg.setThreadCount(saved) }
+        let count = (1 << 18) * 2 + 96   // two whole chunks and three blocks of 32
+        var state: UInt64 = 7
+        for dtype in TensorDType.allCases {
+            let bytes = (0..<dtype.byteCount(elements: count)!).map { _ -> UInt8 in
+                state = state &* 6364136223846793005 &+ 1442695040888963407
+                return UInt8(truncatingIfNeeded: state >> 33)
+            }
+            var results: [[UInt32]] = []
+            for threads in [1, 3] {
+                Linalg.setThreadCount(threads)
+                var out = [Float](repeating: 0, count: count)
+                bytes.withUnsafeBytes { src in out.withUnsafeMutableBufferPointer { TensorDecoder.decode(src, dtype: dtype, count: count, into: $0.baseAddress!) } }
+                results.append(out.map(\.bitPattern))
+            }
+            XCTAssertEqual(results[0], results[1], "\(dtype) over 3 threads")
+            // The last block alone, decoded from its own bytes.
+            let last = count - 32, per = dtype.byteCount(elements: 32)!
+            var tail = [Float](repeating: 0, count: 32)
+            Array(bytes[(last / 32 * per)...]).withUnsafeBytes { src in
+                tail.withUnsafeMutableBufferPointer { TensorDecoder.decode(src, dtype: dtype, count: 32, into: $0.baseAddress!) }
+            }
+            XCTAssertEqual(Array(results[1][last...]), tail.map(\.bitPattern), "\(dtype): the last block")
+        }
+    }
 }

@@ -102,23 +102,34 @@ public enum TensorDecoder {
         }
     }
 
-    /// Decodes `count` elements of `dtype` from `src` into `dst`.
+    /// Decodes `count` elements of `dtype` from `src` into `dst`, in chunks of 2^18 elements (whole
+    /// blocks of the quantized types) over the CPU threads: a 70B block's 1.7 GB of bf16 is mostly
+    /// page faults on the mapped file and the new matrix, which one thread takes in turn.
+    /// Each element is decoded alone, so the bits do not depend on the threads.
     public static func decode(_ src: UnsafeRawBufferPointer, dtype: TensorDType, count: Int, into dst: UnsafeMutablePointer<Float>) {
+        Parallel.forEach(count, chunk: 1 << 18) { range in
+            decode(src, dtype: dtype, range: range, into: dst)
+        }
+    }
+
+    /// Decodes elements `range` (for a quantized type, whole blocks of 32) of `dtype` from `src` into `dst`.
+    static func decode(_ src: UnsafeRawBufferPointer, dtype: TensorDType, range: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
+        let blocks = (range.lowerBound / 32)..<(range.upperBound / 32)
         switch dtype {
         case .f32:
-            for i in 0..<count { dst[i] = Float(bitPattern: UInt32(littleEndian: src.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self))) }
+            for i in range { dst[i] = Float(bitPattern: UInt32(littleEndian: src.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self))) }
         case .f16:
-            for i in 0..<count { dst[i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
+            for i in range { dst[i] = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
         case .bf16:
-            for i in 0..<count { dst[i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
+            for i in range { dst[i] = HalfPrecision.bf16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: i * 2, as: UInt16.self))) }
         case .q8_0:
-            for b in 0..<(count / 32) {
+            for b in blocks {
                 let o = b * 34
                 let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
                 for j in 0..<32 { dst[b * 32 + j] = Float(Int8(bitPattern: src[o + 2 + j])) * d }
             }
         case .q4_0:
-            for b in 0..<(count / 32) {
+            for b in blocks {
                 let o = b * 18
                 let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
                 for j in 0..<16 {
@@ -128,7 +139,7 @@ public enum TensorDecoder {
                 }
             }
         case .q4_1:
-            for b in 0..<(count / 32) {
+            for b in blocks {
                 let o = b * 20
                 let d = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o, as: UInt16.self)))
                 let m = HalfPrecision.fp16ToFloat(UInt16(littleEndian: src.loadUnaligned(fromByteOffset: o + 2, as: UInt16.self)))
