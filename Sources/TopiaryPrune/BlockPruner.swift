@@ -178,10 +178,12 @@ public struct BlockPruner: Sendable {
         let allKeys = Array(Set(block.linearNames.map { keys[$0] ?? $0 })).sorted()
         let chained = role.count > 1 ? ReplicaWork.chainedStatistics(block: block, plan: plan) : []
         let split = ReplicaWork.splitLinears(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count)
+        // Whether the replicas make a row-shared linear's U together (between processes).
+        let spread = exchange.map { SpreadInverseFactor.applies($0, backend: backend) } ?? false
         let owners = role.count > 1
             ? ReplicaWork.owners(block: block, plan: plan, tokens: n * sequenceLength, replicas: role.count,
                                  sharedStatistics: chained, sharedRows: Set(split),
-                                 spreadFactor: exchange.map { SpreadInverseFactor.applies($0, backend: backend) } ?? false)
+                                 spreadFactor: spread)
             : [:]
         func owns(_ key: String) -> Bool { (owners[key] ?? 0) == role.rank }
         /// Whether window inputs of `key` from the `kind` pass go to `key`'s owner one by one.
@@ -374,7 +376,6 @@ public struct BlockPruner: Sendable {
         // finish their own solves first, and the owner's report of it overlaps the others' solves
         // (SmolLM2, 2 replicas: the solve phase lost about 0.1 s a block waiting either way).
         // In one process the owner factors alone, and the others solve their own linears meanwhile.
-        let spreadFirst = exchange.map { role.count > 1 && SpreadInverseFactor.applies($0, backend: backend) } ?? false
         func solveSplit(_ exchange: any ReplicaExchange) throws {
             for name in split {
                 let t0 = clock()
@@ -394,7 +395,7 @@ public struct BlockPruner: Sendable {
                 }
             }
         }
-        if let exchange, spreadFirst { try solveSplit(exchange) }
+        if let exchange, spread { try solveSplit(exchange) }
         // Linears that read the same inputs (q/k/v; gate/up) share one factorisation of their
         // Hessian, kept until the last of them is solved.
         let solvedHere = block.linearNames.filter { owns(keys[$0] ?? $0) && !split.contains($0) && joint[$0] == nil }
@@ -442,7 +443,7 @@ public struct BlockPruner: Sendable {
             errorFLOPs += errorReportFLOPs(weight)
         }
         if let exchange, role.count > 1 {
-            if !spreadFirst { try solveSplit(exchange) }
+            if !spread { try solveSplit(exchange) }
             // Every replica needs the whole pruned block for its windows; replica 0 the reports.
             try shareSolves(exchange, block: block, keys: keys, owners: owners, split: Set(split), prunedWeights: &prunedWeights, linears: &linears,
                             tokensSeen: &tokensSeen, sparseLLM: &jointReports, chosen: &jointChosen, besa: &besaSummary)

@@ -124,7 +124,7 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
             require(p.values.rows == p.rows.count && p.values.cols == p.columns.count && p.rows.lowerBound >= 0 && p.rows.upperBound <= d
                     && p.columns.lowerBound >= 0 && p.columns.upperBound <= d,
                     "syrkUpperUpdate: piece \(p.values) for rows \(p.rows) and columns \(p.columns) of \(d)-wide inputs")
-            entries += Double(p.shape.upperEntries)
+            entries += Double(UpperPieceShape.upperEntries(rows: p.rows, columns: p.columns))
         }
         require(inner.statisticsTile(columns: d) != nil || (pieces.count == 1 && pieces[0].rows == 0..<d && pieces[0].columns == 0..<d),
                 "syrkUpperUpdate on pieces of \(d) on \(inner.name), which has no statisticsTile")

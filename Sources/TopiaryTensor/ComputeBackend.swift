@@ -331,7 +331,11 @@ public struct UpperPieceShape: Equatable, Sendable {
     public init(rows: Range<Int>, columns: Range<Int>, blocks: Int) { (self.rows, self.columns, self.blocks) = (rows, columns, blocks) }
 
     /// The upper-triangle entries (diagonal included) the piece holds.
-    public var upperEntries: Int { rows.reduce(0) { $0 + max(0, columns.upperBound - max(columns.lowerBound, $1)) } }
+    public var upperEntries: Int { Self.upperEntries(rows: rows, columns: columns) }
+    /// The upper-triangle entries (diagonal included) of a square matrix in `rows` x `columns`.
+    public static func upperEntries(rows: Range<Int>, columns: Range<Int>) -> Int {
+        rows.reduce(0) { $0 + max(0, columns.upperBound - max(columns.lowerBound, $1)) }
+    }
 }
 
 /// A piece of a square matrix's upper triangle held apart: rows `rows` and columns `columns` in
@@ -341,5 +345,4 @@ public struct UpperPiece: Sendable {
     public let columns: Range<Int>
     public let values: Tensor
     public init(rows: Range<Int>, columns: Range<Int>, values: Tensor) { (self.rows, self.columns, self.values) = (rows, columns, values) }
-    public var shape: UpperPieceShape { UpperPieceShape(rows: rows, columns: columns, blocks: 0) }
 }

@@ -202,29 +202,19 @@ public enum Linalg {
     /// The upper triangle of C[n x n] += alpha * Aᵀ A for A [k x n] (leading dimension lda), in
     /// strips of `side` rows (by default `syrkTile(n)`) from row 0: each strip's diagonal block by
     /// ssyrk, the rest of its columns by sgemm in blocks of `side` (128) or 2·`side` columns,
-    /// concurrently. `rows`: only these rows (whole strips, or up to n), and `columns`: only the
-    /// blocks within these columns (a block that crosses their ends is refused), the units in
-    /// which replicas pass a Hessian on (`syrkPieces`); each block's bits are the same whichever
-    /// others are computed. C points at row `firstRow` and column `firstColumn` (a piece held
-    /// apart from the rest, ldc wide). They are not the same for other block shapes on every
-    /// OpenBLAS kernel (Haswell's differ, SkylakeX's do not), so the shapes are a function of n alone.
+    /// concurrently. `rows`: only these rows (whole strips, or up to n); each block's bits are the
+    /// same whichever others are computed (`syrkUpperWindows` computes pieces of C held apart, the
+    /// units in which replicas pass a Hessian on). They are not the same for other block shapes on
+    /// every OpenBLAS kernel (Haswell's differ, SkylakeX's do not), so the shapes are a function of
+    /// n alone.
     public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int,
-                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, columns: Range<Int>? = nil,
-                          side: Int? = nil, firstRow: Int = 0, firstColumn: Int = 0) {
-        syrkUpper(n: n, k: k, alpha: alpha, a: a, lda: lda, side: side,
-                  pieces: [(c, ldc, rows ?? 0..<n, columns ?? 0..<n, firstRow, firstColumn)])
+                          c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>? = nil, side: Int? = nil) {
+        syrkUpperWindows(n: n, windows: [(k, alpha, 1, a, lda)], side: side, pieces: [(c, ldc, rows ?? 0..<n, 0..<n, 0, 0)])
     }
 
-    /// `syrkUpper` on several pieces of C at once (each with its own storage, rows and columns,
-    /// as `syrkUpper`'s), their blocks all in one concurrent pass: a piece too small to keep the
-    /// threads busy alone shares the pass with the others.
-    public static func syrkUpper(n: Int, k: Int, alpha: Float, a: UnsafePointer<Float>, lda: Int, side: Int? = nil,
-                                 pieces: [UpperPieceStorage]) {
-        syrkUpperWindows(n: n, windows: [(k, alpha, 1, a, lda)], side: side, pieces: pieces)
-    }
-
-    /// Where a piece of C lies for `syrkUpper`: its storage (ldc wide, from row `firstRow` and
-    /// column `firstColumn`) and the rows and columns it covers.
+    /// Where a piece of C lies for `syrkUpperWindows`: its storage (ldc wide, from row `firstRow`
+    /// and column `firstColumn`) and the rows and columns it covers (whole strips; only the blocks
+    /// within the columns, a block that crosses their ends refused).
     public typealias UpperPieceStorage = (c: UnsafeMutablePointer<Float>, ldc: Int, rows: Range<Int>, columns: Range<Int>, firstRow: Int, firstColumn: Int)
 
     /// For each window in order, on the pieces of C: C = beta·C, then C += alpha·AᵀA (A [k x n],
@@ -260,12 +250,7 @@ public enum Linalg {
             let count = min(t, n - i0)
             let (c, ldc) = (pieces[p].c, pieces[p].ldc)
             let row = c + (i0 - pieces[p].firstRow) * ldc - pieces[p].firstColumn
-            if w.beta != 1 {
-                for i in i0..<(i0 + count) {
-                    let r = row + (i - i0) * ldc
-                    for j in max(i, j0)..<max(i, j0 + cols) { r[j] *= w.beta }
-                }
-            }
+            if w.beta != 1 { scaleUpper(row, n: n, by: w.beta, rows: i0..<(i0 + count), columns: j0..<(j0 + cols), firstRow: i0, ldc: ldc) }
             if w.k == 0 { return }
             if i0 == j0 {
                 cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, blasint(count), blasint(w.k),
@@ -358,14 +343,14 @@ public enum Linalg {
 
     /// The upper triangle (diagonal included) of the n x n matrix at `p`, times `factor`. (Not
     /// BLAS's beta: OpenBLAS's small-matrix kernels fuse beta·C into the product's rounding.)
-    /// With `rows` and `columns`, only those; p holds the piece from row `firstRow` and column
-    /// `firstColumn` on, `ldc` wide (by default n).
+    /// With `rows` and `columns`, only those; p holds C's rows from `firstRow` on, `ldc` wide (by
+    /// default n), a row's pointer at its column 0.
     static func scaleUpper<T: FloatingPoint>(_ p: UnsafeMutablePointer<T>, n: Int, by factor: T, rows: Range<Int>? = nil,
-                                             columns: Range<Int>? = nil, firstRow: Int = 0, firstColumn: Int = 0, ldc: Int? = nil) {
+                                             columns: Range<Int>? = nil, firstRow: Int = 0, ldc: Int? = nil) {
         let columns = columns ?? 0..<n
         let ldc = ldc ?? n
         for i in rows ?? 0..<n {
-            let row = p + (i - firstRow) * ldc - firstColumn
+            let row = p + (i - firstRow) * ldc
             for j in max(i, columns.lowerBound)..<max(i, columns.upperBound) { row[j] *= factor }
         }
     }
