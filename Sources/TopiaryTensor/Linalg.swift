@@ -65,7 +65,7 @@ public enum Linalg {
     }
 
     /// The tile shape of an m x n x k product: a function of the shape alone. Small products are
-    /// one tile. Otherwise at least 8 tiles (so that threads can share them), cut so that the
+    /// one tile. Otherwise at least `tileTarget` tiles (so that threads can share them), cut so that the
     /// operands OpenBLAS packs are packed as few times as possible: every tile packs its rows of
     /// A and its columns of B, so the cost is (tile columns) x m + (tile rows) x n elements of
     /// width k. A layer's forward (m = a window's 512 tokens, n = 1536-3072 outputs) used to be
@@ -77,7 +77,7 @@ public enum Linalg {
     static func gemmTiles(m: Int, n: Int, k: Int) -> (rows: Int, cols: Int) {
         if m * n * max(k, 1) <= 1 << 18 { return (m, n) }
         func roundUp(_ x: Int, _ q: Int) -> Int { (x + q - 1) / q * q }
-        let atLeast = min(8, ((m + 63) / 64) * ((n + 63) / 64))
+        let atLeast = min(tileTarget(m: m, n: n, k: k), ((m + 63) / 64) * ((n + 63) / 64))
         var best: (rows: Int, cols: Int, cost: Int, tiles: Int)? = nil
         var splitM = 1
         while splitM <= 64 {
@@ -99,6 +99,15 @@ public enum Linalg {
         }
         guard let best else { return (min(m, 64), n) }
         return (best.rows, best.cols)
+    }
+
+    /// The fewest tiles `gemmTiles` cuts a product into: 8, or one per 2^30 FLOPs up to 256.
+    /// With 8 at every size, a real model's products (2048 tokens by a 7B's 4096 x 4096 q_proj:
+    /// 64 GFLOP) were 8 tiles, so a 32-core node ran its forward passes on 8 threads; one tile
+    /// per GFLOP gives that product 64 and a 70B's down_proj 256 (about 10 ms of one core each),
+    /// while every product of SmolLM2's blocks stays at 8 (and so at the same bits).
+    static func tileTarget(m: Int, n: Int, k: Int) -> Int {
+        min(256, max(8, (2 * m * n * max(k, 1)) >> 30))
     }
 
     /// One OpenBLAS sgemm call in the calling thread (OpenBLAS itself always runs single-threaded).

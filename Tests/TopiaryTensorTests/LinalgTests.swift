@@ -51,6 +51,20 @@ final class LinalgTests: XCTestCase {
         XCTAssertLessThan(Linalg.linear(a, b.transposed()).maxAbsDifference(expected), 1e-5)
     }
 
+    /// A real model's products are cut into enough tiles for a many-core node's threads (they were
+    /// 8 at every size, so 8 threads); SmolLM2's block products keep their 8 tiles.
+    func testLargeProductsHaveTilesForManyThreads() {
+        func tiles(_ m: Int, _ n: Int, _ k: Int) -> Int {
+            let (rows, cols) = Linalg.gemmTiles(m: m, n: n, k: k)
+            return ((m + rows - 1) / rows) * ((n + cols - 1) / cols)
+        }
+        XCTAssertGreaterThanOrEqual(tiles(2048, 4096, 4096), 64, "a 7B's q_proj over 2048 tokens")
+        XCTAssertGreaterThanOrEqual(tiles(2048, 28672, 8192), 256, "a 70B's gate_proj over 2048 tokens")
+        for (m, n, k) in [(512, 576, 576), (512, 1536, 576), (512, 576, 1536), (2048, 1536, 576), (2048, 576, 1536)] {
+            XCTAssertEqual(tiles(m, n, k), 8, "SmolLM2 \(m)x\(n)x\(k)")
+        }
+    }
+
     func testGemmAccumulatesWithBeta() {
         var rng = TestRandom(seed: 2)
         let a = rng.matrix(4, 3), b = rng.matrix(3, 4)
