@@ -257,21 +257,80 @@ final class RowLearner {
     /// p = softmax(θ) and s̄ = Σ p_k s_k for every group (groups in parallel; each group's
     /// arithmetic is the same wherever it runs).
     func refresh() {
-        let k = BESA.steps + 1
-        let steps = Double(BESA.steps)
-        logits.withUnsafeBufferPointer { logits in
+        withBuffers { b in
+            Parallel.forEach(groups, chunk: Self.rowChunk) { range in
+                for g in range { b.refresh(g) }
+            }
+        }
+    }
+
+    /// The learner's per-group arrays as pointers, for loops over groups in parallel.
+    struct Buffers: @unchecked Sendable {
+        let logits, probabilities, sparsity, first, second: UnsafeMutablePointer<Double>
+        static let k = BESA.steps + 1
+
+        /// Group g's p = softmax(θ_g) and s̄_g.
+        func refresh(_ g: Int) {
+            let (k, steps) = (Self.k, Double(BESA.steps))
+            let theta = logits + g * k, p = probabilities + g * k
+            var m = -Double.infinity
+            for i in 0..<k { m = max(m, theta[i]) }
+            var sum = 0.0
+            for i in 0..<k { p[i] = exp(theta[i] - m); sum += p[i] }
+            var mean = 0.0
+            for i in 0..<k { p[i] /= sum; mean += p[i] * Double(i) / steps }
+            sparsity[g] = mean
+        }
+
+        /// Row r's ∂L/∂θ into d[0..<k] from its ranked prefix sums s[0..<k]: ∂L/∂p_k =
+        /// −s_k + slope·s_k's sparsity, then the softmax's backward at the row's current p.
+        func rowGradient(_ r: Int, prefix s: UnsafePointer<Double>, penaltySlope: Double, into d: UnsafeMutablePointer<Double>) {
+            let (k, steps) = (Self.k, Double(BESA.steps))
+            let pr = probabilities + r * k
+            for i in 0..<k { d[i] = 0.0 + (-s[i] + penaltySlope * Double(i) / steps) }
+            var dot = 0.0
+            for i in 0..<k { dot += pr[i] * d[i] }
+            for i in 0..<k { d[i] = pr[i] * (d[i] - dot) }
+        }
+
+        /// One Adam step on the `count` logits from `offset`, given their gradient `g`.
+        func adam(_ offset: Int, _ count: Int, gradient g: UnsafePointer<Double>, learningRate: Double, corrections: (Double, Double)) {
+            let (b1, b2, eps) = (RowLearner.beta1, RowLearner.beta2, RowLearner.epsilon)
+            let (theta, m1, m2) = (logits + offset, first + offset, second + offset)
+            // Eight lanes at a time (each lane's arithmetic is the scalar loop's: IEEE division and
+            // square root round the same in a vector), the rest one by one.
+            typealias V = SIMD8<Double>
+            var i = 0
+            while i + V.scalarCount <= count {
+                func load(_ p: UnsafePointer<Double>) -> V { UnsafeRawPointer(p + i).loadUnaligned(as: V.self) }
+                let grad = load(g)
+                let m = b1 * load(m1) + (1 - b1) * grad
+                let v = b2 * load(m2) + (1 - b2) * grad * grad
+                UnsafeMutableRawPointer(m1 + i).storeBytes(of: m, as: V.self)
+                UnsafeMutableRawPointer(m2 + i).storeBytes(of: v, as: V.self)
+                let t = load(theta) - learningRate * (m / corrections.0) / ((v / corrections.1).squareRoot() + eps)
+                UnsafeMutableRawPointer(theta + i).storeBytes(of: t, as: V.self)
+                i += V.scalarCount
+            }
+            for i in i..<count {
+                let grad = g[i]
+                let m = b1 * m1[i] + (1 - b1) * grad
+                let v = b2 * m2[i] + (1 - b2) * grad * grad
+                m1[i] = m
+                m2[i] = v
+                theta[i] -= learningRate * (m / corrections.0) / ((v / corrections.1).squareRoot() + eps)
+            }
+        }
+    }
+
+    func withBuffers<R>(_ body: (Buffers) -> R) -> R {
+        logits.withUnsafeMutableBufferPointer { logits in
             probabilities.withUnsafeMutableBufferPointer { probabilities in
                 groupSparsity.withUnsafeMutableBufferPointer { sparsity in
-                    Parallel.forEach(groups, chunk: Self.rowChunk) { range in
-                        for g in range {
-                            let theta = logits.baseAddress! + g * k, p = probabilities.baseAddress! + g * k
-                            var m = -Double.infinity
-                            for i in 0..<k { m = max(m, theta[i]) }
-                            var sum = 0.0
-                            for i in 0..<k { p[i] = exp(theta[i] - m); sum += p[i] }
-                            var mean = 0.0
-                            for i in 0..<k { p[i] /= sum; mean += p[i] * Double(i) / steps }
-                            sparsity[g] = mean
+                    firstMoment.withUnsafeMutableBufferPointer { first in
+                        secondMoment.withUnsafeMutableBufferPointer { second in
+                            body(Buffers(logits: logits.baseAddress!, probabilities: probabilities.baseAddress!, sparsity: sparsity.baseAddress!,
+                                         first: first.baseAddress!, second: second.baseAddress!))
                         }
                     }
                 }
@@ -294,76 +353,83 @@ final class RowLearner {
 
     func prunedCount(shift: Double) -> Int { rowCounts(shift: shift).reduce(0, +) }
 
-    /// W ⊙ M_hard for the current logits.
+    /// The last `maskedWeight` and its rows' counts, updated in place at the next call.
+    private var masked: (weight: Tensor, counts: [Int])?
+
+    /// W ⊙ M_hard for the current logits. The tensor is the learner's and is changed in place by
+    /// the next call: use it before then (one step's forward and backward).
     func maskedWeight() -> Tensor {
-        backend.rankedMasked(weight, order: order, counts: rowCounts(shift: 0))
+        let counts = rowCounts(shift: 0)
+        if let masked {
+            backend.updateRankedMasked(masked.weight, weight: weight, order: order, from: masked.counts, to: counts)
+            self.masked = (masked.weight, counts)
+            return masked.weight
+        }
+        let w = backend.rankedMasked(weight, order: order, counts: counts)
+        masked = (w, counts)
+        return w
     }
 
     /// ∂L/∂θ from ∂L/∂W_eff: through the straight-through mask to p, plus the penalty's
     /// `penaltySlope`·s_k per row, through the softmax to θ.
     func logitGradient(weightGradient dW: Tensor, penaltySlope: Double) -> [Double] {
         let k = BESA.steps + 1
-        let steps = Double(BESA.steps)
         // ∂L/∂p_rk = −Σ_{j<N_k} (G⊙W)[r, order_j] + slope·s_k.
         let prefix = backend.rankedPrefixSums(dW, weight, order: order, at: candidateCounts)
         var dp = [Double](repeating: 0, count: groups * k)
-        dp.withUnsafeMutableBufferPointer { dp in
-            prefix.withUnsafeBufferPointer { prefix in
-                probabilities.withUnsafeBufferPointer { probabilities in
-                    let (d, s, pr) = (dp.baseAddress!, prefix.baseAddress!, probabilities.baseAddress!)
-                    /// The softmax's backward of group g's ∂L/∂p in place.
-                    func softmaxBackward(_ g: Int) {
-                        let base = g * k
-                        var dot = 0.0
-                        for i in 0..<k { dot += pr[base + i] * d[base + i] }
-                        for i in 0..<k { d[base + i] = pr[base + i] * (d[base + i] - dot) }
-                    }
-                    if groups == rows {
-                        // A group per row: rows apart, in parallel.
+        if groups == rows {
+            // A group per row: rows apart, in parallel.
+            withBuffers { b in
+                dp.withUnsafeMutableBufferPointer { dp in
+                    prefix.withUnsafeBufferPointer { prefix in
+                        let (d, s) = (dp.baseAddress!, prefix.baseAddress!)
                         Parallel.forEach(rows, chunk: Self.rowChunk) { range in
-                            for r in range {
-                                for i in 0..<k { d[r * k + i] += -s[r * k + i] + penaltySlope * Double(i) / steps }
-                                softmaxBackward(r)
-                            }
+                            for r in range { b.rowGradient(r, prefix: s + r * k, penaltySlope: penaltySlope, into: d + r * k) }
                         }
-                    } else {
-                        // One group: the rows' terms added in row order.
-                        for r in 0..<rows {
-                            let base = group(r) * k
-                            for i in 0..<k { d[base + i] += -s[r * k + i] + penaltySlope * Double(i) / steps }
-                        }
-                        for g in 0..<groups { softmaxBackward(g) }
                     }
                 }
             }
+            return dp
         }
+        // One group: the rows' terms added in row order, then the softmax's backward.
+        let steps = Double(BESA.steps)
+        for r in 0..<rows {
+            for i in 0..<k { dp[i] += -prefix[r * k + i] + penaltySlope * Double(i) / steps }
+        }
+        var dot = 0.0
+        for i in 0..<k { dot += probabilities[i] * dp[i] }
+        for i in 0..<k { dp[i] = probabilities[i] * (dp[i] - dot) }
         return dp
     }
 
-    /// One Adam step on θ.
+    /// One Adam step on θ. With a group per row, each row's gradient, step and new softmax run
+    /// in one pass while the row is in cache (the same arithmetic as `logitGradient`, then Adam
+    /// over all rows, then `refresh`).
     func step(weightGradient dW: Tensor, penaltySlope: Double, learningRate: Double, step t: Int) {
-        let gradient = logitGradient(weightGradient: dW, penaltySlope: penaltySlope)
-        let (b1, b2, eps) = (Self.beta1, Self.beta2, Self.epsilon)
-        let correction1 = 1 - pow(b1, Double(t)), correction2 = 1 - pow(b2, Double(t))
-        gradient.withUnsafeBufferPointer { gradient in
-            logits.withUnsafeMutableBufferPointer { logits in
-                firstMoment.withUnsafeMutableBufferPointer { first in
-                    secondMoment.withUnsafeMutableBufferPointer { second in
-                        let (g, theta, m1, m2) = (gradient.baseAddress!, logits.baseAddress!, first.baseAddress!, second.baseAddress!)
-                        Parallel.forEach(gradient.count, chunk: Self.rowChunk * (BESA.steps + 1)) { range in
-                            for i in range {
-                                let grad = g[i]
-                                let m = b1 * m1[i] + (1 - b1) * grad
-                                let v = b2 * m2[i] + (1 - b2) * grad * grad
-                                m1[i] = m
-                                m2[i] = v
-                                theta[i] -= learningRate * (m / correction1) / ((v / correction2).squareRoot() + eps)
-                            }
+        let k = BESA.steps + 1
+        let corrections = (1 - pow(Self.beta1, Double(t)), 1 - pow(Self.beta2, Double(t)))
+        guard groups == rows else {
+            let gradient = logitGradient(weightGradient: dW, penaltySlope: penaltySlope)
+            withBuffers { b in
+                gradient.withUnsafeBufferPointer { b.adam(0, $0.count, gradient: $0.baseAddress!, learningRate: learningRate, corrections: corrections) }
+            }
+            refresh()
+            return
+        }
+        let prefix = backend.rankedPrefixSums(dW, weight, order: order, at: candidateCounts)
+        withBuffers { b in
+            prefix.withUnsafeBufferPointer { prefix in
+                let s = prefix.baseAddress!
+                Parallel.forEach(rows, chunk: Self.rowChunk) { range in
+                    withUnsafeTemporaryAllocation(of: Double.self, capacity: k) { d in
+                        for r in range {
+                            b.rowGradient(r, prefix: s + r * k, penaltySlope: penaltySlope, into: d.baseAddress!)
+                            b.adam(r * k, k, gradient: d.baseAddress!, learningRate: learningRate, corrections: corrections)
+                            b.refresh(r)
                         }
                     }
                 }
             }
         }
-        refresh()
     }
 }

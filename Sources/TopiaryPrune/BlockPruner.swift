@@ -28,8 +28,8 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     /// `--allocation owl|learned`: each block's sparsity (by block index), instead of the pattern's.
     public var allocation: [Double]? = nil
     /// `--linear-errors`: whether each linear's output error is measured (nil: the method's
-    /// default, yes for the methods that build the input Hessian anyway, no for Wanda and
-    /// magnitude, whose only reason to build it would be this report).
+    /// default, yes for the methods that build the input Hessian anyway, no for Wanda,
+    /// magnitude and BESA without its refit, whose only reason to build it would be this report).
     public var linearErrors: Bool? = nil
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
@@ -48,14 +48,25 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     public var needsDenseStream: Bool { (method == .sparsellm || method == .besa) && targets == .dense }
 
     /// Whether each linear's errors (LinearReport.errorBefore/After) are measured.
-    public var measuresLinearErrors: Bool { linearErrors ?? (method != .wanda && method != .magnitude) }
+    public var measuresLinearErrors: Bool { linearErrors ?? solvesWithHessian }
+
+    /// Whether the method's solve reads the input Hessian: SparseGPT's and SparseLLM's always,
+    /// BESA's only for its refit (`--besa-reconstruct`; its learning ranks by the input norms).
+    public var solvesWithHessian: Bool {
+        switch method {
+        case .sparsegpt, .sparsellm: return true
+        case .besa: return besa?.reconstruct ?? false
+        case .wanda, .magnitude: return false
+        }
+    }
 
     /// Whether the blocks' statistics include each group's input Hessian XᵀX: SparseGPT's and
     /// SparseLLM's solves and BESA's refit use it, and the linear errors are quadratic forms in
-    /// it. Wanda needs only its diagonal's square roots (the input norms), which are kept apart:
-    /// without the Hessian, a Wanda block skips d² work per token and group (at 70B, down_proj's
-    /// 28672² matrix, 3.3 GB, and most of a block's time in `scripts/bench/scaling`).
-    public var collectsHessian: Bool { measuresLinearErrors || method == .sparsegpt || method == .sparsellm || method == .besa }
+    /// it. Wanda and BESA's learning need only its diagonal's square roots (the input norms),
+    /// which are kept apart: without the Hessian, a block skips d² work per token and group (at
+    /// 70B, down_proj's 28672² matrix, 3.3 GB, and most of a Wanda block's time in
+    /// `scripts/bench/scaling`).
+    public var collectsHessian: Bool { measuresLinearErrors || solvesWithHessian }
 }
 
 /// What happened to one linear layer.

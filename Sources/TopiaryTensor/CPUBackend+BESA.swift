@@ -19,9 +19,39 @@ extension CPUBackend {
 
     public func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor {
         precondition(weight.rows == order.rows && weight.cols == order.cols, "rankedMasked: \(weight) for \(order)")
-        let out = copy(weight)
-        setRanked(out, to: 0, order: order, counts: counts, what: "rankedMasked")
+        checkCounts(counts, order: order, what: "rankedMasked")
+        let out = uninitialized(rows: weight.rows, cols: weight.cols)
+        let (pw, po, px, cols) = (read(weight), read(order), write(out), order.cols)
+        // Each row copied and masked while it is in cache, rows in parallel.
+        counts.withUnsafeBufferPointer { counts in
+            Parallel.forEach(order.rows, chunk: 16) { range in
+                for r in range {
+                    (px + r * cols).update(from: pw + r * cols, count: cols)
+                    for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = 0 }
+                }
+            }
+        }
         return out
+    }
+
+    public func updateRankedMasked(_ masked: Tensor, weight: Tensor, order: Tensor, from: [Int], to: [Int]) {
+        precondition(weight.rows == order.rows && weight.cols == order.cols && masked.rows == order.rows && masked.cols == order.cols,
+                     "updateRankedMasked: \(masked), \(weight) for \(order)")
+        checkCounts(from, order: order, what: "updateRankedMasked")
+        checkCounts(to, order: order, what: "updateRankedMasked")
+        let (pw, po, px, cols) = (read(weight), read(order), write(masked), order.cols)
+        from.withUnsafeBufferPointer { from in to.withUnsafeBufferPointer { to in
+            Parallel.forEach(order.rows, chunk: 64) { range in
+                for r in range where from[r] != to[r] {
+                    let (w, o, x) = (pw + r * cols, po + r * cols, px + r * cols)
+                    if to[r] > from[r] {
+                        for j in from[r]..<to[r] { x[Int(o[j])] = 0 }
+                    } else {
+                        for j in to[r]..<from[r] { let c = Int(o[j]); x[c] = w[c] }
+                    }
+                }
+            }
+        } }
     }
 
     public func rankedMask(order: Tensor, counts: [Int]) -> Tensor {
@@ -32,11 +62,8 @@ extension CPUBackend {
 
     /// x[r, order[r, j]] = value for j < counts[r], every row r.
     private func setRanked(_ x: Tensor, to value: Float, order: Tensor, counts: [Int], what: String) {
-        precondition(counts.count == order.rows, "\(what): \(counts.count) counts for \(order)")
+        checkCounts(counts, order: order, what: what)
         let cols = order.cols
-        for r in 0..<order.rows {
-            precondition(counts[r] >= 0 && counts[r] <= cols, "\(what): count \(counts[r]) of \(cols)")
-        }
         let (po, px) = (read(order), write(x))
         counts.withUnsafeBufferPointer { counts in
             Parallel.forEach(order.rows, chunk: 16) { range in
@@ -47,29 +74,67 @@ extension CPUBackend {
         }
     }
 
+    /// Every row's count in 0...cols.
+    private func checkCounts(_ counts: [Int], order: Tensor, what: String) {
+        precondition(counts.count == order.rows, "\(what): \(counts.count) counts for \(order)")
+        for r in 0..<order.rows {
+            precondition(counts[r] >= 0 && counts[r] <= order.cols, "\(what): count \(counts[r]) of \(order.cols)")
+        }
+    }
+
     public func rankedPrefixSums(_ gradient: Tensor, _ weight: Tensor, order: Tensor, at counts: [Int]) -> [Double] {
         precondition(gradient.rows == weight.rows && gradient.cols == weight.cols && order.rows == weight.rows && order.cols == weight.cols,
                      "rankedPrefixSums: \(gradient), \(weight), \(order)")
         let (rows, cols, k) = (weight.rows, weight.cols, counts.count)
+        precondition(zip(counts, counts.dropFirst()).allSatisfy { $0 <= $1 } && (counts.first ?? 0) >= 0 && (counts.last ?? 0) <= cols,
+                     "rankedPrefixSums: counts \(counts.prefix(4))... not ascending within 0...\(cols)")
         var out = [Double](repeating: 0, count: rows * k)
         let (pg, pw, po) = (read(gradient), read(weight), read(order))
-        // Rows apart, in parallel: each row's sums in its own order.
+        // Each row's sum runs in its own ranked order, one addition after another. The row's
+        // products G_rj·W_rj (exact in Double: two 24-bit significands) are made first in a
+        // streaming pass, so that the ranked reads hit a buffer in cache, not the matrices; two
+        // rows go in lockstep so that their additions overlap.
         out.withUnsafeMutableBufferPointer { buffer in counts.withUnsafeBufferPointer { counts in
             let d = buffer.baseAddress!
-            Parallel.forEach(rows, chunk: 16) { range in for r in range {
-                let gr = pg + r * cols, wr = pw + r * cols, ranked = po + r * cols
-                var prefix = 0.0
-                var next = 0
-                for j in 0...cols {
-                    while next < k && counts[next] == j {
-                        d[r * k + next] = prefix
-                        next += 1
+            Parallel.forEach(rows, chunk: 16) { range in
+                withUnsafeTemporaryAllocation(of: Double.self, capacity: 2 * cols) { scratch in
+                    let (p0, p1) = (scratch.baseAddress!, scratch.baseAddress! + cols)
+                    func products(_ r: Int, into p: UnsafeMutablePointer<Double>) {
+                        let (gr, wr) = (pg + r * cols, pw + r * cols)
+                        for c in 0..<cols { p[c] = Double(gr[c]) * Double(wr[c]) }
                     }
-                    if j == cols { break }
-                    let c = Int(ranked[j])
-                    prefix += Double(gr[c]) * Double(wr[c])
+                    var r = range.lowerBound
+                    while r + 2 <= range.upperBound {
+                        products(r, into: p0)
+                        products(r + 1, into: p1)
+                        let (o0, o1) = (po + r * cols, po + (r + 1) * cols)
+                        var (s0, s1) = (0.0, 0.0)
+                        var j = 0
+                        for n in 0..<k {
+                            while j < counts[n] {
+                                s0 += p0[Int(o0[j])]
+                                s1 += p1[Int(o1[j])]
+                                j += 1
+                            }
+                            (d[r * k + n], d[(r + 1) * k + n]) = (s0, s1)
+                        }
+                        r += 2
+                    }
+                    if r < range.upperBound {
+                        products(r, into: p0)
+                        let o = po + r * cols
+                        var sum = 0.0
+                        var j = 0
+                        for n in 0..<k {
+                            while j < counts[n] {
+                                sum += p0[Int(o[j])]
+                                j += 1
+                            }
+                            d[r * k + n] = sum
+                        }
+                    }
                 }
-            } }
+            }
         } }
         return out
     }

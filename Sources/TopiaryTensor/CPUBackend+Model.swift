@@ -53,13 +53,15 @@ extension CPUBackend {
         let cols = x.cols
         let dx = uninitialized(rows: x.rows, cols: cols)
         let (px, pg, pd, po) = (read(x), read(g), read(dy), write(dx))
-        for r in 0..<x.rows {
-            let xr = px + r * cols, dr = pd + r * cols, or = po + r * cols
-            let rstd = 1 / sqrtf(Kernels.sumOfSquares(xr, cols) / Float(cols) + eps)
-            var dot: Float = 0
-            for c in 0..<cols { dot += xr[c] * pg[c] * dr[c] }
-            let k = rstd * rstd * rstd * dot / Float(cols)
-            for c in 0..<cols { or[c] = rstd * pg[c] * dr[c] - k * xr[c] }
+        Parallel.forEach(x.rows, chunk: Self.rowChunk(cols)) { rows in
+            for r in rows {
+                let xr = px + r * cols, dr = pd + r * cols, or = po + r * cols
+                let rstd = 1 / sqrtf(Kernels.sumOfSquares(xr, cols) / Float(cols) + eps)
+                var dot: Float = 0
+                for c in 0..<cols { dot += xr[c] * pg[c] * dr[c] }
+                let k = rstd * rstd * rstd * dot / Float(cols)
+                for c in 0..<cols { or[c] = rstd * pg[c] * dr[c] - k * xr[c] }
+            }
         }
         return dx
     }
@@ -71,23 +73,25 @@ extension CPUBackend {
         let n = Float(cols)
         let dx = uninitialized(rows: x.rows, cols: cols)
         let (px, pg, pd, po) = (read(x), read(gamma), read(dy), write(dx))
-        for r in 0..<x.rows {
-            let xr = px + r * cols, dr = pd + r * cols, or = po + r * cols
-            let mean = Kernels.sum(xr, cols) / n
-            var variance: Float = 0
-            for c in 0..<cols { let d = xr[c] - mean; variance += d * d }
-            let rstd = 1 / sqrtf(variance / n + eps)
-            var meanW: Float = 0, meanWX: Float = 0
-            for c in 0..<cols {
-                let w = pg[c] * dr[c]
-                meanW += w
-                meanWX += w * (xr[c] - mean) * rstd
-            }
-            meanW /= n
-            meanWX /= n
-            for c in 0..<cols {
-                let xhat = (xr[c] - mean) * rstd
-                or[c] = rstd * (pg[c] * dr[c] - meanW - xhat * meanWX)
+        Parallel.forEach(x.rows, chunk: Self.rowChunk(cols)) { rows in
+            for r in rows {
+                let xr = px + r * cols, dr = pd + r * cols, or = po + r * cols
+                let mean = Kernels.sum(xr, cols) / n
+                var variance: Float = 0
+                for c in 0..<cols { let d = xr[c] - mean; variance += d * d }
+                let rstd = 1 / sqrtf(variance / n + eps)
+                var meanW: Float = 0, meanWX: Float = 0
+                for c in 0..<cols {
+                    let w = pg[c] * dr[c]
+                    meanW += w
+                    meanWX += w * (xr[c] - mean) * rstd
+                }
+                meanW /= n
+                meanWX /= n
+                for c in 0..<cols {
+                    let xhat = (xr[c] - mean) * rstd
+                    or[c] = rstd * (pg[c] * dr[c] - meanW - xhat * meanWX)
+                }
             }
         }
         return dx
@@ -111,20 +115,23 @@ extension CPUBackend {
             }
             return
         }
-        // The transpose of the rotation: angle −θ.
+        // The transpose of the rotation: angle −θ; rows in parallel chunks.
         let half = table.halfDim
         table.cos.withUnsafeBufferPointer { cosT in
             table.sin.withUnsafeBufferPointer { sinT in
-                for row in 0..<x.rows {
-                    let pos = row % sequenceLength
-                    let c = cosT.baseAddress! + pos * half, s = sinT.baseAddress! + pos * half
-                    for h in 0..<heads {
-                        let v = p + row * width + h * headDim
-                        for i in 0..<half {
-                            let (i0, i1) = layout == .adjacentPairs ? (2 * i, 2 * i + 1) : (i, i + half)
-                            let a = v[i0], b = v[i1]
-                            v[i0] = a * c[i] + b * s[i]
-                            v[i1] = b * c[i] - a * s[i]
+                let (cosBase, sinBase) = (cosT.baseAddress!, sinT.baseAddress!)
+                Parallel.forEach(x.rows, chunk: Self.rowChunk(width)) { rows in
+                    for row in rows {
+                        let pos = row % sequenceLength
+                        let c = cosBase + pos * half, s = sinBase + pos * half
+                        for h in 0..<heads {
+                            let v = p + row * width + h * headDim
+                            for i in 0..<half {
+                                let (i0, i1) = layout == .adjacentPairs ? (2 * i, 2 * i + 1) : (i, i + half)
+                                let a = v[i0], b = v[i1]
+                                v[i0] = a * c[i] + b * s[i]
+                                v[i1] = b * c[i] - a * s[i]
+                            }
                         }
                     }
                 }
@@ -182,18 +189,20 @@ extension CPUBackend {
         precondition(d.count == gate.count && d.count == up.count, "gatedActivationBackward: \(d), \(gate), \(up)")
         let dg = uninitialized(rows: d.rows, cols: d.cols), du = uninitialized(rows: d.rows, cols: d.cols)
         let (pd, g, u, pg, pu) = (read(d), read(gate), read(up), write(dg), write(du))
-        for i in 0..<d.count {
-            switch activation {
-            case .silu:
-                let sigma = 1 / (1 + expf(-g[i]))
-                pu[i] = pd[i] * (g[i] * sigma)                                    // ∂/∂u: silu(g)
-                pg[i] = pd[i] * (u[i] * sigma * (1 + g[i] * (1 - sigma)))         // ∂/∂g: u·silu′(g)
-            case .geluTanh:
-                pu[i] = pd[i] * GELU.tanh(g[i])
-                pg[i] = pd[i] * (u[i] * GELU.tanhDerivative(g[i]))
-            case .relu:
-                pu[i] = pd[i] * max(g[i], 0)
-                pg[i] = pd[i] * (g[i] > 0 ? u[i] : 0)
+        Parallel.forEach(d.count) { range in
+            for i in range {
+                switch activation {
+                case .silu:
+                    let sigma = 1 / (1 + expf(-g[i]))
+                    pu[i] = pd[i] * (g[i] * sigma)                                    // ∂/∂u: silu(g)
+                    pg[i] = pd[i] * (u[i] * sigma * (1 + g[i] * (1 - sigma)))         // ∂/∂g: u·silu′(g)
+                case .geluTanh:
+                    pu[i] = pd[i] * GELU.tanh(g[i])
+                    pg[i] = pd[i] * (u[i] * GELU.tanhDerivative(g[i]))
+                case .relu:
+                    pu[i] = pd[i] * max(g[i], 0)
+                    pg[i] = pd[i] * (g[i] > 0 ? u[i] : 0)
+                }
             }
         }
         return (dg, du)
@@ -511,3 +520,4 @@ enum CPUAttention {
         }
     }
 }
+

@@ -191,6 +191,11 @@ public protocol ComputeBackend: Sendable {
     /// `weight` with the first counts[r] columns of row r in `order` set to 0, as a new tensor:
     /// `zeroMasked` of a copy by `rankedMask`, without the mask.
     func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor
+    /// `masked`, which is `rankedMasked(weight, order:, counts: from)`, becomes
+    /// `rankedMasked(weight, order:, counts: to)` in place: in each row whose count changed, the
+    /// columns between the two counts are zeroed or restored from `weight` (BESA's counts move
+    /// by a few columns a step, so this touches a small part of the matrix).
+    func updateRankedMasked(_ masked: Tensor, weight: Tensor, order: Tensor, from: [Int], to: [Int])
     /// For each row r and each count n of `counts` (ascending): Σ_{j<n} G[r, order_j]·W[r, order_j],
     /// each product and the sum in Float64, j in order; returned to the host row by row
     /// (rows x counts.count values: BESA's small per-row state, not the block's data).
@@ -309,6 +314,10 @@ extension ComputeBackend {
         let w = copy(weight)
         zeroMasked(w, mask: rankedMask(order: order, counts: counts))
         return w
+    }
+
+    public func updateRankedMasked(_ masked: Tensor, weight: Tensor, order: Tensor, from: [Int], to: [Int]) {
+        copy(rankedMasked(weight, order: order, counts: to).all, into: masked.all)
     }
 
     /// `gatedActivation` copied back into `gate`.

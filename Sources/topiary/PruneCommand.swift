@@ -143,10 +143,10 @@ enum PruneCommand: Command {
     rate over the seconds taken), and writes the same per block under "profile" in report.json.
 
     Each linear's errors (mask-only and final, ‖ΔW X‖² / ‖W X‖² on the calibration inputs) are
-    quadratic forms in its input Hessian XᵀX, which SparseGPT, SparseLLM and BESA build anyway.
-    Wanda and magnitude need only the input norms, so they skip the Hessian (a d x d update per
-    token and input group) and these two errors unless --linear-errors asks for them; every
-    method reports each block's output error.
+    quadratic forms in its input Hessian XᵀX, which SparseGPT, SparseLLM and BESA's refit
+    (--besa-reconstruct) build anyway. Wanda, magnitude and BESA's learning need only the input
+    norms, so they skip the Hessian (a d x d update per token and input group) and these two
+    errors unless --linear-errors asks for them; every method reports each block's output error.
     """
     static let options = [
         CommonOptions.model, CommonOptions.tokenizer,
@@ -199,7 +199,7 @@ enum PruneCommand: Command {
         OptionSpec(name: "eval-seqlen", value: "L", help: "evaluation window length (default 2048, or the model's context)"),
         OptionSpec(name: "skip-dense-eval", value: nil, help: "with --eval-text: evaluate the pruned model only (the dense perplexity is known)"),
         OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr), record it in report.json"),
-        OptionSpec(name: "linear-errors", value: nil, help: "measure each linear's errors also for wanda and magnitude (builds the input Hessians)"),
+        OptionSpec(name: "linear-errors", value: nil, help: "measure each linear's errors also for wanda, magnitude and besa without --besa-reconstruct (builds the input Hessians)"),
         CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
     ] + BESAOptions.specs

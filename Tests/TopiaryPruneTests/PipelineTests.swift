@@ -45,11 +45,18 @@ final class PipelineTests: XCTestCase {
         XCTAssertLessThan(outputErrors[.wanda]!, outputErrors[.magnitude]!)
     }
 
-    /// Wanda and magnitude build no Hessian unless the linear errors are asked for; the weights
-    /// and the block errors are the same either way, and the other methods always measure them.
+    /// Wanda, magnitude and BESA without its refit build no Hessian unless the linear errors are
+    /// asked for; the weights and the block errors are the same either way, and the methods
+    /// whose solve reads the Hessian always measure them.
     func testLinearErrorsOnlyWhereMeasuredAndWeightsUnchanged() throws {
         let (model, tokens) = try stories()
-        for method in [PruneMethod.wanda, .magnitude] {
+        for method in PruneMethod.allCases {
+            XCTAssertEqual(PrunePlan(method: method, pattern: .unstructured(0.5)).collectsHessian, method == .sparsegpt || method == .sparsellm, "\(method)")
+        }
+        var refit = PrunePlan(method: .besa, pattern: .unstructured(0.5))
+        refit.besa = BESA.Options(reconstruct: true)
+        XCTAssertTrue(refit.collectsHessian && refit.measuresLinearErrors)
+        for method in [PruneMethod.wanda, .magnitude, .besa] {
             XCTAssertFalse(PrunePlan(method: method, pattern: .unstructured(0.5)).collectsHessian)
             var asked = PrunePlan(method: method, pattern: .unstructured(0.5))
             asked.linearErrors = true

@@ -179,10 +179,35 @@ final class Float64BackendTests: XCTestCase {
         // BESA's kernels.
         let order = cpu.download(cpu.rankRows(cpu.upload(w)))
         agree("rankedMask", tolerance: 0) { k in k.download(k.rankedMask(order: k.upload(order), counts: (0..<10).map { $0 * 2 })) }
+        // A mask moved in place (rows whose count grows, shrinks or stays) is the mask made afresh.
+        let (from, to) = ((0..<10).map { ($0 * 7) % 25 }, (0..<10).map { $0 == 4 ? 3 : ($0 * 11 + 3) % 25 })
+        func moved(_ k: any ComputeBackend) -> Matrix {
+            let (weight, ranked) = (k.upload(w), k.upload(order))
+            let masked = k.rankedMasked(weight, order: ranked, counts: from)
+            k.updateRankedMasked(masked, weight: weight, order: ranked, from: from, to: to)
+            return k.download(masked)
+        }
+        agree("updateRankedMasked", tolerance: 0) { k in moved(k) }
+        XCTAssertEqual(moved(cpu), cpu.download(cpu.rankedMasked(cpu.upload(w), order: cpu.upload(order), counts: to)))
         let gradient = rng.matrix(10, 24)
         let counts = [0, 3, 12, 24]
         let sums = both.map { $0.rankedPrefixSums($0.upload(gradient), $0.upload(w), order: $0.upload(order), at: counts) }
         for (a, b) in zip(sums[0], sums[1]) { XCTAssertEqual(a, b, accuracy: 1e-6) }
+        // On the CPU each row's sums are the one-by-one sums in ranked order, to the bit, for an odd
+        // number of rows (rows go two at a time) and repeated counts.
+        let (g11, w11) = (rng.matrix(11, 24), rng.matrix(11, 24))
+        let order11 = cpu.download(cpu.rankRows(cpu.upload(w11)))
+        let counts11 = [0, 0, 5, 5, 17, 24]
+        let got = cpu.rankedPrefixSums(cpu.upload(g11), cpu.upload(w11), order: cpu.upload(order11), at: counts11)
+        for r in 0..<11 {
+            var sum = 0.0
+            var expected: [Double] = []
+            for j in 0...24 {
+                for n in counts11 where n == j { _ = n; expected.append(sum) }
+                if j < 24 { let c = Int(order11[r, j]); sum += Double(g11[r, c]) * Double(w11[r, c]) }
+            }
+            XCTAssertEqual(Array(got[(r * counts11.count)..<((r + 1) * counts11.count)]), expected, "row \(r)")
+        }
         let prediction = rng.matrix(8, 5), target = rng.matrix(8, 5)
         agree("channelNormalizedError", scalar: { k in k.channelNormalizedError(target: k.upload(target), prediction: k.upload(prediction)).loss })
         agree("channelNormalizedError gradient") { k in k.download(k.channelNormalizedError(target: k.upload(target), prediction: k.upload(prediction)).gradient) }
