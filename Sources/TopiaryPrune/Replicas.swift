@@ -366,7 +366,8 @@ public enum ReplicaWork {
     /// metrics 0.57), and a row-shared linear's owner keeps only the factorisation (`sharedRows`:
     /// the rows are everyone's equal share).
     /// The report and the Hessian are charged only where the plan has them
-    /// (`PrunePlan.measuresLinearErrors`, `collectsHessian`; Wanda and magnitude: neither by default).
+    /// (`PrunePlan.measuresLinearErrors`, `collectsHessian`; Wanda, magnitude and BESA without its
+    /// refit: neither by default).
     public static func cost(rows: Int, cols: Int, tokens: Int, plan: PrunePlan, statistics: Bool,
                             solveWeight: Double = 1, sharedRows: Bool = false) -> Double {
         let r = Double(rows), c = Double(cols)
