@@ -286,11 +286,15 @@ final class RowLearner {
         /// −s_k + slope·s_k's sparsity, then the softmax's backward at the row's current p.
         func rowGradient(_ r: Int, prefix s: UnsafePointer<Double>, penaltySlope: Double, into d: UnsafeMutablePointer<Double>) {
             let (k, steps) = (Self.k, Double(BESA.steps))
-            let pr = probabilities + r * k
             for i in 0..<k { d[i] = 0.0 + (-s[i] + penaltySlope * Double(i) / steps) }
+            Self.softmaxBackward(probabilities + r * k, d)
+        }
+
+        /// The softmax's backward in place: d ← p ⊙ (d − ⟨p, d⟩) over the k candidates.
+        static func softmaxBackward(_ p: UnsafePointer<Double>, _ d: UnsafeMutablePointer<Double>) {
             var dot = 0.0
-            for i in 0..<k { dot += pr[i] * d[i] }
-            for i in 0..<k { d[i] = pr[i] * (d[i] - dot) }
+            for i in 0..<k { dot += p[i] * d[i] }
+            for i in 0..<k { d[i] = p[i] * (d[i] - dot) }
         }
 
         /// One Adam step on the `count` logits from `offset`, given their gradient `g`.
@@ -396,9 +400,9 @@ final class RowLearner {
         for r in 0..<rows {
             for i in 0..<k { dp[i] += -prefix[r * k + i] + penaltySlope * Double(i) / steps }
         }
-        var dot = 0.0
-        for i in 0..<k { dot += probabilities[i] * dp[i] }
-        for i in 0..<k { dp[i] = probabilities[i] * (dp[i] - dot) }
+        probabilities.withUnsafeBufferPointer { p in
+            dp.withUnsafeMutableBufferPointer { Buffers.softmaxBackward(p.baseAddress!, $0.baseAddress!) }
+        }
         return dp
     }
 

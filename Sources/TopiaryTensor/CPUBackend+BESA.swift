@@ -55,23 +55,17 @@ extension CPUBackend {
     }
 
     public func rankedMask(order: Tensor, counts: [Int]) -> Tensor {
+        checkCounts(counts, order: order, what: "rankedMask")
         let out = zeros(rows: order.rows, cols: order.cols)
-        setRanked(out, to: 1, order: order, counts: counts, what: "rankedMask")
-        return out
-    }
-
-    /// x[r, order[r, j]] = value for j < counts[r], every row r.
-    private func setRanked(_ x: Tensor, to value: Float, order: Tensor, counts: [Int], what: String) {
-        checkCounts(counts, order: order, what: what)
-        let cols = order.cols
-        let (po, px) = (read(order), write(x))
+        let (po, px, cols) = (read(order), write(out), order.cols)
         counts.withUnsafeBufferPointer { counts in
             Parallel.forEach(order.rows, chunk: 16) { range in
                 for r in range {
-                    for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = value }
+                    for j in 0..<counts[r] { px[r * cols + Int(po[r * cols + j])] = 1 }
                 }
             }
         }
+        return out
     }
 
     /// Every row's count in 0...cols.

@@ -65,15 +65,16 @@ public enum Linalg {
     }
 
     /// The tile shape of an m x n x k product: a function of the shape alone. Small products are
-    /// one tile. Otherwise at least `tileTarget` tiles (so that threads can share them), cut so that the
-    /// operands OpenBLAS packs are packed as few times as possible: every tile packs its rows of
-    /// A and its columns of B, so the cost is (tile columns) x m + (tile rows) x n elements of
-    /// width k. A layer's forward (m = a window's 512 tokens, n = 1536-3072 outputs) used to be
-    /// cut into 64-row tiles that packed the whole weight 8 times: the packing (a transposing copy)
-    /// was 18% of a prune's cycles. Tiles are whole multiples of 64 rows and columns (the last one
-    /// excepted). Which tile computes an element does not change its bits, as long as no tile is
-    /// small enough for OpenBLAS's small-matrix kernel (m·n·k up to 10^6 on SkylakeX), which sums
-    /// in another order: the model's shapes give none.
+    /// one tile. Otherwise at least `tileTarget` tiles (so that threads can share them), cut so
+    /// that the operands OpenBLAS packs are packed as few times as possible: every tile packs its
+    /// rows of A and its columns of B, so the cost is (tile columns) x m + (tile rows) x n
+    /// elements of width k. A layer's forward (m = a window's 512 tokens, n = 1536-3072 outputs)
+    /// used to be cut into 64-row tiles that packed the whole weight 8 times: the packing (a
+    /// transposing copy) was 18% of a prune's cycles. Tiles are whole multiples of 64 rows and
+    /// columns (the last one excepted). Which tile computes an element can change its last bit:
+    /// OpenBLAS's small-matrix kernel (m·n·k up to 10^6 on SkylakeX) sums in another order, and on
+    /// the Haswell kernel 4 tiles instead of 8 changed SmolLM2's BESA output. So the tiles must
+    /// not follow the thread count.
     static func gemmTiles(m: Int, n: Int, k: Int) -> (rows: Int, cols: Int) {
         if m * n * max(k, 1) <= 1 << 18 { return (m, n) }
         func roundUp(_ x: Int, _ q: Int) -> Int { (x + q - 1) / q * q }
