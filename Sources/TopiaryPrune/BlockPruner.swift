@@ -366,11 +366,17 @@ public struct BlockPruner: Sendable {
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
                                                      what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
+                    let cost = SparseLLM.llamaFLOPs(tokens: x.rows, width: x.cols, intermediate: device.weight(gate).rows,
+                                                    iterations: (plan.sparseLLM ?? .llama).iterations)
+                    solveFLOPs += cost.products + cost.sparseGPT
                 case .plain(let fc1, let fc2):
                     let r = try SparseLLM.pruneOPT(x: x, fc1: device.weight(fc1), bias1: device.bias(fc1)!, fc2: device.weight(fc2),
                                                    bias2: device.bias(fc2)!, pattern: plan.pattern, sparseGPT: plan.sparseGPT,
                                                    options: plan.sparseLLM ?? .opt, what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
+                    let cost = SparseLLM.optFLOPs(tokens: x.rows, width: x.cols, intermediate: device.weight(fc1).rows,
+                                                  iterations: (plan.sparseLLM ?? .opt).iterations)
+                    solveFLOPs += cost.products + cost.sparseGPT
                 }
                 joint.merge(result.weights) { $1 }
                 if feedForwards.count == 1 {
@@ -463,7 +469,7 @@ public struct BlockPruner: Sendable {
             let spill = Self.spillSeconds(inputs, targets, denseOutputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.errorMetrics, seconds: errorSeconds, flops: errorFLOPs)
-            // BESA's and SparseLLM's joint solves are timed here; SparseLLM's FLOPs are not counted.
+            // BESA's and SparseLLM's joint solves are timed here, and counted above from their shapes.
             profile.add(.solve, seconds: max(0, clock().timeIntervalSince(phaseStart) - errorSeconds - spill), flops: solveFLOPs)
         }
         // 3. The pruned block on the same inputs gives the next block's inputs.

@@ -234,6 +234,61 @@ public enum SparseLLM {
         return (chosen.fc1, chosen.fc2, reports, chosen.iteration)
     }
 
+    // MARK: FLOPs
+
+    /// FLOPs of one solve (`prune --profile`), counted from the shapes the way the rest of the
+    /// profile counts them: its own products, Gram matrices, solves and inverses (`products`:
+    /// what `CheckingBackend` records as gemm, syrkAccumulate, solveSPDDouble and
+    /// inverseSPDDouble), and its SparseGPT solves as `BlockProfile.sparseGPTFLOPs` costs them
+    /// (`sparseGPT`). The element-wise steps (activations, the z and s updates, the distances)
+    /// are not counted, as in the forward's count. `tokens` x `width` is the FFN's input and
+    /// `intermediate` its hidden width.
+    public static func llamaFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int) -> (products: Double, sparseGPT: Double) {
+        let (n, d, f) = (Double(tokens), Double(width), Double(intermediate))
+        let ndf = 2 * n * d * f                                      // one [N x d]·[d x f] product
+        // XᵀX; s = X·W_gᵀ, z = X·W_uᵀ, y = p·W_dᵀ.
+        var products = d * (d + 1) * n + 3 * ndf
+        var sparseGPT = BlockProfile.sparseGPTFLOPs(rows: 0, cols: width)   // the factor gate and up share
+        for t in 0..<iterations {
+            let (first, last) = (t == 0, t == iterations - 1)
+            // gate and up: SparseGPT of the dense weight, then of the refit (cross product, the
+            // normal equations in fp64, the two residuals' quadratic forms) with the shared factor.
+            sparseGPT += 2 * BlockProfile.sparseGPTFLOPs(rows: intermediate, cols: width, factored: false)
+            if !first { products += 2 * (ndf + d * d * d / 3 + 2 * d * d * f + 2 * 2 * f * d * d) }
+            // pᵀp, and down: SparseGPT with its own factor; the refit as above, or at the first
+            // iteration the fit's quadratic form in pᵀp.
+            products += f * (f + 1) * n
+            sparseGPT += BlockProfile.sparseGPTFLOPs(rows: width, cols: intermediate)
+            products += first ? 2 * d * f * f : ndf + f * f * f / 3 + 2 * f * f * d + 2 * 2 * d * f * f
+            // The pass over the chunks: X·W_uᵀ, X·W_gᵀ and the pruned FFN's output; then, but for
+            // the last iteration, the p step (W_d·W_dᵀ, its fp64 inverse, act·W_dᵀ, ·K, ·W_d).
+            products += 3 * ndf
+            if !last { products += 2 * d * d * f + d * d * d + 2 * ndf + 2 * n * d * d }
+        }
+        return (products, sparseGPT)
+    }
+
+    /// `llamaFLOPs` for OPT's FFN (fc1, ReLU, fc2, with biases).
+    public static func optFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int) -> (products: Double, sparseGPT: Double) {
+        let (n, d, f) = (Double(tokens), Double(width), Double(intermediate))
+        let ndf = 2 * n * d * f
+        // XᵀX; z = X·W_1ᵀ + b_1, y = p·W_2ᵀ + b_2.
+        var products = d * (d + 1) * n + 2 * ndf
+        var sparseGPT = BlockProfile.sparseGPTFLOPs(rows: 0, cols: width)
+        for t in 0..<iterations {
+            let (first, last) = (t == 0, t == iterations - 1)
+            sparseGPT += BlockProfile.sparseGPTFLOPs(rows: intermediate, cols: width, factored: false)
+            if !first { products += ndf + d * d * d / 3 + 2 * d * d * f + 2 * 2 * f * d * d }
+            products += f * (f + 1) * n                              // pᵀp, made afresh each iteration
+            sparseGPT += BlockProfile.sparseGPTFLOPs(rows: width, cols: intermediate)
+            if !first { products += ndf + f * f * f / 3 + 2 * f * f * d + 2 * 2 * d * f * f }
+            // X·W_1ᵀ, p·W_2ᵀ for the objective, the pruned FFN's output; the p step but at the end.
+            products += 3 * ndf
+            if !last { products += 2 * d * d * f + d * d * d + 2 * ndf + 2 * n * d * d }
+        }
+        return (products, sparseGPT)
+    }
+
     // MARK: steps
 
     /// The weight step for one linear y ≈ input·Wᵀ (+ bias) with target `target`, both given as
@@ -258,7 +313,7 @@ public enum SparseLLM {
         let damped = backend.copy(g)
         backend.addToDiagonal(damped, Float(ridge * meanDiagonal(g, on: backend)))
         let refit: Tensor
-        do { refit = backend.transpose(try backend.solveSPDDouble(damped, backend.transpose(cross), what: "\(what): refit")) } catch {
+        do { refit = try backend.solveSPDDoubleRight(damped, cross, what: "\(what): refit") } catch {
             throw PruneError.numerical("\(error)")
         }
         try checkFinite(refit, "\(what): refit", on: backend)

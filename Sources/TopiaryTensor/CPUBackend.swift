@@ -145,6 +145,10 @@ public struct CPUBackend: ComputeBackend {
         tensor(try Linalg.solveSPDDouble(storage(a).matrix, storage(b).matrix, what: what))
     }
 
+    public func solveSPDDoubleRight(_ a: Tensor, _ c: Tensor, what: String) throws -> Tensor {
+        tensor(try Linalg.solveSPDDoubleRight(storage(a).matrix, storage(c).matrix, what: what))
+    }
+
     public func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor {
         tensor(try Linalg.inverseSPDDouble(storage(a).matrix, what: what))
     }
@@ -308,7 +312,15 @@ public struct CPUBackend: ComputeBackend {
     }
 
     public func allFinite(_ x: Tensor) -> Bool {
-        storage(x).matrix.allFinite
+        // An element is NaN or infinite when its exponent bits are all ones: OR-ed over a chunk
+        // without a branch (so the loop vectorises), chunks over the threads.
+        let words = UnsafeSendable(UnsafeRawPointer(read(x)).assumingMemoryBound(to: UInt32.self))
+        return Parallel.sum(x.count) { range in
+            let w = words.value
+            var found: UInt32 = 0
+            for i in range { found |= (w[i] & 0x7f80_0000) == 0x7f80_0000 ? 1 : 0 }
+            return Double(found)
+        } == 0
     }
 
     public func chunkedDot(_ a: Tensor, _ b: Tensor) -> Double {

@@ -18,6 +18,8 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         public var flops: Double = 0
         /// Calls by operation name.
         public var calls: [String: Int] = [:]
+        /// FLOPs by operation name.
+        public var flopsByCall: [String: Double] = [:]
 
         public var transfers: Int { uploads + downloads }
     }
@@ -440,6 +442,7 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         lock.withLock {
             tally.calls[op, default: 0] += 1
             tally.flops += flops
+            tally.flopsByCall[op, default: 0] += flops
         }
     }
 

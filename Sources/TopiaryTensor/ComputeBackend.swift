@@ -75,6 +75,10 @@ public protocol ComputeBackend: Sendable {
     /// X with A X = B for a symmetric positive definite A, computed in Float64 (for normal
     /// equations whose conditioning Float32 cannot carry), returned in Float32.
     func solveSPDDouble(_ a: Tensor, _ b: Tensor, what: String) throws -> Tensor
+    /// X = C·A⁻¹ for a symmetric positive definite A [n x n] and C [k x n], in Float64: the
+    /// solve a refit W (XᵀX + λI) = TᵀX makes, with C's rows as its right-hand sides. The same
+    /// values as `transpose(solveSPDDouble(a, transpose(c)))`, its default.
+    func solveSPDDoubleRight(_ a: Tensor, _ c: Tensor, what: String) throws -> Tensor
     /// The inverse of a symmetric positive definite matrix, computed in Float64.
     func inverseSPDDouble(_ a: Tensor, what: String) throws -> Tensor
     /// Xᵀ as a new tensor.
@@ -275,6 +279,9 @@ extension ComputeBackend {
         copy(try inverseCholeskyFactor(a, what: what).region(), into: a.region())
     }
     public func synchronize() {}
+    public func solveSPDDoubleRight(_ a: Tensor, _ c: Tensor, what: String) throws -> Tensor {
+        transpose(try solveSPDDouble(a, transpose(c), what: what))
+    }
     public func zeroCount(_ x: Tensor) -> Int { x.count - Int(sum(map(x, .nonZero))) }
     public func zeroSmallestInRows(_ weight: Tensor, scale: Tensor, counts: [Int]) -> Tensor {
         let mask = selectSmallestInRows(multiplyColumns(map(weight, .abs), by: scale), counts: counts)

@@ -370,9 +370,13 @@ public enum Linalg {
         // By 32 x 32 tiles: a row of the lower triangle reads a column of the upper one, and
         // across a tile those reads stay within 32 rows' cache lines (the untiled loop was 3% of
         // a SparseGPT prune, for a 1536-wide Hessian after every window).
+        // Each band of 32 rows writes only its own rows, from the upper triangle, which no band
+        // writes: the bands go over the threads (a plain copy, the same values in any order).
         let b = 32
-        for i0 in stride(from: 0, to: n, by: b) {
-            let i1 = min(i0 + b, n)
+        let base = UnsafeSendable(p)
+        Parallel.forEachTask((n + b - 1) / b) { band in
+            let p = base.value
+            let i0 = band * b, i1 = min(i0 + b, n)
             for j0 in stride(from: 0, through: i0, by: b) {
                 for i in i0..<i1 {
                     let row = p + i * n
@@ -643,6 +647,42 @@ public enum Linalg {
         precondition(info == 0, "dposv: illegal argument \(-info)")
         return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
     }
+
+    /// X = C·A⁻¹ for a symmetric positive definite A [n x n] and C [k x n], in Float64, returned
+    /// in Float32: `solveSPDDouble(a, cᵀ)ᵀ` with neither transpose made. C's rows, row-major,
+    /// are the columns of Cᵀ in LAPACK's column-major terms, so they are the right-hand sides as
+    /// they lie, and so is the result; A, symmetric, reads the same either way. One Cholesky
+    /// (as `dposv` makes it), then the triangular solves in chunks of `rightChunk` rows of C
+    /// over the threads. Each right-hand side's solve is the same arithmetic in whichever chunk
+    /// it falls (the chunks are whole multiples of every kernel's column unroll), so the bits
+    /// are those of one `dposv` over all of them, whatever the thread count (tested).
+    public static func solveSPDDoubleRight(_ a: Matrix, _ c: Matrix, what: String = "solve") throws -> Matrix {
+        _ = configured
+        precondition(a.rows == a.cols && a.rows == c.cols, "solveSPDDoubleRight: \(a.rows)x\(a.cols) with \(c.rows)x\(c.cols)")
+        let n = a.rows, k = c.rows
+        var ad = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
+        var cd = c.withUnsafeBufferPointer { p in p.map { Double($0) } }
+        guard n > 0, k > 0 else { return Matrix(rows: k, cols: n) }
+        let info = ad.withUnsafeMutableBufferPointer { p in
+            LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
+        }
+        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
+        precondition(info == 0, "dpotrf: illegal argument \(-info)")
+        let chunks = (k + rightChunk - 1) / rightChunk
+        ad.withUnsafeBufferPointer { pa in cd.withUnsafeMutableBufferPointer { pc in
+            let (factor, rhs) = (UnsafeSendable(pa.baseAddress!), UnsafeSendable(pc.baseAddress!))
+            Parallel.forEachTask(chunks) { chunk in
+                let first = chunk * rightChunk, count = min(rightChunk, k - first)
+                let status = LAPACKE_dpotrs_work(LAPACK_COL_MAJOR, 85, Int32(n), Int32(count), factor.value, Int32(n),
+                                                 rhs.value + first * n, Int32(n))
+                precondition(status == 0, "dpotrs: illegal argument \(-status)")
+            }
+        } }
+        return Matrix(rows: k, cols: n) { out in for i in 0..<(n * k) { out[i] = Float(cd[i]) } }
+    }
+
+    /// Right-hand sides per task of `solveSPDDoubleRight`.
+    public static let rightChunk = 128
 
     /// OpenBLAS's description of its build (version, target kernel, threading).
     public static var openBLASConfig: String { String(cString: openblas_get_config()) }

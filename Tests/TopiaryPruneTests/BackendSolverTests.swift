@@ -175,6 +175,42 @@ final class BackendSparseLLMTests: XCTestCase {
         }
     }
 
+    /// The profile's count of a SparseLLM solve (`SparseLLM.llamaFLOPs`, `optFLOPs`) against the
+    /// products, Gram matrices, solves and inverses the solve actually makes, as the
+    /// CheckingBackend records them: widths under SparseGPT's 128-column block, so that SparseGPT
+    /// itself makes none of these calls, and rows in several chunks.
+    func testSparseLLMFLOPCountMatchesTheCallsItMakes() throws {
+        var rng = SplitMix(seed: 5)
+        func random(_ rows: Int, _ cols: Int, scale: Float = 1) -> Matrix {
+            Matrix(rows: rows, cols: cols) { p in for i in p.indices { p[i] = scale * (rng.uniform() - 0.5) } }
+        }
+        let products = ["gemm", "syrkAccumulate", "solveSPDDouble", "inverseSPDDouble"]
+        let (n, d, f) = (100, 24, 56)
+        for iterations in [1, 2, 4] {
+            var options = SparseLLM.Options.llama
+            options.iterations = iterations
+            let checking = CheckingBackend()
+            let t = [random(n, d), random(f, d, scale: 0.4), random(f, d, scale: 0.4), random(d, f, scale: 0.3)].map(checking.upload)
+            _ = try SparseLLM.pruneLlama(x: t[0], gate: t[1], up: t[2], down: t[3], pattern: .unstructured(0.5), options: options,
+                                         chunkRows: 40, on: checking)
+            let counted = products.reduce(0) { $0 + (checking.counts.flopsByCall[$1] ?? 0) }
+            XCTAssertEqual(counted, SparseLLM.llamaFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations).products,
+                           "LLaMA, \(iterations) iterations")
+            XCTAssertEqual(checking.counts.calls["sparseGPTBlock"], 3 * iterations, "one column block per SparseGPT solve")
+
+            options = SparseLLM.Options.opt
+            options.iterations = iterations
+            let opt = CheckingBackend()
+            let o = [random(n, d), random(f, d, scale: 0.4), random(1, f, scale: 0.1), random(d, f, scale: 0.3), random(1, d, scale: 0.1)]
+                .map(opt.upload)
+            _ = try SparseLLM.pruneOPT(x: o[0], fc1: o[1], bias1: o[2], fc2: o[3], bias2: o[4], pattern: .unstructured(0.5), options: options,
+                                       on: opt)
+            let countedOPT = products.reduce(0) { $0 + (opt.counts.flopsByCall[$1] ?? 0) }
+            XCTAssertEqual(countedOPT, SparseLLM.optFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations).products,
+                           "OPT, \(iterations) iterations")
+        }
+    }
+
     func testSparseLLMBlockThroughCheckingBackend() throws {
         let model = try LanguageModel.open(path: TestPaths.shared.appendingPathComponent("assets/stories260K/stories260K.bin").path,
                                            tokenizerPath: TestPaths.shared.appendingPathComponent("assets/stories260K/tok512.bin").path)

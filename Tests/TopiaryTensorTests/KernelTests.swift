@@ -54,6 +54,25 @@ final class HalfPrecisionTests: XCTestCase {
 }
 
 final class KernelTests: XCTestCase {
+    /// The CPU's finiteness check over several chunks: one NaN or infinity anywhere (first,
+    /// inside a later chunk, last) is found; the largest finite values and subnormals are finite.
+    func testAllFiniteFindsOneNonFiniteElementAnywhere() {
+        let cpu = CPUBackend()
+        let n = 3 * Parallel.chunk + 17
+        var x = Matrix(rows: 1, cols: n) { p in for i in p.indices { p[i] = Float(i % 7) - 3 } }
+        x[0, 5] = .greatestFiniteMagnitude
+        x[0, 6] = -.greatestFiniteMagnitude
+        x[0, 7] = .leastNonzeroMagnitude
+        XCTAssertTrue(cpu.allFinite(cpu.upload(x)))
+        for at in [0, Parallel.chunk + 3, 2 * Parallel.chunk, n - 1] {
+            for bad in [Float.nan, .infinity, -.infinity, -Float.nan] {
+                var y = x
+                y[0, at] = bad
+                XCTAssertFalse(cpu.allFinite(cpu.upload(y)), "\(bad) at \(at)")
+            }
+        }
+    }
+
     func testRMSNormAndLayerNorm() {
         let x: [Float] = [1, 2, 3, 4, -1, 0, 1, 2]
         let w: [Float] = [1, 0.5, 2, 1]

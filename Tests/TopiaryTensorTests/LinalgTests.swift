@@ -219,6 +219,35 @@ final class LinalgTests: XCTestCase {
     /// Bits, not tolerances: every routine gives the same bits at 1, 2 and 3 threads, on shapes
     /// large enough to be cut into several tiles and panels (issue 12: output bytes may not
     /// depend on --threads). Accuracy is checked against the definitions as well.
+    /// C·A⁻¹ with C's rows as the right-hand sides as they lie, in chunks over the threads: the
+    /// bits of one row-major `dposv` of the transposes at 1, 2 and 3 threads (a chunk boundary
+    /// inside the rows, a short last chunk, fewer rows than a chunk), and the solve itself.
+    func testRightSolveGivesTheBitsOfOneSolveOfTheTransposes() throws {
+        let saved = Linalg.threadCount
+        defer { Linalg.setThreadCount(saved) }
+        var rng = TestRandom(seed: 21)
+        for (n, k) in [(300, 517), (97, 256), (64, 5), (1, 3)] {
+            let x = rng.matrix(n + 40, n)
+            var a = Matrix(rows: n, cols: n)
+            Linalg.syrkAccumulate(x, alpha: 1, into: &a)
+            for i in 0..<n { a[i, i] += 0.05 }
+            let c = rng.matrix(k, n)
+            let reference = try Linalg.solveSPDDouble(a, c.transposed()).transposed()
+            for threads in [1, 2, 3] {
+                Linalg.setThreadCount(threads)
+                let right = try Linalg.solveSPDDoubleRight(a, c)
+                let differing = zip(right.values, reference.values).filter { $0.bitPattern != $1.bitPattern }.count
+                XCTAssertEqual(differing, 0, "\(n) x \(n), \(k) rows, \(threads) threads: \(differing) elements differ")
+            }
+            XCTAssertLessThan(referenceProduct(reference, a).maxAbsDifference(c), 1e-3, "\(n) x \(n)")
+        }
+        var indefinite = Matrix.identity(4)
+        indefinite[2, 2] = -1
+        XCTAssertThrowsError(try Linalg.solveSPDDoubleRight(indefinite, Matrix(rows: 2, cols: 4), what: "refit")) { error in
+            XCTAssertTrue("\(error)".contains("refit"), "\(error)")
+        }
+    }
+
     func testEveryRoutineGivesTheSameBitsAtAnyThreadCount() throws {
         let saved = Linalg.threadCount
         defer { Linalg.setThreadCount(saved) }
