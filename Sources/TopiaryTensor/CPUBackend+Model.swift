@@ -12,8 +12,10 @@ extension CPUBackend {
 
     public func add(_ x: Tensor, into y: Tensor) {
         precondition(x.count == y.count, "add: \(x) into \(y)")
-        let py = write(y)
-        Kernels.add(read(x), into: py, y.count)
+        let (py, px) = (UnsafeSendable(write(y)), UnsafeSendable(read(x)))
+        Parallel.forEach(y.count) { range in
+            Kernels.add(px.value + range.lowerBound, into: py.value + range.lowerBound, range.count)
+        }
     }
 
     public func addRowVector(_ v: Tensor, into y: Tensor) {

@@ -80,7 +80,13 @@ public struct CPUBackend: ComputeBackend {
 
     public func syrkUpperUpdate(_ x: Tensor, alpha: Float, beta: Float, into c: Tensor) {
         precondition(c.rows == x.cols && c.cols == x.cols, "syrkUpperUpdate: \(x) into \(c)")
-        if beta != 1 { Linalg.scaleUpper(write(c), n: c.rows, by: beta) }
+        if beta != 1 {
+            // Rows in bands over the threads (each element scaled once, in any order).
+            let (pc, n) = (UnsafeSendable(write(c)), c.rows)
+            Parallel.forEach(n, chunk: max(1, Parallel.chunk / max(n, 1))) { rows in
+                Linalg.scaleUpper(pc.value, n: n, by: beta, rows: rows)
+            }
+        }
         if x.rows == 0 { return }
         Linalg.syrkUpper(n: x.cols, k: x.rows, alpha: alpha, a: read(x), lda: x.cols, c: write(c), ldc: c.cols)
     }
@@ -283,13 +289,13 @@ public struct CPUBackend: ComputeBackend {
     /// Without the 0/1 temporary of `map(.nonZero)` (at 7B shapes its fresh pages made the
     /// sparsity count of a Wanda block cost more than its selection).
     public func zeroCount(_ x: Tensor) -> Int {
-        let chunk = 1 << 20
+        let chunk = Parallel.chunk
         let parts = (x.count + chunk - 1) / chunk
         var counts = [Int](repeating: 0, count: parts)
         let p = UnsafeSendable(read(x))
         counts.withUnsafeMutableBufferPointer { out in
             let out = UnsafeSendable(out)
-            // A count per chunk of 2^20 elements, without a branch (half of a pruned matrix is
+            // A count per chunk of 2^16 elements, without a branch (half of a pruned matrix is
             // zero, in no order a predictor can follow).
             Parallel.forEach(parts, chunk: 1) { range in
                 for part in range {
@@ -440,9 +446,12 @@ public struct CPUBackend: ComputeBackend {
 
     public func zeroMasked(_ x: Tensor, mask: Tensor) {
         precondition(x.count == mask.count, "zeroMasked: \(x) with mask \(mask)")
-        let px = write(x), pm = read(mask)
+        let (px, pm) = (UnsafeSendable(write(x)), UnsafeSendable(read(mask)))
         // A select, not a branch: masks are about half ones, in no order a predictor can follow.
-        for i in 0..<x.count { px[i] = pm[i] != 0 ? 0 : px[i] }
+        Parallel.forEach(x.count) { range in
+            let (x, m) = (px.value, pm.value)
+            for i in range { x[i] = m[i] != 0 ? 0 : x[i] }
+        }
     }
 
     // MARK: SparseGPT kernels
