@@ -44,7 +44,7 @@ let package = Package(
         .testTarget(name: "TopiaryTensorTests", dependencies: ["TopiaryTensor", "CTopiaryKernels", "TopiaryTestSupport"]),
         // ChatTemplates/ holds test data (chat templates, their expected renders), read through #filePath.
         .testTarget(name: "TopiaryTokenizersTests", dependencies: ["TopiaryTokenizers", "TopiaryTestSupport"], exclude: ["ChatTemplates"]),
-        .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
+        .testTarget(name: "TopiaryModelTests", dependencies: ["TopiaryModel", "TopiaryTensor", "TopiaryTokenizers", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryPruneTests", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "TopiaryClusterTests", dependencies: ["TopiaryCluster", "TopiaryTensor", "TopiaryTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["topiary", "TopiaryTestSupport"]),

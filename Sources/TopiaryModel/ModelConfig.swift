@@ -1,5 +1,6 @@
 import Foundation
 import TopiaryTensor
+import TopiaryTokenizers
 
 /// The model families Topiary runs; each has one file under Families/ that knows its blocks.
 public enum Architecture: String, Sendable, Codable, CaseIterable {
@@ -480,9 +481,7 @@ public struct JSONFields {
         throw invalid(key, v, "an integer or a list of integers")
     }
 
-    static func isBoolean(_ n: NSNumber) -> Bool {
-        String(cString: n.objCType) == "c" && (n == NSNumber(value: true) || n == NSNumber(value: false))
-    }
+    static func isBoolean(_ n: NSNumber) -> Bool { OrderedJSON.isBoolean(n) }
 
     func optionalBool(_ key: String) throws -> Bool? {
         guard let v = present(key) else { return nil }

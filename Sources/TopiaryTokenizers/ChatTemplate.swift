@@ -161,10 +161,10 @@ public struct TokenizerChatConfig: Sendable, Equatable {
     /// tools); a special token is a string or an `{"content": ...}` object.
     public static func read(json: Data, source: String = "tokenizer_config.json", templateName: String = "default") throws -> TokenizerChatConfig {
         let root = try JSONNode.parse(json, source: source)
-        _ = try root.object()
+        try root.requireObject()
         var template: String?
         if let t = root.optional("chat_template") {
-            if t.value is String {
+            if t.isString {
                 template = try t.string()
             } else {
                 var names: [String] = []
@@ -180,7 +180,7 @@ public struct TokenizerChatConfig: Sendable, Equatable {
         }
         func token(_ key: String) throws -> String? {
             guard let t = root.optional(key) else { return nil }
-            return t.value is String ? try t.string() : try t.child("content").string()
+            return t.isString ? try t.string() : try t.child("content").string()
         }
         return TokenizerChatConfig(chatTemplate: template, bosToken: try token("bos_token"), eosToken: try token("eos_token"))
     }

@@ -36,7 +36,7 @@ public enum HuggingFaceTokenizer {
     }
 
     static func parsePipeline(_ root: JSONNode, config: JSONNode?) throws -> BPEPipeline {
-        _ = try root.object()
+        try root.requireObject()
         let model = try parseModel(try root.child("model"))
         var added: [AddedToken] = []
         if let list = try root.optional("added_tokens")?.array() {
@@ -67,7 +67,7 @@ public enum HuggingFaceTokenizer {
         }
         func configToken(_ key: String) throws -> Int32? {
             guard let node = config?.optional(key) else { return nil }
-            let content = try node.value is String ? node.string() : node.child("content").string()
+            let content = try node.isString ? node.string() : node.child("content").string()
             return lookup(content)
         }
         let bos = try configToken("bos_token") ?? prefix.first
@@ -98,13 +98,11 @@ public enum HuggingFaceTokenizer {
                                                  supported: ["null"])
             }
         }
-        let vocabNode = try node.child("vocab")
+        let vocab = try node.child("vocab").members()
         var tokens: [String?] = []
-        let vocab = try vocabNode.object()
         // Ids index an array: one far beyond the number of tokens would size it, not the file.
         let idLimit = min(1 << 24, vocab.count + (1 << 16))
-        for (token, idValue) in vocab {
-            let idNode = vocabNode.child(token, idValue)
+        for (token, idNode) in vocab {
             let id = try idNode.int()
             guard id >= 0, id < idLimit else {
                 throw TokenizerError.invalidValue(path: node.source, field: idNode.field,
@@ -116,7 +114,7 @@ public enum HuggingFaceTokenizer {
         var merges: [(String, String)] = []
         let mergesNode = try node.child("merges")
         for m in try mergesNode.array() {
-            if let line = m.value as? String {
+            if case .string(let line) = m.value {
                 // The old form "a b": tokens never contain a space in the vocabularies that use it.
                 let parts = line.split(separator: " ", omittingEmptySubsequences: false)
                 guard parts.count == 2 else {
@@ -320,7 +318,7 @@ public enum HuggingFaceTokenizer {
                     seenSequence = true
                 } else {
                     throw TokenizerError.invalidValue(path: node.source, field: item.field,
-                                                      expected: "SpecialToken or Sequence", found: "\(item.value)")
+                                                      expected: "SpecialToken or Sequence", found: item.text)
                 }
             }
             return (before, after)
@@ -356,24 +354,51 @@ final class PipelineTokenizer: Tokenizer {
 }
 
 /// A parsed JSON value with the file and the dotted field path it came from, for error messages.
+///
+/// The document is parsed once into `OrderedJSON` (our parser: members in file order, numbers as
+/// their text); a node's field path is made only when asked for (an error, or a child of it), since
+/// a vocabulary has tens of thousands of members and merges. Where a key occurs twice in an
+/// object the last one counts, as in Python's json.
 struct JSONNode {
-    let value: Any
+    let value: OrderedJSON
     let source: String
-    let field: String
+    private let parent: String
+    private let key: Key
+
+    private enum Key {
+        case root
+        case member(String)
+        case index(Int)
+    }
+
+    private init(value: OrderedJSON, source: String, parent: String, key: Key) {
+        self.value = value
+        self.source = source
+        self.parent = parent
+        self.key = key
+    }
 
     static func parse(_ data: Data, source: String) throws -> JSONNode {
         do {
-            let value = try JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed])
-            return JSONNode(value: value, source: source, field: "")
-        } catch {
-            let detail = (error as NSError).userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription
-            throw TokenizerError.invalidJSON(path: source, detail: detail)
+            return JSONNode(value: try OrderedJSON.parse(data), source: source, parent: "", key: .root)
+        } catch let error as OrderedJSONError {
+            throw TokenizerError.invalidJSON(path: source, detail: error.description)
         }
     }
 
-    private func path(_ key: String) -> String { field.isEmpty ? key : field + "." + key }
+    /// The dotted path of this value in the document ("" for the document itself).
+    var field: String {
+        switch key {
+        case .root: return parent
+        case .member(let k): return parent.isEmpty ? k : parent + "." + k
+        case .index(let i): return "\(parent)[\(i)]"
+        }
+    }
 
-    func child(_ key: String, _ value: Any) -> JSONNode { JSONNode(value: value, source: source, field: path(key)) }
+    private func path(_ key: String) -> String {
+        let f = field
+        return f.isEmpty ? key : f + "." + key
+    }
 
     /// The member `key`; missing or null is an error.
     func child(_ key: String) throws -> JSONNode {
@@ -383,39 +408,57 @@ struct JSONNode {
 
     /// The member `key`, nil when absent or null.
     func optional(_ key: String) -> JSONNode? {
-        guard let dict = value as? [String: Any], let v = dict[key], !(v is NSNull) else { return nil }
-        return JSONNode(value: v, source: source, field: path(key))
+        guard let v = value[key] else { return nil }
+        if case .null = v { return nil }
+        return JSONNode(value: v, source: source, parent: field, key: .member(key))
     }
 
     private func mismatch(_ expected: String) -> TokenizerError {
         let found: String
         switch value {
-        case is String: found = "a string"
-        case is [Any]: found = "an array"
-        case is [String: Any]: found = "an object"
-        case is NSNull: found = "null"
-        default: found = "\(value)"
+        case .string: found = "a string"
+        case .array: found = "an array"
+        case .object: found = "an object"
+        case .null: found = "null"
+        case .bool(let b): found = b ? "true" : "false"
+        case .number(let text): found = text
         }
-        return .invalidValue(path: source, field: field.isEmpty ? "(top level)" : field, expected: expected, found: found)
+        let f = field
+        return .invalidValue(path: source, field: f.isEmpty ? "(top level)" : f, expected: expected, found: found)
+    }
+
+    /// The value as compact JSON text (for error messages; long values are cut).
+    var text: String {
+        let t = String(decoding: value.serialized(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return t.count > 200 ? String(t.prefix(200)) + "..." : t
+    }
+
+    var isString: Bool {
+        if case .string = value { return true }
+        return false
     }
 
     func string() throws -> String {
-        guard let s = value as? String else { throw mismatch("a string") }
+        guard case .string(let s) = value else { throw mismatch("a string") }
         return s
     }
 
+    /// An integer: a number with no fraction (1000, 1e3 and 1000.0 alike) that fits in an Int.
     func int() throws -> Int {
-        guard !(value is String), let n = value as? NSNumber, Double(n.int64Value) == n.doubleValue else {
+        guard case .number(let text) = value else { throw mismatch("an integer") }
+        if let i = Int(text) { return i }
+        guard let d = Double(text), d.isFinite, d == d.rounded(.towardZero), let i = Int(exactly: d) else {
             throw mismatch("an integer")
         }
-        return n.intValue
+        return i
     }
 
     /// A token id: an integer that fits the 32-bit ids the tokenizer keeps.
     func int32() throws -> Int32 {
         let i = try int()
         guard let v = Int32(exactly: i), v >= 0 else {
-            throw TokenizerError.invalidValue(path: source, field: field.isEmpty ? "(top level)" : field,
+            let f = field
+            throw TokenizerError.invalidValue(path: source, field: f.isEmpty ? "(top level)" : f,
                                               expected: "a token id (0 to \(Int32.max))", found: "\(i)")
         }
         return v
@@ -423,18 +466,31 @@ struct JSONNode {
 
     /// JSON true or false only: a number (1, 0) is not taken for a boolean.
     func bool() throws -> Bool {
-        guard let n = value as? NSNumber, !(value is String), String(cString: n.objCType) == "c",
-              n == NSNumber(value: true) || n == NSNumber(value: false) else { throw mismatch("true or false") }
-        return n.boolValue
+        guard case .bool(let b) = value else { throw mismatch("true or false") }
+        return b
     }
 
     func array() throws -> [JSONNode] {
-        guard let a = value as? [Any] else { throw mismatch("an array") }
-        return a.enumerated().map { JSONNode(value: $1, source: source, field: "\(field)[\($0)]") }
+        guard case .array(let items) = value else { throw mismatch("an array") }
+        let f = field
+        return items.enumerated().map { JSONNode(value: $1, source: source, parent: f, key: .index($0)) }
     }
 
-    func object() throws -> [String: Any] {
-        guard let d = value as? [String: Any] else { throw mismatch("an object") }
-        return d
+    /// An object's members in file order, each key once (its last occurrence, where it is repeated,
+    /// at the place of that occurrence).
+    func members() throws -> [(key: String, node: JSONNode)] {
+        guard case .object(let list) = value else { throw mismatch("an object") }
+        var last: [String: Int] = [:]
+        last.reserveCapacity(list.count)
+        for (i, m) in list.enumerated() { last[m.key] = i }
+        let f = field
+        return list.enumerated().compactMap { i, m in
+            last[m.key] == i ? (m.key, JSONNode(value: m.value, source: source, parent: f, key: .member(m.key))) : nil
+        }
+    }
+
+    /// Checks that this is an object.
+    func requireObject() throws {
+        guard case .object = value else { throw mismatch("an object") }
     }
 }

@@ -3,6 +3,7 @@ import XCTest
 import TopiaryTensor
 import TopiaryTestSupport
 @testable import TopiaryModel
+import TopiaryTokenizers
 
 /// An order-preserving JSON value that keeps numbers as written, and the writer's float text.
 final class OrderedJSONTests: XCTestCase {

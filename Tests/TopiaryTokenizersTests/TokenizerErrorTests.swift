@@ -53,6 +53,43 @@ final class TokenizerErrorTests: XCTestCase {
         }
     }
 
+    /// tokenizer.json is read by our own JSON parser: errors give the byte offset, numbers written
+    /// as 1e0 or 2.0 are integer ids, a fraction is not, and a key repeated in the vocabulary counts
+    /// once, its last occurrence (Python's json), whatever the order.
+    func testJSONReaderDetails() throws {
+        let path = try temporaryFile("tokenizer.json", Data(#"{"model": {"vocab": {"a": 0,, "b": 1}}}"#.utf8))
+        assertError({ try HuggingFaceTokenizer.load(path: path) }, mentions: [path, "at byte 28", "member name"]) {
+            if case .invalidJSON(let p, _) = $0 { return p == path } else { return false }
+        }
+        let notUTF8 = try temporaryFile("tokenizer.json", Data(#"{"model": {"vocab": {"a"#.utf8) + Data([0xFF]) + Data(#"": 0}}}"#.utf8))
+        assertError({ try HuggingFaceTokenizer.load(path: notUTF8) }, mentions: [notUTF8, "UTF-8"]) {
+            if case .invalidJSON = $0 { return true } else { return false }
+        }
+        let numbers = #"{"model": {"vocab": {"a": 0, "b": 1e0, "ab": 2.0}, "merges": [["a", "b"]]}}"#
+        let tok = try HuggingFaceTokenizer.load(json: Data(numbers.utf8), source: "t.json")
+        XCTAssertEqual(tok.vocabularySize, 3)
+        XCTAssertEqual(tok.encode("ab", addBOS: false), [2])
+        assertError({ try HuggingFaceTokenizer.load(json: Data(#"{"model": {"vocab": {"a": 0, "b": 1.5}, "merges": []}}"#.utf8),
+                                                    source: "t.json") },
+                    mentions: ["t.json", "model.vocab.b", "an integer", "1.5"]) {
+            if case .invalidValue = $0 { return true } else { return false }
+        }
+        assertError({ try HuggingFaceTokenizer.load(json: Data(#"{"model": {"vocab": {"a": 0}, "merges": [["a", "b"], ["a"]]}}"#.utf8),
+                                                    source: "t.json") },
+                    mentions: ["t.json", "model.merges[1]", "a pair of tokens"]) {
+            if case .invalidValue = $0 { return true } else { return false }
+        }
+        assertError({ try HuggingFaceTokenizer.load(json: Data(#"{"model": {"vocab": {"a": 0}, "merges": [], "byte_fallback": 1}}"#.utf8),
+                                                    source: "t.json") },
+                    mentions: ["t.json", "model.byte_fallback", "true or false"]) {
+            if case .invalidValue = $0 { return true } else { return false }
+        }
+        // "a" first at 0, then again at 2: the last counts, so id 0 has no token and "a" is 2.
+        let repeated = #"{"model": {"vocab": {"a": 0, "b": 1, "a": 2}, "merges": []}}"#
+        let r = try HuggingFaceTokenizer.load(json: Data(repeated.utf8), source: "t.json")
+        XCTAssertEqual(r.encode("ab", addBOS: false), [2, 1])
+    }
+
     func testUnsupportedModelType() throws {
         let json = #"{"model": {"type": "WordPiece", "vocab": {"a": 0}}}"#
         let path = try temporaryFile("tokenizer.json", Data(json.utf8))

@@ -2,7 +2,8 @@ import Foundation
 
 /// A JSON value that keeps what a file said: object members in the order written and every number
 /// as its literal text ("1e-05" stays "1e-05", "500000.0" stays "500000.0"). Used to carry a source
-/// model's config.json over unchanged and to write Hugging Face's JSON files.
+/// model's config.json over unchanged, to write Hugging Face's JSON files, and to read
+/// tokenizer.json and tokenizer_config.json (`JSONNode`).
 public indirect enum OrderedJSON: Sendable, Equatable {
     case null
     case bool(Bool)
@@ -64,6 +65,11 @@ public indirect enum OrderedJSON: Sendable, Equatable {
             .map { Member($0.key, $0.value) })
     }
 
+    /// Whether JSONSerialization made `n` from true or false (not from 1 or 0).
+    package static func isBoolean(_ n: NSNumber) -> Bool {
+        String(cString: n.objCType) == "c" && (n == NSNumber(value: true) || n == NSNumber(value: false))
+    }
+
     /// Converts what JSONSerialization takes (dictionaries, arrays, strings, numbers, booleans,
     /// NSNull) into a value with dictionary keys sorted. Float and Float-valued Double fields are
     /// written as Float's shortest text.
@@ -86,7 +92,7 @@ public indirect enum OrderedJSON: Sendable, Equatable {
         if type == Float.self, let f = any as? Float { return .float(f) }
         if type == Double.self, let d = any as? Double { return .double(d) }
         if let n = any as? NSNumber {
-            if JSONFields.isBoolean(n) { return .bool(n.boolValue) }
+            if isBoolean(n) { return .bool(n.boolValue) }
             let d = n.doubleValue
             if d == d.rounded(), abs(d) < 1e15 { return .int(Int(d)) }
             return .double(d)
@@ -151,7 +157,7 @@ public indirect enum OrderedJSON: Sendable, Equatable {
     }
 
     /// A JSON string literal escaped as Python's json module escapes it.
-    static func writeString(_ s: String, to out: inout [UInt8], asciiOnly: Bool) {
+    package static func writeString(_ s: String, to out: inout [UInt8], asciiOnly: Bool) {
         let hex = Array("0123456789abcdef".utf8)
         func u4(_ v: UInt32) {
             out.append(contentsOf: "\\u".utf8)
@@ -182,7 +188,7 @@ public indirect enum OrderedJSON: Sendable, Equatable {
         out.append(UInt8(ascii: "\""))
     }
 
-    static func stringLiteral(_ s: String, asciiOnly: Bool = false) -> [UInt8] {
+    package static func stringLiteral(_ s: String, asciiOnly: Bool = false) -> [UInt8] {
         var out: [UInt8] = []
         writeString(s, to: &out, asciiOnly: asciiOnly)
         return out
@@ -198,15 +204,15 @@ public indirect enum OrderedJSON: Sendable, Equatable {
 
     /// Where a member of the top-level object lies in the text: byte ranges of its key (quotes
     /// included) and of its value.
-    struct MemberSpan {
-        var key: String
-        var keyRange: Range<Int>
-        var valueRange: Range<Int>
+    package struct MemberSpan {
+        package var key: String
+        package var keyRange: Range<Int>
+        package var valueRange: Range<Int>
     }
 
     /// Parses, also returning the byte ranges of the top-level object's members (empty when the
     /// document is not an object).
-    static func parseWithSpans(_ data: Data) throws -> (value: OrderedJSON, spans: [MemberSpan]) {
+    package static func parseWithSpans(_ data: Data) throws -> (value: OrderedJSON, spans: [MemberSpan]) {
         var p = Parser(bytes: [UInt8](data))
         p.skipWhitespace()
         let value = try p.parseValue(depth: 0)
