@@ -39,6 +39,21 @@ public struct PerplexityResult: Sendable {
     public var sequenceLength: Int
     public var windows: Int { windowLosses.count }
     public var meanLoss: Double { windowLosses.reduce(0, +) / Double(max(windowLosses.count, 1)) }
+    /// Where the time went (`eval --profile`).
+    public var seconds = PerplexitySeconds()
+}
+
+/// Wall seconds of `Perplexity.evaluate`'s phases.
+public struct PerplexitySeconds: Sendable, Equatable {
+    /// Reading and converting weights: the embedding, every block, the head.
+    public var load = 0.0
+    /// The token embedding's lookup.
+    public var embed = 0.0
+    /// The blocks' forward passes over every window (with the finiteness checks).
+    public var forward = 0.0
+    /// The final norm, the logits and the log-softmax.
+    public var head = 0.0
+    public init() {}
 }
 
 /// The standard perplexity protocol (SparseGPT/Wanda `eval_ppl`): the token stream cut into
@@ -63,9 +78,17 @@ public enum Perplexity {
         if let bad = tokens.first(where: { $0 < 0 || $0 >= c.vocabularySize }) {
             throw EvaluationError.tokenOutOfRange(id: bad, vocabulary: c.vocabularySize)
         }
-        let embedding = try model.loadEmbedding()
-        var states = (0..<count).map { w in
-            embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)
+        var seconds = PerplexitySeconds()
+        func timed<T>(_ phase: WritableKeyPath<PerplexitySeconds, Double>, _ body: () throws -> T) rethrows -> T {
+            let t0 = Date()
+            defer { seconds[keyPath: phase] += Date().timeIntervalSince(t0) }
+            return try body()
+        }
+        let embedding = try timed(\.load) { try model.loadEmbedding() }
+        var states = timed(\.embed) {
+            (0..<count).map { w in
+                embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)
+            }
         }
         // Where each window's hidden state first held a NaN or an infinity (a scan per block per
         // window, small beside the block's own work), so that a non-finite loss can be traced.
@@ -73,21 +96,23 @@ public enum Perplexity {
         let rope = c.ropeTable(positions: sequenceLength)
         let loadBlock = block ?? { try model.loadBlock($0) }
         for i in 0..<c.layerCount {
-            let b = try loadBlock(i).on(backend)
+            let b = try timed(\.load) { try loadBlock(i).on(backend) }
             // The next block's bytes are read by the kernel while this one computes (cold files on
             // a network file system, a 70B model's 1.7 GB a block in bf16).
             if block == nil, i + 1 < c.layerCount { model.prefetchBlock(i + 1) }
-            for w in 0..<count {
-                states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope)
-                if firstNonFinite[w] == nil, !backend.allFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
+            timed(\.forward) {
+                for w in 0..<count {
+                    states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope)
+                    if firstNonFinite[w] == nil, !backend.allFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
+                }
             }
             progress?(i + 1, c.layerCount)
         }
-        let head = try model.loadHead(embedding: embedding)
+        let head = try timed(\.load) { try model.loadHead(embedding: embedding) }
         var losses: [Double] = []
         for w in 0..<count {
             let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
-            let loss = meanCrossEntropy(head: head, hidden: states[w], targets: targets, on: backend)
+            let loss = timed(\.head) { meanCrossEntropy(head: head, hidden: states[w], targets: targets, on: backend) }
             guard loss.isFinite else {
                 throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
                                                     sequenceLength: sequenceLength, loss: loss,
@@ -97,7 +122,9 @@ public enum Perplexity {
         }
         let mean = losses.reduce(0, +) / Double(losses.count)
         guard exp(mean).isFinite else { throw EvaluationError.perplexityOverflow(path: model.path, meanLoss: mean) }
-        return PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
+        var result = PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
+        result.seconds = seconds
+        return result
     }
 
     /// The logits at every position of one sequence [tokens x vocabulary], streaming the blocks.

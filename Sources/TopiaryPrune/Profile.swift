@@ -51,6 +51,11 @@ public struct BlockProfile: Sendable, Codable, Equatable {
         return Double(sequences) * (linears + attentionFLOPs(c, sequenceLength: sequenceLength))
     }
 
+    /// The head's logits for `rows` positions: the final norm aside, one [rows x hidden]·[hidden x vocabulary] product.
+    public static func headFLOPs(_ c: ModelConfig, rows: Int) -> Double {
+        2 * Double(rows) * Double(c.hiddenSize) * Double(c.vocabularySize)
+    }
+
     /// Causal attention's QKᵀ and PV over one window's lower triangle.
     static func attentionFLOPs(_ c: ModelConfig, sequenceLength: Int) -> Double {
         let t = Double(sequenceLength)
@@ -92,20 +97,28 @@ public struct PhaseTimer {
     }
 }
 
-/// The backend's sgemm rate in FLOP/s: the best of three [n x n]·[n x n]ᵀ products.
+/// The backend's sgemm rate in FLOP/s: the best of five [n x n]·[n x n]ᵀ products, after
+/// products for a quarter of a second unmeasured.
 public enum SgemmRate {
     /// Float32 GEMM rate of `backend` on square n x n x n products (n: 1024 on the CPU, 8192 on
     /// a GPU, where a smaller product is all launch and no arithmetic).
+    ///
+    /// The warm-up is there because the first products of a process ran slower: the BLAS threads
+    /// start, the cores' clocks rise. With one product before the best of three, `eval --profile`
+    /// on a 2-core VM once measured 131 GFLOP/s where the forward pass then ran at 157.
     public static func measure(size: Int? = nil, on backend: any ComputeBackend = CPUBackend()) -> Double {
         let n = size ?? (backend is CUDABackend ? 8192 : 1024)
         var a = Matrix(rows: n, cols: n), b = Matrix(rows: n, cols: n)
         a.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 7) * 0.25 - 0.75 } }
         b.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 5) * 0.5 - 1 } }
         let (x, w) = (backend.upload(a), backend.upload(b))
-        _ = backend.linear(x, w)
-        backend.synchronize()
+        let warm = Date()
+        repeat {
+            _ = backend.linear(x, w)
+            backend.synchronize()
+        } while Date().timeIntervalSince(warm) < 0.25
         var best = Double.infinity
-        for _ in 0..<3 {
+        for _ in 0..<5 {
             let t0 = Date()
             _ = backend.linear(x, w)
             backend.synchronize()

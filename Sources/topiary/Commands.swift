@@ -69,7 +69,7 @@ enum EvalCommand: Command {
     static let name = "eval"
     static let summary = "measure perplexity with the standard protocol, or score multiple-choice tasks as lm-eval does"
     static let usage = """
-    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--precision f32|f64] [--json]
+    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--precision f32|f64] [--json] [--profile]
     topiary eval --model PATH [--tokenizer PATH] --tasks FILE.jsonl [--target-delimiter S] [--json]
     """
     static let details = """
@@ -84,6 +84,10 @@ enum EvalCommand: Command {
     implementation on the same tokens. --precision f64 runs every step in Float64 on the CPU
     (products through dgemm, norms, RoPE angles, softmax and the final log-softmax in Float64),
     so that the f32 loss's rounding error can be measured; meant for small models.
+    --profile measures the backend's sgemm rate (1024^3) first, then prints where the time went
+    (stderr): opening the model, tokenizing, reading weights, the embedding, the blocks' forward
+    passes and the head, each with its FLOPs counted from the shapes and its ratio to the sgemm
+    rate (FLOPs at that rate over the seconds taken); with --json also under "profile".
 
     --tasks scores a zero-shot multiple-choice task as lm-evaluation-harness does: one JSON
     object a line with lm-eval's per-document fields 'context' (string), 'choices' (array of
@@ -106,6 +110,7 @@ enum EvalCommand: Command {
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
         OptionSpec(name: "tasks", value: "FILE", help: "score a multiple-choice task file (JSON lines: context, choices, gold) as lm-eval does"),
         OptionSpec(name: "target-delimiter", value: "S", help: "with --tasks: text between the context and each choice (default: one space, lm-eval's)"),
+        OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr; with --json also in the JSON line)"),
         CommonOptions.device, CommonOptions.precision,
         CommonOptions.threads, CommonOptions.json,
     ]
@@ -114,6 +119,7 @@ enum EvalCommand: Command {
         try CommonOptions.apply(args)
         if args.string("tasks") != nil { return try runTasks(args) }
         if args.string("target-delimiter") != nil { throw UsageError(message: "topiary eval: --target-delimiter applies to --tasks only") }
+        let profiles = args.flag("profile")
         let textPath: String
         switch (args.string("text"), args.string("tokens")) {
         case (let t?, nil): textPath = t
@@ -123,8 +129,11 @@ enum EvalCommand: Command {
         }
         let seqlenOption = try args.int("seqlen", min: 2)
         let windows = try args.int("windows", min: 1)
+        let sgemmRate = profiles ? SgemmRate.measure(on: ComputeDevices.defaultBackend) : 0
         ResourceUsage.trace("start")
+        let opening = Date()
         let model = try CommonOptions.openModel(args)
+        let openSeconds = elapsed(since: opening)
         ResourceUsage.trace("model opened")
         let start: Date
         let tokens: [Int]
@@ -141,6 +150,7 @@ enum EvalCommand: Command {
             start = Date()
             tokens = tokenizer.encode(text, addBOS: nil)
         }
+        let tokenizeSeconds = elapsed(since: start)
         ResourceUsage.trace("text tokenized")
         let seqlen = seqlenOption ?? min(2048, model.config.maxPositions)
         let json = args.flag("json")
@@ -151,6 +161,7 @@ enum EvalCommand: Command {
             }
         })
         let seconds = elapsed(since: start)
+        let totalSeconds = elapsed(since: opening)
         ResourceUsage.trace("evaluated")
         if let logitsPath = args.string("logits") {
             let logits = try Perplexity.logits(model: model, tokens: Array(tokens.prefix(seqlen)))
@@ -161,12 +172,70 @@ enum EvalCommand: Command {
         print(String(format: "perplexity %.4f  (%@ of %d tokens; %d tokens in text; %@%@)",
                      result.perplexity, counted(result.windows, "window"), seqlen, tokens.count, formatSeconds(seconds),
                      precision == .f64 ? "; f64" : ""))
+        var profile: EvalProfile?
+        if profiles {
+            let c = model.config
+            let p = EvalProfile(sgemmRate: sgemmRate, phases: [
+                ("open model", openSeconds, 0),
+                (args.string("tokens") != nil ? "read tokens" : "tokenize", tokenizeSeconds, 0),
+                ("load", result.seconds.load, 0),
+                ("embed", result.seconds.embed, 0),
+                ("forward", result.seconds.forward,
+                 Double(c.layerCount) * BlockProfile.forwardFLOPs(c, sequences: result.windows, sequenceLength: seqlen)),
+                ("head", result.seconds.head, BlockProfile.headFLOPs(c, rows: result.windows * (seqlen - 1))),
+            ], totalSeconds: totalSeconds)
+            Console.info(p.table)
+            profile = p
+        }
         if json {
-            JSONLine.print([
+            var line: [String: Any] = [
                 "command": "eval", "model": model.path, "text": textPath, "perplexity": result.perplexity,
                 "tokens": tokens.count, "windows": result.windows, "seqlen": seqlen, "seconds": seconds,
                 "window_losses": result.windowLosses, "precision": precision.rawValue,
-            ])
+            ]
+            if let profile { line["profile"] = profile.json }
+            JSONLine.print(line)
+        }
+    }
+
+    /// `eval --profile`: each phase's seconds and FLOPs against the sgemm rate measured first.
+    struct EvalProfile {
+        var sgemmRate: Double
+        var phases: [(name: String, seconds: Double, flops: Double)]
+        /// From opening the model to the loss (the sgemm measurement not included).
+        var totalSeconds: Double
+
+        func ratio(_ seconds: Double, _ flops: Double) -> Double? {
+            flops > 0 && seconds > 0 && sgemmRate > 0 ? flops / sgemmRate / seconds : nil
+        }
+
+        var rows: [(name: String, seconds: Double, flops: Double)] {
+            let measured = phases.reduce(0) { $0 + $1.seconds }
+            return phases + [("other", max(0, totalSeconds - measured), 0),
+                             ("total", totalSeconds, phases.reduce(0) { $0 + $1.flops })]
+        }
+
+        var table: String {
+            var lines = [String(format: "eval profile (sgemm rate %.1f GFLOP/s; ratio = FLOPs at that rate / seconds)", sgemmRate / 1e9),
+                         "phase            seconds  share     GFLOP   GFLOP/s  ratio"]
+            for r in rows {
+                let share = totalSeconds > 0 ? 100 * r.seconds / totalSeconds : 0
+                let rate = r.seconds > 0 && r.flops > 0 ? String(format: "%9.1f", r.flops / r.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
+                let ratioText = ratio(r.seconds, r.flops).map { String(format: "%6.3f", $0) } ?? "     -"
+                lines.append(r.name.padding(toLength: 15, withPad: " ", startingAt: 0)
+                             + String(format: " %8.2f  %5.1f%%  %8.1f ", r.seconds, share, r.flops / 1e9) + rate + " " + ratioText)
+            }
+            return lines.joined(separator: "\n")
+        }
+
+        var json: [String: Any] {
+            var phasesJSON: [String: Any] = [:]
+            for r in rows {
+                phasesJSON[r.name.replacingOccurrences(of: " ", with: "_")] = [
+                    "seconds": r.seconds, "flops": r.flops, "ratio": ratio(r.seconds, r.flops).map { $0 as Any } ?? NSNull(),
+                ] as [String: Any]
+            }
+            return ["sgemm_flops_per_second": sgemmRate, "phases": phasesJSON]
         }
     }
 
@@ -176,6 +245,7 @@ enum EvalCommand: Command {
         for other in ["text", "tokens", "seqlen", "windows", "logits"] where args.string(other) != nil {
             throw UsageError(message: "topiary eval: --\(other) is for perplexity; --tasks scores a multiple-choice task (give one or the other)")
         }
+        if args.flag("profile") { throw UsageError(message: "topiary eval: --profile is for perplexity, not --tasks") }
         let delimiter = args.string("target-delimiter") ?? " "
         let documents = try MultipleChoice.read(path: path)
         let model = try CommonOptions.openModel(args)
