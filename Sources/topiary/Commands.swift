@@ -176,13 +176,14 @@ enum EvalCommand: Command {
         if profiles {
             let c = model.config
             let p = EvalProfile(sgemmRate: sgemmRate, phases: [
-                ("open model", openSeconds, 0),
-                (args.string("tokens") != nil ? "read tokens" : "tokenize", tokenizeSeconds, 0),
-                ("load", result.seconds.load, 0),
-                ("embed", result.seconds.embed, 0),
-                ("forward", result.seconds.forward,
+                ("open_model", "open model", openSeconds, 0),
+                // With --tokens the token ids are only read, under the same key.
+                ("tokenize", args.string("tokens") != nil ? "read tokens" : "tokenize", tokenizeSeconds, 0),
+                ("load", "load", result.seconds.load, 0),
+                ("embed", "embed", result.seconds.embed, 0),
+                ("forward", "forward", result.seconds.forward,
                  Double(c.layerCount) * BlockProfile.forwardFLOPs(c, sequences: result.windows, sequenceLength: seqlen)),
-                ("head", result.seconds.head, BlockProfile.headFLOPs(c, rows: result.windows * (seqlen - 1))),
+                ("head", "head", result.seconds.head, BlockProfile.headFLOPs(c, rows: result.windows * (seqlen - 1))),
             ], totalSeconds: totalSeconds)
             Console.info(p.table)
             profile = p
@@ -201,7 +202,8 @@ enum EvalCommand: Command {
     /// `eval --profile`: each phase's seconds and FLOPs against the sgemm rate measured first.
     struct EvalProfile {
         var sgemmRate: Double
-        var phases: [(name: String, seconds: Double, flops: Double)]
+        /// `key` names the phase in the JSON, `label` in the table.
+        var phases: [(key: String, label: String, seconds: Double, flops: Double)]
         /// From opening the model to the loss (the sgemm measurement not included).
         var totalSeconds: Double
 
@@ -209,10 +211,10 @@ enum EvalCommand: Command {
             flops > 0 && seconds > 0 && sgemmRate > 0 ? flops / sgemmRate / seconds : nil
         }
 
-        var rows: [(name: String, seconds: Double, flops: Double)] {
+        var rows: [(key: String, label: String, seconds: Double, flops: Double)] {
             let measured = phases.reduce(0) { $0 + $1.seconds }
-            return phases + [("other", max(0, totalSeconds - measured), 0),
-                             ("total", totalSeconds, phases.reduce(0) { $0 + $1.flops })]
+            return phases + [("other", "other", max(0, totalSeconds - measured), 0),
+                             ("total", "total", totalSeconds, phases.reduce(0) { $0 + $1.flops })]
         }
 
         var table: String {
@@ -222,7 +224,7 @@ enum EvalCommand: Command {
                 let share = totalSeconds > 0 ? 100 * r.seconds / totalSeconds : 0
                 let rate = r.seconds > 0 && r.flops > 0 ? String(format: "%9.1f", r.flops / r.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
                 let ratioText = ratio(r.seconds, r.flops).map { String(format: "%6.3f", $0) } ?? "     -"
-                lines.append(r.name.padding(toLength: 15, withPad: " ", startingAt: 0)
+                lines.append(r.label.padding(toLength: 15, withPad: " ", startingAt: 0)
                              + String(format: " %8.2f  %5.1f%%  %8.1f ", r.seconds, share, r.flops / 1e9) + rate + " " + ratioText)
             }
             return lines.joined(separator: "\n")
@@ -231,7 +233,7 @@ enum EvalCommand: Command {
         var json: [String: Any] {
             var phasesJSON: [String: Any] = [:]
             for r in rows {
-                phasesJSON[r.name.replacingOccurrences(of: " ", with: "_")] = [
+                phasesJSON[r.key] = [
                     "seconds": r.seconds, "flops": r.flops, "ratio": ratio(r.seconds, r.flops).map { $0 as Any } ?? NSNull(),
                 ] as [String: Any]
             }

@@ -41,6 +41,17 @@ final class EvalProfileCLITests: XCTestCase {
         }
     }
 
+    func testProfileKeysDoNotDependOnTheInput() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let ids = dir.appendingPathComponent("ids.json")
+        try Data("[\((0..<300).map { String(1 + $0 % 500) }.joined(separator: ","))]".utf8).write(to: ids)
+        let r = try CLI.run(["eval", "--model", stories, "--tokens", ids.path, "--seqlen", "128", "--json", "--profile"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let phases = try XCTUnwrap((r.json?["profile"] as? [String: Any])?["phases"] as? [String: Any])
+        XCTAssertEqual(Set(phases.keys), ["open_model", "tokenize", "load", "embed", "forward", "head", "other", "total"])
+        XCTAssertTrue(r.stderr.contains("read tokens"), r.stderr)
+    }
+
     func testProfileIsForPerplexityOnly() throws {
         let tasks = CLI.repositoryRoot.appendingPathComponent("Tests/Fixtures/tasks/stories-mc.jsonl").path
         let r = try CLI.run(["eval", "--model", stories, "--tokenizer", storiesTokenizer, "--tasks", tasks, "--profile"])
