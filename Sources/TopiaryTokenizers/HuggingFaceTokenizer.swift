@@ -427,9 +427,10 @@ struct JSONNode {
         return .invalidValue(path: source, field: f.isEmpty ? "(top level)" : f, expected: expected, found: found)
     }
 
-    /// The value as compact JSON text (for error messages; long values are cut).
+    /// The value as JSON text on one line (for error messages; long values are cut).
     var text: String {
-        let t = String(decoding: value.serialized(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        let t = String(decoding: value.serialized(), as: UTF8.self)
+            .split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
         return t.count > 200 ? String(t.prefix(200)) + "..." : t
     }
 

@@ -84,6 +84,12 @@ final class TokenizerErrorTests: XCTestCase {
                     mentions: ["t.json", "model.byte_fallback", "true or false"]) {
             if case .invalidValue = $0 { return true } else { return false }
         }
+        // A value quoted in an error is one line of JSON.
+        let post = #"{"model": {"vocab": {"a": 0}, "merges": []}, "post_processor": {"type": "TemplateProcessing", "special_tokens": {}, "single": [{"Other": {"id": "A"}}]}}"#
+        assertError({ try HuggingFaceTokenizer.load(json: Data(post.utf8), source: "t.json") },
+                    mentions: ["t.json", "post_processor.single[0]", "SpecialToken or Sequence", #"{ "Other": { "id": "A" } }"#]) {
+            if case .invalidValue = $0 { return true } else { return false }
+        }
         // "a" first at 0, then again at 2: the last counts, so id 0 has no token and "a" is 2.
         let repeated = #"{"model": {"vocab": {"a": 0, "b": 1, "a": 2}, "merges": []}}"#
         let r = try HuggingFaceTokenizer.load(json: Data(repeated.utf8), source: "t.json")
