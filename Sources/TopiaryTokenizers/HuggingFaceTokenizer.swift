@@ -114,7 +114,7 @@ public enum HuggingFaceTokenizer {
         var merges: [(String, String)] = []
         let mergesNode = try node.child("merges")
         for m in try mergesNode.array() {
-            if case .string(let line) = m.value {
+            if let line = m.value.string {
                 // The old form "a b": tokens never contain a space in the vocabularies that use it.
                 let parts = line.split(separator: " ", omittingEmptySubsequences: false)
                 guard parts.count == 2 else {
@@ -390,19 +390,22 @@ struct JSONNode {
     var field: String {
         switch key {
         case .root: return parent
-        case .member(let k): return parent.isEmpty ? k : parent + "." + k
+        case .member(let k): return Self.memberPath(parent, k)
         case .index(let i): return "\(parent)[\(i)]"
         }
     }
 
-    private func path(_ key: String) -> String {
+    private static func memberPath(_ parent: String, _ key: String) -> String { parent.isEmpty ? key : parent + "." + key }
+
+    /// `field` as errors name it.
+    private var errorField: String {
         let f = field
-        return f.isEmpty ? key : f + "." + key
+        return f.isEmpty ? "(top level)" : f
     }
 
     /// The member `key`; missing or null is an error.
     func child(_ key: String) throws -> JSONNode {
-        guard let v = optional(key) else { throw TokenizerError.missingField(path: source, field: path(key)) }
+        guard let v = optional(key) else { throw TokenizerError.missingField(path: source, field: Self.memberPath(field, key)) }
         return v
     }
 
@@ -423,8 +426,7 @@ struct JSONNode {
         case .bool(let b): found = b ? "true" : "false"
         case .number(let text): found = text
         }
-        let f = field
-        return .invalidValue(path: source, field: f.isEmpty ? "(top level)" : f, expected: expected, found: found)
+        return .invalidValue(path: source, field: errorField, expected: expected, found: found)
     }
 
     /// The value as JSON text on one line (for error messages; long values are cut).
@@ -434,19 +436,16 @@ struct JSONNode {
         return t.count > 200 ? String(t.prefix(200)) + "..." : t
     }
 
-    var isString: Bool {
-        if case .string = value { return true }
-        return false
-    }
+    var isString: Bool { value.string != nil }
 
     func string() throws -> String {
-        guard case .string(let s) = value else { throw mismatch("a string") }
+        guard let s = value.string else { throw mismatch("a string") }
         return s
     }
 
     /// An integer: a number with no fraction (1000, 1e3 and 1000.0 alike) that fits in an Int.
     func int() throws -> Int {
-        guard case .number(let text) = value else { throw mismatch("an integer") }
+        guard let text = value.numberText else { throw mismatch("an integer") }
         if let i = Int(text) { return i }
         guard let d = Double(text), d.isFinite, d == d.rounded(.towardZero), let i = Int(exactly: d) else {
             throw mismatch("an integer")
@@ -458,8 +457,7 @@ struct JSONNode {
     func int32() throws -> Int32 {
         let i = try int()
         guard let v = Int32(exactly: i), v >= 0 else {
-            let f = field
-            throw TokenizerError.invalidValue(path: source, field: f.isEmpty ? "(top level)" : f,
+            throw TokenizerError.invalidValue(path: source, field: errorField,
                                               expected: "a token id (0 to \(Int32.max))", found: "\(i)")
         }
         return v
@@ -467,12 +465,12 @@ struct JSONNode {
 
     /// JSON true or false only: a number (1, 0) is not taken for a boolean.
     func bool() throws -> Bool {
-        guard case .bool(let b) = value else { throw mismatch("true or false") }
+        guard let b = value.bool else { throw mismatch("true or false") }
         return b
     }
 
     func array() throws -> [JSONNode] {
-        guard case .array(let items) = value else { throw mismatch("an array") }
+        guard let items = value.array else { throw mismatch("an array") }
         let f = field
         return items.enumerated().map { JSONNode(value: $1, source: source, parent: f, key: .index($0)) }
     }
@@ -480,7 +478,7 @@ struct JSONNode {
     /// An object's members in file order, each key once (its last occurrence, where it is repeated,
     /// at the place of that occurrence).
     func members() throws -> [(key: String, node: JSONNode)] {
-        guard case .object(let list) = value else { throw mismatch("an object") }
+        guard let list = value.members else { throw mismatch("an object") }
         var last: [String: Int] = [:]
         last.reserveCapacity(list.count)
         for (i, m) in list.enumerated() { last[m.key] = i }
@@ -492,6 +490,6 @@ struct JSONNode {
 
     /// Checks that this is an object.
     func requireObject() throws {
-        guard case .object = value else { throw mismatch("an object") }
+        guard value.members != nil else { throw mismatch("an object") }
     }
 }

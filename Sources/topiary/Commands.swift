@@ -176,14 +176,14 @@ enum EvalCommand: Command {
         if profiles {
             let c = model.config
             let p = EvalProfile(sgemmRate: sgemmRate, phases: [
-                ("open_model", "open model", openSeconds, 0),
+                ("open_model", "open model", .init(seconds: openSeconds)),
                 // With --tokens the token ids are only read, under the same key.
-                ("tokenize", args.string("tokens") != nil ? "read tokens" : "tokenize", tokenizeSeconds, 0),
-                ("load", "load", result.seconds.load, 0),
-                ("embed", "embed", result.seconds.embed, 0),
-                ("forward", "forward", result.seconds.forward,
-                 Double(c.layerCount) * BlockProfile.forwardFLOPs(c, sequences: result.windows, sequenceLength: seqlen)),
-                ("head", "head", result.seconds.head, BlockProfile.headFLOPs(c, rows: result.windows * (seqlen - 1))),
+                ("tokenize", args.string("tokens") != nil ? "read tokens" : "tokenize", .init(seconds: tokenizeSeconds)),
+                ("load", "load", .init(seconds: result.seconds.load)),
+                ("embed", "embed", .init(seconds: result.seconds.embed)),
+                ("forward", "forward", .init(seconds: result.seconds.forward, flops:
+                    Double(c.layerCount) * BlockProfile.forwardFLOPs(c, sequences: result.windows, sequenceLength: seqlen))),
+                ("head", "head", .init(seconds: result.seconds.head, flops: BlockProfile.headFLOPs(c, rows: result.windows * (seqlen - 1)))),
             ], totalSeconds: totalSeconds)
             Console.info(p.table)
             profile = p
@@ -199,44 +199,36 @@ enum EvalCommand: Command {
         }
     }
 
-    /// `eval --profile`: each phase's seconds and FLOPs against the sgemm rate measured first.
+    /// `eval --profile`: each phase's seconds and FLOPs against the sgemm rate measured first
+    /// (the columns and JSON of `prune --profile`, through `ProfileReport`).
     struct EvalProfile {
         var sgemmRate: Double
         /// `key` names the phase in the JSON, `label` in the table.
-        var phases: [(key: String, label: String, seconds: Double, flops: Double)]
+        var phases: [(key: String, label: String, cost: BlockProfile.Cost)]
         /// From opening the model to the loss (the sgemm measurement not included).
         var totalSeconds: Double
 
-        func ratio(_ seconds: Double, _ flops: Double) -> Double? {
-            flops > 0 && seconds > 0 && sgemmRate > 0 ? flops / sgemmRate / seconds : nil
-        }
-
-        var rows: [(key: String, label: String, seconds: Double, flops: Double)] {
-            let measured = phases.reduce(0) { $0 + $1.seconds }
-            return phases + [("other", "other", max(0, totalSeconds - measured), 0),
-                             ("total", "total", totalSeconds, phases.reduce(0) { $0 + $1.flops })]
+        var rows: [(key: String, label: String, cost: BlockProfile.Cost)] {
+            let measured = phases.reduce(0) { $0 + $1.cost.seconds }
+            return phases + [("other", "other", BlockProfile.Cost(seconds: max(0, totalSeconds - measured))),
+                             ("total", "total", BlockProfile.Cost(seconds: totalSeconds, flops: phases.reduce(0) { $0 + $1.cost.flops }))]
         }
 
         var table: String {
             var lines = [String(format: "eval profile (sgemm rate %.1f GFLOP/s; ratio = FLOPs at that rate / seconds)", sgemmRate / 1e9),
                          "phase            seconds  share     GFLOP   GFLOP/s  ratio"]
             for r in rows {
-                let share = totalSeconds > 0 ? 100 * r.seconds / totalSeconds : 0
-                let rate = r.seconds > 0 && r.flops > 0 ? String(format: "%9.1f", r.flops / r.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
-                let ratioText = ratio(r.seconds, r.flops).map { String(format: "%6.3f", $0) } ?? "     -"
+                let share = totalSeconds > 0 ? 100 * r.cost.seconds / totalSeconds : 0
                 lines.append(r.label.padding(toLength: 15, withPad: " ", startingAt: 0)
-                             + String(format: " %8.2f  %5.1f%%  %8.1f ", r.seconds, share, r.flops / 1e9) + rate + " " + ratioText)
+                             + String(format: " %8.2f  %5.1f%%  %8.1f ", r.cost.seconds, share, r.cost.flops / 1e9)
+                             + ProfileReport.rateColumns(r.cost, sgemmRate: sgemmRate))
             }
             return lines.joined(separator: "\n")
         }
 
         var json: [String: Any] {
             var phasesJSON: [String: Any] = [:]
-            for r in rows {
-                phasesJSON[r.key] = [
-                    "seconds": r.seconds, "flops": r.flops, "ratio": ratio(r.seconds, r.flops).map { $0 as Any } ?? NSNull(),
-                ] as [String: Any]
-            }
+            for r in rows { phasesJSON[r.key] = ProfileReport.costJSON(r.cost, sgemmRate: sgemmRate) }
             return ["sgemm_flops_per_second": sgemmRate, "phases": phasesJSON]
         }
     }

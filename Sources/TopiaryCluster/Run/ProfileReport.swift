@@ -16,13 +16,20 @@ public enum ProfileReport {
         c.flops > 0 && c.seconds > 0 && sgemmRate > 0 ? c.flops / sgemmRate / c.seconds : nil
     }
 
+    /// One phase in JSON: seconds, FLOPs and the ratio (null when there is none).
+    public static func costJSON(_ c: BlockProfile.Cost, sgemmRate: Double) -> [String: Any] {
+        ["seconds": c.seconds, "flops": c.flops, "ratio": ratio(c, sgemmRate: sgemmRate).map { $0 as Any } ?? NSNull()]
+    }
+
+    /// A table row's last two columns: GFLOP/s and the ratio, "-" where there is none.
+    public static func rateColumns(_ c: BlockProfile.Cost, sgemmRate: Double) -> String {
+        let rate = c.seconds > 0 && c.flops > 0 ? String(format: "%9.1f", c.flops / c.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
+        return rate + " " + (ratio(c, sgemmRate: sgemmRate).map { String(format: "%6.3f", $0) } ?? "     -")
+    }
+
     public static func phasesJSON(_ p: BlockProfile, sgemmRate: Double) -> [String: Any] {
         var json: [String: Any] = [:]
-        for phase in Phase.allCases {
-            let c = p[phase]
-            json[phase.rawValue] = ["seconds": c.seconds, "flops": c.flops,
-                                    "ratio": ratio(c, sgemmRate: sgemmRate).map { $0 as Any } ?? NSNull()] as [String: Any]
-        }
+        for phase in Phase.allCases { json[phase.rawValue] = costJSON(p[phase], sgemmRate: sgemmRate) }
         return json
     }
 
@@ -46,10 +53,9 @@ public enum ProfileReport {
                      "phase            seconds  s/block  share     GFLOP   GFLOP/s  ratio"]
         func row(_ name: String, _ c: BlockProfile.Cost) -> String {
             let share = pruneSeconds > 0 ? 100 * c.seconds / pruneSeconds : 0
-            let rate = c.seconds > 0 && c.flops > 0 ? String(format: "%9.1f", c.flops / c.seconds / 1e9) : String(repeating: " ", count: 8) + "-"
-            let r = ratio(c, sgemmRate: sgemmRate).map { String(format: "%6.3f", $0) } ?? "     -"
             return name.padding(toLength: 15, withPad: " ", startingAt: 0)
-                + String(format: " %8.2f  %7.3f  %4.1f%%  %8.1f ", c.seconds, c.seconds / Double(blocks), share, c.flops / 1e9) + rate + " " + r
+                + String(format: " %8.2f  %7.3f  %4.1f%%  %8.1f ", c.seconds, c.seconds / Double(blocks), share, c.flops / 1e9)
+                + rateColumns(c, sgemmRate: sgemmRate)
         }
         for phase in Phase.allCases { lines.append(row(phase.rawValue, total[phase])) }
         var outside = BlockProfile.Cost()
