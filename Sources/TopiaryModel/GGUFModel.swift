@@ -100,7 +100,7 @@ struct GGUFKeys {
 }
 
 extension LanguageModel {
-    static func openGGUF(path: String, tokenizerPath: String?) throws -> LanguageModel {
+    static func openGGUF(path: String, tokenizerPath: String?, embeddedTokenizer: Bool = true) throws -> LanguageModel {
         let gguf = try GGUFFile(path: path)
         let meta = gguf.metadata
         guard let archValue = meta["general.architecture"] else {
@@ -122,7 +122,7 @@ extension LanguageModel {
                                   vocabField: keys.fieldNames["vocab_size"]!, hiddenField: keys.key("embedding_length"))
         let weights = FusedTensorSource.wrap(GGUFNames(gguf: gguf, config: config), config: config)
         var tokenizer = try externalTokenizer(tokenizerPath, vocabularySize: config.vocabularySize)
-        if tokenizer == nil, tokens != nil { tokenizer = try ggufTokenizer(gguf) }
+        if tokenizer == nil, embeddedTokenizer, tokens != nil { tokenizer = try ggufTokenizer(gguf) }
         return LanguageModel(path: path, format: .gguf, config: config, weights: weights, tokenizer: tokenizer)
     }
 

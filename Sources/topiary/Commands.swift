@@ -45,8 +45,8 @@ enum CommonOptions {
         do { return try ComputePrecision.parse(text) } catch { throw UsageError(message: "topiary \(args.command): \(error)") }
     }
 
-    static func openModel(_ args: ParsedArguments) throws -> LanguageModel {
-        try LanguageModel.open(path: try args.required("model"), tokenizerPath: args.string("tokenizer"))
+    static func openModel(_ args: ParsedArguments, embeddedTokenizer: Bool = true) throws -> LanguageModel {
+        try LanguageModel.open(path: try args.required("model"), tokenizerPath: args.string("tokenizer"), embeddedTokenizer: embeddedTokenizer)
     }
 
     static func requireTokenizer(_ model: LanguageModel) throws -> any Tokenizer {
@@ -79,7 +79,8 @@ enum EvalCommand: Command {
     windows of the mean next-token cross-entropy). This is the SparseGPT/Wanda protocol.
     Weights are streamed block by block, so memory holds one block plus the windows' activations.
     --tokens reads token ids instead of text (a JSON array, or integers separated by spaces,
-    commas or newlines), for models without a tokenizer. --logits writes the first window's
+    commas or newlines), for models without a tokenizer; the model's own tokenizer is then not
+    read (one given with --tokenizer still is). --logits writes the first window's
     logits (one row per position) as a JSON array of arrays, to compare with another
     implementation on the same tokens. --precision f64 runs every step in Float64 on the CPU
     (products through dgemm, norms, RoPE angles, softmax and the final log-softmax in Float64),
@@ -132,7 +133,8 @@ enum EvalCommand: Command {
         let sgemmRate = profiles ? SgemmRate.measure(on: ComputeDevices.defaultBackend) : 0
         ResourceUsage.trace("start")
         let opening = Date()
-        let model = try CommonOptions.openModel(args)
+        // Token ids need no tokenizer: the model's own is not read (one given with --tokenizer still is).
+        let model = try CommonOptions.openModel(args, embeddedTokenizer: args.string("tokens") == nil)
         let openSeconds = elapsed(since: opening)
         ResourceUsage.trace("model opened")
         let start: Date

@@ -55,6 +55,23 @@ final class HostileFilesCLITests: XCTestCase {
         XCTAssertNil(r.json?["error"])
     }
 
+    func testEvalOnTokenIDsDoesNotReadTheModelsTokenizer() throws {
+        // A GGUF whose tokenizer is one Topiary cannot read: token ids need none, so eval --tokens
+        // evaluates it; --text needs it, and the error names the field.
+        var b = GGUFBuilder.tinyLlama()
+        b.metadata += [("tokenizer.ggml.model", .string("llama")), ("tokenizer.ggml.tokens", .strings((0..<64).map { "t\($0)" }))]
+        let path = try write(b)
+        let r = try CLI.run(["eval", "--model", path, "--tokens", try tokens(32), "--seqlen", "16", "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertNotNil(r.json?["perplexity"] as? Double, r.stdout)
+        let text = try CLI.temporaryDirectory(self).appendingPathComponent("text.txt")
+        try "Once upon a time".write(to: text, atomically: true, encoding: .utf8)
+        try expectError(["eval", "--model", path, "--text", text.path, "--seqlen", "16"], mentions: [path, "tokenizer.ggml.model", "'llama'"])
+        // A tokenizer given with --tokenizer is still read (and a bad one refused) with --tokens.
+        try expectError(["eval", "--model", path, "--tokenizer", "/nonexistent/tokenizer.json", "--tokens", try tokens(32), "--seqlen", "16"],
+                        mentions: ["/nonexistent/tokenizer.json"])
+    }
+
     func testHostileHeadersAreRefusedByTheCommands() throws {
         let toks = try tokens(32)
         var b = GGUFBuilder.tinyLlama()
