@@ -24,14 +24,15 @@ let package = Package(
             path: "Sources/CZlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
-        // Our own small C kernels (no third-party code): CRC-32C for wire frames, malloc settings.
+        // Our own small C kernels (no third-party code): CRC-32C for wire frames, malloc settings,
+        // streaming writeback of large output files.
         .target(name: "CTopiarySupport"),
         // The forward pass's element-wise kernels (exponentials, softmax sums, SwiGLU) in vectors
         // for AVX-512, AVX2 or baseline x86-64, chosen at load time; the same bits on all three.
         .target(name: "CTopiaryKernels"),
         .target(name: "TopiaryTensor", dependencies: ["CBLAS", "CTopiaryKernels"]),
         .target(name: "TopiaryTokenizers"),
-        .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto"]),
+        .target(name: "TopiaryModel", dependencies: ["TopiaryTensor", "TopiaryTokenizers", "CCrypto", "CTopiarySupport"]),
         .target(name: "TopiaryPrune", dependencies: ["TopiaryModel", "TopiaryTensor", "CZlib"]),
         .target(name: "TopiaryCluster", dependencies: ["TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport", "CCrypto"]),
         .executableTarget(name: "topiary", dependencies: ["TopiaryCluster", "TopiaryPrune", "TopiaryModel", "TopiaryTensor", "CTopiarySupport"]),

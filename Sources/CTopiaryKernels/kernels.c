@@ -184,6 +184,19 @@ CLONES void topiary_sparsellm_gate(float *s, const float *g, const float *z, con
     for (ptrdiff_t i = 0; i < n; i += 16) gateLanes(s + i, g + i, z + i, p + i, n - i < 16 ? n - i : 16, a, c, steps);
 }
 
+CLONES void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n) {
+    unsigned char *out = dst;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, src + i, 4);
+        uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+        uint32_t quiet = (b >> 16) | 0x0040u;
+        uint16_t r = (uint16_t)((b & 0x7FFFFFFFu) > 0x7F800000u ? quiet : rounded);
+        out[2 * i] = (unsigned char)(r & 0xFF);
+        out[2 * i + 1] = (unsigned char)(r >> 8);
+    }
+}
+
 int topiary_kernels_vector_bits(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 512;

@@ -50,3 +50,27 @@ public struct SHA256Digest {
         return d.finish()
     }
 }
+
+/// A SHA-256 fed in pieces through a reference, so that a writer can hash a set of files as it
+/// writes them (`SafeTensorsWriter.weightsDigest`) instead of reading them back.
+public final class SHA256Stream: @unchecked Sendable {
+    private var digest = SHA256Digest()
+    private var result: String?
+
+    public init() {}
+
+    public func update(_ bytes: UnsafeRawBufferPointer) {
+        precondition(result == nil, "SHA256Stream: update after finish")
+        digest.update(bytes)
+    }
+
+    /// The digest of everything given so far, as lowercase hex; nothing may be added after.
+    public func finish() -> String {
+        if let result { return result }
+        let r = digest.finish()
+        result = r
+        return r
+    }
+
+    deinit { if result == nil { _ = digest.finish() } }
+}

@@ -47,10 +47,13 @@ public enum HuggingFaceExport {
     /// Q/K rows are put in rotate-half layout. `dtype` nil writes `defaultDType(for:)` (a Hugging
     /// Face source's own, else F32). A sharded Hugging Face source gives the same shards; other
     /// sources give one file, or shards of at most `maxShardBytes`. Returns the weight files written.
+    /// `weightsDigest`, when given, is fed the weight files' bytes as they are written (in the
+    /// order returned): `SHA256Digest.files` of the returned files, without reading them back.
+    /// The weight files go to disk as they are written and do not stay in the page cache.
     @discardableResult
     public static func write(
         model: LanguageModel, to directory: String, dtype: TensorDType? = nil,
-        block: ((Int) throws -> DecoderBlock)? = nil, maxShardBytes: Int = 5 << 30
+        block: ((Int) throws -> DecoderBlock)? = nil, maxShardBytes: Int = 5 << 30, weightsDigest: SHA256Stream? = nil
     ) throws -> [String] {
         let c = model.config
         var out = c
@@ -62,6 +65,8 @@ public enum HuggingFaceExport {
         var writer = SafeTensorsWriter(directory: directory, maxShardBytes: maxShardBytes, metadata: [:])
         writer.layout = layout.shards
         writer.indexHasTotalParameters = layout.totalParameters
+        writer.streamsToDisk = true
+        writer.weightsDigest = weightsDigest
         let loadBlock = block ?? { try model.loadBlock($0) }
         let permute = c.architecture.isLlamaLike && c.ropeLayout == .adjacentPairs
         // Non-block tensors.

@@ -1,3 +1,5 @@
+import CTopiaryKernels
+
 /// Conversions between Float32 and the 16-bit formats found in checkpoints.
 /// Done on bit patterns so that results do not depend on the platform's Float16 support.
 public enum HalfPrecision {
@@ -61,5 +63,12 @@ public enum HalfPrecision {
         if f.isNaN { return UInt16(bits >> 16) | 0x0040 }
         let rounding = UInt32(0x7FFF) + ((bits >> 16) & 1)
         return UInt16((bits &+ rounding) >> 16)
+    }
+
+    /// `floatToBF16` of `count` values, stored little-endian from `destination` (which need not be
+    /// aligned), in vectors: writing a 7B model's 13 GB of bf16 spent a fifth of its time in the
+    /// element-by-element loop.
+    public static func floatsToBF16(_ source: UnsafePointer<Float>, count: Int, into destination: UnsafeMutableRawPointer) {
+        topiary_f32_to_bf16(source, destination, count)
     }
 }

@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import TopiaryModel
+import TopiaryTensor
 
 final class AtomicFileTests: XCTestCase {
     private var dir = ""
@@ -64,6 +65,38 @@ final class AtomicFileTests: XCTestCase {
             }
         }
         XCTAssertEqual(try listing(), ["stream.bin"])
+    }
+
+    /// Streamed to disk in chunks (handed to the disk, waited for and dropped from the page
+    /// cache as it goes) or not, the file has the same bytes, and the digest fed while writing
+    /// is the digest of the file read back; small and large pieces, chunks that end inside a piece.
+    func testStreamingToDiskAndDigestKeepTheBytes() throws {
+        let floats = (0..<700_000).map { Float($0 % 1000) * 0.25 - 3 }   // 2.8 MB, past the 1 MiB buffer
+        func write(_ path: String, chunk: Int?, digest: SHA256Stream?) throws {
+            try AtomicFile.write(to: path, streamChunk: chunk, digest: digest) { w in
+                try w.write([9, 8, 7, 6, 5])
+                try floats.withUnsafeBufferPointer { try w.write(floats: $0) }
+                for i in 0..<3000 { try w.write("piece \(i);") }
+                try w.writeConverted(count: 600_000, elementSize: 2) { range, p in
+                    HalfPrecision.floatsToBF16(floats.withUnsafeBufferPointer { $0.baseAddress! } + range.lowerBound, count: range.count, into: p)
+                }
+            }
+        }
+        try write(dir + "/plain.bin", chunk: nil, digest: nil)
+        let plain = try Data(contentsOf: URL(fileURLWithPath: dir + "/plain.bin"))
+        XCTAssertGreaterThan(plain.count, 4_000_000)
+        for chunk in [4096, 65_537, 1 << 20, FileHandleWriter.streamChunk] {
+            let path = dir + "/streamed-\(chunk).bin"
+            let digest = SHA256Stream()
+            try write(path, chunk: chunk, digest: digest)
+            XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: path)), plain, "chunk \(chunk)")
+            XCTAssertEqual(digest.finish(), try SHA256Digest.files([path]), "chunk \(chunk)")
+        }
+        // The public entry point streams with the default chunk.
+        let digest = SHA256Stream()
+        try AtomicFile.write(to: dir + "/public.bin", streaming: true, digest: digest) { w in try w.write(plain) }
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: dir + "/public.bin")), plain)
+        XCTAssertEqual(digest.finish(), SHA256Digest.hex(plain))
     }
 
     func testMissingDirectoryNamesThePath() throws {

@@ -129,6 +129,20 @@ final class HuggingFaceExportFilesTests: XCTestCase {
         return try JSONSerialization.jsonObject(with: d.subdata(in: 8..<(8 + n))) as! [String: Any]
     }
 
+    /// The digest the export feeds as it writes is that of its weight files read back, in the
+    /// order returned, for one file and for several shards.
+    func testExportDigestIsTheWrittenFilesDigest() throws {
+        let out = try TestAssets.temporaryDirectory(self)
+        let model = try LanguageModel.open(path: bf16)
+        for (name, limit) in [("one", 5 << 30), ("shards", 1 << 14)] {
+            let digest = SHA256Stream()
+            let files = try HuggingFaceExport.write(model: model, to: out.path + "/" + name, maxShardBytes: limit, weightsDigest: digest)
+            let weights = files.filter { $0.hasSuffix(".safetensors") }
+            XCTAssertEqual(weights.count > 1, name == "shards", "\(files)")
+            XCTAssertEqual(digest.finish(), try SHA256Digest.files(weights), name)
+        }
+    }
+
     func testBF16SourceKeepsItsConfigAndDTypeByDefault() throws {
         let out = try TestAssets.temporaryDirectory(self)
         let model = try LanguageModel.open(path: bf16)

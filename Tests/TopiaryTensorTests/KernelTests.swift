@@ -51,6 +51,36 @@ final class HalfPrecisionTests: XCTestCase {
             XCTAssertEqual(HalfPrecision.floatToBF16(HalfPrecision.bf16ToFloat(UInt16(bits))), UInt16(bits))
         }
     }
+
+    /// The vector conversion gives `floatToBF16`'s bits for every value: ties both ways, values
+    /// that round up to infinity, infinities, signalling and quiet NaNs of both signs, subnormals,
+    /// and a million random bit patterns; written at an odd address and at every length's tail.
+    func testVectorBF16MatchesScalar() {
+        var bits: [UInt32] = [0, 0x8000_0000, 0x3F80_8000, 0x3F81_8000, 0x3F80_7FFF, 0x3F81_7FFF, 0x7F7F_FFFF, 0xFF7F_FFFF,
+                              0x7F7F_8000, 0x7F80_0000, 0xFF80_0000, 0x7F80_0001, 0xFF80_0001, 0x7FC0_0000, 0xFFFF_FFFF,
+                              0x7FBF_FFFF, 0x0000_0001, 0x807F_FFFF, 0x0000_8000, 0x0001_8000]
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for _ in 0..<1_000_000 {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            bits.append(UInt32(truncatingIfNeeded: state >> 32))
+        }
+        let values = bits.map { Float(bitPattern: $0) }
+        let expected = values.flatMap { v -> [UInt8] in let b = HalfPrecision.floatToBF16(v); return [UInt8(b & 0xFF), UInt8(b >> 8)] }
+        var out = [UInt8](repeating: 0xAA, count: 2 * values.count + 1)
+        values.withUnsafeBufferPointer { src in
+            out.withUnsafeMutableBytes { dst in HalfPrecision.floatsToBF16(src.baseAddress!, count: src.count, into: dst.baseAddress! + 1) }
+        }
+        XCTAssertEqual(out[0], 0xAA)
+        XCTAssertEqual(Array(out[1...]), expected)
+        for n in 0..<40 {
+            var tail = [UInt8](repeating: 0xAA, count: 2 * n + 2)
+            values.withUnsafeBufferPointer { src in
+                tail.withUnsafeMutableBytes { dst in HalfPrecision.floatsToBF16(src.baseAddress!, count: n, into: dst.baseAddress!) }
+            }
+            XCTAssertEqual(Array(tail[..<(2 * n)]), Array(expected[..<(2 * n)]), "n = \(n)")
+            XCTAssertEqual(Array(tail[(2 * n)...]), [0xAA, 0xAA], "n = \(n): wrote past the end")
+        }
+    }
 }
 
 final class KernelTests: XCTestCase {

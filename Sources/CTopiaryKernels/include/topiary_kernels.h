@@ -34,6 +34,11 @@ void topiary_exp(const float *x, float *y, ptrdiff_t n);
 void topiary_sparsellm_gate(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
                             float a, float c, int steps);
 
+/// dst[i] = the bfloat16 bits of src[i], little-endian, rounded to nearest even; a NaN keeps its
+/// top 16 bits with the quiet bit set (HalfPrecision.floatToBF16, element for element). `dst`
+/// need not be aligned.
+void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n);
+
 /// Which clone the loader chose: 512 (AVX-512), 256 (AVX2) or 128 (baseline).
 int topiary_kernels_vector_bits(void);
 

@@ -22,4 +22,13 @@ int topiary_crc32c_hardware(void);
 /// glibc took both settings, 0 otherwise (other C libraries).
 int topiary_configure_malloc(void);
 
+/// Starts the disk writes of bytes [offset, offset + length) of an open file without waiting
+/// for them (Linux's sync_file_range). Returns 0, or -1 where the system or file system cannot.
+int topiary_writeback_start(int fd, long long offset, long long length);
+
+/// Waits until bytes [offset, offset + length) are written to disk (data only: the file's final
+/// fsync is still what makes it durable), then tells the kernel that their cached pages will
+/// not be read again (POSIX_FADV_DONTNEED). Returns 0, or -1 where the system cannot.
+int topiary_writeback_finish(int fd, long long offset, long long length);
+
 #endif

@@ -267,12 +267,14 @@ extension PruneRun {
         // Written into a staging directory, then renamed.
         let staging = OutputDirectory.stagingPath(for: d.output)
         try? FileManager.default.removeItem(atPath: staging)
-        let files: [String]
-        do { files = try HuggingFaceExport.write(model: pruned, to: staging, dtype: d.dtype) } catch {
+        // The weights' SHA-256 is taken as they are written (SHA256Digest.files of the same
+        // files, without reading them back from disk).
+        let digest = SHA256Stream()
+        do { try HuggingFaceExport.write(model: pruned, to: staging, dtype: d.dtype, weightsDigest: digest) } catch {
             try? FileManager.default.removeItem(atPath: staging)
             throw error
         }
-        let sha = try SHA256Digest.files(files.filter { $0.hasSuffix(".safetensors") })
+        let sha = digest.finish()
         let sparsity = PruneReport.sparsity(outcome.reports)
         var summary = summaryFields(outcome, delivery: d)
         summary["sparsity"] = sparsity

@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import Foundation
+import CTopiarySupport
 
 /// Writes a file so that readers see either the old contents or the complete new contents,
 /// never a partial file: the bytes go to a temporary file in the same directory
@@ -21,7 +22,17 @@ public enum AtomicFile {
 
     /// Writes the bytes appended by `body` to `path` atomically. The writer must not be used
     /// after `body` returns. Errors thrown by `body` are passed on unchanged (after clean-up).
-    public static func write(to path: String, _ body: (FileHandleWriter) throws -> Void) throws {
+    /// `streaming` (for a large file that this process will not read again soon, such as an
+    /// output model's weights): the file goes to disk as it is written and its pages leave the
+    /// page cache (`FileHandleWriter.streamChunk`).
+    /// `digest`, when given, is fed every byte of the file in order as it is written.
+    public static func write(to path: String, streaming: Bool = false, digest: SHA256Stream? = nil,
+                             _ body: (FileHandleWriter) throws -> Void) throws {
+        try write(to: path, streamChunk: streaming ? FileHandleWriter.streamChunk : nil, digest: digest, body)
+    }
+
+    /// `write(to:streaming:digest:_:)` with the streaming writer's chunk given (tests use small ones).
+    static func write(to path: String, streamChunk: Int?, digest: SHA256Stream?, _ body: (FileHandleWriter) throws -> Void) throws {
         let (directory, name) = split(path)
         guard !name.isEmpty else {
             throw CheckpointError.io(path: path, detail: "cannot write: the path names a directory, not a file")
@@ -51,7 +62,7 @@ public enum AtomicFile {
         // keeps its exact permissions.
         if replacing { _ = fchmod(fd, mode) }
 
-        let writer = FileHandleWriter(fd: fd, path: path)
+        let writer = FileHandleWriter(fd: fd, path: path, streamChunk: streamChunk, digest: digest)
         defer { writer.close() }
         try body(writer)
         try writer.flush()
@@ -119,9 +130,28 @@ public final class FileHandleWriter {
     /// Bytes appended so far.
     public private(set) var bytesWritten = 0
 
-    init(fd: Int32, path: String) {
+    /// A streaming writer hands each `streamChunk` bytes to the disk as soon as they are written
+    /// (without waiting), waits for the chunk before it, and drops that one's pages from the
+    /// page cache. Without it, a file larger than free memory makes every write reclaim cached
+    /// pages first: 13 GB written in 1 MiB pieces took 25-26 s on a 24 GiB VM whose disk takes
+    /// 1.3-1.5 GB/s, and 9-10 s with each 256 MiB synced and dropped. The file's final fsync
+    /// still makes it durable; where the system cannot do this (not Linux, or a file system
+    /// without it) the writes are plain.
+    static let streamChunk = 64 << 20
+    /// The chunk when streaming, nil when not.
+    private let streamChunk: Int?
+    /// File bytes handed to the system; [0, dropped) are on disk and out of the cache,
+    /// [dropped, started) on their way to disk.
+    private var fileOffset = 0, started = 0, dropped = 0
+
+    private let digest: SHA256Stream?
+
+    init(fd: Int32, path: String, streamChunk: Int? = nil, digest: SHA256Stream? = nil) {
+        precondition(streamChunk.map { $0 > 0 } ?? true, "FileHandleWriter: stream chunk \(streamChunk!)")
         self.fd = fd
         self.path = path
+        self.streamChunk = streamChunk
+        self.digest = digest
         buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.capacity, alignment: 16)
     }
 
@@ -199,6 +229,7 @@ public final class FileHandleWriter {
 
     private func writeFully(_ bytes: UnsafeRawBufferPointer) throws {
         guard var p = bytes.baseAddress else { return }
+        digest?.update(bytes)
         var left = bytes.count
         while left > 0 {
             let n = posixWrite(fd, p, min(left, 1 << 30))
@@ -212,7 +243,17 @@ public final class FileHandleWriter {
             }
             p += n
             left -= n
+            fileOffset += n
+            if let chunk = streamChunk, fileOffset - started >= chunk { streamOut() }
         }
+    }
+
+    /// Starts the disk writes of [started, fileOffset), then waits for [dropped, started) and
+    /// drops its pages. Failures only mean the pages stay cached: the final fsync reports errors.
+    private func streamOut() {
+        if started > dropped && topiary_writeback_finish(fd, Int64(dropped), Int64(started - dropped)) == 0 { dropped = started }
+        _ = topiary_writeback_start(fd, Int64(started), Int64(fileOffset - started))
+        started = fileOffset
     }
 }
 

@@ -361,6 +361,13 @@ public struct SafeTensorsWriter {
     /// Whether the index's metadata also gives `total_parameters` (the elements of all tensors),
     /// as transformers 5 writes it.
     public var indexHasTotalParameters = false
+    /// Weight files go to disk as they are written, and out of the page cache
+    /// (`AtomicFile.write(to:streaming:)`): for an output model, which this process does not
+    /// read again, larger than free memory at 7B and up.
+    public var streamsToDisk = false
+    /// When set, fed the bytes of every safetensors file written, in the order `finish` returns
+    /// them: the SHA-256 of their concatenation without reading them back.
+    public var weightsDigest: SHA256Stream?
     private var pending: [Pending] = []
     private var names: Set<String> = []
 
@@ -417,7 +424,7 @@ public struct SafeTensorsWriter {
             return try writeShards(layout.shards(of: sorted, bytes: \.byteCount, name: \.name), total: total)
         }
         if maxShardBytes == nil || total <= maxShardBytes! || sorted.count <= 1 {
-            try Self.writeFile(path: single, tensors: sorted, metadata: fileMetadata)
+            try Self.writeFile(path: single, tensors: sorted, metadata: fileMetadata, streaming: streamsToDisk, digest: weightsDigest)
             try removeIfPresent(indexPath)
             return [single]
         }
@@ -457,7 +464,7 @@ public struct SafeTensorsWriter {
             }
             let p = directory + "/" + name
             let sorted = shard.sorted { $0.name.utf8.lexicographicallyPrecedes($1.name.utf8) }
-            try Self.writeFile(path: p, tensors: sorted, metadata: fileMetadata)
+            try Self.writeFile(path: p, tensors: sorted, metadata: fileMetadata, streaming: streamsToDisk, digest: weightsDigest)
             written.append(p)
             for t in shard { weightMap.append((t.name, name)) }
         }
@@ -479,7 +486,7 @@ public struct SafeTensorsWriter {
     /// Writes every tensor added into one safetensors file at `path`, whatever `maxShardBytes`.
     public func writeSingleFile(to path: String) throws {
         let sorted = pending.sorted { $0.name.utf8.lexicographicallyPrecedes($1.name.utf8) }
-        try Self.writeFile(path: path, tensors: sorted, metadata: fileMetadata)
+        try Self.writeFile(path: path, tensors: sorted, metadata: fileMetadata, streaming: streamsToDisk, digest: weightsDigest)
     }
 
     // MARK: Internals
@@ -543,10 +550,11 @@ public struct SafeTensorsWriter {
         return bytes
     }
 
-    static func writeFile(path: String, tensors: [Pending], metadata: [String: String]) throws {
+    static func writeFile(path: String, tensors: [Pending], metadata: [String: String], streaming: Bool = false,
+                          digest: SHA256Stream? = nil) throws {
         let header = header(tensors: tensors, metadata: metadata)
         let dataBytes = tensors.reduce(0) { $0 + $1.byteCount }
-        try AtomicFile.write(to: path) { w in
+        try AtomicFile.write(to: path, streaming: streaming, digest: digest) { w in
             var length = UInt64(header.count).littleEndian
             try withUnsafeBytes(of: &length) { try w.write($0) }
             try w.write(header)
@@ -567,11 +575,7 @@ public struct SafeTensorsWriter {
                         }
                     case .bf16:
                         try w.writeConverted(count: src.count, elementSize: 2) { range, p in
-                            var o = 0
-                            for i in range {
-                                p.storeBytes(of: HalfPrecision.floatToBF16(src[i]).littleEndian, toByteOffset: o, as: UInt16.self)
-                                o += 2
-                            }
+                            HalfPrecision.floatsToBF16(src.baseAddress! + range.lowerBound, count: range.count, into: p)
                         }
                     default:
                         try w.write(floats: src)
