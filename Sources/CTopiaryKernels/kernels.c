@@ -197,6 +197,31 @@ CLONES void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n) {
     }
 }
 
+CLONES void topiary_f32_to_f16(const float *src, void *dst, ptrdiff_t n) {
+    unsigned char *out = dst;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, src + i, 4);
+        uint32_t sign = (b >> 16) & 0x8000u, exponent = (b >> 23) & 0xFFu, mantissa = b & 0x7FFFFFu;
+        int32_t e = (int32_t)exponent - 112;                     // the half's biased exponent
+        // A normal half: the top 10 mantissa bits, rounded on the 13 below (a carry may reach
+        // the exponent, and from the largest half to infinity).
+        uint32_t normal = ((uint32_t)(e > 0 ? e : 0) << 10) | (mantissa >> 13);
+        uint32_t rest = mantissa & 0x1FFFu;
+        normal += (rest > 0x1000u) | ((rest == 0x1000u) & (normal & 1u));
+        // A subnormal half (e in -10...0): the mantissa with its leading one, shifted 14 - e.
+        uint32_t shift = (uint32_t)(e < -10 ? 24 : (e > 0 ? 14 : 14 - e));
+        uint32_t full = mantissa | 0x800000u;
+        uint32_t sub = full >> shift, subRest = full & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+        sub += (subRest > halfway) | ((subRest == halfway) & (sub & 1u));
+        uint32_t r = e >= 31 ? 0x7C00u : (e > 0 ? normal : (e < -10 ? 0u : sub));
+        if (exponent == 0xFFu) r = 0x7C00u | (mantissa ? 0x0200u : 0u);
+        r |= sign;
+        out[2 * i] = (unsigned char)(r & 0xFF);
+        out[2 * i + 1] = (unsigned char)(r >> 8);
+    }
+}
+
 int topiary_kernels_vector_bits(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 512;

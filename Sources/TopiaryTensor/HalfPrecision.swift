@@ -71,4 +71,10 @@ public enum HalfPrecision {
     public static func floatsToBF16(_ source: UnsafePointer<Float>, count: Int, into destination: UnsafeMutableRawPointer) {
         topiary_f32_to_bf16(source, destination, count)
     }
+
+    /// `floatToFP16` of `count` values, stored little-endian from `destination` (which need not be
+    /// aligned), in vectors.
+    public static func floatsToFP16(_ source: UnsafePointer<Float>, count: Int, into destination: UnsafeMutableRawPointer) {
+        topiary_f32_to_f16(source, destination, count)
+    }
 }

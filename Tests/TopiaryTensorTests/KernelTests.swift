@@ -56,29 +56,43 @@ final class HalfPrecisionTests: XCTestCase {
     /// that round up to infinity, infinities, signalling and quiet NaNs of both signs, subnormals,
     /// and a million random bit patterns; written at an odd address and at every length's tail.
     func testVectorBF16MatchesScalar() {
+        checkVector(HalfPrecision.floatToBF16, HalfPrecision.floatsToBF16)
+    }
+
+    /// The same for binary16: also halves that are subnormal, halfway between two subnormals,
+    /// just below the smallest, rounding up to the smallest normal and to infinity.
+    func testVectorFP16MatchesScalar() {
+        checkVector(HalfPrecision.floatToFP16, HalfPrecision.floatsToFP16,
+                    extra: [0x3380_0000, 0x3300_0000, 0x3300_0001, 0x32FF_FFFF, 0x3400_0000, 0x3400_1000, 0x3400_3000, 0x3880_0000,
+                            0x387F_E000, 0x387F_F000, 0x477F_E000, 0x477F_F000, 0x477F_EFFF, 0x4780_0000, 0xC77F_F000, 0x3540_0000,
+                            0x3540_1000, 0x3380_0001, 0xB380_0001, 0x7FA0_0001, 0x2000_0000])
+    }
+
+    func checkVector(_ scalar: (Float) -> UInt16, _ vector: (UnsafePointer<Float>, Int, UnsafeMutableRawPointer) -> Void,
+                     extra: [UInt32] = [], file: StaticString = #filePath, line: UInt = #line) {
         var bits: [UInt32] = [0, 0x8000_0000, 0x3F80_8000, 0x3F81_8000, 0x3F80_7FFF, 0x3F81_7FFF, 0x7F7F_FFFF, 0xFF7F_FFFF,
                               0x7F7F_8000, 0x7F80_0000, 0xFF80_0000, 0x7F80_0001, 0xFF80_0001, 0x7FC0_0000, 0xFFFF_FFFF,
-                              0x7FBF_FFFF, 0x0000_0001, 0x807F_FFFF, 0x0000_8000, 0x0001_8000]
+                              0x7FBF_FFFF, 0x0000_0001, 0x807F_FFFF, 0x0000_8000, 0x0001_8000] + extra
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15
         for _ in 0..<1_000_000 {
             state = state &* 6364136223846793005 &+ 1442695040888963407
             bits.append(UInt32(truncatingIfNeeded: state >> 32))
         }
         let values = bits.map { Float(bitPattern: $0) }
-        let expected = values.flatMap { v -> [UInt8] in let b = HalfPrecision.floatToBF16(v); return [UInt8(b & 0xFF), UInt8(b >> 8)] }
+        let expected = values.flatMap { v -> [UInt8] in let b = scalar(v); return [UInt8(b & 0xFF), UInt8(b >> 8)] }
         var out = [UInt8](repeating: 0xAA, count: 2 * values.count + 1)
         values.withUnsafeBufferPointer { src in
-            out.withUnsafeMutableBytes { dst in HalfPrecision.floatsToBF16(src.baseAddress!, count: src.count, into: dst.baseAddress! + 1) }
+            out.withUnsafeMutableBytes { dst in vector(src.baseAddress!, src.count, dst.baseAddress! + 1) }
         }
-        XCTAssertEqual(out[0], 0xAA)
-        XCTAssertEqual(Array(out[1...]), expected)
+        XCTAssertEqual(out[0], 0xAA, file: file, line: line)
+        XCTAssertEqual(Array(out[1...]), expected, file: file, line: line)
         for n in 0..<40 {
             var tail = [UInt8](repeating: 0xAA, count: 2 * n + 2)
             values.withUnsafeBufferPointer { src in
-                tail.withUnsafeMutableBytes { dst in HalfPrecision.floatsToBF16(src.baseAddress!, count: n, into: dst.baseAddress!) }
+                tail.withUnsafeMutableBytes { dst in vector(src.baseAddress!, n, dst.baseAddress!) }
             }
-            XCTAssertEqual(Array(tail[..<(2 * n)]), Array(expected[..<(2 * n)]), "n = \(n)")
-            XCTAssertEqual(Array(tail[(2 * n)...]), [0xAA, 0xAA], "n = \(n): wrote past the end")
+            XCTAssertEqual(Array(tail[..<(2 * n)]), Array(expected[..<(2 * n)]), "n = \(n)", file: file, line: line)
+            XCTAssertEqual(Array(tail[(2 * n)...]), [0xAA, 0xAA], "n = \(n): wrote past the end", file: file, line: line)
         }
     }
 }

@@ -39,6 +39,11 @@ void topiary_sparsellm_gate(float *s, const float *g, const float *z, const floa
 /// need not be aligned.
 void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n);
 
+/// dst[i] = the IEEE binary16 bits of src[i], little-endian, rounded to nearest even (subnormal
+/// halves included, overflow to infinity, every NaN to 0x7E00 with its sign), as
+/// HalfPrecision.floatToFP16 gives them. `dst` need not be aligned.
+void topiary_f32_to_f16(const float *src, void *dst, ptrdiff_t n);
+
 /// Which clone the loader chose: 512 (AVX-512), 256 (AVX2) or 128 (baseline).
 int topiary_kernels_vector_bits(void);
 

@@ -567,11 +567,7 @@ public struct SafeTensorsWriter {
                     switch t.dtype {
                     case .f16:
                         try w.writeConverted(count: src.count, elementSize: 2) { range, p in
-                            var o = 0
-                            for i in range {
-                                p.storeBytes(of: HalfPrecision.floatToFP16(src[i]).littleEndian, toByteOffset: o, as: UInt16.self)
-                                o += 2
-                            }
+                            HalfPrecision.floatsToFP16(src.baseAddress! + range.lowerBound, count: range.count, into: p)
                         }
                     case .bf16:
                         try w.writeConverted(count: src.count, elementSize: 2) { range, p in
