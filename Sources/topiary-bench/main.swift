@@ -551,6 +551,55 @@ func benchLoad(_ args: [String]) throws {
     Linalg.setThreadCount(threads)
 }
 
+/// The export of a whole model (`HuggingFaceExport.write`, as `convert` and the end of `prune`
+/// do: decode, convert, write, hash) against writing the same number of bytes from memory
+/// through the same streaming writer, fsync included, measured in the same run: the ratio says
+/// how close the export comes to what the disk takes. Alternates the two, `--repeats` times.
+func benchExport(_ args: [String]) throws {
+    guard let path = argument("model", args) else { throw ToolFailure("bench export: --model PATH is required") }
+    let repeats = Int(argument("repeats", args) ?? "2") ?? 2
+    let model = try LanguageModel.open(path: path)
+    let dtype = try argument("dtype", args).map { name -> TensorDType in
+        guard let t = TensorDType(rawValue: name.uppercased()), [.f32, .f16, .bf16].contains(t) else {
+            throw ToolFailure("bench export: --dtype must be f32, f16 or bf16")
+        }
+        return t
+    } ?? HuggingFaceExport.defaultDType(for: model)
+    let directory = argument("output", args) ?? FileManager.default.temporaryDirectory.appendingPathComponent("topiary-bench-export-\(getpid())").path
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    var exportTimes: [Double] = [], rawTimes: [Double] = []
+    var bytes = 0
+    for _ in 0..<repeats {
+        try? FileManager.default.removeItem(atPath: directory)
+        let digest = SHA256Stream()
+        var t0 = Date()
+        let files = try HuggingFaceExport.write(model: model, to: directory, dtype: dtype, weightsDigest: digest)
+        _ = digest.finish()
+        exportTimes.append(Date().timeIntervalSince(t0))
+        bytes = try files.filter { $0.hasSuffix(".safetensors") }.reduce(0) { $0 + ((try FileManager.default.attributesOfItem(atPath: $1)[.size] as? Int) ?? 0) }
+        try? FileManager.default.removeItem(atPath: directory)
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let piece = [UInt8](repeating: 0x5A, count: 1 << 20)
+        t0 = Date()
+        try AtomicFile.write(to: directory + "/raw.bin", streaming: true) { w in
+            var left = bytes
+            while left > 0 {
+                let n = min(left, piece.count)
+                try piece.withUnsafeBytes { try w.write(UnsafeRawBufferPointer(rebasing: $0[..<n])) }
+                left -= n
+            }
+        }
+        rawTimes.append(Date().timeIntervalSince(t0))
+    }
+    let (export, raw) = (exportTimes.min()!, rawTimes.min()!)
+    print("model \(path): \(model.config.layerCount) blocks, weights written as \(dtype.rawValue): \(String(format: "%.2f", Double(bytes) / 1e9)) GB")
+    print(String(format: "  export (decode, convert, write, SHA-256): best %.2f s, %.2f GB/s  (%@)", export, Double(bytes) / export / 1e9,
+                 exportTimes.map { String(format: "%.2f", $0) }.joined(separator: ", ")))
+    print(String(format: "  the same bytes from memory, streamed and synced: best %.2f s, %.2f GB/s  (%@)", raw, Double(bytes) / raw / 1e9,
+                 rawTimes.map { String(format: "%.2f", $0) }.joined(separator: ", ")))
+    print(String(format: "  ratio export / raw write: %.2f", raw / export))
+}
+
 struct ToolFailure: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }
@@ -569,11 +618,12 @@ do {
     case "tokenize": try benchTokenize(Array(args.dropFirst()))
     case "linalg": benchLinalg(Array(args.dropFirst()))
     case "load": try benchLoad(Array(args.dropFirst()))
+    case "export": try benchExport(Array(args.dropFirst()))
     case "make-synthetic": try makeSynthetic(Array(args.dropFirst()))
     case "precision": try benchPrecision(Array(args.dropFirst()))
     case "cuda-check": try cudaCheck(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer|load --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer|load --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench export --model PATH [--dtype f32|f16|bf16] [--repeats N] [--output DIR]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {
