@@ -271,12 +271,15 @@ public enum TensorStream {
         }
     }
 
-    /// Writes `values` as little-endian f16 or bf16 bits into `out` (2 bytes each).
+    /// Writes `values` as little-endian f16 or bf16 bits into `out` (2 bytes each), through the
+    /// vector conversions (the bits of `HalfPrecision.floatToFP16` and `floatToBF16`).
     static func writeHalf(_ values: UnsafeBufferPointer<Float>, dtype: WireDType, into out: UnsafeMutableRawBufferPointer) {
         precondition(dtype != .f32 && out.count >= values.count * 2)
-        for i in 0..<values.count {
-            let bits = dtype == .f16 ? HalfPrecision.floatToFP16(values[i]) : HalfPrecision.floatToBF16(values[i])
-            out.storeBytes(of: bits.littleEndian, toByteOffset: i * 2, as: UInt16.self)
+        guard let source = values.baseAddress, let destination = out.baseAddress else { return }
+        if dtype == .f16 {
+            HalfPrecision.floatsToFP16(source, count: values.count, into: destination)
+        } else {
+            HalfPrecision.floatsToBF16(source, count: values.count, into: destination)
         }
     }
 }

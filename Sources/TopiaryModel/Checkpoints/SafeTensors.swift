@@ -363,7 +363,7 @@ public struct SafeTensorsWriter {
     public var indexHasTotalParameters = false
     /// Weight files go to disk as they are written, and out of the page cache
     /// (`AtomicFile.write(to:streaming:)`): for an output model, which this process does not
-    /// read again, larger than free memory at 7B and up.
+    /// read again and which is often larger than the machine's free memory.
     public var streamsToDisk = false
     /// When set, fed the bytes of every safetensors file written, in the order `finish` returns
     /// them: the SHA-256 of their concatenation without reading them back.
