@@ -354,27 +354,32 @@ public struct BlockPruner: Sendable {
         if plan.method == .sparsellm {
             for (k, ffn) in feedForwards.enumerated() where owns(ffn.inputLinear) {
                 let t0 = clock()
-                let parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
+                var parts = ffnInputs.removeValue(forKey: ffn.inputLinear) ?? []
                 // An expert without calibration tokens has nothing to fit: SparseGPT below handles it.
                 guard !parts.isEmpty else { continue }
-                let x = parts.count == 1 ? parts[0] : backend.vstack(parts)
+                let (tokens, width) = (parts.reduce(0) { $0 + $1.rows }, parts[0].cols)
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
                 let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
                 switch ffn {
                 case .gated(let gate, let up, let down):
-                    let r = try SparseLLM.pruneLlama(x: x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
+                    // The windows' inputs cut straight into the solver's row chunks, each window
+                    // freed once copied.
+                    let chunks = SparseLLM.rowChunks(consuming: &parts, rows: SparseLLM.chunkRows, on: backend)
+                    let r = try SparseLLM.pruneLlama(chunks: chunks, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
                                                      what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
-                    let cost = SparseLLM.llamaFLOPs(tokens: x.rows, width: x.cols, intermediate: device.weight(gate).rows,
+                    let cost = SparseLLM.llamaFLOPs(tokens: tokens, width: width, intermediate: device.weight(gate).rows,
                                                     iterations: (plan.sparseLLM ?? .llama).iterations)
                     solveFLOPs += cost.products + cost.sparseGPT
                 case .plain(let fc1, let fc2):
+                    let x = parts.count == 1 ? parts[0] : backend.vstack(parts)
+                    parts = []
                     let r = try SparseLLM.pruneOPT(x: x, fc1: device.weight(fc1), bias1: device.bias(fc1)!, fc2: device.weight(fc2),
                                                    bias2: device.bias(fc2)!, pattern: plan.pattern, sparseGPT: plan.sparseGPT,
                                                    options: plan.sparseLLM ?? .opt, what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
-                    let cost = SparseLLM.optFLOPs(tokens: x.rows, width: x.cols, intermediate: device.weight(fc1).rows,
+                    let cost = SparseLLM.optFLOPs(tokens: tokens, width: width, intermediate: device.weight(fc1).rows,
                                                   iterations: (plan.sparseLLM ?? .opt).iterations)
                     solveFLOPs += cost.products + cost.sparseGPT
                 }

@@ -210,6 +210,35 @@ final class SparseLLMBlockTests: XCTestCase {
         }
     }
 
+    /// The block's windows cut straight into chunks: the same chunks, bit for bit, as cutting
+    /// their concatenation (so the same pruned weights), with every window let go.
+    func testChunksCutFromWindowsEqualChunksOfTheirConcatenation() throws {
+        var rng = Random(43)
+        for (sizes, rows) in [([512, 512, 512, 512, 512], 2048), ([300, 700, 50, 1000], 256), ([700], 300), ([10, 20], 2048), ([2048, 2048], 2048)] {
+            var parts = sizes.map { cpu.upload(rng.matrix($0, 7)) }
+            let expected = SparseLLM.rowChunks(cpu.vstack(parts), rows: rows, on: cpu).map { cpu.download($0) }
+            weak var firstPart = parts.first.map { $0.storage as AnyObject }
+            let chunks = SparseLLM.rowChunks(consuming: &parts, rows: rows, on: cpu)
+            XCTAssertTrue(parts.isEmpty, "\(sizes)")
+            XCTAssertEqual(chunks.map { cpu.download($0) }, expected, "\(sizes) in chunks of \(rows)")
+            if sizes.count > 1 { XCTAssertNil(firstPart, "\(sizes): the first window is still held") }
+        }
+        var none: [Tensor] = []
+        XCTAssertTrue(SparseLLM.rowChunks(consuming: &none, rows: 8, on: cpu).isEmpty)
+        // The chunked entry point gives pruneLlama's result on the concatenation, bit for bit.
+        let (d, f) = (16, 24)
+        var parts = [rng.matrix(500, d), rng.matrix(700, d), rng.matrix(300, d)].map { cpu.upload($0) }
+        let x = cpu.vstack(parts)
+        let (gate, up, down) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(d, f)))
+        let whole = try SparseLLM.pruneLlama(x: x, gate: gate, up: up, down: down, pattern: .unstructured(0.5), chunkRows: 400, on: cpu)
+        let cut = try SparseLLM.pruneLlama(chunks: SparseLLM.rowChunks(consuming: &parts, rows: 400, on: cpu), gate: gate, up: up, down: down,
+                                           pattern: .unstructured(0.5), on: cpu)
+        XCTAssertEqual([whole.gate, whole.up, whole.down].map { cpu.download($0) }, [cut.gate, cut.up, cut.down].map { cpu.download($0) })
+        XCTAssertEqual(whole.iterations.map(\.outputError), cut.iterations.map(\.outputError))
+        XCTAssertThrowsError(try SparseLLM.pruneLlama(chunks: [cpu.upload(rng.matrix(4, d)), cpu.upload(rng.matrix(4, d + 1))], gate: gate,
+                                                      up: up, down: down, pattern: .unstructured(0.5), on: cpu))
+    }
+
     func testObjectiveDoesNotIncreaseOnStories260KBlocks() throws {
         let model = try LanguageModel.open(path: PipelineTests.shared("assets/stories260K/stories260K.bin"),
                                            tokenizerPath: PipelineTests.shared("assets/stories260K/tok512.bin"))
