@@ -490,6 +490,20 @@ enum PruneCommand: Command {
             throw ToolError("\(calibPath): token id \(bad) is outside the model's vocabulary of \(c.vocabularySize)")
         }
 
+        // What the largest block's prune must hold at once, against the memory this process may
+        // use (a Slurm job's or container's control group, or the machine): refused here, not
+        // killed by the kernel an hour in. Workers on other machines (--hosts) check themselves
+        // when their job is assigned.
+        if hostCount == nil {
+            let probe = PrunePlan(method: method, pattern: pattern, targets: targets, expertCalibration: expertCalibration)
+            switch MemoryCheck.check(c, plan: probe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
+                                     budget: budget, backend: ComputeDevices.defaultBackend) {
+            case .fits: break
+            case .near(let warning): Console.info("warning: " + warning)
+            case .refused(let reason): throw ToolError("\(model.path): " + reason)
+            }
+        }
+
         let run: RunDirectory
         if let resumed {
             run = resumed.run
@@ -741,9 +755,11 @@ enum PruneCommand: Command {
         return Int(v * Double(scale))
     }
 
+    /// A quarter of the memory this process may use: the machine's, or its control group's
+    /// limit (a Slurm job's `--mem`).
     static func defaultMemoryBudget() -> Int {
-        let physical = Int(ProcessInfo.processInfo.physicalMemory)
-        return physical > 0 ? physical / 4 : 4 << 30
+        let limit = MemoryLimit.current.bytes
+        return limit > 0 && limit < Int.max ? limit / 4 : 4 << 30
     }
 }
 

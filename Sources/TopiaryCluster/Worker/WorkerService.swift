@@ -148,6 +148,17 @@ public final class WorkerService: @unchecked Sendable {
         var problem: Error?
         var intake: Intake?
         do { intake = try self.intake(jobJSON, tensors: tensors, maxTensorBytes: c.maxTensorBytes) } catch { problem = error }
+        // A job whose largest block cannot fit this worker's memory is refused before its
+        // tensors are kept (the coordinator fails the run with the reason, naming this worker).
+        if let job = intake?.job, let config = intake?.prepared.model.config {
+            switch MemoryCheck.check(config, plan: job.plan, samples: job.calibration.count, sequenceLength: job.sequenceLength,
+                                     budget: job.memoryBudget, backend: ComputeDevices.defaultBackend,
+                                     replicas: intake?.prepared.assignment.replica?.count ?? 1, who: "this worker") {
+            case .fits: break
+            case .near(let warning): FileHandle.standardError.write(Data("topiary worker \(name): warning: \(warning)\n".utf8))
+            case .refused(let reason): problem = MemoryRefusal(description: reason)
+            }
+        }
         var weights: [String: Matrix] = [:]
         for _ in 0..<tensors {
             let t = try c.receiveTensorHeader()
@@ -271,4 +282,9 @@ final class Heartbeat: @unchecked Sendable {
         stopped.signal()
         exited.wait()
     }
+}
+
+/// A job refused for the memory it would need (`MemoryCheck`).
+struct MemoryRefusal: Error, CustomStringConvertible {
+    let description: String
 }
