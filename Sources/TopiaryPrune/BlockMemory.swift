@@ -21,34 +21,35 @@ public struct BlockMemory: Sendable, Equatable {
     /// The largest block's bound for `plan` on `config` with `tokens` calibration tokens
     /// (samples x sequence length) and a memory budget of `budget` bytes.
     public static func lowerBound(_ config: ModelConfig, plan: PrunePlan, tokens: Int, budget: Int) -> BlockMemory {
-        let float = MemoryLayout<Float>.size
-        let (d, n) = (config.hiddenSize, tokens)
-        let attention = 2 * d * config.headCount * config.headDim + 2 * d * config.kvHeadCount * config.headDim
+        // Counted in Double and clamped: a hostile or absurd shape gives a huge bound, not a trap.
+        func bytes(_ floats: Double) -> Int { Int(min(max(floats * 4, 0), 0x1p60)) }
+        let (d, n) = (Double(config.hiddenSize), Double(max(tokens, 0)))
+        let attention = 2 * d * Double(config.headCount) * Double(config.headDim) + 2 * d * Double(config.kvHeadCount) * Double(config.headDim)
         let gated = config.architecture.isLlamaLike
         let moe = config.expertCount > 0
-        let experts = moe ? config.expertCount : 1
-        let f = moe ? config.expertWidth : config.intermediateSize
+        let experts = moe ? Double(config.expertCount) : 1
+        let f = Double(moe ? config.expertWidth : config.intermediateSize)
         let ffn = experts * (gated ? 3 : 2) * d * f
         let streams = plan.method == .sparsellm || plan.method == .besa ? (plan.targets == .dense ? 3 : 2) : 2
-        let activations = streams * min(budget / 3, n * d * float)
-        var solver = 0
+        let activations = Double(streams) * min(Double(max(budget, 0) / 3), n * d * 4)
+        var solver = 0.0
         if plan.method == .sparsellm {
             // Tokens the busiest expert sees at least, and every expert's inputs together.
-            let perExpert: Int, held: Int
+            let perExpert: Double, held: Double
             if !moe {
                 (perExpert, held) = (n, n)
             } else if (plan.expertCalibration ?? .routed) == .all {
                 (perExpert, held) = (n, n * experts)
             } else {
-                let routed = n * max(config.expertsPerToken, 1)
-                (perExpert, held) = ((routed + experts - 1) / experts, routed)
+                let routed = n * Double(max(config.expertsPerToken, 1))
+                (perExpert, held) = ((routed / experts).rounded(.up), routed)
             }
             // Gated: s, z, p [tokens x f] and y [tokens x d]; OPT: z, p and y. A gated pass over
             // a chunk has at least its m, g, σ(s) and act [chunk x f] alive; XᵀX and pᵀp.
             let auxiliaries = perExpert * ((gated ? 3 : 2) * f + d)
-            let temporaries = gated ? 4 * min(SparseLLM.chunkRows, perExpert) * f : 0
-            solver = (held * d + auxiliaries + temporaries + d * d + f * f) * float
+            let temporaries = gated ? 4 * min(Double(SparseLLM.chunkRows), perExpert) * f : 0
+            solver = held * d + auxiliaries + temporaries + d * d + f * f
         }
-        return BlockMemory(weights: (attention + ffn) * float, activations: activations, solver: solver)
+        return BlockMemory(weights: bytes(attention + ffn), activations: Int(min(activations, 0x1p60)), solver: bytes(solver))
     }
 }

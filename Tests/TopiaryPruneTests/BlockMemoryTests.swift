@@ -52,4 +52,20 @@ final class BlockMemoryTests: XCTestCase {
         let all = BlockMemory.lowerBound(c, plan: plan, tokens: tokens, budget: 1 << 30)
         XCTAssertEqual(all.solver, 4 * (80_000 * 64 + 10_000 * (3 * 224 + 64) + 4 * 2048 * 224 + 64 * 64 + 224 * 224))
     }
+
+    /// Shapes no model has (a hostile assignment's, say) give a huge bound, never an overflow trap.
+    func testAbsurdShapesSaturate() {
+        var c = ModelConfig(architecture: .mixtral, hiddenSize: Int.max / 2, intermediateSize: Int.max / 3, layerCount: 1,
+                            headCount: Int.max / 4, kvHeadCount: Int.max / 4, headDim: Int.max / 5, vocabularySize: 1, maxPositions: 1,
+                            normEps: 1e-5, tieWordEmbeddings: false)
+        c.expertCount = Int.max / 6
+        c.expertsPerToken = Int.max / 7
+        var plan = PrunePlan(method: .sparsellm, pattern: .unstructured(0.5), targets: .dense)
+        plan.expertCalibration = .all
+        let m = BlockMemory.lowerBound(c, plan: plan, tokens: Int.max, budget: Int.max)
+        XCTAssertEqual(m.weights, 1 << 60)
+        XCTAssertEqual(m.solver, 1 << 60)
+        XCTAssertGreaterThan(m.total, 1 << 61)
+        XCTAssertEqual(BlockMemory.lowerBound(c, plan: plan, tokens: -5, budget: -1).activations, 0)
+    }
 }

@@ -22,7 +22,8 @@ public enum MemoryCheck {
                              backend: any ComputeBackend, replicas: Int = 1, limit: MemoryLimit = .current,
                              who: String = "this process") -> Outcome {
         let share = replicas > 1 ? samples / replicas : samples
-        var need = BlockMemory.lowerBound(config, plan: plan, tokens: share * sequenceLength, budget: budget)
+        let (tokens, overflow) = share.multipliedReportingOverflow(by: sequenceLength)
+        var need = BlockMemory.lowerBound(config, plan: plan, tokens: overflow ? Int.max : tokens, budget: budget)
         if replicas > 1 { need.solver = 0 }
         // On a GPU the solver's variables live in device memory; in Float64 they are twice as wide.
         if !(backend is CPUBackend || backend is Float64Backend) { need.solver = 0 }
