@@ -34,6 +34,17 @@ final class MemoryLimitCLITests: XCTestCase {
             throw XCTSkip("cannot set a control group's memory limit here")
         }
         try? handle.close()
+        // A process must be able to join it (a nested container may let us make it but not move into it).
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/bin/sh")
+        probe.arguments = ["-c", "echo $$ > \"$0/cgroup.procs\"", group]
+        probe.standardError = FileHandle.nullDevice
+        try probe.run()
+        probe.waitUntilExit()
+        guard probe.terminationStatus == 0 else {
+            rmdir(group)
+            throw XCTSkip("cannot move a process into a memory control group here")
+        }
         return group
     }
 
