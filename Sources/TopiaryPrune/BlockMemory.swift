@@ -1,8 +1,8 @@
 import TopiaryModel
 
 /// What a block's prune certainly holds in memory at once, counted from the shapes: a lower
-/// bound, so that a run it refuses could not have finished on the machine (`topiary prune`
-/// compares it with the memory the process may use before loading anything).
+/// bound, so that a run it refuses could not have finished on the machine (`MemoryCheck`
+/// compares it with the memory the process may use before the run writes anything).
 ///
 /// Counted: the block's weights as Float32; the activations the stores keep in memory during
 /// the solve (the block's inputs and dense outputs, and the dense targets when the method
@@ -10,13 +10,19 @@ import TopiaryModel
 /// feed-forward solve, which keeps its auxiliary variables for every calibration token (s, z and
 /// p as wide as the FFN, the dense output y and the input x as wide as the model; for an MoE
 /// block every expert's inputs are held until its turn; a chunk's temporaries and its two Gram
-/// matrices). Not counted: the other Hessians, the buffer cache, the code and the runtime: the
-/// real peak is higher (SmolLM2, SparseLLM, 128 x 512 tokens: 1.89 GB counted, 2.01 GB measured).
+/// matrices); and, for a method that builds input Hessians, every linear group's (kept until the
+/// block is solved), with a copy of the largest for SparseGPT's factor. Not counted: fp64
+/// temporaries, the buffer cache, the code and the runtime, so the real peak is higher
+/// (SmolLM2, SparseLLM, 128 x 512 tokens: 1.91 GB counted, 2.01 GB measured; a LLaMA-2-7B
+/// SparseGPT block at 2 x 2048 tokens: 2.1 GB counted, 3.5 GB measured).
 public struct BlockMemory: Sendable, Equatable {
     public var weights: Int
     public var activations: Int
+    /// The linear groups' input Hessians, and SparseGPT's copy of the largest.
+    public var hessians: Int
+    /// SparseLLM's variables, inputs, temporaries and Gram matrices.
     public var solver: Int
-    public var total: Int { weights + activations + solver }
+    public var total: Int { weights + activations + hessians + solver }
 
     /// The largest block's bound for `plan` on `config` with `tokens` calibration tokens
     /// (samples x sequence length) and a memory budget of `budget` bytes.
@@ -32,7 +38,14 @@ public struct BlockMemory: Sendable, Equatable {
         let ffn = experts * (gated ? 3 : 2) * d * f
         let streams = plan.method == .sparsellm || plan.method == .besa ? (plan.targets == .dense ? 3 : 2) : 2
         let activations = Double(streams) * min(Double(max(budget, 0) / 3), n * d * 4)
-        var solver = 0.0
+        var (hessians, solver) = (0.0, 0.0)
+        if plan.collectsHessian {
+            // Every linear group's XᵀX is kept until the block is solved: q/k/v's and o's inputs,
+            // and per expert the feed-forward's two; SparseGPT factors the largest on a copy.
+            let attentionOut = Double(config.headCount) * Double(config.headDim)
+            hessians += d * d + attentionOut * attentionOut + experts * (d * d + f * f)
+            if plan.solvesWithHessian { hessians += max(d, attentionOut, f) * max(d, attentionOut, f) }
+        }
         if plan.method == .sparsellm {
             // Tokens the busiest expert sees at least, and every expert's inputs together.
             let perExpert: Double, held: Double
@@ -50,6 +63,7 @@ public struct BlockMemory: Sendable, Equatable {
             let temporaries = gated ? 4 * min(Double(SparseLLM.chunkRows), perExpert) * f : 0
             solver = held * d + auxiliaries + temporaries + d * d + f * f
         }
-        return BlockMemory(weights: bytes(attention + ffn), activations: Int(min(activations, 0x1p60)), solver: bytes(solver))
+        return BlockMemory(weights: bytes(attention + ffn), activations: Int(min(activations, 0x1p60)), hessians: bytes(hessians),
+                           solver: bytes(solver))
     }
 }

@@ -67,7 +67,7 @@ final class MemoryLimitCLITests: XCTestCase {
         let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
         XCTAssertEqual(p.terminationStatus, 1, stderr)
-        XCTAssertTrue(stderr.contains("\(Self.smol): sparsellm with 128 x 512 calibration tokens needs at least 1.6 GiB"), stderr)
+        XCTAssertTrue(stderr.contains("\(Self.smol): sparsellm with 128 x 512 calibration tokens needs at least 1.7 GiB"), stderr)
         XCTAssertTrue(stderr.contains("more than the 1.0 GiB this process may use (\(group)/memory.limit_in_bytes)"), stderr)
         // The default budget is a quarter of the group's 1 GiB, a third of it for each of the two
         // streams kept during the solve: 170.7 MiB, not a quarter of the machine's memory.

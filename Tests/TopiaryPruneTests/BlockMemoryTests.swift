@@ -15,6 +15,8 @@ final class BlockMemoryTests: XCTestCase {
         XCTAssertEqual(m.activations, 4 * 2 * tokens * 576)                 // inputs and dense outputs, all in memory
         // x and y [tokens x 576], s, z and p [tokens x 1536], a chunk's four temporaries, XᵀX and pᵀp.
         XCTAssertEqual(m.solver, 4 * (tokens * (2 * 576 + 3 * 1536) + 4 * 2048 * 1536 + 576 * 576 + 1536 * 1536))
+        // The block's Hessians (q/k/v's, o's, gate/up's and down's inputs) and a copy of down's.
+        XCTAssertEqual(m.hessians, 4 * (3 * 576 * 576 + 2 * 1536 * 1536))
         // The bound this CLI refuses with is below the peak measured on this model (2.01 GB at
         // 128 x 512 tokens, session 27), as a lower bound must be.
         XCTAssertLessThan(m.total, 2_010_000_000)
@@ -31,9 +33,15 @@ final class BlockMemoryTests: XCTestCase {
 
     func testMethodsWithoutAuxiliariesCountWeightsAndActivations() {
         for method in [PruneMethod.magnitude, .wanda, .sparsegpt, .besa] {
-            let m = BlockMemory.lowerBound(Self.smolLM2, plan: PrunePlan(method: method, pattern: .unstructured(0.5)), tokens: 4096, budget: 1 << 30)
+            var plan = PrunePlan(method: method, pattern: .unstructured(0.5))
+            let m = BlockMemory.lowerBound(Self.smolLM2, plan: plan, tokens: 4096, budget: 1 << 30)
             XCTAssertEqual(m.solver, 0, "\(method)")
             XCTAssertEqual(m.activations, 4 * 2 * 4096 * 576, "\(method)")
+            // Only SparseGPT builds Hessians by default; it also factors down's on a copy.
+            XCTAssertEqual(m.hessians, method == .sparsegpt ? 4 * (3 * 576 * 576 + 2 * 1536 * 1536) : 0, "\(method)")
+            plan.linearErrors = true
+            let measured = BlockMemory.lowerBound(Self.smolLM2, plan: plan, tokens: 4096, budget: 1 << 30)
+            XCTAssertEqual(measured.hessians, 4 * (3 * 576 * 576 + (method == .sparsegpt ? 2 : 1) * 1536 * 1536), "\(method)")
         }
     }
 
@@ -48,6 +56,7 @@ final class BlockMemoryTests: XCTestCase {
         // Routed: 2 x 10000 inputs held; the busiest expert has at least 2500 tokens.
         XCTAssertEqual(routed.solver, 4 * (20_000 * 64 + 2500 * (3 * 224 + 64) + 4 * 2048 * 224 + 64 * 64 + 224 * 224))
         XCTAssertEqual(routed.weights, 4 * (2 * 64 * 64 + 2 * 64 * 32 + 8 * 3 * 64 * 224))
+        XCTAssertEqual(routed.hessians, 4 * (2 * 64 * 64 + 8 * (64 * 64 + 224 * 224) + 224 * 224))
         plan.expertCalibration = .all
         let all = BlockMemory.lowerBound(c, plan: plan, tokens: tokens, budget: 1 << 30)
         XCTAssertEqual(all.solver, 4 * (80_000 * 64 + 10_000 * (3 * 224 + 64) + 4 * 2048 * 224 + 64 * 64 + 224 * 224))
@@ -64,6 +73,7 @@ final class BlockMemoryTests: XCTestCase {
         plan.expertCalibration = .all
         let m = BlockMemory.lowerBound(c, plan: plan, tokens: Int.max, budget: Int.max)
         XCTAssertEqual(m.weights, 1 << 60)
+        XCTAssertEqual(m.hessians, 1 << 60)
         XCTAssertEqual(m.solver, 1 << 60)
         XCTAssertGreaterThan(m.total, 1 << 61)
         XCTAssertEqual(BlockMemory.lowerBound(c, plan: plan, tokens: -5, budget: -1).activations, 0)

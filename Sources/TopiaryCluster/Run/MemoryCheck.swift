@@ -24,15 +24,17 @@ public enum MemoryCheck {
         let share = replicas > 1 ? samples / replicas : samples
         let (tokens, overflow) = share.multipliedReportingOverflow(by: sequenceLength)
         var need = BlockMemory.lowerBound(config, plan: plan, tokens: overflow ? Int.max : tokens, budget: budget)
-        if replicas > 1 { need.solver = 0 }
-        // On a GPU the solver's variables live in device memory; in Float64 they are twice as wide.
-        if !(backend is CPUBackend || backend is Float64Backend) { need.solver = 0 }
-        if backend is Float64Backend { need.solver *= 2 }
+        if replicas > 1 { (need.hessians, need.solver) = (0, 0) }
+        // On a GPU the Hessians and the solver's variables live in device memory; in Float64
+        // they are twice as wide.
+        if !(backend is CPUBackend || backend is Float64Backend) { (need.hessians, need.solver) = (0, 0) }
+        if backend is Float64Backend { (need.hessians, need.solver) = (need.hessians * 2, need.solver * 2) }
         let method = plan.method.rawValue
         if need.total > limit.bytes {
             var parts = ["the largest block's weights \(MemoryLimit.describe(need.weights))",
                          "activations kept in memory \(MemoryLimit.describe(need.activations))"]
-            if need.solver > 0 { parts.append("the solver's variables for every token \(MemoryLimit.describe(need.solver))") }
+            if need.hessians > 0 { parts.append("input Hessians \(MemoryLimit.describe(need.hessians))") }
+            if need.solver > 0 { parts.append("SparseLLM's variables for every token \(MemoryLimit.describe(need.solver))") }
             return .refused("\(method) with \(samples) x \(sequenceLength) calibration tokens needs at least \(MemoryLimit.describe(need.total)) at once (\(parts.joined(separator: ", "))), more than the \(MemoryLimit.describe(limit.bytes)) \(who) may use (\(limit.source)); use fewer --calib-samples or a shorter --calib-seqlen, a smaller --memory-budget, or machines or a job with more memory")
         }
         if need.total > limit.bytes / 10 * 8 {
