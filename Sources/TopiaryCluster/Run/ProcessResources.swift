@@ -43,8 +43,8 @@ public enum ProcessResources {
 
 /// The memory this process may use: the machine's physical memory, or less where a control
 /// group limits it (a Slurm job's `--mem` under `task/cgroup`, a container's limit). The default
-/// `--memory-budget` is a quarter of it, and `prune` refuses up front a run whose solver alone
-/// would not fit in it (`BlockMemory`), instead of being killed hours in.
+/// `--memory-budget` is a quarter of it, and `prune` refuses up front a run whose largest block
+/// would not fit in it (`MemoryCheck`), instead of being killed hours in.
 public struct MemoryLimit: Sendable, Equatable {
     public var bytes: Int
     /// Where the limit comes from: "physical memory" or the control group file that sets it.
