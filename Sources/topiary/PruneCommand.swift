@@ -494,15 +494,23 @@ enum PruneCommand: Command {
         // use (a Slurm job's or container's control group, or the machine): refused here, not
         // killed by the kernel an hour in. Workers on other machines (--hosts) check themselves
         // when their job is assigned.
+        let memoryLimit = MemoryLimit.current
+        let memoryProbe = PrunePlan(method: method, pattern: pattern, targets: targets, expertCalibration: expertCalibration)
+        let memoryNeed = MemoryCheck.need(c, plan: memoryProbe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
+                                          budget: budget, backend: ComputeDevices.defaultBackend)
         if hostCount == nil {
-            let probe = PrunePlan(method: method, pattern: pattern, targets: targets, expertCalibration: expertCalibration)
-            switch MemoryCheck.check(c, plan: probe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
-                                     budget: budget, backend: ComputeDevices.defaultBackend) {
+            switch MemoryCheck.check(c, plan: memoryProbe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
+                                     budget: budget, backend: ComputeDevices.defaultBackend, limit: memoryLimit) {
             case .fits: break
             case .near(let warning): Console.info("warning: " + warning)
             case .refused(let reason): throw ToolError("\(model.path): " + reason)
             }
         }
+        // report.json's record of it (for a run killed or slow for memory, what it was told).
+        let memoryRecord: [String: Any] = [
+            "limit_bytes": memoryLimit.bytes, "limit_source": memoryLimit.source, "budget_bytes": budget,
+            "largest_block_at_least_bytes": memoryNeed.total,
+        ]
 
         let run: RunDirectory
         if let resumed {
@@ -600,11 +608,13 @@ enum PruneCommand: Command {
             evaluation: evalTokens.map { PruneDelivery.Evaluation(tokens: $0, source: evalText ?? "", sequenceLength: evalSeqlen, windows: evalWindows,
                                                                   skipDense: skipDenseEval) },
             sgemmRate: sgemmRate, fields: ["calibration": calibrationSummary, "precision": precision.rawValue,
-                                                  "allocation": allocationRecord?.json ?? ["method": allocation.rawValue]], started: started, command: name)
+                                                  "allocation": allocationRecord?.json ?? ["method": allocation.rawValue],
+                                                  "memory": memoryRecord], started: started, command: name)
         let pruneRun = try PruneRun(request) { Console.info($0) }
         try pruneRun.prepare()
         let partitions = pruneRun.partitions
         Console.info("plan: " + zip(partitions, cluster.links).map { "blocks \($0.lowerBound)-\($0.upperBound - 1) on \($1.name)" }.joined(separator: "; "))
+        Console.info("memory: the largest block holds at least \(MemoryLimit.describe(memoryNeed.total)) at once; --memory-budget \(MemoryLimit.describe(budget)); this process may use \(MemoryLimit.describe(memoryLimit.bytes)) (\(memoryLimit.source))")
         if replicas > 1 {
             // Replicas hold their windows' inputs until each block's statistics chain: say how
             // much, and when it is more than the activations' budget (which does not bound it).

@@ -97,4 +97,35 @@ final class MemoryLimitCLITests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("more than the 1.0 GiB this worker may use (\(group)/memory.limit_in_bytes)"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: output))
     }
+
+    /// A run that fits: its default budget is a quarter of the group's limit, and report.json
+    /// records the limit, where it came from, the budget and the count.
+    func testTheDefaultBudgetFollowsTheGroupAndIsRecorded() throws {
+        let group = try memoryGroup(limit: 2 << 30)
+        defer { rmdir(group) }
+        let dir = try CLI.temporaryDirectory(self)
+        let output = dir.appendingPathComponent("out").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = Array(Self.launcher(group).dropFirst()) + [CLI.binary, "prune", "--model", CLI.asset("stories260K/stories260K.bin"),
+                      "--tokenizer", CLI.asset("stories260K/tok512.bin"), "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
+                      "--calib-samples", "4", "--calib-seqlen", "64", "--method", "sparsegpt", "--sparsity", "0.5", "--output", output]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0, stderr)
+        XCTAssertTrue(stderr.contains("; --memory-budget 512.0 MiB; this process may use 2.0 GiB (\(group)/memory.limit_in_bytes)"), stderr)
+        let data = try Data(contentsOf: URL(fileURLWithPath: output + "/report.json"))
+        let report = try XCTUnwrap(JSONSerialization.jsonObject(with: data) as? [String: Any])
+        let memory = try XCTUnwrap(report["memory"] as? [String: Any])
+        XCTAssertEqual(memory["limit_bytes"] as? Int, 2 << 30)
+        XCTAssertEqual(memory["limit_source"] as? String, group + "/memory.limit_in_bytes")
+        XCTAssertEqual(memory["budget_bytes"] as? Int, 512 << 20)
+        let counted = try XCTUnwrap(memory["largest_block_at_least_bytes"] as? Int)
+        XCTAssertGreaterThan(counted, 0)
+        XCTAssertLessThan(counted, try XCTUnwrap(report["peak_rss_bytes"] as? Int))
+    }
 }

@@ -15,12 +15,9 @@ public enum MemoryCheck {
         case refused(String)
     }
 
-    /// `who` names the process in the message ("this process", "this worker"). A replica of a
-    /// stage in a process of its own (`replicas` > 1) keeps about its share of the windows, and
-    /// may not be the one that solves SparseLLM's feed-forward: only that share is counted.
-    public static func check(_ config: ModelConfig, plan: PrunePlan, samples: Int, sequenceLength: Int, budget: Int,
-                             backend: any ComputeBackend, replicas: Int = 1, limit: MemoryLimit = .current,
-                             who: String = "this process") -> Outcome {
+    /// What the largest block holds at least in host memory, for `backend` (`check`'s count).
+    public static func need(_ config: ModelConfig, plan: PrunePlan, samples: Int, sequenceLength: Int, budget: Int,
+                            backend: any ComputeBackend, replicas: Int = 1) -> BlockMemory {
         let share = replicas > 1 ? samples / replicas : samples
         let (tokens, overflow) = share.multipliedReportingOverflow(by: sequenceLength)
         var need = BlockMemory.lowerBound(config, plan: plan, tokens: overflow ? Int.max : tokens, budget: budget)
@@ -29,6 +26,17 @@ public enum MemoryCheck {
         // they are twice as wide.
         if !(backend is CPUBackend || backend is Float64Backend) { (need.hessians, need.solver) = (0, 0) }
         if backend is Float64Backend { (need.hessians, need.solver) = (need.hessians * 2, need.solver * 2) }
+        return need
+    }
+
+    /// `who` names the process in the message ("this process", "this worker"). A replica of a
+    /// stage in a process of its own (`replicas` > 1) keeps about its share of the windows, and
+    /// may not be the one that solves SparseLLM's feed-forward: only that share is counted.
+    public static func check(_ config: ModelConfig, plan: PrunePlan, samples: Int, sequenceLength: Int, budget: Int,
+                             backend: any ComputeBackend, replicas: Int = 1, limit: MemoryLimit = .current,
+                             who: String = "this process") -> Outcome {
+        let need = need(config, plan: plan, samples: samples, sequenceLength: sequenceLength, budget: budget, backend: backend,
+                        replicas: replicas)
         let method = plan.method.rawValue
         if need.total > limit.bytes {
             var parts = ["the largest block's weights \(MemoryLimit.describe(need.weights))",
