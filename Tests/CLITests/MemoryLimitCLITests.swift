@@ -53,20 +53,26 @@ final class MemoryLimitCLITests: XCTestCase {
         ["/bin/sh", "-c", "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"", group]
     }
 
-    func testSparseLLMThatCannotFitTheJobsMemoryIsRefusedUpFront() throws {
-        let group = try memoryGroup(limit: 1 << 30)
-        defer { rmdir(group) }
-        let output = try CLI.temporaryDirectory(self).appendingPathComponent("out").path
+    /// `topiary args...` inside `group`: its exit status and stderr.
+    static func run(in group: String, _ args: [String]) throws -> (status: Int32, stderr: String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = Array(Self.launcher(group).dropFirst()) + [CLI.binary] + Self.sparseLLMArgs(output: output)
+        p.arguments = Array(launcher(group).dropFirst()) + [CLI.binary] + args
         let err = Pipe()
         p.standardError = err
         p.standardOutput = FileHandle.nullDevice
         try p.run()
         let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 1, stderr)
+        return (p.terminationStatus, stderr)
+    }
+
+    func testSparseLLMThatCannotFitTheJobsMemoryIsRefusedUpFront() throws {
+        let group = try memoryGroup(limit: 1 << 30)
+        defer { rmdir(group) }
+        let output = try CLI.temporaryDirectory(self).appendingPathComponent("out").path
+        let (status, stderr) = try Self.run(in: group, Self.sparseLLMArgs(output: output))
+        XCTAssertEqual(status, 1, stderr)
         XCTAssertTrue(stderr.contains("\(Self.smol): sparsellm with 128 x 512 calibration tokens needs at least 1.7 GiB"), stderr)
         XCTAssertTrue(stderr.contains("more than the 1.0 GiB this process may use (\(group)/memory.limit_in_bytes)"), stderr)
         // The default budget is a quarter of the group's 1 GiB, a third of it for each of the two
@@ -105,18 +111,10 @@ final class MemoryLimitCLITests: XCTestCase {
         defer { rmdir(group) }
         let dir = try CLI.temporaryDirectory(self)
         let output = dir.appendingPathComponent("out").path
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/sh")
-        p.arguments = Array(Self.launcher(group).dropFirst()) + [CLI.binary, "prune", "--model", CLI.asset("stories260K/stories260K.bin"),
-                      "--tokenizer", CLI.asset("stories260K/tok512.bin"), "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
-                      "--calib-samples", "4", "--calib-seqlen", "64", "--method", "sparsegpt", "--sparsity", "0.5", "--output", output]
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
-        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        XCTAssertEqual(p.terminationStatus, 0, stderr)
+        let (status, stderr) = try Self.run(in: group, ["prune", "--model", CLI.asset("stories260K/stories260K.bin"),
+            "--tokenizer", CLI.asset("stories260K/tok512.bin"), "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
+            "--calib-samples", "4", "--calib-seqlen", "64", "--method", "sparsegpt", "--sparsity", "0.5", "--output", output])
+        XCTAssertEqual(status, 0, stderr)
         XCTAssertTrue(stderr.contains("; --memory-budget 512.0 MiB; this process may use 2.0 GiB (\(group)/memory.limit_in_bytes)"), stderr)
         let data = try Data(contentsOf: URL(fileURLWithPath: output + "/report.json"))
         let report = try XCTUnwrap(JSONSerialization.jsonObject(with: data) as? [String: Any])
