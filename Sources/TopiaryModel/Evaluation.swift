@@ -60,12 +60,15 @@ public struct PerplexitySeconds: Sendable, Equatable {
 /// non-overlapping windows, each evaluated alone; perplexity = exp(mean window loss).
 ///
 /// Evaluation streams block by block: every window's hidden state goes through block 0, then
-/// block 1, and so on, so only one block's weights are in memory at a time.
+/// block 1, and so on, so only one block's weights are in memory at a time. With `stateBudget`
+/// (bytes), the windows whose hidden states do not fit in it at once go in later groups, each
+/// streaming the blocks again: more reading, the same losses bit for bit (every window is
+/// computed alone, and the mean adds them in window order).
 public enum Perplexity {
     public static func evaluate(
         model: LanguageModel, tokens: [Int], sequenceLength: Int, windows requested: Int? = nil,
         block: ((Int) throws -> DecoderBlock)? = nil, backend: any ComputeBackend = ComputeDevices.defaultBackend,
-        progress: ((_ done: Int, _ total: Int) -> Void)? = nil
+        stateBudget: Int? = nil, progress: ((_ done: Int, _ total: Int) -> Void)? = nil
     ) throws -> PerplexityResult {
         let c = model.config
         guard sequenceLength <= c.maxPositions else {
@@ -84,47 +87,58 @@ public enum Perplexity {
             defer { seconds[keyPath: phase] += Date().timeIntervalSince(t0) }
             return try body()
         }
-        let embedding = try timed(\.load) { try model.loadEmbedding() }
-        var states = timed(\.embed) {
-            (0..<count).map { w in
-                embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)
-            }
-        }
-        // Where each window's hidden state first held a NaN or an infinity (a scan per block per
-        // window, small beside the block's own work), so that a non-finite loss can be traced.
-        var firstNonFinite: [String?] = states.map { backend.allFinite($0) ? nil : "the token embedding" }
+        let groupSize = stateBudget.map { max(1, $0 / Self.stateBytes(c, sequenceLength: sequenceLength)) } ?? count
+        let groups = stride(from: 0, to: count, by: groupSize).map { $0..<min($0 + groupSize, count) }
         let rope = c.ropeTable(positions: sequenceLength)
         let loadBlock = block ?? { try model.loadBlock($0) }
-        for i in 0..<c.layerCount {
-            let b = try timed(\.load) { try loadBlock(i).on(backend) }
-            // The next block's bytes are read by the kernel while this one computes (cold files on
-            // a network file system, a 70B model's 1.7 GB a block in bf16).
-            if block == nil, i + 1 < c.layerCount { model.prefetchBlock(i + 1) }
-            timed(\.forward) {
-                for w in 0..<count {
-                    states[w] = b.forward(states[w], sequenceLength: sequenceLength, rope: rope)
-                    if firstNonFinite[w] == nil, !backend.allFinite(states[w]) { firstNonFinite[w] = "the output of block \(i)" }
+        var losses: [Double] = []
+        for (g, group) in groups.enumerated() {
+            let embedding = try timed(\.load) { try model.loadEmbedding() }
+            var states = timed(\.embed) {
+                group.map { w in
+                    embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)
                 }
             }
-            progress?(i + 1, c.layerCount)
-        }
-        let head = try timed(\.load) { try model.loadHead(embedding: embedding) }
-        var losses: [Double] = []
-        for w in 0..<count {
-            let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
-            let loss = timed(\.head) { meanCrossEntropy(head: head, hidden: states[w], targets: targets, on: backend) }
-            guard loss.isFinite else {
-                throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
-                                                    sequenceLength: sequenceLength, loss: loss,
-                                                    source: firstNonFinite[w] ?? "the final norm and logits (every block's output was finite)")
+            // Where each window's hidden state first held a NaN or an infinity (a scan per block per
+            // window, small beside the block's own work), so that a non-finite loss can be traced.
+            var firstNonFinite: [String?] = states.map { backend.allFinite($0) ? nil : "the token embedding" }
+            for i in 0..<c.layerCount {
+                let b = try timed(\.load) { try loadBlock(i).on(backend) }
+                // The next block's bytes are read by the kernel while this one computes (cold files on
+                // a network file system, a 70B model's 1.7 GB a block in bf16).
+                if block == nil, i + 1 < c.layerCount { model.prefetchBlock(i + 1) }
+                timed(\.forward) {
+                    for k in states.indices {
+                        states[k] = b.forward(states[k], sequenceLength: sequenceLength, rope: rope)
+                        if firstNonFinite[k] == nil, !backend.allFinite(states[k]) { firstNonFinite[k] = "the output of block \(i)" }
+                    }
+                }
+                progress?(g * c.layerCount + i + 1, groups.count * c.layerCount)
             }
-            losses.append(loss)
+            if block == nil, g + 1 < groups.count { model.prefetchBlock(0) }
+            let head = try timed(\.load) { try model.loadHead(embedding: embedding) }
+            for (k, w) in group.enumerated() {
+                let targets = Array(tokens[(w * sequenceLength + 1)..<((w + 1) * sequenceLength)])
+                let loss = timed(\.head) { meanCrossEntropy(head: head, hidden: states[k], targets: targets, on: backend) }
+                guard loss.isFinite else {
+                    throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
+                                                        sequenceLength: sequenceLength, loss: loss,
+                                                        source: firstNonFinite[k] ?? "the final norm and logits (every block's output was finite)")
+                }
+                losses.append(loss)
+            }
         }
         let mean = losses.reduce(0, +) / Double(losses.count)
         guard exp(mean).isFinite else { throw EvaluationError.perplexityOverflow(path: model.path, meanLoss: mean) }
         var result = PerplexityResult(perplexity: exp(mean), windowLosses: losses, sequenceLength: sequenceLength)
         result.seconds = seconds
         return result
+    }
+
+    /// One window's hidden state in memory: `sequenceLength` x the model's width, as Float32.
+    public static func stateBytes(_ c: ModelConfig, sequenceLength: Int) -> Int {
+        let bytes = Double(max(sequenceLength, 1)) * Double(max(c.hiddenSize, 1)) * Double(MemoryLayout<Float>.size)
+        return bytes < 0x1p62 ? Int(bytes) : 1 << 62
     }
 
     /// The logits at every position of one sequence [tokens x vocabulary], streaming the blocks.

@@ -69,7 +69,7 @@ enum EvalCommand: Command {
     static let name = "eval"
     static let summary = "measure perplexity with the standard protocol, or score multiple-choice tasks as lm-eval does"
     static let usage = """
-    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--logits FILE] [--precision f32|f64] [--json] [--profile]
+    topiary eval --model PATH [--tokenizer PATH] (--text FILE | --tokens FILE) [--seqlen N] [--windows K] [--memory-budget SIZE] [--logits FILE] [--precision f32|f64] [--json] [--profile]
     topiary eval --model PATH [--tokenizer PATH] --tasks FILE.jsonl [--target-delimiter S] [--json]
     """
     static let details = """
@@ -77,7 +77,9 @@ enum EvalCommand: Command {
     tokenizer's own settings add one. The tokens are cut into non-overlapping windows of --seqlen
     (the remainder is dropped); each window is evaluated alone and perplexity = exp(mean over
     windows of the mean next-token cross-entropy). This is the SparseGPT/Wanda protocol.
-    Weights are streamed block by block, so memory holds one block plus the windows' activations.
+    Weights are streamed block by block, so memory holds one block plus the windows' activations:
+    those beyond --memory-budget (default a quarter of the memory this process may use) go in
+    later groups of windows, each reading the blocks again, with the same result.
     --tokens reads token ids instead of text (a JSON array, or integers separated by spaces,
     commas or newlines), for models without a tokenizer; the model's own tokenizer is then not
     read (one given with --tokenizer still is). --logits writes the first window's
@@ -109,6 +111,7 @@ enum EvalCommand: Command {
         OptionSpec(name: "logits", value: "FILE", help: "write the first window's logits as JSON"),
         OptionSpec(name: "seqlen", value: "N", help: "window length in tokens (default: 2048, or the model's context if shorter)"),
         OptionSpec(name: "windows", value: "K", help: "evaluate only the first K windows (default: all)"),
+        OptionSpec(name: "memory-budget", value: "SIZE", help: "windows' hidden states held at once (default: a quarter of the memory this process may use); the windows beyond it go in later groups, each reading the blocks again (the same result)"),
         OptionSpec(name: "tasks", value: "FILE", help: "score a multiple-choice task file (JSON lines: context, choices, gold) as lm-eval does"),
         OptionSpec(name: "target-delimiter", value: "S", help: "with --tasks: text between the context and each choice (default: one space, lm-eval's)"),
         OptionSpec(name: "profile", value: nil, help: "measure the sgemm rate, print where each phase's time went (stderr; with --json also in the JSON line)"),
@@ -130,6 +133,7 @@ enum EvalCommand: Command {
         }
         let seqlenOption = try args.int("seqlen", min: 2)
         let windows = try args.int("windows", min: 1)
+        let stateBudget = try args.string("memory-budget").map { try PruneCommand.parseSize($0, command: "eval") } ?? PruneCommand.defaultMemoryBudget()
         let sgemmRate = profiles ? SgemmRate.measure(on: ComputeDevices.defaultBackend) : 0
         ResourceUsage.trace("start")
         let opening = Date()
@@ -156,7 +160,8 @@ enum EvalCommand: Command {
         ResourceUsage.trace("text tokenized")
         let seqlen = seqlenOption ?? min(2048, model.config.maxPositions)
         let json = args.flag("json")
-        let result = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: seqlen, windows: windows, progress: { done, total in
+        let result = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: seqlen, windows: windows, stateBudget: stateBudget,
+                                             progress: { done, total in
             if !json && Console.stderrIsTerminal {
                 FileHandle.standardError.write(Data("\reval: block \(done)/\(total)".utf8))
                 if done == total { FileHandle.standardError.write(Data("\n".utf8)) }
@@ -238,7 +243,7 @@ enum EvalCommand: Command {
     /// `--tasks`: multiple-choice scoring (acc, acc_norm).
     static func runTasks(_ args: ParsedArguments) throws {
         let path = try args.required("tasks")
-        for other in ["text", "tokens", "seqlen", "windows", "logits"] where args.string(other) != nil {
+        for other in ["text", "tokens", "seqlen", "windows", "logits", "memory-budget"] where args.string(other) != nil {
             throw UsageError(message: "topiary eval: --\(other) is for perplexity; --tasks scores a multiple-choice task (give one or the other)")
         }
         if args.flag("profile") { throw UsageError(message: "topiary eval: --profile is for perplexity, not --tasks") }

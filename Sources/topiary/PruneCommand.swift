@@ -250,7 +250,7 @@ enum PruneCommand: Command {
         let samples = generateSpec?.samples ?? givenSamples ?? 128
         let seed = try args.int("seed") ?? 0
         let layers = try args.string("layers").map(parseLayers)
-        let budget = try args.string("memory-budget").map(parseSize) ?? defaultMemoryBudget()
+        let budget = try args.string("memory-budget").map { try parseSize($0) } ?? defaultMemoryBudget()
         var sparseGPT = SparseGPTPruner.Options()
         if let b = try args.int("blocksize", in: 1...Limits.blocksize) { sparseGPT.blockSize = b }
         if let d = try args.double("percdamp", in: 0...Limits.percdamp) { sparseGPT.percentDamp = d }
@@ -750,17 +750,17 @@ enum PruneCommand: Command {
         return a...b
     }
 
-    static func parseSize(_ s: String) throws -> Int {
+    static func parseSize(_ s: String, command: String = "prune") throws -> Int {
         let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40]
         var text = s.uppercased()
         if text.hasSuffix("B") { text.removeLast() }
         var scale = 1
         if let last = text.last, let u = units[last] { scale = u; text.removeLast() }
         guard let v = Double(text), v >= 0, v.isFinite else {
-            throw UsageError(message: "topiary prune: --memory-budget expects a size such as 512M or 8G, got '\(s)'")
+            throw UsageError(message: "topiary \(command): --memory-budget expects a size such as 512M or 8G, got '\(s)'")
         }
         guard v * Double(scale) <= Double(Limits.memoryBudget) else {
-            throw UsageError(message: "topiary prune: --memory-budget must be at most 1024T, got '\(s)'")
+            throw UsageError(message: "topiary \(command): --memory-budget must be at most 1024T, got '\(s)'")
         }
         return Int(v * Double(scale))
     }

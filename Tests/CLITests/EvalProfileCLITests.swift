@@ -11,6 +11,22 @@ final class EvalProfileCLITests: XCTestCase {
         ["eval", "--model", stories, "--tokenizer", storiesTokenizer, "--text", oz, "--seqlen", "256", "--windows", "4", "--json"] + extra
     }
 
+    /// `--memory-budget` bounds the windows' hidden states held at once: a budget below one
+    /// window evaluates them one at a time, with the same losses; a bad size names the option.
+    func testMemoryBudgetGroupsTheWindowsWithTheSameResult() throws {
+        let plain = try CLI.run(evalArgs([]))
+        let grouped = try CLI.run(evalArgs(["--memory-budget", "1"]))
+        XCTAssertEqual(plain.status, 0, plain.stderr)
+        XCTAssertEqual(grouped.status, 0, grouped.stderr)
+        XCTAssertEqual(try XCTUnwrap(plain.json)["window_losses"] as? [Double], try XCTUnwrap(grouped.json)["window_losses"] as? [Double])
+        let bad = try CLI.run(evalArgs(["--memory-budget", "lots"]))
+        XCTAssertEqual(bad.status, 2, bad.stderr)
+        XCTAssertTrue(bad.stderr.contains("topiary eval: --memory-budget expects a size such as 512M or 8G, got 'lots'"), bad.stderr)
+        let tasks = try CLI.run(["eval", "--model", stories, "--tokenizer", storiesTokenizer, "--tasks", oz, "--memory-budget", "1G"])
+        XCTAssertEqual(tasks.status, 2, tasks.stderr)
+        XCTAssertTrue(tasks.stderr.contains("--memory-budget is for perplexity"), tasks.stderr)
+    }
+
     func testProfileCountsTheHeadAndLeavesTheResultAlone() throws {
         let plain = try CLI.run(evalArgs([]))
         let profiled = try CLI.run(evalArgs(["--profile"]))

@@ -44,6 +44,30 @@ final class Stories260KEndToEndTests: XCTestCase {
     }
 }
 
+extension Stories260KEndToEndTests {
+    /// Windows whose hidden states do not fit the budget go in later groups, each streaming the
+    /// blocks again: the same window losses, bit for bit, and the blocks read once per group.
+    func testEvaluationInGroupsOfWindowsGivesTheSameLosses() throws {
+        let model = try open()
+        let text = try String(contentsOfFile: TestAssets.wizardOfOz, encoding: .utf8)
+        let tokens = model.tokenizer!.encode(String(text.prefix(20000)), addBOS: nil)
+        let whole = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: 128, windows: 7)
+        XCTAssertEqual(whole.windows, 7)
+        let window = Perplexity.stateBytes(model.config, sequenceLength: 128)
+        XCTAssertEqual(window, 128 * 64 * 4)
+        for (budget, groups) in [(1, 7), (3 * window, 3), (3 * window + window / 2, 3), (7 * window, 1), (Int.max, 1)] {
+            var seen: [(Int, Int)] = []
+            let grouped = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: 128, windows: 7, stateBudget: budget) {
+                seen.append(($0, $1))
+            }
+            XCTAssertEqual(grouped.windowLosses, whole.windowLosses, "budget \(budget)")
+            XCTAssertEqual(grouped.perplexity, whole.perplexity, "budget \(budget)")
+            XCTAssertEqual(seen.count, groups * model.config.layerCount, "budget \(budget)")
+            XCTAssertEqual(seen.last.map { [$0.0, $0.1] }, [groups * model.config.layerCount, groups * model.config.layerCount])
+        }
+    }
+}
+
 final class SmolLM2EndToEndTests: XCTestCase {
     static let chatPrompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

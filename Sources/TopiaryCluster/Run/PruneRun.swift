@@ -237,7 +237,8 @@ extension PruneRun {
     public func evaluateDense() throws -> Double? {
         guard let e = request.delivery?.evaluation, !e.skipDense else { return nil }
         coordinator.log("evaluating the dense model ...")
-        return try Perplexity.evaluate(model: request.model, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows).perplexity
+        return try Perplexity.evaluate(model: request.model, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows,
+                                       stateBudget: request.job.memoryBudget).perplexity
     }
 
     /// The whole run after `prepare()`: the dense evaluation, the pruning (`execute`), then
@@ -261,7 +262,8 @@ extension PruneRun {
         var perplexity: Double?
         if let e = d.evaluation {
             coordinator.log("evaluating the pruned model ...")
-            perplexity = try Perplexity.evaluate(model: pruned, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows).perplexity
+            perplexity = try Perplexity.evaluate(model: pruned, tokens: e.tokens, sequenceLength: e.sequenceLength, windows: e.windows,
+                                                 stateBudget: r.job.memoryBudget).perplexity
         }
 
         // Written into a staging directory, then renamed.
