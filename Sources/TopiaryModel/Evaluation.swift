@@ -91,9 +91,9 @@ public enum Perplexity {
         let groups = stride(from: 0, to: count, by: groupSize).map { $0..<min($0 + groupSize, count) }
         let rope = c.ropeTable(positions: sequenceLength)
         let loadBlock = block ?? { try model.loadBlock($0) }
+        let embedding = try timed(\.load) { try model.loadEmbedding() }
         var losses: [Double] = []
         for (g, group) in groups.enumerated() {
-            let embedding = try timed(\.load) { try model.loadEmbedding() }
             var states = timed(\.embed) {
                 group.map { w in
                     embedding.embed(Array(tokens[(w * sequenceLength)..<((w + 1) * sequenceLength)]), sequenceLength: sequenceLength, on: backend)

@@ -36,7 +36,7 @@ public struct BlockMemory: Sendable, Equatable {
         let experts = moe ? Double(config.expertCount) : 1
         let f = Double(moe ? config.expertWidth : config.intermediateSize)
         let ffn = experts * (gated ? 3 : 2) * d * f
-        let streams = plan.method == .sparsellm || plan.method == .besa ? (plan.targets == .dense ? 3 : 2) : 2
+        let streams = plan.needsDenseStream ? 3 : 2
         let activations = Double(streams) * min(Double(max(budget, 0) / 3), n * d * 4)
         var (hessians, solver) = (0.0, 0.0)
         if plan.collectsHessian {

@@ -384,7 +384,7 @@ public enum SparseLLM {
     public static let chunkRows = 2048
 
     /// `x` cut into copies of `rows` rows (the last one shorter); `x` itself when it is one chunk.
-    public static func rowChunks(_ x: Tensor, rows: Int, on backend: any ComputeBackend) -> [Tensor] {
+    static func rowChunks(_ x: Tensor, rows: Int, on backend: any ComputeBackend) -> [Tensor] {
         precondition(rows > 0, "rowChunks: \(rows) rows a chunk")
         guard x.rows > rows else { return [x] }
         return stride(from: 0, to: x.rows, by: rows).map { backend.copy(x.region(rows: $0..<min($0 + rows, x.rows))) }
@@ -395,7 +395,7 @@ public enum SparseLLM {
     /// if nothing else holds it) once its last row is copied. `parts` is empty afterwards. At
     /// LLaMA-2-7B's width and 128 x 2048 calibration tokens that is 8.6 GB less at once than
     /// concatenating first (the parts, their concatenation and its chunks, 4.3 GB each).
-    public static func rowChunks(consuming parts: inout [Tensor], rows: Int, on backend: any ComputeBackend) -> [Tensor] {
+    static func rowChunks(consuming parts: inout [Tensor], rows: Int, on backend: any ComputeBackend) -> [Tensor] {
         precondition(rows > 0, "rowChunks: \(rows) rows a chunk")
         precondition(parts.allSatisfy { $0.cols == parts[0].cols }, "rowChunks: parts of different widths")
         if parts.count <= 1 {

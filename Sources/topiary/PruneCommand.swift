@@ -250,7 +250,10 @@ enum PruneCommand: Command {
         let samples = generateSpec?.samples ?? givenSamples ?? 128
         let seed = try args.int("seed") ?? 0
         let layers = try args.string("layers").map(parseLayers)
-        let budget = try args.string("memory-budget").map { try parseSize($0) } ?? defaultMemoryBudget()
+        // What this process may use (its control group's limit or the machine's memory): the
+        // default budget, the check below and report.json's record.
+        let memoryLimit = MemoryLimit.current
+        let budget = try args.string("memory-budget").map { try parseSize($0) } ?? defaultMemoryBudget(memoryLimit)
         var sparseGPT = SparseGPTPruner.Options()
         if let b = try args.int("blocksize", in: 1...Limits.blocksize) { sparseGPT.blockSize = b }
         if let d = try args.double("percdamp", in: 0...Limits.percdamp) { sparseGPT.percentDamp = d }
@@ -494,13 +497,12 @@ enum PruneCommand: Command {
         // use (a Slurm job's or container's control group, or the machine): refused here, not
         // killed by the kernel an hour in. Workers on other machines (--hosts) check themselves
         // when their job is assigned.
-        let memoryLimit = MemoryLimit.current
-        let memoryProbe = PrunePlan(method: method, pattern: pattern, targets: targets, expertCalibration: expertCalibration)
-        let memoryNeed = MemoryCheck.need(c, plan: memoryProbe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
-                                          budget: budget, backend: ComputeDevices.defaultBackend)
+        let calibrationWindows = generateSpec?.samples ?? windows.count
+        let memoryNeed = MemoryCheck.need(c, plan: PrunePlan(method: method, pattern: pattern, targets: targets, expertCalibration: expertCalibration),
+                                          samples: calibrationWindows, sequenceLength: seqlen, budget: budget,
+                                          backend: ComputeDevices.defaultBackend)
         if hostCount == nil {
-            switch MemoryCheck.check(c, plan: memoryProbe, samples: generateSpec?.samples ?? windows.count, sequenceLength: seqlen,
-                                     budget: budget, backend: ComputeDevices.defaultBackend, limit: memoryLimit) {
+            switch MemoryCheck.check(memoryNeed, method: method, samples: calibrationWindows, sequenceLength: seqlen, limit: memoryLimit) {
             case .fits: break
             case .near(let warning): Console.info("warning: " + warning)
             case .refused(let reason): throw ToolError("\(model.path): " + reason)
@@ -620,11 +622,8 @@ enum PruneCommand: Command {
             // much, and when it is more than the activations' budget (which does not bound it).
             let held = ReplicaWork.heldInputBytes(config: c, plan: plan, windows: windows.count, sequenceLength: seqlen,
                                                   replicas: replicas, blocks: 0..<c.layerCount)
-            func size(_ b: Int) -> String {
-                b >= 1 << 30 ? String(format: "%.2f GiB", Double(b) / Double(1 << 30)) : String(format: "%.1f MiB", Double(b) / Double(1 << 20))
-            }
-            Console.info("replicas: each holds about \(size(held)) of its windows' inputs until a block's statistics are made"
-                         + (held > budget ? " (more than --memory-budget \(size(budget)), which bounds the activations only: more"
+            Console.info("replicas: each holds about \(MemoryLimit.describe(held)) of its windows' inputs until a block's statistics are made"
+                         + (held > budget ? " (more than --memory-budget \(MemoryLimit.describe(budget)), which bounds the activations only: more"
                             + " replicas or fewer calibration tokens hold less)" : " (beside --memory-budget)"))
         }
         if resumed != nil {
@@ -767,8 +766,8 @@ enum PruneCommand: Command {
 
     /// A quarter of the memory this process may use: the machine's, or its control group's
     /// limit (a Slurm job's `--mem`).
-    static func defaultMemoryBudget() -> Int {
-        let limit = MemoryLimit.current.bytes
+    static func defaultMemoryBudget(_ memory: MemoryLimit = .current) -> Int {
+        let limit = memory.bytes
         return limit > 0 && limit < Int.max ? limit / 4 : 4 << 30
     }
 }

@@ -15,7 +15,9 @@ public enum MemoryCheck {
         case refused(String)
     }
 
-    /// What the largest block holds at least in host memory, for `backend` (`check`'s count).
+    /// What the largest block holds at least in host memory, for `backend`. A replica of a
+    /// stage in a process of its own (`replicas` > 1) keeps about its share of the windows, and
+    /// may not be the one that solves SparseLLM's feed-forward: only that share is counted.
     public static func need(_ config: ModelConfig, plan: PrunePlan, samples: Int, sequenceLength: Int, budget: Int,
                             backend: any ComputeBackend, replicas: Int = 1) -> BlockMemory {
         let share = replicas > 1 ? samples / replicas : samples
@@ -29,15 +31,12 @@ public enum MemoryCheck {
         return need
     }
 
-    /// `who` names the process in the message ("this process", "this worker"). A replica of a
-    /// stage in a process of its own (`replicas` > 1) keeps about its share of the windows, and
-    /// may not be the one that solves SparseLLM's feed-forward: only that share is counted.
-    public static func check(_ config: ModelConfig, plan: PrunePlan, samples: Int, sequenceLength: Int, budget: Int,
-                             backend: any ComputeBackend, replicas: Int = 1, limit: MemoryLimit = .current,
-                             who: String = "this process") -> Outcome {
-        let need = need(config, plan: plan, samples: samples, sequenceLength: sequenceLength, budget: budget, backend: backend,
-                        replicas: replicas)
-        let method = plan.method.rawValue
+    /// `need` (from `need(...)`, for `method` with `samples` x `sequenceLength` calibration
+    /// tokens) against `limit`; `who` names the process in the message ("this process", "this
+    /// worker").
+    public static func check(_ need: BlockMemory, method: PruneMethod, samples: Int, sequenceLength: Int,
+                             limit: MemoryLimit = .current, who: String = "this process") -> Outcome {
+        let method = method.rawValue
         if need.total > limit.bytes {
             var parts = ["the largest block's weights \(MemoryLimit.describe(need.weights))",
                          "activations kept in memory \(MemoryLimit.describe(need.activations))"]

@@ -150,10 +150,13 @@ public final class WorkerService: @unchecked Sendable {
         do { intake = try self.intake(jobJSON, tensors: tensors, maxTensorBytes: c.maxTensorBytes) } catch { problem = error }
         // A job whose largest block cannot fit this worker's memory is refused before its
         // tensors are kept (the coordinator fails the run with the reason, naming this worker).
-        if let job = intake?.job, let config = intake?.prepared.model.config {
-            switch MemoryCheck.check(config, plan: job.plan, samples: job.calibration.count, sequenceLength: job.sequenceLength,
-                                     budget: job.memoryBudget, backend: ComputeDevices.defaultBackend,
-                                     replicas: intake?.prepared.assignment.replica?.count ?? 1, who: "this worker") {
+        if let intake {
+            let job = intake.job
+            let need = MemoryCheck.need(intake.prepared.model.config, plan: job.plan, samples: job.calibration.count,
+                                        sequenceLength: job.sequenceLength, budget: job.memoryBudget, backend: ComputeDevices.defaultBackend,
+                                        replicas: intake.prepared.assignment.replica?.count ?? 1)
+            switch MemoryCheck.check(need, method: job.plan.method, samples: job.calibration.count, sequenceLength: job.sequenceLength,
+                                     who: "this worker") {
             case .fits: break
             case .near(let warning): FileHandle.standardError.write(Data("topiary worker \(name): warning: \(warning)\n".utf8))
             case .refused(let reason): problem = MemoryRefusal(description: reason)
