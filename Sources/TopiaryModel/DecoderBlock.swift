@@ -174,9 +174,6 @@ public struct DeviceBlock: Sendable {
     func makePass(_ x: Tensor, sequenceLength: Int, rope: Kernels.RopeTable?, observer: LinearObserver?, recording: Bool) -> BlockPass {
         precondition(x.cols == config.hiddenSize, "block \(index): input has \(x.cols) features, expected \(config.hiddenSize)")
         precondition(sequenceLength > 0 && x.rows % sequenceLength == 0, "block \(index): \(x.rows) rows is not a whole number of sequences of \(sequenceLength)")
-        // The host's buffer cache sized to hold this pass's activations between windows.
-        let widest = max(config.hiddenSize, config.intermediateSize, config.expertIntermediateSize, config.headCount * config.headDim)
-        MappedBuffers.shared.fit(passBytes: x.rows * widest * MemoryLayout<Float>.size, factor: recording ? 24 : 4)
         let table = config.architecture.isLlamaLike ? (rope ?? config.ropeTable(positions: sequenceLength)) : nil
         return BlockPass(sequenceLength: sequenceLength, rope: table, observer: observer, recording: recording, backend: backend)
     }

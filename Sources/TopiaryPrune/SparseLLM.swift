@@ -115,9 +115,6 @@ public enum SparseLLM {
         }
         let tokens = xs.reduce(0) { $0 + $1.rows }
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        // Each chunk's steps free about six activations as wide as the FFN: held for the next
-        // chunk instead of mapped and faulted in again (2% of SparseLLM's block, side by side).
-        MappedBuffers.shared.fit(passBytes: xs.map(\.rows).max()! * max(gate.rows, first.cols) * MemoryLayout<Float>.size, factor: 8)
         let gramX = gram(xs, on: backend)
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)

@@ -286,27 +286,33 @@ final class Storage: @unchecked Sendable {
     }
 }
 
-/// Anonymous mappings for large buffers, with the most recently freed ones kept for reuse up to
-/// `capacity` bytes in all (oldest unmapped first). A block's passes allocate and free the same
-/// few sizes once per window; before this cache each of them was a fresh mapping whose first
-/// write faulted page by page (11 million faults and 25 s of system time in a 80 s prune of
-/// SmolLM2), and glibc's heap, the other way to keep them, grew by fragmentation block after
-/// block (526 MB peak against 302 MB). What the cache holds is bounded, so the peak resident
-/// size grows by at most `capacity` (24 MiB, or what `fit` raised it to for the largest pass
-/// seen; at most 1 GiB).
+/// Anonymous mappings for large buffers, kept in the process once freed, for the next buffer of
+/// the same size: the mapped bytes in use and held together never pass the most that were in
+/// use at once (the high-water mark), and the oldest held mappings go back to the kernel first
+/// when a new size needs room.
+///
+/// A block's passes and solves allocate and free the same few sizes once per window, per chunk
+/// and per block. A mapping handed back to the kernel costs a page fault per page when the next
+/// one is first written (11 million faults and 25 s of system time in an 80 s prune of SmolLM2
+/// before there was a cache). On a virtual machine whose host takes back the guest's free
+/// memory (free-page reporting: this project's 2-core VMs do, within seconds), the first write
+/// to memory freed a few seconds earlier runs at about 0.2 GB/s instead of 10 (a 12 MiB buffer,
+/// 60 ms): SparseLLM's auxiliaries, freed at the end of one block's solve and taken again by the
+/// next, cost a second a block. Holding up to the high-water mark, the resident size between
+/// blocks stays where the last peak put it instead of falling, and the peak itself does not rise
+/// (a new size first sends held ones back). glibc's heap, the other way to keep memory, grew by
+/// fragmentation block after block (526 MB peak against 302 MB).
 public final class MappedBuffers: @unchecked Sendable {
-    /// 24 MiB, raised by `fit(passBytes:)` for larger passes; or `TOPIARY_BUFFER_CACHE_MB` from
-    /// the environment, fixed (0 turns the cache off).
+    /// Holds up to the high-water mark; or `TOPIARY_BUFFER_CACHE_MB` from the environment, a fixed
+    /// bound on the bytes held (0 turns the cache off).
     public static let shared: MappedBuffers = {
         if let text = getenv("TOPIARY_BUFFER_CACHE_MB").map({ String(cString: $0) }), let mb = Int(text), mb >= 0 {
-            return MappedBuffers(capacity: mb << 20, fixed: true)
+            return MappedBuffers(capacity: mb << 20)
         }
-        return MappedBuffers(capacity: 24 << 20)
+        return MappedBuffers()
     }()
     /// Buffers from this size up are mappings; smaller ones come from malloc.
     public static let threshold = 1 << 20
-    /// The most `fit(passBytes:)` raises the capacity to.
-    public static let largestCapacity = 1 << 30
     private static let page = 4096
 
     private struct Entry: Sendable {
@@ -314,52 +320,67 @@ public final class MappedBuffers: @unchecked Sendable {
         let bytes: Int
         var pointer: UnsafeMutableRawPointer { UnsafeMutableRawPointer(bitPattern: address)! }
     }
-    private let state: Mutex<(free: [Entry], held: Int, capacity: Int)>
-    private let fixed: Bool
-
-    init(capacity: Int, fixed: Bool = false) {
-        state = Mutex((free: [], held: 0, capacity: capacity))
-        self.fixed = fixed
+    private struct State: Sendable {
+        var free: [Entry] = []
+        /// Bytes held for reuse, and handed out now.
+        var held = 0, live = 0
+        /// The most bytes handed out at once.
+        var peak = 0
     }
+    private let state = Mutex(State())
+    /// A fixed bound on the bytes held, instead of the high-water mark.
+    private let capacity: Int?
 
-    /// The most bytes held for reuse.
-    public var capacity: Int { state.withLock { $0.capacity } }
+    /// `capacity` nil: hold up to the high-water mark of the bytes in use.
+    init(capacity: Int? = nil) {
+        self.capacity = capacity
+    }
 
     /// Bytes held for reuse now.
     public var held: Int { state.withLock { $0.held } }
 
-    /// Raises the capacity (never lowers it) to `factor` times `passBytes`, the largest
-    /// activation of a pass (a window's tokens x the widest layer x 4 bytes), up to
-    /// `largestCapacity`. A capacity from the environment is left as it is.
-    ///
-    /// A plain forward pass frees about four such buffers between windows. At 2048 tokens
-    /// through SmolLM2 (two 12 MiB activations, several of 4.5 MiB), with 24 MiB held most of
-    /// them were fresh mappings every pass, faulted in page by page (the "rest" of
-    /// `scripts/bench/forward`'s block: 12 ms of 63); at the standard protocol's 512 tokens the
-    /// bound stays 24 MiB, and so does the peak resident size. A recording pass and its backward
-    /// (BESA's learning) free about 24: with 24 MiB held, BESA's SmolLM2 block took 5.5-6.0 s,
-    /// with 64 MiB 4.9 s.
-    public func fit(passBytes: Int, factor: Int = 4) {
-        guard !fixed else { return }
-        let wanted = min(Self.largestCapacity, factor * max(passBytes, 0))
-        state.withLock { s in s.capacity = max(s.capacity, wanted) }
+    /// Bytes handed out and not yet given back.
+    public var live: Int { state.withLock { $0.live } }
+
+    /// The most bytes handed out at once so far.
+    public var peak: Int { state.withLock { $0.peak } }
+
+    /// Drops held mappings, oldest first, until what is held fits: the fixed capacity, or the
+    /// high-water mark less the bytes in use. Returns what to unmap.
+    private func evict(_ s: inout State) -> [Entry] {
+        let room = capacity ?? max(s.peak - s.live, 0)
+        var evicted: [Entry] = []
+        while s.held > room, !s.free.isEmpty {
+            let e = s.free.removeFirst()
+            s.held -= e.bytes
+            evicted.append(e)
+        }
+        return evicted
     }
 
     /// A buffer of at least `bytes` (its mapped size is returned), zero-filled when asked.
     func take(bytes: Int, zeroed: Bool) -> (pointer: UnsafeMutableRawPointer, bytes: Int)? {
         let size = (bytes + Self.page - 1) / Self.page * Self.page
-        let reused: Entry? = state.withLock { s in
+        let (reused, evicted): (Entry?, [Entry]) = state.withLock { s in
+            s.live += size
+            s.peak = max(s.peak, s.live)
             // Most recent first: its pages are the likeliest to be in cache.
-            guard let i = s.free.lastIndex(where: { $0.bytes == size }) else { return nil }
-            let e = s.free.remove(at: i)
-            s.held -= e.bytes
-            return e
+            if let i = s.free.lastIndex(where: { $0.bytes == size }) {
+                let e = s.free.remove(at: i)
+                s.held -= e.bytes
+                return (e, [])
+            }
+            return (nil, evict(&s))
         }
+        for e in evicted { munmap(e.pointer, e.bytes) }
         if let reused {
             if zeroed { memset(reused.pointer, 0, size) }
             return (reused.pointer, size)
         }
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else { return nil }
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED else {
+            state.withLock { $0.live -= size }
+            return nil
+        }
         // Huge pages where the kernel allows them on request: a 2 MiB page takes one fault
         // instead of 512 when the buffer is first written.
         if size >= 4 << 20 { _ = madvise(p, size, 14 /* MADV_HUGEPAGE */) }
@@ -368,20 +389,26 @@ public final class MappedBuffers: @unchecked Sendable {
 
     /// Hands a buffer from `take` back.
     func give(_ pointer: UnsafeMutableRawPointer, bytes: Int) {
-        let address = UInt(bitPattern: pointer)
-        let (kept, evicted): (Bool, [Entry]) = state.withLock { s in
-            guard bytes <= s.capacity else { return (false, []) }
-            var evicted: [Entry] = []
-            while s.held + bytes > s.capacity, !s.free.isEmpty {
-                let e = s.free.removeFirst()
-                s.held -= e.bytes
-                evicted.append(e)
-            }
-            s.free.append(Entry(address: address, bytes: bytes))
-            s.held += bytes
-            return (true, evicted)
+        if let capacity, bytes > capacity {
+            state.withLock { $0.live -= bytes }
+            munmap(pointer, bytes)
+            return
         }
-        if !kept { munmap(pointer, bytes) }
+        let evicted: [Entry] = state.withLock { s in
+            s.live -= bytes
+            s.free.append(Entry(address: UInt(bitPattern: pointer), bytes: bytes))
+            s.held += bytes
+            return evict(&s)
+        }
+        for e in evicted { munmap(e.pointer, e.bytes) }
+    }
+
+    /// Hands every held mapping back to the kernel (between phases whose sizes differ).
+    public func release() {
+        let evicted: [Entry] = state.withLock { s in
+            defer { s.free = []; s.held = 0 }
+            return s.free
+        }
         for e in evicted { munmap(e.pointer, e.bytes) }
     }
 }
