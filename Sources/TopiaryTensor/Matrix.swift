@@ -294,11 +294,11 @@ final class Storage: @unchecked Sendable {
 /// A block's passes and solves allocate and free the same few sizes once per window, per chunk
 /// and per block. A mapping handed back to the kernel costs a page fault per page when the next
 /// one is first written (11 million faults and 25 s of system time in an 80 s prune of SmolLM2
-/// before there was a cache). On a virtual machine whose host takes back the guest's free
-/// memory (free-page reporting: this project's 2-core VMs do, within seconds), the first write
-/// to memory freed a few seconds earlier runs at about 0.2 GB/s instead of 10 (a 12 MiB buffer,
-/// 60 ms): SparseLLM's auxiliaries, freed at the end of one block's solve and taken again by the
-/// next, cost a second a block. Holding up to the high-water mark, the resident size between
+/// before there was a cache). On a virtual machine whose host takes back memory the guest
+/// leaves free (this project's 2-core VMs do, within seconds), the first write to memory freed
+/// a few seconds earlier ran at 0.14-0.2 GB/s in huge pages instead of 10 (a 12 MiB buffer,
+/// 60-90 ms): SparseLLM's auxiliaries, freed at the end of one block's solve and taken again by
+/// the next, cost SmolLM2's block a second (docs/design.md, Memory). Holding up to the high-water mark, the resident size between
 /// blocks stays where the last peak put it instead of falling, and the peak itself does not rise
 /// (a new size first sends held ones back). glibc's heap, the other way to keep memory, grew by
 /// fragmentation block after block (526 MB peak against 302 MB).
