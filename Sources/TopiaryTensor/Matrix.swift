@@ -403,13 +403,9 @@ public final class MappedBuffers: @unchecked Sendable {
         for e in evicted { munmap(e.pointer, e.bytes) }
     }
 
-    /// Hands every held mapping back to the kernel (between phases whose sizes differ).
-    public func release() {
-        let evicted: [Entry] = state.withLock { s in
-            defer { s.free = []; s.held = 0 }
-            return s.free
-        }
-        for e in evicted { munmap(e.pointer, e.bytes) }
+    /// What a cache other than `shared` (a test's) holds goes back to the kernel with it.
+    deinit {
+        for e in state.withLock({ $0.free }) { munmap(e.pointer, e.bytes) }
     }
 }
 
