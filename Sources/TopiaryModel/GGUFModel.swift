@@ -361,10 +361,24 @@ final class GGUFNames: TensorSource, @unchecked Sendable {
     func load(_ name: String) throws -> Matrix {
         if let s = slices[name] { return try gguf.loadSlice(s.tensor, index: s.index) }
         guard let g = toGGUF[name] else { throw CheckpointError.missingTensor(path: gguf.path, tensor: name) }
-        var m = try gguf.load(g)
-        if shifted.contains(name) {
-            m.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] -= 1 } }
+        return unshifted(try gguf.load(g), name)
+    }
+
+    func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        guard slices[name] == nil, let g = toGGUF[name] else {
+            // An expert's slice (or a missing name, which `load` reports): the whole slice, cut.
+            let m = try load(name)
+            try Self.checkRows(rows, of: m.rows, tensor: name, path: path)
+            return m.rows(rows)
         }
+        return unshifted(try gguf.load(g, rows: rows), name)
+    }
+
+    /// `m` less the 1 that llama.cpp adds to a `shifted` norm weight.
+    private func unshifted(_ m: Matrix, _ name: String) -> Matrix {
+        guard shifted.contains(name) else { return m }
+        var m = m
+        m.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] -= 1 } }
         return m
     }
 }

@@ -19,6 +19,7 @@ public final class OverlayTensorSource: TensorSource, @unchecked Sendable {
 
     public func entry(_ name: String) -> TensorEntry? { (overrides[name] ?? base).entry(name) }
     public func load(_ name: String) throws -> Matrix { try (overrides[name] ?? base).load(name) }
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix { try (overrides[name] ?? base).load(name, rows: rows) }
     public func prefetch(_ name: String) { (overrides[name] ?? base).prefetch(name) }
 }
 

@@ -113,5 +113,15 @@ final class SmolLM2ConvertEndToEndTests: XCTestCase {
         let a = try Perplexity.evaluate(model: model, tokens: tokens, sequenceLength: 512, windows: 2)
         let b = try Perplexity.evaluate(model: back, tokens: tokens, sequenceLength: 512, windows: 2)
         XCTAssertEqual(a.perplexity, b.perplexity, accuracy: a.perplexity * 1e-4)
+        // The embedding (49152 x 576, quantized) was written in pieces of rows, each decoded from
+        // its rows' bytes alone: the same values as the tensor decoded whole.
+        let embedding = "model.embed_tokens.weight"
+        let whole = try model.weights.load(embedding)
+        XCTAssertGreaterThan(whole.count, HuggingFaceExport.pieceElements)
+        XCTAssertEqual(try back.weights.load(embedding), whole)
+        for range in [0..<1, 1000..<4641, 49151..<49152] {
+            XCTAssertEqual(try model.weights.load(embedding, rows: range), whole.rows(range))
+        }
+        XCTAssertThrowsError(try model.weights.load(embedding, rows: 49151..<49153))
     }
 }

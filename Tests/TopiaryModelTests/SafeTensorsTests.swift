@@ -214,6 +214,59 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "no partial or temporary file is left")
     }
 
+    /// A tensor written in pieces of rows has the bytes of the tensor written whole, in every
+    /// type and with a last piece shorter than the others; the rows read back in pieces are the
+    /// rows read whole, from the rows' own bytes.
+    func testTensorsInPiecesOfRows() throws {
+        let a = pseudoRandomMatrix(rows: 11, cols: 6, seed: 4)
+        func write(_ sub: String, pieces: Int?) throws -> (Data, [Range<Int>]) {
+            var asked: [Range<Int>] = []
+            var w = SafeTensorsWriter(directory: dir + "/" + sub)
+            for (suffix, dtype) in [("f32", TensorDType.f32), ("f16", .f16), ("bf16", .bf16)] {
+                if let pieces {
+                    try w.add(name: "a.\(suffix)", shape: [11, 2, 3], dtype: dtype, rows: pieces) { range in
+                        asked.append(range)
+                        return a.rows(range)
+                    }
+                } else {
+                    try w.add(name: "a.\(suffix)", matrix: a, shape: [11, 2, 3], dtype: dtype)
+                }
+            }
+            let files = try w.finish()
+            return (try Data(contentsOf: URL(fileURLWithPath: files[0])), asked)
+        }
+        let (whole, _) = try write("whole", pieces: nil)
+        let (cut, asked) = try write("cut", pieces: 4)
+        XCTAssertEqual(cut, whole)
+        XCTAssertEqual(asked, Array(repeating: [0..<4, 4..<8, 8..<11], count: 3).flatMap { $0 })
+        let file = try SafeTensorsFile(path: dir + "/cut/model.safetensors")
+        for name in ["a.f32", "a.f16", "a.bf16"] {
+            let all = try file.load(name)
+            for range in [0..<1, 3..<9, 10..<11, 0..<11] {
+                XCTAssertEqual(try file.load(name, rows: range), all.rows(range), "\(name) rows \(range)")
+            }
+            XCTAssertEqual(file.entry(name)?.rows(3..<9)?.byteCount, 6 * file.entry(name)!.byteCount / 11)
+            for bad in [0..<0, 10..<12, -1..<2] {
+                assertCheckpointError(try file.load(name, rows: bad)) {
+                    if case .shapeMismatch(_, name, _, _) = $0 { return true } else { return false }
+                }
+            }
+        }
+        assertCheckpointError(try file.load("absent", rows: 0..<1)) {
+            if case .missingTensor(_, "absent") = $0 { return true } else { return false }
+        }
+        // A piece of the wrong size stops the write, naming the tensor and the rows.
+        var w = SafeTensorsWriter(directory: dir + "/bad")
+        try w.add(name: "b", shape: [5, 2], rows: 2) { range in Matrix(rows: 2, cols: 2) }
+        assertCheckpointError(try w.finish()) {
+            if case .shapeMismatch(_, "b", let expected, _) = $0 { return expected.contains("4..<5") } else { return false }
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir + "/bad"), [], "no partial or temporary file is left")
+        assertCheckpointError(try w.add(name: "c", shape: [5], rows: 2) { _ in Matrix(vector: [1]) }) {
+            if case .shapeMismatch(_, "c", _, _) = $0 { return true } else { return false }
+        }
+    }
+
     // MARK: Fixtures
 
     func testReadsTinyLlamaFixtures() throws {

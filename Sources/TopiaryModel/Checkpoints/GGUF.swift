@@ -170,6 +170,14 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
         return try file.decodeTensor(e)
     }
 
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        if let type = unsupported[name] {
+            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
+        }
+        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
+        return try loadRows(name, rows, entry: e, file: file)
+    }
+
     public func prefetch(_ name: String) {
         if let e = entries[name] { prefetch(e) }
     }

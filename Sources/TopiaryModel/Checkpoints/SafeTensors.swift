@@ -124,6 +124,14 @@ public final class SafeTensorsFile: TensorSource {
         return try file.decodeTensor(e)
     }
 
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        if let type = unsupportedTensors[name] {
+            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
+        }
+        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
+        return try loadRows(name, rows, entry: e, file: file)
+    }
+
     public func prefetch(_ name: String) {
         if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
     }
@@ -324,6 +332,11 @@ public final class ShardedSafeTensors: TensorSource, @unchecked Sendable {
         return try shard(s).load(name)
     }
 
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        guard let s = weightMap[name] else { throw CheckpointError.missingTensor(path: indexPath, tensor: name) }
+        return try shard(s).load(name, rows: rows)
+    }
+
     public func prefetch(_ name: String) {
         if let s = weightMap[name], let f = try? shard(s) { f.prefetch(name) }
     }
@@ -378,6 +391,9 @@ public struct SafeTensorsWriter {
         var count: Int
         var byteCount: Int
         var produce: () throws -> Matrix
+        /// Set for a tensor written in pieces of at most `rows` rows along its outermost
+        /// dimension, each computed by `produce` only when written (`produce` above is then unused).
+        var pieces: (rows: Int, produce: (Range<Int>) throws -> Matrix)? = nil
     }
 
     /// - Parameters:
@@ -407,6 +423,21 @@ public struct SafeTensorsWriter {
     public mutating func add(name: String, shape: [Int], dtype: TensorDType = .f32, produce: @escaping () throws -> Matrix) throws {
         let count = try check(name: name, shape: shape, dtype: dtype)
         append(name: name, shape: shape, dtype: dtype, count: count, produce: produce)
+    }
+
+    /// Adds a tensor that is written in pieces of at most `rows` rows along its outermost
+    /// dimension: `produce(range)` returns those rows ([range.count x the rest]) when they are
+    /// written, so a large tensor is never held whole (the pieces' bytes are the tensor's bytes).
+    public mutating func add(name: String, shape: [Int], dtype: TensorDType = .f32, rows: Int,
+                             produce: @escaping (Range<Int>) throws -> Matrix) throws {
+        let count = try check(name: name, shape: shape, dtype: dtype)
+        guard rows > 0, shape.count >= 2 else {
+            throw CheckpointError.shapeMismatch(path: directory, tensor: name, expected: "a tensor of at least two dimensions in pieces of at least one row",
+                                                found: "shape \(shape), \(rows) rows a piece")
+        }
+        let total = shape[0]
+        append(name: name, shape: shape, dtype: dtype, count: count) { try produce(0..<total) }
+        pending[pending.count - 1].pieces = (rows, produce)
     }
 
     /// Total bytes of tensor data added so far.
@@ -558,13 +589,10 @@ public struct SafeTensorsWriter {
             var length = UInt64(header.count).littleEndian
             try withUnsafeBytes(of: &length) { try w.write($0) }
             try w.write(header)
-            for t in tensors {
-                let m = try t.produce()
-                guard m.count == t.count else {
-                    throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "\(t.shape) (\(t.count) values)", found: "\(m.rows)x\(m.cols) (\(m.count) values)")
-                }
+            /// Writes `m`'s values as `dtype`.
+            func put(_ m: Matrix, _ dtype: TensorDType) throws {
                 try m.withUnsafeBufferPointer { src in
-                    switch t.dtype {
+                    switch dtype {
                     case .f16:
                         try w.writeConverted(count: src.count, elementSize: 2) { range, p in
                             HalfPrecision.floatsToFP16(src.baseAddress! + range.lowerBound, count: range.count, into: p)
@@ -576,6 +604,26 @@ public struct SafeTensorsWriter {
                     default:
                         try w.write(floats: src)
                     }
+                }
+            }
+            for t in tensors {
+                guard let pieces = t.pieces, t.count > 0 else {
+                    let m = try t.produce()
+                    guard m.count == t.count else {
+                        throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "\(t.shape) (\(t.count) values)", found: "\(m.rows)x\(m.cols) (\(m.count) values)")
+                    }
+                    try put(m, t.dtype)
+                    continue
+                }
+                let (rows, width) = (t.shape[0], t.count / t.shape[0])
+                for start in stride(from: 0, to: rows, by: pieces.rows) {
+                    let range = start..<min(start + pieces.rows, rows)
+                    let m = try pieces.produce(range)
+                    guard m.count == range.count * width else {
+                        throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "rows \(range) of \(t.shape) (\(range.count * width) values)",
+                                                            found: "\(m.rows)x\(m.cols) (\(m.count) values)")
+                    }
+                    try put(m, t.dtype)
                 }
             }
             let expected = 8 + header.count + dataBytes

@@ -62,6 +62,18 @@ public struct TensorEntry: Sendable, Equatable {
     }
 
     public var elementCount: Int { shape.reduce(1, *) }
+
+    /// Rows `range` of this tensor along its outermost dimension, as an entry over those rows'
+    /// bytes only (shape [range.count, rest...]). Nil when the tensor has one dimension, the range
+    /// is empty or outside it, or a row is not a whole number of the type's blocks.
+    public func rows(_ range: Range<Int>) -> TensorEntry? {
+        guard shape.count >= 2, shape[0] > 0, range.lowerBound >= 0, range.upperBound <= shape[0], !range.isEmpty,
+              let rowBytes = dtype.byteCount(elements: elementCount / shape[0]), rowBytes * shape[0] == byteCount else { return nil }
+        var rowsShape = shape
+        rowsShape[0] = range.count
+        return TensorEntry(name: name, shape: rowsShape, dtype: dtype, offset: offset + range.lowerBound * rowBytes,
+                           byteCount: range.count * rowBytes)
+    }
 }
 
 /// A collection of named tensors read lazily, one at a time, from memory-mapped files.
@@ -78,10 +90,37 @@ public protocol TensorSource: AnyObject, Sendable {
     /// nothing is decoded and nothing stays in this process's memory), so that a `load` soon
     /// after finds them read. An unknown name is ignored.
     func prefetch(_ name: String)
+    /// Rows `rows` of tensor `name` as `load` gives them ([rows.count x columns]), decoding only
+    /// those rows where the format allows it: a writer streams a large tensor (an embedding) in
+    /// pieces this way instead of holding all of it in Float32 at once.
+    func load(_ name: String, rows: Range<Int>) throws -> Matrix
 }
 
 extension TensorSource {
     public func prefetch(_ name: String) {}
+
+    /// The whole tensor, cut: for sources that hold their tensors in memory or build them.
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        let m = try load(name)
+        try Self.checkRows(rows, of: m.rows, tensor: name, path: path)
+        return m.rows(rows)
+    }
+
+    /// Throws unless `rows` is a non-empty range within a tensor's `count` rows.
+    static func checkRows(_ rows: Range<Int>, of count: Int, tensor: String, path: String) throws {
+        guard rows.lowerBound >= 0, rows.upperBound <= count, !rows.isEmpty else {
+            throw CheckpointError.shapeMismatch(path: path, tensor: tensor, expected: "rows within 0..<\(count)", found: "rows \(rows)")
+        }
+    }
+
+    /// `load(name, rows:)` for a source that reads `entry` through `file`: the rows' bytes alone
+    /// when the entry can be cut there (`TensorEntry.rows`), otherwise the whole tensor, cut.
+    func loadRows(_ name: String, _ rows: Range<Int>, entry: TensorEntry, file: MappedFile) throws -> Matrix {
+        let count = entry.shape.count >= 2 ? entry.shape[0] : 1
+        try Self.checkRows(rows, of: count, tensor: name, path: path)
+        if let cut = entry.rows(rows) { return try file.decodeTensor(cut) }
+        return try file.decodeTensor(entry).rows(rows)
+    }
 }
 
 /// Decodes a stored tensor into Float32.
