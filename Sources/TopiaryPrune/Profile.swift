@@ -100,14 +100,23 @@ public struct PhaseTimer {
 /// The backend's sgemm rate in FLOP/s: the best of five [n x n]·[n x n]ᵀ products, after
 /// products for a quarter of a second unmeasured.
 public enum SgemmRate {
-    /// Float32 GEMM rate of `backend` on square n x n x n products (n: 1024 on the CPU, 8192 on
-    /// a GPU, where a smaller product is all launch and no arithmetic).
+    /// Float32 GEMM rate of `backend` on square n x n x n products: the better of n = 1024 and
+    /// 2048 on the CPU, n = 8192 on a GPU (where a smaller product is all launch and no
+    /// arithmetic), or n = `size` alone.
     ///
     /// The warm-up is there because the first products of a process ran slower: the BLAS threads
     /// start, the cores' clocks rise. With one product before the best of three, `eval --profile`
-    /// on a 2-core VM once measured 131 GFLOP/s where the forward pass then ran at 157.
+    /// on a 2-core VM once measured 131 GFLOP/s where the forward pass then ran at 157. 2048 is
+    /// there because 1024 alone read low on a 2-core Zen 3 VM whose neighbours come and go
+    /// (OpenBLAS at 2 threads: 1024's 13 ms products gave 93-164 GFLOP/s in three rounds a second
+    /// apart, 2048's 157-159), and a low rate makes the profile's ratios (FLOPs at this rate over
+    /// seconds) read above what the machine allows. It still reads low when the neighbours are
+    /// busy throughout (`eval --profile` there: 168.5 and then 127.1 GFLOP/s).
     public static func measure(size: Int? = nil, on backend: any ComputeBackend = CPUBackend()) -> Double {
-        let n = size ?? (backend is CUDABackend ? 8192 : 1024)
+        if size == nil && !(backend is CUDABackend) {
+            return max(measure(size: 1024, on: backend), measure(size: 2048, on: backend))
+        }
+        let n = size ?? 8192
         var a = Matrix(rows: n, cols: n), b = Matrix(rows: n, cols: n)
         a.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 7) * 0.25 - 0.75 } }
         b.withUnsafeMutableBufferPointer { p in for i in p.indices { p[i] = Float(i % 5) * 0.5 - 1 } }

@@ -87,10 +87,11 @@ enum EvalCommand: Command {
     implementation on the same tokens. --precision f64 runs every step in Float64 on the CPU
     (products through dgemm, norms, RoPE angles, softmax and the final log-softmax in Float64),
     so that the f32 loss's rounding error can be measured; meant for small models.
-    --profile measures the backend's sgemm rate (1024^3) first, then prints where the time went
-    (stderr): opening the model, tokenizing, reading weights, the embedding, the blocks' forward
-    passes and the head, each with its FLOPs counted from the shapes and its ratio to the sgemm
-    rate (FLOPs at that rate over the seconds taken); with --json also under "profile".
+    --profile measures the backend's sgemm rate (the better of 1024^3 and 2048^3) first, then
+    prints where the time went (stderr): opening the model, tokenizing, reading weights, the
+    embedding, the blocks' forward passes and the head, each with its FLOPs counted from the
+    shapes and its ratio to the sgemm rate (FLOPs at that rate over the seconds taken); with
+    --json also under "profile".
 
     --tasks scores a zero-shot multiple-choice task as lm-evaluation-harness does: one JSON
     object a line with lm-eval's per-document fields 'context' (string), 'choices' (array of

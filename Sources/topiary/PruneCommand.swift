@@ -136,11 +136,12 @@ enum PruneCommand: Command {
     Progress: a bar on a terminal; otherwise one JSON line per block on stderr. The ETA counts
     only blocks still to prune (blocks replayed after a resume are not work done).
 
-    --profile measures the machine's sgemm rate (1024^3 through Linalg) before the run, prints a
-    table of where the pruned blocks' time went on stderr at the end (load, dense forward,
-    statistics, solve, pruned forward, error metrics, spill and checkpoint I/O, waiting), each
-    phase with its FLOPs counted from the shapes and its ratio to the sgemm rate (FLOPs at that
-    rate over the seconds taken), and writes the same per block under "profile" in report.json.
+    --profile measures the machine's sgemm rate (the better of 1024^3 and 2048^3 through Linalg)
+    before the run, prints a table of where the pruned blocks' time went on stderr at the end
+    (load, dense forward, statistics, solve, pruned forward, error metrics, spill and checkpoint
+    I/O, waiting), each phase with its FLOPs counted from the shapes and its ratio to the sgemm
+    rate (FLOPs at that rate over the seconds taken), and writes the same per block under
+    "profile" in report.json.
 
     Each linear's errors (mask-only and final, ‖ΔW X‖² / ‖W X‖² on the calibration inputs) are
     quadratic forms in its input Hessian XᵀX, which SparseGPT, SparseLLM and BESA's refit
