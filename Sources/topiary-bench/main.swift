@@ -135,6 +135,22 @@ func benchForward(_ args: [String]) throws {
         print(String(format: "  ratio %@ / sgemm: %.2f  (%.2f-%.2f)", name, median(r), r.min()!, r.max()!))
     }
     print(String(format: "  whole model (%d blocks) at this rate: %.0f tokens/s", c.layerCount, Double(seqlen) / forwardSeconds / Double(c.layerCount)))
+
+    // --windows N: a prune's calibration shape (N windows of seqlen tokens), run as one forward
+    // call over all N against N calls of one window each, alternating (the same FLOPs).
+    let windows = Int(argument("windows", args) ?? "1")!
+    guard windows > 1 else { return }
+    let all = randomMatrix(windows * seqlen, c.hiddenSize, seed: 8)
+    let parts = (0..<windows).map { all.rows($0 * seqlen..<($0 + 1) * seqlen) }
+    let block = try model.loadBlock(0)
+    var together: [Double] = [], apart: [Double] = []
+    for _ in 0..<5 {
+        apart.append(best(1) { for p in parts { _ = block.forward(p, sequenceLength: seqlen, rope: rope) } })
+        together.append(best(1) { _ = block.forward(all, sequenceLength: seqlen, rope: rope) })
+    }
+    let flops = Double(windows) * (linearFlops + attnFlops)
+    print(String(format: "  %d windows of %d: one call %.3f s (%.1f GFLOP/s), one call a window %.3f s (%.1f GFLOP/s); medians of 5, alternating",
+                 windows, seqlen, median(together), flops / median(together) / 1e9, median(apart), flops / median(apart) / 1e9))
 }
 
 /// SparseGPT on every linear shape of the model's first block, with the Hessian of real
@@ -623,7 +639,7 @@ do {
     case "precision": try benchPrecision(Array(args.dropFirst()))
     case "cuda-check": try cudaCheck(Array(args.dropFirst()))
     default:
-        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer|load --model PATH [--seqlen N] [--blocks K] [--tokens N]\n       topiary-bench export --model PATH [--dtype f32|f16|bf16] [--repeats N] [--output DIR]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
+        FileHandle.standardError.write(Data("usage: topiary-bench forward|sparsegpt|sparsellm|besa|transfer|load --model PATH [--seqlen N] [--blocks K] [--tokens N] [--windows N]\n       topiary-bench export --model PATH [--dtype f32|f16|bf16] [--repeats N] [--output DIR]\n       topiary-bench linalg [--threads N]\n       topiary-bench precision --model PATH --text FILE [--tokenizer PATH] [--seqlen N] [--threads N] [--json FILE]\n       topiary-bench cuda-check [--device cuda:N]\n       topiary-bench make-synthetic --shape llama2-7b|llama3-8b|llama3-70b [--layers N] [--vocab V] [--seed S] [--output DIR]\n       topiary-bench tokenize --text PATH (--model GGUF | --tokenizer tokenizer.json) [--repeats N] [--dump FILE]\n".utf8))
         exit(2)
     }
 } catch {
