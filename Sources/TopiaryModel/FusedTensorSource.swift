@@ -68,4 +68,10 @@ public final class FusedTensorSource: TensorSource, @unchecked Sendable {
         }
         return fused.rows(p.row..<(p.row + p.rows))
     }
+
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        guard base.entry(name) == nil, let p = parts[name] else { return try base.load(name, rows: rows) }
+        try Self.checkRows(rows, of: p.rows, tensor: name, path: path)
+        return try base.load(p.fused, rows: (p.row + rows.lowerBound)..<(p.row + rows.upperBound))
+    }
 }

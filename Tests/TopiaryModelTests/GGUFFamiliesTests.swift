@@ -303,6 +303,20 @@ final class GGUFFamiliesTests: XCTestCase {
             XCTAssertEqual(Set(a.tensors.keys), Set(b.tensors.keys))
             for (name, m) in a.tensors { XCTAssertEqual(m, b.tensors[name]!, name) }
         }
+        // Rows of a part are the fused tensor's rows from the part's first (directory and GGUF);
+        // an expert's slice is cut after it is read whole.
+        for model in [hf, gguf] {
+            for name in ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"] {
+                let whole = try model.weights.load(name)
+                for range in [0..<1, 2..<5, (whole.rows - 1)..<whole.rows] {
+                    XCTAssertEqual(try model.weights.load(name, rows: range), whole.rows(range), "\(name) rows \(range)")
+                }
+                XCTAssertThrowsError(try model.weights.load(name, rows: (whole.rows - 1)..<(whole.rows + 1)), name)
+            }
+        }
+        let mixtral = try LanguageModel.open(path: try write(try converted("tiny-mixtral"), "mixtral.gguf"))
+        let expert = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+        XCTAssertEqual(try mixtral.weights.load(expert, rows: 3..<7), try mixtral.weights.load(expert).rows(3..<7))
     }
 
     /// Each expert is read from its own bytes of the stacked tensor, and equals the directory's.

@@ -47,6 +47,11 @@ final class Llama2CTests: XCTestCase {
         XCTAssertEqual(ckpt.tensorNames.last, "model.norm.weight")
         let total = ckpt.tensorNames.reduce(0) { $0 + ckpt.entry($1)!.elementCount }
         XCTAssertEqual(total, 260_032)
+        for name in ["model.embed_tokens.weight", "model.layers.3.mlp.gate_proj.weight"] {
+            let whole = try ckpt.load(name)
+            XCTAssertEqual(try ckpt.load(name, rows: 5..<37), whole.rows(5..<37), name)
+            XCTAssertThrowsError(try ckpt.load(name, rows: 0..<(whole.rows + 1)), name)
+        }
 
         let shapes: [String: [Int]] = [
             "model.embed_tokens.weight": [512, 64], "model.norm.weight": [64],

@@ -165,6 +165,11 @@ public final class Llama2CCheckpoint: TensorSource {
         return try file.decodeTensor(e)
     }
 
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
+        return try loadRows(name, rows, entry: e, file: file)
+    }
+
     public func prefetch(_ name: String) {
         if let e = entries[name] { file.prefetch(offset: e.offset, count: e.byteCount) }
     }

@@ -99,7 +99,8 @@ public protocol TensorSource: AnyObject, Sendable {
 extension TensorSource {
     public func prefetch(_ name: String) {}
 
-    /// The whole tensor, cut: for sources that hold their tensors in memory or build them.
+    /// The whole tensor, cut: for sources that hold their tensors in memory (`MemoryTensorSource`);
+    /// every source that reads a file cuts the rows' bytes instead.
     public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
         let m = try load(name)
         try Self.checkRows(rows, of: m.rows, tensor: name, path: path)
