@@ -43,6 +43,9 @@ public enum RopePermutation {
 /// Writes a model as a Hugging Face directory: config.json, safetensors weights, and the
 /// tokenizer and generation files (HuggingFaceExport+Files.swift says which, for each source).
 public enum HuggingFaceExport {
+    /// Non-block tensors above this many elements are written in pieces of about this many.
+    static let pieceElements = 1 << 21
+
     /// Writes `model` (with blocks from `block`, default: the model's own) to `directory`.
     /// Q/K rows are put in rotate-half layout. `dtype` nil writes `defaultDType(for:)` (a Hugging
     /// Face source's own, else F32). A sharded Hugging Face source gives the same shards; other
@@ -50,9 +53,6 @@ public enum HuggingFaceExport {
     /// `weightsDigest`, when given, is fed the weight files' bytes as they are written (in the
     /// order returned): `SHA256Digest.files` of the returned files, without reading them back.
     /// The weight files go to disk as they are written and do not stay in the page cache.
-    /// Non-block tensors above this many elements are written in pieces of about this many.
-    static let pieceElements = 1 << 21
-
     @discardableResult
     public static func write(
         model: LanguageModel, to directory: String, dtype: TensorDType? = nil,
