@@ -367,9 +367,7 @@ final class GGUFNames: TensorSource, @unchecked Sendable {
     func load(_ name: String, rows: Range<Int>) throws -> Matrix {
         guard slices[name] == nil, let g = toGGUF[name] else {
             // An expert's slice (or a missing name, which `load` reports): the whole slice, cut.
-            let m = try load(name)
-            try Self.checkRows(rows, of: m.rows, tensor: name, path: path)
-            return m.rows(rows)
+            return try loadWhole(name, rows: rows)
         }
         return unshifted(try gguf.load(g, rows: rows), name)
     }

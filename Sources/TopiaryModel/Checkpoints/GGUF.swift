@@ -162,20 +162,19 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
 
     public func entry(_ name: String) -> TensorEntry? { entries[name] }
 
-    public func load(_ name: String) throws -> Matrix {
-        if let type = unsupported[name] {
-            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
-        }
-        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try file.decodeTensor(e)
-    }
+    public func load(_ name: String) throws -> Matrix { try file.decodeTensor(try readable(name)) }
 
     public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        try loadRows(name, rows, entry: try readable(name), file: file)
+    }
+
+    /// The entry of tensor `name`, or the error that says why it cannot be read.
+    private func readable(_ name: String) throws -> TensorEntry {
         if let type = unsupported[name] {
             throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
         }
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try loadRows(name, rows, entry: e, file: file)
+        return e
     }
 
     public func prefetch(_ name: String) {

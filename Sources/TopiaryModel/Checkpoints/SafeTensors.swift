@@ -116,20 +116,19 @@ public final class SafeTensorsFile: TensorSource {
         entries[name]?.dtype.rawValue ?? unsupportedTensors[name]
     }
 
-    public func load(_ name: String) throws -> Matrix {
-        if let type = unsupportedTensors[name] {
-            throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
-        }
-        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try file.decodeTensor(e)
-    }
+    public func load(_ name: String) throws -> Matrix { try file.decodeTensor(try readable(name)) }
 
     public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        try loadRows(name, rows, entry: try readable(name), file: file)
+    }
+
+    /// The entry of tensor `name`, or the error that says why it cannot be read.
+    private func readable(_ name: String) throws -> TensorEntry {
         if let type = unsupportedTensors[name] {
             throw CheckpointError.unsupportedType(path: path, tensor: name, type: type)
         }
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try loadRows(name, rows, entry: e, file: file)
+        return e
     }
 
     public func prefetch(_ name: String) {
@@ -390,10 +389,15 @@ public struct SafeTensorsWriter {
         var dtype: TensorDType
         var count: Int
         var byteCount: Int
-        var produce: () throws -> Matrix
-        /// Set for a tensor written in pieces of at most `rows` rows along its outermost
-        /// dimension, each computed by `produce` only when written (`produce` above is then unused).
-        var pieces: (rows: Int, produce: (Range<Int>) throws -> Matrix)? = nil
+        var values: Values
+    }
+
+    /// Where a tensor's values come from when it is written.
+    enum Values {
+        /// All of them at once.
+        case whole(() throws -> Matrix)
+        /// Pieces of at most `rows` rows along the outermost dimension, one call a piece.
+        case pieces(rows: Int, (Range<Int>) throws -> Matrix)
     }
 
     /// - Parameters:
@@ -415,14 +419,14 @@ public struct SafeTensorsWriter {
         guard count == matrix.count else {
             throw CheckpointError.shapeMismatch(path: directory, tensor: name, expected: "\(shape) (\(count) values)", found: "\(matrix.rows)x\(matrix.cols) (\(matrix.count) values)")
         }
-        append(name: name, shape: shape, dtype: dtype, count: count) { matrix }
+        append(name: name, shape: shape, dtype: dtype, count: count, values: .whole { matrix })
     }
 
     /// Adds a tensor whose values `produce` returns when the file is written (so callers can
     /// stream tensors from disk). The result must hold exactly `shape`'s element count.
     public mutating func add(name: String, shape: [Int], dtype: TensorDType = .f32, produce: @escaping () throws -> Matrix) throws {
         let count = try check(name: name, shape: shape, dtype: dtype)
-        append(name: name, shape: shape, dtype: dtype, count: count, produce: produce)
+        append(name: name, shape: shape, dtype: dtype, count: count, values: .whole(produce))
     }
 
     /// Adds a tensor that is written in pieces of at most `rows` rows along its outermost
@@ -435,9 +439,7 @@ public struct SafeTensorsWriter {
             throw CheckpointError.shapeMismatch(path: directory, tensor: name, expected: "a tensor of at least two dimensions in pieces of at least one row",
                                                 found: "shape \(shape), \(rows) rows a piece")
         }
-        let total = shape[0]
-        append(name: name, shape: shape, dtype: dtype, count: count) { try produce(0..<total) }
-        pending[pending.count - 1].pieces = (rows, produce)
+        append(name: name, shape: shape, dtype: dtype, count: count, values: .pieces(rows: rows, produce))
     }
 
     /// Total bytes of tensor data added so far.
@@ -544,9 +546,9 @@ public struct SafeTensorsWriter {
         return count
     }
 
-    private mutating func append(name: String, shape: [Int], dtype: TensorDType, count: Int, produce: @escaping () throws -> Matrix) {
+    private mutating func append(name: String, shape: [Int], dtype: TensorDType, count: Int, values: Values) {
         names.insert(name)
-        pending.append(Pending(name: name, shape: shape, dtype: dtype, count: count, byteCount: dtype.byteCount(elements: count)!, produce: produce))
+        pending.append(Pending(name: name, shape: shape, dtype: dtype, count: count, byteCount: dtype.byteCount(elements: count)!, values: values))
     }
 
     private func makeDirectory() throws {
@@ -607,23 +609,26 @@ public struct SafeTensorsWriter {
                 }
             }
             for t in tensors {
-                guard let pieces = t.pieces, t.count > 0 else {
-                    let m = try t.produce()
+                switch t.values {
+                case .whole(let produce):
+                    let m = try produce()
                     guard m.count == t.count else {
                         throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "\(t.shape) (\(t.count) values)", found: "\(m.rows)x\(m.cols) (\(m.count) values)")
                     }
                     try put(m, t.dtype)
-                    continue
-                }
-                let (rows, width) = (t.shape[0], t.count / t.shape[0])
-                for start in stride(from: 0, to: rows, by: pieces.rows) {
-                    let range = start..<min(start + pieces.rows, rows)
-                    let m = try pieces.produce(range)
-                    guard m.count == range.count * width else {
-                        throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "rows \(range) of \(t.shape) (\(range.count * width) values)",
-                                                            found: "\(m.rows)x\(m.cols) (\(m.count) values)")
+                case .pieces(let piece, let produce):
+                    // No values, no pieces (t.shape[0] may be nonzero with another dimension 0).
+                    guard t.count > 0 else { continue }
+                    let (rows, width) = (t.shape[0], t.count / t.shape[0])
+                    for start in stride(from: 0, to: rows, by: piece) {
+                        let range = start..<min(start + piece, rows)
+                        let m = try produce(range)
+                        guard m.count == range.count * width else {
+                            throw CheckpointError.shapeMismatch(path: path, tensor: t.name, expected: "rows \(range) of \(t.shape) (\(range.count * width) values)",
+                                                                found: "\(m.rows)x\(m.cols) (\(m.count) values)")
+                        }
+                        try put(m, t.dtype)
                     }
-                    try put(m, t.dtype)
                 }
             }
             let expected = 8 + header.count + dataBytes

@@ -101,7 +101,10 @@ extension TensorSource {
 
     /// The whole tensor, cut: for sources that hold their tensors in memory (`MemoryTensorSource`);
     /// every source that reads a file cuts the rows' bytes instead.
-    public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+    public func load(_ name: String, rows: Range<Int>) throws -> Matrix { try loadWhole(name, rows: rows) }
+
+    /// Rows `rows` cut from the whole tensor `name` as `load` gives it.
+    func loadWhole(_ name: String, rows: Range<Int>) throws -> Matrix {
         let m = try load(name)
         try Self.checkRows(rows, of: m.rows, tensor: name, path: path)
         return m.rows(rows)
