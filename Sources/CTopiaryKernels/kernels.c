@@ -105,6 +105,26 @@ CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) {
     }
 }
 
+/// dg and du for 16 elements from their d, g, u.
+#define swigluBackward(d, g, u, dg, du) do { \
+    vf s_ = 1.0f / (1.0f + vexp(-(g))); \
+    (du) = (d) * ((g) * s_); \
+    (dg) = (d) * ((u) * s_ * (1.0f + (g) * (1.0f - s_))); } while (0)
+
+CLONES void topiary_swiglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    vf a, b;
+    for (; i + 16 <= n; i += 16) {
+        swigluBackward(load(d + i), load(g + i), load(u + i), a, b);
+        store(dg + i, a);
+        store(du + i, b);
+    }
+    if (i < n) {
+        swigluBackward(loadTail(d + i, n - i, 0), loadTail(g + i, n - i, 0), loadTail(u + i, n - i, 0), a, b);
+        for (ptrdiff_t j = 0; j < n - i; j++) { dg[i + j] = a[j]; du[i + j] = b[j]; }
+    }
+}
+
 CLONES void topiary_silu(const float *x, float *y, ptrdiff_t n) {
     ptrdiff_t i = 0;
     for (; i + 16 <= n; i += 16) { vf v = load(x + i); store(y + i, v / (1.0f + vexp(-v))); }

@@ -192,16 +192,18 @@ extension CPUBackend {
         let dg = uninitialized(rows: d.rows, cols: d.cols), du = uninitialized(rows: d.rows, cols: d.cols)
         let (pd, g, u, pg, pu) = (read(d), read(gate), read(up), write(dg), write(du))
         Parallel.forEach(d.count) { range in
-            for i in range {
-                switch activation {
-                case .silu:
-                    let sigma = 1 / (1 + expf(-g[i]))
-                    pu[i] = pd[i] * (g[i] * sigma)                                    // ∂/∂u: silu(g)
-                    pg[i] = pd[i] * (u[i] * sigma * (1 + g[i] * (1 - sigma)))         // ∂/∂g: u·silu′(g)
-                case .geluTanh:
+            switch activation {
+            case .silu:
+                // ∂/∂u: silu(g); ∂/∂g: u·silu′(g), in the CPU's vectors with the forward's exponential.
+                let i = range.lowerBound
+                Kernels.swigluBackward(pd + i, gate: g + i, up: u + i, dGate: pg + i, dUp: pu + i, range.count)
+            case .geluTanh:
+                for i in range {
                     pu[i] = pd[i] * GELU.tanh(g[i])
                     pg[i] = pd[i] * (u[i] * GELU.tanhDerivative(g[i]))
-                case .relu:
+                }
+            case .relu:
+                for i in range {
                     pu[i] = pd[i] * max(g[i], 0)
                     pg[i] = pd[i] * (g[i] > 0 ? u[i] : 0)
                 }

@@ -138,6 +138,12 @@ public enum Kernels {
         topiary_swiglu(gate, up, n)
     }
 
+    /// SwiGLU's backward: dg and du from d = ∂L/∂(silu(g)·u), with the exponential of `swiglu`.
+    public static func swigluBackward(_ d: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
+                                      dGate: UnsafeMutablePointer<Float>, dUp: UnsafeMutablePointer<Float>, _ n: Int) {
+        topiary_swiglu_backward(d, g, u, dGate, dUp, n)
+    }
+
     /// p[i] = max(p[i], 0).
     public static func reluInPlace(_ p: UnsafeMutablePointer<Float>, _ n: Int) {
         for i in 0..<n { p[i] = max(p[i], 0) }

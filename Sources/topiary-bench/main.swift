@@ -359,6 +359,17 @@ func benchBESA(_ args: [String]) throws {
     print(String(format: "  backward (weight gradients): %.4f s, %.2f GFLOP, %.1f GFLOP/s", backwardSeconds, backwardFlops / 1e9, backwardFlops / backwardSeconds / 1e9))
     print(String(format: "  ratio forward+backward / sgemm: %.2f", (forwardFlops + backwardFlops) / both / 1e9 / peak))
 
+    // Two of the step's host loops apart: SwiGLU's backward over the window's feed-forward
+    // activations, and the learner's ranking of the widest linear's rows (once a block).
+    do {
+        let (g, u, dm) = (cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 12)), cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 13)),
+                          cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 14)))
+        let activation = best(7) { _ = cpu.gatedActivationBackward(dm, gate: g, up: u, .silu) }
+        let scores = cpu.upload(randomMatrix(c.intermediateSize, c.hiddenSize, seed: 15))
+        let ranking = best(3) { _ = cpu.rankRows(scores) }
+        print(String(format: "  SwiGLU backward, %d x %d: %.2f ms; rankRows, %d x %d: %.1f ms", seqlen, c.intermediateSize, activation * 1e3,
+                     c.intermediateSize, c.hiddenSize, ranking * 1e3))
+    }
     print("  block   wanda s   besa s   besa step s   output error wanda / besa")
     var total = 0.0
     for b in 0..<blocks {

@@ -132,6 +132,48 @@ final class Float64BackendTests: XCTestCase {
         }
     }
 
+    /// rankRows orders each row by value, ties by column, as a comparison sort on (value,
+    /// column) does: negative values, both zeros (equal), repeated values, infinities.
+    func testRankRowsOrdersByValueThenColumn() {
+        var rng = TestRandom(seed: 41)
+        let special: [Float] = [0, -0.0, 1, -1, 0.5, -0.5, .infinity, -.infinity, 1e-40, -1e-40]
+        let scores = Matrix(rows: 7, cols: 37, values: (0..<(7 * 37)).map { i in
+            i % 3 == 0 ? special[(i / 3) % special.count] : Float(Int(rng.uniform() * 8) - 4) * 0.25
+        })
+        let order = cpu.download(cpu.rankRows(cpu.upload(scores)))
+        for r in 0..<scores.rows {
+            let expected = (0..<scores.cols).sorted { a, b in
+                scores[r, a] < scores[r, b] || (scores[r, a] == scores[r, b] && a < b)
+            }
+            XCTAssertEqual((0..<scores.cols).map { Int(order[r, $0]) }, expected, "row \(r)")
+        }
+    }
+
+    /// The attention's backward gives the same bits at 1, 2 and 3 threads, with query heads that
+    /// share key/value heads (their dK and dV summed head by head) and several sequences.
+    func testAttentionBackwardBitsDoNotDependOnThreads() {
+        let saved = CPUBackend.threadCount
+        defer { CPUBackend.setThreadCount(saved) }
+        var rng = TestRandom(seed: 43)
+        for (t, heads, kvHeads) in [(300, 6, 2), (40, 3, 3), (40, 4, 1)] {
+            let (d, sequences) = (8, 3)
+            let q = rng.matrix(sequences * t, heads * d), k = rng.matrix(sequences * t, kvHeads * d)
+            let v = rng.matrix(sequences * t, kvHeads * d), dOut = rng.matrix(sequences * t, heads * d)
+            let shape = AttentionShape(sequenceLength: t, heads: heads, kvHeads: kvHeads, headDim: d)
+            var results: [[Float]] = []
+            for threads in [1, 2, 3] {
+                CPUBackend.setThreadCount(threads)
+                let g = cpu.attentionBackward(q: cpu.upload(q), k: cpu.upload(k), v: cpu.upload(v), outputGradient: cpu.upload(dOut),
+                                              shape: shape, options: .standard(headDim: d))
+                results.append([g.dq, g.dk, g.dv].flatMap { cpu.download($0).values })
+            }
+            for i in 1..<results.count {
+                let differing = zip(results[0], results[i]).filter { $0.bitPattern != $1.bitPattern }.count
+                XCTAssertEqual(differing, 0, "\(heads)/\(kvHeads) heads, \([1, 2, 3][i]) threads")
+            }
+        }
+    }
+
     func testSolverKernels() throws {
         var rng = TestRandom(seed: 23)
         let x = rng.matrix(64, 24), w = rng.matrix(10, 24)

@@ -264,6 +264,45 @@ final class KernelTests: XCTestCase {
         XCTAssertTrue(y[0].isNaN)
     }
 
+    /// SwiGLU's backward has the bits of its formula written element by element with the same
+    /// exponential, whatever the split of the elements (the tail of a split is a partial vector).
+    func testSwigluBackwardHasTheScalarFormulasBits() {
+        let e = Self.referenceExp
+        var rng = SplitMix64(seed: 7)
+        let n = 1_003
+        func uniform(_ scale: Double) -> [Float] { (0..<n).map { _ in Float((rng.nextUnit() * 2 - 1) * scale) } }
+        let (d, g, u) = (uniform(3), uniform(30), uniform(5))
+        var (dg, du) = ([Float](repeating: 0, count: n), [Float](repeating: 0, count: n))
+        var (dgParts, duParts) = (dg, du)
+        Kernels.swigluBackward(d, gate: g, up: u, dGate: &dg, dUp: &du, n)
+        d.withUnsafeBufferPointer { dp in g.withUnsafeBufferPointer { gp in u.withUnsafeBufferPointer { up in
+            dgParts.withUnsafeMutableBufferPointer { a in duParts.withUnsafeMutableBufferPointer { b in
+                for (lo, hi) in [(0, 5), (5, 600), (600, n)] {
+                    Kernels.swigluBackward(dp.baseAddress! + lo, gate: gp.baseAddress! + lo, up: up.baseAddress! + lo,
+                                           dGate: a.baseAddress! + lo, dUp: b.baseAddress! + lo, hi - lo)
+                }
+            } }
+        } } }
+        for i in 0..<n {
+            let sigma = 1 / (1 + e(-g[i]))
+            let expectedUp = d[i] * (g[i] * sigma)
+            let expectedGate = d[i] * (u[i] * sigma * (1 + g[i] * (1 - sigma)))
+            XCTAssertEqual(du[i].bitPattern, expectedUp.bitPattern, "du at g=\(g[i])")
+            XCTAssertEqual(dg[i].bitPattern, expectedGate.bitPattern, "dg at g=\(g[i]), u=\(u[i])")
+            XCTAssertEqual(duParts[i].bitPattern, expectedUp.bitPattern, "du split, element \(i)")
+            XCTAssertEqual(dgParts[i].bitPattern, expectedGate.bitPattern, "dg split, element \(i)")
+        }
+        // Against the derivative itself: d/dg of silu(g)·u by central differences in Double.
+        for x in [-6.0, -1.0, 0.0, 0.5, 4.0] {
+            let (h, uu) = (1e-4, 1.5)
+            func f(_ v: Double) -> Double { v / (1 + exp(-v)) * uu }
+            var (a, b): (Float, Float) = (0, 0)
+            Kernels.swigluBackward([1], gate: [Float(x)], up: [Float(uu)], dGate: &a, dUp: &b, 1)
+            XCTAssertEqual(Double(a), (f(x + h) - f(x - h)) / (2 * h), accuracy: 1e-4, "dg at \(x)")
+            XCTAssertEqual(Double(b), x / (1 + exp(-x)), accuracy: 1e-5, "du at \(x)")
+        }
+    }
+
     /// The vector SiLU and SparseLLM's gate update have the bits of their algorithms written
     /// element by element with the same exponential, whatever the split of the elements.
     func testSiluAndSparseLLMGateHaveTheScalarAlgorithmsBits() {

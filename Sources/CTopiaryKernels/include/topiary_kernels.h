@@ -20,6 +20,10 @@ float topiary_maximum(const float *p, ptrdiff_t n);
 /// gate[i] = silu(gate[i]) * up[i], silu(x) = x / (1 + e^-x).
 void topiary_swiglu(float *gate, const float *up, ptrdiff_t n);
 
+/// SwiGLU's backward from d = ∂L/∂(silu(g)·u): with σ = 1 / (1 + e^-g[i]),
+/// du[i] = d[i]·(g[i]·σ) and dg[i] = d[i]·(u[i]·σ·(1 + g[i]·(1 − σ))), e^x as in `topiary_swiglu`.
+void topiary_swiglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n);
+
 /// y[i] = silu(x[i]) = x[i] / (1 + e^-x[i]) for i < n (x and y may be the same).
 void topiary_silu(const float *x, float *y, ptrdiff_t n);
 
