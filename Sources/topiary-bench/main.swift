@@ -359,8 +359,8 @@ func benchBESA(_ args: [String]) throws {
     print(String(format: "  backward (weight gradients): %.4f s, %.2f GFLOP, %.1f GFLOP/s", backwardSeconds, backwardFlops / 1e9, backwardFlops / backwardSeconds / 1e9))
     print(String(format: "  ratio forward+backward / sgemm: %.2f", (forwardFlops + backwardFlops) / both / 1e9 / peak))
 
-    // Two of the step's host loops apart: SwiGLU's backward over the window's feed-forward
-    // activations, and the learner's ranking of the widest linear's rows (once a block).
+    // Two host loops apart: SwiGLU's backward over a window's feed-forward activations (once a
+    // step), and the ranking of the widest linear's rows (once a block, before the steps).
     do {
         let (g, u, dm) = (cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 12)), cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 13)),
                           cpu.upload(randomMatrix(seqlen, c.intermediateSize, seed: 14)))
