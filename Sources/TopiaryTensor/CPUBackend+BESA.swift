@@ -5,26 +5,19 @@ extension CPUBackend {
         precondition(cols <= 1 << 24, "rankRows: \(cols) columns cannot be held exactly as Float32 indices")
         let out = uninitialized(rows: rows, cols: cols)
         let (ps, po) = (read(scores), write(out))
-        // Each entry sorts as one integer: the score's bits in the order of the values, then its
-        // column, so ties go to the lower column (the order a comparison sort on (score, column)
-        // gives, without a closure call per comparison).
+        // Each entry sorts as one integer (`Selection.key`: the score's bits in the order of the
+        // values, then its column), so ties go to the lower column: the order a comparison sort on
+        // (score, column) gives, without a closure call per comparison.
         Parallel.forEach(rows, chunk: 16) { range in
             var keys = [UInt64](repeating: 0, count: cols)
             for r in range {
                 let row = ps + r * cols
-                for c in 0..<cols { keys[c] = UInt64(Self.ascendingBits(row[c])) << 32 | UInt64(c) }
+                for c in 0..<cols { keys[c] = Selection.key(row[c], index: c) }
                 keys.sort()
                 for c in 0..<cols { po[r * cols + c] = Float(UInt32(truncatingIfNeeded: keys[c])) }
             }
         }
         return out
-    }
-
-    /// A Float's bits as an unsigned integer in the order of the values: −0 as +0, NaNs past
-    /// the infinities (a positive NaN last, a negative one first).
-    static func ascendingBits(_ x: Float) -> UInt32 {
-        let bits = (x == 0 ? 0 : x).bitPattern
-        return bits & 0x8000_0000 != 0 ? ~bits : bits | 0x8000_0000
     }
 
     public func rankedMasked(_ weight: Tensor, order: Tensor, counts: [Int]) -> Tensor {

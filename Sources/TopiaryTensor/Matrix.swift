@@ -300,8 +300,9 @@ final class Storage: @unchecked Sendable {
 /// 60-90 ms): SparseLLM's auxiliaries, freed at the end of one block's solve and taken again by
 /// the next, cost SmolLM2's block a second (docs/design.md, Memory). Holding up to the
 /// high-water mark, the resident size between blocks stays where the last peak put it instead of
-/// falling, and the peak itself does not rise (a new size first sends held ones back). glibc's heap, the other way to keep memory, grew by
-/// fragmentation block after block (526 MB peak against 302 MB).
+/// falling, and the peak itself does not rise (a new size first sends held ones back). glibc's
+/// heap, the other way to keep memory, grew by fragmentation block after block (526 MB peak
+/// against 302 MB).
 public final class MappedBuffers: @unchecked Sendable {
     /// Holds up to the high-water mark; or `TOPIARY_BUFFER_CACHE_MB` from the environment, a fixed
     /// bound on the bytes held (0 turns the cache off).

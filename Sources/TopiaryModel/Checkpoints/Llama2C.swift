@@ -160,14 +160,16 @@ public final class Llama2CCheckpoint: TensorSource {
 
     public func entry(_ name: String) -> TensorEntry? { entries[name] }
 
-    public func load(_ name: String) throws -> Matrix {
-        guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try file.decodeTensor(e)
-    }
+    public func load(_ name: String) throws -> Matrix { try file.decodeTensor(try readable(name)) }
 
     public func load(_ name: String, rows: Range<Int>) throws -> Matrix {
+        try loadRows(name, rows, entry: try readable(name), file: file)
+    }
+
+    /// The entry of tensor `name`, or the error that says it is missing.
+    private func readable(_ name: String) throws -> TensorEntry {
         guard let e = entries[name] else { throw CheckpointError.missingTensor(path: path, tensor: name) }
-        return try loadRows(name, rows, entry: e, file: file)
+        return e
     }
 
     public func prefetch(_ name: String) {
