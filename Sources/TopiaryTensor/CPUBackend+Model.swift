@@ -388,7 +388,13 @@ enum CPUAttention {
         let pointers = UnsafeSendable((pq, pk, pv, po))
         // The largest tiles (nearest the end of a sequence) first, so the last tasks are short.
         let tasks = sequences * shape.kvHeads * tiles
-        Parallel.forEachTask(tasks) { task in
+        // One scratch a worker for the whole call (q stack, accumulator, a tile of scores, row
+        // maxima and sums), rounded to whole cache lines.
+        let perWorker = (2 * stacked * headDim + stacked * keyTile + 2 * stacked + 15) / 16 * 16
+        let scratchStorage = Storage(count: Parallel.workers(for: tasks) * perWorker, zeroed: false)
+        let scratchBase = UnsafeSendable(scratchStorage.pointer)
+        defer { withExtendedLifetime(scratchStorage) {} }
+        Parallel.forEachTask(tasks) { worker, task in
             let (pq, pk, pv, po) = pointers.value
             let tile = tiles - 1 - task % tiles
             let kvHead = (task / tiles) % shape.kvHeads
@@ -397,8 +403,7 @@ enum CPUAttention {
             let i0 = tile * queryTile, i1 = min(i0 + queryTile, t)
             let rows = i1 - i0
             let m = group * rows
-            let scratch = UnsafeMutablePointer<Float>.allocate(capacity: 2 * stacked * headDim + stacked * keyTile + 2 * stacked)
-            defer { scratch.deallocate() }
+            let scratch = scratchBase.value + worker * perWorker
             let qs = scratch, acc = scratch + stacked * headDim, s = acc + stacked * headDim
             let rowMax = s + stacked * keyTile, rowSum = rowMax + stacked
             // Stack the group's query heads: row h·rows + r is head (kvHead·group + h), position i0 + r.
@@ -468,57 +473,62 @@ enum CPUAttention {
         let scale = options.scale
         let block = min(queryBlock, t)
         let pointers = UnsafeSendable((pq, pk, pv, pdo, pdq, pdk, pdv))
-        Parallel.forEach((tokens / t) * shape.kvHeads, chunk: 1) { tasks in
+        let tasks = (tokens / t) * shape.kvHeads
+        // One scratch a worker for the whole call: probabilities, score gradients and, with a
+        // soft cap, the capped scores, a query block each.
+        let perWorker = (block * t + 15) / 16 * 16
+        let buffers = options.softcap == nil ? 2 : 3
+        let scratchStorage = Storage(count: Parallel.workers(for: tasks) * buffers * perWorker, zeroed: false)
+        let scratchBase = UnsafeSendable(scratchStorage.pointer)
+        defer { withExtendedLifetime(scratchStorage) {} }
+        Parallel.forEachTask(tasks) { worker, task in
             let (pq, pk, pv, pdo, pdq, pdk, pdv) = pointers.value
-            let prob = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
-            let ds = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
-            let capped: UnsafeMutablePointer<Float>? = options.softcap == nil ? nil : .allocate(capacity: block * t)
-            defer { prob.deallocate(); ds.deallocate(); capped?.deallocate() }
-            for task in tasks {
-                let (seq, kvHead) = (task / shape.kvHeads, task % shape.kvHeads)
-                let base = seq * t
-                for h in (kvHead * group)..<((kvHead + 1) * group) {
-                    let qh = pq + base * qDim + h * headDim
-                    let kh = pk + base * kvDim + kvHead * headDim
-                    let vh = pv + base * kvDim + kvHead * headDim
-                    let doh = pdo + base * qDim + h * headDim
-                    let dqh = pdq + base * qDim + h * headDim
-                    let dkh = pdk + base * kvDim + kvHead * headDim
-                    let dvh = pdv + base * kvDim + kvHead * headDim
-                    var i0 = 0
-                    while i0 < t {
-                        let i1 = min(i0 + block, t)
-                        let rows = i1 - i0
-                        // P, exactly as the forward computed it.
-                        probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
-                                      options: options, rows: i0..<i1, into: prob, capped: capped)
-                        // dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)).
-                        Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: 1,
-                                     a: prob, lda: i1, b: doh + i0 * qDim, ldb: qDim, beta: 1, c: dvh, ldc: kvDim, concurrently: false)
-                        Linalg.sgemm(.none, .transposed, m: rows, n: i1, k: headDim, alpha: 1,
-                                     a: doh + i0 * qDim, lda: qDim, b: vh, ldb: kvDim, beta: 0, c: ds, ldc: i1, concurrently: false)
-                        for r in 0..<rows {
-                            let pr = prob + r * i1, dr = ds + r * i1
-                            let visible = i0 + r + 1
-                            let first = options.firstVisible(i0 + r)
-                            var dot: Float = 0
-                            for j in first..<visible { dot += pr[j] * dr[j] }
-                            for j in first..<visible { dr[j] = pr[j] * (dr[j] - dot) }
-                            if let cap = options.softcap, let capped {
-                                // s = cap·tanh(raw/cap): ∂s/∂raw = 1 − (s/cap)².
-                                let sr = capped + r * i1
-                                for j in first..<visible { let u = sr[j] / cap; dr[j] *= 1 - u * u }
-                            }
-                            for j in 0..<first { dr[j] = 0 }
-                            for j in visible..<i1 { dr[j] = 0 }
+            let prob = scratchBase.value + worker * buffers * perWorker
+            let ds = prob + perWorker
+            let capped: UnsafeMutablePointer<Float>? = buffers == 3 ? ds + perWorker : nil
+            let (seq, kvHead) = (task / shape.kvHeads, task % shape.kvHeads)
+            let base = seq * t
+            for h in (kvHead * group)..<((kvHead + 1) * group) {
+                let qh = pq + base * qDim + h * headDim
+                let kh = pk + base * kvDim + kvHead * headDim
+                let vh = pv + base * kvDim + kvHead * headDim
+                let doh = pdo + base * qDim + h * headDim
+                let dqh = pdq + base * qDim + h * headDim
+                let dkh = pdk + base * kvDim + kvHead * headDim
+                let dvh = pdv + base * kvDim + kvHead * headDim
+                var i0 = 0
+                while i0 < t {
+                    let i1 = min(i0 + block, t)
+                    let rows = i1 - i0
+                    // P, exactly as the forward computed it.
+                    probabilities(q: qh, qStride: qDim, k: kh, kStride: kvDim, headDim: headDim,
+                                  options: options, rows: i0..<i1, into: prob, capped: capped)
+                    // dV += Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)).
+                    Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: 1,
+                                 a: prob, lda: i1, b: doh + i0 * qDim, ldb: qDim, beta: 1, c: dvh, ldc: kvDim, concurrently: false)
+                    Linalg.sgemm(.none, .transposed, m: rows, n: i1, k: headDim, alpha: 1,
+                                 a: doh + i0 * qDim, lda: qDim, b: vh, ldb: kvDim, beta: 0, c: ds, ldc: i1, concurrently: false)
+                    for r in 0..<rows {
+                        let pr = prob + r * i1, dr = ds + r * i1
+                        let visible = i0 + r + 1
+                        let first = options.firstVisible(i0 + r)
+                        var dot: Float = 0
+                        for j in first..<visible { dot += pr[j] * dr[j] }
+                        for j in first..<visible { dr[j] = pr[j] * (dr[j] - dot) }
+                        if let cap = options.softcap, let capped {
+                            // s = cap·tanh(raw/cap): ∂s/∂raw = 1 − (s/cap)².
+                            let sr = capped + r * i1
+                            for j in first..<visible { let u = sr[j] / cap; dr[j] *= 1 - u * u }
                         }
-                        // S = scale·Q Kᵀ: dQ = scale·dS K, dK += scale·dSᵀ Q.
-                        Linalg.sgemm(.none, .none, m: rows, n: headDim, k: i1, alpha: scale,
-                                     a: ds, lda: i1, b: kh, ldb: kvDim, beta: 0, c: dqh + i0 * qDim, ldc: qDim, concurrently: false)
-                        Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: scale,
-                                     a: ds, lda: i1, b: qh + i0 * qDim, ldb: qDim, beta: 1, c: dkh, ldc: kvDim, concurrently: false)
-                        i0 = i1
+                        for j in 0..<first { dr[j] = 0 }
+                        for j in visible..<i1 { dr[j] = 0 }
                     }
+                    // S = scale·Q Kᵀ: dQ = scale·dS K, dK += scale·dSᵀ Q.
+                    Linalg.sgemm(.none, .none, m: rows, n: headDim, k: i1, alpha: scale,
+                                 a: ds, lda: i1, b: kh, ldb: kvDim, beta: 0, c: dqh + i0 * qDim, ldc: qDim, concurrently: false)
+                    Linalg.sgemm(.transposed, .none, m: i1, n: headDim, k: rows, alpha: scale,
+                                 a: ds, lda: i1, b: qh + i0 * qDim, ldb: qDim, beta: 1, c: dkh, ldc: kvDim, concurrently: false)
+                    i0 = i1
                 }
             }
         }

@@ -286,10 +286,10 @@ final class Storage: @unchecked Sendable {
     }
 }
 
-/// Anonymous mappings for large buffers, kept in the process once freed, for the next buffer of
-/// the same size: the mapped bytes in use and held together never pass the most that were in
-/// use at once (the high-water mark), and the oldest held mappings go back to the kernel first
-/// when a new size needs room.
+/// Anonymous mappings for buffers from 128 KiB up, kept in the process once freed, for the next
+/// buffer of the same size: the mapped bytes in use and held together never pass the most that
+/// were in use at once (the high-water mark) by more than a sixteenth, and the oldest held
+/// mappings go back to the kernel first when a new size needs room.
 ///
 /// A block's passes and solves allocate and free the same few sizes once per window, per chunk
 /// and per block. A mapping handed back to the kernel costs a page fault per page when the next
@@ -300,12 +300,21 @@ final class Storage: @unchecked Sendable {
 /// 60-90 ms): SparseLLM's auxiliaries, freed at the end of one block's solve and taken again by
 /// the next, cost SmolLM2's block a second (docs/design.md, Memory). Holding up to the
 /// high-water mark, the resident size between blocks stays where the last peak put it instead of
-/// falling, and the peak itself does not rise (a new size first sends held ones back). glibc's
+/// falling, and the peak itself rises by at most the margin (a new size first sends held ones
+/// back). glibc's
 /// heap, the other way to keep memory, grew by fragmentation block after block (526 MB peak
 /// against 302 MB).
+///
+/// From 128 KiB, not glibc's 1 MiB: a window's k and v projections (SmolLM2: 384 KiB each),
+/// taken from glibc's main heap between longer-lived allocations, grew it by 57-100 MiB in 8 of
+/// 14 runs of Wanda's first six blocks and by nothing in the others (peak RSS 252-297 MiB
+/// against 205-210). The sixteenth above the high-water mark is room for one phase's buffers
+/// while another's are held: with none, a block's attention (two 384 KiB buffers) and its
+/// feed-forward (two 3 MiB ones) sent each other's back to the kernel once a window, and mapping
+/// them again took 540,000 page faults instead of 80,000 in those six blocks.
 public final class MappedBuffers: @unchecked Sendable {
-    /// Holds up to the high-water mark; or `TOPIARY_BUFFER_CACHE_MB` from the environment, a fixed
-    /// bound on the bytes held (0 turns the cache off).
+    /// Holds up to the high-water mark and its margin; or `TOPIARY_BUFFER_CACHE_MB` from the
+    /// environment, a fixed bound on the bytes held (0 turns the cache off).
     public static let shared: MappedBuffers = {
         if let text = getenv("TOPIARY_BUFFER_CACHE_MB").map({ String(cString: $0) }), let mb = Int(text), mb >= 0 {
             return MappedBuffers(capacity: mb << 20)
@@ -313,7 +322,9 @@ public final class MappedBuffers: @unchecked Sendable {
         return MappedBuffers()
     }()
     /// Buffers from this size up are mappings; smaller ones come from malloc.
-    public static let threshold = 1 << 20
+    public static let threshold = 128 << 10
+    /// What is held and in use together may pass the high-water mark by this fraction of it.
+    static let marginDivisor = 16
     private static let page = 4096
 
     private struct Entry: Sendable {
@@ -327,12 +338,14 @@ public final class MappedBuffers: @unchecked Sendable {
         var held = 0, live = 0
         /// The most bytes handed out at once.
         var peak = 0
+        /// Mappings made.
+        var mappings = 0
     }
     private let state = Mutex(State())
     /// A fixed bound on the bytes held, instead of the high-water mark.
     private let capacity: Int?
 
-    /// `capacity` nil: hold up to the high-water mark of the bytes in use.
+    /// `capacity` nil: hold up to the high-water mark of the bytes in use and its margin.
     init(capacity: Int? = nil) {
         self.capacity = capacity
     }
@@ -346,10 +359,17 @@ public final class MappedBuffers: @unchecked Sendable {
     /// The most bytes handed out at once so far.
     public var peak: Int { state.withLock { $0.peak } }
 
+    /// Mappings made so far (each costs a page fault per page when first written).
+    public var mappings: Int { state.withLock { $0.mappings } }
+
+    /// The most that may be held and in use together now: a fixed capacity plus what is in use,
+    /// or the high-water mark and a sixteenth of it.
+    public var bound: Int { state.withLock { s in capacity.map { $0 + s.live } ?? s.peak + s.peak / Self.marginDivisor } }
+
     /// Drops held mappings, oldest first, until what is held fits: the fixed capacity, or the
-    /// high-water mark less the bytes in use. Returns what to unmap.
+    /// high-water mark and its margin less the bytes in use. Returns what to unmap.
     private func evict(_ s: inout State) -> [Entry] {
-        let room = capacity ?? max(s.peak - s.live, 0)
+        let room = capacity ?? max(s.peak + s.peak / Self.marginDivisor - s.live, 0)
         var evicted: [Entry] = []
         while s.held > room, !s.free.isEmpty {
             let e = s.free.removeFirst()
@@ -382,6 +402,7 @@ public final class MappedBuffers: @unchecked Sendable {
             state.withLock { $0.live -= size }
             return nil
         }
+        state.withLock { $0.mappings += 1 }
         // Huge pages where the kernel allows them on request: a 2 MiB page takes one fault
         // instead of 512 when the buffer is first written.
         if size >= 4 << 20 { _ = madvise(p, size, 14 /* MADV_HUGEPAGE */) }

@@ -33,18 +33,31 @@ public enum Parallel {
     /// threads, each thread taking the next task when it is free (for tasks of unequal cost).
     /// Which thread runs a task varies; a task must compute the same bits wherever it runs.
     public static func forEachTask(_ count: Int, _ body: (Int) -> Void) {
-        if count <= 1 || CPUBackend.threadCount <= 1 {
-            for task in 0..<count { body(task) }
+        forEachTask(count) { (_: Int, task: Int) in body(task) }
+    }
+
+    /// How many threads `forEachTask` runs `count` tasks on: its `worker` argument is below this.
+    public static func workers(for count: Int) -> Int {
+        count <= 1 || CPUBackend.threadCount <= 1 ? 1 : min(CPUBackend.threadCount, count)
+    }
+
+    /// `forEachTask`, telling `body` which of the `workers(for: count)` threads runs it: no two
+    /// tasks run at once with the same worker, so scratch taken once for the call, a part per
+    /// worker, serves every task (instead of a malloc and free per task).
+    public static func forEachTask(_ count: Int, _ body: (_ worker: Int, _ task: Int) -> Void) {
+        let workers = workers(for: count)
+        if workers <= 1 {
+            for task in 0..<count { body(0, task) }
             return
         }
         let next = Atomic<Int>(0)
         withoutActuallyEscaping(body) { body in
             let box = UnsafeSendable(body)
-            DispatchQueue.concurrentPerform(iterations: min(CPUBackend.threadCount, count)) { _ in
+            DispatchQueue.concurrentPerform(iterations: workers) { worker in
                 while true {
                     let task = next.wrappingAdd(1, ordering: .relaxed).oldValue
                     if task >= count { break }
-                    box.value(task)
+                    box.value(worker, task)
                 }
             }
         }

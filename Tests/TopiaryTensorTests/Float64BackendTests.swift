@@ -1,4 +1,5 @@
 import XCTest
+import Synchronization
 @testable import TopiaryTensor
 
 /// Float64Backend against CPUBackend: every operation of the protocol on small random inputs,
@@ -150,12 +151,13 @@ final class Float64BackendTests: XCTestCase {
     }
 
     /// The attention's backward gives the same bits at 1, 2 and 3 threads, with query heads that
-    /// share key/value heads (their dK and dV summed head by head) and several sequences.
+    /// share key/value heads (their dK and dV summed head by head), several sequences, and a soft
+    /// cap (a third scratch buffer a worker).
     func testAttentionBackwardBitsDoNotDependOnThreads() {
         let saved = CPUBackend.threadCount
         defer { CPUBackend.setThreadCount(saved) }
         var rng = TestRandom(seed: 43)
-        for (t, heads, kvHeads) in [(300, 6, 2), (40, 3, 3), (40, 4, 1)] {
+        for (t, heads, kvHeads, softcap) in [(300, 6, 2, nil), (40, 3, 3, nil), (40, 4, 1, nil), (70, 4, 2, Float(3))] {
             let (d, sequences) = (8, 3)
             let q = rng.matrix(sequences * t, heads * d), k = rng.matrix(sequences * t, kvHeads * d)
             let v = rng.matrix(sequences * t, kvHeads * d), dOut = rng.matrix(sequences * t, heads * d)
@@ -163,14 +165,41 @@ final class Float64BackendTests: XCTestCase {
             var results: [[Float]] = []
             for threads in [1, 2, 3] {
                 CPUBackend.setThreadCount(threads)
+                let options = AttentionOptions(scale: 1 / Float(d).squareRoot(), softcap: softcap)
                 let g = cpu.attentionBackward(q: cpu.upload(q), k: cpu.upload(k), v: cpu.upload(v), outputGradient: cpu.upload(dOut),
-                                              shape: shape, options: .standard(headDim: d))
+                                              shape: shape, options: options)
                 results.append([g.dq, g.dk, g.dv].flatMap { cpu.download($0).values })
             }
             for i in 1..<results.count {
                 let differing = zip(results[0], results[i]).filter { $0.bitPattern != $1.bitPattern }.count
-                XCTAssertEqual(differing, 0, "\(heads)/\(kvHeads) heads, \([1, 2, 3][i]) threads")
+                XCTAssertEqual(differing, 0, "\(heads)/\(kvHeads) heads, softcap \(softcap.map { "\($0)" } ?? "none"), \([1, 2, 3][i]) threads")
             }
+        }
+    }
+
+    /// `forEachTask` runs every task once, and never two at once with the same worker index
+    /// (the attention's per-worker scratch relies on it).
+    func testForEachTaskWorkersAreExclusive() {
+        let saved = CPUBackend.threadCount
+        defer { CPUBackend.setThreadCount(saved) }
+        for threads in [1, 2, 3] {
+            CPUBackend.setThreadCount(threads)
+            let tasks = 200
+            XCTAssertEqual(Parallel.workers(for: tasks), threads)
+            XCTAssertEqual(Parallel.workers(for: 1), 1)
+            struct Seen { var busy: [Bool]; var runs: [Int]; var clashes = 0 }
+            let seen = Mutex(Seen(busy: Array(repeating: false, count: threads), runs: Array(repeating: 0, count: tasks)))
+            Parallel.forEachTask(tasks) { worker, task in
+                seen.withLock { s in
+                    if s.busy[worker] { s.clashes += 1 }
+                    s.busy[worker] = true
+                    s.runs[task] += 1
+                }
+                seen.withLock { $0.busy[worker] = false }
+            }
+            let result = seen.withLock { $0 }
+            XCTAssertEqual(result.clashes, 0, "\(threads) threads: two tasks at once on one worker")
+            XCTAssertEqual(result.runs, Array(repeating: 1, count: tasks), "\(threads) threads")
         }
     }
 

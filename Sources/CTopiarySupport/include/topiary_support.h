@@ -17,7 +17,7 @@ int topiary_crc32c_hardware(void);
 /// Sets glibc's malloc for this program's pattern: allocations from 1 MiB up get their own
 /// mapping, at a fixed threshold (glibc otherwise raises the threshold after the first such
 /// free and serves them from a heap that grows by fragmentation block after block); the heap's
-/// top is trimmed past 64 MiB. Matrix storage of 1 MiB and up does not use malloc at all
+/// top is trimmed past 64 MiB. Matrix storage of 128 KiB and up does not use malloc at all
 /// (TopiaryTensor's MappedBuffers keeps recently freed mappings for reuse). Returns 1 when
 /// glibc took both settings, 0 otherwise (other C libraries).
 int topiary_configure_malloc(void);
