@@ -88,6 +88,9 @@ final class MappedBuffersTests: XCTestCase {
         }
         XCTAssertEqual(mappings, 1 + 2 + 2 + 1, "the common buffer; both phases' in window 0; one attention buffer again in window 1")
         XCTAssertEqual(cache.held, 6912 * kib, "both phases' buffers are held")
+        // A large model's mark: the margin stops at 16 MiB.
+        XCTAssertEqual(MappedBuffers.margin(128 << 20), 8 << 20)
+        XCTAssertEqual(MappedBuffers.margin(40 << 30), 16 << 20)
         cache.give(common.pointer, bytes: common.bytes)
     }
 
