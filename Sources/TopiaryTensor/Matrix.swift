@@ -301,9 +301,8 @@ final class Storage: @unchecked Sendable {
 /// the next, cost SmolLM2's block a second (docs/design.md, Memory). Holding up to the
 /// high-water mark, the resident size between blocks stays where the last peak put it instead of
 /// falling, and the peak itself rises by at most the margin (a new size first sends held ones
-/// back). glibc's
-/// heap, the other way to keep memory, grew by fragmentation block after block (526 MB peak
-/// against 302 MB).
+/// back). glibc's heap, the other way to keep memory, grew by fragmentation block after block
+/// (526 MB peak against 302 MB).
 ///
 /// From 128 KiB, not glibc's 1 MiB: a window's k and v projections (SmolLM2: 384 KiB each),
 /// taken from glibc's main heap between longer-lived allocations, grew it by 57-100 MiB in 8 of
