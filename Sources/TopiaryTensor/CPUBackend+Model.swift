@@ -388,13 +388,8 @@ enum CPUAttention {
         let pointers = UnsafeSendable((pq, pk, pv, po))
         // The largest tiles (nearest the end of a sequence) first, so the last tasks are short.
         let tasks = sequences * shape.kvHeads * tiles
-        // One scratch a worker for the whole call (q stack, accumulator, a tile of scores, row
-        // maxima and sums), rounded to whole cache lines.
-        let perWorker = (2 * stacked * headDim + stacked * keyTile + 2 * stacked + 15) / 16 * 16
-        let scratchStorage = Storage(count: Parallel.workers(for: tasks) * perWorker, zeroed: false)
-        let scratchBase = UnsafeSendable(scratchStorage.pointer)
-        defer { withExtendedLifetime(scratchStorage) {} }
-        Parallel.forEachTask(tasks) { worker, task in
+        // Scratch: the q stack, the accumulator, a tile of scores, row maxima and sums.
+        Parallel.forEachTask(tasks, scratch: 2 * stacked * headDim + stacked * keyTile + 2 * stacked) { scratch, task in
             let (pq, pk, pv, po) = pointers.value
             let tile = tiles - 1 - task % tiles
             let kvHead = (task / tiles) % shape.kvHeads
@@ -403,7 +398,6 @@ enum CPUAttention {
             let i0 = tile * queryTile, i1 = min(i0 + queryTile, t)
             let rows = i1 - i0
             let m = group * rows
-            let scratch = scratchBase.value + worker * perWorker
             let qs = scratch, acc = scratch + stacked * headDim, s = acc + stacked * headDim
             let rowMax = s + stacked * keyTile, rowSum = rowMax + stacked
             // Stack the group's query heads: row h·rows + r is head (kvHead·group + h), position i0 + r.
@@ -474,18 +468,14 @@ enum CPUAttention {
         let block = min(queryBlock, t)
         let pointers = UnsafeSendable((pq, pk, pv, pdo, pdq, pdk, pdv))
         let tasks = (tokens / t) * shape.kvHeads
-        // One scratch a worker for the whole call: probabilities, score gradients and, with a
-        // soft cap, the capped scores, a query block each.
-        let perWorker = (block * t + 15) / 16 * 16
+        // Scratch: probabilities, score gradients and, with a soft cap, the capped scores, a
+        // query block each (whole cache lines apart).
+        let buffer = (block * t + 15) / 16 * 16
         let buffers = options.softcap == nil ? 2 : 3
-        let scratchStorage = Storage(count: Parallel.workers(for: tasks) * buffers * perWorker, zeroed: false)
-        let scratchBase = UnsafeSendable(scratchStorage.pointer)
-        defer { withExtendedLifetime(scratchStorage) {} }
-        Parallel.forEachTask(tasks) { worker, task in
+        Parallel.forEachTask(tasks, scratch: buffers * buffer) { scratch, task in
             let (pq, pk, pv, pdo, pdq, pdk, pdv) = pointers.value
-            let prob = scratchBase.value + worker * buffers * perWorker
-            let ds = prob + perWorker
-            let capped: UnsafeMutablePointer<Float>? = buffers == 3 ? ds + perWorker : nil
+            let prob = scratch, ds = scratch + buffer
+            let capped: UnsafeMutablePointer<Float>? = buffers == 3 ? ds + buffer : nil
             let (seq, kvHead) = (task / shape.kvHeads, task % shape.kvHeads)
             let base = seq * t
             for h in (kvHead * group)..<((kvHead + 1) * group) {

@@ -366,12 +366,14 @@ public final class MappedBuffers: @unchecked Sendable {
 
     /// The most that may be held and in use together now: a fixed capacity plus what is in use,
     /// or the high-water mark and its margin.
-    public var bound: Int { state.withLock { s in capacity.map { $0 + s.live } ?? s.peak + Self.margin(s.peak) } }
+    public var bound: Int { state.withLock { bound($0) } }
+
+    private func bound(_ s: State) -> Int { capacity.map { $0 + s.live } ?? s.peak + Self.margin(s.peak) }
 
     /// Drops held mappings, oldest first, until what is held fits: the fixed capacity, or the
     /// high-water mark and its margin less the bytes in use. Returns what to unmap.
     private func evict(_ s: inout State) -> [Entry] {
-        let room = capacity ?? max(s.peak + Self.margin(s.peak) - s.live, 0)
+        let room = max(bound(s) - s.live, 0)
         var evicted: [Entry] = []
         while s.held > room, !s.free.isEmpty {
             let e = s.free.removeFirst()

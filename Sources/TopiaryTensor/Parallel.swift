@@ -63,6 +63,18 @@ public enum Parallel {
         }
     }
 
+    /// `forEachTask` with `floats` of scratch for each task: taken once for the call, a part per
+    /// worker at a 64-byte boundary, instead of a malloc and free per task. Its contents are
+    /// undefined when a task starts.
+    static func forEachTask(_ count: Int, scratch floats: Int, _ body: (_ scratch: UnsafeMutablePointer<Float>, _ task: Int) -> Void) {
+        let stride = (floats + 15) / 16 * 16
+        let storage = Storage(count: workers(for: count) * stride, zeroed: false)
+        let base = UnsafeSendable(storage.pointer)
+        withExtendedLifetime(storage) {
+            forEachTask(count) { worker, task in body(base.value + worker * stride, task) }
+        }
+    }
+
     /// Σ of `body` over chunks of 0..<count, each chunk's value computed once and added in chunk order.
     public static func sum(_ count: Int, _ body: (Range<Int>) -> Double) -> Double {
         let chunks = (count + chunk - 1) / chunk
