@@ -360,27 +360,38 @@ public struct BlockPruner: Sendable {
                 let (tokens, width) = (parts.reduce(0) { $0 + $1.rows }, parts[0].cols)
                 let what = feedForwards.count == 1 ? "block \(block.index)" : "block \(block.index) feed-forward \(k)"
                 let result: (weights: [String: Tensor], iterations: [SparseLLM.IterationReport], chosen: Int)
+                // The dense pass made the input statistics of these linears from the very inputs
+                // the solve gets (with sequential targets; dense targets come from another
+                // stream): their Gram matrices are not made again. Every replica layout gives
+                // the owner the same statistics (in window order), so the same bits.
+                func known(_ input: String, _ activation: String) -> SparseLLM.Grams? {
+                    guard plan.targets == .sequential, let gx = stats[keys[input] ?? input]?.gram(),
+                          let gp = stats[keys[activation] ?? activation]?.gram() else { return nil }
+                    return SparseLLM.Grams(input: gx, activation: gp)
+                }
                 switch ffn {
                 case .gated(let gate, let up, let down):
                     // The windows' inputs cut straight into the solver's row chunks, each window
                     // freed once copied.
                     let chunks = SparseLLM.rowChunks(consuming: &parts, rows: SparseLLM.chunkRows, on: backend)
+                    let grams = known(gate, down)
                     let r = try SparseLLM.pruneLlama(chunks: chunks, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
-                                                     what: what, on: backend)
+                                                     grams: grams, what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                     let cost = SparseLLM.llamaFLOPs(tokens: tokens, width: width, intermediate: device.weight(gate).rows,
-                                                    iterations: (plan.sparseLLM ?? .llama).iterations)
+                                                    iterations: (plan.sparseLLM ?? .llama).iterations, gramsGiven: grams != nil)
                     solveFLOPs += cost.products + cost.sparseGPT
                 case .plain(let fc1, let fc2):
                     let x = parts.count == 1 ? parts[0] : backend.vstack(parts)
                     parts = []
+                    let grams = known(fc1, fc2)
                     let r = try SparseLLM.pruneOPT(x: x, fc1: device.weight(fc1), bias1: device.bias(fc1)!, fc2: device.weight(fc2),
                                                    bias2: device.bias(fc2)!, pattern: plan.pattern, sparseGPT: plan.sparseGPT,
-                                                   options: plan.sparseLLM ?? .opt, what: what, on: backend)
+                                                   options: plan.sparseLLM ?? .opt, grams: grams, what: what, on: backend)
                     result = ([fc1: r.fc1, fc2: r.fc2], r.iterations, r.chosen)
                     let cost = SparseLLM.optFLOPs(tokens: tokens, width: width, intermediate: device.weight(fc1).rows,
-                                                  iterations: (plan.sparseLLM ?? .opt).iterations)
+                                                  iterations: (plan.sparseLLM ?? .opt).iterations, gramsGiven: grams != nil)
                     solveFLOPs += cost.products + cost.sparseGPT
                 }
                 joint.merge(result.weights) { $1 }

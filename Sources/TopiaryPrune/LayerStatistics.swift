@@ -98,6 +98,16 @@ public final class LayerStatistics: @unchecked Sendable {
         return hessianStorage
     }
 
+    /// Σ XᵀX over the sequences added (H's running average times n/2), a new tensor: the Gram
+    /// matrix of the inputs themselves, for a solver that works at that scale (SparseLLM's
+    /// normal equations). nil without H or before any sequence.
+    public func gram() -> Tensor? {
+        guard hasHessian, sequences > 0 else { return nil }
+        let g = backend.copy(hessianTensor)
+        backend.scale(g, by: Float(sequences) / 2)
+        return g
+    }
+
     /// ‖A Xᵀ‖² up to the common factor n/2: tr(A H Aᵀ) for A [rows x columns].
     public func quadraticForm(_ a: Matrix) -> Double { quadraticForm(backend.upload(a)) }
 

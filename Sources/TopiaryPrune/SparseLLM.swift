@@ -61,6 +61,20 @@ public enum SparseLLM {
         public var accepted: [Bool]
     }
 
+    /// Gram matrices a caller already holds, so that the solve does not make them again: the
+    /// FFN input's XᵀX and the dense activation's pᵀp (what the first iteration's down_proj or
+    /// fc2 step reads). `BlockPruner` passes the block's input statistics
+    /// (`LayerStatistics.gram`), which its dense pass made from the same inputs: at LLaMA-2-7B's
+    /// width the first pᵀp alone is about a third of one iteration's products.
+    public struct Grams {
+        public var input: Tensor
+        public var activation: Tensor
+        public init(input: Tensor, activation: Tensor) {
+            self.input = input
+            self.activation = activation
+        }
+    }
+
     public struct LlamaResult: Sendable {
         public var gate: Matrix, up: Matrix, down: Matrix
         public var iterations: [IterationReport]
@@ -96,10 +110,11 @@ public enum SparseLLM {
     /// count alone, so the result does not depend on the thread count.
     public static func pruneLlama(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  what: String = "ffn", chunkRows: Int = chunkRows, on backend: any ComputeBackend) throws
+                                  grams: Grams? = nil, what: String = "ffn", chunkRows: Int = chunkRows,
+                                  on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         try pruneLlama(chunks: rowChunks(x, rows: chunkRows, on: backend), gate: gate, up: up, down: down, pattern: pattern,
-                       sparseGPT: sparseGPT, options: options, what: what, on: backend)
+                       sparseGPT: sparseGPT, options: options, grams: grams, what: what, on: backend)
     }
 
     /// `pruneLlama` given the FFN input already cut into row chunks (`rowChunks`; the result
@@ -108,14 +123,15 @@ public enum SparseLLM {
     /// is held once, not also as its windows and their concatenation.
     public static func pruneLlama(chunks xs: [Tensor], gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  what: String = "ffn", on backend: any ComputeBackend) throws
+                                  grams known: Grams? = nil, what: String = "ffn", on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         guard let first = xs.first, xs.allSatisfy({ $0.cols == first.cols }) else {
             throw PruneError.shape("\(what): SparseLLM needs the FFN input as row chunks of one width, got widths \(xs.map(\.cols))")
         }
         let tokens = xs.reduce(0) { $0 + $1.rows }
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram(xs, on: backend)
+        try checkGrams(known, input: first.cols, activation: gate.rows, what: what)
+        let gramX = known?.input ?? gram(xs, on: backend)
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)
         let s = xs.map { linear($0, gate, on: backend) }
@@ -137,7 +153,7 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let gramP = gram(p, on: backend)
+            let gramP = t == 0 ? known?.activation ?? gram(p, on: backend) : gram(p, on: backend)
             let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gramP, targets: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
@@ -203,10 +219,11 @@ public enum SparseLLM {
     /// `pruneOPT` on tensors of `backend`; the pruned weights stay there.
     public static func pruneOPT(x: Tensor, fc1: Tensor, bias1: Tensor, fc2: Tensor, bias2: Tensor, pattern: SparsityPattern,
                                 sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .opt,
-                                what: String = "ffn", on backend: any ComputeBackend) throws
+                                grams known: Grams? = nil, what: String = "ffn", on backend: any ComputeBackend) throws
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        let gramX = gram([x], on: backend)
+        try checkGrams(known, input: x.cols, activation: fc1.rows, what: what)
+        let gramX = known?.input ?? gram([x], on: backend)
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend)
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
         var p = backend.map(z, .relu)
@@ -220,7 +237,7 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): fc1", on: backend)
             w1 = k1.weight
-            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: gram([p], on: backend), targets: [y], bias: bias2,
+            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: t == 0 ? known?.activation ?? gram([p], on: backend) : gram([p], on: backend), targets: [y], bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
             w2 = k2.weight
             let m = backend.addRowVector(linear(x, w1, on: backend), bias1)
@@ -255,11 +272,12 @@ public enum SparseLLM {
     /// (`sparseGPT`). The element-wise steps (activations, the z and s updates, the distances)
     /// are not counted, as in the forward's count. `tokens` x `width` is the FFN's input and
     /// `intermediate` its hidden width.
-    public static func llamaFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int) -> (products: Double, sparseGPT: Double) {
+    public static func llamaFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int, gramsGiven: Bool = false)
+        -> (products: Double, sparseGPT: Double) {
         let (n, d, f) = (Double(tokens), Double(width), Double(intermediate))
         let ndf = 2 * n * d * f                                      // one [N x d]·[d x f] product
-        // XᵀX; s = X·W_gᵀ, z = X·W_uᵀ, y = p·W_dᵀ.
-        var products = d * (d + 1) * n + 3 * ndf
+        // XᵀX (unless given); s = X·W_gᵀ, z = X·W_uᵀ, y = p·W_dᵀ.
+        var products = (gramsGiven ? 0 : d * (d + 1) * n) + 3 * ndf
         var sparseGPT = BlockProfile.sparseGPTFLOPs(rows: 0, cols: width)   // the factor gate and up share
         for t in 0..<iterations {
             let (first, last) = (t == 0, t == iterations - 1)
@@ -267,9 +285,9 @@ public enum SparseLLM {
             // normal equations in fp64, the two residuals' quadratic forms) with the shared factor.
             sparseGPT += 2 * BlockProfile.sparseGPTFLOPs(rows: intermediate, cols: width, factored: false)
             if !first { products += 2 * (ndf + d * d * d / 3 + 2 * d * d * f + 2 * 2 * f * d * d) }
-            // pᵀp, and down: SparseGPT with its own factor; the refit as above, or at the first
-            // iteration the fit's quadratic form in pᵀp.
-            products += f * (f + 1) * n
+            // pᵀp (at the first iteration, unless given), and down: SparseGPT with its own factor;
+            // the refit as above, or at the first iteration the fit's quadratic form in pᵀp.
+            if !(first && gramsGiven) { products += f * (f + 1) * n }
             sparseGPT += BlockProfile.sparseGPTFLOPs(rows: width, cols: intermediate)
             products += first ? 2 * d * f * f : ndf + f * f * f / 3 + 2 * f * f * d + 2 * 2 * d * f * f
             // The pass over the chunks: X·W_uᵀ, X·W_gᵀ and the pruned FFN's output; then, but for
@@ -281,17 +299,18 @@ public enum SparseLLM {
     }
 
     /// `llamaFLOPs` for OPT's FFN (fc1, ReLU, fc2, with biases).
-    public static func optFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int) -> (products: Double, sparseGPT: Double) {
+    public static func optFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int, gramsGiven: Bool = false)
+        -> (products: Double, sparseGPT: Double) {
         let (n, d, f) = (Double(tokens), Double(width), Double(intermediate))
         let ndf = 2 * n * d * f
-        // XᵀX; z = X·W_1ᵀ + b_1, y = p·W_2ᵀ + b_2.
-        var products = d * (d + 1) * n + 2 * ndf
+        // XᵀX (unless given); z = X·W_1ᵀ + b_1, y = p·W_2ᵀ + b_2.
+        var products = (gramsGiven ? 0 : d * (d + 1) * n) + 2 * ndf
         var sparseGPT = BlockProfile.sparseGPTFLOPs(rows: 0, cols: width)
         for t in 0..<iterations {
             let (first, last) = (t == 0, t == iterations - 1)
             sparseGPT += BlockProfile.sparseGPTFLOPs(rows: intermediate, cols: width, factored: false)
             if !first { products += ndf + d * d * d / 3 + 2 * d * d * f + 2 * 2 * f * d * d }
-            products += f * (f + 1) * n                              // pᵀp, made afresh each iteration
+            if !(first && gramsGiven) { products += f * (f + 1) * n } // pᵀp, made afresh each iteration
             sparseGPT += BlockProfile.sparseGPTFLOPs(rows: width, cols: intermediate)
             if !first { products += ndf + f * f * f / 3 + 2 * f * f * d + 2 * 2 * d * f * f }
             // X·W_1ᵀ, p·W_2ᵀ for the objective, the pruned FFN's output; the p step but at the end.
@@ -435,6 +454,14 @@ public enum SparseLLM {
     /// SiLU(s) ⊙ z.
     static func siluProduct(_ s: Tensor, _ z: Tensor, on backend: any ComputeBackend) -> Tensor {
         backend.gatedActivation(gate: s, up: z, .silu)
+    }
+
+    /// Given Gram matrices must be those of the FFN's input and activation widths.
+    static func checkGrams(_ known: Grams?, input d: Int, activation f: Int, what: String) throws {
+        guard let known else { return }
+        for (g, width, name) in [(known.input, d, "input"), (known.activation, f, "activation")] where g.rows != width || g.cols != width {
+            throw PruneError.shape("\(what): SparseLLM was given a \(g.rows)x\(g.cols) Gram matrix of its \(name), expected \(width)x\(width)")
+        }
     }
 
     static func checkFinite(_ t: Tensor, _ what: String, on backend: any ComputeBackend) throws {

@@ -185,6 +185,7 @@ final class BackendSparseLLMTests: XCTestCase {
             Matrix(rows: rows, cols: cols) { p in for i in p.indices { p[i] = scale * (rng.uniform() - 0.5) } }
         }
         let products = ["gemm", "syrkAccumulate", "solveSPDDouble", "inverseSPDDouble"]
+        func gramOf(_ a: Matrix) -> Matrix { Linalg.matmul(a, .transposed, a, .none) }
         let (n, d, f) = (100, 24, 56)
         for iterations in [1, 2, 4] {
             var options = SparseLLM.Options.llama
@@ -197,6 +198,17 @@ final class BackendSparseLLMTests: XCTestCase {
             XCTAssertEqual(counted, SparseLLM.llamaFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations).products,
                            "LLaMA, \(iterations) iterations")
             XCTAssertEqual(checking.counts.calls["sparseGPTBlock"], 3 * iterations, "one column block per SparseGPT solve")
+            // With the Gram matrices given (BlockPruner's statistics), XᵀX and the first pᵀp are not made.
+            let given = CheckingBackend()
+            let g = [random(n, d), random(f, d, scale: 0.4), random(f, d, scale: 0.4), random(d, f, scale: 0.3)].map(given.upload)
+            let grams = SparseLLM.Grams(input: given.upload(gramOf(given.download(g[0]))),
+                                        activation: given.upload(gramOf(random(n, f))))
+            given.reset()
+            _ = try SparseLLM.pruneLlama(x: g[0], gate: g[1], up: g[2], down: g[3], pattern: .unstructured(0.5), options: options,
+                                         grams: grams, chunkRows: 40, on: given)
+            XCTAssertEqual(products.reduce(0) { $0 + (given.counts.flopsByCall[$1] ?? 0) },
+                           SparseLLM.llamaFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations, gramsGiven: true).products,
+                           "LLaMA with its Gram matrices given, \(iterations) iterations")
 
             options = SparseLLM.Options.opt
             options.iterations = iterations
@@ -208,6 +220,17 @@ final class BackendSparseLLMTests: XCTestCase {
             let countedOPT = products.reduce(0) { $0 + (opt.counts.flopsByCall[$1] ?? 0) }
             XCTAssertEqual(countedOPT, SparseLLM.optFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations).products,
                            "OPT, \(iterations) iterations")
+            let givenOPT = CheckingBackend()
+            let q = [random(n, d), random(f, d, scale: 0.4), random(1, f, scale: 0.1), random(d, f, scale: 0.3), random(1, d, scale: 0.1)]
+                .map(givenOPT.upload)
+            let gramsOPT = SparseLLM.Grams(input: givenOPT.upload(gramOf(givenOPT.download(q[0]))),
+                                           activation: givenOPT.upload(gramOf(random(n, f))))
+            givenOPT.reset()
+            _ = try SparseLLM.pruneOPT(x: q[0], fc1: q[1], bias1: q[2], fc2: q[3], bias2: q[4], pattern: .unstructured(0.5), options: options,
+                                       grams: gramsOPT, on: givenOPT)
+            XCTAssertEqual(products.reduce(0) { $0 + (givenOPT.counts.flopsByCall[$1] ?? 0) },
+                           SparseLLM.optFLOPs(tokens: n, width: d, intermediate: f, iterations: iterations, gramsGiven: true).products,
+                           "OPT with its Gram matrices given, \(iterations) iterations")
         }
     }
 

@@ -239,6 +239,57 @@ final class SparseLLMBlockTests: XCTestCase {
                                                       up: up, down: down, pattern: .unstructured(0.5), on: cpu))
     }
 
+    /// Gram matrices handed in are used instead of made: the ones the solve would make give its
+    /// own result bit for bit (LLaMA and OPT); other ones change it; a wrong width is refused.
+    func testGivenGramsReplaceTheOnesTheSolveMakes() throws {
+        var rng = Random(47)
+        let (d, f) = (16, 24)
+        let x = cpu.upload(rng.matrix(900, d))
+        let (gate, up, down) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(d, f)))
+        let chunks = SparseLLM.rowChunks(x, rows: 400, on: cpu)
+        let p = chunks.map { SparseLLM.siluProduct(SparseLLM.linear($0, gate, on: cpu), SparseLLM.linear($0, up, on: cpu), on: cpu) }
+        let own = SparseLLM.Grams(input: SparseLLM.gram(chunks, on: cpu), activation: SparseLLM.gram(p, on: cpu))
+        func run(_ grams: SparseLLM.Grams?) throws -> [Matrix] {
+            let r = try SparseLLM.pruneLlama(chunks: chunks, gate: gate, up: up, down: down, pattern: .unstructured(0.5), grams: grams, on: cpu)
+            return [r.gate, r.up, r.down].map { cpu.download($0) }
+        }
+        XCTAssertEqual(try run(own), try run(nil))
+        // Another input Gram (a scaled one: the same masks' problem, other rounding and ridge) is read.
+        let scaled = cpu.copy(own.input)
+        cpu.scale(scaled, by: 3)
+        cpu.addToDiagonal(scaled, 5)
+        XCTAssertNotEqual(try run(SparseLLM.Grams(input: scaled, activation: own.activation)), try run(nil))
+        XCTAssertThrowsError(try run(SparseLLM.Grams(input: own.activation, activation: own.input))) { error in
+            XCTAssertTrue("\(error)".contains("24x24 Gram matrix of its input, expected 16x16"), "\(error)")
+        }
+        // OPT: fc1's input and fc2's (the ReLU of fc1's dense output).
+        let (fc1, b1, fc2, b2) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(1, f)), cpu.upload(rng.matrix(d, f)), cpu.upload(rng.matrix(1, d)))
+        let act = cpu.map(cpu.addRowVector(SparseLLM.linear(x, fc1, on: cpu), b1), .relu)
+        func runOPT(_ grams: SparseLLM.Grams?) throws -> [Matrix] {
+            let r = try SparseLLM.pruneOPT(x: x, fc1: fc1, bias1: b1, fc2: fc2, bias2: b2, pattern: .unstructured(0.5), grams: grams, on: cpu)
+            return [r.fc1, r.fc2].map { cpu.download($0) }
+        }
+        XCTAssertEqual(try runOPT(SparseLLM.Grams(input: SparseLLM.gram([x], on: cpu), activation: SparseLLM.gram([act], on: cpu))), try runOPT(nil))
+    }
+
+    /// The statistics' Gram matrix is Σ XᵀX over the sequences added, from the running average
+    /// 2/n Σ XᵀX the solvers read.
+    func testStatisticsGramIsTheSumOfTheSequencesGrams() throws {
+        var rng = Random(53)
+        let st = LayerStatistics(columns: 12, backend: cpu)
+        XCTAssertNil(st.gram(), "no sequence yet")
+        var sum = [Float](repeating: 0, count: 144)
+        for rows in [64, 100, 7] {
+            let x = rng.matrix(rows, 12)
+            st.add(x)
+            let g = Linalg.matmul(x, .transposed, x, .none)
+            for i in 0..<sum.count { sum[i] += g.values[i] }
+        }
+        let g = cpu.download(try XCTUnwrap(st.gram()))
+        for i in 0..<sum.count { XCTAssertEqual(g.values[i], sum[i], accuracy: 1e-4 * max(1, abs(sum[i]))) }
+        XCTAssertNil(LayerStatistics(columns: 12, backend: cpu, hessian: false).gram(), "made without H")
+    }
+
     func testObjectiveDoesNotIncreaseOnStories260KBlocks() throws {
         let model = try LanguageModel.open(path: PipelineTests.shared("assets/stories260K/stories260K.bin"),
                                            tokenizerPath: PipelineTests.shared("assets/stories260K/tok512.bin"))
