@@ -366,8 +366,8 @@ public struct BlockPruner: Sendable {
                 // the owner the same statistics (in window order), so the same bits.
                 func known(_ input: String, _ activation: String) -> SparseLLM.Grams? {
                     guard plan.targets == .sequential, let gx = stats[keys[input] ?? input]?.gram(),
-                          let gp = stats[keys[activation] ?? activation]?.gram() else { return nil }
-                    return SparseLLM.Grams(input: gx, activation: gp)
+                          let act = stats[keys[activation] ?? activation], act.hasHessian, act.sequences > 0 else { return nil }
+                    return SparseLLM.Grams(input: gx, activation: { act.gram()! })
                 }
                 switch ffn {
                 case .gated(let gate, let up, let down):

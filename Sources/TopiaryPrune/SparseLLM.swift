@@ -65,14 +65,20 @@ public enum SparseLLM {
     /// FFN input's XᵀX and the dense activation's pᵀp (what the first iteration's down_proj or
     /// fc2 step reads). `BlockPruner` passes the block's input statistics
     /// (`LayerStatistics.gram`), which its dense pass made from the same inputs: at LLaMA-2-7B's
-    /// width the first pᵀp alone is about a third of one iteration's products.
+    /// width the first pᵀp alone is about a seventh of one iteration's products (f²n, against
+    /// 2ndf for each of the others).
+    ///
+    /// The activation's is made when the first iteration's down_proj step reads it, not before:
+    /// it is the largest (ffn x ffn; 485 MB at LLaMA-2-7B's width), and the gate and up steps
+    /// before it have their own temporaries.
     public struct Grams {
         public var input: Tensor
-        public var activation: Tensor
-        public init(input: Tensor, activation: Tensor) {
+        public var activation: () -> Tensor
+        public init(input: Tensor, activation: @escaping () -> Tensor) {
             self.input = input
             self.activation = activation
         }
+        public init(input: Tensor, activation: Tensor) { self.init(input: input, activation: { activation }) }
     }
 
     public struct LlamaResult: Sendable {
@@ -130,7 +136,7 @@ public enum SparseLLM {
         }
         let tokens = xs.reduce(0) { $0 + $1.rows }
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        try checkGrams(known, input: first.cols, activation: gate.rows, what: what)
+        try checkGrams(known, input: first.cols, what: what)
         let gramX = known?.input ?? gram(xs, on: backend)
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)
@@ -153,7 +159,8 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let gramP = t == 0 ? known?.activation ?? gram(p, on: backend) : gram(p, on: backend)
+            let gramP = try t == 0 ? known.map { try activationGram($0, width: gate.rows, what: what) } ?? gram(p, on: backend)
+                                    : gram(p, on: backend)
             let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gramP, targets: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
@@ -222,7 +229,7 @@ public enum SparseLLM {
                                 grams known: Grams? = nil, what: String = "ffn", on backend: any ComputeBackend) throws
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        try checkGrams(known, input: x.cols, activation: fc1.rows, what: what)
+        try checkGrams(known, input: x.cols, what: what)
         let gramX = known?.input ?? gram([x], on: backend)
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend)
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
@@ -237,7 +244,8 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): fc1", on: backend)
             w1 = k1.weight
-            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: t == 0 ? known?.activation ?? gram([p], on: backend) : gram([p], on: backend), targets: [y], bias: bias2,
+            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: try t == 0 ? known.map { try activationGram($0, width: fc1.rows, what: what) } ?? gram([p], on: backend)
+                                                   : gram([p], on: backend), targets: [y], bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
             w2 = k2.weight
             let m = backend.addRowVector(linear(x, w1, on: backend), bias1)
@@ -456,10 +464,22 @@ public enum SparseLLM {
         backend.gatedActivation(gate: s, up: z, .silu)
     }
 
-    /// Given Gram matrices must be those of the FFN's input and activation widths.
-    static func checkGrams(_ known: Grams?, input d: Int, activation f: Int, what: String) throws {
+    /// A given Gram matrix must be of the FFN's input width (the activation's, of its width, is
+    /// checked when it is made).
+    static func checkGrams(_ known: Grams?, input d: Int, what: String) throws {
         guard let known else { return }
-        for (g, width, name) in [(known.input, d, "input"), (known.activation, f, "activation")] where g.rows != width || g.cols != width {
+        try checkGram(known.input, width: d, name: "input", what: what)
+    }
+
+    /// The given activation Gram matrix, made now and checked.
+    static func activationGram(_ known: Grams, width: Int, what: String) throws -> Tensor {
+        let g = known.activation()
+        try checkGram(g, width: width, name: "activation", what: what)
+        return g
+    }
+
+    static func checkGram(_ g: Tensor, width: Int, name: String, what: String) throws {
+        if g.rows != width || g.cols != width {
             throw PruneError.shape("\(what): SparseLLM was given a \(g.rows)x\(g.cols) Gram matrix of its \(name), expected \(width)x\(width)")
         }
     }

@@ -254,13 +254,17 @@ final class SparseLLMBlockTests: XCTestCase {
             return [r.gate, r.up, r.down].map { cpu.download($0) }
         }
         XCTAssertEqual(try run(own), try run(nil))
-        // Another input Gram (a scaled one: the same masks' problem, other rounding and ridge) is read.
+        // Another input Gram matrix (scaled and shifted: another problem) is read, not replaced.
         let scaled = cpu.copy(own.input)
         cpu.scale(scaled, by: 3)
         cpu.addToDiagonal(scaled, 5)
         XCTAssertNotEqual(try run(SparseLLM.Grams(input: scaled, activation: own.activation)), try run(nil))
-        XCTAssertThrowsError(try run(SparseLLM.Grams(input: own.activation, activation: own.input))) { error in
+        let activation = SparseLLM.gram(p, on: cpu)
+        XCTAssertThrowsError(try run(SparseLLM.Grams(input: activation, activation: own.input))) { error in
             XCTAssertTrue("\(error)".contains("24x24 Gram matrix of its input, expected 16x16"), "\(error)")
+        }
+        XCTAssertThrowsError(try run(SparseLLM.Grams(input: own.input, activation: own.input))) { error in
+            XCTAssertTrue("\(error)".contains("16x16 Gram matrix of its activation, expected 24x24"), "\(error)")
         }
         // OPT: fc1's input and fc2's (the ReLU of fc1's dense output).
         let (fc1, b1, fc2, b2) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(1, f)), cpu.upload(rng.matrix(d, f)), cpu.upload(rng.matrix(1, d)))
