@@ -366,7 +366,7 @@ public struct BlockPruner: Sendable {
                 // the owner the same statistics (in window order), so the same bits.
                 func known(_ input: String, _ activation: String) -> SparseLLM.Grams? {
                     guard plan.targets == .sequential, let gx = stats[keys[input] ?? input]?.gram(),
-                          let act = stats[keys[activation] ?? activation], act.hasHessian, act.sequences > 0 else { return nil }
+                          let act = stats[keys[activation] ?? activation], act.hasGram else { return nil }
                     return SparseLLM.Grams(input: gx, activation: { act.gram()! })
                 }
                 switch ffn {

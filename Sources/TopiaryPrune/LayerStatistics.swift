@@ -98,11 +98,14 @@ public final class LayerStatistics: @unchecked Sendable {
         return hessianStorage
     }
 
+    /// Whether `gram()` gives a matrix: H was made and has seen a sequence.
+    public var hasGram: Bool { hasHessian && sequences > 0 }
+
     /// Σ XᵀX over the sequences added (H's running average times n/2), a new tensor: the Gram
     /// matrix of the inputs themselves, for a solver that works at that scale (SparseLLM's
     /// normal equations). nil without H or before any sequence.
     public func gram() -> Tensor? {
-        guard hasHessian, sequences > 0 else { return nil }
+        guard hasGram else { return nil }
         let g = backend.copy(hessianTensor)
         backend.scale(g, by: Float(sequences) / 2)
         return g

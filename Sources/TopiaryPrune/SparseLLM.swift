@@ -136,8 +136,7 @@ public enum SparseLLM {
         }
         let tokens = xs.reduce(0) { $0 + $1.rows }
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        try checkGrams(known, input: first.cols, what: what)
-        let gramX = known?.input ?? gram(xs, on: backend)
+        let gramX = try inputGram(known, width: first.cols, what: what) { gram(xs, on: backend) }
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)
         let s = xs.map { linear($0, gate, on: backend) }
@@ -159,8 +158,7 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): gate_proj", on: backend)
             wg = kg.weight
-            let gramP = try t == 0 ? known.map { try activationGram($0, width: gate.rows, what: what) } ?? gram(p, on: backend)
-                                    : gram(p, on: backend)
+            let gramP = try activationGram(t == 0 ? known : nil, width: gate.rows, what: what) { gram(p, on: backend) }
             let kd = try weightStep(current: wd, dense: down, first: t == 0, inputs: p, gram: gramP, targets: y, bias: nil,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): down_proj", on: backend)
             wd = kd.weight
@@ -229,8 +227,7 @@ public enum SparseLLM {
                                 grams known: Grams? = nil, what: String = "ffn", on backend: any ComputeBackend) throws
         -> (fc1: Tensor, fc2: Tensor, iterations: [IterationReport], chosen: Int) {
         let (a, b, c) = (Float(options.alpha), Float(options.beta), Float(options.gamma))
-        try checkGrams(known, input: x.cols, what: what)
-        let gramX = known?.input ?? gram([x], on: backend)
+        let gramX = try inputGram(known, width: x.cols, what: what) { gram([x], on: backend) }
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): fc1", on: backend)
         let z = backend.addRowVector(linear(x, fc1, on: backend), bias1)
         var p = backend.map(z, .relu)
@@ -244,8 +241,8 @@ public enum SparseLLM {
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, factor: factorX,
                                     what: "\(step): fc1", on: backend)
             w1 = k1.weight
-            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: try t == 0 ? known.map { try activationGram($0, width: fc1.rows, what: what) } ?? gram([p], on: backend)
-                                                   : gram([p], on: backend), targets: [y], bias: bias2,
+            let gramP = try activationGram(t == 0 ? known : nil, width: fc1.rows, what: what) { gram([p], on: backend) }
+            let k2 = try weightStep(current: w2, dense: fc2, first: t == 0, inputs: [p], gram: gramP, targets: [y], bias: bias2,
                                     pattern: pattern, sparseGPT: sparseGPT, ridge: options.ridge, what: "\(step): fc2", on: backend)
             w2 = k2.weight
             let m = backend.addRowVector(linear(x, w1, on: backend), bias1)
@@ -464,24 +461,23 @@ public enum SparseLLM {
         backend.gatedActivation(gate: s, up: z, .silu)
     }
 
-    /// A given Gram matrix must be of the FFN's input width (the activation's, of its width, is
-    /// checked when it is made).
-    static func checkGrams(_ known: Grams?, input d: Int, what: String) throws {
-        guard let known else { return }
-        try checkGram(known.input, width: d, name: "input", what: what)
+    /// XᵀX: the given one, checked to be `width` wide, or `make()`.
+    static func inputGram(_ known: Grams?, width: Int, what: String, otherwise make: () -> Tensor) throws -> Tensor {
+        guard let known else { return make() }
+        return try checked(known.input, width: width, name: "input", what: what)
     }
 
-    /// The given activation Gram matrix, made now and checked.
-    static func activationGram(_ known: Grams, width: Int, what: String) throws -> Tensor {
-        let g = known.activation()
-        try checkGram(g, width: width, name: "activation", what: what)
-        return g
+    /// pᵀp: the given one, made now (`Grams.activation`) and checked to be `width` wide, or `make()`.
+    static func activationGram(_ known: Grams?, width: Int, what: String, otherwise make: () -> Tensor) throws -> Tensor {
+        guard let known else { return make() }
+        return try checked(known.activation(), width: width, name: "activation", what: what)
     }
 
-    static func checkGram(_ g: Tensor, width: Int, name: String, what: String) throws {
+    static func checked(_ g: Tensor, width: Int, name: String, what: String) throws -> Tensor {
         if g.rows != width || g.cols != width {
             throw PruneError.shape("\(what): SparseLLM was given a \(g.rows)x\(g.cols) Gram matrix of its \(name), expected \(width)x\(width)")
         }
+        return g
     }
 
     static func checkFinite(_ t: Tensor, _ what: String, on backend: any ComputeBackend) throws {
