@@ -183,14 +183,16 @@ public enum SparseLLM {
             for i in xs.indices {
                 let m = linear(xs[i], wu, on: backend)
                 let g = linear(xs[i], wg, on: backend)
-                let sigma = backend.map(s[i], .silu)
-                sums.gate += backend.chunkedSquaredDistance(s[i], g)
-                sums.up += backend.chunkedSquaredDistance(z[i], m)
-                sums.product += backend.chunkedSquaredDistanceToProduct(p[i], sigma, z[i])
-                sums.error += backend.chunkedSquaredDistance(y[i], linear(siluProduct(g, m, on: backend), wd, on: backend))
+                // SiLU(s), SiLU(s)⊙z, SiLU(g)⊙m and the three distances in one pass over the chunk.
+                let pass = backend.sparseLLMLlamaPass(s: s[i], z: z[i], p: p[i], g: g, m: m)
+                let (sigma, activation, gated) = (pass.sigma, pass.activation, pass.gated)
+                sums.gate += pass.gateDistance
+                sums.up += pass.upDistance
+                sums.product += pass.productDistance
+                sums.error += backend.chunkedSquaredDistance(y[i], linear(gated, wd, on: backend))
                 guard let inverse else { continue }
                 // p step: the activation that down_proj reads.
-                p[i] = try activationUpdate(y: y[i], bias: nil, w: wd, act: backend.multiply(sigma, z[i]), inverse: inverse,
+                p[i] = try activationUpdate(y: y[i], bias: nil, w: wd, act: activation, inverse: inverse,
                                             beta: b, gamma: c, what: "\(step): p update", on: backend)
                 // z step (up_proj output), exact for any α, γ.
                 backend.sparseLLMLlamaZ(z[i], m: m, sigma: sigma, p: p[i], alpha: a, gamma: c)

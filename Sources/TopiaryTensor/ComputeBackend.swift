@@ -174,6 +174,12 @@ public protocol ComputeBackend: Sendable {
     /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, halved until it
     /// does or until |step| <= 1e-6·max(1, |s|), where the element stops; in place.
     func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
+    /// One pass over a chunk of tokens of SparseLLM's LLaMA FFN, with s, z, p the auxiliaries and
+    /// g = x·W_gateᵀ, m = x·W_upᵀ the pruned layers' outputs: σ = SiLU(s), σ⊙z, SiLU(g)⊙m and the
+    /// three distances ‖s − g‖², ‖z − m‖², ‖p − σ⊙z‖². The same values, bit for bit, as `map`
+    /// (.silu), `multiply`, `gatedActivation` (.silu), `chunkedSquaredDistance` and
+    /// `chunkedSquaredDistanceToProduct` (the default, which calls them).
+    func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass
 
     /// Runs `body`, a stretch in which the caller moves nothing to or from the host (a block
     /// between its inputs and its outputs). `CheckingBackend` records any transfer inside as a
@@ -327,6 +333,13 @@ extension ComputeBackend {
         copy(rankedMasked(weight, order: order, counts: to).all, into: masked.all)
     }
 
+    public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass {
+        let sigma = map(s, .silu)
+        return SparseLLMLlamaPass(sigma: sigma, activation: multiply(sigma, z), gated: gatedActivation(gate: g, up: m, .silu),
+                                  gateDistance: chunkedSquaredDistance(s, g), upDistance: chunkedSquaredDistance(z, m),
+                                  productDistance: chunkedSquaredDistanceToProduct(p, sigma, z))
+    }
+
     /// `gatedActivation` copied back into `gate`.
     public func gatedActivationInPlace(gate: Tensor, up: Tensor, _ activation: GatedActivation) {
         copy(gatedActivation(gate: gate, up: up, activation).all, into: gate.all)
@@ -335,6 +348,27 @@ extension ComputeBackend {
     /// Mask of the k smallest scores of each row, equal scores by column order (a stable sort).
     public func selectSmallestInRows(_ scores: Tensor, count k: Int) -> Tensor {
         selectSmallestInRows(scores, counts: [Int](repeating: k, count: scores.rows))
+    }
+}
+
+/// What `ComputeBackend.sparseLLMLlamaPass` gives for a chunk of tokens.
+public struct SparseLLMLlamaPass {
+    /// SiLU(s).
+    public var sigma: Tensor
+    /// SiLU(s)⊙z: the activation the auxiliaries make, the p step's starting point.
+    public var activation: Tensor
+    /// SiLU(g)⊙m: the activation the pruned gate and up layers make.
+    public var gated: Tensor
+    /// ‖s − g‖², ‖z − m‖² and ‖p − SiLU(s)⊙z‖², summed as `chunkedSquaredDistance` sums.
+    public var gateDistance: Double, upDistance: Double, productDistance: Double
+
+    public init(sigma: Tensor, activation: Tensor, gated: Tensor, gateDistance: Double, upDistance: Double, productDistance: Double) {
+        self.sigma = sigma
+        self.activation = activation
+        self.gated = gated
+        self.gateDistance = gateDistance
+        self.upDistance = upDistance
+        self.productDistance = productDistance
     }
 }
 

@@ -610,21 +610,18 @@ public enum Linalg {
         _ = configured
         let n = a.rows
         precondition(a.rows == a.cols)
-        var d = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
-        var info = d.withUnsafeMutableBufferPointer { p in
-            LAPACKE_dpotrf(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
-        }
-        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
-        info = d.withUnsafeMutableBufferPointer { p in
-            LAPACKE_dpotri(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
-        }
-        if info > 0 { throw LinalgError.singular(what: what, info: Int(info)) }
-        return Matrix(rows: n, cols: n) { out in
-            for i in 0..<n {
-                for j in 0...i {
-                    let v = Float(d[i * n + j])
-                    out[i * n + j] = v
-                    out[j * n + i] = v
+        return try withDoubles(of: a) { d in
+            var info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 85, Int32(n), d, Int32(n))
+            if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
+            info = LAPACKE_dpotri(LAPACK_COL_MAJOR, 85, Int32(n), d, Int32(n))
+            if info > 0 { throw LinalgError.singular(what: what, info: Int(info)) }
+            return Matrix(rows: n, cols: n) { out in
+                for i in 0..<n {
+                    for j in 0...i {
+                        let v = Float(d[i * n + j])
+                        out[i * n + j] = v
+                        out[j * n + i] = v
+                    }
                 }
             }
         }
@@ -636,16 +633,14 @@ public enum Linalg {
         _ = configured
         precondition(a.rows == a.cols && a.rows == b.rows, "solveSPDDouble: \(a.rows)x\(a.cols) with \(b.rows)x\(b.cols)")
         let n = a.rows, k = b.cols
-        var ad = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
-        var bd = b.withUnsafeBufferPointer { p in p.map { Double($0) } }
-        let info = ad.withUnsafeMutableBufferPointer { pa in
-            bd.withUnsafeMutableBufferPointer { pb in
-                LAPACKE_dposv(LAPACK_ROW_MAJOR, 85, Int32(n), Int32(k), pa.baseAddress, Int32(n), pb.baseAddress, Int32(k))
+        return try withDoubles(of: a) { ad in
+            try withDoubles(of: b) { bd in
+                let info = LAPACKE_dposv(LAPACK_ROW_MAJOR, 85, Int32(n), Int32(k), ad, Int32(n), bd, Int32(k))
+                if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
+                precondition(info == 0, "dposv: illegal argument \(-info)")
+                return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
             }
         }
-        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
-        precondition(info == 0, "dposv: illegal argument \(-info)")
-        return Matrix(rows: n, cols: k) { out in for i in 0..<(n * k) { out[i] = Float(bd[i]) } }
     }
 
     /// X = C·A⁻¹ for a symmetric positive definite A [n x n] and C [k x n], in Float64, returned
@@ -660,25 +655,37 @@ public enum Linalg {
         _ = configured
         precondition(a.rows == a.cols && a.rows == c.cols, "solveSPDDoubleRight: \(a.rows)x\(a.cols) with \(c.rows)x\(c.cols)")
         let n = a.rows, k = c.rows
-        var ad = a.withUnsafeBufferPointer { p in p.map { Double($0) } }
-        var cd = c.withUnsafeBufferPointer { p in p.map { Double($0) } }
         guard n > 0, k > 0 else { return Matrix(rows: k, cols: n) }
-        let info = ad.withUnsafeMutableBufferPointer { p in
-            LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 85, Int32(n), p.baseAddress, Int32(n))
-        }
-        if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
-        precondition(info == 0, "dpotrf: illegal argument \(-info)")
-        let chunks = (k + rightChunk - 1) / rightChunk
-        ad.withUnsafeBufferPointer { pa in cd.withUnsafeMutableBufferPointer { pc in
-            let (factor, rhs) = (UnsafeSendable(pa.baseAddress!), UnsafeSendable(pc.baseAddress!))
-            Parallel.forEachTask(chunks) { chunk in
-                let first = chunk * rightChunk, count = min(rightChunk, k - first)
-                let status = LAPACKE_dpotrs_work(LAPACK_COL_MAJOR, 85, Int32(n), Int32(count), factor.value, Int32(n),
-                                                 rhs.value + first * n, Int32(n))
-                precondition(status == 0, "dpotrs: illegal argument \(-status)")
+        return try withDoubles(of: a) { ad in
+            try withDoubles(of: c) { cd in
+                let info = LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 85, Int32(n), ad, Int32(n))
+                if info > 0 { throw LinalgError.notPositiveDefinite(what: what, minor: Int(info)) }
+                precondition(info == 0, "dpotrf: illegal argument \(-info)")
+                let chunks = (k + rightChunk - 1) / rightChunk
+                let (factor, rhs) = (UnsafeSendable(ad), UnsafeSendable(cd))
+                Parallel.forEachTask(chunks) { chunk in
+                    let first = chunk * rightChunk, count = min(rightChunk, k - first)
+                    let status = LAPACKE_dpotrs_work(LAPACK_COL_MAJOR, 85, Int32(n), Int32(count), factor.value, Int32(n),
+                                                     rhs.value + first * n, Int32(n))
+                    precondition(status == 0, "dpotrs: illegal argument \(-status)")
+                }
+                return Matrix(rows: k, cols: n) { out in for i in 0..<(n * k) { out[i] = Float(cd[i]) } }
             }
-        } }
-        return Matrix(rows: k, cols: n) { out in for i in 0..<(n * k) { out[i] = Float(cd[i]) } }
+        }
+    }
+
+    /// `body` given `m`'s elements as Float64, in working space from the cache of mappings that
+    /// tensors use (`MappedBuffers`), handed back when `body` returns. As Swift arrays they were
+    /// a new mapping from malloc each time, every page faulted in on first write: 138 MB a block
+    /// in SparseLLM's refits and p-step inverses at SmolLM2's width.
+    static func withDoubles<R>(of m: Matrix, _ body: (UnsafeMutablePointer<Double>) throws -> R) rethrows -> R {
+        let count = max(m.count, 1)
+        let space = Storage(count: 2 * count, zeroed: false)
+        return try withExtendedLifetime(space) {
+            let d = UnsafeMutableRawPointer(space.pointer).bindMemory(to: Double.self, capacity: count)
+            m.withUnsafeBufferPointer { f in for i in f.indices { d[i] = Double(f[i]) } }
+            return try body(d)
+        }
     }
 
     /// Right-hand sides per task of `solveSPDDoubleRight`.

@@ -241,6 +241,40 @@ final class BackendTests: XCTestCase {
         XCTAssertEqual(viaDefault.values.map { $0 == 0 }, fused.values.map { $0 == 0 })
     }
 
+    /// SparseLLM's fused pass over a chunk of tokens gives, bit for bit, what the five calls it
+    /// replaces give (SiLU, the product, SwiGLU and the three chunked distances), over several
+    /// `Parallel` chunks and a ragged last one, at one thread and at three; the protocol's
+    /// default (Float64Backend) agrees in value.
+    func testSparseLLMLlamaPassHasTheBitsOfTheCallsItReplaces() {
+        var rng = TestRandom(seed: 31)
+        let rows = 97, cols = 2029                     // 3 x 65,536 + 205 elements
+        func signed() -> Matrix {
+            Matrix(rows: rows, cols: cols) { p in for i in p.indices { p[i] = (rng.uniform() - 0.5) * 8 } }
+        }
+        let (s, z, p, g, m) = (signed(), signed(), signed(), signed(), signed())
+        let saved = Linalg.threadCount
+        defer { Linalg.setThreadCount(saved) }
+        for threads in [1, 3] {
+            Linalg.setThreadCount(threads)
+            let (ts, tz, tp, tg, tm) = (cpu.upload(s), cpu.upload(z), cpu.upload(p), cpu.upload(g), cpu.upload(m))
+            let pass = cpu.sparseLLMLlamaPass(s: ts, z: tz, p: tp, g: tg, m: tm)
+            let sigma = cpu.map(ts, .silu)
+            func bits(_ t: Tensor) -> [UInt32] { cpu.download(t).values.map(\.bitPattern) }
+            XCTAssertEqual(bits(pass.sigma), bits(sigma), "SiLU(s), \(threads) threads")
+            XCTAssertEqual(bits(pass.activation), bits(cpu.multiply(sigma, tz)), "SiLU(s)·z, \(threads) threads")
+            XCTAssertEqual(bits(pass.gated), bits(cpu.gatedActivation(gate: tg, up: tm, .silu)), "SiLU(g)·m, \(threads) threads")
+            XCTAssertEqual(pass.gateDistance.bitPattern, cpu.chunkedSquaredDistance(ts, tg).bitPattern, "‖s − g‖², \(threads) threads")
+            XCTAssertEqual(pass.upDistance.bitPattern, cpu.chunkedSquaredDistance(tz, tm).bitPattern, "‖z − m‖², \(threads) threads")
+            XCTAssertEqual(pass.productDistance.bitPattern, cpu.chunkedSquaredDistanceToProduct(tp, sigma, tz).bitPattern,
+                           "‖p − σz‖², \(threads) threads")
+        }
+        let f = Float64Backend()
+        let viaDefault = f.sparseLLMLlamaPass(s: f.upload(s), z: f.upload(z), p: f.upload(p), g: f.upload(g), m: f.upload(m))
+        let pass = cpu.sparseLLMLlamaPass(s: cpu.upload(s), z: cpu.upload(z), p: cpu.upload(p), g: cpu.upload(g), m: cpu.upload(m))
+        XCTAssertEqual(viaDefault.productDistance, pass.productDistance, accuracy: 1e-4 * pass.productDistance)
+        XCTAssertLessThan(f.download(viaDefault.gated).maxAbsDifference(cpu.download(pass.gated)), 1e-4)
+    }
+
     func testSelections() {
         // The reference's rule: everything at or below the k-th smallest, ties included.
         let scores = cpu.upload(Matrix(rows: 2, cols: 4, values: [3, 1, 2, 2, 5, 2, 7, 0]))

@@ -248,6 +248,37 @@ final class LinalgTests: XCTestCase {
         }
     }
 
+    /// The fp64 solves take their Float64 working space from the cache of mappings behind
+    /// tensors: while one runs, its copies of A and C are counted as in use there, and the second
+    /// of two solves of the same shapes maps nothing new.
+    func testFloat64SolvesTakeTheirWorkingSpaceFromTheMappingCache() throws {
+        var rng = TestRandom(seed: 23)
+        let n = 300, k = 200                           // 720 KB and 480 KB as Float64
+        let x = rng.matrix(n + 40, n)
+        var a = Matrix(rows: n, cols: n)
+        Linalg.syrkAccumulate(x, alpha: 1, into: &a)
+        for i in 0..<n { a[i, i] += 0.05 }
+        let c = rng.matrix(k, n)
+        let idle = MappedBuffers.shared.live
+        let inUse = Linalg.withDoubles(of: a) { d in
+            Linalg.withDoubles(of: c) { e in
+                XCTAssertEqual(d[n + 1], Double(a[1, 1]))
+                XCTAssertEqual(e[k * n - 1], Double(c[k - 1, n - 1]))
+                return MappedBuffers.shared.live - idle
+            }
+        }
+        XCTAssertGreaterThanOrEqual(inUse, 8 * (n * n + k * n), "the Float64 copies are not in the mapping cache")
+        func solves() throws {
+            _ = try Linalg.solveSPDDoubleRight(a, c)
+            _ = try Linalg.solveSPDDouble(a, c.transposed())
+            _ = try Linalg.inverseSPDDouble(a)
+        }
+        try solves()
+        let mapped = MappedBuffers.shared.mappings
+        try solves()
+        XCTAssertEqual(MappedBuffers.shared.mappings, mapped, "a repeated solve mapped new memory")
+    }
+
     func testEveryRoutineGivesTheSameBitsAtAnyThreadCount() throws {
         let saved = Linalg.threadCount
         defer { Linalg.setThreadCount(saved) }
