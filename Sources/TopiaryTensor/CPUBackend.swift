@@ -571,50 +571,39 @@ public struct CPUBackend: ComputeBackend {
     /// The default's five passes over the chunk as one: each `Parallel` chunk (the ranges that
     /// `map`, `gatedActivation` and the chunked sums use) in pieces of `llamaPassPiece`
     /// elements, each piece's SiLU and SwiGLU by the same vector kernels and its terms added in
-    /// index order, so every value and every partial sum is the one the default computes.
+    /// index order, the chunks' sums by `Parallel.sums` as `Parallel.sum` adds them, so every
+    /// value and every sum is the one the default computes.
     public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass {
         precondition([z, p, g, m].allSatisfy { $0.rows == s.rows && $0.cols == s.cols }, "sparseLLMLlamaPass: \(s), \(z), \(p), \(g), \(m)")
         let sigma = uninitialized(rows: s.rows, cols: s.cols)
         let activation = uninitialized(rows: s.rows, cols: s.cols)
         let gated = uninitialized(rows: s.rows, cols: s.cols)
-        let count = s.count, chunks = (count + Parallel.chunk - 1) / Parallel.chunk
-        var partial = [Double](repeating: 0, count: 3 * chunks)
         let inputs = UnsafeSendable((read(s), read(z), read(p), read(g), read(m)))
         let outputs = UnsafeSendable((write(sigma), write(activation), write(gated)))
-        partial.withUnsafeMutableBufferPointer { out in
-            let sink = UnsafeSendable(out)
-            Parallel.forEach(count) { range in
-                let (ps, pz, pp, pg, pm) = inputs.value
-                let (pSigma, pAct, pGated) = outputs.value
-                var (gate, up, product) = (0.0, 0.0, 0.0)
-                for start in stride(from: range.lowerBound, to: range.upperBound, by: Self.llamaPassPiece) {
-                    let n = min(Self.llamaPassPiece, range.upperBound - start)
-                    Kernels.silu(ps + start, into: pSigma + start, n)
-                    (pGated + start).update(from: pg + start, count: n)
-                    Kernels.swiglu(gate: pGated + start, up: pm + start, n)
-                    for i in start..<(start + n) {
-                        let dg = Double(ps[i] - pg[i])
-                        gate += dg * dg
-                        let du = Double(pz[i] - pm[i])
-                        up += du * du
-                        let a = pSigma[i] * pz[i]
-                        pAct[i] = a
-                        let dp = Double(pp[i] - a)
-                        product += dp * dp
-                    }
+        let sums = Parallel.sums(s.count, width: 3) { range, out in
+            let (ps, pz, pp, pg, pm) = inputs.value
+            let (pSigma, pAct, pGated) = outputs.value
+            var (gate, up, product) = (0.0, 0.0, 0.0)
+            for start in stride(from: range.lowerBound, to: range.upperBound, by: Self.llamaPassPiece) {
+                let n = min(Self.llamaPassPiece, range.upperBound - start)
+                Kernels.silu(ps + start, into: pSigma + start, n)
+                (pGated + start).update(from: pg + start, count: n)
+                Kernels.swiglu(gate: pGated + start, up: pm + start, n)
+                for i in start..<(start + n) {
+                    let dg = Double(ps[i] - pg[i])
+                    gate += dg * dg
+                    let du = Double(pz[i] - pm[i])
+                    up += du * du
+                    let a = pSigma[i] * pz[i]
+                    pAct[i] = a
+                    let dp = Double(pp[i] - a)
+                    product += dp * dp
                 }
-                let c = range.lowerBound / Parallel.chunk
-                (sink.value[3 * c], sink.value[3 * c + 1], sink.value[3 * c + 2]) = (gate, up, product)
             }
+            (out[0], out[1], out[2]) = (gate, up, product)
         }
-        var sums = (gate: 0.0, up: 0.0, product: 0.0)
-        for c in 0..<chunks {
-            sums.gate += partial[3 * c]
-            sums.up += partial[3 * c + 1]
-            sums.product += partial[3 * c + 2]
-        }
-        return SparseLLMLlamaPass(sigma: sigma, activation: activation, gated: gated, gateDistance: sums.gate,
-                                  upDistance: sums.up, productDistance: sums.product)
+        return SparseLLMLlamaPass(sigma: sigma, activation: activation, gated: gated, gateDistance: sums[0],
+                                  upDistance: sums[1], productDistance: sums[2])
     }
 
     /// Elements per piece of `sparseLLMLlamaPass` (16 KiB an array: the piece's eight arrays

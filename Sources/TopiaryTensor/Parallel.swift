@@ -77,13 +77,25 @@ public enum Parallel {
 
     /// Σ of `body` over chunks of 0..<count, each chunk's value computed once and added in chunk order.
     public static func sum(_ count: Int, _ body: (Range<Int>) -> Double) -> Double {
+        sums(count, width: 1) { range, out in out[0] = body(range) }[0]
+    }
+
+    /// `width` sums over the same chunks at once (one pass over data that several sums read):
+    /// `body` writes a chunk's `width` values into `out`, and each sum adds its values over the
+    /// chunks in chunk order from 0, as `sum` adds one, so each has the bits `sum` would give it.
+    public static func sums(_ count: Int, width: Int, _ body: (Range<Int>, UnsafeMutableBufferPointer<Double>) -> Void) -> [Double] {
         let chunks = (count + chunk - 1) / chunk
-        var partial = [Double](repeating: 0, count: chunks)
+        var partial = [Double](repeating: 0, count: chunks * width)
         partial.withUnsafeMutableBufferPointer { out in
             let sink = UnsafeSendable(out)
-            forEach(count) { range in sink.value[range.lowerBound / chunk] = body(range) }
+            forEach(count) { range in
+                let c = range.lowerBound / chunk
+                body(range, UnsafeMutableBufferPointer(rebasing: sink.value[(c * width)..<((c + 1) * width)]))
+            }
         }
-        return partial.reduce(0, +)
+        var totals = [Double](repeating: 0, count: width)
+        for c in 0..<chunks { for j in 0..<width { totals[j] += partial[c * width + j] } }
+        return totals
     }
 }
 
