@@ -6,6 +6,21 @@ import TopiaryTensor
 /// collects statistics here.
 public typealias LinearObserver = (_ linear: String, _ input: Tensor) -> Void
 
+/// A gated feed-forward's products for one input x, on the block's backend: gate(x), up(x),
+/// act(gate(x)) ⊙ up(x) (what down reads) and down's output. They are the pass's own tensors:
+/// valid during the observer's call only (the block then adds its residual into the output).
+/// An observer copies what it keeps.
+public struct FeedForwardProducts: Sendable {
+    public let gate: Tensor
+    public let up: Tensor
+    public let activation: Tensor
+    public let output: Tensor
+}
+
+/// Called with a gated feed-forward's gate linear (name without ".weight") and its products,
+/// right after its down projection; SparseLLM's solve starts from them instead of making them again.
+public typealias FeedForwardObserver = (_ gate: String, _ products: FeedForwardProducts) -> Void
+
 /// One decoder block of any family, with its weights under their checkpoint names. What the
 /// block is made of and how it runs is its family's knowledge (Families/).
 public struct DecoderBlock: Sendable {
@@ -149,10 +164,13 @@ public struct DeviceBlock: Sendable {
 
     /// Runs the block over `x` [sequences*sequenceLength x hidden], each sequence at positions
     /// 0..<sequenceLength, and returns the block's output of the same shape.
+    /// `feedForwards`, when given, sees every gated feed-forward's products (which the pass then
+    /// keeps apart instead of overwriting the gate's product with the activation).
     public func forward(_ x: Tensor, sequenceLength: Int, rope: Kernels.RopeTable? = nil, expertCalibration: ExpertCalibration = .routed,
-                        observer: LinearObserver? = nil) -> Tensor {
+                        observer: LinearObserver? = nil, feedForwards: FeedForwardObserver? = nil) -> Tensor {
         var pass = makePass(x, sequenceLength: sequenceLength, rope: rope, observer: observer, recording: false)
         pass.expertCalibration = expertCalibration
+        pass.feedForwardObserver = feedForwards
         return config.family.forward(self, x, &pass)
     }
 

@@ -175,6 +175,22 @@ public struct BlockPruner: Sendable {
         let collectsFFNInputs = plan.method == .sparsellm
         let experts = plan.expertCalibration ?? .routed
         var ffnInputs: [String: [Tensor]] = [:]
+        // SparseLLM's solve starts from the dense pass's s, z, p and y when that pass ran every
+        // window here (no replicas) on the inputs the solve gets (sequential targets), for one
+        // SiLU-gated feed-forward without biases (the solve's model of it; an MoE block solves
+        // its experts one at a time and would hold them all). Window by window, in window order,
+        // as the inputs are collected.
+        var denseProducts: [String: SparseLLM.DenseProducts.Builder] = [:]
+        let keepsProducts: Bool = {
+            guard collectsFFNInputs, plan.targets == .sequential, exchange == nil, feedForwards.count == 1,
+                  case .gated(let gate, let up, let down) = feedForwards[0], block.config.activation == .silu else { return false }
+            return [gate, up, down].allSatisfy { device.bias($0) == nil }
+        }()
+        let productsObserver: FeedForwardObserver? = keepsProducts ? { gate, f in
+            let builder = denseProducts[gate] ?? SparseLLM.DenseProducts.Builder(tokens: inputs.count * sequenceLength, on: backend)
+            denseProducts[gate] = builder
+            builder.append(SparseLLM.DenseProducts.Window(gate: f.gate, up: f.up, activation: f.activation, output: f.output))
+        } : nil
         var tokensSeen: [String: Int] = [:]
         var profile = BlockProfile()
         // Replicas: each runs its own windows, a contiguous range. Most groups' statistics are made
@@ -256,9 +272,9 @@ public struct BlockPruner: Sendable {
         func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String],
                             add: @escaping (String, Tensor) -> Void) throws -> Tensor {
             guard let exchange else {
-                return device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts) { name, x in
-                    if kind == .statisticsInput || wanted.contains(name) { add(name, x) }
-                }
+                return device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts,
+                                      observer: { name, x in if kind == .statisticsInput || wanted.contains(name) { add(name, x) } },
+                                      feedForwards: kind == .statisticsInput ? productsObserver : nil)
             }
             var outgoing: [String: Matrix] = [:]
             var own: [(String, Tensor)] = []
@@ -373,14 +389,26 @@ public struct BlockPruner: Sendable {
                 case .gated(let gate, let up, let down):
                     // The windows' inputs cut straight into the solver's row chunks, each window
                     // freed once copied.
+                    // s, z, p and y window by window: the dense pass's, or made here from the
+                    // windows' inputs the same way (replicas, dense targets, experts).
+                    let kept = denseProducts.removeValue(forKey: gate)
+                    let productsGiven = kept != nil
+                    let builder = kept ?? SparseLLM.DenseProducts.Builder(tokens: tokens, on: backend)
+                    if !productsGiven {
+                        for x in parts {
+                            builder.append(SparseLLM.windowProducts(x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down), on: backend))
+                        }
+                    }
+                    var products: SparseLLM.DenseProducts? = try builder.finish(what: what)
                     let chunks = SparseLLM.rowChunks(consuming: &parts, rows: SparseLLM.chunkRows, on: backend)
                     let grams = known(gate, down)
                     let r = try SparseLLM.pruneLlama(chunks: chunks, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
-                                                     grams: grams, what: what, on: backend)
+                                                     grams: grams, products: products.take(), what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                     let cost = SparseLLM.llamaFLOPs(tokens: tokens, width: width, intermediate: device.weight(gate).rows,
-                                                    iterations: (plan.sparseLLM ?? .llama).iterations, gramsGiven: grams != nil)
+                                                    iterations: (plan.sparseLLM ?? .llama).iterations, gramsGiven: grams != nil,
+                                                    productsGiven: productsGiven)
                     solveFLOPs += cost.products + cost.sparseGPT
                 case .plain(let fc1, let fc2):
                     let x = parts.count == 1 ? parts[0] : backend.vstack(parts)

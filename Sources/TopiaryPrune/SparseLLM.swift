@@ -106,6 +106,109 @@ public enum SparseLLM {
                            iterations: r.iterations, chosen: r.chosen)
     }
 
+    /// The dense feed-forward's products over the same row chunks as the input: s = X·W_gᵀ,
+    /// z = X·W_uᵀ, p = SiLU(s)⊙z and y = p·W_dᵀ. `BlockPruner` keeps them from its dense pass
+    /// (`FeedForwardProducts`, made window by window from the very inputs the solve gets, with
+    /// the bits of `windowProducts`), so that the solve does not make them again: three
+    /// [N x d]·[d x f] products, about 8% of SmolLM2's solve at four iterations. The solve
+    /// updates s, z and p in place.
+    public struct DenseProducts {
+        public var gate: [Tensor]
+        public var up: [Tensor]
+        public var activation: [Tensor]
+        public var output: [Tensor]
+        public init(gate: [Tensor], up: [Tensor], activation: [Tensor], output: [Tensor]) {
+            (self.gate, self.up, self.activation, self.output) = (gate, up, activation, output)
+        }
+
+        /// One window's s, z, p and y.
+        public struct Window {
+            public var gate: Tensor
+            public var up: Tensor
+            public var activation: Tensor
+            public var output: Tensor
+            public init(gate: Tensor, up: Tensor, activation: Tensor, output: Tensor) {
+                (self.gate, self.up, self.activation, self.output) = (gate, up, activation, output)
+            }
+        }
+
+        /// Gathers windows' products, in window order, straight into the row chunks that
+        /// `rowChunks(consuming:)` cuts from the windows' inputs: each window is copied as it comes,
+        /// so its buffers go back at once and the next window takes them. (Held as windows until
+        /// the solve, SmolLM2's 3 MiB window buffers were mapped afresh at every block: 2.5 times
+        /// the page faults.)
+        public final class Builder {
+            let tokens: Int, rows: Int
+            let backend: any ComputeBackend
+            private var lists: [[Tensor]] = [[], [], [], []]
+            private var filled = 0
+            private var problem: String?
+
+            /// For `tokens` rows in all, cut every `rows`.
+            public init(tokens: Int, rows: Int = SparseLLM.chunkRows, on backend: any ComputeBackend) {
+                precondition(tokens >= 0 && rows > 0, "DenseProducts.Builder: \(tokens) tokens in chunks of \(rows)")
+                (self.tokens, self.rows, self.backend) = (tokens, rows, backend)
+            }
+
+            /// Copies the next window's products in (a window that does not fit is reported by `finish`).
+            public func append(_ w: Window) {
+                guard problem == nil else { return }
+                let parts = [w.gate, w.up, w.activation, w.output]
+                let widths = lists.map { $0.first?.cols }
+                guard parts.allSatisfy({ $0.rows == w.gate.rows }), zip(parts, widths).allSatisfy({ $1 == nil || $0.cols == $1 }) else {
+                    problem = "window \(filled) rows in: products of \(parts.map { "\($0.rows)x\($0.cols)" }) after widths \(widths.map { $0 ?? 0 })"
+                    return
+                }
+                guard filled + w.gate.rows <= tokens else {
+                    problem = "dense products for more than \(tokens) tokens"
+                    return
+                }
+                var offset = 0
+                while offset < w.gate.rows {
+                    let (chunk, within) = (filled / rows, filled % rows)
+                    if within == 0 {
+                        for i in 0..<4 { lists[i].append(backend.zeros(rows: min(rows, tokens - filled), cols: parts[i].cols)) }
+                    }
+                    let n = min(w.gate.rows - offset, lists[0][chunk].rows - within)
+                    for i in 0..<4 {
+                        backend.copy(parts[i].region(rows: offset..<offset + n), into: lists[i][chunk].region(rows: within..<within + n))
+                    }
+                    offset += n
+                    filled += n
+                }
+            }
+
+            /// The chunks, once every token's products are in; the builder lets go of them (the
+            /// solve's p step replaces p's chunks, which would otherwise stay held here).
+            public func finish(what: String) throws -> DenseProducts {
+                defer { lists = [[], [], [], []] }
+                if let problem { throw PruneError.shape("\(what): \(problem)") }
+                guard filled == tokens else { throw PruneError.shape("\(what): dense products for \(filled) of \(tokens) tokens") }
+                return DenseProducts(gate: lists[0], up: lists[1], activation: lists[2], output: lists[3])
+            }
+        }
+
+        /// Every list has one tensor per input chunk with its rows, as wide as the layer's output.
+        func check(inputs xs: [Tensor], ffn: Int, width: Int, what: String) throws {
+            for (name, list, cols) in [("gate", gate, ffn), ("up", up, ffn), ("activation", activation, ffn), ("output", output, width)] {
+                guard list.count == xs.count else {
+                    throw PruneError.shape("\(what): the dense \(name) products come in \(list.count) chunks, the input in \(xs.count)")
+                }
+                for (i, (t, x)) in zip(list, xs).enumerated() where t.rows != x.rows || t.cols != cols {
+                    throw PruneError.shape("\(what): dense \(name) chunk \(i) is \(t.rows)x\(t.cols), expected \(x.rows)x\(cols)")
+                }
+            }
+        }
+    }
+
+    /// The dense products of one window's feed-forward input x: the solve's model of the FFN
+    /// (SiLU, no biases), product by product as the block's dense pass makes them for a SiLU FFN.
+    public static func windowProducts(_ x: Tensor, gate: Tensor, up: Tensor, down: Tensor, on backend: any ComputeBackend) -> DenseProducts.Window {
+        let s = linear(x, gate, on: backend), z = linear(x, up, on: backend)
+        let p = siluProduct(s, z, on: backend)
+        return DenseProducts.Window(gate: s, up: z, activation: p, output: linear(p, down, on: backend))
+    }
+
     /// `pruneLlama` on tensors of `backend`; the pruned weights stay there.
     ///
     /// The auxiliaries s, z, p and the targets are kept as chunks of `chunkRows` token rows, and
@@ -129,7 +232,8 @@ public enum SparseLLM {
     /// is held once, not also as its windows and their concatenation.
     public static func pruneLlama(chunks xs: [Tensor], gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  grams known: Grams? = nil, what: String = "ffn", on backend: any ComputeBackend) throws
+                                  grams known: Grams? = nil, products dense: consuming DenseProducts? = nil, what: String = "ffn",
+                                  on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         guard let first = xs.first, xs.allSatisfy({ $0.cols == first.cols }) else {
             throw PruneError.shape("\(what): SparseLLM needs the FFN input as row chunks of one width, got widths \(xs.map(\.cols))")
@@ -139,10 +243,18 @@ public enum SparseLLM {
         let gramX = try inputGram(known, width: first.cols, what: what) { gram(xs, on: backend) }
         // gate and up read x at every iteration: one factorisation of XᵀX for all their SparseGPT steps.
         let factorX = try SparseGPTPruner.sharedFactor(gramX, options: sparseGPT, what: "\(what): gate_proj/up_proj", on: backend)
-        let s = xs.map { linear($0, gate, on: backend) }
-        let z = xs.map { linear($0, up, on: backend) }
-        var p = zip(s, z).map { siluProduct($0, $1, on: backend) }
-        let y = p.map { linear($0, down, on: backend) }
+        let s: [Tensor], z: [Tensor], y: [Tensor]
+        var p: [Tensor]
+        // Taken out of `dense`, so that p's chunks go once the p step replaces them.
+        if let given = dense.take() {
+            try given.check(inputs: xs, ffn: gate.rows, width: down.rows, what: what)
+            (s, z, p, y) = (given.gate, given.up, given.activation, given.output)
+        } else {
+            s = xs.map { linear($0, gate, on: backend) }
+            z = xs.map { linear($0, up, on: backend) }
+            p = zip(s, z).map { siluProduct($0, $1, on: backend) }
+            y = p.map { linear($0, down, on: backend) }
+        }
         let yNorm = y.reduce(0) { $0 + backend.dot($1, $1) }
         var (wg, wu, wd) = (gate, up, down)
         var reports: [IterationReport] = []
@@ -279,12 +391,12 @@ public enum SparseLLM {
     /// (`sparseGPT`). The element-wise steps (activations, the z and s updates, the distances)
     /// are not counted, as in the forward's count. `tokens` x `width` is the FFN's input and
     /// `intermediate` its hidden width.
-    public static func llamaFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int, gramsGiven: Bool = false)
-        -> (products: Double, sparseGPT: Double) {
+    public static func llamaFLOPs(tokens: Int, width: Int, intermediate: Int, iterations: Int, gramsGiven: Bool = false,
+                                  productsGiven: Bool = false) -> (products: Double, sparseGPT: Double) {
         let (n, d, f) = (Double(tokens), Double(width), Double(intermediate))
         let ndf = 2 * n * d * f                                      // one [N x d]·[d x f] product
-        // XᵀX (unless given); s = X·W_gᵀ, z = X·W_uᵀ, y = p·W_dᵀ.
-        var products = (gramsGiven ? 0 : d * (d + 1) * n) + 3 * ndf
+        // XᵀX (unless given); s = X·W_gᵀ, z = X·W_uᵀ, y = p·W_dᵀ (unless given).
+        var products = (gramsGiven ? 0 : d * (d + 1) * n) + (productsGiven ? 0 : 3 * ndf)
         var sparseGPT = BlockProfile.sparseGPTFLOPs(rows: 0, cols: width)   // the factor gate and up share
         for t in 0..<iterations {
             let (first, last) = (t == 0, t == iterations - 1)

@@ -276,6 +276,94 @@ final class SparseLLMBlockTests: XCTestCase {
         XCTAssertEqual(try runOPT(SparseLLM.Grams(input: SparseLLM.gram([x], on: cpu), activation: SparseLLM.gram([act], on: cpu))), try runOPT(nil))
     }
 
+    /// s, z, p and y handed in are used instead of made: the ones the solve would make give its
+    /// own result bit for bit; others change it; a wrong count or shape is refused by name.
+    func testGivenDenseProductsReplaceTheOnesTheSolveMakes() throws {
+        var rng = Random(59)
+        let (d, f) = (16, 24)
+        let (gate, up, down) = (cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(f, d)), cpu.upload(rng.matrix(d, f)))
+        // Windows of the chunks' rows, so that the solve's own products are made on the same rows.
+        let windows = [400, 400, 100].map { cpu.upload(rng.matrix($0, d)) }
+        func chunks() -> [Tensor] {
+            var parts = windows
+            return SparseLLM.rowChunks(consuming: &parts, rows: 400, on: cpu)
+        }
+        func made() -> [SparseLLM.DenseProducts.Window] { windows.map { SparseLLM.windowProducts($0, gate: gate, up: up, down: down, on: cpu) } }
+        func run(_ products: SparseLLM.DenseProducts?) throws -> [Matrix] {
+            let r = try SparseLLM.pruneLlama(chunks: chunks(), gate: gate, up: up, down: down, pattern: .unstructured(0.5),
+                                             products: products, on: cpu)
+            return [r.gate, r.up, r.down].map { cpu.download($0) }
+        }
+        func build(_ windows: [SparseLLM.DenseProducts.Window]) throws -> SparseLLM.DenseProducts {
+            let builder = SparseLLM.DenseProducts.Builder(tokens: 900, rows: 400, on: cpu)
+            for w in windows { builder.append(w) }
+            return try builder.finish(what: "ffn")
+        }
+        // Each window is copied in as it comes, not held.
+        let builder = SparseLLM.DenseProducts.Builder(tokens: 900, rows: 400, on: cpu)
+        do {
+            let first = made()[0]
+            weak var firstGate = first.gate.storage as AnyObject
+            builder.append(first)
+            _ = consume first
+            XCTAssertNil(firstGate, "the builder holds the window's s")
+        }
+        // finish hands the chunks over and lets go of them (the p step replaces p's chunks).
+        let keeper = SparseLLM.DenseProducts.Builder(tokens: 900, rows: 400, on: cpu)
+        for w in made() { keeper.append(w) }
+        var handed: SparseLLM.DenseProducts? = try keeper.finish(what: "ffn")
+        weak var firstActivation = handed!.activation[0].storage as AnyObject
+        handed = nil
+        XCTAssertNil(firstActivation, "the builder still holds p's first chunk")
+        withExtendedLifetime(keeper) {}
+        let given = try build(made())
+        XCTAssertEqual(given.gate.map(\.rows), [400, 400, 100])
+        XCTAssertEqual(try run(given), try run(nil))
+        // Another target y (the dense output doubled) is read, not remade.
+        let doubled = made()
+        for w in doubled { cpu.scale(w.output, by: 2) }
+        XCTAssertNotEqual(try run(try build(doubled)), try run(nil))
+        XCTAssertThrowsError(try build(Array(made().prefix(2)))) { error in
+            XCTAssertTrue("\(error)".contains("ffn: dense products for 800 of 900 tokens"), "\(error)")
+        }
+        XCTAssertThrowsError(try build(made() + made())) { error in
+            XCTAssertTrue("\(error)".contains("dense products for more than 900 tokens"), "\(error)")
+        }
+        let wide = made().map { SparseLLM.DenseProducts.Window(gate: $0.gate, up: $0.up, activation: $0.activation, output: $0.gate) }
+        XCTAssertThrowsError(try build([made()[0]] + wide.dropFirst())) { error in
+            XCTAssertTrue("\(error)".contains("window 400 rows in"), "\(error)")
+        }
+        XCTAssertThrowsError(try run(try build(wide))) { error in
+            XCTAssertTrue("\(error)".contains("dense output chunk 0 is 400x24, expected 400x16"), "\(error)")
+        }
+    }
+
+    /// The block's dense pass hands over its feed-forward's products with the bits that
+    /// `windowProducts` makes from the same input (so a solve given them, and one that makes them
+    /// per window, as replicas do, agree byte for byte), and its output is the pass's without an observer.
+    func testDensePassProductsAreTheSolvesOwn() throws {
+        let model = try LanguageModel.open(path: PipelineTests.shared("assets/stories260K/stories260K.bin"),
+                                           tokenizerPath: PipelineTests.shared("assets/stories260K/tok512.bin"))
+        let text = try String(contentsOfFile: PipelineTests.shared("assets/public-domain-text/wizard_of_oz.txt"), encoding: .utf8)
+        let tokens = model.tokenizer!.encode(text, addBOS: nil)
+        let (block, inputs) = try calibratedBlock(model, tokens: tokens, block: 1, samples: 2, seqlen: 256)
+        let device = block.on(cpu)
+        guard case .gated(let gate, let up, let down) = try XCTUnwrap(block.feedForwards.first) else { return XCTFail("not gated") }
+        let x = cpu.vstack([try inputs.tensor(0), try inputs.tensor(1)])
+        var ffnInput: Tensor?
+        // The products are the pass's own tensors, valid during the call: copied out here.
+        var seen: [(String, [Matrix])] = []
+        let y = device.forward(x, sequenceLength: 256, observer: { name, t in if name == gate { ffnInput = t } },
+                               feedForwards: { seen.append(($0, [$1.gate, $1.up, $1.activation, $1.output].map(cpu.download))) })
+        XCTAssertEqual(cpu.download(y), cpu.download(device.forward(x, sequenceLength: 256)))
+        XCTAssertEqual(seen.map(\.0), [gate])
+        let kept = try XCTUnwrap(seen.first).1
+        let own = SparseLLM.windowProducts(try XCTUnwrap(ffnInput), gate: device.weight(gate), up: device.weight(up), down: device.weight(down), on: cpu)
+        XCTAssertEqual(kept[0].rows, 512)
+        let made = [own.gate, own.up, own.activation, own.output].map(cpu.download)
+        for (i, name) in ["s", "z", "p", "y"].enumerated() { XCTAssertEqual(kept[i], made[i], name) }
+    }
+
     /// The statistics' Gram matrix is Σ XᵀX over the sequences added, from the running average
     /// 2/n Σ XᵀX the solvers read.
     func testStatisticsGramIsTheSumOfTheSequencesGrams() throws {

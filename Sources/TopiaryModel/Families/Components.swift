@@ -102,9 +102,9 @@ struct GatedMLP {
 
     func forward(_ b: DeviceBlock, _ x: Tensor, _ pass: inout BlockPass) -> Tensor {
         let gu = b.apply([gate, up], x, pass.observer)
-        if !pass.recording {
-            // Nothing kept for a backward: the activation overwrites the gate's product
-            // instead of filling a third tensor of the feed-forward's width.
+        if !pass.recording && pass.feedForwardObserver == nil {
+            // Nothing kept for a backward or an observer: the activation overwrites the gate's
+            // product instead of filling a third tensor of the feed-forward's width.
             b.backend.gatedActivationInPlace(gate: gu[0], up: gu[1], activation.gated)
             return b.apply(down, gu[0], pass.observer)
         }
@@ -114,7 +114,9 @@ struct GatedMLP {
         pass.keep(tag + ".u", u)
         let m = b.backend.gatedActivation(gate: g, up: u, activation.gated)
         pass.keep(tag + ".m", m)
-        return b.apply(down, m, pass.observer)
+        let y = b.apply(down, m, pass.observer)
+        pass.feedForwardObserver?(gate, FeedForwardProducts(gate: g, up: u, activation: m, output: y))
+        return y
     }
 
     /// Weight gradients of the three linears from ∂L/∂output; returns ∂L/∂x.

@@ -68,6 +68,8 @@ public struct BlockPass {
     public let observer: LinearObserver?
     public var expertCalibration: ExpertCalibration = .routed
     public var recording = false
+    /// Sees each gated feed-forward's products (`FeedForwardProducts`).
+    public var feedForwardObserver: FeedForwardObserver?
     public var tape: BlockTape
     /// Incremental decoding (`DeviceBlock.decode`): each row is one sequence's next token, its
     /// attention reads and extends this cache instead of attending within the rows.
