@@ -387,8 +387,6 @@ public struct BlockPruner: Sendable {
                 }
                 switch ffn {
                 case .gated(let gate, let up, let down):
-                    // The windows' inputs cut straight into the solver's row chunks, each window
-                    // freed once copied.
                     // s, z, p and y window by window: the dense pass's, or made here from the
                     // windows' inputs the same way (replicas, dense targets, experts).
                     let kept = denseProducts.removeValue(forKey: gate)
@@ -399,12 +397,13 @@ public struct BlockPruner: Sendable {
                             builder.append(SparseLLM.windowProducts(x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down), on: backend))
                         }
                     }
-                    var products: SparseLLM.DenseProducts? = try builder.finish(what: what)
+                    // The windows' inputs cut straight into the solver's row chunks, each window
+                    // freed once copied.
                     let chunks = SparseLLM.rowChunks(consuming: &parts, rows: SparseLLM.chunkRows, on: backend)
                     let grams = known(gate, down)
                     let r = try SparseLLM.pruneLlama(chunks: chunks, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
-                                                     grams: grams, products: products.take(), what: what, on: backend)
+                                                     grams: grams, products: try builder.finish(what: what), what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                     let cost = SparseLLM.llamaFLOPs(tokens: tokens, width: width, intermediate: device.weight(gate).rows,
                                                     iterations: (plan.sparseLLM ?? .llama).iterations, gramsGiven: grams != nil,
