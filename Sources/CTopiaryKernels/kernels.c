@@ -144,24 +144,55 @@ CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
     }
 }
 
-/// a·(v − g)² + c·(p − silu(v)·z)² in every lane, silu(v) = v / (1 + e), e = e^−v given.
-#define gateCost(v, e, g, z, p) ({ vf r_ = (p) - (v) / (1.0f + (e)) * (z); vf d_ = (v) - (g); \
+/// tanh(u) in every lane: 1 − 2/(e^{2|u|} + 1) through the exponential above, with u's sign
+/// (±1 where e^{−2|u|} underflows; NaN stays NaN).
+#define vtanh(uin) ({ vf th_u = (uin); vf th_m = th_u < 0.0f ? -th_u : th_u; vf th_e = vexp(-2.0f * th_m); \
+    vf th_t = (1.0f - th_e) / (1.0f + th_e); th_u < 0.0f ? -th_t : th_t; })
+
+/// What the gate's Newton steps keep of the activation at v between the cost and the
+/// derivatives: e^−v for SiLU, tanh(√(2/π)·(v + 0.044715·v³)) for GELU-tanh.
+#define gateAux(v, act) ({ vf ga_v = (v); vf ga_x; \
+    if ((act) == TOPIARY_GATE_SILU) ga_x = vexp(-ga_v); \
+    else ga_x = vtanh(0.7978845608028654f * (ga_v + 0.044715f * ga_v * ga_v * ga_v)); ga_x; })
+
+/// The activation at v from its auxiliary: v / (1 + e) for SiLU, v·(1 + t)/2 for GELU-tanh.
+#define gateValue(v, x, act) ((act) == TOPIARY_GATE_SILU ? (v) / (1.0f + (x)) : 0.5f * (v) * (1.0f + (x)))
+
+/// a·(v − g)² + c·(p − act(v)·z)² in every lane, act(v) from the auxiliary x at v.
+#define gateCost(v, x, g, z, p, act) ({ vf r_ = (p) - gateValue(v, x, act) * (z); vf d_ = (v) - (g); \
     splat(a) * d_ * d_ + splat(c) * r_ * r_; })
 
-/// Sixteen elements of the SparseLLM gate update (see the header); lanes past `n` are padding.
+/// act(v), act′(v) and act″(v) from the auxiliary x at v, into value, d1 and d2. GELU-tanh:
+/// with t = tanh(u), u = k(v + bv³), u′ = k(1 + 3bv²), u″ = 6kbv,
+/// act′ = (1 + t)/2 + v(1 − t²)u′/2 and act″ = (1 − t²)u′ + v(1 − t²)(u″ − 2tu′²)/2.
+#define gateDerivatives(v, x, act, value, d1, d2) do { \
+    if ((act) == TOPIARY_GATE_SILU) { \
+        vf sg_ = 1.0f / (1.0f + (x)); \
+        (value) = (v) * sg_; \
+        (d1) = sg_ * (1.0f + (v) * (1.0f - sg_)); \
+        (d2) = sg_ * (1.0f - sg_) * (2.0f + (v) * (1.0f - 2.0f * sg_)); \
+    } else { \
+        const float k_ = 0.7978845608028654f, b_ = 0.044715f; \
+        vf du_ = k_ * (1.0f + 3.0f * b_ * (v) * (v)), ddu_ = 6.0f * k_ * b_ * (v), q_ = 1.0f - (x) * (x); \
+        (value) = 0.5f * (v) * (1.0f + (x)); \
+        (d1) = 0.5f * (1.0f + (x)) + 0.5f * (v) * q_ * du_; \
+        (d2) = q_ * du_ + 0.5f * (v) * q_ * (ddu_ - 2.0f * (x) * du_ * du_); \
+    } } while (0)
+
+/// Sixteen elements of the SparseLLM gate update for SiLU or GELU-tanh (see the header); lanes
+/// past `n` are padding. `act` is a constant at each call, so each activation's code is its own.
 static inline __attribute__((always_inline)) void gateLanes(float *sp, const float *gp, const float *zp, const float *pp,
-                                                            ptrdiff_t n, float a, float c, int steps) {
+                                                            ptrdiff_t n, float a, float c, int steps, int act) {
     vf s, g, z, p;
     if (n >= 16) { s = load(sp); g = load(gp); z = load(zp); p = load(pp); }
     else { s = loadTail(sp, n, 0); g = loadTail(gp, n, 0); z = loadTail(zp, n, 0); p = loadTail(pp, n, 0); }
-    vf e = vexp(-s);
-    vf f = gateCost(s, e, g, z, p);
+    vf x = gateAux(s, act);
+    vf f = gateCost(s, x, g, z, p, act);
     vi active = (vi)(-1);
     for (int step = 0; step < steps; step++) {
-        vf sg = 1.0f / (1.0f + e);
-        vf d1 = sg * (1.0f + s * (1.0f - sg));                              // SiLU′
-        vf d2 = sg * (1.0f - sg) * (2.0f + s * (1.0f - 2.0f * sg));         // SiLU″
-        vf r = p - s * sg * z;
+        vf value, d1, d2;
+        gateDerivatives(s, x, act, value, d1, d2);
+        vf r = p - value * z;
         vf grad = 2.0f * a * (s - g) - 2.0f * c * z * d1 * r;
         vf gaussNewton = 2.0f * a + 2.0f * c * z * z * d1 * d1;
         vf curvature = gaussNewton - 2.0f * c * z * d2 * r;
@@ -173,12 +204,12 @@ static inline __attribute__((always_inline)) void gateLanes(float *sp, const flo
         vi searching = active;
         for (int attempt = 0; attempt < 20; attempt++) {
             vf trial = s + delta;
-            vf et = vexp(-trial);
-            vf ft = gateCost(trial, et, g, z, p);
+            vf xt = gateAux(trial, act);
+            vf ft = gateCost(trial, xt, g, z, p, act);
             vi finite = (ft == ft) & (ft != INFINITY);
             vi take = searching & finite & (ft <= f);
             s = take ? trial : s;
-            e = take ? et : e;
+            x = take ? xt : x;
             f = take ? ft : f;
             searching &= ~take;
             delta *= 0.5f;
@@ -199,9 +230,36 @@ static inline __attribute__((always_inline)) void gateLanes(float *sp, const flo
     else for (ptrdiff_t j = 0; j < n; j++) sp[j] = s[j];
 }
 
+/// The ReLU gate's exact minimiser (see the header), element by element.
+static inline __attribute__((always_inline)) void gateRelu(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
+                                                           float a, float c) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float gi = g[i], zi = z[i], pi = p[i];
+        float negative = gi < 0.0f ? gi : 0.0f;
+        float positive = (a * gi + c * pi * zi) / (a + c * zi * zi);
+        positive = positive > 0.0f ? positive : 0.0f;
+        float dn = negative - gi, dp = positive - gi, rp = pi - positive * zi;
+        float costNegative = a * dn * dn + c * pi * pi;
+        float costPositive = a * dp * dp + c * rp * rp;
+        s[i] = costPositive <= costNegative ? positive : negative;
+    }
+}
+
 CLONES void topiary_sparsellm_gate(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
-                                   float a, float c, int steps) {
-    for (ptrdiff_t i = 0; i < n; i += 16) gateLanes(s + i, g + i, z + i, p + i, n - i < 16 ? n - i : 16, a, c, steps);
+                                   float a, float c, int steps, int activation) {
+    switch (activation) {
+    case TOPIARY_GATE_SILU:
+        for (ptrdiff_t i = 0; i < n; i += 16)
+            gateLanes(s + i, g + i, z + i, p + i, n - i < 16 ? n - i : 16, a, c, steps, TOPIARY_GATE_SILU);
+        break;
+    case TOPIARY_GATE_GELU_TANH:
+        for (ptrdiff_t i = 0; i < n; i += 16)
+            gateLanes(s + i, g + i, z + i, p + i, n - i < 16 ? n - i : 16, a, c, steps, TOPIARY_GATE_GELU_TANH);
+        break;
+    case TOPIARY_GATE_RELU:
+        if (steps > 0) gateRelu(s, g, z, p, n, a, c);
+        break;
+    }
 }
 
 CLONES void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n) {

@@ -177,13 +177,13 @@ public struct BlockPruner: Sendable {
         var ffnInputs: [String: [Tensor]] = [:]
         // SparseLLM's solve starts from the dense pass's s, z, p and y when that pass ran every
         // window here (no replicas) on the inputs the solve gets (sequential targets), for one
-        // SiLU-gated feed-forward without biases (the solve's model of it; an MoE block solves
-        // its experts one at a time and would hold them all). Window by window, in window order,
-        // as the inputs are collected.
+        // gated feed-forward without biases (the solve's model of it; an MoE block solves its
+        // experts one at a time and would hold them all). Window by window, in window order, as
+        // the inputs are collected.
         var denseProducts: [String: SparseLLM.DenseProducts.Builder] = [:]
         let keepsProducts: Bool = {
             guard collectsFFNInputs, plan.targets == .sequential, exchange == nil, feedForwards.count == 1,
-                  case .gated(let gate, let up, let down) = feedForwards[0], block.config.activation == .silu else { return false }
+                  case .gated(let gate, let up, let down) = feedForwards[0] else { return false }
             return [gate, up, down].allSatisfy { device.bias($0) == nil }
         }()
         let productsObserver: FeedForwardObserver? = keepsProducts ? { gate, f in
@@ -394,7 +394,8 @@ public struct BlockPruner: Sendable {
                     let builder = kept ?? SparseLLM.DenseProducts.Builder(tokens: tokens, on: backend)
                     if !productsGiven {
                         for x in parts {
-                            builder.append(SparseLLM.windowProducts(x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down), on: backend))
+                            builder.append(SparseLLM.windowProducts(x, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
+                                                                    activation: block.config.activation.gated, on: backend))
                         }
                     }
                     // The windows' inputs cut straight into the solver's row chunks, each window
@@ -403,7 +404,8 @@ public struct BlockPruner: Sendable {
                     let grams = known(gate, down)
                     let r = try SparseLLM.pruneLlama(chunks: chunks, gate: device.weight(gate), up: device.weight(up), down: device.weight(down),
                                                      pattern: plan.pattern, sparseGPT: plan.sparseGPT, options: plan.sparseLLM ?? .llama,
-                                                     grams: grams, products: try builder.finish(what: what), what: what, on: backend)
+                                                     grams: grams, products: try builder.finish(what: what),
+                                                     activation: block.config.activation.gated, what: what, on: backend)
                     result = ([gate: r.gate, up: r.up, down: r.down], r.iterations, r.chosen)
                     let cost = SparseLLM.llamaFLOPs(tokens: tokens, width: width, intermediate: device.weight(gate).rows,
                                                     iterations: (plan.sparseLLM ?? .llama).iterations, gramsGiven: grams != nil,

@@ -6,7 +6,7 @@ import TopiaryTensor
 /// gate) and the activation p, alternating exact block-coordinate updates with SparseGPT as the
 /// inner sparse solver. A pure function of matrices: rows are tokens, columns features.
 ///
-/// LLaMA:  J = α‖s − X W_gᵀ‖² + α‖z − X W_uᵀ‖² + β‖Y − p W_dᵀ‖² + γ‖p − SiLU(s)⊙z‖²
+/// LLaMA:  J = α‖s − X W_gᵀ‖² + α‖z − X W_uᵀ‖² + β‖Y − p W_dᵀ‖² + γ‖p − act(s)⊙z‖²
 /// OPT:    J = α‖z − (X W_1ᵀ + b_1)‖² + β‖Y − (p W_2ᵀ + b_2)‖² + γ‖p − ReLU(z)‖²
 ///
 /// Each step minimises J over one group of variables with the others fixed:
@@ -16,9 +16,12 @@ import TopiaryTensor
 ///   only if they do not raise their term of J, so no step increases the objective.
 /// - p: (β Y W_d + γ·act)(β W_dᵀW_d + γI)⁻¹, exactly, as act + (Y − act·W_dᵀ)(γ/β·I + W_dW_dᵀ)⁻¹W_d
 ///   (Woodbury; the small inverse in fp64).
-/// - z: LLaMA (α m + γ σ p)/(α + γ σ²) with σ = SiLU(s), exact for any α, γ; OPT the ReLU case split.
-/// - s (LLaMA): per element, safeguarded Newton steps on α(s − g)² + γ(p − SiLU(s) z)², each
-///   accepted only if it lowers that element's term.
+/// - z: LLaMA (α m + γ σ p)/(α + γ σ²) with σ = act(s), exact for any α, γ; OPT the ReLU case split.
+/// - s (LLaMA): per element, safeguarded Newton steps on α(s − g)² + γ(p − act(s) z)², each
+///   accepted only if it lowers that element's term (for a ReLU gate, the exact minimiser).
+///
+/// act is the gated feed-forward's own activation: SiLU for LLaMA and most families, GELU-tanh
+/// for Gemma-2, ReLU where a config says so; `pruneLlama` takes it (SiLU unless given).
 ///
 /// The weights returned are those of the iteration whose pruned FFN reproduces the dense FFN's
 /// output on the calibration inputs best, ‖Y − FFN_Ŵ(X)‖²: lowering J does not always lower that
@@ -99,15 +102,17 @@ public enum SparseLLM {
     /// Prunes gate [f x d], up [f x d], down [d x f] given the FFN input x [N x d], on `backend`.
     public static func pruneLlama(x: Matrix, gate: Matrix, up: Matrix, down: Matrix, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  what: String = "ffn", backend: any ComputeBackend = CPUBackend()) throws -> LlamaResult {
+                                  activation: GatedActivation = .silu, what: String = "ffn",
+                                  backend: any ComputeBackend = CPUBackend()) throws -> LlamaResult {
         let r = try pruneLlama(x: backend.upload(x), gate: backend.upload(gate), up: backend.upload(up), down: backend.upload(down),
-                               pattern: pattern, sparseGPT: sparseGPT, options: options, what: what, on: backend)
+                               pattern: pattern, sparseGPT: sparseGPT, options: options, activation: activation, what: what,
+                               on: backend)
         return LlamaResult(gate: backend.download(r.gate), up: backend.download(r.up), down: backend.download(r.down),
                            iterations: r.iterations, chosen: r.chosen)
     }
 
     /// The dense feed-forward's products over the same row chunks as the input: s = X·W_gᵀ,
-    /// z = X·W_uᵀ, p = SiLU(s)⊙z and y = p·W_dᵀ. `BlockPruner` keeps them from its dense pass
+    /// z = X·W_uᵀ, p = act(s)⊙z and y = p·W_dᵀ. `BlockPruner` keeps them from its dense pass
     /// (`FeedForwardProducts`, made window by window from the very inputs the solve gets, with
     /// the bits of `windowProducts`), so that the solve does not make them again: three
     /// [N x d]·[d x f] products, about 8% of SmolLM2's solve at four iterations. The solve
@@ -202,10 +207,11 @@ public enum SparseLLM {
     }
 
     /// The dense products of one window's feed-forward input x: the solve's model of the FFN
-    /// (SiLU, no biases), product by product as the block's dense pass makes them for a SiLU FFN.
-    public static func windowProducts(_ x: Tensor, gate: Tensor, up: Tensor, down: Tensor, on backend: any ComputeBackend) -> DenseProducts.Window {
+    /// (act, no biases), product by product as the block's dense pass makes them.
+    public static func windowProducts(_ x: Tensor, gate: Tensor, up: Tensor, down: Tensor, activation: GatedActivation,
+                                      on backend: any ComputeBackend) -> DenseProducts.Window {
         let s = linear(x, gate, on: backend), z = linear(x, up, on: backend)
-        let p = siluProduct(s, z, on: backend)
+        let p = backend.gatedActivation(gate: s, up: z, activation)
         return DenseProducts.Window(gate: s, up: z, activation: p, output: linear(p, down, on: backend))
     }
 
@@ -219,11 +225,11 @@ public enum SparseLLM {
     /// count alone, so the result does not depend on the thread count.
     public static func pruneLlama(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  grams: Grams? = nil, what: String = "ffn", chunkRows: Int = chunkRows,
-                                  on backend: any ComputeBackend) throws
+                                  grams: Grams? = nil, activation: GatedActivation = .silu, what: String = "ffn",
+                                  chunkRows: Int = chunkRows, on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         try pruneLlama(chunks: rowChunks(x, rows: chunkRows, on: backend), gate: gate, up: up, down: down, pattern: pattern,
-                       sparseGPT: sparseGPT, options: options, grams: grams, what: what, on: backend)
+                       sparseGPT: sparseGPT, options: options, grams: grams, activation: activation, what: what, on: backend)
     }
 
     /// `pruneLlama` given the FFN input already cut into row chunks (`rowChunks`; the result
@@ -232,8 +238,8 @@ public enum SparseLLM {
     /// is held once, not also as its windows and their concatenation.
     public static func pruneLlama(chunks xs: [Tensor], gate: Tensor, up: Tensor, down: Tensor, pattern: SparsityPattern,
                                   sparseGPT: SparseGPTPruner.Options = .init(), options: Options = .llama,
-                                  grams known: Grams? = nil, products dense: consuming DenseProducts? = nil, what: String = "ffn",
-                                  on backend: any ComputeBackend) throws
+                                  grams known: Grams? = nil, products dense: consuming DenseProducts? = nil,
+                                  activation act: GatedActivation = .silu, what: String = "ffn", on backend: any ComputeBackend) throws
         -> (gate: Tensor, up: Tensor, down: Tensor, iterations: [IterationReport], chosen: Int) {
         guard let first = xs.first, xs.allSatisfy({ $0.cols == first.cols }) else {
             throw PruneError.shape("\(what): SparseLLM needs the FFN input as row chunks of one width, got widths \(xs.map(\.cols))")
@@ -252,7 +258,7 @@ public enum SparseLLM {
         } else {
             s = xs.map { linear($0, gate, on: backend) }
             z = xs.map { linear($0, up, on: backend) }
-            p = zip(s, z).map { siluProduct($0, $1, on: backend) }
+            p = zip(s, z).map { backend.gatedActivation(gate: $0, up: $1, act) }
             y = p.map { linear($0, down, on: backend) }
         }
         let yNorm = y.reduce(0) { $0 + backend.dot($1, $1) }
@@ -295,8 +301,8 @@ public enum SparseLLM {
             for i in xs.indices {
                 let m = linear(xs[i], wu, on: backend)
                 let g = linear(xs[i], wg, on: backend)
-                // SiLU(s), SiLU(s)⊙z, SiLU(g)⊙m and the three distances in one pass over the chunk.
-                let pass = backend.sparseLLMLlamaPass(s: s[i], z: z[i], p: p[i], g: g, m: m)
+                // act(s), act(s)⊙z, act(g)⊙m and the three distances in one pass over the chunk.
+                let pass = backend.sparseLLMLlamaPass(s: s[i], z: z[i], p: p[i], g: g, m: m, activation: act)
                 let (sigma, activation, gated) = (pass.sigma, pass.activation, pass.gated)
                 sums.gate += pass.gateDistance
                 sums.up += pass.upDistance
@@ -310,7 +316,7 @@ public enum SparseLLM {
                 backend.sparseLLMLlamaZ(z[i], m: m, sigma: sigma, p: p[i], alpha: a, gamma: c)
                 try checkFinite(z[i], "\(step): z update", on: backend)
                 // s step (gate_proj output): safeguarded Newton per element.
-                backend.sparseLLMGate(s[i], g: g, z: z[i], p: p[i], alpha: a, gamma: c, steps: options.newtonSteps)
+                backend.sparseLLMGate(s[i], g: g, z: z[i], p: p[i], alpha: a, gamma: c, steps: options.newtonSteps, activation: act)
                 try checkFinite(s[i], "\(step): s update", on: backend)
             }
             let terms = [Double(a) * sums.gate, Double(a) * sums.up, Double(b) * fit, Double(c) * sums.product]
@@ -568,11 +574,6 @@ public enum SparseLLM {
     /// tr(W G Wᵀ).
     static func quadratic(_ w: Tensor, _ g: Tensor, on backend: any ComputeBackend) -> Double {
         backend.chunkedDot(backend.matmul(w, g), w)
-    }
-
-    /// SiLU(s) ⊙ z.
-    static func siluProduct(_ s: Tensor, _ z: Tensor, on backend: any ComputeBackend) -> Tensor {
-        backend.gatedActivation(gate: s, up: z, .silu)
     }
 
     /// XᵀX: the given one, checked to be `width` wide, or `make()`.

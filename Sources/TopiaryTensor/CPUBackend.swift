@@ -193,6 +193,7 @@ public struct CPUBackend: ComputeBackend {
             case .negate: for i in range { po[i] = -px[i] }
             case .relu: for i in range { po[i] = max(px[i], 0) }
             case .silu: Kernels.silu(px + range.lowerBound, into: po + range.lowerBound, range.count)
+            case .geluTanh: for i in range { po[i] = GELU.tanh(px[i]) }
             }
         }
         return out
@@ -556,7 +557,8 @@ public struct CPUBackend: ComputeBackend {
         } }
     }
 
-    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha a: Float, gamma c: Float, steps: Int) {
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha a: Float, gamma c: Float, steps: Int,
+                              activation: GatedActivation) {
         precondition(s.count == g.count && s.count == z.count && s.count == p.count, "sparseLLMGate: \(s), \(g), \(z), \(p)")
         let sb = write(s)
         let (gb, zb, pb) = (read(g), read(z), read(p))
@@ -564,16 +566,19 @@ public struct CPUBackend: ComputeBackend {
         Parallel.forEach(s.count) { range in
             let (sb, gb, zb, pb) = pointers.value
             let o = range.lowerBound
-            Kernels.sparseLLMGate(s: sb + o, g: gb + o, z: zb + o, p: pb + o, range.count, alpha: a, gamma: c, steps: steps)
+            Kernels.sparseLLMGate(s: sb + o, g: gb + o, z: zb + o, p: pb + o, range.count, alpha: a, gamma: c, steps: steps,
+                                  activation: activation)
         }
     }
 
     /// The default's five passes over the chunk as one: each `Parallel` chunk (the ranges that
     /// `map`, `gatedActivation` and the chunked sums use) in pieces of `llamaPassPiece`
-    /// elements, each piece's SiLU and SwiGLU by the same vector kernels and its terms added in
-    /// index order, the chunks' sums by `Parallel.sums` as `Parallel.sum` adds them, so every
-    /// value and every sum is the one the default computes.
-    public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass {
+    /// elements, each piece's activations as `map` and `gatedActivation` make them (SiLU and
+    /// SwiGLU by the same vector kernels) and its terms added in index order, the chunks' sums by
+    /// `Parallel.sums` as `Parallel.sum` adds them, so every value and every sum is the one the
+    /// default computes.
+    public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor,
+                                   activation act: GatedActivation) -> SparseLLMLlamaPass {
         precondition([z, p, g, m].allSatisfy { $0.rows == s.rows && $0.cols == s.cols }, "sparseLLMLlamaPass: \(s), \(z), \(p), \(g), \(m)")
         let sigma = uninitialized(rows: s.rows, cols: s.cols)
         let activation = uninitialized(rows: s.rows, cols: s.cols)
@@ -586,9 +591,22 @@ public struct CPUBackend: ComputeBackend {
             var (gate, up, product) = (0.0, 0.0, 0.0)
             for start in stride(from: range.lowerBound, to: range.upperBound, by: Self.llamaPassPiece) {
                 let n = min(Self.llamaPassPiece, range.upperBound - start)
-                Kernels.silu(ps + start, into: pSigma + start, n)
-                (pGated + start).update(from: pg + start, count: n)
-                Kernels.swiglu(gate: pGated + start, up: pm + start, n)
+                switch act {
+                case .silu:
+                    Kernels.silu(ps + start, into: pSigma + start, n)
+                    (pGated + start).update(from: pg + start, count: n)
+                    Kernels.swiglu(gate: pGated + start, up: pm + start, n)
+                case .geluTanh:
+                    for i in start..<(start + n) {
+                        pSigma[i] = GELU.tanh(ps[i])
+                        pGated[i] = GELU.tanh(pg[i]) * pm[i]
+                    }
+                case .relu:
+                    for i in start..<(start + n) {
+                        pSigma[i] = max(ps[i], 0)
+                        pGated[i] = max(pg[i], 0) * pm[i]
+                    }
+                }
                 for i in start..<(start + n) {
                     let dg = Double(ps[i] - pg[i])
                     gate += dg * dg

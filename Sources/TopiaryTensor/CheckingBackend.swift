@@ -420,10 +420,11 @@ public final class CheckingBackend: ComputeBackend, @unchecked Sendable {
         finite("sparseLLMOPTZ", z)
     }
 
-    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int) {
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int,
+                              activation: GatedActivation) {
         require([g, z, p].allSatisfy { $0.rows == s.rows && $0.cols == s.cols }, "sparseLLMGate: \(s), \(g), \(z), \(p)")
         record("sparseLLMGate", flops: 40 * Double(steps) * Double(s.count))
-        inner.sparseLLMGate(s, g: g, z: z, p: p, alpha: alpha, gamma: gamma, steps: steps)
+        inner.sparseLLMGate(s, g: g, z: z, p: p, alpha: alpha, gamma: gamma, steps: steps, activation: activation)
         finite("sparseLLMGate", s)
     }
 

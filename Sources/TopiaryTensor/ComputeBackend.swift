@@ -170,16 +170,19 @@ public protocol ComputeBackend: Sendable {
     func sparseLLMLlamaZ(_ z: Tensor, m: Tensor, sigma: Tensor, p: Tensor, alpha: Float, gamma: Float)
     /// OPT's z: the better of the ReLU branches max((αm + γp)/(α + γ), 0) and min(m, 0), in place.
     func sparseLLMOPTZ(_ z: Tensor, m: Tensor, p: Tensor, alpha: Float, gamma: Float)
-    /// LLaMA's gate pre-activation s: per element, up to `steps` safeguarded Newton steps on
-    /// α(s − g)² + γ(p − SiLU(s) z)², each accepted only if it lowers that term, halved until it
-    /// does or until |step| <= 1e-6·max(1, |s|), where the element stops; in place.
-    func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int)
+    /// LLaMA's gate pre-activation s, minimising α(s − g)² + γ(p − act(s) z)² per element, in
+    /// place. SiLU and GELU-tanh: up to `steps` safeguarded Newton steps, each accepted only if
+    /// it lowers that term, halved until it does or until |step| <= 1e-6·max(1, |s|), where the
+    /// element stops. ReLU: the exact minimiser, the better of s = min(g, 0) and
+    /// s = max((αg + γpz)/(α + γz²), 0) (the second on a tie; nothing when `steps` is 0).
+    func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int,
+                       activation: GatedActivation)
     /// One pass over a chunk of tokens of SparseLLM's LLaMA FFN, with s, z, p the auxiliaries and
-    /// g = x·W_gateᵀ, m = x·W_upᵀ the pruned layers' outputs: σ = SiLU(s), σ⊙z, SiLU(g)⊙m and the
-    /// three distances ‖s − g‖², ‖z − m‖², ‖p − σ⊙z‖². The same values, bit for bit, as `map`
-    /// (.silu), `multiply`, `gatedActivation` (.silu), `chunkedSquaredDistance` and
+    /// g = x·W_gateᵀ, m = x·W_upᵀ the pruned layers' outputs: σ = act(s), σ⊙z, act(g)⊙m and the
+    /// three distances ‖s − g‖², ‖z − m‖², ‖p − σ⊙z‖². The same values, bit for bit, as `map`,
+    /// `multiply`, `gatedActivation`, `chunkedSquaredDistance` and
     /// `chunkedSquaredDistanceToProduct` (the default, which calls them).
-    func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass
+    func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor, activation: GatedActivation) -> SparseLLMLlamaPass
 
     /// Runs `body`, a stretch in which the caller moves nothing to or from the host (a block
     /// between its inputs and its outputs). `CheckingBackend` records any transfer inside as a
@@ -272,8 +275,19 @@ public protocol ComputeBackend: Sendable {
 /// Functions applied element by element.
 public enum ElementwiseFunction: String, Sendable {
     case abs, square, squareRoot, negate, relu, silu
+    /// GELU with the tanh approximation, as `GatedActivation.geluTanh` applies it.
+    case geluTanh
     /// 1 where x != 0 (NaN included), else 0: the kept weights of a pruned matrix as a mask.
     case nonZero
+
+    /// A gated activation's act(x) alone.
+    public init(_ activation: GatedActivation) {
+        switch activation {
+        case .silu: self = .silu
+        case .geluTanh: self = .geluTanh
+        case .relu: self = .relu
+        }
+    }
 }
 
 extension ComputeBackend {
@@ -333,9 +347,9 @@ extension ComputeBackend {
         copy(rankedMasked(weight, order: order, counts: to).all, into: masked.all)
     }
 
-    public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor) -> SparseLLMLlamaPass {
-        let sigma = map(s, .silu)
-        return SparseLLMLlamaPass(sigma: sigma, activation: multiply(sigma, z), gated: gatedActivation(gate: g, up: m, .silu),
+    public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor, activation act: GatedActivation) -> SparseLLMLlamaPass {
+        let sigma = map(s, ElementwiseFunction(act))
+        return SparseLLMLlamaPass(sigma: sigma, activation: multiply(sigma, z), gated: gatedActivation(gate: g, up: m, act),
                                   gateDistance: chunkedSquaredDistance(s, g), upDistance: chunkedSquaredDistance(z, m),
                                   productDistance: chunkedSquaredDistanceToProduct(p, sigma, z))
     }
@@ -353,13 +367,13 @@ extension ComputeBackend {
 
 /// What `ComputeBackend.sparseLLMLlamaPass` gives for a chunk of tokens.
 public struct SparseLLMLlamaPass {
-    /// SiLU(s).
+    /// act(s).
     public var sigma: Tensor
-    /// SiLU(s)⊙z: the activation the auxiliaries make, the p step's starting point.
+    /// act(s)⊙z: the activation the auxiliaries make, the p step's starting point.
     public var activation: Tensor
-    /// SiLU(g)⊙m: the activation the pruned gate and up layers make.
+    /// act(g)⊙m: the activation the pruned gate and up layers make.
     public var gated: Tensor
-    /// ‖s − g‖², ‖z − m‖² and ‖p − SiLU(s)⊙z‖², summed as `chunkedSquaredDistance` sums.
+    /// ‖s − g‖², ‖z − m‖² and ‖p − act(s)⊙z‖², summed as `chunkedSquaredDistance` sums.
     public var gateDistance: Double, upDistance: Double, productDistance: Double
 
     public init(sigma: Tensor, activation: Tensor, gated: Tensor, gateDistance: Double, upDistance: Double, productDistance: Double) {

@@ -173,6 +173,7 @@ public struct Float64Backend: ComputeBackend {
             case .negate: po[i] = -v
             case .relu: po[i] = max(v, 0)
             case .silu: po[i] = Self.silu(v)
+            case .geluTanh: po[i] = Self.geluTanh(v)
             }
         }
         return out
@@ -432,22 +433,30 @@ public struct Float64Backend: ComputeBackend {
         }
     }
 
-    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int) {
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int,
+                              activation: GatedActivation) {
         precondition(s.count == g.count && s.count == z.count && s.count == p.count, "sparseLLMGate: \(s), \(g), \(z), \(p)")
         let (sb, gb, zb, pb, a, c) = (write(s), read(g), read(z), read(p), Double(alpha), Double(gamma))
         for i in 0..<s.count {
             let (gi, zi, pi) = (gb[i], zb[i], pb[i])
+            if activation == .relu {
+                // The two branches' minimisers, the better one (the positive on a tie).
+                guard steps > 0 else { continue }
+                let negative = min(gi, 0), positive = max((a * gi + c * pi * zi) / (a + c * zi * zi), 0)
+                let costNegative = a * (negative - gi) * (negative - gi) + c * pi * pi
+                let costPositive = a * (positive - gi) * (positive - gi) + c * (pi - positive * zi) * (pi - positive * zi)
+                sb[i] = costPositive <= costNegative ? positive : negative
+                continue
+            }
             var si = sb[i]
             func cost(_ v: Double) -> Double {
-                let r = pi - Self.silu(v) * zi
+                let r = pi - Self.gateActivation(v, activation).value * zi
                 return a * (v - gi) * (v - gi) + c * r * r
             }
             var f = cost(si)
             for _ in 0..<steps {
-                let sg = 1 / (1 + exp(-si))
-                let d1 = sg * (1 + si * (1 - sg))
-                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))
-                let r = pi - si * sg * zi
+                let (value, d1, d2) = Self.gateActivation(si, activation)
+                let r = pi - value * zi
                 let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
                 let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
                 var curvature = gaussNewton - 2 * c * zi * d2 * r
@@ -467,6 +476,21 @@ public struct Float64Backend: ComputeBackend {
                 if !accepted { break }
             }
             sb[i] = si
+        }
+    }
+
+    /// act(v), act′(v) and act″(v) of SiLU or GELU-tanh (the gate's Newton steps).
+    static func gateActivation(_ v: Double, _ activation: GatedActivation) -> (value: Double, d1: Double, d2: Double) {
+        switch activation {
+        case .silu:
+            let sg = 1 / (1 + exp(-v))
+            return (v * sg, sg * (1 + v * (1 - sg)), sg * (1 - sg) * (2 + v * (1 - 2 * sg)))
+        case .geluTanh:
+            let b = 0.044715
+            let t = tanh(geluC * (v + b * v * v * v)), du = geluC * (1 + 3 * b * v * v), ddu = 6 * geluC * b * v, q = 1 - t * t
+            return (0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * q * du, q * du + 0.5 * v * q * (ddu - 2 * t * du * du))
+        case .relu:
+            return (max(v, 0), v > 0 ? 1 : 0, 0)
         }
     }
 

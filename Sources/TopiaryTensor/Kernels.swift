@@ -126,11 +126,18 @@ public enum Kernels {
         topiary_silu(x, y, n)
     }
 
-    /// SparseLLM's gate (s) update for n elements in place: safeguarded Newton steps on
-    /// α(v − g)² + γ(p − SiLU(v)·z)² per element (topiary_sparsellm_gate in the C kernels).
+    /// SparseLLM's gate (s) update for n elements in place on α(v − g)² + γ(p − act(v)·z)² per
+    /// element: safeguarded Newton steps for SiLU and GELU-tanh, ReLU's exact minimiser
+    /// (topiary_sparsellm_gate in the C kernels).
     public static func sparseLLMGate(s: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, z: UnsafePointer<Float>,
-                                     p: UnsafePointer<Float>, _ n: Int, alpha: Float, gamma: Float, steps: Int) {
-        topiary_sparsellm_gate(s, g, z, p, n, alpha, gamma, Int32(clamping: steps))
+                                     p: UnsafePointer<Float>, _ n: Int, alpha: Float, gamma: Float, steps: Int,
+                                     activation: GatedActivation) {
+        let code = switch activation {
+        case .silu: TOPIARY_GATE_SILU
+        case .geluTanh: TOPIARY_GATE_GELU_TANH
+        case .relu: TOPIARY_GATE_RELU
+        }
+        topiary_sparsellm_gate(s, g, z, p, n, alpha, gamma, Int32(clamping: steps), Int32(code))
     }
 
     /// gate[i] = silu(gate[i]) * up[i]: the SwiGLU product.

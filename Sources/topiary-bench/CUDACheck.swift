@@ -117,7 +117,7 @@ func cudaCheck(_ args: [String]) throws {
     inPlace("scale", [random(33, 65)]) { be, t in be.scale(t[0], by: 0.3) }
     inPlace("scaleAdd", [random(33, 65), random(33, 65)]) { be, t in be.scaleAdd(t[0], beta: 0.9, t[1], alpha: -0.4) }
     inPlace("axpy", [random(33, 65), random(33, 65)]) { be, t in be.axpy(1.7, t[1], t[0]) }
-    for f in [ElementwiseFunction.abs, .square, .squareRoot, .negate, .relu, .silu, .nonZero] {
+    for f in [ElementwiseFunction.abs, .square, .squareRoot, .negate, .relu, .silu, .geluTanh, .nonZero] {
         let x = f == .squareRoot ? cpu.download(cpu.map(cpu.upload(random(20, 31)), .abs)) : random(20, 31)
         same("map \(f.rawValue)", tolerance: 1e-6, [x]) { be, t in be.map(t[0], f) }
     }

@@ -242,9 +242,9 @@ final class BackendTests: XCTestCase {
     }
 
     /// SparseLLM's fused pass over a chunk of tokens gives, bit for bit, what the five calls it
-    /// replaces give (SiLU, the product, SwiGLU and the three chunked distances), over several
-    /// `Parallel` chunks and a ragged last one, at one thread and at three; the protocol's
-    /// default (Float64Backend) agrees in value.
+    /// replaces give (act(s), the product, the gated activation and the three chunked
+    /// distances) for each gated activation, over several `Parallel` chunks and a ragged last
+    /// one, at one thread and at three; the protocol's default (Float64Backend) agrees in value.
     func testSparseLLMLlamaPassHasTheBitsOfTheCallsItReplaces() {
         var rng = TestRandom(seed: 31)
         let rows = 97, cols = 2029                     // 3 x 65,536 + 205 elements
@@ -254,25 +254,35 @@ final class BackendTests: XCTestCase {
         let (s, z, p, g, m) = (signed(), signed(), signed(), signed(), signed())
         let saved = Linalg.threadCount
         defer { Linalg.setThreadCount(saved) }
-        for threads in [1, 3] {
-            Linalg.setThreadCount(threads)
-            let (ts, tz, tp, tg, tm) = (cpu.upload(s), cpu.upload(z), cpu.upload(p), cpu.upload(g), cpu.upload(m))
-            let pass = cpu.sparseLLMLlamaPass(s: ts, z: tz, p: tp, g: tg, m: tm)
-            let sigma = cpu.map(ts, .silu)
-            func bits(_ t: Tensor) -> [UInt32] { cpu.download(t).values.map(\.bitPattern) }
-            XCTAssertEqual(bits(pass.sigma), bits(sigma), "SiLU(s), \(threads) threads")
-            XCTAssertEqual(bits(pass.activation), bits(cpu.multiply(sigma, tz)), "SiLU(s)·z, \(threads) threads")
-            XCTAssertEqual(bits(pass.gated), bits(cpu.gatedActivation(gate: tg, up: tm, .silu)), "SiLU(g)·m, \(threads) threads")
-            XCTAssertEqual(pass.gateDistance.bitPattern, cpu.chunkedSquaredDistance(ts, tg).bitPattern, "‖s − g‖², \(threads) threads")
-            XCTAssertEqual(pass.upDistance.bitPattern, cpu.chunkedSquaredDistance(tz, tm).bitPattern, "‖z − m‖², \(threads) threads")
-            XCTAssertEqual(pass.productDistance.bitPattern, cpu.chunkedSquaredDistanceToProduct(tp, sigma, tz).bitPattern,
-                           "‖p − σz‖², \(threads) threads")
+        for act in [GatedActivation.silu, .geluTanh, .relu] {
+            for threads in [1, 3] {
+                Linalg.setThreadCount(threads)
+                let (ts, tz, tp, tg, tm) = (cpu.upload(s), cpu.upload(z), cpu.upload(p), cpu.upload(g), cpu.upload(m))
+                let pass = cpu.sparseLLMLlamaPass(s: ts, z: tz, p: tp, g: tg, m: tm, activation: act)
+                let sigma = cpu.map(ts, ElementwiseFunction(act))
+                func bits(_ t: Tensor) -> [UInt32] { cpu.download(t).values.map(\.bitPattern) }
+                let what = "\(act), \(threads) threads"
+                XCTAssertEqual(bits(pass.sigma), bits(sigma), "act(s), \(what)")
+                XCTAssertEqual(bits(pass.activation), bits(cpu.multiply(sigma, tz)), "act(s)·z, \(what)")
+                XCTAssertEqual(bits(pass.gated), bits(cpu.gatedActivation(gate: tg, up: tm, act)), "act(g)·m, \(what)")
+                XCTAssertEqual(pass.gateDistance.bitPattern, cpu.chunkedSquaredDistance(ts, tg).bitPattern, "‖s − g‖², \(what)")
+                XCTAssertEqual(pass.upDistance.bitPattern, cpu.chunkedSquaredDistance(tz, tm).bitPattern, "‖z − m‖², \(what)")
+                XCTAssertEqual(pass.productDistance.bitPattern, cpu.chunkedSquaredDistanceToProduct(tp, sigma, tz).bitPattern,
+                               "‖p − σz‖², \(what)")
+            }
+            let f = Float64Backend()
+            let viaDefault = f.sparseLLMLlamaPass(s: f.upload(s), z: f.upload(z), p: f.upload(p), g: f.upload(g), m: f.upload(m), activation: act)
+            let pass = cpu.sparseLLMLlamaPass(s: cpu.upload(s), z: cpu.upload(z), p: cpu.upload(p), g: cpu.upload(g), m: cpu.upload(m),
+                                              activation: act)
+            XCTAssertEqual(viaDefault.productDistance, pass.productDistance, accuracy: 1e-4 * pass.productDistance, "\(act)")
+            XCTAssertLessThan(f.download(viaDefault.gated).maxAbsDifference(cpu.download(pass.gated)), 1e-4, "\(act)")
+            XCTAssertLessThan(f.download(viaDefault.sigma).maxAbsDifference(cpu.download(pass.sigma)), 1e-5, "\(act)")
         }
-        let f = Float64Backend()
-        let viaDefault = f.sparseLLMLlamaPass(s: f.upload(s), z: f.upload(z), p: f.upload(p), g: f.upload(g), m: f.upload(m))
-        let pass = cpu.sparseLLMLlamaPass(s: cpu.upload(s), z: cpu.upload(z), p: cpu.upload(p), g: cpu.upload(g), m: cpu.upload(m))
-        XCTAssertEqual(viaDefault.productDistance, pass.productDistance, accuracy: 1e-4 * pass.productDistance)
-        XCTAssertLessThan(f.download(viaDefault.gated).maxAbsDifference(cpu.download(pass.gated)), 1e-4)
+        // The activations differ, so each case above compared its own.
+        let silu = cpu.download(cpu.map(cpu.upload(s), .silu)), gelu = cpu.download(cpu.map(cpu.upload(s), .geluTanh))
+        XCTAssertGreaterThan(silu.maxAbsDifference(gelu), 0.1)
+        XCTAssertEqual(Double(gelu[0, 0]), 0.5 * Double(s[0, 0]) * (1 + tanh(0.7978845608 * (Double(s[0, 0]) + 0.044715 * pow(Double(s[0, 0]), 3)))),
+                       accuracy: 1e-5)
     }
 
     func testSelections() {

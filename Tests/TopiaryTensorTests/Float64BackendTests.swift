@@ -86,7 +86,7 @@ final class Float64BackendTests: XCTestCase {
         agree("scale") { k in let t = k.upload(x); k.scale(t, by: 0.3); return k.download(t) }
         agree("scaleAdd") { k in let t = k.upload(y); k.scaleAdd(t, beta: 0.7, k.upload(x), alpha: -1.5); return k.download(t) }
         agree("axpy") { k in let t = k.upload(y); k.axpy(2.5, k.upload(x), t); return k.download(t) }
-        for f in [ElementwiseFunction.abs, .square, .negate, .relu, .silu, .nonZero] {
+        for f in [ElementwiseFunction.abs, .square, .negate, .relu, .silu, .geluTanh, .nonZero] {
             agree("map \(f)") { k in k.download(k.map(k.upload(x), f)) }
         }
         agree("map squareRoot") { k in k.download(k.map(k.upload(positive), .squareRoot)) }
@@ -242,10 +242,12 @@ final class Float64BackendTests: XCTestCase {
         let (z0, m, s, p, g) = (rng.matrix(4, 9), rng.matrix(4, 9), rng.matrix(4, 9), rng.matrix(4, 9), rng.matrix(4, 9))
         agree("sparseLLMLlamaZ") { k in let z = k.upload(z0); k.sparseLLMLlamaZ(z, m: k.upload(m), sigma: k.upload(s), p: k.upload(p), alpha: 5, gamma: 2); return k.download(z) }
         agree("sparseLLMOPTZ") { k in let z = k.upload(z0); k.sparseLLMOPTZ(z, m: k.upload(m), p: k.upload(p), alpha: 0.1, gamma: 0.3); return k.download(z) }
-        agree("sparseLLMGate", tolerance: 1e-4) { k in
-            let gate = k.upload(g)
-            k.sparseLLMGate(gate, g: k.upload(g), z: k.upload(z0), p: k.upload(p), alpha: 5, gamma: 5, steps: 8)
-            return k.download(gate)
+        for act in [GatedActivation.silu, .geluTanh, .relu] {
+            agree("sparseLLMGate \(act)", tolerance: 1e-4) { k in
+                let gate = k.upload(g)
+                k.sparseLLMGate(gate, g: k.upload(g), z: k.upload(z0), p: k.upload(p), alpha: 5, gamma: 5, steps: 8, activation: act)
+                return k.download(gate)
+            }
         }
         // BESA's kernels.
         let order = cpu.download(cpu.rankRows(cpu.upload(w)))

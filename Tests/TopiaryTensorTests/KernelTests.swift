@@ -303,8 +303,9 @@ final class KernelTests: XCTestCase {
         }
     }
 
-    /// The vector SiLU and SparseLLM's gate update have the bits of their algorithms written
-    /// element by element with the same exponential, whatever the split of the elements.
+    /// The vector SiLU and SparseLLM's gate update (SiLU and GELU-tanh) have the bits of their
+    /// algorithms written element by element with the same exponential, whatever the split of
+    /// the elements.
     func testSiluAndSparseLLMGateHaveTheScalarAlgorithmsBits() {
         let e = Self.referenceExp
         var rng = SplitMix64(seed: 5)
@@ -317,60 +318,105 @@ final class KernelTests: XCTestCase {
 
         let (a, c): (Float, Float) = (5, 5)
         let g = uniform(4), z = uniform(60), p = uniform(3), s0 = uniform(4)
-        var stalls = 0                                  // elements stopped by the halving bound
-        func scalar(_ i: Int, steps: Int) -> Float {
-            let (gi, zi, pi) = (g[i], z[i], p[i])
-            func cost(_ v: Float, _ ev: Float) -> Float {
-                let r = pi - v / (1 + ev) * zi
-                return a * (v - gi) * (v - gi) + c * r * r
+        let (k, b): (Float, Float) = (0.7978845608028654, 0.044715)
+        // What the kernel keeps of the activation at v (e^−v; tanh(k(v + bv³)) by the exponential).
+        func aux(_ v: Float, _ act: GatedActivation) -> Float {
+            if act == .silu { return e(-v) }
+            let u = k * (v + b * v * v * v)
+            let m = u < 0 ? -u : u, em = e(-2 * m)
+            let t = (1 - em) / (1 + em)
+            return u < 0 ? -t : t
+        }
+        func value(_ v: Float, _ x: Float, _ act: GatedActivation) -> Float { act == .silu ? v / (1 + x) : 0.5 * v * (1 + x) }
+        func derivatives(_ v: Float, _ x: Float, _ act: GatedActivation) -> (Float, Float, Float) {
+            if act == .silu {
+                let sg = 1 / (1 + x)
+                return (v * sg, sg * (1 + v * (1 - sg)), sg * (1 - sg) * (2 + v * (1 - 2 * sg)))
             }
-            var si = s0[i], ei = e(-si)
-            var f = cost(si, ei)
-            for _ in 0..<steps {
-                let sg = 1 / (1 + ei)
-                let d1 = sg * (1 + si * (1 - sg))
-                let d2 = sg * (1 - sg) * (2 + si * (1 - 2 * sg))
-                let r = pi - si * sg * zi
-                let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
-                let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
-                var curvature = gaussNewton - 2 * c * zi * d2 * r
-                if !(curvature > 0) { curvature = gaussNewton }
-                var delta = -grad / curvature
-                let bound = 1e-6 * max(1, Swift.abs(si))
-                if Swift.abs(delta) <= bound { break }
-                var accepted = false
-                for _ in 0..<20 {
-                    let trial = si + delta, et = e(-trial)
-                    let ft = cost(trial, et)
-                    if ft.isFinite && ft <= f { (si, ei, f, accepted) = (trial, et, ft, true); break }
-                    delta *= 0.5
-                    if Swift.abs(delta) <= bound { stalls += 1; break }      // no descent above the tolerance: the element stops
+            let du = k * (1 + 3 * b * v * v), ddu = 6 * k * b * v, q = 1 - x * x
+            return (0.5 * v * (1 + x), 0.5 * (1 + x) + 0.5 * v * q * du, q * du + 0.5 * v * q * (ddu - 2 * x * du * du))
+        }
+        for act in [GatedActivation.silu, .geluTanh] {
+            var stalls = 0                                  // elements stopped by the halving bound
+            func scalar(_ i: Int, steps: Int) -> Float {
+                let (gi, zi, pi) = (g[i], z[i], p[i])
+                func cost(_ v: Float, _ xv: Float) -> Float {
+                    let r = pi - value(v, xv, act) * zi
+                    return a * (v - gi) * (v - gi) + c * r * r
                 }
-                if !accepted { break }
-            }
-            return si
-        }
-        for steps in [1, 4] {
-            var whole = s0
-            Kernels.sparseLLMGate(s: &whole, g: g, z: z, p: p, n, alpha: a, gamma: c, steps: steps)
-            var parts = s0
-            parts.withUnsafeMutableBufferPointer { sp in
-                g.withUnsafeBufferPointer { gp in z.withUnsafeBufferPointer { zp in p.withUnsafeBufferPointer { pp in
-                    for (lo, hi) in [(0, 7), (7, 500), (500, n)] {
-                        Kernels.sparseLLMGate(s: sp.baseAddress! + lo, g: gp.baseAddress! + lo, z: zp.baseAddress! + lo,
-                                              p: pp.baseAddress! + lo, hi - lo, alpha: a, gamma: c, steps: steps)
+                var si = s0[i], xi = aux(si, act)
+                var f = cost(si, xi)
+                for _ in 0..<steps {
+                    let (value, d1, d2) = derivatives(si, xi, act)
+                    let r = pi - value * zi
+                    let grad = 2 * a * (si - gi) - 2 * c * zi * d1 * r
+                    let gaussNewton = 2 * a + 2 * c * zi * zi * d1 * d1
+                    var curvature = gaussNewton - 2 * c * zi * d2 * r
+                    if !(curvature > 0) { curvature = gaussNewton }
+                    var delta = -grad / curvature
+                    let bound = 1e-6 * max(1, Swift.abs(si))
+                    if Swift.abs(delta) <= bound { break }
+                    var accepted = false
+                    for _ in 0..<20 {
+                        let trial = si + delta, xt = aux(trial, act)
+                        let ft = cost(trial, xt)
+                        if ft.isFinite && ft <= f { (si, xi, f, accepted) = (trial, xt, ft, true); break }
+                        delta *= 0.5
+                        if Swift.abs(delta) <= bound { stalls += 1; break }      // no descent above the tolerance: the element stops
                     }
-                } } }
+                    if !accepted { break }
+                }
+                return si
             }
-            var moved = 0
-            for i in 0..<n {
-                let expected = scalar(i, steps: steps)
-                XCTAssertEqual(whole[i].bitPattern, expected.bitPattern, "element \(i), \(steps) steps")
-                XCTAssertEqual(parts[i].bitPattern, expected.bitPattern, "element \(i) split, \(steps) steps")
-                if whole[i] != s0[i] { moved += 1 }
+            for steps in [1, 4] {
+                var whole = s0
+                Kernels.sparseLLMGate(s: &whole, g: g, z: z, p: p, n, alpha: a, gamma: c, steps: steps, activation: act)
+                var parts = s0
+                parts.withUnsafeMutableBufferPointer { sp in
+                    g.withUnsafeBufferPointer { gp in z.withUnsafeBufferPointer { zp in p.withUnsafeBufferPointer { pp in
+                        for (lo, hi) in [(0, 7), (7, 500), (500, n)] {
+                            Kernels.sparseLLMGate(s: sp.baseAddress! + lo, g: gp.baseAddress! + lo, z: zp.baseAddress! + lo,
+                                                  p: pp.baseAddress! + lo, hi - lo, alpha: a, gamma: c, steps: steps, activation: act)
+                        }
+                    } } }
+                }
+                var moved = 0
+                for i in 0..<n {
+                    let expected = scalar(i, steps: steps)
+                    XCTAssertEqual(whole[i].bitPattern, expected.bitPattern, "\(act): element \(i), \(steps) steps")
+                    XCTAssertEqual(parts[i].bitPattern, expected.bitPattern, "\(act): element \(i) split, \(steps) steps")
+                    if whole[i] != s0[i] { moved += 1 }
+                }
+                XCTAssertGreaterThan(moved, n / 2, "\(act): the update moves most elements")
             }
-            XCTAssertGreaterThan(moved, n / 2, "the update moves most elements")
+            XCTAssertGreaterThan(stalls, 0, "\(act): some elements stop by the halving bound, so the kernel's rule for them is compared")
         }
-        XCTAssertGreaterThan(stalls, 0, "some elements stop by the halving bound, so the kernel's rule for them is compared")
+    }
+
+    /// With a ReLU gate the update is the exact minimiser of α(v − g)² + γ(p − ReLU(v)·z)²
+    /// (against a grid in Double), and 0 steps leave s as it was.
+    func testSparseLLMReluGateIsTheMinimiser() {
+        var rng = SplitMix64(seed: 6)
+        let n = 400
+        func uniform(_ scale: Double) -> [Float] { (0..<n).map { _ in Float((rng.nextUnit() * 2 - 1) * scale) } }
+        let g = uniform(3), z = uniform(4), p = uniform(3), s0 = uniform(3)
+        var unchanged = s0
+        Kernels.sparseLLMGate(s: &unchanged, g: g, z: z, p: p, n, alpha: 2, gamma: 7, steps: 0, activation: .relu)
+        XCTAssertEqual(unchanged, s0)
+        for (a, c): (Float, Float) in [(5, 5), (0.5, 9), (8, 0.3)] {
+            var s = s0
+            Kernels.sparseLLMGate(s: &s, g: g, z: z, p: p, n, alpha: a, gamma: c, steps: 1, activation: .relu)
+            var positive = 0
+            for i in 0..<n {
+                func f(_ v: Double) -> Double {
+                    Double(a) * pow(v - Double(g[i]), 2) + Double(c) * pow(Double(p[i]) - max(v, 0) * Double(z[i]), 2)
+                }
+                let grid = stride(from: -6.0, through: 6.0, by: 1e-3).map(f).min()!
+                XCTAssertLessThanOrEqual(f(Double(s[i])), grid + 1e-4, "α \(a) γ \(c) element \(i)")
+                if s[i] > 0 { positive += 1 }
+            }
+            XCTAssertGreaterThan(positive, n / 10, "α \(a) γ \(c): both branches are taken")
+            XCTAssertLessThan(positive, n * 9 / 10, "α \(a) γ \(c): both branches are taken")
+        }
     }
 }

@@ -30,13 +30,19 @@ void topiary_silu(const float *x, float *y, ptrdiff_t n);
 /// e^x lane by lane for n values (tests compare it with the C library's).
 void topiary_exp(const float *x, float *y, ptrdiff_t n);
 
-/// SparseLLM's gate update, element by element: from s[i], at most `steps` Newton steps on
-/// a·(v − g[i])² + c·(p[i] − silu(v)·z[i])² (exact curvature, Gauss–Newton where it is not
-/// positive), each halved up to 20 times until the cost does not rise; an element stops when its
-/// step is within 1e-6·max(1, |s|) or no halving descends. 16 elements at a time in lanes, each
-/// lane's arithmetic independent of the others, so the result does not depend on `n`'s split.
+/// The gated activations of `topiary_sparsellm_gate`.
+enum { TOPIARY_GATE_SILU = 0, TOPIARY_GATE_GELU_TANH = 1, TOPIARY_GATE_RELU = 2 };
+
+/// SparseLLM's gate update, element by element, on a·(v − g[i])² + c·(p[i] − act(v)·z[i])².
+/// SiLU and GELU-tanh (v·(1 + tanh(√(2/π)(v + 0.044715v³)))/2): from s[i], at most `steps`
+/// Newton steps (exact curvature, Gauss–Newton where it is not positive), each halved up to 20
+/// times until the cost does not rise; an element stops when its step is within
+/// 1e-6·max(1, |s|) or no halving descends. 16 elements at a time in lanes, each lane's
+/// arithmetic independent of the others, so the result does not depend on `n`'s split.
+/// ReLU: the exact minimiser (unless `steps` is 0), the better of the branches v = min(g, 0)
+/// and v = max((a·g + c·p·z)/(a + c·z²), 0), the second on a tie.
 void topiary_sparsellm_gate(float *s, const float *g, const float *z, const float *p, ptrdiff_t n,
-                            float a, float c, int steps);
+                            float a, float c, int steps, int activation);
 
 /// dst[i] = the bfloat16 bits of src[i], little-endian, rounded to nearest even; a NaN keeps its
 /// top 16 bits with the quiet bit set (HalfPrecision.floatToBF16, element for element). `dst`

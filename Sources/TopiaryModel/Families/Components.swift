@@ -136,7 +136,7 @@ struct GatedMLP {
 
 extension Activation {
     /// The backend's name for this activation.
-    var gated: GatedActivation {
+    public var gated: GatedActivation {
         switch self {
         case .silu: return .silu
         case .geluTanh: return .geluTanh

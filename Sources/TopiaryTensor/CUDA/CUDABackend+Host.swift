@@ -88,9 +88,12 @@ extension CUDABackend {
         hostInPlace([z]) { cpu, t in cpu.sparseLLMOPTZ(t[0], m: hm, p: hp, alpha: alpha, gamma: gamma) }
     }
 
-    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int) {
+    public func sparseLLMGate(_ s: Tensor, g: Tensor, z: Tensor, p: Tensor, alpha: Float, gamma: Float, steps: Int,
+                              activation: GatedActivation) {
         let (hg, hz, hp) = (onHost(g), onHost(z), onHost(p))
-        hostInPlace([s]) { cpu, t in cpu.sparseLLMGate(t[0], g: hg, z: hz, p: hp, alpha: alpha, gamma: gamma, steps: steps) }
+        hostInPlace([s]) { cpu, t in
+            cpu.sparseLLMGate(t[0], g: hg, z: hz, p: hp, alpha: alpha, gamma: gamma, steps: steps, activation: activation)
+        }
     }
 
     public func rankRows(_ scores: Tensor) -> Tensor { onDevice(host.rankRows(onHost(scores))) }

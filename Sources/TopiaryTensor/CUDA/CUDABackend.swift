@@ -175,6 +175,7 @@ public struct CUDABackend: ComputeBackend {
         case .relu: code = 4
         case .silu: code = 5
         case .nonZero: code = 6
+        case .geluTanh: return onDevice(host.map(onHost(x), .geluTanh))    // no device kernel for it
         }
         let out = uninitialized(rows: x.rows, cols: x.cols)
         launch("map", count: x.count, [.pointer(pointer(x)), .pointer(pointer(out)), .int64(x.count), .int32(code)])
