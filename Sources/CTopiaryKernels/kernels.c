@@ -262,6 +262,61 @@ CLONES void topiary_sparsellm_gate(float *s, const float *g, const float *z, con
     }
 }
 
+/// GELU-tanh in every lane, v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))/2 with `vtanh`: the value
+/// SparseLLM's gate update takes for GELU-tanh, bit for bit.
+#define vgelu(vin) ({ vf gl_v = (vin); \
+    0.5f * gl_v * (1.0f + vtanh(0.7978845608028654f * (gl_v + 0.044715f * gl_v * gl_v * gl_v))); })
+
+CLONES void topiary_gelu_tanh(const float *x, float *y, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) store(y + i, vgelu(load(x + i)));
+    if (i < n) {
+        vf r = vgelu(loadTail(x + i, n - i, 0));
+        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = r[j];
+    }
+}
+
+CLONES void topiary_geglu(float *gate, const float *up, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) store(gate + i, vgelu(load(gate + i)) * load(up + i));
+    if (i < n) {
+        vf r = vgelu(loadTail(gate + i, n - i, 0)) * loadTail(up + i, n - i, 0);
+        for (ptrdiff_t j = 0; j < n - i; j++) gate[i + j] = r[j];
+    }
+}
+
+/// dg and du for 16 elements of GEGLU from their d, g, u: du = d·gelu(g) (the forward's value),
+/// dg = d·(u·gelu′(g)), gelu′ = (1 + t)/2 + g(1 − t²)·√(2/π)(1 + 3·0.044715·g²)/2.
+#define gegluBackward(d, g, u, dg, du) do { \
+    vf gb_g = (g); \
+    vf gb_t = vtanh(0.7978845608028654f * (gb_g + 0.044715f * gb_g * gb_g * gb_g)); \
+    (du) = (d) * (0.5f * gb_g * (1.0f + gb_t)); \
+    vf gb_d = 0.5f * (1.0f + gb_t) + 0.5f * gb_g * (1.0f - gb_t * gb_t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * gb_g * gb_g); \
+    (dg) = (d) * ((u) * gb_d); } while (0)
+
+CLONES void topiary_geglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+    vf a, b;
+    for (; i + 16 <= n; i += 16) {
+        gegluBackward(load(d + i), load(g + i), load(u + i), a, b);
+        store(dg + i, a);
+        store(du + i, b);
+    }
+    if (i < n) {
+        gegluBackward(loadTail(d + i, n - i, 0), loadTail(g + i, n - i, 0), loadTail(u + i, n - i, 0), a, b);
+        for (ptrdiff_t j = 0; j < n - i; j++) { dg[i + j] = a[j]; du[i + j] = b[j]; }
+    }
+}
+
+CLONES void topiary_softcap(float *x, ptrdiff_t n, float cap) {
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) store(x + i, cap * vtanh(load(x + i) / cap));
+    if (i < n) {
+        vf r = cap * vtanh(loadTail(x + i, n - i, 0) / cap);
+        for (ptrdiff_t j = 0; j < n - i; j++) x[i + j] = r[j];
+    }
+}
+
 CLONES void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n) {
     unsigned char *out = dst;
     for (ptrdiff_t i = 0; i < n; i++) {

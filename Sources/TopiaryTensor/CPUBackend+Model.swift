@@ -181,7 +181,9 @@ extension CPUBackend {
             case .silu:
                 if UnsafePointer(o) != g { (o + r.lowerBound).update(from: g + r.lowerBound, count: r.count) }
                 Kernels.swiglu(gate: o + r.lowerBound, up: u + r.lowerBound, r.count)
-            case .geluTanh: for i in r { o[i] = GELU.tanh(g[i]) * u[i] }
+            case .geluTanh:
+                if UnsafePointer(o) != g { (o + r.lowerBound).update(from: g + r.lowerBound, count: r.count) }
+                Kernels.geglu(gate: o + r.lowerBound, up: u + r.lowerBound, r.count)
             case .relu: for i in r { o[i] = max(g[i], 0) * u[i] }
             }
         }
@@ -198,10 +200,8 @@ extension CPUBackend {
                 let i = range.lowerBound
                 Kernels.swigluBackward(pd + i, gate: g + i, up: u + i, dGate: pg + i, dUp: pu + i, range.count)
             case .geluTanh:
-                for i in range {
-                    pu[i] = pd[i] * GELU.tanh(g[i])
-                    pg[i] = pd[i] * (u[i] * GELU.tanhDerivative(g[i]))
-                }
+                let i = range.lowerBound
+                Kernels.gegluBackward(pd + i, gate: g + i, up: u + i, dGate: pg + i, dUp: pu + i, range.count)
             case .relu:
                 for i in range {
                     pu[i] = pd[i] * max(g[i], 0)
@@ -220,7 +220,7 @@ extension CPUBackend {
 
     public func softcap(_ x: Tensor, cap: Float) {
         let p = write(x)
-        for i in 0..<x.count { p[i] = cap * tanhf(p[i] / cap) }
+        Parallel.forEach(x.count) { r in Kernels.softcap(p + r.lowerBound, r.count, cap: cap) }
     }
 
     public func route(_ logits: Tensor, topK: Int, normalize: Bool) -> Routing {
@@ -318,20 +318,6 @@ extension CPUBackend {
     }
 }
 
-/// GELU with the tanh approximation.
-enum GELU {
-    static let c: Float = 0.7978845608028654   // sqrt(2/π)
-
-    @inline(__always) static func tanh(_ x: Float) -> Float {
-        0.5 * x * (1 + tanhf(c * (x + 0.044715 * x * x * x)))
-    }
-
-    @inline(__always) static func tanhDerivative(_ x: Float) -> Float {
-        let t = tanhf(c * (x + 0.044715 * x * x * x))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-    }
-}
-
 /// Causal attention through GEMM on host buffers, a block of query rows at a time.
 enum CPUAttention {
     /// Query rows handled at once; bounds the score scratch to queryBlock x sequenceLength.
@@ -358,7 +344,7 @@ enum CPUAttention {
             let visible = i0 + r + 1
             let first = options.firstVisible(i0 + r)
             if let cap = options.softcap {
-                for j in first..<visible { row[j] = cap * tanhf(row[j] / cap) }
+                Kernels.softcap(row + first, visible - first, cap: cap)
                 if let capped { (capped + r * i1).update(from: row, count: i1) }
             }
             Kernels.softmax(row + first, visible - first)
@@ -426,7 +412,7 @@ enum CPUAttention {
                         sr.update(repeating: 0, count: n)
                         continue
                     }
-                    if let cap = options.softcap { for j in lo..<hi { sr[j] = cap * tanhf(sr[j] / cap) } }
+                    if let cap = options.softcap { Kernels.softcap(sr + lo, hi - lo, cap: cap) }
                     let tileMax = Kernels.maximum(sr + lo, hi - lo)
                     let newMax = max(rowMax[row], tileMax)
                     if newMax > rowMax[row], rowMax[row] > -.infinity {

@@ -193,7 +193,7 @@ public struct CPUBackend: ComputeBackend {
             case .negate: for i in range { po[i] = -px[i] }
             case .relu: for i in range { po[i] = max(px[i], 0) }
             case .silu: Kernels.silu(px + range.lowerBound, into: po + range.lowerBound, range.count)
-            case .geluTanh: for i in range { po[i] = GELU.tanh(px[i]) }
+            case .geluTanh: Kernels.geluTanh(px + range.lowerBound, into: po + range.lowerBound, range.count)
             }
         }
         return out
@@ -573,8 +573,8 @@ public struct CPUBackend: ComputeBackend {
 
     /// The default's five passes over the chunk as one: each `Parallel` chunk (the ranges that
     /// `map`, `gatedActivation` and the chunked sums use) in pieces of `llamaPassPiece`
-    /// elements, each piece's activations as `map` and `gatedActivation` make them (SiLU and
-    /// SwiGLU by the same vector kernels) and its terms added in index order, the chunks' sums by
+    /// elements, each piece's activations as `map` and `gatedActivation` make them (SiLU,
+    /// SwiGLU, GELU and GEGLU by the same vector kernels) and its terms added in index order, the chunks' sums by
     /// `Parallel.sums` as `Parallel.sum` adds them, so every value and every sum is the one the
     /// default computes.
     public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor,
@@ -597,10 +597,9 @@ public struct CPUBackend: ComputeBackend {
                     (pGated + start).update(from: pg + start, count: n)
                     Kernels.swiglu(gate: pGated + start, up: pm + start, n)
                 case .geluTanh:
-                    for i in start..<(start + n) {
-                        pSigma[i] = GELU.tanh(ps[i])
-                        pGated[i] = GELU.tanh(pg[i]) * pm[i]
-                    }
+                    Kernels.geluTanh(ps + start, into: pSigma + start, n)
+                    (pGated + start).update(from: pg + start, count: n)
+                    Kernels.geglu(gate: pGated + start, up: pm + start, n)
                 case .relu:
                     for i in start..<(start + n) {
                         pSigma[i] = max(ps[i], 0)

@@ -145,6 +145,27 @@ public enum Kernels {
         topiary_swiglu(gate, up, n)
     }
 
+    /// y[i] = gelu_tanh(x[i]) in the CPU's vectors, tanh through the 16-lane exponential.
+    public static func geluTanh(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
+        topiary_gelu_tanh(x, y, n)
+    }
+
+    /// gate[i] = gelu_tanh(gate[i]) * up[i]: the GEGLU product (Gemma-2's feed-forward).
+    public static func geglu(gate: UnsafeMutablePointer<Float>, up: UnsafePointer<Float>, _ n: Int) {
+        topiary_geglu(gate, up, n)
+    }
+
+    /// x[i] = cap·tanh(x[i]/cap) in place, in the CPU's vectors (`geluTanh`'s tanh).
+    public static func softcap(_ x: UnsafeMutablePointer<Float>, _ n: Int, cap: Float) {
+        topiary_softcap(x, n, cap)
+    }
+
+    /// GEGLU's backward: dg and du from d = ∂L/∂(gelu(g)·u), with the forward's GELU.
+    public static func gegluBackward(_ d: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
+                                     dGate: UnsafeMutablePointer<Float>, dUp: UnsafeMutablePointer<Float>, _ n: Int) {
+        topiary_geglu_backward(d, g, u, dGate, dUp, n)
+    }
+
     /// SwiGLU's backward: dg and du from d = ∂L/∂(silu(g)·u), with the exponential of `swiglu`.
     public static func swigluBackward(_ d: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
                                       dGate: UnsafeMutablePointer<Float>, dUp: UnsafeMutablePointer<Float>, _ n: Int) {

@@ -553,6 +553,25 @@ func benchLinalg(_ args: [String]) {
         print(String(format: "  n %5d  syrk(2048 rows) %6.1f GFLOP/s  cholesky %6.1f GFLOP/s  inverse %6.1f GFLOP/s  U of the inverse %5.1f ms (%.1f GFLOP/s)",
                      n, 2048 * nd * nd / ts / 1e9, nd * nd * nd / 3 / tc / 1e9, nd * nd * nd / ti / 1e9, tu * 1e3, 2 * nd * nd * nd / 3 / tu / 1e9))
     }
+    // The gated activations on one thread, over a window of Gemma-2-2B's feed-forward (2048 x
+    // 9216): SwiGLU and GEGLU in the CPU's vectors, and GEGLU as an element loop through the C
+    // library's tanhf (how Topiary computed it before 2026-12-07).
+    let count = 2048 * 9216
+    let (gate, up) = (randomMatrix(2048, 9216, seed: 4).values, randomMatrix(2048, 9216, seed: 5).values)
+    var out = gate
+    let c: Float = 0.7978845608028654
+    let rates: [(String, Double)] = [
+        ("SwiGLU, vector", best(5) { out = gate; Kernels.swiglu(gate: &out, up: up, count) }),
+        ("GEGLU, vector", best(5) { out = gate; Kernels.geglu(gate: &out, up: up, count) }),
+        ("GEGLU, tanhf loop", best(5) {
+            out = gate
+            for i in 0..<count { out[i] = 0.5 * gate[i] * (1 + tanhf(c * (gate[i] + 0.044715 * gate[i] * gate[i] * gate[i]))) * up[i] }
+        }),
+    ]
+    let copy = best(5) { out = gate; out[0] += 1 }
+    for (name, seconds) in rates {
+        print("  \(name) (1 thread, 2048 x 9216, the copy subtracted): " + String(format: "%.2f ns an element", (seconds - copy) / Double(count) * 1e9))
+    }
 }
 
 /// Seconds to load (decode to fp32) blocks of a model at 1 thread and at the machine's threads,

@@ -30,6 +30,20 @@ void topiary_silu(const float *x, float *y, ptrdiff_t n);
 /// e^x lane by lane for n values (tests compare it with the C library's).
 void topiary_exp(const float *x, float *y, ptrdiff_t n);
 
+/// y[i] = gelu(x[i]) = x[i]·(1 + tanh(√(2/π)·(x[i] + 0.044715·x[i]³)))/2 for i < n, tanh as
+/// 1 − 2/(e^{2|u|} + 1) with u's sign through the 16-lane exponential (x and y may be the same).
+void topiary_gelu_tanh(const float *x, float *y, ptrdiff_t n);
+
+/// gate[i] = gelu(gate[i]) * up[i] (GEGLU, with `topiary_gelu_tanh`'s value).
+void topiary_geglu(float *gate, const float *up, ptrdiff_t n);
+
+/// GEGLU's backward for n elements: du = d·gelu(g) (the forward's value), dg = d·(u·gelu′(g)).
+void topiary_geglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n);
+
+/// x[i] = cap·tanh(x[i]/cap) for i < n, in place, tanh as `topiary_gelu_tanh` takes it
+/// (Gemma-2's soft-capped attention scores and logits).
+void topiary_softcap(float *x, ptrdiff_t n, float cap);
+
 /// The gated activations of `topiary_sparsellm_gate`.
 enum { TOPIARY_GATE_SILU = 0, TOPIARY_GATE_GELU_TANH = 1, TOPIARY_GATE_RELU = 2 };
 
