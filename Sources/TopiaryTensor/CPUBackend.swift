@@ -574,9 +574,9 @@ public struct CPUBackend: ComputeBackend {
     /// The default's five passes over the chunk as one: each `Parallel` chunk (the ranges that
     /// `map`, `gatedActivation` and the chunked sums use) in pieces of `llamaPassPiece`
     /// elements, each piece's activations as `map` and `gatedActivation` make them (SiLU,
-    /// SwiGLU, GELU and GEGLU by the same vector kernels) and its terms added in index order, the chunks' sums by
-    /// `Parallel.sums` as `Parallel.sum` adds them, so every value and every sum is the one the
-    /// default computes.
+    /// SwiGLU, GELU and GEGLU by the same vector kernels; ReLU's by the same expressions) and
+    /// its terms added in index order, the chunks' sums by `Parallel.sums` as `Parallel.sum` adds
+    /// them, so every value and every sum is the one the default computes.
     public func sparseLLMLlamaPass(s: Tensor, z: Tensor, p: Tensor, g: Tensor, m: Tensor,
                                    activation act: GatedActivation) -> SparseLLMLlamaPass {
         precondition([z, p, g, m].allSatisfy { $0.rows == s.rows && $0.cols == s.cols }, "sparseLLMLlamaPass: \(s), \(z), \(p), \(g), \(m)")
