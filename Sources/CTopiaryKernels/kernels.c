@@ -92,18 +92,67 @@ CLONES float topiary_maximum(const float *p, ptrdiff_t n) {
     return m;
 }
 
-CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        vf x = load(gate + i);
-        store(gate + i, x / (1.0f + vexp(-x)) * load(up + i));
-    }
-    if (i < n) {
-        vf x = loadTail(gate + i, n - i, 0), y = loadTail(up + i, n - i, 0);
-        vf z = x / (1.0f + vexp(-x)) * y;
-        for (ptrdiff_t j = 0; j < n - i; j++) gate[i + j] = z[j];
-    }
-}
+// The loops of the element-wise kernels: 16 lanes at a time, the last lanes loaded with 0 and
+// only the first n written back.
+
+/// y[i] = op(x[i], args...) for i < n (x and y may be the same).
+#define mapLanes(x, y, n, op, ...) do { \
+    ptrdiff_t ml_i = 0; \
+    for (; ml_i + 16 <= (n); ml_i += 16) store((y) + ml_i, op(load((x) + ml_i), ##__VA_ARGS__)); \
+    if (ml_i < (n)) { \
+        vf ml_r = op(loadTail((x) + ml_i, (n) - ml_i, 0), ##__VA_ARGS__); \
+        for (ptrdiff_t j_ = 0; j_ < (n) - ml_i; j_++) (y)[ml_i + j_] = ml_r[j_]; \
+    } } while (0)
+
+/// gate[i] = act(gate[i])·up[i] for i < n.
+#define gatedLanes(gate, up, n, act) do { \
+    ptrdiff_t gl_i = 0; \
+    for (; gl_i + 16 <= (n); gl_i += 16) store((gate) + gl_i, act(load((gate) + gl_i)) * load((up) + gl_i)); \
+    if (gl_i < (n)) { \
+        vf gl_r = act(loadTail((gate) + gl_i, (n) - gl_i, 0)) * loadTail((up) + gl_i, (n) - gl_i, 0); \
+        for (ptrdiff_t j_ = 0; j_ < (n) - gl_i; j_++) (gate)[gl_i + j_] = gl_r[j_]; \
+    } } while (0)
+
+/// dg and du for i < n from d, g and u by `lanes(d, g, u, dg, du)` (16 elements).
+#define gatedBackwardLanes(d, g, u, dg, du, n, lanes) do { \
+    ptrdiff_t bl_i = 0; \
+    vf bl_dg, bl_du; \
+    for (; bl_i + 16 <= (n); bl_i += 16) { \
+        lanes(load((d) + bl_i), load((g) + bl_i), load((u) + bl_i), bl_dg, bl_du); \
+        store((dg) + bl_i, bl_dg); \
+        store((du) + bl_i, bl_du); \
+    } \
+    if (bl_i < (n)) { \
+        ptrdiff_t bl_m = (n) - bl_i; \
+        lanes(loadTail((d) + bl_i, bl_m, 0), loadTail((g) + bl_i, bl_m, 0), loadTail((u) + bl_i, bl_m, 0), bl_dg, bl_du); \
+        for (ptrdiff_t j_ = 0; j_ < bl_m; j_++) { (dg)[bl_i + j_] = bl_dg[j_]; (du)[bl_i + j_] = bl_du[j_]; } \
+    } } while (0)
+
+/// silu(v) = v / (1 + e^−v) in every lane.
+#define vsilu(vin) ({ vf sl_v = (vin); sl_v / (1.0f + vexp(-sl_v)); })
+
+/// tanh(u) in every lane: 1 − 2/(e^{2|u|} + 1) through the exponential above, with u's sign
+/// (±1 where e^{−2|u|} underflows; NaN stays NaN).
+#define vtanh(uin) ({ vf th_u = (uin); vf th_m = th_u < 0.0f ? -th_u : th_u; vf th_e = vexp(-2.0f * th_m); \
+    vf th_t = (1.0f - th_e) / (1.0f + th_e); th_u < 0.0f ? -th_t : th_t; })
+
+/// GELU-tanh, v·(1 + t)/2 with t = tanh(u), u = k(v + b·v³), k = √(2/π), b = 0.044715: t, the
+/// value and the derivative (1 + t)/2 + v(1 − t²)u′/2, u′ = k(1 + 3b·v²), from v and t. The
+/// forward, its backward and SparseLLM's gate update all take them from here.
+#define GELU_K 0.7978845608028654f
+#define GELU_B 0.044715f
+#define geluT(vin) ({ vf gt_v = (vin); vtanh(GELU_K * (gt_v + GELU_B * gt_v * gt_v * gt_v)); })
+#define geluFrom(v, t) (0.5f * (v) * (1.0f + (t)))
+#define geluSlope(v) (GELU_K * (1.0f + 3.0f * GELU_B * (v) * (v)))
+#define geluDerivativeFrom(v, t) (0.5f * (1.0f + (t)) + 0.5f * (v) * (1.0f - (t) * (t)) * geluSlope(v))
+#define vgelu(vin) ({ vf gl_v = (vin); geluFrom(gl_v, geluT(gl_v)); })
+
+/// cap·tanh(x/cap) in every lane.
+#define vsoftcap(vin, cap) ((cap) * vtanh((vin) / (cap)))
+
+CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) { gatedLanes(gate, up, n, vsilu); }
+
+CLONES void topiary_geglu(float *gate, const float *up, ptrdiff_t n) { gatedLanes(gate, up, n, vgelu); }
 
 /// dg and du for 16 elements from their d, g, u.
 #define swigluBackward(d, g, u, dg, du) do { \
@@ -111,52 +160,36 @@ CLONES void topiary_swiglu(float *gate, const float *up, ptrdiff_t n) {
     (du) = (d) * ((g) * s_); \
     (dg) = (d) * ((u) * s_ * (1.0f + (g) * (1.0f - s_))); } while (0)
 
+/// The same for GEGLU: du = d·gelu(g) (the forward's value), dg = d·(u·gelu′(g)).
+#define gegluBackward(d, g, u, dg, du) do { \
+    vf gb_g = (g), gb_t = geluT(gb_g); \
+    (du) = (d) * geluFrom(gb_g, gb_t); \
+    (dg) = (d) * ((u) * geluDerivativeFrom(gb_g, gb_t)); } while (0)
+
 CLONES void topiary_swiglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    vf a, b;
-    for (; i + 16 <= n; i += 16) {
-        swigluBackward(load(d + i), load(g + i), load(u + i), a, b);
-        store(dg + i, a);
-        store(du + i, b);
-    }
-    if (i < n) {
-        swigluBackward(loadTail(d + i, n - i, 0), loadTail(g + i, n - i, 0), loadTail(u + i, n - i, 0), a, b);
-        for (ptrdiff_t j = 0; j < n - i; j++) { dg[i + j] = a[j]; du[i + j] = b[j]; }
-    }
+    gatedBackwardLanes(d, g, u, dg, du, n, swigluBackward);
 }
 
-CLONES void topiary_silu(const float *x, float *y, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) { vf v = load(x + i); store(y + i, v / (1.0f + vexp(-v))); }
-    if (i < n) {
-        vf v = loadTail(x + i, n - i, 0);
-        vf r = v / (1.0f + vexp(-v));
-        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = r[j];
-    }
+CLONES void topiary_geglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n) {
+    gatedBackwardLanes(d, g, u, dg, du, n, gegluBackward);
 }
 
-CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) store(y + i, vexp(load(x + i)));
-    if (i < n) {
-        vf e = vexp(loadTail(x + i, n - i, 0));
-        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = e[j];
-    }
-}
+CLONES void topiary_silu(const float *x, float *y, ptrdiff_t n) { mapLanes(x, y, n, vsilu); }
 
-/// tanh(u) in every lane: 1 − 2/(e^{2|u|} + 1) through the exponential above, with u's sign
-/// (±1 where e^{−2|u|} underflows; NaN stays NaN).
-#define vtanh(uin) ({ vf th_u = (uin); vf th_m = th_u < 0.0f ? -th_u : th_u; vf th_e = vexp(-2.0f * th_m); \
-    vf th_t = (1.0f - th_e) / (1.0f + th_e); th_u < 0.0f ? -th_t : th_t; })
+CLONES void topiary_gelu_tanh(const float *x, float *y, ptrdiff_t n) { mapLanes(x, y, n, vgelu); }
+
+CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) { mapLanes(x, y, n, vexp); }
+
+CLONES void topiary_softcap(float *x, ptrdiff_t n, float cap) { mapLanes(x, x, n, vsoftcap, cap); }
 
 /// What the gate's Newton steps keep of the activation at v between the cost and the
 /// derivatives: e^−v for SiLU, tanh(√(2/π)·(v + 0.044715·v³)) for GELU-tanh.
 #define gateAux(v, act) ({ vf ga_v = (v); vf ga_x; \
     if ((act) == TOPIARY_GATE_SILU) ga_x = vexp(-ga_v); \
-    else ga_x = vtanh(0.7978845608028654f * (ga_v + 0.044715f * ga_v * ga_v * ga_v)); ga_x; })
+    else ga_x = geluT(ga_v); ga_x; })
 
 /// The activation at v from its auxiliary: v / (1 + e) for SiLU, v·(1 + t)/2 for GELU-tanh.
-#define gateValue(v, x, act) ((act) == TOPIARY_GATE_SILU ? (v) / (1.0f + (x)) : 0.5f * (v) * (1.0f + (x)))
+#define gateValue(v, x, act) ((act) == TOPIARY_GATE_SILU ? (v) / (1.0f + (x)) : geluFrom(v, x))
 
 /// a·(v − g)² + c·(p − act(v)·z)² in every lane, act(v) from the auxiliary x at v.
 #define gateCost(v, x, g, z, p, act) ({ vf r_ = (p) - gateValue(v, x, act) * (z); vf d_ = (v) - (g); \
@@ -172,10 +205,9 @@ CLONES void topiary_exp(const float *x, float *y, ptrdiff_t n) {
         (d1) = sg_ * (1.0f + (v) * (1.0f - sg_)); \
         (d2) = sg_ * (1.0f - sg_) * (2.0f + (v) * (1.0f - 2.0f * sg_)); \
     } else { \
-        const float k_ = 0.7978845608028654f, b_ = 0.044715f; \
-        vf du_ = k_ * (1.0f + 3.0f * b_ * (v) * (v)), ddu_ = 6.0f * k_ * b_ * (v), q_ = 1.0f - (x) * (x); \
-        (value) = 0.5f * (v) * (1.0f + (x)); \
-        (d1) = 0.5f * (1.0f + (x)) + 0.5f * (v) * q_ * du_; \
+        vf du_ = geluSlope(v), ddu_ = 6.0f * GELU_K * GELU_B * (v), q_ = 1.0f - (x) * (x); \
+        (value) = geluFrom(v, x); \
+        (d1) = geluDerivativeFrom(v, x); \
         (d2) = q_ * du_ + 0.5f * (v) * q_ * (ddu_ - 2.0f * (x) * du_ * du_); \
     } } while (0)
 
@@ -259,61 +291,6 @@ CLONES void topiary_sparsellm_gate(float *s, const float *g, const float *z, con
     case TOPIARY_GATE_RELU:
         if (steps > 0) gateRelu(s, g, z, p, n, a, c);
         break;
-    }
-}
-
-/// GELU-tanh in every lane, v·(1 + tanh(√(2/π)·(v + 0.044715·v³)))/2 with `vtanh`: the value
-/// SparseLLM's gate update takes for GELU-tanh, bit for bit.
-#define vgelu(vin) ({ vf gl_v = (vin); \
-    0.5f * gl_v * (1.0f + vtanh(0.7978845608028654f * (gl_v + 0.044715f * gl_v * gl_v * gl_v))); })
-
-CLONES void topiary_gelu_tanh(const float *x, float *y, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) store(y + i, vgelu(load(x + i)));
-    if (i < n) {
-        vf r = vgelu(loadTail(x + i, n - i, 0));
-        for (ptrdiff_t j = 0; j < n - i; j++) y[i + j] = r[j];
-    }
-}
-
-CLONES void topiary_geglu(float *gate, const float *up, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) store(gate + i, vgelu(load(gate + i)) * load(up + i));
-    if (i < n) {
-        vf r = vgelu(loadTail(gate + i, n - i, 0)) * loadTail(up + i, n - i, 0);
-        for (ptrdiff_t j = 0; j < n - i; j++) gate[i + j] = r[j];
-    }
-}
-
-/// dg and du for 16 elements of GEGLU from their d, g, u: du = d·gelu(g) (the forward's value),
-/// dg = d·(u·gelu′(g)), gelu′ = (1 + t)/2 + g(1 − t²)·√(2/π)(1 + 3·0.044715·g²)/2.
-#define gegluBackward(d, g, u, dg, du) do { \
-    vf gb_g = (g); \
-    vf gb_t = vtanh(0.7978845608028654f * (gb_g + 0.044715f * gb_g * gb_g * gb_g)); \
-    (du) = (d) * (0.5f * gb_g * (1.0f + gb_t)); \
-    vf gb_d = 0.5f * (1.0f + gb_t) + 0.5f * gb_g * (1.0f - gb_t * gb_t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * gb_g * gb_g); \
-    (dg) = (d) * ((u) * gb_d); } while (0)
-
-CLONES void topiary_geglu_backward(const float *d, const float *g, const float *u, float *dg, float *du, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-    vf a, b;
-    for (; i + 16 <= n; i += 16) {
-        gegluBackward(load(d + i), load(g + i), load(u + i), a, b);
-        store(dg + i, a);
-        store(du + i, b);
-    }
-    if (i < n) {
-        gegluBackward(loadTail(d + i, n - i, 0), loadTail(g + i, n - i, 0), loadTail(u + i, n - i, 0), a, b);
-        for (ptrdiff_t j = 0; j < n - i; j++) { dg[i + j] = a[j]; du[i + j] = b[j]; }
-    }
-}
-
-CLONES void topiary_softcap(float *x, ptrdiff_t n, float cap) {
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16) store(x + i, cap * vtanh(load(x + i) / cap));
-    if (i < n) {
-        vf r = cap * vtanh(loadTail(x + i, n - i, 0) / cap);
-        for (ptrdiff_t j = 0; j < n - i; j++) x[i + j] = r[j];
     }
 }
 

@@ -256,10 +256,8 @@ public enum SparseLLM {
             try given.check(inputs: xs, ffn: gate.rows, width: down.rows, what: what)
             (s, z, p, y) = (given.gate, given.up, given.activation, given.output)
         } else {
-            s = xs.map { linear($0, gate, on: backend) }
-            z = xs.map { linear($0, up, on: backend) }
-            p = zip(s, z).map { backend.gatedActivation(gate: $0, up: $1, act) }
-            y = p.map { linear($0, down, on: backend) }
+            let made = xs.map { windowProducts($0, gate: gate, up: up, down: down, activation: act, on: backend) }
+            (s, z, p, y) = (made.map(\.gate), made.map(\.up), made.map(\.activation), made.map(\.output))
         }
         let yNorm = y.reduce(0) { $0 + backend.dot($1, $1) }
         var (wg, wu, wd) = (gate, up, down)

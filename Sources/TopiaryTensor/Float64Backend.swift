@@ -450,7 +450,7 @@ public struct Float64Backend: ComputeBackend {
             }
             var si = sb[i]
             func cost(_ v: Double) -> Double {
-                let r = pi - Self.gateActivation(v, activation).value * zi
+                let r = pi - (activation == .silu ? Self.silu(v) : Self.geluTanh(v)) * zi
                 return a * (v - gi) * (v - gi) + c * r * r
             }
             var f = cost(si)
@@ -479,18 +479,20 @@ public struct Float64Backend: ComputeBackend {
         }
     }
 
-    /// act(v), act′(v) and act″(v) of SiLU or GELU-tanh (the gate's Newton steps).
+    /// act(v), act′(v) and act″(v) of SiLU or GELU-tanh (the gate's Newton steps; GELU-tanh's
+    /// value and slope are the forward's and backward's).
     static func gateActivation(_ v: Double, _ activation: GatedActivation) -> (value: Double, d1: Double, d2: Double) {
         switch activation {
         case .silu:
             let sg = 1 / (1 + exp(-v))
             return (v * sg, sg * (1 + v * (1 - sg)), sg * (1 - sg) * (2 + v * (1 - 2 * sg)))
         case .geluTanh:
+            // act″ = (1 − t²)u′ + v(1 − t²)(u″ − 2tu′²)/2 with t = tanh(u), u = k(v + bv³).
             let b = 0.044715
             let t = tanh(geluC * (v + b * v * v * v)), du = geluC * (1 + 3 * b * v * v), ddu = 6 * geluC * b * v, q = 1 - t * t
-            return (0.5 * v * (1 + t), 0.5 * (1 + t) + 0.5 * v * q * du, q * du + 0.5 * v * q * (ddu - 2 * t * du * du))
+            return (geluTanh(v), geluTanhDerivative(v), q * du + 0.5 * v * q * (ddu - 2 * t * du * du))
         case .relu:
-            return (max(v, 0), v > 0 ? 1 : 0, 0)
+            preconditionFailure("a ReLU gate has its exact minimiser, not Newton steps")
         }
     }
 

@@ -264,6 +264,27 @@ final class KernelTests: XCTestCase {
         XCTAssertTrue(y[0].isNaN)
     }
 
+    typealias GatedBackward = (UnsafePointer<Float>, UnsafePointer<Float>, UnsafePointer<Float>,
+                               UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, Int) -> Void
+
+    /// A gated activation's backward (dg, du) over d, g and u in one call, and in three calls
+    /// over [0, 5), [5, 600) and [600, n).
+    static func wholeAndInParts(_ backward: GatedBackward, d: [Float], g: [Float], u: [Float])
+        -> (whole: ([Float], [Float]), parts: ([Float], [Float])) {
+        let n = d.count
+        var (dg, du) = ([Float](repeating: 0, count: n), [Float](repeating: 0, count: n))
+        var (dgParts, duParts) = (dg, du)
+        backward(d, g, u, &dg, &du, n)
+        d.withUnsafeBufferPointer { dp in g.withUnsafeBufferPointer { gp in u.withUnsafeBufferPointer { up in
+            dgParts.withUnsafeMutableBufferPointer { a in duParts.withUnsafeMutableBufferPointer { b in
+                for (lo, hi) in [(0, 5), (5, 600), (600, n)] {
+                    backward(dp.baseAddress! + lo, gp.baseAddress! + lo, up.baseAddress! + lo, a.baseAddress! + lo, b.baseAddress! + lo, hi - lo)
+                }
+            } }
+        } } }
+        return ((dg, du), (dgParts, duParts))
+    }
+
     /// SwiGLU's backward has the bits of its formula written element by element with the same
     /// exponential, whatever the split of the elements (the tail of a split is a partial vector).
     func testSwigluBackwardHasTheScalarFormulasBits() {
@@ -272,17 +293,7 @@ final class KernelTests: XCTestCase {
         let n = 1_003
         func uniform(_ scale: Double) -> [Float] { (0..<n).map { _ in Float((rng.nextUnit() * 2 - 1) * scale) } }
         let (d, g, u) = (uniform(3), uniform(30), uniform(5))
-        var (dg, du) = ([Float](repeating: 0, count: n), [Float](repeating: 0, count: n))
-        var (dgParts, duParts) = (dg, du)
-        Kernels.swigluBackward(d, gate: g, up: u, dGate: &dg, dUp: &du, n)
-        d.withUnsafeBufferPointer { dp in g.withUnsafeBufferPointer { gp in u.withUnsafeBufferPointer { up in
-            dgParts.withUnsafeMutableBufferPointer { a in duParts.withUnsafeMutableBufferPointer { b in
-                for (lo, hi) in [(0, 5), (5, 600), (600, n)] {
-                    Kernels.swigluBackward(dp.baseAddress! + lo, gate: gp.baseAddress! + lo, up: up.baseAddress! + lo,
-                                           dGate: a.baseAddress! + lo, dUp: b.baseAddress! + lo, hi - lo)
-                }
-            } }
-        } } }
+        let ((dg, du), (dgParts, duParts)) = Self.wholeAndInParts(Kernels.swigluBackward, d: d, g: g, u: u)
         for i in 0..<n {
             let sigma = 1 / (1 + e(-g[i]))
             let expectedUp = d[i] * (g[i] * sigma)
@@ -337,22 +348,12 @@ final class KernelTests: XCTestCase {
         let g = Array(x.prefix(n))
         var gated = g
         Kernels.geglu(gate: &gated, up: u, n)
-        var (dg, du) = ([Float](repeating: 0, count: n), [Float](repeating: 0, count: n))
-        var (dgParts, duParts) = (dg, du)
-        Kernels.gegluBackward(d, gate: g, up: u, dGate: &dg, dUp: &du, n)
-        d.withUnsafeBufferPointer { dp in g.withUnsafeBufferPointer { gp in u.withUnsafeBufferPointer { up in
-            dgParts.withUnsafeMutableBufferPointer { a in duParts.withUnsafeMutableBufferPointer { bb in
-                for (lo, hi) in [(0, 5), (5, 600), (600, n)] {
-                    Kernels.gegluBackward(dp.baseAddress! + lo, gate: gp.baseAddress! + lo, up: up.baseAddress! + lo,
-                                          dGate: a.baseAddress! + lo, dUp: bb.baseAddress! + lo, hi - lo)
-                }
-            } }
-        } } }
+        let ((dg, du), (dgParts, duParts)) = Self.wholeAndInParts(Kernels.gegluBackward, d: d, g: g, u: u)
         for i in 0..<n {
             XCTAssertEqual(gated[i].bitPattern, (gelu(g[i]) * u[i]).bitPattern, "geglu at g=\(g[i])")
             let t = tanhRef(k * (g[i] + b * g[i] * g[i] * g[i]))
             let expectedUp = d[i] * (0.5 * g[i] * (1 + t))
-            let derivative = 0.5 * (1 + t) + 0.5 * g[i] * (1 - t * t) * k * (1 + 3 * b * g[i] * g[i])
+            let derivative = 0.5 * (1 + t) + 0.5 * g[i] * (1 - t * t) * (k * (1 + 3 * b * g[i] * g[i]))
             let expectedGate = d[i] * (u[i] * derivative)
             XCTAssertEqual(du[i].bitPattern, expectedUp.bitPattern, "du at g=\(g[i])")
             XCTAssertEqual(dg[i].bitPattern, expectedGate.bitPattern, "dg at g=\(g[i]), u=\(u[i])")
