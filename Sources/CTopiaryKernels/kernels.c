@@ -1,22 +1,8 @@
 // Element-wise kernels in clang's 16-lane vector types. The loader picks a clone for the CPU
 // (target_clones); no clone contracts a*b+c into an FMA, so all give the same bits.
 #include "topiary_kernels.h"
+#include "lanes.h"
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-#pragma clang fp contract(off)
-
-typedef float vf __attribute__((ext_vector_type(16)));
-typedef int32_t vi __attribute__((ext_vector_type(16)));
-
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
-// The helpers are macros: a function taking or returning a 16-lane vector would have a
-// different ABI in each clone.
-#define splat(x) ((vf)(float)(x))
-#define load(p) ({ vf v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define store(p, v) do { vf s_ = (v); memcpy((p), &s_, sizeof s_); } while (0)
 
 /// e^x in every lane: x = n·ln2 + r with |r| <= ln2/2 (Cody–Waite, ln2 in two parts), e^r by
 /// Cephes' degree-7 polynomial (within 2 ulp over the normal range), times 2^n through the
@@ -45,9 +31,6 @@ typedef int32_t vi __attribute__((ext_vector_type(16)));
 
 /// Lanes 0..15 added in order from -0 (as Swift's SIMD sum()).
 #define laneSum(a) ({ vf a_ = (a); float s_ = -0.0f; for (int l_ = 0; l_ < 16; l_++) s_ += a_[l_]; s_; })
-
-#define loadTail(p, count, fill) ({ vf t_ = splat(fill); const float *q_ = (p); \
-    for (ptrdiff_t j_ = 0; j_ < (count); j_++) t_[j_] = q_[j_]; t_; })
 
 /// The sum of e^(in[i] - shift) in the order the header gives; the exponentials are stored to
 /// `out` unless it is NULL. Inlined into each clone (it takes no vector arguments, so its ABI

@@ -318,7 +318,8 @@ extension CPUBackend {
     }
 }
 
-/// Causal attention through GEMM on host buffers, a block of query rows at a time.
+/// Causal attention on host buffers: the forward by tiles through the register-tiled products of
+/// attention.c, the backward through GEMM a block of query rows at a time.
 enum CPUAttention {
     /// Query rows handled at once; bounds the score scratch to queryBlock x sequenceLength.
     static let queryBlock = 256
@@ -332,7 +333,8 @@ enum CPUAttention {
     /// Causal attention probabilities of query rows `rows` of one head against keys 0..<rows.upperBound
     /// (later keys are masked anyway), into `p` ([rows.count x rows.upperBound]; masked entries 0).
     /// With soft-capping, `capped` (same shape) receives the capped scores, which the backward needs.
-    /// The forward and the backward (which recomputes them) share this, so both see the same bits.
+    /// The backward recomputes P through this (whole rows, one softmax each); the forward's online
+    /// softmax over tiles gives the same probabilities to within rounding, not the same bits.
     static func probabilities(q: UnsafePointer<Float>, qStride: Int, k: UnsafePointer<Float>, kStride: Int, headDim: Int,
                               options: AttentionOptions, rows: Range<Int>, into p: UnsafeMutablePointer<Float>,
                               capped: UnsafeMutablePointer<Float>? = nil) {
@@ -359,10 +361,13 @@ enum CPUAttention {
     /// Flash-style causal attention. A task is one (sequence, key/value head, query tile): the
     /// group's query heads that share the key/value head are stacked into one [group·rows x
     /// headDim] block, and key tiles up to the tile's last row (none above the diagonal) stream
-    /// through it: scores by one GEMM, an online softmax per row (running maximum and sum,
-    /// earlier output rescaled when the maximum grows), and the tile's PV added by a second
-    /// GEMM. No score matrix larger than a tile exists. Tiles are fixed by the shape alone, and
-    /// each task writes only its own output rows, so the bits do not depend on the thread count.
+    /// through it: scores by `Kernels.attentionScores`, an online softmax per row (running
+    /// maximum and sum, earlier output rescaled when the maximum grows), and the tile's PV added
+    /// by `Kernels.attentionValues` (register-tiled products with the keys and values packed
+    /// once per tile, where sgemm packed the query stack and the probabilities again for every
+    /// key tile). No score matrix larger than a tile exists. Tiles are fixed by the shape alone,
+    /// each task writes only its own output rows, and each product is one FMA chain in a fixed
+    /// order, so the bits depend on neither the thread count nor the CPU.
     static func forward(q pq: UnsafePointer<Float>, k pk: UnsafePointer<Float>, v pv: UnsafePointer<Float>, out po: UnsafeMutablePointer<Float>,
                         tokens: Int, shape: AttentionShape, options: AttentionOptions) {
         let t = shape.sequenceLength, headDim = shape.headDim
@@ -374,8 +379,10 @@ enum CPUAttention {
         let pointers = UnsafeSendable((pq, pk, pv, po))
         // The largest tiles (nearest the end of a sequence) first, so the last tasks are short.
         let tasks = sequences * shape.kvHeads * tiles
-        // Scratch: the q stack, the accumulator, a tile of scores, row maxima and sums.
-        Parallel.forEachTask(tasks, scratch: 2 * stacked * headDim + stacked * keyTile + 2 * stacked) { scratch, task in
+        // Scratch: the q stack, the accumulator, a tile of scores, row maxima and sums, and the
+        // panels the key tile's keys, then its values, are packed into for the two products.
+        let panels = Kernels.attentionPanelFloats(keyTile, headDim: headDim)
+        Parallel.forEachTask(tasks, scratch: 2 * stacked * headDim + stacked * keyTile + 2 * stacked + panels) { scratch, task in
             let (pq, pk, pv, po) = pointers.value
             let tile = tiles - 1 - task % tiles
             let kvHead = (task / tiles) % shape.kvHeads
@@ -386,6 +393,7 @@ enum CPUAttention {
             let m = group * rows
             let qs = scratch, acc = scratch + stacked * headDim, s = acc + stacked * headDim
             let rowMax = s + stacked * keyTile, rowSum = rowMax + stacked
+            let panels = rowSum + stacked
             // Stack the group's query heads: row h·rows + r is head (kvHead·group + h), position i0 + r.
             for h in 0..<group {
                 let src = pq + (base + i0) * qDim + (kvHead * group + h) * headDim
@@ -401,8 +409,9 @@ enum CPUAttention {
             while j0 < i1 {
                 let j1 = min(j0 + keyTile, i1)
                 let n = j1 - j0
-                Linalg.sgemm(.none, .transposed, m: m, n: n, k: headDim, alpha: options.scale,
-                             a: qs, lda: headDim, b: kh + j0 * kvDim, ldb: kvDim, beta: 0, c: s, ldc: n, concurrently: false)
+                let mask = Kernels.CausalTile(period: rows, offset: i0 - j0)
+                Kernels.attentionScores(q: qs, ldq: headDim, m: m, keys: kh + j0 * kvDim, ldk: kvDim, n: n, headDim: headDim,
+                                        scale: options.scale, mask: mask, panels: panels, into: s, lds: n)
                 for row in 0..<m {
                     let i = i0 + row % rows
                     let sr = s + row * n
@@ -425,8 +434,8 @@ enum CPUAttention {
                     if lo > 0 { sr.update(repeating: 0, count: lo) }
                     if hi < n { (sr + hi).update(repeating: 0, count: n - hi) }
                 }
-                Linalg.sgemm(.none, .none, m: m, n: headDim, k: n, alpha: 1,
-                             a: s, lda: n, b: vh + j0 * kvDim, ldb: kvDim, beta: 1, c: acc, ldc: headDim, concurrently: false)
+                Kernels.attentionValues(p: s, ldp: n, m: m, values: vh + j0 * kvDim, ldv: kvDim, n: n, headDim: headDim,
+                                        mask: mask, panels: panels, into: acc, ldacc: headDim)
                 j0 = j1
             }
             for h in 0..<group {

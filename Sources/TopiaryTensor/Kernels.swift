@@ -160,6 +160,39 @@ public enum Kernels {
         topiary_softcap(x, n, cap)
     }
 
+    /// Scratch floats for `n` keys or values of `headDim` in the attention products' panels.
+    public static func attentionPanelFloats(_ n: Int, headDim: Int) -> Int { (n + 15) / 16 * 16 * ((headDim + 15) / 16 * 16) }
+
+    /// The causal mask of `attentionScores` and `attentionValues`: row r of the product sees
+    /// columns j < (r mod period) + offset + 1 (a stack of query heads of `period` rows each, the
+    /// first row offset columns past the tile's first key).
+    public struct CausalTile {
+        public var period: Int, offset: Int
+        public init(period: Int, offset: Int) { (self.period, self.offset) = (period, offset) }
+    }
+
+    /// s[r·lds + j] = scale·(q row r · key j) for r < m and the columns j < n that r sees (the
+    /// others hold anything): the keys (n rows of `headDim`, stride ldk) are first packed into
+    /// `panels` (`attentionPanelFloats(n)`), then each score is one fused multiply-add chain over
+    /// the head in order (topiary_attention_scores).
+    public static func attentionScores(q: UnsafePointer<Float>, ldq: Int, m: Int, keys: UnsafePointer<Float>, ldk: Int, n: Int,
+                                       headDim: Int, scale: Float, mask: CausalTile, panels: UnsafeMutablePointer<Float>,
+                                       into s: UnsafeMutablePointer<Float>, lds: Int) {
+        topiary_attention_pack_keys(keys, ldk, n, headDim, panels)
+        topiary_attention_scores(q, ldq, m, panels, n, headDim, scale, mask.period, mask.offset, s, lds)
+    }
+
+    /// acc[r·ldacc + d] += Σ_{j<n} p[r·ldp + j]·values[j][d] for r < m, d < headDim, where p is 0
+    /// at the columns row r does not see: the values (n rows, stride ldv) are first packed into
+    /// `panels`, then each sum is one fused multiply-add chain over j in order, added to acc
+    /// (topiary_attention_values).
+    public static func attentionValues(p: UnsafePointer<Float>, ldp: Int, m: Int, values: UnsafePointer<Float>, ldv: Int, n: Int,
+                                       headDim: Int, mask: CausalTile, panels: UnsafeMutablePointer<Float>,
+                                       into acc: UnsafeMutablePointer<Float>, ldacc: Int) {
+        topiary_attention_pack_values(values, ldv, n, headDim, panels)
+        topiary_attention_values(p, ldp, m, panels, n, headDim, mask.period, mask.offset, acc, ldacc)
+    }
+
     /// GEGLU's backward: dg and du from d = ∂L/∂(gelu(g)·u), with the forward's GELU.
     public static func gegluBackward(_ d: UnsafePointer<Float>, gate g: UnsafePointer<Float>, up u: UnsafePointer<Float>,
                                      dGate: UnsafeMutablePointer<Float>, dUp: UnsafeMutablePointer<Float>, _ n: Int) {

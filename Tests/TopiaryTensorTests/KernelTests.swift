@@ -264,6 +264,58 @@ final class KernelTests: XCTestCase {
         XCTAssertTrue(y[0].isNaN)
     }
 
+    /// The attention tile's two products have the bits of one fused multiply-add chain per output
+    /// written element by element, whatever the clone, for row counts around the six-row register tile,
+    /// column counts around the 16-lane panels and head widths that are and are not multiples of
+    /// 16; the columns a causal mask hides are skipped in the scores (left as they were) and make
+    /// no difference in the sums (they are zero there).
+    func testAttentionProductsHaveTheFMAChainsBits() {
+        var rng = SplitMix64(seed: 11)
+        func uniform(_ n: Int) -> [Float] { (0..<n).map { _ in Float(rng.nextUnit() * 2 - 1) } }
+        for (m, n, headDim, period, offset) in [(13, 37, 20, 13, 100), (12, 16, 64, 6, 0), (7, 33, 8, 7, 5), (1, 1, 16, 1, 0), (24, 40, 17, 8, 9)] {
+            let what = "m \(m), n \(n), head \(headDim), mask \(period)/\(offset) (vector bits \(topiary_kernels_vector_bits()))"
+            let (ldq, ldk) = (headDim + 3, 2 * headDim + 1)
+            let q = uniform(m * ldq), keys = uniform(n * ldk), values = uniform(n * ldk)
+            let scale: Float = 0.37
+            var panels = [Float](repeating: .nan, count: Kernels.attentionPanelFloats(n, headDim: headDim))
+            let sentinel = Float(12345)
+            var s = [Float](repeating: sentinel, count: m * n)
+            let mask = Kernels.CausalTile(period: period, offset: offset)
+            Kernels.attentionScores(q: q, ldq: ldq, m: m, keys: keys, ldk: ldk, n: n, headDim: headDim, scale: scale, mask: mask,
+                                    panels: &panels, into: &s, lds: n)
+            func sees(_ r: Int) -> Int { min(n, r % period + offset + 1) }
+            for r in 0..<m {
+                let groupSees = (r / 6 * 6..<min(r / 6 * 6 + 6, m)).map(sees).max()!
+                for j in 0..<n {
+                    if j < sees(r) {
+                        var sum: Float = 0
+                        for p in 0..<headDim { sum = sum.addingProduct(q[r * ldq + p], keys[j * ldk + p]) }
+                        XCTAssertEqual(s[r * n + j].bitPattern, (sum * scale).bitPattern, "score \(r), \(j): \(what)")
+                    } else if j >= (groupSees + 15) / 16 * 16 {
+                        XCTAssertEqual(s[r * n + j], sentinel, "score \(r), \(j) is past the six rows' last panel: \(what)")
+                    }
+                }
+            }
+            // Probabilities with zeros where the row does not see.
+            var p = uniform(m * n)
+            for r in 0..<m { for j in sees(r)..<n { p[r * n + j] = 0 } }
+            let start = uniform(m * headDim)
+            var acc = start, whole = start
+            Kernels.attentionValues(p: p, ldp: n, m: m, values: values, ldv: ldk, n: n, headDim: headDim, mask: mask,
+                                    panels: &panels, into: &acc, ldacc: headDim)
+            Kernels.attentionValues(p: p, ldp: n, m: m, values: values, ldv: ldk, n: n, headDim: headDim,
+                                    mask: Kernels.CausalTile(period: 1, offset: n), panels: &panels, into: &whole, ldacc: headDim)
+            for r in 0..<m {
+                for d in 0..<headDim {
+                    var sum: Float = 0
+                    for j in 0..<n { sum = sum.addingProduct(p[r * n + j], values[j * ldk + d]) }
+                    XCTAssertEqual(acc[r * headDim + d].bitPattern, (start[r * headDim + d] + sum).bitPattern, "value \(r), \(d): \(what)")
+                    XCTAssertEqual(whole[r * headDim + d].bitPattern, acc[r * headDim + d].bitPattern, "value \(r), \(d) unmasked: \(what)")
+                }
+            }
+        }
+    }
+
     typealias GatedBackward = (UnsafePointer<Float>, UnsafePointer<Float>, UnsafePointer<Float>,
                                UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, Int) -> Void
 

@@ -68,6 +68,38 @@ void topiary_f32_to_bf16(const float *src, void *dst, ptrdiff_t n);
 /// HalfPrecision.floatToFP16 gives them. `dst` need not be aligned.
 void topiary_f32_to_f16(const float *src, void *dst, ptrdiff_t n);
 
+/// The products of one causal attention tile, for one thread (attention.c). Each output is one
+/// fused multiply-add chain over the inner dimension in order from index 0, so the bits are the
+/// same on every CPU and wherever the tile lies.
+///
+/// Keys for `topiary_attention_scores`: n rows of headDim floats (row stride ldk) into panels of
+/// 16 keys, out[j0·headDim + p·16 + j] = k[(j0 + j)·ldk + p] for each j0 a multiple of 16, the
+/// last panel padded with zeros (out holds roundup(n, 16)·headDim floats).
+void topiary_attention_pack_keys(const float *k, ptrdiff_t ldk, ptrdiff_t n, ptrdiff_t headDim, float *out);
+
+/// Values for `topiary_attention_values`: n rows of headDim floats (row stride ldv) into panels
+/// of 16 columns, out[d0·n + j·16 + d] = v[j·ldv + d0 + d] for each d0 a multiple of 16, the last
+/// panel padded with zeros (out holds n·roundup(headDim, 16) floats).
+void topiary_attention_pack_values(const float *v, ptrdiff_t ldv, ptrdiff_t n, ptrdiff_t headDim, float *out);
+
+/// Causal masks in both products: row r sees the columns j < (r mod period) + offset + 1 (and
+/// j < n); period > 0. Rows are done six at a time, and the columns none of the six sees are
+/// skipped (scores) or not summed (values).
+///
+/// s[r·lds + j] = scale·Σ_{p<headDim} q[r·ldq + p]·k[j][p] for r < m and the columns j that r sees
+/// (the rest of the row's n entries hold anything), k packed by `topiary_attention_pack_keys`;
+/// the sum is fmaf(q, k, sum) from p = 0 starting at +0, then multiplied by scale.
+void topiary_attention_scores(const float *q, ptrdiff_t ldq, ptrdiff_t m, const float *kPacked, ptrdiff_t n,
+                              ptrdiff_t headDim, float scale, ptrdiff_t period, ptrdiff_t offset,
+                              float *s, ptrdiff_t lds);
+
+/// acc[r·ldacc + d] += Σ_j p[r·ldp + j]·v[j][d] for r < m and d < headDim, the sum over j < n,
+/// which must be 0 at the columns r does not see; v packed by `topiary_attention_pack_values`.
+/// The sum is fmaf(p, v, sum) from j = 0 starting at +0 (with finite values the zeros change
+/// nothing, so the columns skipped make no difference to the bits), then added to acc.
+void topiary_attention_values(const float *p, ptrdiff_t ldp, ptrdiff_t m, const float *vPacked, ptrdiff_t n,
+                              ptrdiff_t headDim, ptrdiff_t period, ptrdiff_t offset, float *acc, ptrdiff_t ldacc);
+
 /// Which clone the loader chose: 512 (AVX-512), 256 (AVX2) or 128 (baseline).
 int topiary_kernels_vector_bits(void);
 
