@@ -161,26 +161,38 @@ public enum Perplexity {
         return backend.download(try model.loadHead(embedding: embedding).logits(x, on: backend))
     }
 
-    /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count, logits computed in row
-    /// chunks on `backend` and reduced on the host in row order.
+    /// Vocabulary entries whose logits `meanCrossEntropy` takes at once, for every position.
+    static let vocabularyBlock = 2048
+
+    /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count.
+    ///
+    /// The logits of all positions are taken against `vocabularyBlock` entries of the vocabulary
+    /// at a time (16 MB at 2048 positions; one GEMM of every position per block, so the
+    /// classifier is read and packed once, where row chunks read all of it per chunk), and each
+    /// row's log-sum-exp is carried across the blocks online: its running maximum m and the
+    /// Double sum of e^(x − m), rescaled by e^(m_old − m_new) when a block raises the maximum.
+    /// (`BlockedCrossEntropy`). The bits do not depend on the thread count; the mean adds the
+    /// rows in order.
     public static func meanCrossEntropy(head: Head, hidden: Tensor, targets: [Int], on backend: any ComputeBackend) -> Double {
         if let f64 = backend as? Float64Backend { return meanCrossEntropy(head: head, hidden: hidden, targets: targets, on: f64) }
-        let chunk = 128
-        var total = 0.0
-        var r0 = 0
-        while r0 < targets.count {
-            let r1 = min(r0 + chunk, targets.count)
-            let logits = head.logits(hidden, rows: r0..<r1, on: backend)
-            let v = logits.cols
-            logits.withUnsafeBufferPointer { p in
-                for r in 0..<(r1 - r0) {
-                    let row = p.baseAddress! + r * v
-                    total += Kernels.logSumExp(row, v) - Double(row[targets[r0 + r]])
-                }
-            }
-            r0 = r1
+        let rows = targets.count
+        guard rows > 0 else { return .nan }
+        let features = head.features(rows == hidden.rows ? hidden : backend.copy(hidden.region(rows: 0..<rows)), on: backend)
+        let classifier = backend.upload(head.classifier)
+        let vocabulary = head.classifier.rows
+        var loss = BlockedCrossEntropy(targets: targets)
+        var block: Tensor?
+        var v0 = 0
+        while v0 < vocabulary {
+            let v1 = min(v0 + vocabularyBlock, vocabulary)
+            if block?.cols != v1 - v0 { block = backend.zeros(rows: rows, cols: v1 - v0) }
+            let logits = block!
+            backend.gemm(features.all, .none, classifier.region(rows: v0..<v1), .transposed, alpha: 1, beta: 0, into: logits.all)
+            if let cap = head.config.finalLogitSoftcap { backend.softcap(logits, cap: cap) }
+            backend.download(logits).withUnsafeBufferPointer { loss.add($0.baseAddress!, first: v0, width: v1 - v0) }
+            v0 = v1
         }
-        return total / Double(targets.count)
+        return loss.losses.reduce(0, +) / Double(rows)
     }
 
     /// The same in Float64: the logits come to the host unrounded and the log-softmax is taken in Float64.

@@ -121,6 +121,11 @@ public enum Kernels {
         return Double(m) + log(topiary_sum_exp_shifted(p, n, m))
     }
 
+    /// The sum of e^(p[i] − shift) for i < n, added as `logSumExp` adds it (Double).
+    public static func sumExpShifted(_ p: UnsafePointer<Float>, _ n: Int, shift: Float) -> Double {
+        topiary_sum_exp_shifted(p, n, shift)
+    }
+
     /// y[i] = silu(x[i]) in the CPU's vectors, with the 16-lane exponential of `swiglu`.
     public static func silu(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, _ n: Int) {
         topiary_silu(x, y, n)
@@ -327,5 +332,49 @@ public enum Kernels {
                 }
             }
         }
+    }
+}
+
+/// −log softmax(row)[target] for every row of logits that arrive in blocks of columns (a
+/// vocabulary too wide to hold every position's logits at once): each row's log-sum-exp is
+/// carried online, its running maximum m and the Double sum of e^(x − m) (`sumExpShifted`),
+/// rescaled by e^(m_old − m_new) when a block raises the maximum. Rows are independent, so the
+/// bits depend on the blocks' order but not on the thread count.
+public struct BlockedCrossEntropy: Sendable {
+    public let targets: [Int]
+    var maxima: [Float], sums: [Double], chosen: [Float]
+
+    public init(targets: [Int]) {
+        self.targets = targets
+        (maxima, sums, chosen) = (Array(repeating: -.infinity, count: targets.count), Array(repeating: 0, count: targets.count),
+                                  Array(repeating: .nan, count: targets.count))
+    }
+
+    /// Adds columns first..<first + width of every row: `block` is row-major, `width` apart.
+    public mutating func add(_ block: UnsafePointer<Float>, first: Int, width: Int) {
+        let targets = self.targets
+        maxima.withUnsafeMutableBufferPointer { m in sums.withUnsafeMutableBufferPointer { s in chosen.withUnsafeMutableBufferPointer { c in
+            let state = UnsafeSendable((block, m.baseAddress!, s.baseAddress!, c.baseAddress!))
+            Parallel.forEach(targets.count, chunk: 16) { range in
+                let (block, maxima, sums, chosen) = state.value
+                for r in range {
+                    let row = block + r * width
+                    let blockMax = Kernels.maximum(row, width)
+                    if blockMax > maxima[r] {
+                        if sums[r] > 0 { sums[r] *= exp(Double(maxima[r]) - Double(blockMax)) }
+                        maxima[r] = blockMax
+                    }
+                    // Before any finite logit, the block's are -inf (adding 0) or NaN (adding NaN).
+                    sums[r] += Kernels.sumExpShifted(row, width, shift: maxima[r] > -.infinity ? maxima[r] : 0)
+                    if targets[r] >= first, targets[r] < first + width { chosen[r] = row[targets[r] - first] }
+                }
+            }
+        } } }
+    }
+
+    /// −log softmax at each row's target, in row order (NaN where a row's target was never in a
+    /// block, or its logits were not finite).
+    public var losses: [Double] {
+        (0..<targets.count).map { r in Double(maxima[r]) + log(sums[r]) - Double(chosen[r]) }
     }
 }

@@ -184,6 +184,51 @@ final class KernelTests: XCTestCase {
         XCTAssertEqual(Kernels.logSumExp(x, n), reference, accuracy: 2e-6)
     }
 
+    /// The cross-entropy of logits that arrive in blocks of columns (eval's head) equals the
+    /// Double reference row by row for any block width, including rows whose maximum comes in a
+    /// later block and rows whose first blocks are all -inf; the bits do not depend on the thread
+    /// count; a row whose target no block held, or with a NaN logit, gives NaN.
+    func testBlockedCrossEntropyMatchesTheWholeRow() {
+        let saved = CPUBackend.threadCount
+        defer { CPUBackend.setThreadCount(saved) }
+        var rng = SplitMix64(seed: 12)
+        let (rows, cols) = (37, 1_000)
+        var logits = (0..<(rows * cols)).map { _ in Float(rng.nextUnit() * 30 - 15) }
+        for j in 0..<cols { logits[3 * cols + j] = Float(j) / 10 }                      // maximum in the last block
+        for j in 0..<600 { logits[4 * cols + j] = -.infinity }                           // first blocks all -inf
+        logits[5 * cols + 17] = .nan
+        let targets = (0..<rows).map { ($0 * 389) % cols }
+        func blocked(width: Int) -> [Double] {
+            var loss = BlockedCrossEntropy(targets: targets)
+            var block = [Float](repeating: 0, count: rows * width)
+            var v0 = 0
+            while v0 < cols {
+                let w = min(width, cols - v0)
+                for r in 0..<rows { for j in 0..<w { block[r * w + j] = logits[r * cols + v0 + j] } }
+                loss.add(block, first: v0, width: w)
+                v0 += w
+            }
+            return loss.losses
+        }
+        for width in [1, 7, 64, 333, 1_000] {
+            CPUBackend.setThreadCount(1)
+            let one = blocked(width: width)
+            CPUBackend.setThreadCount(3)
+            let three = blocked(width: width)
+            XCTAssertEqual(one.map(\.bitPattern), three.map(\.bitPattern), "width \(width)")
+            for r in 0..<rows {
+                let row = (0..<cols).map { Double(logits[r * cols + $0]) }
+                let m = row.max()!
+                let reference = m + log(row.reduce(0) { $0 + exp($1 - m) }) - row[targets[r]]
+                if r == 5 { XCTAssertTrue(three[r].isNaN, "width \(width)"); continue }
+                XCTAssertEqual(three[r], reference, accuracy: 1e-5 * max(1, Swift.abs(reference)), "row \(r), width \(width)")
+            }
+        }
+        var partial = BlockedCrossEntropy(targets: [5])
+        partial.add([1, 2, 3], first: 0, width: 3)
+        XCTAssertTrue(partial.losses[0].isNaN, "the target was in no block")
+    }
+
     func testActivations() {
         func silu(_ x: Float) -> Float {
             var y: Float = 0
