@@ -161,18 +161,19 @@ public enum Perplexity {
         return backend.download(try model.loadHead(embedding: embedding).logits(x, on: backend))
     }
 
-    /// Vocabulary entries whose logits `meanCrossEntropy` takes at once, for every position.
-    static let vocabularyBlock = 2048
+    /// Vocabulary entries whose logits `meanCrossEntropy` takes at once for `rows` positions:
+    /// 2048, fewer for windows beyond 2048 positions so that a block stays near 16 MB (at least
+    /// 256 entries).
+    static func vocabularyBlock(rows: Int) -> Int { max(256, min(2048, (1 << 22) / max(rows, 1))) }
 
     /// Mean of -log softmax(logits[r])[targets[r]] over r < targets.count.
     ///
     /// The logits of all positions are taken against `vocabularyBlock` entries of the vocabulary
-    /// at a time (16 MB at 2048 positions; one GEMM of every position per block, so the
-    /// classifier is read and packed once, where row chunks read all of it per chunk), and each
-    /// row's log-sum-exp is carried across the blocks online: its running maximum m and the
+    /// at a time (about 16 MB; one GEMM of every position per block, so the classifier is read
+    /// and packed once, where row chunks read all of it per chunk), and each row's log-sum-exp is
+    /// carried across the blocks online (`BlockedCrossEntropy`): its running maximum m and the
     /// Double sum of e^(x − m), rescaled by e^(m_old − m_new) when a block raises the maximum.
-    /// (`BlockedCrossEntropy`). The bits do not depend on the thread count; the mean adds the
-    /// rows in order.
+    /// The bits do not depend on the thread count; the mean adds the rows in order.
     public static func meanCrossEntropy(head: Head, hidden: Tensor, targets: [Int], on backend: any ComputeBackend) -> Double {
         if let f64 = backend as? Float64Backend { return meanCrossEntropy(head: head, hidden: hidden, targets: targets, on: f64) }
         let rows = targets.count
@@ -181,10 +182,11 @@ public enum Perplexity {
         let classifier = backend.upload(head.classifier)
         let vocabulary = head.classifier.rows
         var loss = BlockedCrossEntropy(targets: targets)
+        let width = vocabularyBlock(rows: rows)
         var block: Tensor?
         var v0 = 0
         while v0 < vocabulary {
-            let v1 = min(v0 + vocabularyBlock, vocabulary)
+            let v1 = min(v0 + width, vocabulary)
             if block?.cols != v1 - v0 { block = backend.zeros(rows: rows, cols: v1 - v0) }
             let logits = block!
             backend.gemm(features.all, .none, classifier.region(rows: v0..<v1), .transposed, alpha: 1, beta: 0, into: logits.all)
