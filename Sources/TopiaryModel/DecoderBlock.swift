@@ -111,6 +111,9 @@ public struct DeviceBlock: Sendable {
     let tensors: [String: Tensor]
     /// RMSNorm weights as the family applies them (Gemma-2 scales by 1 + w), by name.
     let normWeights: [String: Tensor]
+    /// Linears whose products this block does not make (`withoutProducts`): each still shows
+    /// its input to the pass's observer, and gives zeros.
+    let skipped: Set<String>
 
     init(_ block: DecoderBlock, backend: any ComputeBackend) {
         config = block.config
@@ -127,14 +130,28 @@ public struct DeviceBlock: Sendable {
             }
         }
         normWeights = norms
+        skipped = []
     }
 
-    private init(config: ModelConfig, index: Int, backend: any ComputeBackend, tensors: [String: Tensor], normWeights: [String: Tensor]) {
+    private init(config: ModelConfig, index: Int, backend: any ComputeBackend, tensors: [String: Tensor], normWeights: [String: Tensor],
+                 skipped: Set<String>) {
         self.config = config
         self.index = index
         self.backend = backend
         self.tensors = tensors
         self.normWeights = normWeights
+        self.skipped = skipped
+    }
+
+    /// The same block for a pass that only collects the linears' inputs: the linears named (by
+    /// name, without ".weight") show their inputs to the observer but make no product, and give
+    /// zeros in its place, so the block's output is not its output. For the feed-forward's last
+    /// linears (down_proj, fc2, each expert's), whose products feed nothing but the output: a
+    /// statistics pass whose output no one reads saves their FLOPs (a quarter of a LLaMA
+    /// block's linear work).
+    public func withoutProducts(of names: Set<String>) -> DeviceBlock {
+        for name in names where tensors[name + ".weight"] == nil { preconditionFailure("block \(index) has no tensor \(name).weight") }
+        return DeviceBlock(config: config, index: index, backend: backend, tensors: tensors, normWeights: normWeights, skipped: skipped.union(names))
     }
 
     /// The same block with some linears' weights replaced (by name, without ".weight"), without a transfer.
@@ -146,7 +163,7 @@ public struct DeviceBlock: Sendable {
             precondition(old.rows == w.rows && old.cols == w.cols, "block \(index): \(key) is \(old), its replacement \(w)")
             t[key] = w
         }
-        return DeviceBlock(config: config, index: index, backend: backend, tensors: t, normWeights: normWeights)
+        return DeviceBlock(config: config, index: index, backend: backend, tensors: t, normWeights: normWeights, skipped: skipped)
     }
 
     /// The linear layers in forward order (names without ".weight").
@@ -199,6 +216,7 @@ public struct DeviceBlock: Sendable {
     /// y = x Wᵀ (+ b), reporting the input to the observer first.
     func apply(_ linear: String, _ x: Tensor, _ observer: LinearObserver?) -> Tensor {
         observer?(linear, x)
+        if skipped.contains(linear) { return backend.zeros(rows: x.rows, cols: weight(linear).rows) }
         return backend.linear(x, weight(linear), bias: bias(linear))
     }
 

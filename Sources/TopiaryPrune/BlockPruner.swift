@@ -31,6 +31,9 @@ public struct PrunePlan: Sendable, Equatable, Codable {
     /// default, yes for the methods that build the input Hessian anyway, no for Wanda,
     /// magnitude and BESA without its refit, whose only reason to build it would be this report).
     public var linearErrors: Bool? = nil
+    /// How many windows measure each block's output error when the method reads no other dense
+    /// output (nil: `BlockPruner.outputErrorSample`; at least the window count: all of them).
+    public var outputErrorSample: Int? = nil
 
     public init(method: PruneMethod, pattern: SparsityPattern, sparseGPT: SparseGPTPruner.Options = .init(),
                 sparseLLM: SparseLLM.Options? = nil, targets: TargetMode = .sequential, besa: BESA.Options? = nil,
@@ -49,6 +52,12 @@ public struct PrunePlan: Sendable, Equatable, Codable {
 
     /// Whether each linear's errors (LinearReport.errorBefore/After) are measured.
     public var measuresLinearErrors: Bool { linearErrors ?? solvesWithHessian }
+
+    /// Whether the method reads the dense block's output of every window: BESA reconstructs it,
+    /// and SparseLLM starts from the dense pass's feed-forward products. The other methods read
+    /// it only for the block's output error, measured on a sample of the windows
+    /// (`BlockPruner.outputErrorWindows`).
+    public var readsDenseOutputs: Bool { method == .besa || method == .sparsellm }
 
     /// Whether the method's solve reads the input Hessian: SparseGPT's and SparseLLM's always,
     /// BESA's only for its refit (`--besa-reconstruct`; its learning ranks by the input norms).
@@ -92,6 +101,9 @@ public struct BlockReport: Sendable, Codable {
     public var linears: [LinearReport]
     /// ‖Y_dense − Y_pruned‖² / ‖Y_dense‖² of the block output on its (pruned-so-far) inputs.
     public var outputError: Double
+    /// The windows `outputError` was measured on, when not all of them
+    /// (`BlockPruner.outputErrorWindows`).
+    public var outputErrorWindows: Int? = nil
     public var seconds: Double
     /// SparseLLM: the objective and FFN output error after each outer iteration.
     public var sparseLLM: [SparseLLM.IterationReport]? = nil
@@ -269,7 +281,7 @@ public struct BlockPruner: Sendable {
         /// Runs window s forward: its inputs to chained groups are kept (`collect`), those to
         /// groups this replica owns kept until they are folded, the others sent to their owners
         /// (`absent` when a window never reached a linear).
-        func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String],
+        func forwardSharing(_ x: Tensor, sample s: Int, kind: ReplicaKey.Kind, keys wanted: [String], through device: DeviceBlock,
                             add: @escaping (String, Tensor) -> Void) throws -> Tensor {
             guard let exchange else {
                 return device.forward(x, sequenceLength: sequenceLength, rope: rope, expertCalibration: experts,
@@ -295,9 +307,18 @@ public struct BlockPruner: Sendable {
             pending[s] = own
             return y
         }
+        // The dense output is kept for the windows that read it (all of them, or the output
+        // error's sample); the other windows' passes only collect the linears' inputs, without
+        // the feed-forward's last product.
+        let measured = Self.outputErrorWindows(n, plan: plan)
+        let measuredSet = Set(measured)
+        let inputsOnly = device.withoutProducts(of: Set(feedForwards.map(\.outputLinear)))
+        var skippedWindows = 0
         for s in mine {
-            let y = try forwardSharing(try inputs.tensor(s), sample: s, kind: .statisticsInput, keys: allKeys, add: collect)
-            try denseOutputs.set(s, y)
+            let keeps = measuredSet.contains(s)
+            let y = try forwardSharing(try inputs.tensor(s), sample: s, kind: .statisticsInput, keys: allKeys, through: keeps ? device : inputsOnly,
+                                       add: collect)
+            if keeps { try denseOutputs.set(s, y) } else { skippedWindows += 1 }
         }
         try fold(kind: .statisticsInput, keys: allKeys.filter { sentToOwner($0, .statisticsInput) && owns($0) }, into: collect)
         if let exchange, !chained.isEmpty {
@@ -315,13 +336,17 @@ public struct BlockPruner: Sendable {
             statisticsFLOPs += outcome.flops
             waitingSeconds += outcome.waiting
         }
-        var denseFLOPs = forwardFLOPs
+        // The feed-forwards' last products that the windows without a kept output skipped (an
+        // expert's share: top-k of the experts).
+        let outputMACs = feedForwards.reduce(0.0) { $0 + Double(device.weight($1.outputLinear).count) }
+            * (feedForwards.count > 1 ? Double(max(block.config.expertsPerToken, 1)) / Double(feedForwards.count) : 1)
+        var denseFLOPs = forwardFLOPs - Double(skippedWindows) * 2 * outputMACs * Double(sequenceLength)
         if collectsFFNInputs && plan.targets == .dense {
             guard let targets else { throw PruneError.shape("block \(block.index): SparseLLM with dense targets needs the dense activations") }
             let wanted = ffnInputLinears.sorted()
             let addTarget: (String, Tensor) -> Void = { name, x in ffnInputs[name, default: []].append(x) }
             for s in mine {
-                _ = try forwardSharing(try targets.tensor(s), sample: s, kind: .targetInput, keys: wanted, add: addTarget)
+                _ = try forwardSharing(try targets.tensor(s), sample: s, kind: .targetInput, keys: wanted, through: device, add: addTarget)
             }
             try fold(kind: .targetInput, keys: wanted.filter(owns), into: addTarget)
             denseFLOPs += forwardFLOPs
@@ -530,22 +555,24 @@ public struct BlockPruner: Sendable {
             let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
             prunedForwardSeconds += clock().timeIntervalSince(forwardStart)
             guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
-            let dense = try denseOutputs.tensor(s)
-            let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))
-            // The window's dense output has no other reader: free it before the next window's
-            // output is stored, so the pruned pass does not hold three streams at once.
-            denseOutputs.release(s)
-            if role.rank == 0 {
-                terms[s] = term
-            } else {
-                try exchange!.send(ReplicaKey(block: block.index, kind: .outputError, index: s), .bytes(Self.encode([term.0, term.1])), to: 0)
+            if measuredSet.contains(s) {
+                let dense = try denseOutputs.tensor(s)
+                let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))
+                // The window's dense output has no other reader: free it before the next window's
+                // output is stored, so the pruned pass does not hold three streams at once.
+                denseOutputs.release(s)
+                if role.rank == 0 {
+                    terms[s] = term
+                } else {
+                    try exchange!.send(ReplicaKey(block: block.index, kind: .outputError, index: s), .bytes(Self.encode([term.0, term.1])), to: 0)
+                }
             }
             try outputs.set(s, y)
         }
-        // The error over windows in window order, as one process adds it.
+        // The error over the measured windows in window order, as one process adds it.
         var num = 0.0, den = 0.0
         if role.rank == 0 {
-            for s in 0..<n {
+            for s in measured {
                 let term: (num: Double, den: Double)
                 if let t = terms[s] {
                     term = t
@@ -562,10 +589,11 @@ public struct BlockPruner: Sendable {
             let spill = Self.spillSeconds(inputs, denseOutputs, outputs) - spillMark
             profile.add(.spill, seconds: spill)
             profile.add(.prunedForward, seconds: prunedForwardSeconds, flops: forwardFLOPs)
-            let elements = Double(mine.count * inputs.rows * inputs.cols)
+            let elements = Double(mine.filter(measuredSet.contains).count * inputs.rows * inputs.cols)
             profile.add(.errorMetrics, seconds: max(0, clock().timeIntervalSince(phaseStart) - prunedForwardSeconds - spill), flops: 4 * elements)
         }
         var report = BlockReport(block: block.index, linears: linears, outputError: den > 0 ? num / den : 0,
+                                 outputErrorWindows: measured.count < n ? measured.count : nil,
                                  seconds: Date().timeIntervalSince(start), sparseLLM: jointReports, sparseLLMChosen: jointChosen,
                                  besa: besaSummary,
                                  expertTokens: feedForwards.count > 1 ? feedForwards.map { tokensSeen[$0.inputLinear] ?? 0 } : nil)
@@ -771,6 +799,22 @@ public struct BlockPruner: Sendable {
     /// Seconds the stores have spent on their spill files so far.
     static func spillSeconds(_ stores: ActivationStore?...) -> Double {
         stores.reduce(0) { $0 + ($1?.spillSeconds ?? 0) }
+    }
+
+    /// At most this many windows measure a block's output error when the method reads no other
+    /// dense output (`PrunePlan.readsDenseOutputs`).
+    public static let outputErrorSample = 4
+
+    /// The windows of n on which a block's output error is measured, in order: all of them when
+    /// the method reads every dense output anyway or n is at most the plan's sample
+    /// (`outputErrorSample` unless it says), otherwise that many spread evenly from window 0. The other windows' dense pass skips the
+    /// feed-forward's last product (its output has no reader) and keeps no output: at SmolLM2's
+    /// shape a quarter of the pass's linear FLOPs, and at 8B with 128 windows of 2048 tokens
+    /// 4.3 GB of dense outputs a block that no longer have to be held or spilled.
+    public static func outputErrorWindows(_ n: Int, plan: PrunePlan) -> [Int] {
+        let k = max(1, plan.outputErrorSample ?? outputErrorSample)
+        guard !plan.readsDenseOutputs, n > k else { return Array(0..<n) }
+        return (0..<k).map { $0 * n / k }
     }
 
     /// Above this many FLOPs per quadratic form (rows x columns², 2^34: a 4096 x 4096 linear), the

@@ -80,6 +80,49 @@ final class PipelineTests: XCTestCase {
         XCTAssertTrue(reports[0].linears.allSatisfy { $0.errorAfter != nil && $0.errorBefore != nil })
     }
 
+    /// SparseGPT, Wanda and magnitude read the dense block output only for the output error,
+    /// measured on 4 of the 8 windows (0, 2, 4, 6): the other windows' dense pass skips the
+    /// feed-forward's last product. The weights are those of a run that measures every window,
+    /// and the error is the one the dense and pruned blocks give on those 4 windows.
+    func testOutputErrorOnItsSampleOfWindowsLeavesTheWeightsAlone() throws {
+        let (model, tokens) = try stories()
+        XCTAssertEqual(BlockPruner.outputErrorWindows(8, plan: PrunePlan(method: .sparsegpt, pattern: .unstructured(0.5))), [0, 2, 4, 6])
+        XCTAssertEqual(BlockPruner.outputErrorWindows(3, plan: PrunePlan(method: .wanda, pattern: .unstructured(0.5))), [0, 1, 2])
+        XCTAssertEqual(BlockPruner.outputErrorWindows(8, plan: PrunePlan(method: .besa, pattern: .unstructured(0.5))), Array(0..<8))
+        XCTAssertEqual(BlockPruner.outputErrorWindows(8, plan: PrunePlan(method: .sparsellm, pattern: .unstructured(0.5))), Array(0..<8))
+        let windows = try Calibration.windows(tokens: tokens, samples: 8, sequenceLength: 128, seed: 0)
+        for method in [PruneMethod.sparsegpt, .wanda, .magnitude] {
+            let plan = PrunePlan(method: method, pattern: .unstructured(0.5))
+            var every = plan
+            every.outputErrorSample = 8
+            let (sampled, sampledReports) = try run(model, tokens: tokens, plan: plan, layers: 0...1)
+            let (all, allReports) = try run(model, tokens: tokens, plan: every, layers: 0...1)
+            for (s, a) in zip(sampledReports, allReports) {
+                XCTAssertEqual(s.outputErrorWindows, 4, "\(method)")
+                XCTAssertNil(a.outputErrorWindows, "\(method)")
+                XCTAssertEqual(s.linears.map(\.errorAfter), a.linears.map(\.errorAfter), "\(method) block \(s.block)")
+                XCTAssertNotEqual(s.outputError, a.outputError, "\(method) block \(s.block): 4 windows of 8 give another mean")
+            }
+            for b in 0...1 {
+                XCTAssertEqual(try sampled.prunedModel().loadBlock(b).tensors, try all.prunedModel().loadBlock(b).tensors, "\(method) block \(b)")
+            }
+            // Block 0's error by hand: its dense and pruned outputs on the embeddings of windows 0, 2, 4 and 6.
+            let (dense, pruned) = (try model.loadBlock(0), try sampled.prunedModel().loadBlock(0))
+            let rope = dense.config.ropeTable(positions: 128)
+            let embedding = try model.loadEmbedding()
+            var (num, den) = (0.0, 0.0)
+            for w in [0, 2, 4, 6] {
+                let x = embedding.embed(windows[w], sequenceLength: 128)
+                let (yd, yp) = (dense.forward(x, sequenceLength: 128, rope: rope), pruned.forward(x, sequenceLength: 128, rope: rope))
+                for (d, p) in zip(yd.values, yp.values) {
+                    num += Double(d - p) * Double(d - p)
+                    den += Double(d) * Double(d)
+                }
+            }
+            XCTAssertEqual(sampledReports[0].outputError, num / den, accuracy: 1e-9 * num / den, "\(method)")
+        }
+    }
+
     func testLayerRangeLeavesOtherBlocksDense() throws {
         let (model, tokens) = try stories()
         let (pipeline, reports) = try run(model, tokens: tokens, plan: PrunePlan(method: .wanda, pattern: .nOfM(n: 2, m: 4)), layers: 1...2)

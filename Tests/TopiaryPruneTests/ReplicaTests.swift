@@ -102,6 +102,32 @@ final class ReplicaTests: XCTestCase {
         try check("tiny-mixtral", PrunePlan(method: .wanda, pattern: .unstructured(0.5), expertCalibration: .all), replicas: [2])
     }
 
+    /// In every family, the dense pass of the windows outside the output error's sample makes
+    /// no feed-forward output product (`DeviceBlock.withoutProducts`) and shows the linears the
+    /// same inputs: the weights and the next block's inputs are those of a block that measures
+    /// the error on every window, with one process and with replicas.
+    func testEveryFamilyCollectsTheSameStatisticsWithoutTheFeedForwardsOutput() throws {
+        for fixture in ["tiny-llama3", "tiny-qwen3", "tiny-gemma2", "tiny-phi3", "tiny-opt", "tiny-opt-postln", "tiny-mixtral"] {
+            let model = try LanguageModel.open(path: TestPaths.fixture(fixture))
+            let w = try windows(model, count: 5, length: 16, seed: 11)
+            for method in [PruneMethod.sparsegpt, .wanda] {
+                var (sampled, every) = (PrunePlan(method: method, pattern: .unstructured(0.5)), PrunePlan(method: method, pattern: .unstructured(0.5)))
+                sampled.outputErrorSample = 1
+                every.outputErrorSample = 5
+                let reference = try prune(model, plan: every, windows: w, sequenceLength: 16, replicas: 1)
+                XCTAssertNil(reference.report.outputErrorWindows)
+                for replicas in [1, 2] {
+                    let r = try prune(model, plan: sampled, windows: w, sequenceLength: 16, replicas: replicas)
+                    XCTAssertEqual(r.report.outputErrorWindows, 1, "\(fixture) \(method)")
+                    XCTAssertEqual(r.block.tensors, reference.block.tensors, "\(fixture) \(method) with \(replicas) replicas")
+                    XCTAssertEqual(r.outputs, reference.outputs, "\(fixture) \(method) with \(replicas) replicas")
+                    XCTAssertEqual(r.report.linears.map(\.errorAfter), reference.report.linears.map(\.errorAfter), "\(fixture) \(method)")
+                    XCTAssertGreaterThan(r.report.outputError, 0, "\(fixture) \(method)")
+                }
+            }
+        }
+    }
+
     func testSparseLLMWithDenseTargetsGivesTheSameBitsWithReplicas() throws {
         try check("tiny-llama", PrunePlan(method: .sparsellm, pattern: .unstructured(0.6), sparseLLM: .llama, targets: .dense), replicas: [2, 3], targets: true)
         try check("tiny-llama", PrunePlan(method: .besa, pattern: .unstructured(0.6), targets: .dense, besa: BESA.Options(epochs: 1)), replicas: [2], targets: true)

@@ -33,6 +33,7 @@ public enum PruneReport {
                 return linear
             },
         ]
+        if let windows = r.outputErrorWindows { json["output_error_windows"] = windows }
         if let chosen = r.sparseLLMChosen { json["sparsellm_chosen_iteration"] = chosen }
         if let tokens = r.expertTokens { json["expert_tokens"] = tokens }
         if let b = r.besa { json["besa"] = besaBlock(b) }

@@ -41,6 +41,14 @@ public enum FeedForward: Sendable, Equatable {
         }
     }
 
+    /// The linear whose product is the feed-forward's output.
+    public var outputLinear: String {
+        switch self {
+        case .gated(_, _, let down): return down
+        case .plain(_, let fc2): return fc2
+        }
+    }
+
     public var linears: [String] {
         switch self {
         case .gated(let g, let u, let d): return [g, u, d]
