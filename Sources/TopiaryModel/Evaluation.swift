@@ -12,6 +12,8 @@ public enum EvaluationError: Error, CustomStringConvertible, Equatable {
     case nonFiniteLoss(path: String, window: Int, windows: Int, firstToken: Int, sequenceLength: Int, loss: Double, source: String)
     /// Every loss is finite, but their mean is too large for exp (perplexity above 10^308).
     case perplexityOverflow(path: String, meanLoss: Double)
+    /// Generation's next-token logits hold a NaN or an infinity (`source` as for `nonFiniteLoss`).
+    case nonFiniteLogits(path: String, position: Int, source: String)
 
     public var description: String {
         switch self {
@@ -27,6 +29,8 @@ public enum EvaluationError: Error, CustomStringConvertible, Equatable {
             return "\(p): window \(w + 1) of \(n) (tokens \(first)..<\(first + t)) has a non-finite loss (\(loss)); non-finite values first appeared in \(source)"
         case .perplexityOverflow(let p, let mean):
             return "\(p): the mean loss is \(mean) nats, so perplexity exp(\(mean)) is too large to represent"
+        case .nonFiniteLogits(let p, let position, let source):
+            return "\(p): the logits for the token at position \(position) are not finite (NaN or infinite), so there is no next token to choose; non-finite values first appeared in \(source)"
         }
     }
 }
@@ -247,8 +251,16 @@ public enum Generation {
             // Recomputes the whole sequence each step; fine for the short looks this command is for.
             var x = embedding.embed(ids, sequenceLength: ids.count, on: backend)
             let rope = c.ropeTable(positions: ids.count)
-            for b in blocks { x = b.forward(x, sequenceLength: ids.count, rope: rope) }
+            var firstNonFinite: String? = backend.allFinite(x) ? nil : "the token embedding"
+            for (i, b) in blocks.enumerated() {
+                x = b.forward(x, sequenceLength: ids.count, rope: rope)
+                if firstNonFinite == nil, !backend.allFinite(x) { firstNonFinite = "the output of block \(i)" }
+            }
             let logits = head.logits(x, rows: (ids.count - 1)..<ids.count, on: backend)
+            // An argmax over NaNs would pick token 0 at every step, silently.
+            guard logits.withUnsafeBufferPointer({ p in p.allSatisfy { $0.isFinite } }) else {
+                throw EvaluationError.nonFiniteLogits(path: model.path, position: ids.count, source: firstNonFinite ?? "the final norm and logits (every block's output was finite)")
+            }
             let next = logits.withUnsafeBufferPointer { p -> Int in
                 var best = 0
                 for i in 1..<p.count where p[i] > p[best] { best = i }

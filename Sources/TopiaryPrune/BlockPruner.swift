@@ -554,7 +554,19 @@ public struct BlockPruner: Sendable {
             let forwardStart = clock()
             let y = pruned.forward(x, sequenceLength: sequenceLength, rope: rope)
             prunedForwardSeconds += clock().timeIntervalSince(forwardStart)
-            guard backend.allFinite(y) else { throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))") }
+            guard backend.allFinite(y) else {
+                // Say whose values were not finite before blaming the solve: the input, or the
+                // checkpoint's own tensors.
+                if !backend.allFinite(x) {
+                    throw PruneError.numerical("block \(block.index): its input for window \(s) is not finite (NaN or infinite values from the embedding or an earlier block)")
+                }
+                if let bad = block.tensors.keys.sorted().first(where: { name in
+                    block.tensors[name]!.withUnsafeBufferPointer { !$0.allSatisfy(\.isFinite) }
+                }) {
+                    throw PruneError.numerical("block \(block.index): the model's tensor \(bad) holds NaN or infinite values, so the block's output is not finite (window \(s))")
+                }
+                throw PruneError.numerical("block \(block.index): pruned block output is not finite (sample \(s))")
+            }
             if measuredSet.contains(s) {
                 let dense = try denseOutputs.tensor(s)
                 let term = (backend.chunkedSquaredDistance(y, dense), backend.chunkedDot(dense, dense))

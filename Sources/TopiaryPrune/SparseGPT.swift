@@ -158,6 +158,8 @@ public enum SparseGPTPruner {
                              threshold: ((_ scores: Tensor, _ k: Int) throws -> Float)? = nil,
                              on backend: any ComputeBackend) throws -> TensorResult {
         let rows = w.rows, cols = w.cols
+        // A NaN in the checkpoint's own weight would come out of the solve as its failure.
+        guard backend.allFinite(w) else { throw PruneError.numerical("\(what): the weight to prune holds NaN or infinite values (the model's own, before any update)") }
         let chunk = rowChunk(rows: totalRows ?? rows)
         var loss = 0.0
         var i1 = 0

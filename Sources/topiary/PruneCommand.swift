@@ -400,6 +400,16 @@ enum PruneCommand: Command {
 
         let model = try CommonOptions.openModel(args)
         let c = model.config
+        if case .nOfM(let n, let m) = pattern {
+            // N:M groups M consecutive inputs of each row: a linear whose input width M does not
+            // divide would have a short last group (all of it zeroed when shorter than N).
+            for i in 0..<c.layerCount {
+                let linears = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
+                if let bad = c.family.blockTensors(c, block: i).first(where: { linears.contains($0.name) && $0.cols % m != 0 }) {
+                    throw UsageError(message: "topiary prune: --pattern \(n):\(m) needs every linear's input width to be a multiple of \(m), and \(bad.name) of \(model.path) has \(bad.cols) inputs")
+                }
+            }
+        }
         let givenSeqlen = try args.int("calib-seqlen", in: 1...c.maxPositions)
         if let length = generateSpec?.sequenceLength {
             if let givenSeqlen, givenSeqlen != length {

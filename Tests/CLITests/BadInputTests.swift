@@ -14,6 +14,67 @@ final class BadInputTests: XCTestCase {
         }
     }
 
+    /// `eval --logits` replaces the file it names: never an input, nor a directory, checked
+    /// before the evaluation; the inputs are untouched.
+    func testLogitsFileIsNeverAnInput() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let model = dir.appendingPathComponent("m.bin").path, tokenizer = dir.appendingPathComponent("tok.bin").path
+        let text = dir.appendingPathComponent("t.txt").path
+        try FileManager.default.copyItem(atPath: CLI.asset("stories260K/stories260K.bin"), toPath: model)
+        try FileManager.default.copyItem(atPath: CLI.asset("stories260K/tok512.bin"), toPath: tokenizer)
+        try Data(String(repeating: "Once upon a time there was a girl. ", count: 8).utf8).write(to: URL(fileURLWithPath: text))
+        let before = try [model, tokenizer, text].map { try Data(contentsOf: URL(fileURLWithPath: $0)) }
+        let base = ["eval", "--model", model, "--tokenizer", tokenizer, "--text", text, "--seqlen", "16", "--windows", "1"]
+        for (target, what) in [(model, "the model"), (tokenizer, "the tokenizer"), (text, "the text")] {
+            try expectError(base + ["--logits", target], mentions: [target, "--logits", what])
+        }
+        try expectError(base + ["--logits", dir.path], mentions: [dir.path, "is a directory"])
+        try expectError(base + ["--logits", dir.appendingPathComponent("none/x.json").path], mentions: ["does not exist"])
+        try expectError(["eval", "--model", CLI.fixture("tiny-llama"), "--text", text, "--seqlen", "8",
+                         "--logits", CLI.fixture("tiny-llama") + "/logits.json"], mentions: ["lies in the model"])
+        XCTAssertEqual(try [model, tokenizer, text].map { try Data(contentsOf: URL(fileURLWithPath: $0)) }, before)
+        let logits = dir.appendingPathComponent("logits.json").path
+        let ok = try CLI.run(base + ["--logits", logits], timeout: 120)
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertEqual((try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: logits))) as? [[Double]])?.count, 16)
+    }
+
+    /// NaN weights in the checkpoint: generate stops with an error naming the block where the
+    /// values turned non-finite, instead of emitting token 0; prune names the tensor, not its solve.
+    func testNonFiniteWeightsAreNamedNotBlamedOnTheWork() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("nan.bin").path
+        var data = try Data(contentsOf: URL(fileURLWithPath: CLI.asset("stories260K/stories260K.bin")))
+        // llama2.c: a 28-byte header (dim 64, vocabulary 512, 5 layers), the embedding, the
+        // attention norms, then wq: its first ten values of layer 0 become NaN.
+        let wq = 28 + 4 * (512 * 64 + 5 * 64)
+        for i in 0..<10 { data.replaceSubrange((wq + 4 * i)..<(wq + 4 * i + 4), with: withUnsafeBytes(of: Float.nan.bitPattern.littleEndian) { Data($0) }) }
+        try data.write(to: URL(fileURLWithPath: path))
+        let tokenizer = CLI.asset("stories260K/tok512.bin")
+        try expectError(["generate", "--model", path, "--tokenizer", tokenizer, "--prompt", "Once", "--max-tokens", "3"],
+                        mentions: [path, "not finite", "block 0"])
+        let prune = ["prune", "--model", path, "--tokenizer", tokenizer, "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
+                     "--calib-samples", "2", "--calib-seqlen", "16", "--sparsity", "0.5"]
+        let wanda = try CLI.run(prune + ["--method", "wanda", "--output", dir.appendingPathComponent("w").path], timeout: 120)
+        XCTAssertEqual(wanda.status, 1, wanda.stderr)
+        XCTAssertTrue(wanda.stderr.contains("model.layers.0.self_attn.q_proj.weight holds NaN"), wanda.stderr)
+        let sparseGPT = try CLI.run(prune + ["--method", "sparsegpt", "--output", dir.appendingPathComponent("s").path], timeout: 120)
+        XCTAssertEqual(sparseGPT.status, 1, sparseGPT.stderr)
+        XCTAssertTrue(sparseGPT.stderr.contains("q_proj: the weight to prune holds NaN"), sparseGPT.stderr)
+    }
+
+    /// N:M needs M to divide every linear's input width (stories260K's down_proj has 172).
+    func testPatternWhoseGroupsDoNotFitTheLinearsIsRefused() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        for pattern in ["6:8", "1000:1024", "1:172"] {
+            try expectError(["prune", "--model", CLI.asset("stories260K/stories260K.bin"), "--tokenizer", CLI.asset("stories260K/tok512.bin"),
+                             "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"), "--method", "magnitude", "--pattern", pattern,
+                             "--output", dir.appendingPathComponent("out").path],
+                            exitCode: 2, mentions: ["--pattern \(pattern)", "multiple of"])
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("out").path))
+    }
+
     func testTruncatedLlama2CCheckpoint() throws {
         let dir = try CLI.temporaryDirectory(self)
         let path = dir.appendingPathComponent("stories-truncated.bin").path

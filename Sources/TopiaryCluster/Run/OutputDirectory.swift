@@ -38,6 +38,11 @@ public enum OutputDirectory {
     public struct Protected {
         public let label: String
         public let path: String
+
+        public init(label: String, path: String) {
+            self.label = label
+            self.path = path
+        }
     }
 
     /// The paths every command protects, with those given: the working directory first.
@@ -65,6 +70,33 @@ public enum OutputDirectory {
             }
         }
         try checkExisting(path, overwrite: overwrite)
+    }
+
+    /// Checks an output file (`eval --logits`) before any work: it is written to a temporary
+    /// name and renamed over `path`, so `path` must not be one of the inputs (nor inside one
+    /// that is a directory, e.g. a Hugging Face model) and must not be a directory; its parent
+    /// must be an existing directory. An existing other file is replaced, as its option says.
+    public static func checkFile(_ path: String, option: String, command: String, protecting: [Protected]) throws {
+        guard !path.isEmpty else { throw OutputDirectoryError(usage: "topiary \(command): --\(option) is empty; give the name of a file to write") }
+        let target = canonical(path)
+        for p in protecting where !p.path.isEmpty {
+            let other = canonical(p.path)
+            var isDirectory: ObjCBool = false
+            let inside = FileManager.default.fileExists(atPath: other, isDirectory: &isDirectory) && isDirectory.boolValue
+                && target.hasPrefix(other == "/" ? "/" : other + "/")
+            if other == target || inside {
+                throw OutputDirectoryError("\(path): cannot be the --\(option) file: it \(other == target ? "is" : "lies in") \(p.label) (\(p.path)), which it would replace or change; give a file of its own")
+            }
+        }
+        var st = stat()
+        if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
+            throw OutputDirectoryError("\(path): is a directory; --\(option) takes the name of a file to write")
+        }
+        let parent = (target as NSString).deletingLastPathComponent
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: parent.isEmpty ? "/" : parent, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw OutputDirectoryError("\(path): cannot be written: its directory \(parent) does not exist or is not a directory")
+        }
     }
 
     /// An existing `path`: refused when it is a link or a file, or not empty unless overwriting a
