@@ -62,6 +62,7 @@ public enum HuggingFaceExport {
         var out = c
         out.ropeLayout = .rotateHalf
         let dtype = dtype ?? defaultDType(for: model)
+        try model.checkEmbeddingAndHeadTensors()
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let layout = try writeNonWeightFiles(model: model, config: out, dtype: dtype, to: directory)
 

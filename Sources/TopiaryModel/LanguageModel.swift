@@ -188,6 +188,31 @@ public final class LanguageModel: Sendable {
         return Embedding(config: c, tokens: tokens, positions: positions, projectIn: projectIn)
     }
 
+    /// The tensors outside the blocks that `loadEmbedding` and `loadHead` read: the token
+    /// embedding, OPT's positions and projections, the final norm and an untied lm_head.
+    public var embeddingAndHeadTensors: [String] {
+        let c = config
+        var names = [WeightNames.tokenEmbedding(c.architecture)]
+        if c.architecture == .opt {
+            names.append(WeightNames.positionEmbedding)
+            if c.wordEmbedProjDim != c.hiddenSize { names += [WeightNames.projectIn, WeightNames.projectOut] }
+        }
+        if c.architecture != .opt || c.finalLayerNorm { names += WeightNames.finalNorm(c.architecture) }
+        let tied = c.tieWordEmbeddings || weights.entry(WeightNames.lmHead) == nil && c.architecture == .opt
+        if !tied { names.append(WeightNames.lmHead) }
+        return names
+    }
+
+    /// Throws the error that loading it gives (missing, or of a type this reader cannot decode)
+    /// for the first of `embeddingAndHeadTensors` that the weights cannot place; decodes nothing
+    /// for a file source. A writer calls it before it writes, so that a checkpoint without its
+    /// final norm is refused rather than written without it, as eval refuses it.
+    public func checkEmbeddingAndHeadTensors() throws {
+        for name in embeddingAndHeadTensors where weights.entry(name) == nil {
+            _ = try weights.load(name)
+        }
+    }
+
     /// Final norm, projection and classifier after the last block.
     public func loadHead(embedding: Embedding? = nil) throws -> Head {
         let c = config

@@ -63,6 +63,8 @@ enum InspectCommand: Command {
             if !patterns.contains(where: { $0 == (n, m) }) { patterns.append((n, m)) }
         }
         let model = try CommonOptions.openModel(args)
+        // Only the blocks are read below; a model without its embedding or head is still refused.
+        try model.checkEmbeddingAndHeadTensors()
         let c = model.config
         print("\(model.path): \(c.architecture.rawValue), \(c.layerCount) blocks, hidden \(c.hiddenSize), format \(model.format.rawValue)")
         let header = "linear".padding(toLength: 44, withPad: " ", startingAt: 0) + "  shape          sparsity  " + patterns.map { "\($0.0):\($0.1)" }.joined(separator: "  ")

@@ -125,6 +125,34 @@ final class BadInputTests: XCTestCase {
                         mentions: [path, "blk.0.attn_k.weight", "Q4_K"])
     }
 
+    /// A GGUF without its final norm: convert and inspect refuse it, as eval does, instead of
+    /// writing (or reporting) a model without model.norm.weight.
+    func testGGUFWithoutItsFinalNorm() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("tiny.gguf").path
+        var b = GGUFBuilder.tinyLlama()
+        b.tensors.removeAll { $0.name == "output_norm.weight" }
+        try Data(b.bytes()).write(to: URL(fileURLWithPath: path))
+        let out = dir.appendingPathComponent("out").path
+        try expectError(["convert", "--model", path, "--output", out], mentions: [path, "'output_norm.weight' is missing"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+        try expectError(["inspect", "--model", path], mentions: [path, "'output_norm.weight' is missing"])
+    }
+
+    /// A tensor count one too low (the last description, output_norm.weight, not read): the data
+    /// section seems to start early and the norm's bytes are left over; refused, naming the count.
+    func testGGUFTensorCountTooLow() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let path = dir.appendingPathComponent("tiny.gguf").path
+        let b = GGUFBuilder.tinyLlama()
+        var bytes = b.bytes()
+        withUnsafeBytes(of: UInt64(b.tensors.count - 1).littleEndian) { bytes.replaceSubrange(8..<16, with: $0) }
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        for command in [["convert", "--output", dir.appendingPathComponent("out").path], ["inspect"]] {
+            try expectError(command + ["--model", path], mentions: [path, "'blk.0.ffn_down.weight'", "tensor count \(b.tensors.count - 1) too low"])
+        }
+    }
+
     func testConfigMissingARequiredField() throws {
         let dir = try CLI.temporaryDirectory(self)
         let model = dir.appendingPathComponent("tiny-llama")

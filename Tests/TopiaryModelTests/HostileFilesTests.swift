@@ -18,6 +18,10 @@ struct RawGGUF {
         var values: [Float] = []
         /// The data offset written for the tensor (nil: where the writer puts its data).
         var offset: UInt64? = nil
+        /// Bytes written as the tensor's data instead of `values` as F32 (another type's blocks).
+        var raw: [UInt8]? = nil
+
+        var data: [UInt8] { raw ?? values.flatMap { withUnsafeBytes(of: $0.bitPattern.littleEndian, Array.init) } }
     }
     var metadata: [(String, Value)] = []
     var tensors: [Tensor] = []
@@ -76,23 +80,35 @@ struct RawGGUF {
             case .f64(let x): put(UInt32(12)); put(x.bitPattern)
             }
         }
-        var offset: UInt64 = 0
-        let a = UInt64(max(alignment, 1))
-        for t in tensors {
+        let a = max(alignment, 1)
+        for (t, offset) in zip(tensors, dataOffsets()) {
             put(t.name)
             put(UInt32(t.dims.count))
             for d in t.dims.reversed() { put(d) }
             put(t.type)
             put(t.offset ?? offset)
-            offset += (UInt64(t.values.count * 4) + a - 1) / a * a
         }
-        while out.count % Int(a) != 0 { out.append(0) }
+        while out.count % a != 0 { out.append(0) }
         for t in tensors {
-            for v in t.values { put(v.bitPattern) }
-            while out.count % Int(a) != 0 { out.append(0) }
+            out += t.data
+            while out.count % a != 0 { out.append(0) }
         }
         return out
     }
+
+    /// Where the writer puts each tensor's data in the data section: one after another, each
+    /// padded to the alignment.
+    func dataOffsets() -> [UInt64] {
+        let a = UInt64(max(alignment, 1))
+        var offset: UInt64 = 0
+        return tensors.map { t in
+            defer { offset += (UInt64(t.data.count) + a - 1) / a * a }
+            return offset
+        }
+    }
+
+    /// The index of tensor `name`.
+    func index(_ name: String) -> Int { tensors.firstIndex { $0.name == name }! }
 }
 
 /// Hostile and careless files: every one is refused with one line naming the file and the field
@@ -173,11 +189,163 @@ final class HostileFilesTests: XCTestCase {
             g.tensors[g.tensors.count - 1].offset = offset
             refused(try write(g.bytes()), naming: ["output.weight"] + words)
         }
-        // The same unsupported tensor where it belongs: the file opens (the tensor is refused when used).
+        // An unsupported tensor of whole Q4_K blocks where it belongs: the file opens (the tensor
+        // is refused when used).
         g = RawGGUF.llama()
         g.tensors[g.tensors.count - 1].type = 12
+        g.tensors[g.tensors.count - 1].dims = [32, 8]
+        g.tensors[g.tensors.count - 1].raw = [UInt8](repeating: 0, count: 144)
         let gguf = try GGUFFile(path: try write(g.bytes()))
         XCTAssertEqual(gguf.unsupportedTensors["output.weight"], "Q4_K")
+        // A type whose size is unknown (99), or a Q4_K tensor of a part block: its extent, and so
+        // its neighbours', cannot be checked, and the file is refused naming it.
+        for (type, name) in [(UInt32(99), "ggml type 99"), (12, "Q4_K")] {
+            g = RawGGUF.llama()
+            g.tensors[g.tensors.count - 1].type = type
+            refused(try write(g.bytes()), naming: ["output.weight", "unsupported type \(name)"])
+        }
+    }
+
+    // MARK: Tensor extents
+
+    /// The tensors tile the data section: the first at 0, each next one where the one before
+    /// ends (rounded up to the alignment), nothing after the last but padding. Anything else is a
+    /// tensor read from another's bytes, or bytes no tensor owns, and is refused naming both.
+    func testOverlappingTensorsAreRefused() throws {
+        let clean = RawGGUF.llama()
+        let offsets = clean.dataOffsets()
+        let down = clean.index("blk.0.ffn_down.weight")
+        // On top of token_embd, inside ffn_up (its neighbour before), and 32 bytes late.
+        var g = clean
+        g.tensors[down].offset = 0
+        refused(try write(g.bytes()), naming: ["'blk.0.ffn_down.weight' at data offset 0 overlaps tensor 'token_embd.weight'",
+                                               "512 bytes at data offset 0", "expected 'blk.0.ffn_down.weight' at data offset 512"])
+        g = clean
+        g.tensors[down].offset = offsets[down] - 32
+        refused(try write(g.bytes()), naming: ["'blk.0.ffn_down.weight' at data offset \(offsets[down] - 32) overlaps tensor 'blk.0.ffn_up.weight'",
+                                               "expected 'blk.0.ffn_down.weight' at data offset \(offsets[down])"])
+        g = clean
+        g.tensors[down].offset = offsets[down] + 32
+        refused(try write(g.bytes()), naming: ["'blk.0.ffn_up.weight'", "ends at \(offsets[down])", "'blk.0.ffn_down.weight' is at data offset \(offsets[down] + 32)",
+                                               "expected it at \(offsets[down])", "32 bytes between belong to no tensor"])
+        // The data section starting with bytes that belong to no tensor.
+        g = clean
+        g.tensors[0].offset = offsets[1]
+        g.tensors[1].offset = offsets[1] - 32
+        refused(try write(g.bytes()), naming: ["first tensor", "'blk.0.attn_norm.weight'", "data offset \(offsets[1] - 32)", "expected 0"])
+    }
+
+    func testATypeThatDisagreesWithTheDataIsRefused() throws {
+        // F32 -> F16: the tensor takes half its bytes, and a gap is left before the next one.
+        var g = RawGGUF.llama()
+        let gate = g.index("blk.0.ffn_gate.weight")
+        g.tensors[gate].type = 1
+        let offsets = g.dataOffsets()
+        refused(try write(g.bytes()), naming: ["'blk.0.ffn_gate.weight' (F16, shape [16, 8], 256 bytes at data offset \(offsets[gate]))",
+                                               "next tensor 'blk.0.ffn_up.weight' is at data offset \(offsets[gate + 1])",
+                                               "expected it at \(offsets[gate] + 256)"])
+        // F16 data described as F32: the tensor runs into its neighbour.
+        g = RawGGUF.llama()
+        g.tensors[0].raw = g.tensors[0].values.flatMap { withUnsafeBytes(of: HalfPrecision.floatToFP16($0).littleEndian, Array.init) }
+        g.tensors[0].type = 1
+        XCTAssertNoThrow(try GGUFFile(path: try write(g.bytes())), "the F16 embedding as written")
+        g.tensors[0].type = 0
+        refused(try write(g.bytes()), naming: ["'blk.0.attn_norm.weight' at data offset 256 overlaps tensor 'token_embd.weight' (F32, shape [16, 8], 512 bytes at data offset 0)"])
+        // Q8_0 blocks described as Q4_0: a gap.
+        g = RawGGUF.llama()
+        g.tensors[0].raw = [UInt8](repeating: 0, count: 4 * 34)
+        g.tensors[0].type = 8
+        XCTAssertNoThrow(try GGUFFile(path: try write(g.bytes())), "the Q8_0 embedding as written")
+        g.tensors[0].type = 2
+        refused(try write(g.bytes()), naming: ["'token_embd.weight' (Q4_0, shape [16, 8], 72 bytes at data offset 0) ends at 72", "expected it at 96"])
+    }
+
+    func testTheLastTensorPastTheEndOfTheFileIsRefused() throws {
+        // The last tensor's F16 data described as F32: 256 bytes past the end.
+        var g = RawGGUF.llama()
+        let last = g.tensors.count - 1
+        g.tensors[last].raw = g.tensors[last].values.flatMap { withUnsafeBytes(of: HalfPrecision.floatToFP16($0).littleEndian, Array.init) }
+        g.tensors[last].type = 1
+        XCTAssertNoThrow(try GGUFFile(path: try write(g.bytes())), "the F16 head as written")
+        g.tensors[last].type = 0
+        refused(try write(g.bytes()), naming: ["'output.weight'", "past the end of the file"])
+        // A larger shape for the last tensor.
+        g = RawGGUF.llama()
+        g.tensors[last].dims = [32, 8]
+        refused(try write(g.bytes()), naming: ["'output.weight'", "past the end of the file"])
+    }
+
+    /// A tensor count one too low: the header ends one description early, so the data section
+    /// seems to start early, every tensor is read from the wrong bytes, and the last one's data
+    /// is left over at the end; refused, naming the count.
+    func testATensorCountTooLowIsRefused() throws {
+        let g = RawGGUF.llama()
+        var bytes = g.bytes()
+        withUnsafeBytes(of: UInt64(g.tensors.count - 1).littleEndian) { bytes.replaceSubrange(8..<16, with: $0) }
+        refused(try write(bytes), naming: ["the last tensor in the data section, 'output_norm.weight'", "expected at most 31 bytes of padding",
+                                           "is the tensor count \(g.tensors.count - 1) too low?"])
+    }
+
+    /// The extents of the real SmolLM2 file (Q8_0, Q4_1 and F32 tensors) pass; its corruptions
+    /// that once opened, evaluated to a wrong perplexity or converted with a tensor missing do not.
+    func testSmolLM2CorruptedDescriptionsAreRefused() throws {
+        let source = TestAssets.smolLM2
+        guard FileManager.default.fileExists(atPath: source) else { throw MissingAsset(source) }
+        let original = try Data(contentsOf: URL(fileURLWithPath: source))
+        let gguf = try GGUFFile(path: source)
+        XCTAssertEqual(gguf.tensorNames.count, 272)
+        let dir = try makeTemporaryDirectory("topiary-hostile")
+        /// The byte offset of the type field of tensor `name`'s description.
+        func typeField(_ name: String) -> Int {
+            let key = withUnsafeBytes(of: UInt64(name.utf8.count).littleEndian, Array.init) + Array(name.utf8)
+            let at = original.range(of: Data(key))!.upperBound
+            return at + 4 + 8 * Int(original[at])
+        }
+        func corrupted(_ name: String, _ change: (inout Data) -> Void) throws -> String {
+            var data = original
+            change(&data)
+            let path = dir.appendingPathComponent(name).path
+            try data.write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        // blk.0.attn_norm.weight F32 -> F16 (eval read it, and every tensor after, from the wrong bytes).
+        var path = try corrupted("f16-norm.gguf") { $0[typeField("blk.0.attn_norm.weight")] = 1 }
+        assertCheckpointError(try GGUFFile(path: path)) {
+            guard case .invalidHeader(path, let d) = $0 else { return false }
+            return d.contains("'blk.0.attn_norm.weight' (F16, shape [576], 1152 bytes at data offset 30081024)") && d.contains("'blk.0.ffn_down.weight'")
+                && d.contains("expected it at 30082176")
+        }
+        // The tensor count 272 -> 271: output_norm.weight is not described, and its bytes are left over.
+        path = try corrupted("count.gguf") { $0[8] = UInt8(271 & 0xFF) }
+        assertCheckpointError(try GGUFFile(path: path)) {
+            guard case .invalidHeader(path, let d) = $0 else { return false }
+            return d.contains("tensor count 271") && d.contains("'blk.9.attn_v.weight'")
+        }
+    }
+
+    /// A model without a tensor its head needs is not converted: it used to be written without
+    /// its final norm, or without an lm_head of a type this reader cannot decode.
+    func testConvertRefusesAModelWithoutItsFinalNormOrWithAnUndecodableHead() throws {
+        var g = RawGGUF.llama()
+        g.tensors.removeAll { $0.name == "output_norm.weight" }
+        var path = try write(g.bytes())
+        let out = try makeTemporaryDirectory("topiary-hostile").appendingPathComponent("converted").path
+        assertCheckpointError(try HuggingFaceExport.write(model: try LanguageModel.open(path: path), to: out)) {
+            $0 == .missingTensor(path: path, tensor: "output_norm.weight")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out), "wrote \(out)")
+        // An lm_head of whole Q5_0 blocks: the file opens, the head is refused, not left out.
+        g = RawGGUF.llama()
+        let head = g.index("output.weight")
+        g.tensors[head].type = 6
+        g.tensors[head].raw = [UInt8](repeating: 0, count: 4 * 22)
+        path = try write(g.bytes())
+        assertCheckpointError(try HuggingFaceExport.write(model: try LanguageModel.open(path: path), to: out)) {
+            $0 == .unsupportedType(path: path, tensor: "output.weight", type: "Q5_0")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out), "wrote \(out)")
+        // The complete model converts.
+        XCTAssertNoThrow(try HuggingFaceExport.write(model: try LanguageModel.open(path: try write(RawGGUF.llama().bytes())), to: out))
     }
 
     func testSafeTensorsShapesThatOverflowAreRefused() throws {

@@ -43,12 +43,29 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
 
     /// GGML type ids this reader decodes.
     static let supportedTypes: [UInt32: TensorDType] = [0: .f32, 1: .f16, 2: .q4_0, 3: .q4_1, 8: .q8_0, 30: .bf16]
-    static let typeNames: [UInt32: String] = [
-        0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-        10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
-        18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16",
-        26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16",
+    /// Every ggml type this reader knows, decodable or not: its name and block layout (elements
+    /// per block, bytes per block, as ggml's type traits give them), so that the byte extent of
+    /// any tensor can be checked against its neighbours even when its type cannot be decoded.
+    static let ggmlTypes: [UInt32: (name: String, blockElements: Int, blockBytes: Int)] = [
+        0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+        7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+        12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+        16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+        20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+        24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+        29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
     ]
+
+    /// The name of ggml type `type` ("Q4_K"), or "ggml type N" for an id this reader does not know.
+    static func typeName(_ type: UInt32) -> String { ggmlTypes[type]?.name ?? "ggml type \(type)" }
+
+    /// Bytes taken by `count` elements of ggml type `type`, or nil when the type is unknown, the
+    /// elements do not fill whole blocks, or the size does not fit in an `Int`.
+    static func byteCount(type: UInt32, elements count: Int) -> Int? {
+        guard let t = ggmlTypes[type], count >= 0, count % t.blockElements == 0 else { return nil }
+        let (bytes, overflow) = (count / t.blockElements).multipliedReportingOverflow(by: t.blockBytes)
+        return overflow ? nil : bytes
+    }
 
     // Bounds on header counts so that a corrupt header gives an error, not a huge allocation.
     private static let maxCount: UInt64 = 1 << 24
@@ -130,7 +147,8 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             pending.append((name, shape, type, offset))
         }
         let dataStart = (r.offset + alignment - 1) / alignment * alignment
-        for (name, shape, type, relOffset) in pending {
+        var extents: [TensorExtent] = []
+        for (index, (name, shape, type, relOffset)) in pending.enumerated() {
             // Every tensor, decodable or not, starts on the alignment and inside the file.
             guard relOffset % UInt64(alignment) == 0 else {
                 throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has data offset \(relOffset), expected a multiple of the alignment \(alignment)\(meta["general.alignment"] == nil ? " (the default; general.alignment is absent)" : " (general.alignment)")")
@@ -139,22 +157,74 @@ public final class GGUFFile: TensorSource, @unchecked Sendable {
             guard !start.overflow, start.partialValue <= file.size else {
                 throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: start.overflow ? Int.max : start.partialValue, fileSize: file.size)
             }
-            guard let dtype = Self.supportedTypes[type] else {
-                // Recorded, and refused only when the tensor is used.
-                tensorNames.append(name)
-                unsupported[name] = Self.typeNames[type] ?? "ggml type \(type)"
-                continue
-            }
             let count = ShapeMath.elementCount(shape)!
-            guard let bytes = dtype.byteCount(elements: count) else {
-                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks or too many for a file")
+            let dtype = Self.supportedTypes[type]
+            guard let bytes = Self.byteCount(type: type, elements: count) else {
+                if let dtype {
+                    throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(name)' has \(count) elements, not a whole number of \(dtype.rawValue) blocks or too many for a file")
+                }
+                // Without its size the tensor's extent, and so every other tensor's, cannot be checked.
+                throw CheckpointError.unsupportedType(path: path, tensor: name, type: Self.typeName(type))
             }
             guard bytes <= file.size - start.partialValue else {
                 let end = start.partialValue.addingReportingOverflow(bytes)
                 throw CheckpointError.tensorOutOfBounds(path: path, tensor: name, end: end.overflow ? Int.max : end.partialValue, fileSize: file.size)
             }
-            entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start.partialValue, byteCount: bytes)
+            extents.append(TensorExtent(index: index, name: name, shape: shape, type: Self.typeName(type), offset: Int(relOffset), byteCount: bytes))
             tensorNames.append(name)
+            if let dtype {
+                entries[name] = TensorEntry(name: name, shape: shape, dtype: dtype, offset: start.partialValue, byteCount: bytes)
+            } else {
+                // Recorded, and refused only when the tensor is used.
+                unsupported[name] = Self.typeName(type)
+            }
+        }
+        try Self.checkLayout(extents, alignment: alignment, dataStart: dataStart, fileSize: file.size, path: path)
+    }
+
+    /// Where one tensor's bytes lie in the data section, as its description says.
+    struct TensorExtent {
+        /// Its place among the tensor descriptions.
+        var index: Int
+        var name: String
+        var shape: [Int]
+        var type: String
+        /// Bytes from the start of the data section.
+        var offset: Int
+        var byteCount: Int
+        var end: Int { offset + byteCount }
+
+        var described: String { "'\(name)' (\(type), shape \(shape), \(byteCount) bytes at data offset \(offset))" }
+    }
+
+    /// Checks that the tensors tile the data section as llama.cpp writes it: in order of offset,
+    /// the first at offset 0 and each next one exactly where the one before ends, rounded up to
+    /// the alignment, and nothing after the last but padding to the alignment. An overlap, a gap
+    /// or bytes left over mean that a type, a shape, an offset or the tensor count is wrong, and
+    /// that some tensor would be read from another's bytes.
+    static func checkLayout(_ extents: [TensorExtent], alignment: Int, dataStart: Int, fileSize: Int, path: String) throws {
+        func aligned(_ n: Int) -> Int { (n + alignment - 1) / alignment * alignment }
+        // An empty tensor may share its offset with the next one: it comes first.
+        let sorted = extents.sorted { ($0.offset, $0.byteCount > 0 ? 1 : 0, $0.index) < ($1.offset, $1.byteCount > 0 ? 1 : 0, $1.index) }
+        var previous: TensorExtent?
+        for t in sorted {
+            let expected = previous.map { aligned($0.end) } ?? 0
+            guard t.offset != expected else {
+                previous = t
+                continue
+            }
+            guard let p = previous else {
+                throw CheckpointError.invalidHeader(path: path, detail: "the first tensor in the data section, '\(t.name)', is at data offset \(t.offset), expected 0: \(t.offset) bytes belong to no tensor")
+            }
+            if t.offset < p.end {
+                throw CheckpointError.invalidHeader(path: path, detail: "tensor '\(t.name)' at data offset \(t.offset) overlaps tensor \(p.described), which ends at \(p.end): expected '\(t.name)' at data offset \(expected)")
+            }
+            throw CheckpointError.invalidHeader(path: path, detail: "tensor \(p.described) ends at \(p.end), but the next tensor '\(t.name)' is at data offset \(t.offset): expected it at \(expected) (the end rounded up to the alignment \(alignment)); the \(t.offset - p.end) bytes between belong to no tensor")
+        }
+        // llama.cpp pads after the last tensor too; more than that was described by a tensor the header does not count.
+        if let last = previous, fileSize - dataStart > aligned(last.end) {
+            let extra = fileSize - dataStart - last.end
+            throw CheckpointError.invalidHeader(path: path, detail: "the last tensor in the data section, \(last.described), ends at byte \(dataStart + last.end) but the file has \(fileSize) bytes: expected at most \(alignment - 1) bytes of padding after it, found \(extra) (is the tensor count \(extents.count) too low?)")
         }
     }
 
