@@ -14,7 +14,7 @@ import TopiaryTensor
 /// of every M inputs. Unstructured sparsity rises along a cubic ramp over the first half of the
 /// iterations (gradual pruning: the mask can change while the weights move) and is the target
 /// after. ρ grows by `rhoGrowth` every `rhoStep` iterations from `rho` (relative to the mean of
-/// H's damped diagonal), U rescaled with it. Then the mask of the last Z is fixed and each row's
+/// H's damped diagonal) up to `maximumRelativeRho`, U rescaled with it. Then the mask of the last Z is fixed and each row's
 /// kept weights are refitted to the least-squares optimum on that mask by `refitIterations` of
 /// Jacobi-preconditioned conjugate gradients (the objective only falls). H is SparseGPT's
 /// (2/n)Σxxᵀ with the same damping and dead inputs. The result is exactly sparse.
@@ -36,6 +36,11 @@ public enum ADMMPruner {
             self.refitIterations = refitIterations
         }
     }
+
+    /// Where ρ stops growing, relative to the mean of H's damped diagonal: far beyond it
+    /// (H + ρI)⁻¹ is I/ρ to Float's precision and the iteration has converged, and ρ itself would
+    /// overflow Float (1.5^250 at 1000 iterations; growth 100 every 3 iterations after 60).
+    public static let maximumRelativeRho = 1e8
 
     /// The sparsity the mask has at iteration k (0-based) of `iterations` for a target `s`.
     static func rampedSparsity(_ s: Double, iteration k: Int, of iterations: Int) -> Double {
@@ -80,7 +85,7 @@ public enum ADMMPruner {
             var inverse: Tensor? = nil
             var inverseRho = -1.0
             for k in 0..<options.iterations {
-                let rho = options.rho * pow(options.rhoGrowth, Double(k / options.rhoStep)) * scale
+                let rho = min(options.rho * pow(options.rhoGrowth, Double(k / options.rhoStep)), maximumRelativeRho) * scale
                 if rho != inverseRho {
                     // U is the scaled dual Y/ρ: it follows ρ so that the multiplier Y stays.
                     if inverseRho > 0 { backend.scale(u, by: Float(inverseRho / rho)) }

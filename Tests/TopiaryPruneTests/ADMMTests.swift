@@ -81,6 +81,21 @@ final class ADMMTests: XCTestCase {
         }
     }
 
+    /// The longest and steepest schedules the CLI allows (1000 iterations at growth 1.5; 100
+    /// iterations at growth 100) overflowed ρ to infinity and failed; ρ now stops at 10^8 times
+    /// the diagonal's mean, and the weights are finite, exactly sparse and near OBS's error.
+    func testPenaltyStopsGrowingBeforeItOverflows() throws {
+        let problem = Problem(rows: 8, cols: 32, tokens: 256, seed: 10)
+        let (w, h) = (problem.weight, problem.stats.hessian)
+        let sgpt = problem.error(try SparseGPTPruner.prune(w, hessian: h, pattern: .unstructured(0.5)).weight)
+        for options in [ADMMPruner.Options(iterations: 1000), ADMMPruner.Options(iterations: 100, rhoGrowth: 100)] {
+            let z = try admm(w, h, .unstructured(0.5), options)
+            XCTAssertTrue(z.values.allSatisfy(\.isFinite), "\(options)")
+            XCTAssertEqual(z.zeroCount, 8 * 16, "\(options)")
+            XCTAssertLessThan(problem.error(z), 2 * sgpt, "\(options)")
+        }
+    }
+
     /// `SparseGPTPruner` hands over to ADMM when its options say so; bad settings are refused by name.
     func testSparseGPTOptionSelectsADMMAndBadSettingsAreRefused() throws {
         let problem = Problem(rows: 8, cols: 32, tokens: 256, seed: 9)
