@@ -70,8 +70,19 @@ public enum Calibration {
             return ids
         }
         let fields = trimmed.split(whereSeparator: { $0 == "," || $0.isWhitespace })
-        guard !fields.isEmpty, fields.allSatisfy({ Int($0) != nil }) else { return nil }
-        return fields.map { Int($0)! }
+        guard !fields.isEmpty else { return nil }
+        var ids: [Int] = []
+        ids.reserveCapacity(fields.count)
+        for (i, field) in fields.enumerated() {
+            if let id = Int(field) { ids.append(id); continue }
+            // Only digits, yet no Int: token ids, one too large (not text to tokenize).
+            let digits = field.first == "-" ? field.dropFirst() : field[...]
+            if !digits.isEmpty && fields.allSatisfy({ f in (f.first == "-" ? f.dropFirst() : f[...]).allSatisfy { $0.isASCII && $0.isNumber } && f != "-" }) {
+                throw PruneError.input("\(path): a list of token ids holds '\(field)' at index \(i), which does not fit in a 64-bit integer")
+            }
+            return nil
+        }
+        return ids
     }
 
     /// The top-level elements of a JSON array, as written (trimmed), split at the commas that lie

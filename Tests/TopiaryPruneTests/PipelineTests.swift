@@ -189,5 +189,9 @@ final class PipelineTests: XCTestCase {
         XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data("[9223372036854775807, -1, 1.0, 1e3, 4]".utf8), path: "x"),
                        [Int.max, -1, 1, 1000, 4])
         XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data(" [] ".utf8), path: "x"), [])
+        // Integers separated by white space or commas: one too large is an error, not text.
+        refused("1 2\n99999999999999999999999, 4", ["holds '99999999999999999999999'", "index 2", "does not fit"])
+        XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("1 2 3 4 -".utf8), path: "x"))
+        XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("12 monkeys".utf8), path: "x"))
     }
 }
