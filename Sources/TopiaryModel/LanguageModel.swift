@@ -139,11 +139,22 @@ public final class LanguageModel: Sendable {
             guard let b = v.bool else { throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.add_bos_token", detail: "is \(v), expected true or false") }
             addsBOS = b
         }
+        // The ids checked here, under their GGUF keys (the tokenizer's own check names its arguments).
+        let bosKey = "tokenizer.ggml.bos_token_id", eosKey = "tokenizer.ggml.eos_token_id", unknownKey = "tokenizer.ggml.unknown_token_id"
+        let bos = try id(bosKey), eos = try id(eosKey), unknown = try id(unknownKey)
+        for (key, value) in [(bosKey, bos), (eosKey, eos), (unknownKey, unknown)] {
+            if let value, !tokens.indices.contains(value) {
+                throw CheckpointError.invalidField(path: gguf.path, field: key,
+                                                   detail: "is \(value), expected a token id in 0..<\(tokens.count) (tokenizer.ggml.tokens has \(tokens.count))")
+            }
+        }
+        if addsBOS && bos == nil {
+            throw CheckpointError.invalidField(path: gguf.path, field: "tokenizer.ggml.add_bos_token", detail: "is true, but \(bosKey) is missing")
+        }
         do {
             return try ByteLevelBPETokenizer(
                 tokens: tokens, merges: merges, tokenTypes: types, preTokenizer: preTokenizer,
-                bosID: try id("tokenizer.ggml.bos_token_id"), eosID: try id("tokenizer.ggml.eos_token_id"),
-                unknownID: try id("tokenizer.ggml.unknown_token_id"), addsBOS: addsBOS)
+                bosID: bos, eosID: eos, unknownID: unknown, addsBOS: addsBOS)
         } catch let e as CheckpointError {
             throw e
         } catch {

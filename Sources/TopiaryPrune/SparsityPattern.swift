@@ -43,6 +43,8 @@ public enum SparsityPattern: Sendable, Equatable, CustomStringConvertible, Codab
 public enum PruneError: Error, CustomStringConvertible, Equatable {
     case invalidOption(String)
     case calibration(String)
+    /// A file that is not what its option expects (token ids, ...): the message names the file.
+    case input(String)
     case numerical(String)
     case shape(String)
 
@@ -50,6 +52,7 @@ public enum PruneError: Error, CustomStringConvertible, Equatable {
         switch self {
         case .invalidOption(let s): return s
         case .calibration(let s): return "calibration: \(s)"
+        case .input(let s): return s
         case .numerical(let s): return s
         case .shape(let s): return s
         }

@@ -415,6 +415,7 @@ enum ConvertCommand: Command {
         try? FileManager.default.removeItem(atPath: staging)
         let written: [String]
         do {
+            try OutputDirectory.createStaging(staging, for: output)
             written = try HuggingFaceExport.write(model: model, to: staging, dtype: dtype)
             try OutputDirectory.install(staging: staging, output: output, overwrite: overwrite, command: name) { Console.info($0) }
         } catch {

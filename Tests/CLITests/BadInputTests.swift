@@ -174,6 +174,69 @@ final class BadInputTests: XCTestCase {
                          "--text", text], mentions: [text, "UTF-8", "offset 3"])
     }
 
+    /// Token-id files (eval --tokens, prune --calib) hold integers that fit in Int: booleans,
+    /// fractions and numbers too large are refused, shown as written with their index; a file
+    /// that starts with '[' but is not valid JSON is refused, never read as calibration text.
+    func testTokenIDFilesHoldOnlyIntegers() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let model = CLI.asset("stories260K/stories260K.bin"), tokenizer = CLI.asset("stories260K/tok512.bin")
+        func file(_ name: String, _ text: String) throws -> String {
+            let path = dir.appendingPathComponent(name).path
+            try Data(text.utf8).write(to: URL(fileURLWithPath: path))
+            return path
+        }
+        let ids = (0..<40).map { String(1 + $0 % 500) }.joined(separator: ", ")
+        for (name, text, mentions) in [("bool.json", "[\(ids), true]", ["holds 'true'", "index 40", "not an integer"]),
+                                       ("huge.json", "[\(ids), 99999999999999999999999]", ["holds '99999999999999999999999'", "index 40", "does not fit"]),
+                                       ("big.json", "[9223372036854775808, \(ids)]", ["holds '9223372036854775808'", "index 0", "does not fit"]),
+                                       ("exp.json", "[1e30, \(ids)]", ["holds '1e30'", "index 0"]),
+                                       ("cut.json", "[\(ids)", ["looks like a JSON array of token ids but is not valid JSON"])] {
+            let path = try file(name, text)
+            let eval = ["eval", "--model", model, "--tokens", path, "--seqlen", "8", "--windows", "1"]
+            try expectError(eval, mentions: [path] + mentions)
+            let r = try CLI.run(eval, timeout: 120)
+            XCTAssertFalse(r.stderr.contains("calibration"), r.stderr)
+            try expectError(["prune", "--model", model, "--tokenizer", tokenizer, "--calib", path, "--calib-samples", "2", "--calib-seqlen", "8",
+                             "--method", "magnitude", "--sparsity", "0.5", "--output", dir.appendingPathComponent("out-\(name)").path],
+                            mentions: [path] + mentions)
+        }
+    }
+
+    /// An output that cannot be created is one line naming the path given and why, not a
+    /// Foundation error dump naming the staging directory.
+    func testOutputDirectoryThatCannotBeCreated() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let model = CLI.asset("stories260K/stories260K.bin"), tokenizer = CLI.asset("stories260K/tok512.bin")
+        let file = dir.appendingPathComponent("afile").path
+        try Data("x".utf8).write(to: URL(fileURLWithPath: file))
+        let convert = ["convert", "--model", model, "--tokenizer", tokenizer, "--output"]
+        try expectError(convert + [file + "/out"], mentions: [file + "/out", "cannot create the output directory", file + " is not a directory"])
+        try expectError(convert + [file + "/a/b/out"], mentions: [file + "/a/b/out", "cannot create the output directory", file + " is not a directory"])
+        for output in ["/proc/topiary-out", "/proc/self/topiary/out"] {
+            let r = try CLI.run(convert + [output], timeout: 120)
+            XCTAssertEqual(r.status, 1, r.stderr)
+            XCTAssertEqual(r.stderrLines.count, 1, r.stderr)
+            XCTAssertTrue(r.stderr.contains("\(output): cannot create the output directory"), r.stderr)
+            XCTAssertFalse(r.stderr.contains(".partial-") || r.stderr.contains("NSCocoaErrorDomain"), r.stderr)
+        }
+        let prune = ["prune", "--model", model, "--tokenizer", tokenizer, "--calib", CLI.asset("public-domain-text/wizard_of_oz.txt"),
+                     "--calib-samples", "2", "--calib-seqlen", "8", "--method", "magnitude", "--sparsity", "0.5"]
+        try expectError(prune + ["--output", file + "/out"], mentions: [file + "/out", "cannot create the output directory", file + " is not a directory"])
+        try expectError(prune + ["--output", dir.appendingPathComponent("out").path, "--run-dir", file + "/run"],
+                        mentions: [file + "/run", "cannot create the run directory", file + " is not a directory"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir.path), ["afile"])
+        // Relative names, from inside the directory.
+        let relative = try CLI.run(convert + ["afile/out"], cwd: dir, timeout: 120)
+        XCTAssertEqual(relative.status, 1, relative.stderr)
+        XCTAssertTrue(relative.stderr.contains("afile/out: cannot create the output directory: afile is not a directory"), relative.stderr)
+        let runDir = try CLI.run(prune + ["--output", "p", "--run-dir", "afile/r"], cwd: dir, timeout: 120)
+        XCTAssertEqual(runDir.status, 1, runDir.stderr)
+        XCTAssertTrue(runDir.stderr.contains("afile/r: cannot create the run directory: afile is not a directory"), runDir.stderr)
+        let ok = try CLI.run(convert + ["o"], cwd: dir, timeout: 120)
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir.appendingPathComponent("o/model.safetensors").path))
+    }
+
     func testWindowLongerThanTheContext() throws {
         let model = CLI.asset("stories260K/stories260K.bin")
         try expectError(["eval", "--model", model, "--tokenizer", CLI.asset("stories260K/tok512.bin"),

@@ -8,7 +8,7 @@ import TopiaryTestSupport
 /// integer or float type, tensors with any dimensions, a chosen alignment.
 struct RawGGUF {
     enum Value {
-        case u32(UInt32), i32(Int32), u64(UInt64), f32(Float), f64(Double), string(String), bool(Bool)
+        case u32(UInt32), i32(Int32), u64(UInt64), f32(Float), f64(Double), string(String), bool(Bool), strings([String])
     }
     struct Tensor {
         var name: String
@@ -78,6 +78,7 @@ struct RawGGUF {
             case .string(let x): put(UInt32(8)); put(x)
             case .u64(let x): put(UInt32(10)); put(x)
             case .f64(let x): put(UInt32(12)); put(x.bitPattern)
+            case .strings(let xs): put(UInt32(9)); put(UInt32(8)); put(UInt64(xs.count)); for x in xs { put(x) }
             }
         }
         let a = max(alignment, 1)
@@ -346,6 +347,52 @@ final class HostileFilesTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out), "wrote \(out)")
         // The complete model converts.
         XCTAssertNoThrow(try HuggingFaceExport.write(model: try LanguageModel.open(path: try write(RawGGUF.llama().bytes())), to: out))
+    }
+
+    /// A GGUF tokenizer's special ids are checked under their GGUF keys, not the tokenizer's
+    /// argument names (bosID).
+    func testGGUFTokenizerIdsOutsideTheVocabularyAreNamedByTheirKeys() throws {
+        func model(_ change: (inout RawGGUF) -> Void) -> RawGGUF {
+            var g = RawGGUF.llama()
+            g.set("tokenizer.ggml.model", .string("gpt2"))
+            g.set("tokenizer.ggml.tokens", .strings(["a", "b", "ab"] + (3..<16).map { "t\($0)" }))
+            g.set("tokenizer.ggml.merges", .strings(["a b"]))
+            g.set("tokenizer.ggml.bos_token_id", .u32(1))
+            change(&g)
+            return g
+        }
+        XCTAssertNotNil(try LanguageModel.open(path: try write(model { _ in }.bytes())).tokenizer)
+        refused(try write(model { $0.set("tokenizer.ggml.bos_token_id", .u32(99)) }.bytes()),
+                naming: ["tokenizer.ggml.bos_token_id", "99", "0..<16"])
+        refused(try write(model { $0.set("tokenizer.ggml.eos_token_id", .i32(-1)) }.bytes()),
+                naming: ["tokenizer.ggml.eos_token_id", "-1", "0..<16"])
+        refused(try write(model {
+            $0.metadata.removeAll { $0.0 == "tokenizer.ggml.bos_token_id" }
+            $0.set("tokenizer.ggml.add_bos_token", .bool(true))
+        }.bytes()), naming: ["tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id", "missing"])
+    }
+
+    /// A safetensors header entry that is not an object, or an offset or dimension that is not
+    /// an integer, is one line naming the file, the tensor and the field.
+    func testSafeTensorsFieldsOfTheWrongTypeAreNamed() throws {
+        let dir = try makeTemporaryDirectory("topiary-hostile")
+        for (i, (entry, words)) in [(#"{"dtype": "F32", "shape": [2], "data_offsets": [304128.5, 304136]}"#, ["data_offsets[0]", "304128.5", "not an integer"]),
+                                    (#"{"dtype": "F32", "shape": [2], "data_offsets": [0, 99999999999999999999]}"#, ["data_offsets[1]", "99999999999999999999", "does not fit"]),
+                                    (#"{"dtype": "F32", "shape": [true], "data_offsets": [0, 8]}"#, ["shape[0]", "not an integer"]),
+                                    (#"{"dtype": 5, "shape": [2], "data_offsets": [0, 8]}"#, ["dtype", "not a string"]),
+                                    ("7", ["not an object"]), ("[1, 2]", ["not an object"])].enumerated() {
+            let header = #"{"w": \#(entry)}"#
+            var bytes = withUnsafeBytes(of: UInt64(header.utf8.count).littleEndian) { Array($0) }
+            bytes += Array(header.utf8) + [UInt8](repeating: 0, count: 8)
+            let path = dir.appendingPathComponent("\(i).safetensors").path
+            try Data(bytes).write(to: URL(fileURLWithPath: path))
+            assertCheckpointError(try SafeTensorsFile(path: path)) {
+                guard case .invalidHeader(path, let detail) = $0 else { return false }
+                let ok = detail.contains("tensor 'w'") && words.allSatisfy(detail.contains) && !detail.contains("Dictionary<")
+                    && !detail.contains("numberIsNotRepresentable") && !detail.contains("\n")
+                return ok
+            }
+        }
     }
 
     func testSafeTensorsShapesThatOverflowAreRefused() throws {

@@ -163,4 +163,35 @@ final class PipelineTests: XCTestCase {
         XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data("1 2\n3,4".utf8), path: "x"), [1, 2, 3, 4])
         XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("Once upon a time".utf8), path: "x"))
     }
+
+    /// A JSON array of token ids holds integers that fit in Int, nothing else: booleans are not 1
+    /// and 0, and a number too large is shown as written with its index, never wrapped; a file
+    /// that starts with '[' but is not JSON is an error, not calibration text.
+    func testTokenIDFileRefusesWhatIsNotAnInteger() throws {
+        func refused(_ text: String, _ mentions: [String], line: UInt = #line) {
+            XCTAssertThrowsError(try Calibration.tokenIDs(fromFile: Data(text.utf8), path: "ids.json"), line: line) { error in
+                let message = "\(error)"
+                XCTAssertFalse(message.contains("calibration"), message, line: line)
+                XCTAssertFalse(message.contains("\n"), message, line: line)
+                for m in ["ids.json"] + mentions { XCTAssertTrue(message.contains(m), "'\(m)' not in: \(message)", line: line) }
+            }
+        }
+        refused("[true, 2]", ["holds 'true'", "index 0", "not an integer"])
+        refused("[1, false]", ["holds 'false'", "index 1", "not an integer"])
+        refused("[1, null]", ["holds 'null'", "index 1"])
+        refused("[1, \"a, b\", 3]", ["holds '\"a, b\"'", "index 1"])
+        refused("[5, 2.5]", ["holds '2.5'", "index 1", "not an integer"])
+        refused("[1, 2, 99999999999999999999999]", ["holds '99999999999999999999999'", "index 2", "does not fit"])
+        refused("[9223372036854775808]", ["holds '9223372036854775808'", "index 0", "does not fit"])
+        refused("[ 1e30 ]", ["holds '1e30'", "index 0", "does not fit"])
+        refused("[1,2,3", ["looks like a JSON array of token ids but is not valid JSON"])
+        refused("  [1, 2] and then text", ["not valid JSON"])
+        XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data("[9223372036854775807, -1, 1.0, 1e3, 4]".utf8), path: "x"),
+                       [Int.max, -1, 1, 1000, 4])
+        XCTAssertEqual(try Calibration.tokenIDs(fromFile: Data(" [] ".utf8), path: "x"), [])
+        // Integers separated by white space or commas: one too large is an error, not text.
+        refused("1 2\n99999999999999999999999, 4", ["holds '99999999999999999999999'", "index 2", "does not fit"])
+        XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("1 2 3 4 -".utf8), path: "x"))
+        XCTAssertNil(try Calibration.tokenIDs(fromFile: Data("12 monkeys".utf8), path: "x"))
+    }
 }

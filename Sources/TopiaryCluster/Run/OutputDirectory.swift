@@ -70,6 +70,59 @@ public enum OutputDirectory {
             }
         }
         try checkExisting(path, overwrite: overwrite)
+        if let problem = creationProblem(path) {
+            throw OutputDirectoryError("\(path): cannot create the output directory: \(problem)")
+        }
+    }
+
+    /// Why a directory could not be made at `path` (with its missing parents), found without
+    /// creating anything: its nearest existing ancestor is not a directory, or cannot be written
+    /// to. nil when `path` exists or nothing is known against it.
+    public static func creationProblem(_ path: String) -> String? {
+        var st = stat()
+        if lstat(path, &st) == 0 { return nil }
+        var p = trimmedPath(path)
+        while true {
+            guard let parent = parentPath(p) else { return nil }
+            p = parent
+            if stat(p, &st) != 0 {
+                if errno == ENOENT || errno == ENOTDIR { continue }
+                return "\(p): \(String(cString: strerror(errno)))"
+            }
+            if (st.st_mode & S_IFMT) != S_IFDIR { return "\(p) is not a directory" }
+            if access(p, W_OK | X_OK) != 0 { return "\(p): \(String(cString: strerror(errno)))" }
+            return nil
+        }
+    }
+
+    /// The directory that holds `path` ("." for a bare name); nil for "/" and ".". (Not
+    /// NSString's deletingLastPathComponent, which traps on some relative paths on Linux.)
+    static func parentPath(_ path: String) -> String? {
+        let p = trimmedPath(path)
+        if p == "/" || p == "." { return nil }
+        guard let slash = p.lastIndex(of: "/") else { return "." }
+        let parent = trimmedPath(String(p[..<slash]))
+        return parent.isEmpty ? "/" : parent
+    }
+
+    /// Creates the staging directory of `output` with its missing parents (as `mkdir -p`); a
+    /// failure is one line naming the output and why.
+    public static func createStaging(_ staging: String, for output: String) throws {
+        if let problem = makeDirectories(staging) {
+            throw OutputDirectoryError("\(output): cannot create the output directory: \(problem)")
+        }
+    }
+
+    /// `mkdir -p`: nil when done, else why not (an ancestor that is not a directory, or mkdir's error).
+    static func makeDirectories(_ path: String) -> String? {
+        var st = stat()
+        let p = trimmedPath(path)
+        if stat(p, &st) == 0 { return (st.st_mode & S_IFMT) == S_IFDIR ? nil : "\(p) is not a directory" }
+        if let parent = parentPath(p), let problem = makeDirectories(parent) { return problem }
+        if mkdir(p, 0o777) == 0 { return nil }
+        let error = errno
+        if error == EEXIST && stat(p, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR { return nil }
+        return String(cString: strerror(error))
     }
 
     /// Checks an output file (`eval --logits`) before any work: it is written to a temporary

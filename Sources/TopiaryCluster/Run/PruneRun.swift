@@ -272,7 +272,10 @@ extension PruneRun {
         // The weights' SHA-256 is taken as they are written (SHA256Digest.files of the same
         // files, without reading them back from disk).
         let digest = SHA256Stream()
-        do { try HuggingFaceExport.write(model: pruned, to: staging, dtype: d.dtype, weightsDigest: digest) } catch {
+        do {
+            try OutputDirectory.createStaging(staging, for: d.output)
+            try HuggingFaceExport.write(model: pruned, to: staging, dtype: d.dtype, weightsDigest: digest)
+        } catch {
             try? FileManager.default.removeItem(atPath: staging)
             throw error
         }

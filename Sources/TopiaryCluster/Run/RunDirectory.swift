@@ -66,6 +66,9 @@ public final class RunDirectory: @unchecked Sendable {
         var st = stat()
         guard lstat(path, &st) == 0 else {
             if errno == ENOENT { return .absent }
+            if errno == ENOTDIR, let problem = OutputDirectory.creationProblem(path) {
+                throw RunDirectoryError("\(path): cannot create the run directory: \(problem)")
+            }
             throw RunDirectoryError("\(path): cannot read the run directory: \(String(cString: strerror(errno)))")
         }
         guard (st.st_mode & S_IFMT) == S_IFDIR else {
@@ -112,8 +115,8 @@ public final class RunDirectory: @unchecked Sendable {
     public static func create(path: String) throws -> RunDirectory {
         switch try checkForNewRun(path) {
         case .absent:
-            do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) } catch {
-                throw RunDirectoryError("\(path): cannot create the run directory: \(reason(error))")
+            if let problem = OutputDirectory.makeDirectories(path) {
+                throw RunDirectoryError("\(path): cannot create the run directory: \(problem)")
             }
         default: break
         }
@@ -189,14 +192,6 @@ public final class RunDirectory: @unchecked Sendable {
             removeOwnFiles(in: directory, where: safetensors(prefix, ".safetensors"))
             _ = rmdir(directory)
         }
-    }
-
-    static func reason(_ error: Error) -> String {
-        let ns = error as NSError
-        if let underlying = ns.userInfo[NSUnderlyingErrorKey] as? NSError, underlying.domain == NSPOSIXErrorDomain {
-            return String(cString: strerror(Int32(underlying.code)))
-        }
-        return ns.localizedDescription
     }
 
     public var hasManifest: Bool { FileManager.default.fileExists(atPath: manifestPath) }

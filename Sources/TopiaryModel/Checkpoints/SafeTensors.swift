@@ -146,6 +146,41 @@ fileprivate struct SafeTensorsHeaderParser {
             case dtype, shape
             case dataOffsets = "data_offsets"
         }
+
+        init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            dtype = try c.decode(String.self, forKey: .dtype)
+            shape = try c.decode([HeaderInt].self, forKey: .shape).map(\.value)
+            dataOffsets = try c.decode([HeaderInt].self, forKey: .dataOffsets).map(\.value)
+        }
+    }
+
+    /// An integer of a tensor's entry (a dimension, an offset). A number that is not one, or
+    /// does not fit in Int, is named as written with its field (the decoder's own error names
+    /// neither the field nor the tensor).
+    struct HeaderInt: Decodable {
+        var value: Int
+        init(from decoder: Decoder) throws {
+            let c = try decoder.singleValueContainer()
+            do {
+                value = try c.decode(Int.self)
+            } catch let e as DecodingError {
+                throw e
+            } catch {
+                // Foundation's parser: numberIsNotRepresentableInSwift(parsed: "304128.5").
+                let text = "\(error)"
+                var written: String?
+                if let open = text.range(of: "parsed: \""), let close = text[open.upperBound...].firstIndex(of: "\"") {
+                    written = String(text[open.upperBound..<close])
+                }
+                written = written ?? (try? c.decode(Double.self)).map { "\($0)" }
+                let field = SafeTensorsHeaderParser.field(decoder.codingPath, skipping: 1)
+                guard let written else { throw Problem(detail: "\(field) is not an integer") }
+                let integral = !written.contains(where: { $0 == "." || $0 == "e" || $0 == "E" })
+                    || Double(written).map { $0.isFinite && $0 == $0.rounded() } == true
+                throw Problem(detail: "\(field) is \(written), \(integral ? "which does not fit in a 64-bit integer" : "not an integer")")
+            }
+        }
     }
 
     struct Parsed: Decodable {
@@ -190,20 +225,31 @@ fileprivate struct SafeTensorsHeaderParser {
 
     /// A short description of a decoding error; `skipping` leading coding-path components
     /// (the tensor name) are left out of the field path.
-    static func describe(_ error: Error, skipping: Int) -> String {
-        func field(_ path: [CodingKey]) -> String {
-            var name = ""
-            for key in path.dropFirst(skipping) {
-                if let i = key.intValue { name += "[\(i)]" } else { name += (name.isEmpty ? "" : ".") + key.stringValue }
-            }
-            return name.isEmpty ? "value" : "field '" + name + "'"
+    static func field(_ path: [CodingKey], skipping: Int) -> String {
+        var name = ""
+        for key in path.dropFirst(skipping) {
+            if let i = key.intValue { name += "[\(i)]" } else { name += (name.isEmpty ? "" : ".") + key.stringValue }
         }
+        return name.isEmpty ? (skipping == 0 ? "value" : "the entry") : "field '" + name + "'"
+    }
+
+    static func describe(_ error: Error, skipping: Int) -> String {
+        func field(_ path: [CodingKey]) -> String { Self.field(path, skipping: skipping) }
+        if let p = error as? Problem { return p.detail }
         guard let e = error as? DecodingError else { return String(describing: error) }
         switch e {
         case .keyNotFound(let key, let ctx):
             return "missing \(field(ctx.codingPath + [key]))"
         case .typeMismatch(let type, let ctx):
-            return "\(field(ctx.codingPath)) is not of the expected type (\(type))"
+            let name = "\(type)"
+            let expected = name.hasPrefix("Dictionary<") ? "an object" : name.hasPrefix("Array<") ? "an array"
+                : name == "Int" ? "an integer" : name == "String" ? "a string" : "of the expected type (\(name))"
+            // "Expected to decode Int but found bool instead."
+            var found = ""
+            if let r = ctx.debugDescription.range(of: "but found "), let end = ctx.debugDescription.range(of: " instead", range: r.upperBound..<ctx.debugDescription.endIndex) {
+                found = " (found \(ctx.debugDescription[r.upperBound..<end.lowerBound]))"
+            }
+            return "\(field(ctx.codingPath)) is not \(expected)\(found)"
         case .valueNotFound(_, let ctx):
             return "\(field(ctx.codingPath)) is null"
         case .dataCorrupted(let ctx):
