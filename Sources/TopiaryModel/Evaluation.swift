@@ -35,6 +35,23 @@ public enum EvaluationError: Error, CustomStringConvertible, Equatable {
     }
 }
 
+/// Where a hidden state first held a NaN or an infinity, for an error that names it: the token
+/// embedding, a block's output, or else the final norm and logits (a scan per block, small beside
+/// the block's own work).
+struct NonFiniteTrace {
+    private var first: String?
+
+    init(embedding x: Tensor, on backend: any ComputeBackend) {
+        first = backend.allFinite(x) ? nil : "the token embedding"
+    }
+
+    mutating func check(_ x: Tensor, block i: Int, on backend: any ComputeBackend) {
+        if first == nil, !backend.allFinite(x) { first = "the output of block \(i)" }
+    }
+
+    var source: String { first ?? "the final norm and logits (every block's output was finite)" }
+}
+
 /// Result of the standard perplexity protocol.
 public struct PerplexityResult: Sendable {
     public var perplexity: Double
@@ -105,7 +122,7 @@ public enum Perplexity {
             }
             // Where each window's hidden state first held a NaN or an infinity (a scan per block per
             // window, small beside the block's own work), so that a non-finite loss can be traced.
-            var firstNonFinite: [String?] = states.map { backend.allFinite($0) ? nil : "the token embedding" }
+            var firstNonFinite = states.map { NonFiniteTrace(embedding: $0, on: backend) }
             for i in 0..<c.layerCount {
                 let b = try timed(\.load) { try loadBlock(i).on(backend) }
                 // The next block's bytes are read by the kernel while this one computes (cold files on
@@ -114,7 +131,7 @@ public enum Perplexity {
                 timed(\.forward) {
                     for k in states.indices {
                         states[k] = b.forward(states[k], sequenceLength: sequenceLength, rope: rope)
-                        if firstNonFinite[k] == nil, !backend.allFinite(states[k]) { firstNonFinite[k] = "the output of block \(i)" }
+                        firstNonFinite[k].check(states[k], block: i, on: backend)
                     }
                 }
                 progress?(g * c.layerCount + i + 1, groups.count * c.layerCount)
@@ -127,7 +144,7 @@ public enum Perplexity {
                 guard loss.isFinite else {
                     throw EvaluationError.nonFiniteLoss(path: model.path, window: w, windows: count, firstToken: w * sequenceLength,
                                                         sequenceLength: sequenceLength, loss: loss,
-                                                        source: firstNonFinite[k] ?? "the final norm and logits (every block's output was finite)")
+                                                        source: firstNonFinite[k].source)
                 }
                 losses.append(loss)
             }
@@ -251,15 +268,15 @@ public enum Generation {
             // Recomputes the whole sequence each step; fine for the short looks this command is for.
             var x = embedding.embed(ids, sequenceLength: ids.count, on: backend)
             let rope = c.ropeTable(positions: ids.count)
-            var firstNonFinite: String? = backend.allFinite(x) ? nil : "the token embedding"
+            var firstNonFinite = NonFiniteTrace(embedding: x, on: backend)
             for (i, b) in blocks.enumerated() {
                 x = b.forward(x, sequenceLength: ids.count, rope: rope)
-                if firstNonFinite == nil, !backend.allFinite(x) { firstNonFinite = "the output of block \(i)" }
+                firstNonFinite.check(x, block: i, on: backend)
             }
             let logits = head.logits(x, rows: (ids.count - 1)..<ids.count, on: backend)
             // An argmax over NaNs would pick token 0 at every step, silently.
             guard logits.withUnsafeBufferPointer({ p in p.allSatisfy { $0.isFinite } }) else {
-                throw EvaluationError.nonFiniteLogits(path: model.path, position: ids.count, source: firstNonFinite ?? "the final norm and logits (every block's output was finite)")
+                throw EvaluationError.nonFiniteLogits(path: model.path, position: ids.count, source: firstNonFinite.source)
             }
             let next = logits.withUnsafeBufferPointer { p -> Int in
                 var best = 0

@@ -137,9 +137,8 @@ enum EvalCommand: Command {
         if let logitsPath = args.string("logits") {
             // Before the evaluation: the logits replace the file they are written to.
             try OutputDirectory.checkFile(logitsPath, option: "logits", command: "eval",
-                                          protecting: [("the model", args.string("model")), ("the tokenizer", args.string("tokenizer")),
-                                                       ("the text", args.string("text")), ("the token ids", args.string("tokens"))]
-                                              .compactMap { label, path in path.map { OutputDirectory.Protected(label: label, path: $0) } })
+                                          inputs: [("the model", args.string("model")), ("the tokenizer", args.string("tokenizer")),
+                                                   ("the text", args.string("text")), ("the token ids", args.string("tokens"))])
         }
         let stateBudget = try args.string("memory-budget").map { try PruneCommand.parseSize($0, command: "eval") } ?? PruneCommand.defaultMemoryBudget()
         let sgemmRate = profiles ? SgemmRate.measure(on: ComputeDevices.defaultBackend) : 0

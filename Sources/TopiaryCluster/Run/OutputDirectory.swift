@@ -38,11 +38,6 @@ public enum OutputDirectory {
     public struct Protected {
         public let label: String
         public let path: String
-
-        public init(label: String, path: String) {
-            self.label = label
-            self.path = path
-        }
     }
 
     /// The paths every command protects, with those given: the working directory first.
@@ -129,10 +124,12 @@ public enum OutputDirectory {
     /// name and renamed over `path`, so `path` must not be one of the inputs (nor inside one
     /// that is a directory, e.g. a Hugging Face model) and must not be a directory; its parent
     /// must be an existing directory. An existing other file is replaced, as its option says.
-    public static func checkFile(_ path: String, option: String, command: String, protecting: [Protected]) throws {
+    /// `inputs` as `protected` takes them (the working directory, which may hold the file, is not
+    /// among them).
+    public static func checkFile(_ path: String, option: String, command: String, inputs: [(String, String?)]) throws {
         guard !path.isEmpty else { throw OutputDirectoryError(usage: "topiary \(command): --\(option) is empty; give the name of a file to write") }
         let target = canonical(path)
-        for p in protecting where !p.path.isEmpty {
+        for p in protected(inputs).dropFirst() where !p.path.isEmpty {
             let other = canonical(p.path)
             var isDirectory: ObjCBool = false
             let inside = FileManager.default.fileExists(atPath: other, isDirectory: &isDirectory) && isDirectory.boolValue
@@ -145,9 +142,9 @@ public enum OutputDirectory {
         if stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR {
             throw OutputDirectoryError("\(path): is a directory; --\(option) takes the name of a file to write")
         }
-        let parent = (target as NSString).deletingLastPathComponent
+        let parent = parentPath(target) ?? "/"
         var isDirectory: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: parent.isEmpty ? "/" : parent, isDirectory: &isDirectory), isDirectory.boolValue else {
+        guard FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory), isDirectory.boolValue else {
             throw OutputDirectoryError("\(path): cannot be written: its directory \(parent) does not exist or is not a directory")
         }
     }
