@@ -341,7 +341,9 @@ enum PruneCommand: Command {
         let evalWindows = try args.int("eval-windows", in: 1...Limits.windows)
         let json = args.flag("json")
         let skipDenseEval = args.flag("skip-dense-eval")
-        if skipDenseEval && evalText == nil { throw UsageError(message: "topiary prune: --skip-dense-eval goes with --eval-text") }
+        if evalText == nil, let given = ["eval-windows", "eval-seqlen", "skip-dense-eval"].first(where: { args.string($0) != nil || args.flag($0) }) {
+            throw UsageError(message: "topiary prune: --\(given) goes with --eval-text FILE (the text to evaluate on); without it nothing is evaluated")
+        }
         let profiles = args.flag("profile")
         let linearErrors = args.flag("linear-errors")
         let overwrite = args.flag("overwrite")
@@ -407,6 +409,27 @@ enum PruneCommand: Command {
                 let linears = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
                 if let bad = c.family.blockTensors(c, block: i).first(where: { linears.contains($0.name) && $0.cols % m != 0 }) {
                     throw UsageError(message: "topiary prune: --pattern \(n):\(m) needs every linear's input width to be a multiple of \(m), and \(bad.name) of \(model.path) has \(bad.cols) inputs")
+                }
+            }
+        }
+        if case .unstructured(let fraction) = pattern {
+            // A method zeroes the k = int(fraction · n) smallest scores of a unit of n weights and
+            // every score tied with the k-th (magnitude: the matrix; SparseGPT: a block of
+            // --blocksize columns; Wanda rounds per matrix): a fraction this close to 1 would
+            // leave a unit with one weight or none.
+            for i in 0..<c.layerCount {
+                let linears = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
+                for tensor in c.family.blockTensors(c, block: i) where linears.contains(tensor.name) {
+                    var unit = tensor.rows * tensor.cols
+                    if usesSparseGPT {
+                        let last = tensor.cols % sparseGPT.blockSize
+                        unit = tensor.rows * (last > 0 ? last : min(tensor.cols, sparseGPT.blockSize))
+                    }
+                    let removed = Int(Double(unit) * fraction)
+                    guard removed < unit - 1 else {
+                        let given = args.string("sparsity") ?? String(fraction)
+                        throw UsageError(message: "topiary prune: --sparsity \(given) would leave at most one of \(unit) weights in \(tensor.name) of \(model.path)\(usesSparseGPT ? " (a block of its columns, as SparseGPT selects them)" : ""); give a smaller fraction")
+                    }
                 }
             }
         }

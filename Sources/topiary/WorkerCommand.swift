@@ -63,6 +63,21 @@ enum WorkerCommand: Command {
                 _exit(0)
             }
         }
+        if let dir = args.string("work-dir") {
+            // Checked now, not when the first spill needs it mid-run: it must be a writable
+            // directory, or one that can be made.
+            var st = stat()
+            if stat(dir, &st) == 0 {
+                guard (st.st_mode & S_IFMT) == S_IFDIR else {
+                    throw UsageError(message: "topiary worker: --work-dir \(dir) is a file, expected a directory (for spilled activations)")
+                }
+                guard access(dir, W_OK | X_OK) == 0 else {
+                    throw UsageError(message: "topiary worker: --work-dir \(dir) is not writable (\(String(cString: strerror(errno))))")
+                }
+            } else if let problem = OutputDirectory.creationProblem(dir) {
+                throw UsageError(message: "topiary worker: --work-dir \(dir) cannot be created: \(problem)")
+            }
+        }
         var secret = try loadSecret(args)
         if secret == nil {
             guard endpoint.isLoopback else {

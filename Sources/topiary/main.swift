@@ -105,17 +105,36 @@ func runMain() -> Int32 {
         try command.run(args)
         return ExitCode.success
     } catch let e as UsageError {
-        Console.error(e.description)
-        if json { JSONLine.printError(command: command.name, message: e.description) }
+        let line = ErrorLine.usage(e.description, command: command.name)
+        Console.error(line)
+        if json { JSONLine.printError(command: command.name, message: line) }
         return ExitCode.usage
     } catch let e as OutputDirectoryError where e.isUsage {
-        Console.error(e.description)
-        if json { JSONLine.printError(command: command.name, message: e.description) }
+        let line = ErrorLine.usage(e.description, command: command.name)
+        Console.error(line)
+        if json { JSONLine.printError(command: command.name, message: line) }
         return ExitCode.usage
     } catch {
-        Console.error("topiary \(command.name): error: \(error)")
-        if json { JSONLine.printError(command: command.name, message: "\(error)") }
+        let body = ErrorLine.body("\(error)", command: command.name)
+        Console.error("topiary \(command.name): error: \(body)")
+        if json { JSONLine.printError(command: command.name, message: body) }
         return ExitCode.failure
+    }
+}
+
+/// The one line a failed command prints: "topiary CMD: MESSAGE" for a usage error, "topiary CMD:
+/// error: MESSAGE" otherwise, whether or not the message was written with the prefix already.
+enum ErrorLine {
+    static func body(_ message: String, command: String) -> String {
+        var body = Substring(message)
+        for prefix in ["topiary \(command): ", "error: "] where body.hasPrefix(prefix) { body = body.dropFirst(prefix.count) }
+        return String(body)
+    }
+
+    static func usage(_ message: String, command: String) -> String {
+        // Another command's prefix (a worker's own message relayed) stays as it is.
+        if message.hasPrefix("topiary ") && !message.hasPrefix("topiary \(command): ") { return message }
+        return "topiary \(command): " + body(message, command: command)
     }
 }
 

@@ -75,6 +75,65 @@ final class BadInputTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("out").path))
     }
 
+    /// A --sparsity so close to 1 that a linear (or, for SparseGPT, a block of its columns) would
+    /// keep one weight or none is refused before any work; 0.99 still runs.
+    func testSparsityThatWouldEmptyALinearIsRefused() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let base = ["prune", "--model", CLI.fixture("tiny-llama"), "--calib", "generate:2:8"]
+        for (method, sparsity) in [("magnitude", "0.9999999999"), ("wanda", "0.99999"), ("sparsegpt", "0.9999")] {
+            try expectError(base + ["--method", method, "--sparsity", sparsity, "--output", dir.appendingPathComponent("out").path],
+                            exitCode: 2, mentions: ["--sparsity \(sparsity)", "at most one of", "q_proj.weight"])
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("out").path))
+        let ok = try CLI.run(base + ["--method", "magnitude", "--sparsity", "0.99", "--output", dir.appendingPathComponent("ok").path], timeout: 120)
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+    }
+
+    /// Evaluation options without the text to evaluate on are refused, not ignored.
+    func testEvaluationOptionsWithoutEvalTextAreRefused() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        for extra in [["--eval-windows", "3"], ["--eval-seqlen", "16"], ["--skip-dense-eval"]] {
+            try expectError(["prune", "--model", CLI.fixture("tiny-llama"), "--calib", "generate:2:8", "--method", "magnitude",
+                             "--sparsity", "0.5", "--output", dir.appendingPathComponent("out").path] + extra,
+                            exitCode: 2, mentions: [extra[0], "goes with --eval-text"])
+        }
+    }
+
+    /// --resume of a directory whose run.json is damaged says so (not "no run.json"); one under a
+    /// file says there is no such directory rather than that it cannot be created.
+    func testResumeNamesADamagedRecordAndAMissingDirectory() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let run = dir.appendingPathComponent("run").path
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        try Data("{garbage".utf8).write(to: URL(fileURLWithPath: run + "/run.json"))
+        try expectError(["prune", "--resume", run], mentions: [run + "/run.json", "not valid JSON", "nothing to resume"])
+        try Data("{\"format\": \"other\"}".utf8).write(to: URL(fileURLWithPath: run + "/run.json"))
+        try expectError(["prune", "--resume", run], mentions: ["field 'format' is 'other'"])
+        let file = dir.appendingPathComponent("file").path
+        try Data().write(to: URL(fileURLWithPath: file))
+        try expectError(["prune", "--resume", file + "/run"], mentions: ["no such run directory", "\(file) is not a directory", "nothing to resume"])
+    }
+
+    /// A worker's --work-dir is checked when it starts, not when its first spill needs it.
+    func testWorkerWorkDirectoryIsCheckedAtStart() throws {
+        let dir = try CLI.temporaryDirectory(self)
+        let file = dir.appendingPathComponent("file").path
+        try Data().write(to: URL(fileURLWithPath: file))
+        try expectError(["worker", "--listen", "127.0.0.1:0", "--work-dir", file], exitCode: 2, mentions: ["--work-dir \(file) is a file"])
+        try expectError(["worker", "--listen", "127.0.0.1:0", "--work-dir", file + "/spill"], exitCode: 2, mentions: ["cannot be created", "\(file) is not a directory"])
+    }
+
+    /// Every failure is one line with the command's prefix once: a message written with the prefix
+    /// already is not given it twice, nor a usage error without one left bare.
+    func testErrorLinesCarryTheCommandsPrefixOnce() throws {
+        let worker = try CLI.run(["worker", "--listen", "10.0.0.1:0"], timeout: 60)
+        XCTAssertEqual(worker.stderr.trimmingCharacters(in: .whitespacesAndNewlines).components(separatedBy: "topiary worker:").count, 2, worker.stderr)
+        XCTAssertTrue(worker.stderr.hasPrefix("topiary worker: error: no shared secret"), worker.stderr)
+        let eval = try CLI.run(["eval", "--model", CLI.fixture("tiny-llama")], timeout: 60)
+        XCTAssertEqual(eval.status, 2, eval.stderr)
+        XCTAssertTrue(eval.stderr.hasPrefix("topiary eval: missing --text"), eval.stderr)
+    }
+
     func testTruncatedLlama2CCheckpoint() throws {
         let dir = try CLI.temporaryDirectory(self)
         let path = dir.appendingPathComponent("stories-truncated.bin").path

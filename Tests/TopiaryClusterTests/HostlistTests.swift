@@ -22,6 +22,18 @@ final class HostlistTests: XCTestCase {
         }
     }
 
+    /// Each malformed range says what is wrong with it, and no list expands past the limit.
+    func testEachMalformedRangeSaysWhatIsWrong() {
+        for (bad, expected) in [("n[0-99999999999999999999999]", "too large to be a host's index"), ("n[5-1]", "runs backwards"),
+                                ("n[0-100000]", "names 100001 hosts"), ("n[0-999]m[0-999]", "more than the 100000 hosts"),
+                                ("n[x]", "is not a number")] {
+            XCTAssertThrowsError(try Hostlist.expand(bad), bad) { error in
+                XCTAssertTrue("\(error)".contains(expected) && "\(error)".contains(bad), "\(bad): \(error)")
+            }
+        }
+        XCTAssertEqual(try Hostlist.expand("n[0-99]m[0-999]").count, 100_000)
+    }
+
     func testSlurmTaskCountsExpand() throws {
         XCTAssertEqual(try Hostlist.taskCounts("2(x3),1"), [2, 2, 2, 1])
         XCTAssertEqual(try Hostlist.taskCounts("1"), [1])

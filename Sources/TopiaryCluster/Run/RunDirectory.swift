@@ -95,12 +95,25 @@ public final class RunDirectory: @unchecked Sendable {
         return .foreign(contents.sorted().first { !ownFiles.contains($0) } ?? contents.sorted()[0])
     }
 
+    /// Why the run.json in `path` is not a run's record (`state(of:)` found it `.foreign`).
+    static func manifestProblem(_ path: String) -> String {
+        let manifest = join(path, "run.json")
+        guard let data = FileManager.default.contents(atPath: manifest) else { return "\(manifest): cannot be read" }
+        guard let any = try? JSONSerialization.jsonObject(with: data) else {
+            return "\(manifest): not valid JSON (\(data.count) bytes), so not the record of a Topiary run"
+        }
+        guard let json = any as? [String: Any] else { return "\(manifest): not a JSON object, so not the record of a Topiary run" }
+        return "\(manifest): field 'format' is \(json["format"].map { "'\($0)'" } ?? "missing"), expected 'topiary-run'"
+    }
+
     /// Whether `path` can take a new run (changing nothing): refuses a directory that is not a run
     /// directory (it would mix Topiary's files with the user's) or holds an unfinished run.
     @discardableResult
     public static func checkForNewRun(_ path: String) throws -> State {
         let found = try state(of: path)
         switch found {
+        case .foreign("run.json"):
+            throw RunDirectoryError("\(path): exists and is not a Topiary run directory (\(manifestProblem(path))); Topiary would mix its files with yours: give --run-dir a new or empty directory")
         case .foreign(let entry):
             throw RunDirectoryError("\(path): exists and is not a Topiary run directory (it holds '\(entry)' and no run.json of a run); Topiary would mix its files with yours: give --run-dir a new or empty directory")
         case .unfinished:
@@ -138,9 +151,16 @@ public final class RunDirectory: @unchecked Sendable {
     /// Opens the run directory of an existing run (--resume): never creates anything, refuses a
     /// directory without run.json, takes the lock and checks run.json's checksum.
     public static func open(existing path: String) throws -> RunDirectory {
+        var st = stat()
+        if lstat(path, &st) != 0 && errno == ENOTDIR {
+            let problem = OutputDirectory.creationProblem(path) ?? "a parent is not a directory"
+            throw RunDirectoryError("\(path): no such run directory (\(problem)); nothing to resume")
+        }
         switch try state(of: path) {
         case .absent:
             throw RunDirectoryError("\(path): no such run directory; nothing to resume (a run directory is made by 'topiary prune ... --run-dir DIR', by default OUTPUT.run)")
+        case .foreign("run.json"):
+            throw RunDirectoryError("\(manifestProblem(path)); nothing to resume (a run cannot continue without its record: start it again)")
         case .empty, .foreign, .started:
             throw RunDirectoryError("\(path): not a Topiary run directory, or its run never started (no run.json); nothing to resume")
         case .unfinished, .complete:

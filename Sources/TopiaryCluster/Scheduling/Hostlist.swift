@@ -63,6 +63,10 @@ public enum Hostlist {
         return items
     }
 
+    /// The most hosts one bracketed range, or one name with its ranges, may name (a typo's
+    /// guard: no allocation is larger).
+    static let maximumRange = 100_000
+
     static func expandName(_ name: Substring, whole: String) throws -> [String] {
         guard let open = name.firstIndex(of: "[") else { return [String(name)] }
         guard let close = name[open...].firstIndex(of: "]") else {
@@ -73,11 +77,22 @@ public enum Hostlist {
         var out: [String] = []
         for piece in name[name.index(after: open)..<close].split(separator: ",", omittingEmptySubsequences: false) {
             let bounds = piece.split(separator: "-", omittingEmptySubsequences: false)
-            guard (1...2).contains(bounds.count), bounds.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isNumber) }),
-                  let lo = Int(bounds[0]), let hi = Int(bounds.last!), lo <= hi, hi - lo < 100_000 else {
+            guard (1...2).contains(bounds.count), bounds.allSatisfy({ !$0.isEmpty && $0.allSatisfy({ ("0"..."9").contains($0) }) }) else {
                 throw ParseError(description: "host list '\(whole)': '\(piece)' is not a number or a range N-M with N <= M")
             }
+            guard let lo = Int(bounds[0]), let hi = Int(bounds.last!) else {
+                throw ParseError(description: "host list '\(whole)': '\(piece)' has a number too large to be a host's index")
+            }
+            guard lo <= hi else {
+                throw ParseError(description: "host list '\(whole)': range '\(piece)' runs backwards; write N-M with N <= M")
+            }
+            guard hi - lo < Self.maximumRange else {
+                throw ParseError(description: "host list '\(whole)': range '\(piece)' names \(hi - lo + 1) hosts, more than the \(Self.maximumRange) one range may name")
+            }
             let width = bounds[0].count
+            guard out.count + (hi - lo + 1) * rest.count <= Self.maximumRange else {
+                throw ParseError(description: "host list '\(whole)': '\(name)' names more than the \(Self.maximumRange) hosts one name may expand to")
+            }
             for n in lo...hi {
                 var digits = String(n)
                 if digits.count < width { digits = String(repeating: "0", count: width - digits.count) + digits }
