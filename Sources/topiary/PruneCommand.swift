@@ -402,34 +402,32 @@ enum PruneCommand: Command {
 
         let model = try CommonOptions.openModel(args)
         let c = model.config
-        if case .nOfM(let n, let m) = pattern {
+        // Every linear's weight, for the pattern's checks.
+        let linearTensors = (0..<c.layerCount).flatMap { i in
+            let names = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
+            return c.family.blockTensors(c, block: i).filter { names.contains($0.name) }
+        }
+        switch pattern {
+        case .nOfM(let n, let m):
             // N:M groups M consecutive inputs of each row: a linear whose input width M does not
             // divide would have a short last group (all of it zeroed when shorter than N).
-            for i in 0..<c.layerCount {
-                let linears = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
-                if let bad = c.family.blockTensors(c, block: i).first(where: { linears.contains($0.name) && $0.cols % m != 0 }) {
-                    throw UsageError(message: "topiary prune: --pattern \(n):\(m) needs every linear's input width to be a multiple of \(m), and \(bad.name) of \(model.path) has \(bad.cols) inputs")
-                }
+            if let bad = linearTensors.first(where: { $0.cols % m != 0 }) {
+                throw UsageError(message: "topiary prune: --pattern \(n):\(m) needs every linear's input width to be a multiple of \(m), and \(bad.name) of \(model.path) has \(bad.cols) inputs")
             }
-        }
-        if case .unstructured(let fraction) = pattern {
+        case .unstructured(let fraction):
             // A method zeroes the k = int(fraction · n) smallest scores of a unit of n weights and
             // every score tied with the k-th (magnitude: the matrix; SparseGPT: a block of
             // --blocksize columns; Wanda rounds per matrix): a fraction this close to 1 would
             // leave a unit with one weight or none.
-            for i in 0..<c.layerCount {
-                let linears = Set(c.family.linears(c, block: i).map { $0 + ".weight" })
-                for tensor in c.family.blockTensors(c, block: i) where linears.contains(tensor.name) {
-                    var unit = tensor.rows * tensor.cols
-                    if usesSparseGPT {
-                        let last = tensor.cols % sparseGPT.blockSize
-                        unit = tensor.rows * (last > 0 ? last : min(tensor.cols, sparseGPT.blockSize))
-                    }
-                    let removed = Int(Double(unit) * fraction)
-                    guard removed < unit - 1 else {
-                        let given = args.string("sparsity") ?? String(fraction)
-                        throw UsageError(message: "topiary prune: --sparsity \(given) would leave at most one of \(unit) weights in \(tensor.name) of \(model.path)\(usesSparseGPT ? " (a block of its columns, as SparseGPT selects them)" : ""); give a smaller fraction")
-                    }
+            for tensor in linearTensors {
+                var unit = tensor.rows * tensor.cols
+                if usesSparseGPT {
+                    let last = tensor.cols % sparseGPT.blockSize
+                    unit = tensor.rows * (last > 0 ? last : min(tensor.cols, sparseGPT.blockSize))
+                }
+                guard Int(Double(unit) * fraction) < unit - 1 else {
+                    let given = args.string("sparsity") ?? String(fraction)
+                    throw UsageError(message: "topiary prune: --sparsity \(given) would leave at most one of \(unit) weights in \(tensor.name) of \(model.path)\(usesSparseGPT ? " (a block of its columns, as SparseGPT selects them)" : ""); give a smaller fraction")
                 }
             }
         }

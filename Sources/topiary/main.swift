@@ -104,13 +104,8 @@ func runMain() -> Int32 {
         let args = try ParsedArguments(command: command.name, arguments: argv, specs: command.options)
         try command.run(args)
         return ExitCode.success
-    } catch let e as UsageError {
-        let line = ErrorLine.usage(e.description, command: command.name)
-        Console.error(line)
-        if json { JSONLine.printError(command: command.name, message: line) }
-        return ExitCode.usage
-    } catch let e as OutputDirectoryError where e.isUsage {
-        let line = ErrorLine.usage(e.description, command: command.name)
+    } catch where error is UsageError || (error as? OutputDirectoryError)?.isUsage == true {
+        let line = ErrorLine.usage("\(error)", command: command.name)
         Console.error(line)
         if json { JSONLine.printError(command: command.name, message: line) }
         return ExitCode.usage
